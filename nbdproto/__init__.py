@@ -1,0 +1,15 @@
+"""nbdproto: the Network Block Device protocol as a sans-IO engine (bytes in, events out; events in, bytes out).
+
+Everything public is re-exported here; the modules behind it are private and each has one job.
+"""
+
+from ._constants import *  # noqa: F403
+from ._constants import __all__ as _constants_all
+from ._errors import *  # noqa: F403
+from ._errors import __all__ as _errors_all
+from ._events import *  # noqa: F403
+from ._events import __all__ as _events_all
+from ._state import NEED_DATA, PAUSED, Phase, TlsMode
+
+__all__ = [*_constants_all, *_errors_all, *_events_all, "NEED_DATA", "PAUSED", "Phase", "TlsMode"]
+__version__ = "0.1.0"

@@ -1,0 +1,362 @@
+"""Every NBD message as a declarative ``construct`` definition: the single source of truth for the byte layout.
+
+Each definition is named after the spec's own name for the message and laid out field by field as the spec
+draws it (all integers big-endian). Variable-length handshake messages are parsed and built with these
+definitions directly; the fixed-size headers of the transmission phase are too hot for construct, so
+``nbdproto._headers`` derives ``struct.Struct`` codecs from the definitions here rather than restating them.
+
+``decode`` and ``encode`` are the only entry points the rest of nbdproto uses: they turn every construct,
+Unicode and overflow failure into ``RemoteProtocolError`` (bytes from the peer) or ``LocalProtocolError``
+(values from our caller), so no other exception escapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import construct as c
+
+from ._constants import ChunkType, InfoType, Magic
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "MESSAGES",
+    "decode",
+    "encode",
+    "OldstyleGreeting",
+    "NewstyleGreeting",
+    "ClientFlagsMessage",
+    "OptionRequestHeader",
+    "OptionRequest",
+    "OptionReplyHeader",
+    "OptionReply",
+    "ExportNamePayload",
+    "InfoRequestPayload",
+    "MetaContextPayload",
+    "EmptyPayload",
+    "ServerPayload",
+    "InfoExportPayload",
+    "InfoNamePayload",
+    "InfoDescriptionPayload",
+    "InfoBlockSizePayload",
+    "MetaContextReplyPayload",
+    "ErrorReplyPayload",
+    "ExportNameReply",
+    "ExportNameReplyNoZeroes",
+    "Request",
+    "ExtendedRequest",
+    "SimpleReply",
+    "StructuredReplyHeader",
+    "ExtendedReplyHeader",
+    "OffsetDataPayload",
+    "OffsetHolePayload",
+    "BlockDescriptor",
+    "BlockStatusPayload",
+    "ExtentDescriptor",
+    "BlockStatusExtPayload",
+    "ErrorChunkPayload",
+    "ErrorOffsetChunkPayload",
+    "BlockStatusRequestPayload",
+]
+
+# Strings on the wire are UTF-8 without a terminator (spec: "Strings").
+_Utf8 = c.GreedyString("utf8")
+
+
+def _magic(value: int, field: Any) -> Any:
+    return c.Const(value, field)
+
+
+# --- Handshake: greeting and client flags --------------------------------------------------------------------
+
+OldstyleGreeting = c.Struct(
+    "magic" / _magic(Magic.NBDMAGIC, c.Int64ub),
+    "cliserv_magic" / _magic(Magic.CLISERV_MAGIC, c.Int64ub),
+    "size" / c.Int64ub,
+    "flags" / c.Int32ub,  # 16 bits of handshake-era flags, then 16 transmission flags
+    "zeroes" / c.Const(bytes(124)),
+)
+"""S: the whole oldstyle greeting (152 bytes); transmission starts right after it."""
+
+NewstyleGreeting = c.Struct(
+    "magic" / _magic(Magic.NBDMAGIC, c.Int64ub),
+    "ihaveopt" / _magic(Magic.IHAVEOPT, c.Int64ub),
+    "handshake_flags" / c.Int16ub,
+)
+"""S: NBDMAGIC, IHAVEOPT, 16-bit handshake flags (18 bytes)."""
+
+ClientFlagsMessage = c.Struct("client_flags" / c.Int32ub)
+"""C: the 32-bit client flags that answer a newstyle greeting."""
+
+# --- Option haggling -----------------------------------------------------------------------------------------
+
+OptionRequestHeader = c.Struct(
+    "magic" / _magic(Magic.IHAVEOPT, c.Int64ub),
+    "option" / c.Int32ub,
+    "length" / c.Int32ub,
+)
+"""C: IHAVEOPT, option code, payload length (16 bytes); ``length`` payload bytes follow."""
+
+OptionRequest = c.Struct(
+    "magic" / _magic(Magic.IHAVEOPT, c.Int64ub),
+    "option" / c.Int32ub,
+    "data" / c.Prefixed(c.Int32ub, c.GreedyBytes),
+)
+"""C: a whole option request, header and payload."""
+
+OptionReplyHeader = c.Struct(
+    "magic" / _magic(Magic.OPTION_REPLY, c.Int64ub),
+    "option" / c.Int32ub,
+    "reply_type" / c.Int32ub,
+    "length" / c.Int32ub,
+)
+"""S: option reply magic, the option answered, reply type, payload length (20 bytes)."""
+
+OptionReply = c.Struct(
+    "magic" / _magic(Magic.OPTION_REPLY, c.Int64ub),
+    "option" / c.Int32ub,
+    "reply_type" / c.Int32ub,
+    "data" / c.Prefixed(c.Int32ub, c.GreedyBytes),
+)
+"""S: a whole option reply, header and payload."""
+
+EmptyPayload = c.Struct(c.Terminated)
+"""The payload of ABORT, LIST, STARTTLS, STRUCTURED_REPLY, EXTENDED_HEADERS and of NBD_REP_ACK: nothing."""
+
+ExportNamePayload = c.Struct("name" / _Utf8)
+"""C: NBD_OPT_EXPORT_NAME's payload: the whole payload is the name."""
+
+InfoRequestPayload = c.Struct(
+    "name" / c.PascalString(c.Int32ub, "utf8"),
+    "requests" / c.PrefixedArray(c.Int16ub, c.Int16ub),
+    c.Terminated,
+)
+"""C: NBD_OPT_INFO / NBD_OPT_GO: export name, then the information types the client asks for."""
+
+MetaContextPayload = c.Struct(
+    "name" / c.PascalString(c.Int32ub, "utf8"),
+    "queries" / c.PrefixedArray(c.Int32ub, c.PascalString(c.Int32ub, "utf8")),
+    c.Terminated,
+)
+"""C: NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: export name, then the context queries."""
+
+ServerPayload = c.Struct(
+    "name" / c.PascalString(c.Int32ub, "utf8"),
+    "description" / _Utf8,
+)
+"""S: NBD_REP_SERVER: an export's name, then (the rest of the payload) its description."""
+
+InfoExportPayload = c.Struct(
+    "info_type" / c.Const(InfoType.EXPORT.value, c.Int16ub),
+    "size" / c.Int64ub,
+    "transmission_flags" / c.Int16ub,
+)
+"""S: NBD_REP_INFO carrying NBD_INFO_EXPORT: size and transmission flags (12 bytes)."""
+
+InfoNamePayload = c.Struct(
+    "info_type" / c.Const(InfoType.NAME.value, c.Int16ub),
+    "name" / _Utf8,
+)
+"""S: NBD_REP_INFO carrying NBD_INFO_NAME: the export's canonical name."""
+
+InfoDescriptionPayload = c.Struct(
+    "info_type" / c.Const(InfoType.DESCRIPTION.value, c.Int16ub),
+    "description" / _Utf8,
+)
+"""S: NBD_REP_INFO carrying NBD_INFO_DESCRIPTION."""
+
+InfoBlockSizePayload = c.Struct(
+    "info_type" / c.Const(InfoType.BLOCK_SIZE.value, c.Int16ub),
+    "minimum" / c.Int32ub,
+    "preferred" / c.Int32ub,
+    "maximum" / c.Int32ub,
+)
+"""S: NBD_REP_INFO carrying NBD_INFO_BLOCK_SIZE: minimum, preferred and maximum payload block sizes."""
+
+MetaContextReplyPayload = c.Struct(
+    "context_id" / c.Int32ub,
+    "name" / _Utf8,
+)
+"""S: NBD_REP_META_CONTEXT: the id the server chose, then the context's name."""
+
+ErrorReplyPayload = c.Struct("message" / _Utf8)
+"""S: the optional human-readable message of an NBD_REP_ERR_* reply."""
+
+ExportNameReply = c.Struct(
+    "size" / c.Int64ub,
+    "transmission_flags" / c.Int16ub,
+    "zeroes" / c.Const(bytes(124)),
+)
+"""S: the answer to NBD_OPT_EXPORT_NAME when NO_ZEROES was not agreed (134 bytes)."""
+
+ExportNameReplyNoZeroes = c.Struct(
+    "size" / c.Int64ub,
+    "transmission_flags" / c.Int16ub,
+)
+"""S: the answer to NBD_OPT_EXPORT_NAME when both sides set NO_ZEROES (10 bytes)."""
+
+# --- Transmission: requests ----------------------------------------------------------------------------------
+
+Request = c.Struct(
+    "magic" / _magic(Magic.REQUEST, c.Int32ub),
+    "flags" / c.Int16ub,
+    "type" / c.Int16ub,
+    "cookie" / c.Int64ub,
+    "offset" / c.Int64ub,
+    "length" / c.Int32ub,
+)
+"""C: the compact request header (28 bytes); a WRITE's ``length`` bytes of data follow."""
+
+ExtendedRequest = c.Struct(
+    "magic" / _magic(Magic.EXTENDED_REQUEST, c.Int32ub),
+    "flags" / c.Int16ub,
+    "type" / c.Int16ub,
+    "cookie" / c.Int64ub,
+    "offset" / c.Int64ub,
+    "length" / c.Int64ub,
+)
+"""C: the extended request header (32 bytes); with PAYLOAD_LEN, ``length`` bytes of payload follow."""
+
+BlockStatusRequestPayload = c.Struct(
+    "effect_length" / c.Int64ub,
+    "context_ids" / c.GreedyRange(c.Int32ub),
+    c.Terminated,
+)
+"""C: the payload of an extended NBD_CMD_BLOCK_STATUS with PAYLOAD_LEN: effect length, then context ids."""
+
+# --- Transmission: replies -----------------------------------------------------------------------------------
+
+SimpleReply = c.Struct(
+    "magic" / _magic(Magic.SIMPLE_REPLY, c.Int32ub),
+    "error" / c.Int32ub,
+    "cookie" / c.Int64ub,
+)
+"""S: the simple reply header (16 bytes); a successful READ's data follows."""
+
+StructuredReplyHeader = c.Struct(
+    "magic" / _magic(Magic.STRUCTURED_REPLY, c.Int32ub),
+    "flags" / c.Int16ub,
+    "type" / c.Int16ub,
+    "cookie" / c.Int64ub,
+    "length" / c.Int32ub,
+)
+"""S: a structured reply chunk header (20 bytes); ``length`` bytes of chunk payload follow."""
+
+ExtendedReplyHeader = c.Struct(
+    "magic" / _magic(Magic.EXTENDED_REPLY, c.Int32ub),
+    "flags" / c.Int16ub,
+    "type" / c.Int16ub,
+    "cookie" / c.Int64ub,
+    "offset" / c.Int64ub,
+    "length" / c.Int64ub,
+)
+"""S: an extended reply chunk header (32 bytes); ``offset`` echoes the request's; ``length`` payload follows."""
+
+OffsetDataPayload = c.Struct(
+    "offset" / c.Int64ub,
+    "data" / c.GreedyBytes,
+)
+"""S: NBD_REPLY_TYPE_OFFSET_DATA: absolute offset, then the data (the rest of the chunk)."""
+
+OffsetHolePayload = c.Struct(
+    "offset" / c.Int64ub,
+    "hole_size" / c.Int32ub,
+)
+"""S: NBD_REPLY_TYPE_OFFSET_HOLE: absolute offset and size of a run that reads as zeroes (12 bytes)."""
+
+BlockDescriptor = c.Struct(
+    "length" / c.Int32ub,
+    "status" / c.Int32ub,
+)
+"""S: one 32-bit block status descriptor: extent length and status flags (8 bytes)."""
+
+BlockStatusPayload = c.Struct(
+    "context_id" / c.Int32ub,
+    "descriptors" / c.GreedyRange(BlockDescriptor),
+    c.Terminated,
+)
+"""S: NBD_REPLY_TYPE_BLOCK_STATUS: the meta context id, then its descriptors."""
+
+ExtentDescriptor = c.Struct(
+    "length" / c.Int64ub,
+    "status" / c.Int64ub,
+)
+"""S: one 64-bit block status descriptor of NBD_REPLY_TYPE_BLOCK_STATUS_EXT (16 bytes)."""
+
+BlockStatusExtPayload = c.Struct(
+    "context_id" / c.Int32ub,
+    "count" / c.Rebuild(c.Int32ub, c.len_(c.this.descriptors)),
+    # Refuse a count the payload cannot hold before looping over it (a lying count must not cost 4G iterations).
+    c.Check(lambda ctx: not ctx._parsing or ctx.count * 16 <= c.stream_size(ctx._io) - c.stream_tell(ctx._io, None)),
+    "descriptors" / c.Array(c.this.count, ExtentDescriptor),
+    c.Terminated,
+)
+"""S: NBD_REPLY_TYPE_BLOCK_STATUS_EXT: context id, descriptor count, then that many 64-bit descriptors."""
+
+ErrorChunkPayload = c.Struct(
+    "error" / c.Int32ub,
+    "message" / c.PascalString(c.Int16ub, "utf8"),
+    c.Terminated,
+)
+"""S: NBD_REPLY_TYPE_ERROR: error value and a message for humans (may be empty)."""
+
+ErrorOffsetChunkPayload = c.Struct(
+    "error" / c.Int32ub,
+    "message" / c.PascalString(c.Int16ub, "utf8"),
+    "offset" / c.Int64ub,
+    c.Terminated,
+)
+"""S: NBD_REPLY_TYPE_ERROR_OFFSET: error value, message, and the offset where the error happened."""
+
+CHUNK_PAYLOADS: dict[int, Any] = {
+    ChunkType.OFFSET_DATA: OffsetDataPayload,
+    ChunkType.OFFSET_HOLE: OffsetHolePayload,
+    ChunkType.BLOCK_STATUS: BlockStatusPayload,
+    ChunkType.BLOCK_STATUS_EXT: BlockStatusExtPayload,
+    ChunkType.ERROR: ErrorChunkPayload,
+    ChunkType.ERROR_OFFSET: ErrorOffsetChunkPayload,
+    ChunkType.NONE: EmptyPayload,
+}
+"""Chunk type -> the definition of its payload."""
+
+MESSAGES: dict[str, Any] = {
+    name: value for name, value in globals().items() if isinstance(value, c.Construct) and name[0].isupper()
+}
+"""Every message definition by name: what the property tests and spec/vectors walk."""
+
+
+def decode(fmt: Any, data: bytes | bytearray | memoryview) -> Any:
+    """Parse ``data`` (bytes from the peer) with the definition ``fmt``.
+
+    Returns a construct ``Container``. Raises ``RemoteProtocolError`` naming the definition and the fault for
+    anything the bytes get wrong: too short, wrong magic, a length that runs past the end, bad UTF-8, or bytes
+    left over after the message.
+    """
+    try:
+        return fmt.parse(bytes(data))
+    except (c.ConstructError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+        raise RemoteProtocolError(f"malformed {_name(fmt)} ({len(data)} bytes): {_reason(exc)}") from None
+
+
+def encode(fmt: Any, obj: Any) -> bytes:
+    """Build the bytes of ``obj`` (a mapping of field values) with the definition ``fmt``.
+
+    Raises ``LocalProtocolError`` when a value does not fit its field (negative, too wide, not encodable).
+    """
+    try:
+        data: bytes = fmt.build(obj)
+    except (c.ConstructError, UnicodeEncodeError, ValueError, OverflowError, TypeError, KeyError) as exc:
+        raise LocalProtocolError(f"cannot build {_name(fmt)}: {_reason(exc)}") from None
+    return data
+
+
+def _name(fmt: Any) -> str:
+    for name, value in MESSAGES.items():
+        if value is fmt:
+            return name
+    return type(fmt).__name__
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

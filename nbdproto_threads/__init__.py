@@ -1,0 +1,3 @@
+"""nbdproto_threads: NBD server and client over blocking sockets and threads."""
+
+__all__: list[str] = []
