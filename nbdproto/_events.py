@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from ._constants import (
     DEFAULT_MAX_PAYLOAD,
@@ -35,6 +35,7 @@ from ._constants import (
 )
 
 __all__ = [
+    "NO_FLAGS",
     "Event",
     "Extent",
     "Export",
@@ -82,6 +83,9 @@ __all__ = [
 
 _DATACLASS = dict(frozen=True, slots=True)
 
+NO_FLAGS = CommandFlags(0)
+"""The empty set of command flags (the default of every request)."""
+
 
 class Extent(NamedTuple):
     """One block status descriptor: ``length`` bytes of the export have ``status`` (context-defined flags)."""
@@ -95,7 +99,8 @@ class Export:
     """What a server says about one export, and what a client learns of it.
 
     The server application answers ``ExportRequested`` with one; ``HandshakeComplete`` and ``ExportInfo`` carry
-    the one the client learned. ``flags`` are the transmission flags (HAS_FLAGS is implied). ``meta_contexts``
+    the one the client learned. ``flags`` are the transmission flags (HAS_FLAGS is implied); exports are
+    read-only unless the flags say otherwise (the seed's default). ``meta_contexts``
     lists the context names the export supports (server role); ``tls_required`` marks an export that only
     TLS clients may select (the spec's SELECTIVETLS mode). ``block_size_required`` makes the server refuse
     NBD_OPT_GO with NBD_REP_ERR_BLOCK_SIZE_REQD unless the client asked for NBD_INFO_BLOCK_SIZE.
@@ -104,7 +109,7 @@ class Export:
 
     name: str
     size: int
-    flags: TransmissionFlags = TransmissionFlags.HAS_FLAGS
+    flags: TransmissionFlags = TransmissionFlags.HAS_FLAGS | TransmissionFlags.READ_ONLY
     description: str = ""
     minimum_block_size: int = 1
     preferred_block_size: int = 4096
@@ -303,7 +308,7 @@ class ReadRequest:
     cookie: int
     offset: int
     length: int
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
     buffer: memoryview | bytearray | None = field(default=None, compare=False, repr=False)
 
 
@@ -314,7 +319,7 @@ class WriteRequest:
     cookie: int
     offset: int
     data: bytes | bytearray | memoryview
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
 
 
 @dataclass(**_DATACLASS)
@@ -329,7 +334,7 @@ class FlushRequest:
     """NBD_CMD_FLUSH: make every completed write durable."""
 
     cookie: int
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
 
 
 @dataclass(**_DATACLASS)
@@ -339,7 +344,7 @@ class TrimRequest:
     cookie: int
     offset: int
     length: int
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
 
 
 @dataclass(**_DATACLASS)
@@ -349,7 +354,7 @@ class CacheRequest:
     cookie: int
     offset: int
     length: int
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
 
 
 @dataclass(**_DATACLASS)
@@ -360,7 +365,7 @@ class WriteZeroesRequest:
     cookie: int
     offset: int
     length: int
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
 
 
 @dataclass(**_DATACLASS)
@@ -372,7 +377,7 @@ class BlockStatusRequest:
     cookie: int
     offset: int
     length: int
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
     context_ids: tuple[int, ...] = ()
 
 
@@ -382,20 +387,20 @@ class ResizeRequest:
 
     cookie: int
     size: int
-    flags: CommandFlags = CommandFlags(0)
+    flags: CommandFlags = NO_FLAGS
 
 
-Request = Union[
-    ReadRequest,
-    WriteRequest,
-    DisconnectRequest,
-    FlushRequest,
-    TrimRequest,
-    CacheRequest,
-    WriteZeroesRequest,
-    BlockStatusRequest,
-    ResizeRequest,
-]
+Request = (
+    ReadRequest
+    | WriteRequest
+    | DisconnectRequest
+    | FlushRequest
+    | TrimRequest
+    | CacheRequest
+    | WriteZeroesRequest
+    | BlockStatusRequest
+    | ResizeRequest
+)
 
 # --- Transmission replies ------------------------------------------------------------------------------------
 
@@ -464,36 +469,36 @@ class ConnectionClosed:
     """The peer closed its end of the stream."""
 
 
-Event = Union[
-    ServerGreeting,
-    OptionExportName,
-    OptionAbort,
-    OptionList,
-    OptionStartTLS,
-    OptionInfo,
-    OptionGo,
-    OptionStructuredReply,
-    OptionListMetaContext,
-    OptionSetMetaContext,
-    OptionExtendedHeaders,
-    OptionRaw,
-    ExportRequested,
-    Export,
-    ExportUnknown,
-    ExportList,
-    ExportInfo,
-    MetaContexts,
-    OptionAck,
-    OptionError,
-    StartTLS,
-    HandshakeComplete,
-    ClientAborted,
-    Request,
-    ReadData,
-    ReadHole,
-    ReadReply,
-    BlockStatusReply,
-    SuccessReply,
-    ErrorReply,
-    ConnectionClosed,
-]
+Event = (
+    ServerGreeting
+    | OptionExportName
+    | OptionAbort
+    | OptionList
+    | OptionStartTLS
+    | OptionInfo
+    | OptionGo
+    | OptionStructuredReply
+    | OptionListMetaContext
+    | OptionSetMetaContext
+    | OptionExtendedHeaders
+    | OptionRaw
+    | ExportRequested
+    | Export
+    | ExportUnknown
+    | ExportList
+    | ExportInfo
+    | MetaContexts
+    | OptionAck
+    | OptionError
+    | StartTLS
+    | HandshakeComplete
+    | ClientAborted
+    | Request
+    | ReadData
+    | ReadHole
+    | ReadReply
+    | BlockStatusReply
+    | SuccessReply
+    | ErrorReply
+    | ConnectionClosed
+)

@@ -57,7 +57,7 @@ class ReceiveBuffer:
             if self._size < codec.size:
                 return None
             self._gather(codec.size)
-        return codec.unpack_from(self._head, self._pos)  # type: ignore[no-any-return]
+        return codec.unpack_from(self._head, self._pos)
 
     def skip(self, n: int) -> int:
         """Consume up to n bytes without looking at them; returns how many were consumed."""
