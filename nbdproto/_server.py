@@ -70,7 +70,7 @@ from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 __all__ = ["ServerConnection"]
 
 _REP = OptionReplyType
-_KNOWN_CLIENT_FLAGS = ClientFlags.FIXED_NEWSTYLE | ClientFlags.NO_ZEROES
+_KNOWN_CLIENT_FLAGS = int(ClientFlags.FIXED_NEWSTYLE | ClientFlags.NO_ZEROES)  # an int: ~IntFlag drops unknown bits
 
 # Which request flags each command may carry (spec: "Command flags"); PAYLOAD_LEN is checked separately.
 _FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
@@ -490,10 +490,10 @@ class ServerConnection:
     def _transmission_flags(self, export: Export) -> int:
         flags = int(export.flags) | TransmissionFlags.HAS_FLAGS
         if not self.structured_replies:
-            flags &= ~TransmissionFlags.SEND_DF
+            flags &= ~int(TransmissionFlags.SEND_DF)
         else:
             flags |= TransmissionFlags.SEND_DF
-        flags &= ~TransmissionFlags.BLOCK_STATUS_PAYLOAD
+        flags &= ~int(TransmissionFlags.BLOCK_STATUS_PAYLOAD)
         if self.extended_headers and self._meta_export == export.name and self._meta_contexts:
             flags |= TransmissionFlags.BLOCK_STATUS_PAYLOAD
         return flags
@@ -605,6 +605,8 @@ class ServerConnection:
         if flags & _PAYLOAD_LEN and (not self.extended_headers or command not in (_WRITE, _BLOCK_STATUS)):
             return Errno.EINVAL, f"{Command(command).name} takes no payload here"
         tflags = self._flags
+        if command in _WRITES and tflags & TransmissionFlags.READ_ONLY:
+            return Errno.EPERM, "the export is read-only"
         needed = _NEEDS_FLAG.get(command)  # type: ignore[call-overload]
         if needed is not None and not tflags & needed:
             return Errno.EINVAL, f"{Command(command).name} was not advertised for this export"
@@ -614,8 +616,6 @@ class ServerConnection:
             return Errno.EINVAL, "FAST_ZERO was not advertised for this export"
         if flags & _DF and not self.structured_replies:
             return Errno.EINVAL, "DF needs structured replies"
-        if command in _WRITES and tflags & TransmissionFlags.READ_ONLY:
-            return Errno.EPERM, "the export is read-only"
         if command == _BLOCK_STATUS and not self._meta_contexts:
             return Errno.EINVAL, "no meta context was negotiated for block status"
         if command in _RANGED:
