@@ -24,7 +24,7 @@ from tests.nbdbytes import (
     request,
 )
 
-O, R, C, F = n.Option, n.OptionReplyType, n.Command, n.CommandFlags
+OPT, R, C, F = n.Option, n.OptionReplyType, n.Command, n.CommandFlags
 TF = n.TransmissionFlags
 RW_FLAGS = (
     TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO | TF.SEND_CACHE
@@ -61,17 +61,17 @@ def handshake(
     exp = exp or export()
     data = client_flags()
     if extended:
-        data += option(O.EXTENDED_HEADERS)
+        data += option(OPT.EXTENDED_HEADERS)
     elif structured:
-        data += option(O.STRUCTURED_REPLY)
+        data += option(OPT.STRUCTURED_REPLY)
     s.receive_data(data)
     assert events(s) == []
     if contexts:
-        s.receive_data(option(O.SET_META_CONTEXT, meta_payload(exp.name, *contexts)))
-        assert events(s) == [n.ExportRequested(exp.name, O.SET_META_CONTEXT)]
+        s.receive_data(option(OPT.SET_META_CONTEXT, meta_payload(exp.name, *contexts)))
+        assert events(s) == [n.ExportRequested(exp.name, OPT.SET_META_CONTEXT)]
         s.send(exp)
-    s.receive_data(option(O.GO, info_payload(exp.name, n.InfoType.BLOCK_SIZE)))
-    assert events(s) == [n.ExportRequested(exp.name, O.GO)]
+    s.receive_data(option(OPT.GO, info_payload(exp.name, n.InfoType.BLOCK_SIZE)))
+    assert events(s) == [n.ExportRequested(exp.name, OPT.GO)]
     s.send(exp)
     (done,) = events(s)
     assert isinstance(done, n.HandshakeComplete)
@@ -109,7 +109,7 @@ def test_client_closing_during_greeting_is_a_clean_close() -> None:
 
 def test_list_answers_with_the_offer_list() -> None:
     s = new_server(exports=["a", n.ExportListing("b", "second disk")])
-    s.receive_data(client_flags() + option(O.LIST))
+    s.receive_data(client_flags() + option(OPT.LIST))
     assert events(s) == []
     got = option_replies(joined(s))
     assert [(x.reply_type, w.decode(w.ServerPayload, x.data)) for x in got[:2]] == [
@@ -121,19 +121,19 @@ def test_list_answers_with_the_offer_list() -> None:
 
 def test_list_without_an_offer_list_is_refused_by_policy() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.LIST) + option(O.LIST, b"x"))
+    s.receive_data(client_flags() + option(OPT.LIST) + option(OPT.LIST, b"x"))
     events(s)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_POLICY, R.ERR_INVALID]
     s = new_server(exports=[])
-    s.receive_data(client_flags() + option(O.LIST, b"junk"))
+    s.receive_data(client_flags() + option(OPT.LIST, b"junk"))
     events(s)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_INVALID]
 
 
-@pytest.mark.parametrize("code", [O.PEEK_EXPORT, 12, 0, 0xFFFFFFFF])
+@pytest.mark.parametrize("code", [OPT.PEEK_EXPORT, 12, 0, 0xFFFFFFFF])
 def test_unknown_options_get_unsup_and_haggling_goes_on(code: int) -> None:
     s = new_server(exports=["a"])
-    s.receive_data(client_flags() + option(code, b"payload") + option(O.LIST))
+    s.receive_data(client_flags() + option(code, b"payload") + option(OPT.LIST))
     events(s)
     got = option_replies(joined(s))
     assert (got[0].option, got[0].reply_type) == (code, R.ERR_UNSUP)
@@ -152,7 +152,7 @@ def test_oversized_option_is_refused_and_skipped_without_buffering() -> None:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 * len(chunk)
-    s.receive_data(option(O.LIST))
+    s.receive_data(option(OPT.LIST))
     events(s)
     got = option_replies(joined(s))
     assert got[0].reply_type == R.ERR_TOO_BIG and got[-1].reply_type == R.ACK
@@ -160,14 +160,14 @@ def test_oversized_option_is_refused_and_skipped_without_buffering() -> None:
 
 def test_oversized_export_name_ends_the_connection() -> None:
     s = new_server()
-    s.receive_data(client_flags() + struct.pack(">QII", n.IHAVEOPT, O.EXPORT_NAME, 1 << 31))
+    s.receive_data(client_flags() + struct.pack(">QII", n.IHAVEOPT, OPT.EXPORT_NAME, 1 << 31))
     with pytest.raises(n.RemoteProtocolError, match="exceeds"):
         s.next_event()
 
 
 def test_wrong_option_magic_ends_the_connection() -> None:
     s = new_server()
-    s.receive_data(client_flags() + struct.pack(">QII", 0x1234, O.LIST, 0))
+    s.receive_data(client_flags() + struct.pack(">QII", 0x1234, OPT.LIST, 0))
     with pytest.raises(n.RemoteProtocolError, match="IHAVEOPT"):
         s.next_event()
 
@@ -176,8 +176,8 @@ def test_wrong_option_magic_ends_the_connection() -> None:
 def test_export_name_reply_with_and_without_zeroes(no_zeroes: bool) -> None:
     s = new_server()
     flags = n.ClientFlags.FIXED_NEWSTYLE | (n.ClientFlags.NO_ZEROES if no_zeroes else 0)
-    s.receive_data(client_flags(flags) + option(O.EXPORT_NAME, b"disk"))
-    assert events(s) == [n.ExportRequested("disk", O.EXPORT_NAME)]
+    s.receive_data(client_flags(flags) + option(OPT.EXPORT_NAME, b"disk"))
+    assert events(s) == [n.ExportRequested("disk", OPT.EXPORT_NAME)]
     s.send(export())
     assert isinstance(s.next_event(), n.HandshakeComplete)
     fmt = w.ExportNameReplyNoZeroes if no_zeroes else w.ExportNameReply
@@ -187,7 +187,7 @@ def test_export_name_reply_with_and_without_zeroes(no_zeroes: bool) -> None:
 
 def test_export_name_for_an_unknown_export_closes() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.EXPORT_NAME, b"nope"))
+    s.receive_data(client_flags() + option(OPT.EXPORT_NAME, b"nope"))
     events(s)
     s.send(n.ExportUnknown())
     assert isinstance(s.next_event(), n.ConnectionClosed)
@@ -196,17 +196,17 @@ def test_export_name_for_an_unknown_export_closes() -> None:
 
 def test_nonfixed_newstyle_client_may_only_use_export_name() -> None:
     s = new_server()
-    s.receive_data(client_flags(0) + option(O.EXPORT_NAME, b""))
-    assert events(s) == [n.ExportRequested("", O.EXPORT_NAME)]
+    s.receive_data(client_flags(0) + option(OPT.EXPORT_NAME, b""))
+    assert events(s) == [n.ExportRequested("", OPT.EXPORT_NAME)]
     s = new_server()
-    s.receive_data(client_flags(0) + option(O.LIST))
+    s.receive_data(client_flags(0) + option(OPT.LIST))
     with pytest.raises(n.RemoteProtocolError, match="FIXED_NEWSTYLE"):
         s.next_event()
 
 
 def test_abort_is_acknowledged_and_surfaces_as_client_aborted() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.ABORT, b"ignored"))
+    s.receive_data(client_flags() + option(OPT.ABORT, b"ignored"))
     assert isinstance(s.next_event(), n.ClientAborted)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ACK]
     assert isinstance(s.next_event(), n.ConnectionClosed)
@@ -216,8 +216,8 @@ def test_info_then_go_answer_every_requested_info_in_order() -> None:
     s = new_server()
     exp = export(description="a test disk", minimum_block_size=512, preferred_block_size=4096, maximum_payload=MIB)
     requests = (n.InfoType.BLOCK_SIZE, 77, n.InfoType.DESCRIPTION, n.InfoType.NAME)
-    s.receive_data(client_flags() + option(O.INFO, info_payload("disk", *requests)))
-    assert events(s) == [n.ExportRequested("disk", O.INFO)]
+    s.receive_data(client_flags() + option(OPT.INFO, info_payload("disk", *requests)))
+    assert events(s) == [n.ExportRequested("disk", OPT.INFO)]
     s.send(exp)
     assert events(s) == []
     got = option_replies(joined(s))
@@ -233,7 +233,7 @@ def test_info_then_go_answer_every_requested_info_in_order() -> None:
 
 def test_go_without_block_size_is_refused_when_the_export_needs_alignment() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.GO, info_payload("disk")))
+    s.receive_data(client_flags() + option(OPT.GO, info_payload("disk")))
     events(s)
     s.send(export(minimum_block_size=512))
     got = option_replies(joined(s))
@@ -243,10 +243,10 @@ def test_go_without_block_size_is_refused_when_the_export_needs_alignment() -> N
 
 def test_go_for_an_unknown_export_is_an_error_and_haggling_goes_on() -> None:
     s = new_server(exports=[])
-    s.receive_data(client_flags() + option(O.GO, info_payload("nope")))
+    s.receive_data(client_flags() + option(OPT.GO, info_payload("nope")))
     events(s)
     s.send(n.ExportUnknown("no such disk"))
-    s.receive_data(option(O.LIST))
+    s.receive_data(option(OPT.LIST))
     events(s)
     got = option_replies(joined(s))
     assert got[0].reply_type == R.ERR_UNKNOWN and b"no such disk" in got[0].data
@@ -256,7 +256,7 @@ def test_go_for_an_unknown_export_is_an_error_and_haggling_goes_on() -> None:
 @pytest.mark.parametrize("payload", [b"\0\0\0\x09abc", b"\0\0\0\0\0\x02\0\x01", b"\xff" * 3, b"\0\0\0\0\0\0junk"])
 def test_malformed_info_payload_is_invalid(payload: bytes) -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.GO, payload))
+    s.receive_data(client_flags() + option(OPT.GO, payload))
     assert events(s) == []
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_INVALID]
 
@@ -271,10 +271,10 @@ def test_structured_and_extended_options() -> None:
     s = new_server()
     s.receive_data(
         client_flags()
-        + option(O.STRUCTURED_REPLY, b"x")
-        + option(O.EXTENDED_HEADERS)
-        + option(O.STRUCTURED_REPLY)
-        + option(O.EXTENDED_HEADERS, b"x")
+        + option(OPT.STRUCTURED_REPLY, b"x")
+        + option(OPT.EXTENDED_HEADERS)
+        + option(OPT.STRUCTURED_REPLY)
+        + option(OPT.EXTENDED_HEADERS, b"x")
     )
     events(s)
     assert [x.reply_type for x in option_replies(joined(s))] == [
@@ -288,7 +288,7 @@ def test_structured_and_extended_options() -> None:
 
 def test_old_server_behaviour_refuses_structured_replies() -> None:
     s = new_server(structured_replies=False)
-    s.receive_data(client_flags() + option(O.STRUCTURED_REPLY) + option(O.EXTENDED_HEADERS))
+    s.receive_data(client_flags() + option(OPT.STRUCTURED_REPLY) + option(OPT.EXTENDED_HEADERS))
     events(s)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_UNSUP, R.ERR_UNSUP]
 
@@ -308,7 +308,7 @@ def meta_replies(s: ServerConnection) -> tuple[list[tuple[int, str]], int]:
 
 def test_set_meta_context_needs_structured_replies() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.SET_META_CONTEXT, meta_payload("disk", n.BASE_ALLOCATION)))
+    s.receive_data(client_flags() + option(OPT.SET_META_CONTEXT, meta_payload("disk", n.BASE_ALLOCATION)))
     assert events(s) == []
     assert meta_replies(s) == ([], R.ERR_INVALID)
 
@@ -326,8 +326,8 @@ def test_set_meta_context_needs_structured_replies() -> None:
 )
 def test_meta_context_queries(queries: tuple[str, ...], listing: bool, expected: list[str]) -> None:
     s = new_server()
-    code = O.LIST_META_CONTEXT if listing else O.SET_META_CONTEXT
-    s.receive_data(client_flags() + option(O.STRUCTURED_REPLY) + option(code, meta_payload("disk", *queries)))
+    code = OPT.LIST_META_CONTEXT if listing else OPT.SET_META_CONTEXT
+    s.receive_data(client_flags() + option(OPT.STRUCTURED_REPLY) + option(code, meta_payload("disk", *queries)))
     assert events(s) == [n.ExportRequested("disk", code)]
     option_replies(joined(s))
     s.send(export())
@@ -343,7 +343,9 @@ def test_meta_context_queries(queries: tuple[str, ...], listing: bool, expected:
 
 def test_meta_context_query_without_namespace_is_invalid() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.STRUCTURED_REPLY) + option(O.LIST_META_CONTEXT, meta_payload("d", "x")))
+    s.receive_data(
+        client_flags() + option(OPT.STRUCTURED_REPLY) + option(OPT.LIST_META_CONTEXT, meta_payload("d", "x"))
+    )
     events(s)
     option_replies(joined(s))
     s.send(export("d"))
@@ -352,12 +354,12 @@ def test_meta_context_query_without_namespace_is_invalid() -> None:
 
 def test_meta_contexts_only_carry_over_to_the_same_export() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.STRUCTURED_REPLY))
+    s.receive_data(client_flags() + option(OPT.STRUCTURED_REPLY))
     events(s)
-    s.receive_data(option(O.SET_META_CONTEXT, meta_payload("one", n.BASE_ALLOCATION)))
+    s.receive_data(option(OPT.SET_META_CONTEXT, meta_payload("one", n.BASE_ALLOCATION)))
     events(s)
     s.send(export("one"))
-    s.receive_data(option(O.GO, info_payload("two", n.InfoType.BLOCK_SIZE)))
+    s.receive_data(option(OPT.GO, info_payload("two", n.InfoType.BLOCK_SIZE)))
     events(s)
     s.send(export("two"))
     done = s.next_event()
@@ -369,7 +371,7 @@ def test_meta_contexts_only_carry_over_to_the_same_export() -> None:
 
 def test_notls_refuses_starttls_by_policy() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.STARTTLS))
+    s.receive_data(client_flags() + option(OPT.STARTTLS))
     events(s)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_POLICY]
 
@@ -377,38 +379,42 @@ def test_notls_refuses_starttls_by_policy() -> None:
 def test_forcedtls_refuses_everything_but_starttls_and_abort() -> None:
     s = new_server(tls=n.TlsMode.FORCEDTLS, exports=["a"])
     s.receive_data(
-        client_flags() + option(O.LIST) + option(O.INFO, info_payload("a")) + option(O.STRUCTURED_REPLY) + option(99)
+        client_flags()
+        + option(OPT.LIST)
+        + option(OPT.INFO, info_payload("a"))
+        + option(OPT.STRUCTURED_REPLY)
+        + option(99)
     )
     assert events(s) == []
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_TLS_REQD] * 4
-    s.receive_data(option(O.EXPORT_NAME, b"a"))
+    s.receive_data(option(OPT.EXPORT_NAME, b"a"))
     with pytest.raises(n.RemoteProtocolError, match="TLS"):
         s.next_event()
 
 
 def test_starttls_upgrade_forgets_negotiation_and_is_not_repeatable() -> None:
     s = new_server(tls=n.TlsMode.FORCEDTLS)
-    s.receive_data(client_flags() + option(O.STARTTLS, b"x") + option(O.STARTTLS))
+    s.receive_data(client_flags() + option(OPT.STARTTLS, b"x") + option(OPT.STARTTLS))
     assert isinstance(s.next_event(), n.StartTLS)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_INVALID, R.ACK]
     assert s.phase is n.Phase.TLS_UPGRADE and s.next_event() is n.PAUSED
     s.tls_established()
     assert s.tls_active and not s.structured_replies
-    s.receive_data(option(O.STARTTLS) + option(O.STRUCTURED_REPLY))
+    s.receive_data(option(OPT.STARTTLS) + option(OPT.STRUCTURED_REPLY))
     events(s)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_INVALID, R.ACK]
 
 
 def test_plaintext_pipelined_after_starttls_is_refused() -> None:
     s = new_server(tls=n.TlsMode.SELECTIVETLS)
-    s.receive_data(client_flags() + option(O.STARTTLS) + option(O.LIST))
+    s.receive_data(client_flags() + option(OPT.STARTTLS) + option(OPT.LIST))
     with pytest.raises(n.RemoteProtocolError, match="STARTTLS"):
         s.next_event()
 
 
 def test_structured_replies_before_starttls_are_forgotten() -> None:
     s = new_server(tls=n.TlsMode.SELECTIVETLS)
-    s.receive_data(client_flags() + option(O.STRUCTURED_REPLY) + option(O.STARTTLS))
+    s.receive_data(client_flags() + option(OPT.STRUCTURED_REPLY) + option(OPT.STARTTLS))
     assert isinstance(s.next_event(), n.StartTLS)
     assert s.structured_replies
     s.tls_established()
@@ -418,19 +424,19 @@ def test_structured_replies_before_starttls_are_forgotten() -> None:
 def test_selectivetls_guards_tls_only_exports() -> None:
     s = new_server(tls=n.TlsMode.SELECTIVETLS)
     secret = export("secret", tls_required=True)
-    s.receive_data(client_flags() + option(O.INFO, info_payload("secret")))
+    s.receive_data(client_flags() + option(OPT.INFO, info_payload("secret")))
     events(s)
     s.send(secret)
-    s.receive_data(option(O.INFO, info_payload("public")))
+    s.receive_data(option(OPT.INFO, info_payload("public")))
     events(s)
     s.send(export("public"))
     got = [x.reply_type for x in option_replies(joined(s))]
     assert got == [R.ERR_TLS_REQD, R.INFO, R.ACK]
-    s.receive_data(option(O.STARTTLS))
+    s.receive_data(option(OPT.STARTTLS))
     assert isinstance(s.next_event(), n.StartTLS)
     s.tls_established()
     joined(s)
-    s.receive_data(option(O.INFO, info_payload("secret")))
+    s.receive_data(option(OPT.INFO, info_payload("secret")))
     events(s)
     s.send(secret)
     assert [x.reply_type for x in option_replies(joined(s))] == [R.INFO, R.ACK]
@@ -438,7 +444,7 @@ def test_selectivetls_guards_tls_only_exports() -> None:
 
 def test_tls_reqd_is_never_sent_without_tls() -> None:
     s = new_server()
-    s.receive_data(client_flags() + option(O.GO, info_payload("x")))
+    s.receive_data(client_flags() + option(OPT.GO, info_payload("x")))
     events(s)
     with pytest.raises(n.LocalProtocolError):
         s.send(n.ExportUnknown("x", R.ERR_TLS_REQD))
