@@ -1,0 +1,304 @@
+"""The server's half of the handshake: client flags, then fixed newstyle option haggling.
+
+The engine answers every option itself. It needs the application only to look exports up, which it asks for
+with ``ExportRequested`` and then waits (phase AWAIT_EXPORT) for ``Export`` or ``ExportUnknown``. The rules
+that decide each answer are the spec's, cited where they are not obvious: TLS modes (spec: "TLS support"),
+INFO/GO (spec: "NBD_OPT_INFO and NBD_OPT_GO"), meta contexts (``_metacontexts``), block sizes.
+"""
+
+from __future__ import annotations
+
+from . import _headers as h
+from . import _replies as r
+from . import _wire as w
+from ._constants import (
+    MAX_OPTION_LENGTH,
+    MAX_STRING_LENGTH,
+    ClientFlags,
+    InfoType,
+    Option,
+    OptionReplyType,
+    TransmissionFlags,
+)
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    ClientAborted,
+    Event,
+    Export,
+    ExportRequested,
+    ExportUnknown,
+    HandshakeComplete,
+    StartTLS,
+)
+from ._metacontexts import match_meta_contexts
+from ._serverstate import ServerState
+from ._state import NEED_DATA, PAUSED, Phase, TlsMode
+
+__all__ = ["ServerHandshake"]
+
+_REP = OptionReplyType
+_KNOWN_CLIENT_FLAGS = int(ClientFlags.FIXED_NEWSTYLE | ClientFlags.NO_ZEROES)  # an int: ~IntFlag drops unknown bits
+
+
+class ServerHandshake(ServerState):
+    """Option haggling for ServerConnection."""
+
+    def _next_client_flags(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+        if len(self._buf) < 4:
+            return self._closed_or_need_data()
+        flags = w.decode(w.ClientFlagsMessage, self._buf.take(4)).client_flags
+        if flags & ~_KNOWN_CLIENT_FLAGS:
+            # spec: a server that receives client flags it does not know MUST close the connection.
+            self._fail(f"client flags {flags:#x} include unknown bits {flags & ~_KNOWN_CLIENT_FLAGS:#x}")
+        self._fixed = bool(flags & ClientFlags.FIXED_NEWSTYLE)
+        self._no_zeroes = bool(flags & ClientFlags.NO_ZEROES)
+        self._phase = Phase.OPTIONS
+        return self._next_option()
+
+    def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
+        self._out.append(r.option_reply(option, reply_type, payload))
+
+    def _error(self, option: int, reply_type: OptionReplyType, message: str) -> None:
+        self._reply(option, reply_type, w.encode(w.ErrorReplyPayload, {"message": message}))
+
+    def _next_option(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+        buf = self._buf
+        while True:
+            if self._skip:
+                return self._closed_or_need_data()
+            header = buf.header(h.OPTION_REQUEST)
+            if header is None:
+                return self._closed_or_need_data()
+            magic, option, length = header
+            if magic != h.OPTION_REQUEST.magic:
+                self._fail(f"option request magic {magic:#x} is not IHAVEOPT")
+            if length > MAX_OPTION_LENGTH:
+                if option == Option.EXPORT_NAME or not self._fixed:
+                    self._fail(f"option {option} length {length} exceeds the {MAX_OPTION_LENGTH}-byte option limit")
+                buf.skip(h.OPTION_REQUEST.size)
+                self._skip = length - buf.skip(length)
+                self._error(option, _REP.ERR_TOO_BIG, f"option length {length} exceeds {MAX_OPTION_LENGTH} bytes")
+                continue
+            if len(buf) < h.OPTION_REQUEST.size + length:
+                return self._closed_or_need_data()
+            buf.skip(h.OPTION_REQUEST.size)
+            data = buf.take(length).tobytes()
+            event = self._handle_option(option, data)
+            if event is not None:
+                return event
+
+    def _handle_option(self, option: int, data: bytes) -> Event | type[PAUSED] | None:
+        """Answer one option; returns an event for the application, PAUSED, or None to read the next option."""
+        if option == Option.EXPORT_NAME:
+            return self._export_name(data)
+        if not self._fixed:
+            # spec: EXPORT_NAME is the only option of non-fixed newstyle; anything else ends the session.
+            self._fail(f"option {option} sent by a client that did not set NBD_FLAG_C_FIXED_NEWSTYLE")
+        if option == Option.ABORT:
+            # spec: the server MUST reply with NBD_REP_ACK, and SHOULD ignore any data.
+            self._reply(option, _REP.ACK)
+            self._phase = Phase.CLOSED
+            return ClientAborted()
+        if option == Option.STARTTLS:
+            return self._starttls(data)
+        if self.tls_mode is TlsMode.FORCEDTLS and not self._tls_active:
+            self._error(option, _REP.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+            return None
+        if option == Option.LIST:
+            self._list(data)
+            return None
+        if option in (Option.INFO, Option.GO):
+            return self._info_or_go(Option(option), data)
+        if option == Option.STRUCTURED_REPLY:
+            self._structured_reply(data)
+            return None
+        if option == Option.EXTENDED_HEADERS:
+            self._extended_headers(data)
+            return None
+        if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            return self._meta_context(Option(option), data)
+        self._error(option, _REP.ERR_UNSUP, f"option {option} is not supported")
+        return None
+
+    def _starttls(self, data: bytes) -> Event | None:
+        option = Option.STARTTLS
+        if self.tls_mode is TlsMode.NOTLS:
+            self._error(option, _REP.ERR_POLICY, "this server does not offer TLS")
+        elif self._tls_active:
+            self._error(option, _REP.ERR_INVALID, "TLS is already active")
+        elif data:
+            self._error(option, _REP.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        else:
+            self._reply(option, _REP.ACK)
+            if len(self._buf):
+                self._fail("client sent more data after NBD_OPT_STARTTLS, before the TLS handshake")
+            self._phase = Phase.TLS_UPGRADE
+            return StartTLS()
+        return None
+
+    def _list(self, data: bytes) -> None:
+        option = Option.LIST
+        if data:
+            self._error(option, _REP.ERR_INVALID, "NBD_OPT_LIST takes no data")
+        elif self._offer is None:
+            self._error(option, _REP.ERR_POLICY, "this server does not list its exports")
+        else:
+            for listing in self._offer:
+                fields = {"name": listing.name, "description": listing.description}
+                self._reply(option, _REP.SERVER, w.encode(w.ServerPayload, fields))
+            self._reply(option, _REP.ACK)
+
+    def _structured_reply(self, data: bytes) -> None:
+        option = Option.STRUCTURED_REPLY
+        if data:
+            self._error(option, _REP.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        elif not self._allow_structured:
+            self._error(option, _REP.ERR_UNSUP, "structured replies are turned off on this server")
+        elif self.extended_headers:
+            self._error(option, _REP.ERR_EXT_HEADER_REQD, "extended headers are already negotiated")
+        else:
+            self.structured_replies = True
+            self._reply(option, _REP.ACK)
+
+    def _extended_headers(self, data: bytes) -> None:
+        option = Option.EXTENDED_HEADERS
+        if data:
+            self._error(option, _REP.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")
+        elif not self._allow_extended:
+            self._error(option, _REP.ERR_UNSUP, "extended headers are turned off on this server")
+        else:
+            self.extended_headers = True
+            self.structured_replies = True
+            self._reply(option, _REP.ACK)
+
+    def _ask_for_export(self, option: Option, name: str, fields: dict[str, object]) -> ExportRequested:
+        self._pending = (option, fields)
+        self._phase = Phase.AWAIT_EXPORT
+        return ExportRequested(name, option)
+
+    def _export_name(self, data: bytes) -> Event:
+        if self.extended_headers:
+            self._fail("NBD_OPT_EXPORT_NAME after extended headers were negotiated")
+        if self.tls_mode is TlsMode.FORCEDTLS and not self._tls_active:
+            # spec: EXPORT_NAME cannot be answered with an error, so the session ends.
+            self._fail("NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS")
+        name = w.decode(w.ExportNamePayload, data).name
+        if len(data) > MAX_STRING_LENGTH:
+            self._fail(f"export name of {len(data)} bytes exceeds {MAX_STRING_LENGTH}")
+        return self._ask_for_export(Option.EXPORT_NAME, name, {})
+
+    def _info_or_go(self, option: Option, data: bytes) -> Event | None:
+        try:
+            fields = w.decode(w.InfoRequestPayload, data)
+        except RemoteProtocolError as exc:
+            self._error(option, _REP.ERR_INVALID, str(exc))
+            return None
+        if len(fields.name.encode()) > MAX_STRING_LENGTH:
+            self._error(option, _REP.ERR_TOO_BIG, f"export name exceeds {MAX_STRING_LENGTH} bytes")
+            return None
+        return self._ask_for_export(option, fields.name, {"requests": tuple(fields.requests)})
+
+    def _meta_context(self, option: Option, data: bytes) -> Event | None:
+        if option == Option.SET_META_CONTEXT:
+            # spec: a SET replaces the previous selection, even when it fails.
+            self._meta_export, self._meta_contexts = None, {}
+            if not self.structured_replies:
+                self._error(option, _REP.ERR_INVALID, "negotiate structured replies before meta contexts")
+                return None
+        try:
+            fields = w.decode(w.MetaContextPayload, data)
+        except RemoteProtocolError as exc:
+            self._error(option, _REP.ERR_INVALID, str(exc))
+            return None
+        strings = [fields.name, *fields.queries]
+        if any(len(s.encode()) > MAX_STRING_LENGTH for s in strings):
+            self._error(option, _REP.ERR_TOO_BIG, f"a name or query exceeds {MAX_STRING_LENGTH} bytes")
+            return None
+        return self._ask_for_export(option, fields.name, {"queries": tuple(fields.queries)})
+
+    def _answer_export(self, answer: Export | ExportUnknown) -> None:
+        if self._phase is not Phase.AWAIT_EXPORT or self._pending is None:
+            raise LocalProtocolError(f"{type(answer).__name__} sent with no ExportRequested to answer")
+        option, fields = self._pending
+        self._pending = None
+        self._phase = Phase.OPTIONS
+        if isinstance(answer, ExportUnknown):
+            self._refuse_export(option, answer)
+            return
+        if answer.tls_required and not self._tls_active and self.tls_mode is not TlsMode.NOTLS:
+            self._refuse_export(option, ExportUnknown("this export requires TLS", _REP.ERR_TLS_REQD))
+        elif option == Option.EXPORT_NAME:
+            self._enter_transmission(answer, with_export_name=True)
+        elif option in (Option.INFO, Option.GO):
+            self._answer_info(option, answer, fields["requests"])  # type: ignore[arg-type]
+        else:
+            self._answer_meta_context(option, answer, fields["queries"])  # type: ignore[arg-type]
+
+    def _refuse_export(self, option: Option, answer: ExportUnknown) -> None:
+        if option == Option.EXPORT_NAME:
+            # spec: NBD_OPT_EXPORT_NAME has no error reply; the only refusal is to end the session.
+            self._phase = Phase.CLOSED
+            return
+        reply_type = OptionReplyType(answer.reply_type)
+        if not reply_type.is_error:
+            raise LocalProtocolError(f"ExportUnknown.reply_type {reply_type.name} is not an error")
+        if reply_type is _REP.ERR_TLS_REQD and (self._tls_active or self.tls_mode is TlsMode.NOTLS):
+            raise LocalProtocolError("NBD_REP_ERR_TLS_REQD may only be sent before TLS by a TLS server")
+        self._error(option, reply_type, answer.message or "unknown export")
+
+    def _transmission_flags(self, export: Export) -> int:
+        flags = int(export.flags) | TransmissionFlags.HAS_FLAGS
+        if not self.structured_replies:
+            flags &= ~int(TransmissionFlags.SEND_DF)
+        else:
+            flags |= TransmissionFlags.SEND_DF
+        flags &= ~int(TransmissionFlags.BLOCK_STATUS_PAYLOAD)
+        if self.extended_headers and self._meta_export == export.name and self._meta_contexts:
+            flags |= TransmissionFlags.BLOCK_STATUS_PAYLOAD
+        return flags
+
+    def _answer_info(self, option: Option, export: Export, requests: tuple[int, ...]) -> None:
+        wants_sizes = InfoType.BLOCK_SIZE in requests
+        if not wants_sizes and (export.block_size_required or export.minimum_block_size > 1):
+            # spec: send the constraints first, so the client can retry without a round trip.
+            self._reply(option, _REP.INFO, r.block_size_payload(export))
+            self._error(option, _REP.ERR_BLOCK_SIZE_REQD, "this export needs NBD_INFO_BLOCK_SIZE to be requested")
+            return
+        flags = self._transmission_flags(export)
+        self._out.extend(r.info_replies(option, export, flags, requests))
+        self._reply(option, _REP.ACK)
+        if option == Option.GO:
+            self._enter_transmission(export)
+
+    def _answer_meta_context(self, option: Option, export: Export, queries: tuple[str, ...]) -> None:
+        listing = option == Option.LIST_META_CONTEXT
+        chosen = match_meta_contexts(queries, export.meta_contexts, listing=listing)
+        if chosen is None:
+            self._error(option, _REP.ERR_INVALID, "a meta context query must start with a namespace and a colon")
+            return
+        # Ids are only meaningful for SET (spec: LIST replies SHOULD carry id 0).
+        numbered = [(0 if listing else i + 1, name) for i, name in enumerate(chosen)]
+        for context_id, name in numbered:
+            payload = w.encode(w.MetaContextReplyPayload, {"context_id": context_id, "name": name})
+            self._reply(option, _REP.META_CONTEXT, payload)
+        self._reply(option, _REP.ACK)
+        if not listing:
+            self._meta_export, self._meta_contexts = export.name, dict(numbered)
+
+    def _enter_transmission(self, export: Export, with_export_name: bool = False) -> None:
+        flags = self._transmission_flags(export)
+        if with_export_name:
+            fmt = w.ExportNameReplyNoZeroes if self._no_zeroes else w.ExportNameReply
+            self._out.append(w.encode(fmt, {"size": export.size, "transmission_flags": flags}))
+        if self._meta_export != export.name:
+            self._meta_contexts = {}
+        self.export = export
+        self._size = export.size
+        self._flags = flags
+        self._min_block = export.minimum_block_size
+        self._max_payload = export.maximum_payload
+        self._request_codec = h.EXTENDED_REQUEST if self.extended_headers else h.REQUEST
+        self._phase = Phase.TRANSMISSION
+        self._events.append(
+            HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))
+        )

@@ -1,0 +1,97 @@
+"""The state one server connection keeps, shared by its handshake and transmission halves.
+
+``ServerConnection`` is assembled from ``ServerHandshake`` (option haggling, in ``_serverhandshake``) and
+``ServerTransmission`` (requests and replies, in ``_servertransmission``); both build on this class, which
+holds every attribute either half reads, so each attribute is declared and initialised in one place.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from . import _headers as h
+from . import _wire as w
+from ._constants import HandshakeFlags, Option
+from ._errors import RemoteProtocolError
+from ._events import ConnectionClosed, Event, Export, ExportListing, Request
+from ._receivebuffer import ReceiveBuffer
+from ._state import NEED_DATA, Phase, TlsMode
+
+__all__ = ["ServerState", "Progress"]
+
+
+class Progress:
+    """How far the reply to a read sent in several chunks has got (single-chunk replies need none)."""
+
+    __slots__ = ("covered", "ranges")
+
+    def __init__(self) -> None:
+        self.covered = 0  # bytes of the read already answered, data and holes
+        self.ranges: list[tuple[int, int]] = []  # (offset, size) of each chunk sent, to refuse overlaps
+
+
+class ServerState:
+    """Every attribute of a server connection, and the two helpers both halves use."""
+
+    def __init__(
+        self,
+        *,
+        exports: Iterable[str | ExportListing] | None = None,
+        tls: TlsMode = TlsMode.NOTLS,
+        structured_replies: bool = True,
+        extended_headers: bool = True,
+    ) -> None:
+        self._offer = (
+            None
+            if exports is None
+            else tuple(e if isinstance(e, ExportListing) else ExportListing(e) for e in exports)
+        )
+        self.tls_mode = tls
+        self._allow_structured = structured_replies
+        self._allow_extended = extended_headers and structured_replies
+        self._buf = ReceiveBuffer()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._events: deque[Event] = deque()
+        self._phase = Phase.GREETING
+        self._eof = False
+        self._fixed = False
+        self._no_zeroes = False
+        self._tls_active = False
+        self._skip = 0  # bytes of a refused option payload still to discard
+        self._reset_negotiation()
+        # The option waiting on the application's answer to ExportRequested: (option, payload fields).
+        self._pending: tuple[Option, dict[str, object]] | None = None
+        # Transmission state.
+        self.export: Export | None = None
+        self._size = 0
+        self._flags = 0
+        self._min_block = 1
+        self._max_payload = 0
+        # Requests handed to the application and not fully answered, by cookie; reads answered in several
+        # chunks also have a Progress.
+        self._in_flight: dict[int, Request] = {}
+        self._progress: dict[int, Progress] = {}
+        self._disconnecting = False
+        self._request_codec = h.REQUEST
+        self._out.append(
+            w.encode(w.NewstyleGreeting, {"handshake_flags": HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES})
+        )
+
+    def _reset_negotiation(self) -> None:
+        # Everything the spec says a successful STARTTLS makes the server forget.
+        self.structured_replies = False
+        self.extended_headers = False
+        self._meta_export: str | None = None
+        self._meta_contexts: dict[int, str] = {}
+
+    def _fail(self, message: str) -> None:
+        self._phase = Phase.ERROR
+        raise RemoteProtocolError(message)
+
+    def _closed_or_need_data(self) -> Event | type[NEED_DATA]:
+        if self._eof:
+            self._phase = Phase.CLOSED
+            return ConnectionClosed()
+        return NEED_DATA
+

@@ -1,0 +1,390 @@
+"""The server's half of transmission: validating requests, and turning the application's replies into bytes.
+
+Every request is checked before the application sees it (spec: "Request types", "Command flags", "Error
+values", "Block size constraints"); an invalid one is answered here with the error the spec names and never
+surfaces as an event. Replies come in as ``ReadData`` / ``ReadHole`` / ``BlockStatusReply`` / ``SuccessReply`` /
+``ErrorReply`` and go out as simple, structured or extended reply messages, whichever was negotiated, after
+checks that they fit the request they answer (a bug in the application is a LocalProtocolError, not a
+malformed reply on the wire).
+
+This is the hot path: the common request (a READ or WRITE with valid fields) and the common reply (one chunk
+answering a whole read) take the short road through ``_next_request`` and ``_read_chunk``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from . import _replies as r
+from . import _wire as w
+from ._constants import MAX_STRING_LENGTH, Command, CommandFlags, Errno, TransmissionFlags
+from ._errors import LocalProtocolError
+from ._events import (
+    BlockStatusReply,
+    BlockStatusRequest,
+    CacheRequest,
+    ConnectionClosed,
+    DisconnectRequest,
+    ErrorReply,
+    Event,
+    Extent,
+    FlushRequest,
+    ReadRequest,
+    Request,
+    ResizeRequest,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+from ._serverstate import Progress, ServerState
+from ._state import NEED_DATA, PAUSED, Phase
+
+__all__ = ["ServerTransmission"]
+
+_FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
+# Every combination of the six command flags, made once: IntFlag construction costs ~300 ns per call.
+_COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
+# Which request flags each command may carry (spec: "Command flags"); PAYLOAD_LEN is checked separately.
+_ALLOWED_FLAGS = {
+    Command.READ: _DF,
+    Command.WRITE: _FUA,
+    Command.DISC: 0,
+    Command.FLUSH: 0,
+    Command.TRIM: _FUA,
+    Command.CACHE: 0,
+    Command.WRITE_ZEROES: _FUA | _NO_HOLE | _FAST_ZERO,
+    Command.BLOCK_STATUS: _REQ_ONE,
+    Command.RESIZE: 0,
+}
+# The transmission flag that must have been advertised before a command may be used.
+_NEEDS_FLAG = {
+    Command.FLUSH: TransmissionFlags.SEND_FLUSH,
+    Command.TRIM: TransmissionFlags.SEND_TRIM,
+    Command.CACHE: TransmissionFlags.SEND_CACHE,
+    Command.WRITE_ZEROES: TransmissionFlags.SEND_WRITE_ZEROES,
+    Command.RESIZE: TransmissionFlags.SEND_RESIZE,
+}
+_WRITES = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.RESIZE})
+_RANGED = frozenset(
+    {Command.READ, Command.WRITE, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES, Command.BLOCK_STATUS}
+)
+_READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_READ_ONLY = int(TransmissionFlags.READ_ONLY)
+_MAX_DESCRIPTORS = 1 << 20  # spec: a server SHOULD NOT send more than 2^20 descriptors in one chunk
+_simple_reply = r.simple_reply
+_offset_data_header = r.offset_data_header
+
+
+def _wire_offset(request: Request) -> int:
+    """The offset field the request had on the wire, which an extended reply must echo."""
+    if type(request) is ResizeRequest:
+        return request.size  # RESIZE carries the new size in the offset field
+    return getattr(request, "offset", 0)
+
+
+class ServerTransmission(ServerState):
+    """Requests and replies for ServerConnection."""
+
+    # --- Requests ------------------------------------------------------------------------------------------
+
+    def _next_request(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+        buf = self._buf
+        codec = self._request_codec
+        header_size = codec.size
+        in_flight = self._in_flight
+        while True:
+            if self._disconnecting:
+                return PAUSED if in_flight else self._closed()
+            if self._skip:
+                return self._closed_or_need_data()
+            header = buf.header(codec)
+            if header is None:
+                return self._closed_or_need_data()
+            magic, flags, command, cookie, offset, length = header
+            if magic != codec.magic:
+                self._fail(f"request magic {magic:#x} is not {codec.magic:#x} ({codec.name})")
+            if cookie in in_flight:
+                self._fail(f"cookie {cookie:#x} reused while its request is in flight")
+            # The common case, a valid READ, in as few steps as possible.
+            if (
+                command == _READ
+                and not flags
+                and 0 < length <= self._max_payload
+                and offset + length <= self._size
+                and not (offset | length) % self._min_block
+            ):
+                buf.skip(header_size)
+                event: Request = ReadRequest(cookie, offset, length, _COMMAND_FLAGS[0])
+                in_flight[cookie] = event
+                return event
+            if self.extended_headers:
+                payload = length if flags & _PAYLOAD_LEN else 0
+            else:
+                payload = length if command == _WRITE else 0
+            if payload:
+                if payload > self._max_payload:
+                    if self.extended_headers:
+                        # spec: SHOULD hard-disconnect on a payload above the maximum.
+                        self._fail(f"request payload of {payload} bytes exceeds the maximum {self._max_payload}")
+                    # The compact header's length is trustworthy: drop the payload unread and refuse.
+                    buf.skip(header_size)
+                    self._skip = payload - buf.skip(payload)
+                    self._reject(cookie, Errno.EINVAL, f"write of {payload} bytes exceeds the maximum payload")
+                    continue
+                if len(buf) < header_size + payload:
+                    return self._closed_or_need_data()
+            buf.skip(header_size)
+            data = buf.take(payload) if payload else None
+            context_ids = None
+            if command == _BLOCK_STATUS and data is not None:
+                parsed = self._block_status_filter(data)
+                if isinstance(parsed, str):
+                    self._reject(cookie, Errno.EINVAL, parsed, offset)
+                    continue
+                length, context_ids = parsed
+            error = self._check_request(command, flags, offset, length)
+            if error is None and command == _WRITE and data is None:
+                error = Errno.EINVAL, "extended NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
+            if error:
+                self._reject(cookie, error[0], error[1], offset)
+                continue
+            return self._request_event(command, flags & ~_PAYLOAD_LEN, cookie, offset, length, data, context_ids)
+
+    def _closed(self) -> ConnectionClosed:
+        self._phase = Phase.CLOSED
+        return ConnectionClosed()
+
+    def _check_request(self, command: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
+        """The error a request must be refused with, or None if the application may see it."""
+        allowed = _ALLOWED_FLAGS.get(command)  # type: ignore[call-overload]
+        if allowed is None:
+            return Errno.EINVAL, f"unknown command {command}"
+        name = Command(command).name
+        if flags & ~(allowed | _PAYLOAD_LEN):
+            return Errno.EINVAL, f"flags {flags:#x} are not valid for {name}"
+        if flags & _PAYLOAD_LEN and (not self.extended_headers or command not in (_WRITE, _BLOCK_STATUS)):
+            return Errno.EINVAL, f"{name} takes no payload here"
+        tflags = self._flags
+        if command in _WRITES and tflags & _READ_ONLY:
+            return Errno.EPERM, "the export is read-only"
+        needed = _NEEDS_FLAG.get(command)  # type: ignore[call-overload]
+        if needed is not None and not tflags & needed:
+            return Errno.EINVAL, f"{name} was not advertised for this export"
+        if flags & _FUA and not tflags & TransmissionFlags.SEND_FUA:
+            return Errno.EINVAL, "FUA was not advertised for this export"
+        if flags & _FAST_ZERO and not tflags & TransmissionFlags.SEND_FAST_ZERO:
+            return Errno.EINVAL, "FAST_ZERO was not advertised for this export"
+        if flags & _DF and not self.structured_replies:
+            return Errno.EINVAL, "DF needs structured replies"
+        if command == _BLOCK_STATUS and not self._meta_contexts:
+            return Errno.EINVAL, "no meta context was negotiated for block status"
+        if command in _RANGED:
+            if length == 0:
+                return Errno.EINVAL, f"{name} of length 0"
+            if offset + length > self._size:
+                error = Errno.ENOSPC if command in (_WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
+                return error, f"offset {offset} + length {length} is past the export size {self._size}"
+            if (offset | length) % self._min_block and command != _BLOCK_STATUS:
+                return Errno.EINVAL, f"offset {offset} / length {length} not aligned to {self._min_block} bytes"
+            if command == _READ and length > self._max_payload:
+                error = Errno.EOVERFLOW if self.structured_replies else Errno.EINVAL
+                return error, f"read of {length} bytes exceeds the maximum payload {self._max_payload}"
+        return None
+
+    def _reject(self, cookie: int, error: Errno, message: str, offset: int = 0) -> None:
+        # The engine's own error replies: structured where negotiated, so the message reaches the client.
+        if self.structured_replies:
+            self._out.append(r.error_chunk(self.extended_headers, True, cookie, offset, error, message, None))
+        else:
+            self._out.append(_simple_reply(error, cookie))
+
+    def _request_event(
+        self,
+        command: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: memoryview | None,
+        context_ids: tuple[int, ...] | None,
+    ) -> Event:
+        command_flags = _COMMAND_FLAGS[flags]
+        event: Request
+        if command == _DISC:
+            self._disconnecting = True
+            return DisconnectRequest(cookie)
+        if command == _READ:
+            event = ReadRequest(cookie, offset, length, command_flags)
+        elif command == _WRITE:
+            assert data is not None  # _next_request refused a write without one
+            event = WriteRequest(cookie, offset, data, command_flags)
+        elif command == Command.FLUSH:
+            event = FlushRequest(cookie, command_flags)
+        elif command == Command.TRIM:
+            event = TrimRequest(cookie, offset, length, command_flags)
+        elif command == Command.CACHE:
+            event = CacheRequest(cookie, offset, length, command_flags)
+        elif command == Command.WRITE_ZEROES:
+            event = WriteZeroesRequest(cookie, offset, length, command_flags)
+        elif command == Command.RESIZE:
+            event = ResizeRequest(cookie, offset, command_flags)
+        else:
+            ids = context_ids if context_ids is not None else tuple(self._meta_contexts)
+            event = BlockStatusRequest(cookie, offset, length, command_flags, ids)
+        self._in_flight[cookie] = event
+        return event
+
+    def _block_status_filter(self, data: memoryview) -> tuple[int, tuple[int, ...]] | str:
+        """The payload form of an extended NBD_CMD_BLOCK_STATUS: (effect length, context ids), or why not."""
+        if not self._flags & TransmissionFlags.BLOCK_STATUS_PAYLOAD:
+            return "block status payloads were not advertised"
+        if len(data) < 8 or len(data) % 4:
+            return f"block status payload of {len(data)} bytes is not 8 + 4n"
+        fields = w.decode(w.BlockStatusRequestPayload, data)
+        ids = tuple(fields.context_ids)
+        if not ids or len(set(ids)) != len(ids) or any(i not in self._meta_contexts for i in ids):
+            return f"block status context ids {list(ids)} are empty, repeated or not negotiated"
+        return fields.effect_length, ids
+
+    # --- Replies -------------------------------------------------------------------------------------------
+
+    def _request_for(self, cookie: int) -> Request:
+        request = self._in_flight.get(cookie)
+        if request is None:
+            raise LocalProtocolError(f"no request with cookie {cookie:#x} is waiting for a reply")
+        return request
+
+    def _read_chunk(
+        self, cookie: int, offset: int, size: int, data: bytes | bytearray | memoryview | None, done: bool
+    ) -> None:
+        request = self._in_flight.get(cookie)
+        if type(request) is not ReadRequest:
+            what = "no request" if request is None else type(request).__name__
+            raise LocalProtocolError(f"read reply for cookie {cookie:#x}, which is {what}")
+        start, length = request.offset, request.length
+        progress = self._progress.get(cookie)
+        # The common case: one chunk of data answering the whole read.
+        if progress is None and data is not None and offset == start and size == length:
+            if self.structured_replies:
+                self._out += (_offset_data_header(self.extended_headers, True, cookie, start, offset, size), data)
+            else:
+                self._out += (_simple_reply(0, cookie), data)
+            del self._in_flight[cookie]
+            return
+        if size <= 0 or offset < start or offset + size > start + length:
+            raise LocalProtocolError(f"read chunk {offset}+{size} is empty or outside request {start}+{length}")
+        covered = (progress.covered if progress else 0) + size
+        complete = covered == length
+        if done and not complete:
+            raise LocalProtocolError(f"read {cookie:#x} marked done with {covered} of {length} bytes answered")
+        out = self._out
+        if not self.structured_replies:
+            # A simple reply is one header and then the data in order: chunks must follow each other.
+            expected = start + (progress.covered if progress else 0)
+            if offset != expected:
+                raise LocalProtocolError(f"simple read reply chunk at {offset}, expected {expected}")
+            if progress is None:
+                out.append(_simple_reply(0, cookie))
+            if data is None:
+                out += r.zero_pieces(size)
+            else:
+                out.append(data)
+        else:
+            if request.flags & _DF and not (offset == start and complete):
+                raise LocalProtocolError(f"read {cookie:#x} has DF set: answer it in one chunk")
+            if progress is not None:
+                for other, other_size in progress.ranges:
+                    if offset < other + other_size and other < offset + size:
+                        raise LocalProtocolError(f"read chunk {offset}+{size} overlaps chunk {other}+{other_size}")
+            last = done or complete
+            if data is None:
+                out.append(r.offset_hole_chunk(self.extended_headers, last, cookie, start, offset, size))
+            else:
+                out += (_offset_data_header(self.extended_headers, last, cookie, start, offset, size), data)
+        if complete:
+            del self._in_flight[cookie]
+            self._progress.pop(cookie, None)
+            return
+        if progress is None:
+            progress = self._progress[cookie] = Progress()
+        progress.covered = covered
+        progress.ranges.append((offset, size))
+
+    def _success(self, cookie: int) -> None:
+        request = self._request_for(cookie)
+        if type(request) in (ReadRequest, BlockStatusRequest):
+            raise LocalProtocolError(f"SuccessReply cannot answer {type(request).__name__} {cookie:#x}: send data")
+        del self._in_flight[cookie]
+        if self.extended_headers:
+            # spec: with extended headers every reply is a chunk; success is a NONE chunk with DONE.
+            self._out.append(r.chunk_header(True, 1, 0, cookie, _wire_offset(request), 0))
+        else:
+            self._out.append(_simple_reply(0, cookie))
+
+    def _error_reply(self, event: ErrorReply) -> None:
+        cookie = event.cookie
+        request = self._request_for(cookie)
+        error = Errno(event.error)
+        if error == Errno.OK:
+            raise LocalProtocolError("ErrorReply needs a non-zero error")
+        if not self.structured_replies:
+            if cookie in self._progress:
+                raise LocalProtocolError(
+                    f"read {cookie:#x} already sent data in a simple reply; an error can only be a disconnect"
+                )
+            self._out.append(_simple_reply(error, cookie))
+        else:
+            start = _wire_offset(request)
+            span = getattr(request, "length", 0)
+            offset = event.offset
+            if offset is not None and not start <= offset < start + max(span, 1):
+                raise LocalProtocolError(f"error offset {offset} is outside the request {start}+{span}")
+            if len(event.message.encode()) > MAX_STRING_LENGTH:
+                raise LocalProtocolError(f"error message exceeds {MAX_STRING_LENGTH} bytes")
+            self._out.append(r.error_chunk(self.extended_headers, True, cookie, start, error, event.message, offset))
+        del self._in_flight[cookie]
+        self._progress.pop(cookie, None)
+
+    def _block_status(self, event: BlockStatusReply) -> None:
+        request = self._request_for(event.cookie)
+        if type(request) is not BlockStatusRequest:
+            raise LocalProtocolError(f"block status sent for cookie {event.cookie:#x}, a {type(request).__name__}")
+        if set(event.extents) != set(request.context_ids):
+            raise LocalProtocolError(
+                f"block status reply covers contexts {sorted(event.extents)}, the request asked for "
+                f"{sorted(request.context_ids)}"
+            )
+        chunks = [(i, self._normalise_extents(request, event.extents[i])) for i in request.context_ids]
+        for n, (context_id, extents) in enumerate(chunks):
+            last = n == len(chunks) - 1
+            chunk = r.block_status_chunk(self.extended_headers, last, event.cookie, request.offset, context_id, extents)
+            self._out.append(chunk)
+        del self._in_flight[event.cookie]
+
+    def _normalise_extents(self, request: BlockStatusRequest, extents: Iterable[Extent]) -> list[Extent]:
+        """Make the application's extents what the spec allows: positive lengths that fit the descriptor, none
+        starting past the request's end, at most 2^20, a single one no longer than the request under REQ_ONE,
+        and at least one."""
+        wide = self.extended_headers
+        limit = 0xFFFFFFFFFFFFFFFF if wide else 0xFFFFFFFF
+        step_limit = limit - limit % self._min_block
+        out: list[Extent] = []
+        covered = 0
+        for length, status in extents:
+            if length <= 0:
+                raise LocalProtocolError(f"extent length {length} must be positive")
+            if not 0 <= status <= limit:
+                raise LocalProtocolError(f"extent status {status:#x} does not fit the descriptor")
+            while length > 0 and covered < request.length:
+                step = min(length, step_limit)
+                out.append(Extent(step, status))
+                covered += step
+                length -= step
+            if covered >= request.length or len(out) >= _MAX_DESCRIPTORS:
+                break
+        if not out:
+            raise LocalProtocolError("a block status reply needs at least one extent per context")
+        if request.flags & _REQ_ONE:
+            out = [Extent(min(out[0].length, request.length), out[0].status)]
+        return out[:_MAX_DESCRIPTORS]
