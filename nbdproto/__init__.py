@@ -9,7 +9,17 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
+from ._server import ServerConnection
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 
-__all__ = [*_constants_all, *_errors_all, *_events_all, "NEED_DATA", "PAUSED", "Phase", "TlsMode"]
+__all__ = [
+    *_constants_all,
+    *_errors_all,
+    *_events_all,
+    "NEED_DATA",
+    "PAUSED",
+    "Phase",
+    "TlsMode",
+    "ServerConnection",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""From a request event to block-device calls, and from their results to the reply event: no I/O.
+
+Both backends serve requests the same way; only *how* a device method is called differs (directly in
+nbdproto_threads, awaited in nbdproto_anyio). So the decisions live here, once:
+
+    calls = device_calls(request, meta_contexts)      # which device methods, with which arguments
+    results = [device.<call.method>(*call.args) ...]  # the backend's only part (sync or async)
+    reply = reply_for(request, calls, results)        # the event to send
+    # or, when a call raised:
+    reply = error_reply_for(request, exc)
+
+The device methods named here are the block-device protocol of both backends: ``pread_into(buffer, offset)``,
+``pwrite(data, offset, fua)``, ``flush()``, ``trim(offset, length, fua)``, ``write_zeroes(offset, length,
+may_trim=..., fast=..., fua=...)``, ``cache(offset, length)``, ``extents(context, offset, length)`` and
+``resize(size)``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from ._constants import CommandFlags, Errno
+from ._events import (
+    BlockStatusReply,
+    BlockStatusRequest,
+    CacheRequest,
+    DisconnectRequest,
+    ErrorReply,
+    Event,
+    Extent,
+    FlushRequest,
+    ReadData,
+    ReadRequest,
+    Request,
+    ResizeRequest,
+    SuccessReply,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+
+__all__ = ["DeviceCall", "device_calls", "reply_for", "error_reply_for", "nbd_errno"]
+
+_FUA = CommandFlags.FUA
+
+
+class DeviceCall(NamedTuple):
+    """One call a backend makes on its device: ``getattr(device, method)(*args, **kwargs)``."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any] = {}
+
+
+def device_calls(request: Request, meta_contexts: Mapping[int, str]) -> list[DeviceCall]:
+    """The device calls that carry out ``request`` (a request the engine already validated).
+
+    A read gets a fresh buffer of its length to fill; a block status request gets one ``extents`` call per
+    meta context it asks for, by context name. ``DisconnectRequest`` needs no call (the backend flushes on
+    close).
+    """
+    kind = type(request)
+    if kind is ReadRequest:
+        read: ReadRequest = request  # type: ignore[assignment]
+        return [DeviceCall("pread_into", (memoryview(bytearray(read.length)), read.offset))]
+    if kind is WriteRequest:
+        write: WriteRequest = request  # type: ignore[assignment]
+        return [DeviceCall("pwrite", (write.data, write.offset, bool(write.flags & _FUA)))]
+    if kind is FlushRequest:
+        return [DeviceCall("flush", ())]
+    if kind is TrimRequest:
+        trim: TrimRequest = request  # type: ignore[assignment]
+        return [DeviceCall("trim", (trim.offset, trim.length, bool(trim.flags & _FUA)))]
+    if kind is WriteZeroesRequest:
+        zero: WriteZeroesRequest = request  # type: ignore[assignment]
+        options = {
+            "may_trim": not zero.flags & CommandFlags.NO_HOLE,
+            "fast": bool(zero.flags & CommandFlags.FAST_ZERO),
+            "fua": bool(zero.flags & _FUA),
+        }
+        return [DeviceCall("write_zeroes", (zero.offset, zero.length), options)]
+    if kind is CacheRequest:
+        cache: CacheRequest = request  # type: ignore[assignment]
+        return [DeviceCall("cache", (cache.offset, cache.length))]
+    if kind is BlockStatusRequest:
+        status: BlockStatusRequest = request  # type: ignore[assignment]
+        return [
+            DeviceCall("extents", (meta_contexts[context_id], status.offset, status.length))
+            for context_id in status.context_ids
+        ]
+    if kind is ResizeRequest:
+        resize: ResizeRequest = request  # type: ignore[assignment]
+        return [DeviceCall("resize", (resize.size,))]
+    if kind is DisconnectRequest:
+        return []
+    raise TypeError(f"{kind.__name__} is not a request")
+
+
+def reply_for(request: Request, calls: Sequence[DeviceCall], results: Sequence[Any]) -> Event:
+    """The reply to ``request`` once every call of ``device_calls`` returned ``results`` (in order)."""
+    kind = type(request)
+    if kind is ReadRequest:
+        read: ReadRequest = request  # type: ignore[assignment]
+        return ReadData(read.cookie, read.offset, calls[0].args[0])
+    if kind is BlockStatusRequest:
+        status: BlockStatusRequest = request  # type: ignore[assignment]
+        extents = {
+            context_id: tuple(Extent(int(length), int(flags)) for length, flags in result)
+            for context_id, result in zip(status.context_ids, results, strict=True)
+        }
+        return BlockStatusReply(status.cookie, extents)
+    return SuccessReply(request.cookie)
+
+
+def error_reply_for(request: Request, exc: BaseException) -> ErrorReply:
+    """The error reply for a request whose device call raised ``exc``."""
+    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    return ErrorReply(request.cookie, nbd_errno(exc), message[:1024])
+
+
+# errno of an OSError -> the NBD error the spec wants for it (spec: "Error values"); everything else is EIO.
+_ERRNO_MAP = {
+    _errno.EPERM: Errno.EPERM,
+    _errno.EACCES: Errno.EPERM,
+    _errno.EROFS: Errno.EPERM,
+    _errno.EIO: Errno.EIO,
+    _errno.ENOMEM: Errno.ENOMEM,
+    _errno.EINVAL: Errno.EINVAL,
+    _errno.ENOSPC: Errno.ENOSPC,
+    _errno.EDQUOT: Errno.ENOSPC,
+    _errno.EFBIG: Errno.ENOSPC,
+    _errno.EOVERFLOW: Errno.EOVERFLOW,
+    _errno.ENOTSUP: Errno.ENOTSUP,
+    _errno.EOPNOTSUPP: Errno.ENOTSUP,
+    _errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_errno(exc: BaseException) -> Errno:
+    """The NBD error value that reports ``exc`` to the client (EIO for anything that is not a known OSError)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_MAP.get(exc.errno, Errno.EIO)
+    return Errno.EIO

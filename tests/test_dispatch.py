@@ -1,0 +1,87 @@
+"""The shared request -> device call -> reply mapping (nbdproto._dispatch)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import nbdproto as n
+from nbdproto._dispatch import DeviceCall, device_calls, error_reply_for, nbd_errno, reply_for
+
+F = n.CommandFlags
+CONTEXTS = {1: n.BASE_ALLOCATION, 2: "example:odd"}
+
+
+def test_read_fills_a_fresh_buffer_and_replies_with_it() -> None:
+    request = n.ReadRequest(7, 4096, 512)
+    (call,) = device_calls(request, CONTEXTS)
+    assert call.method == "pread_into" and call.args[1] == 4096 and len(call.args[0]) == 512
+    reply = reply_for(request, [call], [None])
+    assert isinstance(reply, n.ReadData) and reply.data is call.args[0] and reply.offset == 4096
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (n.WriteRequest(1, 0, b"ab", F.FUA), DeviceCall("pwrite", (b"ab", 0, True))),
+        (n.FlushRequest(1), DeviceCall("flush", ())),
+        (n.TrimRequest(1, 512, 1024), DeviceCall("trim", (512, 1024, False))),
+        (n.CacheRequest(1, 0, 4096), DeviceCall("cache", (0, 4096))),
+        (n.ResizeRequest(1, 1 << 30), DeviceCall("resize", (1 << 30,))),
+        (
+            n.WriteZeroesRequest(1, 0, 4096, F.NO_HOLE | F.FAST_ZERO),
+            DeviceCall("write_zeroes", (0, 4096), {"may_trim": False, "fast": True, "fua": False}),
+        ),
+        (
+            n.WriteZeroesRequest(1, 0, 4096, F.FUA),
+            DeviceCall("write_zeroes", (0, 4096), {"may_trim": True, "fast": False, "fua": True}),
+        ),
+    ],
+)
+def test_each_command_maps_to_its_device_method(request_: n.Request, expected: DeviceCall) -> None:
+    calls = device_calls(request_, CONTEXTS)
+    assert calls == [expected]
+    assert reply_for(request_, calls, [None]) == n.SuccessReply(1)
+
+
+def test_block_status_asks_each_context_by_name() -> None:
+    request = n.BlockStatusRequest(3, 0, 8192, n.NO_FLAGS, (2, 1))
+    calls = device_calls(request, CONTEXTS)
+    assert calls == [
+        DeviceCall("extents", ("example:odd", 0, 8192)),
+        DeviceCall("extents", (n.BASE_ALLOCATION, 0, 8192)),
+    ]
+    reply = reply_for(request, calls, [[(8192, 1)], [n.Extent(4096, 3), n.Extent(4096, 0)]])
+    assert reply == n.BlockStatusReply(3, {2: (n.Extent(8192, 1),), 1: (n.Extent(4096, 3), n.Extent(4096, 0))})
+
+
+def test_disconnect_needs_no_device_call() -> None:
+    assert device_calls(n.DisconnectRequest(), CONTEXTS) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.EPERM, n.Errno.EPERM),
+        (errno.EROFS, n.Errno.EPERM),
+        (errno.EACCES, n.Errno.EPERM),
+        (errno.ENOSPC, n.Errno.ENOSPC),
+        (errno.EDQUOT, n.Errno.ENOSPC),
+        (errno.EFBIG, n.Errno.ENOSPC),
+        (errno.EINVAL, n.Errno.EINVAL),
+        (errno.ENOMEM, n.Errno.ENOMEM),
+        (errno.EOVERFLOW, n.Errno.EOVERFLOW),
+        (errno.ENOTSUP, n.Errno.ENOTSUP),
+        (errno.ESHUTDOWN, n.Errno.ESHUTDOWN),
+        (errno.EBADF, n.Errno.EIO),
+    ],
+)
+def test_os_errors_map_to_the_nbd_error_the_spec_names(code: int, expected: n.Errno) -> None:
+    exc = OSError(code, "boom")
+    assert nbd_errno(exc) == expected
+    assert error_reply_for(n.FlushRequest(4), exc) == n.ErrorReply(4, expected, "boom")
+
+
+def test_other_exceptions_are_eio() -> None:
+    assert error_reply_for(n.FlushRequest(4), ValueError("bad")) == n.ErrorReply(4, n.Errno.EIO, "bad")
