@@ -115,9 +115,18 @@ def reply_for(request: Request, calls: Sequence[DeviceCall], results: Sequence[A
 
 
 def error_reply_for(request: Request, exc: BaseException) -> ErrorReply:
-    """The error reply for a request whose device call raised ``exc``."""
+    """The error reply for a request whose device call raised ``exc``.
+
+    spec ("Error values"): ENOTSUP is only for a FAST_ZERO write-zeroes that cannot be fast, and EOVERFLOW only
+    for sizes; a device that raises them elsewhere is reported as EINVAL.
+    """
     message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-    return ErrorReply(request.cookie, nbd_errno(exc), message[:1024])
+    error = nbd_errno(exc)
+    if (error == Errno.ENOTSUP and not (
+        type(request) is WriteZeroesRequest and request.flags & CommandFlags.FAST_ZERO
+    )) or error == Errno.EOVERFLOW:
+        error = Errno.EINVAL
+    return ErrorReply(request.cookie, error, message[:1024])
 
 
 # errno of an OSError -> the NBD error the spec wants for it (spec: "Error values"); everything else is EIO.

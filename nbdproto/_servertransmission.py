@@ -363,19 +363,23 @@ class ServerTransmission(ServerState):
         del self._in_flight[event.cookie]
 
     def _normalise_extents(self, request: BlockStatusRequest, extents: Iterable[Extent]) -> list[Extent]:
-        """Make the application's extents what the spec allows: positive lengths that fit the descriptor, none
-        starting past the request's end, at most 2^20, a single one no longer than the request under REQ_ONE,
-        and at least one."""
+        """Make the application's extents what the spec allows: positive lengths that fit the descriptor and are
+        multiples of the minimum block size, none starting past the request's end, at most 2^20, a single one
+        no longer than the request under REQ_ONE, and at least one."""
         wide = self.extended_headers
         limit = 0xFFFFFFFFFFFFFFFF if wide else 0xFFFFFFFF
         step_limit = limit - limit % self._min_block
         out: list[Extent] = []
         covered = 0
+        min_block = self._min_block
         for length, status in extents:
             if length <= 0:
                 raise LocalProtocolError(f"extent length {length} must be positive")
             if not 0 <= status <= limit:
                 raise LocalProtocolError(f"extent status {status:#x} does not fit the descriptor")
+            if length % min_block and request.offset + covered + length < self._size:
+                # spec: descriptor lengths MUST be multiples of the minimum block size (the export's tail aside).
+                raise LocalProtocolError(f"extent length {length} is not a multiple of the {min_block}-byte block")
             while length > 0 and covered < request.length:
                 step = min(length, step_limit)
                 out.append(Extent(step, status))

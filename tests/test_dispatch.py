@@ -73,6 +73,7 @@ def test_disconnect_needs_no_device_call() -> None:
         (errno.ENOMEM, n.Errno.ENOMEM),
         (errno.EOVERFLOW, n.Errno.EOVERFLOW),
         (errno.ENOTSUP, n.Errno.ENOTSUP),
+        (errno.EOPNOTSUPP, n.Errno.ENOTSUP),
         (errno.ESHUTDOWN, n.Errno.ESHUTDOWN),
         (errno.EBADF, n.Errno.EIO),
     ],
@@ -80,7 +81,16 @@ def test_disconnect_needs_no_device_call() -> None:
 def test_os_errors_map_to_the_nbd_error_the_spec_names(code: int, expected: n.Errno) -> None:
     exc = OSError(code, "boom")
     assert nbd_errno(exc) == expected
-    assert error_reply_for(n.FlushRequest(4), exc) == n.ErrorReply(4, expected, "boom")
+    reported = n.Errno.EINVAL if expected in (n.Errno.ENOTSUP, n.Errno.EOVERFLOW) else expected
+    assert error_reply_for(n.FlushRequest(4), exc) == n.ErrorReply(4, reported, "boom")
+
+
+def test_enotsup_is_only_reported_for_fast_zero() -> None:
+    exc = OSError(errno.ENOTSUP, "slow")
+    fast = n.WriteZeroesRequest(1, 0, 512, n.CommandFlags.FAST_ZERO)
+    assert error_reply_for(fast, exc).error == n.Errno.ENOTSUP
+    assert error_reply_for(n.WriteZeroesRequest(1, 0, 512), exc).error == n.Errno.EINVAL
+    assert error_reply_for(n.TrimRequest(1, 0, 512), exc).error == n.Errno.EINVAL
 
 
 def test_other_exceptions_are_eio() -> None:

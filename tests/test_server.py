@@ -382,11 +382,12 @@ def test_forcedtls_refuses_everything_but_starttls_and_abort() -> None:
         client_flags()
         + option(OPT.LIST)
         + option(OPT.INFO, info_payload("a"))
+        + option(OPT.GO, info_payload("a"))
         + option(OPT.STRUCTURED_REPLY)
         + option(99)
     )
     assert events(s) == []
-    assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_TLS_REQD] * 4
+    assert [x.reply_type for x in option_replies(joined(s))] == [R.ERR_TLS_REQD] * 5
     s.receive_data(option(OPT.EXPORT_NAME, b"a"))
     with pytest.raises(n.RemoteProtocolError, match="TLS"):
         s.next_event()
@@ -497,7 +498,16 @@ def test_invalid_requests_are_answered_by_the_engine(
     handshake(s, structured=mode != "simple", extended=mode == "extended", exp=exp)
     if errno is None:
         errno = n.Errno.EINVAL if mode == "simple" else n.Errno.EOVERFLOW
-    assert errors_of(s, request(cmd, 7, offset, length, flags, extended=mode == "extended")) == [errno]
+    s.receive_data(request(cmd, 7, offset, length, flags, extended=mode == "extended"))
+    assert events(s) == [], "an invalid request reached the application"
+    (reply,) = replies(joined(s))
+    assert reply.error == errno
+    # spec: with structured replies even an early error to a READ is a structured reply; with extended
+    # headers no simple reply is ever sent. The engine always uses an ERROR chunk, which carries a message.
+    if mode == "simple":
+        assert reply.chunk_type is None
+    else:
+        assert reply.chunk_type == n.ChunkType.ERROR and reply.flags == n.ReplyFlags.DONE and reply.fields.message
 
 
 def test_write_past_the_end_is_enospc_and_its_payload_is_consumed(mode: str) -> None:
@@ -905,3 +915,46 @@ def test_random_option_sequences_never_crash(codes: list[int], payload: bytes) -
         drive(s, client_flags() + b"".join(option(c, payload if i % 2 else b"") for i, c in enumerate(codes)))
     except n.RemoteProtocolError:
         assert s.phase is n.Phase.ERROR
+
+
+def test_set_meta_context_replaces_the_selection_even_when_it_fails() -> None:
+    s = new_server()
+    s.receive_data(client_flags() + option(OPT.STRUCTURED_REPLY))
+    events(s)
+    s.receive_data(option(OPT.SET_META_CONTEXT, meta_payload("d", n.BASE_ALLOCATION)))
+    events(s)
+    s.send(export("d"))
+    assert s.meta_contexts == {1: n.BASE_ALLOCATION}
+    s.receive_data(option(OPT.SET_META_CONTEXT, meta_payload("d", "no-colon")))
+    events(s)
+    s.send(export("d"))
+    assert s.meta_contexts == {}
+
+
+def test_list_meta_context_with_no_match_is_a_lone_ack() -> None:
+    s = new_server()
+    s.receive_data(
+        client_flags() + option(OPT.STRUCTURED_REPLY) + option(OPT.LIST_META_CONTEXT, meta_payload("d", "x:y"))
+    )
+    events(s)
+    option_replies(joined(s))
+    s.send(export("d"))
+    assert meta_replies(s) == ([], R.ACK)
+
+
+def test_go_ack_has_no_zero_padding() -> None:
+    s = new_server()
+    s.receive_data(client_flags(n.ClientFlags.FIXED_NEWSTYLE) + option(OPT.GO, info_payload("d")))
+    events(s)
+    s.send(export("d"))
+    got = option_replies(joined(s))
+    assert got[-1].reply_type == R.ACK and got[-1].data == b""
+
+
+def test_block_status_extents_must_respect_the_minimum_block_size() -> None:
+    s = new_server()
+    handshake(s, contexts=(n.BASE_ALLOCATION,), exp=export(minimum_block_size=512))
+    s.receive_data(request(C.BLOCK_STATUS, 1, 0, 4096))
+    events(s)
+    with pytest.raises(n.LocalProtocolError, match="multiple"):
+        s.send(n.BlockStatusReply(1, {1: (n.Extent(100, 0), n.Extent(3996, 3))}))
