@@ -958,3 +958,10 @@ def test_block_status_extents_must_respect_the_minimum_block_size() -> None:
     events(s)
     with pytest.raises(n.LocalProtocolError, match="multiple"):
         s.send(n.BlockStatusReply(1, {1: (n.Extent(100, 0), n.Extent(3996, 3))}))
+
+
+def test_export_name_after_extended_headers_ends_the_connection() -> None:
+    s = new_server()
+    s.receive_data(client_flags() + option(OPT.EXTENDED_HEADERS) + option(OPT.EXPORT_NAME, b"d"))
+    with pytest.raises(n.RemoteProtocolError, match="extended headers"):
+        s.next_event()
