@@ -10,6 +10,7 @@ from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
 from ._server import ServerConnection
+from ._uri import NbdUri, format_uri, parse_uri
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 
 __all__ = [
@@ -21,5 +22,8 @@ __all__ = [
     "Phase",
     "TlsMode",
     "ServerConnection",
+    "NbdUri",
+    "parse_uri",
+    "format_uri",
 ]
 __version__ = "0.1.0"

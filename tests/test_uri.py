@@ -1,0 +1,61 @@
+"""NBD URIs, with the examples of doc/uri.md."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nbdproto._uri import NbdUri, format_uri, parse_uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "export_name"),
+    [
+        ("nbd://example.com/disk", "disk"),
+        ("nbd+unix:///disk?socket=sock", "disk"),
+        ("nbd://example.com/", ""),
+        ("nbd://example.com", ""),
+        ("nbd://example.com//disk", "/disk"),
+        ("nbd://example.com/hello%20world", "hello world"),
+    ],
+)
+def test_export_names_from_the_uri_spec(uri: str, export_name: str) -> None:
+    assert parse_uri(uri).export_name == export_name
+
+
+def test_tcp_uris() -> None:
+    assert parse_uri("nbd://example.com/d") == NbdUri("d", host="example.com", port=10809)
+    assert parse_uri("nbds://127.0.0.1:1234/d") == NbdUri("d", tls=True, host="127.0.0.1", port=1234)
+    six = parse_uri("nbd://[::1]:99/")
+    assert (six.host, six.port) == ("::1", 99)
+    assert str(six) == "nbd://[::1]:99/"
+
+
+def test_unix_uris_need_a_socket() -> None:
+    uri = parse_uri("nbds+unix:///e?socket=/run/nbd.sock&tls-hostname=srv")
+    assert (uri.unix, uri.tls, uri.socket, uri.tls_hostname) == (True, True, "/run/nbd.sock", "srv")
+    with pytest.raises(ValueError, match="socket"):
+        parse_uri("nbd+unix:///e")
+
+
+@pytest.mark.parametrize("bad", ["http://x/", "nbd://x:99999/", "nbd://x:port/", "x"])
+def test_bad_uris_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_uri(bad)
+
+
+def test_tls_verify_peer_defaults_on() -> None:
+    assert parse_uri("nbds://h/").tls_verify_peer
+    assert not parse_uri("nbds://h/?tls-verify-peer=0").tls_verify_peer
+
+
+@given(
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=30),
+    st.booleans(),
+    st.booleans(),
+    st.integers(1, 65535),
+)
+def test_format_then_parse_round_trips(name: str, tls: bool, unix: bool, port: int) -> None:
+    uri = NbdUri(name, tls, unix, socket="/tmp/s 1.sock") if unix else NbdUri(name, tls, False, "10.0.0.1", port)
+    assert parse_uri(format_uri(uri)) == uri
