@@ -1,3 +1,25 @@
-"""nbdproto_threads: NBD server and client over blocking sockets and threads."""
+"""nbdproto_threads: NBD server and client over blocking sockets and threads.
 
-__all__: list[str] = []
+Server side: ``Server`` (many connections, a thread each), ``ServerSession`` / ``negotiate`` (one accepted
+socket, the seed's negotiate-then-serve contract). Devices: the ``BlockDevice`` protocol, ``MemoryDevice``
+(sparse, in memory) and ``FileDevice`` (a file or block device).
+"""
+
+from nbdproto._export import DeviceCapabilities
+
+from ._device import BlockDevice
+from ._file import FileDevice
+from ._memory import MemoryDevice
+from ._server import ExportSpec, Resolver, Server, ServerSession, negotiate
+
+__all__ = [
+    "BlockDevice",
+    "DeviceCapabilities",
+    "MemoryDevice",
+    "FileDevice",
+    "ExportSpec",
+    "Resolver",
+    "Server",
+    "ServerSession",
+    "negotiate",
+]

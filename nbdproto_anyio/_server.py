@@ -1,0 +1,383 @@
+"""The async NBD server on anyio (asyncio or trio): the threads backend's server, with ``await``.
+
+- ``ServerSession``: one connection. ``await negotiate()`` returns the chosen export name or
+  ``nbdproto.ClientAborted``; ``await serve(device)`` serves until the client disconnects; ``async with``
+  guarantees the close.
+- ``Server``: listens on TCP or a unix socket, maps names to devices (or asks a resolver), and serves every
+  connection in its own task until cancelled (graceful: in-flight requests finish, devices are flushed).
+
+Requests on one connection run concurrently, a task each (at most ``max_requests`` at once), and replies go
+out as they complete. Backpressure: while the payload bytes of unfinished requests exceed
+``max_bytes_in_flight``, the connection stops reading, so a client that pipelines writes faster than the
+device takes them cannot make the server buffer them.
+
+All protocol decisions belong to nbdproto.ServerConnection and nbdproto._dispatch; this module moves bytes and
+awaits devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSStream
+
+import nbdproto
+from nbdproto._dispatch import device_calls, error_reply_for, reply_for
+from nbdproto._export import export_for
+
+from ._device import AsyncBlockDevice
+
+__all__ = ["AsyncExportSpec", "ServerSession", "Server", "AsyncResolver"]
+
+log = logging.getLogger("nbdproto.anyio.server")
+
+RECV_SIZE = 256 * 1024
+_REQUESTS = (
+    nbdproto.ReadRequest,
+    nbdproto.WriteRequest,
+    nbdproto.FlushRequest,
+    nbdproto.TrimRequest,
+    nbdproto.CacheRequest,
+    nbdproto.WriteZeroesRequest,
+    nbdproto.BlockStatusRequest,
+    nbdproto.ResizeRequest,
+)
+
+
+@dataclass(frozen=True)
+class AsyncExportSpec:
+    """An export as the server offers it: the device and what the server says about it (read-only unless
+    ``read_only=False``)."""
+
+    device: AsyncBlockDevice
+    description: str = ""
+    read_only: bool = True
+    tls_required: bool = False
+
+    def export(self, name: str) -> nbdproto.Export:
+        """The nbdproto.Export the engine advertises for this device under ``name``."""
+        return export_for(
+            name,
+            self.device.size,
+            self.device.capabilities,
+            read_only=self.read_only,
+            description=self.description,
+            tls_required=self.tls_required,
+        )
+
+
+AsyncResolver = Callable[[str], "AsyncExportSpec | None"]
+
+
+class ServerSession:
+    """One client connection on the server side, over an anyio byte stream."""
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        exports: Iterable[str | nbdproto.ExportListing] | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_mode: nbdproto.TlsMode | None = None,
+        lookup: AsyncResolver | None = None,
+        max_requests: int = 64,
+        max_bytes_in_flight: int = 64 * 1024 * 1024,
+    ) -> None:
+        if tls_mode is None:
+            tls_mode = nbdproto.TlsMode.FORCEDTLS if tls is not None else nbdproto.TlsMode.NOTLS
+        if tls_mode is not nbdproto.TlsMode.NOTLS and tls is None:
+            raise ValueError(f"TLS mode {tls_mode.value} needs an ssl.SSLContext")
+        self.stream: anyio.abc.ByteStream = stream
+        self.engine = nbdproto.ServerConnection(exports=exports, tls=tls_mode)
+        self._tls = tls
+        self._lookup = lookup
+        self._chosen: str | None = None
+        self._spec: AsyncExportSpec | None = None
+        self._closed = False
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes_in_flight
+        self._send_lock = anyio.Lock()
+
+    async def negotiate(self) -> str | nbdproto.ClientAborted:
+        """Run the handshake until the client chooses an export; its name, or ClientAborted.
+
+        Raises ConnectionError when the client goes away, RemoteProtocolError when it breaks the protocol.
+        """
+        engine = self.engine
+        while True:
+            event = engine.next_event()
+            if event is nbdproto.NEED_DATA:
+                await self._flush()
+                engine.receive_data(await self._receive())
+            elif isinstance(event, nbdproto.ExportRequested):
+                if event.option not in (nbdproto.Option.GO, nbdproto.Option.EXPORT_NAME):
+                    engine.send(self._preview(event))
+                elif self._spec is not None:
+                    if event.name == self._chosen:
+                        engine.send(self._spec.export(event.name))
+                    else:
+                        engine.send(nbdproto.ExportUnknown(f"this connection serves {self._chosen!r} only"))
+                elif self._lookup is not None and self._lookup(event.name) is None:
+                    engine.send(nbdproto.ExportUnknown(f"no export named {event.name!r}"))
+                else:
+                    self._chosen = event.name
+                    return event.name
+            elif isinstance(event, nbdproto.StartTLS):
+                await self._start_tls()
+            elif isinstance(event, nbdproto.HandshakeComplete):
+                return event.export.name
+            elif isinstance(event, nbdproto.ClientAborted):
+                await self._flush()
+                return event
+            elif isinstance(event, nbdproto.ConnectionClosed):
+                raise ConnectionError("the connection ended during the handshake")
+            else:
+                raise nbdproto.LocalProtocolError(f"unexpected {event!r} during the handshake")
+
+    async def serve(
+        self, device: AsyncBlockDevice | AsyncExportSpec, *, read_only: bool = True, description: str = ""
+    ) -> None:
+        """Serve the chosen export from ``device`` until the client disconnects, then flush the device."""
+        if self._chosen is None:
+            raise RuntimeError("serve() needs a successful negotiate() first")
+        spec = device if isinstance(device, AsyncExportSpec) else AsyncExportSpec(device, description, read_only)
+        self._spec = spec
+        engine = self.engine
+        if engine.phase is nbdproto.Phase.AWAIT_EXPORT:
+            engine.send(spec.export(self._chosen))
+        if engine.phase is nbdproto.Phase.TRANSMISSION:
+            complete = engine.next_event()
+            assert isinstance(complete, nbdproto.HandshakeComplete), complete
+        else:
+            # The engine refused that GO (a TLS or block size rule): let the client try again.
+            name = await self.negotiate()
+            if isinstance(name, nbdproto.ClientAborted):
+                return
+        await self._transmission(spec.device)
+
+    async def aclose(self) -> None:
+        """Close the connection (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._flush()
+            await self.stream.aclose()
+
+    async def __aenter__(self) -> ServerSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+
+    # --- Internals -----------------------------------------------------------------------------------------
+
+    async def _receive(self) -> bytes:
+        try:
+            return await self.stream.receive(RECV_SIZE)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+            return b""
+
+    async def _flush(self) -> None:
+        pieces = self.engine.data_to_send()
+        if pieces:
+            async with self._send_lock:
+                await self.stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))  # type: ignore[arg-type]
+
+    def _preview(self, event: nbdproto.ExportRequested) -> nbdproto.Export | nbdproto.ExportUnknown:
+        if self._lookup is not None:
+            spec = self._lookup(event.name)
+            return spec.export(event.name) if spec else nbdproto.ExportUnknown(f"no export named {event.name!r}")
+        if self._spec is not None and event.name == self._chosen:
+            return self._spec.export(event.name)
+        if event.option == nbdproto.Option.INFO:
+            return nbdproto.ExportUnknown("NBD_OPT_INFO is not available here", nbdproto.OptionReplyType.ERR_UNSUP)
+        return nbdproto.Export(event.name, 0, meta_contexts=(nbdproto.BASE_ALLOCATION,))
+
+    async def _start_tls(self) -> None:
+        assert self._tls is not None
+        await self._flush()
+        self.stream = await TLSStream.wrap(
+            self.stream, server_side=True, ssl_context=self._tls, standard_compatible=False
+        )
+        self.engine.tls_established()
+
+    async def _transmission(self, device: AsyncBlockDevice) -> None:
+        engine = self.engine
+        contexts = engine.meta_contexts
+        slots = anyio.Semaphore(self._max_requests)
+        state = _Backpressure(self._max_bytes)
+        try:
+            async with anyio.create_task_group() as tasks:
+                while True:
+                    event = engine.next_event()
+                    event_type = type(event)
+                    if event is nbdproto.NEED_DATA:
+                        await self._flush()
+                        await state.wait_below_limit()
+                        data = await self._receive()
+                        engine.receive_data(data)
+                    elif event_type in _REQUESTS:
+                        request: Any = event
+                        size = len(request.data) if event_type is nbdproto.WriteRequest else 0
+                        size += request.length if event_type is nbdproto.ReadRequest else 0
+                        state.add(size)
+                        await slots.acquire()
+                        tasks.start_soon(self._carry_out, device, request, contexts, slots, state, size)
+                    elif event is nbdproto.PAUSED:
+                        # DISC with replies still owed: wait for the tasks, then the engine says closed.
+                        await state.wait_idle()
+                    elif event_type is nbdproto.DisconnectRequest:
+                        continue
+                    elif event_type is nbdproto.ConnectionClosed:
+                        await state.wait_idle()
+                        await self._flush()
+                        break
+                    else:
+                        raise nbdproto.LocalProtocolError(f"unexpected {event!r} in transmission")
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await device.flush()
+                except OSError:
+                    log.exception("flushing the device after the connection ended failed")
+
+    async def _carry_out(
+        self,
+        device: AsyncBlockDevice,
+        request: Any,
+        contexts: Mapping[int, str],
+        slots: anyio.Semaphore,
+        state: _Backpressure,
+        size: int,
+    ) -> None:
+        try:
+            calls = device_calls(request, contexts)
+            try:
+                results = [await getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
+                reply = reply_for(request, calls, results)
+            except Exception as exc:  # a device failure becomes an NBD error reply
+                if not isinstance(exc, OSError):
+                    log.exception("device %r failed on %r", device, request)
+                reply = error_reply_for(request, exc)
+            self.engine.send(reply)
+            # A dead connection is the reading side's to notice: it ends the session.
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._flush()
+        finally:
+            slots.release()
+            state.done(size)
+
+
+class _Backpressure:
+    """Counts the payload bytes of requests being served; readers wait while the count is over the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self.requests = 0
+        self._changed = anyio.Event()
+
+    def add(self, size: int) -> None:
+        self.bytes += size
+        self.requests += 1
+
+    def done(self, size: int) -> None:
+        self.bytes -= size
+        self.requests -= 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_below_limit(self) -> None:
+        while self.bytes > self.limit:
+            await self._changed.wait()
+
+    async def wait_idle(self) -> None:
+        while self.requests:
+            await self._changed.wait()
+
+
+class Server:
+    """Serves exports to many clients at once, a task per connection, until cancelled.
+
+    ``exports`` maps names to async devices or AsyncExportSpecs (a plain device is served read-only), or is a
+    resolver. ``listen``: (host, port), a unix socket path, or a ready anyio listener.
+    """
+
+    def __init__(
+        self,
+        exports: Mapping[str, AsyncBlockDevice | AsyncExportSpec] | AsyncResolver,
+        *,
+        tls: ssl.SSLContext | None = None,
+        tls_mode: nbdproto.TlsMode | None = None,
+        list_exports: bool = True,
+        max_requests: int = 64,
+        max_bytes_in_flight: int = 64 * 1024 * 1024,
+    ) -> None:
+        if callable(exports):
+            self._resolve: AsyncResolver = exports
+            offer = None
+        else:
+            specs = {
+                name: value if isinstance(value, AsyncExportSpec) else AsyncExportSpec(value)
+                for name, value in exports.items()
+            }
+            self._resolve = specs.get
+            offer = [nbdproto.ExportListing(name, spec.description) for name, spec in specs.items()]
+        self._offer = offer if list_exports else None
+        self._tls = tls
+        self._tls_mode = tls_mode
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes_in_flight
+
+    async def serve(self, listener: anyio.abc.Listener[Any]) -> None:
+        """Serve every connection ``listener`` accepts, until cancelled."""
+        await listener.serve(self.handle)
+
+    async def handle(self, stream: anyio.abc.ByteStream) -> None:
+        """Serve one accepted connection to its end (a listener's handler)."""
+        peer = _peer_name(stream)
+        session = ServerSession(
+            stream,
+            exports=self._offer,
+            tls=self._tls,
+            tls_mode=self._tls_mode,
+            lookup=self._resolve,
+            max_requests=self._max_requests,
+            max_bytes_in_flight=self._max_bytes,
+        )
+        async with session:
+            try:
+                name = await session.negotiate()
+                if isinstance(name, nbdproto.ClientAborted):
+                    log.info("client %s aborted the handshake", peer)
+                    return
+                spec = self._resolve(name)
+                if spec is None:
+                    return
+                log.info("client %s uses export %r", peer, name)
+                await session.serve(spec)
+            except (ConnectionError, nbdproto.RemoteProtocolError, ssl.SSLError, anyio.BrokenResourceError) as exc:
+                log.info("client %s: connection ended: %s", peer, exc)
+            except Exception:
+                log.exception("client %s: server error", peer)
+
+
+async def listen(address: tuple[str, int] | str) -> anyio.abc.Listener[Any]:
+    """A listener on (host, port) or a unix socket path."""
+    if isinstance(address, str):
+        return await anyio.create_unix_listener(address)
+    host, port = address
+    return await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+
+
+def _peer_name(stream: anyio.abc.ByteStream) -> Any:
+    return stream.extra(SocketAttribute.remote_address, "?")

@@ -1,0 +1,200 @@
+"""FileDevice: a block device over a regular file or a Linux block device.
+
+Reads and writes are os.preadv / os.pwritev straight from and into the caller's buffers (positional, so many
+threads share one descriptor safely). Flush and FUA are fdatasync. Trim punches a hole and write-zeroes uses
+fallocate (ZERO_RANGE, or PUNCH_HOLE when a hole is allowed), falling back to writing zeroes unless the
+client asked for a fast zero. Block status for ``base:allocation`` comes from SEEK_DATA / SEEK_HOLE. For
+block devices: BLKZEROOUT and BLKDISCARD ioctls, and every byte reported as data.
+
+``fileno()`` lets a backend send plaintext read replies with os.sendfile, straight from the page cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Sequence
+
+from nbdproto import BASE_ALLOCATION, AllocationState
+from nbdproto._export import DeviceCapabilities
+
+from ._device import Buffer
+
+__all__ = ["FileDevice"]
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_BLKDISCARD = 0x1277
+_BLKZEROOUT = 0x127F
+_HOLE = int(AllocationState.HOLE | AllocationState.ZERO)
+_MAX_EXTENTS = 1024
+_ZERO_CHUNK = bytes(1 << 20)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class FileDevice:
+    """A regular file or block device at ``path``; writable unless ``read_only``."""
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        mode = os.fstat(self._fd).st_mode
+        self._block_device = stat.S_ISBLK(mode)
+        if not (stat.S_ISREG(mode) or self._block_device):
+            os.close(self._fd)
+            raise OSError(errno.EINVAL, f"{self.path} is neither a regular file nor a block device")
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        self._capabilities = DeviceCapabilities(
+            can_write=not read_only,
+            can_trim=True,
+            can_zero=True,
+            can_fast_zero=True,
+            can_cache=True,
+            # Every connection reads and writes through the same page cache, and fdatasync flushes all of it.
+            can_multi_conn=True,
+            meta_contexts=() if self._block_device else (BASE_ALLOCATION,),
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> DeviceCapabilities:
+        return self._capabilities
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _check(self, offset: int, length: int, writing: bool = False) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            code = errno.ENOSPC if writing else errno.EINVAL
+            raise OSError(code, f"range {offset}+{length} is outside the device ({self._size} bytes)")
+        if writing and not self._capabilities.can_write:
+            raise OSError(errno.EROFS, "the device is read-only")
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        self._check(offset, len(buffer))
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if got == 0:  # the file shrank under us: what is gone reads as zero
+                buffer[done:] = bytes(len(buffer) - done)
+                return
+            done += got
+
+    def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view), writing=True)
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self._fd, [view[done:]], offset + done)
+        if fua:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        if self._capabilities.can_write:
+            os.fdatasync(self._fd)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check(offset, length, writing=True)
+        try:
+            if self._block_device:
+                fcntl.ioctl(self._fd, _BLKDISCARD, struct.pack("QQ", offset, length))
+            else:
+                _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            # Trim is advisory: a file system that cannot punch holes simply keeps the data.
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY):
+                raise
+        if fua:
+            os.fdatasync(self._fd)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        self._check(offset, length, writing=True)
+        if not self._zero_fast(offset, length, may_trim):
+            if fast:
+                raise OSError(errno.ENOTSUP, "this file cannot be zeroed without writing zeroes")
+            done = 0
+            while done < length:
+                step = min(length - done, len(_ZERO_CHUNK))
+                self.pwrite(memoryview(_ZERO_CHUNK)[:step], offset + done)
+                done += step
+        if fua:
+            os.fdatasync(self._fd)
+
+    def _zero_fast(self, offset: int, length: int, may_trim: bool) -> bool:
+        unsupported = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY, errno.EINVAL)
+        if self._block_device:
+            try:
+                fcntl.ioctl(self._fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+                return True
+            except OSError as exc:
+                if exc.errno in unsupported:
+                    return False
+                raise
+        modes = [_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE] if may_trim else []
+        modes.append(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                _fallocate(self._fd, mode, offset, length)
+                return True
+            except OSError as exc:
+                if exc.errno not in unsupported:
+                    raise
+        return False
+
+    def cache(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        self._check(offset, length)
+        if context != BASE_ALLOCATION or self._block_device:
+            return [(length, 0)]
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end and len(out) < _MAX_EXTENTS:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: only a hole from here to the end
+                    raise
+                data = self._size
+            if data > pos:
+                hole_end = min(data, end)
+                out.append((hole_end - pos, _HOLE))
+                pos = hole_end
+                continue
+            hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+            out.append((hole - pos, 0))
+            pos = hole
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> FileDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

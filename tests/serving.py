@@ -1,0 +1,146 @@
+"""Run an nbdproto server of any backend in the background for a test, and certificates for TLS tests.
+
+``serve_exports(backend, exports, ...)`` is a context manager yielding the server's base URI; the same sync
+devices serve every backend (the anyio ones get them through AsyncDeviceAdapter). Servers listen on
+127.0.0.1 port 0 or a unix socket in a temporary directory, and are stopped on exit; start-up is bounded
+(the listening socket exists before the context is entered).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import trustme
+from anyio.abc import SocketAttribute
+
+import nbdproto
+import nbdproto_anyio
+import nbdproto_threads
+
+BACKENDS = ("threads", "asyncio", "trio")
+
+
+@dataclass
+class Export:
+    """An export for a test server: a sync device and how to offer it."""
+
+    device: Any
+    description: str = ""
+    read_only: bool = False
+    tls_required: bool = False
+
+
+@dataclass
+class Pki:
+    """A throwaway CA and a server certificate for 127.0.0.1, laid out the way libnbd and qemu read them."""
+
+    directory: str
+    server_context: ssl.SSLContext
+    client_context: ssl.SSLContext
+
+
+@contextlib.contextmanager
+def make_pki(verify_client: bool = False) -> Iterator[Pki]:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    client_cert = ca.issue_cert("client.example")
+    with tempfile.TemporaryDirectory(prefix="nbdproto-pki-") as directory:
+        ca.cert_pem.write_to_path(os.path.join(directory, "ca-cert.pem"))
+        client_cert.private_key_pem.write_to_path(os.path.join(directory, "client-key.pem"))
+        client_cert.cert_chain_pems[0].write_to_path(os.path.join(directory, "client-cert.pem"))
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_cert.configure_cert(server)
+        if verify_client:
+            ca.configure_trust(server)
+            server.verify_mode = ssl.CERT_REQUIRED
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ca.configure_trust(client)
+        client_cert.configure_cert(client)
+        yield Pki(directory, server, client)
+
+
+def _tls_mode(tls: ssl.SSLContext | None, exports: Mapping[str, Export]) -> nbdproto.TlsMode | None:
+    if tls is None:
+        return None
+    return nbdproto.TlsMode.SELECTIVETLS if any(e.tls_required for e in exports.values()) else None
+
+
+@contextlib.contextmanager
+def serve_exports(
+    backend: str,
+    exports: Mapping[str, Export],
+    *,
+    tls: ssl.SSLContext | None = None,
+    unix: bool = False,
+    workers: int = 0,
+) -> Iterator[str]:
+    """Serve ``exports`` with ``backend`` ("threads", "asyncio" or "trio"); yields the URI without export name
+    (append the name), e.g. "nbd://127.0.0.1:40123/" or "nbd+unix:///?socket=..."."""
+    with tempfile.TemporaryDirectory(prefix="nbdproto-sock-") as tmp:
+        address: tuple[str, int] | str = os.path.join(tmp, "nbd.sock") if unix else ("127.0.0.1", 0)
+        if backend == "threads":
+            with _serve_threads(exports, address, tls, workers) as bound:
+                yield _uri(bound, tls is not None)
+        else:
+            with _serve_anyio(backend, exports, address, tls) as bound:
+                yield _uri(bound, tls is not None)
+
+
+def _uri(bound: Any, tls: bool) -> str:
+    scheme = "nbds" if tls else "nbd"
+    if isinstance(bound, str):
+        return f"{scheme}+unix:///{{}}?socket={bound}"
+    return f"{scheme}://127.0.0.1:{bound[1]}/{{}}"
+
+
+@contextlib.contextmanager
+def _serve_threads(
+    exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, workers: int
+) -> Iterator[Any]:
+    specs = {
+        name: nbdproto_threads.ExportSpec(e.device, e.description, e.read_only, e.tls_required)
+        for name, e in exports.items()
+    }
+    server = nbdproto_threads.Server(specs, address, tls=tls, tls_mode=_tls_mode(tls, exports), workers=workers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.address
+    finally:
+        server.shutdown(timeout=10)
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def _serve_anyio(
+    backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None
+) -> Iterator[Any]:
+    specs = {
+        name: nbdproto_anyio.AsyncExportSpec(
+            nbdproto_anyio.AsyncDeviceAdapter(e.device, use_threads=isinstance(e.device, nbdproto_threads.FileDevice)),
+            e.description,
+            e.read_only,
+            e.tls_required,
+        )
+        for name, e in exports.items()
+    }
+    server = nbdproto_anyio.Server(specs, tls=tls, tls_mode=_tls_mode(tls, exports))
+    with anyio.from_thread.start_blocking_portal(backend) as portal:
+        listener = portal.call(nbdproto_anyio.listen, address)
+        bound = listener.extra(SocketAttribute.local_address)
+        future = portal.start_task_soon(server.serve, listener)
+        try:
+            yield bound
+        finally:
+            future.cancel()
+            with contextlib.suppress(BaseException):
+                future.result(timeout=10)
