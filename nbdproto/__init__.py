@@ -10,8 +10,8 @@ from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
 from ._server import ServerConnection
-from ._uri import NbdUri, format_uri, parse_uri
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
+from ._uri import NbdUri, format_uri, parse_uri
 
 __all__ = [
     *_constants_all,
