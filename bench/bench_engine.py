@@ -31,7 +31,7 @@ def connected_server(mode: str) -> ServerConnection:
     go = struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0)
     opts += struct.pack(">QII", n.IHAVEOPT, n.Option.GO, len(go)) + go
     server.receive_data(struct.pack(">I", 3) + opts)
-    while not isinstance(event := server.next_event(), n.ExportRequested):
+    while not isinstance(server.next_event(), n.ExportRequested):
         pass
     server.send(n.Export("disk", 1 << 30))
     assert isinstance(server.next_event(), n.HandshakeComplete)
@@ -76,7 +76,7 @@ def run_raw(requests: int, batch: int) -> float:
     for _ in range(rounds):
         out = []
         for pos in range(0, len(data), 28):
-            magic, flags, command, cookie, offset, length = header.unpack_from(data, pos)
+            magic, _flags, command, cookie, offset, length = header.unpack_from(data, pos)
             if magic != n.REQUEST_MAGIC or command != 0 or offset + length > 1 << 30:
                 raise ValueError
             out.append(reply.pack(n.SIMPLE_REPLY_MAGIC, 0, cookie))
