@@ -9,6 +9,7 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
+from ._export import DeviceCapabilities, export_for
 from ._server import ServerConnection
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
@@ -22,6 +23,8 @@ __all__ = [
     "Phase",
     "TlsMode",
     "ServerConnection",
+    "DeviceCapabilities",
+    "export_for",
     "NbdUri",
     "parse_uri",
     "format_uri",

@@ -41,7 +41,7 @@ from ._events import (
     WriteZeroesRequest,
 )
 
-__all__ = ["DeviceCall", "device_calls", "reply_for", "error_reply_for", "nbd_errno"]
+__all__ = ["DeviceCall", "device_calls", "reply_for", "error_reply_for", "nbd_errno", "RequestBudget"]
 
 _FUA = CommandFlags.FUA
 
@@ -152,3 +152,47 @@ def nbd_errno(exc: BaseException) -> Errno:
     if isinstance(exc, OSError) and exc.errno is not None:
         return _ERRNO_MAP.get(exc.errno, Errno.EIO)
     return Errno.EIO
+
+
+class RequestBudget:
+    """How much a connection has taken on: requests being carried out, and the payload bytes they hold.
+
+    Both backends stop reading from a client while ``full``: a client that pipelines writes faster than the
+    device takes them then waits in its own send buffer instead of filling the server's memory. The bytes
+    counted are a write's data and a read's reply buffer, the memory a request pins until it is answered.
+    """
+
+    __slots__ = ("max_requests", "max_bytes", "requests", "bytes")
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.requests = 0
+        self.bytes = 0
+
+    @staticmethod
+    def cost(request: Request) -> int:
+        """The payload bytes ``request`` holds while it is carried out."""
+        kind = type(request)
+        if kind is WriteRequest:
+            return len(request.data)  # type: ignore[union-attr]
+        if kind is ReadRequest:
+            return request.length  # type: ignore[union-attr]
+        return 0
+
+    @property
+    def full(self) -> bool:
+        """True while no more requests should be read."""
+        return self.requests >= self.max_requests or self.bytes > self.max_bytes
+
+    @property
+    def idle(self) -> bool:
+        return self.requests == 0
+
+    def add(self, cost: int) -> None:
+        self.requests += 1
+        self.bytes += cost
+
+    def done(self, cost: int) -> None:
+        self.requests -= 1
+        self.bytes -= cost

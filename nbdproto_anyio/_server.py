@@ -30,7 +30,7 @@ from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
 import nbdproto
-from nbdproto._dispatch import device_calls, error_reply_for, reply_for
+from nbdproto._dispatch import RequestBudget, device_calls, error_reply_for, reply_for
 from nbdproto._export import export_for
 
 from ._device import AsyncBlockDevice
@@ -213,8 +213,7 @@ class ServerSession:
     async def _transmission(self, device: AsyncBlockDevice) -> None:
         engine = self.engine
         contexts = engine.meta_contexts
-        slots = anyio.Semaphore(self._max_requests)
-        state = _Backpressure(self._max_bytes)
+        budget = _Budget(RequestBudget(self._max_requests, self._max_bytes))
         try:
             async with anyio.create_task_group() as tasks:
                 while True:
@@ -222,23 +221,21 @@ class ServerSession:
                     event_type = type(event)
                     if event is nbdproto.NEED_DATA:
                         await self._flush()
-                        await state.wait_below_limit()
-                        data = await self._receive()
-                        engine.receive_data(data)
+                        await budget.wait_for_room()
+                        engine.receive_data(await self._receive())
                     elif event_type in _REQUESTS:
                         request: Any = event
-                        size = len(request.data) if event_type is nbdproto.WriteRequest else 0
-                        size += request.length if event_type is nbdproto.ReadRequest else 0
-                        state.add(size)
-                        await slots.acquire()
-                        tasks.start_soon(self._carry_out, device, request, contexts, slots, state, size)
+                        await budget.wait_for_room()
+                        cost = RequestBudget.cost(request)
+                        budget.add(cost)
+                        tasks.start_soon(self._carry_out, device, request, contexts, budget, cost)
                     elif event is nbdproto.PAUSED:
-                        # DISC with replies still owed: wait for the tasks, then the engine says closed.
-                        await state.wait_idle()
+                        # DISC with replies still owed: let them finish; then the engine says closed.
+                        await budget.wait_idle()
                     elif event_type is nbdproto.DisconnectRequest:
                         continue
                     elif event_type is nbdproto.ConnectionClosed:
-                        await state.wait_idle()
+                        await budget.wait_idle()
                         await self._flush()
                         break
                     else:
@@ -251,13 +248,7 @@ class ServerSession:
                     log.exception("flushing the device after the connection ended failed")
 
     async def _carry_out(
-        self,
-        device: AsyncBlockDevice,
-        request: Any,
-        contexts: Mapping[int, str],
-        slots: anyio.Semaphore,
-        state: _Backpressure,
-        size: int,
+        self, device: AsyncBlockDevice, request: Any, contexts: Mapping[int, str], budget: _Budget, cost: int
     ) -> None:
         try:
             calls = device_calls(request, contexts)
@@ -273,35 +264,30 @@ class ServerSession:
             with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await self._flush()
         finally:
-            slots.release()
-            state.done(size)
+            budget.done(cost)
 
 
-class _Backpressure:
-    """Counts the payload bytes of requests being served; readers wait while the count is over the limit."""
+class _Budget:
+    """RequestBudget with the waiting an event loop needs: the reader waits for room, DISC waits for idle."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.bytes = 0
-        self.requests = 0
+    def __init__(self, budget: RequestBudget) -> None:
+        self.budget = budget
         self._changed = anyio.Event()
 
-    def add(self, size: int) -> None:
-        self.bytes += size
-        self.requests += 1
+    def add(self, cost: int) -> None:
+        self.budget.add(cost)
 
-    def done(self, size: int) -> None:
-        self.bytes -= size
-        self.requests -= 1
+    def done(self, cost: int) -> None:
+        self.budget.done(cost)
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def wait_below_limit(self) -> None:
-        while self.bytes > self.limit:
+    async def wait_for_room(self) -> None:
+        while self.budget.full:
             await self._changed.wait()
 
     async def wait_idle(self) -> None:
-        while self.requests:
+        while not self.budget.idle:
             await self._changed.wait()
 
 

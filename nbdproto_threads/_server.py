@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nbdproto
-from nbdproto._dispatch import DeviceCall, device_calls, error_reply_for, reply_for
+from nbdproto._dispatch import DeviceCall, RequestBudget, device_calls, error_reply_for, reply_for
 from nbdproto._export import export_for
 
 from ._device import BlockDevice
@@ -101,6 +101,7 @@ class ServerSession:
         tls_mode: nbdproto.TlsMode | None = None,
         lookup: Resolver | None = None,
         workers: int = 0,
+        max_bytes_in_flight: int = 64 * 1024 * 1024,
     ) -> None:
         if tls_mode is None:
             tls_mode = nbdproto.TlsMode.FORCEDTLS if tls is not None else nbdproto.TlsMode.NOTLS
@@ -111,6 +112,7 @@ class ServerSession:
         self._tls = tls
         self._lookup = lookup
         self._workers = workers
+        self._max_bytes = max_bytes_in_flight
         self._chosen: str | None = None
         self._spec: ExportSpec | None = None
         self._closed = False
@@ -219,51 +221,87 @@ class ServerSession:
     def _transmission(self, device: BlockDevice) -> None:
         engine = self.engine
         contexts = engine.meta_contexts
-        pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nbd-request") if self._workers else None
-        lock = self._lock
+        if self._workers:
+            self._pooled_transmission(device, contexts)
+            return
+        # Inline: read a chunk, carry out every request in it, write every reply with one sendmsg.
         try:
             while True:
-                with lock:
-                    event = engine.next_event()
-                    if event is nbdproto.NEED_DATA or event is nbdproto.PAUSED:
-                        self._flush()
+                event = engine.next_event()
                 event_type = type(event)
-                if event is nbdproto.NEED_DATA:
-                    data = self.stream.recv()
-                    with lock:
-                        engine.receive_data(data)
-                elif event_type in _EVENT_REQUESTS:
-                    request: Any = event
-                    if pool is None:
-                        engine.send(_carry_out(device, request, contexts))
-                    else:
-                        pool.submit(self._carry_out_and_reply, device, request, contexts)
-                elif event is nbdproto.PAUSED:
-                    # DISC with replies still owed by workers: let them finish.
-                    if pool is not None:
-                        pool.shutdown(wait=True)
-                        pool = None
+                if event_type in _EVENT_REQUESTS:
+                    engine.send(_carry_out(device, event, contexts))
+                elif event is nbdproto.NEED_DATA:
+                    self._flush()
+                    engine.receive_data(self.stream.recv())
                 elif event_type is nbdproto.DisconnectRequest:
                     continue
                 elif event_type is nbdproto.ConnectionClosed:
+                    self._flush()
                     break
                 else:
                     raise nbdproto.LocalProtocolError(f"unexpected {event!r} in transmission")
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
-            try:
-                device.flush()
-            except OSError:
-                log.exception("flushing the device after the connection ended failed")
+            _flush_device(device)
 
-    def _carry_out_and_reply(self, device: BlockDevice, request: Any, contexts: Mapping[int, str]) -> None:
-        reply = _carry_out(device, request, contexts)
-        with self._lock:
-            self.engine.send(reply)
-            # A dead socket is the reader's to notice: it ends the session.
-            with contextlib.suppress(OSError):
-                self._flush()
+    def _pooled_transmission(self, device: BlockDevice, contexts: Mapping[int, str]) -> None:
+        # Requests go to a pool and replies go out as they complete. The budget stops the reader while too
+        # much is in flight, so the pool's queue (and the memory its requests pin) stays bounded.
+        engine, lock = self.engine, self._lock
+        budget = RequestBudget(self._workers * 4, self._max_bytes)
+        room = threading.Condition(lock)
+        pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nbd-request")
+
+        def carry_out(request: Any, cost: int) -> None:
+            reply = _carry_out(device, request, contexts)
+            with lock:
+                engine.send(reply)
+                budget.done(cost)
+                room.notify_all()
+                # A dead socket is the reader's to notice: it ends the session.
+                with contextlib.suppress(OSError):
+                    self._flush()
+
+        try:
+            while True:
+                with lock:
+                    event = engine.next_event()
+                    event_type = type(event)
+                    if event_type in _EVENT_REQUESTS:
+                        while budget.full:
+                            room.wait()
+                        cost = RequestBudget.cost(event)  # type: ignore[arg-type]
+                        budget.add(cost)
+                        pool.submit(carry_out, event, cost)
+                        continue
+                    if (
+                        event is nbdproto.NEED_DATA
+                        or event is nbdproto.PAUSED
+                        or event_type is nbdproto.ConnectionClosed
+                    ):
+                        # Receiving more, or ending: first let what is in flight finish where it must.
+                        if event is not nbdproto.NEED_DATA:
+                            while not budget.idle:
+                                room.wait()
+                        self._flush()
+                if event is nbdproto.NEED_DATA:
+                    data = self.stream.recv()
+                    with lock:
+                        engine.receive_data(data)
+                elif event_type is nbdproto.ConnectionClosed:
+                    break
+                elif event is not nbdproto.PAUSED and event_type is not nbdproto.DisconnectRequest:
+                    raise nbdproto.LocalProtocolError(f"unexpected {event!r} in transmission")
+        finally:
+            pool.shutdown(wait=True)
+            _flush_device(device)
+
+
+def _flush_device(device: BlockDevice) -> None:
+    try:
+        device.flush()
+    except OSError:
+        log.exception("flushing the device after the connection ended failed")
 
 
 def _carry_out(device: BlockDevice, request: Any, contexts: Mapping[int, str]) -> nbdproto.Event:
@@ -315,6 +353,7 @@ class Server:
         tls_mode: nbdproto.TlsMode | None = None,
         list_exports: bool = True,
         workers: int = 0,
+        max_bytes_in_flight: int = 64 * 1024 * 1024,
     ) -> None:
         if callable(exports):
             self._resolve: Resolver = exports
@@ -329,6 +368,7 @@ class Server:
         self._tls = tls
         self._tls_mode = tls_mode
         self._workers = workers
+        self._max_bytes = max_bytes_in_flight
         self.sock = listen if isinstance(listen, socket.socket) else _listen(listen)
         self._sessions: set[ServerSession] = set()
         self._threads: set[threading.Thread] = set()
@@ -364,6 +404,7 @@ class Server:
             tls_mode=self._tls_mode,
             lookup=self._resolve,
             workers=self._workers,
+            max_bytes_in_flight=self._max_bytes,
         )
         with self._lock:
             self._sessions.add(session)

@@ -82,16 +82,17 @@ def serve_exports(
     tls: ssl.SSLContext | None = None,
     unix: bool = False,
     workers: int = 0,
+    max_bytes_in_flight: int = 64 * 1024 * 1024,
 ) -> Iterator[str]:
     """Serve ``exports`` with ``backend`` ("threads", "asyncio" or "trio"); yields the URI without export name
     (append the name), e.g. "nbd://127.0.0.1:40123/" or "nbd+unix:///?socket=..."."""
     with tempfile.TemporaryDirectory(prefix="nbdproto-sock-") as tmp:
         address: tuple[str, int] | str = os.path.join(tmp, "nbd.sock") if unix else ("127.0.0.1", 0)
         if backend == "threads":
-            with _serve_threads(exports, address, tls, workers) as bound:
+            with _serve_threads(exports, address, tls, workers, max_bytes_in_flight) as bound:
                 yield _uri(bound, tls is not None)
         else:
-            with _serve_anyio(backend, exports, address, tls) as bound:
+            with _serve_anyio(backend, exports, address, tls, max_bytes_in_flight) as bound:
                 yield _uri(bound, tls is not None)
 
 
@@ -104,13 +105,15 @@ def _uri(bound: Any, tls: bool) -> str:
 
 @contextlib.contextmanager
 def _serve_threads(
-    exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, workers: int
+    exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, workers: int, max_bytes: int
 ) -> Iterator[Any]:
     specs = {
         name: nbdproto_threads.ExportSpec(e.device, e.description, e.read_only, e.tls_required)
         for name, e in exports.items()
     }
-    server = nbdproto_threads.Server(specs, address, tls=tls, tls_mode=_tls_mode(tls, exports), workers=workers)
+    server = nbdproto_threads.Server(
+        specs, address, tls=tls, tls_mode=_tls_mode(tls, exports), workers=workers, max_bytes_in_flight=max_bytes
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -122,18 +125,21 @@ def _serve_threads(
 
 @contextlib.contextmanager
 def _serve_anyio(
-    backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None
+    backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, max_bytes: int
 ) -> Iterator[Any]:
     specs = {
         name: nbdproto_anyio.AsyncExportSpec(
-            nbdproto_anyio.AsyncDeviceAdapter(e.device, use_threads=isinstance(e.device, nbdproto_threads.FileDevice)),
+            # Memory answers at once and never blocks: inline. Anything else may block: worker threads.
+            nbdproto_anyio.AsyncDeviceAdapter(
+                e.device, use_threads=not isinstance(e.device, nbdproto_threads.MemoryDevice)
+            ),
             e.description,
             e.read_only,
             e.tls_required,
         )
         for name, e in exports.items()
     }
-    server = nbdproto_anyio.Server(specs, tls=tls, tls_mode=_tls_mode(tls, exports))
+    server = nbdproto_anyio.Server(specs, tls=tls, tls_mode=_tls_mode(tls, exports), max_bytes_in_flight=max_bytes)
     with anyio.from_thread.start_blocking_portal(backend) as portal:
         listener = portal.call(nbdproto_anyio.listen, address)
         bound = listener.extra(SocketAttribute.local_address)
