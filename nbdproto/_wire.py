@@ -64,7 +64,7 @@ _Utf8 = c.GreedyString("utf8")
 
 
 def _magic(value: int, field: Any) -> Any:
-    return c.Const(value, field)
+    return c.Const(int(value), field)  # a plain int: construct compiles its repr into code
 
 
 # --- Handshake: greeting and client flags --------------------------------------------------------------------
