@@ -18,7 +18,7 @@ may_trim=..., fast=..., fua=...)``, ``cache(offset, length)``, ``extents(context
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._constants import CommandFlags, Errno
@@ -41,7 +41,16 @@ from ._events import (
     WriteZeroesRequest,
 )
 
-__all__ = ["DeviceCall", "device_calls", "reply_for", "error_reply_for", "nbd_errno", "RequestBudget"]
+__all__ = [
+    "DeviceCall",
+    "device_calls",
+    "reply_for",
+    "error_reply_for",
+    "nbd_errno",
+    "RequestBudget",
+    "carry_out",
+    "carry_out_all",
+]
 
 _FUA = CommandFlags.FUA
 
@@ -196,3 +205,32 @@ class RequestBudget:
     def done(self, cost: int) -> None:
         self.requests -= 1
         self.bytes -= cost
+
+
+OnError = Callable[[Request, BaseException], None]
+"""Told of a device failure that is not an OSError (a bug worth logging); the client gets EIO either way."""
+
+
+def carry_out(
+    device: Any, request: Request, meta_contexts: Mapping[int, str], on_error: OnError | None = None
+) -> Event:
+    """Carry ``request`` out on a sync ``device`` and return the reply event (an error reply if a call raised).
+
+    nbdproto itself touches no file or socket: it only calls the methods of the device object it is given.
+    Both backends use this for sync devices (the threads server directly, the anyio server in a worker thread).
+    """
+    calls = device_calls(request, meta_contexts)
+    try:
+        results = [getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
+    except Exception as exc:  # a device failure becomes an NBD error reply, never a dead connection
+        if on_error is not None and not isinstance(exc, OSError):
+            on_error(request, exc)
+        return error_reply_for(request, exc)
+    return reply_for(request, calls, results)
+
+
+def carry_out_all(
+    device: Any, requests: Sequence[Request], meta_contexts: Mapping[int, str], on_error: OnError | None = None
+) -> list[Event]:
+    """``carry_out`` for each request of a batch, in order: one call where a thread hop costs more than the I/O."""
+    return [carry_out(device, request, meta_contexts, on_error) for request in requests]

@@ -254,7 +254,9 @@ def _serve_threads(job: _Serving) -> None:
 def _serve_anyio(job: _Serving) -> None:
     specs = {
         e.name: AsyncExportSpec(
-            AsyncDeviceAdapter(d, use_threads=isinstance(d, FileDevice)), job.description, job.read_only
+            AsyncDeviceAdapter(d, dispatch="batch" if isinstance(d, FileDevice) else "inline"),
+            job.description,
+            job.read_only,
         )
         for e, d in zip(job.exports, job.devices, strict=True)
     }

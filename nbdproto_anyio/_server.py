@@ -26,11 +26,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
 import nbdproto
-from nbdproto._dispatch import RequestBudget, device_calls, error_reply_for, reply_for
+from nbdproto._dispatch import RequestBudget, carry_out_all, device_calls, error_reply_for, reply_for
 from nbdproto._export import export_for
 
 from ._device import AsyncBlockDevice
@@ -214,21 +215,37 @@ class ServerSession:
         engine = self.engine
         contexts = engine.meta_contexts
         budget = _Budget(RequestBudget(self._max_requests, self._max_bytes))
+        dispatch = getattr(device, "dispatch", "tasks")
+        sync_device = getattr(device, "device", None)
         try:
             async with anyio.create_task_group() as tasks:
                 while True:
-                    event = engine.next_event()
+                    # Take every request the buffered bytes hold, then carry them out together.
+                    batch: list[Any] = []
+                    while True:
+                        event = engine.next_event()
+                        if type(event) not in _REQUESTS:
+                            break
+                        batch.append(event)
+                        if dispatch == "tasks" or dispatch == "threads":
+                            await budget.wait_for_room()
+                            cost = RequestBudget.cost(event)  # type: ignore[arg-type]
+                            budget.add(cost)
+                            tasks.start_soon(self._carry_out, device, event, contexts, budget, cost)
+                    if batch and dispatch == "inline":
+                        for request in batch:
+                            engine.send(await _carry_out_async(device, request, contexts))
+                    elif batch and dispatch == "batch":
+                        replies = await anyio.to_thread.run_sync(
+                            carry_out_all, sync_device, batch, contexts, _log_device_error
+                        )
+                        for reply in replies:
+                            engine.send(reply)
                     event_type = type(event)
                     if event is nbdproto.NEED_DATA:
                         await self._flush()
                         await budget.wait_for_room()
                         engine.receive_data(await self._receive())
-                    elif event_type in _REQUESTS:
-                        request: Any = event
-                        await budget.wait_for_room()
-                        cost = RequestBudget.cost(request)
-                        budget.add(cost)
-                        tasks.start_soon(self._carry_out, device, request, contexts, budget, cost)
                     elif event is nbdproto.PAUSED:
                         # DISC with replies still owed: let them finish; then the engine says closed.
                         await budget.wait_idle()
@@ -251,20 +268,28 @@ class ServerSession:
         self, device: AsyncBlockDevice, request: Any, contexts: Mapping[int, str], budget: _Budget, cost: int
     ) -> None:
         try:
-            calls = device_calls(request, contexts)
-            try:
-                results = [await getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
-                reply = reply_for(request, calls, results)
-            except Exception as exc:  # a device failure becomes an NBD error reply
-                if not isinstance(exc, OSError):
-                    log.exception("device %r failed on %r", device, request)
-                reply = error_reply_for(request, exc)
-            self.engine.send(reply)
+            self.engine.send(await _carry_out_async(device, request, contexts))
             # A dead connection is the reading side's to notice: it ends the session.
             with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await self._flush()
         finally:
             budget.done(cost)
+
+
+def _log_device_error(request: Any, exc: BaseException) -> None:
+    log.error("device failed on %r", request, exc_info=exc)
+
+
+async def _carry_out_async(device: AsyncBlockDevice, request: Any, contexts: Mapping[int, str]) -> nbdproto.Event:
+    """The async twin of nbdproto._dispatch.carry_out: the same calls and replies, awaited."""
+    calls = device_calls(request, contexts)
+    try:
+        results = [await getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
+    except Exception as exc:  # a device failure becomes an NBD error reply
+        if not isinstance(exc, OSError):
+            _log_device_error(request, exc)
+        return error_reply_for(request, exc)
+    return reply_for(request, calls, results)
 
 
 class _Budget:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nbdproto
-from nbdproto._dispatch import DeviceCall, RequestBudget, device_calls, error_reply_for, reply_for
+from nbdproto._dispatch import RequestBudget, carry_out
 from nbdproto._export import export_for
 
 from ._device import BlockDevice
@@ -304,16 +304,12 @@ def _flush_device(device: BlockDevice) -> None:
         log.exception("flushing the device after the connection ended failed")
 
 
+def _log_device_error(request: Any, exc: BaseException) -> None:
+    log.error("device failed on %r", request, exc_info=exc)
+
+
 def _carry_out(device: BlockDevice, request: Any, contexts: Mapping[int, str]) -> nbdproto.Event:
-    """Run the device calls for one request; the reply event, or an error reply if a call raised."""
-    calls: list[DeviceCall] = device_calls(request, contexts)
-    try:
-        results = [getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
-    except Exception as exc:  # a device failure becomes an NBD error reply, never a dead connection
-        if not isinstance(exc, OSError):
-            log.exception("device %r failed on %r", device, request)
-        return error_reply_for(request, exc)
-    return reply_for(request, calls, results)
+    return carry_out(device, request, contexts, _log_device_error)
 
 
 def negotiate(
