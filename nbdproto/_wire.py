@@ -12,6 +12,7 @@ Unicode and overflow failure into ``RemoteProtocolError`` (bytes from the peer) 
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import construct as c
@@ -328,14 +329,18 @@ MESSAGES: dict[str, Any] = {
 def decode(fmt: Any, data: bytes | bytearray | memoryview) -> Any:
     """Parse ``data`` (bytes from the peer) with the definition ``fmt``.
 
-    Returns a construct ``Container``. Raises ``RemoteProtocolError`` naming the definition and the fault for
-    anything the bytes get wrong: too short, wrong magic, a length that runs past the end, bad UTF-8, or bytes
-    left over after the message.
+    ``data`` must be exactly one message. Returns a construct ``Container``. Raises ``RemoteProtocolError``
+    naming the definition and the fault for anything the bytes get wrong: too short, wrong magic, a length that
+    runs past the end, bad UTF-8, or bytes left over after the message.
     """
+    stream = io.BytesIO(bytes(data))
     try:
-        return fmt.parse(bytes(data))
+        value = fmt.parse_stream(stream)
     except (c.ConstructError, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise RemoteProtocolError(f"malformed {_name(fmt)} ({len(data)} bytes): {_reason(exc)}") from None
+    if stream.tell() != len(data):
+        raise RemoteProtocolError(f"malformed {_name(fmt)}: {len(data) - stream.tell()} bytes left over")
+    return value
 
 
 def encode(fmt: Any, obj: Any) -> bytes:
