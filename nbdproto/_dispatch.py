@@ -181,10 +181,13 @@ class RequestBudget:
 
     @staticmethod
     def cost(request: Request) -> int:
-        """The payload bytes ``request`` holds while it is carried out."""
+        """The bytes ``request`` holds in memory while it is carried out. A write's data is a view into the
+        received chunk it arrived in, which stays alive as long as the view: that whole chunk is counted."""
         kind = type(request)
         if kind is WriteRequest:
-            return len(request.data)  # type: ignore[union-attr]
+            data = request.data  # type: ignore[union-attr]
+            owner = data.obj if isinstance(data, memoryview) else data
+            return max(len(data), len(owner) if isinstance(owner, (bytes, bytearray)) else 0)
         if kind is ReadRequest:
             return request.length  # type: ignore[union-attr]
         return 0

@@ -36,6 +36,8 @@ from ._constants import (
 
 __all__ = [
     "NO_FLAGS",
+    "FileRegion",
+    "Payload",
     "Event",
     "Extent",
     "Export",
@@ -410,15 +412,42 @@ Request = (
 # --- Transmission replies ------------------------------------------------------------------------------------
 
 
+class FileRegion:
+    """``length`` bytes of an open file at ``offset``, standing in for a read reply's data.
+
+    The engine never reads payloads, it only queues them: a driver that can send straight from a file (os.sendfile
+    on a plaintext socket) passes a FileRegion as ReadData's data and finds it again among the pieces to send,
+    so the bytes go from the page cache to the socket without passing through Python.
+    """
+
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return f"FileRegion(fd={self.fd}, offset={self.offset}, length={self.length})"
+
+
+Payload = bytes | bytearray | memoryview | FileRegion
+"""What a reply's data may be: any buffer, or a FileRegion for drivers that send from files."""
+
+
 @dataclass(**_HOT)
 class ReadData:
     """Server role: ``data`` read at ``offset`` for read ``cookie``. One chunk covering the whole request is
     the common case; several (with ReadHole) may cover it in pieces when structured replies are in use. With
-    simple replies the pieces must arrive in order and cover the request exactly. ``done`` ends the reply."""
+    simple replies the pieces must arrive in order and cover the request exactly. ``done`` ends the reply.
+    ``data`` is queued as it is, never copied: a buffer, or a FileRegion (see there)."""
 
     cookie: int
     offset: int
-    data: bytes | bytearray | memoryview
+    data: Payload
     done: bool = True
 
 

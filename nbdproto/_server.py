@@ -28,6 +28,7 @@ from ._events import (
     Event,
     Export,
     ExportUnknown,
+    Payload,
     ReadData,
     ReadHole,
     SuccessReply,
@@ -152,7 +153,7 @@ class ServerConnection(ServerHandshake, ServerTransmission):
             self._phase = Phase.ERROR
             raise
 
-    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
+    def data_to_send(self) -> list[Payload]:
         """Take the pieces queued for the client, in order (payloads are separate pieces, for sendmsg)."""
         out = self._out
         self._out = []

@@ -14,7 +14,7 @@ from . import _headers as h
 from . import _wire as w
 from ._constants import HandshakeFlags, Option
 from ._errors import RemoteProtocolError
-from ._events import ConnectionClosed, Event, Export, ExportListing, Request
+from ._events import ConnectionClosed, Event, Export, ExportListing, Payload, Request
 from ._receivebuffer import ReceiveBuffer
 from ._state import NEED_DATA, Phase, TlsMode
 
@@ -51,7 +51,7 @@ class ServerState:
         self._allow_structured = structured_replies
         self._allow_extended = extended_headers and structured_replies
         self._buf = ReceiveBuffer()
-        self._out: list[bytes | bytearray | memoryview] = []
+        self._out: list[Payload] = []
         self._events: deque[Event] = deque()
         self._phase = Phase.GREETING
         self._eof = False

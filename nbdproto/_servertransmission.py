@@ -29,6 +29,7 @@ from ._events import (
     Event,
     Extent,
     FlushRequest,
+    Payload,
     ReadRequest,
     Request,
     ResizeRequest,
@@ -256,7 +257,7 @@ class ServerTransmission(ServerState):
         return request
 
     def _read_chunk(
-        self, cookie: int, offset: int, size: int, data: bytes | bytearray | memoryview | None, done: bool
+        self, cookie: int, offset: int, size: int, data: Payload | None, done: bool
     ) -> None:
         request = self._in_flight.get(cookie)
         if type(request) is not ReadRequest:

@@ -188,10 +188,10 @@ class ServerSession:
             return b""
 
     async def _flush(self) -> None:
-        pieces = self.engine.data_to_send()
+        pieces: list[Any] = self.engine.data_to_send()
         if pieces:
             async with self._send_lock:
-                await self.stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))  # type: ignore[arg-type]
+                await self.stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _preview(self, event: nbdproto.ExportRequested) -> nbdproto.Export | nbdproto.ExportUnknown:
         if self._lookup is not None:

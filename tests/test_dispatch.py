@@ -95,3 +95,22 @@ def test_enotsup_is_only_reported_for_fast_zero() -> None:
 
 def test_other_exceptions_are_eio() -> None:
     assert error_reply_for(n.FlushRequest(4), ValueError("bad")) == n.ErrorReply(4, n.Errno.EIO, "bad")
+
+
+def test_budget_counts_the_memory_a_request_pins() -> None:
+    from nbdproto._dispatch import RequestBudget
+
+    chunk = bytes(1 << 20)
+    write = n.WriteRequest(1, 0, memoryview(chunk)[28 : 28 + 4096])
+    assert RequestBudget.cost(write) == 1 << 20  # the whole received chunk stays alive with its view
+    assert RequestBudget.cost(n.WriteRequest(1, 0, b"x" * 10)) == 10
+    assert RequestBudget.cost(n.ReadRequest(1, 0, 4096)) == 4096
+    assert RequestBudget.cost(n.FlushRequest(1)) == 0
+    budget = RequestBudget(max_requests=2, max_bytes=100)
+    budget.add(60)
+    assert not budget.full
+    budget.add(60)
+    assert budget.full and not budget.idle
+    budget.done(60)
+    budget.done(60)
+    assert budget.idle and not budget.full
