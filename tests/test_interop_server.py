@@ -39,8 +39,11 @@ def nbdsh(uri: str, script: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def sha256(path: str) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def test_nbdinfo_reports_size_capabilities_contexts_and_block_sizes(backend: str, peers: Any) -> None:
