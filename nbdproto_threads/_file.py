@@ -88,9 +88,11 @@ class FileDevice:
             raise OSError(errno.EROFS, "the device is read-only")
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
-        self._check(offset, len(buffer))
-        done = 0
-        while done < len(buffer):
+        size = len(buffer)
+        if offset < 0 or offset + size > self._size:
+            self._check(offset, size)
+        done = os.preadv(self._fd, [buffer], offset)
+        while done < size:
             got = os.preadv(self._fd, [buffer[done:]], offset + done)
             if got == 0:  # the file shrank under us: what is gone reads as zero
                 buffer[done:] = bytes(len(buffer) - done)
