@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
-from anyio.abc import SocketListener
 
 import nbdproto
 from nbdproto_threads import ExportSpec, FileDevice, MemoryDevice
 from nbdproto_threads import Server as ThreadsServer
 
 from ._device import AsyncDeviceAdapter
-from ._server import AsyncExportSpec
+from ._server import AsyncExportSpec, listen
 from ._server import Server as AnyioServer
 
 __all__ = ["main", "parse_size"]
@@ -254,7 +253,7 @@ def _serve_threads(job: _Serving) -> None:
 def _serve_anyio(job: _Serving) -> None:
     specs = {
         e.name: AsyncExportSpec(
-            AsyncDeviceAdapter(d, dispatch="batch" if isinstance(d, FileDevice) else "inline"),
+            AsyncDeviceAdapter(d, dispatch="batch" if isinstance(d, FileDevice) and not d.in_memory else "inline"),
             job.description,
             job.read_only,
         )
@@ -263,7 +262,7 @@ def _serve_anyio(job: _Serving) -> None:
     server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode)
 
     async def run() -> None:
-        listener = await SocketListener.from_socket(job.sock)
+        listener = await listen(job.sock)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(server.serve, listener)
             await anyio.to_thread.run_sync(job.stop.wait)

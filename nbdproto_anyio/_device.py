@@ -127,8 +127,12 @@ class AsyncMemoryDevice(AsyncDeviceAdapter):
 
 
 class AsyncFileDevice(AsyncDeviceAdapter):
-    """A file or block device (nbdproto_threads.FileDevice), its system calls in worker threads: a batch at a
-    time by default (page-cache speed), or ``dispatch="threads"`` for disks where requests should overlap."""
+    """A file or block device (nbdproto_threads.FileDevice). By default its calls run inline when the file is
+    on tmpfs or ramfs (memory copies that never wait on a disk), and in worker threads a batch at a time
+    otherwise; ``dispatch="threads"`` makes requests overlap instead, for disks that gain from it."""
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, dispatch: Dispatch = "batch") -> None:
-        super().__init__(FileDevice(path, read_only=read_only), dispatch=dispatch)
+    def __init__(
+        self, path: str | os.PathLike[str], *, read_only: bool = False, dispatch: Dispatch | None = None
+    ) -> None:
+        device = FileDevice(path, read_only=read_only)
+        super().__init__(device, dispatch=dispatch or ("inline" if device.in_memory else "batch"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
@@ -35,12 +37,12 @@ from nbdproto._dispatch import RequestBudget, carry_out_all, device_calls, error
 from nbdproto._export import export_for
 
 from ._device import AsyncBlockDevice
+from ._socket import RECV_SIZE, RawSocketStream, SocketAcceptor
 
 __all__ = ["AsyncExportSpec", "ServerSession", "Server", "AsyncResolver"]
 
 log = logging.getLogger("nbdproto.anyio.server")
 
-RECV_SIZE = 256 * 1024
 _REQUESTS = (
     nbdproto.ReadRequest,
     nbdproto.WriteRequest,
@@ -105,7 +107,7 @@ class ServerSession:
         self._closed = False
         self._max_requests = max_requests
         self._max_bytes = max_bytes_in_flight
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)  # no extra trip through the loop when it is free
 
     async def negotiate(self) -> str | nbdproto.ClientAborted:
         """Run the handshake until the client chooses an export; its name, or ClientAborted.
@@ -191,7 +193,11 @@ class ServerSession:
         pieces: list[Any] = self.engine.data_to_send()
         if pieces:
             async with self._send_lock:
-                await self.stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                stream = self.stream
+                if isinstance(stream, RawSocketStream):
+                    await stream.send_pieces(pieces)  # scatter-gather: payloads are never joined
+                else:
+                    await stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _preview(self, event: nbdproto.ExportRequested) -> nbdproto.Export | nbdproto.ExportUnknown:
         if self._lookup is not None:
@@ -233,8 +239,13 @@ class ServerSession:
                             budget.add(cost)
                             tasks.start_soon(self._carry_out, device, event, contexts, budget, cost)
                     if batch and dispatch == "inline":
-                        for request in batch:
-                            engine.send(await _carry_out_async(device, request, contexts))
+                        if sync_device is not None:
+                            # A sync device that never blocks: call it right here, no coroutine per request.
+                            for reply in carry_out_all(sync_device, batch, contexts, _log_device_error):
+                                engine.send(reply)
+                        else:
+                            for request in batch:
+                                engine.send(await _carry_out_async(device, request, contexts))
                     elif batch and dispatch == "batch":
                         replies = await anyio.to_thread.run_sync(
                             carry_out_all, sync_device, batch, contexts, _log_device_error
@@ -349,9 +360,15 @@ class Server:
         self._max_requests = max_requests
         self._max_bytes = max_bytes_in_flight
 
-    async def serve(self, listener: anyio.abc.Listener[Any]) -> None:
-        """Serve every connection ``listener`` accepts, until cancelled."""
-        await listener.serve(self.handle)
+    async def serve(self, listener: SocketAcceptor | anyio.abc.Listener[Any]) -> None:
+        """Serve every connection ``listener`` accepts, until cancelled. ``listen()`` makes the fast kind (a
+        SocketAcceptor); any anyio Listener works too."""
+        if not isinstance(listener, SocketAcceptor):
+            await listener.serve(self.handle)
+            return
+        async with anyio.create_task_group() as tasks:
+            while True:
+                tasks.start_soon(self.handle, await listener.accept())
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
         """Serve one accepted connection to its end (a listener's handler)."""
@@ -382,12 +399,21 @@ class Server:
                 log.exception("client %s: server error", peer)
 
 
-async def listen(address: tuple[str, int] | str) -> anyio.abc.Listener[Any]:
-    """A listener on (host, port) or a unix socket path."""
-    if isinstance(address, str):
-        return await anyio.create_unix_listener(address)
-    host, port = address
-    return await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+async def listen(address: tuple[str, int] | str | socket.socket) -> SocketAcceptor:
+    """Listen on (host, port), a unix socket path, or an already bound socket; for ``Server.serve``."""
+    if isinstance(address, socket.socket):
+        sock = address
+    elif isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(address)
+    else:
+        host, port = address
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    sock.listen(128)
+    await anyio.lowlevel.checkpoint()
+    return SocketAcceptor(sock)
 
 
 def _peer_name(stream: anyio.abc.ByteStream) -> Any:

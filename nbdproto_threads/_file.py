@@ -46,6 +46,22 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+_MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type, linux/magic.h)
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+
+def _in_memory_filesystem(fd: int) -> bool:
+    """True when ``fd`` lives on tmpfs or ramfs: its reads and writes are memory copies that never wait on a
+    disk, so an event loop may make them inline."""
+    buf = _StatFs()
+    if _libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) in _MEMORY_FILESYSTEMS
+
+
 class FileDevice:
     """A regular file or block device at ``path``; writable unless ``read_only``."""
 
@@ -58,6 +74,7 @@ class FileDevice:
             os.close(self._fd)
             raise OSError(errno.EINVAL, f"{self.path} is neither a regular file nor a block device")
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        self.in_memory = _in_memory_filesystem(self._fd)
         self._capabilities = DeviceCapabilities(
             can_write=not read_only,
             can_trim=True,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nbdproto
-from nbdproto._dispatch import RequestBudget, carry_out, error_reply_for
+from nbdproto._dispatch import RequestBudget, carry_out
 from nbdproto._export import export_for
 
 from ._device import BlockDevice
@@ -232,24 +232,13 @@ class ServerSession:
         # of a file on a plaintext connection are answered with a FileRegion: sendfile, no copy through Python.
         fd = device.fileno() if hasattr(device, "fileno") and not isinstance(self.stream.sock, ssl.SSLSocket) else -1
         read_request, read_data, file_region = nbdproto.ReadRequest, nbdproto.ReadData, nbdproto.FileRegion
-        pread_into = device.pread_into
         try:
             while True:
                 event = engine.next_event()
                 event_type = type(event)
-                if event_type is read_request:
-                    # The commonest request, without the generic dispatch: one buffer, one device call.
+                if event_type is read_request and fd >= 0 and event.length >= SENDFILE_MIN:  # type: ignore[union-attr]
                     read: Any = event
-                    if fd >= 0 and read.length >= SENDFILE_MIN:
-                        engine.send(read_data(read.cookie, read.offset, file_region(fd, read.offset, read.length)))
-                        continue
-                    buffer = bytearray(read.length)
-                    try:
-                        pread_into(memoryview(buffer), read.offset)
-                    except Exception as exc:
-                        engine.send(_carry_out_failed(read, exc))
-                    else:
-                        engine.send(read_data(read.cookie, read.offset, buffer))
+                    engine.send(read_data(read.cookie, read.offset, file_region(fd, read.offset, read.length)))
                 elif event_type in _EVENT_REQUESTS:
                     engine.send(_carry_out(device, event, contexts))
                 elif event is nbdproto.NEED_DATA:
@@ -331,12 +320,6 @@ def _log_device_error(request: Any, exc: BaseException) -> None:
 
 def _carry_out(device: BlockDevice, request: Any, contexts: Mapping[int, str]) -> nbdproto.Event:
     return carry_out(device, request, contexts, _log_device_error)
-
-
-def _carry_out_failed(request: Any, exc: Exception) -> nbdproto.Event:
-    if not isinstance(exc, OSError):
-        _log_device_error(request, exc)
-    return error_reply_for(request, exc)
 
 
 def negotiate(

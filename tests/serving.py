@@ -20,7 +20,6 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import trustme
-from anyio.abc import SocketAttribute
 
 import nbdproto
 import nbdproto_anyio
@@ -142,7 +141,7 @@ def _serve_anyio(
     server = nbdproto_anyio.Server(specs, tls=tls, tls_mode=_tls_mode(tls, exports), max_bytes_in_flight=max_bytes)
     with anyio.from_thread.start_blocking_portal(backend) as portal:
         listener = portal.call(nbdproto_anyio.listen, address)
-        bound = listener.extra(SocketAttribute.local_address)
+        bound = listener.address
         future = portal.start_task_soon(server.serve, listener)
         try:
             yield bound

@@ -1,0 +1,150 @@
+"""A connected socket as an anyio ByteStream that tries the system call first and waits only when it must.
+
+anyio's own socket streams (on asyncio) read through a transport that owns the socket, so every receive and
+send passes through callbacks, buffers and futures. NBD traffic is pipelined: when the server wants to read,
+the next requests are usually already there, and a send usually fits in the socket buffer. So this stream
+calls recv / sendmsg on the non-blocking socket directly and only awaits readiness (anyio.wait_readable /
+wait_writable, on asyncio and trio alike) when the kernel says it would block. Measured with fio, 4 KiB
+random reads at queue depth 16: see bench/ and the notes of the anyio issue.
+
+It is a full anyio ByteStream, so TLS works as everywhere else: anyio's TLSStream wraps it after STARTTLS.
+Listening: ``SocketAcceptor`` accepts on a non-blocking listening socket the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from nbdproto import FileRegion, Payload
+
+__all__ = ["RawSocketStream", "SocketAcceptor", "RECV_SIZE"]
+
+RECV_SIZE = 1024 * 1024
+_IOV_MAX = 1024
+
+
+class RawSocketStream(anyio.abc.ByteStream):
+    """A connected, non-blocking socket as an anyio ByteStream (see the module docstring)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._closed = False
+
+    @property
+    def extra_attributes(self) -> Any:
+        return {
+            SocketAttribute.raw_socket: lambda: self.sock,
+            SocketAttribute.family: lambda: self.sock.family,
+            SocketAttribute.local_address: lambda: self.sock.getsockname(),
+            SocketAttribute.remote_address: lambda: self.sock.getpeername(),
+        }
+
+    async def receive(self, max_bytes: int = RECV_SIZE) -> bytes:
+        while True:
+            try:
+                data = self.sock.recv(max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise anyio.BrokenResourceError from exc
+            except OSError as exc:
+                if self._closed:
+                    raise anyio.ClosedResourceError from exc
+                raise anyio.BrokenResourceError from exc
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def send(self, item: bytes) -> None:
+        await self.send_pieces([item])
+
+    async def send_pieces(self, pieces: Sequence[Payload]) -> None:
+        """Write every piece in order: buffers with sendmsg (many per call), FileRegions with os.sendfile."""
+        views: list[Any] = [p for p in pieces if len(p)]
+        start = 0
+        try:
+            while start < len(views):
+                if type(views[start]) is FileRegion:
+                    await self._sendfile(views[start])
+                    start += 1
+                    continue
+                end = start
+                while end < len(views) and end - start < _IOV_MAX and type(views[end]) is not FileRegion:
+                    end += 1
+                try:
+                    sent = self.sock.sendmsg(views[start:end])
+                except BlockingIOError:
+                    await anyio.wait_writable(self.sock)
+                    continue
+                while sent:
+                    first = len(views[start])
+                    if sent >= first:
+                        sent -= first
+                        start += 1
+                    else:
+                        views[start] = memoryview(views[start])[sent:]
+                        sent = 0
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def _sendfile(self, region: FileRegion) -> None:
+        offset, left = region.offset, region.length
+        while left:
+            try:
+                sent = os.sendfile(self.sock.fileno(), region.fd, offset, left)
+            except BlockingIOError:
+                await anyio.wait_writable(self.sock)
+                continue
+            if sent == 0:  # the file shrank: the client was promised the bytes, it gets zeroes
+                await self.send_pieces([bytes(left)])
+                return
+            offset += sent
+            left -= sent
+
+    async def send_eof(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+        await anyio.lowlevel.checkpoint()
+
+
+class SocketAcceptor:
+    """Accepts connections on a bound, listening socket, waiting for readiness only when none is pending."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+
+    @property
+    def address(self) -> Any:
+        return self.sock.getsockname()
+
+    async def accept(self) -> RawSocketStream:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            return RawSocketStream(conn)
+
+    async def aclose(self) -> None:
+        self.sock.close()
+        await anyio.lowlevel.checkpoint()
