@@ -3,6 +3,7 @@
 Everything public is re-exported here; the modules behind it are private and each has one job.
 """
 
+from ._client import ClientConnection
 from ._constants import *  # noqa: F403
 from ._constants import __all__ as _constants_all
 from ._errors import *  # noqa: F403
@@ -23,6 +24,7 @@ __all__ = [
     "Phase",
     "TlsMode",
     "ServerConnection",
+    "ClientConnection",
     "DeviceCapabilities",
     "export_for",
     "NbdUri",

@@ -59,6 +59,12 @@ class ReceiveBuffer:
             self._gather(codec.size)
         return codec.unpack_from(self._head, self._pos)
 
+    def peek(self, n: int) -> bytes:
+        """The next n bytes (n <= len(self)) without consuming them."""
+        if len(self._head) - self._pos < n:
+            self._gather(n)
+        return self._head[self._pos : self._pos + n]
+
     def skip(self, n: int) -> int:
         """Consume up to n bytes without looking at them; returns how many were consumed."""
         n = min(n, self._size)

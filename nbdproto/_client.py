@@ -1,0 +1,455 @@
+"""ClientConnection: the client role of NBD, from the server's greeting to the last reply, without I/O.
+
+The driver feeds the server's bytes to ``receive_data``, takes events from ``next_event``, sends options and
+requests with ``send``, and writes out ``data_to_send()``. Options go one at a time, and each ends in exactly
+one event: ``ExportList`` (LIST), ``ExportInfo`` (INFO), ``HandshakeComplete`` (GO, EXPORT_NAME),
+``MetaContexts`` (LIST/SET_META_CONTEXT), ``OptionAck`` (STRUCTURED_REPLY, EXTENDED_HEADERS, OptionRaw),
+``StartTLS`` (STARTTLS), ``ClientAborted`` (ABORT), or ``OptionError`` for any refusal. In transmission every
+request ends in one event: ``ReadReply``, ``BlockStatusReply``, ``SuccessReply`` or ``ErrorReply``.
+
+The handshake half lives here; the transmission half in ``_clienttransmission``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Mapping
+
+from . import _headers as h
+from . import _wire as w
+from ._clienttransmission import ClientTransmission
+from ._constants import (
+    MAX_OPTION_LENGTH,
+    MAX_STRING_LENGTH,
+    ClientFlags,
+    HandshakeFlags,
+    InfoType,
+    Magic,
+    Option,
+    OptionReplyType,
+    TransmissionFlags,
+)
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    ClientAborted,
+    ConnectionClosed,
+    Event,
+    Export,
+    ExportInfo,
+    ExportList,
+    ExportListing,
+    HandshakeComplete,
+    MetaContexts,
+    OptionAbort,
+    OptionAck,
+    OptionError,
+    OptionExportName,
+    OptionExtendedHeaders,
+    OptionGo,
+    OptionInfo,
+    OptionList,
+    OptionListMetaContext,
+    OptionRaw,
+    OptionSetMetaContext,
+    OptionStartTLS,
+    OptionStructuredReply,
+    Payload,
+    ServerGreeting,
+    StartTLS,
+)
+from ._receivebuffer import ReceiveBuffer
+from ._state import NEED_DATA, PAUSED, Phase
+
+__all__ = ["ClientConnection"]
+
+_REP = OptionReplyType
+_OPTIONS = (
+    OptionExportName,
+    OptionAbort,
+    OptionList,
+    OptionStartTLS,
+    OptionInfo,
+    OptionGo,
+    OptionStructuredReply,
+    OptionListMetaContext,
+    OptionSetMetaContext,
+    OptionExtendedHeaders,
+    OptionRaw,
+)
+_GREETING = 16  # NBDMAGIC and the word that says newstyle or oldstyle
+
+
+class ClientConnection(ClientTransmission):
+    """The client side of one NBD connection.
+
+    ``no_zeroes``: accept the server's offer to drop the 124 zero bytes after NBD_OPT_EXPORT_NAME's reply.
+    Raise LocalProtocolError when our side breaks a rule (checked in ``send``), RemoteProtocolError when the
+    server does; either leaves the connection in phase ERROR.
+    """
+
+    def __init__(self, *, no_zeroes: bool = True) -> None:
+        super().__init__()
+        self._want_no_zeroes = no_zeroes
+        self._buf = ReceiveBuffer()
+        self._out: list[Payload] = []
+        self._events: deque[Event] = deque()
+        self._phase = Phase.GREETING
+        self._greeting_word: int | None = None
+        self._eof = False
+        self._fixed = False
+        self._no_zeroes = False
+        self._tls_active = False
+        self._reset_negotiation()
+        # The option waiting for its answer, and what its answer has gathered so far.
+        self._option: object | None = None
+        self._gathered: list[object] = []
+
+    def _reset_negotiation(self) -> None:
+        self.structured_replies = False
+        self.extended_headers = False
+        self._meta_export: str | None = None
+        self._meta_contexts: dict[int, str] = {}
+
+    # --- The driver's interface --------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    @property
+    def meta_contexts(self) -> Mapping[int, str]:
+        """The meta contexts in force for transmission (id -> name)."""
+        return self._meta_contexts
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes received from the server; ``b""`` means the server closed its end."""
+        if self._phase is Phase.ERROR:
+            raise LocalProtocolError("the connection already failed; it takes no more data")
+        if not data:
+            self._eof = True
+            return
+        if self._phase is Phase.TLS_UPGRADE:
+            self._fail("server sent plaintext after acknowledging NBD_OPT_STARTTLS")
+        self._buf.append(data)
+
+    def next_event(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+        """The next event the server's bytes caused, NEED_DATA, or PAUSED (waiting on the driver: a TLS
+        upgrade, or an option to send). Raises RemoteProtocolError when the server broke a rule."""
+        if self._events:
+            return self._events.popleft()
+        phase = self._phase
+        try:
+            if phase is Phase.TRANSMISSION:
+                return self._next_reply()
+            if phase is Phase.OPTIONS:
+                return self._next_option_reply()
+            if phase is Phase.GREETING:
+                return self._next_greeting()
+        except RemoteProtocolError:
+            self._phase = Phase.ERROR
+            raise
+        if phase is Phase.CLOSED:
+            return ConnectionClosed()
+        if phase is Phase.ERROR:
+            raise LocalProtocolError("the connection already failed")
+        return PAUSED
+
+    def send(self, event: Event) -> None:
+        """Send an option (handshake) or a request (transmission)."""
+        if self._phase is Phase.ERROR:
+            raise LocalProtocolError("the connection already failed")
+        try:
+            if self._phase is Phase.TRANSMISSION:
+                self._send_request(event)
+            elif isinstance(event, _OPTIONS):
+                self._send_option(event)
+            else:
+                raise LocalProtocolError(f"cannot send {type(event).__name__} in phase {self._phase.value}")
+        except LocalProtocolError:
+            self._phase = Phase.ERROR
+            raise
+
+    def data_to_send(self) -> list[Payload]:
+        out = self._out
+        self._out = []
+        return out
+
+    def tls_established(self) -> None:
+        """The driver finished the TLS handshake after a StartTLS event; options go on under TLS."""
+        if self._phase is not Phase.TLS_UPGRADE:
+            raise LocalProtocolError(f"tls_established() called in phase {self._phase.value}, not after StartTLS")
+        self._tls_active = True
+        self._reset_negotiation()
+        self._phase = Phase.OPTIONS
+
+    # --- Greeting -----------------------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> None:
+        self._phase = Phase.ERROR
+        raise RemoteProtocolError(message)
+
+    def _need_data(self, during: str) -> type[NEED_DATA]:
+        if self._eof:
+            self._fail(f"the server closed the connection {during}")
+        return NEED_DATA
+
+    def _next_greeting(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+        buf = self._buf
+        if self._greeting_word is None:
+            if len(buf) < _GREETING:
+                return self._need_data("before its greeting")
+            magic, word = struct.unpack(">QQ", buf.take(_GREETING))
+            if magic != Magic.NBDMAGIC:
+                self._fail(f"greeting magic {magic:#x} is not NBDMAGIC")
+            if word not in (Magic.CLISERV_MAGIC, Magic.IHAVEOPT):
+                self._fail(f"greeting word {word:#x} is neither IHAVEOPT nor the oldstyle magic")
+            self._greeting_word = word
+        if self._greeting_word == Magic.CLISERV_MAGIC:
+            return self._oldstyle()
+        if len(buf) < 2:
+            return self._need_data("in its greeting")
+        flags = struct.unpack(">H", buf.take(2))[0]
+        self._fixed = bool(flags & HandshakeFlags.FIXED_NEWSTYLE)
+        self._no_zeroes = self._want_no_zeroes and bool(flags & HandshakeFlags.NO_ZEROES)
+        client_flags = (ClientFlags.FIXED_NEWSTYLE if self._fixed else 0) | (
+            ClientFlags.NO_ZEROES if self._no_zeroes else 0
+        )
+        self._out.append(w.encode(w.ClientFlagsMessage, {"client_flags": client_flags}))
+        self._phase = Phase.OPTIONS
+        return ServerGreeting(flags)
+
+    def _oldstyle(self) -> Event | type[NEED_DATA]:
+        # Size, 32 bits of flags (the low 16 are the transmission flags), 124 zero bytes; then transmission.
+        if len(self._buf) < 136:
+            return self._need_data("in its greeting")
+        size, flags = struct.unpack(">QI", self._buf.take(12))
+        if bytes(self._buf.take(124)) != bytes(124):
+            self._fail("the oldstyle greeting's 124 reserved bytes are not zero")
+        self._enter_transmission(Export("", size, TransmissionFlags(flags & 0xFFFF)))
+        return ServerGreeting(0, oldstyle=True)
+
+    # --- Options ------------------------------------------------------------------------------------------
+
+    def _send_option(self, event: object) -> None:
+        if self._phase is not Phase.OPTIONS:
+            raise LocalProtocolError(f"cannot send an option in phase {self._phase.value}")
+        if self._option is not None:
+            raise LocalProtocolError(f"{type(self._option).__name__} is still waiting for its answer")
+        code, payload = self._option_bytes(event)
+        if not self._fixed and code != Option.EXPORT_NAME:
+            raise LocalProtocolError("a server without FIXED_NEWSTYLE understands only NBD_OPT_EXPORT_NAME")
+        self._out.append(h.OPTION_REQUEST.pack(h.OPTION_REQUEST.magic, code, len(payload)) + payload)
+        self._option = event
+        self._gathered = []
+        if code == Option.EXPORT_NAME and self.extended_headers:
+            raise LocalProtocolError("NBD_OPT_EXPORT_NAME must not follow extended headers: use OptionGo")
+
+    def _option_bytes(self, event: object) -> tuple[int, bytes]:
+        if isinstance(event, OptionRaw):
+            return event.option, event.data
+        if isinstance(event, OptionExportName):
+            _check_string(event.name)
+            return Option.EXPORT_NAME, w.encode(w.ExportNamePayload, {"name": event.name})
+        if isinstance(event, (OptionInfo, OptionGo)):
+            _check_string(event.name)
+            payload = w.encode(w.InfoRequestPayload, {"name": event.name, "requests": list(event.requests)})
+            return (Option.INFO if isinstance(event, OptionInfo) else Option.GO), payload
+        if isinstance(event, (OptionListMetaContext, OptionSetMetaContext)):
+            for text in (event.name, *event.queries):
+                _check_string(text)
+            if isinstance(event, OptionSetMetaContext) and not self.structured_replies:
+                raise LocalProtocolError("NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers")
+            payload = w.encode(w.MetaContextPayload, {"name": event.name, "queries": list(event.queries)})
+            code = Option.LIST_META_CONTEXT if isinstance(event, OptionListMetaContext) else Option.SET_META_CONTEXT
+            return code, payload
+        if isinstance(event, OptionStartTLS):
+            if self._tls_active:
+                raise LocalProtocolError("TLS is already active: NBD_OPT_STARTTLS must not be sent again")
+            return Option.STARTTLS, b""
+        simple = {
+            OptionAbort: Option.ABORT,
+            OptionList: Option.LIST,
+            OptionStructuredReply: Option.STRUCTURED_REPLY,
+            OptionExtendedHeaders: Option.EXTENDED_HEADERS,
+        }
+        return simple[type(event)], b""
+
+    def _next_option_reply(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+        buf = self._buf
+        while True:
+            option = self._option
+            if option is None:
+                if self._eof:
+                    self._phase = Phase.CLOSED
+                    return ConnectionClosed()
+                if len(buf):
+                    self._fail(f"the server sent {len(buf)} bytes nobody asked for during option haggling")
+                return PAUSED
+            if isinstance(option, OptionExportName):
+                return self._export_name_reply(option)
+            header = buf.header(h.OPTION_REPLY)
+            if header is None:
+                if self._eof and isinstance(option, OptionAbort):
+                    # spec: a client should handle a server that closes instead of acknowledging ABORT.
+                    self._option = None
+                    self._phase = Phase.CLOSED
+                    return ClientAborted()
+                return self._need_data(f"while {type(option).__name__} waited for its answer")
+            magic, code, reply_type, length = header
+            if magic != h.OPTION_REPLY.magic:
+                self._fail(f"option reply magic {magic:#x} is not the option reply magic")
+            expected = self._option_bytes_code(option)
+            if code != expected:
+                self._fail(f"option reply for option {code}, but option {expected} was asked")
+            if length > MAX_OPTION_LENGTH:
+                self._fail(f"option reply length {length} exceeds the {MAX_OPTION_LENGTH}-byte limit")
+            if len(buf) < h.OPTION_REPLY.size + length:
+                return self._need_data("in the middle of an option reply")
+            buf.skip(h.OPTION_REPLY.size)
+            payload = buf.take(length).tobytes()
+            event = self._option_reply(option, reply_type, payload)
+            if event is not None:
+                return event
+
+    @staticmethod
+    def _option_bytes_code(option: object) -> int:
+        if isinstance(option, OptionRaw):
+            return option.option
+        return {
+            OptionAbort: Option.ABORT,
+            OptionList: Option.LIST,
+            OptionStartTLS: Option.STARTTLS,
+            OptionInfo: Option.INFO,
+            OptionGo: Option.GO,
+            OptionStructuredReply: Option.STRUCTURED_REPLY,
+            OptionListMetaContext: Option.LIST_META_CONTEXT,
+            OptionSetMetaContext: Option.SET_META_CONTEXT,
+            OptionExtendedHeaders: Option.EXTENDED_HEADERS,
+        }[type(option)]
+
+    def _finish_option(self) -> None:
+        self._option = None
+        self._gathered = []
+
+    def _option_reply(self, option: object, reply_type: int, payload: bytes) -> Event | None:
+        """Handle one option reply; the event that ends the option, or None while it goes on."""
+        if reply_type & (1 << 31):
+            message = w.decode(w.ErrorReplyPayload, payload).message if payload else ""
+            self._finish_option()
+            if isinstance(option, OptionSetMetaContext):
+                self._meta_export, self._meta_contexts = None, {}
+            return OptionError(self._option_bytes_code(option), reply_type, message)
+        if reply_type == _REP.ACK:
+            if payload:
+                self._fail(f"NBD_REP_ACK with {len(payload)} bytes of payload")
+            return self._option_done(option)
+        if reply_type == _REP.SERVER and isinstance(option, OptionList):
+            fields = w.decode(w.ServerPayload, payload)
+            self._gathered.append(ExportListing(fields.name, fields.description))
+            return None
+        if reply_type == _REP.INFO and isinstance(option, (OptionInfo, OptionGo)):
+            if len(payload) < 2:
+                self._fail(f"NBD_REP_INFO of {len(payload)} bytes has no information type")
+            self._gathered.append(payload)
+            return None
+        if reply_type == _REP.META_CONTEXT and isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
+            fields = w.decode(w.MetaContextReplyPayload, payload)
+            self._gathered.append((fields.context_id, fields.name))
+            return None
+        self._fail(f"reply type {reply_type} is not a valid answer to {type(option).__name__}")
+        return None  # unreachable
+
+    def _option_done(self, option: object) -> Event:
+        gathered = self._gathered
+        self._finish_option()
+        if isinstance(option, OptionList):
+            return ExportList(tuple(gathered))  # type: ignore[arg-type]
+        if isinstance(option, (OptionInfo, OptionGo)):
+            export = self._export_from_info(option.name, gathered)  # type: ignore[arg-type]
+            if isinstance(option, OptionInfo):
+                return ExportInfo(export)
+            if self._meta_export != option.name:
+                self._meta_contexts = {}
+            self._enter_transmission(export)
+            return self._events.popleft()
+        if isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
+            contexts: dict[int, str] = dict(gathered)  # type: ignore[arg-type]
+            if isinstance(option, OptionSetMetaContext):
+                if len(contexts) != len(gathered):
+                    self._fail("NBD_OPT_SET_META_CONTEXT answered two contexts with the same id")
+                self._meta_export, self._meta_contexts = option.name, contexts
+                code = Option.SET_META_CONTEXT
+            else:
+                code = Option.LIST_META_CONTEXT
+            return MetaContexts(code, contexts)
+        if isinstance(option, OptionStartTLS):
+            if len(self._buf):
+                self._fail("the server sent plaintext after acknowledging NBD_OPT_STARTTLS")
+            self._phase = Phase.TLS_UPGRADE
+            return StartTLS()
+        if isinstance(option, OptionAbort):
+            self._phase = Phase.CLOSED
+            return ClientAborted()
+        if isinstance(option, OptionStructuredReply):
+            self.structured_replies = True
+        elif isinstance(option, OptionExtendedHeaders):
+            self.extended_headers = self.structured_replies = True
+        return OptionAck(self._option_bytes_code(option))
+
+    def _export_from_info(self, name: str, infos: list[bytes]) -> Export:
+        size: int | None = None
+        flags = 0
+        canonical, description = name, ""
+        sizes: tuple[int, int, int] | None = None
+        for payload in infos:
+            info_type = struct.unpack(">H", payload[:2])[0]
+            if info_type == InfoType.EXPORT:
+                fields = w.decode(w.InfoExportPayload, payload)
+                size, flags = fields.size, fields.transmission_flags
+            elif info_type == InfoType.NAME:
+                canonical = w.decode(w.InfoNamePayload, payload).name
+            elif info_type == InfoType.DESCRIPTION:
+                description = w.decode(w.InfoDescriptionPayload, payload).description
+            elif info_type == InfoType.BLOCK_SIZE:
+                fields = w.decode(w.InfoBlockSizePayload, payload)
+                sizes = (fields.minimum, fields.preferred, fields.maximum)
+            # spec: a client MUST ignore information replies it does not understand.
+        if size is None:
+            self._fail("the server acknowledged INFO/GO without sending NBD_INFO_EXPORT")
+            raise AssertionError  # unreachable
+        if sizes is None:
+            return Export(canonical, size, TransmissionFlags(flags), description, block_sizes_known=False)
+        minimum, preferred, maximum = sizes
+        return Export(canonical, size, TransmissionFlags(flags), description, minimum, preferred, maximum)
+
+    def _export_name_reply(self, option: OptionExportName) -> Event | type[NEED_DATA]:
+        fmt = w.ExportNameReplyNoZeroes if self._no_zeroes else w.ExportNameReply
+        size = fmt.sizeof()
+        if len(self._buf) < size:
+            if self._eof:
+                self._fail(f"the server closed the connection: it refused export {option.name!r}")
+            return NEED_DATA
+        fields = w.decode(fmt, self._buf.take(size))
+        self._finish_option()
+        self._meta_contexts = {}
+        self._enter_transmission(Export(option.name, fields.size, TransmissionFlags(fields.transmission_flags)))
+        return self._events.popleft()
+
+    def _enter_transmission(self, export: Export) -> None:
+        if not export.flags & TransmissionFlags.HAS_FLAGS:
+            self._fail(f"transmission flags {int(export.flags):#x} lack NBD_FLAG_HAS_FLAGS")
+        self._start_transmission(export)
+        self._phase = Phase.TRANSMISSION
+        self._events.append(
+            HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))
+        )
+
+
+def _check_string(text: str) -> None:
+    if len(text.encode()) > MAX_STRING_LENGTH:
+        raise LocalProtocolError(f"string of {len(text.encode())} bytes exceeds the {MAX_STRING_LENGTH}-byte limit")

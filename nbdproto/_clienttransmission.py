@@ -1,0 +1,434 @@
+"""The client's half of transmission: sending valid requests, and checking and assembling the replies.
+
+Requests are checked against what the server advertised before a byte is queued (spec: "Transmission
+flags", "Command flags", "Block size constraints"): breaking a client MUST is a LocalProtocolError. Replies
+are matched by cookie, with any number in flight and in any order, and checked against the request they
+answer: a structured read's chunks must lie inside the request, not overlap, and cover it on success; block
+status must answer each requested context once; nothing may follow DONE. Any violation is a
+RemoteProtocolError. Each request ends in exactly one event (``ReadReply``, ``BlockStatusReply``,
+``SuccessReply`` or ``ErrorReply``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import _headers as h
+from . import _wire as w
+from ._constants import ChunkType, Command, CommandFlags, Errno, ReplyFlags, TransmissionFlags
+from ._errors import LocalProtocolError
+from ._events import (
+    BlockStatusReply,
+    BlockStatusRequest,
+    CacheRequest,
+    ConnectionClosed,
+    DisconnectRequest,
+    ErrorReply,
+    Event,
+    Export,
+    Extent,
+    FlushRequest,
+    Payload,
+    ReadReply,
+    ReadRequest,
+    ResizeRequest,
+    SuccessReply,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+from ._receivebuffer import ReceiveBuffer
+from ._state import NEED_DATA, PAUSED, Phase
+
+__all__ = ["ClientTransmission"]
+
+TF = TransmissionFlags
+_FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
+_DONE = int(ReplyFlags.DONE)
+_MESSAGE_CHUNK_LIMIT = 64 * 1024  # error and NONE chunks: a message for humans, no more
+_KNOWN_ERRORS = {int(e) for e in Errno} - {0}
+
+
+class _Pending:
+    """A request waiting for (the rest of) its reply."""
+
+    __slots__ = ("request", "command", "offset", "length", "buffer", "covered", "ranges", "error", "extents")
+
+    def __init__(self, request: Event, command: Command, offset: int, length: int) -> None:
+        self.request = request
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.buffer: memoryview | None = None
+        self.covered = 0
+        self.ranges: list[tuple[int, int]] = []
+        self.error: ErrorReply | None = None
+        self.extents: dict[int, tuple[Extent, ...]] = {}
+
+
+class ClientTransmission:
+    """Requests and replies for ClientConnection (which provides the buffers and the phase)."""
+
+    _buf: ReceiveBuffer
+    _out: list[Payload]
+    _phase: Phase
+    _eof: bool
+    structured_replies: bool
+    extended_headers: bool
+    _meta_contexts: dict[int, str]
+
+    def __init__(self) -> None:
+        self.export: Export | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._disconnected = False
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose replies are not complete yet."""
+        return len(self._pending)
+
+    def _fail(self, message: str) -> None:
+        raise NotImplementedError
+
+    def _start_transmission(self, export: Export) -> None:
+        self.export = export
+
+    # --- Requests ------------------------------------------------------------------------------------------
+
+    def _send_request(self, event: Event) -> None:
+        export = self.export
+        assert export is not None
+        if self._disconnected:
+            raise LocalProtocolError("no request may follow NBD_CMD_DISC")
+        kind = type(event)
+        if kind is DisconnectRequest:
+            self._disconnected = True
+            self._queue_header(Command.DISC, 0, event.cookie, 0, 0)  # type: ignore[union-attr]
+            return
+        cookie: int = event.cookie  # type: ignore[union-attr]
+        if cookie in self._pending:
+            raise LocalProtocolError(f"cookie {cookie:#x} is still in flight")
+        flags = int(getattr(event, "flags", 0))
+        advertised = export.flags
+        if flags & _PAYLOAD_LEN:
+            raise LocalProtocolError("NBD_CMD_FLAG_PAYLOAD_LEN is the connection's to set, not the caller's")
+        if kind is ReadRequest:
+            read: ReadRequest = event  # type: ignore[assignment]
+            self._check_flags(flags, _DF, "READ")
+            if flags & _DF and not (advertised & TF.SEND_DF and self.structured_replies):
+                raise LocalProtocolError("DF needs structured replies and NBD_FLAG_SEND_DF")
+            self._check_range(read.offset, read.length, payload=True)
+            pending = _Pending(event, Command.READ, read.offset, read.length)
+            buffer = read.buffer if read.buffer is not None else bytearray(read.length)
+            view = memoryview(buffer).cast("B")
+            if len(view) != read.length or view.readonly:
+                raise LocalProtocolError(f"read buffer must be writable and {read.length} bytes long")
+            pending.buffer = view
+            self._pending[cookie] = pending
+            self._queue_header(Command.READ, flags, cookie, read.offset, read.length)
+            return
+        if kind is WriteRequest:
+            write: WriteRequest = event  # type: ignore[assignment]
+            self._check_writable("WRITE")
+            self._check_flags(flags, _FUA, "WRITE")
+            self._check_fua(flags)
+            size = len(write.data)
+            self._check_range(write.offset, size, payload=True)
+            self._pending[cookie] = _Pending(event, Command.WRITE, write.offset, size)
+            extra = _PAYLOAD_LEN if self.extended_headers else 0
+            self._queue_header(Command.WRITE, flags | extra, cookie, write.offset, size)
+            self._out.append(write.data)
+            return
+        if kind is BlockStatusRequest:
+            status: BlockStatusRequest = event  # type: ignore[assignment]
+            self._check_flags(flags, _REQ_ONE, "BLOCK_STATUS")
+            if not self._meta_contexts:
+                raise LocalProtocolError("BLOCK_STATUS needs a meta context agreed with NBD_OPT_SET_META_CONTEXT")
+            self._check_range(status.offset, status.length, payload=False)
+            ids = status.context_ids
+            if any(i not in self._meta_contexts for i in ids) or len(set(ids)) != len(ids):
+                raise LocalProtocolError(f"context ids {list(ids)} are repeated or were not agreed")
+            pending = _Pending(event, Command.BLOCK_STATUS, status.offset, status.length)
+            self._pending[cookie] = pending
+            if ids and set(ids) != set(self._meta_contexts):
+                if not (self.extended_headers and advertised & TF.BLOCK_STATUS_PAYLOAD):
+                    raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
+                payload = w.encode(w.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
+                self._queue_header(Command.BLOCK_STATUS, flags | _PAYLOAD_LEN, cookie, status.offset, len(payload))
+                self._out.append(payload)
+            else:
+                self._queue_header(Command.BLOCK_STATUS, flags, cookie, status.offset, status.length)
+            return
+        command, needed, allowed, name = _SIMPLE_COMMANDS[kind]
+        if needed and not advertised & needed:
+            raise LocalProtocolError(f"the server did not advertise {name}")
+        self._check_flags(flags, allowed, name)
+        if command in (Command.TRIM, Command.WRITE_ZEROES, Command.RESIZE):
+            self._check_writable(name)
+        self._check_fua(flags)
+        if flags & _FAST_ZERO and not advertised & TF.SEND_FAST_ZERO:
+            raise LocalProtocolError("the server did not advertise FAST_ZERO")
+        offset = getattr(event, "offset", 0)
+        length = getattr(event, "length", 0)
+        if command == Command.RESIZE:
+            offset, length = event.size, 0  # type: ignore[union-attr]
+        elif command != Command.FLUSH:
+            self._check_range(offset, length, payload=False)
+        self._pending[cookie] = _Pending(event, command, offset, length)
+        self._queue_header(command, flags, cookie, offset, length)
+
+    def _queue_header(self, command: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        codec = h.EXTENDED_REQUEST if self.extended_headers else h.REQUEST
+        self._out.append(codec.pack(codec.magic, flags, command, cookie, offset, length))
+
+    def _check_flags(self, flags: int, allowed: int, name: str) -> None:
+        if flags & ~allowed:
+            raise LocalProtocolError(f"flags {flags:#x} are not valid for {name}")
+
+    def _check_fua(self, flags: int) -> None:
+        assert self.export is not None
+        if flags & _FUA and not self.export.flags & TF.SEND_FUA:
+            raise LocalProtocolError("the server did not advertise FUA")
+
+    def _check_writable(self, name: str) -> None:
+        assert self.export is not None
+        if self.export.flags & TF.READ_ONLY:
+            raise LocalProtocolError(f"{name} on a read-only export")
+
+    def _check_range(self, offset: int, length: int, payload: bool) -> None:
+        export = self.export
+        assert export is not None
+        if length <= 0:
+            raise LocalProtocolError(f"length {length} must be positive")
+        if offset < 0 or offset + length > export.size:
+            raise LocalProtocolError(f"offset {offset} + length {length} is outside the export ({export.size} bytes)")
+        if (offset | length) % export.minimum_block_size:
+            raise LocalProtocolError(f"offset {offset} / length {length} not aligned to {export.minimum_block_size}")
+        if payload and length > export.maximum_payload:
+            raise LocalProtocolError(f"length {length} exceeds the maximum payload {export.maximum_payload}")
+        if not self.extended_headers and length > 0xFFFFFFFF:
+            raise LocalProtocolError(f"length {length} needs extended headers")
+
+    # --- Replies -------------------------------------------------------------------------------------------
+
+    def _next_reply(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+        buf = self._buf
+        while True:
+            if len(buf) < 4:
+                if self._eof:
+                    if len(buf):
+                        self._fail(f"the server closed the connection in the middle of a reply ({len(buf)} bytes)")
+                    self._phase = Phase.CLOSED
+                    return ConnectionClosed()
+                return NEED_DATA
+            (magic,) = struct.unpack(">I", buf.peek(4))
+            if magic == h.SIMPLE_REPLY.magic:
+                event = self._simple_reply()
+            elif magic == h.STRUCTURED_REPLY.magic or magic == h.EXTENDED_REPLY.magic:
+                event = self._chunk(magic == h.EXTENDED_REPLY.magic)
+            else:
+                self._fail(f"reply magic {magic:#x} is not a reply magic")
+                raise AssertionError  # unreachable
+            if event is NEED_DATA:
+                return self._need_more()
+            if event is not None:
+                return event
+
+    def _need_more(self) -> type[NEED_DATA]:
+        if self._eof:
+            self._fail("the server closed the connection in the middle of a reply")
+        return NEED_DATA
+
+    def _lookup(self, cookie: int) -> _Pending:
+        pending = self._pending.get(cookie)
+        if pending is None:
+            self._fail(f"reply for cookie {cookie:#x}, which is not in flight")
+            raise AssertionError  # unreachable
+        return pending
+
+    def _simple_reply(self) -> Event | type[NEED_DATA] | None:
+        buf = self._buf
+        header = buf.header(h.SIMPLE_REPLY)
+        if header is None:
+            return NEED_DATA
+        _, error, cookie = header
+        if self.extended_headers:
+            self._fail("a simple reply after extended headers were negotiated")
+        pending = self._lookup(cookie)
+        command = pending.command
+        if error == 0 and command == Command.READ:
+            if self.structured_replies:
+                self._fail(f"simple reply with data to read {cookie:#x} while structured replies are in use")
+            if len(buf) < h.SIMPLE_REPLY.size + pending.length:
+                return NEED_DATA
+            buf.skip(h.SIMPLE_REPLY.size)
+            assert pending.buffer is not None
+            pending.buffer[:] = buf.take(pending.length)
+            del self._pending[cookie]
+            return ReadReply(cookie, pending.buffer)
+        buf.skip(h.SIMPLE_REPLY.size)
+        del self._pending[cookie]
+        if error:
+            return ErrorReply(cookie, _errno(error))
+        if command == Command.BLOCK_STATUS:
+            self._fail(f"block status {cookie:#x} answered by a simple reply without error")
+        return SuccessReply(cookie)
+
+    def _chunk(self, extended: bool) -> Event | type[NEED_DATA] | None:
+        buf = self._buf
+        codec = h.EXTENDED_REPLY if extended else h.STRUCTURED_REPLY
+        header = buf.header(codec)
+        if header is None:
+            return NEED_DATA
+        if extended:
+            _, flags, chunk_type, cookie, offset, length = header
+        else:
+            _, flags, chunk_type, cookie, length = header
+            offset = None
+        if extended != self.extended_headers or not self.structured_replies:
+            self._fail(f"{codec.name} chunk, but the negotiated reply form does not allow it")
+        pending = self._lookup(cookie)
+        if offset is not None and offset != pending.offset:
+            self._fail(f"extended reply offset {offset} does not echo the request's {pending.offset}")
+        if length > self._chunk_limit(pending, chunk_type):
+            self._fail(f"chunk of {length} bytes for {pending.command.name} {cookie:#x} is larger than allowed")
+        if len(buf) < codec.size + length:
+            return NEED_DATA
+        buf.skip(codec.size)
+        payload = buf.take(length)
+        self._apply_chunk(pending, chunk_type, payload)
+        if not flags & _DONE:
+            return None
+        del self._pending[cookie]
+        return self._complete(pending)
+
+    def _chunk_limit(self, pending: _Pending, chunk_type: int) -> int:
+        assert self.export is not None
+        if chunk_type == ChunkType.OFFSET_DATA:
+            return pending.length + 8
+        if chunk_type in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
+            return 8 + 16 * (1 << 20)  # spec: at most 2^20 descriptors a chunk
+        return _MESSAGE_CHUNK_LIMIT
+
+    def _apply_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
+        cookie = getattr(pending.request, "cookie", 0)
+        if chunk_type & 0x8000:
+            self._error_chunk(pending, chunk_type, payload)
+            return
+        command = pending.command
+        if chunk_type == ChunkType.NONE:
+            if len(payload):
+                self._fail(f"NONE chunk with {len(payload)} bytes of payload")
+            return
+        if chunk_type in (ChunkType.OFFSET_DATA, ChunkType.OFFSET_HOLE):
+            if command != Command.READ:
+                self._fail(f"read data for {command.name} {cookie:#x}")
+            if chunk_type == ChunkType.OFFSET_DATA:
+                if len(payload) < 9:
+                    self._fail(f"OFFSET_DATA chunk of {len(payload)} bytes carries no data")
+                (offset,) = h.OFFSET_DATA_PREFIX.unpack_from(payload)
+                self._place(pending, offset, len(payload) - 8, payload[8:])
+            else:
+                fields = w.decode(w.OffsetHolePayload, payload)
+                if fields.hole_size == 0:
+                    self._fail("OFFSET_HOLE chunk with a hole of 0 bytes")
+                self._place(pending, fields.offset, fields.hole_size, None)
+            return
+        if chunk_type in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
+            if command != Command.BLOCK_STATUS:
+                self._fail(f"block status chunk for {command.name} {cookie:#x}")
+            if (chunk_type == ChunkType.BLOCK_STATUS_EXT) != self.extended_headers:
+                self._fail(f"{ChunkType(chunk_type).name} chunk does not match the negotiated headers")
+            self._block_status_chunk(pending, chunk_type, payload)
+            return
+        self._fail(f"unknown chunk type {chunk_type} for cookie {cookie:#x}")
+
+    def _place(self, pending: _Pending, offset: int, size: int, data: memoryview | None) -> None:
+        start, end = pending.offset, pending.offset + pending.length
+        if offset < start or offset + size > end:
+            self._fail(f"read chunk {offset}+{size} is outside the request {start}+{pending.length}")
+        for other, other_size in pending.ranges:
+            if offset < other + other_size and other < offset + size:
+                self._fail(f"read chunk {offset}+{size} overlaps chunk {other}+{other_size}")
+        request = pending.request
+        if getattr(request, "flags", 0) & _DF and (offset != start or size != pending.length):
+            self._fail("a DF read answered in more than one chunk")
+        pending.ranges.append((offset, size))
+        pending.covered += size
+        assert pending.buffer is not None
+        at = offset - start
+        if data is None:
+            pending.buffer[at : at + size] = bytes(size)
+        else:
+            pending.buffer[at : at + size] = data
+
+    def _block_status_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
+        if chunk_type == ChunkType.BLOCK_STATUS_EXT:
+            fields = w.decode(w.BlockStatusExtPayload, payload)
+        else:
+            fields = w.decode(w.BlockStatusPayload, payload)
+        context_id = fields.context_id
+        request: BlockStatusRequest = pending.request  # type: ignore[assignment]
+        wanted = request.context_ids or tuple(self._meta_contexts)
+        if context_id not in wanted or context_id in pending.extents:
+            self._fail(f"block status for context {context_id}, not asked for or answered twice")
+        extents = tuple(Extent(d.length, d.status) for d in fields.descriptors)
+        if not extents or any(e.length == 0 for e in extents):
+            self._fail("a block status chunk needs at least one descriptor, each of non-zero length")
+        if request.flags & _REQ_ONE and (len(extents) != 1 or extents[0].length > pending.length):
+            self._fail("REQ_ONE block status must carry one descriptor no longer than the request")
+        pending.extents[context_id] = extents
+
+    def _error_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
+        offset: int | None = None
+        if chunk_type == ChunkType.ERROR_OFFSET:
+            fields = w.decode(w.ErrorOffsetChunkPayload, payload)
+            error, message, offset = fields.error, fields.message, fields.offset
+            if not pending.offset <= offset < pending.offset + max(pending.length, 1):
+                self._fail(f"error offset {offset} is outside the request {pending.offset}+{pending.length}")
+        elif chunk_type == ChunkType.ERROR:
+            fields = w.decode(w.ErrorChunkPayload, payload)
+            error, message = fields.error, fields.message
+        else:
+            # spec: every error chunk starts with the error and a message; an unknown one is still an error.
+            if len(payload) < 6:
+                self._fail(f"error chunk type {chunk_type} of {len(payload)} bytes")
+            error, size = struct.unpack(">IH", payload[:6])
+            message = bytes(payload[6 : 6 + size]).decode("utf8", "replace")
+        if error == 0:
+            self._fail("an error chunk with error 0")
+        if pending.error is None:
+            cookie: int = pending.request.cookie  # type: ignore[union-attr]
+            pending.error = ErrorReply(cookie, _errno(error), message, offset)
+
+    def _complete(self, pending: _Pending) -> Event:
+        cookie: int = pending.request.cookie  # type: ignore[union-attr]
+        if pending.error is not None:
+            return pending.error
+        if pending.command == Command.READ:
+            if pending.covered != pending.length:
+                self._fail(f"read {cookie:#x} ended with {pending.covered} of {pending.length} bytes answered")
+            assert pending.buffer is not None
+            return ReadReply(cookie, pending.buffer)
+        if pending.command == Command.BLOCK_STATUS:
+            request: BlockStatusRequest = pending.request  # type: ignore[assignment]
+            wanted = request.context_ids or tuple(self._meta_contexts)
+            if set(pending.extents) != set(wanted):
+                self._fail(f"block status {cookie:#x} answered contexts {sorted(pending.extents)} of {sorted(wanted)}")
+            return BlockStatusReply(cookie, pending.extents)
+        return SuccessReply(cookie)
+
+
+def _errno(value: int) -> Errno:
+    # spec: a client SHOULD treat an unexpected error value as if it were EINVAL.
+    return Errno(value) if value in _KNOWN_ERRORS else Errno.EINVAL
+
+
+# Commands without payload in either direction: (command, transmission flag needed, flags allowed, name).
+_SIMPLE_COMMANDS: dict[type, tuple[Command, int, int, str]] = {
+    FlushRequest: (Command.FLUSH, TF.SEND_FLUSH, 0, "FLUSH"),
+    TrimRequest: (Command.TRIM, TF.SEND_TRIM, _FUA, "TRIM"),
+    CacheRequest: (Command.CACHE, TF.SEND_CACHE, 0, "CACHE"),
+    WriteZeroesRequest: (Command.WRITE_ZEROES, TF.SEND_WRITE_ZEROES, _FUA | _NO_HOLE | _FAST_ZERO, "WRITE_ZEROES"),
+    ResizeRequest: (Command.RESIZE, TF.SEND_RESIZE, 0, "RESIZE"),
+}
