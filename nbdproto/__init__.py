@@ -11,6 +11,7 @@ from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
 from ._export import DeviceCapabilities, export_for
+from ._negotiation import ClientNegotiation, NegotiationError
 from ._server import ServerConnection
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
@@ -25,6 +26,8 @@ __all__ = [
     "TlsMode",
     "ServerConnection",
     "ClientConnection",
+    "ClientNegotiation",
+    "NegotiationError",
     "DeviceCapabilities",
     "export_for",
     "NbdUri",

@@ -84,8 +84,9 @@ class ClientConnection(ClientTransmission):
     """The client side of one NBD connection.
 
     ``no_zeroes``: accept the server's offer to drop the 124 zero bytes after NBD_OPT_EXPORT_NAME's reply.
-    Raise LocalProtocolError when our side breaks a rule (checked in ``send``), RemoteProtocolError when the
-    server does; either leaves the connection in phase ERROR.
+    ``send`` raises LocalProtocolError when our side breaks a rule: during the handshake that ends the
+    connection (phase ERROR); a request refused in transmission is simply not sent. RemoteProtocolError, when
+    the server breaks a rule, always ends it.
     """
 
     def __init__(self, *, no_zeroes: bool = True) -> None:
@@ -163,10 +164,13 @@ class ClientConnection(ClientTransmission):
         """Send an option (handshake) or a request (transmission)."""
         if self._phase is Phase.ERROR:
             raise LocalProtocolError("the connection already failed")
+        if self._phase is Phase.TRANSMISSION:
+            # Every check runs before anything is queued or remembered: a refused request leaves the
+            # connection as it was, so the caller may go on with valid ones.
+            self._send_request(event)
+            return
         try:
-            if self._phase is Phase.TRANSMISSION:
-                self._send_request(event)
-            elif isinstance(event, _OPTIONS):
+            if isinstance(event, _OPTIONS):
                 self._send_option(event)
             else:
                 raise LocalProtocolError(f"cannot send {type(event).__name__} in phase {self._phase.value}")

@@ -148,11 +148,11 @@ class ClientTransmission:
             ids = status.context_ids
             if any(i not in self._meta_contexts for i in ids) or len(set(ids)) != len(ids):
                 raise LocalProtocolError(f"context ids {list(ids)} are repeated or were not agreed")
-            pending = _Pending(event, Command.BLOCK_STATUS, status.offset, status.length)
-            self._pending[cookie] = pending
-            if ids and set(ids) != set(self._meta_contexts):
-                if not (self.extended_headers and advertised & TF.BLOCK_STATUS_PAYLOAD):
-                    raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
+            filtered = bool(ids) and set(ids) != set(self._meta_contexts)
+            if filtered and not (self.extended_headers and advertised & TF.BLOCK_STATUS_PAYLOAD):
+                raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
+            self._pending[cookie] = _Pending(event, Command.BLOCK_STATUS, status.offset, status.length)
+            if filtered:
                 payload = w.encode(w.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
                 self._queue_header(Command.BLOCK_STATUS, flags | _PAYLOAD_LEN, cookie, status.offset, len(payload))
                 self._out.append(payload)

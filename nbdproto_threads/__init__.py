@@ -7,12 +7,17 @@ socket, the seed's negotiate-then-serve contract). Devices: the ``BlockDevice`` 
 
 from nbdproto._export import DeviceCapabilities
 
+from ._client import Client, NBDError, connect, list_exports
 from ._device import BlockDevice
 from ._file import FileDevice
 from ._memory import MemoryDevice
 from ._server import ExportSpec, Resolver, Server, ServerSession, negotiate
 
 __all__ = [
+    "Client",
+    "NBDError",
+    "connect",
+    "list_exports",
     "BlockDevice",
     "DeviceCapabilities",
     "MemoryDevice",

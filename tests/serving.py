@@ -54,6 +54,9 @@ def make_pki(verify_client: bool = False) -> Iterator[Pki]:
     client_cert = ca.issue_cert("client.example")
     with tempfile.TemporaryDirectory(prefix="nbdproto-pki-") as directory:
         ca.cert_pem.write_to_path(os.path.join(directory, "ca-cert.pem"))
+        # The names qemu's tls-creds-x509 reads, for tests that run qemu-nbd as the TLS server.
+        server_cert.private_key_pem.write_to_path(os.path.join(directory, "server-key.pem"))
+        server_cert.cert_chain_pems[0].write_to_path(os.path.join(directory, "server-cert.pem"))
         client_cert.private_key_pem.write_to_path(os.path.join(directory, "client-key.pem"))
         client_cert.cert_chain_pems[0].write_to_path(os.path.join(directory, "client-cert.pem"))
         server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -361,6 +361,11 @@ def test_client_rule_breaking_is_a_local_error(event: Any, match: str) -> None:
     p.connect("structured")
     with pytest.raises(n.LocalProtocolError, match=match):
         p.client.send(event)
+    # Nothing was sent or remembered: the connection goes on.
+    assert p.client.data_to_send() == [] and p.client.in_flight == 0
+    assert p.client.phase is n.Phase.TRANSMISSION
+    (reply,) = p.ask(n.ReadRequest(2, 0, 512))
+    assert isinstance(reply, n.ReadReply)
 
 
 @pytest.mark.parametrize(

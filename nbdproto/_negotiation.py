@@ -1,0 +1,167 @@
+"""The usual client handshake, as an I/O-free plan both client backends follow.
+
+ClientConnection sends whatever option it is given; this decides which, the way a well-behaved client does
+(spec: "Client-side requirements", "Maximum interoperability"):
+
+1. STARTTLS first when TLS is wanted (a client that insists on TLS gives up if it is refused);
+2. EXTENDED_HEADERS, else STRUCTURED_REPLY when the server refuses it;
+3. SET_META_CONTEXT for the contexts wanted, once replies can carry them;
+4. GO with NAME, DESCRIPTION and BLOCK_SIZE; EXPORT_NAME for servers that answer GO with UNSUP (and for
+   non-fixed newstyle servers); oldstyle servers need nothing at all.
+Or, to list exports: LIST, then ABORT.
+
+A driver calls ``step(event)`` with every event the connection produces during the handshake (after calling
+``tls_established()`` itself on StartTLS) and sends what it returns, until ``done`` is set: then ``result``
+is the HandshakeComplete (or the ExportList). Failures raise ``NegotiationError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._constants import InfoType, Option, OptionReplyType
+from ._errors import ProtocolError
+from ._events import (
+    ClientAborted,
+    Event,
+    ExportList,
+    HandshakeComplete,
+    MetaContexts,
+    OptionAbort,
+    OptionAck,
+    OptionError,
+    OptionExportName,
+    OptionExtendedHeaders,
+    OptionGo,
+    OptionList,
+    OptionSetMetaContext,
+    OptionStartTLS,
+    OptionStructuredReply,
+    ServerGreeting,
+    StartTLS,
+)
+
+__all__ = ["ClientNegotiation", "NegotiationError"]
+
+_REP = OptionReplyType
+
+
+class NegotiationError(ProtocolError):
+    """The handshake could not reach what was asked: ``reply_type`` is the server's NBD_REP_ERR_* answer (0
+    when the refusal was ours, e.g. TLS required but not offered)."""
+
+    def __init__(self, message: str, reply_type: int = 0) -> None:
+        super().__init__(message)
+        self.reply_type = reply_type
+
+
+class ClientNegotiation:
+    """One client handshake plan; see the module docstring."""
+
+    def __init__(
+        self,
+        export_name: str = "",
+        *,
+        tls: bool = False,
+        require_tls: bool = False,
+        structured_replies: bool = True,
+        extended_headers: bool = True,
+        meta_contexts: Sequence[str] = ("base:allocation",),
+        list_exports: bool = False,
+    ) -> None:
+        self.export_name = export_name
+        self.tls = tls or require_tls
+        self.require_tls = require_tls
+        self.structured = structured_replies
+        self.extended = extended_headers and structured_replies
+        self.meta_contexts = tuple(meta_contexts)
+        self.list_exports = list_exports
+        self.done = False
+        self.result: HandshakeComplete | ExportList | None = None
+        self.tls_active = False
+        self._fixed = True
+        self._replies = False  # structured replies or extended headers agreed
+        self._extended_agreed = False
+        self._listing: ExportList | None = None
+
+    def step(self, event: Event) -> Event | None:
+        """The next option to send after ``event``, or None (nothing to send: wait for more, or done)."""
+        if isinstance(event, ServerGreeting):
+            if event.oldstyle:
+                return None  # HandshakeComplete follows without any option
+            self._fixed = bool(event.handshake_flags & 1)
+            if not self._fixed:
+                if self.require_tls:
+                    raise NegotiationError("TLS is required, but the server does not speak fixed newstyle")
+                if self.list_exports:
+                    raise NegotiationError("this old server cannot list its exports")
+                return OptionExportName(self.export_name)
+            return OptionStartTLS() if self.tls else self._after_tls()
+        if isinstance(event, StartTLS):
+            self.tls_active = True
+            return None  # the driver upgrades, calls tls_established(), then tls_done()
+        if isinstance(event, OptionError):
+            return self._refused(event)
+        if isinstance(event, OptionAck):
+            if event.option == Option.EXTENDED_HEADERS or event.option == Option.STRUCTURED_REPLY:
+                self._replies = True
+                self._extended_agreed = event.option == Option.EXTENDED_HEADERS
+                return self._after_reply_format()
+            return None
+        if isinstance(event, MetaContexts):
+            return self._go()
+        if isinstance(event, ExportList):
+            self._listing = event
+            return OptionAbort()
+        if isinstance(event, ClientAborted):
+            self.done, self.result = True, self._listing
+            return None
+        if isinstance(event, HandshakeComplete):
+            self.done, self.result = True, event
+            return None
+        return None
+
+    def tls_done(self) -> Event:
+        """The option to send once the driver has finished the TLS upgrade."""
+        return self._after_tls()
+
+    def _after_tls(self) -> Event:
+        if self.list_exports:
+            return OptionList()
+        if self.extended:
+            return OptionExtendedHeaders()
+        if self.structured:
+            return OptionStructuredReply()
+        return self._go()
+
+    def _after_reply_format(self) -> Event:
+        if self.meta_contexts and self._replies:
+            return OptionSetMetaContext(self.export_name, self.meta_contexts)
+        return self._go()
+
+    def _go(self) -> Event:
+        return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION, InfoType.BLOCK_SIZE))
+
+    def _refused(self, event: OptionError) -> Event | None:
+        option, reply = event.option, event.reply_type
+        detail = f": {event.message}" if event.message else ""
+        if option == Option.STARTTLS:
+            if self.require_tls:
+                raise NegotiationError(f"the server refused TLS{detail}", reply)
+            return self._after_tls()
+        if reply == _REP.ERR_TLS_REQD:
+            raise NegotiationError(f"the server requires TLS{detail}", reply)
+        if option == Option.EXTENDED_HEADERS:
+            return OptionStructuredReply() if self.structured else self._go()
+        if option == Option.STRUCTURED_REPLY:
+            return self._go()
+        if option == Option.SET_META_CONTEXT:
+            return self._go()  # block status will be unavailable; the rest works
+        if option == Option.LIST:
+            raise NegotiationError(f"the server does not list its exports{detail}", reply)
+        if option == Option.GO:
+            # spec: fall back to EXPORT_NAME for old servers, never after extended headers were agreed.
+            if reply == _REP.ERR_UNSUP and not self._extended_agreed:
+                return OptionExportName(self.export_name)
+            raise NegotiationError(f"export {self.export_name!r} refused{detail}", reply)
+        raise NegotiationError(f"option {option} refused{detail}", reply)
