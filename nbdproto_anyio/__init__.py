@@ -7,10 +7,15 @@ negotiate-then-serve contract). Devices: the ``AsyncBlockDevice`` protocol, ``As
 
 from nbdproto._export import DeviceCapabilities
 
+from ._client import AsyncClient, NBDError, connect, list_exports
 from ._device import AsyncBlockDevice, AsyncDeviceAdapter, AsyncFileDevice, AsyncMemoryDevice
 from ._server import AsyncExportSpec, AsyncResolver, Server, ServerSession, listen
 
 __all__ = [
+    "AsyncClient",
+    "NBDError",
+    "connect",
+    "list_exports",
     "AsyncBlockDevice",
     "AsyncDeviceAdapter",
     "AsyncFileDevice",

@@ -1,0 +1,112 @@
+"""The anyio client on asyncio and trio: against nbdkit, qemu-nbd with TLS, and our own anyio server."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+import nbdproto as n
+import nbdproto_anyio as na
+from nbdproto_threads import MemoryDevice
+from tests.capture import nbdkit
+
+MIB = 1 << 20
+pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_every_command_against_nbdkit(peers: Any) -> None:
+    peers("nbdkit")
+    with nbdkit(["memory", "size=8M"]) as port:
+        async with await na.connect(f"nbd://127.0.0.1:{port}/") as c:
+            assert c.size == 8 * MIB
+            await c.pwrite(b"hello", 4096, fua=True)
+            assert await c.pread(5, 4096) == b"hello"
+            await c.flush()
+            await c.zero(65536, 0, may_trim=False)
+            await c.trim(65536, 65536)
+            await c.cache(4096, 0)
+            extents = (await c.block_status(MIB, 0))["base:allocation"]
+            assert extents and extents[0].length > 0
+            with pytest.raises(n.LocalProtocolError):
+                await c.pread(10, 8 * MIB)
+            assert await c.pread(5, 4096) == bytes(5)
+        assert [e.name for e in await na.list_exports(f"nbd://127.0.0.1:{port}/")] == [""]
+
+
+async def test_errors_and_out_of_order_replies(peers: Any) -> None:
+    peers("nbdkit")
+    args = ["--filter=delay", "--filter=error", "memory", "size=1M", "delay-read=300ms", "error=ENOSPC",
+            "error-pwrite-rate=1", "error-pread-rate=0"]  # fmt: skip
+    with nbdkit(args) as port:
+        async with await na.connect(f"nbd://127.0.0.1:{port}/") as c:
+            order: list[str] = []
+
+            async def slow() -> None:
+                await c.pread(512, 0)
+                order.append("read")
+
+            async def failing() -> None:
+                await anyio.sleep(0.05)
+                with pytest.raises(na.NBDError) as info:
+                    await c.pwrite(b"x" * 512, 0)
+                assert info.value.errno == errno.ENOSPC
+                order.append("write")
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(slow)
+                tasks.start_soon(failing)
+            assert order == ["write", "read"]
+
+
+@contextlib.asynccontextmanager
+async def our_server(exports: dict[str, Any], tls: Any = None) -> AsyncIterator[str]:
+    """Our anyio server in this test's own event loop (a blocking portal cannot start inside a running loop)."""
+    specs = {name: na.AsyncExportSpec(na.AsyncDeviceAdapter(dev, use_threads=False), read_only=False)
+             for name, dev in exports.items()}  # fmt: skip
+    listener = await na.listen(("127.0.0.1", 0))
+    scheme = "nbds" if tls else "nbd"
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(na.Server(specs, tls=tls).serve, listener)
+        try:
+            yield f"{scheme}://127.0.0.1:{listener.address[1]}/{{}}"
+        finally:
+            tasks.cancel_scope.cancel()
+
+
+async def test_64_tasks_share_one_connection_and_cancelling_one_is_safe() -> None:
+    async with our_server({"d": MemoryDevice(16 * MIB)}) as base, await na.connect(base.format("d")) as c:
+
+        async def work(i: int) -> None:
+            block = bytes([i]) * 4096
+            await c.pwrite(block, i * 4096)
+            assert await c.pread(4096, i * 4096) == block
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(64):
+                tasks.start_soon(work, i)
+        with anyio.move_on_after(0):  # cancelled before its reply can arrive
+            await c.pread(4096, 0)
+        assert await c.pread(4096, 4096) == bytes([1]) * 4096
+
+
+async def test_tls_with_our_server() -> None:
+    from tests.serving import make_pki
+
+    with make_pki() as pki:
+        async with our_server({"d": MemoryDevice(MIB)}, tls=pki.server_context) as base:
+            async with await na.connect(base.format("d"), tls=pki.client_context) as c:
+                assert c.engine.tls_active
+                await c.pwrite(b"secret", 0)
+                assert await c.pread(6, 0) == b"secret"
+            with pytest.raises(n.NegotiationError, match="TLS"):
+                await na.connect(base.format("d").replace("nbds://", "nbd://"))
