@@ -7,12 +7,14 @@ every user device agree on what a capability means on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
-from ._constants import BASE_ALLOCATION, DEFAULT_MAX_PAYLOAD, TransmissionFlags
-from ._events import Export
+from ._constants import BASE_ALLOCATION, DEFAULT_MAX_PAYLOAD, Option, OptionReplyType, TransmissionFlags
+from ._events import Export, ExportRequested, ExportUnknown
 
-__all__ = ["DeviceCapabilities", "export_for"]
+__all__ = ["DeviceCapabilities", "export_for", "ExportSpec", "answer_export_request"]
 
 TF = TransmissionFlags
 
@@ -117,3 +119,72 @@ def export_for(
         block_size_required=block_size_required,
         tls_required=tls_required,
     )
+
+
+class Device(Protocol):
+    """What export_for needs of a device, in either backend: its size and what it can do."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def capabilities(self) -> DeviceCapabilities: ...
+
+
+D = TypeVar("D", bound=Device, covariant=True)  # a spec of a MemoryDevice is a spec of a BlockDevice
+
+
+@dataclass(frozen=True)
+class ExportSpec(Generic[D]):
+    """An export as a server offers it: a device (sync or async), and what the server says about it.
+
+    Exports are read-only unless ``read_only=False`` (the seed's default). ``tls_required`` keeps plaintext
+    clients away from this export when the server's TLS is optional (SELECTIVETLS).
+    """
+
+    device: D
+    description: str = ""
+    read_only: bool = True
+    tls_required: bool = False
+
+    def export(self, name: str) -> Export:
+        """The Export the engine advertises for this device under ``name``."""
+        return export_for(
+            name,
+            self.device.size,
+            self.device.capabilities,
+            read_only=self.read_only,
+            description=self.description,
+            tls_required=self.tls_required,
+        )
+
+
+def answer_export_request(
+    event: ExportRequested,
+    lookup: Callable[[str], ExportSpec[Any] | None] | None,
+    chosen: str | None,
+    chosen_spec: ExportSpec[Any] | None,
+) -> Export | ExportUnknown | None:
+    """How a server session answers an ExportRequested; None when it is the client's final choice (GO or
+    EXPORT_NAME of an export the session may serve), which the session hands to its application.
+
+    ``lookup`` resolves names (a Server's mapping or resolver), if there is one; ``chosen`` / ``chosen_spec``
+    are the export this session already committed to, if any. Without a lookup, questions asked before the
+    choice (INFO, meta contexts) get what can be said without the device: INFO is refused, and meta context
+    queries see base:allocation.
+    """
+    final = event.option in (Option.GO, Option.EXPORT_NAME)
+    if chosen_spec is not None:
+        if event.name == chosen:
+            return chosen_spec.export(event.name)
+        return ExportUnknown(f"this connection serves {chosen!r} only")
+    if lookup is not None:
+        spec = lookup(event.name)
+        if spec is None:
+            return ExportUnknown(f"no export named {event.name!r}")
+        return None if final else spec.export(event.name)
+    if final:
+        return None
+    if event.option == Option.INFO:
+        return ExportUnknown("NBD_OPT_INFO is not available before an export is chosen", OptionReplyType.ERR_UNSUP)
+    return Export(event.name, 0, meta_contexts=(BASE_ALLOCATION,))

@@ -22,7 +22,7 @@ import nbdproto
 from nbdproto._negotiation import ClientNegotiation
 from nbdproto_threads._client import NBDError
 
-from ._socket import RECV_SIZE
+from ._socket import receive, send_pieces
 
 __all__ = ["AsyncClient", "connect", "list_exports", "NBDError"]
 
@@ -192,16 +192,13 @@ class AsyncClient:
     # --- Bytes ----------------------------------------------------------------------------------------------
 
     async def _receive(self) -> bytes:
-        try:
-            return await self.stream.receive(RECV_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
-            return b""
+        return await receive(self.stream)
 
     async def _flush(self) -> None:
-        pieces: list[Any] = self.engine.data_to_send()
+        pieces = self.engine.data_to_send()
         if pieces:
             async with self._send_lock:
-                await self.stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                await send_pieces(self.stream, pieces)
 
     async def aclose(self) -> None:
         """Disconnect politely (NBD_CMD_DISC) and close."""

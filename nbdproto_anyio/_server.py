@@ -22,7 +22,6 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -34,10 +33,11 @@ from anyio.streams.tls import TLSStream
 
 import nbdproto
 from nbdproto._dispatch import RequestBudget, carry_out_all, device_calls, error_reply_for, reply_for
-from nbdproto._export import export_for
+from nbdproto._export import ExportSpec as AsyncExportSpec
+from nbdproto._export import answer_export_request
 
 from ._device import AsyncBlockDevice
-from ._socket import RECV_SIZE, RawSocketStream, SocketAcceptor
+from ._socket import SocketAcceptor, receive, send_pieces
 
 __all__ = ["AsyncExportSpec", "ServerSession", "Server", "AsyncResolver"]
 
@@ -55,29 +55,10 @@ _REQUESTS = (
 )
 
 
-@dataclass(frozen=True)
-class AsyncExportSpec:
-    """An export as the server offers it: the device and what the server says about it (read-only unless
-    ``read_only=False``)."""
+AsyncSpec = AsyncExportSpec[AsyncBlockDevice]
+"""An export of an async device: nbdproto.ExportSpec, the class the threads backend uses too."""
 
-    device: AsyncBlockDevice
-    description: str = ""
-    read_only: bool = True
-    tls_required: bool = False
-
-    def export(self, name: str) -> nbdproto.Export:
-        """The nbdproto.Export the engine advertises for this device under ``name``."""
-        return export_for(
-            name,
-            self.device.size,
-            self.device.capabilities,
-            read_only=self.read_only,
-            description=self.description,
-            tls_required=self.tls_required,
-        )
-
-
-AsyncResolver = Callable[[str], "AsyncExportSpec | None"]
+AsyncResolver = Callable[[str], "AsyncSpec | None"]
 
 
 class ServerSession:
@@ -103,7 +84,7 @@ class ServerSession:
         self._tls = tls
         self._lookup = lookup
         self._chosen: str | None = None
-        self._spec: AsyncExportSpec | None = None
+        self._spec: AsyncSpec | None = None
         self._closed = False
         self._max_requests = max_requests
         self._max_bytes = max_bytes_in_flight
@@ -121,18 +102,11 @@ class ServerSession:
                 await self._flush()
                 engine.receive_data(await self._receive())
             elif isinstance(event, nbdproto.ExportRequested):
-                if event.option not in (nbdproto.Option.GO, nbdproto.Option.EXPORT_NAME):
-                    engine.send(self._preview(event))
-                elif self._spec is not None:
-                    if event.name == self._chosen:
-                        engine.send(self._spec.export(event.name))
-                    else:
-                        engine.send(nbdproto.ExportUnknown(f"this connection serves {self._chosen!r} only"))
-                elif self._lookup is not None and self._lookup(event.name) is None:
-                    engine.send(nbdproto.ExportUnknown(f"no export named {event.name!r}"))
-                else:
+                answer = answer_export_request(event, self._lookup, self._chosen, self._spec)
+                if answer is None:
                     self._chosen = event.name
                     return event.name
+                engine.send(answer)
             elif isinstance(event, nbdproto.StartTLS):
                 await self._start_tls()
             elif isinstance(event, nbdproto.HandshakeComplete):
@@ -146,7 +120,7 @@ class ServerSession:
                 raise nbdproto.LocalProtocolError(f"unexpected {event!r} during the handshake")
 
     async def serve(
-        self, device: AsyncBlockDevice | AsyncExportSpec, *, read_only: bool = True, description: str = ""
+        self, device: AsyncBlockDevice | AsyncSpec, *, read_only: bool = True, description: str = ""
     ) -> None:
         """Serve the chosen export from ``device`` until the client disconnects, then flush the device."""
         if self._chosen is None:
@@ -184,30 +158,13 @@ class ServerSession:
     # --- Internals -----------------------------------------------------------------------------------------
 
     async def _receive(self) -> bytes:
-        try:
-            return await self.stream.receive(RECV_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
-            return b""
+        return await receive(self.stream)
 
     async def _flush(self) -> None:
-        pieces: list[Any] = self.engine.data_to_send()
+        pieces = self.engine.data_to_send()
         if pieces:
             async with self._send_lock:
-                stream = self.stream
-                if isinstance(stream, RawSocketStream):
-                    await stream.send_pieces(pieces)  # scatter-gather: payloads are never joined
-                else:
-                    await stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-
-    def _preview(self, event: nbdproto.ExportRequested) -> nbdproto.Export | nbdproto.ExportUnknown:
-        if self._lookup is not None:
-            spec = self._lookup(event.name)
-            return spec.export(event.name) if spec else nbdproto.ExportUnknown(f"no export named {event.name!r}")
-        if self._spec is not None and event.name == self._chosen:
-            return self._spec.export(event.name)
-        if event.option == nbdproto.Option.INFO:
-            return nbdproto.ExportUnknown("NBD_OPT_INFO is not available here", nbdproto.OptionReplyType.ERR_UNSUP)
-        return nbdproto.Export(event.name, 0, meta_contexts=(nbdproto.BASE_ALLOCATION,))
+                await send_pieces(self.stream, pieces)
 
     async def _start_tls(self) -> None:
         assert self._tls is not None
@@ -336,7 +293,7 @@ class Server:
 
     def __init__(
         self,
-        exports: Mapping[str, AsyncBlockDevice | AsyncExportSpec] | AsyncResolver,
+        exports: Mapping[str, AsyncBlockDevice | AsyncSpec] | AsyncResolver,
         *,
         tls: ssl.SSLContext | None = None,
         tls_mode: nbdproto.TlsMode | None = None,

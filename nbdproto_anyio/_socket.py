@@ -25,7 +25,7 @@ from anyio.abc import SocketAttribute
 
 from nbdproto import FileRegion, Payload
 
-__all__ = ["RawSocketStream", "SocketAcceptor", "RECV_SIZE"]
+__all__ = ["RawSocketStream", "SocketAcceptor", "RECV_SIZE", "receive", "send_pieces"]
 
 RECV_SIZE = 1024 * 1024
 _IOV_MAX = 1024
@@ -148,3 +148,20 @@ class SocketAcceptor:
     async def aclose(self) -> None:
         self.sock.close()
         await anyio.lowlevel.checkpoint()
+
+
+async def receive(stream: anyio.abc.ByteStream) -> bytes:
+    """The next bytes from ``stream``, or ``b""`` once the peer closed or the connection broke (what the
+    engines take as end of stream)."""
+    try:
+        return await stream.receive(RECV_SIZE)
+    except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+        return b""
+
+
+async def send_pieces(stream: anyio.abc.ByteStream, pieces: Sequence[Payload]) -> None:
+    """Write the engine's pieces: scatter-gather on a RawSocketStream, joined once on any other stream."""
+    if isinstance(stream, RawSocketStream):
+        await stream.send_pieces(pieces)
+    else:
+        await stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))  # type: ignore[arg-type]

@@ -28,12 +28,11 @@ import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import nbdproto
 from nbdproto._dispatch import RequestBudget, carry_out
-from nbdproto._export import export_for
+from nbdproto._export import ExportSpec, answer_export_request
 
 from ._device import BlockDevice
 from ._stream import SocketStream
@@ -58,32 +57,10 @@ _EVENT_REQUESTS = (
 )
 
 
-@dataclass(frozen=True)
-class ExportSpec:
-    """An export as the server offers it: the device, and what the server says about it.
+Spec = ExportSpec[BlockDevice]
+"""An export of a sync device (nbdproto.ExportSpec, shared with the anyio backend)."""
 
-    Exports are read-only unless ``read_only=False`` (the seed's default). ``tls_required`` keeps a plaintext
-    client away from this export when the server's TLS is optional.
-    """
-
-    device: BlockDevice
-    description: str = ""
-    read_only: bool = True
-    tls_required: bool = False
-
-    def export(self, name: str) -> nbdproto.Export:
-        """The nbdproto.Export the engine advertises for this device under ``name``."""
-        return export_for(
-            name,
-            self.device.size,
-            self.device.capabilities,
-            read_only=self.read_only,
-            description=self.description,
-            tls_required=self.tls_required,
-        )
-
-
-Resolver = Callable[[str], "ExportSpec | None"]
+Resolver = Callable[[str], "Spec | None"]
 """Looks an export name up: the spec to serve, or None for an unknown name."""
 
 
@@ -118,7 +95,7 @@ class ServerSession:
         self._workers = workers
         self._max_bytes = max_bytes_in_flight
         self._chosen: str | None = None
-        self._spec: ExportSpec | None = None
+        self._spec: Spec | None = None
         self._closed = False
         self._lock = threading.Lock()  # the engine and the socket's write side, when workers reply
 
@@ -136,19 +113,11 @@ class ServerSession:
                 self._flush()
                 engine.receive_data(self.stream.recv())
             elif isinstance(event, nbdproto.ExportRequested):
-                if event.option not in (nbdproto.Option.GO, nbdproto.Option.EXPORT_NAME):
-                    engine.send(self._preview(event))
-                elif self._spec is not None:
-                    # serve() already chose the device: only its export can be entered.
-                    if event.name == self._chosen:
-                        engine.send(self._spec.export(event.name))
-                    else:
-                        engine.send(nbdproto.ExportUnknown(f"this connection serves {self._chosen!r} only"))
-                elif self._lookup is not None and self._lookup(event.name) is None:
-                    engine.send(nbdproto.ExportUnknown(f"no export named {event.name!r}"))
-                else:
+                answer = answer_export_request(event, self._lookup, self._chosen, self._spec)
+                if answer is None:
                     self._chosen = event.name
                     return event.name
+                engine.send(answer)
             elif isinstance(event, nbdproto.StartTLS):
                 self._start_tls()
             elif isinstance(event, nbdproto.HandshakeComplete):
@@ -161,7 +130,7 @@ class ServerSession:
             else:
                 raise nbdproto.LocalProtocolError(f"unexpected {event!r} during the handshake")
 
-    def serve(self, device: BlockDevice | ExportSpec, *, read_only: bool = True, description: str = "") -> None:
+    def serve(self, device: BlockDevice | Spec, *, read_only: bool = True, description: str = "") -> None:
         """Serve the chosen export from ``device`` until the client disconnects, then flush the device.
 
         Read-only unless ``read_only=False`` (an ExportSpec carries its own settings).
@@ -203,17 +172,6 @@ class ServerSession:
         pieces = self.engine.data_to_send()
         if pieces:
             self.stream.send(pieces)
-
-    def _preview(self, event: nbdproto.ExportRequested) -> nbdproto.Export | nbdproto.ExportUnknown:
-        # An export question before the final choice (INFO, meta contexts).
-        if self._lookup is not None:
-            spec = self._lookup(event.name)
-            return spec.export(event.name) if spec else nbdproto.ExportUnknown(f"no export named {event.name!r}")
-        if self._spec is not None and event.name == self._chosen:
-            return self._spec.export(event.name)
-        if event.option == nbdproto.Option.INFO:
-            return nbdproto.ExportUnknown("NBD_OPT_INFO is not available here", nbdproto.OptionReplyType.ERR_UNSUP)
-        return nbdproto.Export(event.name, 0, meta_contexts=(nbdproto.BASE_ALLOCATION,))
 
     def _start_tls(self) -> None:
         assert self._tls is not None
@@ -352,7 +310,7 @@ class Server:
 
     def __init__(
         self,
-        exports: Mapping[str, BlockDevice | ExportSpec] | Resolver,
+        exports: Mapping[str, BlockDevice | Spec] | Resolver,
         listen: tuple[str, int] | str | socket.socket = ("127.0.0.1", nbdproto.DEFAULT_PORT),
         *,
         tls: ssl.SSLContext | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ import nbdproto as n
 from nbdproto import _wire as w
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the transcript splitter lives with the tests
+
+from tests.transcript import decode_transcript, jsonable, to_json  # noqa: E402
 
 EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "OldstyleGreeting": [{"size": 1 << 30, "flags": 0x0003}],
@@ -73,16 +77,6 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "ErrorChunkPayload": [{"error": 5, "message": "disk on fire"}, {"error": 22, "message": ""}],
     "ErrorOffsetChunkPayload": [{"error": 5, "message": "bad sector", "offset": 12288}],
 }
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items() if not k.startswith("_")}
-    if isinstance(value, list):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).hex()
-    return value
 
 
 def messages() -> list[dict[str, Any]]:
@@ -162,11 +156,6 @@ def conversation(extended: bool) -> list[tuple[str, bytes]]:
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(HERE.parent.parent))
-    from tests.transcript import decode_transcript, to_json
-
     (HERE / "messages.json").write_text(json.dumps(messages(), indent=1) + "\n")
     transcripts = HERE / "transcripts"
     transcripts.mkdir(exist_ok=True)
