@@ -490,3 +490,11 @@ def test_random_server_bytes_give_events_or_remote_protocol_error(garbage: bytes
                 break
     except n.RemoteProtocolError:
         assert client.phase is n.Phase.ERROR
+
+
+def test_no_request_after_disconnect() -> None:
+    p = Pair()
+    p.connect("simple")
+    p.client.send(n.DisconnectRequest())
+    with pytest.raises(n.LocalProtocolError, match="DISC"):
+        p.client.send(n.ReadRequest(1, 0, 512))
