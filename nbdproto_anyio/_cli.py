@@ -1,7 +1,8 @@
 """The ``nbdproto`` command line (also ``python -m nbdproto_anyio``).
 
-``nbdproto serve`` serves a file, a block device or a sparse in-memory disk, the way qemu-nbd and nbdkit do.
-It is built only on the public APIs of nbdproto_anyio and nbdproto_threads.
+``nbdproto serve`` serves a file, a block device or a sparse in-memory disk, the way qemu-nbd and nbdkit do;
+``info`` and ``list`` ask a server about its exports (_cli_query); ``copy`` copies disks (_copy). All of it is
+built on the public APIs of nbdproto_anyio and nbdproto_threads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import nbdproto
 from nbdproto_threads import ExportSpec, FileDevice, MemoryDevice
 from nbdproto_threads import Server as ThreadsServer
 
+from ._cli_query import add_query_commands, info, list_command
+from ._copy import add_copy_command, copy_command
 from ._device import AsyncDeviceAdapter
 from ._server import AsyncExportSpec, listen
 from ._server import Server as AnyioServer
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=FILE",
         help="serve another export (repeatable); FILE may be memory:SIZE",
     )
+    add_query_commands(commands)
+    add_copy_command(commands)
     return parser
 
 
@@ -282,7 +287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "info":
+            return info(args)
+        if args.command == "list":
+            return list_command(args)
+        if args.command == "copy":
+            return copy_command(args)
     except UsageError as exc:
         print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ValueError, nbdproto.ProtocolError) as exc:
+        # A server that cannot be reached or refuses us: one line, not a traceback.
+        print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")

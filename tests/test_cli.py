@@ -1,0 +1,186 @@
+"""The nbdproto command line, run as a subprocess: serve, info, list, copy, and every bad argument."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import nbdproto as n
+import nbdproto_threads as nt
+from tests.capture import nbdkit
+from tests.conftest import PEER_ENV
+
+MIB = 1 << 20
+pytestmark = pytest.mark.timeout(120)
+CLI = [sys.executable, "-m", "nbdproto_anyio"]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=PEER_ENV)
+
+
+@contextlib.contextmanager
+def serving(*args: str, startup: float = 15) -> Iterator[tuple[subprocess.Popen[bytes], list[str]]]:
+    """Run ``nbdproto serve ARGS --port 0``; yields the process and the URIs it printed (bounded start-up)."""
+    proc = subprocess.Popen([*CLI, "serve", "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=PEER_ENV)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        output = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            # Every export's URI is printed at once, one line each: read until a quiet half second after one.
+            while selector.select(startup if b"serving" not in output else 0.5):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                output += chunk
+        uris = [line.split()[1] for line in output.decode().splitlines() if line.startswith("serving ")]
+        if not uris:
+            raise AssertionError(f"nbdproto serve printed no URI within {startup} s: {output!r}")
+        yield proc, uris
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("backend", ["anyio", "threads"])
+def test_serve_then_query_with_nbdinfo_and_nbdproto_info(backend: str, peers: Any) -> None:
+    peers("nbdinfo")
+    with serving("--memory", "64M", "--name", "disk", "--description", "cli disk", "--backend", backend) as (_, uris):
+        (uri,) = uris
+        assert uri.endswith("/disk")
+        theirs = json.loads(subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True,
+                                           timeout=30, env=PEER_ENV, check=True).stdout)["exports"][0]  # fmt: skip
+        ours = json.loads(run_cli("info", "--json", uri).stdout)
+        listed = json.loads(run_cli("list", "--json", uri).stdout)
+    assert theirs["export-size"] == ours["size"] == 64 * MIB
+    assert ours["description"] == theirs["description"] == "cli disk"
+    assert ours["capabilities"]["read_only"] is theirs["is_read_only"] is False
+    pairs = [("flush", "can_flush"), ("trim", "can_trim"), ("zero", "can_zero"), ("fua", "can_fua")]
+    pairs += [("cache", "can_cache"), ("multi_conn", "can_multi_conn")]
+    for ours_name, theirs_name in pairs:
+        assert ours["capabilities"][ours_name] == theirs[theirs_name], ours_name
+    assert ours["meta_contexts"] == ["base:allocation"]
+    assert listed == {"exports": [{"name": "disk", "description": "cli disk"}]}
+
+
+def test_default_serve_is_a_1_gib_memory_disk(peers: Any) -> None:
+    with serving() as (_, (uri,)):
+        assert json.loads(run_cli("info", "--json", uri).stdout)["size"] == 1 << 30
+
+
+def test_read_only_and_several_exports(tmp_path: Any) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(b"A" * MIB)
+    with serving("--read-only", "--export", f"a={image}", "--export", "m=memory:2M") as (_, uris):
+        by_name = {u.rsplit("/", 1)[1]: u for u in uris}
+        with nt.connect(by_name["a"]) as c:
+            assert c.export.read_only and c.pread(1, 0) == b"A"
+        with nt.connect(by_name["m"]) as c:
+            assert c.size == 2 * MIB
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/no/such/file.img"], "no such file"),
+        (["--memory", "1Q"], "not a size"),
+        (["--memory", "0"], "positive"),
+        (["--tls", "require", "--tls-cert", "/no/cert.pem"], "cannot load"),
+        (["--tls", "require"], "--tls-cert"),
+        (["--export", "nonsense"], "NAME=FILE"),
+    ],
+)
+def test_bad_arguments_give_a_message_and_status_2(args: list[str], message: str) -> None:
+    result = run_cli("serve", "--port", "0", *args, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("serve", "--port", str(taken.getsockname()[1]), timeout=30)
+    assert result.returncode == 2 and "cannot listen" in result.stderr
+
+
+def test_unreachable_server_is_one_line() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_cli("info", f"nbd://127.0.0.1:{port}/", timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_copy_a_sparse_file_into_an_export_and_back(tmp_path: Any) -> None:
+    src, back = str(tmp_path / "src.img"), str(tmp_path / "back.img")
+    with open(src, "wb") as f:
+        f.truncate(32 * MIB)
+        for at in (0, 10 * MIB, 31 * MIB):
+            f.seek(at)
+            f.write(os.urandom(MIB))
+    with serving("--memory", "32M", "--name", "d") as (_, (uri,)):
+        assert run_cli("copy", "--no-progress", src, uri).returncode == 0
+        with nt.connect(uri) as c:
+            extents = c.block_status(32 * MIB, 0)["base:allocation"]
+        assert run_cli("copy", "--no-progress", uri, back).returncode == 0
+    assert sha256(src) == sha256(back)
+    # The holes stayed holes: never sent as data into the export, nor written into the copy.
+    data = sum(e.length for e in extents if not e.status & n.AllocationState.ZERO)
+    assert data <= 4 * MIB, f"{data} bytes of the export hold data; the source had 3 MiB"
+    assert allocated(back) <= 4 * MIB
+
+
+def test_copy_from_nbdkit_to_a_file(tmp_path: Any, peers: Any) -> None:
+    peers("nbdkit", "nbdcopy")
+    out, reference = str(tmp_path / "out.img"), str(tmp_path / "ref.img")
+    with nbdkit(["pattern", "size=48M"]) as port:
+        uri = f"nbd://127.0.0.1:{port}/"
+        assert run_cli("copy", "--no-progress", "--connections", "2", uri, out).returncode == 0
+        subprocess.run(["nbdcopy", uri, reference], check=True, env=PEER_ENV, timeout=60)
+    assert sha256(out) == sha256(reference)
+
+
+def test_sigterm_loses_no_acknowledged_write(tmp_path: Any) -> None:
+    image = str(tmp_path / "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(64 * MIB)
+    acknowledged: list[int] = []
+    with serving(image, "--name", "d") as (proc, (uri,)):
+        with nt.connect(uri) as c:
+            for i in range(48):
+                c.pwrite(bytes([i + 1]) * MIB, i * MIB)
+                acknowledged.append(i)
+                if i == 40:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+        proc.wait(15)
+        assert proc.returncode == 0
+    with open(image, "rb") as f:
+        for i in acknowledged:
+            f.seek(i * MIB)
+            assert f.read(MIB) == bytes([i + 1]) * MIB, f"acknowledged write {i} is not in the file"
