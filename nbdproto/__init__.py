@@ -10,7 +10,7 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
-from ._export import DeviceCapabilities, export_for
+from ._export import DeviceCapabilities, ExportSpec, export_for
 from ._negotiation import ClientNegotiation, NegotiationError
 from ._server import ServerConnection
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
@@ -29,6 +29,7 @@ __all__ = [
     "ClientNegotiation",
     "NegotiationError",
     "DeviceCapabilities",
+    "ExportSpec",
     "export_for",
     "NbdUri",
     "parse_uri",

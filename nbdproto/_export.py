@@ -8,7 +8,7 @@ every user device agree on what a capability means on the wire.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._constants import BASE_ALLOCATION, DEFAULT_MAX_PAYLOAD, Option, OptionReplyType, TransmissionFlags
@@ -146,13 +146,22 @@ class ExportSpec(Generic[D]):
     description: str = ""
     read_only: bool = True
     tls_required: bool = False
+    block_sizes: tuple[int, int, int] | None = None
+    """(minimum, preferred, maximum payload) to advertise instead of the device's own, e.g. 4096 for a disk
+    that must not see partial sectors; checked as DeviceCapabilities checks them."""
 
     def export(self, name: str) -> Export:
         """The Export the engine advertises for this device under ``name``."""
+        capabilities = self.device.capabilities
+        if self.block_sizes is not None:
+            minimum, preferred, maximum = self.block_sizes
+            capabilities = replace(
+                capabilities, minimum_block_size=minimum, preferred_block_size=preferred, maximum_payload=maximum
+            )
         return export_for(
             name,
             self.device.size,
-            self.device.capabilities,
+            capabilities,
             read_only=self.read_only,
             description=self.description,
             tls_required=self.tls_required,

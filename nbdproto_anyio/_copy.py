@@ -36,7 +36,8 @@ def add_copy_command(commands: Any) -> None:
     parser.add_argument("src", metavar="SRC", help="NBD URI or file")
     parser.add_argument("dst", metavar="DST", help="NBD URI, file, or null: (discard)")
     parser.add_argument("--connections", type=int, default=4, help="connections at each NBD end (default 4)")
-    parser.add_argument("--requests", type=int, default=4, help="requests in flight per connection (default 4)")
+    # Measured (bench/bench_copy.sh): one request per connection beats four, the worker threads share one GIL.
+    parser.add_argument("--requests", type=int, default=1, help="requests in flight per connection (default 1)")
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -186,7 +187,7 @@ def _pieces(source: Any, size: int, step: int) -> Iterator[tuple[int, int, bool]
 
 
 def copy(
-    src: str, dst: str, *, connections: int = 4, requests: int = 4, progress: bool = False, tls: Any = None
+    src: str, dst: str, *, connections: int = 4, requests: int = 1, progress: bool = False, tls: Any = None
 ) -> int:
     """Copy SRC to DST; returns the number of bytes copied as data (zero runs excluded)."""
     source: Any = _Nbd(src, connections, tls) if _is_uri(src) else _File(src, writable=False)

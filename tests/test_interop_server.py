@@ -244,3 +244,47 @@ def test_tls_with_x509_certificates(backend: str, peers: Any) -> None:
         )
         assert plain.returncode != 0
         assert "server error message: TLS is required" in plain.stderr
+
+
+def test_ipv6_loopback(peers: Any) -> None:
+    """Both server kinds listen on ::1 and nbdinfo reaches them there."""
+    peers("nbdinfo")
+    import threading
+
+    import anyio.from_thread
+
+    import nbdproto_anyio
+    import nbdproto_threads
+
+    try:
+        server = nbdproto_threads.Server({"d": nbdproto_threads.MemoryDevice(MIB)}, ("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"this machine has no IPv6 loopback: {exc}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        info = json.loads(run("nbdinfo", "--json", f"nbd://[::1]:{server.address[1]}/d").stdout)
+        assert info["exports"][0]["export-size"] == MIB
+    finally:
+        server.shutdown()
+    spec = nbdproto_anyio.AsyncExportSpec(nbdproto_anyio.AsyncMemoryDevice(2 * MIB))
+    with anyio.from_thread.start_blocking_portal() as portal:
+        listener = portal.call(nbdproto_anyio.listen, ("::1", 0))
+        future = portal.start_task_soon(nbdproto_anyio.Server({"d": spec}).serve, listener)
+        try:
+            info = json.loads(run("nbdinfo", "--json", f"nbd://[::1]:{listener.address[1]}/d").stdout)
+            assert info["exports"][0]["export-size"] == 2 * MIB
+        finally:
+            future.cancel()
+
+
+def test_tls_client_certificates_are_verified(backend: str, peers: Any) -> None:
+    peers("nbdinfo")
+    with make_pki(verify_client=True) as pki:
+        exports = {"disk": Export(MemoryDevice(MIB))}
+        with serve_exports(backend, exports, tls=pki.server_context) as base:
+            uri = base.format("disk") + ("&" if "?" in base else "?") + f"tls-certificates={pki.directory}"
+            assert json.loads(run("nbdinfo", "--json", uri).stdout)["TLS"] is True  # client-cert.pem is there
+            os.rename(os.path.join(pki.directory, "client-cert.pem"), os.path.join(pki.directory, "gone.pem"))
+            refused = run("nbdinfo", uri, check=False)
+            assert refused.returncode != 0
