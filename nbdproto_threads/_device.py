@@ -9,12 +9,13 @@ same methods, awaited.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from nbdproto._export import DeviceCapabilities
 
-__all__ = ["BlockDevice", "Buffer"]
+__all__ = ["BlockDevice", "Buffer", "check_range"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -58,3 +59,13 @@ class BlockDevice(Protocol):
 
     def close(self) -> None:
         """Release the device."""
+
+
+def check_range(size: int, offset: int, length: int, *, writing: bool = False, can_write: bool = True) -> None:
+    """The errors a device raises for a bad range: EINVAL for reads and ENOSPC for writes past ``size``
+    (spec: "Error values"), EROFS for a write to a read-only device. Shared by the built-in devices."""
+    if offset < 0 or length < 0 or offset + length > size:
+        code = errno.ENOSPC if writing else errno.EINVAL
+        raise OSError(code, f"range {offset}+{length} is outside the device ({size} bytes)")
+    if writing and not can_write:
+        raise OSError(errno.EROFS, "the device is read-only")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from nbdproto import BASE_ALLOCATION, AllocationState
 from nbdproto._export import DeviceCapabilities
 
-from ._device import Buffer
+from ._device import Buffer, check_range
 
 __all__ = ["FileDevice"]
 
@@ -98,11 +98,7 @@ class FileDevice:
         return self._fd
 
     def _check(self, offset: int, length: int, writing: bool = False) -> None:
-        if offset < 0 or length < 0 or offset + length > self._size:
-            code = errno.ENOSPC if writing else errno.EINVAL
-            raise OSError(code, f"range {offset}+{length} is outside the device ({self._size} bytes)")
-        if writing and not self._capabilities.can_write:
-            raise OSError(errno.EROFS, "the device is read-only")
+        check_range(self._size, offset, length, writing=writing, can_write=self._capabilities.can_write)
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         size = len(buffer)

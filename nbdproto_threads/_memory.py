@@ -11,14 +11,13 @@ atomic too. Concurrent overlapping writes land in some order, which the NBD spec
 
 from __future__ import annotations
 
-import errno
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from nbdproto import BASE_ALLOCATION, AllocationState
 from nbdproto._export import DeviceCapabilities
 
-from ._device import Buffer
+from ._device import Buffer, check_range
 
 __all__ = ["MemoryDevice", "PAGE_SIZE"]
 
@@ -59,11 +58,7 @@ class MemoryDevice:
         return len(self._pages) * PAGE_SIZE
 
     def _check(self, offset: int, length: int, writing: bool = False) -> None:
-        if offset < 0 or length < 0 or offset + length > self._size:
-            code = errno.ENOSPC if writing else errno.EINVAL
-            raise OSError(code, f"range {offset}+{length} is outside the device ({self._size} bytes)")
-        if writing and not self._capabilities.can_write:
-            raise OSError(errno.EROFS, "the device is read-only")
+        check_range(self._size, offset, length, writing=writing, can_write=self._capabilities.can_write)
 
     @staticmethod
     def _spans(offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
