@@ -218,6 +218,9 @@ class ClientTransmission:
                 if self._eof:
                     if len(buf):
                         self._fail(f"the server closed the connection in the middle of a reply ({len(buf)} bytes)")
+                    started = [c for c, p in self._pending.items() if p.covered or p.extents or p.error or p.ranges]
+                    if started:
+                        self._fail(f"the server closed the connection before the DONE chunk of cookie {started[0]:#x}")
                     self._phase = Phase.CLOSED
                     return ConnectionClosed()
                 return NEED_DATA

@@ -498,3 +498,12 @@ def test_no_request_after_disconnect() -> None:
     p.client.send(n.DisconnectRequest())
     with pytest.raises(n.LocalProtocolError, match="DISC"):
         p.client.send(n.ReadRequest(1, 0, 512))
+
+
+def test_a_reply_without_done_is_a_remote_error() -> None:
+    client, _ = connected_client("structured")
+    client.receive_data(data_chunk("structured", 0, 5, 4096, bytes(512)))
+    assert client.next_event() is n.NEED_DATA
+    client.receive_data(b"")
+    with pytest.raises(n.RemoteProtocolError, match="DONE"):
+        client.next_event()
