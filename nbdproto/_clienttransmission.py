@@ -81,6 +81,15 @@ class ClientTransmission:
         self.export: Export | None = None
         self._pending: dict[int, _Pending] = {}
         self._disconnected = False
+        self.server_shutting_down = False
+        """True once a reply carried NBD_ESHUTDOWN: no new request may be sent, and the driver must send
+        NBD_CMD_DISC (spec: "Terminating the transmission phase"), best once ``in_flight`` is 0."""
+
+    @property
+    def must_disconnect(self) -> bool:
+        """True when the driver should send DisconnectRequest now: the server is shutting down and every
+        request in flight has its reply."""
+        return self.server_shutting_down and not self._pending and not self._disconnected
 
     @property
     def in_flight(self) -> int:
@@ -101,6 +110,8 @@ class ClientTransmission:
         if self._disconnected:
             raise LocalProtocolError("no request may follow NBD_CMD_DISC")
         kind = type(event)
+        if self.server_shutting_down and kind is not DisconnectRequest:
+            raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): only NBD_CMD_DISC may follow")
         if kind is DisconnectRequest:
             self._disconnected = True
             self._queue_header(Command.DISC, 0, event.cookie, 0, 0)  # type: ignore[union-attr]
@@ -272,7 +283,7 @@ class ClientTransmission:
         buf.skip(h.SIMPLE_REPLY.size)
         del self._pending[cookie]
         if error:
-            return ErrorReply(cookie, _errno(error))
+            return self._error(ErrorReply(cookie, _errno(error)))
         if command == Command.BLOCK_STATUS:
             self._fail(f"block status {cookie:#x} answered by a simple reply without error")
         return SuccessReply(cookie)
@@ -404,10 +415,15 @@ class ClientTransmission:
             cookie: int = pending.request.cookie  # type: ignore[union-attr]
             pending.error = ErrorReply(cookie, _errno(error), message, offset)
 
+    def _error(self, reply: ErrorReply) -> ErrorReply:
+        if reply.error == Errno.ESHUTDOWN:
+            self.server_shutting_down = True
+        return reply
+
     def _complete(self, pending: _Pending) -> Event:
         cookie: int = pending.request.cookie  # type: ignore[union-attr]
         if pending.error is not None:
-            return pending.error
+            return self._error(pending.error)
         if pending.command == Command.READ:
             if pending.covered != pending.length:
                 self._fail(f"read {cookie:#x} ended with {pending.covered} of {pending.length} bytes answered")

@@ -144,6 +144,9 @@ class AsyncClient:
                 waiter = self._waiting.get(cookie)
                 if waiter is not None:
                     waiter.set()
+                if engine.must_disconnect:  # the server said ESHUTDOWN: leave as the spec asks
+                    engine.send(nbdproto.DisconnectRequest())
+                    await self._flush()
         except (nbdproto.ProtocolError, ConnectionError, anyio.BrokenResourceError) as exc:
             self._failure = exc
             for cookie, waiter in list(self._waiting.items()):

@@ -185,6 +185,9 @@ class Client:
                         waiter = self._waiters.pop(event.cookie)  # type: ignore[union-attr]
                         waiter.reply = event
                         waiter.done.set()
+                    if engine.must_disconnect:  # the server said ESHUTDOWN: leave as the spec asks
+                        engine.send(nbdproto.DisconnectRequest())
+                        self.stream.send(engine.data_to_send())
         except BaseException as exc:
             with self._lock:
                 self._failure = exc

@@ -224,3 +224,23 @@ def test_nbd_server(peers: Any, tmp_path: Any) -> None:
         c.pwrite(b"from nbdproto", 512)
         c.flush()
     assert image.read_bytes()[512:525] == b"from nbdproto"
+
+
+def test_client_leaves_politely_after_eshutdown() -> None:
+    """A device failing with ESHUTDOWN makes our server answer NBD_ESHUTDOWN; our client then sends DISC."""
+    from tests.serving import Export, serve_exports
+
+    class ShuttingDown(nt.MemoryDevice):
+        def pread_into(self, buffer: memoryview, offset: int) -> None:
+            raise OSError(errno.ESHUTDOWN, "maintenance")
+
+    with serve_exports("threads", {"d": Export(ShuttingDown(MIB))}) as base, nt.connect(base.format("d")) as c:
+        with pytest.raises(nt.NBDError) as info:
+            c.pread(512, 0)
+        assert info.value.errno == errno.ESHUTDOWN
+        deadline = time.monotonic() + 5
+        while not c.engine._disconnected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.engine._disconnected, "the client did not send NBD_CMD_DISC after ESHUTDOWN"
+        with pytest.raises(n.LocalProtocolError, match="DISC"):
+            c.pwrite(b"x", 0)

@@ -507,3 +507,26 @@ def test_a_reply_without_done_is_a_remote_error() -> None:
     client.receive_data(b"")
     with pytest.raises(n.RemoteProtocolError, match="DONE"):
         client.next_event()
+
+
+@pytest.mark.parametrize("mode", ["simple", "structured"])
+def test_eshutdown_makes_the_client_disconnect(mode: str) -> None:
+    p = Pair()
+    p.connect(mode)
+    p.client.send(n.ReadRequest(1, 0, 512))
+    p.client.send(n.ReadRequest(2, 512, 512))
+    p.server.receive_data(b"".join(bytes(x) for x in p.client.data_to_send()))
+    first, second = [e for e in iter(p.server.next_event, n.NEED_DATA)]
+    p.server.send(n.ErrorReply(first.cookie, n.Errno.ESHUTDOWN, "going down"))
+    p.client.receive_data(b"".join(bytes(x) for x in p.server.data_to_send()))
+    (reply,) = p.events()
+    assert reply.error == n.Errno.ESHUTDOWN and p.client.server_shutting_down
+    assert not p.client.must_disconnect  # read 2 is still in flight
+    with pytest.raises(n.LocalProtocolError, match="ESHUTDOWN"):
+        p.client.send(n.FlushRequest(3))
+    p.server.send(n.ReadData(second.cookie, second.offset, bytes(512)))
+    p.client.receive_data(b"".join(bytes(x) for x in p.server.data_to_send()))
+    p.events()
+    assert p.client.must_disconnect
+    p.client.send(n.DisconnectRequest())
+    assert not p.client.must_disconnect
