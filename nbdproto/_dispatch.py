@@ -224,12 +224,16 @@ def carry_out(
     """
     try:
         if type(request) is ReadRequest:
-            # The commonest request, straight through: one buffer, one device call (measured: the generic
-            # path below costs about a microsecond more per read).
+            # The commonest requests, straight through: one device call (measured: the generic path below
+            # costs about a microsecond more per request).
             read: ReadRequest = request
             buffer = bytearray(read.length)
             device.pread_into(memoryview(buffer), read.offset)
             return ReadData(read.cookie, read.offset, buffer)
+        if type(request) is WriteRequest:
+            write: WriteRequest = request
+            device.pwrite(write.data, write.offset, bool(write.flags & _FUA))
+            return SuccessReply(write.cookie)
         calls = device_calls(request, meta_contexts)
         results = [getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
     except Exception as exc:  # a device failure becomes an NBD error reply, never a dead connection

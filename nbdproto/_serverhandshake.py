@@ -15,6 +15,7 @@ from ._constants import (
     MAX_OPTION_LENGTH,
     MAX_STRING_LENGTH,
     ClientFlags,
+    CommandFlags,
     InfoType,
     Option,
     OptionReplyType,
@@ -297,6 +298,9 @@ class ServerHandshake(ServerState):
         self._flags = flags
         self._min_block = export.minimum_block_size
         self._max_payload = export.maximum_payload
+        writable = not flags & TransmissionFlags.READ_ONLY
+        fua = {int(CommandFlags.FUA)} if flags & TransmissionFlags.SEND_FUA else set()
+        self._plain_write_flags = frozenset({0} | fua) if writable else frozenset()
         self._request_codec = h.EXTENDED_REQUEST if self.extended_headers else h.REQUEST
         self._phase = Phase.TRANSMISSION
         self._events.append(

@@ -68,6 +68,8 @@ class ServerState:
         self._flags = 0
         self._min_block = 1
         self._max_payload = 0
+        # The flags a WRITE may carry on the fast path: none, plus FUA where advertised (empty if read-only).
+        self._plain_write_flags: frozenset[int] = frozenset()
         # Requests handed to the application and not fully answered, by cookie; reads answered in several
         # chunks also have a Progress.
         self._in_flight: dict[int, Request] = {}

@@ -119,6 +119,20 @@ class ServerTransmission(ServerState):
                 event: Request = ReadRequest(cookie, offset, length, _COMMAND_FLAGS[0])
                 in_flight[cookie] = event
                 return event
+            # The next most common: a valid WRITE whose payload is all here (FUA allowed where advertised).
+            if (
+                command == _WRITE
+                and 0 < length <= self._max_payload
+                and (flags & ~_PAYLOAD_LEN) in self._plain_write_flags
+                and bool(flags & _PAYLOAD_LEN) == self.extended_headers
+                and offset + length <= self._size
+                and not (offset | length) % self._min_block
+                and len(buf) >= header_size + length
+            ):
+                buf.skip(header_size)
+                event = WriteRequest(cookie, offset, buf.take(length), _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
+                in_flight[cookie] = event
+                return event
             if self.extended_headers:
                 payload = length if flags & _PAYLOAD_LEN else 0
             else:

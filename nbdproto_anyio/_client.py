@@ -102,6 +102,8 @@ class AsyncClient:
     async def _request(self, make: Any) -> Any:
         if self._failure is not None:
             raise ConnectionError(f"the connection failed: {self._failure}") from self._failure
+        if self.engine.phase is not nbdproto.Phase.TRANSMISSION:
+            raise ConnectionError(f"the connection is {self.engine.phase.value}")
         cookie = next(self._cookies)
         done = anyio.Event()
         self.engine.send(make(cookie))  # checks happen here; a refused request raises before anything is sent

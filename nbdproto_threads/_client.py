@@ -117,6 +117,8 @@ class Client:
         with self._lock:
             if self._failure is not None:
                 raise ConnectionError(f"the connection failed: {self._failure}") from self._failure
+            if self.engine.phase is not nbdproto.Phase.TRANSMISSION:
+                raise ConnectionError(f"the connection is {self.engine.phase.value}")
             cookie = next(self._cookies)
             self.engine.send(make(cookie))
             self._waiters[cookie] = waiter
@@ -181,7 +183,9 @@ class Client:
                         if event is nbdproto.NEED_DATA or event is nbdproto.PAUSED:
                             break
                         if isinstance(event, nbdproto.ConnectionClosed):
-                            raise ConnectionError("the server closed the connection")
+                            # Recorded before the lock is let go, so no caller sees a closed engine first.
+                            self._failure = ConnectionError("the server closed the connection")
+                            raise self._failure
                         waiter = self._waiters.pop(event.cookie)  # type: ignore[union-attr]
                         waiter.reply = event
                         waiter.done.set()
