@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=nbdproto.DEFAULT_PORT, help="TCP port (default 10809; 0: any)")
     serve.add_argument("--socket", metavar="PATH", help="listen on a unix socket instead of TCP")
     serve.add_argument("--backend", choices=("anyio", "threads"), default="anyio", help="server backend")
+    serve.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop", "trio"),
+        default="asyncio",
+        help="event loop of the anyio backend (default asyncio: uvloop and trio measured no faster here, "
+        "4 KiB random reads at queue depth 16)",
+    )
     serve.add_argument("--tls", choices=("off", "optional", "require"), default="off", help="TLS mode")
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain) for TLS")
     serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -186,6 +193,11 @@ def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise UsageError("--loop uvloop needs the uvloop package (pip install uvloop)") from None
     exports = _exports(args)
     tls, tls_mode = _tls(args)
     sock = _listen_socket(args)
@@ -204,7 +216,7 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    job = _Serving(sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop)
+    job = _Serving(sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop, args.loop)
     try:
         (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
     finally:
@@ -242,6 +254,7 @@ class _Serving:
     tls: ssl.SSLContext | None
     tls_mode: nbdproto.TlsMode | None
     stop: threading.Event
+    loop: str = "asyncio"
 
 
 def _serve_threads(job: _Serving) -> None:
@@ -273,7 +286,10 @@ def _serve_anyio(job: _Serving) -> None:
             await anyio.to_thread.run_sync(job.stop.wait)
             tasks.cancel_scope.cancel()
 
-    anyio.run(run, backend="asyncio")
+    if job.loop == "uvloop":
+        anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        anyio.run(run, backend=job.loop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

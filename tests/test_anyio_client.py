@@ -110,3 +110,40 @@ async def test_tls_with_our_server() -> None:
                 assert await c.pread(6, 0) == b"secret"
             with pytest.raises(n.NegotiationError, match="TLS"):
                 await na.connect(base.format("d").replace("nbds://", "nbd://"))
+
+
+async def test_qemu_nbd_plain_and_tls(peers: Any, tmp_path: Any) -> None:
+    peers("qemu-nbd", "qemu-img")
+    import subprocess
+
+    from tests.conftest import PEER_ENV
+    from tests.serving import make_pki
+    from tests.test_interop_client import qemu_nbd
+
+    image = str(tmp_path / "disk.raw")
+    subprocess.run(["qemu-img", "create", "-f", "raw", image, "4M"], check=True, capture_output=True, env=PEER_ENV)
+    with qemu_nbd(image, "raw") as port:
+        async with await na.connect(f"nbd://127.0.0.1:{port}/disk") as c:
+            await c.pwrite(b"plain", 0)
+            assert await c.pread(5, 0) == b"plain"
+    with make_pki() as pki:
+        tls = f"tls-creds-x509,id=tls0,dir={pki.directory},endpoint=server"
+        with qemu_nbd(image, "raw", "--object", tls, "--tls-creds", "tls0") as port:
+            async with await na.connect(f"nbds://127.0.0.1:{port}/disk", tls=pki.client_context) as c:
+                assert c.engine.tls_active and await c.pread(5, 0) == b"plain"
+
+
+async def test_nbd_server(peers: Any, tmp_path: Any) -> None:
+    peers("nbd-server")
+    import os
+
+    from tests.test_interop_client import nbd_server
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MIB))
+    with nbd_server(str(image), tmp_path) as port:
+        async with await na.connect(f"nbd://127.0.0.1:{port}/disk") as c:
+            assert await c.pread(MIB, 0) == image.read_bytes()
+            await c.pwrite(b"async write", 100)
+            await c.flush()
+    assert image.read_bytes()[100:111] == b"async write"

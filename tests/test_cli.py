@@ -184,3 +184,10 @@ def test_sigterm_loses_no_acknowledged_write(tmp_path: Any) -> None:
         for i in acknowledged:
             f.seek(i * MIB)
             assert f.read(MIB) == bytes([i + 1]) * MIB, f"acknowledged write {i} is not in the file"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_serve_on_each_event_loop(loop: str) -> None:
+    with serving("--memory", "4M", "--loop", loop) as (_, (uri,)), nt.connect(uri) as c:
+        c.pwrite(b"loop", 0)
+        assert c.pread(4, 0) == b"loop"
