@@ -8,6 +8,7 @@ built on the public APIs of nbdproto_anyio and nbdproto_threads.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import re
@@ -193,11 +194,8 @@ def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]
 
 
 def serve(args: argparse.Namespace) -> int:
-    if args.loop == "uvloop":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            raise UsageError("--loop uvloop needs the uvloop package (pip install uvloop)") from None
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise UsageError("--loop uvloop needs the uvloop package (pip install uvloop)")
     exports = _exports(args)
     tls, tls_mode = _tls(args)
     sock = _listen_socket(args)
