@@ -1,21 +1,27 @@
 #!/bin/bash
 # nbdproto copy against nbdcopy: a 1 GiB export of nbdkit's file plugin to null: and to a tmpfs file,
-# alternating, best of 3 each. Needs nbdkit and libnbd-bin, and /dev/shm/nb/src.img (1 GiB of non-zero data:
-# head -c 1G /dev/urandom > /dev/shm/nb/src.img).   bash bench/bench_copy.sh
+# alternating, best of 5 each. Needs nbdkit and libnbd-bin, and /dev/shm/nb/src.img (1 GiB of non-zero data:
+# mkdir -p /dev/shm/nb && head -c 1G /dev/urandom > /dev/shm/nb/src.img).
+# Run from the repository after .ci/run (or any venv with nbdproto installed):   bash bench/bench_copy.sh
+# NBDPROTO picks the command (default: .venv/bin/nbdproto; a pyenv shim in front of it adds ~60 ms).
 set -eu
 img=/dev/shm/nb/src.img
 port=10990
+nbdproto=${NBDPROTO:-.venv/bin/nbdproto}
+rounds=${ROUNDS:-5}
 nbdkit -f --exit-with-parent -p $port -i 127.0.0.1 file "$img" & K=$!
 trap 'kill $K 2>/dev/null' EXIT
 sleep 1
 uri=nbd://127.0.0.1:$port/
 t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
-best() { local b=999; for _ in 1 2 3; do v=$(t "$@"); b=$(echo "if ($v < $b) $v else $b" | bc -l); done; echo "$b"; }
 for dst in null: /dev/shm/nb/copy.img; do
-  rm -f /dev/shm/nb/copy.img
-  a=$(best nbdcopy "$uri" "$dst")
-  rm -f /dev/shm/nb/copy.img
-  b=$(best python -m nbdproto_anyio copy --no-progress "$uri" "$dst")
-  printf "%s\tnbdcopy %.2fs\tnbdproto copy %.2fs\tratio %.2f\n" "$dst" "$a" "$b" "$(echo "$b / $a" | bc -l)"
+  a=999 b=999
+  for _ in $(seq "$rounds"); do
+    rm -f /dev/shm/nb/copy.img
+    v=$(t nbdcopy "$uri" "$dst"); a=$(echo "if ($v < $a) $v else $a" | bc -l)
+    rm -f /dev/shm/nb/copy.img
+    v=$(t "$nbdproto" copy --no-progress "$uri" "$dst"); b=$(echo "if ($v < $b) $v else $b" | bc -l)
+  done
+  printf "%s\tnbdcopy %.3fs\tnbdproto copy %.3fs\tratio %.2f\n" "$dst" "$a" "$b" "$(echo "$b / $a" | bc -l)"
 done
 rm -f /dev/shm/nb/copy.img

@@ -136,6 +136,8 @@ class ClientConnection(ClientTransmission):
             return
         if self._phase is Phase.TLS_UPGRADE:
             self._fail("server sent plaintext after acknowledging NBD_OPT_STARTTLS")
+        if self._direct is not None:
+            data = self._fill_direct(data)
         self._buf.append(data)
 
     def next_event(self) -> Event | type[NEED_DATA] | type[PAUSED]:

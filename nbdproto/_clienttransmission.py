@@ -81,6 +81,11 @@ class ClientTransmission:
         self.export: Export | None = None
         self._pending: dict[int, _Pending] = {}
         self._disconnected = False
+        # A read payload arriving straight into the caller's buffer: the part still to fill, the request it
+        # belongs to, and whether the request is complete once it is filled (a simple reply, or a DONE chunk).
+        self._direct: memoryview | None = None
+        self._direct_pending: _Pending | None = None
+        self._direct_done = False
         self.server_shutting_down = False
         """True once a reply carried NBD_ESHUTDOWN: no new request may be sent, and the driver must send
         NBD_CMD_DISC (spec: "Terminating the transmission phase"), best once ``in_flight`` is 0."""
@@ -98,6 +103,54 @@ class ClientTransmission:
 
     def _fail(self, message: str) -> None:
         raise NotImplementedError
+
+    # --- Read payloads straight into the caller's buffer --------------------------------------------------
+
+    def read_buffer(self) -> memoryview | None:
+        """Where the next bytes from the server belong when they are the rest of a read's data: the unfilled
+        part of the caller's ReadRequest buffer, else None. A driver may receive straight into it (e.g.
+        ``socket.recv_into``) and report the count with ``received_into``, so that large read payloads are
+        never copied in Python; passing them to ``receive_data`` is equally correct."""
+        direct = self._direct
+        return direct if direct is not None and len(direct) else None
+
+    def received_into(self, count: int) -> None:
+        """``count`` bytes were written at the start of ``read_buffer()``; 0 means the server closed."""
+        direct = self._direct
+        if count == 0:
+            self._eof = True
+            return
+        if direct is None or not 0 < count <= len(direct):
+            raise LocalProtocolError(f"received_into({count}) does not fit the read buffer")
+        self._direct = direct[count:]
+
+    def _fill_direct(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        # receive_data's way into the caller's buffer: returns what is left over for the receive buffer.
+        direct = self._direct
+        assert direct is not None
+        count = min(len(direct), len(data))
+        direct[:count] = data[:count]
+        self._direct = direct[count:]
+        return memoryview(data)[count:] if count < len(data) else b""
+
+    def _start_direct(self, pending: _Pending, destination: memoryview, done: bool) -> type[NEED_DATA]:
+        # The header is consumed; what has arrived of the payload is copied, the rest will land in place.
+        buf = self._buf
+        have = len(buf)
+        destination[:have] = buf.take(have)
+        self._direct = destination[have:]
+        self._direct_pending = pending
+        self._direct_done = done
+        return NEED_DATA
+
+    def _finish_direct(self) -> Event | None:
+        pending = self._direct_pending
+        assert pending is not None
+        self._direct = self._direct_pending = None
+        if not self._direct_done:
+            return None
+        del self._pending[pending.request.cookie]  # type: ignore[union-attr]
+        return self._complete(pending)
 
     def _start_transmission(self, export: Export) -> None:
         self.export = export
@@ -225,6 +278,13 @@ class ClientTransmission:
     def _next_reply(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         while True:
+            if self._direct is not None:
+                if len(self._direct):
+                    return self._need_more()
+                finished = self._finish_direct()
+                if finished is not None:
+                    return finished
+                continue
             if len(buf) < 4:
                 if self._eof:
                     if len(buf):
@@ -273,10 +333,11 @@ class ClientTransmission:
         if error == 0 and command == Command.READ:
             if self.structured_replies:
                 self._fail(f"simple reply with data to read {cookie:#x} while structured replies are in use")
-            if len(buf) < h.SIMPLE_REPLY.size + pending.length:
-                return NEED_DATA
-            buf.skip(h.SIMPLE_REPLY.size)
             assert pending.buffer is not None
+            buf.skip(h.SIMPLE_REPLY.size)
+            if len(buf) < pending.length:
+                pending.covered = pending.length
+                return self._start_direct(pending, pending.buffer, done=True)
             pending.buffer[:] = buf.take(pending.length)
             del self._pending[cookie]
             return ReadReply(cookie, pending.buffer)
@@ -307,7 +368,13 @@ class ClientTransmission:
         if length > self._chunk_limit(pending, chunk_type):
             self._fail(f"chunk of {length} bytes for {pending.command.name} {cookie:#x} is larger than allowed")
         if len(buf) < codec.size + length:
-            return NEED_DATA
+            if chunk_type != ChunkType.OFFSET_DATA or len(buf) < codec.size + 8 or length < 9:
+                return NEED_DATA
+            # Data for a read, its offset known: checked now, the bytes go straight where they belong.
+            buf.skip(codec.size)
+            (offset,) = h.OFFSET_DATA_PREFIX.unpack_from(buf.take(8))
+            destination = self._claim(pending, offset, length - 8)
+            return self._start_direct(pending, destination, done=bool(flags & _DONE))
         buf.skip(codec.size)
         payload = buf.take(length)
         self._apply_chunk(pending, chunk_type, payload)
@@ -341,12 +408,12 @@ class ClientTransmission:
                 if len(payload) < 9:
                     self._fail(f"OFFSET_DATA chunk of {len(payload)} bytes carries no data")
                 (offset,) = h.OFFSET_DATA_PREFIX.unpack_from(payload)
-                self._place(pending, offset, len(payload) - 8, payload[8:])
+                self._claim(pending, offset, len(payload) - 8)[:] = payload[8:]
             else:
                 fields = w.decode(w.OffsetHolePayload, payload)
                 if fields.hole_size == 0:
                     self._fail("OFFSET_HOLE chunk with a hole of 0 bytes")
-                self._place(pending, fields.offset, fields.hole_size, None)
+                self._claim(pending, fields.offset, fields.hole_size)[:] = bytes(fields.hole_size)
             return
         if chunk_type in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
             if command != Command.BLOCK_STATUS:
@@ -357,7 +424,8 @@ class ClientTransmission:
             return
         self._fail(f"unknown chunk type {chunk_type} for cookie {cookie:#x}")
 
-    def _place(self, pending: _Pending, offset: int, size: int, data: memoryview | None) -> None:
+    def _claim(self, pending: _Pending, offset: int, size: int) -> memoryview:
+        """Check that a read chunk fits its request and no earlier chunk; returns where its bytes go."""
         start, end = pending.offset, pending.offset + pending.length
         if offset < start or offset + size > end:
             self._fail(f"read chunk {offset}+{size} is outside the request {start}+{pending.length}")
@@ -371,10 +439,7 @@ class ClientTransmission:
         pending.covered += size
         assert pending.buffer is not None
         at = offset - start
-        if data is None:
-            pending.buffer[at : at + size] = bytes(size)
-        else:
-            pending.buffer[at : at + size] = data
+        return pending.buffer[at : at + size]
 
     def _block_status_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
         if chunk_type == ChunkType.BLOCK_STATUS_EXT:

@@ -20,17 +20,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import anyio
-
 import nbdproto
 from nbdproto_threads import ExportSpec, FileDevice, MemoryDevice
 from nbdproto_threads import Server as ThreadsServer
 
 from ._cli_query import add_query_commands, info, list_command
 from ._copy import add_copy_command, copy_command
-from ._device import AsyncDeviceAdapter
-from ._server import AsyncExportSpec, listen
-from ._server import Server as AnyioServer
 
 __all__ = ["main", "parse_size"]
 
@@ -267,6 +262,14 @@ def _serve_threads(job: _Serving) -> None:
 
 
 def _serve_anyio(job: _Serving) -> None:
+    # Imported here, not at the top: the event loop and anyio are a good part of the start-up time of the
+    # commands that do not need them (a copy's figures include it).
+    import anyio
+
+    from ._device import AsyncDeviceAdapter
+    from ._server import AsyncExportSpec, listen
+    from ._server import Server as AnyioServer
+
     specs = {
         e.name: AsyncExportSpec(
             AsyncDeviceAdapter(d, dispatch="batch" if isinstance(d, FileDevice) and not d.in_memory else "inline"),

@@ -7,7 +7,7 @@ socket, the seed's negotiate-then-serve contract). Devices: the ``BlockDevice`` 
 
 from nbdproto._export import DeviceCapabilities
 
-from ._client import Client, NBDError, connect, list_exports
+from ._client import Client, Connection, NBDError, connect, list_exports, negotiate_client, open_connection
 from ._device import BlockDevice
 from ._file import FileDevice
 from ._memory import MemoryDevice
@@ -18,6 +18,9 @@ __all__ = [
     "NBDError",
     "connect",
     "list_exports",
+    "Connection",
+    "open_connection",
+    "negotiate_client",
     "BlockDevice",
     "DeviceCapabilities",
     "MemoryDevice",

@@ -15,18 +15,63 @@ import socket
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import nbdproto
 from nbdproto._negotiation import ClientNegotiation
 
 from ._stream import SocketStream
 
-__all__ = ["Client", "NBDError", "connect", "list_exports"]
+__all__ = ["Client", "Connection", "NBDError", "connect", "list_exports", "negotiate_client", "open_connection"]
 
 
 class NBDError(OSError):
     """The server answered a request with an error: ``errno`` is the NBD error value (EIO, ENOSPC, ...)."""
+
+
+class Connection(NamedTuple):
+    """A negotiated connection, for callers that drive the engine themselves (``nbdproto copy`` does; ``Client``
+    is the usual way): the socket stream, the engine in transmission (or done, after a listing), and the
+    handshake's result (HandshakeComplete, or ExportList when the exports were listed)."""
+
+    stream: SocketStream
+    engine: nbdproto.ClientConnection
+    result: Any
+
+
+def negotiate_client(
+    sock: socket.socket, plan: ClientNegotiation, *, tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> Connection:  # fmt: skip
+    """Run the handshake ``plan`` on a connected blocking socket (closed if the handshake fails)."""
+    stream = SocketStream(sock)
+    engine = nbdproto.ClientConnection()
+    try:
+        while not plan.done:
+            event = engine.next_event()
+            if event is nbdproto.NEED_DATA:
+                stream.send(engine.data_to_send())
+                engine.receive_data(stream.recv())
+                continue
+            if event is nbdproto.PAUSED:
+                raise nbdproto.LocalProtocolError("the handshake stalled with nothing to send")
+            send = plan.step(event)  # type: ignore[arg-type]
+            if isinstance(event, nbdproto.StartTLS):
+                if tls is None:
+                    raise nbdproto.LocalProtocolError("STARTTLS accepted but no TLS context was given")
+                stream.send(engine.data_to_send())
+                stream.sock = tls.wrap_socket(stream.sock, server_hostname=server_hostname)
+                engine.tls_established()
+                send = plan.tls_done()
+            if isinstance(event, nbdproto.ConnectionClosed):
+                raise ConnectionError("the server closed the connection during the handshake")
+            if send is not None:
+                engine.send(send)
+        stream.send(engine.data_to_send())
+    except BaseException:
+        stream.close()
+        raise
+    return Connection(stream, engine, plan.result)
 
 
 class _Waiter:
@@ -40,52 +85,20 @@ class _Waiter:
 class Client:
     """A connected NBD client. Use ``connect()`` to make one."""
 
-    def __init__(self, sock: socket.socket, negotiation: ClientNegotiation, *, tls: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None) -> None:  # fmt: skip
-        self.stream = SocketStream(sock)
-        self.engine = nbdproto.ClientConnection()
+    def __init__(self, connection: Connection) -> None:
+        self.stream = connection.stream
+        self.engine = connection.engine
         self._lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._cookies = itertools.count(1)
         self._failure: BaseException | None = None
         self._closed = False
-        try:
-            result = self._negotiate(negotiation, tls, server_hostname)
-        except BaseException:
-            self.stream.close()
-            raise
+        result = connection.result
         self.listing: nbdproto.ExportList | None = result if isinstance(result, nbdproto.ExportList) else None
         self.handshake = result if isinstance(result, nbdproto.HandshakeComplete) else None
         if self.handshake is not None:
             self._reader = threading.Thread(target=self._read_replies, name="nbd-client-reader", daemon=True)
             self._reader.start()
-
-    # --- Handshake ----------------------------------------------------------------------------------------
-
-    def _negotiate(self, plan: ClientNegotiation, tls: ssl.SSLContext | None, hostname: str | None) -> Any:
-        engine = self.engine
-        while not plan.done:
-            event = engine.next_event()
-            if event is nbdproto.NEED_DATA:
-                self.stream.send(engine.data_to_send())
-                engine.receive_data(self.stream.recv())
-                continue
-            if event is nbdproto.PAUSED:
-                raise nbdproto.LocalProtocolError("the handshake stalled with nothing to send")
-            send = plan.step(event)  # type: ignore[arg-type]
-            if isinstance(event, nbdproto.StartTLS):
-                if tls is None:
-                    raise nbdproto.LocalProtocolError("STARTTLS accepted but no TLS context was given")
-                self.stream.send(engine.data_to_send())
-                self.stream.sock = tls.wrap_socket(self.stream.sock, server_hostname=hostname)
-                engine.tls_established()
-                send = plan.tls_done()
-            if isinstance(event, nbdproto.ConnectionClosed):
-                raise ConnectionError("the server closed the connection during the handshake")
-            if send is not None:
-                engine.send(send)
-        self.stream.send(engine.data_to_send())
-        return plan.result
 
     # --- What the export is -------------------------------------------------------------------------------
 
@@ -175,9 +188,16 @@ class Client:
         engine = self.engine
         try:
             while True:
-                data = self.stream.recv()
+                # The rest of a read's data is received straight into the caller's buffer, without the GIL
+                # and without a copy; everything else comes in as big chunks for the engine to parse.
+                target = engine.read_buffer()
+                data = self.stream.recv() if target is None else None
+                count = self.stream.recv_into(target) if target is not None else 0
                 with self._lock:
-                    engine.receive_data(data)
+                    if data is None:
+                        engine.received_into(count)
+                    else:
+                        engine.receive_data(data)
                     while True:
                         event = engine.next_event()
                         if event is nbdproto.NEED_DATA or event is nbdproto.PAUSED:
@@ -235,6 +255,37 @@ def _open(uri: nbdproto.NbdUri, timeout: float | None) -> socket.socket:
     return sock
 
 
+def open_connection(
+    uri: str | None = None,
+    *,
+    host: str = "localhost",
+    port: int = nbdproto.DEFAULT_PORT,
+    socket_path: str | None = None,
+    export_name: str = "",
+    tls: ssl.SSLContext | None = None,
+    require_tls: bool | None = None,
+    structured_replies: bool = True,
+    extended_headers: bool = True,
+    meta_contexts: Sequence[str] = (nbdproto.BASE_ALLOCATION,),
+    timeout: float | None = 30.0,
+) -> Connection:
+    """Connect and negotiate as ``connect`` does, but hand back the negotiated Connection instead of a Client."""
+    target = nbdproto.parse_uri(uri) if uri else nbdproto.NbdUri(export_name, False, socket_path is not None,
+                                                                 host, port, socket_path or "")  # fmt: skip
+    needs_tls = target.tls if require_tls is None else require_tls
+    if needs_tls and tls is None:
+        tls = ssl.create_default_context()
+    plan = ClientNegotiation(
+        target.export_name,
+        tls=tls is not None,
+        require_tls=needs_tls,
+        structured_replies=structured_replies,
+        extended_headers=extended_headers,
+        meta_contexts=meta_contexts,
+    )
+    return negotiate_client(_open(target, timeout), plan, tls=tls, server_hostname=target.tls_hostname)
+
+
 def connect(
     uri: str | None = None,
     *,
@@ -251,20 +302,13 @@ def connect(
 ) -> Client:
     """Connect to an NBD server by URI (nbd://, nbds://, nbd+unix://, nbds+unix://) or by host/port or
     socket_path. ``tls`` is the client SSLContext (CA and client certificate); an nbds URI requires TLS."""
-    target = nbdproto.parse_uri(uri) if uri else nbdproto.NbdUri(export_name, False, socket_path is not None,
-                                                                 host, port, socket_path or "")  # fmt: skip
-    needs_tls = target.tls if require_tls is None else require_tls
-    if needs_tls and tls is None:
-        tls = ssl.create_default_context()
-    plan = ClientNegotiation(
-        target.export_name,
-        tls=tls is not None,
-        require_tls=needs_tls,
-        structured_replies=structured_replies,
-        extended_headers=extended_headers,
-        meta_contexts=meta_contexts,
-    )
-    return Client(_open(target, timeout), plan, tls=tls, server_hostname=target.tls_hostname)
+    return Client(
+        open_connection(
+            uri, host=host, port=port, socket_path=socket_path, export_name=export_name, tls=tls,
+            require_tls=require_tls, structured_replies=structured_replies, extended_headers=extended_headers,
+            meta_contexts=meta_contexts, timeout=timeout,
+        )
+    )  # fmt: skip
 
 
 def list_exports(uri: str, *, tls: ssl.SSLContext | None = None) -> list[nbdproto.ExportListing]:
@@ -273,7 +317,7 @@ def list_exports(uri: str, *, tls: ssl.SSLContext | None = None) -> list[nbdprot
     if target.tls and tls is None:
         tls = ssl.create_default_context()
     plan = ClientNegotiation(tls=tls is not None, require_tls=target.tls, list_exports=True)
-    client = Client(_open(target, 30.0), plan, tls=tls, server_hostname=target.tls_hostname)
+    client = Client(negotiate_client(_open(target, 30.0), plan, tls=tls, server_hostname=target.tls_hostname))
     client.close()
     assert client.listing is not None
     return list(client.listing.exports)

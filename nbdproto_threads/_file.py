@@ -12,7 +12,6 @@ block devices: BLKZEROOUT and BLKDISCARD ioctls, and every byte reported as data
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -36,7 +35,7 @@ _HOLE = int(AllocationState.HOLE | AllocationState.ZERO)
 _MAX_EXTENTS = 1024
 _ZERO_CHUNK = bytes(1 << 20)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on (find_library forks ldconfig)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 

@@ -41,6 +41,13 @@ class SocketStream:
         except (ConnectionResetError, ssl.SSLEOFError):
             return b""
 
+    def recv_into(self, buffer: memoryview) -> int:
+        """Receive into ``buffer``; 0 when the peer closed (a reset counts as closed)."""
+        try:
+            return self.sock.recv_into(buffer)
+        except (ConnectionResetError, ssl.SSLEOFError):
+            return 0
+
     def send(self, pieces: Sequence[Payload]) -> None:
         """Write every piece, in order, blocking until all are sent. FileRegion pieces go out with
         os.sendfile, straight from the page cache (plain sockets only)."""

@@ -6,11 +6,13 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +22,7 @@ import nbdproto as n
 import nbdproto_threads as nt
 from tests.capture import nbdkit
 from tests.conftest import PEER_ENV
+from tests.serving import make_pki
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -155,6 +158,26 @@ def test_copy_a_sparse_file_into_an_export_and_back(tmp_path: Any) -> None:
     assert allocated(back) <= 4 * MIB
 
 
+def test_copy_over_tls_both_ways(tmp_path: Any) -> None:
+    """The copy's non-blocking TLS path: a file into an nbds:// export (served with TLS required) and back."""
+    src, back = str(tmp_path / "src.img"), str(tmp_path / "back.img")
+    with open(src, "wb") as f:
+        f.write(os.urandom(9 * MIB + 4096))
+    with make_pki() as pki:
+        d = pki.directory
+        tls = ["--tls", "require", "--tls-cert", f"{d}/server-cert.pem", "--tls-key", f"{d}/server-key.pem"]
+        with serving("--memory", "12M", "--name", "d", *tls) as (_, (uri,)):
+            assert uri.startswith("nbds://")
+            ca = ["--tls-ca", f"{d}/ca-cert.pem"]
+            done = run_cli("copy", "--no-progress", *ca, src, uri)
+            assert done.returncode == 0, done.stderr
+            done = run_cli("copy", "--no-progress", "--requests", "4", *ca, uri, back)
+            assert done.returncode == 0, done.stderr
+    with open(src, "rb") as a, open(back, "rb") as b:
+        original = a.read()
+        assert b.read()[: len(original)] == original
+
+
 def test_copy_from_nbdkit_to_a_file(tmp_path: Any, peers: Any) -> None:
     peers("nbdkit", "nbdcopy")
     out, reference = str(tmp_path / "out.img"), str(tmp_path / "ref.img")
@@ -184,6 +207,41 @@ def test_sigterm_loses_no_acknowledged_write(tmp_path: Any) -> None:
         for i in acknowledged:
             f.seek(i * MIB)
             assert f.read(MIB) == bytes([i + 1]) * MIB, f"acknowledged write {i} is not in the file"
+
+
+def test_sigterm_during_nbdproto_copy_into_a_file_export(tmp_path: Any) -> None:
+    """The server stops mid-copy: the copy fails saying how far it got (one request in flight, so a prefix),
+    and every byte it saw acknowledged is in the file."""
+    source, image = str(tmp_path / "src.img"), str(tmp_path / "disk.img")
+    size = 256 * MIB
+    with open(source, "wb") as f:
+        for i in range(size // MIB):
+            f.write(bytes([i % 251 + 1]) * MIB)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    with serving(image, "--name", "d") as (server, (uri,)):
+        copy = subprocess.Popen([*CLI, "copy", "--no-progress", "--connections", "1", "--requests", "1", source, uri],
+                                stderr=subprocess.PIPE, text=True, env=PEER_ENV)  # fmt: skip
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            for _ in range(2000):  # bounded: 10 s; stop the server once the copy's second MiB has landed
+                if os.pread(fd, 1, MIB) != b"\0" or copy.poll() is not None:
+                    break
+                time.sleep(0.005)
+        finally:
+            os.close(fd)
+        server.send_signal(signal.SIGTERM)
+        _, errors = copy.communicate(timeout=30)
+        server.wait(15)
+        assert server.returncode == 0
+    assert copy.returncode == 1, f"the copy finished before the server stopped: {errors}"
+    match = re.search(r"\((\d+) of (\d+) bytes copied\)", errors)
+    assert match, errors
+    copied, total = int(match[1]), int(match[2])
+    assert MIB <= copied < total == size
+    with open(source, "rb") as a, open(image, "rb") as b:
+        for at in range(0, copied, MIB):
+            assert a.read(MIB)[: copied - at] == b.read(MIB)[: copied - at], f"acknowledged MiB at {at} lost"
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "trio"])

@@ -302,6 +302,70 @@ def test_read_into_the_callers_buffer_across_holes(mode: str) -> None:
     assert bytes(buffer) == expected
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(["simple", "structured", "extended"]),
+    st.booleans(),
+    st.lists(st.integers(1, 5000), min_size=1, max_size=40),
+)
+def test_read_payloads_received_straight_into_the_buffer(mode: str, holes: bool, cuts: list[int]) -> None:
+    """A driver that recv_into()s read_buffer() gets the same replies, in the caller's buffers, as one that
+    passes every byte to receive_data, however the bytes are cut."""
+    p = Pair()
+    p.connect(mode)
+    p.hole_reads = holes
+    p.disk.data[:] = bytes(range(256)) * (MIB // 256)
+    buffers = {cookie: bytearray(b"\xee" * 6144) for cookie in (1, 2, 3)}
+    for cookie, buffer in buffers.items():
+        p.client.send(n.ReadRequest(cookie, cookie * 4096, 6144, buffer=buffer))
+    p.server.receive_data(b"".join(bytes(piece) for piece in p.client.data_to_send()))
+    p.serve()
+    stream = memoryview(b"".join(bytes(piece) for piece in p.server.data_to_send()))
+    client, replies, at, turn = p.client, [], 0, 0
+    while at < len(stream):
+        size = min(cuts[turn % len(cuts)], len(stream) - at)
+        turn += 1
+        target = client.read_buffer()
+        if target is not None:
+            size = min(size, len(target))
+            target[:size] = stream[at : at + size]  # what recv_into would do
+            client.received_into(size)
+        else:
+            client.receive_data(stream[at : at + size])
+        at += size
+        replies += [e for e in iter(client.next_event, n.NEED_DATA)]
+    assert client.read_buffer() is None and client.in_flight == 0
+    assert sorted(r.cookie for r in replies) == [1, 2, 3]
+    for reply in replies:
+        assert isinstance(reply, n.ReadReply) and reply.data.obj is buffers[reply.cookie]
+        expected = bytes(p.disk.data[reply.cookie * 4096 : reply.cookie * 4096 + 6144])
+        if holes and mode != "simple":
+            expected = bytes(3072) + expected[3072:]
+        assert bytes(buffers[reply.cookie]) == expected
+
+
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+def test_server_closing_inside_a_direct_read_payload_is_a_remote_error(mode: str) -> None:
+    p = Pair()
+    p.connect(mode)
+    p.client.send(n.ReadRequest(1, 0, 4096))
+    p.server.receive_data(b"".join(bytes(piece) for piece in p.client.data_to_send()))
+    p.serve()
+    stream = b"".join(bytes(piece) for piece in p.server.data_to_send())
+    p.client.receive_data(stream[: len(stream) - 100])
+    assert p.client.next_event() is n.NEED_DATA and p.client.read_buffer() is not None
+    p.client.received_into(0)
+    with pytest.raises(n.RemoteProtocolError, match="middle of a reply"):
+        p.client.next_event()
+
+
+def test_received_into_must_fit_the_read_buffer() -> None:
+    client, _ = connected_client("structured")
+    assert client.read_buffer() is None
+    with pytest.raises(n.LocalProtocolError):
+        client.received_into(10)
+
+
 def test_many_in_flight_replies_in_any_order(mode: str) -> None:
     p = Pair()
     p.connect(mode)
