@@ -31,6 +31,7 @@ from typing import Any
 
 import nbdproto
 from nbdproto_threads import Connection, FileDevice, NBDError, open_connection
+from nbdproto_threads._stream import step_past
 
 from ._cli_query import add_tls_arguments, client_tls
 
@@ -108,13 +109,7 @@ class _Connection:
                     sent = self.sock.send(b"".join(out) if len(out) > 1 else out[0])
                 else:
                     sent = self.sock.sendmsg(out[:1024])
-                while sent:
-                    first = len(out[0])
-                    if sent < first:
-                        out[0] = memoryview(out[0])[sent:]
-                        break
-                    sent -= first
-                    del out[0]
+                del out[: step_past(out, 0, sent)]
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             pass
 

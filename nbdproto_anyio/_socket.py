@@ -24,6 +24,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from nbdproto import FileRegion, Payload
+from nbdproto_threads._stream import step_past
 
 __all__ = ["RawSocketStream", "SocketAcceptor", "RECV_SIZE", "receive", "send_pieces"]
 
@@ -88,14 +89,7 @@ class RawSocketStream(anyio.abc.ByteStream):
                 except BlockingIOError:
                     await anyio.wait_writable(self.sock)
                     continue
-                while sent:
-                    first = len(views[start])
-                    if sent >= first:
-                        sent -= first
-                        start += 1
-                    else:
-                        views[start] = memoryview(views[start])[sent:]
-                        sent = 0
+                start = step_past(views, start, sent)
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise anyio.BrokenResourceError from exc
 

@@ -191,13 +191,15 @@ class Client:
                 # The rest of a read's data is received straight into the caller's buffer, without the GIL
                 # and without a copy; everything else comes in as big chunks for the engine to parse.
                 target = engine.read_buffer()
-                data = self.stream.recv() if target is None else None
-                count = self.stream.recv_into(target) if target is not None else 0
+                if target is None:
+                    data = self.stream.recv()
+                else:
+                    count = self.stream.recv_into(target)
                 with self._lock:
-                    if data is None:
-                        engine.received_into(count)
-                    else:
+                    if target is None:
                         engine.receive_data(data)
+                    else:
+                        engine.received_into(count)
                     while True:
                         event = engine.next_event()
                         if event is nbdproto.NEED_DATA or event is nbdproto.PAUSED:
