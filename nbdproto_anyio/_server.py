@@ -32,12 +32,12 @@ from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
 import nbdproto
-from nbdproto._dispatch import RequestBudget, carry_out_all, device_calls, error_reply_for, reply_for
+from nbdproto._dispatch import RequestBudget, carry_out_all, device_calls, error_reply_for, read_view_of, reply_for
 from nbdproto._export import ExportSpec as AsyncExportSpec
 from nbdproto._export import answer_export_request
 
 from ._device import AsyncBlockDevice
-from ._socket import SocketAcceptor, receive, send_pieces
+from ._socket import RawSocketStream, SocketAcceptor, receive, send_pieces
 
 __all__ = ["AsyncExportSpec", "ServerSession", "Server", "AsyncResolver"]
 
@@ -89,6 +89,9 @@ class ServerSession:
         self._max_requests = max_requests
         self._max_bytes = max_bytes_in_flight
         self._send_lock = anyio.Lock(fast_acquire=True)  # no extra trip through the loop when it is free
+        # Whether request tasks send replies alongside the connection's own task. Until they do, sending
+        # needs no lock (on asyncio each acquire and release asks for the current task, a getpid() call).
+        self._shared_sending = False
 
     async def negotiate(self) -> str | nbdproto.ClientAborted:
         """Run the handshake until the client chooses an export; its name, or ClientAborted.
@@ -162,9 +165,13 @@ class ServerSession:
 
     async def _flush(self) -> None:
         pieces = self.engine.data_to_send()
-        if pieces:
+        if not pieces:
+            return
+        if self._shared_sending:
             async with self._send_lock:
                 await send_pieces(self.stream, pieces)
+        else:
+            await send_pieces(self.stream, pieces)
 
     async def _start_tls(self) -> None:
         assert self._tls is not None
@@ -180,6 +187,12 @@ class ServerSession:
         budget = _Budget(RequestBudget(self._max_requests, self._max_bytes))
         dispatch = getattr(device, "dispatch", "tasks")
         sync_device = getattr(device, "device", None)
+        # A sync device's read views (nbdproto._dispatch.ReadView) only where the kernel alone reads them (our
+        # raw socket's sendmsg, not TLS) and they never wait on a disk (inline dispatch: an in-memory file).
+        read_view = None
+        if dispatch == "inline" and isinstance(self.stream, RawSocketStream):
+            read_view = read_view_of(sync_device)
+        self._shared_sending = dispatch in ("tasks", "threads")
         try:
             async with anyio.create_task_group() as tasks:
                 while True:
@@ -198,7 +211,7 @@ class ServerSession:
                     if batch and dispatch == "inline":
                         if sync_device is not None:
                             # A sync device that never blocks: call it right here, no coroutine per request.
-                            for reply in carry_out_all(sync_device, batch, contexts, _log_device_error):
+                            for reply in carry_out_all(sync_device, batch, contexts, _log_device_error, read_view):
                                 engine.send(reply)
                         else:
                             for request in batch:

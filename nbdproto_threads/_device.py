@@ -5,6 +5,11 @@ connection threads, possibly several at once (one per connection, more with ``wo
 says ``can_multi_conn`` must be safe to use from many threads. Failures are ``OSError`` with an errno; the
 server turns them into NBD errors (nbdproto._dispatch.nbd_errno). The async backend's AsyncBlockDevice has the
 same methods, awaited.
+
+Two optional extras, looked up with getattr: ``read_view(offset, length)`` returns the bytes as a zero-copy
+buffer (or None), which a server sends as the reply itself on plaintext connections (nbdproto._dispatch.ReadView;
+FileDevice's are slices of its memory mapping); ``fileno()`` lets a device without views have large plaintext
+reads sent with os.sendfile.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import trustme
 import nbdproto
 import nbdproto_anyio
 import nbdproto_threads
+from nbdproto_anyio._device import Dispatch
 
 BACKENDS = ("threads", "asyncio", "trio")
 
@@ -125,16 +126,24 @@ def _serve_threads(
         thread.join(10)
 
 
+def _dispatch(device: Any) -> Dispatch:
+    """How nbdproto serve calls a device: memory and files on tmpfs never block (inline, and a file's reads are
+    views of its mapping); other files in a worker thread per batch; anything else (test devices that sleep)
+    in a thread per request."""
+    if isinstance(device, nbdproto_threads.MemoryDevice):
+        return "inline"
+    if isinstance(device, nbdproto_threads.FileDevice):
+        return "inline" if device.in_memory else "batch"
+    return "threads"
+
+
 @contextlib.contextmanager
 def _serve_anyio(
     backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, max_bytes: int
 ) -> Iterator[Any]:
     specs = {
         name: nbdproto_anyio.AsyncExportSpec(
-            # Memory answers at once and never blocks: inline. Anything else may block: worker threads.
-            nbdproto_anyio.AsyncDeviceAdapter(
-                e.device, use_threads=not isinstance(e.device, nbdproto_threads.MemoryDevice)
-            ),
+            nbdproto_anyio.AsyncDeviceAdapter(e.device, dispatch=_dispatch(e.device)),
             e.description,
             e.read_only,
             e.tls_required,

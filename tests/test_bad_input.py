@@ -17,7 +17,7 @@ import pytest
 
 import nbdproto as n
 from nbdproto import _wire as w
-from nbdproto_threads import MemoryDevice
+from nbdproto_threads import FileDevice, MemoryDevice
 from tests.nbdbytes import client_flags, info_payload, option, request
 from tests.serving import BACKENDS, Export, serve_exports
 
@@ -237,3 +237,37 @@ def test_each_bad_client_alone(served: tuple[tuple[str, int], MemoryDevice], bad
     c.sock.sendall(request(n.Command.READ, 9, 0, 512))
     assert c.simple_reply(9, 512)[0] == 0
     c.close()
+
+
+def test_a_file_truncated_under_the_server_ends_only_the_connection_that_reads_past_its_end(backend: str) -> None:
+    # Plaintext reads of a FileDevice are views of the file's mapping, sent by the kernel. If someone truncates
+    # the file while it is served, sending a view of a vanished page fails (EFAULT) instead of killing the
+    # process with SIGBUS: that one connection ends, every other client goes on.
+    path = f"/dev/shm/nbdproto-test-{os.getpid()}-shrink.img"
+    data = os.urandom(MIB)
+    with open(path, "wb") as f:
+        f.write(data)
+    device = FileDevice(path)
+    try:
+        with serve_exports(backend, {"disk": Export(device, read_only=False)}) as base:
+            port = int(base.split(":")[2].split("/")[0])
+            victim, bystander = RawClient(("127.0.0.1", port)), RawClient(("127.0.0.1", port))
+            victim.go("disk")
+            bystander.go("disk")
+            os.truncate(path, 64 * 1024)
+            victim.sock.sendall(request(n.Command.READ, 1, 512 * 1024, 4096))
+            assert victim.closed_by_server()
+            bystander.sock.sendall(request(n.Command.READ, 2, 0, 4096))
+            assert bystander.simple_reply(2, 4096) == (0, data[:4096])
+            bystander.close()
+            victim.close()
+            newcomer = RawClient(("127.0.0.1", port))
+            newcomer.go("disk")
+            newcomer.sock.sendall(request(n.Command.WRITE, 3, 0, 4) + b"abcd")
+            assert newcomer.simple_reply(3) == (0, b"")
+            newcomer.close()
+        with open(path, "rb") as f:
+            assert f.read() == b"abcd" + data[4 : 64 * 1024]
+    finally:
+        device.close()
+        os.unlink(path)

@@ -66,6 +66,9 @@ def test_device_behaves_like_a_bytearray(make_device: Any, ops: list[tuple[str, 
                 buffer = memoryview(bytearray(length))
                 device.pread_into(buffer, offset)
                 assert bytes(buffer) == model[offset : offset + length]
+                if isinstance(device, FileDevice):
+                    view = device.read_view(offset, length)
+                    assert view is not None and bytes(view) == model[offset : offset + length]
             else:
                 extents = device.extents(n.BASE_ALLOCATION, offset, length)
                 assert extents and all(e_len > 0 for e_len, _ in extents)
@@ -99,6 +102,29 @@ def test_out_of_range_is_einval_for_reads_and_enospc_for_writes(kind: str, tmp_p
         device.pwrite(b"x" * 10, SIZE - 5)
     assert write_error.value.errno == errno.ENOSPC
     device.close()
+
+
+def test_file_device_views_follow_writes_and_outlive_close(tmp_path: Any) -> None:
+    path = tmp_path / "d.img"
+    path.write_bytes(os.urandom(SIZE))
+    device = FileDevice(path)
+    view = device.read_view(4096, 8192)
+    assert view is not None and view.readonly and bytes(view) == path.read_bytes()[4096 : 4096 + 8192]
+    device.pwrite(b"x" * 100, 5000)  # the mapping and the descriptor share one page cache
+    assert bytes(view[904:1004]) == b"x" * 100
+    with pytest.raises(OSError) as error:
+        device.read_view(SIZE - 5, 10)
+    assert error.value.errno == errno.EINVAL
+    device.close()  # a reply still queued with a view keeps the mapping alive
+    assert bytes(view[904:1004]) == b"x" * 100
+    assert device.read_view(0, 10) is None
+
+
+def test_an_empty_file_has_no_view(tmp_path: Any) -> None:
+    path = tmp_path / "empty.img"
+    path.write_bytes(b"")
+    with FileDevice(path) as device:
+        assert device.read_view(0, 0) is None
 
 
 def test_a_huge_memory_device_costs_only_what_is_written() -> None:

@@ -7,7 +7,7 @@ import errno
 import pytest
 
 import nbdproto as n
-from nbdproto._dispatch import DeviceCall, device_calls, error_reply_for, nbd_errno, reply_for
+from nbdproto._dispatch import DeviceCall, carry_out, device_calls, error_reply_for, nbd_errno, read_view_of, reply_for
 
 F = n.CommandFlags
 CONTEXTS = {1: n.BASE_ALLOCATION, 2: "example:odd"}
@@ -114,3 +114,36 @@ def test_budget_counts_the_memory_a_request_pins() -> None:
     budget.done(60)
     budget.done(60)
     assert budget.idle and not budget.full
+
+
+class _ViewDevice:
+    """Reads from ``data``; views only of its first half (the rest goes through pread_into)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.copies = 0
+
+    def read_view(self, offset: int, length: int) -> memoryview | None:
+        if offset + length > len(self.data) // 2:
+            return None
+        return memoryview(self.data)[offset : offset + length]
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        self.copies += 1
+        buffer[:] = self.data[offset : offset + len(buffer)]
+
+
+def test_reads_are_answered_with_the_devices_view_where_it_has_one() -> None:
+    device = _ViewDevice(bytes(range(256)) * 16)
+    read_view = read_view_of(device)
+    assert read_view is not None
+    near = carry_out(device, n.ReadRequest(1, 16, 32), {}, None, read_view)
+    assert isinstance(near, n.ReadData) and isinstance(near.data, memoryview)
+    assert near.data.obj is device.data and bytes(near.data) == device.data[16:48]
+    far = carry_out(device, n.ReadRequest(2, 3000, 32), {}, None, read_view)
+    assert isinstance(far, n.ReadData) and bytes(far.data) == device.data[3000:3032]
+    assert device.copies == 1
+    # Without a read_view (a TLS connection), every read is a copy.
+    carry_out(device, n.ReadRequest(3, 16, 32), {}, None, None)
+    assert device.copies == 2
+    assert read_view_of(object()) is None

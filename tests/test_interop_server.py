@@ -38,6 +38,29 @@ def nbdsh(uri: str, script: str, check: bool = True) -> subprocess.CompletedProc
     return run("nbdsh", "--base-allocation", "-u", uri, "-c", textwrap.dedent(script), check=check)
 
 
+@pytest.fixture(params=["memory", "file"])
+def blank_device(request: pytest.FixtureRequest) -> Any:
+    """Makes a zeroed device of a given size: a MemoryDevice, or a FileDevice on tmpfs (the file whose reads
+    the servers answer with views of its mapping)."""
+    devices: list[Any] = []
+
+    def make(size: int) -> Any:
+        if request.param == "memory":
+            device: Any = MemoryDevice(size)
+        else:
+            path = f"/dev/shm/nbdproto-test-{os.getpid()}-{len(devices)}.img"
+            with open(path, "wb") as f:
+                f.truncate(size)
+            device = FileDevice(path)
+            os.unlink(path)  # the open descriptor keeps it alive
+        devices.append(device)
+        return device
+
+    yield make
+    for device in devices:
+        device.close()
+
+
 def sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,24 +113,26 @@ def test_nbdinfo_map_reports_holes_and_data(backend: str, peers: Any, tmp_path: 
 
 
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
-def test_nbdcopy_round_trip_keeps_every_byte(backend: str, unix: bool, peers: Any, tmp_path: Any) -> None:
+def test_nbdcopy_round_trip_keeps_every_byte(
+    backend: str, unix: bool, peers: Any, tmp_path: Any, blank_device: Any
+) -> None:
     peers("nbdcopy")
     src, out = str(tmp_path / "src.img"), str(tmp_path / "out.img")
     with open(src, "wb") as f:
         f.write(os.urandom(24 * MIB))
-    device = MemoryDevice(24 * MIB)
+    device = blank_device(24 * MIB)
     with serve_exports(backend, {"disk": Export(device)}, unix=unix) as base:
         run("nbdcopy", src, base.format("disk"))
         run("nbdcopy", base.format("disk"), out)
     assert sha256(src) == sha256(out)
 
 
-def test_qemu_img_compare_and_qemu_io_patterns(backend: str, peers: Any, tmp_path: Any) -> None:
+def test_qemu_img_compare_and_qemu_io_patterns(backend: str, peers: Any, tmp_path: Any, blank_device: Any) -> None:
     peers("qemu-img", "qemu-io")
     src = str(tmp_path / "src.img")
     with open(src, "wb") as f:
         f.write(os.urandom(8 * MIB))
-    device = MemoryDevice(8 * MIB)
+    device = blank_device(8 * MIB)
     with open(src, "rb") as f:
         device.pwrite(f.read(), 0)
     with serve_exports(backend, {"disk": Export(device)}) as base:
@@ -185,9 +210,9 @@ NBDSH_EVERY_COMMAND = """
 """
 
 
-def test_nbdsh_exercises_every_command_and_flag(backend: str, peers: Any) -> None:
+def test_nbdsh_exercises_every_command_and_flag(backend: str, peers: Any, blank_device: Any) -> None:
     peers("nbdsh")
-    with serve_exports(backend, {"disk": Export(MemoryDevice(8 * MIB))}) as base:
+    with serve_exports(backend, {"disk": Export(blank_device(8 * MIB))}) as base:
         result = nbdsh(base.format("disk"), NBDSH_EVERY_COMMAND)
     assert "all commands ok" in result.stdout
 
