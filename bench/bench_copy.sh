@@ -5,6 +5,9 @@
 # Run from the repository after .ci/run (or any venv with nbdproto installed):   bash bench/bench_copy.sh
 # NBDPROTO picks the command (default: .venv/bin/nbdproto; a pyenv shim in front of it adds ~60 ms).
 set -eu
+# Start-up is part of a copy's time: compile our modules' bytecode now, as a wheel install does, so that an
+# editable install in an environment with PYTHONDONTWRITEBYTECODE=1 does not compile them on every run (~15 ms).
+"$(dirname "$(readlink -f "${NBDPROTO:-.venv/bin/nbdproto}")")/python" -m compileall -q nbdproto nbdproto_anyio nbdproto_threads
 img=/dev/shm/nb/src.img
 port=10990
 nbdproto=${NBDPROTO:-.venv/bin/nbdproto}

@@ -1,7 +1,13 @@
 """nbdproto: the Network Block Device protocol as a sans-IO engine (bytes in, events out; events in, bytes out).
 
-Everything public is re-exported here; the modules behind it are private and each has one job.
+Everything public is re-exported here; the modules behind it are private and each has one job. The server's
+names are loaded on first use (PEP 562): a client's start-up (``nbdproto copy``) should not pay for them.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._client import ClientConnection
 from ._constants import *  # noqa: F403
@@ -10,11 +16,20 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
-from ._export import DeviceCapabilities, ExportSpec, export_for
 from ._negotiation import ClientNegotiation, NegotiationError
-from ._server import ServerConnection
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
+
+if TYPE_CHECKING:
+    from ._export import DeviceCapabilities, ExportSpec, export_for
+    from ._server import ServerConnection
+
+_LAZY = {
+    "ServerConnection": "._server",
+    "DeviceCapabilities": "._export",
+    "ExportSpec": "._export",
+    "export_for": "._export",
+}
 
 __all__ = [
     *_constants_all,
@@ -36,3 +51,16 @@ __all__ = [
     "format_uri",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

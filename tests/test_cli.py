@@ -158,6 +158,18 @@ def test_copy_a_sparse_file_into_an_export_and_back(tmp_path: Any) -> None:
     assert allocated(back) <= 4 * MIB
 
 
+def test_copy_of_a_file_with_more_runs_than_one_extents_call_returns(tmp_path: Any) -> None:
+    # FileDevice.extents answers at most 1024 runs per call; the copy must keep asking until the end.
+    src, out = str(tmp_path / "src.img"), str(tmp_path / "out.img")
+    with open(src, "wb") as f:
+        f.truncate(16 * MIB)
+        for at in range(0, 16 * MIB, 8192):  # 2048 data runs, 2048 holes
+            f.seek(at)
+            f.write(os.urandom(4096))
+    assert run_cli("copy", "--no-progress", src, out).returncode == 0
+    assert sha256(src) == sha256(out)
+
+
 def test_copy_over_tls_both_ways(tmp_path: Any) -> None:
     """The copy's non-blocking TLS path: a file into an nbds:// export (served with TLS required) and back."""
     src, back = str(tmp_path / "src.img"), str(tmp_path / "back.img")
@@ -244,8 +256,23 @@ def test_sigterm_during_nbdproto_copy_into_a_file_export(tmp_path: Any) -> None:
             assert a.read(MIB)[: copied - at] == b.read(MIB)[: copied - at], f"acknowledged MiB at {at} lost"
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "trio"])
 def test_serve_on_each_event_loop(loop: str) -> None:
     with serving("--memory", "4M", "--loop", loop) as (_, (uri,)), nt.connect(uri) as c:
         c.pwrite(b"loop", 0)
         assert c.pread(4, 0) == b"loop"
+
+
+@pytest.mark.parametrize(
+    ("installed", "expected"),
+    [({"uvloop", "trio"}, "uvloop"), ({"trio"}, "trio"), (set(), "asyncio")],
+)
+def test_serve_defaults_to_the_fastest_event_loop_installed(
+    installed: set[str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from nbdproto_anyio import _cli_serve
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert _cli_serve.default_loop() == expected
