@@ -38,3 +38,27 @@ def test_nothing_forbidden_is_loaded_at_all_without_site() -> None:
     result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_the_client_commands_start_without_servers_or_event_loops() -> None:
+    # `nbdproto copy` / `info` / `list`: their time includes the start-up, so serving and event-loop machinery
+    # (and ctypes, logging, thread pools) stays unloaded until `serve` or a local file needs it.
+    code = (
+        "import sys\n"
+        "import nbdproto_anyio._cli, nbdproto_anyio._copy, nbdproto_anyio._cli_query\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    unwanted = {"anyio", "asyncio", "trio", "logging", "concurrent.futures", "ctypes"} | {
+        "nbdproto._server",
+        "nbdproto._serverhandshake",
+        "nbdproto._servertransmission",
+        "nbdproto._dispatch",
+        "nbdproto_threads._server",
+        "nbdproto_threads._file",
+        "nbdproto_anyio._cli_serve",
+        "nbdproto_anyio._server",
+    }
+    assert loaded & unwanted == set()
