@@ -277,7 +277,7 @@ class ClientConnection(ClientTransmission):
             if self._tls_active:
                 raise LocalProtocolError("TLS is already active: NBD_OPT_STARTTLS must not be sent again")
             return Option.STARTTLS, b""
-        simple = {
+        simple: dict[type, Option] = {
             OptionAbort: Option.ABORT,
             OptionList: Option.LIST,
             OptionStructuredReply: Option.STRUCTURED_REPLY,
