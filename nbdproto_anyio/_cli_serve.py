@@ -121,8 +121,8 @@ def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]
 
 
 def default_loop() -> str:
-    """The fastest event loop installed: uvloop and trio serve 4 KiB random reads at queue depth 16 about 5%
-    faster than asyncio's own loop here and tie with each other (bench/bench_servers.sh, see the README)."""
+    """The fastest event loop installed: uvloop and trio served 4 KiB random reads at queue depth 16 0-5% faster
+    than asyncio's own loop here, and tie with each other (bench/bench_servers.sh, see the README)."""
     for loop in ("uvloop", "trio"):
         if importlib.util.find_spec(loop) is not None:
             return loop
