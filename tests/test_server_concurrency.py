@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pytest
 
 import nbdproto as n
-from nbdproto_threads import MemoryDevice
+from nbdproto_threads import FileDevice, MemoryDevice
 from tests.nbdbytes import request
 from tests.serving import Export, serve_exports
 from tests.test_bad_input import RawClient
@@ -122,3 +122,52 @@ def test_a_write_flood_cannot_make_the_server_buffer_it(backend: str, workers: i
     # What the server may hold: the in-flight limit, each write also pinning the rest of the receive chunk it
     # was cut from (up to 256 KiB), plus one chunk and one payload being gathered, plus this test's own copies.
     assert peak < limit * 1.5 + 8 * MIB, f"peak {peak / MIB:.1f} MiB for a {total // MIB} MiB flood"
+
+
+@pytest.mark.parametrize(("backend", "workers"), [*CONCURRENT_BACKENDS, ("threads", 0)])
+def test_pipelined_reads_of_a_file_see_every_acknowledged_write(backend: str, workers: int) -> None:
+    # Plaintext reads of a FileDevice are views of its mapping, queued until the reply is sent: with requests
+    # in flight together (and, with workers, carried out at once), each read still returns exactly the data of
+    # the writes acknowledged before it was sent, and blocks written meanwhile do not leak into other reads.
+    path = f"/dev/shm/nbdproto-test-{os.getpid()}-views.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MIB)
+    device = FileDevice(path)
+    os.unlink(path)
+    block = 65536
+    first = [os.urandom(block) for _ in range(64)]
+    second = [os.urandom(block) for _ in range(64)]
+    try:
+        with serve_exports(backend, {"d": Export(device, read_only=False)}, workers=workers) as base:
+            client = RawClient(("127.0.0.1", port_of(base)))
+            client.go("d")
+
+            def replies(count: int, data_for: dict[int, int]) -> dict[int, bytes]:
+                got = {}
+                for _ in range(count):
+                    magic, error, cookie = struct.unpack(">IIQ", client.recv_exactly(16))
+                    assert magic == n.SIMPLE_REPLY_MAGIC and error == 0, (cookie, error)
+                    got[cookie] = client.recv_exactly(data_for.get(cookie, 0))
+                return got
+
+            client.sock.sendall(b"".join(request(n.Command.WRITE, i, i * block, block) + first[i] for i in range(64)))
+            replies(64, {})
+            reads = {100 + i: block for i in range(64)}
+            client.sock.sendall(b"".join(request(n.Command.READ, 100 + i, i * block, block) for i in range(64)))
+            assert replies(64, reads) == {100 + i: first[i] for i in range(64)}
+            # Overwrite the even blocks while reading the odd ones, all in flight together.
+            mixed = b"".join(
+                request(n.Command.WRITE, 200 + i, i * block, block) + second[i]
+                if i % 2 == 0
+                else request(n.Command.READ, 200 + i, i * block, block)
+                for i in range(64)
+            )
+            client.sock.sendall(mixed)
+            got = replies(64, {200 + i: block for i in range(1, 64, 2)})
+            assert all(got[200 + i] == first[i] for i in range(1, 64, 2))
+            client.sock.sendall(b"".join(request(n.Command.READ, 300 + i, i * block, block) for i in range(64)))
+            expected = {300 + i: second[i] if i % 2 == 0 else first[i] for i in range(64)}
+            assert replies(64, {300 + i: block for i in range(64)}) == expected
+            client.close()
+    finally:
+        device.close()
