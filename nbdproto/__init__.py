@@ -6,8 +6,7 @@ names are loaded on first use (PEP 562): a client's start-up (``nbdproto copy``)
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._client import ClientConnection
 from ._constants import *  # noqa: F403
@@ -16,6 +15,7 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
+from ._lazy import lazy_names
 from ._negotiation import ClientNegotiation, NegotiationError
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
@@ -53,14 +53,4 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(where, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
