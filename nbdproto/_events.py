@@ -98,8 +98,15 @@ class _Event:
     _hidden: tuple[str, ...] = ()
     """Fields left out of ==, hash() and repr() (a read's buffer is where data goes, not what it asks)."""
 
+    _fields: tuple[str, ...] = ()
+    """Every field of the class, its bases' first (a shared private base holds the fields of a group)."""
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls._fields = (*cls._fields, *cls.__slots__)
+
     def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__ if name not in self._hidden)
+        return tuple(getattr(self, name) for name in self._fields if name not in self._hidden)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -110,7 +117,7 @@ class _Event:
         return hash((type(self), self._values()))
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__ if name not in self._hidden)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields if name not in self._hidden)
         return f"{type(self).__name__}({fields})"
 
 
@@ -242,30 +249,29 @@ class OptionStartTLS(_Event):
     __slots__ = ()
 
 
-class OptionInfo(_Event):
+class _ExportQuery(_Event):
+    """What NBD_OPT_INFO and NBD_OPT_GO carry: export ``name`` and the NBD_INFO_* types wanted beyond EXPORT."""
+
+    __slots__ = ("name", "requests")
+
+    name: str
+    requests: tuple[InfoType, ...]
+
+    def __init__(self, name: str, requests: tuple[InfoType, ...] = ()) -> None:
+        self.name = name
+        self.requests = requests
+
+
+class OptionInfo(_ExportQuery):
     """NBD_OPT_INFO: describe export ``name``; ``requests`` are the NBD_INFO_* types wanted beyond EXPORT."""
 
-    __slots__ = ("name", "requests")
-
-    name: str
-    requests: tuple[InfoType, ...]
-
-    def __init__(self, name: str, requests: tuple[InfoType, ...] = ()) -> None:
-        self.name = name
-        self.requests = requests
+    __slots__ = ()
 
 
-class OptionGo(_Event):
+class OptionGo(_ExportQuery):
     """NBD_OPT_GO: like OptionInfo, then enter transmission with that export on success."""
 
-    __slots__ = ("name", "requests")
-
-    name: str
-    requests: tuple[InfoType, ...]
-
-    def __init__(self, name: str, requests: tuple[InfoType, ...] = ()) -> None:
-        self.name = name
-        self.requests = requests
+    __slots__ = ()
 
 
 class OptionStructuredReply(_Event):
@@ -274,30 +280,29 @@ class OptionStructuredReply(_Event):
     __slots__ = ()
 
 
-class OptionListMetaContext(_Event):
+class _ContextQuery(_Event):
+    """What NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT carry: export ``name`` and ``queries``."""
+
+    __slots__ = ("name", "queries")
+
+    name: str
+    queries: tuple[str, ...]
+
+    def __init__(self, name: str, queries: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.queries = queries
+
+
+class OptionListMetaContext(_ContextQuery):
     """NBD_OPT_LIST_META_CONTEXT: which contexts of export ``name`` match ``queries`` (all when empty)."""
 
-    __slots__ = ("name", "queries")
-
-    name: str
-    queries: tuple[str, ...]
-
-    def __init__(self, name: str, queries: tuple[str, ...] = ()) -> None:
-        self.name = name
-        self.queries = queries
+    __slots__ = ()
 
 
-class OptionSetMetaContext(_Event):
+class OptionSetMetaContext(_ContextQuery):
     """NBD_OPT_SET_META_CONTEXT: select the contexts of export ``name`` that match ``queries``."""
 
-    __slots__ = ("name", "queries")
-
-    name: str
-    queries: tuple[str, ...]
-
-    def __init__(self, name: str, queries: tuple[str, ...] = ()) -> None:
-        self.name = name
-        self.queries = queries
+    __slots__ = ()
 
 
 class OptionExtendedHeaders(_Event):
@@ -535,56 +540,40 @@ class FlushRequest(_Event):
         self.flags = flags
 
 
-class TrimRequest(_Event):
+class _RangeRequest(_Event):
+    """A request for ``length`` bytes at ``offset`` that carries no data either way (TRIM, CACHE, WRITE_ZEROES)."""
+
+    __slots__ = ("cookie", "offset", "length", "flags")
+
+    cookie: int
+    offset: int
+    length: int
+    flags: CommandFlags
+
+    def __init__(self, cookie: int, offset: int, length: int, flags: CommandFlags = NO_FLAGS) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+
+
+class TrimRequest(_RangeRequest):
     """NBD_CMD_TRIM: ``length`` bytes at ``offset`` need not be kept (they read back as anything)."""
 
-    __slots__ = ("cookie", "offset", "length", "flags")
-
-    cookie: int
-    offset: int
-    length: int
-    flags: CommandFlags
-
-    def __init__(self, cookie: int, offset: int, length: int, flags: CommandFlags = NO_FLAGS) -> None:
-        self.cookie = cookie
-        self.offset = offset
-        self.length = length
-        self.flags = flags
+    __slots__ = ()
 
 
-class CacheRequest(_Event):
+class CacheRequest(_RangeRequest):
     """NBD_CMD_CACHE: prefetch ``length`` bytes at ``offset``."""
 
-    __slots__ = ("cookie", "offset", "length", "flags")
-
-    cookie: int
-    offset: int
-    length: int
-    flags: CommandFlags
-
-    def __init__(self, cookie: int, offset: int, length: int, flags: CommandFlags = NO_FLAGS) -> None:
-        self.cookie = cookie
-        self.offset = offset
-        self.length = length
-        self.flags = flags
+    __slots__ = ()
 
 
-class WriteZeroesRequest(_Event):
+class WriteZeroesRequest(_RangeRequest):
     """NBD_CMD_WRITE_ZEROES: ``length`` bytes at ``offset`` read back as zero. Without NO_HOLE the server may
     punch a hole; with FAST_ZERO it must fail quickly (ENOTSUP) rather than write zeroes slowly."""
 
-    __slots__ = ("cookie", "offset", "length", "flags")
-
-    cookie: int
-    offset: int
-    length: int
-    flags: CommandFlags
-
-    def __init__(self, cookie: int, offset: int, length: int, flags: CommandFlags = NO_FLAGS) -> None:
-        self.cookie = cookie
-        self.offset = offset
-        self.length = length
-        self.flags = flags
+    __slots__ = ()
 
 
 class BlockStatusRequest(_Event):
