@@ -133,9 +133,9 @@ def error_reply_for(request: Request, exc: BaseException) -> ErrorReply:
     """
     message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
     error = nbd_errno(exc)
-    if (error == Errno.ENOTSUP and not (
-        type(request) is WriteZeroesRequest and request.flags & CommandFlags.FAST_ZERO
-    )) or error == Errno.EOVERFLOW:
+    if (
+        error == Errno.ENOTSUP and not (type(request) is WriteZeroesRequest and request.flags & CommandFlags.FAST_ZERO)
+    ) or error == Errno.EOVERFLOW:
         error = Errno.EINVAL
     return ErrorReply(request.cookie, error, message[:1024])
 

@@ -166,4 +166,3 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         self._tls_active = True
         self._reset_negotiation()
         self._phase = Phase.OPTIONS
-

@@ -43,9 +43,7 @@ class ServerState:
         extended_headers: bool = True,
     ) -> None:
         self._offer = (
-            None
-            if exports is None
-            else tuple(e if isinstance(e, ExportListing) else ExportListing(e) for e in exports)
+            None if exports is None else tuple(e if isinstance(e, ExportListing) else ExportListing(e) for e in exports)
         )
         self.tls_mode = tls
         self._allow_structured = structured_replies
@@ -96,4 +94,3 @@ class ServerState:
             self._phase = Phase.CLOSED
             return ConnectionClosed()
         return NEED_DATA
-

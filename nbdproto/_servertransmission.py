@@ -270,9 +270,7 @@ class ServerTransmission(ServerState):
             raise LocalProtocolError(f"no request with cookie {cookie:#x} is waiting for a reply")
         return request
 
-    def _read_chunk(
-        self, cookie: int, offset: int, size: int, data: Payload | None, done: bool
-    ) -> None:
+    def _read_chunk(self, cookie: int, offset: int, size: int, data: Payload | None, done: bool) -> None:
         request = self._in_flight.get(cookie)
         if type(request) is not ReadRequest:
             what = "no request" if request is None else type(request).__name__
