@@ -22,7 +22,7 @@ import nbdproto
 from nbdproto._negotiation import ClientNegotiation
 from nbdproto_threads._client import NBDError
 
-from ._socket import receive, send_pieces
+from ._socket import RawSocketStream, connect_socket, receive, send_pieces
 
 __all__ = ["AsyncClient", "connect", "list_exports", "NBDError"]
 
@@ -131,7 +131,13 @@ class AsyncClient:
     async def _read_some(self) -> None:
         engine = self.engine
         try:
-            engine.receive_data(await self._receive())
+            # The rest of a read's data goes straight into the caller's buffer where the stream allows it
+            # (plaintext); everything else comes in as chunks for the engine to parse.
+            target = engine.read_buffer()
+            if target is not None and isinstance(self.stream, RawSocketStream):
+                engine.received_into(await self.stream.receive_into(target))
+            else:
+                engine.receive_data(await self._receive())
             while True:
                 event = engine.next_event()
                 if event is nbdproto.NEED_DATA or event is nbdproto.PAUSED:
@@ -227,9 +233,7 @@ class AsyncClient:
 
 
 async def _open(target: nbdproto.NbdUri) -> anyio.abc.ByteStream:
-    if target.unix:
-        return await anyio.connect_unix(target.socket)
-    return await anyio.connect_tcp(target.host, target.port)
+    return await connect_socket(target.socket if target.unix else (target.host, target.port))
 
 
 async def connect(

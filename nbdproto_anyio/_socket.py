@@ -8,12 +8,14 @@ wait_writable, on asyncio and trio alike) when the kernel says it would block. M
 random reads at queue depth 16: see bench/ and the notes of the anyio issue.
 
 It is a full anyio ByteStream, so TLS works as everywhere else: anyio's TLSStream wraps it after STARTTLS.
-Listening: ``SocketAcceptor`` accepts on a non-blocking listening socket the same way.
+Listening: ``SocketAcceptor`` accepts on a non-blocking listening socket the same way; connecting:
+``connect_socket``. ``receive_into`` lets a client receive read data straight into the caller's buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Sequence
@@ -26,7 +28,7 @@ from anyio.abc import SocketAttribute
 from nbdproto import FileRegion, Payload
 from nbdproto_threads._stream import step_past
 
-__all__ = ["RawSocketStream", "SocketAcceptor", "RECV_SIZE", "receive", "send_pieces"]
+__all__ = ["RawSocketStream", "SocketAcceptor", "connect_socket", "RECV_SIZE", "receive", "send_pieces"]
 
 RECV_SIZE = 1024 * 1024
 _IOV_MAX = 1024
@@ -52,21 +54,31 @@ class RawSocketStream(anyio.abc.ByteStream):
         }
 
     async def receive(self, max_bytes: int = RECV_SIZE) -> bytes:
+        data = await self._recv(self.sock.recv, max_bytes)
+        if not data:
+            raise anyio.EndOfStream
+        return data  # type: ignore[no-any-return]
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Receive into ``buffer`` (no copy in Python); the count, 0 once the peer closed or broke the
+        connection (what ``ClientConnection.received_into`` takes as the end of the stream)."""
+        try:
+            return await self._recv(self.sock.recv_into, buffer)  # type: ignore[no-any-return]
+        except anyio.BrokenResourceError:
+            return 0
+
+    async def _recv(self, call: Any, arg: Any) -> Any:
         while True:
             try:
-                data = self.sock.recv(max_bytes)
+                return call(arg)
             except BlockingIOError:
                 await anyio.wait_readable(self.sock)
-                continue
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise anyio.BrokenResourceError from exc
             except OSError as exc:
                 if self._closed:
                     raise anyio.ClosedResourceError from exc
                 raise anyio.BrokenResourceError from exc
-            if not data:
-                raise anyio.EndOfStream
-            return data
 
     async def send(self, item: bytes) -> None:
         await self.send_pieces([item])
@@ -142,6 +154,37 @@ class SocketAcceptor:
     async def aclose(self) -> None:
         self.sock.close()
         await anyio.lowlevel.checkpoint()
+
+
+async def connect_socket(address: tuple[str, int] | str) -> RawSocketStream:
+    """Connect to ``(host, port)`` or a unix socket path without blocking the event loop; like
+    socket.create_connection, each address the host resolves to is tried in turn."""
+    if isinstance(address, str):
+        return RawSocketStream(await _connect(socket.AF_UNIX, 0, address))
+    host, port = address
+    failure: OSError | None = None
+    for family, _, proto, _, sockaddr in await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        try:
+            return RawSocketStream(await _connect(family, proto, sockaddr))
+        except OSError as exc:
+            failure = exc
+    raise failure or OSError(f"{host!r} resolves to no address")
+
+
+async def _connect(family: int, proto: int, address: Any) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setblocking(False)
+        code = sock.connect_ex(address)
+        if code in (errno.EINPROGRESS, errno.EAGAIN):
+            await anyio.wait_writable(sock)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, f"cannot connect to {address}: {os.strerror(code)}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def receive(stream: anyio.abc.ByteStream) -> bytes:

@@ -147,3 +147,52 @@ async def test_nbd_server(peers: Any, tmp_path: Any) -> None:
             await c.pwrite(b"async write", 100)
             await c.flush()
     assert image.read_bytes()[100:111] == b"async write"
+
+
+@pytest.mark.parametrize("where", ["127.0.0.1", "::1", "unix"])
+async def test_large_reads_land_in_the_callers_buffers_over_tcp_v4_v6_and_unix(where: str, tmp_path: Any) -> None:
+    # Read data is received straight into each caller's buffer (ClientConnection.read_buffer) while other
+    # tasks' replies interleave with it; every buffer must hold exactly its own range.
+    import os
+
+    data = os.urandom(16 * MIB)
+    device = MemoryDevice(16 * MIB)
+    device.pwrite(data, 0)
+    specs = {"d": na.AsyncExportSpec(na.AsyncDeviceAdapter(device, use_threads=False), read_only=False)}
+    address: Any = str(tmp_path / "nbd.sock") if where == "unix" else (where, 0)
+    listener = await na.listen(address)
+    if where == "unix":
+        uri = f"nbd+unix:///d?socket={address}"
+    else:
+        host = f"[{where}]" if ":" in where else where
+        uri = f"nbd://{host}:{listener.address[1]}/d"
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(na.Server(specs).serve, listener)
+        async with await na.connect(uri) as c:
+            results: dict[int, bytes] = {}
+
+            async def read(i: int) -> None:
+                buffer = bytearray(MIB + 4096 * i)
+                offset = i * 512 * 1024
+                view = await c.pread_into(buffer, offset)
+                assert view.obj is buffer
+                results[i] = bytes(buffer)
+
+            async with anyio.create_task_group() as readers:
+                for i in range(16):
+                    readers.start_soon(read, i)
+                    readers.start_soon(c.pwrite, b"x" * 4096, 15 * MIB + 4096 * i)  # replies in between
+            assert sorted(results) == list(range(16))
+            for i, got in results.items():
+                assert got == data[i * 512 * 1024 : i * 512 * 1024 + MIB + 4096 * i]
+        tasks.cancel_scope.cancel()
+
+
+async def test_connecting_to_nothing_is_connection_refused() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        await na.connect(f"nbd://127.0.0.1:{port}/")
