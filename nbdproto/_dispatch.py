@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 _FUA = CommandFlags.FUA
+_FUA_BIT = int(_FUA)  # int(flags) & bit: an IntFlag & IntFlag builds a new flag in Python, ~0.5 us per write
 
 
 class DeviceCall(NamedTuple):
@@ -253,7 +254,7 @@ def carry_out(
             return ReadData(read.cookie, read.offset, buffer)
         if type(request) is WriteRequest:
             write: WriteRequest = request
-            device.pwrite(write.data, write.offset, bool(write.flags & _FUA))
+            device.pwrite(write.data, write.offset, bool(int(write.flags) & _FUA_BIT))
             return SuccessReply(write.cookie)
         calls = device_calls(request, meta_contexts)
         results = [getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]

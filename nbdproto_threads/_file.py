@@ -146,11 +146,13 @@ class FileDevice:
         return mapping[offset : offset + length]
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
-        view = memoryview(data).cast("B")
-        self._check(offset, len(view), writing=True)
-        done = 0
-        while done < len(view):
-            done += os.pwritev(self._fd, [view[done:]], offset + done)
+        view = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
+        size = view.nbytes
+        if offset < 0 or offset + size > self._size or not self._capabilities.can_write:
+            self._check(offset, size, writing=True)
+        done = os.pwrite(self._fd, view, offset)
+        while done < size:  # a short write (a signal, a nearly full disk): the rest, until an error says why
+            done += os.pwrite(self._fd, view[done:], offset + done)
         if fua:
             os.fdatasync(self._fd)
 
