@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--loop",
         choices=("asyncio", "uvloop", "trio"),
-        help="event loop of the anyio backend (default: the fastest installed, uvloop, then trio, then asyncio; "
-        "measured with bench/bench_servers.sh)",
+        help="event loop of the anyio backend (default: uvloop if installed, else trio, else asyncio: the fastest "
+        "measured with bench/bench_servers.sh, or tied for it)",
     )
     serve.add_argument("--tls", choices=("off", "optional", "require"), default="off", help="TLS mode")
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain) for TLS")
