@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._constants import InfoType, Option, OptionReplyType
+from ._constants import BASE_ALLOCATION, DEFAULT_PORT, InfoType, Option, OptionReplyType
 from ._errors import ProtocolError
 from ._events import (
     ClientAborted,
@@ -40,8 +40,9 @@ from ._events import (
     ServerGreeting,
     StartTLS,
 )
+from ._uri import NbdUri, parse_uri
 
-__all__ = ["ClientNegotiation", "NegotiationError"]
+__all__ = ["ClientNegotiation", "NegotiationError", "plan_connection"]
 
 _REP = OptionReplyType
 
@@ -165,3 +166,37 @@ class ClientNegotiation:
                 return OptionExportName(self.export_name)
             raise NegotiationError(f"export {self.export_name!r} refused{detail}", reply)
         raise NegotiationError(f"option {option} refused{detail}", reply)
+
+
+def plan_connection(
+    uri: str | None = None,
+    *,
+    host: str = "localhost",
+    port: int = DEFAULT_PORT,
+    socket_path: str | None = None,
+    export_name: str = "",
+    tls: bool = False,
+    require_tls: bool | None = None,
+    structured_replies: bool = True,
+    extended_headers: bool = True,
+    meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
+    list_exports: bool = False,
+) -> tuple[NbdUri, ClientNegotiation]:
+    """Where a client connects and the handshake it follows, from a URI or from host/port/socket_path: the part
+    of connecting both client backends share. ``tls`` says whether the caller has a TLS context; TLS is required
+    when ``require_tls`` says so, or by default for an nbds URI. When the plan's ``tls`` is set and the caller
+    has no context, the backend makes a default one."""
+    if uri:
+        target = parse_uri(uri)
+    else:
+        target = NbdUri(export_name, False, socket_path is not None, host, port, socket_path or "")
+    plan = ClientNegotiation(
+        target.export_name,
+        tls=tls,
+        require_tls=target.tls if require_tls is None else require_tls,
+        structured_replies=structured_replies,
+        extended_headers=extended_headers,
+        meta_contexts=meta_contexts,
+        list_exports=list_exports,
+    )
+    return target, plan

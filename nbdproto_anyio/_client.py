@@ -19,7 +19,7 @@ import anyio.abc
 from anyio.streams.tls import TLSStream
 
 import nbdproto
-from nbdproto._negotiation import ClientNegotiation
+from nbdproto._negotiation import ClientNegotiation, plan_connection
 from nbdproto_threads._client import NBDError
 
 from ._socket import RawSocketStream, connect_socket, receive, send_pieces
@@ -250,19 +250,13 @@ async def connect(
     meta_contexts: Sequence[str] = (nbdproto.BASE_ALLOCATION,),
 ) -> AsyncClient:
     """Connect by URI (nbd://, nbds://, nbd+unix://, nbds+unix://) or host/port or socket_path."""
-    target = nbdproto.parse_uri(uri) if uri else nbdproto.NbdUri(export_name, False, socket_path is not None,
-                                                                 host, port, socket_path or "")  # fmt: skip
-    needs_tls = target.tls if require_tls is None else require_tls
-    if needs_tls and tls is None:
-        tls = ssl.create_default_context()
-    plan = ClientNegotiation(
-        target.export_name,
-        tls=tls is not None,
-        require_tls=needs_tls,
-        structured_replies=structured_replies,
-        extended_headers=extended_headers,
+    target, plan = plan_connection(
+        uri, host=host, port=port, socket_path=socket_path, export_name=export_name, tls=tls is not None,
+        require_tls=require_tls, structured_replies=structured_replies, extended_headers=extended_headers,
         meta_contexts=meta_contexts,
-    )
+    )  # fmt: skip
+    if plan.tls and tls is None:
+        tls = ssl.create_default_context()
     client = AsyncClient(await _open(target))
     try:
         await client._negotiate(plan, tls, target.tls_hostname)
@@ -274,13 +268,12 @@ async def connect(
 
 async def list_exports(uri: str, *, tls: ssl.SSLContext | None = None) -> list[nbdproto.ExportListing]:
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
-    target = nbdproto.parse_uri(uri)
-    if target.tls and tls is None:
+    target, plan = plan_connection(uri, tls=tls is not None, list_exports=True)
+    if plan.tls and tls is None:
         tls = ssl.create_default_context()
     client = AsyncClient(await _open(target))
     try:
-        await client._negotiate(ClientNegotiation(tls=tls is not None, require_tls=target.tls, list_exports=True),
-                                tls, target.tls_hostname)  # fmt: skip
+        await client._negotiate(plan, tls, target.tls_hostname)
     finally:
         await client.stream.aclose()
     assert client.listing is not None

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import nbdproto
-from nbdproto._negotiation import ClientNegotiation
+from nbdproto._negotiation import ClientNegotiation, plan_connection
 
 from ._stream import SocketStream
 
@@ -272,19 +272,13 @@ def open_connection(
     timeout: float | None = 30.0,
 ) -> Connection:
     """Connect and negotiate as ``connect`` does, but hand back the negotiated Connection instead of a Client."""
-    target = nbdproto.parse_uri(uri) if uri else nbdproto.NbdUri(export_name, False, socket_path is not None,
-                                                                 host, port, socket_path or "")  # fmt: skip
-    needs_tls = target.tls if require_tls is None else require_tls
-    if needs_tls and tls is None:
-        tls = ssl.create_default_context()
-    plan = ClientNegotiation(
-        target.export_name,
-        tls=tls is not None,
-        require_tls=needs_tls,
-        structured_replies=structured_replies,
-        extended_headers=extended_headers,
+    target, plan = plan_connection(
+        uri, host=host, port=port, socket_path=socket_path, export_name=export_name, tls=tls is not None,
+        require_tls=require_tls, structured_replies=structured_replies, extended_headers=extended_headers,
         meta_contexts=meta_contexts,
-    )
+    )  # fmt: skip
+    if plan.tls and tls is None:
+        tls = ssl.create_default_context()
     return negotiate_client(_open(target, timeout), plan, tls=tls, server_hostname=target.tls_hostname)
 
 
@@ -315,10 +309,9 @@ def connect(
 
 def list_exports(uri: str, *, tls: ssl.SSLContext | None = None) -> list[nbdproto.ExportListing]:
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
-    target = nbdproto.parse_uri(uri)
-    if target.tls and tls is None:
+    target, plan = plan_connection(uri, tls=tls is not None, list_exports=True)
+    if plan.tls and tls is None:
         tls = ssl.create_default_context()
-    plan = ClientNegotiation(tls=tls is not None, require_tls=target.tls, list_exports=True)
     client = Client(negotiate_client(_open(target, 30.0), plan, tls=tls, server_hostname=target.tls_hostname))
     client.close()
     assert client.listing is not None

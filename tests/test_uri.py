@@ -59,3 +59,18 @@ def test_tls_verify_peer_defaults_on() -> None:
 def test_format_then_parse_round_trips(name: str, tls: bool, unix: bool, port: int) -> None:
     uri = NbdUri(name, tls, unix, socket="/tmp/s 1.sock") if unix else NbdUri(name, tls, False, "10.0.0.1", port)
     assert parse_uri(format_uri(uri)) == uri
+
+
+def test_plan_connection_from_a_uri_or_from_parts() -> None:
+    from nbdproto._negotiation import plan_connection
+
+    target, plan = plan_connection("nbds+unix:///disk?socket=/run/nbd.sock")
+    assert (target.unix, target.socket, plan.export_name) == (True, "/run/nbd.sock", "disk")
+    assert plan.tls and plan.require_tls  # an nbds URI requires TLS; the backend makes a default context
+    target, plan = plan_connection("nbds://h/d", require_tls=False)
+    assert not plan.tls and not plan.require_tls
+    target, plan = plan_connection(host="h", port=1234, export_name="e", tls=True, meta_contexts=())
+    assert (target.host, target.port, plan.export_name) == ("h", 1234, "e")
+    assert plan.tls and not plan.require_tls and plan.meta_contexts == ()
+    _, plan = plan_connection("nbd://h/", list_exports=True)
+    assert plan.list_exports and not plan.tls
