@@ -19,7 +19,7 @@ for round in $(seq "${ROUNDS:-1}"); do
   for backend in ${BACKENDS:-$default}; do
     loop=asyncio
     [[ $backend == *:* ]] && loop=${backend#*:} && backend=${backend%%:*}
-    $python -m nbdproto_anyio serve /dev/shm/nb/ours.img --port 10952 --backend "$backend" --loop "$loop" & P=$!
+    $python -m nbdproto serve /dev/shm/nb/ours.img --port 10952 --backend "$backend" --loop "$loop" & P=$!
     sleep 1.5
     bash "$measure" nbd://127.0.0.1:10952/ "nbdproto-$backend-$loop" $P
     kill $P; wait $P 2>/dev/null

@@ -15,13 +15,27 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
-from ._lazy import lazy_names
+from ._lazynames import lazy_names
 from ._negotiation import ClientNegotiation, NegotiationError
+from ._sending import step_past
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
 
 if TYPE_CHECKING:
-    from ._export import DeviceCapabilities, ExportSpec, export_for
+    from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
+    from ._dispatch import (
+        DeviceCall,
+        ReadView,
+        RequestBudget,
+        carry_out,
+        carry_out_all,
+        device_calls,
+        error_reply_for,
+        nbd_errno,
+        read_view_of,
+        reply_for,
+    )
+    from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
     from ._server import ServerConnection
 
 _LAZY = {
@@ -29,6 +43,21 @@ _LAZY = {
     "DeviceCapabilities": "._export",
     "ExportSpec": "._export",
     "export_for": "._export",
+    "answer_export_request": "._export",
+    "BlockDevice": "._device",
+    "Buffer": "._device",
+    "Dispatch": "._device",
+    "dispatch_of": "._device",
+    "DeviceCall": "._dispatch",
+    "ReadView": "._dispatch",
+    "RequestBudget": "._dispatch",
+    "carry_out": "._dispatch",
+    "carry_out_all": "._dispatch",
+    "device_calls": "._dispatch",
+    "error_reply_for": "._dispatch",
+    "nbd_errno": "._dispatch",
+    "read_view_of": "._dispatch",
+    "reply_for": "._dispatch",
 }
 
 __all__ = [
@@ -46,6 +75,23 @@ __all__ = [
     "DeviceCapabilities",
     "ExportSpec",
     "export_for",
+    "answer_export_request",
+    "BlockDevice",
+    "Buffer",
+    "Dispatch",
+    "dispatch_of",
+    "DeviceCall",
+    "ReadView",
+    "RequestBudget",
+    "carry_out",
+    "carry_out_all",
+    "device_calls",
+    "error_reply_for",
+    "nbd_errno",
+    "read_view_of",
+    "reply_for",
+    "step_past",
+    "lazy_names",
     "NbdUri",
     "parse_uri",
     "format_uri",

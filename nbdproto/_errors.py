@@ -7,7 +7,7 @@ the rule it broke. After either is raised by a connection, that connection is in
 
 from __future__ import annotations
 
-__all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError"]
+__all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError", "NBDError"]
 
 
 class ProtocolError(Exception):
@@ -28,3 +28,8 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow; the connection cannot go on."""
+
+
+class NBDError(OSError):
+    """Not a protocol error: the server answered a request with an NBD error. ``errno`` is the NBD error value
+    (EIO, ENOSPC, ...), ``strerror`` the server's message or the errno's own. The clients raise it."""

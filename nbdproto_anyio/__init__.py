@@ -4,19 +4,16 @@ Server side: ``Server`` (a task per connection), ``ServerSession`` (one connecti
 negotiate-then-serve contract). Devices: the ``AsyncBlockDevice`` protocol, ``AsyncMemoryDevice``,
 ``AsyncFileDevice``, and ``AsyncDeviceAdapter`` for any sync device. Client: ``connect``, ``AsyncClient``.
 
-The names are loaded on first use (PEP 562): the ``nbdproto`` command line lives in this package, and its
-commands that need no event loop (copy, info, list) should not pay for importing one.
+The names are loaded on first use (PEP 562): importing the package costs only what the caller touches.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nbdproto._lazy import lazy_names
+from nbdproto import lazy_names
 
 if TYPE_CHECKING:
-    from nbdproto._export import DeviceCapabilities
-
     from ._client import AsyncClient, NBDError, connect, list_exports
     from ._device import AsyncBlockDevice, AsyncDeviceAdapter, AsyncFileDevice, AsyncMemoryDevice
     from ._server import AsyncExportSpec, AsyncResolver, Server, ServerSession, listen
@@ -30,7 +27,6 @@ _WHERE = {
     "AsyncDeviceAdapter": "._device",
     "AsyncFileDevice": "._device",
     "AsyncMemoryDevice": "._device",
-    "DeviceCapabilities": "nbdproto._export",
     "AsyncExportSpec": "._server",
     "AsyncResolver": "._server",
     "Server": "._server",
@@ -47,7 +43,6 @@ __all__ = [
     "AsyncDeviceAdapter",
     "AsyncFileDevice",
     "AsyncMemoryDevice",
-    "DeviceCapabilities",
     "AsyncExportSpec",
     "AsyncResolver",
     "Server",

@@ -19,8 +19,8 @@ import anyio.abc
 from anyio.streams.tls import TLSStream
 
 import nbdproto
+from nbdproto import NBDError
 from nbdproto._negotiation import ClientNegotiation, plan_connection
-from nbdproto_threads._client import NBDError
 
 from ._socket import RawSocketStream, connect_socket, receive, send_pieces
 

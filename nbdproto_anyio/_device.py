@@ -14,10 +14,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio.to_thread
 
-from nbdproto._export import DeviceCapabilities
-from nbdproto_threads._device import BlockDevice, Buffer
-from nbdproto_threads._file import FileDevice
-from nbdproto_threads._memory import MemoryDevice
+from nbdproto import BlockDevice, Buffer, DeviceCapabilities
+from nbdproto.devices import FileDevice, MemoryDevice
 
 __all__ = ["AsyncBlockDevice", "AsyncDeviceAdapter", "AsyncMemoryDevice", "AsyncFileDevice", "Dispatch"]
 

@@ -32,9 +32,16 @@ from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
 import nbdproto
-from nbdproto._dispatch import RequestBudget, carry_out_all, device_calls, error_reply_for, read_view_of, reply_for
-from nbdproto._export import ExportSpec as AsyncExportSpec
-from nbdproto._export import answer_export_request
+from nbdproto import ExportSpec as AsyncExportSpec
+from nbdproto import (
+    RequestBudget,
+    answer_export_request,
+    carry_out_all,
+    device_calls,
+    error_reply_for,
+    read_view_of,
+    reply_for,
+)
 
 from ._device import AsyncBlockDevice
 from ._socket import RawSocketStream, SocketAcceptor, receive, send_pieces

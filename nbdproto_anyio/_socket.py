@@ -25,8 +25,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from nbdproto import FileRegion, Payload
-from nbdproto_threads._stream import step_past
+from nbdproto import FileRegion, Payload, step_past
 
 __all__ = ["RawSocketStream", "SocketAcceptor", "connect_socket", "RECV_SIZE", "receive", "send_pieces"]
 

@@ -1,41 +1,37 @@
 """nbdproto_threads: NBD server and client over blocking sockets and threads.
 
 Server side: ``Server`` (many connections, a thread each), ``ServerSession`` / ``negotiate`` (one accepted
-socket, the seed's negotiate-then-serve contract). Devices: the ``BlockDevice`` protocol, ``MemoryDevice``
-(sparse, in memory) and ``FileDevice`` (a file or block device).
+socket, the seed's negotiate-then-serve contract). Client side: ``connect`` and ``Client`` (many threads may
+share one), ``open_connection`` for callers that drive the engine themselves, and ``copy``: disks copied
+between NBD exports and files by one thread driving every connection's engine over non-blocking sockets.
+The devices both servers serve live in ``nbdproto.devices``.
 
 The names are loaded on first use (PEP 562): a client (``nbdproto copy``, ``nbdproto info``) should not pay for
-importing the server, its thread pool and logging, or ctypes for the file device.
+importing the server, its thread pool and logging.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nbdproto._lazy import lazy_names
+from nbdproto import lazy_names
 
 if TYPE_CHECKING:
-    from nbdproto._export import DeviceCapabilities
-
-    from ._client import Client, Connection, NBDError, connect, list_exports, negotiate_client, open_connection
-    from ._device import BlockDevice
-    from ._file import FileDevice
-    from ._memory import MemoryDevice
-    from ._server import ExportSpec, Resolver, Server, ServerSession, negotiate
+    from ._client import Client, Connection, connect, list_exports, negotiate_client, open_connection
+    from ._copy import CopyEnd, CopyFailed, CopyProgress, copy
+    from ._server import Resolver, Server, ServerSession, negotiate
 
 _WHERE = {
     "Client": "._client",
-    "NBDError": "._client",
     "connect": "._client",
     "list_exports": "._client",
     "Connection": "._client",
     "open_connection": "._client",
     "negotiate_client": "._client",
-    "BlockDevice": "._device",
-    "DeviceCapabilities": "nbdproto._export",
-    "MemoryDevice": "._memory",
-    "FileDevice": "._file",
-    "ExportSpec": "._server",
+    "CopyEnd": "._copy",
+    "CopyFailed": "._copy",
+    "CopyProgress": "._copy",
+    "copy": "._copy",
     "Resolver": "._server",
     "Server": "._server",
     "ServerSession": "._server",
@@ -44,17 +40,15 @@ _WHERE = {
 
 __all__ = [
     "Client",
-    "NBDError",
     "connect",
     "list_exports",
     "Connection",
     "open_connection",
     "negotiate_client",
-    "BlockDevice",
-    "DeviceCapabilities",
-    "MemoryDevice",
-    "FileDevice",
-    "ExportSpec",
+    "CopyEnd",
+    "CopyFailed",
+    "CopyProgress",
+    "copy",
     "Resolver",
     "Server",
     "ServerSession",

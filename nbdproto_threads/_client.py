@@ -18,15 +18,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import nbdproto
+from nbdproto import NBDError
 from nbdproto._negotiation import ClientNegotiation, plan_connection
 
 from ._stream import SocketStream
 
 __all__ = ["Client", "Connection", "NBDError", "connect", "list_exports", "negotiate_client", "open_connection"]
-
-
-class NBDError(OSError):
-    """The server answered a request with an error: ``errno`` is the NBD error value (EIO, ENOSPC, ...)."""
 
 
 class Connection(NamedTuple):

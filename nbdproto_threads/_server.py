@@ -32,10 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import nbdproto
-from nbdproto._dispatch import ReadView, RequestBudget, carry_out, read_view_of
-from nbdproto._export import ExportSpec, answer_export_request
+from nbdproto import BlockDevice, ExportSpec, ReadView, RequestBudget, answer_export_request, carry_out, read_view_of
 
-from ._device import BlockDevice
 from ._stream import SocketStream
 
 __all__ = ["ExportSpec", "ServerSession", "negotiate", "Server", "Resolver"]

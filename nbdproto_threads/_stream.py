@@ -13,11 +13,10 @@ import os
 import socket
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
-from nbdproto import FileRegion, Payload
+from nbdproto import FileRegion, Payload, step_past
 
-__all__ = ["SocketStream", "RECV_SIZE", "step_past"]
+__all__ = ["SocketStream", "RECV_SIZE"]
 
 RECV_SIZE = 1024 * 1024
 """Bytes asked of each recv: large, so one system call brings in many pipelined requests, and most write
@@ -25,19 +24,6 @@ payloads arrive whole in one chunk (measured: 1 MiB against 256 KiB, nbdcopy +10
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _Piece = bytes | bytearray | memoryview
-
-
-def step_past(pieces: list[Any], start: int, sent: int) -> int:
-    """After a scatter-gather write of ``sent`` bytes from ``pieces[start:]``: the index of the first piece not
-    wholly sent, that piece cut to its unsent tail (in place). Every writer of the engine's pieces uses it."""
-    while sent:
-        first = len(pieces[start])
-        if sent < first:
-            pieces[start] = memoryview(pieces[start])[sent:]
-            break
-        sent -= first
-        start += 1
-    return start
 
 
 class SocketStream:

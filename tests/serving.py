@@ -22,9 +22,10 @@ import anyio.from_thread
 import trustme
 
 import nbdproto
+import nbdproto.devices
 import nbdproto_anyio
 import nbdproto_threads
-from nbdproto_anyio._device import Dispatch
+from nbdproto import Dispatch
 
 BACKENDS = ("threads", "asyncio", "trio")
 
@@ -111,8 +112,7 @@ def _serve_threads(
     exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, workers: int, max_bytes: int
 ) -> Iterator[Any]:
     specs = {
-        name: nbdproto_threads.ExportSpec(e.device, e.description, e.read_only, e.tls_required)
-        for name, e in exports.items()
+        name: nbdproto.ExportSpec(e.device, e.description, e.read_only, e.tls_required) for name, e in exports.items()
     }
     server = nbdproto_threads.Server(
         specs, address, tls=tls, tls_mode=_tls_mode(tls, exports), workers=workers, max_bytes_in_flight=max_bytes
@@ -130,9 +130,9 @@ def _dispatch(device: Any) -> Dispatch:
     """How nbdproto serve calls a device: memory and files on tmpfs never block (inline, and a file's reads are
     views of its mapping); other files in a worker thread per batch; anything else (test devices that sleep)
     in a thread per request."""
-    if isinstance(device, nbdproto_threads.MemoryDevice):
+    if isinstance(device, nbdproto.devices.MemoryDevice):
         return "inline"
-    if isinstance(device, nbdproto_threads.FileDevice):
+    if isinstance(device, nbdproto.devices.FileDevice):
         return "inline" if device.in_memory else "batch"
     return "threads"
 
@@ -142,7 +142,7 @@ def _serve_anyio(
     backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, max_bytes: int
 ) -> Iterator[Any]:
     specs = {
-        name: nbdproto_anyio.AsyncExportSpec(
+        name: nbdproto.ExportSpec(
             nbdproto_anyio.AsyncDeviceAdapter(e.device, dispatch=_dispatch(e.device)),
             e.description,
             e.read_only,

@@ -11,8 +11,9 @@ import anyio
 import pytest
 
 import nbdproto as n
+import nbdproto.devices
 import nbdproto_anyio as na
-from nbdproto_threads import MemoryDevice
+from nbdproto.devices import MemoryDevice
 from tests.capture import nbdkit
 
 MIB = 1 << 20
@@ -57,7 +58,7 @@ async def test_errors_and_out_of_order_replies(peers: Any) -> None:
 
             async def failing() -> None:
                 await anyio.sleep(0.05)
-                with pytest.raises(na.NBDError) as info:
+                with pytest.raises(nbdproto.NBDError) as info:
                     await c.pwrite(b"x" * 512, 0)
                 assert info.value.errno == errno.ENOSPC
                 order.append("write")
@@ -71,7 +72,7 @@ async def test_errors_and_out_of_order_replies(peers: Any) -> None:
 @contextlib.asynccontextmanager
 async def our_server(exports: dict[str, Any], tls: Any = None) -> AsyncIterator[str]:
     """Our anyio server in this test's own event loop (a blocking portal cannot start inside a running loop)."""
-    specs = {name: na.AsyncExportSpec(na.AsyncDeviceAdapter(dev, use_threads=False), read_only=False)
+    specs = {name: nbdproto.ExportSpec(na.AsyncDeviceAdapter(dev, use_threads=False), read_only=False)
              for name, dev in exports.items()}  # fmt: skip
     listener = await na.listen(("127.0.0.1", 0))
     scheme = "nbds" if tls else "nbd"
@@ -158,7 +159,7 @@ async def test_large_reads_land_in_the_callers_buffers_over_tcp_v4_v6_and_unix(w
     data = os.urandom(16 * MIB)
     device = MemoryDevice(16 * MIB)
     device.pwrite(data, 0)
-    specs = {"d": na.AsyncExportSpec(na.AsyncDeviceAdapter(device, use_threads=False), read_only=False)}
+    specs = {"d": nbdproto.ExportSpec(na.AsyncDeviceAdapter(device, use_threads=False), read_only=False)}
     address: Any = str(tmp_path / "nbd.sock") if where == "unix" else (where, 0)
     listener = await na.listen(address)
     if where == "unix":

@@ -17,7 +17,7 @@ import pytest
 
 import nbdproto as n
 from nbdproto import _wire as w
-from nbdproto_threads import FileDevice, MemoryDevice
+from nbdproto.devices import FileDevice, MemoryDevice
 from tests.nbdbytes import client_flags, info_payload, option, request
 from tests.serving import BACKENDS, Export, serve_exports
 

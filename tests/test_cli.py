@@ -26,7 +26,7 @@ from tests.serving import make_pki
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
-CLI = [sys.executable, "-m", "nbdproto_anyio"]
+CLI = [sys.executable, "-m", "nbdproto"]
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -272,7 +272,7 @@ def test_serve_defaults_to_the_fastest_event_loop_installed(
 ) -> None:
     import importlib.util
 
-    from nbdproto_anyio import _cli_serve
+    from nbdproto.cli import _serve
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
-    assert _cli_serve.default_loop() == expected
+    assert _serve.default_loop() == expected

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto_threads import FileDevice, MemoryDevice
+from nbdproto.devices import FileDevice, MemoryDevice
 
 SIZE = 1 << 20
 HOLE = n.AllocationState.HOLE | n.AllocationState.ZERO

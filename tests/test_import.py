@@ -45,7 +45,7 @@ def test_the_client_commands_start_without_servers_or_event_loops() -> None:
     # (and ctypes, logging, thread pools) stays unloaded until `serve` or a local file needs it.
     code = (
         "import sys\n"
-        "import nbdproto_anyio._cli, nbdproto_anyio._copy, nbdproto_anyio._cli_query\n"
+        "import nbdproto.cli, nbdproto.cli._copy, nbdproto.cli._query, nbdproto_threads._copy\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -57,8 +57,8 @@ def test_the_client_commands_start_without_servers_or_event_loops() -> None:
         "nbdproto._servertransmission",
         "nbdproto._dispatch",
         "nbdproto_threads._server",
-        "nbdproto_threads._file",
-        "nbdproto_anyio._cli_serve",
+        "nbdproto.devices._file",
+        "nbdproto.cli._serve",
         "nbdproto_anyio._server",
     }
     assert loaded & unwanted == set()

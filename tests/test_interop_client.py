@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import nbdproto as n
+import nbdproto.devices
 import nbdproto_threads as nt
 from tests.capture import nbdkit
 from tests.conftest import PEER_ENV
@@ -89,7 +90,7 @@ def test_nbdkit_error_filter_errors_reach_the_caller(peers: Any) -> None:
     peers("nbdkit")
     args = ["--filter=error", "memory", "size=1M", "error=ENOSPC", "error-pwrite-rate=1", "error-pread-rate=0"]
     with nbdkit(args) as port, nt.connect(f"nbd://127.0.0.1:{port}/") as c:
-        with pytest.raises(nt.NBDError) as info:
+        with pytest.raises(nbdproto.NBDError) as info:
             c.pwrite(b"x" * 512, 0)
         assert info.value.errno == errno.ENOSPC
         assert c.pread(512, 0) == bytes(512)  # the connection goes on after an error reply
@@ -230,12 +231,12 @@ def test_client_leaves_politely_after_eshutdown() -> None:
     """A device failing with ESHUTDOWN makes our server answer NBD_ESHUTDOWN; our client then sends DISC."""
     from tests.serving import Export, serve_exports
 
-    class ShuttingDown(nt.MemoryDevice):
+    class ShuttingDown(nbdproto.devices.MemoryDevice):
         def pread_into(self, buffer: memoryview, offset: int) -> None:
             raise OSError(errno.ESHUTDOWN, "maintenance")
 
     with serve_exports("threads", {"d": Export(ShuttingDown(MIB))}) as base, nt.connect(base.format("d")) as c:
-        with pytest.raises(nt.NBDError) as info:
+        with pytest.raises(nbdproto.NBDError) as info:
             c.pread(512, 0)
         assert info.value.errno == errno.ESHUTDOWN
         deadline = time.monotonic() + 5

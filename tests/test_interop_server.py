@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from nbdproto_threads import FileDevice, MemoryDevice
+import nbdproto
+from nbdproto.devices import FileDevice, MemoryDevice
 from tests.conftest import PEER_ENV
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
 
@@ -282,7 +283,7 @@ def test_ipv6_loopback(peers: Any) -> None:
     import nbdproto_threads
 
     try:
-        server = nbdproto_threads.Server({"d": nbdproto_threads.MemoryDevice(MIB)}, ("::1", 0))
+        server = nbdproto_threads.Server({"d": MemoryDevice(MIB)}, ("::1", 0))
     except OSError as exc:
         pytest.skip(f"this machine has no IPv6 loopback: {exc}")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -292,7 +293,7 @@ def test_ipv6_loopback(peers: Any) -> None:
         assert info["exports"][0]["export-size"] == MIB
     finally:
         server.shutdown()
-    spec = nbdproto_anyio.AsyncExportSpec(nbdproto_anyio.AsyncMemoryDevice(2 * MIB))
+    spec = nbdproto.ExportSpec(nbdproto_anyio.AsyncMemoryDevice(2 * MIB))
     with anyio.from_thread.start_blocking_portal() as portal:
         listener = portal.call(nbdproto_anyio.listen, ("::1", 0))
         future = portal.start_task_soon(nbdproto_anyio.Server({"d": spec}).serve, listener)

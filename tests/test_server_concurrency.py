@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pytest
 
 import nbdproto as n
-from nbdproto_threads import FileDevice, MemoryDevice
+from nbdproto.devices import FileDevice, MemoryDevice
 from tests.nbdbytes import request
 from tests.serving import Export, serve_exports
 from tests.test_bad_input import RawClient

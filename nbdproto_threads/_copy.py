@@ -1,4 +1,4 @@
-"""``nbdproto copy SRC DST``: copy a disk between NBD exports and local files, the holes left as holes.
+"""Copy a disk between NBD exports and local files, the holes left as holes (``nbdproto copy`` SRC DST).
 
 SRC and DST are NBD URIs or local paths (DST may also be ``null:``, which discards, for measuring). The source's
 allocation (block status ``base:allocation`` for NBD, SEEK_DATA/SEEK_HOLE for files) splits the disk into data
@@ -14,7 +14,6 @@ copying, 0.62 s against 0.39 s for 1 GiB from nbdkit (bench/bench_copy.sh).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import itertools
@@ -23,23 +22,22 @@ import queue
 import selectors
 import socket
 import ssl
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import nbdproto
-from nbdproto_threads import Connection, NBDError, open_connection
-from nbdproto_threads._stream import step_past
+from nbdproto import NBDError, step_past
 
-from ._cli_query import add_tls_arguments, client_tls
+from ._client import Connection, open_connection
 
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from nbdproto_threads import FileDevice
+    from nbdproto.devices import FileDevice
 
-__all__ = ["CopyFailed", "add_copy_command", "copy", "copy_command"]
+__all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", "copy"]
 
 REQUEST_SIZE = 1 << 20
 """Bytes per request: large enough that Python's per-request cost vanishes, within every server's limit."""
@@ -52,22 +50,58 @@ the next query starts where its answer ended."""
 RECV_SIZE = 16 << 10
 """Bytes asked of each recv outside read data (reply headers, block status, write acknowledgements)."""
 
-_Done = Callable[[], None]
+Done = Callable[[], None]
+"""Called back in the copy's thread when an operation an end started has completed."""
 
 
-def add_copy_command(commands: Any) -> None:
-    parser = commands.add_parser("copy", help="copy between NBD exports and files, sparse-aware and in parallel")
-    parser.add_argument("src", metavar="SRC", help="NBD URI or file")
-    parser.add_argument("dst", metavar="DST", help="NBD URI, file, or null: (discard)")
-    parser.add_argument("--connections", type=int, default=4, help="connections at each NBD end (default 4)")
-    parser.add_argument("--requests", type=int, default=2, help="requests in flight per connection (default 2)")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="show a progress bar (default: when stderr is a terminal)",
-    )
-    add_tls_arguments(parser)
+class CopyEnd(Protocol):
+    """What both ends of a copy have: a size, the largest request they take, and a close."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def max_request(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class CopySource(CopyEnd, Protocol):
+    """Where a copy reads from: its data and zero runs, and reads that call ``done`` once the buffer is full."""
+
+    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """(offset, length, is_zero) runs covering the range, in order."""
+        ...
+
+    def read(self, buffer: memoryview, offset: int, done: Done) -> None: ...
+
+
+class CopyTarget(CopyEnd, Protocol):
+    """Where a copy writes to: writes, zeroes (never sent as data where the target can help it), a finish."""
+
+    def write(self, data: memoryview, offset: int, done: Done) -> None: ...
+
+    def zero(self, offset: int, length: int, done: Done) -> None: ...
+
+    def finish(self) -> None:
+        """Make what was written durable (an NBD flush, fdatasync of a file)."""
+        ...
+
+
+@dataclass(slots=True)
+class CopyProgress:
+    """How far a copy got: ``copied`` of ``total`` bytes are done (data and zero runs), ``data`` of them were
+    written as data. Handed to the ``progress`` callback after each piece completes, and returned at the end."""
+
+    total: int
+    copied: int = 0
+    data: int = 0
+    in_flight: int = 0
+
+    @property
+    def fraction(self) -> float:
+        """Done so far, from 0.0 to 1.0 (1.0 for an empty disk)."""
+        return self.copied / self.total if self.total else 1.0
 
 
 class CopyFailed(Exception):
@@ -179,7 +213,7 @@ class _Loop:
         memory (tmpfs) want one: their writes serialize on the inode lock anyway, and four threads contending
         for it measured 7% slower than one on a 1 GiB copy (bench/bench_copy.sh)."""
 
-    def in_thread(self, work: Callable[[], None], done: _Done) -> None:
+    def in_thread(self, work: Callable[[], None], done: Done) -> None:
         """Run blocking ``work`` in a worker thread (the GIL is let go in its system calls, so local file I/O
         overlaps with the network), then ``done`` back in the loop; an exception from work raises there."""
         if self.workers is None:
@@ -243,7 +277,7 @@ def _reraise(failure: BaseException) -> None:
     raise failure
 
 
-def _checked(done: _Done) -> Callable[[Any], None]:
+def _checked(done: Done) -> Callable[[Any], None]:
     def reply(event: Any) -> None:
         if isinstance(event, nbdproto.ErrorReply):
             raise NBDError(int(event.error), event.message or os.strerror(int(event.error)))
@@ -258,7 +292,7 @@ def _checked(done: _Done) -> Callable[[Any], None]:
 class _Nbd:
     """An NBD export through several connections; requests go to the least busy one."""
 
-    def __init__(self, uri: str, connections: int, tls: Any, loop: _Loop) -> None:
+    def __init__(self, uri: str, connections: int, tls: ssl.SSLContext | None, loop: _Loop) -> None:
         self.loop = loop
         self.connections = [_Connection(open_connection(uri, tls=tls))]
         loop.add(self.connections[0])
@@ -307,13 +341,13 @@ class _Nbd:
         extents: tuple[nbdproto.Extent, ...] = reply.extents[self.context]
         return extents
 
-    def read(self, buffer: memoryview, offset: int, done: _Done) -> None:
+    def read(self, buffer: memoryview, offset: int, done: Done) -> None:
         self._pick().request(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer), _checked(done))
 
-    def write(self, data: memoryview, offset: int, done: _Done) -> None:
+    def write(self, data: memoryview, offset: int, done: Done) -> None:
         self._pick().request(lambda c: nbdproto.WriteRequest(c, offset, data), _checked(done))
 
-    def zero(self, offset: int, length: int, done: _Done) -> None:
+    def zero(self, offset: int, length: int, done: Done) -> None:
         if self.can_zero:
             self._pick().request(lambda c: nbdproto.WriteZeroesRequest(c, offset, length), _checked(done))
             return
@@ -342,7 +376,7 @@ class _Nbd:
             connection.close()
 
 
-def _open_together(uri: str, tls: Any, count: int) -> list[Connection]:
+def _open_together(uri: str, tls: ssl.SSLContext | None, count: int) -> list[Connection]:
     """Open and negotiate ``count`` connections at once (each handshake is a few round trips of waiting)."""
     opened: list[Connection] = []
     failures: list[BaseException] = []
@@ -375,7 +409,7 @@ class _File:
             open(path, "wb").close()
         if writable and os.path.isfile(path) and os.path.getsize(path) < size:
             os.truncate(path, size)  # a new or short file grows sparse: its holes already read as zero
-        from nbdproto_threads import FileDevice  # ctypes and all: only when a local file takes part
+        from nbdproto.devices import FileDevice  # ctypes and all: only when a local file takes part
 
         self.device: FileDevice = FileDevice(path, read_only=not writable)
         if not self.device.in_memory:
@@ -392,13 +426,13 @@ class _File:
                 yield offset, size, bool(status & nbdproto.AllocationState.ZERO)
                 offset += size
 
-    def read(self, buffer: memoryview, offset: int, done: _Done) -> None:
+    def read(self, buffer: memoryview, offset: int, done: Done) -> None:
         self.loop.in_thread(lambda: self.device.pread_into(buffer, offset), done)
 
-    def write(self, data: memoryview, offset: int, done: _Done) -> None:
+    def write(self, data: memoryview, offset: int, done: Done) -> None:
         self.loop.in_thread(lambda: self.device.pwrite(data, offset), done)
 
-    def zero(self, offset: int, length: int, done: _Done) -> None:
+    def zero(self, offset: int, length: int, done: Done) -> None:
         if self.fresh:
             done()
             return
@@ -417,10 +451,10 @@ class _Null:
     size = 1 << 63
     max_request = REQUEST_SIZE
 
-    def write(self, data: memoryview, offset: int, done: _Done) -> None:
+    def write(self, data: memoryview, offset: int, done: Done) -> None:
         done()
 
-    def zero(self, offset: int, length: int, done: _Done) -> None:
+    def zero(self, offset: int, length: int, done: Done) -> None:
         done()
 
     def finish(self) -> None:
@@ -430,7 +464,7 @@ class _Null:
         pass
 
 
-def _pieces(source: Any, size: int, step: int) -> Iterator[tuple[int, int, bool]]:
+def _pieces(source: CopySource, size: int, step: int) -> Iterator[tuple[int, int, bool]]:
     """Data and zero runs of the source, cut to at most ``step`` bytes (zero runs are not cut)."""
     for offset, length, zero in source.runs(0, size):
         if zero:
@@ -444,12 +478,23 @@ def _pieces(source: Any, size: int, step: int) -> Iterator[tuple[int, int, bool]
 
 
 def copy(
-    src: str, dst: str, *, connections: int = 4, requests: int = 2, progress: bool = False, tls: Any = None
-) -> int:
-    """Copy SRC to DST; returns the number of bytes copied as data (zero runs excluded)."""
+    src: str,
+    dst: str,
+    *,
+    connections: int = 4,
+    requests: int = 2,
+    tls: ssl.SSLContext | None = None,
+    progress: Callable[[CopyProgress], None] | None = None,
+) -> CopyProgress:
+    """Copy SRC to DST (NBD URIs or local paths; DST may be ``null:``) and say how it went.
+
+    ``connections`` connections at each NBD end (one where the server does not promise multi-conn), each with
+    ``requests`` requests in flight. ``progress`` is called with the running totals after each piece. Raises
+    CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
+    """
     loop = _Loop()
-    source: Any = None
-    target: Any = None
+    source: _Nbd | _File | None = None
+    target: _Nbd | _File | _Null | None = None
     try:
         source = _Nbd(src, connections, tls, loop) if _is_uri(src) else _File(src, loop, writable=False)
         if dst == "null:":
@@ -460,42 +505,7 @@ def copy(
             target = _File(dst, loop, writable=True, size=source.size)
         if target.size < source.size:
             raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
-        step = min(source.max_request, target.max_request)
-        slots = max(1, connections * requests)
-        free = [memoryview(bytearray(step)) for _ in range(slots)]
-        bar = _progress_bar(source.size, progress)
-        state = {"in_flight": 0, "data": 0, "copied": 0}
-
-        def finished(length: int, buffer: memoryview | None) -> None:
-            state["in_flight"] -= 1
-            if buffer is not None:
-                free.append(buffer)
-                state["data"] += length
-            state["copied"] += length
-            bar.update(length)
-
-        def start(offset: int, length: int, zero: bool) -> None:
-            state["in_flight"] += 1
-            if zero:
-                target.zero(offset, length, lambda: finished(length, None))
-                return
-            buffer = free.pop()
-            view = buffer[:length]
-            source.read(view, offset, lambda: target.write(view, offset, lambda: finished(length, buffer)))
-
-        try:
-            # Each piece in flight holds at most one buffer, so a free slot always has a free buffer.
-            for piece in _pieces(source, source.size, step):
-                while state["in_flight"] >= slots:
-                    loop.step()
-                start(*piece)
-            loop.wait(lambda: not state["in_flight"])
-            target.finish()
-        except (NBDError, OSError, nbdproto.ProtocolError) as exc:
-            raise CopyFailed(exc, state["copied"], source.size) from exc
-        finally:
-            bar.close()
-        return state["data"]
+        return _run(source, target, loop, max(1, connections * requests), progress)
     finally:
         for end in (source, target):
             if end is not None:
@@ -503,29 +513,39 @@ def copy(
         loop.close()
 
 
-def _progress_bar(total: int, show: bool) -> Any:
-    if not show:
-        return _NoProgress()
-    from tqdm import tqdm  # imported only when shown: it costs a noticeable share of a short copy's start-up
+def _run(
+    source: CopySource, target: CopyTarget, loop: _Loop, slots: int, report: Callable[[CopyProgress], None] | None
+) -> CopyProgress:
+    step = min(source.max_request, target.max_request)
+    free = [memoryview(bytearray(step)) for _ in range(slots)]
+    progress = CopyProgress(source.size)
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+    def finished(length: int, buffer: memoryview | None) -> None:
+        progress.in_flight -= 1
+        if buffer is not None:
+            free.append(buffer)
+            progress.data += length
+        progress.copied += length
+        if report is not None:
+            report(progress)
 
+    def start(offset: int, length: int, zero: bool) -> None:
+        progress.in_flight += 1
+        if zero:
+            target.zero(offset, length, lambda: finished(length, None))
+            return
+        buffer = free.pop()
+        view = buffer[:length]
+        source.read(view, offset, lambda: target.write(view, offset, lambda: finished(length, buffer)))
 
-class _NoProgress:
-    def update(self, count: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def copy_command(args: argparse.Namespace) -> int:
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    tls_uri = args.src if _is_uri(args.src) else args.dst if _is_uri(args.dst) else None
-    tls = client_tls(args, tls_uri) if tls_uri else None
     try:
-        copy(args.src, args.dst, connections=args.connections, requests=args.requests, progress=show, tls=tls)
-    except (CopyFailed, NBDError, OSError, ValueError, nbdproto.ProtocolError) as exc:
-        print(f"nbdproto copy: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        # Each piece in flight holds at most one buffer, so a free slot always has a free buffer.
+        for piece in _pieces(source, source.size, step):
+            while progress.in_flight >= slots:
+                loop.step()
+            start(*piece)
+        loop.wait(lambda: not progress.in_flight)
+        target.finish()
+    except (NBDError, OSError, nbdproto.ProtocolError) as exc:
+        raise CopyFailed(exc, progress.copied, source.size) from exc
+    return progress

@@ -1,9 +1,4 @@
-"""The ``nbdproto`` command line (also ``python -m nbdproto_anyio``).
-
-``nbdproto serve`` serves a file, a block device or a sparse in-memory disk, the way qemu-nbd and nbdkit do
-(_cli_serve, imported only for serve); ``info`` and ``list`` ask a server about its exports (_cli_query);
-``copy`` copies disks (_copy). All of it is built on the public APIs of nbdproto_anyio and nbdproto_threads.
-"""
+"""The parser of every command, and ``main``: which command runs, and how its failures are reported."""
 
 from __future__ import annotations
 
@@ -14,8 +9,8 @@ from collections.abc import Sequence
 
 import nbdproto
 
-from ._cli_query import add_query_commands, info, list_command
 from ._copy import add_copy_command, copy_command
+from ._query import add_query_commands, info, list_command
 
 __all__ = ["main", "parse_size"]
 
@@ -88,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            from ._cli_serve import serve  # the servers' imports are for serve alone (see _cli_serve)
+            from ._serve import serve  # the servers' imports are for serve alone (see _serve)
 
             return serve(args)
         if args.command == "info":

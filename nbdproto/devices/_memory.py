@@ -14,10 +14,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
-from nbdproto import BASE_ALLOCATION, AllocationState
-from nbdproto._export import DeviceCapabilities
+from nbdproto import BASE_ALLOCATION, AllocationState, Buffer, DeviceCapabilities, Dispatch
 
-from ._device import Buffer, check_range
+from ._ranges import check_range
 
 __all__ = ["MemoryDevice", "PAGE_SIZE"]
 
@@ -29,6 +28,9 @@ _MAX_EXTENTS = 1024  # block status answers at most this many runs per call; cli
 
 class MemoryDevice:
     """A sparse in-memory device of ``size`` bytes; writable unless ``read_only``."""
+
+    dispatch: Dispatch = "inline"
+    """Memory copies that never block: servers call it right where the request was read."""
 
     def __init__(self, size: int, *, read_only: bool = False) -> None:
         if size < 0:

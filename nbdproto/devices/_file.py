@@ -29,10 +29,9 @@ import stat
 import struct
 from collections.abc import Sequence
 
-from nbdproto import BASE_ALLOCATION, AllocationState
-from nbdproto._export import DeviceCapabilities
+from nbdproto import BASE_ALLOCATION, AllocationState, Buffer, DeviceCapabilities, Dispatch
 
-from ._device import Buffer, check_range
+from ._ranges import check_range
 
 __all__ = ["FileDevice"]
 
@@ -95,6 +94,8 @@ class FileDevice:
             raise OSError(errno.EINVAL, f"{self.path} is neither a regular file nor a block device")
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
         self.in_memory = _in_memory_filesystem(self._fd)
+        # tmpfs and ramfs: memory copies that never wait on a disk, so a server may call them inline.
+        self.dispatch: Dispatch = "inline" if self.in_memory else "batch"
         self._mmap = _map(self._fd, self._size)
         self._mapping = memoryview(self._mmap) if self._mmap is not None else None
         self._capabilities = DeviceCapabilities(

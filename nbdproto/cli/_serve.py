@@ -17,10 +17,11 @@ import threading
 from dataclasses import dataclass
 
 import nbdproto
-from nbdproto_threads import ExportSpec, FileDevice, MemoryDevice
+from nbdproto import ExportSpec
+from nbdproto.devices import FileDevice, MemoryDevice
 from nbdproto_threads import Server as ThreadsServer
 
-from ._cli import UsageError, parse_size
+from ._main import UsageError, parse_size
 
 __all__ = ["serve", "default_loop"]
 
@@ -214,12 +215,11 @@ def _serve_anyio(job: _Serving) -> None:
     # commands that do not need them (a copy's figures include it).
     import anyio
 
-    from ._device import AsyncDeviceAdapter
-    from ._server import AsyncExportSpec, listen
-    from ._server import Server as AnyioServer
+    from nbdproto_anyio import AsyncDeviceAdapter, listen
+    from nbdproto_anyio import Server as AnyioServer
 
     specs = {
-        e.name: AsyncExportSpec(
+        e.name: ExportSpec(
             AsyncDeviceAdapter(d, dispatch="batch" if isinstance(d, FileDevice) and not d.in_memory else "inline"),
             job.description,
             job.read_only,

@@ -1,0 +1,7 @@
+"""``python -m nbdproto``: the command line."""
+
+import sys
+
+from nbdproto.cli import main
+
+sys.exit(main())

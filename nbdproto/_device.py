@@ -1,0 +1,92 @@
+"""The block-device protocol: what both servers call to carry out requests, and what a device author writes.
+
+A device is any object with these methods (``typing.Protocol``: no base class needed). The protocol is
+synchronous, for every backend: the threads server calls it from connection threads, the anyio server from
+worker threads, or right on the event loop for a device whose ``dispatch`` says it never blocks. Several
+calls may run at once (one per connection, more with worker threads), so every device must be thread-safe,
+and one that says ``can_multi_conn`` must show each connection what the others completed. Failures are
+``OSError`` with an errno; the servers turn them into NBD errors (``nbdproto.nbd_errno``).
+
+Optional extras, looked up with getattr so that a plain device needs none of them:
+
+- ``dispatch``: how a server should call the device (``Dispatch``; "threads" when absent).
+- ``read_view(offset, length)``: the bytes as a zero-copy buffer (or None), which a server sends as the
+  reply itself on plaintext connections (``nbdproto.ReadView``; FileDevice's are slices of its mapping).
+- ``fileno()``: lets a device without views have large plaintext reads sent with os.sendfile.
+- ``resize(size)``: NBD_CMD_RESIZE, for devices whose capabilities say ``can_resize``.
+
+Implementations live in ``nbdproto.devices``; this module only states the contract, so that the I/O-free
+serving logic (``nbdproto.carry_out``) and both backends can name it without loading any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from ._export import DeviceCapabilities
+
+__all__ = ["BlockDevice", "Buffer", "Dispatch", "dispatch_of"]
+
+Buffer = bytes | bytearray | memoryview
+"""What a write's data may be."""
+
+Dispatch = Literal["inline", "batch", "threads"]
+"""How a server should call a device:
+
+- ``"inline"``: right where the request was read (on the event loop, in the connection's thread), one
+  request after another: for devices that answer in microseconds and never block (memory, tmpfs files).
+- ``"batch"``: every request read in one go is carried out together, in order, off the event loop: one
+  thread hop per batch. For calls that are quick but may block (files in the page cache).
+- ``"threads"``: each request in a worker thread of its own, so slow requests overlap and replies go out
+  as they complete (disks, remote devices, object stores).
+"""
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    """A block device served over NBD."""
+
+    @property
+    def size(self) -> int:
+        """The size in bytes."""
+
+    @property
+    def capabilities(self) -> DeviceCapabilities:
+        """What the device can do; decides what the server advertises."""
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        """Fill ``buffer`` with the bytes at ``offset`` (holes read as zero)."""
+
+    def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua``, durably before returning."""
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """The range's contents need not be kept (they may read back as anything, usually zero)."""
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        """Make the range read as zero; ``may_trim`` allows punching a hole; with ``fast``, raise
+        OSError(ENOTSUP) rather than zero slowly."""
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch the range (a hint)."""
+
+    def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        """Status of the range for meta ``context``: (length, flags) runs from ``offset``, at least one, the
+        first starting at ``offset``; they may stop short of ``length``."""
+
+    def close(self) -> None:
+        """Release the device."""
+
+
+def dispatch_of(device: object) -> Dispatch:
+    """The device's ``dispatch`` hint, "threads" when it gives none (the safe choice for unknown devices)."""
+    value = getattr(device, "dispatch", "threads")
+    if value == "inline":
+        return "inline"
+    return "batch" if value == "batch" else "threads"
