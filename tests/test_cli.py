@@ -110,7 +110,8 @@ def test_read_only_and_several_exports(tmp_path: Any) -> None:
         (["--memory", "0"], "positive"),
         (["--tls", "require", "--tls-cert", "/no/cert.pem"], "cannot load"),
         (["--tls", "require"], "--tls-cert"),
-        (["--export", "nonsense"], "NAME=FILE"),
+        (["--export", "nonsense"], "NAME=SOURCE"),
+        (["ftp://host/disk"], "cannot serve a ftp:// source"),
     ],
 )
 def test_bad_arguments_give_a_message_and_status_2(args: list[str], message: str) -> None:

@@ -17,11 +17,11 @@ import threading
 from dataclasses import dataclass
 
 import nbdproto
-from nbdproto import ExportSpec
-from nbdproto.devices import FileDevice, MemoryDevice
+from nbdproto import BlockDevice, ExportSpec
 from nbdproto_threads import Server as ThreadsServer
 
-from ._main import UsageError, parse_size
+from ._errors import UsageError
+from ._sources import Source, open_source, parse_source
 
 __all__ = ["serve", "default_loop"]
 
@@ -30,44 +30,29 @@ log = logging.getLogger("nbdproto.cli")
 
 @dataclass
 class ExportArg:
+    """One export the command line asked for: its name and what serves it."""
+
     name: str
-    path: str | None  # None: in-memory
-    size: int
+    source: Source
 
 
 def _exports(args: argparse.Namespace) -> list[ExportArg]:
     out: list[ExportArg] = []
-    if args.file is not None and args.memory is not None:
-        raise UsageError("give FILE or --memory, not both")
-    if args.file is not None:
-        out.append(ExportArg(args.name, args.file, 0))
+    if args.source is not None and args.memory is not None:
+        raise UsageError("give SOURCE or --memory, not both")
+    if args.source is not None:
+        out.append(ExportArg(args.name, parse_source(args.source)))
     elif args.memory is not None or not args.export:
-        out.append(ExportArg(args.name, None, _size_arg(args.memory or "1G")))
+        out.append(ExportArg(args.name, parse_source(f"memory:{args.memory or '1G'}")))
     for item in args.export:
-        name, sep, target = item.partition("=")
+        name, sep, text = item.partition("=")
         if not sep:
-            raise UsageError(f"--export {item!r}: expected NAME=FILE")
-        if target.startswith("memory:"):
-            out.append(ExportArg(name, None, _size_arg(target[len("memory:") :])))
-        else:
-            out.append(ExportArg(name, target, 0))
+            raise UsageError(f"--export {item!r}: expected NAME=SOURCE")
+        out.append(ExportArg(name, parse_source(text)))
     names = [e.name for e in out]
     if len(set(names)) != len(names):
         raise UsageError(f"export names must differ: {names}")
-    for export in out:
-        if export.path is not None and not os.path.exists(export.path):
-            raise UsageError(f"{export.path}: no such file")
     return out
-
-
-def _size_arg(text: str) -> int:
-    try:
-        size = parse_size(text)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if size <= 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return size
 
 
 def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsMode | None]:
@@ -171,16 +156,15 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-Device = FileDevice | MemoryDevice
-
-
-def _open_devices(exports: list[ExportArg], read_only: bool) -> list[Device]:
-    devices: list[Device] = []
-    for export in exports:
-        if export.path is None:
-            devices.append(MemoryDevice(export.size))
-        else:
-            devices.append(FileDevice(export.path, read_only=read_only))
+def _open_devices(exports: list[ExportArg], read_only: bool) -> list[BlockDevice]:
+    devices: list[BlockDevice] = []
+    try:
+        for export in exports:
+            devices.append(open_source(export.source, read_only=read_only))
+    except BaseException:
+        for device in devices:
+            device.close()
+        raise
     return devices
 
 
@@ -190,7 +174,7 @@ class _Serving:
 
     sock: socket.socket
     exports: list[ExportArg]
-    devices: list[Device]
+    devices: list[BlockDevice]
     description: str
     read_only: bool
     tls: ssl.SSLContext | None
@@ -215,15 +199,12 @@ def _serve_anyio(job: _Serving) -> None:
     # commands that do not need them (a copy's figures include it).
     import anyio
 
+    from nbdproto import dispatch_of
     from nbdproto_anyio import AsyncDeviceAdapter, listen
     from nbdproto_anyio import Server as AnyioServer
 
     specs = {
-        e.name: ExportSpec(
-            AsyncDeviceAdapter(d, dispatch="batch" if isinstance(d, FileDevice) and not d.in_memory else "inline"),
-            job.description,
-            job.read_only,
-        )
+        e.name: ExportSpec(AsyncDeviceAdapter(d, dispatch=dispatch_of(d)), job.description, job.read_only)
         for e, d in zip(job.exports, job.devices, strict=True)
     }
     server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode)

@@ -1,0 +1,53 @@
+"""The arguments of ``nbdproto serve``: defined apart from ``_serve`` so that building the parser for any
+command loads no server, device or event loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nbdproto
+
+__all__ = ["add_serve_command", "add_serve_arguments"]
+
+
+def add_serve_command(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a file, block device, in-memory disk or another NBD export over NBD",
+        description="Serve SOURCE over NBD until Ctrl-C or SIGTERM. SOURCE is a regular file or block device, "
+        "memory:SIZE (a sparse in-memory disk), or an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://) to "
+        "re-export. With no SOURCE, serves a 1 GiB in-memory disk on 127.0.0.1:10809.",
+    )
+    serve.add_argument("source", nargs="?", metavar="SOURCE", help="a file, memory:SIZE, or an NBD URI")
+    add_serve_arguments(serve)
+
+
+def add_serve_arguments(serve: Any) -> None:
+    """Everything but SOURCE: also the options of ``nbdproto mirror``, which serves its primary the same way."""
+    serve.add_argument("-v", "--verbose", action="store_true", help="log connections and errors")
+    serve.add_argument("--memory", metavar="SIZE", help="serve a sparse in-memory disk of SIZE (e.g. 1G, 512M)")
+    serve.add_argument("--name", default="", help="export name (default: the empty default export)")
+    serve.add_argument("--description", default="", help="export description shown by nbdinfo")
+    serve.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=nbdproto.DEFAULT_PORT, help="TCP port (default 10809; 0: any)")
+    serve.add_argument("--socket", metavar="PATH", help="listen on a unix socket instead of TCP")
+    serve.add_argument("--backend", choices=("anyio", "threads"), default="anyio", help="server backend")
+    serve.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop", "trio"),
+        help="event loop of the anyio backend (default: uvloop if installed, else trio, else asyncio: the fastest "
+        "measured with bench/bench_servers.sh, or tied for it)",
+    )
+    serve.add_argument("--tls", choices=("off", "optional", "require"), default="off", help="TLS mode")
+    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain) for TLS")
+    serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    serve.add_argument("--tls-ca", metavar="PEM", help="CA to verify client certificates against")
+    serve.add_argument("--tls-verify-client", action="store_true", help="require a client certificate")
+    serve.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="serve another export (repeatable); SOURCE as above",
+    )
