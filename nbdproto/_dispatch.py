@@ -47,7 +47,7 @@ __all__ = [
     "reply_for",
     "error_reply_for",
     "nbd_errno",
-    "RequestBudget",
+    "OnError",
     "carry_out",
     "carry_out_all",
     "ReadView",
@@ -166,54 +166,7 @@ def nbd_errno(exc: BaseException) -> Errno:
     return Errno.EIO
 
 
-class RequestBudget:
-    """How much a connection has taken on: requests being carried out, and the payload bytes they hold.
-
-    Both backends stop reading from a client while ``full``: a client that pipelines writes faster than the
-    device takes them then waits in its own send buffer instead of filling the server's memory. The bytes
-    counted are a write's data and a read's reply buffer, the memory a request pins until it is answered.
-    """
-
-    __slots__ = ("max_requests", "max_bytes", "requests", "bytes")
-
-    def __init__(self, max_requests: int, max_bytes: int) -> None:
-        self.max_requests = max_requests
-        self.max_bytes = max_bytes
-        self.requests = 0
-        self.bytes = 0
-
-    @staticmethod
-    def cost(request: Request) -> int:
-        """The bytes ``request`` holds in memory while it is carried out. A write's data is a view into the
-        received chunk it arrived in, which stays alive as long as the view: that whole chunk is counted."""
-        kind = type(request)
-        if kind is WriteRequest:
-            data = request.data  # type: ignore[union-attr]
-            owner = data.obj if isinstance(data, memoryview) else data
-            return max(len(data), len(owner) if isinstance(owner, (bytes, bytearray)) else 0)
-        if kind is ReadRequest:
-            return request.length  # type: ignore[union-attr]
-        return 0
-
-    @property
-    def full(self) -> bool:
-        """True while no more requests should be read."""
-        return self.requests >= self.max_requests or self.bytes > self.max_bytes
-
-    @property
-    def idle(self) -> bool:
-        return self.requests == 0
-
-    def add(self, cost: int) -> None:
-        self.requests += 1
-        self.bytes += cost
-
-    def done(self, cost: int) -> None:
-        self.requests -= 1
-        self.bytes -= cost
-
-
-OnError = Callable[[Request, BaseException], None]
+OnError = Callable[[Any, BaseException], None]
 """Told of a device failure that is not an OSError (a bug worth logging); the client gets EIO either way."""
 
 

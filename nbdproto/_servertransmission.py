@@ -34,6 +34,7 @@ from ._events import (
     Request,
     ResizeRequest,
     TrimRequest,
+    WritePayload,
     WriteRequest,
     WriteZeroesRequest,
 )
@@ -95,6 +96,8 @@ class ServerTransmission(ServerState):
         header_size = codec.size
         in_flight = self._in_flight
         while True:
+            if self._write_rest is not None:
+                return self._write_payload()
             if self._disconnecting:
                 return PAUSED if in_flight else self._closed()
             if self._skip:
@@ -148,7 +151,13 @@ class ServerTransmission(ServerState):
                     self._reject(cookie, Errno.EINVAL, f"write of {payload} bytes exceeds the maximum payload")
                     continue
                 if len(buf) < header_size + payload:
-                    return self._closed_or_need_data()
+                    streams = self._stream_writes_over
+                    if command != _WRITE or streams is None or payload <= streams:
+                        return self._closed_or_need_data()
+                    streamed = self._streamed_write(header_size, flags, cookie, offset, payload)
+                    if streamed is None:
+                        continue  # refused: the payload is being skipped
+                    return streamed
             buf.skip(header_size)
             data = buf.take(payload) if payload else None
             context_ids = None
@@ -165,6 +174,35 @@ class ServerTransmission(ServerState):
                 self._reject(cookie, error[0], error[1], offset)
                 continue
             return self._request_event(command, flags & ~_PAYLOAD_LEN, cookie, offset, length, data, context_ids)
+
+    def _streamed_write(self, header_size: int, flags: int, cookie: int, offset: int, payload: int) -> Event | None:
+        """A WRITE too large to wait for: checked now, its payload handed over in parts as it arrives."""
+        buf = self._buf
+        buf.skip(header_size)
+        error = self._check_request(_WRITE, flags, offset, payload)
+        if error is None and self.extended_headers != bool(flags & _PAYLOAD_LEN):
+            error = Errno.EINVAL, "extended NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
+        if error is not None:
+            # The length is trustworthy (it passed the payload limit): drop the payload unread and refuse.
+            self._skip = payload - buf.skip(payload)
+            self._reject(cookie, error[0], error[1], offset)
+            return None
+        data = buf.take_some(payload) if len(buf) else memoryview(b"")
+        self._write_rest = (cookie, offset + len(data), payload - len(data))
+        event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], True)
+        self._in_flight[cookie] = event
+        return event
+
+    def _write_payload(self) -> Event | type[NEED_DATA]:
+        """The next part of the streamed write's payload, as much as has arrived."""
+        buf = self._buf
+        if not len(buf):
+            return self._closed_or_need_data()
+        cookie, offset, left = self._write_rest  # type: ignore[misc]
+        data = buf.take_some(left)
+        left -= len(data)
+        self._write_rest = (cookie, offset + len(data), left) if left else None
+        return WritePayload(cookie, offset, data, not left)
 
     def _closed(self) -> ConnectionClosed:
         self._phase = Phase.CLOSED
@@ -268,6 +306,8 @@ class ServerTransmission(ServerState):
         request = self._in_flight.get(cookie)
         if request is None:
             raise LocalProtocolError(f"no request with cookie {cookie:#x} is waiting for a reply")
+        if self._write_rest is not None and self._write_rest[0] == cookie:
+            raise LocalProtocolError(f"write {cookie:#x} cannot be answered before its whole payload arrived")
         return request
 
     def _read_chunk(self, cookie: int, offset: int, size: int, data: Payload | None, done: bool) -> None:

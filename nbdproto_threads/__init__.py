@@ -19,7 +19,7 @@ from nbdproto import lazy_names
 if TYPE_CHECKING:
     from ._client import Client, Connection, connect, list_exports, negotiate_client, open_connection
     from ._copy import CopyEnd, CopyFailed, CopyProgress, copy
-    from ._server import Resolver, Server, ServerSession, negotiate
+    from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
 
 _WHERE = {
     "Client": "._client",
@@ -32,7 +32,7 @@ _WHERE = {
     "CopyFailed": "._copy",
     "CopyProgress": "._copy",
     "copy": "._copy",
-    "Resolver": "._server",
+    "DEFAULT_WORKERS": "._server",
     "Server": "._server",
     "ServerSession": "._server",
     "negotiate": "._server",
@@ -49,11 +49,12 @@ __all__ = [
     "CopyFailed",
     "CopyProgress",
     "copy",
-    "Resolver",
+    "DEFAULT_WORKERS",
     "Server",
     "ServerSession",
     "negotiate",
 ]
 
 
-__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
+if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names
+    __getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
