@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._client import ClientConnection
+from ._clientsession import Awaiting, Blocking, ClientRequests, ClientSessionLogic, ConnectOptions
 from ._constants import *  # noqa: F403
 from ._constants import __all__ as _constants_all
 from ._errors import *  # noqa: F403
@@ -16,9 +17,9 @@ from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
 from ._lazynames import lazy_names
-from ._negotiation import ClientNegotiation, NegotiationError
+from ._negotiation import ClientNegotiation, NegotiationError, plan_connection
 from ._sending import step_past
-from ._state import NEED_DATA, PAUSED, Phase, TlsMode
+from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from ._server import ServerConnection
     from ._servercore import Exports, Resolver, ServerCore, ServerOptions, SessionSettings, Stoppable
     from ._serverlog import ConnectionLog
-    from ._serving import FLUSH_AT, STREAM_WRITES_OVER, BatchEnd, HandshakeStep, ServerSessionLogic, Work
+    from ._serving import FLUSH_AT, RECEIVE, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
 
 _LAZY = {
     "ServerConnection": "._server",
@@ -66,6 +67,7 @@ _LAZY = {
     "ServerLimits": "._limits",
     "DEFAULT_LIMITS": "._limits",
     "FLUSH_AT": "._serving",
+    "RECEIVE": "._serving",
     "STREAM_WRITES_OVER": "._serving",
     "BatchEnd": "._serving",
     "Exports": "._servercore",
@@ -73,7 +75,6 @@ _LAZY = {
     "ServerOptions": "._servercore",
     "SessionSettings": "._servercore",
     "Stoppable": "._servercore",
-    "HandshakeStep": "._serving",
     "Resolver": "._servercore",
     "ServerSessionLogic": "._serving",
     "Work": "._serving",
@@ -93,11 +94,18 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "Phase",
+    "HandshakeStep",
+    "ClientSessionLogic",
+    "ClientRequests",
+    "ConnectOptions",
+    "Blocking",
+    "Awaiting",
     "TlsMode",
     "ServerConnection",
     "ClientConnection",
     "ClientNegotiation",
     "NegotiationError",
+    "plan_connection",
     "DeviceCapabilities",
     "ExportSpec",
     "export_for",
@@ -119,6 +127,7 @@ __all__ = [
     "ServerLimits",
     "DEFAULT_LIMITS",
     "FLUSH_AT",
+    "RECEIVE",
     "STREAM_WRITES_OVER",
     "BatchEnd",
     "Exports",
@@ -126,7 +135,6 @@ __all__ = [
     "ServerOptions",
     "SessionSettings",
     "Stoppable",
-    "HandshakeStep",
     "Resolver",
     "ServerSessionLogic",
     "Work",

@@ -17,7 +17,8 @@ is the HandshakeComplete (or the ExportList). Failures raise ``NegotiationError`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ._constants import BASE_ALLOCATION, DEFAULT_PORT, InfoType, Option, OptionReplyType
 from ._errors import ProtocolError
@@ -169,34 +170,27 @@ class ClientNegotiation:
 
 
 def plan_connection(
-    uri: str | None = None,
-    *,
-    host: str = "localhost",
-    port: int = DEFAULT_PORT,
-    socket_path: str | None = None,
-    export_name: str = "",
-    tls: bool = False,
-    require_tls: bool | None = None,
-    structured_replies: bool = True,
-    extended_headers: bool = True,
-    meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
-    list_exports: bool = False,
+    uri: str | None, options: Mapping[str, Any], *, list_exports: bool = False
 ) -> tuple[NbdUri, ClientNegotiation]:
-    """Where a client connects and the handshake it follows, from a URI or from host/port/socket_path: the part
-    of connecting both client backends share. ``tls`` says whether the caller has a TLS context; TLS is required
-    when ``require_tls`` says so, or by default for an nbds URI. When the plan's ``tls`` is set and the caller
-    has no context, the backend makes a default one."""
+    """Where a client connects and the handshake it follows, from a URI or from the ``host`` / ``port`` /
+    ``socket_path`` / ``export_name`` of ``options`` (nbdproto.ConnectOptions): the part of connecting both
+    client backends share. TLS is used when ``options["tls"]`` holds a context or the URI is nbds, and required
+    when ``require_tls`` says so, or by default for an nbds URI; a backend makes a default context when the
+    plan's ``tls`` is set and the caller gave none."""
     if uri:
         target = parse_uri(uri)
     else:
-        target = NbdUri(export_name, False, socket_path is not None, host, port, socket_path or "")
+        socket_path = options.get("socket_path")
+        host, port = options.get("host", "localhost"), options.get("port", DEFAULT_PORT)
+        target = NbdUri(options.get("export_name", ""), False, socket_path is not None, host, port, socket_path or "")
+    require_tls = options.get("require_tls")
     plan = ClientNegotiation(
         target.export_name,
-        tls=tls,
+        tls=options.get("tls") is not None,
         require_tls=target.tls if require_tls is None else require_tls,
-        structured_replies=structured_replies,
-        extended_headers=extended_headers,
-        meta_contexts=meta_contexts,
+        structured_replies=options.get("structured_replies", True),
+        extended_headers=options.get("extended_headers", True),
+        meta_contexts=options.get("meta_contexts", (BASE_ALLOCATION,)),
         list_exports=list_exports,
     )
     return target, plan

@@ -50,14 +50,14 @@ from ._events import (
 from ._export import ExportSpec, answer_export_request
 from ._server import ServerConnection
 from ._servercore import SessionSettings
-from ._state import NEED_DATA, PAUSED, Phase
+from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase
 
 __all__ = [
-    "HandshakeStep",
     "BatchEnd",
     "ServerSessionLogic",
     "Work",
     "FLUSH_AT",
+    "RECEIVE",
     "STREAM_WRITES_OVER",
 ]
 
@@ -68,6 +68,9 @@ they can be sent, so a client that does not read its replies holds at most this 
 STREAM_WRITES_OVER = 1024 * 1024
 """Writes with a larger payload are carried out part by part as the payload arrives, instead of waiting for all
 of it: a client that sends 32 MiB minus one byte then stalls holds one received chunk, not 32 MiB."""
+
+RECEIVE = -1
+"""A step of ``inline_transmission``: send what is queued, then receive the client's next bytes."""
 
 _SHUTTING_DOWN = "the server is shutting down"
 _SHUTDOWN_DRAIN = 0.05  # seconds a shutting-down session waits for requests already on their way
@@ -88,14 +91,6 @@ _WORK_TYPES = frozenset(
         ResizeRequest,
     }
 )
-
-
-class HandshakeStep(enum.Enum):
-    """What the driver must do for the handshake to go on."""
-
-    EXCHANGE = "send what is queued, then receive"
-    START_TLS = "send what is queued, then run the TLS handshake and call logic.tls_established()"
-    DONE = "the handshake is over: see logic.outcome"
 
 
 class BatchEnd(enum.Enum):
@@ -279,6 +274,23 @@ class ServerSessionLogic:
                 return BatchEnd.CLOSED
             elif type(event) is not DisconnectRequest:
                 raise LocalProtocolError(f"unexpected {event!r} in transmission")
+
+    def inline_transmission(self, read_view: ReadView | None) -> Iterator[int]:
+        """The whole of transmission for a driver that carries requests out where it reads them, as steps.
+
+        Each value yielded means "send what is queued (then call ``sent()``)", and then: RECEIVE, receive the
+        client's next bytes into the engine; a positive number, wait until the budget share grants that many
+        bytes (the work goes on with them). It returns once the connection is over: everything owed is sent.
+        """
+        batch: list[Work] = []
+        while True:
+            end = self.next_batch(batch)
+            yield from self.carry_out_inline(batch, read_view)
+            batch.clear()
+            if end is not BatchEnd.NEED_DATA:
+                yield 0
+                return
+            yield RECEIVE
 
     def carry_out_inline(self, batch: Iterable[Work], read_view: ReadView | None) -> Iterator[int]:
         """Carry out ``batch`` here and now, in order, queueing the replies.

@@ -206,21 +206,14 @@ class ServerSession:
         # Read a chunk, carry out every request in it (on the loop, or in one worker thread), send the replies.
         # Views only where the kernel alone reads them (our raw socket's sendmsg, not TLS) and they never wait
         # on a disk: a device called on the loop.
-        logic, share, engine = self.logic, self._share, self.engine
-        read_view = logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
-        batch: list[Work] = []
-        while True:
-            end = logic.next_batch(batch)
-            if batch:
-                steps = logic.carry_out_inline(batch, read_view)
-                while (need := next(steps, None) if inline else await _in_thread(steps)) is not None:
-                    await self._send()
-                    await share.take(need)
-                batch.clear()
+        read_view = self.logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
+        steps = self.logic.inline_transmission(read_view)
+        while (step := next(steps, None) if inline else await _in_thread(steps)) is not None:
             await self._send()
-            if end is not BatchEnd.NEED_DATA:
-                return
-            engine.receive_data(await self._receive())
+            if step == nbdproto.RECEIVE:
+                self.engine.receive_data(await self._receive())
+            else:
+                await self._share.take(step)
 
     async def _concurrent_transmission(self) -> None:
         # Each request in a task of its own, its device calls in a worker thread; replies go out as they

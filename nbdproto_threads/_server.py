@@ -234,18 +234,12 @@ class ServerSession:
 
     def _inline_transmission(self) -> None:
         # Read a chunk, carry out every request in it, write every reply with one sendmsg.
-        logic, read_view, share, engine = self.logic, self._read_view(), self._share, self.engine
-        batch: list[Work] = []
-        while True:
-            end = logic.next_batch(batch)
-            for need in logic.carry_out_inline(batch, read_view):
-                self._send()
-                share.take(need, self._stopping)
-            batch.clear()
+        for step in self.logic.inline_transmission(self._read_view()):
             self._send()
-            if end is not BatchEnd.NEED_DATA:
-                return
-            engine.receive_data(self._receive())
+            if step == nbdproto.RECEIVE:
+                self.engine.receive_data(self._receive())
+            else:
+                self._share.take(step, self._stopping)
 
     def _pooled_transmission(self) -> None:
         # Requests go to a pool and replies go out as they complete. The budgets stop the reader while too

@@ -46,7 +46,7 @@ async def test_every_command_against_nbdkit(peers: Any) -> None:
 
 async def test_errors_and_out_of_order_replies(peers: Any) -> None:
     peers("nbdkit")
-    args = ["--filter=delay", "--filter=error", "memory", "size=1M", "delay-read=300ms", "error=ENOSPC",
+    args = ["--filter=delay", "--filter=error", "memory", "size=1M", "delay-read=1000ms", "error=ENOSPC",
             "error-pwrite-rate=1", "error-pread-rate=0"]  # fmt: skip
     with nbdkit(args) as port:
         async with await na.connect(f"nbd://127.0.0.1:{port}/") as c:
