@@ -109,7 +109,9 @@ class ServerTransmission(ServerState):
             if magic != codec.magic:
                 self._fail(f"request magic {magic:#x} is not {codec.magic:#x} ({codec.name})")
             if cookie in in_flight:
-                self._fail(f"cookie {cookie:#x} reused while its request is in flight")
+                # spec ("Transmission"): cookies are opaque to the server, and a client merely SHOULD keep them
+                # distinct while in flight. The request waits, unparsed, until the first one is answered.
+                return PAUSED
             # The common case, a valid READ, in as few steps as possible.
             if (
                 command == _READ

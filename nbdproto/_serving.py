@@ -97,8 +97,7 @@ class BatchEnd(enum.Enum):
     """Why ``next_batch`` stopped taking requests."""
 
     NEED_DATA = "send what is queued, then receive more"
-    FULL = "the requests in flight hold the connection's share: wait until one completes"
-    PAUSED = "NBD_CMD_DISC arrived with replies still owed: let them finish"
+    PAUSED = "replies are owed first (NBD_CMD_DISC, or a request reusing a cookie in flight): let them finish"
     CLOSED = "the client is gone: let in-flight requests finish, flush the device, close"
 
 
@@ -287,10 +286,11 @@ class ServerSessionLogic:
             end = self.next_batch(batch)
             yield from self.carry_out_inline(batch, read_view)
             batch.clear()
-            if end is not BatchEnd.NEED_DATA:
+            if end is BatchEnd.CLOSED:
                 yield 0
                 return
-            yield RECEIVE
+            # PAUSED (a request waiting for its cookie to come free, or DISC): the batch answered it all.
+            yield RECEIVE if end is BatchEnd.NEED_DATA else 0
 
     def carry_out_inline(self, batch: Iterable[Work], read_view: ReadView | None) -> Iterator[int]:
         """Carry out ``batch`` here and now, in order, queueing the replies.
