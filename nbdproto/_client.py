@@ -167,6 +167,9 @@ class ClientConnection(ClientTransmission):
         if self._phase is Phase.ERROR:
             raise LocalProtocolError("the connection already failed")
         if self._phase is Phase.TRANSMISSION:
+            if isinstance(event, _OPTIONS):
+                # spec: no option may follow the handshake's successful end.
+                raise LocalProtocolError(f"{type(event).__name__} cannot be sent once transmission started")
             # Every check runs before anything is queued or remembered: a refused request leaves the
             # connection as it was, so the caller may go on with valid ones.
             self._send_request(event)
