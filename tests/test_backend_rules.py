@@ -274,3 +274,18 @@ def test_block_status_alternates_and_keeps_to_whole_sectors(shm_file: str) -> No
         assert all(a != b for a, b in itertools.pairwise(statuses))
         assert int(n.AllocationState.HOLE | n.AllocationState.ZERO) in statuses
     file.close()
+
+
+def test_devices_advertise_only_what_they_do(shm_file: str) -> None:
+    # spec: no transmission flag for a feature the export does not support. Neither device can resize, so
+    # RESIZE is never advertised; a device that says can_resize gets it, writable exports only.
+    TF = n.TransmissionFlags
+    for device in (MemoryDevice(MIB), FileDevice(shm_file)):
+        flags = n.export_for("d", device.size, device.capabilities, read_only=False).flags
+        assert not flags & TF.SEND_RESIZE and flags & TF.SEND_WRITE_ZEROES and flags & TF.SEND_FAST_ZERO
+        device.close()
+    resizable = n.DeviceCapabilities(can_resize=True, can_fast_zero=True)
+    assert n.export_for("d", MIB, resizable, read_only=False).flags & TF.SEND_RESIZE
+    flags = n.export_for("d", MIB, resizable).flags
+    assert not flags & (TF.SEND_RESIZE | TF.SEND_FAST_ZERO | TF.SEND_WRITE_ZEROES)
+    assert not n.export_for("d", MIB, resizable, read_only=False).flags & TF.SEND_FAST_ZERO  # no can_zero
