@@ -159,7 +159,12 @@ class ServerHandshake(ServerState):
         elif self._offer is None:
             self._error(option, _REP.ERR_POLICY, "this server does not list its exports")
         else:
-            self._out.extend(r.server_reply(option, listing) for listing in self._offer)
+            try:
+                replies = [r.server_reply(option, listing) for listing in self._offer]
+            except LocalProtocolError:
+                self._phase = Phase.ERROR  # the application's offer list holds a name no client could use
+                raise
+            self._out.extend(replies)
             self._reply(option, _REP.ACK)
 
     def _structured_reply(self, data: bytes) -> None:
@@ -322,7 +327,7 @@ class ServerHandshake(ServerState):
             return
         # Ids are only meaningful for SET (spec: LIST replies SHOULD carry id 0).
         numbered = [(0 if listing else i + 1, name) for i, name in enumerate(chosen)]
-        self._out.extend(r.meta_context_reply(option, context_id, name) for context_id, name in numbered)
+        self._out.extend([r.meta_context_reply(option, context_id, name) for context_id, name in numbered])
         self._reply(option, _REP.ACK)
         if not listing:
             self._meta_export, self._meta_contexts = export.name, dict(numbered)

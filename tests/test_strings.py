@@ -122,6 +122,7 @@ def test_list_cuts_descriptions_and_refuses_names_that_cannot_fit() -> None:
     s.receive_data(client_flags() + option(OPT.LIST))
     with pytest.raises(n.LocalProtocolError, match="export name"):
         s.next_event()
+    assert s.phase is n.Phase.ERROR and joined(s) == b""
 
 
 def test_every_option_error_message_is_bounded() -> None:
