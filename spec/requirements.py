@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Sentence", "requirement_sentences", "all_sentences", "read_map", "MAP_PATH", "KEYWORDS"]
+__all__ = ["Sentence", "MapLine", "requirement_sentences", "all_sentences", "read_map", "MAP_PATH", "KEYWORDS"]
 
 MAP_PATH = Path(__file__).with_name("requirements.tsv")
 KEYWORDS = re.compile(r"\b(MUST NOT|MUST|SHOULD NOT|SHOULD|SHALL NOT|SHALL|REQUIRED)\b")
