@@ -167,6 +167,9 @@ class ClientConnection(ClientTransmission):
         if self._phase is Phase.ERROR:
             raise LocalProtocolError("the connection already failed")
         if self._phase is Phase.TRANSMISSION:
+            if isinstance(event, _OPTIONS):
+                # spec: no option may follow the handshake's successful end.
+                raise LocalProtocolError(f"{type(event).__name__} cannot be sent once transmission started")
             # Every check runs before anything is queued or remembered: a refused request leaves the
             # connection as it was, so the caller may go on with valid ones.
             self._send_request(event)
@@ -263,11 +266,16 @@ class ClientConnection(ClientTransmission):
             return Option.EXPORT_NAME, w.encode(w.ExportNamePayload, {"name": event.name})
         if isinstance(event, (OptionInfo, OptionGo)):
             _check_string(event.name)
+            if len(set(event.requests)) != len(event.requests):
+                raise LocalProtocolError(f"information requests {list(event.requests)} name one type twice")
             payload = w.encode(w.InfoRequestPayload, {"name": event.name, "requests": list(event.requests)})
             return (Option.INFO if isinstance(event, OptionInfo) else Option.GO), payload
         if isinstance(event, (OptionListMetaContext, OptionSetMetaContext)):
             for text in (event.name, *event.queries):
                 _check_string(text)
+            for query in event.queries:
+                if query.find(":") < 1:
+                    raise LocalProtocolError(f"meta context query {query!r} does not start with a namespace and ':'")
             if isinstance(event, OptionSetMetaContext) and not self.structured_replies:
                 raise LocalProtocolError("NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers")
             payload = w.encode(w.MetaContextPayload, {"name": event.name, "queries": list(event.queries)})
@@ -384,7 +392,11 @@ class ClientConnection(ClientTransmission):
             self._enter_transmission(export)
             return self._events.popleft()
         if isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
-            contexts: dict[int, str] = dict(gathered)  # type: ignore[arg-type]
+            pairs: list[tuple[int, str]] = gathered  # type: ignore[assignment]
+            contexts = dict(pairs)
+            if isinstance(option, OptionListMetaContext):
+                # spec: the id of a listed context is reserved (zero) and MUST be disregarded; number them.
+                contexts = dict(enumerate(name for _, name in pairs))
             if isinstance(option, OptionSetMetaContext):
                 if len(contexts) != len(gathered):
                     self._fail("NBD_OPT_SET_META_CONTEXT answered two contexts with the same id")
@@ -457,5 +469,8 @@ class ClientConnection(ClientTransmission):
 
 
 def _check_string(text: str) -> None:
+    # spec ("Conventions"): UTF-8, no NUL, at most 4096 bytes.
     if len(text.encode()) > MAX_STRING_LENGTH:
         raise LocalProtocolError(f"string of {len(text.encode())} bytes exceeds the {MAX_STRING_LENGTH}-byte limit")
+    if "\0" in text:
+        raise LocalProtocolError(f"string {text[:64]!r} holds a NUL character")

@@ -12,7 +12,9 @@ Or, to list exports: LIST, then ABORT.
 
 A driver calls ``step(event)`` with every event the connection produces during the handshake (after calling
 ``tls_established()`` itself on StartTLS) and sends what it returns, until ``done`` is set: then ``result``
-is the HandshakeComplete (or the ExportList). Failures raise ``NegotiationError``.
+is the HandshakeComplete (or the ExportList). Failures raise ``NegotiationError``. A refusal the plan cannot
+get past ends the session the way the spec wants a client to end it ("Termination of the session during
+option haggling"): with NBD_OPT_ABORT, a soft disconnect; the error is raised once the server answered it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class ClientNegotiation:
         self._replies = False  # structured replies or extended headers agreed
         self._extended_agreed = False
         self._listing: ExportList | None = None
+        self._failure: NegotiationError | None = None  # why the plan sent NBD_OPT_ABORT, raised once it is answered
 
     def step(self, event: Event) -> Event | None:
         """The next option to send after ``event``, or None (nothing to send: wait for more, or done)."""
@@ -116,6 +119,8 @@ class ClientNegotiation:
             self._listing = event
             return OptionAbort()
         if isinstance(event, ClientAborted):
+            if self._failure is not None:
+                raise self._failure
             self.done, self.result = True, self._listing
             return None
         if isinstance(event, HandshakeComplete):
@@ -144,15 +149,22 @@ class ClientNegotiation:
     def _go(self) -> Event:
         return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION, InfoType.BLOCK_SIZE))
 
+    def _give_up(self, failure: NegotiationError) -> Event:
+        self._failure = failure
+        return OptionAbort()
+
     def _refused(self, event: OptionError) -> Event | None:
         option, reply = event.option, event.reply_type
         detail = f": {event.message}" if event.message else ""
+        if reply == _REP.ERR_SHUTDOWN:
+            # spec: a client told NBD_REP_ERR_SHUTDOWN MUST initiate a soft disconnect.
+            return self._give_up(NegotiationError(f"the server is shutting down{detail}", reply))
         if option == Option.STARTTLS:
             if self.require_tls:
-                raise NegotiationError(f"the server refused TLS{detail}", reply)
+                return self._give_up(NegotiationError(f"the server refused TLS{detail}", reply))
             return self._after_tls()
         if reply == _REP.ERR_TLS_REQD:
-            raise NegotiationError(f"the server requires TLS{detail}", reply)
+            return self._give_up(NegotiationError(f"the server requires TLS{detail}", reply))
         if option == Option.EXTENDED_HEADERS:
             return OptionStructuredReply() if self.structured else self._go()
         if option == Option.STRUCTURED_REPLY:
@@ -160,13 +172,13 @@ class ClientNegotiation:
         if option == Option.SET_META_CONTEXT:
             return self._go()  # block status will be unavailable; the rest works
         if option == Option.LIST:
-            raise NegotiationError(f"the server does not list its exports{detail}", reply)
+            return self._give_up(NegotiationError(f"the server does not list its exports{detail}", reply))
         if option == Option.GO:
             # spec: fall back to EXPORT_NAME for old servers, never after extended headers were agreed.
             if reply == _REP.ERR_UNSUP and not self._extended_agreed:
                 return OptionExportName(self.export_name)
-            raise NegotiationError(f"export {self.export_name!r} refused{detail}", reply)
-        raise NegotiationError(f"option {option} refused{detail}", reply)
+            return self._give_up(NegotiationError(f"export {self.export_name!r} refused{detail}", reply))
+        return self._give_up(NegotiationError(f"option {option} refused{detail}", reply))
 
 
 def plan_connection(

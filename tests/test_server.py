@@ -478,7 +478,7 @@ BAD_REQUESTS = [
     ("zero past the end", C.WRITE_ZEROES, MIB, 512, 0, n.Errno.ENOSPC),
     ("unknown command", 42, 0, 512, 0, n.Errno.EINVAL),
     ("unknown flag", C.READ, 0, 512, 1 << 9, n.Errno.EINVAL),
-    ("FUA on a read", C.READ, 0, 512, F.FUA, n.Errno.EINVAL),
+    ("DF on a cache", C.CACHE, 0, 512, F.DF, n.Errno.EINVAL),
     ("NO_HOLE on a trim", C.TRIM, 0, 512, F.NO_HOLE, n.Errno.EINVAL),
     ("REQ_ONE on a read", C.READ, 0, 512, F.REQ_ONE, n.Errno.EINVAL),
     ("block status without contexts", C.BLOCK_STATUS, 0, 512, 0, n.Errno.EINVAL),
