@@ -51,7 +51,7 @@ def threads_server(exports: dict[str, Any]) -> Iterator[nbdproto_threads.Server]
     try:
         yield server
     finally:
-        server.shutdown(timeout=10)
+        server.shutdown()
         thread.join(10)
 
 
@@ -134,8 +134,8 @@ def test_tcp_nodelay_on_every_connection() -> None:
         uri = f"nbd://127.0.0.1:{server.address[1]}/d"
         with nbdproto_threads.connect(uri) as client:
             assert nodelay(client.stream.sock)
-            wait_for(lambda: server._sessions, "the server's session")
-            assert all(nodelay(session.stream.sock) for session in server._sessions)
+            wait_for(lambda: server.sessions, "the server's session")
+            assert all(nodelay(session.stream.sock) for session in server.sessions)
 
         async def anyio_ends() -> None:
             async with await nbdproto_anyio.connect(uri) as anyio_client:
