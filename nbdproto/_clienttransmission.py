@@ -409,31 +409,30 @@ class ClientTransmission:
         export = self.export
         assert export is not None
         command = pending.command
-        what = f"{command.name} {pending.request.cookie:#x}"  # type: ignore[union-attr]
         if chunk_type & 0x8000:
             if length > _MESSAGE_CHUNK_LIMIT:
-                self._fail(f"error chunk of {length} bytes for {what} exceeds {_MESSAGE_CHUNK_LIMIT} bytes")
+                self._fail(f"error chunk of {length} bytes for {_what(pending)} exceeds {_MESSAGE_CHUNK_LIMIT} bytes")
         elif chunk_type == _NONE:
             if length or not flags & _DONE:
-                self._fail(f"NONE chunk for {what} with {length} bytes of payload, flags {flags:#x}: it must be "
-                           "empty and carry DONE")  # fmt: skip
+                self._fail(f"NONE chunk for {_what(pending)} with {length} bytes of payload, flags {flags:#x}: it "
+                           "must be empty and carry DONE")  # fmt: skip
         elif chunk_type in (_OFFSET_DATA, _OFFSET_HOLE):
             if command != Command.READ:
-                self._fail(f"read data for {what}")
+                self._fail(f"read data for {_what(pending)}")
             if chunk_type == _OFFSET_HOLE and length != h.OFFSET_HOLE.size:
-                self._fail(f"OFFSET_HOLE chunk of {length} bytes for {what}: it is always {h.OFFSET_HOLE.size}")
+                self._fail(f"OFFSET_HOLE chunk of {length} bytes for {_what(pending)}: it is always 12")
             if chunk_type == _OFFSET_DATA and not 9 <= length <= pending.length + 8:
-                self._fail(f"OFFSET_DATA chunk of {length} bytes for {what}: it carries 1 to {pending.length} "
-                           "bytes of data after its offset")  # fmt: skip
+                self._fail(f"OFFSET_DATA chunk of {length} bytes for {_what(pending)}: it carries 1 to "
+                           f"{pending.length} bytes of data after its offset")  # fmt: skip
         elif chunk_type in _STATUS_CHUNKS:
             if command != Command.BLOCK_STATUS:
-                self._fail(f"block status chunk for {what}")
+                self._fail(f"block status chunk for {_what(pending)}")
             if (chunk_type == ChunkType.BLOCK_STATUS_EXT) != self.extended_headers:
                 self._fail(f"{ChunkType(chunk_type).name} chunk does not match the negotiated headers")
             req_one = bool(pending.flags & _REQ_ONE)
             descriptor_count(chunk_type, length, pending.length, export.minimum_block_size, req_one)
         else:
-            self._fail(f"unknown chunk type {chunk_type} for {what}")
+            self._fail(f"unknown chunk type {chunk_type} for {_what(pending)}")
 
     def _apply_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
         # The header was checked by _check_chunk: the type fits the command and the length fits the type.
@@ -521,6 +520,11 @@ class ClientTransmission:
                 self._fail(f"block status {cookie:#x} answered contexts {sorted(pending.extents)} of {sorted(wanted)}")
             return BlockStatusReply(cookie, pending.extents)
         return SuccessReply(cookie)
+
+
+def _what(pending: _Pending) -> str:
+    """The request a reply answers, for error messages: "READ 0x5"."""
+    return f"{pending.command.name} {pending.request.cookie:#x}"  # type: ignore[union-attr]
 
 
 def _errno(value: int) -> Errno:
