@@ -41,6 +41,7 @@ import nbdproto
 from nbdproto import NBDError, step_past
 
 from ._client import Connection, _open, negotiate_client, open_connection
+from ._copyruns import STATUS_SPAN, UnreachableTail, pieces
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -51,12 +52,6 @@ __all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", 
 
 REQUEST_SIZE = 1 << 20
 """Bytes per request: large enough that Python's per-request cost vanishes, within every server's limit."""
-STATUS_SPAN = (1 << 32) - (1 << 16)
-"""How much of the source one block-status query asks about: all a compact request can, aligned to any minimum
-block size. Few queries matter more than small ones: a file server answers each with SEEK_DATA / SEEK_HOLE, and
-on a fully allocated file SEEK_HOLE walks the page cache to the end of the file whatever length was asked
-(measured: 16 queries of 64 MiB were 14% of nbdkit's CPU time in a 1 GiB copy). A server may answer for less;
-the next query starts where its answer ended."""
 RECV_SIZE = 16 << 10
 """Bytes asked of each recv outside read data (reply headers, block status, write acknowledgements)."""
 
@@ -126,23 +121,6 @@ class CopyFailed(Exception):
         super().__init__(f"{cause} ({copied} of {total} bytes copied)")
         self.copied = copied
         self.total = total
-
-
-class UnreachableTail(Exception):
-    """The disk's size is not a multiple of the minimum block size, and the server refused the unaligned
-    requests that alone reach its last ``length`` bytes (the ``__cause__`` says how). Raised before anything
-    else is copied, as the cause of CopyFailed."""
-
-    def __init__(self, length: int, offset: int, block: int) -> None:
-        super().__init__(
-            f"the last {length} bytes (from offset {offset}) cannot be copied: the size is not a multiple of the "
-            f"minimum block size {block}, and the server refused unaligned requests for them"
-        )
-        self.length = length
-        self.offset = offset
-
-    def __str__(self) -> str:
-        return f"{super().__str__()}: {self.__cause__}" if self.__cause__ is not None else super().__str__()
 
 
 def _is_uri(text: str) -> bool:
@@ -524,40 +502,6 @@ class _Null:
         pass
 
 
-def _aligned_runs(source: CopySource, size: int, block: int) -> Iterator[tuple[int, int, bool]]:
-    """The source's data and zero runs over the first ``size`` bytes (a multiple of ``block``) as (start, end,
-    is_zero), adjacent runs of a kind merged and every boundary a multiple of ``block``: a zero run keeps the
-    whole blocks it covers, and the partial blocks at its edges are copied as data."""
-    start, end, zero = 0, 0, False
-    for offset, length, is_zero in source.runs(0, size):
-        pieces = [(offset, offset + length, is_zero)]
-        if is_zero and block > 1:
-            first, last = -(-offset // block) * block, (offset + length) // block * block
-            if first >= last:
-                pieces = [(offset, offset + length, False)]
-            else:
-                pieces = [(offset, first, False), (first, last, True), (last, offset + length, False)]
-        for piece_start, piece_end, piece_zero in pieces:
-            if piece_start == piece_end:
-                continue
-            if piece_zero == zero and piece_start == end:
-                end = piece_end
-                continue
-            if end > start:
-                yield start, end, zero
-            start, end, zero = piece_start, piece_end, piece_zero
-    if end > start:
-        yield start, end, zero
-
-
-def _pieces(source: CopySource, size: int, step: int, block: int = 1) -> Iterator[tuple[int, int, bool]]:
-    """Data and zero runs of the source, aligned to ``block`` (see _aligned_runs), data cut to at most ``step``
-    bytes and zero runs to at most STATUS_SPAN (what a compact WRITE_ZEROES can say)."""
-    for start, end, zero in _aligned_runs(source, size, block):
-        for at in range(start, end, STATUS_SPAN if zero else step):
-            yield at, min(STATUS_SPAN if zero else step, end - at), zero
-
-
 # --- The copy -------------------------------------------------------------------------------------------
 
 
@@ -643,7 +587,7 @@ def _run(
                 unreachable.__cause__ = exc
                 raise CopyFailed(unreachable, 0, source.size) from unreachable
         # Each piece in flight holds at most one buffer, so a free slot always has a free buffer.
-        for piece in _pieces(source, aligned, step, block):
+        for piece in pieces(source.runs, aligned, step, block):
             while progress.in_flight >= slots:
                 loop.step()
             start(*piece)

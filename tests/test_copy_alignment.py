@@ -24,7 +24,7 @@ import pytest
 import nbdproto
 import nbdproto_threads as nt
 from nbdproto.devices import MemoryDevice
-from nbdproto_threads._copy import STATUS_SPAN, _aligned_runs, _pieces
+from nbdproto_threads._copyruns import STATUS_SPAN, aligned_runs, pieces
 from tests.capture import nbdkit
 
 pytestmark = pytest.mark.timeout(60)
@@ -101,7 +101,7 @@ def test_tail_refused_by_our_server_names_block_size_reqd() -> None:
 
 
 class Runs:
-    """A CopySource stand-in for _aligned_runs: runs given as (length, is_zero)."""
+    """A CopySource stand-in for aligned_runs: runs given as (length, is_zero)."""
 
     def __init__(self, *runs: tuple[int, bool]) -> None:
         self._runs = runs
@@ -115,16 +115,16 @@ class Runs:
 
 def test_zero_runs_keep_whole_blocks_and_give_partial_ones_to_data() -> None:
     source: Any = Runs((100, False), (1000, True), (10, False), (2000, True), (986, False))
-    assert list(_aligned_runs(source, 4096, 512)) == [(0, 512, False), (512, 1024, True), (1024, 1536, False),
+    assert list(aligned_runs(source.runs, 4096, 512)) == [(0, 512, False), (512, 1024, True), (1024, 1536, False),
                                                       (1536, 3072, True), (3072, 4096, False)]  # fmt: skip
     # Adjacent runs of a kind are one run; with no alignment nothing moves.
     source = Runs((100, False), (100, False), (50, True), (50, True))
-    assert list(_aligned_runs(source, 300, 1)) == [(0, 200, False), (200, 300, True)]
+    assert list(aligned_runs(source.runs, 300, 1)) == [(0, 200, False), (200, 300, True)]
 
 
 def test_pieces_are_aligned_and_zero_runs_fit_a_compact_request() -> None:
     source: Any = Runs((3 * STATUS_SPAN, True), (1 << 20, False))
-    pieces = list(_pieces(source, 3 * STATUS_SPAN + (1 << 20), 1 << 19, 4096))
-    assert all(length <= STATUS_SPAN and offset % 4096 == 0 and length % 4096 == 0 for offset, length, _ in pieces)
-    assert sum(length for _, length, _ in pieces) == 3 * STATUS_SPAN + (1 << 20)
-    assert [zero for _, _, zero in pieces] == [True] * 3 + [False] * 2
+    requests = list(pieces(source.runs, 3 * STATUS_SPAN + (1 << 20), 1 << 19, 4096))
+    assert all(length <= STATUS_SPAN and offset % 4096 == 0 and length % 4096 == 0 for offset, length, _ in requests)
+    assert sum(length for _, length, _ in requests) == 3 * STATUS_SPAN + (1 << 20)
+    assert [zero for _, _, zero in requests] == [True] * 3 + [False] * 2
