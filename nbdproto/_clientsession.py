@@ -63,7 +63,8 @@ class ConnectOptions(TypedDict, total=False):
     takes them: where to connect without a URI (``host``, ``port``, ``socket_path``, ``export_name``), TLS
     (``tls``: the client ``ssl.SSLContext``; ``require_tls``: refuse a server that does not upgrade, the
     default for nbds URIs), what to negotiate (``structured_replies``, ``extended_headers``,
-    ``meta_contexts``), and ``timeout``: seconds any single wait may take, the connect and handshake included
+    ``meta_contexts``, ``block_sizes``: ask for the server's block-size constraints, and so be bound by them),
+    and ``timeout``: seconds any single wait may take, the connect and handshake included
     and each request after it (None: no limit)."""
 
     host: str
@@ -75,6 +76,7 @@ class ConnectOptions(TypedDict, total=False):
     structured_replies: bool
     extended_headers: bool
     meta_contexts: Sequence[str]
+    block_sizes: bool
     timeout: float | None
 
 

@@ -72,7 +72,11 @@ class ClientNegotiation:
         extended_headers: bool = True,
         meta_contexts: Sequence[str] = ("base:allocation",),
         list_exports: bool = False,
+        block_sizes: bool = True,
     ) -> None:
+        """``block_sizes``: ask for NBD_INFO_BLOCK_SIZE with GO, which binds the client to the constraints the
+        server sends (spec: "Size constraints"); without it a server that has constraints may refuse the
+        export (NBD_REP_ERR_BLOCK_SIZE_REQD) or must fail unaligned requests cleanly."""
         self.export_name = export_name
         self.tls = tls or require_tls
         self.require_tls = require_tls
@@ -80,6 +84,7 @@ class ClientNegotiation:
         self.extended = extended_headers and structured_replies
         self.meta_contexts = tuple(meta_contexts)
         self.list_exports = list_exports
+        self.block_sizes = block_sizes
         self.done = False
         self.result: HandshakeComplete | ExportList | None = None
         self.tls_active = False
@@ -147,6 +152,8 @@ class ClientNegotiation:
         return self._go()
 
     def _go(self) -> Event:
+        if not self.block_sizes:
+            return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION))
         return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION, InfoType.BLOCK_SIZE))
 
     def _give_up(self, failure: NegotiationError) -> Event:
@@ -204,5 +211,6 @@ def plan_connection(
         extended_headers=options.get("extended_headers", True),
         meta_contexts=options.get("meta_contexts", (BASE_ALLOCATION,)),
         list_exports=list_exports,
+        block_sizes=options.get("block_sizes", True),
     )
     return target, plan

@@ -18,7 +18,7 @@ from nbdproto import lazy_names
 
 if TYPE_CHECKING:
     from ._client import Client, Connection, connect, list_exports, negotiate_client, open_connection
-    from ._copy import CopyEnd, CopyFailed, CopyProgress, copy
+    from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
 
 _WHERE = {
@@ -30,6 +30,7 @@ _WHERE = {
     "negotiate_client": "._client",
     "CopyEnd": "._copy",
     "CopyFailed": "._copy",
+    "UnreachableTail": "._copy",
     "CopyProgress": "._copy",
     "copy": "._copy",
     "DEFAULT_WORKERS": "._server",
@@ -47,6 +48,7 @@ __all__ = [
     "negotiate_client",
     "CopyEnd",
     "CopyFailed",
+    "UnreachableTail",
     "CopyProgress",
     "copy",
     "DEFAULT_WORKERS",
