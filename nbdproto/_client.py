@@ -16,8 +16,7 @@ import struct
 from collections import deque
 from collections.abc import Mapping
 
-from . import _headers as h
-from . import _wire as w
+from . import _headers, _wire
 from ._clientchecks import check_block_sizes, check_context_name, check_export_size
 from ._clienttransmission import ClientTransmission
 from ._constants import (
@@ -234,7 +233,7 @@ class ClientConnection(ClientTransmission):
         client_flags = (ClientFlags.FIXED_NEWSTYLE if self._fixed else 0) | (
             ClientFlags.NO_ZEROES if self._no_zeroes else 0
         )
-        self._out.append(w.encode(w.ClientFlagsMessage, {"client_flags": client_flags}))
+        self._out.append(_wire.encode(_wire.ClientFlagsMessage, {"client_flags": client_flags}))
         self._phase = Phase.OPTIONS
         return ServerGreeting(flags)
 
@@ -258,7 +257,7 @@ class ClientConnection(ClientTransmission):
         code, payload = self._option_bytes(event)
         if not self._fixed and code != Option.EXPORT_NAME:
             raise LocalProtocolError("a server without FIXED_NEWSTYLE understands only NBD_OPT_EXPORT_NAME")
-        self._out.append(h.OPTION_REQUEST.pack(h.OPTION_REQUEST.magic, code, len(payload)) + payload)
+        self._out.append(_headers.OPTION_REQUEST.pack(_headers.OPTION_REQUEST.magic, code, len(payload)) + payload)
         self._option = event
         self._gathered = []
         self._gathered_bytes = 0
@@ -271,12 +270,12 @@ class ClientConnection(ClientTransmission):
             return event.option, event.data
         if isinstance(event, OptionExportName):
             _check_string(event.name)
-            return Option.EXPORT_NAME, w.encode(w.ExportNamePayload, {"name": event.name})
+            return Option.EXPORT_NAME, _wire.encode(_wire.ExportNamePayload, {"name": event.name})
         if isinstance(event, (OptionInfo, OptionGo)):
             _check_string(event.name)
             if len(set(event.requests)) != len(event.requests):
                 raise LocalProtocolError(f"information requests {list(event.requests)} name one type twice")
-            payload = w.encode(w.InfoRequestPayload, {"name": event.name, "requests": list(event.requests)})
+            payload = _wire.encode(_wire.InfoRequestPayload, {"name": event.name, "requests": list(event.requests)})
             return (Option.INFO if isinstance(event, OptionInfo) else Option.GO), payload
         if isinstance(event, (OptionListMetaContext, OptionSetMetaContext)):
             for text in (event.name, *event.queries):
@@ -286,7 +285,7 @@ class ClientConnection(ClientTransmission):
                     raise LocalProtocolError(f"meta context query {query!r} does not start with a namespace and ':'")
             if isinstance(event, OptionSetMetaContext) and not self.structured_replies:
                 raise LocalProtocolError("NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers")
-            payload = w.encode(w.MetaContextPayload, {"name": event.name, "queries": list(event.queries)})
+            payload = _wire.encode(_wire.MetaContextPayload, {"name": event.name, "queries": list(event.queries)})
             code = Option.LIST_META_CONTEXT if isinstance(event, OptionListMetaContext) else Option.SET_META_CONTEXT
             return code, payload
         if isinstance(event, OptionStartTLS):
@@ -314,7 +313,7 @@ class ClientConnection(ClientTransmission):
                 return PAUSED
             if isinstance(option, OptionExportName):
                 return self._export_name_reply(option)
-            header = buf.header(h.OPTION_REPLY)
+            header = buf.header(_headers.OPTION_REPLY)
             if header is None:
                 if self._eof and isinstance(option, OptionAbort):
                     # spec: a client should handle a server that closes instead of acknowledging ABORT.
@@ -323,16 +322,16 @@ class ClientConnection(ClientTransmission):
                     return ClientAborted()
                 return self._need_data(f"while {type(option).__name__} waited for its answer")
             magic, code, reply_type, length = header
-            if magic != h.OPTION_REPLY.magic:
+            if magic != _headers.OPTION_REPLY.magic:
                 self._fail(f"option reply magic {magic:#x} is not the option reply magic")
             expected = self._option_bytes_code(option)
             if code != expected:
                 self._fail(f"option reply for option {code}, but option {expected} was asked")
             if length > MAX_OPTION_LENGTH:
                 self._fail(f"option reply length {length} exceeds the {MAX_OPTION_LENGTH}-byte limit")
-            if len(buf) < h.OPTION_REPLY.size + length:
+            if len(buf) < _headers.OPTION_REPLY.size + length:
                 return self._need_data("in the middle of an option reply")
-            buf.skip(h.OPTION_REPLY.size)
+            buf.skip(_headers.OPTION_REPLY.size)
             payload = buf.take(length).tobytes()
             event = self._option_reply(option, reply_type, payload)
             if event is not None:
@@ -363,7 +362,7 @@ class ClientConnection(ClientTransmission):
     def _option_reply(self, option: object, reply_type: int, payload: bytes) -> Event | None:
         """Handle one option reply; the event that ends the option, or None while it goes on."""
         if reply_type & (1 << 31):
-            message = w.decode(w.ErrorReplyPayload, payload).message if payload else ""
+            message = _wire.decode(_wire.ErrorReplyPayload, payload).message if payload else ""
             self._finish_option()
             if isinstance(option, OptionSetMetaContext):
                 self._meta_export, self._meta_contexts = None, {}
@@ -372,11 +371,11 @@ class ClientConnection(ClientTransmission):
             if payload:
                 self._fail(f"NBD_REP_ACK with {len(payload)} bytes of payload")
             return self._option_done(option)
-        self._gathered_bytes += len(payload) + h.OPTION_REPLY.size
+        self._gathered_bytes += len(payload) + _headers.OPTION_REPLY.size
         if self._gathered_bytes > _ANSWER_LIMIT:
             self._fail(f"the answer to {type(option).__name__} exceeds {_ANSWER_LIMIT >> 20} MiB of replies")
         if reply_type == _REP.SERVER and isinstance(option, OptionList):
-            fields = w.decode(w.ServerPayload, payload)
+            fields = _wire.decode(_wire.ServerPayload, payload)
             self._gathered.append(ExportListing(fields.name, fields.description))
             return None
         if reply_type == _REP.INFO and isinstance(option, (OptionInfo, OptionGo)):
@@ -385,7 +384,7 @@ class ClientConnection(ClientTransmission):
             self._gathered.append(payload)
             return None
         if reply_type == _REP.META_CONTEXT and isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
-            fields = w.decode(w.MetaContextReplyPayload, payload)
+            fields = _wire.decode(_wire.MetaContextReplyPayload, payload)
             listing = isinstance(option, OptionListMetaContext)
             check_context_name(fields.name, tuple(option.queries), listing)
             if not listing:
@@ -445,14 +444,14 @@ class ClientConnection(ClientTransmission):
         for payload in infos:
             info_type = struct.unpack(">H", payload[:2])[0]
             if info_type == InfoType.EXPORT:
-                fields = w.decode(w.InfoExportPayload, payload)
+                fields = _wire.decode(_wire.InfoExportPayload, payload)
                 size, flags = fields.size, fields.transmission_flags
             elif info_type == InfoType.NAME:
-                canonical = w.decode(w.InfoNamePayload, payload).name
+                canonical = _wire.decode(_wire.InfoNamePayload, payload).name
             elif info_type == InfoType.DESCRIPTION:
-                description = w.decode(w.InfoDescriptionPayload, payload).description
+                description = _wire.decode(_wire.InfoDescriptionPayload, payload).description
             elif info_type == InfoType.BLOCK_SIZE:
-                fields = w.decode(w.InfoBlockSizePayload, payload)
+                fields = _wire.decode(_wire.InfoBlockSizePayload, payload)
                 sizes = (fields.minimum, fields.preferred, fields.maximum)
             # spec: a client MUST ignore information replies it does not understand.
         if size is None:
@@ -466,13 +465,13 @@ class ClientConnection(ClientTransmission):
         return Export(canonical, size, TransmissionFlags(flags), description, minimum, preferred, maximum)
 
     def _export_name_reply(self, option: OptionExportName) -> Event | type[NEED_DATA]:
-        fmt = w.ExportNameReplyNoZeroes if self._no_zeroes else w.ExportNameReply
+        fmt = _wire.ExportNameReplyNoZeroes if self._no_zeroes else _wire.ExportNameReply
         size = fmt.sizeof()
         if len(self._buf) < size:
             if self._eof:
                 self._fail(f"the server closed the connection: it refused export {option.name!r}")
             return NEED_DATA
-        fields = w.decode(fmt, self._buf.take(size))
+        fields = _wire.decode(fmt, self._buf.take(size))
         self._finish_option()
         self._meta_contexts = {}
         self._enter_transmission(Export(option.name, fields.size, TransmissionFlags(fields.transmission_flags)))

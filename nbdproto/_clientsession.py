@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, cast, overload
 
 from ._constants import CommandFlags, TransmissionFlags
 from ._errors import LocalProtocolError, NBDError
@@ -40,6 +40,7 @@ from ._events import (
     HandshakeComplete,
     ReadReply,
     ReadRequest,
+    Reply,
     Request,
     StartTLS,
     TrimRequest,
@@ -137,7 +138,7 @@ class ClientSessionLogic:
         self.engine.send(make(cookie))
         return cookie
 
-    def replies(self) -> Iterator[Event]:
+    def replies(self) -> Iterator[Reply]:
         """Every complete reply the received bytes hold. Raises ConnectionError when the server closed the
         connection. When the server said it is shutting down (ESHUTDOWN), NBD_CMD_DISC is queued, as the spec
         asks: the driver sends it with its next send."""
@@ -148,7 +149,7 @@ class ClientSessionLogic:
                 return
             if type(event) is ConnectionClosed:
                 raise ConnectionError("the server closed the connection")
-            yield event  # type: ignore[misc]
+            yield cast(Reply, event)
             if engine.must_disconnect and engine.phase is Phase.TRANSMISSION:
                 engine.send(DisconnectRequest())
 

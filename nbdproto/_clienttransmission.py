@@ -14,38 +14,35 @@ RemoteProtocolError. Each request ends in exactly one event (``ReadReply``, ``Bl
 from __future__ import annotations
 
 import struct
+from typing import cast
 
-from . import _headers as h
-from . import _wire as w
+from . import _headers, _wire
 from ._clientchecks import ReadCoverage, descriptor_count, parse_block_status
+from ._commands import RULE_OF, request_error
 from ._constants import ChunkType, Command, CommandFlags, Errno, ReplyFlags, TransmissionFlags
 from ._errors import LocalProtocolError
 from ._events import (
     BlockStatusReply,
     BlockStatusRequest,
-    CacheRequest,
     ConnectionClosed,
     DisconnectRequest,
     ErrorReply,
     Event,
     Export,
     Extent,
-    FlushRequest,
     Payload,
     ReadReply,
     ReadRequest,
+    Request,
     ResizeRequest,
     SuccessReply,
-    TrimRequest,
     WriteRequest,
-    WriteZeroesRequest,
 )
 from ._receivebuffer import ReceiveBuffer
 from ._state import NEED_DATA, PAUSED, Phase
 
 __all__ = ["ClientTransmission"]
 
-TF = TransmissionFlags
 _FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 _DONE = int(ReplyFlags.DONE)
 _MESSAGE_CHUNK_LIMIT = 64 * 1024  # error chunks: a message for humans, no more
@@ -53,7 +50,11 @@ _KNOWN_ERRORS = {int(e) for e in Errno} - {0}
 _OFFSET_DATA, _OFFSET_HOLE, _NONE = int(ChunkType.OFFSET_DATA), int(ChunkType.OFFSET_HOLE), int(ChunkType.NONE)
 _STATUS_CHUNKS = (int(ChunkType.BLOCK_STATUS), int(ChunkType.BLOCK_STATUS_EXT))
 _ZEROES = bytes(64 * 1024)
-_SIMPLE, _STRUCTURED, _EXTENDED = h.SIMPLE_REPLY.magic, h.STRUCTURED_REPLY.magic, h.EXTENDED_REPLY.magic
+_SIMPLE, _STRUCTURED, _EXTENDED = (
+    _headers.SIMPLE_REPLY.magic,
+    _headers.STRUCTURED_REPLY.magic,
+    _headers.EXTENDED_REPLY.magic,
+)
 _MAGIC = struct.Struct(">I").unpack
 
 
@@ -63,7 +64,7 @@ class _Pending:
     __slots__ = ("request", "command", "flags", "offset", "length", "buffer", "coverage", "started", "error",
                  "extents")  # fmt: skip
 
-    def __init__(self, request: Event, command: Command, offset: int, length: int, flags: int = 0) -> None:
+    def __init__(self, request: Request, command: Command, offset: int, length: int, flags: int = 0) -> None:
         self.request = request
         self.command = command
         self.flags = flags
@@ -160,7 +161,7 @@ class ClientTransmission:
         self._direct = self._direct_pending = None
         if not self._direct_done:
             return None
-        del self._pending[pending.request.cookie]  # type: ignore[union-attr]
+        del self._pending[pending.request.cookie]
         return self._complete(pending)
 
     def _start_transmission(self, export: Export, bound: bool = True) -> None:
@@ -177,115 +178,83 @@ class ClientTransmission:
         if self._disconnected:
             raise LocalProtocolError("no request may follow NBD_CMD_DISC")
         kind = type(event)
+        rule = RULE_OF.get(kind)
+        if rule is None:
+            raise LocalProtocolError(f"{kind.__name__} is not a request")
+        request = cast(Request, event)
         if self.server_shutting_down and kind is not DisconnectRequest:
             raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): only NBD_CMD_DISC may follow")
+        cookie = request.cookie
         if kind is DisconnectRequest:
             self._disconnected = True
-            self._queue_header(Command.DISC, 0, event.cookie, 0, 0)  # type: ignore[union-attr]
+            self._queue_header(Command.DISC, 0, cookie, 0, 0)
             return
-        cookie: int = event.cookie  # type: ignore[union-attr]
         if cookie in self._pending:
             raise LocalProtocolError(f"cookie {cookie:#x} is still in flight")
-        flags = int(getattr(event, "flags", 0))
-        advertised = export.flags
+        flags = int(getattr(request, "flags", 0))
         if flags & _PAYLOAD_LEN:
             raise LocalProtocolError("NBD_CMD_FLAG_PAYLOAD_LEN is the connection's to set, not the caller's")
-        if kind is ReadRequest:
-            read: ReadRequest = event  # type: ignore[assignment]
-            self._check_flags(flags, _DF, "READ")
-            if flags & _DF and not (advertised & TF.SEND_DF and self.structured_replies):
-                raise LocalProtocolError("DF needs structured replies and NBD_FLAG_SEND_DF")
-            self._check_range(read.offset, read.length, payload=True)
-            pending = _Pending(event, Command.READ, read.offset, read.length, flags)
-            buffer = read.buffer if read.buffer is not None else bytearray(read.length)
-            view = memoryview(buffer).cast("B")
-            if len(view) != read.length or view.readonly:
-                raise LocalProtocolError(f"read buffer must be writable and {read.length} bytes long")
-            pending.buffer = view
-            self._pending[cookie] = pending
-            self._queue_header(Command.READ, flags, cookie, read.offset, read.length)
-            return
         if kind is WriteRequest:
-            write: WriteRequest = event  # type: ignore[assignment]
-            self._check_writable("WRITE")
-            self._check_flags(flags, _FUA, "WRITE")
-            self._check_fua(flags)
-            size = len(write.data)
-            self._check_range(write.offset, size, payload=True)
-            self._pending[cookie] = _Pending(event, Command.WRITE, write.offset, size)
-            extra = _PAYLOAD_LEN if self.extended_headers else 0
-            self._queue_header(Command.WRITE, flags | extra, cookie, write.offset, size)
-            self._out.append(write.data)
-            return
-        if kind is BlockStatusRequest:
-            status: BlockStatusRequest = event  # type: ignore[assignment]
-            self._check_flags(flags, _REQ_ONE, "BLOCK_STATUS")
-            if not self._meta_contexts:
-                raise LocalProtocolError("BLOCK_STATUS needs a meta context agreed with NBD_OPT_SET_META_CONTEXT")
-            self._check_range(status.offset, status.length, payload=False)
-            ids = status.context_ids
-            if any(i not in self._meta_contexts for i in ids) or len(set(ids)) != len(ids):
-                raise LocalProtocolError(f"context ids {list(ids)} are repeated or were not agreed")
-            filtered = bool(ids) and set(ids) != set(self._meta_contexts)
-            if filtered and not (self.extended_headers and advertised & TF.BLOCK_STATUS_PAYLOAD):
-                raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
-            self._pending[cookie] = _Pending(event, Command.BLOCK_STATUS, status.offset, status.length, flags)
-            if filtered:
-                payload = w.encode(w.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
-                self._queue_header(Command.BLOCK_STATUS, flags | _PAYLOAD_LEN, cookie, status.offset, len(payload))
-                self._out.append(payload)
-            else:
-                self._queue_header(Command.BLOCK_STATUS, flags, cookie, status.offset, status.length)
-            return
-        command, needed, allowed, name = _SIMPLE_COMMANDS[kind]
-        if needed and not advertised & needed:
-            raise LocalProtocolError(f"the server did not advertise {name}")
-        self._check_flags(flags, allowed, name)
-        if command in (Command.TRIM, Command.WRITE_ZEROES, Command.RESIZE):
-            self._check_writable(name)
-        self._check_fua(flags)
-        if flags & _FAST_ZERO and not advertised & TF.SEND_FAST_ZERO:
-            raise LocalProtocolError("the server did not advertise FAST_ZERO")
-        offset = getattr(event, "offset", 0)
-        length = getattr(event, "length", 0)
-        if command == Command.RESIZE:
-            offset, length = event.size, 0  # type: ignore[union-attr]
-        elif command != Command.FLUSH:
-            self._check_range(offset, length, payload=False)
-        self._pending[cookie] = _Pending(event, command, offset, length)
-        self._queue_header(command, flags, cookie, offset, length)
-
-    def _queue_header(self, command: int, flags: int, cookie: int, offset: int, length: int) -> None:
-        codec = h.EXTENDED_REQUEST if self.extended_headers else h.REQUEST
-        self._out.append(codec.pack(codec.magic, flags, command, cookie, offset, length))
-
-    def _check_flags(self, flags: int, allowed: int, name: str) -> None:
-        if flags & ~allowed:
-            raise LocalProtocolError(f"flags {flags:#x} are not valid for {name}")
-
-    def _check_fua(self, flags: int) -> None:
-        assert self.export is not None
-        if flags & _FUA and not self.export.flags & TF.SEND_FUA:
-            raise LocalProtocolError("the server did not advertise FUA")
-
-    def _check_writable(self, name: str) -> None:
-        assert self.export is not None
-        if self.export.flags & TF.READ_ONLY:
-            raise LocalProtocolError(f"{name} on a read-only export")
-
-    def _check_range(self, offset: int, length: int, payload: bool) -> None:
-        export = self.export
-        assert export is not None
-        if length <= 0:
-            raise LocalProtocolError(f"length {length} must be positive")
-        if offset < 0 or offset + length > export.size:
-            raise LocalProtocolError(f"offset {offset} + length {length} is outside the export ({export.size} bytes)")
-        if (offset | length) % self._alignment:
-            raise LocalProtocolError(f"offset {offset} / length {length} not aligned to {self._alignment}")
-        if payload and length > export.maximum_payload:
-            raise LocalProtocolError(f"length {length} exceeds the maximum payload {export.maximum_payload}")
+            offset, length = request.offset, len(request.data)  # type: ignore[union-attr]
+        elif kind is ResizeRequest:
+            offset, length = request.size, 0  # type: ignore[union-attr]  # RESIZE: the new size, in offset
+        else:
+            offset, length = getattr(request, "offset", 0), getattr(request, "length", 0)
+        refusal = request_error(
+            rule,
+            flags,
+            offset,
+            length,
+            export_flags=export.flags,
+            size=export.size,
+            alignment=self._alignment,
+            max_payload=export.maximum_payload,
+            has_contexts=bool(self._meta_contexts),
+            structured=self.structured_replies,
+        )
+        if refusal is not None:
+            raise LocalProtocolError(refusal[1])
         if not self.extended_headers and length > 0xFFFFFFFF:
             raise LocalProtocolError(f"length {length} needs extended headers")
+        pending = _Pending(request, rule.command, offset, length, flags)
+        if kind is ReadRequest:
+            read: ReadRequest = request  # type: ignore[assignment]
+            buffer = read.buffer if read.buffer is not None else bytearray(length)
+            view = memoryview(buffer).cast("B")
+            if len(view) != length or view.readonly:
+                raise LocalProtocolError(f"read buffer must be writable and {length} bytes long")
+            pending.buffer = view
+        elif kind is BlockStatusRequest:
+            payload = self._context_filter(request)  # type: ignore[arg-type]
+            if payload is not None:
+                self._pending[cookie] = pending
+                self._queue_header(rule.command, flags | _PAYLOAD_LEN, cookie, offset, len(payload))
+                self._out.append(payload)
+                return
+        self._pending[cookie] = pending
+        if kind is WriteRequest:
+            extra = _PAYLOAD_LEN if self.extended_headers else 0
+            self._queue_header(rule.command, flags | extra, cookie, offset, length)
+            self._out.append(request.data)  # type: ignore[union-attr]
+            return
+        self._queue_header(rule.command, flags, cookie, offset, length)
+
+    def _context_filter(self, status: BlockStatusRequest) -> bytes | None:
+        """The payload that chooses some of the agreed meta contexts for a block status request, or None when
+        it asks for all of them (the compact form)."""
+        ids = status.context_ids
+        if any(i not in self._meta_contexts for i in ids) or len(set(ids)) != len(ids):
+            raise LocalProtocolError(f"context ids {list(ids)} are repeated or were not agreed")
+        if not ids or set(ids) == set(self._meta_contexts):
+            return None
+        assert self.export is not None
+        if not (self.extended_headers and self.export.flags & TransmissionFlags.BLOCK_STATUS_PAYLOAD):
+            raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
+        return _wire.encode(_wire.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
+
+    def _queue_header(self, command: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        codec = _headers.EXTENDED_REQUEST if self.extended_headers else _headers.REQUEST
+        self._out.append(codec.pack(codec.magic, flags, command, cookie, offset, length))
 
     # --- Replies -------------------------------------------------------------------------------------------
 
@@ -338,7 +307,7 @@ class ClientTransmission:
 
     def _simple_reply(self) -> Event | type[NEED_DATA] | None:
         buf = self._buf
-        header = buf.header(h.SIMPLE_REPLY)
+        header = buf.header(_headers.SIMPLE_REPLY)
         if header is None:
             return NEED_DATA
         _, error, cookie = header
@@ -350,7 +319,7 @@ class ClientTransmission:
             if self.structured_replies:
                 self._fail(f"simple reply with data to read {cookie:#x} while structured replies are in use")
             assert pending.buffer is not None
-            buf.skip(h.SIMPLE_REPLY.size)
+            buf.skip(_headers.SIMPLE_REPLY.size)
             if len(buf) < pending.length:
                 pending.started = True
                 self._claim(pending, pending.offset, pending.length)
@@ -358,7 +327,7 @@ class ClientTransmission:
             pending.buffer[:] = buf.take(pending.length)
             del self._pending[cookie]
             return ReadReply(cookie, pending.buffer)
-        buf.skip(h.SIMPLE_REPLY.size)
+        buf.skip(_headers.SIMPLE_REPLY.size)
         del self._pending[cookie]
         if error:
             return self._error(ErrorReply(cookie, _errno(error)))
@@ -368,7 +337,7 @@ class ClientTransmission:
 
     def _chunk(self, extended: bool) -> Event | type[NEED_DATA] | None:
         buf = self._buf
-        codec = h.EXTENDED_REPLY if extended else h.STRUCTURED_REPLY
+        codec = _headers.EXTENDED_REPLY if extended else _headers.STRUCTURED_REPLY
         header = buf.header(codec)
         if header is None:
             return NEED_DATA
@@ -392,7 +361,7 @@ class ClientTransmission:
                 return NEED_DATA
             # Data for a read, its offset known: checked now, the bytes go straight where they belong.
             buf.skip(codec.size)
-            (offset,) = h.OFFSET_DATA_PREFIX.unpack_from(buf.take(8))
+            (offset,) = _headers.OFFSET_DATA_PREFIX.unpack_from(buf.take(8))
             destination = self._claim(pending, offset, length - 8)
             return self._start_direct(pending, destination, done=bool(flags & _DONE))
         buf.skip(codec.size)
@@ -419,7 +388,7 @@ class ClientTransmission:
         elif chunk_type in (_OFFSET_DATA, _OFFSET_HOLE):
             if command != Command.READ:
                 self._fail(f"read data for {_what(pending)}")
-            if chunk_type == _OFFSET_HOLE and length != h.OFFSET_HOLE.size:
+            if chunk_type == _OFFSET_HOLE and length != _headers.OFFSET_HOLE.size:
                 self._fail(f"OFFSET_HOLE chunk of {length} bytes for {_what(pending)}: it is always 12")
             if chunk_type == _OFFSET_DATA and not 9 <= length <= pending.length + 8:
                 self._fail(f"OFFSET_DATA chunk of {length} bytes for {_what(pending)}: it carries 1 to "
@@ -437,10 +406,10 @@ class ClientTransmission:
     def _apply_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
         # The header was checked by _check_chunk: the type fits the command and the length fits the type.
         if chunk_type == _OFFSET_DATA:
-            (offset,) = h.OFFSET_DATA_PREFIX.unpack_from(payload)
+            (offset,) = _headers.OFFSET_DATA_PREFIX.unpack_from(payload)
             self._claim(pending, offset, len(payload) - 8)[:] = payload[8:]
         elif chunk_type == _OFFSET_HOLE:
-            offset, size = h.OFFSET_HOLE.unpack_from(payload)
+            offset, size = _headers.OFFSET_HOLE.unpack_from(payload)
             if size == 0:
                 self._fail("OFFSET_HOLE chunk with a hole of 0 bytes")
             destination = self._claim(pending, offset, size)  # checked before a byte is sized from it
@@ -479,12 +448,12 @@ class ClientTransmission:
     def _error_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
         offset: int | None = None
         if chunk_type == ChunkType.ERROR_OFFSET:
-            fields = w.decode(w.ErrorOffsetChunkPayload, payload)
+            fields = _wire.decode(_wire.ErrorOffsetChunkPayload, payload)
             error, message, offset = fields.error, fields.message, fields.offset
             if not pending.offset <= offset < pending.offset + max(pending.length, 1):
                 self._fail(f"error offset {offset} is outside the request {pending.offset}+{pending.length}")
         elif chunk_type == ChunkType.ERROR:
-            fields = w.decode(w.ErrorChunkPayload, payload)
+            fields = _wire.decode(_wire.ErrorChunkPayload, payload)
             error, message = fields.error, fields.message
         else:
             # spec: every error chunk starts with the error and a message; an unknown one is still an error.
@@ -495,7 +464,7 @@ class ClientTransmission:
         if error == 0:
             self._fail("an error chunk with error 0")
         if pending.error is None:
-            cookie: int = pending.request.cookie  # type: ignore[union-attr]
+            cookie = pending.request.cookie
             pending.error = ErrorReply(cookie, _errno(error), message, offset)
 
     def _error(self, reply: ErrorReply) -> ErrorReply:
@@ -504,7 +473,7 @@ class ClientTransmission:
         return reply
 
     def _complete(self, pending: _Pending) -> Event:
-        cookie: int = pending.request.cookie  # type: ignore[union-attr]
+        cookie = pending.request.cookie
         if pending.error is not None:
             return self._error(pending.error)
         if pending.command == Command.READ:
@@ -524,19 +493,9 @@ class ClientTransmission:
 
 def _what(pending: _Pending) -> str:
     """The request a reply answers, for error messages: "READ 0x5"."""
-    return f"{pending.command.name} {pending.request.cookie:#x}"  # type: ignore[union-attr]
+    return f"{pending.command.name} {pending.request.cookie:#x}"
 
 
 def _errno(value: int) -> Errno:
     # spec: a client SHOULD treat an unexpected error value as if it were EINVAL.
     return Errno(value) if value in _KNOWN_ERRORS else Errno.EINVAL
-
-
-# Commands without payload in either direction: (command, transmission flag needed, flags allowed, name).
-_SIMPLE_COMMANDS: dict[type, tuple[Command, int, int, str]] = {
-    FlushRequest: (Command.FLUSH, TF.SEND_FLUSH, 0, "FLUSH"),
-    TrimRequest: (Command.TRIM, TF.SEND_TRIM, _FUA, "TRIM"),
-    CacheRequest: (Command.CACHE, TF.SEND_CACHE, 0, "CACHE"),
-    WriteZeroesRequest: (Command.WRITE_ZEROES, TF.SEND_WRITE_ZEROES, _FUA | _NO_HOLE | _FAST_ZERO, "WRITE_ZEROES"),
-    ResizeRequest: (Command.RESIZE, TF.SEND_RESIZE, 0, "RESIZE"),
-}

@@ -16,8 +16,6 @@ from ._events import Export, ExportRequested, ExportUnknown
 
 __all__ = ["DeviceCapabilities", "export_for", "ExportSpec", "answer_export_request"]
 
-TF = TransmissionFlags
-
 
 @dataclass(frozen=True, slots=True)
 class DeviceCapabilities:
@@ -86,28 +84,28 @@ def export_for(
     """
     caps = capabilities
     writable = caps.can_write and not read_only
-    flags = TF.HAS_FLAGS
+    flags = TransmissionFlags.HAS_FLAGS
     if not writable:
-        flags |= TF.READ_ONLY
+        flags |= TransmissionFlags.READ_ONLY
     if caps.can_flush:
-        flags |= TF.SEND_FLUSH
+        flags |= TransmissionFlags.SEND_FLUSH
     if caps.can_cache:
-        flags |= TF.SEND_CACHE
+        flags |= TransmissionFlags.SEND_CACHE
     if caps.can_multi_conn:
-        flags |= TF.CAN_MULTI_CONN
+        flags |= TransmissionFlags.CAN_MULTI_CONN
     if caps.rotational:
-        flags |= TF.ROTATIONAL
+        flags |= TransmissionFlags.ROTATIONAL
     if writable:
         if caps.can_fua:
-            flags |= TF.SEND_FUA
+            flags |= TransmissionFlags.SEND_FUA
         if caps.can_trim:
-            flags |= TF.SEND_TRIM
+            flags |= TransmissionFlags.SEND_TRIM
         if caps.can_zero:
-            flags |= TF.SEND_WRITE_ZEROES
+            flags |= TransmissionFlags.SEND_WRITE_ZEROES
             if caps.can_fast_zero:
-                flags |= TF.SEND_FAST_ZERO
+                flags |= TransmissionFlags.SEND_FAST_ZERO
         if caps.can_resize:
-            flags |= TF.SEND_RESIZE
+            flags |= TransmissionFlags.SEND_RESIZE
     return Export(
         name,
         size,

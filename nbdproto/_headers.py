@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import construct as c
+import construct
 
 from . import _wire
 
@@ -49,12 +49,12 @@ class HeaderCodec:
         names: list[str] = []
         magic: int | None = None
         for sub in definition.subcons:
-            field = sub.subcon if isinstance(sub, c.Renamed) else sub
-            if isinstance(field, c.Const):
+            field = sub.subcon if isinstance(sub, construct.Renamed) else sub
+            if isinstance(field, construct.Const):
                 if not names:
                     magic = field.value
                 field = field.subcon
-            if not isinstance(field, c.FormatField) or field.fmtstr[0] != ">":
+            if not isinstance(field, construct.FormatField) or field.fmtstr[0] != ">":
                 raise TypeError(f"{name}: field {sub.name!r} is not a fixed big-endian integer")
             fmt += field.fmtstr[1:]
             names.append(sub.name)
@@ -76,8 +76,8 @@ def header_codec(name: str) -> HeaderCodec:
     return HeaderCodec(name, _wire.MESSAGES[name])
 
 
-REQUEST = header_codec("Request")
-EXTENDED_REQUEST = header_codec("ExtendedRequest")
+REQUEST = header_codec("RequestHeader")
+EXTENDED_REQUEST = header_codec("ExtendedRequestHeader")
 SIMPLE_REPLY = header_codec("SimpleReply")
 STRUCTURED_REPLY = header_codec("StructuredReplyHeader")
 EXTENDED_REPLY = header_codec("ExtendedReplyHeader")
@@ -87,4 +87,4 @@ OFFSET_HOLE = header_codec("OffsetHolePayload")
 BLOCK_DESCRIPTOR = header_codec("BlockDescriptor")
 EXTENT_DESCRIPTOR = header_codec("ExtentDescriptor")
 # OFFSET_DATA's payload is an offset then the data: its fixed prefix is the offset field alone.
-OFFSET_DATA_PREFIX = HeaderCodec("OffsetDataPayload.offset", c.Struct(_wire.OffsetDataPayload.subcons[0]))
+OFFSET_DATA_PREFIX = HeaderCodec("OffsetDataPayload.offset", construct.Struct(_wire.OffsetDataPayload.subcons[0]))

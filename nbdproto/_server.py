@@ -135,21 +135,18 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         try:
             if phase is Phase.TRANSMISSION:
                 # Dispatch on the exact type, cheaper than isinstance chains on the hot path.
-                event_type = type(event)
-                if event_type is ReadData:
-                    data: ReadData = event  # type: ignore[assignment]
-                    self._read_chunk(data.cookie, data.offset, len(data.data), data.data, data.done)
-                elif event_type is SuccessReply:
-                    self._success(event.cookie)  # type: ignore[union-attr]
-                elif event_type is ReadHole:
-                    hole: ReadHole = event  # type: ignore[assignment]
-                    self._read_chunk(hole.cookie, hole.offset, hole.length, None, hole.done)
-                elif event_type is ErrorReply:
-                    self._error_reply(event)  # type: ignore[arg-type]
-                elif event_type is BlockStatusReply:
-                    self._block_status(event)  # type: ignore[arg-type]
+                if type(event) is ReadData:
+                    self._read_chunk(event.cookie, event.offset, len(event.data), event.data, event.done)
+                elif type(event) is SuccessReply:
+                    self._success(event.cookie)
+                elif type(event) is ReadHole:
+                    self._read_chunk(event.cookie, event.offset, event.length, None, event.done)
+                elif type(event) is ErrorReply:
+                    self._error_reply(event)
+                elif type(event) is BlockStatusReply:
+                    self._block_status(event)
                 else:
-                    raise LocalProtocolError(f"{event_type.__name__} is not a reply a server can send")
+                    raise LocalProtocolError(f"{type(event).__name__} is not a reply a server can send")
             elif isinstance(event, (Export, ExportUnknown)):
                 self._answer_export(event)
             elif phase is Phase.CLOSED and isinstance(event, _REPLIES):

@@ -8,15 +8,14 @@ INFO/GO (spec: "NBD_OPT_INFO and NBD_OPT_GO"), meta contexts (``_metacontexts``)
 
 from __future__ import annotations
 
-from . import _headers as h
-from . import _replies as r
-from . import _wire as w
+from . import _headers, _replies, _wire
+from ._commands import COMMANDS, allowed_flags, usable
 from ._constants import (
     DEFAULT_MAX_PAYLOAD,
     MAX_OPTION_LENGTH,
     MAX_STRING_LENGTH,
     ClientFlags,
-    CommandFlags,
+    Command,
     InfoType,
     Option,
     OptionReplyType,
@@ -62,7 +61,7 @@ class ServerHandshake(ServerState):
     def _next_client_flags(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         if len(self._buf) < 4:
             return self._closed_or_need_data()
-        flags = w.decode(w.ClientFlagsMessage, self._buf.take(4)).client_flags
+        flags = _wire.decode(_wire.ClientFlagsMessage, self._buf.take(4)).client_flags
         if flags & ~_KNOWN_CLIENT_FLAGS:
             # spec: a server that receives client flags it does not know MUST close the connection.
             self._fail(f"client flags {flags:#x} include unknown bits {flags & ~_KNOWN_CLIENT_FLAGS:#x}")
@@ -72,32 +71,32 @@ class ServerHandshake(ServerState):
         return self._next_option()
 
     def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
-        self._out.append(r.option_reply(option, reply_type, payload))
+        self._out.append(_replies.option_reply(option, reply_type, payload))
 
     def _error(self, option: int, reply_type: OptionReplyType, message: str) -> None:
-        self._out.append(r.option_error(option, reply_type, message))
+        self._out.append(_replies.option_error(option, reply_type, message))
 
     def _next_option(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         while True:
             if self._skip:
                 return self._closed_or_need_data()
-            header = buf.header(h.OPTION_REQUEST)
+            header = buf.header(_headers.OPTION_REQUEST)
             if header is None:
                 return self._closed_or_need_data()
             magic, option, length = header
-            if magic != h.OPTION_REQUEST.magic:
+            if magic != _headers.OPTION_REQUEST.magic:
                 self._fail(f"option request magic {magic:#x} is not IHAVEOPT")
             if length > MAX_OPTION_LENGTH:
                 if option == Option.EXPORT_NAME or not self._fixed:
                     self._fail(f"option {option} length {length} exceeds the {MAX_OPTION_LENGTH}-byte option limit")
-                buf.skip(h.OPTION_REQUEST.size)
+                buf.skip(_headers.OPTION_REQUEST.size)
                 self._skip = length - buf.skip(length)
                 self._error(option, _REP.ERR_TOO_BIG, f"option length {length} exceeds {MAX_OPTION_LENGTH} bytes")
                 continue
-            if len(buf) < h.OPTION_REQUEST.size + length:
+            if len(buf) < _headers.OPTION_REQUEST.size + length:
                 return self._closed_or_need_data()
-            buf.skip(h.OPTION_REQUEST.size)
+            buf.skip(_headers.OPTION_REQUEST.size)
             data = buf.take(length).tobytes()
             event = self._handle_option(option, data)
             if event is not None:
@@ -160,7 +159,7 @@ class ServerHandshake(ServerState):
             self._error(option, _REP.ERR_POLICY, "this server does not list its exports")
         else:
             try:
-                replies = [r.server_reply(option, listing) for listing in self._offer]
+                replies = [_replies.server_reply(option, listing) for listing in self._offer]
             except LocalProtocolError:
                 self._phase = Phase.ERROR  # the application's offer list holds a name no client could use
                 raise
@@ -201,7 +200,7 @@ class ServerHandshake(ServerState):
         if self.tls_mode is TlsMode.FORCEDTLS and not self._tls_active:
             # spec: EXPORT_NAME cannot be answered with an error, so the session ends.
             self._fail("NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS")
-        name = w.decode(w.ExportNamePayload, data).name
+        name = _wire.decode(_wire.ExportNamePayload, data).name
         if len(data) > MAX_STRING_LENGTH or "\0" in name:
             # spec ("Conventions"): a string holds no NUL and is at most 4096 bytes; EXPORT_NAME cannot be refused.
             self._fail(f"export name of {len(data)} bytes is over {MAX_STRING_LENGTH} bytes or holds a NUL")
@@ -209,7 +208,7 @@ class ServerHandshake(ServerState):
 
     def _info_or_go(self, option: Option, data: bytes) -> Event | None:
         try:
-            fields = w.decode(w.InfoRequestPayload, data)
+            fields = _wire.decode(_wire.InfoRequestPayload, data)
         except RemoteProtocolError as exc:
             self._error(option, _REP.ERR_INVALID, str(exc))
             return None
@@ -229,7 +228,7 @@ class ServerHandshake(ServerState):
                 self._error(option, _REP.ERR_INVALID, "negotiate structured replies before meta contexts")
                 return None
         try:
-            fields = w.decode(w.MetaContextPayload, data)
+            fields = _wire.decode(_wire.MetaContextPayload, data)
         except RemoteProtocolError as exc:
             self._error(option, _REP.ERR_INVALID, str(exc))
             return None
@@ -306,7 +305,7 @@ class ServerHandshake(ServerState):
         maximum = self._maximum_payload(export)
         if not wants_sizes and (export.block_size_required or export.minimum_block_size > 1):
             # spec: send the constraints first, so the client can retry without a round trip.
-            self._reply(option, _REP.INFO, r.block_size_payload(export, maximum))
+            self._reply(option, _REP.INFO, _replies.block_size_payload(export, maximum))
             self._error(option, _REP.ERR_BLOCK_SIZE_REQD, "this export needs NBD_INFO_BLOCK_SIZE to be requested")
             return
         if export.preferred_block_size != 4096 or maximum < DEFAULT_MAX_PAYLOAD:
@@ -314,7 +313,7 @@ class ServerHandshake(ServerState):
             # advertised, asked for or not (a client MUST ignore an information type it does not know).
             requests += (InfoType.BLOCK_SIZE,)
         flags = self._transmission_flags(export)
-        self._out.extend(r.info_replies(option, export, flags, requests, maximum))
+        self._out.extend(_replies.info_replies(option, export, flags, requests, maximum))
         self._reply(option, _REP.ACK)
         if option == Option.GO:
             self._enter_transmission(export)
@@ -327,7 +326,7 @@ class ServerHandshake(ServerState):
             return
         # Ids are only meaningful for SET (spec: LIST replies SHOULD carry id 0).
         numbered = [(0 if listing else i + 1, name) for i, name in enumerate(chosen)]
-        self._out.extend([r.meta_context_reply(option, context_id, name) for context_id, name in numbered])
+        self._out.extend([_replies.meta_context_reply(option, context_id, name) for context_id, name in numbered])
         self._reply(option, _REP.ACK)
         if not listing:
             self._meta_export, self._meta_contexts = export.name, dict(numbered)
@@ -335,8 +334,8 @@ class ServerHandshake(ServerState):
     def _enter_transmission(self, export: Export, with_export_name: bool = False) -> None:
         flags = self._transmission_flags(export)
         if with_export_name:
-            fmt = w.ExportNameReplyNoZeroes if self._no_zeroes else w.ExportNameReply
-            self._out.append(w.encode(fmt, {"size": export.size, "transmission_flags": flags}))
+            fmt = _wire.ExportNameReplyNoZeroes if self._no_zeroes else _wire.ExportNameReply
+            self._out.append(_wire.encode(fmt, {"size": export.size, "transmission_flags": flags}))
         if self._meta_export != export.name:
             self._meta_contexts = {}
         self.export = export
@@ -344,10 +343,10 @@ class ServerHandshake(ServerState):
         self._flags = flags
         self._min_block = export.minimum_block_size
         self._max_payload = self._maximum_payload(export)
-        writable = not flags & TransmissionFlags.READ_ONLY
-        fua = {int(CommandFlags.FUA)} if flags & TransmissionFlags.SEND_FUA else set()
-        self._plain_write_flags = frozenset({0} | fua) if writable else frozenset()
-        self._request_codec = h.EXTENDED_REQUEST if self.extended_headers else h.REQUEST
+        # The flags a WRITE may carry on the fast path: those the command table allows here, PAYLOAD_LEN aside.
+        write = COMMANDS[Command.WRITE]
+        self._plain_write_flags = frozenset({0, allowed_flags(write, flags)}) if usable(write, flags) else frozenset()
+        self._request_codec = _headers.EXTENDED_REQUEST if self.extended_headers else _headers.REQUEST
         self._phase = Phase.TRANSMISSION
         self._events.append(
             HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from . import _headers as h
-from . import _wire as w
+from . import _headers, _wire
 from ._constants import HandshakeFlags, Option
 from ._errors import RemoteProtocolError
 from ._events import ConnectionClosed, Event, Export, ExportListing, Payload, Request
@@ -78,9 +77,11 @@ class ServerState:
         self._stream_writes_over = stream_writes_over
         # The streamed write whose payload is still arriving: (cookie, offset of the next part, bytes left).
         self._write_rest: tuple[int, int, int] | None = None
-        self._request_codec = h.REQUEST
+        self._request_codec = _headers.REQUEST
         self._out.append(
-            w.encode(w.NewstyleGreeting, {"handshake_flags": HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES})
+            _wire.encode(
+                _wire.NewstyleGreeting, {"handshake_flags": HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES}
+            )
         )
 
     def _reset_negotiation(self) -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import _replies as r
-from . import _wire as w
+from . import _replies, _wire
+from ._commands import COMMANDS, request_error
 from ._constants import MAX_STRING_LENGTH, Command, CommandFlags, Errno, TransmissionFlags
 from ._errors import LocalProtocolError
 from ._events import (
@@ -46,37 +46,12 @@ __all__ = ["ServerTransmission"]
 _FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 # Every combination of the six command flags, made once: IntFlag construction costs ~300 ns per call.
 _COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
-# Which request flags each command may carry (spec: "Command flags"); PAYLOAD_LEN is checked separately, and
-# FUA, valid on every command once NBD_FLAG_SEND_FUA is advertised, too.
-_ALLOWED_FLAGS = {
-    Command.READ: _DF,
-    Command.WRITE: _FUA,
-    Command.DISC: 0,
-    Command.FLUSH: 0,
-    Command.TRIM: _FUA,
-    Command.CACHE: 0,
-    Command.WRITE_ZEROES: _FUA | _NO_HOLE | _FAST_ZERO,
-    Command.BLOCK_STATUS: _REQ_ONE,
-    Command.RESIZE: 0,
-}
-# The transmission flag that must have been advertised before a command may be used.
-_NEEDS_FLAG = {
-    Command.FLUSH: TransmissionFlags.SEND_FLUSH,
-    Command.TRIM: TransmissionFlags.SEND_TRIM,
-    Command.CACHE: TransmissionFlags.SEND_CACHE,
-    Command.WRITE_ZEROES: TransmissionFlags.SEND_WRITE_ZEROES,
-    Command.RESIZE: TransmissionFlags.SEND_RESIZE,
-}
-_WRITES = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.RESIZE})
-_RANGED = frozenset(
-    {Command.READ, Command.WRITE, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES, Command.BLOCK_STATUS}
-)
 _READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
 _READ_ONLY = int(TransmissionFlags.READ_ONLY)
 _MAX_DESCRIPTORS = 1 << 20  # spec: a server SHOULD NOT send more than 2^20 descriptors in one chunk
-_simple_reply = r.simple_reply
-_offset_data_header = r.offset_data_header
+_simple_reply = _replies.simple_reply
+_offset_data_header = _replies.offset_data_header
 
 
 def _wire_offset(request: Request) -> int:
@@ -89,6 +64,9 @@ def _wire_offset(request: Request) -> int:
 class ServerTransmission(ServerState):
     """Requests and replies for ServerConnection."""
 
+    _fast_paths = True
+    """The short roads for valid READs and whole WRITEs (a test turns them off to compare with the full check)."""
+
     # The size before a successful NBD_CMD_RESIZE made the export smaller (RESIZE extension: requests between
     # the new and the old end fail with ENOSPC); 0 until then.
     _shrunk_from = 0
@@ -100,6 +78,7 @@ class ServerTransmission(ServerState):
         codec = self._request_codec
         header_size = codec.size
         in_flight = self._in_flight
+        fast = self._fast_paths
         while True:
             if self._write_rest is not None:
                 return self._write_payload()
@@ -119,7 +98,8 @@ class ServerTransmission(ServerState):
                 return PAUSED
             # The common case, a valid READ, in as few steps as possible.
             if (
-                command == _READ
+                fast
+                and command == _READ
                 and not flags
                 and 0 < length <= self._max_payload
                 and offset + length <= self._size
@@ -131,7 +111,8 @@ class ServerTransmission(ServerState):
                 return event
             # The next most common: a valid WRITE whose payload is all here (FUA allowed where advertised).
             if (
-                command == _WRITE
+                fast
+                and command == _WRITE
                 and 0 < length <= self._max_payload
                 and (flags & ~_PAYLOAD_LEN) in self._plain_write_flags
                 and bool(flags & _PAYLOAD_LEN) == self.extended_headers
@@ -217,52 +198,36 @@ class ServerTransmission(ServerState):
 
     def _check_request(self, command: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
         """The error a request must be refused with, or None if the application may see it."""
-        allowed = _ALLOWED_FLAGS.get(command)  # type: ignore[call-overload]
-        if allowed is None:
+        rule = COMMANDS.get(command)
+        if rule is None:
             return Errno.EINVAL, f"unknown command {command}"
-        name = Command(command).name
-        tflags = self._flags
-        if tflags & TransmissionFlags.SEND_FUA:
-            allowed |= _FUA  # spec: with SEND_FUA the server MUST accept FUA on every command (even by ignoring it)
-        if flags & ~(allowed | _PAYLOAD_LEN):
-            return Errno.EINVAL, f"flags {flags:#x} are not valid for {name}"
-        if flags & _PAYLOAD_LEN and (not self.extended_headers or command not in (_WRITE, _BLOCK_STATUS)):
-            return Errno.EINVAL, f"{name} takes no payload here"
-        if command in _WRITES and tflags & _READ_ONLY:
-            return Errno.EPERM, "the export is read-only"
-        needed = _NEEDS_FLAG.get(command)  # type: ignore[call-overload]
-        if needed is not None and not tflags & needed:
-            return Errno.EINVAL, f"{name} was not advertised for this export"
-        if flags & _FUA and not tflags & TransmissionFlags.SEND_FUA:
-            return Errno.EINVAL, "FUA was not advertised for this export"
-        if flags & _FAST_ZERO and not tflags & TransmissionFlags.SEND_FAST_ZERO:
-            return Errno.EINVAL, "FAST_ZERO was not advertised for this export"
-        if flags & _DF and not self.structured_replies:
-            return Errno.EINVAL, "DF needs structured replies"
-        if command == _BLOCK_STATUS and not self._meta_contexts:
-            return Errno.EINVAL, "no meta context was negotiated for block status"
-        if command in _RANGED:
-            if length == 0:
-                return Errno.EINVAL, f"{name} of length 0"
-            if offset + length > self._size:
-                # spec ("Error values"): ENOSPC for writes past the end, EINVAL for the rest; RESIZE extension:
-                # anything between a shrunk size and the old one is ENOSPC.
-                end = offset + length
-                spaceless = command in (_WRITE, Command.WRITE_ZEROES) or end <= self._shrunk_from
-                error = Errno.ENOSPC if spaceless else Errno.EINVAL
-                return error, f"offset {offset} + length {length} is past the export size {self._size}"
-            if (offset | length) % self._min_block and command != _BLOCK_STATUS:
-                return Errno.EINVAL, f"offset {offset} / length {length} not aligned to {self._min_block} bytes"
-            if command == _READ and length > self._max_payload:
-                error = Errno.EOVERFLOW if self.structured_replies else Errno.EINVAL
-                return error, f"read of {length} bytes exceeds the maximum payload {self._max_payload}"
-        return None
+        if flags & _PAYLOAD_LEN and not (self.extended_headers and rule.payload):
+            return Errno.EINVAL, f"{rule.command.name} takes no payload here"
+        refusal = request_error(
+            rule,
+            flags & ~_PAYLOAD_LEN,
+            offset,
+            length,
+            export_flags=self._flags,
+            size=self._size,
+            alignment=self._min_block,
+            max_payload=self._max_payload,
+            has_contexts=bool(self._meta_contexts),
+            structured=self.structured_replies,
+        )
+        end = offset + length
+        if refusal is not None and rule.ranged and self._size < end <= self._shrunk_from:
+            # RESIZE extension: a range between a shrunk size and the old one is ENOSPC.
+            return Errno.ENOSPC, refusal[1]
+        return refusal
 
     def _reject(self, cookie: int, error: Errno, message: str, offset: int = 0) -> None:
         # The engine's own error replies: structured where negotiated, so the message reaches the client.
         if self.structured_replies:
             limit = min(MAX_STRING_LENGTH, self._max_payload)
-            self._out.append(r.error_chunk(self.extended_headers, True, cookie, offset, error, message, None, limit))
+            self._out.append(
+                _replies.error_chunk(self.extended_headers, True, cookie, offset, error, message, None, limit)
+            )
         else:
             self._out.append(_simple_reply(error, cookie))
 
@@ -308,7 +273,7 @@ class ServerTransmission(ServerState):
             return "block status payloads were not advertised"
         if len(data) < 8 or len(data) % 4:
             return f"block status payload of {len(data)} bytes is not 8 + 4n"
-        fields = w.decode(w.BlockStatusRequestPayload, data)
+        fields = _wire.decode(_wire.BlockStatusRequestPayload, data)
         ids = tuple(fields.context_ids)
         if not ids or len(set(ids)) != len(ids) or any(i not in self._meta_contexts for i in ids):
             return f"block status context ids {list(ids)} are empty, repeated or not negotiated"
@@ -354,7 +319,7 @@ class ServerTransmission(ServerState):
             if progress is None:
                 out.append(_simple_reply(0, cookie))
             if data is None:
-                out += r.zero_pieces(size)
+                out += _replies.zero_pieces(size)
             else:
                 out.append(data)
         else:
@@ -366,7 +331,7 @@ class ServerTransmission(ServerState):
                         raise LocalProtocolError(f"read chunk {offset}+{size} overlaps chunk {other}+{other_size}")
             last = done or complete
             if data is None:
-                out.append(r.offset_hole_chunk(self.extended_headers, last, cookie, start, offset, size))
+                out.append(_replies.offset_hole_chunk(self.extended_headers, last, cookie, start, offset, size))
             else:
                 out += (_offset_data_header(self.extended_headers, last, cookie, start, offset, size), data)
         if complete:
@@ -389,7 +354,7 @@ class ServerTransmission(ServerState):
             self._size = request.size
         if self.extended_headers:
             # spec: with extended headers every reply is a chunk; success is a NONE chunk with DONE.
-            self._out.append(r.chunk_header(True, 1, 0, cookie, _wire_offset(request), 0))
+            self._out.append(_replies.chunk_header(True, 1, 0, cookie, _wire_offset(request), 0))
         else:
             self._out.append(_simple_reply(0, cookie))
 
@@ -412,7 +377,9 @@ class ServerTransmission(ServerState):
             if offset is not None and not start <= offset < start + max(span, 1):
                 raise LocalProtocolError(f"error offset {offset} is outside the request {start}+{span}")
             limit = min(MAX_STRING_LENGTH, self._max_payload)
-            chunk = r.error_chunk(self.extended_headers, True, cookie, start, error, event.message, offset, limit)
+            chunk = _replies.error_chunk(
+                self.extended_headers, True, cookie, start, error, event.message, offset, limit
+            )
             self._out.append(chunk)
         del self._in_flight[cookie]
         self._progress.pop(cookie, None)
@@ -429,7 +396,9 @@ class ServerTransmission(ServerState):
         chunks = [(i, self._normalise_extents(request, event.extents[i])) for i in request.context_ids]
         for n, (context_id, extents) in enumerate(chunks):
             last = n == len(chunks) - 1
-            chunk = r.block_status_chunk(self.extended_headers, last, event.cookie, request.offset, context_id, extents)
+            chunk = _replies.block_status_chunk(
+                self.extended_headers, last, event.cookie, request.offset, context_id, extents
+            )
             self._out.append(chunk)
         del self._in_flight[event.cookie]
 

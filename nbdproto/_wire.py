@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import construct as c
+import construct
 
 from ._constants import ChunkType, InfoType, Magic
 from ._errors import LocalProtocolError, RemoteProtocolError
@@ -44,8 +44,8 @@ __all__ = [
     "ErrorReplyPayload",
     "ExportNameReply",
     "ExportNameReplyNoZeroes",
-    "Request",
-    "ExtendedRequest",
+    "RequestHeader",
+    "ExtendedRequestHeader",
     "SimpleReply",
     "StructuredReplyHeader",
     "ExtendedReplyHeader",
@@ -61,251 +61,255 @@ __all__ = [
 ]
 
 # Strings on the wire are UTF-8 without a terminator (spec: "Strings").
-_Utf8 = c.GreedyString("utf8")
+_Utf8 = construct.GreedyString("utf8")
 
 
 def _magic(value: int, field: Any) -> Any:
-    return c.Const(int(value), field)  # a plain int: construct compiles its repr into code
+    return construct.Const(int(value), field)  # a plain int: construct compiles its repr into code
 
 
 # --- Handshake: greeting and client flags --------------------------------------------------------------------
 
-OldstyleGreeting = c.Struct(
-    "magic" / _magic(Magic.NBDMAGIC, c.Int64ub),
-    "cliserv_magic" / _magic(Magic.CLISERV_MAGIC, c.Int64ub),
-    "size" / c.Int64ub,
-    "flags" / c.Int32ub,  # 16 bits of handshake-era flags, then 16 transmission flags
-    "zeroes" / c.Const(bytes(124)),
+OldstyleGreeting = construct.Struct(
+    "magic" / _magic(Magic.NBDMAGIC, construct.Int64ub),
+    "cliserv_magic" / _magic(Magic.CLISERV_MAGIC, construct.Int64ub),
+    "size" / construct.Int64ub,
+    "flags" / construct.Int32ub,  # 16 bits of handshake-era flags, then 16 transmission flags
+    "zeroes" / construct.Const(bytes(124)),
 )
 """S: the whole oldstyle greeting (152 bytes); transmission starts right after it."""
 
-NewstyleGreeting = c.Struct(
-    "magic" / _magic(Magic.NBDMAGIC, c.Int64ub),
-    "ihaveopt" / _magic(Magic.IHAVEOPT, c.Int64ub),
-    "handshake_flags" / c.Int16ub,
+NewstyleGreeting = construct.Struct(
+    "magic" / _magic(Magic.NBDMAGIC, construct.Int64ub),
+    "ihaveopt" / _magic(Magic.IHAVEOPT, construct.Int64ub),
+    "handshake_flags" / construct.Int16ub,
 )
 """S: NBDMAGIC, IHAVEOPT, 16-bit handshake flags (18 bytes)."""
 
-ClientFlagsMessage = c.Struct("client_flags" / c.Int32ub)
+ClientFlagsMessage = construct.Struct("client_flags" / construct.Int32ub)
 """C: the 32-bit client flags that answer a newstyle greeting."""
 
 # --- Option haggling -----------------------------------------------------------------------------------------
 
-OptionRequestHeader = c.Struct(
-    "magic" / _magic(Magic.IHAVEOPT, c.Int64ub),
-    "option" / c.Int32ub,
-    "length" / c.Int32ub,
+OptionRequestHeader = construct.Struct(
+    "magic" / _magic(Magic.IHAVEOPT, construct.Int64ub),
+    "option" / construct.Int32ub,
+    "length" / construct.Int32ub,
 )
 """C: IHAVEOPT, option code, payload length (16 bytes); ``length`` payload bytes follow."""
 
-OptionRequest = c.Struct(
-    "magic" / _magic(Magic.IHAVEOPT, c.Int64ub),
-    "option" / c.Int32ub,
-    "data" / c.Prefixed(c.Int32ub, c.GreedyBytes),
+OptionRequest = construct.Struct(
+    "magic" / _magic(Magic.IHAVEOPT, construct.Int64ub),
+    "option" / construct.Int32ub,
+    "data" / construct.Prefixed(construct.Int32ub, construct.GreedyBytes),
 )
 """C: a whole option request, header and payload."""
 
-OptionReplyHeader = c.Struct(
-    "magic" / _magic(Magic.OPTION_REPLY, c.Int64ub),
-    "option" / c.Int32ub,
-    "reply_type" / c.Int32ub,
-    "length" / c.Int32ub,
+OptionReplyHeader = construct.Struct(
+    "magic" / _magic(Magic.OPTION_REPLY, construct.Int64ub),
+    "option" / construct.Int32ub,
+    "reply_type" / construct.Int32ub,
+    "length" / construct.Int32ub,
 )
 """S: option reply magic, the option answered, reply type, payload length (20 bytes)."""
 
-OptionReply = c.Struct(
-    "magic" / _magic(Magic.OPTION_REPLY, c.Int64ub),
-    "option" / c.Int32ub,
-    "reply_type" / c.Int32ub,
-    "data" / c.Prefixed(c.Int32ub, c.GreedyBytes),
+OptionReply = construct.Struct(
+    "magic" / _magic(Magic.OPTION_REPLY, construct.Int64ub),
+    "option" / construct.Int32ub,
+    "reply_type" / construct.Int32ub,
+    "data" / construct.Prefixed(construct.Int32ub, construct.GreedyBytes),
 )
 """S: a whole option reply, header and payload."""
 
-EmptyPayload = c.Struct(c.Terminated)
+EmptyPayload = construct.Struct(construct.Terminated)
 """The payload of ABORT, LIST, STARTTLS, STRUCTURED_REPLY, EXTENDED_HEADERS and of NBD_REP_ACK: nothing."""
 
-ExportNamePayload = c.Struct("name" / _Utf8)
+ExportNamePayload = construct.Struct("name" / _Utf8)
 """C: NBD_OPT_EXPORT_NAME's payload: the whole payload is the name."""
 
-InfoRequestPayload = c.Struct(
-    "name" / c.PascalString(c.Int32ub, "utf8"),
-    "requests" / c.PrefixedArray(c.Int16ub, c.Int16ub),
-    c.Terminated,
+InfoRequestPayload = construct.Struct(
+    "name" / construct.PascalString(construct.Int32ub, "utf8"),
+    "requests" / construct.PrefixedArray(construct.Int16ub, construct.Int16ub),
+    construct.Terminated,
 )
 """C: NBD_OPT_INFO / NBD_OPT_GO: export name, then the information types the client asks for."""
 
-MetaContextPayload = c.Struct(
-    "name" / c.PascalString(c.Int32ub, "utf8"),
-    "queries" / c.PrefixedArray(c.Int32ub, c.PascalString(c.Int32ub, "utf8")),
-    c.Terminated,
+MetaContextPayload = construct.Struct(
+    "name" / construct.PascalString(construct.Int32ub, "utf8"),
+    "queries" / construct.PrefixedArray(construct.Int32ub, construct.PascalString(construct.Int32ub, "utf8")),
+    construct.Terminated,
 )
 """C: NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: export name, then the context queries."""
 
-ServerPayload = c.Struct(
-    "name" / c.PascalString(c.Int32ub, "utf8"),
+ServerPayload = construct.Struct(
+    "name" / construct.PascalString(construct.Int32ub, "utf8"),
     "description" / _Utf8,
 )
 """S: NBD_REP_SERVER: an export's name, then (the rest of the payload) its description."""
 
-InfoExportPayload = c.Struct(
-    "info_type" / c.Const(InfoType.EXPORT.value, c.Int16ub),
-    "size" / c.Int64ub,
-    "transmission_flags" / c.Int16ub,
+InfoExportPayload = construct.Struct(
+    "info_type" / construct.Const(InfoType.EXPORT.value, construct.Int16ub),
+    "size" / construct.Int64ub,
+    "transmission_flags" / construct.Int16ub,
 )
 """S: NBD_REP_INFO carrying NBD_INFO_EXPORT: size and transmission flags (12 bytes)."""
 
-InfoNamePayload = c.Struct(
-    "info_type" / c.Const(InfoType.NAME.value, c.Int16ub),
+InfoNamePayload = construct.Struct(
+    "info_type" / construct.Const(InfoType.NAME.value, construct.Int16ub),
     "name" / _Utf8,
 )
 """S: NBD_REP_INFO carrying NBD_INFO_NAME: the export's canonical name."""
 
-InfoDescriptionPayload = c.Struct(
-    "info_type" / c.Const(InfoType.DESCRIPTION.value, c.Int16ub),
+InfoDescriptionPayload = construct.Struct(
+    "info_type" / construct.Const(InfoType.DESCRIPTION.value, construct.Int16ub),
     "description" / _Utf8,
 )
 """S: NBD_REP_INFO carrying NBD_INFO_DESCRIPTION."""
 
-InfoBlockSizePayload = c.Struct(
-    "info_type" / c.Const(InfoType.BLOCK_SIZE.value, c.Int16ub),
-    "minimum" / c.Int32ub,
-    "preferred" / c.Int32ub,
-    "maximum" / c.Int32ub,
+InfoBlockSizePayload = construct.Struct(
+    "info_type" / construct.Const(InfoType.BLOCK_SIZE.value, construct.Int16ub),
+    "minimum" / construct.Int32ub,
+    "preferred" / construct.Int32ub,
+    "maximum" / construct.Int32ub,
 )
 """S: NBD_REP_INFO carrying NBD_INFO_BLOCK_SIZE: minimum, preferred and maximum payload block sizes."""
 
-MetaContextReplyPayload = c.Struct(
-    "context_id" / c.Int32ub,
+MetaContextReplyPayload = construct.Struct(
+    "context_id" / construct.Int32ub,
     "name" / _Utf8,
 )
 """S: NBD_REP_META_CONTEXT: the id the server chose, then the context's name."""
 
-ErrorReplyPayload = c.Struct("message" / _Utf8)
+ErrorReplyPayload = construct.Struct("message" / _Utf8)
 """S: the optional human-readable message of an NBD_REP_ERR_* reply."""
 
-ExportNameReply = c.Struct(
-    "size" / c.Int64ub,
-    "transmission_flags" / c.Int16ub,
-    "zeroes" / c.Const(bytes(124)),
+ExportNameReply = construct.Struct(
+    "size" / construct.Int64ub,
+    "transmission_flags" / construct.Int16ub,
+    "zeroes" / construct.Const(bytes(124)),
 )
 """S: the answer to NBD_OPT_EXPORT_NAME when NO_ZEROES was not agreed (134 bytes)."""
 
-ExportNameReplyNoZeroes = c.Struct(
-    "size" / c.Int64ub,
-    "transmission_flags" / c.Int16ub,
+ExportNameReplyNoZeroes = construct.Struct(
+    "size" / construct.Int64ub,
+    "transmission_flags" / construct.Int16ub,
 )
 """S: the answer to NBD_OPT_EXPORT_NAME when both sides set NO_ZEROES (10 bytes)."""
 
 # --- Transmission: requests ----------------------------------------------------------------------------------
 
-Request = c.Struct(
-    "magic" / _magic(Magic.REQUEST, c.Int32ub),
-    "flags" / c.Int16ub,
-    "type" / c.Int16ub,
-    "cookie" / c.Int64ub,
-    "offset" / c.Int64ub,
-    "length" / c.Int32ub,
+RequestHeader = construct.Struct(
+    "magic" / _magic(Magic.REQUEST, construct.Int32ub),
+    "flags" / construct.Int16ub,
+    "type" / construct.Int16ub,
+    "cookie" / construct.Int64ub,
+    "offset" / construct.Int64ub,
+    "length" / construct.Int32ub,
 )
 """C: the compact request header (28 bytes); a WRITE's ``length`` bytes of data follow."""
 
-ExtendedRequest = c.Struct(
-    "magic" / _magic(Magic.EXTENDED_REQUEST, c.Int32ub),
-    "flags" / c.Int16ub,
-    "type" / c.Int16ub,
-    "cookie" / c.Int64ub,
-    "offset" / c.Int64ub,
-    "length" / c.Int64ub,
+ExtendedRequestHeader = construct.Struct(
+    "magic" / _magic(Magic.EXTENDED_REQUEST, construct.Int32ub),
+    "flags" / construct.Int16ub,
+    "type" / construct.Int16ub,
+    "cookie" / construct.Int64ub,
+    "offset" / construct.Int64ub,
+    "length" / construct.Int64ub,
 )
 """C: the extended request header (32 bytes); with PAYLOAD_LEN, ``length`` bytes of payload follow."""
 
-BlockStatusRequestPayload = c.Struct(
-    "effect_length" / c.Int64ub,
-    "context_ids" / c.GreedyRange(c.Int32ub),
-    c.Terminated,
+BlockStatusRequestPayload = construct.Struct(
+    "effect_length" / construct.Int64ub,
+    "context_ids" / construct.GreedyRange(construct.Int32ub),
+    construct.Terminated,
 )
 """C: the payload of an extended NBD_CMD_BLOCK_STATUS with PAYLOAD_LEN: effect length, then context ids."""
 
 # --- Transmission: replies -----------------------------------------------------------------------------------
 
-SimpleReply = c.Struct(
-    "magic" / _magic(Magic.SIMPLE_REPLY, c.Int32ub),
-    "error" / c.Int32ub,
-    "cookie" / c.Int64ub,
+SimpleReply = construct.Struct(
+    "magic" / _magic(Magic.SIMPLE_REPLY, construct.Int32ub),
+    "error" / construct.Int32ub,
+    "cookie" / construct.Int64ub,
 )
 """S: the simple reply header (16 bytes); a successful READ's data follows."""
 
-StructuredReplyHeader = c.Struct(
-    "magic" / _magic(Magic.STRUCTURED_REPLY, c.Int32ub),
-    "flags" / c.Int16ub,
-    "type" / c.Int16ub,
-    "cookie" / c.Int64ub,
-    "length" / c.Int32ub,
+StructuredReplyHeader = construct.Struct(
+    "magic" / _magic(Magic.STRUCTURED_REPLY, construct.Int32ub),
+    "flags" / construct.Int16ub,
+    "type" / construct.Int16ub,
+    "cookie" / construct.Int64ub,
+    "length" / construct.Int32ub,
 )
 """S: a structured reply chunk header (20 bytes); ``length`` bytes of chunk payload follow."""
 
-ExtendedReplyHeader = c.Struct(
-    "magic" / _magic(Magic.EXTENDED_REPLY, c.Int32ub),
-    "flags" / c.Int16ub,
-    "type" / c.Int16ub,
-    "cookie" / c.Int64ub,
-    "offset" / c.Int64ub,
-    "length" / c.Int64ub,
+ExtendedReplyHeader = construct.Struct(
+    "magic" / _magic(Magic.EXTENDED_REPLY, construct.Int32ub),
+    "flags" / construct.Int16ub,
+    "type" / construct.Int16ub,
+    "cookie" / construct.Int64ub,
+    "offset" / construct.Int64ub,
+    "length" / construct.Int64ub,
 )
 """S: an extended reply chunk header (32 bytes); ``offset`` echoes the request's; ``length`` payload follows."""
 
-OffsetDataPayload = c.Struct(
-    "offset" / c.Int64ub,
-    "data" / c.GreedyBytes,
+OffsetDataPayload = construct.Struct(
+    "offset" / construct.Int64ub,
+    "data" / construct.GreedyBytes,
 )
 """S: NBD_REPLY_TYPE_OFFSET_DATA: absolute offset, then the data (the rest of the chunk)."""
 
-OffsetHolePayload = c.Struct(
-    "offset" / c.Int64ub,
-    "hole_size" / c.Int32ub,
+OffsetHolePayload = construct.Struct(
+    "offset" / construct.Int64ub,
+    "hole_size" / construct.Int32ub,
 )
 """S: NBD_REPLY_TYPE_OFFSET_HOLE: absolute offset and size of a run that reads as zeroes (12 bytes)."""
 
-BlockDescriptor = c.Struct(
-    "length" / c.Int32ub,
-    "status" / c.Int32ub,
+BlockDescriptor = construct.Struct(
+    "length" / construct.Int32ub,
+    "status" / construct.Int32ub,
 )
 """S: one 32-bit block status descriptor: extent length and status flags (8 bytes)."""
 
-BlockStatusPayload = c.Struct(
-    "context_id" / c.Int32ub,
-    "descriptors" / c.GreedyRange(BlockDescriptor),
-    c.Terminated,
+BlockStatusPayload = construct.Struct(
+    "context_id" / construct.Int32ub,
+    "descriptors" / construct.GreedyRange(BlockDescriptor),
+    construct.Terminated,
 )
 """S: NBD_REPLY_TYPE_BLOCK_STATUS: the meta context id, then its descriptors."""
 
-ExtentDescriptor = c.Struct(
-    "length" / c.Int64ub,
-    "status" / c.Int64ub,
+ExtentDescriptor = construct.Struct(
+    "length" / construct.Int64ub,
+    "status" / construct.Int64ub,
 )
 """S: one 64-bit block status descriptor of NBD_REPLY_TYPE_BLOCK_STATUS_EXT (16 bytes)."""
 
-BlockStatusExtPayload = c.Struct(
-    "context_id" / c.Int32ub,
-    "count" / c.Rebuild(c.Int32ub, c.len_(c.this.descriptors)),
+BlockStatusExtPayload = construct.Struct(
+    "context_id" / construct.Int32ub,
+    "count" / construct.Rebuild(construct.Int32ub, construct.len_(construct.this.descriptors)),
     # Refuse a count the payload cannot hold before looping over it (a lying count must not cost 4G iterations).
-    c.Check(lambda ctx: not ctx._parsing or ctx.count * 16 <= c.stream_size(ctx._io) - c.stream_tell(ctx._io, None)),
-    "descriptors" / c.Array(c.this.count, ExtentDescriptor),
-    c.Terminated,
+    construct.Check(
+        lambda ctx: (
+            not ctx._parsing or ctx.count * 16 <= construct.stream_size(ctx._io) - construct.stream_tell(ctx._io, None)
+        )
+    ),
+    "descriptors" / construct.Array(construct.this.count, ExtentDescriptor),
+    construct.Terminated,
 )
 """S: NBD_REPLY_TYPE_BLOCK_STATUS_EXT: context id, descriptor count, then that many 64-bit descriptors."""
 
-ErrorChunkPayload = c.Struct(
-    "error" / c.Int32ub,
-    "message" / c.PascalString(c.Int16ub, "utf8"),
-    c.Terminated,
+ErrorChunkPayload = construct.Struct(
+    "error" / construct.Int32ub,
+    "message" / construct.PascalString(construct.Int16ub, "utf8"),
+    construct.Terminated,
 )
 """S: NBD_REPLY_TYPE_ERROR: error value and a message for humans (may be empty)."""
 
-ErrorOffsetChunkPayload = c.Struct(
-    "error" / c.Int32ub,
-    "message" / c.PascalString(c.Int16ub, "utf8"),
-    "offset" / c.Int64ub,
-    c.Terminated,
+ErrorOffsetChunkPayload = construct.Struct(
+    "error" / construct.Int32ub,
+    "message" / construct.PascalString(construct.Int16ub, "utf8"),
+    "offset" / construct.Int64ub,
+    construct.Terminated,
 )
 """S: NBD_REPLY_TYPE_ERROR_OFFSET: error value, message, and the offset where the error happened."""
 
@@ -321,7 +325,7 @@ CHUNK_PAYLOADS: dict[int, Any] = {
 """Chunk type -> the definition of its payload."""
 
 MESSAGES: dict[str, Any] = {
-    name: value for name, value in globals().items() if isinstance(value, c.Construct) and name[0].isupper()
+    name: value for name, value in globals().items() if isinstance(value, construct.Construct) and name[0].isupper()
 }
 """Every message definition by name: what the property tests and spec/vectors walk."""
 
@@ -336,7 +340,7 @@ def decode(fmt: Any, data: bytes | bytearray | memoryview) -> Any:
     stream = io.BytesIO(bytes(data))
     try:
         value = fmt.parse_stream(stream)
-    except (c.ConstructError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+    except (construct.ConstructError, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise RemoteProtocolError(f"malformed {_name(fmt)} ({len(data)} bytes): {_reason(exc)}") from None
     if stream.tell() != len(data):
         raise RemoteProtocolError(f"malformed {_name(fmt)}: {len(data) - stream.tell()} bytes left over")
@@ -350,7 +354,7 @@ def encode(fmt: Any, obj: Any) -> bytes:
     """
     try:
         data: bytes = fmt.build(obj)
-    except (c.ConstructError, UnicodeEncodeError, ValueError, OverflowError, TypeError, KeyError) as exc:
+    except (construct.ConstructError, UnicodeEncodeError, ValueError, OverflowError, TypeError, KeyError) as exc:
         raise LocalProtocolError(f"cannot build {_name(fmt)}: {_reason(exc)}") from None
     return data
 

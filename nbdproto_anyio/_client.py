@@ -107,7 +107,7 @@ class AsyncClient(ClientRequests[Awaiting]):
             else:
                 engine.receive_data(await receive(self.stream))
             for event in logic.replies():
-                cookie: int = event.cookie  # type: ignore[union-attr]
+                cookie = event.cookie
                 if cookie in self._abandoned:
                     self._abandoned.discard(cookie)
                     continue

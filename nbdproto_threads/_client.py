@@ -142,7 +142,7 @@ class Client(ClientRequests[Blocking]):
                     else:
                         engine.received_into(count)
                     for event in logic.replies():
-                        waiter = self._waiters.pop(event.cookie)  # type: ignore[union-attr]
+                        waiter = self._waiters.pop(event.cookie)
                         waiter.reply = event
                         waiter.done.set()
                     pending = engine.data_to_send()  # NBD_CMD_DISC after ESHUTDOWN

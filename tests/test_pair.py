@@ -411,9 +411,9 @@ def test_extended_block_status_can_choose_contexts() -> None:
 @pytest.mark.parametrize(
     ("event", "match"),
     [
-        (n.ReadRequest(1, MIB, 512), "outside"),
-        (n.ReadRequest(1, 0, 0), "positive"),
-        (n.ReadRequest(1, 0, 512, F.FUA), "not valid"),
+        (n.ReadRequest(1, MIB, 512), "past the export size"),
+        (n.ReadRequest(1, 0, 0), "of length 0"),
+        (n.ReadRequest(1, 0, 512, F.NO_HOLE), "not valid"),
         (n.WriteRequest(1, 0, b"x", F.NO_HOLE), "not valid"),
         (n.BlockStatusRequest(1, 0, 512, n.NO_FLAGS, (77,)), "agreed"),
         (n.ReadRequest(1, 0, 512, F.PAYLOAD_LEN), "PAYLOAD_LEN"),

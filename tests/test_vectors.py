@@ -82,7 +82,7 @@ def test_live_capture_from_real_peers_parses_completely(scenario: str, peers: An
     chunks = capture(scenario)
     messages = decode_transcript(chunks)
     assert messages[0].message == "NewstyleGreeting"
-    assert any(m.message in ("Request", "OptionRequestHeader") for m in messages)
+    assert any(m.message in ("RequestHeader", "OptionRequestHeader") for m in messages)
     assert sum(len(m.data) for m in messages) == sum(len(data) for _, data in chunks)
 
 
@@ -164,7 +164,7 @@ def test_captured_transcripts_replay_through_the_client_engine(path: Path) -> No
                 continue
             following = None
             if (message.message == "OptionRequestHeader" and message.fields.length) or (
-                message.message == "Request" and message.fields.type == n.Command.WRITE
+                message.message == "RequestHeader" and message.fields.type == n.Command.WRITE
             ):
                 following = next(client_messages)
                 consumed += len(following.data)
@@ -172,6 +172,6 @@ def test_captured_transcripts_replay_through_the_client_engine(path: Path) -> No
         sent += b"".join(bytes(p) for p in client.data_to_send())
     assert sent == expected_c2s
     assert not any(isinstance(e, n.OptionError) for e in outcomes)
-    requests = [m for m in messages if m.message == "Request" and m.fields.type != n.Command.DISC]
+    requests = [m for m in messages if m.message == "RequestHeader" and m.fields.type != n.Command.DISC]
     replies = [e for e in outcomes if isinstance(e, (n.ReadReply, n.BlockStatusReply, n.SuccessReply, n.ErrorReply))]
     assert len(replies) == len(requests)

@@ -51,8 +51,8 @@ STRATEGIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "ErrorReplyPayload": fields(message=TEXT),
     "ExportNameReply": fields(size=U64, transmission_flags=U16),
     "ExportNameReplyNoZeroes": fields(size=U64, transmission_flags=U16),
-    "Request": fields(flags=U16, type=U16, cookie=U64, offset=U64, length=U32),
-    "ExtendedRequest": fields(flags=U16, type=U16, cookie=U64, offset=U64, length=U64),
+    "RequestHeader": fields(flags=U16, type=U16, cookie=U64, offset=U64, length=U32),
+    "ExtendedRequestHeader": fields(flags=U16, type=U16, cookie=U64, offset=U64, length=U64),
     "BlockStatusRequestPayload": fields(effect_length=U64, context_ids=st.lists(U32, max_size=8)),
     "SimpleReply": fields(error=U32, cookie=U64),
     "StructuredReplyHeader": fields(flags=U16, type=U16, cookie=U64, length=U32),
@@ -160,10 +160,10 @@ def test_trailing_bytes_are_refused(name: str, data: st.DataObject) -> None:
     [
         ("NewstyleGreeting", b"NBDMAGIC" + b"IHAVEOPX" + b"\0\3"),
         ("OldstyleGreeting", b"NBDMAGIC" + b"\0" * 8 + bytes(8 + 4 + 124)),
-        ("Request", struct.pack(">IHHQQI", 0x12560953, 0, 0, 1, 0, 512)),
+        ("RequestHeader", struct.pack(">IHHQQI", 0x12560953, 0, 0, 1, 0, 512)),
         ("SimpleReply", struct.pack(">IIQ", 0x96744668, 0, 1)),
         ("StructuredReplyHeader", struct.pack(">IHHQI", n.SIMPLE_REPLY_MAGIC, 0, 0, 1, 0)),
-        ("ExtendedRequest", struct.pack(">IHHQQQ", n.REQUEST_MAGIC, 0, 0, 1, 0, 0)),
+        ("ExtendedRequestHeader", struct.pack(">IHHQQQ", n.REQUEST_MAGIC, 0, 0, 1, 0, 0)),
         ("OptionRequestHeader", struct.pack(">QII", 0, 1, 0)),
         ("OptionReplyHeader", struct.pack(">QIII", n.IHAVEOPT, 1, 1, 0)),
         ("ExportNameReply", struct.pack(">QH", 1, 1) + b"\1" * 124),
@@ -214,7 +214,7 @@ def test_invalid_utf8_is_a_remote_protocol_error(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("Request", {"flags": 1 << 16, "type": 0, "cookie": 0, "offset": 0, "length": 0}),
+        ("RequestHeader", {"flags": 1 << 16, "type": 0, "cookie": 0, "offset": 0, "length": 0}),
         ("SimpleReply", {"error": -1, "cookie": 0}),
         ("ExportNamePayload", {"name": "\ud800"}),
         ("InfoBlockSizePayload", {"minimum": 1, "preferred": 2}),

@@ -147,7 +147,7 @@ class _Decoder:
             payload = length if (flags & CommandFlags.PAYLOAD_LEN if self.extended else kind == Command.WRITE) else 0
             if not self.have(d, size + payload):
                 return False
-            self.emit(d, "ExtendedRequest" if self.extended else "Request", self.take(d, size) or b"")
+            self.emit(d, "ExtendedRequestHeader" if self.extended else "RequestHeader", self.take(d, size) or b"")
             if payload:
                 data = self.take(d, payload) or b""
                 self.emit(d, "BlockStatusRequestPayload" if kind == Command.BLOCK_STATUS else "Data", data)

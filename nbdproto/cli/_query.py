@@ -26,24 +26,24 @@ import ssl
 from typing import Any
 
 import nbdproto
-from nbdproto import TransmissionFlags as TF
+from nbdproto import TransmissionFlags
 from nbdproto_threads import Client, connect, list_exports
 
 __all__ = ["add_query_commands", "info", "list_command", "describe"]
 
 CAPABILITIES = {
-    "read_only": TF.READ_ONLY,
-    "flush": TF.SEND_FLUSH,
-    "fua": TF.SEND_FUA,
-    "rotational": TF.ROTATIONAL,
-    "trim": TF.SEND_TRIM,
-    "zero": TF.SEND_WRITE_ZEROES,
-    "fast_zero": TF.SEND_FAST_ZERO,
-    "df": TF.SEND_DF,
-    "multi_conn": TF.CAN_MULTI_CONN,
-    "cache": TF.SEND_CACHE,
-    "resize": TF.SEND_RESIZE,
-    "block_status_payload": TF.BLOCK_STATUS_PAYLOAD,
+    "read_only": TransmissionFlags.READ_ONLY,
+    "flush": TransmissionFlags.SEND_FLUSH,
+    "fua": TransmissionFlags.SEND_FUA,
+    "rotational": TransmissionFlags.ROTATIONAL,
+    "trim": TransmissionFlags.SEND_TRIM,
+    "zero": TransmissionFlags.SEND_WRITE_ZEROES,
+    "fast_zero": TransmissionFlags.SEND_FAST_ZERO,
+    "df": TransmissionFlags.SEND_DF,
+    "multi_conn": TransmissionFlags.CAN_MULTI_CONN,
+    "cache": TransmissionFlags.SEND_CACHE,
+    "resize": TransmissionFlags.SEND_RESIZE,
+    "block_status_payload": TransmissionFlags.BLOCK_STATUS_PAYLOAD,
 }
 
 

@@ -51,12 +51,12 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "ErrorReplyPayload": [{"message": "unknown export"}, {"message": ""}],
     "ExportNameReply": [{"size": 1 << 30, "transmission_flags": 0x0003}],
     "ExportNameReplyNoZeroes": [{"size": 1 << 30, "transmission_flags": 0x0003}],
-    "Request": [
+    "RequestHeader": [
         {"flags": 0, "type": 0, "cookie": 1, "offset": 4096, "length": 4096},
         {"flags": 1, "type": 1, "cookie": 2, "offset": 0, "length": 512},
         {"flags": 0, "type": 2, "cookie": 0, "offset": 0, "length": 0},
     ],
-    "ExtendedRequest": [
+    "ExtendedRequestHeader": [
         {"flags": 0x20, "type": 1, "cookie": 3, "offset": 0, "length": 512},
         {"flags": 0, "type": 6, "cookie": 4, "offset": 0, "length": 1 << 40},
     ],
@@ -97,7 +97,7 @@ def _option(code: int, payload: bytes = b"") -> bytes:
 
 def _request(extended: bool, flags: int, kind: int, cookie: int, offset: int, length: int) -> bytes:
     fields = {"flags": flags, "type": kind, "cookie": cookie, "offset": offset, "length": length}
-    return w.encode(w.ExtendedRequest if extended else w.Request, fields)
+    return w.encode(w.ExtendedRequestHeader if extended else w.RequestHeader, fields)
 
 
 def conversation(extended: bool) -> list[tuple[str, bytes]]:

@@ -1,0 +1,88 @@
+"""The layout's rules, checked on the source: no package reaches into another's private modules, and no module
+grows past what a reader takes in at one sitting.
+
+A *package* here is a directory of modules: nbdproto (the engine), each of its subpackages (devices, cli,
+sockets, tls...), nbdproto_threads and nbdproto_anyio. A module may import the private (underscore) modules
+of its own package; from any other package only public names, as that package's ``__init__`` offers them.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("nbdproto", "nbdproto_threads", "nbdproto_anyio")
+MAX_LINES = 600
+
+
+def _modules(root: pathlib.Path = ROOT) -> list[pathlib.Path]:
+    return sorted(path for package in PACKAGES for path in (root / package).rglob("*.py"))
+
+
+def _imported_modules(path: pathlib.Path, package: tuple[str, ...]) -> list[tuple[int, tuple[str, ...]]]:
+    """Every module ``path`` imports, as dotted parts, with the line: ``import a.b``, ``from a.b import c``
+    (a.b, and a.b.c in case c is a module), relative forms resolved against the module's package."""
+    found: list[tuple[int, tuple[str, ...]]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, tuple(alias.name.split("."))) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = (*base, *(node.module.split(".") if node.module else ()))
+            else:
+                module = tuple((node.module or "").split("."))
+            found.append((node.lineno, module))
+            found += [(node.lineno, (*module, alias.name)) for alias in node.names]
+    return found
+
+
+def _private_import_violations(root: pathlib.Path = ROOT) -> list[str]:
+    problems: list[str] = []
+    for path in _modules(root):
+        package = path.parent.relative_to(root).parts
+        for line, parts in _imported_modules(path, package):
+            if parts[0] not in PACKAGES:
+                continue
+            private = next(
+                (depth for depth, part in enumerate(parts) if part.startswith("_") and part[1:2] != "_"), None
+            )
+            if private is None or parts[:private] == package:
+                continue
+            problem = f"{path.relative_to(root)}:{line} imports {'.'.join(parts[: private + 1])}"
+            if problem not in problems:
+                problems.append(problem)
+    return problems
+
+
+def test_no_module_imports_a_private_module_of_another_package() -> None:
+    assert _private_import_violations() == []
+
+
+def test_the_check_sees_private_imports(tmp_path: pathlib.Path) -> None:
+    # The rule bites: a module of nbdproto_anyio reaching into nbdproto._dispatch, or nbdproto.devices into
+    # the engine's private modules, is reported; a package's own private modules are its business.
+    (tmp_path / "nbdproto_anyio").mkdir()
+    (tmp_path / "nbdproto_anyio" / "bad.py").write_text(
+        "from nbdproto._dispatch import carry_out\nimport nbdproto._wire\n"
+    )
+    (tmp_path / "nbdproto" / "devices").mkdir(parents=True)
+    (tmp_path / "nbdproto" / "devices" / "bad.py").write_text("from .._events import Event\nfrom ._own import fine\n")
+    (tmp_path / "nbdproto_threads").mkdir()
+    problems = _private_import_violations(tmp_path)
+    assert problems == [
+        "nbdproto/devices/bad.py:1 imports nbdproto._events",
+        "nbdproto_anyio/bad.py:1 imports nbdproto._dispatch",
+        "nbdproto_anyio/bad.py:2 imports nbdproto._wire",
+    ]
+    assert any("nbdproto._dispatch" in p for p in problems)
+    assert any("nbdproto._events" in p and "devices" in p for p in problems)
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_is_longer_than_a_reader_takes_in(path: pathlib.Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it along a line a reader would see"
