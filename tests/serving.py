@@ -127,14 +127,10 @@ def _serve_threads(
 
 
 def _dispatch(device: Any) -> Dispatch:
-    """How nbdproto serve calls a device: memory and files on tmpfs never block (inline, and a file's reads are
-    views of its mapping); other files in a worker thread per batch; anything else (test devices that sleep)
-    in a thread per request."""
-    if isinstance(device, nbdproto.devices.MemoryDevice):
-        return "inline"
-    if isinstance(device, nbdproto.devices.FileDevice):
-        return "inline" if device.in_memory else "batch"
-    return "threads"
+    """How nbdproto serve calls a device: as its ``dispatch`` hint says (memory and files on tmpfs inline, other
+    files a batch at a time in a worker thread, filters as their inner devices or as they need), and anything
+    without a hint (test devices that sleep) in a thread per request."""
+    return nbdproto.dispatch_of(device)
 
 
 @contextlib.contextmanager
