@@ -73,7 +73,7 @@ class Filter:
                 raise ValueError(f"{name!r} is not a call a filter passes through (one of {CALLS})")
             setattr(self, name, getattr(inner, name))
             self._passed.add(name)
-        if "pread_into" in names and "read_view" not in type(self).__dict__:
+        if "pread_into" in names and not hasattr(type(self), "read_view"):  # unless the filter has its own
             for extra in ("read_view", "fileno"):
                 method = getattr(inner, extra, None)
                 if method is not None:
