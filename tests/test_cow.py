@@ -205,3 +205,37 @@ def test_threads_writing_overlapping_ranges_leave_only_their_own_bytes(seed: int
     base.pwrite(b"\xee" * base.size, 0)
     overlapping_writers(CowFilter(SlowReads(base), block_size=4096), seed)
     assert contents(base) == b"\xee" * base.size
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ranges=st.lists(st.tuples(st.integers(0, 100_000), st.integers(1, 40_000)), max_size=6),
+    probes=st.lists(st.tuples(st.integers(0, 150_000), st.integers(1, 40_000)), max_size=6),
+)
+def test_the_block_map_is_a_set_of_blocks(ranges: list[tuple[int, int]], probes: list[tuple[int, int]]) -> None:
+    from nbdproto.devices._blockmap import BlockMap
+
+    blocks, model = BlockMap(), set()
+    for start, length in ranges:
+        blocks.add_range(start, start + length)
+        model.update(range(start, start + length))
+    assert blocks.count() == len(model) and bool(blocks) == bool(model)
+    for start, length in probes:
+        stop = start + length
+        assert (start in blocks) == (start in model)
+        expected = next((b for b in range(start + 1, stop) if (b in model) != (start in model)), stop)
+        assert blocks.run_end(start, stop) == expected
+        assert blocks.all_in(start, stop) == all(b in model for b in range(start, stop))
+
+
+def test_trimming_a_huge_disk_costs_a_bitmap() -> None:
+    import tracemalloc
+
+    device = CowFilter(MemoryDevice(1 << 40))  # 1 TiB, 16 Mi blocks of 64 KiB
+    tracemalloc.start()
+    for offset in range(0, 1 << 40, 1 << 32):
+        device.trim(offset, 1 << 32)
+    used = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert device.written_blocks == 1 << 24 and used < 4 << 20  # 2 MiB of bits, no page of data
+    assert device.extents(n.BASE_ALLOCATION, 0, 1 << 32) == [(1 << 32, HOLE)]

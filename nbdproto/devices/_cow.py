@@ -16,6 +16,9 @@ it holds the block exclusive, and writes to blocks not yet copied hold their ran
 writes to blocks already in the overlay need no lock at all. A block counts as the overlay's only once its data
 is there, so a concurrent read sees either the old or the new bytes, as NBD allows.
 
+Which blocks are the overlay's is a bitmap (``BlockMap``: a bit per block, 2 MiB for a 1 TiB disk of 64 KiB
+blocks, pages of it made only where blocks are written), so trimming a whole large disk stays cheap.
+
 Trim is carried out as write-zeroes (the range then reads as zero, not as the base). Block status merges the
 two sides: the overlay's runs for its blocks (zeroed blocks are holes), the base's for the rest (all data
 where the base cannot tell). What the filter can do does not depend on the base: it writes, trims, zeroes
@@ -34,6 +37,7 @@ from typing import Any
 
 from nbdproto import BASE_ALLOCATION, BlockDevice, Buffer, DeviceCapabilities, dispatch_of
 
+from ._blockmap import BlockMap
 from ._filter import Filter, slower_dispatch
 from ._ranges import check_range
 from ._regions import RegionLocks
@@ -84,7 +88,7 @@ class CowFilter(Filter):
             self.overlay: BlockDevice = MemoryDevice(self._size)
         else:
             self.overlay = _overlay_file(overlay, self._size)
-        self._written: set[int] = set()  # blocks whose data is in the overlay
+        self._written = BlockMap()  # blocks whose data is in the overlay
         self._regions = RegionLocks()
         self._zero_block = bytes(block_size)
         self.dispatch = slower_dispatch(dispatch_of(base), dispatch_of(self.overlay))
@@ -96,7 +100,7 @@ class CowFilter(Filter):
     @property
     def written_blocks(self) -> int:
         """How many blocks the overlay holds."""
-        return len(self._written)
+        return self._written.count()
 
     def _capabilities_over(self, inner: DeviceCapabilities) -> DeviceCapabilities:
         return replace(
@@ -107,20 +111,16 @@ class CowFilter(Filter):
     def _runs(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
         """(start, stop, in the overlay) for the runs of [offset, end) that lie on one side."""
         shift, written = self._shift, self._written
+        last = ((end - 1) >> shift) + 1
         pos = offset
         while pos < end:
             block = pos >> shift
-            side = block in written
-            block += 1
-            while block << shift < end and (block in written) == side:
-                block += 1
-            stop = min(block << shift, end)
-            yield pos, stop, side
+            stop = min(written.run_end(block, last) << shift, end)
+            yield pos, stop, block in written
             pos = stop
 
     def _all_written(self, offset: int, end: int) -> bool:
-        written = self._written
-        return all(block in written for block in range(offset >> self._shift, ((end - 1) >> self._shift) + 1))
+        return self._written.all_in(offset >> self._shift, ((end - 1) >> self._shift) + 1)
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         length = len(buffer)
@@ -175,7 +175,7 @@ class CowFilter(Filter):
         # this write.
         with self._regions.shared(offset, end):
             write()
-            self._written.update(range(offset >> self._shift, ((end - 1) >> self._shift) + 1))
+            self._written.add_range(offset >> self._shift, ((end - 1) >> self._shift) + 1)
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
         view = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
