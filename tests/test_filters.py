@@ -73,15 +73,14 @@ def test_calls_a_filter_does_not_change_are_the_inner_devices_own(tmp_path: Any)
         assert plain.passes_through(name)
     assert plain.read_view == inner.read_view and plain.fileno == inner.fileno  # type: ignore[attr-defined]
     assert plain.dispatch == inner.dispatch and plain.size == SIZE and plain.capabilities == inner.capabilities
-    # A filter that changes reads must not offer views or sendfile, which would skip it.
-    for changes_reads in (
-        ErrorFilter(inner),
-        StatsFilter(inner),
-        LogFilter(inner, io.StringIO()),
-        DelayFilter(inner, read=1),
-    ):
+    # A filter that changes reads must not offer the inner device's views or sendfile, which would skip it.
+    log = LogFilter(inner, io.StringIO())
+    for changes_reads in (log, DelayFilter(inner, read=1)):
         assert getattr(changes_reads, "read_view", None) is None, changes_reads
         assert getattr(changes_reads, "fileno", None) is None, changes_reads
+    # The error and stats filters hand out the inner device's views themselves, failing or counting first.
+    for own in (ErrorFilter(inner), StatsFilter(inner)):
+        assert own.read_view != inner.read_view and getattr(own, "fileno", None) is None
     # One that leaves reads alone offers them.
     for leaves_reads in (ErrorFilter(inner, commands=["write"]), DelayFilter(inner, write=1), ReadOnlyFilter(inner)):
         assert getattr(leaves_reads, "read_view", None) == inner.read_view, leaves_reads
@@ -199,6 +198,28 @@ def test_errors_hit_the_chosen_commands_and_change_nothing() -> None:
         ErrorFilter(inner, error=errno.EBADF)
     with pytest.raises(ValueError, match="no such command"):
         ErrorFilter(inner, commands=["frobnicate"])
+
+
+def test_reads_from_views_fail_and_count_like_any_other(tmp_path: Any) -> None:
+    path = tmp_path / "d.img"
+    path.write_bytes(b"v" * SIZE)
+    inner = FileDevice(path)
+    trigger = tmp_path / "fail"
+    stats = StatsFilter(ErrorFilter(inner, error=errno.EIO, trigger=trigger))
+    read = n.ReadRequest(1, 4096, 512)
+    reply = n.carry_out(stats, read, {}, None, n.read_view_of(stats))  # as a server answers on plaintext
+    assert isinstance(reply, n.ReadData) and bytes(reply.data) == b"v" * 512
+    assert isinstance(reply.data, memoryview) and reply.data.obj is not None  # a view, not a copy
+    trigger.touch()
+    failed = n.carry_out(stats, read, {}, None, n.read_view_of(stats))
+    assert isinstance(failed, n.ErrorReply) and failed.error == n.Errno.EIO
+    assert (stats.snapshot()["read"].count, stats.snapshot()["read"].errors) == (2, 1)
+    # A device without views: nothing is counted by the view, and pread_into counts the read once.
+    plain = StatsFilter(ErrorFilter(MemoryDevice(SIZE), rate=0))
+    assert n.read_view_of(plain) is not None and plain.read_view(0, 10) is None
+    reply = n.carry_out(plain, read, {}, None, n.read_view_of(plain))
+    assert isinstance(reply, n.ReadData) and plain.snapshot()["read"].count == 1
+    inner.close()
 
 
 def test_an_error_rate_is_a_probability() -> None:

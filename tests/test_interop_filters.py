@@ -93,8 +93,12 @@ def test_injected_errors_reach_nbdcopy_and_qemu_io_and_other_connections_go_on(
     source = tmp_path / "src.img"
     source.write_bytes(os.urandom(4 * MIB))
     full = ErrorFilter(MemoryDevice(4 * MIB), error=errno.ENOSPC, commands=["write", "zero"])
-    data = MemoryDevice(4 * MIB)
-    data.pwrite(source.read_bytes(), 0)
+    # A file on tmpfs: the servers answer its reads with views of its mapping, which the filter hands out.
+    shm = f"/dev/shm/nbdproto-test-{os.getpid()}-errors.img"
+    with open(shm, "wb") as f:
+        f.write(source.read_bytes())
+    data = FileDevice(shm)
+    os.unlink(shm)  # the open descriptor keeps it alive
     broken = ErrorFilter(data, error=errno.EIO, commands=["read"])
     exports = {"full": Export(full), "broken": Export(broken)}
     with serve_exports(backend, exports) as base:
@@ -116,6 +120,7 @@ def test_injected_errors_reach_nbdcopy_and_qemu_io_and_other_connections_go_on(
         with nt.connect(base.format("full")) as later:  # and so does the server, to new connections
             assert later.pread(4, 4 * MIB - 4) == bytes(4)
             assert later.block_status(MIB, 0)["base:allocation"]
+    data.close()
 
 
 def test_qemu_io_writes_single_bytes_to_a_4k_sector_device(backend: str, peers: Any, tmp_path: Any) -> None:

@@ -5,7 +5,9 @@ Like nbdkit's error filter: each request of a chosen command kind (``read``, ``w
 protocol carries EPERM, EIO, ENOMEM, EINVAL, ENOSPC and ESHUTDOWN) with probability ``rate`` (1: every time),
 before the inner device sees it, so a failed write changes nothing. With ``trigger``, errors are injected
 only while that file exists: create it to start failing at a chosen moment, remove it to let the client
-recover. Command kinds not chosen go straight to the inner device (reads too, views and sendfile included).
+recover. Command kinds not chosen go straight to the inner device (reads too, views and sendfile included);
+chosen reads are still answered from the inner device's views where it has them, so an error filter that is
+armed but not firing costs a plaintext read nothing more than a random draw.
 
 Thread-safe (the random source is one ``random.Random``, whose draws are atomic) and multi-conn safe whenever
 the inner device is; capabilities are the inner device's.
@@ -17,6 +19,7 @@ import errno
 import os
 import random
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from nbdproto import BlockDevice, Buffer
 
@@ -65,6 +68,7 @@ class ErrorFilter(Filter):
         self.commands = frozenset(commands)
         self.trigger = os.fspath(trigger) if trigger is not None else None
         self._random = random.Random(seed)
+        self._inner_view: Any = getattr(inner, "read_view", None)
         self._pass_through(*(method for command, method in ERROR_COMMANDS.items() if command not in self.commands))
 
     def _inject(self, command: str) -> None:
@@ -77,6 +81,14 @@ class ErrorFilter(Filter):
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         self._inject("read")
         self.inner.pread_into(buffer, offset)
+
+    def read_view(self, offset: int, length: int) -> Any:
+        """The inner device's view (None where it has none), or the injected error: a read answered without a
+        copy fails like one through pread_into."""
+        view = self._inner_view(offset, length) if self._inner_view is not None else None
+        if view is not None:
+            self._inject("read")
+        return view
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
         self._inject("write")

@@ -17,7 +17,8 @@ device stays read-only). The optional extras of ``nbdproto.BlockDevice``:
 - ``read_view`` and ``fileno``: the inner device's, but only while reads pass straight through. A server
   answers a read from a view of the inner device, or with os.sendfile from its descriptor, without calling
   ``pread_into``; a filter that changes, delays, fails or counts reads would be bypassed, so such a filter
-  offers neither (or a ``read_view`` of its own that knows when it is safe).
+  offers neither, or a ``read_view`` of its own that does what its ``pread_into`` does and then hands out the
+  inner device's view (the error and stats filters: a read view saves a copy and a system call per read).
 - ``resize``: forwarded; servers call it only where the capabilities say ``can_resize``, which is the inner
   device's unless a filter says otherwise.
 - ``close``: closes the inner device (a filter with resources of its own releases them first).
@@ -73,7 +74,7 @@ class Filter:
                 raise ValueError(f"{name!r} is not a call a filter passes through (one of {CALLS})")
             setattr(self, name, getattr(inner, name))
             self._passed.add(name)
-        if "pread_into" in names and not hasattr(type(self), "read_view"):  # unless the filter has its own
+        if "pread_into" in names:
             for extra in ("read_view", "fileno"):
                 method = getattr(inner, extra, None)
                 if method is not None:
