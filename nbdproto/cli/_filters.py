@@ -24,11 +24,14 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from nbdproto import BlockDevice
 
 from ._errors import UsageError, parse_size
+
+if TYPE_CHECKING:
+    from nbdproto.devices import StatsFilter
 
 __all__ = ["FilterSpec", "parse_filter", "parse_filters", "Filtering"]
 
@@ -174,7 +177,7 @@ class Filtering:
         self.specs = list(specs)
         self._several = several_exports
         self._streams: dict[str, IO[str]] = {}
-        self.stats: list[tuple[str, Any, str | None]] = []  # (export, StatsFilter, file)
+        self.stats: list[tuple[str, StatsFilter, str | None]] = []  # (export, filter, file)
 
     @property
     def source_read_only(self) -> bool:

@@ -21,7 +21,8 @@ in a context of its own: the threads server (a thread per connection) and the an
 the number, makes it name the worker instead.
 
 Thread-safe: lines are written whole, under a lock, line-buffered (each line is in the file as soon as it is
-logged). Capabilities, multi-conn safety and dispatch are the inner device's.
+logged). Capabilities, multi-conn safety and dispatch are the inner device's: a line is a write into the page
+cache, which blocks no more than the memory copies of a device that servers already call inline.
 """
 
 from __future__ import annotations
