@@ -171,3 +171,19 @@ def test_blocksize_from_the_command_line() -> None:
         client.pwrite(b"abc", 4094)
         client.pwrite(b"z" * 300_000, 10)
         assert client.pread(3, 4094) == b"zzz" and client.pread(3, 300_010) == bytes(3)
+
+
+def test_filters_wrap_every_export_and_name_it_in_shared_files(tmp_path: Any) -> None:
+    log, stats = tmp_path / "log.txt", tmp_path / "stats.txt"
+    args = ["--export", "a=memory:1M", "--export", "b=memory:2M", "--filter", f"log:file={log}"]
+    args += ["--filter", f"stats:file={stats}"]
+    with serving(*args) as (proc, uris):
+        for uri in uris:
+            with nt.connect(uri) as client:
+                client.pwrite(b"x", 0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    text = log.read_text()
+    assert "export='a' Write" in text and "export='b' Write" in text
+    report = stats.read_text()
+    assert "export 'a': stats over" in report and "export 'b': stats over" in report
