@@ -1,11 +1,12 @@
 """Filters served by our servers (every backend) to the real tools: a cow overlay over a file that must not
-change, injected errors that nbdcopy and qemu-io report while other connections go on, and a 4 KiB-sector
-device that qemu-io writes single bytes to through the blocksize filter."""
+change, injected errors that nbdcopy and qemu-io report while other connections go on, a 4 KiB-sector device
+that qemu-io writes single bytes to through the blocksize filter, and the stats and log of a qemu-io session."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 import nbdproto_threads as nt
-from nbdproto.devices import BlockSizeFilter, CowFilter, ErrorFilter, FileDevice, MemoryDevice
+from nbdproto.devices import BlockSizeFilter, CowFilter, ErrorFilter, FileDevice, LogFilter, MemoryDevice, StatsFilter
 from tests.conftest import PEER_ENV
 from tests.filtertools import AlignedDevice
 from tests.serving import BACKENDS, Export, serve_exports
@@ -158,3 +159,30 @@ def test_qemu_io_writes_single_bytes_to_a_4k_sector_device(backend: str, peers: 
     expected[20003:20008] = bytes(5)
     assert out.read_bytes() == bytes(expected)
     assert not sectors.violations and sectors.calls  # every request the device saw was whole sectors
+
+
+def test_stats_and_log_count_what_qemu_io_did(backend: str, peers: Any) -> None:
+    peers("qemu-io")
+    out = io.StringIO()
+    stats = StatsFilter(MemoryDevice(8 * MIB))
+    with serve_exports(backend, {"disk": Export(LogFilter(stats, out))}) as base:
+        run(
+            "qemu-io", "-f", "raw",
+            "-c", "write -P 1 0 4k",
+            "-c", "write -P 2 64k 8k",
+            "-c", "read 0 12k",
+            "-c", "write -z 1M 64k",
+            "-c", "discard 2M 64k",
+            "-c", "flush",
+            base.format("disk"),
+        )  # fmt: skip
+    counted = {name: (s.count, s.bytes, s.errors) for name, s in stats.snapshot().items()}
+    assert counted["write"] == (2, 12288, 0) and counted["read"] == (1, 12288, 0)
+    assert counted["zero"] == (1, 65536, 0) and counted["trim"] == (1, 65536, 0)
+    assert counted["flush"][0] >= 1 and counted["extents"] == counted["cache"] == (0, 0, 0)
+    requests = [line.split()[3:] for line in out.getvalue().splitlines() if " ..." not in line]
+    # qemu-io's default cache mode is writethrough: its writes carry FUA.
+    assert ["Write", "id=1", "offset=0x0", "length=0x1000", "flags=fua"] in requests
+    assert ["Read", "id=3", "offset=0x0", "length=0x3000"] in requests
+    assert [r[0] for r in requests if r[0] != "Flush"] == ["Write", "Write", "Read", "Zero", "Trim"]
+    assert len(out.getvalue().splitlines()) == 2 * len(requests)
