@@ -40,7 +40,16 @@ if TYPE_CHECKING:
     from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._server import ServerConnection
-    from ._servercore import Exports, Resolver, ServerCore, ServerOptions, SessionSettings, Stoppable
+    from ._servercore import (
+        Exports,
+        Resolver,
+        ServerCore,
+        ServerOptions,
+        SessionSettings,
+        Stoppable,
+        current_connection,
+        enter_connection,
+    )
     from ._serverlog import ConnectionLog
     from ._serving import FLUSH_AT, RECEIVE, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
 
@@ -75,6 +84,8 @@ _LAZY = {
     "ServerOptions": "._servercore",
     "SessionSettings": "._servercore",
     "Stoppable": "._servercore",
+    "current_connection": "._servercore",
+    "enter_connection": "._servercore",
     "Resolver": "._servercore",
     "ServerSessionLogic": "._serving",
     "Work": "._serving",
@@ -135,6 +146,8 @@ __all__ = [
     "ServerOptions",
     "SessionSettings",
     "Stoppable",
+    "current_connection",
+    "enter_connection",
     "Resolver",
     "ServerSessionLogic",
     "Work",

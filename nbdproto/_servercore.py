@@ -11,8 +11,10 @@ A backend's ``Server`` is a ``ServerCore`` plus an accept loop and a way to run 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
@@ -23,7 +25,32 @@ from ._limits import DEFAULT_LIMITS, ServerLimits
 from ._serverlog import ConnectionLog
 from ._state import TlsMode
 
-__all__ = ["Exports", "Resolver", "SessionSettings", "ServerOptions", "ServerCore", "Stoppable"]
+__all__ = [
+    "Exports",
+    "Resolver",
+    "SessionSettings",
+    "ServerOptions",
+    "ServerCore",
+    "Stoppable",
+    "current_connection",
+    "enter_connection",
+]
+
+current_connection: ContextVar[int] = ContextVar("nbdproto_connection", default=0)
+"""The number of the connection served in this context (0: none). Both servers number each connection as it
+begins (``ServerCore.serving``), in the thread or task that serves it; worker threads that carry out its
+requests run in a copy of that context, so a device or filter (the log filter) can tell connections apart."""
+
+_numbers = itertools.count(1)  # next() on a count is atomic in CPython
+
+
+def enter_connection() -> int:
+    """Give the connection served in the current context the next number (from 1, one count per process), and
+    return it; for code that serves connections without a ServerCore."""
+    number = next(_numbers)
+    current_connection.set(number)
+    return number
+
 
 Resolver = Callable[[str], "ExportSpec[Any] | None"]
 """Looks an export name up: the spec to serve, or None for an unknown name."""
@@ -145,6 +172,7 @@ class ServerCore:
     def serving(self, session: Stoppable, peer: object) -> Iterator[None]:
         """Around one session's life: it is counted among the live ones (and told to stop at once if the server
         is already shutting down), and its end is logged with whose fault it was. Exceptions end here."""
+        enter_connection()
         self.sessions.add(session)
         if self.stopping:
             session.stop()

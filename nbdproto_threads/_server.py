@@ -21,6 +21,7 @@ system call of its own.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import socket
 import ssl
@@ -282,7 +283,7 @@ class ServerSession:
                     share.take(cost, self._stopping)
                     with lock:
                         budget.add(cost)
-                    pool.submit(carry_out, request, cost)
+                    pool.submit(contextvars.copy_context().run, carry_out, request, cost)
                 batch.clear()
                 with lock:
                     if end is not BatchEnd.NEED_DATA:

@@ -22,6 +22,7 @@ from nbdproto.sockets import listen_socket
 from nbdproto_threads import Server as ThreadsServer
 
 from ._errors import UsageError, size_argument
+from ._filters import Filtering, parse_filters
 from ._sources import Source, open_source, parse_source
 
 __all__ = ["serve", "default_loop"]
@@ -132,12 +133,16 @@ def serve(args: argparse.Namespace) -> int:
     elif args.loop != "asyncio" and importlib.util.find_spec(args.loop) is None:
         raise UsageError(f"--loop {args.loop} needs the {args.loop} package (pip install {args.loop})")
     exports = _exports(args)
+    filtering = Filtering(parse_filters(args.filter, len(exports)), several_exports=len(exports) > 1)
     tls, tls_mode = _tls(args)
     sock = _listen_socket(args)
     try:
-        devices = _open_devices(exports, args.read_only)
-    except OSError as exc:
+        devices = _open_devices(exports, args.read_only, filtering)
+    except (OSError, UsageError) as exc:
         sock.close()
+        filtering.close()
+        if isinstance(exc, UsageError):
+            raise
         raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
     for uri in _uris(sock, exports, tls is not None):
         print(f"serving {uri}", flush=True)
@@ -149,6 +154,8 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if filtering.stats:
+        _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
         sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop, server_limits(args), args.loop
     )
@@ -156,24 +163,51 @@ def serve(args: argparse.Namespace) -> int:
         (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
     finally:
         for device in devices:
-            device.flush()
+            try:
+                device.flush()
+            except OSError as exc:  # e.g. an error filter failing flushes on purpose
+                log.warning("flush at exit failed: %s", exc)
             device.close()
         if args.socket:
             os.unlink(args.socket)
+        filtering.report_stats()
+        filtering.close()
     print("stopped", flush=True)
     return 0
 
 
-def _open_devices(exports: list[ExportArg], read_only: bool) -> list[BlockDevice]:
+def _open_devices(exports: list[ExportArg], read_only: bool, filtering: Filtering) -> list[BlockDevice]:
     devices: list[BlockDevice] = []
     try:
         for export in exports:
-            devices.append(open_source(export.source, read_only=read_only))
+            device = open_source(export.source, read_only=read_only or filtering.source_read_only)
+            try:
+                devices.append(filtering.wrap(device, export.name))
+            except BaseException:
+                device.close()
+                raise
     except BaseException:
         for device in devices:
             device.close()
         raise
     return devices
+
+
+def _report_stats_on_sigusr1(filtering: Filtering, stop: threading.Event) -> None:
+    """Print the stats filters' figures on each SIGUSR1. The handler only wakes a reporting thread: it runs
+    on the main thread, which may be in the middle of a request holding a stats filter's lock."""
+    wanted = threading.Event()
+
+    def report() -> None:
+        while True:
+            wanted.wait()
+            wanted.clear()
+            if stop.is_set():
+                return
+            filtering.report_stats()
+
+    signal.signal(signal.SIGUSR1, lambda signum, frame: wanted.set())
+    threading.Thread(target=report, name="stats-report", daemon=True).start()
 
 
 @dataclass

@@ -84,6 +84,16 @@ def add_serve_arguments(serve: Any) -> None:
         f"closed; new requests meanwhile get ESHUTDOWN (default {limits.shutdown_grace:g})",
     )
     serve.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="NAME[:KEY=VALUE,...]",
+        help="wrap each export's device in a filter (repeatable; the first is outermost): cow[:overlay=PATH], "
+        "readonly, delay[:read=10ms,write=,zero=,trim=,flush=,extents=,cache=], error[:errno=EIO,rate=10%%,"
+        "commands=read+write,trigger=PATH], log[:file=PATH], stats[:file=PATH] (printed at exit and on "
+        "SIGUSR1), blocksize[:minimum=4K,maximum=1M]",
+    )
+    serve.add_argument(
         "--export",
         action="append",
         default=[],

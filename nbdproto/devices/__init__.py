@@ -4,6 +4,10 @@ Every device implements one synchronous protocol, ``nbdproto.BlockDevice`` (re-e
 server calls it from its connection threads, the anyio server from worker threads or, for devices that never
 block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device.
 
+Filters wrap a device and are devices themselves, so they stack (nbdkit's filters, in Python): ``Filter`` is
+the pass-through base; ``CowFilter`` a copy-on-write overlay; ``ReadOnlyFilter``, ``DelayFilter``,
+``ErrorFilter``, ``LogFilter``, ``StatsFilter`` and ``BlockSizeFilter`` are for running and testing services.
+
 This package does I/O (files, memory maps, threads), unlike the engine in ``nbdproto`` itself, which never
 imports it. Its names are loaded on first use (PEP 562): a client should not pay for ctypes and mmap.
 """
@@ -17,9 +21,17 @@ from nbdproto import lazy_names
 if TYPE_CHECKING:
     from nbdproto import BlockDevice, Buffer, DeviceCapabilities, Dispatch
 
+    from ._blocksize import BlockSizeFilter
+    from ._cow import CowFilter
+    from ._delay import DelayFilter
+    from ._error import ErrorFilter
     from ._file import FileDevice
+    from ._filter import Filter
+    from ._log import LogFilter
     from ._memory import MemoryDevice
     from ._ranges import check_range
+    from ._readonly import ReadOnlyFilter
+    from ._stats import CommandStats, StatsFilter
 
 _WHERE = {
     "BlockDevice": "nbdproto",
@@ -29,6 +41,15 @@ _WHERE = {
     "check_range": "._ranges",
     "MemoryDevice": "._memory",
     "FileDevice": "._file",
+    "Filter": "._filter",
+    "CowFilter": "._cow",
+    "ReadOnlyFilter": "._readonly",
+    "DelayFilter": "._delay",
+    "ErrorFilter": "._error",
+    "LogFilter": "._log",
+    "StatsFilter": "._stats",
+    "CommandStats": "._stats",
+    "BlockSizeFilter": "._blocksize",
 }
 
 __all__ = [
@@ -39,6 +60,15 @@ __all__ = [
     "check_range",
     "MemoryDevice",
     "FileDevice",
+    "Filter",
+    "CowFilter",
+    "ReadOnlyFilter",
+    "DelayFilter",
+    "ErrorFilter",
+    "LogFilter",
+    "StatsFilter",
+    "CommandStats",
+    "BlockSizeFilter",
 ]
 
 if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names

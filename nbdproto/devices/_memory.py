@@ -101,7 +101,16 @@ class MemoryDevice:
     ) -> None:
         self._check(offset, length, writing=True)
         pages = self._pages
-        for index, start, end, _ in self._spans(offset, length):
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        spans = self._spans(offset, length)
+        if last - first > len(pages):
+            # Fewer pages exist than the range spans (zeroing most of a big, sparse disk): visit only those.
+            present = sorted(index for index in list(pages) if first <= index <= last)
+            spans = (
+                (index, max(offset - index * PAGE_SIZE, 0), min(offset + length - index * PAGE_SIZE, PAGE_SIZE), 0)
+                for index in present
+            )
+        for index, start, end, _ in spans:
             if start == 0 and end == PAGE_SIZE:
                 pages.pop(index, None)  # a whole page: drop it, it reads as zero
             else:
