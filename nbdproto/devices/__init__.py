@@ -2,7 +2,8 @@
 
 Every device implements one synchronous protocol, ``nbdproto.BlockDevice`` (re-exported here); the threads
 server calls it from its connection threads, the anyio server from worker threads or, for devices that never
-block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device.
+block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device;
+``S3Device`` an image on S3-compatible object storage (the ``nbdproto[s3]`` extra).
 
 This package does I/O (files, memory maps, threads), unlike the engine in ``nbdproto`` itself, which never
 imports it. Its names are loaded on first use (PEP 562): a client should not pay for ctypes and mmap.
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from ._file import FileDevice
     from ._memory import MemoryDevice
     from ._ranges import check_range
+    from ._s3 import S3Device, S3Settings
 
 _WHERE = {
     "BlockDevice": "nbdproto",
@@ -29,6 +31,8 @@ _WHERE = {
     "check_range": "._ranges",
     "MemoryDevice": "._memory",
     "FileDevice": "._file",
+    "S3Device": "._s3",
+    "S3Settings": "._s3",
 }
 
 __all__ = [
@@ -39,6 +43,8 @@ __all__ = [
     "check_range",
     "MemoryDevice",
     "FileDevice",
+    "S3Device",
+    "S3Settings",
 ]
 
 __getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
