@@ -21,7 +21,7 @@ from nbdproto import BlockDevice, ExportSpec
 from nbdproto_threads import Server as ThreadsServer
 
 from ._errors import UsageError
-from ._sources import Source, open_source, parse_source
+from ._sources import Source, apply_s3_options, open_source, parse_source
 
 __all__ = ["serve", "default_loop"]
 
@@ -49,6 +49,8 @@ def _exports(args: argparse.Namespace) -> list[ExportArg]:
         if not sep:
             raise UsageError(f"--export {item!r}: expected NAME=SOURCE")
         out.append(ExportArg(name, parse_source(text)))
+    for export, source in zip(out, apply_s3_options([e.source for e in out], args), strict=True):
+        export.source = source
     names = [e.name for e in out]
     if len(set(names)) != len(names):
         raise UsageError(f"export names must differ: {names}")

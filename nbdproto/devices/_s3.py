@@ -42,13 +42,9 @@ from ._ranges import check_range
 from ._s3cache import WriteBackCache
 from ._s3store import ObjectStore, S3Settings, StoreError, object_key, parse_object_key
 
-__all__ = ["S3Device", "S3Settings", "DEFAULT_OBJECT_SIZE"]
+__all__ = ["S3Device", "S3Settings"]
 
 log = logging.getLogger("nbdproto.devices.s3")
-
-DEFAULT_OBJECT_SIZE = 1 << 20
-"""The object size when none is given: big enough that reading and writing whole images costs few requests,
-small enough that a read-modify-write of one costs little."""
 
 _MAX_OBJECTS = 1 << 28  # one byte of memory per object for the allocation map
 _MAX_PREFERRED = 32 << 20  # spec ("Block size constraints"): a preferred size above 32 MiB is not allowed
@@ -76,6 +72,10 @@ class S3Device:
 
     dispatch: Dispatch = "threads"
     """Each request waits on the network: servers run them in worker threads, so slow ones overlap."""
+
+    DEFAULT_OBJECT_SIZE = 1 << 20
+    """The object size when none is given: big enough that reading and writing whole images costs few
+    requests, small enough that a read-modify-write of one costs little."""
 
     def __init__(
         self,

@@ -33,6 +33,8 @@ log = logging.getLogger("nbdproto.devices.s3")
 
 _CODE = re.compile(r"<Code>([^<]+)</Code>")
 _STATUS = re.compile(r"status code: (\d{3}(?: [A-Za-z ]+)?)")
+_RETRIES = re.compile(r"after (\d+) retries")
+_TIMED_OUT = re.compile(r"timed out|TimedOut|deadline has elapsed", re.IGNORECASE)
 
 
 def object_key(key: str, index: int) -> str:
@@ -234,13 +236,14 @@ class ObjectStore:
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken") or (
             code is None and isinstance(exc, PermissionError | self._obstore.exceptions.PermissionDeniedError)
         ):
-            how = "credentials" if self.signed else "anonymous access (no credentials found in the AWS chain)"
-            return StoreError(errno.EACCES, f"{what}: the store refused {how}: {code or text}")
+            how = "the credentials" if self.signed else "anonymous access (no credentials found in the AWS chain)"
+            return StoreError(errno.EACCES, f"{what}: the store refused {how} ({code or text})")
         if code is None and isinstance(exc, self._obstore.exceptions.UnauthenticatedError):
-            return StoreError(errno.EACCES, f"{what}: the store refused the credentials: {text}")
-        if "timed out" in text or "timeout" in text.lower():
+            return StoreError(errno.EACCES, f"{what}: the store refused the credentials ({text})")
+        if _TIMED_OUT.search(str(exc)):
             return StoreError(errno.ETIMEDOUT, f"{what}: timed out: {text}")
-        return StoreError(errno.EIO, f"{what}: {code or text}")
+        where = f" at {self.endpoint}" if self.endpoint and code is None else ""
+        return StoreError(errno.EIO, f"{what}{where}: {code or text}")
 
 
 def _code(exc: BaseException) -> str | None:
@@ -249,10 +252,14 @@ def _code(exc: BaseException) -> str | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The first line of obstore's long error text, without the request's URL and timing noise."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    status = _STATUS.search(text)
+    """The gist of obstore's long error text: the HTTP status or the transport error, and the retries made."""
+    full = str(exc).strip()
+    first = full.splitlines()[0] if full else type(exc).__name__
+    status = _STATUS.search(first)
     if status:
-        text = text[: text.find("Error performing")].rstrip(" :") or "request failed"
-        text = f"{text}: HTTP {status.group(1).strip()}"
-    return text[:300]
+        return f"HTTP {status.group(1).strip()}"
+    retries = _RETRIES.search(first)
+    gist = first.rsplit(" - ", 1)[-1].strip() if " - " in first else first
+    if retries:
+        gist = f"{gist} (after {retries.group(1)} retries)"
+    return gist[:300]
