@@ -137,6 +137,9 @@ class ObjectStore:
             config["endpoint"] = endpoint
         # Path-style addressing: what non-AWS stores expect, and what AWS still accepts.
         config["virtual_hosted_style_request"] = False
+        # As botocore does: over TLS the payload is not hashed into the signature (TLS already protects it, and
+        # the hash costs both ends CPU on every PUT); over plain HTTP the signature covers the payload.
+        config["unsigned_payload"] = not (endpoint and endpoint.startswith("http://"))
         kwargs: dict[str, Any] = {}
         if credentials is None:
             config["skip_signature"] = True
