@@ -199,6 +199,36 @@ def test_store_that_stalls_mid_request_gives_eio_in_bounded_time(
     assert any("timed out" in r.getMessage() for r in caplog.records)
 
 
+def test_write_back_with_a_stalled_store_fails_flush_and_full_cache_writes_then_recovers(
+    s3_store: SeaweedFS,
+) -> None:
+    """Uploads that time out leave their objects dirty: FLUSH fails with EIO (in bounded time), a write that
+    needs room in a cache full of them fails too rather than waits for ever, and once the store answers
+    again the next flush stores everything."""
+    key = new_key()
+    with stall_proxy(s3_store.endpoint) as proxy:
+        settings = S3Settings(endpoint=proxy.endpoint, timeout=1.0, retries=0, retry_timeout=2.0)
+        with S3Device(
+            s3_store.bucket, key, size=MIB, object_size=64 * KIB, write_back=256 * KIB, settings=settings
+        ) as device:
+            proxy.stalled.set()
+            for i in range(4):  # fills the cache: acknowledged from memory
+                device.pwrite(bytes([i + 1]) * 100, i * 64 * KIB)
+            started = time.monotonic()
+            with pytest.raises(OSError) as raised:
+                device.flush()
+            assert raised.value.errno == errno.EIO
+            with pytest.raises(OSError) as raised:
+                device.pwrite(b"x", 5 * 64 * KIB)  # a fifth object: no room, and uploads fail
+            assert raised.value.errno == errno.EIO
+            assert time.monotonic() - started < 20
+            proxy.stalled.clear()
+            device.flush()
+    with open_image(s3_store, key, MIB) as fresh:
+        image = read_all(fresh)
+    assert [image[i * 64 * KIB : i * 64 * KIB + 100] for i in range(4)] == [bytes([i + 1]) * 100 for i in range(4)]
+
+
 def test_eight_connections_writing_into_the_same_objects_lose_nothing(s3_store: SeaweedFS) -> None:
     """8 clients write small pieces at odd offsets into the same few objects at once (each object is
     read-modify-written by all of them): every byte ends as its last writer left it. Each client owns the
@@ -273,3 +303,33 @@ def test_acknowledged_writes_survive_sigkill(s3_store: SeaweedFS, write_back: st
     assert image[2 * MIB + 3 : 2 * MIB + 780] == b"C" * 777
     if write_back is None:
         assert image[3 * MIB : 3 * MIB + 10] == b"D" * 10
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["s3://bucket-only"], "expected s3://BUCKET/KEY"),
+        (["s3://b/k", "--size", "1M", "--object-size", "3K"], "must be a power of two"),
+        (["s3://b/k", "--size", "1G", "--object-size", "128M"], "at most 64M"),
+        (["s3://b/k", "--object-size", "64K"], "--object-size needs --size"),
+        (["s3://b/k", "--size", "100K", "--object-size", "64K"], "must be a multiple of the object size"),
+        (["s3://b/k", "--s3-write-back", "1M"], "--s3-write-back needs --size"),
+        (["--memory", "1M", "--size", "1M"], "--size is for s3:// sources only"),
+    ],
+)
+def test_bad_s3_arguments_are_one_line_usage_errors(args: list[str], message: str) -> None:
+    done = subprocess.run([*CLI, "serve", "--port", "0", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_serve_fails_at_start_with_one_line_for_a_missing_bucket_or_refused_credentials(s3_store: SeaweedFS) -> None:
+    common = ["--size", "1M", "--s3-endpoint", s3_store.endpoint, "--port", "0"]
+    for url, env, message in [
+        ("s3://no-such-bucket/img", s3_store.env, "bucket 'no-such-bucket' does not exist"),
+        (f"s3://{s3_store.bucket}/img", {**s3_store.env, "AWS_SECRET_ACCESS_KEY": "wrong"}, "refused the credentials"),
+    ]:
+        done = subprocess.run([*CLI, "serve", url, *common], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})  # fmt: skip
+        assert done.returncode == 2
+        assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr

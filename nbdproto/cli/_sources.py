@@ -9,6 +9,7 @@ the opener that needs them.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -90,8 +91,8 @@ def apply_s3_options(sources: list[Source], args: argparse.Namespace) -> list[So
         from nbdproto.devices import S3Device
 
         object_size = object_size or S3Device.DEFAULT_OBJECT_SIZE
-        if object_size & (object_size - 1):
-            raise UsageError(f"--object-size {args.object_size} must be a power of two")
+        if object_size & (object_size - 1) or object_size > 64 << 20:
+            raise UsageError(f"--object-size {args.object_size} must be a power of two of at most 64M")
         if size % object_size:
             raise UsageError(f"--size {args.size} must be a multiple of the object size ({object_size} bytes)")
     write_back = size_argument(args.s3_write_back, "--s3-write-back") if args.s3_write_back else 0
@@ -121,6 +122,8 @@ def _open_s3(source: Source, read_only: bool) -> BlockDevice:
         )
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, source.target) from None
+    except ValueError as exc:
+        raise OSError(errno.EINVAL, str(exc), source.target) from None
 
 
 _KINDS: dict[str, Callable[[Source, bool], BlockDevice]] = {

@@ -23,7 +23,7 @@ size, fails that one request with EIO and a log line on logger ``nbdproto.device
 
 Block sizes: any alignment is accepted (minimum 1: the device does the read-modify-write itself), the
 preferred size is the object size (up to the 32 MiB the spec allows), so clients that honour it never cause a
-read-modify-write, and a request may carry up to 32 MiB (or one object, if larger).
+read-modify-write, and a request may carry up to 32 MiB.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ __all__ = ["S3Device", "S3Settings"]
 log = logging.getLogger("nbdproto.devices.s3")
 
 _MAX_OBJECTS = 1 << 28  # one byte of memory per object for the allocation map
+_MAX_OBJECT_SIZE = 64 << 20  # each read-modify-write holds a whole object in memory
 _MAX_PREFERRED = 32 << 20  # spec ("Block size constraints"): a preferred size above 32 MiB is not allowed
 _MAX_PAYLOAD = 32 << 20
 _READ_PART = 8 << 20  # a single-object read this big is fetched as parallel ranged GETs of this size
@@ -59,8 +60,8 @@ _MAX_EXTENTS = 1024
 class S3Device:
     """An image in ``bucket`` at ``key``; see the module docstring for the two modes.
 
-    - ``size`` / ``object_size``: the multi-object mode (``size`` a multiple of ``object_size``); without
-      ``size``, the single object ``key`` is the image, read-only.
+    - ``size`` / ``object_size``: the multi-object mode (``size`` a multiple of ``object_size``, a power of
+      two up to 64 MiB); without ``size``, the single object ``key`` is the image, read-only.
     - ``read_only``: refuse writes (the multi-object mode is writable otherwise).
     - ``write_back``: bytes of write-back cache; 0 (the default) acknowledges each write once stored.
     - ``parallel``: object requests in flight at once for one device request (and uploads, with write-back).
@@ -124,8 +125,8 @@ class S3Device:
         )
 
     def _open_image(self, size: int, object_size: int, read_only: bool, write_back: int, parallel: int) -> None:
-        if object_size <= 0 or object_size & (object_size - 1):
-            raise ValueError(f"object size {object_size} must be a power of two")
+        if object_size <= 0 or object_size & (object_size - 1) or object_size > _MAX_OBJECT_SIZE:
+            raise ValueError(f"object size {object_size} must be a power of two of at most 64 MiB")
         if size <= 0 or size % object_size:
             raise ValueError(f"size {size} must be a positive multiple of the object size {object_size}")
         count = size // object_size
@@ -151,7 +152,7 @@ class S3Device:
             can_fast_zero=True,
             can_multi_conn=True,
             preferred_block_size=preferred,
-            maximum_payload=max(_MAX_PAYLOAD, preferred),
+            maximum_payload=_MAX_PAYLOAD,
         )
         if write_back and not read_only:
             self._cache = WriteBackCache(
