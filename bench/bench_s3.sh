@@ -1,6 +1,7 @@
 #!/bin/bash
 # nbdproto serve s3:// against nbdkit's S3 plugin, side by side on one SeaweedFS started here, same image size
-# and object size (default 1 GiB of 64 KiB objects: nbdkit 1.32 allows at most 64K), alternating, ROUNDS rounds.
+# and object size (default 1 GiB of 64 KiB objects: nbdkit 1.32 allows at most 64K), ROUNDS rounds, each
+# server first in every other round.
 # One TSV line per figure: label, test, unit, value, server CPU ms, SeaweedFS CPU ms.
 #   nbdcopy-write: a 1 GiB file of random data into a fresh image (4 connections, nbdcopy's defaults)
 #   nbdcopy-read:  the image to null: (4 connections)
@@ -67,22 +68,29 @@ measure() {  # label uri server-pid
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; }
 
-echo "# load before: $(cat /proc/loadavg)"
-for round in $(seq "${ROUNDS:-1}"); do
-  port=$((base + 4))
+run_nbdkit() {
+  local port=$((base + 4))
   nbdkit -f --exit-with-parent -p $port -i 127.0.0.1 --filter=blocksize-policy S3 endpoint-url="$endpoint" \
     bucket=bench key="nbdkit-$round" size="$size" object-size="$object_size" blocksize-minimum=1 &
-  K=$!
+  local K=$!
   wait_port $port
   measure nbdkit-S3 "nbd://127.0.0.1:$port/" $K
   kill $K; wait $K 2>/dev/null
+}
 
-  port=$((base + 5))
+run_nbdproto() {
+  local port=$((base + 5))
   $python -m nbdproto serve "s3://bench/nbdproto-$round" --size "$size" --object-size "$object_size" \
     --s3-endpoint "$endpoint" --port $port ${SERVE_ARGS:-} >/dev/null &
-  P=$!
+  local P=$!
   wait_port $port
   measure "nbdproto${SERVE_ARGS:+ $SERVE_ARGS}" "nbd://127.0.0.1:$port/" $P
   kill $P; wait $P 2>/dev/null
+}
+
+echo "# load before: $(cat /proc/loadavg)"
+for round in $(seq "${ROUNDS:-1}"); do
+  # Each goes first in every other round: the store's cost per request changes as it fills.
+  if ((round % 2)); then run_nbdkit; run_nbdproto; else run_nbdproto; run_nbdkit; fi
   echo "# load after round $round: $(cat /proc/loadavg)"
 done

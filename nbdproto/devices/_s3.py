@@ -64,11 +64,12 @@ class S3Device:
       two up to 64 MiB); without ``size``, the single object ``key`` is the image, read-only.
     - ``read_only``: refuse writes (the multi-object mode is writable otherwise).
     - ``write_back``: bytes of write-back cache; 0 (the default) acknowledges each write once stored.
-    - ``parallel``: object requests in flight at once for one device request (and uploads, with write-back).
+    - ``parallel``: the threads (shared by all requests) that fetch and store the further objects of requests
+      spanning several; with write-back, as many uploaders.
     - ``settings``: the endpoint, region, profile, timeouts and retries (``S3Settings``).
 
-    Raises StoreError (an OSError) with a one-line message when the bucket, the credentials or the image are
-    unusable: a missing bucket, refused credentials, a missing single object.
+    Raises OSError with a one-line message when the bucket, the credentials or the image are unusable (a
+    missing bucket, refused credentials, a missing single object), ValueError for impossible sizes.
     """
 
     dispatch: Dispatch = "threads"
