@@ -229,14 +229,18 @@ def test_write_back_with_a_stalled_store_fails_flush_and_full_cache_writes_then_
     assert [image[i * 64 * KIB : i * 64 * KIB + 100] for i in range(4)] == [bytes([i + 1]) * 100 for i in range(4)]
 
 
-def test_eight_connections_writing_into_the_same_objects_lose_nothing(s3_store: SeaweedFS) -> None:
+@pytest.mark.parametrize("write_back", [0, 1 * MIB], ids=["write-through", "write-back"])
+def test_eight_connections_writing_into_the_same_objects_lose_nothing(s3_store: SeaweedFS, write_back: int) -> None:
     """8 clients write small pieces at odd offsets into the same few objects at once (each object is
     read-modify-written by all of them): every byte ends as its last writer left it. Each client owns the
     512-byte cells numbered its number modulo 8, so the final image is known whatever the interleaving."""
     size, cell, clients = 256 * KIB, 512, 8
     key = new_key()
     model = bytearray(size)
-    with open_image(s3_store, key, size) as device, serve_exports("asyncio", {"": Export(device)}) as uri:
+    with (
+        open_image(s3_store, key, size, write_back=write_back) as device,
+        serve_exports("asyncio", {"": Export(device)}) as uri,
+    ):
         with nt.connect(uri.format("")) as setup:
             assert setup.can(nbdproto.TransmissionFlags.CAN_MULTI_CONN)
 
