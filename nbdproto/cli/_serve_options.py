@@ -67,7 +67,7 @@ def _add_s3_arguments(serve: Any) -> None:
         help="serve a writable image of SIZE stored as objects KEY/%%016x (nbdkit's S3 plugin's layout); without "
         "it the single object KEY is served read-only",
     )
-    s3.add_argument("--object-size", metavar="SIZE", help="bytes per object, a power of two (default 1M)")
+    s3.add_argument("--object-size", metavar="SIZE", help="bytes per object, a power of two up to 64M (default 1M)")
     s3.add_argument(
         "--s3-endpoint", metavar="URL", help="the store's URL for non-AWS stores (default: $AWS_ENDPOINT_URL or AWS)"
     )
