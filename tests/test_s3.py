@@ -154,6 +154,42 @@ def test_missing_bucket_and_refused_credentials_fail_at_open(s3_store: SeaweedFS
     assert "\n" not in str(raised.value)
 
 
+def test_credentials_from_a_profile_in_the_shared_files(
+    s3_store: SeaweedFS, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard chain: no keys in the environment, a named profile in a shared credentials file."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n"
+        f"[nbdproto]\naws_access_key_id = {s3_store.env['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {s3_store.env['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    with pytest.raises(OSError, match="refused the credentials"):
+        open_image(s3_store, new_key(), MIB)  # the default profile's keys are wrong
+    monkeypatch.setenv("AWS_PROFILE", "nbdproto")
+    with open_image(s3_store, new_key(), MIB) as device:
+        device.pwrite(b"profile", 0)
+
+
+def test_block_sizes_follow_the_object_size(s3_store: SeaweedFS) -> None:
+    """Any alignment (the device does the read-modify-write), whole objects preferred, up to the 32 MiB the
+    spec allows as a preferred size, and 32 MiB requests."""
+    for object_size, preferred in ((4 * KIB, 4 * KIB), (1 * MIB, 1 * MIB), (64 * MIB, 32 * MIB)):
+        with open_image(s3_store, new_key(), 128 * MIB, object_size) as device:
+            caps = device.capabilities
+            assert (caps.minimum_block_size, caps.preferred_block_size, caps.maximum_payload) == (
+                1,
+                preferred,
+                32 * MIB,
+            )
+    with pytest.raises(ValueError, match="power of two"):
+        open_image(s3_store, new_key(), 128 * MIB, 128 * MIB)
+
+
 def test_object_of_the_wrong_size_fails_that_request_with_eio_and_a_log_line(
     s3_store: SeaweedFS, caplog: pytest.LogCaptureFixture
 ) -> None:

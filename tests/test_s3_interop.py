@@ -108,6 +108,19 @@ def test_nbdcopy_a_1_gib_file_with_10_mib_of_data_in_and_out(s3_store: SeaweedFS
         ]
 
 
+def test_a_single_object_served_read_only_copies_out_whole(s3_store: SeaweedFS, tmp_path: Any, peers: Any) -> None:
+    peers("nbdcopy", "nbdinfo")
+    key, back = new_key(), str(tmp_path / "back.img")
+    body = random.Random(2).randbytes(5 * MIB + 4321)
+    s3_store.client().put_object(Bucket=s3_store.bucket, Key=key, Body=body)
+    with served(s3_store, key) as uri:
+        export = json.loads(run(["nbdinfo", "--json", uri], s3_store))["exports"][0]
+        assert export["export-size"] == len(body) and export["is_read_only"] is True
+        run(["nbdcopy", uri, back], s3_store)
+    with open(back, "rb") as file:
+        assert file.read() == body
+
+
 def test_qemu_img_convert_into_and_out_of_the_export(s3_store: SeaweedFS, tmp_path: Any, peers: Any) -> None:
     peers("qemu-img")
     source, back = str(tmp_path / "source.img"), str(tmp_path / "back.img")
