@@ -49,13 +49,13 @@ def read_all(device: S3Device) -> bytes:
 def test_random_writes_of_odd_sizes_read_back_like_a_model(s3_store: SeaweedFS, write_back: int) -> None:
     """Seeded writes, zeroes and trims at odd offsets and sizes, spanning objects or inside one (read-modify-
     write), compared with a bytearray after each step and, reopened from the store alone, at the end."""
-    size, key = 2 * MIB, new_key()
+    size, key = 1 * MIB, new_key()
     model = bytearray(size)
     rng = random.Random(14)
     with open_image(s3_store, key, size, write_back=write_back) as device:
         for step in range(60):
             offset = rng.randrange(size)
-            length = rng.randrange(1, min(300 * KIB, size - offset) + 1)
+            length = rng.randrange(1, min(200 * KIB, size - offset) + 1)
             kind = rng.random()
             if kind < 0.7:
                 data = rng.randbytes(length)
