@@ -30,7 +30,11 @@ s3=$base master=$((base + 1)) volume=$((base + 2)) filer=$((base + 3))
   -filer.port=$filer -filer.port.grpc=$((filer + 10000)) -s3 -s3.port=$s3 -s3.port.grpc=$((s3 + 10000)) \
   -s3.port.iceberg=0 -s3.port.lance=0 >"$dir/weed.log" 2>&1 &
 W=$!
-trap 'kill $W 2>/dev/null; sleep 3; kill -9 $W 2>/dev/null; rm -rf "$dir"' EXIT
+cleanup() {
+  kill $W 2>/dev/null; sleep 3; kill -9 $W 2>/dev/null; rm -rf "$dir"
+  for p in $s3 $master $volume $filer; do rm -f /tmp/seaweedfs-*-$p.sock /tmp/seaweedfs-*-$((p + 10000)).sock; done
+}
+trap cleanup EXIT
 endpoint=http://127.0.0.1:$s3
 for _ in $(seq 300); do curl -s -o /dev/null "$endpoint" && break; sleep 0.2; done
 $python - "$endpoint" <<'EOF' || exit 1

@@ -13,6 +13,7 @@ mid-request, for the timeout tests.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -80,8 +81,9 @@ def _free_ports(count: int) -> list[int]:
 class SeaweedFS:
     """One running ``weed server`` with S3 on ``endpoint`` and the bucket BUCKET created."""
 
-    def __init__(self, process: subprocess.Popen[bytes], endpoint: str, log_path: str) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], endpoint: str, log_path: str, ports: list[int]) -> None:
         self.process = process
+        self.ports = ports
         self.endpoint = endpoint
         self.bucket = BUCKET
         self.log_path = log_path
@@ -113,7 +115,8 @@ class SeaweedFS:
         log_path = os.path.join(directory, "weed.log")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        server = cls(process, f"http://127.0.0.1:{s3}", log_path)
+        ports = [port for base in (s3, master, volume, filer) for port in (base, base + 10000)]
+        server = cls(process, f"http://127.0.0.1:{s3}", log_path, ports)
         try:
             server._wait_until_ready(startup)
             server._create_bucket(startup)
@@ -190,6 +193,11 @@ class SeaweedFS:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+        # weed leaves a unix socket in /tmp for each of its ports (/tmp/seaweedfs-filer-grpc-PORT.sock, ...).
+        for port in self.ports:
+            for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 class StallProxy:
