@@ -1,11 +1,16 @@
-"""How many pipelined 4 KiB READ requests per second ServerConnection parses and answers, on one core.
+"""How many pipelined 4 KiB READ requests per second ServerConnection parses and answers, on one core; and how
+many requests per second ClientConnection sends and takes the replies of.
 
 The stream is what a client at queue depth N sends: many 28-byte READ headers back to back. Each round feeds
 a batch to the engine, takes every event, answers each read with one ReadData chunk, and collects the bytes
 to send; no sockets. Beside it, the raw baseline: the same loop with struct.Struct alone (parse the header,
 pack a simple reply), i.e. the least any Python server must do per request.
 
-    python bench/bench_engine.py [--requests 200000] [--batch 64] [--mode simple|structured|extended]
+The client rounds send a batch of requests, feed the server's replies (made once, by ServerConnection) and
+take every event: 4 KiB reads answered in one chunk, reads answered as a hole and a data chunk, and block
+status answered with four extents.
+
+    python bench/bench_engine.py [--requests 200000] [--batch 64]
 """
 
 from __future__ import annotations
@@ -84,6 +89,88 @@ def run_raw(requests: int, batch: int) -> float:
     return rounds * batch / (time.perf_counter() - start)
 
 
+def connected_client(mode: str) -> tuple[n.ClientConnection, ServerConnection]:
+    """A client engine and a server engine in transmission with each other (base:allocation agreed)."""
+    client, server = n.ClientConnection(), ServerConnection()
+
+    def pump() -> None:
+        for _ in range(20):
+            for src, dst in ((server, client), (client, server)):
+                data = b"".join(bytes(p) for p in src.data_to_send())
+                if data:
+                    dst.receive_data(data)
+            while True:
+                event = server.next_event()
+                if isinstance(event, n.ExportRequested):
+                    server.send(n.Export("disk", 1 << 30, meta_contexts=(n.BASE_ALLOCATION,)))
+                elif event is n.NEED_DATA or event is n.PAUSED or isinstance(event, n.HandshakeComplete):
+                    break
+
+    pump()
+    assert isinstance(client.next_event(), n.ServerGreeting)
+    options: list[n.Event] = []
+    if mode == "structured":
+        options += [n.OptionStructuredReply(), n.OptionSetMetaContext("disk", (n.BASE_ALLOCATION,))]
+    elif mode == "extended":
+        options += [n.OptionExtendedHeaders(), n.OptionSetMetaContext("disk", (n.BASE_ALLOCATION,))]
+    options.append(n.OptionGo("disk", (n.InfoType.BLOCK_SIZE,)))
+    for option in options:
+        client.send(option)
+        pump()
+        event = client.next_event()
+        assert not isinstance(event, n.OptionError), event
+    assert client.phase is n.Phase.TRANSMISSION
+    return client, server
+
+
+def client_replies(server: ServerConnection, requests: list[bytes], kind: str) -> bytes:
+    """The server's reply bytes to one batch of the client's request bytes."""
+    server.receive_data(b"".join(requests))
+    payload = bytes(4096)
+    while True:
+        event = server.next_event()
+        if isinstance(event, n.ReadRequest):
+            if kind == "read+hole":
+                server.send(n.ReadHole(event.cookie, event.offset, 2048))
+                server.send(n.ReadData(event.cookie, event.offset + 2048, payload[2048:]))
+            else:
+                server.send(n.ReadData(event.cookie, event.offset, payload))
+        elif isinstance(event, n.BlockStatusRequest):
+            extents = tuple(n.Extent(1024, i % 4) for i in range(4))
+            server.send(n.BlockStatusReply(event.cookie, {i: extents for i in event.context_ids}))
+        else:
+            break
+    return b"".join(bytes(p) for p in server.data_to_send())
+
+
+def run_client(requests: int, batch: int, mode: str, kind: str) -> float:
+    client, server = connected_client(mode)
+    make = n.BlockStatusRequest if kind == "block status" else n.ReadRequest
+    context = tuple(client.meta_contexts)
+    for cookie in range(batch):
+        if make is n.BlockStatusRequest:
+            client.send(n.BlockStatusRequest(cookie, cookie * 4096, 4096, context_ids=context))
+        else:
+            client.send(n.ReadRequest(cookie, cookie * 4096, 4096))
+    replies = client_replies(server, [bytes(p) for p in client.data_to_send()], kind)
+    client.receive_data(replies)
+    while client.next_event() is not n.NEED_DATA:
+        pass
+    rounds = requests // batch
+    offsets = [cookie * 4096 for cookie in range(batch)]
+    start = time.perf_counter()
+    for _ in range(rounds):
+        send = client.send
+        for cookie, offset in enumerate(offsets):
+            send(make(cookie, offset, 4096))
+        client.data_to_send()
+        client.receive_data(replies)
+        next_event = client.next_event
+        while next_event() is not n.NEED_DATA:
+            pass
+    return rounds * batch / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200_000)
@@ -95,6 +182,11 @@ def main() -> None:
     for mode in ("simple", "structured", "extended"):
         rate = max(run_engine(args.requests, args.batch, mode) for _ in range(args.repeat))
         print(f"ServerConnection {mode:<11} {rate:12,.0f} requests/s   ({rate / raw:.2f}x raw)")
+    for mode, kind in (("simple", "read"), ("structured", "read"), ("extended", "read"),
+                       ("structured", "read+hole"), ("structured", "block status"),
+                       ("extended", "block status")):  # fmt: skip
+        rate = max(run_client(args.requests, args.batch, mode, kind) for _ in range(args.repeat))
+        print(f"ClientConnection {mode:<11} {kind:<12} {rate:12,.0f} requests/s")
 
 
 if __name__ == "__main__":

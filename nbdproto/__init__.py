@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._client import ClientConnection
+from ._clientsession import Awaiting, Blocking, ClientRequests, ClientSessionLogic, ConnectOptions
 from ._constants import *  # noqa: F403
 from ._constants import __all__ as _constants_all
 from ._errors import *  # noqa: F403
@@ -16,17 +17,18 @@ from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
 from ._lazynames import lazy_names
-from ._negotiation import ClientNegotiation, NegotiationError
+from ._negotiation import ClientNegotiation, NegotiationError, plan_connection
 from ._sending import step_past
-from ._state import NEED_DATA, PAUSED, Phase, TlsMode
+from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
 
 if TYPE_CHECKING:
+    from ._budget import DEFAULT_MEMORY_LIMIT, BudgetShare, MemoryBudget, MemoryShare, RequestBudget, request_cost
     from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
     from ._dispatch import (
         DeviceCall,
+        OnError,
         ReadView,
-        RequestBudget,
         carry_out,
         carry_out_all,
         device_calls,
@@ -36,7 +38,11 @@ if TYPE_CHECKING:
         reply_for,
     )
     from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
+    from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._server import ServerConnection
+    from ._servercore import Exports, Resolver, ServerCore, ServerOptions, SessionSettings, Stoppable
+    from ._serverlog import ConnectionLog
+    from ._serving import FLUSH_AT, RECEIVE, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
 
 _LAZY = {
     "ServerConnection": "._server",
@@ -50,7 +56,28 @@ _LAZY = {
     "dispatch_of": "._device",
     "DeviceCall": "._dispatch",
     "ReadView": "._dispatch",
-    "RequestBudget": "._dispatch",
+    "OnError": "._dispatch",
+    "RequestBudget": "._budget",
+    "MemoryBudget": "._budget",
+    "BudgetShare": "._budget",
+    "MemoryShare": "._budget",
+    "DEFAULT_MEMORY_LIMIT": "._budget",
+    "request_cost": "._budget",
+    "ConnectionLog": "._serverlog",
+    "ServerLimits": "._limits",
+    "DEFAULT_LIMITS": "._limits",
+    "FLUSH_AT": "._serving",
+    "RECEIVE": "._serving",
+    "STREAM_WRITES_OVER": "._serving",
+    "BatchEnd": "._serving",
+    "Exports": "._servercore",
+    "ServerCore": "._servercore",
+    "ServerOptions": "._servercore",
+    "SessionSettings": "._servercore",
+    "Stoppable": "._servercore",
+    "Resolver": "._servercore",
+    "ServerSessionLogic": "._serving",
+    "Work": "._serving",
     "carry_out": "._dispatch",
     "carry_out_all": "._dispatch",
     "device_calls": "._dispatch",
@@ -67,11 +94,18 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "Phase",
+    "HandshakeStep",
+    "ClientSessionLogic",
+    "ClientRequests",
+    "ConnectOptions",
+    "Blocking",
+    "Awaiting",
     "TlsMode",
     "ServerConnection",
     "ClientConnection",
     "ClientNegotiation",
     "NegotiationError",
+    "plan_connection",
     "DeviceCapabilities",
     "ExportSpec",
     "export_for",
@@ -82,7 +116,28 @@ __all__ = [
     "dispatch_of",
     "DeviceCall",
     "ReadView",
+    "OnError",
     "RequestBudget",
+    "MemoryBudget",
+    "BudgetShare",
+    "MemoryShare",
+    "DEFAULT_MEMORY_LIMIT",
+    "request_cost",
+    "ConnectionLog",
+    "ServerLimits",
+    "DEFAULT_LIMITS",
+    "FLUSH_AT",
+    "RECEIVE",
+    "STREAM_WRITES_OVER",
+    "BatchEnd",
+    "Exports",
+    "ServerCore",
+    "ServerOptions",
+    "SessionSettings",
+    "Stoppable",
+    "Resolver",
+    "ServerSessionLogic",
+    "Work",
     "carry_out",
     "carry_out_all",
     "device_calls",
@@ -99,4 +154,5 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
+if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names
+    __getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from . import _headers as h
 from . import _wire as w
+from ._clientchecks import check_block_sizes, check_context_name, check_export_size
 from ._clienttransmission import ClientTransmission
 from ._constants import (
     MAX_OPTION_LENGTH,
@@ -78,6 +79,9 @@ _OPTIONS = (
     OptionRaw,
 )
 _GREETING = 16  # NBDMAGIC and the word that says newstyle or oldstyle
+_ANSWER_LIMIT = 32 * 1024 * 1024
+"""The most reply payload one option's answer may gather (exports listed, contexts, information): the spec's
+2^25 bytes that need not be taken for denial of service; a server that sends more is refused, not buffered."""
 
 
 class ClientConnection(ClientTransmission):
@@ -105,6 +109,8 @@ class ClientConnection(ClientTransmission):
         # The option waiting for its answer, and what its answer has gathered so far.
         self._option: object | None = None
         self._gathered: list[object] = []
+        self._gathered_bytes = 0
+        self._answered: set[object] = set()  # ids and names SET_META_CONTEXT has answered so far
 
     def _reset_negotiation(self) -> None:
         self.structured_replies = False
@@ -167,6 +173,9 @@ class ClientConnection(ClientTransmission):
         if self._phase is Phase.ERROR:
             raise LocalProtocolError("the connection already failed")
         if self._phase is Phase.TRANSMISSION:
+            if isinstance(event, _OPTIONS):
+                # spec: no option may follow the handshake's successful end.
+                raise LocalProtocolError(f"{type(event).__name__} cannot be sent once transmission started")
             # Every check runs before anything is queued or remembered: a refused request leaves the
             # connection as it was, so the caller may go on with valid ones.
             self._send_request(event)
@@ -252,6 +261,8 @@ class ClientConnection(ClientTransmission):
         self._out.append(h.OPTION_REQUEST.pack(h.OPTION_REQUEST.magic, code, len(payload)) + payload)
         self._option = event
         self._gathered = []
+        self._gathered_bytes = 0
+        self._answered = set()
         if code == Option.EXPORT_NAME and self.extended_headers:
             raise LocalProtocolError("NBD_OPT_EXPORT_NAME must not follow extended headers: use OptionGo")
 
@@ -263,11 +274,16 @@ class ClientConnection(ClientTransmission):
             return Option.EXPORT_NAME, w.encode(w.ExportNamePayload, {"name": event.name})
         if isinstance(event, (OptionInfo, OptionGo)):
             _check_string(event.name)
+            if len(set(event.requests)) != len(event.requests):
+                raise LocalProtocolError(f"information requests {list(event.requests)} name one type twice")
             payload = w.encode(w.InfoRequestPayload, {"name": event.name, "requests": list(event.requests)})
             return (Option.INFO if isinstance(event, OptionInfo) else Option.GO), payload
         if isinstance(event, (OptionListMetaContext, OptionSetMetaContext)):
             for text in (event.name, *event.queries):
                 _check_string(text)
+            for query in event.queries:
+                if query.find(":") < 1:
+                    raise LocalProtocolError(f"meta context query {query!r} does not start with a namespace and ':'")
             if isinstance(event, OptionSetMetaContext) and not self.structured_replies:
                 raise LocalProtocolError("NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers")
             payload = w.encode(w.MetaContextPayload, {"name": event.name, "queries": list(event.queries)})
@@ -341,6 +357,8 @@ class ClientConnection(ClientTransmission):
     def _finish_option(self) -> None:
         self._option = None
         self._gathered = []
+        self._gathered_bytes = 0
+        self._answered = set()
 
     def _option_reply(self, option: object, reply_type: int, payload: bytes) -> Event | None:
         """Handle one option reply; the event that ends the option, or None while it goes on."""
@@ -354,6 +372,9 @@ class ClientConnection(ClientTransmission):
             if payload:
                 self._fail(f"NBD_REP_ACK with {len(payload)} bytes of payload")
             return self._option_done(option)
+        self._gathered_bytes += len(payload) + h.OPTION_REPLY.size
+        if self._gathered_bytes > _ANSWER_LIMIT:
+            self._fail(f"the answer to {type(option).__name__} exceeds {_ANSWER_LIMIT >> 20} MiB of replies")
         if reply_type == _REP.SERVER and isinstance(option, OptionList):
             fields = w.decode(w.ServerPayload, payload)
             self._gathered.append(ExportListing(fields.name, fields.description))
@@ -365,6 +386,13 @@ class ClientConnection(ClientTransmission):
             return None
         if reply_type == _REP.META_CONTEXT and isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
             fields = w.decode(w.MetaContextReplyPayload, payload)
+            listing = isinstance(option, OptionListMetaContext)
+            check_context_name(fields.name, tuple(option.queries), listing)
+            if not listing:
+                if fields.context_id in self._answered or fields.name in self._answered:
+                    self._fail(f"NBD_OPT_SET_META_CONTEXT answered id {fields.context_id} / context "
+                               f"{fields.name!r} twice")  # fmt: skip
+                self._answered.update((fields.context_id, fields.name))
             self._gathered.append((fields.context_id, fields.name))
             return None
         self._fail(f"reply type {reply_type} is not a valid answer to {type(option).__name__}")
@@ -381,13 +409,15 @@ class ClientConnection(ClientTransmission):
                 return ExportInfo(export)
             if self._meta_export != option.name:
                 self._meta_contexts = {}
-            self._enter_transmission(export)
+            self._enter_transmission(export, bound=InfoType.BLOCK_SIZE in option.requests)
             return self._events.popleft()
         if isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
-            contexts: dict[int, str] = dict(gathered)  # type: ignore[arg-type]
+            pairs: list[tuple[int, str]] = gathered  # type: ignore[assignment]
+            contexts = dict(pairs)
+            if isinstance(option, OptionListMetaContext):
+                # spec: the id of a listed context is reserved (zero) and MUST be disregarded; number them.
+                contexts = dict(enumerate(name for _, name in pairs))
             if isinstance(option, OptionSetMetaContext):
-                if len(contexts) != len(gathered):
-                    self._fail("NBD_OPT_SET_META_CONTEXT answered two contexts with the same id")
                 self._meta_export, self._meta_contexts = option.name, contexts
                 code = Option.SET_META_CONTEXT
             else:
@@ -428,9 +458,11 @@ class ClientConnection(ClientTransmission):
         if size is None:
             self._fail("the server acknowledged INFO/GO without sending NBD_INFO_EXPORT")
             raise AssertionError  # unreachable
+        check_export_size(size)
         if sizes is None:
             return Export(canonical, size, TransmissionFlags(flags), description, block_sizes_known=False)
         minimum, preferred, maximum = sizes
+        check_block_sizes(minimum, preferred, maximum)
         return Export(canonical, size, TransmissionFlags(flags), description, minimum, preferred, maximum)
 
     def _export_name_reply(self, option: OptionExportName) -> Event | type[NEED_DATA]:
@@ -446,10 +478,11 @@ class ClientConnection(ClientTransmission):
         self._enter_transmission(Export(option.name, fields.size, TransmissionFlags(fields.transmission_flags)))
         return self._events.popleft()
 
-    def _enter_transmission(self, export: Export) -> None:
+    def _enter_transmission(self, export: Export, bound: bool = True) -> None:
         if not export.flags & TransmissionFlags.HAS_FLAGS:
             self._fail(f"transmission flags {int(export.flags):#x} lack NBD_FLAG_HAS_FLAGS")
-        self._start_transmission(export)
+        check_export_size(export.size)
+        self._start_transmission(export, bound)
         self._phase = Phase.TRANSMISSION
         self._events.append(
             HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))
@@ -457,5 +490,8 @@ class ClientConnection(ClientTransmission):
 
 
 def _check_string(text: str) -> None:
+    # spec ("Conventions"): UTF-8, no NUL, at most 4096 bytes.
     if len(text.encode()) > MAX_STRING_LENGTH:
         raise LocalProtocolError(f"string of {len(text.encode())} bytes exceeds the {MAX_STRING_LENGTH}-byte limit")
+    if "\0" in text:
+        raise LocalProtocolError(f"string {text[:64]!r} holds a NUL character")

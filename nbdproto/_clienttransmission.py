@@ -4,7 +4,9 @@ Requests are checked against what the server advertised before a byte is queued 
 flags", "Command flags", "Block size constraints"): breaking a client MUST is a LocalProtocolError. Replies
 are matched by cookie, with any number in flight and in any order, and checked against the request they
 answer: a structured read's chunks must lie inside the request, not overlap, and cover it on success; block
-status must answer each requested context once; nothing may follow DONE. Any violation is a
+status must answer each requested context once, with extents the request allows; nothing may follow DONE.
+Each chunk header is checked (type, length, what it answers) before its payload is read, so a length the
+request cannot allow is never buffered (the checks themselves are in ``_clientchecks``). Any violation is a
 RemoteProtocolError. Each request ends in exactly one event (``ReadReply``, ``BlockStatusReply``,
 ``SuccessReply`` or ``ErrorReply``).
 """
@@ -15,6 +17,7 @@ import struct
 
 from . import _headers as h
 from . import _wire as w
+from ._clientchecks import ReadCoverage, descriptor_count, parse_block_status
 from ._constants import ChunkType, Command, CommandFlags, Errno, ReplyFlags, TransmissionFlags
 from ._errors import LocalProtocolError
 from ._events import (
@@ -45,23 +48,30 @@ __all__ = ["ClientTransmission"]
 TF = TransmissionFlags
 _FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 _DONE = int(ReplyFlags.DONE)
-_MESSAGE_CHUNK_LIMIT = 64 * 1024  # error and NONE chunks: a message for humans, no more
+_MESSAGE_CHUNK_LIMIT = 64 * 1024  # error chunks: a message for humans, no more
 _KNOWN_ERRORS = {int(e) for e in Errno} - {0}
+_OFFSET_DATA, _OFFSET_HOLE, _NONE = int(ChunkType.OFFSET_DATA), int(ChunkType.OFFSET_HOLE), int(ChunkType.NONE)
+_STATUS_CHUNKS = (int(ChunkType.BLOCK_STATUS), int(ChunkType.BLOCK_STATUS_EXT))
+_ZEROES = bytes(64 * 1024)
+_SIMPLE, _STRUCTURED, _EXTENDED = h.SIMPLE_REPLY.magic, h.STRUCTURED_REPLY.magic, h.EXTENDED_REPLY.magic
+_MAGIC = struct.Struct(">I").unpack
 
 
 class _Pending:
     """A request waiting for (the rest of) its reply."""
 
-    __slots__ = ("request", "command", "offset", "length", "buffer", "covered", "ranges", "error", "extents")
+    __slots__ = ("request", "command", "flags", "offset", "length", "buffer", "coverage", "started", "error",
+                 "extents")  # fmt: skip
 
-    def __init__(self, request: Event, command: Command, offset: int, length: int) -> None:
+    def __init__(self, request: Event, command: Command, offset: int, length: int, flags: int = 0) -> None:
         self.request = request
         self.command = command
+        self.flags = flags
         self.offset = offset
         self.length = length
         self.buffer: memoryview | None = None
-        self.covered = 0
-        self.ranges: list[tuple[int, int]] = []
+        self.coverage: ReadCoverage | None = None  # made at a read's first data or hole chunk
+        self.started = False  # a chunk of the reply has arrived
         self.error: ErrorReply | None = None
         self.extents: dict[int, tuple[Extent, ...]] = {}
 
@@ -79,6 +89,7 @@ class ClientTransmission:
 
     def __init__(self) -> None:
         self.export: Export | None = None
+        self._alignment = 1
         self._pending: dict[int, _Pending] = {}
         self._disconnected = False
         # A read payload arriving straight into the caller's buffer: the part still to fill, the request it
@@ -152,8 +163,11 @@ class ClientTransmission:
         del self._pending[pending.request.cookie]  # type: ignore[union-attr]
         return self._complete(pending)
 
-    def _start_transmission(self, export: Export) -> None:
+    def _start_transmission(self, export: Export, bound: bool = True) -> None:
+        # spec ("Size constraints"): a client that asked for NBD_INFO_BLOCK_SIZE MUST keep to the minimum it got;
+        # one that did not is free to send unaligned requests, which the server must then fail cleanly.
         self.export = export
+        self._alignment = export.minimum_block_size if bound else 1
 
     # --- Requests ------------------------------------------------------------------------------------------
 
@@ -182,7 +196,7 @@ class ClientTransmission:
             if flags & _DF and not (advertised & TF.SEND_DF and self.structured_replies):
                 raise LocalProtocolError("DF needs structured replies and NBD_FLAG_SEND_DF")
             self._check_range(read.offset, read.length, payload=True)
-            pending = _Pending(event, Command.READ, read.offset, read.length)
+            pending = _Pending(event, Command.READ, read.offset, read.length, flags)
             buffer = read.buffer if read.buffer is not None else bytearray(read.length)
             view = memoryview(buffer).cast("B")
             if len(view) != read.length or view.readonly:
@@ -215,7 +229,7 @@ class ClientTransmission:
             filtered = bool(ids) and set(ids) != set(self._meta_contexts)
             if filtered and not (self.extended_headers and advertised & TF.BLOCK_STATUS_PAYLOAD):
                 raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
-            self._pending[cookie] = _Pending(event, Command.BLOCK_STATUS, status.offset, status.length)
+            self._pending[cookie] = _Pending(event, Command.BLOCK_STATUS, status.offset, status.length, flags)
             if filtered:
                 payload = w.encode(w.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
                 self._queue_header(Command.BLOCK_STATUS, flags | _PAYLOAD_LEN, cookie, status.offset, len(payload))
@@ -266,8 +280,8 @@ class ClientTransmission:
             raise LocalProtocolError(f"length {length} must be positive")
         if offset < 0 or offset + length > export.size:
             raise LocalProtocolError(f"offset {offset} + length {length} is outside the export ({export.size} bytes)")
-        if (offset | length) % export.minimum_block_size:
-            raise LocalProtocolError(f"offset {offset} / length {length} not aligned to {export.minimum_block_size}")
+        if (offset | length) % self._alignment:
+            raise LocalProtocolError(f"offset {offset} / length {length} not aligned to {self._alignment}")
         if payload and length > export.maximum_payload:
             raise LocalProtocolError(f"length {length} exceeds the maximum payload {export.maximum_payload}")
         if not self.extended_headers and length > 0xFFFFFFFF:
@@ -289,17 +303,19 @@ class ClientTransmission:
                 if self._eof:
                     if len(buf):
                         self._fail(f"the server closed the connection in the middle of a reply ({len(buf)} bytes)")
-                    started = [c for c, p in self._pending.items() if p.covered or p.extents or p.error or p.ranges]
+                    started = [c for c, p in self._pending.items() if p.started]
                     if started:
                         self._fail(f"the server closed the connection before the DONE chunk of cookie {started[0]:#x}")
                     self._phase = Phase.CLOSED
                     return ConnectionClosed()
                 return NEED_DATA
-            (magic,) = struct.unpack(">I", buf.peek(4))
-            if magic == h.SIMPLE_REPLY.magic:
+            (magic,) = _MAGIC(buf.peek(4))
+            if magic == _STRUCTURED:
+                event = self._chunk(False)
+            elif magic == _SIMPLE:
                 event = self._simple_reply()
-            elif magic == h.STRUCTURED_REPLY.magic or magic == h.EXTENDED_REPLY.magic:
-                event = self._chunk(magic == h.EXTENDED_REPLY.magic)
+            elif magic == _EXTENDED:
+                event = self._chunk(True)
             else:
                 self._fail(f"reply magic {magic:#x} is not a reply magic")
                 raise AssertionError  # unreachable
@@ -336,7 +352,8 @@ class ClientTransmission:
             assert pending.buffer is not None
             buf.skip(h.SIMPLE_REPLY.size)
             if len(buf) < pending.length:
-                pending.covered = pending.length
+                pending.started = True
+                self._claim(pending, pending.offset, pending.length)
                 return self._start_direct(pending, pending.buffer, done=True)
             pending.buffer[:] = buf.take(pending.length)
             del self._pending[cookie]
@@ -365,10 +382,13 @@ class ClientTransmission:
         pending = self._lookup(cookie)
         if offset is not None and offset != pending.offset:
             self._fail(f"extended reply offset {offset} does not echo the request's {pending.offset}")
-        if length > self._chunk_limit(pending, chunk_type):
-            self._fail(f"chunk of {length} bytes for {pending.command.name} {cookie:#x} is larger than allowed")
+        if chunk_type == _OFFSET_DATA and pending.command is Command.READ and 9 <= length <= pending.length + 8:
+            pass  # the usual chunk, checked in one line
+        else:
+            self._check_chunk(pending, chunk_type, flags, length)
+        pending.started = True
         if len(buf) < codec.size + length:
-            if chunk_type != ChunkType.OFFSET_DATA or len(buf) < codec.size + 8 or length < 9:
+            if chunk_type != _OFFSET_DATA or len(buf) < codec.size + 8:
                 return NEED_DATA
             # Data for a read, its offset known: checked now, the bytes go straight where they belong.
             buf.skip(codec.size)
@@ -383,79 +403,77 @@ class ClientTransmission:
         del self._pending[cookie]
         return self._complete(pending)
 
-    def _chunk_limit(self, pending: _Pending, chunk_type: int) -> int:
-        assert self.export is not None
-        if chunk_type == ChunkType.OFFSET_DATA:
-            return pending.length + 8
-        if chunk_type in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
-            return 8 + 16 * (1 << 20)  # spec: at most 2^20 descriptors a chunk
-        return _MESSAGE_CHUNK_LIMIT
-
-    def _apply_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
-        cookie = getattr(pending.request, "cookie", 0)
-        if chunk_type & 0x8000:
-            self._error_chunk(pending, chunk_type, payload)
-            return
+    def _check_chunk(self, pending: _Pending, chunk_type: int, flags: int, length: int) -> None:
+        """A chunk header against the request it answers, before any of its payload is read (spec:
+        "Structured reply types"): a type valid for the command, and a length that type and request allow."""
+        export = self.export
+        assert export is not None
         command = pending.command
-        if chunk_type == ChunkType.NONE:
-            if len(payload):
-                self._fail(f"NONE chunk with {len(payload)} bytes of payload")
-            return
-        if chunk_type in (ChunkType.OFFSET_DATA, ChunkType.OFFSET_HOLE):
+        if chunk_type & 0x8000:
+            if length > _MESSAGE_CHUNK_LIMIT:
+                self._fail(f"error chunk of {length} bytes for {_what(pending)} exceeds {_MESSAGE_CHUNK_LIMIT} bytes")
+        elif chunk_type == _NONE:
+            if length or not flags & _DONE:
+                self._fail(f"NONE chunk for {_what(pending)} with {length} bytes of payload, flags {flags:#x}: it "
+                           "must be empty and carry DONE")  # fmt: skip
+        elif chunk_type in (_OFFSET_DATA, _OFFSET_HOLE):
             if command != Command.READ:
-                self._fail(f"read data for {command.name} {cookie:#x}")
-            if chunk_type == ChunkType.OFFSET_DATA:
-                if len(payload) < 9:
-                    self._fail(f"OFFSET_DATA chunk of {len(payload)} bytes carries no data")
-                (offset,) = h.OFFSET_DATA_PREFIX.unpack_from(payload)
-                self._claim(pending, offset, len(payload) - 8)[:] = payload[8:]
-            else:
-                fields = w.decode(w.OffsetHolePayload, payload)
-                if fields.hole_size == 0:
-                    self._fail("OFFSET_HOLE chunk with a hole of 0 bytes")
-                self._claim(pending, fields.offset, fields.hole_size)[:] = bytes(fields.hole_size)
-            return
-        if chunk_type in (ChunkType.BLOCK_STATUS, ChunkType.BLOCK_STATUS_EXT):
+                self._fail(f"read data for {_what(pending)}")
+            if chunk_type == _OFFSET_HOLE and length != h.OFFSET_HOLE.size:
+                self._fail(f"OFFSET_HOLE chunk of {length} bytes for {_what(pending)}: it is always 12")
+            if chunk_type == _OFFSET_DATA and not 9 <= length <= pending.length + 8:
+                self._fail(f"OFFSET_DATA chunk of {length} bytes for {_what(pending)}: it carries 1 to "
+                           f"{pending.length} bytes of data after its offset")  # fmt: skip
+        elif chunk_type in _STATUS_CHUNKS:
             if command != Command.BLOCK_STATUS:
-                self._fail(f"block status chunk for {command.name} {cookie:#x}")
+                self._fail(f"block status chunk for {_what(pending)}")
             if (chunk_type == ChunkType.BLOCK_STATUS_EXT) != self.extended_headers:
                 self._fail(f"{ChunkType(chunk_type).name} chunk does not match the negotiated headers")
+            req_one = bool(pending.flags & _REQ_ONE)
+            descriptor_count(chunk_type, length, pending.length, export.minimum_block_size, req_one)
+        else:
+            self._fail(f"unknown chunk type {chunk_type} for {_what(pending)}")
+
+    def _apply_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
+        # The header was checked by _check_chunk: the type fits the command and the length fits the type.
+        if chunk_type == _OFFSET_DATA:
+            (offset,) = h.OFFSET_DATA_PREFIX.unpack_from(payload)
+            self._claim(pending, offset, len(payload) - 8)[:] = payload[8:]
+        elif chunk_type == _OFFSET_HOLE:
+            offset, size = h.OFFSET_HOLE.unpack_from(payload)
+            if size == 0:
+                self._fail("OFFSET_HOLE chunk with a hole of 0 bytes")
+            destination = self._claim(pending, offset, size)  # checked before a byte is sized from it
+            destination[:] = _ZEROES[:size] if size <= len(_ZEROES) else bytes(size)
+        elif chunk_type & 0x8000:
+            self._error_chunk(pending, chunk_type, payload)
+        elif chunk_type in _STATUS_CHUNKS:
             self._block_status_chunk(pending, chunk_type, payload)
-            return
-        self._fail(f"unknown chunk type {chunk_type} for cookie {cookie:#x}")
 
     def _claim(self, pending: _Pending, offset: int, size: int) -> memoryview:
         """Check that a read chunk fits its request and no earlier chunk; returns where its bytes go."""
-        start, end = pending.offset, pending.offset + pending.length
-        if offset < start or offset + size > end:
-            self._fail(f"read chunk {offset}+{size} is outside the request {start}+{pending.length}")
-        for other, other_size in pending.ranges:
-            if offset < other + other_size and other < offset + size:
-                self._fail(f"read chunk {offset}+{size} overlaps chunk {other}+{other_size}")
-        request = pending.request
-        if getattr(request, "flags", 0) & _DF and (offset != start or size != pending.length):
+        coverage = pending.coverage
+        if coverage is None:
+            coverage = pending.coverage = ReadCoverage(pending.offset, pending.length)
+        coverage.claim(offset, size)
+        start = pending.offset
+        if pending.flags & _DF and (offset != start or size != pending.length):
             self._fail("a DF read answered in more than one chunk")
-        pending.ranges.append((offset, size))
-        pending.covered += size
         assert pending.buffer is not None
         at = offset - start
         return pending.buffer[at : at + size]
 
     def _block_status_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
-        if chunk_type == ChunkType.BLOCK_STATUS_EXT:
-            fields = w.decode(w.BlockStatusExtPayload, payload)
-        else:
-            fields = w.decode(w.BlockStatusPayload, payload)
-        context_id = fields.context_id
+        export = self.export
+        assert export is not None
+        context_id = int.from_bytes(payload[:4], "big")
         request: BlockStatusRequest = pending.request  # type: ignore[assignment]
         wanted = request.context_ids or tuple(self._meta_contexts)
         if context_id not in wanted or context_id in pending.extents:
             self._fail(f"block status for context {context_id}, not asked for or answered twice")
-        extents = tuple(Extent(d.length, d.status) for d in fields.descriptors)
-        if not extents or any(e.length == 0 for e in extents):
-            self._fail("a block status chunk needs at least one descriptor, each of non-zero length")
-        if request.flags & _REQ_ONE and (len(extents) != 1 or extents[0].length > pending.length):
-            self._fail("REQ_ONE block status must carry one descriptor no longer than the request")
+        req_one = bool(pending.flags & _REQ_ONE)
+        minimum, size = export.minimum_block_size, export.size
+        _, extents = parse_block_status(chunk_type, payload, pending.offset, pending.length, minimum, size, req_one)
         pending.extents[context_id] = extents
 
     def _error_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
@@ -490,8 +508,9 @@ class ClientTransmission:
         if pending.error is not None:
             return self._error(pending.error)
         if pending.command == Command.READ:
-            if pending.covered != pending.length:
-                self._fail(f"read {cookie:#x} ended with {pending.covered} of {pending.length} bytes answered")
+            covered = 0 if pending.coverage is None else pending.coverage.covered
+            if covered != pending.length:
+                self._fail(f"read {cookie:#x} ended with {covered} of {pending.length} bytes answered")
             assert pending.buffer is not None
             return ReadReply(cookie, pending.buffer)
         if pending.command == Command.BLOCK_STATUS:
@@ -501,6 +520,11 @@ class ClientTransmission:
                 self._fail(f"block status {cookie:#x} answered contexts {sorted(pending.extents)} of {sorted(wanted)}")
             return BlockStatusReply(cookie, pending.extents)
         return SuccessReply(cookie)
+
+
+def _what(pending: _Pending) -> str:
+    """The request a reply answers, for error messages: "READ 0x5"."""
+    return f"{pending.command.name} {pending.request.cookie:#x}"  # type: ignore[union-attr]
 
 
 def _errno(value: int) -> Errno:

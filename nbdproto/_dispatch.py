@@ -21,7 +21,7 @@ import errno as _errno
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from ._constants import CommandFlags, Errno
+from ._constants import BASE_ALLOCATION, AllocationState, CommandFlags, Errno
 from ._events import (
     BlockStatusReply,
     BlockStatusRequest,
@@ -47,7 +47,7 @@ __all__ = [
     "reply_for",
     "error_reply_for",
     "nbd_errno",
-    "RequestBudget",
+    "OnError",
     "carry_out",
     "carry_out_all",
     "ReadView",
@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 _FUA = CommandFlags.FUA
+_ALLOCATION_BITS = int(AllocationState.HOLE | AllocationState.ZERO)
 _FUA_BIT = int(_FUA)  # int(flags) & bit: an IntFlag & IntFlag builds a new flag in Python, ~0.5 us per write
 
 
@@ -118,10 +119,13 @@ def reply_for(request: Request, calls: Sequence[DeviceCall], results: Sequence[A
         return ReadData(read.cookie, read.offset, calls[0].args[0])
     if kind is BlockStatusRequest:
         status: BlockStatusRequest = request  # type: ignore[assignment]
-        extents = {
-            context_id: tuple(Extent(int(length), int(flags)) for length, flags in result)
-            for context_id, result in zip(status.context_ids, results, strict=True)
-        }
+        extents = {}
+        for call, context_id, result in zip(calls, status.context_ids, results, strict=True):
+            # spec ("base:allocation"): the flags other than HOLE and ZERO are reserved, sent as zero.
+            if call.args[0] == BASE_ALLOCATION:
+                extents[context_id] = tuple(Extent(int(n), int(flags) & _ALLOCATION_BITS) for n, flags in result)
+            else:
+                extents[context_id] = tuple(Extent(int(n), int(flags)) for n, flags in result)
         return BlockStatusReply(status.cookie, extents)
     return SuccessReply(request.cookie)
 
@@ -130,7 +134,8 @@ def error_reply_for(request: Request, exc: BaseException) -> ErrorReply:
     """The error reply for a request whose device call raised ``exc``.
 
     spec ("Error values"): ENOTSUP is only for a FAST_ZERO write-zeroes that cannot be fast, and EOVERFLOW only
-    for sizes; a device that raises them elsewhere is reported as EINVAL.
+    for sizes; a device that raises them elsewhere is reported as EINVAL. The message is the exception's text,
+    whole: the engine cuts every string it sends to the spec's 4096 bytes.
     """
     message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
     error = nbd_errno(exc)
@@ -138,7 +143,7 @@ def error_reply_for(request: Request, exc: BaseException) -> ErrorReply:
         error == Errno.ENOTSUP and not (type(request) is WriteZeroesRequest and request.flags & CommandFlags.FAST_ZERO)
     ) or error == Errno.EOVERFLOW:
         error = Errno.EINVAL
-    return ErrorReply(request.cookie, error, message[:1024])
+    return ErrorReply(request.cookie, error, message)
 
 
 # errno of an OSError -> the NBD error the spec wants for it (spec: "Error values"); everything else is EIO.
@@ -166,54 +171,7 @@ def nbd_errno(exc: BaseException) -> Errno:
     return Errno.EIO
 
 
-class RequestBudget:
-    """How much a connection has taken on: requests being carried out, and the payload bytes they hold.
-
-    Both backends stop reading from a client while ``full``: a client that pipelines writes faster than the
-    device takes them then waits in its own send buffer instead of filling the server's memory. The bytes
-    counted are a write's data and a read's reply buffer, the memory a request pins until it is answered.
-    """
-
-    __slots__ = ("max_requests", "max_bytes", "requests", "bytes")
-
-    def __init__(self, max_requests: int, max_bytes: int) -> None:
-        self.max_requests = max_requests
-        self.max_bytes = max_bytes
-        self.requests = 0
-        self.bytes = 0
-
-    @staticmethod
-    def cost(request: Request) -> int:
-        """The bytes ``request`` holds in memory while it is carried out. A write's data is a view into the
-        received chunk it arrived in, which stays alive as long as the view: that whole chunk is counted."""
-        kind = type(request)
-        if kind is WriteRequest:
-            data = request.data  # type: ignore[union-attr]
-            owner = data.obj if isinstance(data, memoryview) else data
-            return max(len(data), len(owner) if isinstance(owner, (bytes, bytearray)) else 0)
-        if kind is ReadRequest:
-            return request.length  # type: ignore[union-attr]
-        return 0
-
-    @property
-    def full(self) -> bool:
-        """True while no more requests should be read."""
-        return self.requests >= self.max_requests or self.bytes > self.max_bytes
-
-    @property
-    def idle(self) -> bool:
-        return self.requests == 0
-
-    def add(self, cost: int) -> None:
-        self.requests += 1
-        self.bytes += cost
-
-    def done(self, cost: int) -> None:
-        self.requests -= 1
-        self.bytes -= cost
-
-
-OnError = Callable[[Request, BaseException], None]
+OnError = Callable[[Any, BaseException], None]
 """Told of a device failure that is not an OSError (a bug worth logging); the client gets EIO either way."""
 
 

@@ -77,6 +77,7 @@ __all__ = [
     "ReadData",
     "ReadHole",
     "ReadReply",
+    "WritePayload",
     "BlockStatusReply",
     "SuccessReply",
     "ErrorReply",
@@ -498,22 +499,51 @@ class ReadRequest(_Event):
 
 
 class WriteRequest(_Event):
-    """NBD_CMD_WRITE of ``data`` at ``offset`` (FUA may be set in ``flags``)."""
+    """NBD_CMD_WRITE of ``data`` at ``offset`` (FUA may be set in ``flags``).
 
-    __slots__ = ("cookie", "offset", "data", "flags")
+    Server role, with ``more`` set: the payload goes on beyond ``data`` and arrives in ``WritePayload`` events,
+    the last one marked (a server that streams large writes, see ``ServerConnection(stream_writes_over=...)``);
+    the write may be answered only after the last part."""
+
+    __slots__ = ("cookie", "offset", "data", "flags", "more")
 
     cookie: int
     offset: int
     data: bytes | bytearray | memoryview
     flags: CommandFlags
+    more: bool
 
     def __init__(
-        self, cookie: int, offset: int, data: bytes | bytearray | memoryview, flags: CommandFlags = NO_FLAGS
+        self,
+        cookie: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        flags: CommandFlags = NO_FLAGS,
+        more: bool = False,
     ) -> None:
         self.cookie = cookie
         self.offset = offset
         self.data = data
         self.flags = flags
+        self.more = more
+
+
+class WritePayload(_Event):
+    """Server role: the next part of a streamed write's payload (see ``WriteRequest.more``): ``data`` goes at
+    ``offset`` of the export; ``last`` marks the end of write ``cookie``'s payload."""
+
+    __slots__ = ("cookie", "offset", "data", "last")
+
+    cookie: int
+    offset: int
+    data: memoryview
+    last: bool
+
+    def __init__(self, cookie: int, offset: int, data: memoryview, last: bool) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.data = data
+        self.last = last
 
 
 class DisconnectRequest(_Event):
@@ -781,6 +811,7 @@ Event = (
     | HandshakeComplete
     | ClientAborted
     | Request
+    | WritePayload
     | ReadData
     | ReadHole
     | ReadReply

@@ -51,13 +51,14 @@ class DeviceCapabilities:
     meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)
 
     def __post_init__(self) -> None:
-        # spec ("Block size constraints"): powers of two, 1 <= minimum <= 64 KiB, minimum <= preferred <=
+        # spec ("Size constraints"): powers of two, 1 <= minimum <= 64 KiB, max(minimum, 512) <= preferred <=
         # maximum (the maximum need not be a power of two, but must be a multiple of the minimum).
         minimum, preferred, maximum = self.minimum_block_size, self.preferred_block_size, self.maximum_payload
         if not (_power_of_two(minimum) and minimum <= 65536):
             raise ValueError(f"minimum block size {minimum} must be a power of two from 1 to 65536")
-        if not (_power_of_two(preferred) and minimum <= preferred <= 32 * 1024 * 1024):
-            raise ValueError(f"preferred block size {preferred} must be a power of two from {minimum} to 32 MiB")
+        lowest = max(minimum, 512)
+        if not (_power_of_two(preferred) and lowest <= preferred <= 32 * 1024 * 1024):
+            raise ValueError(f"preferred block size {preferred} must be a power of two from {lowest} to 32 MiB")
         if not (preferred <= maximum <= 0xFFFFFFFF and maximum % minimum == 0):
             raise ValueError(f"maximum payload {maximum} must be a multiple of {minimum}, >= {preferred}, < 4 GiB")
 

@@ -12,12 +12,15 @@ Or, to list exports: LIST, then ABORT.
 
 A driver calls ``step(event)`` with every event the connection produces during the handshake (after calling
 ``tls_established()`` itself on StartTLS) and sends what it returns, until ``done`` is set: then ``result``
-is the HandshakeComplete (or the ExportList). Failures raise ``NegotiationError``.
+is the HandshakeComplete (or the ExportList). Failures raise ``NegotiationError``. A refusal the plan cannot
+get past ends the session the way the spec wants a client to end it ("Termination of the session during
+option haggling"): with NBD_OPT_ABORT, a soft disconnect; the error is raised once the server answered it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ._constants import BASE_ALLOCATION, DEFAULT_PORT, InfoType, Option, OptionReplyType
 from ._errors import ProtocolError
@@ -69,7 +72,11 @@ class ClientNegotiation:
         extended_headers: bool = True,
         meta_contexts: Sequence[str] = ("base:allocation",),
         list_exports: bool = False,
+        block_sizes: bool = True,
     ) -> None:
+        """``block_sizes``: ask for NBD_INFO_BLOCK_SIZE with GO, which binds the client to the constraints the
+        server sends (spec: "Size constraints"); without it a server that has constraints may refuse the
+        export (NBD_REP_ERR_BLOCK_SIZE_REQD) or must fail unaligned requests cleanly."""
         self.export_name = export_name
         self.tls = tls or require_tls
         self.require_tls = require_tls
@@ -77,6 +84,7 @@ class ClientNegotiation:
         self.extended = extended_headers and structured_replies
         self.meta_contexts = tuple(meta_contexts)
         self.list_exports = list_exports
+        self.block_sizes = block_sizes
         self.done = False
         self.result: HandshakeComplete | ExportList | None = None
         self.tls_active = False
@@ -84,6 +92,7 @@ class ClientNegotiation:
         self._replies = False  # structured replies or extended headers agreed
         self._extended_agreed = False
         self._listing: ExportList | None = None
+        self._failure: NegotiationError | None = None  # why the plan sent NBD_OPT_ABORT, raised once it is answered
 
     def step(self, event: Event) -> Event | None:
         """The next option to send after ``event``, or None (nothing to send: wait for more, or done)."""
@@ -115,6 +124,8 @@ class ClientNegotiation:
             self._listing = event
             return OptionAbort()
         if isinstance(event, ClientAborted):
+            if self._failure is not None:
+                raise self._failure
             self.done, self.result = True, self._listing
             return None
         if isinstance(event, HandshakeComplete):
@@ -141,17 +152,26 @@ class ClientNegotiation:
         return self._go()
 
     def _go(self) -> Event:
+        if not self.block_sizes:
+            return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION))
         return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION, InfoType.BLOCK_SIZE))
+
+    def _give_up(self, failure: NegotiationError) -> Event:
+        self._failure = failure
+        return OptionAbort()
 
     def _refused(self, event: OptionError) -> Event | None:
         option, reply = event.option, event.reply_type
         detail = f": {event.message}" if event.message else ""
+        if reply == _REP.ERR_SHUTDOWN:
+            # spec: a client told NBD_REP_ERR_SHUTDOWN MUST initiate a soft disconnect.
+            return self._give_up(NegotiationError(f"the server is shutting down{detail}", reply))
         if option == Option.STARTTLS:
             if self.require_tls:
-                raise NegotiationError(f"the server refused TLS{detail}", reply)
+                return self._give_up(NegotiationError(f"the server refused TLS{detail}", reply))
             return self._after_tls()
         if reply == _REP.ERR_TLS_REQD:
-            raise NegotiationError(f"the server requires TLS{detail}", reply)
+            return self._give_up(NegotiationError(f"the server requires TLS{detail}", reply))
         if option == Option.EXTENDED_HEADERS:
             return OptionStructuredReply() if self.structured else self._go()
         if option == Option.STRUCTURED_REPLY:
@@ -159,44 +179,38 @@ class ClientNegotiation:
         if option == Option.SET_META_CONTEXT:
             return self._go()  # block status will be unavailable; the rest works
         if option == Option.LIST:
-            raise NegotiationError(f"the server does not list its exports{detail}", reply)
+            return self._give_up(NegotiationError(f"the server does not list its exports{detail}", reply))
         if option == Option.GO:
             # spec: fall back to EXPORT_NAME for old servers, never after extended headers were agreed.
             if reply == _REP.ERR_UNSUP and not self._extended_agreed:
                 return OptionExportName(self.export_name)
-            raise NegotiationError(f"export {self.export_name!r} refused{detail}", reply)
-        raise NegotiationError(f"option {option} refused{detail}", reply)
+            return self._give_up(NegotiationError(f"export {self.export_name!r} refused{detail}", reply))
+        return self._give_up(NegotiationError(f"option {option} refused{detail}", reply))
 
 
 def plan_connection(
-    uri: str | None = None,
-    *,
-    host: str = "localhost",
-    port: int = DEFAULT_PORT,
-    socket_path: str | None = None,
-    export_name: str = "",
-    tls: bool = False,
-    require_tls: bool | None = None,
-    structured_replies: bool = True,
-    extended_headers: bool = True,
-    meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
-    list_exports: bool = False,
+    uri: str | None, options: Mapping[str, Any], *, list_exports: bool = False
 ) -> tuple[NbdUri, ClientNegotiation]:
-    """Where a client connects and the handshake it follows, from a URI or from host/port/socket_path: the part
-    of connecting both client backends share. ``tls`` says whether the caller has a TLS context; TLS is required
-    when ``require_tls`` says so, or by default for an nbds URI. When the plan's ``tls`` is set and the caller
-    has no context, the backend makes a default one."""
+    """Where a client connects and the handshake it follows, from a URI or from the ``host`` / ``port`` /
+    ``socket_path`` / ``export_name`` of ``options`` (nbdproto.ConnectOptions): the part of connecting both
+    client backends share. TLS is used when ``options["tls"]`` holds a context or the URI is nbds, and required
+    when ``require_tls`` says so, or by default for an nbds URI; a backend makes a default context when the
+    plan's ``tls`` is set and the caller gave none."""
     if uri:
         target = parse_uri(uri)
     else:
-        target = NbdUri(export_name, False, socket_path is not None, host, port, socket_path or "")
+        socket_path = options.get("socket_path")
+        host, port = options.get("host", "localhost"), options.get("port", DEFAULT_PORT)
+        target = NbdUri(options.get("export_name", ""), False, socket_path is not None, host, port, socket_path or "")
+    require_tls = options.get("require_tls")
     plan = ClientNegotiation(
         target.export_name,
-        tls=tls,
+        tls=options.get("tls") is not None,
         require_tls=target.tls if require_tls is None else require_tls,
-        structured_replies=structured_replies,
-        extended_headers=extended_headers,
-        meta_contexts=meta_contexts,
+        structured_replies=options.get("structured_replies", True),
+        extended_headers=options.get("extended_headers", True),
+        meta_contexts=options.get("meta_contexts", (BASE_ALLOCATION,)),
         list_exports=list_exports,
+        block_sizes=options.get("block_sizes", True),
     )
     return target, plan

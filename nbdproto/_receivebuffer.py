@@ -92,6 +92,20 @@ class ReceiveBuffer:
             self._head, self._pos = self._rest.popleft(), 0
         return view
 
+    def take_some(self, n: int) -> memoryview:
+        """Consume at most n bytes, as many as the current chunk holds (at least one when any are unread):
+        always zero-copy, for payloads handed on piece by piece."""
+        if self._pos == len(self._head) and self._rest:
+            self._head, self._pos = self._rest.popleft(), 0
+        pos = self._pos
+        n = min(n, len(self._head) - pos)
+        view = memoryview(self._head)[pos : pos + n]
+        self._pos = pos + n
+        self._size -= n
+        if self._pos == len(self._head) and self._rest:
+            self._head, self._pos = self._rest.popleft(), 0
+        return view
+
     def take_all(self) -> bytes:
         """Consume and return every unread byte (used when a phase ends with bytes left over)."""
         data = self.take(self._size).tobytes() if self._size else b""

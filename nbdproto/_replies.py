@@ -4,6 +4,10 @@ Pure functions from values to ``bytes``; the server connection decides *which* t
 Handshake payloads go through the construct definitions (rare, variable-length); transmission headers use
 the fast codecs derived from them. A reply's data payload is never part of what these return: the caller
 queues it as its own piece, so it is never copied.
+
+Every string the server sends (option error messages, export names and descriptions, meta context names,
+error chunk messages) is built here and passes through ``wire_string``, the one place that holds it to the
+spec's rule for strings ("Conventions": UTF-8, no NUL, at most 4096 bytes).
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from collections.abc import Sequence
 
 from . import _headers as h
 from . import _wire as w
-from ._constants import ChunkType, InfoType, OptionReplyType, ReplyFlags
-from ._events import Export, Extent
+from ._constants import MAX_STRING_LENGTH, ChunkType, InfoType, OptionReplyType, ReplyFlags
+from ._errors import LocalProtocolError
+from ._events import Export, ExportListing, Extent
 
 __all__ = [
+    "wire_string",
     "option_reply",
+    "option_error",
+    "server_reply",
+    "meta_context_reply",
     "info_replies",
     "simple_reply",
     "chunk_header",
@@ -41,34 +50,82 @@ _EXTENDED_DATA = struct.Struct(h.EXTENDED_REPLY.struct.format + h.OFFSET_DATA_PR
 _ZEROES = bytes(1 << 20)
 
 
+def wire_string(text: str, name: str | None = None, limit: int = MAX_STRING_LENGTH) -> str:
+    """``text`` as a string may go on the wire (spec: "Conventions"): valid UTF-8 with no NUL, at most ``limit``
+    bytes (4096, the spec's limit for every string, error messages included).
+
+    Text for humans (an error message, a description) is made to fit: a NUL becomes U+FFFD, a character UTF-8
+    cannot encode (a lone surrogate) becomes "?", and what is over the limit is cut at a character boundary,
+    so a message quoting a 4096-byte export name still goes out, shortened. A name (``name`` says what it
+    names, e.g. "export name") cannot be cut without naming something else, so one that does not fit is the
+    application's error: LocalProtocolError.
+    """
+    if name is not None:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise LocalProtocolError(f"{name} {text[:64]!r} is not valid UTF-8") from None
+        if size > limit or "\0" in text:
+            raise LocalProtocolError(f"{name} {text[:64]!r}... of {size} bytes is over {limit} bytes or holds a NUL")
+        return text
+    if len(text) * 4 <= limit and text.isprintable():
+        return text  # the common case: short enough whatever its characters, and nothing to replace
+    encoded = text.replace("\0", "\ufffd").encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return encoded.decode()
+    # A cut inside a multi-byte character leaves a partial sequence at the end; "ignore" drops it.
+    return encoded[:limit].decode("utf-8", "ignore")
+
+
 def option_reply(option: int, reply_type: int, payload: bytes = b"") -> bytes:
     """One option reply: header and payload (spec: "Option reply types")."""
     return h.OPTION_REPLY.pack(_OPTION_REPLY_MAGIC, option, reply_type, len(payload)) + payload
 
 
-def info_replies(option: int, export: Export, flags: int, requests: Sequence[int]) -> list[bytes]:
+def option_error(option: int, reply_type: int, message: str) -> bytes:
+    """An NBD_REP_ERR_* reply carrying ``message`` for humans (made to fit the string rule)."""
+    return option_reply(option, reply_type, w.encode(w.ErrorReplyPayload, {"message": wire_string(message)}))
+
+
+def server_reply(option: int, listing: ExportListing) -> bytes:
+    """One NBD_REP_SERVER of the answer to NBD_OPT_LIST: the export's name and its description."""
+    fields = {"name": wire_string(listing.name, "export name"), "description": wire_string(listing.description)}
+    return option_reply(option, OptionReplyType.SERVER, w.encode(w.ServerPayload, fields))
+
+
+def meta_context_reply(option: int, context_id: int, name: str) -> bytes:
+    """One NBD_REP_META_CONTEXT; ``name`` must be "namespace:leaf" (spec: "Metadata querying")."""
+    if ":" not in name:
+        raise LocalProtocolError(f"meta context name {name!r} has no namespace (namespace:leaf-name)")
+    payload = w.encode(w.MetaContextReplyPayload, {"context_id": context_id, "name": wire_string(name, "meta context")})
+    return option_reply(option, OptionReplyType.META_CONTEXT, payload)
+
+
+def info_replies(option: int, export: Export, flags: int, requests: Sequence[int], maximum_payload: int) -> list[bytes]:
     """The NBD_REP_INFO replies answering INFO/GO for ``export``: NBD_INFO_EXPORT always (with the
-    transmission ``flags`` the server will use), then NAME, DESCRIPTION and BLOCK_SIZE where the client asked
-    for them; unknown requests are ignored as the spec requires."""
+    transmission ``flags`` the server will use), then NAME, DESCRIPTION and BLOCK_SIZE where ``requests`` name
+    them, each once; unknown requests are ignored as the spec requires."""
     info = int(OptionReplyType.INFO)
     export_payload = w.encode(w.InfoExportPayload, {"size": export.size, "transmission_flags": flags})
     out = [option_reply(option, info, export_payload)]
     if InfoType.NAME in requests:
-        out.append(option_reply(option, info, w.encode(w.InfoNamePayload, {"name": export.name})))
+        name = wire_string(export.name, "export name")
+        out.append(option_reply(option, info, w.encode(w.InfoNamePayload, {"name": name})))
     if InfoType.DESCRIPTION in requests and export.description:
-        payload = w.encode(w.InfoDescriptionPayload, {"description": export.description})
+        payload = w.encode(w.InfoDescriptionPayload, {"description": wire_string(export.description)})
         out.append(option_reply(option, info, payload))
     if InfoType.BLOCK_SIZE in requests:
-        out.append(option_reply(option, info, block_size_payload(export)))
+        out.append(option_reply(option, info, block_size_payload(export, maximum_payload)))
     return out
 
 
-def block_size_payload(export: Export) -> bytes:
-    """NBD_INFO_BLOCK_SIZE's payload for ``export``."""
+def block_size_payload(export: Export, maximum_payload: int) -> bytes:
+    """NBD_INFO_BLOCK_SIZE's payload for ``export``, advertising ``maximum_payload`` (which the connection may
+    have lowered from the export's own, see ServerHandshake)."""
     sizes = {
         "minimum": export.minimum_block_size,
         "preferred": export.preferred_block_size,
-        "maximum": export.maximum_payload,
+        "maximum": maximum_payload,
     }
     return w.encode(w.InfoBlockSizePayload, sizes)
 
@@ -103,10 +160,18 @@ def offset_hole_chunk(extended: bool, done: bool, cookie: int, request_offset: i
 
 
 def error_chunk(
-    extended: bool, done: bool, cookie: int, request_offset: int, error: int, message: str, offset: int | None
+    extended: bool,
+    done: bool,
+    cookie: int,
+    request_offset: int,
+    error: int,
+    message: str,
+    offset: int | None,
+    limit: int = MAX_STRING_LENGTH,
 ) -> bytes:
-    """A whole ERROR chunk, or ERROR_OFFSET when ``offset`` is given."""
-    fields = {"error": error, "message": message}
+    """A whole ERROR chunk, or ERROR_OFFSET when ``offset`` is given; ``message`` is made to fit ``limit`` bytes
+    (the string rule's 4096, or less where the maximum payload is smaller: spec, "Structured reply types")."""
+    fields = {"error": error, "message": wire_string(message, limit=limit)}
     if offset is None:
         chunk_type, payload = ChunkType.ERROR, w.encode(w.ErrorChunkPayload, fields)
     else:

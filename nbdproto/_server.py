@@ -48,7 +48,10 @@ class ServerConnection(ServerHandshake, ServerTransmission):
     ``exports``: the names (or ``ExportListing``s with descriptions) answered to NBD_OPT_LIST, or None to
     refuse listing with NBD_REP_ERR_POLICY. ``tls``: the TLS mode (spec: "Server-side requirements").
     ``structured_replies`` / ``extended_headers``: whether the server agrees to those options (turn them off to
-    behave like an older server). The greeting is queued at once: call ``data_to_send()`` before reading.
+    behave like an older server). ``stream_writes_over``: a WRITE with a larger payload that has not all
+    arrived is handed over as it arrives (WriteRequest with ``more`` set, then WritePayload events), so a driver
+    need not buffer a whole large payload; None (the default) waits for every payload. The greeting is queued
+    at once: call ``data_to_send()`` before reading.
     """
 
     # --- The driver's interface --------------------------------------------------------------------------
@@ -67,6 +70,12 @@ class ServerConnection(ServerHandshake, ServerTransmission):
     def meta_contexts(self) -> Mapping[int, str]:
         """The meta contexts agreed for transmission: id -> name."""
         return self._meta_contexts
+
+    @property
+    def receiving_request(self) -> bool:
+        """True while part of a request (or option) has arrived and the rest has not: a header, or some of a
+        payload. A driver bounds how long it waits for the rest."""
+        return bool(len(self._buf) or self._skip or self._write_rest is not None)
 
     @property
     def in_flight(self) -> int:

@@ -12,6 +12,7 @@ from . import _headers as h
 from . import _replies as r
 from . import _wire as w
 from ._constants import (
+    DEFAULT_MAX_PAYLOAD,
     MAX_OPTION_LENGTH,
     MAX_STRING_LENGTH,
     ClientFlags,
@@ -39,6 +40,20 @@ __all__ = ["ServerHandshake"]
 
 _REP = OptionReplyType
 _KNOWN_CLIENT_FLAGS = int(ClientFlags.FIXED_NEWSTYLE | ClientFlags.NO_ZEROES)  # an int: ~IntFlag drops unknown bits
+# The largest data an OFFSET_DATA chunk can carry in a structured (20-byte header) reply: its 32-bit length
+# counts the 8-byte offset too (spec: "NBD_CMD_READ", a longer read MUST be split).
+_MAX_STRUCTURED_DATA = 0xFFFFFFFF - 8
+
+
+def _check_block_sizes(export: Export) -> None:
+    """The constraints an export advertises must be ones the spec allows ("Size constraints")."""
+    minimum, preferred, maximum = export.minimum_block_size, export.preferred_block_size, export.maximum_payload
+    if not (0 < minimum <= 65536 and not minimum & (minimum - 1)):
+        raise LocalProtocolError(f"minimum block size {minimum} must be a power of two from 1 to 65536")
+    if not (max(minimum, 512) <= preferred and not preferred & (preferred - 1)):
+        raise LocalProtocolError(f"preferred block size {preferred} must be a power of two >= 512 and >= {minimum}")
+    if not preferred <= maximum <= 0xFFFFFFFF:
+        raise LocalProtocolError(f"maximum payload {maximum} must be from {preferred} to 0xffffffff")
 
 
 class ServerHandshake(ServerState):
@@ -60,7 +75,7 @@ class ServerHandshake(ServerState):
         self._out.append(r.option_reply(option, reply_type, payload))
 
     def _error(self, option: int, reply_type: OptionReplyType, message: str) -> None:
-        self._reply(option, reply_type, w.encode(w.ErrorReplyPayload, {"message": message}))
+        self._out.append(r.option_error(option, reply_type, message))
 
     def _next_option(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
@@ -144,9 +159,12 @@ class ServerHandshake(ServerState):
         elif self._offer is None:
             self._error(option, _REP.ERR_POLICY, "this server does not list its exports")
         else:
-            for listing in self._offer:
-                fields = {"name": listing.name, "description": listing.description}
-                self._reply(option, _REP.SERVER, w.encode(w.ServerPayload, fields))
+            try:
+                replies = [r.server_reply(option, listing) for listing in self._offer]
+            except LocalProtocolError:
+                self._phase = Phase.ERROR  # the application's offer list holds a name no client could use
+                raise
+            self._out.extend(replies)
             self._reply(option, _REP.ACK)
 
     def _structured_reply(self, data: bytes) -> None:
@@ -184,8 +202,9 @@ class ServerHandshake(ServerState):
             # spec: EXPORT_NAME cannot be answered with an error, so the session ends.
             self._fail("NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS")
         name = w.decode(w.ExportNamePayload, data).name
-        if len(data) > MAX_STRING_LENGTH:
-            self._fail(f"export name of {len(data)} bytes exceeds {MAX_STRING_LENGTH}")
+        if len(data) > MAX_STRING_LENGTH or "\0" in name:
+            # spec ("Conventions"): a string holds no NUL and is at most 4096 bytes; EXPORT_NAME cannot be refused.
+            self._fail(f"export name of {len(data)} bytes is over {MAX_STRING_LENGTH} bytes or holds a NUL")
         return self._ask_for_export(Option.EXPORT_NAME, name, {})
 
     def _info_or_go(self, option: Option, data: bytes) -> Event | None:
@@ -196,6 +215,9 @@ class ServerHandshake(ServerState):
             return None
         if len(fields.name.encode()) > MAX_STRING_LENGTH:
             self._error(option, _REP.ERR_TOO_BIG, f"export name exceeds {MAX_STRING_LENGTH} bytes")
+            return None
+        if "\0" in fields.name:
+            self._error(option, _REP.ERR_INVALID, "an export name must not hold a NUL character")
             return None
         return self._ask_for_export(option, fields.name, {"requests": tuple(fields.requests)})
 
@@ -215,6 +237,9 @@ class ServerHandshake(ServerState):
         if any(len(s.encode()) > MAX_STRING_LENGTH for s in strings):
             self._error(option, _REP.ERR_TOO_BIG, f"a name or query exceeds {MAX_STRING_LENGTH} bytes")
             return None
+        if any("\0" in s for s in strings):
+            self._error(option, _REP.ERR_INVALID, "a name or query must not hold a NUL character")
+            return None
         return self._ask_for_export(option, fields.name, {"queries": tuple(fields.queries)})
 
     def _answer_export(self, answer: Export | ExportUnknown) -> None:
@@ -226,8 +251,12 @@ class ServerHandshake(ServerState):
         if isinstance(answer, ExportUnknown):
             self._refuse_export(option, answer)
             return
+        _check_block_sizes(answer)
         if answer.tls_required and not self._tls_active and self.tls_mode is not TlsMode.NOTLS:
-            self._refuse_export(option, ExportUnknown("this export requires TLS", _REP.ERR_TLS_REQD))
+            # spec (SELECTIVETLS): NBD_REP_ERR_TLS_REQD only answers INFO, GO (and EXPORT_NAME closes); a meta
+            # context question about a TLS-only export is refused by policy instead.
+            refusal = _REP.ERR_TLS_REQD if option in (Option.INFO, Option.GO, Option.EXPORT_NAME) else _REP.ERR_POLICY
+            self._refuse_export(option, ExportUnknown("this export requires TLS", refusal))
         elif option == Option.EXPORT_NAME:
             self._enter_transmission(answer, with_export_name=True)
         elif option in (Option.INFO, Option.GO):
@@ -243,12 +272,19 @@ class ServerHandshake(ServerState):
         reply_type = OptionReplyType(answer.reply_type)
         if not reply_type.is_error:
             raise LocalProtocolError(f"ExportUnknown.reply_type {reply_type.name} is not an error")
-        if reply_type is _REP.ERR_TLS_REQD and (self._tls_active or self.tls_mode is TlsMode.NOTLS):
-            raise LocalProtocolError("NBD_REP_ERR_TLS_REQD may only be sent before TLS by a TLS server")
+        if reply_type is _REP.ERR_TLS_REQD and (
+            self._tls_active or self.tls_mode is TlsMode.NOTLS or option not in (Option.INFO, Option.GO)
+        ):
+            raise LocalProtocolError("NBD_REP_ERR_TLS_REQD may only answer INFO or GO, before TLS, on a TLS server")
+        if reply_type is _REP.ERR_UNSUP and option == Option.GO and self.extended_headers:
+            # spec (extended headers): a server that agreed to them must support NBD_OPT_GO.
+            raise LocalProtocolError("NBD_OPT_GO cannot be unsupported once extended headers were agreed")
         self._error(option, reply_type, answer.message or "unknown export")
 
     def _transmission_flags(self, export: Export) -> int:
         flags = int(export.flags) | TransmissionFlags.HAS_FLAGS
+        if not flags & TransmissionFlags.SEND_WRITE_ZEROES:
+            flags &= ~int(TransmissionFlags.SEND_FAST_ZERO)  # spec: FAST_ZERO MUST be clear without WRITE_ZEROES
         if not self.structured_replies:
             flags &= ~int(TransmissionFlags.SEND_DF)
         else:
@@ -258,15 +294,27 @@ class ServerHandshake(ServerState):
             flags |= TransmissionFlags.BLOCK_STATUS_PAYLOAD
         return flags
 
+    def _maximum_payload(self, export: Export) -> int:
+        """The maximum payload this connection advertises and enforces: the export's, except that a structured
+        (not extended) read could not carry more than 2^32 - 9 bytes in one chunk."""
+        if self.structured_replies and not self.extended_headers:
+            return min(export.maximum_payload, _MAX_STRUCTURED_DATA)
+        return export.maximum_payload
+
     def _answer_info(self, option: Option, export: Export, requests: tuple[int, ...]) -> None:
         wants_sizes = InfoType.BLOCK_SIZE in requests
+        maximum = self._maximum_payload(export)
         if not wants_sizes and (export.block_size_required or export.minimum_block_size > 1):
             # spec: send the constraints first, so the client can retry without a round trip.
-            self._reply(option, _REP.INFO, r.block_size_payload(export))
+            self._reply(option, _REP.INFO, r.block_size_payload(export, maximum))
             self._error(option, _REP.ERR_BLOCK_SIZE_REQD, "this export needs NBD_INFO_BLOCK_SIZE to be requested")
             return
+        if export.preferred_block_size != 4096 or maximum < DEFAULT_MAX_PAYLOAD:
+            # spec ("Size constraints"): constraints other than the defaults (1, 4096, at least 32 MiB) MUST be
+            # advertised, asked for or not (a client MUST ignore an information type it does not know).
+            requests += (InfoType.BLOCK_SIZE,)
         flags = self._transmission_flags(export)
-        self._out.extend(r.info_replies(option, export, flags, requests))
+        self._out.extend(r.info_replies(option, export, flags, requests, maximum))
         self._reply(option, _REP.ACK)
         if option == Option.GO:
             self._enter_transmission(export)
@@ -279,9 +327,7 @@ class ServerHandshake(ServerState):
             return
         # Ids are only meaningful for SET (spec: LIST replies SHOULD carry id 0).
         numbered = [(0 if listing else i + 1, name) for i, name in enumerate(chosen)]
-        for context_id, name in numbered:
-            payload = w.encode(w.MetaContextReplyPayload, {"context_id": context_id, "name": name})
-            self._reply(option, _REP.META_CONTEXT, payload)
+        self._out.extend([r.meta_context_reply(option, context_id, name) for context_id, name in numbered])
         self._reply(option, _REP.ACK)
         if not listing:
             self._meta_export, self._meta_contexts = export.name, dict(numbered)
@@ -297,7 +343,7 @@ class ServerHandshake(ServerState):
         self._size = export.size
         self._flags = flags
         self._min_block = export.minimum_block_size
-        self._max_payload = export.maximum_payload
+        self._max_payload = self._maximum_payload(export)
         writable = not flags & TransmissionFlags.READ_ONLY
         fua = {int(CommandFlags.FUA)} if flags & TransmissionFlags.SEND_FUA else set()
         self._plain_write_flags = frozenset({0} | fua) if writable else frozenset()

@@ -41,6 +41,7 @@ class ServerState:
         tls: TlsMode = TlsMode.NOTLS,
         structured_replies: bool = True,
         extended_headers: bool = True,
+        stream_writes_over: int | None = None,
     ) -> None:
         self._offer = (
             None if exports is None else tuple(e if isinstance(e, ExportListing) else ExportListing(e) for e in exports)
@@ -73,6 +74,10 @@ class ServerState:
         self._in_flight: dict[int, Request] = {}
         self._progress: dict[int, Progress] = {}
         self._disconnecting = False
+        # Writes with more payload than this that has not all arrived are handed over as it arrives (None: never).
+        self._stream_writes_over = stream_writes_over
+        # The streamed write whose payload is still arriving: (cookie, offset of the next part, bytes left).
+        self._write_rest: tuple[int, int, int] | None = None
         self._request_codec = h.REQUEST
         self._out.append(
             w.encode(w.NewstyleGreeting, {"handshake_flags": HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES})

@@ -34,6 +34,7 @@ from ._events import (
     Request,
     ResizeRequest,
     TrimRequest,
+    WritePayload,
     WriteRequest,
     WriteZeroesRequest,
 )
@@ -45,7 +46,8 @@ __all__ = ["ServerTransmission"]
 _FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 # Every combination of the six command flags, made once: IntFlag construction costs ~300 ns per call.
 _COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
-# Which request flags each command may carry (spec: "Command flags"); PAYLOAD_LEN is checked separately.
+# Which request flags each command may carry (spec: "Command flags"); PAYLOAD_LEN is checked separately, and
+# FUA, valid on every command once NBD_FLAG_SEND_FUA is advertised, too.
 _ALLOWED_FLAGS = {
     Command.READ: _DF,
     Command.WRITE: _FUA,
@@ -87,6 +89,10 @@ def _wire_offset(request: Request) -> int:
 class ServerTransmission(ServerState):
     """Requests and replies for ServerConnection."""
 
+    # The size before a successful NBD_CMD_RESIZE made the export smaller (RESIZE extension: requests between
+    # the new and the old end fail with ENOSPC); 0 until then.
+    _shrunk_from = 0
+
     # --- Requests ------------------------------------------------------------------------------------------
 
     def _next_request(self) -> Event | type[NEED_DATA] | type[PAUSED]:
@@ -95,6 +101,8 @@ class ServerTransmission(ServerState):
         header_size = codec.size
         in_flight = self._in_flight
         while True:
+            if self._write_rest is not None:
+                return self._write_payload()
             if self._disconnecting:
                 return PAUSED if in_flight else self._closed()
             if self._skip:
@@ -106,7 +114,9 @@ class ServerTransmission(ServerState):
             if magic != codec.magic:
                 self._fail(f"request magic {magic:#x} is not {codec.magic:#x} ({codec.name})")
             if cookie in in_flight:
-                self._fail(f"cookie {cookie:#x} reused while its request is in flight")
+                # spec ("Transmission"): cookies are opaque to the server, and a client merely SHOULD keep them
+                # distinct while in flight. The request waits, unparsed, until the first one is answered.
+                return PAUSED
             # The common case, a valid READ, in as few steps as possible.
             if (
                 command == _READ
@@ -148,7 +158,13 @@ class ServerTransmission(ServerState):
                     self._reject(cookie, Errno.EINVAL, f"write of {payload} bytes exceeds the maximum payload")
                     continue
                 if len(buf) < header_size + payload:
-                    return self._closed_or_need_data()
+                    streams = self._stream_writes_over
+                    if command != _WRITE or streams is None or payload <= streams:
+                        return self._closed_or_need_data()
+                    streamed = self._streamed_write(header_size, flags, cookie, offset, payload)
+                    if streamed is None:
+                        continue  # refused: the payload is being skipped
+                    return streamed
             buf.skip(header_size)
             data = buf.take(payload) if payload else None
             context_ids = None
@@ -166,6 +182,35 @@ class ServerTransmission(ServerState):
                 continue
             return self._request_event(command, flags & ~_PAYLOAD_LEN, cookie, offset, length, data, context_ids)
 
+    def _streamed_write(self, header_size: int, flags: int, cookie: int, offset: int, payload: int) -> Event | None:
+        """A WRITE too large to wait for: checked now, its payload handed over in parts as it arrives."""
+        buf = self._buf
+        buf.skip(header_size)
+        error = self._check_request(_WRITE, flags, offset, payload)
+        if error is None and self.extended_headers != bool(flags & _PAYLOAD_LEN):
+            error = Errno.EINVAL, "extended NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
+        if error is not None:
+            # The length is trustworthy (it passed the payload limit): drop the payload unread and refuse.
+            self._skip = payload - buf.skip(payload)
+            self._reject(cookie, error[0], error[1], offset)
+            return None
+        data = buf.take_some(payload) if len(buf) else memoryview(b"")
+        self._write_rest = (cookie, offset + len(data), payload - len(data))
+        event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], True)
+        self._in_flight[cookie] = event
+        return event
+
+    def _write_payload(self) -> Event | type[NEED_DATA]:
+        """The next part of the streamed write's payload, as much as has arrived."""
+        buf = self._buf
+        if not len(buf):
+            return self._closed_or_need_data()
+        cookie, offset, left = self._write_rest  # type: ignore[misc]
+        data = buf.take_some(left)
+        left -= len(data)
+        self._write_rest = (cookie, offset + len(data), left) if left else None
+        return WritePayload(cookie, offset, data, not left)
+
     def _closed(self) -> ConnectionClosed:
         self._phase = Phase.CLOSED
         return ConnectionClosed()
@@ -176,11 +221,13 @@ class ServerTransmission(ServerState):
         if allowed is None:
             return Errno.EINVAL, f"unknown command {command}"
         name = Command(command).name
+        tflags = self._flags
+        if tflags & TransmissionFlags.SEND_FUA:
+            allowed |= _FUA  # spec: with SEND_FUA the server MUST accept FUA on every command (even by ignoring it)
         if flags & ~(allowed | _PAYLOAD_LEN):
             return Errno.EINVAL, f"flags {flags:#x} are not valid for {name}"
         if flags & _PAYLOAD_LEN and (not self.extended_headers or command not in (_WRITE, _BLOCK_STATUS)):
             return Errno.EINVAL, f"{name} takes no payload here"
-        tflags = self._flags
         if command in _WRITES and tflags & _READ_ONLY:
             return Errno.EPERM, "the export is read-only"
         needed = _NEEDS_FLAG.get(command)  # type: ignore[call-overload]
@@ -198,7 +245,11 @@ class ServerTransmission(ServerState):
             if length == 0:
                 return Errno.EINVAL, f"{name} of length 0"
             if offset + length > self._size:
-                error = Errno.ENOSPC if command in (_WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
+                # spec ("Error values"): ENOSPC for writes past the end, EINVAL for the rest; RESIZE extension:
+                # anything between a shrunk size and the old one is ENOSPC.
+                end = offset + length
+                spaceless = command in (_WRITE, Command.WRITE_ZEROES) or end <= self._shrunk_from
+                error = Errno.ENOSPC if spaceless else Errno.EINVAL
                 return error, f"offset {offset} + length {length} is past the export size {self._size}"
             if (offset | length) % self._min_block and command != _BLOCK_STATUS:
                 return Errno.EINVAL, f"offset {offset} / length {length} not aligned to {self._min_block} bytes"
@@ -210,7 +261,8 @@ class ServerTransmission(ServerState):
     def _reject(self, cookie: int, error: Errno, message: str, offset: int = 0) -> None:
         # The engine's own error replies: structured where negotiated, so the message reaches the client.
         if self.structured_replies:
-            self._out.append(r.error_chunk(self.extended_headers, True, cookie, offset, error, message, None))
+            limit = min(MAX_STRING_LENGTH, self._max_payload)
+            self._out.append(r.error_chunk(self.extended_headers, True, cookie, offset, error, message, None, limit))
         else:
             self._out.append(_simple_reply(error, cookie))
 
@@ -268,6 +320,8 @@ class ServerTransmission(ServerState):
         request = self._in_flight.get(cookie)
         if request is None:
             raise LocalProtocolError(f"no request with cookie {cookie:#x} is waiting for a reply")
+        if self._write_rest is not None and self._write_rest[0] == cookie:
+            raise LocalProtocolError(f"write {cookie:#x} cannot be answered before its whole payload arrived")
         return request
 
     def _read_chunk(self, cookie: int, offset: int, size: int, data: Payload | None, done: bool) -> None:
@@ -329,6 +383,10 @@ class ServerTransmission(ServerState):
         if type(request) in (ReadRequest, BlockStatusRequest):
             raise LocalProtocolError(f"SuccessReply cannot answer {type(request).__name__} {cookie:#x}: send data")
         del self._in_flight[cookie]
+        if type(request) is ResizeRequest:
+            # RESIZE extension: once it succeeded, requests are checked against the new size.
+            self._shrunk_from = self._size if request.size < self._size else 0
+            self._size = request.size
         if self.extended_headers:
             # spec: with extended headers every reply is a chunk; success is a NONE chunk with DONE.
             self._out.append(r.chunk_header(True, 1, 0, cookie, _wire_offset(request), 0))
@@ -353,9 +411,9 @@ class ServerTransmission(ServerState):
             offset = event.offset
             if offset is not None and not start <= offset < start + max(span, 1):
                 raise LocalProtocolError(f"error offset {offset} is outside the request {start}+{span}")
-            if len(event.message.encode()) > MAX_STRING_LENGTH:
-                raise LocalProtocolError(f"error message exceeds {MAX_STRING_LENGTH} bytes")
-            self._out.append(r.error_chunk(self.extended_headers, True, cookie, start, error, event.message, offset))
+            limit = min(MAX_STRING_LENGTH, self._max_payload)
+            chunk = r.error_chunk(self.extended_headers, True, cookie, start, error, event.message, offset, limit)
+            self._out.append(chunk)
         del self._in_flight[cookie]
         self._progress.pop(cookie, None)
 
@@ -382,13 +440,17 @@ class ServerTransmission(ServerState):
         wide = self.extended_headers
         limit = 0xFFFFFFFFFFFFFFFF if wide else 0xFFFFFFFF
         step_limit = limit - limit % self._min_block
+        # spec: at most 2^20 descriptors a chunk, and the descriptor list (the chunk's variable part) no larger
+        # than the maximum payload.
+        most = min(_MAX_DESCRIPTORS, self._max_payload // (16 if wide else 8))
         out: list[Extent] = []
         covered = 0
         min_block = self._min_block
         for length, status in extents:
             if length <= 0:
                 raise LocalProtocolError(f"extent length {length} must be positive")
-            if not 0 <= status <= limit:
+            if not 0 <= status <= 0xFFFFFFFF:
+                # Every context nbdproto knows has 32-bit status; with extended headers the high half MUST be 0.
                 raise LocalProtocolError(f"extent status {status:#x} does not fit the descriptor")
             if length % min_block and request.offset + covered + length < self._size:
                 # spec: descriptor lengths MUST be multiples of the minimum block size (the export's tail aside).
@@ -398,10 +460,14 @@ class ServerTransmission(ServerState):
                 out.append(Extent(step, status))
                 covered += step
                 length -= step
-            if covered >= request.length or len(out) >= _MAX_DESCRIPTORS:
+            if covered >= request.length or len(out) >= most:
                 break
         if not out:
             raise LocalProtocolError("a block status reply needs at least one extent per context")
         if request.flags & _REQ_ONE:
-            out = [Extent(min(out[0].length, request.length), out[0].status)]
-        return out[:_MAX_DESCRIPTORS]
+            # One descriptor, no longer than the request, and still a whole number of blocks where it can be.
+            length = min(out[0].length, request.length)
+            if length > min_block:
+                length -= length % min_block
+            out = [Extent(length, out[0].status)]
+        return out[:most]

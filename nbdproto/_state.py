@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Phase", "TlsMode", "Sentinel", "NEED_DATA", "PAUSED"]
+__all__ = ["Phase", "TlsMode", "HandshakeStep", "Sentinel", "NEED_DATA", "PAUSED"]
 
 
 class Phase(enum.Enum):
@@ -43,6 +43,14 @@ class TlsMode(enum.Enum):
     NOTLS = "notls"
     FORCEDTLS = "forcedtls"
     SELECTIVETLS = "selectivetls"
+
+
+class HandshakeStep(enum.Enum):
+    """What a driver must do for a handshake to go on (the session logic of either role says, step by step)."""
+
+    EXCHANGE = "send what is queued, then receive"
+    START_TLS = "send what is queued, run the TLS handshake, then tell the session logic it is established"
+    DONE = "the handshake is over"
 
 
 class Sentinel(type):

@@ -1,18 +1,17 @@
-"""The async NBD server on anyio (asyncio or trio): the threads backend's server, with ``await``.
+"""The async NBD server on anyio (asyncio or trio): an anyio byte stream's I/O loop around
+nbdproto.ServerSessionLogic, and a Server.
 
 - ``ServerSession``: one connection. ``await negotiate()`` returns the chosen export name or
   ``nbdproto.ClientAborted``; ``await serve(device)`` serves until the client disconnects; ``async with``
   guarantees the close.
 - ``Server``: listens on TCP or a unix socket, maps names to devices (or asks a resolver), and serves every
-  connection in its own task until cancelled (graceful: in-flight requests finish, devices are flushed).
+  connection in its own task until ``shutdown()`` (graceful) or cancellation.
 
-Requests on one connection run concurrently, a task each (at most ``max_requests`` at once), and replies go
-out as they complete. Backpressure: while the payload bytes of unfinished requests exceed
-``max_bytes_in_flight``, the connection stops reading, so a client that pipelines writes faster than the
-device takes them cannot make the server buffer them.
-
-All protocol decisions belong to nbdproto.ServerConnection and nbdproto._dispatch; this module moves bytes and
-awaits devices.
+Devices are the synchronous ``nbdproto.BlockDevice`` both servers serve; their ``dispatch`` says how they are
+called: "inline" on the event loop itself (memory, files on tmpfs: microseconds, never blocking), "batch"
+(every request read in one go carried out together in one worker thread, in order), "threads" (a worker thread
+per request, so slow requests overlap and replies go out as they complete). Every decision is nbdproto's; this
+module moves bytes, bounds waits with cancel scopes, and chooses where device calls run.
 """
 
 from __future__ import annotations
@@ -21,80 +20,89 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
-from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
 import nbdproto
-from nbdproto import ExportSpec as AsyncExportSpec
-from nbdproto import (
-    RequestBudget,
-    answer_export_request,
-    carry_out_all,
-    device_calls,
-    error_reply_for,
-    read_view_of,
-    reply_for,
-)
+from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
+from nbdproto.sockets import AcceptBackoff, listen_socket, peer_name
 
-from ._device import AsyncBlockDevice
 from ._socket import RawSocketStream, SocketAcceptor, receive, send_pieces
 
-__all__ = ["AsyncExportSpec", "ServerSession", "Server", "AsyncResolver"]
+__all__ = ["ServerSession", "Server", "listen"]
 
 log = logging.getLogger("nbdproto.anyio.server")
 
-_REQUESTS = (
-    nbdproto.ReadRequest,
-    nbdproto.WriteRequest,
-    nbdproto.FlushRequest,
-    nbdproto.TrimRequest,
-    nbdproto.CacheRequest,
-    nbdproto.WriteZeroesRequest,
-    nbdproto.BlockStatusRequest,
-    nbdproto.ResizeRequest,
+PEER_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    ssl.SSLError,
+    TimeoutError,
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.EndOfStream,
+    anyio.ClosedResourceError,
 )
+"""How a stream says the client went away, broke the connection or stalled (the client's doing)."""
+
+_STREAM_GONE = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 
 
-AsyncSpec = AsyncExportSpec[AsyncBlockDevice]
-"""An export of an async device: nbdproto.ExportSpec, the class the threads backend uses too."""
+_NO_SETTINGS = nbdproto.SessionSettings()
 
-AsyncResolver = Callable[[str], "AsyncSpec | None"]
+
+class Room:
+    """Where a server's tasks wait for its memory budget to have room: an event set (and renewed) whenever
+    memory is given back."""
+
+    def __init__(self, budget: nbdproto.MemoryBudget) -> None:
+        self.budget = budget
+        self.freed = anyio.Event()
+
+
+class _Share(nbdproto.BudgetShare):
+    """A BudgetShare that wakes the tasks waiting in its Room when it gives memory back."""
+
+    def __init__(self, room: Room) -> None:
+        super().__init__(room.budget)
+        self._room = room
+
+    async def take(self, amount: int) -> None:
+        while not self.try_take(amount):
+            await self._room.freed.wait()
+
+    def give(self, amount: int) -> None:
+        if amount > 0:
+            super().give(amount)
+            self._room.freed.set()
+            self._room.freed = anyio.Event()
 
 
 class ServerSession:
-    """One client connection on the server side, over an anyio byte stream."""
+    """One client connection on the server side, over an anyio byte stream (``listen()``'s fast
+    RawSocketStream, or any other). ``settings`` and ``log`` as for nbdproto_threads.ServerSession; ``room``: the
+    server's memory budget (a budget of its own otherwise)."""
 
     def __init__(
         self,
         stream: anyio.abc.ByteStream,
+        settings: nbdproto.SessionSettings = _NO_SETTINGS,
         *,
-        exports: Iterable[str | nbdproto.ExportListing] | None = None,
-        tls: ssl.SSLContext | None = None,
-        tls_mode: nbdproto.TlsMode | None = None,
-        lookup: AsyncResolver | None = None,
-        max_requests: int = 64,
-        max_bytes_in_flight: int = 64 * 1024 * 1024,
+        room: Room | None = None,
+        log: nbdproto.ConnectionLog | None = None,
     ) -> None:
-        if tls_mode is None:
-            tls_mode = nbdproto.TlsMode.FORCEDTLS if tls is not None else nbdproto.TlsMode.NOTLS
-        if tls_mode is not nbdproto.TlsMode.NOTLS and tls is None:
-            raise ValueError(f"TLS mode {tls_mode.value} needs an ssl.SSLContext")
         self.stream: anyio.abc.ByteStream = stream
-        self.engine = nbdproto.ServerConnection(exports=exports, tls=tls_mode)
-        self._tls = tls
-        self._lookup = lookup
-        self._chosen: str | None = None
-        self._spec: AsyncSpec | None = None
-        self._closed = False
-        self._max_requests = max_requests
-        self._max_bytes = max_bytes_in_flight
+        self._share = _Share(room or Room(nbdproto.MemoryBudget(settings.limits.memory_limit)))
+        on_device_error = (log or _default_log()).device_failed
+        self.logic = nbdproto.ServerSessionLogic(settings, share=self._share, on_device_error=on_device_error)
+        self.engine = self.logic.engine
+        self._idle = False
         self._send_lock = anyio.Lock(fast_acquire=True)  # no extra trip through the loop when it is free
         # Whether request tasks send replies alongside the connection's own task. Until they do, sending
         # needs no lock (on asyncio each acquire and release asks for the current task, a getpid() call).
@@ -103,59 +111,41 @@ class ServerSession:
     async def negotiate(self) -> str | nbdproto.ClientAborted:
         """Run the handshake until the client chooses an export; its name, or ClientAborted.
 
-        Raises ConnectionError when the client goes away, RemoteProtocolError when it breaks the protocol.
+        Raises ConnectionError when the client goes away, RemoteProtocolError when it breaks the protocol,
+        TimeoutError when it takes longer than the handshake limit (the TLS handshake included).
         """
-        engine = self.engine
-        while True:
-            event = engine.next_event()
-            if event is nbdproto.NEED_DATA:
-                await self._flush()
-                engine.receive_data(await self._receive())
-            elif isinstance(event, nbdproto.ExportRequested):
-                answer = answer_export_request(event, self._lookup, self._chosen, self._spec)
-                if answer is None:
-                    self._chosen = event.name
-                    return event.name
-                engine.send(answer)
-            elif isinstance(event, nbdproto.StartTLS):
-                await self._start_tls()
-            elif isinstance(event, nbdproto.HandshakeComplete):
-                return event.export.name
-            elif isinstance(event, nbdproto.ClientAborted):
-                await self._flush()
-                return event
-            elif isinstance(event, nbdproto.ConnectionClosed):
-                raise ConnectionError("the connection ended during the handshake")
-            else:
-                raise nbdproto.LocalProtocolError(f"unexpected {event!r} during the handshake")
+        limits = self.logic.settings.limits
+        with anyio.fail_after(limits.seconds(limits.handshake_timeout)):
+            while (step := self.logic.handshake_step()) is not HandshakeStep.DONE:
+                await (self._start_tls() if step is HandshakeStep.START_TLS else self._exchange())
+        return self.logic.outcome  # type: ignore[return-value]
 
     async def serve(
-        self, device: AsyncBlockDevice | AsyncSpec, *, read_only: bool = True, description: str = ""
+        self, device: nbdproto.BlockDevice | nbdproto.ExportSpec[Any], *, read_only: bool = True, description: str = ""
     ) -> None:
         """Serve the chosen export from ``device`` until the client disconnects, then flush the device."""
-        if self._chosen is None:
-            raise RuntimeError("serve() needs a successful negotiate() first")
-        spec = device if isinstance(device, AsyncExportSpec) else AsyncExportSpec(device, description, read_only)
-        self._spec = spec
-        engine = self.engine
-        if engine.phase is nbdproto.Phase.AWAIT_EXPORT:
-            engine.send(spec.export(self._chosen))
-        if engine.phase is nbdproto.Phase.TRANSMISSION:
-            complete = engine.next_event()
-            assert isinstance(complete, nbdproto.HandshakeComplete), complete
-        else:
-            # The engine refused that GO (a TLS or block size rule): let the client try again.
-            name = await self.negotiate()
-            if isinstance(name, nbdproto.ClientAborted):
-                return
-        await self._transmission(spec.device)
+        if not self.logic.offer_export(device, read_only=read_only, description=description) and not isinstance(
+            await self.negotiate(), str
+        ):
+            return
+        try:
+            dispatch = self.logic.dispatch()
+            if dispatch == "threads":
+                await self._concurrent_transmission()
+            else:
+                await self._batch_transmission(inline=dispatch == "inline")
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(self.logic.flush_device)
+                except OSError:
+                    log.exception("flushing the device after the connection ended failed")
 
     async def aclose(self) -> None:
-        """Close the connection (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await self._flush()
+        """Close the connection (idempotent) and give back everything it held."""
+        if self.logic.close():
+            with anyio.move_on_after(1.0), contextlib.suppress(*_STREAM_GONE):
+                await self._send()  # a client that does not read is not waited for
             await self.stream.aclose()
 
     async def __aenter__(self) -> ServerSession:
@@ -165,125 +155,121 @@ class ServerSession:
         with anyio.CancelScope(shield=True):
             await self.aclose()
 
-    # --- Internals -----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """The server is shutting down (called from its task): requests from now on get ESHUTDOWN, and the
+        connection ends as soon as nothing is in flight (at once if it is idle now)."""
+        self.logic.begin_shutdown()
+        raw = self.stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if self._idle and raw is not None:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RD)  # wakes the waiting receive with the end of the stream
+
+    # --- Bytes ----------------------------------------------------------------------------------------------
+
+    async def _send(self) -> None:
+        pieces = self.engine.data_to_send()
+        if pieces:
+            if self._shared_sending:
+                async with self._send_lock:
+                    await send_pieces(self.stream, pieces)
+            else:
+                await send_pieces(self.stream, pieces)
+        self.logic.sent()
+
+    async def _exchange(self) -> None:
+        await self._send()
+        self.engine.receive_data(await receive(self.stream))
 
     async def _receive(self) -> bytes:
-        return await receive(self.stream)
-
-    async def _flush(self) -> None:
-        pieces = self.engine.data_to_send()
-        if not pieces:
-            return
-        if self._shared_sending:
-            async with self._send_lock:
-                await send_pieces(self.stream, pieces)
-        else:
-            await send_pieces(self.stream, pieces)
+        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait)."""
+        wait = self.logic.next_wait()
+        self._idle = self.logic.idle
+        try:
+            if wait is None:
+                return await receive(self.stream)
+            with anyio.move_on_after(wait):
+                return await receive(self.stream)
+        finally:
+            self._idle = False
+        return self.logic.waited_too_long()
 
     async def _start_tls(self) -> None:
-        assert self._tls is not None
-        await self._flush()
+        await self._send()
         self.stream = await TLSStream.wrap(
-            self.stream, server_side=True, ssl_context=self._tls, standard_compatible=False
+            self.stream, server_side=True, ssl_context=self.logic.settings.tls, standard_compatible=False
         )
         self.engine.tls_established()
 
-    async def _transmission(self, device: AsyncBlockDevice) -> None:
-        engine = self.engine
-        contexts = engine.meta_contexts
-        budget = _Budget(RequestBudget(self._max_requests, self._max_bytes))
-        dispatch = getattr(device, "dispatch", "tasks")
-        sync_device = getattr(device, "device", None)
-        # A sync device's read views (nbdproto._dispatch.ReadView) only where the kernel alone reads them (our
-        # raw socket's sendmsg, not TLS) and they never wait on a disk (inline dispatch: an in-memory file).
-        read_view = None
-        if dispatch == "inline" and isinstance(self.stream, RawSocketStream):
-            read_view = read_view_of(sync_device)
-        self._shared_sending = dispatch in ("tasks", "threads")
-        try:
-            async with anyio.create_task_group() as tasks:
-                while True:
-                    # Take every request the buffered bytes hold, then carry them out together.
-                    batch: list[Any] = []
-                    while True:
-                        event = engine.next_event()
-                        if type(event) not in _REQUESTS:
-                            break
-                        batch.append(event)
-                        if dispatch == "tasks" or dispatch == "threads":
-                            await budget.wait_for_room()
-                            cost = RequestBudget.cost(event)  # type: ignore[arg-type]
-                            budget.add(cost)
-                            tasks.start_soon(self._carry_out, device, event, contexts, budget, cost)
-                    if batch and dispatch == "inline":
-                        if sync_device is not None:
-                            # A sync device that never blocks: call it right here, no coroutine per request.
-                            for reply in carry_out_all(sync_device, batch, contexts, _log_device_error, read_view):
-                                engine.send(reply)
-                        else:
-                            for request in batch:
-                                engine.send(await _carry_out_async(device, request, contexts))
-                    elif batch and dispatch == "batch":
-                        replies = await anyio.to_thread.run_sync(
-                            carry_out_all, sync_device, batch, contexts, _log_device_error
-                        )
-                        for reply in replies:
-                            engine.send(reply)
-                    event_type = type(event)
-                    if event is nbdproto.NEED_DATA:
-                        await self._flush()
-                        await budget.wait_for_room()
-                        engine.receive_data(await self._receive())
-                    elif event is nbdproto.PAUSED:
-                        # DISC with replies still owed: let them finish; then the engine says closed.
-                        await budget.wait_idle()
-                    elif event_type is nbdproto.DisconnectRequest:
-                        continue
-                    elif event_type is nbdproto.ConnectionClosed:
-                        await budget.wait_idle()
-                        await self._flush()
-                        break
-                    else:
-                        raise nbdproto.LocalProtocolError(f"unexpected {event!r} in transmission")
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await device.flush()
-                except OSError:
-                    log.exception("flushing the device after the connection ended failed")
+    # --- Transmission ---------------------------------------------------------------------------------------
 
-    async def _carry_out(
-        self, device: AsyncBlockDevice, request: Any, contexts: Mapping[int, str], budget: _Budget, cost: int
-    ) -> None:
+    async def _batch_transmission(self, *, inline: bool) -> None:
+        # Read a chunk, carry out every request in it (on the loop, or in one worker thread), send the replies.
+        # Views only where the kernel alone reads them (our raw socket's sendmsg, not TLS) and they never wait
+        # on a disk: a device called on the loop.
+        read_view = self.logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
+        steps = self.logic.inline_transmission(read_view)
+        while (step := next(steps, None) if inline else await _in_thread(steps)) is not None:
+            await self._send()
+            if step == nbdproto.RECEIVE:
+                self.engine.receive_data(await self._receive())
+            else:
+                await self._share.take(step)
+
+    async def _concurrent_transmission(self) -> None:
+        # Each request in a task of its own, its device calls in a worker thread; replies go out as they
+        # complete. The budgets stop the reader while too much is in flight.
+        logic, share, engine = self.logic, self._share, self.engine
+        limits = logic.settings.limits
+        budget = _RoomFor(nbdproto.RequestBudget(limits.max_requests, limits.memory_limit))
+        self._shared_sending = True
+        batch: list[Work] = []
+        async with anyio.create_task_group() as tasks:
+            while True:
+                end = logic.next_batch(batch)
+                for request in batch:
+                    if type(request) is WritePayload or (type(request) is WriteRequest and request.more):
+                        # The parts of a streamed write are carried out in order, by the reader.
+                        reply = await anyio.to_thread.run_sync(logic.carry_out_part, request)
+                        if reply is not None:
+                            engine.send(reply)
+                        continue
+                    cost = nbdproto.request_cost(request)
+                    await budget.wait_for_room()
+                    await share.take(cost)
+                    budget.add(cost)
+                    tasks.start_soon(self._carry_out, request, cost, budget)
+                batch.clear()
+                if end is BatchEnd.NEED_DATA:
+                    await self._send()
+                    await budget.wait_for_room()
+                    engine.receive_data(await self._receive())
+                    continue
+                # DISC with replies owed, or the end: let what is in flight finish.
+                await budget.wait_idle()
+                await self._send()
+                if end is BatchEnd.CLOSED:
+                    return
+
+    async def _carry_out(self, request: Any, cost: int, budget: _RoomFor) -> None:
         try:
-            self.engine.send(await _carry_out_async(device, request, contexts))
+            self.engine.send(await anyio.to_thread.run_sync(self.logic.carry_out_one, request, None))
             # A dead connection is the reading side's to notice: it ends the session.
-            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await self._flush()
+            with contextlib.suppress(*_STREAM_GONE):
+                await self._send()
         finally:
             budget.done(cost)
+            self._share.give(cost)
 
 
-def _log_device_error(request: Any, exc: BaseException) -> None:
-    log.error("device failed on %r", request, exc_info=exc)
+async def _in_thread(steps: Iterator[int]) -> int | None:
+    """The generator's next step, run in a worker thread (it calls a device that may block)."""
+    return await anyio.to_thread.run_sync(next, steps, None)
 
 
-async def _carry_out_async(device: AsyncBlockDevice, request: Any, contexts: Mapping[int, str]) -> nbdproto.Event:
-    """The async twin of nbdproto._dispatch.carry_out: the same calls and replies, awaited."""
-    calls = device_calls(request, contexts)
-    try:
-        results = [await getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
-    except Exception as exc:  # a device failure becomes an NBD error reply
-        if not isinstance(exc, OSError):
-            _log_device_error(request, exc)
-        return error_reply_for(request, exc)
-    return reply_for(request, calls, results)
+class _RoomFor:
+    """RequestBudget with the waiting an event loop needs: the reader waits for room, the end for idle."""
 
-
-class _Budget:
-    """RequestBudget with the waiting an event loop needs: the reader waits for room, DISC waits for idle."""
-
-    def __init__(self, budget: RequestBudget) -> None:
+    def __init__(self, budget: nbdproto.RequestBudget) -> None:
         self.budget = budget
         self._changed = anyio.Event()
 
@@ -304,94 +290,73 @@ class _Budget:
             await self._changed.wait()
 
 
-class Server:
-    """Serves exports to many clients at once, a task per connection, until cancelled.
+def _default_log() -> nbdproto.ConnectionLog:
+    return nbdproto.ConnectionLog(log, time.monotonic, PEER_ERRORS)
 
-    ``exports`` maps names to async devices or AsyncExportSpecs (a plain device is served read-only), or is a
-    resolver. ``listen``: (host, port), a unix socket path, or a ready anyio listener.
-    """
 
-    def __init__(
-        self,
-        exports: Mapping[str, AsyncBlockDevice | AsyncSpec] | AsyncResolver,
-        *,
-        tls: ssl.SSLContext | None = None,
-        tls_mode: nbdproto.TlsMode | None = None,
-        list_exports: bool = True,
-        max_requests: int = 64,
-        max_bytes_in_flight: int = 64 * 1024 * 1024,
-    ) -> None:
-        if callable(exports):
-            self._resolve: AsyncResolver = exports
-            offer = None
-        else:
-            specs = {
-                name: value if isinstance(value, AsyncExportSpec) else AsyncExportSpec(value)
-                for name, value in exports.items()
-            }
-            self._resolve = specs.get
-            offer = [nbdproto.ExportListing(name, spec.description) for name, spec in specs.items()]
-        self._offer = offer if list_exports else None
-        self._tls = tls
-        self._tls_mode = tls_mode
-        self._max_requests = max_requests
-        self._max_bytes = max_bytes_in_flight
+class Server(nbdproto.ServerCore):
+    """Serves exports to many clients at once, a task per connection, until ``shutdown()`` or cancellation.
+    Arguments as nbdproto.ServerCore says."""
+
+    logger = log
+    peer_errors = PEER_ERRORS
+    clock = staticmethod(time.monotonic)
+    _room: Room | None = None  # made in serve(): an anyio.Event needs a running loop
+    _stopped: anyio.Event | None = None
 
     async def serve(self, listener: SocketAcceptor | anyio.abc.Listener[Any]) -> None:
-        """Serve every connection ``listener`` accepts, until cancelled. ``listen()`` makes the fast kind (a
-        SocketAcceptor); any anyio Listener works too."""
+        """Serve every connection ``listener`` accepts until ``shutdown()``; ``listen()`` makes the fast kind
+        (a SocketAcceptor); any anyio Listener works too. Cancelling it ends every connection at once."""
+        self._room = Room(nbdproto.MemoryBudget(self.limits.memory_limit))
+        stopped = self._stopped = anyio.Event()
+        async with anyio.create_task_group() as connections:
+            async with anyio.create_task_group() as accepting:
+                accepting.start_soon(self._accept, listener, connections)
+                await stopped.wait()
+                accepting.cancel_scope.cancel()
+            await listener.aclose()
+            self.stop_sessions()
+            with anyio.move_on_after(self.limits.shutdown_grace):
+                while self.sessions:
+                    await anyio.sleep(0.01)
+            connections.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish within the shutdown grace (answering new ones with
+        ESHUTDOWN), then close every connection; ``serve()`` returns once that is done."""
+        if self._stopped is not None:
+            self._stopped.set()
+        await anyio.lowlevel.checkpoint()
+
+    async def _accept(self, listener: SocketAcceptor | anyio.abc.Listener[Any], tasks: anyio.abc.TaskGroup) -> None:
         if not isinstance(listener, SocketAcceptor):
-            await listener.serve(self.handle)
+            await listener.serve(self.handle, tasks)
             return
-        async with anyio.create_task_group() as tasks:
-            while True:
-                tasks.start_soon(self.handle, await listener.accept())
+        backoff = AcceptBackoff(log)
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                await anyio.sleep(backoff.delay_after(exc))
+                continue
+            backoff.accepted()
+            tasks.start_soon(self.handle, stream)
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
         """Serve one accepted connection to its end (a listener's handler)."""
-        peer = _peer_name(stream)
-        session = ServerSession(
-            stream,
-            exports=self._offer,
-            tls=self._tls,
-            tls_mode=self._tls_mode,
-            lookup=self._resolve,
-            max_requests=self._max_requests,
-            max_bytes_in_flight=self._max_bytes,
-        )
-        async with session:
-            try:
-                name = await session.negotiate()
-                if isinstance(name, nbdproto.ClientAborted):
-                    log.info("client %s aborted the handshake", peer)
-                    return
-                spec = self._resolve(name)
-                if spec is None:
-                    return
-                log.info("client %s uses export %r", peer, name)
-                await session.serve(spec)
-            except (ConnectionError, nbdproto.RemoteProtocolError, ssl.SSLError, anyio.BrokenResourceError) as exc:
-                log.info("client %s: connection ended: %s", peer, exc)
-            except Exception:
-                log.exception("client %s: server error", peer)
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        peer = "?" if raw is None else peer_name(raw)
+        session = ServerSession(stream, self.settings, room=self._room, log=self.log)
+        with self.serving(session, peer):
+            async with session:
+                spec = self.spec_for(await session.negotiate(), peer)
+                if spec is not None:
+                    await session.serve(spec)
 
 
 async def listen(address: tuple[str, int] | str | socket.socket) -> SocketAcceptor:
-    """Listen on (host, port), a unix socket path, or an already bound socket; for ``Server.serve``."""
-    if isinstance(address, socket.socket):
-        sock = address
-    elif isinstance(address, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(address)
-    else:
-        host, port = address
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    sock.listen(128)
+    """Listen on (host, port), a unix socket path, or an already bound and listening socket; for
+    ``Server.serve``."""
+    sock = address if isinstance(address, socket.socket) else listen_socket(address)
     await anyio.lowlevel.checkpoint()
     return SocketAcceptor(sock)
-
-
-def _peer_name(stream: anyio.abc.ByteStream) -> Any:
-    return stream.extra(SocketAttribute.remote_address, "?")

@@ -18,8 +18,8 @@ from nbdproto import lazy_names
 
 if TYPE_CHECKING:
     from ._client import Client, Connection, connect, list_exports, negotiate_client, open_connection
-    from ._copy import CopyEnd, CopyFailed, CopyProgress, copy
-    from ._server import Resolver, Server, ServerSession, negotiate
+    from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
+    from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
 
 _WHERE = {
     "Client": "._client",
@@ -30,9 +30,10 @@ _WHERE = {
     "negotiate_client": "._client",
     "CopyEnd": "._copy",
     "CopyFailed": "._copy",
+    "UnreachableTail": "._copy",
     "CopyProgress": "._copy",
     "copy": "._copy",
-    "Resolver": "._server",
+    "DEFAULT_WORKERS": "._server",
     "Server": "._server",
     "ServerSession": "._server",
     "negotiate": "._server",
@@ -47,13 +48,15 @@ __all__ = [
     "negotiate_client",
     "CopyEnd",
     "CopyFailed",
+    "UnreachableTail",
     "CopyProgress",
     "copy",
-    "Resolver",
+    "DEFAULT_WORKERS",
     "Server",
     "ServerSession",
     "negotiate",
 ]
 
 
-__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
+if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names
+    __getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

@@ -5,6 +5,16 @@ allocation (block status ``base:allocation`` for NBD, SEEK_DATA/SEEK_HOLE for fi
 and zero runs: data is read and written; zero runs are never sent as data, but become WRITE_ZEROES (which may
 punch holes) on an NBD target, holes in a new file, or punched holes in an existing one.
 
+Every request is aligned to the larger of the two ends' minimum block sizes (spec: "Size constraints"): a
+zero run that starts or ends inside a block gives the partial blocks to the data around it. When the disk's
+size is not a multiple of that block size, the last few bytes cannot be reached with aligned requests at all
+(the spec says so: "the client would be unable to access the final few bytes of the export"). A client is bound
+by the constraints only after asking for them (NBD_INFO_BLOCK_SIZE with NBD_OPT_GO), and a server that
+enforces them on clients that did not ask MUST fail such requests cleanly, without corrupting data; so that
+tail is copied first, over one more connection to the end that needs it, negotiated without asking for block
+sizes. Where the server refuses (NBD_REP_ERR_BLOCK_SIZE_REQD, or EINVAL for the request), the copy stops
+before anything else is copied, saying which bytes cannot be reached and why.
+
 The copy is one thread driving every connection's sans-IO engine over non-blocking sockets (``selectors``):
 ``connections`` connections at each NBD end with ``requests`` requests in flight on each, each read's data
 received straight into one of the copy's buffers (``ClientConnection.read_buffer``) and written from there.
@@ -31,22 +41,17 @@ import nbdproto
 from nbdproto import NBDError, step_past
 
 from ._client import Connection, open_connection
+from ._copyruns import STATUS_SPAN, UnreachableTail, pieces
 
 if TYPE_CHECKING:
     import concurrent.futures
 
     from nbdproto.devices import FileDevice
 
-__all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", "copy"]
+__all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", "UnreachableTail", "copy"]
 
 REQUEST_SIZE = 1 << 20
 """Bytes per request: large enough that Python's per-request cost vanishes, within every server's limit."""
-STATUS_SPAN = (1 << 32) - (1 << 16)
-"""How much of the source one block-status query asks about: all a compact request can, aligned to any minimum
-block size. Few queries matter more than small ones: a file server answers each with SEEK_DATA / SEEK_HOLE, and
-on a fully allocated file SEEK_HOLE walks the page cache to the end of the file whatever length was asked
-(measured: 16 queries of 64 MiB were 14% of nbdkit's CPU time in a 1 GiB copy). A server may answer for less;
-the next query starts where its answer ended."""
 RECV_SIZE = 16 << 10
 """Bytes asked of each recv outside read data (reply headers, block status, write acknowledgements)."""
 
@@ -55,13 +60,17 @@ Done = Callable[[], None]
 
 
 class CopyEnd(Protocol):
-    """What both ends of a copy have: a size, the largest request they take, and a close."""
+    """What both ends of a copy have: a size, the largest request they take, the alignment requests need (a
+    power of two: an NBD export's minimum block size), and a close."""
 
     @property
     def size(self) -> int: ...
 
     @property
     def max_request(self) -> int: ...
+
+    @property
+    def minimum_block_size(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -290,10 +299,14 @@ def _checked(done: Done) -> Callable[[Any], None]:
 
 
 class _Nbd:
-    """An NBD export through several connections; requests go to the least busy one."""
+    """An NBD export through several connections; requests go to the least busy one. A request not aligned to
+    the export's minimum block size (the unaligned tail of the disk) goes to a connection of its own that did
+    not ask for block sizes (see the module docstring)."""
 
     def __init__(self, uri: str, connections: int, tls: ssl.SSLContext | None, loop: _Loop) -> None:
         self.loop = loop
+        self.uri, self.tls = uri, tls
+        self.unconstrained: _Connection | None = None
         self.connections = [_Connection(open_connection(uri, tls=tls))]
         loop.add(self.connections[0])
         export = self.connections[0].export
@@ -305,6 +318,7 @@ class _Nbd:
         self.export = export
         self.size = export.size
         self.max_request = min(REQUEST_SIZE, export.maximum_payload)
+        self.minimum_block_size = export.minimum_block_size
         self.can_zero = bool(export.flags & nbdproto.TransmissionFlags.SEND_WRITE_ZEROES)
         self.context = next(
             (i for i, name in self.connections[0].engine.meta_contexts.items() if name == nbdproto.BASE_ALLOCATION),
@@ -314,8 +328,21 @@ class _Nbd:
         self.fresh = False
         self._zeroes = memoryview(bytes(self.max_request))
 
-    def _pick(self) -> _Connection:
+    def _pick(self, offset: int, length: int) -> _Connection:
+        if (offset | length) % self.minimum_block_size:
+            return self._unconstrained()
         return min(self.connections, key=lambda c: len(c.callbacks))
+
+    def _unconstrained(self) -> _Connection:
+        if self.unconstrained is None:
+            try:
+                connection = open_connection(self.uri, tls=self.tls, meta_contexts=(), block_sizes=False)
+            except nbdproto.NegotiationError as exc:
+                raise nbdproto.NegotiationError(f"{self.uri} would not negotiate without block sizes: {exc}",
+                                                exc.reply_type) from exc  # fmt: skip
+            self.unconstrained = _Connection(connection)
+            self.loop.add(self.unconstrained)
+        return self.unconstrained
 
     def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         if not self.sparse_aware:
@@ -342,14 +369,16 @@ class _Nbd:
         return extents
 
     def read(self, buffer: memoryview, offset: int, done: Done) -> None:
-        self._pick().request(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer), _checked(done))
+        connection = self._pick(offset, len(buffer))
+        connection.request(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer), _checked(done))
 
     def write(self, data: memoryview, offset: int, done: Done) -> None:
-        self._pick().request(lambda c: nbdproto.WriteRequest(c, offset, data), _checked(done))
+        self._pick(offset, len(data)).request(lambda c: nbdproto.WriteRequest(c, offset, data), _checked(done))
 
     def zero(self, offset: int, length: int, done: Done) -> None:
         if self.can_zero:
-            self._pick().request(lambda c: nbdproto.WriteZeroesRequest(c, offset, length), _checked(done))
+            connection = self._pick(offset, length)
+            connection.request(lambda c: nbdproto.WriteZeroesRequest(c, offset, length), _checked(done))
             return
         # No WRITE_ZEROES: zeroes written as data, the run done when its last write is.
         pieces = [(at, min(len(self._zeroes), offset + length - at)) for at in range(offset, offset + length,
@@ -374,6 +403,8 @@ class _Nbd:
     def close(self) -> None:
         for connection in self.connections:
             connection.close()
+        if self.unconstrained is not None:
+            self.unconstrained.close()
 
 
 def _open_together(uri: str, tls: ssl.SSLContext | None, count: int) -> list[Connection]:
@@ -416,6 +447,7 @@ class _File:
             loop.worker_count = 4
         self.size = self.device.size
         self.max_request = REQUEST_SIZE
+        self.minimum_block_size = 1
         self.sparse_aware = True
 
     def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
@@ -450,6 +482,7 @@ class _Null:
 
     size = 1 << 63
     max_request = REQUEST_SIZE
+    minimum_block_size = 1
 
     def write(self, data: memoryview, offset: int, done: Done) -> None:
         done()
@@ -462,16 +495,6 @@ class _Null:
 
     def close(self) -> None:
         pass
-
-
-def _pieces(source: CopySource, size: int, step: int) -> Iterator[tuple[int, int, bool]]:
-    """Data and zero runs of the source, cut to at most ``step`` bytes (zero runs are not cut)."""
-    for offset, length, zero in source.runs(0, size):
-        if zero:
-            yield offset, length, True
-            continue
-        for start in range(offset, offset + length, step):
-            yield start, min(step, offset + length - start), False
 
 
 # --- The copy -------------------------------------------------------------------------------------------
@@ -505,7 +528,8 @@ def copy(
             target = _File(dst, loop, writable=True, size=source.size)
         if target.size < source.size:
             raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
-        return _run(source, target, loop, max(1, connections * requests), progress)
+        block = max(source.minimum_block_size, target.minimum_block_size)  # powers of two: the larger is their LCM
+        return _run(source, target, loop, max(1, connections * requests), progress, block)
     finally:
         for end in (source, target):
             if end is not None:
@@ -514,9 +538,19 @@ def copy(
 
 
 def _run(
-    source: CopySource, target: CopyTarget, loop: _Loop, slots: int, report: Callable[[CopyProgress], None] | None
+    source: CopySource,
+    target: CopyTarget,
+    loop: _Loop,
+    slots: int,
+    report: Callable[[CopyProgress], None] | None,
+    block: int = 1,
 ) -> CopyProgress:
-    step = min(source.max_request, target.max_request)
+    largest = min(source.max_request, target.max_request)
+    step = largest - largest % block
+    if not step:
+        raise ValueError(f"no request size suits both ends: one takes at most {largest} bytes a request, the "
+                         f"other needs multiples of {block}")  # fmt: skip
+    aligned = source.size - source.size % block
     free = [memoryview(bytearray(step)) for _ in range(slots)]
     progress = CopyProgress(source.size)
 
@@ -539,8 +573,16 @@ def _run(
         source.read(view, offset, lambda: target.write(view, offset, lambda: finished(length, buffer)))
 
     try:
+        if aligned < source.size:  # first, so that a tail no server lets us reach stops the copy before it starts
+            try:
+                start(aligned, source.size - aligned, False)
+                loop.wait(lambda: not progress.in_flight)
+            except (NBDError, OSError, nbdproto.ProtocolError) as exc:
+                unreachable = UnreachableTail(source.size - aligned, aligned, block)
+                unreachable.__cause__ = exc
+                raise CopyFailed(unreachable, 0, source.size) from unreachable
         # Each piece in flight holds at most one buffer, so a free slot always has a free buffer.
-        for piece in _pieces(source, source.size, step):
+        for piece in pieces(source.runs, aligned, step, block):
             while progress.in_flight >= slots:
                 loop.step()
             start(*piece)

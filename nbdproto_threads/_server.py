@@ -1,4 +1,4 @@
-"""The blocking NBD server: one accepted socket driven by nbdproto's ServerConnection, and a Server around it.
+"""The blocking NBD server: a connected socket's I/O loop around nbdproto.ServerSessionLogic, and a Server.
 
 Two layers, as in the seed (OCaml's mirage ``nbd`` Server):
 
@@ -9,15 +9,13 @@ Two layers, as in the seed (OCaml's mirage ``nbd`` Server):
 - ``Server``: listens (TCP or unix socket), maps export names to devices (or asks a resolver), and runs a
   session per connection in its own thread, until ``shutdown()``.
 
-All protocol decisions are the engine's (nbdproto.ServerConnection) and the shared dispatch helper's
-(nbdproto._dispatch); this module only moves bytes and calls devices.
-
-Requests are served inline by the connection's thread by default: it reads a large chunk, parses every
-request in it, carries each out, and writes all the replies with one sendmsg. That is the fastest way for
-devices that answer in microseconds (memory, files in the page cache). With ``workers > 0`` requests are
-carried out by a pool instead, so a slow device serves many at once and replies go out as they complete
-(in any order, as the protocol allows). On a plaintext connection a device's read views (FileDevice: slices of
-the file's memory mapping) are queued as the replies' data, so a read costs no system call of its own.
+Every decision is nbdproto's (the engine, ServerSessionLogic, the shared budget and log); this module moves
+bytes, bounds waits with socket timeouts, and chooses threads. Requests are carried out inline by the
+connection's thread for devices whose ``dispatch`` is "inline" or "batch": it reads a large chunk, carries out
+every request in it and writes the replies with one sendmsg. Devices that may be slow ("threads") get a pool
+per connection, so requests overlap and replies go out as they complete (in any order, as the protocol
+allows). On a plaintext connection a device's read views are queued as the replies' data, so a read costs no
+system call of its own.
 """
 
 from __future__ import annotations
@@ -26,137 +24,136 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
+
 import nbdproto
-from nbdproto import BlockDevice, ExportSpec, ReadView, RequestBudget, answer_export_request, carry_out, read_view_of
+from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
+from nbdproto.sockets import AcceptBackoff, listen_socket, peer_name
 
 from ._stream import SocketStream
 
-__all__ = ["ExportSpec", "ServerSession", "negotiate", "Server", "Resolver"]
+__all__ = ["ServerSession", "negotiate", "Server", "DEFAULT_WORKERS"]
 
 log = logging.getLogger("nbdproto.threads.server")
 
-SENDFILE_MIN = 64 * 1024
-"""Reads at least this long are sent with os.sendfile where the device has a file descriptor but no read views:
-below it, one preadv into a buffer that joins the batched sendmsg costs fewer system calls than a sendfile."""
+DEFAULT_WORKERS = 16
+"""Threads per connection for devices that may be slow (``dispatch`` "threads"), as nbdkit's default pool."""
 
-_EVENT_REQUESTS = (
-    nbdproto.ReadRequest,
-    nbdproto.WriteRequest,
-    nbdproto.FlushRequest,
-    nbdproto.TrimRequest,
-    nbdproto.CacheRequest,
-    nbdproto.WriteZeroesRequest,
-    nbdproto.BlockStatusRequest,
-    nbdproto.ResizeRequest,
-)
+PEER_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, ssl.SSLError, TimeoutError, OSError)
+"""How a socket says the client went away, broke the connection or stalled (ConnectionLog: the client's doing)."""
 
 
-Spec = ExportSpec[BlockDevice]
-"""An export of a sync device (nbdproto.ExportSpec, shared with the anyio backend)."""
+_NO_SETTINGS = nbdproto.SessionSettings()
 
-Resolver = Callable[[str], "Spec | None"]
-"""Looks an export name up: the spec to serve, or None for an unknown name."""
+
+class LockedShare:
+    """One connection's draw on the server's MemoryBudget for a server of many threads: every call is made under
+    the server's budget lock (``room``), and ``take`` waits there until the budget has room."""
+
+    def __init__(self, budget: nbdproto.MemoryBudget, room: threading.Condition) -> None:
+        self._share = budget.share()
+        self._room = room
+
+    def try_take(self, amount: int) -> bool:
+        with self._room:
+            return self._share.try_take(amount)
+
+    def take(self, amount: int, give_up: threading.Event) -> None:
+        """Wait until ``amount`` can be taken (or ``give_up`` is set: then raise ConnectionAbortedError)."""
+        with self._room:
+            while not self._share.try_take(amount):
+                if give_up.is_set():
+                    raise ConnectionAbortedError("the server is shutting down")
+                self._room.wait(0.5)
+
+    def give(self, amount: int) -> None:
+        with self._room:
+            self._share.give(amount)
+            self._room.notify_all()
+
+    def give_all(self) -> None:
+        with self._room:
+            self._share.give_all()
+            self._room.notify_all()
 
 
 class ServerSession:
     """One client connection on the server side, over a connected blocking socket.
 
-    ``exports``: names offered to NBD_OPT_LIST (None refuses listing). ``tls``: an ``ssl.SSLContext`` for the
-    server side; with one, TLS is forced unless ``tls_mode`` says otherwise. ``lookup`` answers the export
-    questions a client may ask before choosing (NBD_OPT_INFO, meta context queries); without it INFO is
-    refused and meta contexts are offered as base:allocation.
+    ``settings``: what the server tells each session (nbdproto.SessionSettings: the offer list, the export
+    lookup, TLS, limits). ``workers``: threads carrying out requests for devices that may be slow (None:
+    DEFAULT_WORKERS for devices whose dispatch is "threads", inline for the others; 0: always inline).
+    ``share``: its draw on the server's memory budget (a budget of its own otherwise); ``log``: the server's
+    ConnectionLog.
     """
 
     def __init__(
         self,
         sock: socket.socket,
+        settings: nbdproto.SessionSettings = _NO_SETTINGS,
         *,
-        exports: Iterable[str | nbdproto.ExportListing] | None = None,
-        tls: ssl.SSLContext | None = None,
-        tls_mode: nbdproto.TlsMode | None = None,
-        lookup: Resolver | None = None,
-        workers: int = 0,
-        max_bytes_in_flight: int = 64 * 1024 * 1024,
+        workers: int | None = None,
+        share: LockedShare | None = None,
+        log: nbdproto.ConnectionLog | None = None,
     ) -> None:
-        if tls_mode is None:
-            tls_mode = nbdproto.TlsMode.FORCEDTLS if tls is not None else nbdproto.TlsMode.NOTLS
-        if tls_mode is not nbdproto.TlsMode.NOTLS and tls is None:
-            raise ValueError(f"TLS mode {tls_mode.value} needs an ssl.SSLContext")
         self.stream = SocketStream(sock)
-        self.engine = nbdproto.ServerConnection(exports=exports, tls=tls_mode)
-        self._tls = tls
-        self._lookup = lookup
+        self._share = share or LockedShare(nbdproto.MemoryBudget(settings.limits.memory_limit), threading.Condition())
+        on_device_error = (log or _default_log()).device_failed
+        self.logic = nbdproto.ServerSessionLogic(settings, share=self._share, on_device_error=on_device_error)
+        self.engine = self.logic.engine
         self._workers = workers
-        self._max_bytes = max_bytes_in_flight
-        self._chosen: str | None = None
-        self._spec: Spec | None = None
-        self._closed = False
+        self._timeout: float | None = None  # the socket's current timeout, changed only when it must
         self._lock = threading.Lock()  # the engine and the socket's write side, when workers reply
+        self._stopping = threading.Event()
+        self._idle = False  # blocked waiting for a request with nothing in flight: safe to close
+        self._started = time.monotonic()
 
     # --- The seed's contract: negotiate, serve, close ------------------------------------------------------
 
     def negotiate(self) -> str | nbdproto.ClientAborted:
         """Run the handshake until the client chooses an export; returns its name, or ClientAborted.
 
-        Raises ConnectionError when the client goes away, RemoteProtocolError when it breaks the protocol.
+        Raises ConnectionError when the client goes away, RemoteProtocolError when it breaks the protocol,
+        TimeoutError when it takes longer than the handshake limit.
         """
-        engine = self.engine
-        while True:
-            event = engine.next_event()
-            if event is nbdproto.NEED_DATA:
-                self._flush()
-                engine.receive_data(self.stream.recv())
-            elif isinstance(event, nbdproto.ExportRequested):
-                answer = answer_export_request(event, self._lookup, self._chosen, self._spec)
-                if answer is None:
-                    self._chosen = event.name
-                    return event.name
-                engine.send(answer)
-            elif isinstance(event, nbdproto.StartTLS):
-                self._start_tls()
-            elif isinstance(event, nbdproto.HandshakeComplete):
-                return event.export.name
-            elif isinstance(event, nbdproto.ClientAborted):
-                self._flush()
-                return event
-            elif isinstance(event, nbdproto.ConnectionClosed):
-                raise ConnectionError("the connection ended during the handshake")
-            else:
-                raise nbdproto.LocalProtocolError(f"unexpected {event!r} during the handshake")
+        while (step := self.logic.handshake_step()) is not HandshakeStep.DONE:
+            self._handshake_deadline()
+            self._start_tls() if step is HandshakeStep.START_TLS else self._exchange()
+        return self.logic.outcome  # type: ignore[return-value]
 
-    def serve(self, device: BlockDevice | Spec, *, read_only: bool = True, description: str = "") -> None:
+    def serve(
+        self, device: nbdproto.BlockDevice | nbdproto.ExportSpec[Any], *, read_only: bool = True, description: str = ""
+    ) -> None:
         """Serve the chosen export from ``device`` until the client disconnects, then flush the device.
 
         Read-only unless ``read_only=False`` (an ExportSpec carries its own settings).
         """
-        if self._chosen is None:
-            raise RuntimeError("serve() needs a successful negotiate() first")
-        spec = device if isinstance(device, ExportSpec) else ExportSpec(device, description, read_only)
-        self._spec = spec
-        engine = self.engine
-        if engine.phase is nbdproto.Phase.AWAIT_EXPORT:
-            engine.send(spec.export(self._chosen))
-        if engine.phase is nbdproto.Phase.TRANSMISSION:
-            complete = engine.next_event()
-            assert isinstance(complete, nbdproto.HandshakeComplete), complete
-        else:
-            # The engine refused that GO (a TLS or block size rule): let the client try again.
-            name = self.negotiate()
-            if isinstance(name, nbdproto.ClientAborted):
-                return
-        self._transmission(spec.device)
+        if not self.logic.offer_export(device, read_only=read_only, description=description) and not isinstance(
+            self.negotiate(), str
+        ):
+            return
+        self._set_timeout(None)
+        try:
+            self._pooled_transmission() if self._pooled() else self._inline_transmission()
+        finally:
+            self._flush_device()
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
-        if not self._closed:
-            self._closed = True
+        """Close the connection (idempotent) and give back everything it held."""
+        if self.logic.close():
             with contextlib.suppress(OSError):
-                self._flush()
+                self._set_timeout(1.0)  # a client that does not read is not waited for
+                self._send()
             self.stream.close()
 
     def __enter__(self) -> ServerSession:
@@ -165,121 +162,148 @@ class ServerSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- Internals -----------------------------------------------------------------------------------------
+    # --- Shutdown, from the server's thread ----------------------------------------------------------------
 
-    def _flush(self) -> None:
+    def stop(self) -> None:
+        """The server is shutting down: requests from now on get ESHUTDOWN, and the connection ends as soon
+        as nothing is in flight (at once if it is idle now)."""
+        self.logic.begin_shutdown()
+        self._stopping.set()
+        if self._idle:
+            with contextlib.suppress(OSError):
+                self.stream.sock.shutdown(socket.SHUT_RD)
+
+    def abort(self) -> None:
+        """End the connection now, whatever it is doing (the shutdown's grace period is over)."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self.stream.sock.shutdown(socket.SHUT_RDWR)
+
+    # --- Bytes ----------------------------------------------------------------------------------------------
+
+    def _send(self) -> None:
         pieces = self.engine.data_to_send()
         if pieces:
             self.stream.send(pieces)
+        self.logic.sent()
+
+    def _exchange(self) -> None:
+        self._send()
+        self.engine.receive_data(self.stream.recv())
+
+    def _receive(self) -> bytes:
+        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait)."""
+        logic = self.logic
+        self._set_timeout(logic.next_wait())
+        self._idle = logic.idle
+        try:
+            return self.stream.recv()
+        except TimeoutError:
+            return logic.waited_too_long()
+        finally:
+            self._idle = False
+
+    def _set_timeout(self, seconds: float | None) -> None:
+        if seconds != self._timeout:
+            self.stream.sock.settimeout(seconds)
+            self._timeout = seconds
+
+    def _handshake_deadline(self) -> None:
+        limits = self.logic.settings.limits
+        limit = limits.seconds(limits.handshake_timeout)
+        if limit is not None:
+            left = self._started + limit - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the handshake took longer than {limit} s")
+            self._set_timeout(left)
 
     def _start_tls(self) -> None:
-        assert self._tls is not None
-        self._flush()
-        raw = self.stream.sock
-        self.stream.sock = self._tls.wrap_socket(raw, server_side=True)
+        self._send()
+        self.stream.sock = self.logic.settings.tls.wrap_socket(self.stream.sock, server_side=True)
         self.engine.tls_established()
 
-    def _transmission(self, device: BlockDevice) -> None:
-        engine = self.engine
-        contexts = engine.meta_contexts
-        # Only the kernel reads a device's views on a plaintext socket (see nbdproto._dispatch.ReadView); TLS
-        # would copy them in user space, where a file truncated under us is a SIGBUS rather than an error.
-        plaintext = not isinstance(self.stream.sock, ssl.SSLSocket)
-        read_view = read_view_of(device) if plaintext else None
-        if self._workers:
-            self._pooled_transmission(device, contexts, read_view)
-            return
-        # Inline: read a chunk, carry out every request in it, write every reply with one sendmsg. A device
-        # with views answers reads with them (measured faster than sendfile even at 256 KiB); else large reads
-        # of a file on a plaintext connection are answered with a FileRegion: sendfile, no copy through Python.
-        fd = device.fileno() if plaintext and read_view is None and hasattr(device, "fileno") else -1
-        read_request, read_data, file_region = nbdproto.ReadRequest, nbdproto.ReadData, nbdproto.FileRegion
-        try:
-            while True:
-                event = engine.next_event()
-                event_type = type(event)
-                if event_type is read_request and fd >= 0 and event.length >= SENDFILE_MIN:  # type: ignore[union-attr]
-                    read: Any = event
-                    engine.send(read_data(read.cookie, read.offset, file_region(fd, read.offset, read.length)))
-                elif event_type in _EVENT_REQUESTS:
-                    engine.send(carry_out(device, event, contexts, _log_device_error, read_view))  # type: ignore[arg-type]
-                elif event is nbdproto.NEED_DATA:
-                    self._flush()
-                    engine.receive_data(self.stream.recv())
-                elif event_type is nbdproto.DisconnectRequest:
-                    continue
-                elif event_type is nbdproto.ConnectionClosed:
-                    self._flush()
-                    break
-                else:
-                    raise nbdproto.LocalProtocolError(f"unexpected {event!r} in transmission")
-        finally:
-            _flush_device(device)
+    # --- Transmission ---------------------------------------------------------------------------------------
 
-    def _pooled_transmission(
-        self, device: BlockDevice, contexts: Mapping[int, str], read_view: ReadView | None
-    ) -> None:
-        # Requests go to a pool and replies go out as they complete. The budget stops the reader while too
+    def _pooled(self) -> bool:
+        if self._workers is not None:
+            return self._workers > 0
+        return self.logic.dispatch() == "threads"
+
+    def _read_view(self) -> nbdproto.ReadView | None:
+        return self.logic.read_view(kernel_sends=not isinstance(self.stream.sock, ssl.SSLSocket))
+
+    def _inline_transmission(self) -> None:
+        # Read a chunk, carry out every request in it, write every reply with one sendmsg.
+        for step in self.logic.inline_transmission(self._read_view()):
+            self._send()
+            if step == nbdproto.RECEIVE:
+                self.engine.receive_data(self._receive())
+            else:
+                self._share.take(step, self._stopping)
+
+    def _pooled_transmission(self) -> None:
+        # Requests go to a pool and replies go out as they complete. The budgets stop the reader while too
         # much is in flight, so the pool's queue (and the memory its requests pin) stays bounded.
-        engine, lock = self.engine, self._lock
-        budget = RequestBudget(self._workers * 4, self._max_bytes)
+        logic, lock, read_view, share, engine = self.logic, self._lock, self._read_view(), self._share, self.engine
+        workers = self._workers or DEFAULT_WORKERS
+        limits = logic.settings.limits
+        budget = nbdproto.RequestBudget(max(workers, limits.max_requests), limits.memory_limit)
         room = threading.Condition(lock)
-        pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nbd-request")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-request")
 
-        def serve_request(request: Any, cost: int) -> None:
-            reply = carry_out(device, request, contexts, _log_device_error, read_view)
+        def carry_out(request: Any, cost: int) -> None:
+            reply = logic.carry_out_one(request, read_view)
             with lock:
                 engine.send(reply)
                 budget.done(cost)
                 room.notify_all()
                 # A dead socket is the reader's to notice: it ends the session.
                 with contextlib.suppress(OSError):
-                    self._flush()
+                    self._send()
+            share.give(cost)
 
+        batch: list[Work] = []
         try:
             while True:
                 with lock:
-                    event = engine.next_event()
-                    event_type = type(event)
-                    if event_type in _EVENT_REQUESTS:
+                    end = logic.next_batch(batch)
+                for request in batch:
+                    if type(request) is WritePayload or (type(request) is WriteRequest and request.more):
+                        # The parts of a streamed write are carried out in order, by the reader.
+                        reply = logic.carry_out_part(request)
+                        with lock:
+                            if reply is not None:
+                                engine.send(reply)
+                        continue
+                    cost = nbdproto.request_cost(request)
+                    with lock:
                         while budget.full:
                             room.wait()
-                        cost = RequestBudget.cost(event)  # type: ignore[arg-type]
+                    share.take(cost, self._stopping)
+                    with lock:
                         budget.add(cost)
-                        pool.submit(serve_request, event, cost)
-                        continue
-                    if (
-                        event is nbdproto.NEED_DATA
-                        or event is nbdproto.PAUSED
-                        or event_type is nbdproto.ConnectionClosed
-                    ):
-                        # Receiving more, or ending: first let what is in flight finish where it must.
-                        if event is not nbdproto.NEED_DATA:
-                            while not budget.idle:
-                                room.wait()
-                        self._flush()
-                if event is nbdproto.NEED_DATA:
-                    data = self.stream.recv()
+                    pool.submit(carry_out, request, cost)
+                batch.clear()
+                with lock:
+                    if end is not BatchEnd.NEED_DATA:
+                        # Ending, or DISC with replies owed: first let what is in flight finish.
+                        while not budget.idle:
+                            room.wait()
+                    self._send()
+                if end is BatchEnd.CLOSED:
+                    return
+                if end is BatchEnd.NEED_DATA:
+                    data = self._receive()  # without the lock: workers reply meanwhile
                     with lock:
                         engine.receive_data(data)
-                elif event_type is nbdproto.ConnectionClosed:
-                    break
-                elif event is not nbdproto.PAUSED and event_type is not nbdproto.DisconnectRequest:
-                    raise nbdproto.LocalProtocolError(f"unexpected {event!r} in transmission")
         finally:
             pool.shutdown(wait=True)
-            _flush_device(device)
 
-
-def _flush_device(device: BlockDevice) -> None:
-    try:
-        device.flush()
-    except OSError:
-        log.exception("flushing the device after the connection ended failed")
-
-
-def _log_device_error(request: Any, exc: BaseException) -> None:
-    log.error("device failed on %r", request, exc_info=exc)
+    def _flush_device(self) -> None:
+        try:
+            self.logic.flush_device()
+        except OSError:
+            log.exception("flushing the device after the connection ended failed")
 
 
 def negotiate(
@@ -293,7 +317,8 @@ def negotiate(
     Returns the session (a context manager that guarantees the close) and the export name the client chose,
     or ``ClientAborted``. TLS is forced when ``tls`` is given. Then call ``session.serve(device)``.
     """
-    session = ServerSession(sock, exports=exports, tls=tls)
+    offer = None if exports is None else list(exports)
+    session = ServerSession(sock, nbdproto.SessionSettings(offer, tls=tls))
     try:
         return session, session.negotiate()
     except BaseException:
@@ -301,45 +326,39 @@ def negotiate(
         raise
 
 
-class Server:
+def _default_log() -> nbdproto.ConnectionLog:
+    return nbdproto.ConnectionLog(log, time.monotonic, PEER_ERRORS)
+
+
+class Server(nbdproto.ServerCore):
     """Serves exports to many clients at once: a thread per connection, until ``shutdown()``.
 
-    ``exports`` maps names to devices or ExportSpecs (a plain device is served read-only), or is a resolver
-    called with each name a client asks for. ``listen`` is a ``(host, port)`` pair, a unix socket path, or an
-    already bound socket. ``tls`` / ``tls_mode`` as for ServerSession; ``list_exports`` answers NBD_OPT_LIST
-    with the mapping's names (and descriptions).
+    ``exports``, ``tls``, ``tls_mode``, ``list_exports``, ``limits``: as nbdproto.ServerCore says. ``listen`` is
+    a ``(host, port)`` pair, a unix socket path, or an already bound and listening socket; ``workers`` as for
+    ServerSession.
     """
+
+    logger = log
+    peer_errors = PEER_ERRORS
+    clock = staticmethod(time.monotonic)
 
     def __init__(
         self,
-        exports: Mapping[str, BlockDevice | Spec] | Resolver,
+        exports: Mapping[str, nbdproto.BlockDevice | nbdproto.ExportSpec[Any]] | nbdproto.Resolver,
         listen: tuple[str, int] | str | socket.socket = ("127.0.0.1", nbdproto.DEFAULT_PORT),
         *,
-        tls: ssl.SSLContext | None = None,
-        tls_mode: nbdproto.TlsMode | None = None,
-        list_exports: bool = True,
-        workers: int = 0,
-        max_bytes_in_flight: int = 64 * 1024 * 1024,
+        workers: int | None = None,
+        **options: Unpack[nbdproto.ServerOptions],
     ) -> None:
-        if callable(exports):
-            self._resolve: Resolver = exports
-            offer = None
-        else:
-            specs = {
-                name: value if isinstance(value, ExportSpec) else ExportSpec(value) for name, value in exports.items()
-            }
-            self._resolve = specs.get
-            offer = [nbdproto.ExportListing(name, spec.description) for name, spec in specs.items()]
-        self._offer = offer if list_exports else None
-        self._tls = tls
-        self._tls_mode = tls_mode
+        super().__init__(exports, **options)
         self._workers = workers
-        self._max_bytes = max_bytes_in_flight
-        self.sock = listen if isinstance(listen, socket.socket) else _listen(listen)
-        self._sessions: set[ServerSession] = set()
+        self._memory = nbdproto.MemoryBudget(self.limits.memory_limit)
+        self._room = threading.Condition()  # the memory budget's lock, where sessions wait for room
+        self.sock = listen if isinstance(listen, socket.socket) else listen_socket(listen)
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._accepting = threading.Event()
+        self._accepting.set()
 
     @property
     def address(self) -> Any:
@@ -347,85 +366,69 @@ class Server:
         return self.sock.getsockname()
 
     def serve_forever(self) -> None:
-        """Accept and serve connections until shutdown() is called."""
-        while not self._stopping.is_set():
+        """Accept and serve connections until shutdown() is called. Running out of file descriptors (or of
+        kernel memory for sockets) does not end it: it says so once, waits for some to be freed, and goes on;
+        established connections are never dropped because an accept failed."""
+        backoff = AcceptBackoff(log)
+        stopped = threading.Event()
+        while self._accepting.is_set():
             try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                if self._stopping.is_set():
+                conn, _ = self.sock.accept()
+            except OSError as exc:
+                if not self._accepting.is_set():
                     break
-                raise
-            thread = threading.Thread(target=self._serve_one, args=(conn, peer), daemon=True)
+                stopped.wait(backoff.delay_after(exc))
+                continue
+            backoff.accepted()
+            thread = threading.Thread(target=self._serve_one, args=(conn,), daemon=True)
             with self._lock:
                 self._threads.add(thread)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no memory for another thread: refuse this client, keep serving
+                with self._lock:
+                    self._threads.discard(thread)
+                conn.close()
+                self.log.refused("?", f"cannot start a thread: {exc}")
 
-    def _serve_one(self, conn: socket.socket, peer: Any) -> None:
+    def _serve_one(self, conn: socket.socket) -> None:
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = ServerSession(
-            conn,
-            exports=self._offer,
-            tls=self._tls,
-            tls_mode=self._tls_mode,
-            lookup=self._resolve,
-            workers=self._workers,
-            max_bytes_in_flight=self._max_bytes,
-        )
-        with self._lock:
-            self._sessions.add(session)
+        peer = peer_name(conn)
+        share = LockedShare(self._memory, self._room)
+        session = ServerSession(conn, self.settings, workers=self._workers, share=share, log=self.log)
         try:
-            with session:
-                name = session.negotiate()
-                if isinstance(name, nbdproto.ClientAborted):
-                    log.info("client %s aborted the handshake", peer)
-                    return
-                spec = self._resolve(name)
-                if spec is None:
-                    return  # the resolver changed its mind since negotiate() asked it
-                log.info("client %s uses export %r", peer, name)
-                session.serve(spec)
-        except (ConnectionError, nbdproto.RemoteProtocolError, ssl.SSLError) as exc:
-            log.info("client %s: connection ended: %s", peer, exc)
-        except Exception:
-            log.exception("client %s: server error", peer)
+            with self.serving(session, peer), session:
+                spec = self.spec_for(session.negotiate(), peer)
+                if spec is not None:
+                    session.serve(spec)
         finally:
             with self._lock:
-                self._sessions.discard(session)
                 self._threads.discard(threading.current_thread())
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop accepting, let connected clients finish, then flush every device (graceful shutdown)."""
-        self._stopping.set()
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting; let in-flight requests finish within ``grace`` seconds (ServerLimits.shutdown_grace
+        by default), answering new ones with ESHUTDOWN; then close every connection, flushing every device."""
+        grace = self.limits.shutdown_grace if grace is None else grace
+        self._accepting.clear()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.stop_sessions()
+        deadline = time.monotonic() + grace
+        for thread in self._live_threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for session in list(self.sessions):
+            session.abort()
+        for thread in self._live_threads():
+            thread.join(5.0)
+
+    def _live_threads(self) -> list[threading.Thread]:
         with self._lock:
-            sessions = list(self._sessions)
-            threads = list(self._threads)
-        for session in sessions:
-            # Wake readers blocked in recv; each session flushes its device as it ends.
-            with contextlib.suppress(OSError):
-                session.stream.sock.shutdown(socket.SHUT_RD)
-        for thread in threads:
-            thread.join(timeout)
+            return list(self._threads)
 
     def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _listen(address: tuple[str, int] | str) -> socket.socket:
-    if isinstance(address, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(address)
-    else:
-        host, port = address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    sock.listen(128)
-    return sock

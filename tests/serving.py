@@ -1,7 +1,7 @@
 """Run an nbdproto server of any backend in the background for a test, and certificates for TLS tests.
 
 ``serve_exports(backend, exports, ...)`` is a context manager yielding the server's base URI; the same sync
-devices serve every backend (the anyio ones get them through AsyncDeviceAdapter). Servers listen on
+devices serve every backend (each called as its ``dispatch`` says). Servers listen on
 127.0.0.1 port 0 or a unix socket in a temporary directory, and are stopped on exit; start-up is bounded
 (the listening socket exists before the context is entered).
 """
@@ -25,7 +25,6 @@ import nbdproto
 import nbdproto.devices
 import nbdproto_anyio
 import nbdproto_threads
-from nbdproto import Dispatch
 
 BACKENDS = ("threads", "asyncio", "trio")
 
@@ -114,27 +113,17 @@ def _serve_threads(
     specs = {
         name: nbdproto.ExportSpec(e.device, e.description, e.read_only, e.tls_required) for name, e in exports.items()
     }
+    limits = nbdproto.ServerLimits(memory_limit=max_bytes)
     server = nbdproto_threads.Server(
-        specs, address, tls=tls, tls_mode=_tls_mode(tls, exports), workers=workers, max_bytes_in_flight=max_bytes
+        specs, address, tls=tls, tls_mode=_tls_mode(tls, exports), workers=workers, limits=limits
     )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield server.address
     finally:
-        server.shutdown(timeout=10)
+        server.shutdown()
         thread.join(10)
-
-
-def _dispatch(device: Any) -> Dispatch:
-    """How nbdproto serve calls a device: memory and files on tmpfs never block (inline, and a file's reads are
-    views of its mapping); other files in a worker thread per batch; anything else (test devices that sleep)
-    in a thread per request."""
-    if isinstance(device, nbdproto.devices.MemoryDevice):
-        return "inline"
-    if isinstance(device, nbdproto.devices.FileDevice):
-        return "inline" if device.in_memory else "batch"
-    return "threads"
 
 
 @contextlib.contextmanager
@@ -142,15 +131,10 @@ def _serve_anyio(
     backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, max_bytes: int
 ) -> Iterator[Any]:
     specs = {
-        name: nbdproto.ExportSpec(
-            nbdproto_anyio.AsyncDeviceAdapter(e.device, dispatch=_dispatch(e.device)),
-            e.description,
-            e.read_only,
-            e.tls_required,
-        )
-        for name, e in exports.items()
+        name: nbdproto.ExportSpec(e.device, e.description, e.read_only, e.tls_required) for name, e in exports.items()
     }
-    server = nbdproto_anyio.Server(specs, tls=tls, tls_mode=_tls_mode(tls, exports), max_bytes_in_flight=max_bytes)
+    limits = nbdproto.ServerLimits(memory_limit=max_bytes)
+    server = nbdproto_anyio.Server(specs, tls=tls, tls_mode=_tls_mode(tls, exports), limits=limits)
     with anyio.from_thread.start_blocking_portal(backend) as portal:
         listener = portal.call(nbdproto_anyio.listen, address)
         bound = listener.address

@@ -46,7 +46,7 @@ async def test_every_command_against_nbdkit(peers: Any) -> None:
 
 async def test_errors_and_out_of_order_replies(peers: Any) -> None:
     peers("nbdkit")
-    args = ["--filter=delay", "--filter=error", "memory", "size=1M", "delay-read=300ms", "error=ENOSPC",
+    args = ["--filter=delay", "--filter=error", "memory", "size=1M", "delay-read=1000ms", "error=ENOSPC",
             "error-pwrite-rate=1", "error-pread-rate=0"]  # fmt: skip
     with nbdkit(args) as port:
         async with await na.connect(f"nbd://127.0.0.1:{port}/") as c:
@@ -72,8 +72,7 @@ async def test_errors_and_out_of_order_replies(peers: Any) -> None:
 @contextlib.asynccontextmanager
 async def our_server(exports: dict[str, Any], tls: Any = None) -> AsyncIterator[str]:
     """Our anyio server in this test's own event loop (a blocking portal cannot start inside a running loop)."""
-    specs = {name: nbdproto.ExportSpec(na.AsyncDeviceAdapter(dev, use_threads=False), read_only=False)
-             for name, dev in exports.items()}  # fmt: skip
+    specs = {name: nbdproto.ExportSpec(dev, read_only=False) for name, dev in exports.items()}
     listener = await na.listen(("127.0.0.1", 0))
     scheme = "nbds" if tls else "nbd"
     async with anyio.create_task_group() as tasks:
@@ -159,7 +158,7 @@ async def test_large_reads_land_in_the_callers_buffers_over_tcp_v4_v6_and_unix(w
     data = os.urandom(16 * MIB)
     device = MemoryDevice(16 * MIB)
     device.pwrite(data, 0)
-    specs = {"d": nbdproto.ExportSpec(na.AsyncDeviceAdapter(device, use_threads=False), read_only=False)}
+    specs = {"d": nbdproto.ExportSpec(device, read_only=False)}
     address: Any = str(tmp_path / "nbd.sock") if where == "unix" else (where, 0)
     listener = await na.listen(address)
     if where == "unix":

@@ -98,7 +98,7 @@ def test_other_exceptions_are_eio() -> None:
 
 
 def test_budget_counts_the_memory_a_request_pins() -> None:
-    from nbdproto._dispatch import RequestBudget
+    from nbdproto import RequestBudget
 
     chunk = bytes(1 << 20)
     write = n.WriteRequest(1, 0, memoryview(chunk)[28 : 28 + 4096])

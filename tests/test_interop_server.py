@@ -293,7 +293,7 @@ def test_ipv6_loopback(peers: Any) -> None:
         assert info["exports"][0]["export-size"] == MIB
     finally:
         server.shutdown()
-    spec = nbdproto.ExportSpec(nbdproto_anyio.AsyncMemoryDevice(2 * MIB))
+    spec = nbdproto.ExportSpec(MemoryDevice(2 * MIB))
     with anyio.from_thread.start_blocking_portal() as portal:
         listener = portal.call(nbdproto_anyio.listen, ("::1", 0))
         future = portal.start_task_soon(nbdproto_anyio.Server({"d": spec}).serve, listener)

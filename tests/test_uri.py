@@ -62,15 +62,16 @@ def test_format_then_parse_round_trips(name: str, tls: bool, unix: bool, port: i
 
 
 def test_plan_connection_from_a_uri_or_from_parts() -> None:
-    from nbdproto._negotiation import plan_connection
+    from nbdproto import plan_connection
 
-    target, plan = plan_connection("nbds+unix:///disk?socket=/run/nbd.sock")
+    target, plan = plan_connection("nbds+unix:///disk?socket=/run/nbd.sock", {})
     assert (target.unix, target.socket, plan.export_name) == (True, "/run/nbd.sock", "disk")
     assert plan.tls and plan.require_tls  # an nbds URI requires TLS; the backend makes a default context
-    target, plan = plan_connection("nbds://h/d", require_tls=False)
+    target, plan = plan_connection("nbds://h/d", {"require_tls": False})
     assert not plan.tls and not plan.require_tls
-    target, plan = plan_connection(host="h", port=1234, export_name="e", tls=True, meta_contexts=())
+    options = {"host": "h", "port": 1234, "export_name": "e", "tls": object(), "meta_contexts": ()}
+    target, plan = plan_connection(None, options)
     assert (target.host, target.port, plan.export_name) == ("h", 1234, "e")
     assert plan.tls and not plan.require_tls and plan.meta_contexts == ()
-    _, plan = plan_connection("nbd://h/", list_exports=True)
+    _, plan = plan_connection("nbd://h/", {}, list_exports=True)
     assert plan.list_exports and not plan.tls

@@ -17,10 +17,11 @@ import threading
 from dataclasses import dataclass
 
 import nbdproto
-from nbdproto import BlockDevice, ExportSpec
+from nbdproto import BlockDevice, ExportSpec, ServerLimits
+from nbdproto.sockets import listen_socket
 from nbdproto_threads import Server as ThreadsServer
 
-from ._errors import UsageError
+from ._errors import UsageError, size_argument
 from ._sources import Source, apply_s3_options, open_source, parse_source
 
 __all__ = ["serve", "default_loop"]
@@ -78,22 +79,27 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
 
 
 def _listen_socket(args: argparse.Namespace) -> socket.socket:
+    if args.socket and os.path.exists(args.socket):
+        raise UsageError(f"{args.socket} already exists")
     try:
-        if args.socket:
-            if os.path.exists(args.socket):
-                raise UsageError(f"{args.socket} already exists")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(args.socket)
-        else:
-            family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((args.host, args.port))
+        return listen_socket(args.socket or (args.host, args.port))
     except OSError as exc:
         where = args.socket or f"{args.host}:{args.port}"
         raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    sock.listen(128)
-    return sock
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    """The ServerLimits the serve options ask for."""
+    try:
+        return ServerLimits(
+            handshake_timeout=args.handshake_timeout,
+            request_timeout=args.request_timeout,
+            idle_timeout=args.idle_timeout,
+            memory_limit=size_argument(args.memory_limit, "--memory-limit"),
+            shutdown_grace=args.shutdown_grace,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]:
@@ -145,7 +151,9 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    job = _Serving(sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop, args.loop)
+    job = _Serving(
+        sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop, server_limits(args), args.loop
+    )
     try:
         (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
     finally:
@@ -182,6 +190,7 @@ class _Serving:
     tls: ssl.SSLContext | None
     tls_mode: nbdproto.TlsMode | None
     stop: threading.Event
+    limits: ServerLimits
     loop: str = "asyncio"
 
 
@@ -189,7 +198,7 @@ def _serve_threads(job: _Serving) -> None:
     specs = {
         e.name: ExportSpec(d, job.description, job.read_only) for e, d in zip(job.exports, job.devices, strict=True)
     }
-    server = ThreadsServer(specs, job.sock, tls=job.tls, tls_mode=job.tls_mode)
+    server = ThreadsServer(specs, job.sock, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     job.stop.wait()
@@ -201,22 +210,20 @@ def _serve_anyio(job: _Serving) -> None:
     # commands that do not need them (a copy's figures include it).
     import anyio
 
-    from nbdproto import dispatch_of
-    from nbdproto_anyio import AsyncDeviceAdapter, listen
     from nbdproto_anyio import Server as AnyioServer
+    from nbdproto_anyio import listen
 
     specs = {
-        e.name: ExportSpec(AsyncDeviceAdapter(d, dispatch=dispatch_of(d)), job.description, job.read_only)
-        for e, d in zip(job.exports, job.devices, strict=True)
+        e.name: ExportSpec(d, job.description, job.read_only) for e, d in zip(job.exports, job.devices, strict=True)
     }
-    server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode)
+    server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
 
     async def run() -> None:
         listener = await listen(job.sock)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(server.serve, listener)
             await anyio.to_thread.run_sync(job.stop.wait)
-            tasks.cancel_scope.cancel()
+            await server.shutdown()
 
     if job.loop == "uvloop":
         anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})

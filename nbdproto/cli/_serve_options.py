@@ -46,6 +46,45 @@ def add_serve_arguments(serve: Any) -> None:
     serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     serve.add_argument("--tls-ca", metavar="PEM", help="CA to verify client certificates against")
     serve.add_argument("--tls-verify-client", action="store_true", help="require a client certificate")
+    limits = nbdproto.ServerLimits()
+    serve.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=limits.handshake_timeout,
+        metavar="SECONDS",
+        help=f"close a connection whose handshake (TLS included) takes longer (default {limits.handshake_timeout:g}; "
+        "0: no limit)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=limits.request_timeout,
+        metavar="SECONDS",
+        help="close a connection when the rest of a request (a header, a write's payload) stops arriving for this "
+        f"long (default {limits.request_timeout:g}; 0: no limit)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="close a connection with nothing in flight that sends nothing for this long (default 0: never)",
+    )
+    serve.add_argument(
+        "--memory-limit",
+        default=f"{limits.memory_limit >> 20}M",
+        metavar="SIZE",
+        help="request and reply data all connections together may hold; each client gets a fair share and small "
+        f"requests always proceed (default {limits.memory_limit >> 20}M)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=limits.shutdown_grace,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before every connection is "
+        f"closed; new requests meanwhile get ESHUTDOWN (default {limits.shutdown_grace:g})",
+    )
     serve.add_argument(
         "--export",
         action="append",

@@ -47,4 +47,5 @@ __all__ = [
     "S3Settings",
 ]
 
-__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
+if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names
+    __getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

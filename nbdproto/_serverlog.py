@@ -1,0 +1,109 @@
+"""What a server says about its connections, shared by both backends: one line per event, at a level that says
+whose fault it was, tracebacks only for our own bugs, and repeated lines counted and rate-limited.
+
+A client that breaks the protocol, resets the connection or stalls is the client's business: one line at INFO
+or WARNING naming the peer and the reason. Anything else that ends a connection is a bug in the server or a
+device (ERROR, with the traceback). A flood of bad clients must not become a flood of log lines: each kind of
+line is written at most ``burst`` times per ``interval`` seconds, and the next one after a quiet spell says how
+many were held back. The clock is the backend's to give (this package reads none).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ._errors import RemoteProtocolError
+
+__all__ = ["ConnectionLog"]
+
+
+class _Limit:
+    __slots__ = ("start", "count", "held")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.count = 0
+        self.held = 0
+
+
+class ConnectionLog:
+    """Logs a server's connection events to ``logger`` (see the module docstring).
+
+    ``peer_errors`` are the exception types by which the backend's I/O says the peer went away or broke the
+    connection (ConnectionError, ssl.SSLError, TimeoutError, the event loop's own); they and nbdproto's
+    RemoteProtocolError are the client's doing. ``clock`` returns seconds (time.monotonic).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        clock: Callable[[], float],
+        peer_errors: tuple[type[BaseException], ...],
+        *,
+        burst: int = 10,
+        interval: float = 60.0,
+    ) -> None:
+        self.logger = logger
+        self._clock = clock
+        self._peer_errors = peer_errors
+        self._burst = burst
+        self._interval = interval
+        self._limits: dict[str, _Limit] = {}
+
+    def _emit(self, kind: str, level: int, message: str, *args: Any, exc: BaseException | None = None) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        now = self._clock()
+        limit = self._limits.get(kind)
+        if limit is None or now - limit.start >= self._interval:
+            held = limit.held if limit is not None else 0
+            limit = self._limits[kind] = _Limit(now)
+            if held:
+                self.logger.log(level, "(%d more %s lines were held back)", held, kind)
+        limit.count += 1
+        if limit.count > self._burst:
+            limit.held += 1
+            return
+        self.logger.log(level, message, *args, exc_info=exc)
+
+    def chose(self, peer: object, name: str) -> None:
+        self._emit("export", logging.INFO, "client %s uses export %r", peer, name)
+
+    def aborted(self, peer: object) -> None:
+        self._emit("abort", logging.INFO, "client %s aborted the handshake", peer)
+
+    def refused(self, peer: object, reason: str) -> None:
+        """A connection turned away by policy before or during the handshake."""
+        self._emit("refused", logging.WARNING, "client %s refused: %s", peer, reason)
+
+    def ended(self, peer: object, failure: BaseException | None) -> None:
+        """The connection to ``peer`` ended, cleanly (``failure`` None) or because of ``failure``."""
+        if failure is None:
+            self._emit("disconnect", logging.INFO, "client %s disconnected", peer)
+            return
+        cause = _unwrap(failure)
+        if isinstance(cause, RemoteProtocolError):
+            self._emit("protocol", logging.WARNING, "client %s broke the protocol: %s", peer, cause)
+        elif isinstance(cause, TimeoutError):
+            self._emit("timeout", logging.WARNING, "client %s timed out: %s", peer, str(cause) or "no progress")
+        elif isinstance(cause, self._peer_errors):
+            reason = str(cause) or type(cause).__name__
+            self._emit("connection", logging.INFO, "client %s: connection ended: %s", peer, reason)
+        else:
+            self._emit("bug", logging.ERROR, "client %s: server error", peer, exc=cause)
+
+    def device_failed(self, request: object, failure: BaseException) -> None:
+        """A device raised something that is not an OSError: a bug in the device (the client got EIO)."""
+        self._emit("device", logging.ERROR, "device failed on %r", request, exc=failure)
+
+
+def _unwrap(failure: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups of a single failure, else the failure itself."""
+    # Duck-typed: on Python 3.10 the event loops' groups come from the exceptiongroup backport.
+    while True:
+        inner = getattr(failure, "exceptions", None)
+        if not (isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException)):
+            return failure
+        failure = inner[0]

@@ -1,0 +1,387 @@
+"""Clients that try to exhaust a server: memory, descriptors, time, the log, and its shutdown.
+
+Each test runs ``nbdproto serve`` in a process of its own (so its memory, threads and descriptors can be read
+from /proc) on each backend, attacks it, and checks that it holds within its limits while a well-behaved
+client on another connection goes on being served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import nbdproto as n
+from tests.nbdbytes import client_flags, option, request
+from tests.test_bad_input import RawClient
+
+MIB = 1 << 20
+pytestmark = pytest.mark.timeout(120)
+SERVERS = {"threads": ["--backend", "threads"], "asyncio": ["--backend", "anyio", "--loop", "asyncio"],
+           "trio": ["--backend", "anyio", "--loop", "trio"]}  # fmt: skip
+
+
+@pytest.fixture(params=["threads", "asyncio"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    address: tuple[str, int]
+    log_path: str
+    final_log: str | None = None
+
+    def rss(self) -> int:
+        """The server's resident memory, in bytes."""
+        return _status(self.proc.pid, "VmRSS") * 1024
+
+    def threads(self) -> int:
+        return _status(self.proc.pid, "Threads")
+
+    def descriptors(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def log(self) -> str:
+        """What the server logged (all of it, once it has stopped)."""
+        if self.final_log is not None:
+            return self.final_log
+        with open(self.log_path) as f:
+            return f.read()
+
+
+def _status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+@contextlib.contextmanager
+def serve(backend: str, *args: str, nofile: int | None = None, startup: float = 15) -> Iterator[Served]:
+    """``nbdproto serve ARGS`` on 127.0.0.1, any port, its log (-v) in a file; stopped (SIGTERM, then SIGKILL)
+    at the end."""
+    with tempfile.NamedTemporaryFile(prefix="nbdproto-log-", delete=False) as log_file:
+        log_path = log_file.name
+
+    def limit_descriptors() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    command = [sys.executable, "-m", "nbdproto", "serve", "-v", "--port", "0", *SERVERS[backend], *args]
+    with open(log_path, "wb") as log_out:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_out, preexec_fn=limit_descriptors)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], startup)
+        line = proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("serving "):
+            raise AssertionError(f"nbdproto serve did not start within {startup} s: {line!r}")
+        port = int(line.split(":")[2].split("/")[0])
+        served = Served(proc, ("127.0.0.1", port), log_path)
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        with open(log_path) as f:
+            log = f.read()
+        os.unlink(log_path)
+        if "served" in locals():
+            served.final_log = log
+
+
+class Reader(threading.Thread):
+    """A well-behaved client: verified 4 KiB writes and reads, counted, until stopped."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.address = address
+        self.stop = threading.Event()
+        self.rounds = 0
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            client = RawClient(self.address)
+            client.go("")
+            cookie = 0
+            while not self.stop.is_set():
+                cookie += 1
+                block = os.urandom(4096)
+                offset = (self.rounds % 256) * 4096
+                client.sock.sendall(request(n.Command.WRITE, cookie, offset, 4096) + block)
+                assert client.simple_reply(cookie) == (0, b"")
+                cookie += 1
+                client.sock.sendall(request(n.Command.READ, cookie, offset, 4096))
+                assert client.simple_reply(cookie, 4096) == (0, block)
+                self.rounds += 1
+            client.close()
+        except BaseException as exc:
+            self.failure = exc
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.join(30)
+        assert not self.is_alive() and self.failure is None, self.failure
+        return self.rounds
+
+
+def _rounds_in(address: tuple[str, int], seconds: float) -> int:
+    reader = Reader(address)
+    reader.start()
+    time.sleep(seconds)  # a measured stretch of service, not synchronisation
+    return reader.finish()
+
+
+def _peak_rss(served: Served, seconds: float) -> int:
+    peak, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        peak = max(peak, served.rss())
+        time.sleep(0.05)
+    return peak
+
+
+def test_unread_replies_of_huge_reads_hold_little_memory(backend: str) -> None:
+    with serve(backend, "--memory", "1G") as served:
+        baseline_rounds = _rounds_in(served.address, 1.0)
+        before = served.rss()
+        hoarder = RawClient(served.address)
+        hoarder.go("")
+        # 64 reads of 32 MiB whose replies are never read: 28 bytes of request each, 2 GiB of replies.
+        hoarder.sock.sendall(b"".join(request(n.Command.READ, i, i * 16 * MIB, 32 * MIB) for i in range(64)))
+        reader = Reader(served.address)
+        reader.start()
+        peak = _peak_rss(served, 3.0)
+        rounds = reader.finish()
+        assert peak - before < 512 * MIB, f"RSS grew by {(peak - before) / MIB:.0f} MiB"
+        # The other client is served all the while: at least a fifth of its pace alone (the machine is shared).
+        assert rounds * 3.0 >= baseline_rounds * 0.2 * 3.0, (rounds, baseline_rounds)
+        hoarder.close()
+
+
+def test_stalled_write_payloads_hold_little_memory(backend: str, tmp_path: Any) -> None:
+    # A file export: the parts of a write that arrived go to the file as they arrive (the page cache, not the
+    # server's memory); what the server itself holds is what is measured.
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(2048 * MIB)
+    with serve(backend, str(image)) as served:
+        before = served.rss()
+        chunk = os.urandom(MIB)
+        hoarders = []
+        for i in range(48):
+            client = RawClient(served.address)
+            client.go("")
+            # 32 MiB of payload announced, all but the last byte sent: the write can never complete.
+            client.sock.sendall(request(n.Command.WRITE, 1, i * 32 * MIB, 32 * MIB))
+            hoarders.append(client)
+        senders = [threading.Thread(target=_send_all_but_one, args=(c.sock, chunk), daemon=True) for c in hoarders]
+        for sender in senders:
+            sender.start()
+        reader = Reader(served.address)
+        reader.start()
+        peak = _peak_rss(served, 4.0)
+        rounds = reader.finish()
+        for sender in senders:
+            sender.join(30)
+        assert peak - before < 1024 * MIB, f"RSS grew by {(peak - before) / MIB:.0f} MiB"
+        assert rounds > 0
+        for client in hoarders:
+            client.close()
+
+
+def _send_all_but_one(sock: socket.socket, chunk: bytes) -> None:
+    with contextlib.suppress(OSError):
+        for _ in range(31):
+            sock.sendall(chunk)
+        sock.sendall(chunk[:-1])
+
+
+def test_running_out_of_descriptors_then_serving_again(backend: str) -> None:
+    with serve(backend, "--memory", "64M", nofile=64) as served:
+        crowd = []
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                crowd.append(socket.create_connection(served.address, timeout=5))
+        time.sleep(0.5)  # let the server hit the limit
+        for sock in crowd:
+            sock.close()
+        # The descriptors come back; the server accepts and serves again (its accept loop backs off, then goes on).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = RawClient(served.address)
+                client.go("")
+                break
+            except (OSError, AssertionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        client.sock.sendall(request(n.Command.READ, 1, 0, 4096))
+        assert client.simple_reply(1, 4096) == (0, bytes(4096))
+        client.close()
+        assert served.proc.poll() is None
+        assert "Traceback" not in served.log()
+
+
+def test_a_stalled_handshake_is_closed_by_the_default_limit() -> None:
+    # Both backends at once: the default limit is 10 s, and the suite should not wait for it twice.
+    with serve("threads", "--memory", "1M") as threads, serve("asyncio", "--memory", "1M") as anyio_served:
+        socks = [socket.create_connection(served.address, timeout=30) for served in (threads, anyio_served)]
+        for sock in socks:
+            sock.recv(18)  # the greeting; then nothing from us
+        started = time.monotonic()
+        for sock in socks:
+            assert sock.recv(100) == b""  # closed by the server
+            sock.close()
+        waited = time.monotonic() - started
+        assert 9.0 <= waited <= 13.0, waited
+
+
+def test_500_stalled_handshakes_are_all_closed_and_forgotten(backend: str) -> None:
+    limit = 2.0
+    with serve(backend, "--memory", "1M", "--handshake-timeout", str(limit)) as served:
+        time.sleep(0.3)
+        threads_before, fds_before = served.threads(), served.descriptors()
+        stalled = [socket.create_connection(served.address, timeout=30) for _ in range(250)]
+        starttls = [socket.create_connection(served.address, timeout=30) for _ in range(250)]
+        for sock in starttls:  # STARTTLS asked for (refused: no TLS here), then nothing more
+            sock.sendall(client_flags() + option(n.Option.STARTTLS, b""))
+        opened = time.monotonic()
+        for sock in stalled + starttls:
+            sock.settimeout(max(0.1, opened + limit + 1.0 - time.monotonic()))
+            try:
+                while sock.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - opened <= limit + 1.5
+        time.sleep(0.5)
+        assert served.threads() <= threads_before + 2
+        assert served.descriptors() <= fds_before + 2
+        for sock in stalled + starttls:
+            sock.close()
+
+
+BAD_CLIENTS = {
+    "bad request magic": lambda c: c.sock.sendall(b"\x00" * 28),
+    "oversized payload": lambda c: c.sock.sendall(request(n.Command.WRITE, 1, 0, 1 << 31)),
+    "reset while replying": lambda c: (c.sock.sendall(request(n.Command.READ, 1, 0, 32 * MIB)), _reset(c.sock)),
+    "bad flags": lambda c: c.sock.sendall(struct.pack(">IHHQQI", n.REQUEST_MAGIC, 0xFF, 0, 1, 0, 0)),
+}
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("server", ["threads", "asyncio", "trio"])
+def test_client_protocol_errors_print_no_traceback(server: str) -> None:
+    with serve(server, "--memory", "64M") as served:
+        for attack in BAD_CLIENTS.values():
+            client = RawClient(served.address)
+            client.go("")
+            attack(client)
+            client.close()
+        tls_quitter = RawClient(served.address)  # closes during what would be the TLS handshake
+        tls_quitter.sock.sendall(client_flags() + option(n.Option.STARTTLS, b"") + b"\x16\x03\x01\x00")
+        tls_quitter.close()
+        assert _rounds_in(served.address, 0.3) > 0
+    log = served.log()
+    assert "Traceback" not in log, log
+    assert "broke the protocol" in log
+
+
+def test_sigterm_with_clients_that_never_read(backend: str, tmp_path: Any) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * MIB))
+    with serve(backend, str(image)) as served:
+        writer = RawClient(served.address)
+        writer.go("")
+        written = {}
+        for cookie in range(1, 17):
+            block = os.urandom(65536)
+            writer.sock.sendall(request(n.Command.WRITE, cookie, cookie * MIB, len(block)) + block)
+            assert writer.simple_reply(cookie) == (0, b"")
+            written[cookie * MIB] = block
+        sleepers = []
+        for _ in range(4):
+            client = RawClient(served.address)
+            client.go("")
+            client.sock.sendall(b"".join(request(n.Command.READ, i, 0, 32 * MIB) for i in range(1, 64)))
+            sleepers.append(client)
+        time.sleep(0.5)  # their replies fill the socket buffers
+        started = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(30)
+        assert time.monotonic() - started < 5.0
+        assert served.proc.returncode == 0
+    data = image.read_bytes()
+    for offset, block in written.items():
+        assert data[offset : offset + len(block)] == block
+
+
+@pytest.mark.parametrize("server", ["threads", "asyncio", "trio"])
+def test_sigterm_during_pipelined_reads_cuts_no_reply_short(server: str) -> None:
+    with serve(server, "--memory", "256M") as served:
+        client = RawClient(served.address)
+        client.go("")
+        client.sock.sendall(b"".join(request(n.Command.READ, i, (i % 200) * MIB, MIB) for i in range(1, 201)))
+        # Read the first replies, then ask the server to stop while the rest are on their way.
+        for cookie in range(1, 4):
+            assert client.simple_reply(cookie, MIB) == (0, bytes(MIB))
+        served.proc.send_signal(signal.SIGTERM)
+        answered = 3
+        while True:
+            try:
+                header = client.recv_exactly(16)
+            except ConnectionError as exc:
+                assert "after 0 of 16" in str(exc), f"a reply header was cut short: {exc}"
+                break
+            magic, error, cookie = struct.unpack(">IIQ", header)
+            assert magic == n.SIMPLE_REPLY_MAGIC
+            if error == 0:
+                assert client.recv_exactly(MIB) == bytes(MIB)  # never cut short
+            else:
+                assert error == n.Errno.ESHUTDOWN
+            answered += 1
+        assert answered >= 3
+        served.proc.wait(15)
+        assert served.proc.returncode == 0
+
+
+@pytest.mark.parametrize("server", ["threads", "asyncio"])
+def test_two_reads_with_one_cookie_are_both_answered(server: str) -> None:
+    with serve(server, "--memory", "16M") as served:
+        client = RawClient(served.address)
+        client.go("")
+        client.sock.sendall(
+            client_flags()[:0] + request(n.Command.READ, 7, 0, 4096) + request(n.Command.READ, 7, 8192, 4096)
+        )
+        assert client.simple_reply(7, 4096) == (0, bytes(4096))
+        assert client.simple_reply(7, 4096) == (0, bytes(4096))
+        client.sock.sendall(request(n.Command.DISC, 8, 0, 0))
+        assert client.closed_by_server()
+        client.close()
