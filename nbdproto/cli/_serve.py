@@ -23,7 +23,7 @@ from nbdproto_threads import Server as ThreadsServer
 
 from ._errors import UsageError, size_argument
 from ._filters import Filtering, parse_filters
-from ._sources import Source, open_source, parse_source
+from ._sources import Source, apply_s3_options, open_source, parse_source
 
 __all__ = ["serve", "default_loop"]
 
@@ -51,6 +51,8 @@ def _exports(args: argparse.Namespace) -> list[ExportArg]:
         if not sep:
             raise UsageError(f"--export {item!r}: expected NAME=SOURCE")
         out.append(ExportArg(name, parse_source(text)))
+    for export, source in zip(out, apply_s3_options([e.source for e in out], args), strict=True):
+        export.source = source
     names = [e.name for e in out]
     if len(set(names)) != len(names):
         raise UsageError(f"export names must differ: {names}")

@@ -15,11 +15,13 @@ def add_serve_command(commands: Any) -> None:
         "serve",
         help="serve a file, block device, in-memory disk or another NBD export over NBD",
         description="Serve SOURCE over NBD until Ctrl-C or SIGTERM. SOURCE is a regular file or block device, "
-        "memory:SIZE (a sparse in-memory disk), or an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://) to "
+        "memory:SIZE (a sparse in-memory disk), s3://BUCKET/KEY (an image on S3-compatible storage), or an NBD "
+        "URI (nbd://, nbds://, nbd+unix://, nbds+unix://) to "
         "re-export. With no SOURCE, serves a 1 GiB in-memory disk on 127.0.0.1:10809.",
     )
-    serve.add_argument("source", nargs="?", metavar="SOURCE", help="a file, memory:SIZE, or an NBD URI")
+    serve.add_argument("source", nargs="?", metavar="SOURCE", help="a file, memory:SIZE, s3://BUCKET/KEY or an NBD URI")
     add_serve_arguments(serve)
+    _add_s3_arguments(serve)
 
 
 def add_serve_arguments(serve: Any) -> None:
@@ -99,4 +101,28 @@ def add_serve_arguments(serve: Any) -> None:
         default=[],
         metavar="NAME=SOURCE",
         help="serve another export (repeatable); SOURCE as above",
+    )
+
+
+def _add_s3_arguments(serve: Any) -> None:
+    s3 = serve.add_argument_group(
+        "s3:// sources",
+        "Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared "
+        "credentials file, AWS_PROFILE, an instance role), never from the command line.",
+    )
+    s3.add_argument(
+        "--size",
+        metavar="SIZE",
+        help="serve a writable image of SIZE stored as objects KEY/%%016x (nbdkit's S3 plugin's layout); without "
+        "it the single object KEY is served read-only",
+    )
+    s3.add_argument("--object-size", metavar="SIZE", help="bytes per object, a power of two up to 64M (default 1M)")
+    s3.add_argument(
+        "--s3-endpoint", metavar="URL", help="the store's URL for non-AWS stores (default: $AWS_ENDPOINT_URL or AWS)"
+    )
+    s3.add_argument(
+        "--s3-write-back",
+        metavar="SIZE",
+        help="a write-back cache of SIZE: writes are acknowledged from memory and made durable by FLUSH and FUA "
+        "(default: each write is acknowledged once stored)",
     )

@@ -8,16 +8,18 @@ the opener that needs them.
 
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nbdproto import BlockDevice
 
 from ._errors import UsageError, size_argument
 
-__all__ = ["Source", "parse_source", "open_source"]
+__all__ = ["Source", "parse_source", "open_source", "apply_s3_options"]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -25,11 +27,15 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 @dataclass(frozen=True)
 class Source:
     """A parsed SOURCE: its ``kind`` ("file", "memory", ...), the text that names it (a path or URI), and a
-    size where the text gives one (memory:SIZE)."""
+    size where the text gives one (memory:SIZE) or an option does (--size for s3://); for s3:// also the
+    --object-size, --s3-endpoint and --s3-write-back options."""
 
     kind: str
     target: str
     size: int = 0
+    object_size: int = 0
+    endpoint: str | None = None
+    write_back: int = 0
 
 
 def parse_source(text: str) -> Source:
@@ -37,9 +43,14 @@ def parse_source(text: str) -> Source:
     if text.startswith("memory:"):
         return Source("memory", text, size_argument(text[len("memory:") :], "memory size"))
     url = _URL.match(text)
+    if url and url.group(1).lower() == "s3":
+        bucket, _, key = text[len("s3://") :].partition("/")
+        if not bucket or not key or key.startswith("/") or key.endswith("/") or "//" in key:
+            raise UsageError(f"{text}: expected s3://BUCKET/KEY (KEY without leading, trailing or double '/')")
+        return Source("s3", text)
     if url:
         scheme = url.group(1)
-        raise UsageError(f"{text}: cannot serve a {scheme}:// source (use a file, memory:SIZE or an NBD URI)")
+        raise UsageError(f"{text}: cannot serve a {scheme}:// source (use a file, memory:SIZE, s3:// or an NBD URI)")
     if not os.path.exists(text):
         raise UsageError(f"{text}: no such file")
     return Source("file", text)
@@ -62,7 +73,61 @@ def _open_file(source: Source, read_only: bool) -> BlockDevice:
     return FileDevice(source.target, read_only=read_only)
 
 
+def apply_s3_options(sources: list[Source], args: argparse.Namespace) -> list[Source]:
+    """The sources with serve's S3 options (--size, --object-size, --s3-endpoint, --s3-write-back) applied
+    to the s3:// ones; a UsageError for options that make no sense (they name no s3:// source, an object
+    size without --size, a size that is not a multiple of the object size)."""
+    given = [o for o in ("size", "object_size", "s3_endpoint", "s3_write_back") if getattr(args, o, None)]
+    if not given:
+        return sources
+    if not any(s.kind == "s3" for s in sources):
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{flag} is for s3:// sources only")
+    size = size_argument(args.size, "--size") if args.size else 0
+    object_size = size_argument(args.object_size, "--object-size") if args.object_size else 0
+    if object_size and not size:
+        raise UsageError("--object-size needs --size (without --size, s3://BUCKET/KEY is one read-only object)")
+    if size:
+        from nbdproto.devices import S3Device
+
+        object_size = object_size or S3Device.DEFAULT_OBJECT_SIZE
+        if object_size & (object_size - 1) or object_size > 64 << 20:
+            raise UsageError(f"--object-size {args.object_size} must be a power of two of at most 64M")
+        if size % object_size:
+            raise UsageError(f"--size {args.size} must be a multiple of the object size ({object_size} bytes)")
+    write_back = size_argument(args.s3_write_back, "--s3-write-back") if args.s3_write_back else 0
+    if write_back and not size:
+        raise UsageError("--s3-write-back needs --size (a single object is read-only)")
+    return [
+        replace(s, size=size, object_size=object_size, endpoint=args.s3_endpoint, write_back=write_back)
+        if s.kind == "s3"
+        else s
+        for s in sources
+    ]
+
+
+def _open_s3(source: Source, read_only: bool) -> BlockDevice:
+    from nbdproto.devices import S3Device, S3Settings
+
+    bucket, _, key = source.target[len("s3://") :].partition("/")
+    try:
+        return S3Device(
+            bucket,
+            key,
+            size=source.size or None,
+            object_size=source.object_size or S3Device.DEFAULT_OBJECT_SIZE,
+            read_only=read_only,
+            write_back=source.write_back,
+            settings=S3Settings(endpoint=source.endpoint),
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, source.target) from None
+    except ValueError as exc:
+        raise OSError(errno.EINVAL, str(exc), source.target) from None
+
+
 _KINDS: dict[str, Callable[[Source, bool], BlockDevice]] = {
     "memory": _open_memory,
     "file": _open_file,
+    "s3": _open_s3,
 }

@@ -2,7 +2,8 @@
 
 Every device implements one synchronous protocol, ``nbdproto.BlockDevice`` (re-exported here); the threads
 server calls it from its connection threads, the anyio server from worker threads or, for devices that never
-block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device.
+block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device;
+``S3Device`` an image on S3-compatible object storage (the ``nbdproto[s3]`` extra).
 
 Filters wrap a device and are devices themselves, so they stack (nbdkit's filters, in Python): ``Filter`` is
 the pass-through base; ``CowFilter`` a copy-on-write overlay; ``ReadOnlyFilter``, ``DelayFilter``,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from ._memory import MemoryDevice
     from ._ranges import check_range
     from ._readonly import ReadOnlyFilter
+    from ._s3 import S3Device, S3Settings
     from ._stats import CommandStats, StatsFilter
 
 _WHERE = {
@@ -50,6 +52,8 @@ _WHERE = {
     "StatsFilter": "._stats",
     "CommandStats": "._stats",
     "BlockSizeFilter": "._blocksize",
+    "S3Device": "._s3",
+    "S3Settings": "._s3",
 }
 
 __all__ = [
@@ -69,6 +73,8 @@ __all__ = [
     "StatsFilter",
     "CommandStats",
     "BlockSizeFilter",
+    "S3Device",
+    "S3Settings",
 ]
 
 if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names
