@@ -21,6 +21,7 @@ from anyio.streams.tls import TLSStream
 import nbdproto
 from nbdproto import NBDError
 from nbdproto._negotiation import ClientNegotiation, plan_connection
+from nbdproto.tls import client_context
 
 from ._socket import RawSocketStream, connect_socket, receive, send_pieces
 
@@ -256,7 +257,7 @@ async def connect(
         meta_contexts=meta_contexts,
     )  # fmt: skip
     if plan.tls and tls is None:
-        tls = ssl.create_default_context()
+        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
     client = AsyncClient(await _open(target))
     try:
         await client._negotiate(plan, tls, target.tls_hostname)
@@ -270,7 +271,7 @@ async def list_exports(uri: str, *, tls: ssl.SSLContext | None = None) -> list[n
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
     target, plan = plan_connection(uri, tls=tls is not None, list_exports=True)
     if plan.tls and tls is None:
-        tls = ssl.create_default_context()
+        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
     client = AsyncClient(await _open(target))
     try:
         await client._negotiate(plan, tls, target.tls_hostname)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import nbdproto
 from nbdproto import NBDError
 from nbdproto._negotiation import ClientNegotiation, plan_connection
+from nbdproto.tls import client_context
 
 from ._stream import SocketStream
 
@@ -275,7 +276,7 @@ def open_connection(
         meta_contexts=meta_contexts,
     )  # fmt: skip
     if plan.tls and tls is None:
-        tls = ssl.create_default_context()
+        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
     return negotiate_client(_open(target, timeout), plan, tls=tls, server_hostname=target.tls_hostname)
 
 
@@ -308,7 +309,7 @@ def list_exports(uri: str, *, tls: ssl.SSLContext | None = None) -> list[nbdprot
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
     target, plan = plan_connection(uri, tls=tls is not None, list_exports=True)
     if plan.tls and tls is None:
-        tls = ssl.create_default_context()
+        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
     client = Client(negotiate_client(_open(target, 30.0), plan, tls=tls, server_hostname=target.tls_hostname))
     client.close()
     assert client.listing is not None

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-ca", metavar="PEM", help="CA to verify client certificates against")
     serve.add_argument("--tls-verify-client", action="store_true", help="require a client certificate")
     serve.add_argument(
+        "--tls-psk",
+        metavar="FILE",
+        help="pre-shared keys (psktool's IDENTITY:HEXKEY lines) clients authenticate with (Python 3.13+); with "
+        "--tls-cert too, clients without a key must present a certificate --tls-ca signed",
+    )
+    serve.add_argument(
         "--export",
         action="append",
         default=[],
@@ -95,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, nbdproto.ProtocolError) as exc:
-        # A server that cannot be reached or refuses us: one line, not a traceback.
+    except (OSError, ValueError, NotImplementedError, nbdproto.ProtocolError) as exc:
+        # A server that cannot be reached or refuses us, a bad key file, PSK on an old Python: one line.
         print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command}")
