@@ -127,7 +127,7 @@ def _peer_of(sock: ssl.SSLSocket) -> str:
     try:
         peer: Any = sock.getpeername()
     except OSError:
-        return "client"
+        return "a client"
     if isinstance(peer, tuple):
         return f"client {peer[0]}:{peer[1]}"
     return f"client on {sock.getsockname() or 'a unix socket'}"
@@ -145,7 +145,7 @@ class _PskSSLObject(ssl.SSLObject):
     address, so its log lines name none (the server's own lines do)."""
 
     def do_handshake(self) -> None:
-        _handshake(self, _record(self, "client"), lambda: ssl.SSLObject.do_handshake(self))
+        _handshake(self, _record(self, "a client"), lambda: ssl.SSLObject.do_handshake(self))
 
 
 class _PskServerContext(ssl.SSLContext):
