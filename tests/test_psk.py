@@ -111,6 +111,22 @@ def test_the_server_learns_the_identity_on_tls13_and_tls12(version: ssl.TLSVersi
         assert f"TLS-PSK identity {identity!r} ({expected}" in caplog.text
 
 
+def test_concurrent_handshakes_each_learn_their_own_identity() -> None:
+    server = server_context(psk=KEYS)
+    names = ["alice", "bob"] * 6
+    outcomes: list[Any] = [None] * len(names)
+
+    def one(i: int) -> None:
+        outcomes[i] = handshake(server, client(names[i], KEYS[names[i]]))[0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(names))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [outcome[2] for outcome in outcomes] == names
+
+
 @pytest.mark.parametrize("version", TLS_VERSIONS)
 def test_a_wrong_key_and_an_unknown_identity_are_refused_alike_and_logged(version: ssl.TLSVersion, caplog: Any) -> None:
     server = server_context(psk=KEYS)

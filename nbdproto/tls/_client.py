@@ -28,7 +28,7 @@ __all__ = ["client_context", "psk_client_context", "PSK_CIPHERS"]
 
 PSK_CIPHERS = "kECDHEPSK+CHACHA20:kDHEPSK+AESGCM:kDHEPSK+CHACHA20:kPSK+AESGCM:kPSK+CHACHA20"
 """The TLS 1.2 PSK cipher suites we offer and accept: forward-secret ones first, then plain PSK for peers that
-have nothing else; AEAD only. (TLS 1.3 suites are not configurable in Python and all of them work with a PSK.)
+have nothing else; AEAD only. (Python 3.13 cannot configure TLS 1.3 suites; all of them work with a PSK.)
 nbdkit, qemu and libnbd (GnuTLS, ``NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK``) agree on ECDHE-PSK-CHACHA20-POLY1305."""
 
 

@@ -14,14 +14,16 @@ unknown identity, or a cipher suite whose hash does not suit the key) goes on to
 certificate if it has one, leaving the client unauthenticated. So when a handshake completes, the record is
 checked: a session keyed by a known PSK (TLS 1.3: the session was resumed from the PSK; TLS 1.2: a PSK cipher
 suite) keeps its identity; any other session must carry a verified client certificate, or it is refused (a
-TLSAuthenticationError, which the servers treat as a failed handshake). Session tickets are off, so no
-session is ever resumed other than from a key in the file. An unknown identity is answered with a random
-key, as GnuTLS does: the handshake fails just as for a wrong key, so a client cannot probe for names.
+TLSAuthenticationError, which the servers treat as a failed handshake). Session tickets are off, so a TLS
+1.3 session is only ever resumed from a key in the file; a TLS 1.2 session resumed by its id (no NBD client
+we know does that) looks no key up, so it is refused. An unknown identity is answered with a random key, as
+GnuTLS does: the handshake fails just as for a wrong key, so a client cannot probe for names.
 
-A server with both a certificate and keys speaks TLS 1.2 at most: Python (up to 3.14 at least) cannot choose
-the TLS 1.3 cipher suites, and with a certificate loaded OpenSSL picks a SHA-384 suite, which declines every
-PSK made for SHA-256 (all of them: psktool's, nbdkit's, qemu's, libnbd's), as CPython's documentation of
-``set_psk_server_callback`` warns. Under TLS 1.2 a PSK cipher suite is chosen first and there is no fallback;
+A server with both a certificate and keys speaks TLS 1.2 at most: Python 3.13's ssl cannot choose the TLS
+1.3 cipher suites (``set_ciphers`` sets TLS 1.2's), and with a certificate loaded OpenSSL picks a SHA-384
+suite, which declines every PSK made for SHA-256 (all of them: psktool's, nbdkit's, qemu's, libnbd's), as
+CPython's documentation of ``set_psk_server_callback`` warns (measured here: the PSK is declined with and
+without the server's cipher preference). Under TLS 1.2 a PSK cipher suite is chosen first and there is no fallback;
 clients that do not use a key must then present a certificate the CA signed (the context requires one).
 Without a certificate, OpenSSL prefers SHA-256 suites by itself and TLS 1.3 works with every peer we test.
 """
