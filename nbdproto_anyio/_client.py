@@ -24,6 +24,7 @@ from anyio.streams.tls import TLSStream
 
 import nbdproto
 from nbdproto import Awaiting, ClientRequests, ClientSessionLogic, HandshakeStep
+from nbdproto.tls import client_context
 
 from ._socket import RawSocketStream, connect_socket, receive, send_pieces
 
@@ -160,7 +161,7 @@ async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list
     target, plan = nbdproto.plan_connection(uri, options, list_exports=list_exports)
     tls = options.get("tls")
     if plan.tls and tls is None:
-        tls = ssl.create_default_context()
+        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
     timeout = options.get("timeout")
     with anyio.fail_after(timeout):
         stream = await connect_socket(target.socket if target.unix else (target.host, target.port))

@@ -222,7 +222,9 @@ def test_tls_1_2_and_1_3_both_work(version: ssl.TLSVersion, pki: Pki) -> None:
 def test_the_command_line_never_offers_tls_older_than_1_2(pki: Pki) -> None:
     cert = f"{pki.directory}/server-cert.pem"
     key = f"{pki.directory}/server-key.pem"
-    args = argparse.Namespace(tls="require", tls_cert=cert, tls_key=key, tls_ca=None, tls_verify_client=False)
+    args = argparse.Namespace(
+        tls="require", tls_cert=cert, tls_key=key, tls_ca=None, tls_verify_client=False, tls_psk=None
+    )
     context, mode = cli_tls(args)
     assert context is not None and mode is n.TlsMode.FORCEDTLS
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2

@@ -50,14 +50,34 @@ def test_tls_verify_peer_defaults_on() -> None:
     assert not parse_uri("nbds://h/?tls-verify-peer=0").tls_verify_peer
 
 
+def test_the_tls_keys_of_libnbd_and_qemu() -> None:
+    uri = parse_uri("nbds://alice@h:99/d?tls-psk-file=/k/keys.psk&tls-certificates=/pki&tls-hostname=n.example")
+    assert (uri.user, uri.tls_username, uri.host, uri.port) == ("alice", "alice", "h", 99)
+    assert (uri.tls_psk_file, uri.tls_certificates, uri.tls_hostname) == ("/k/keys.psk", "/pki", "n.example")
+    assert str(uri) == "nbds://alice@h:99/d?tls-psk-file=/k/keys.psk&tls-certificates=/pki&tls-hostname=n.example"
+    unix = parse_uri("nbds+unix://bob@/d?socket=/s&tls-psk-file=k")
+    assert (unix.tls_username, unix.socket, unix.tls_psk_file, unix.tls_hostname) == ("bob", "/s", "k", None)
+    assert str(unix) == "nbds+unix://bob@/d?socket=/s&tls-psk-file=k"
+    plain = parse_uri("nbds://h/")
+    assert (plain.tls_username, plain.tls_psk_file, plain.tls_certificates) == (None, None, None)
+    assert parse_uri("nbds://a%40b%3Ac@h/").user == "a@b:c"
+    for off in ("0", "false", "no", "off", "FALSE"):
+        assert not parse_uri(f"nbds://h/?tls-verify-peer={off}").tls_verify_peer
+
+
 @given(
     st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=30),
     st.booleans(),
     st.booleans(),
     st.integers(1, 65535),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=10),
 )
-def test_format_then_parse_round_trips(name: str, tls: bool, unix: bool, port: int) -> None:
-    uri = NbdUri(name, tls, unix, socket="/tmp/s 1.sock") if unix else NbdUri(name, tls, False, "10.0.0.1", port)
+def test_format_then_parse_round_trips(name: str, tls: bool, unix: bool, port: int, user: str) -> None:
+    uri = (
+        NbdUri(name, tls, unix, socket="/tmp/s 1.sock", user=user)
+        if unix
+        else NbdUri(name, tls, False, "10.0.0.1", port, user=user)
+    )
     assert parse_uri(format_uri(uri)) == uri
 
 

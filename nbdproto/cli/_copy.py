@@ -47,7 +47,7 @@ def copy_command(args: argparse.Namespace) -> int:
             tls=tls,
             progress=bar.update if bar is not None else None,
         )
-    except (CopyFailed, nbdproto.NBDError, OSError, ValueError, nbdproto.ProtocolError) as exc:
+    except (CopyFailed, nbdproto.NBDError, OSError, ValueError, NotImplementedError, nbdproto.ProtocolError) as exc:
         print(f"nbdproto copy: {exc}", file=sys.stderr)
         return 1
     finally:

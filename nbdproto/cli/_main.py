@@ -43,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, nbdproto.ProtocolError) as exc:
-        # A server that cannot be reached or refuses us: one line, not a traceback.
+    except (OSError, ValueError, NotImplementedError, nbdproto.ProtocolError) as exc:
+        # A server that cannot be reached or refuses us, a bad key file, PSK on an old Python: one line.
         print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command}")

@@ -25,8 +25,8 @@ import json
 import ssl
 from typing import Any
 
-import nbdproto
 from nbdproto import TransmissionFlags
+from nbdproto.tls import client_context
 from nbdproto_threads import Client, connect, list_exports
 
 __all__ = ["add_query_commands", "info", "list_command", "describe"]
@@ -54,16 +54,12 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def client_tls(args: argparse.Namespace, uri: str) -> ssl.SSLContext | None:
-    """The client TLS context the arguments and the URI ask for (None for plaintext)."""
-    if not (args.tls_ca or args.tls_cert or nbdproto.parse_uri(uri).tls):
+    """The client TLS context ``--tls-ca`` / ``--tls-cert`` / ``--tls-key`` ask for, on top of the URI's own
+    TLS settings (nbdproto.tls.client_context); None without them: the clients then take the URI's settings
+    themselves (``nbds://alice@host/?tls-psk-file=keys.psk``, ``tls-certificates=DIR``, ...)."""
+    if not (args.tls_ca or args.tls_cert):
         return None
-    context = ssl.create_default_context(cafile=args.tls_ca)
-    if args.tls_cert:
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-    if not nbdproto.parse_uri(uri).tls_verify_peer:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return client_context(uri, cafile=args.tls_ca, certfile=args.tls_cert, keyfile=args.tls_key)
 
 
 def add_query_commands(commands: Any) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import nbdproto
 from nbdproto import BlockDevice, ExportSpec, ServerLimits
 from nbdproto.sockets import listen_socket
+from nbdproto.tls import PskFileError, PskUnavailableError, check_psk_support, read_psk_file, server_context
 from nbdproto_threads import Server as ThreadsServer
 
 from ._errors import UsageError, size_argument
@@ -61,20 +62,31 @@ def _exports(args: argparse.Namespace) -> list[ExportArg]:
 
 def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsMode | None]:
     if args.tls == "off":
+        if args.tls_cert or args.tls_psk:
+            raise UsageError("--tls-cert and --tls-psk need --tls require (or --tls optional)")
         return None, None
-    if not args.tls_cert:
-        raise UsageError(f"--tls {args.tls} needs --tls-cert (and --tls-key unless the key is in the same file)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if not (args.tls_cert or args.tls_psk):
+        raise UsageError(f"--tls {args.tls} needs --tls-cert (and --tls-key unless the key is in the same file) "
+                         "or --tls-psk")  # fmt: skip
+    if args.tls_verify_client and not args.tls_ca:
+        raise UsageError("--tls-verify-client needs --tls-ca")
+    keys = None
+    if args.tls_psk:
+        try:
+            check_psk_support()
+            keys = read_psk_file(args.tls_psk)
+        except (PskUnavailableError, PskFileError) as exc:
+            raise UsageError(f"--tls-psk: {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"--tls-psk: cannot read {args.tls_psk}: {exc.strerror or exc}") from None
+        if args.tls_cert and not args.tls_ca:
+            raise UsageError("--tls-cert with --tls-psk needs --tls-ca: clients that use no key must then present a "
+                             "certificate it signed, or they would be served unauthenticated")  # fmt: skip
     try:
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-        if args.tls_ca:
-            context.load_verify_locations(args.tls_ca)
+        context = server_context(certfile=args.tls_cert, keyfile=args.tls_key, cafile=args.tls_ca,
+                                 verify_client=args.tls_verify_client, psk=keys)  # fmt: skip
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
-    if args.tls_verify_client:
-        if not args.tls_ca:
-            raise UsageError("--tls-verify-client needs --tls-ca")
-        context.verify_mode = ssl.CERT_REQUIRED
     mode = nbdproto.TlsMode.FORCEDTLS if args.tls == "require" else nbdproto.TlsMode.SELECTIVETLS
     return context, mode
 

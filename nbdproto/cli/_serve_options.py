@@ -46,6 +46,12 @@ def add_serve_arguments(serve: Any) -> None:
     serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     serve.add_argument("--tls-ca", metavar="PEM", help="CA to verify client certificates against")
     serve.add_argument("--tls-verify-client", action="store_true", help="require a client certificate")
+    serve.add_argument(
+        "--tls-psk",
+        metavar="FILE",
+        help="pre-shared keys (psktool's IDENTITY:HEXKEY lines) clients authenticate with (Python 3.13+); with "
+        "--tls-cert too, clients without a key must present a certificate --tls-ca signed",
+    )
     limits = nbdproto.ServerLimits()
     serve.add_argument(
         "--handshake-timeout",
