@@ -26,7 +26,7 @@ import nbdproto
 from nbdproto import Awaiting, ClientRequests, ClientSessionLogic, HandshakeStep
 from nbdproto.tls import client_context
 
-from ._socket import RawSocketStream, connect_socket, receive, send_pieces
+from ._socket import RawSocketStream, close_stream, connect_socket, receive, send_pieces
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -148,7 +148,7 @@ class AsyncClient(ClientRequests[Awaiting]):
                         await self._flush()
             except (OSError, nbdproto.ProtocolError, anyio.BrokenResourceError):
                 pass
-            await self.stream.aclose()
+            await close_stream(self.stream)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -184,6 +184,7 @@ async def connect(uri: str | None = None, **options: Unpack[nbdproto.ConnectOpti
 async def list_exports(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> list[nbdproto.ExportListing]:
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
     client = await _negotiated(uri, options, list_exports=True)
-    await client._abort()
+    with anyio.CancelScope(shield=True):
+        await close_stream(client.stream)  # after NBD_OPT_ABORT: close_notify, as the spec asks
     assert client.listing is not None
     return list(client.listing.exports)

@@ -34,7 +34,7 @@ import nbdproto
 from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
 from nbdproto.sockets import AcceptBackoff, listen_socket, peer_name
 
-from ._socket import RawSocketStream, SocketAcceptor, receive, send_pieces
+from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, send_pieces
 
 __all__ = ["ServerSession", "Server", "listen"]
 
@@ -146,7 +146,7 @@ class ServerSession:
         if self.logic.close():
             with anyio.move_on_after(1.0), contextlib.suppress(*_STREAM_GONE):
                 await self._send()  # a client that does not read is not waited for
-            await self.stream.aclose()
+            await close_stream(self.stream)
 
     async def __aenter__(self) -> ServerSession:
         return self

@@ -25,10 +25,19 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSStream
 
 from nbdproto import FileRegion, Payload, step_past
 
-__all__ = ["RawSocketStream", "SocketAcceptor", "connect_socket", "RECV_SIZE", "receive", "send_pieces"]
+__all__ = [
+    "RawSocketStream",
+    "SocketAcceptor",
+    "connect_socket",
+    "RECV_SIZE",
+    "receive",
+    "send_pieces",
+    "close_stream",
+]
 
 RECV_SIZE = 1024 * 1024
 _IOV_MAX = 1024
@@ -198,6 +207,15 @@ async def _connect(family: int, proto: int, address: Any) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def close_stream(stream: anyio.abc.ByteStream, wait: float = 1.0) -> None:
+    """Close ``stream``; a TLS stream first says so (close_notify, as the spec asks of both sides after DISC or
+    ABORT), waiting at most ``wait`` seconds for the peer's own: a peer that never answers is not waited on."""
+    if isinstance(stream, TLSStream):
+        with anyio.move_on_after(wait), contextlib.suppress(Exception):
+            await stream.unwrap()
+    await stream.aclose()
 
 
 async def receive(stream: anyio.abc.ByteStream) -> bytes:

@@ -33,6 +33,7 @@ import selectors
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -141,6 +142,7 @@ class _Connection:
         self.export: nbdproto.Export = connection.result.export
         self.out: list[Any] = []
         self.callbacks: dict[int, Callable[[Any], None]] = {}
+        self.sent_at: dict[int, float] = {}  # in the order sent: the first is the oldest request waiting
         self._cookies = itertools.count(1)
         self.writing = False  # registered for EVENT_WRITE
 
@@ -150,6 +152,11 @@ class _Connection:
         self.engine.send(make(cookie))
         self.out += self.engine.data_to_send()
         self.callbacks[cookie] = done
+        self.sent_at[cookie] = time.monotonic()
+
+    def oldest(self) -> float | None:
+        """When the oldest request still waiting for its reply was sent (None: none is waiting)."""
+        return next(iter(self.sent_at.values()), None)
 
     def flush(self) -> None:
         """Send what the socket takes now; the rest stays queued."""
@@ -186,6 +193,7 @@ class _Connection:
                     break
                 if isinstance(event, nbdproto.ConnectionClosed):
                     raise ConnectionError("the server closed the connection")
+                del self.sent_at[event.cookie]  # type: ignore[union-attr]
                 self.callbacks.pop(event.cookie)(event)  # type: ignore[union-attr]
             if short and not self.tls:
                 return  # the socket had no more for now; a TLS socket may still hold decrypted bytes
@@ -210,7 +218,9 @@ class _Loop:
     """Waits for any connection to be readable (or writable, while it has bytes queued) and serves it, and runs
     the completions that file I/O in worker threads hands back (``from_thread``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        """Seconds the loop waits without any connection or file making progress before TimeoutError."""
         self.selector = selectors.DefaultSelector()
         self._completions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
@@ -251,7 +261,10 @@ class _Loop:
                 connection.writing = bool(connection.out)
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.writing else 0)
                 self.selector.modify(connection.sock, events, connection)
-        for key, mask in self.selector.select():
+        ready = self.selector.select(self._wait())
+        if self.timeout is not None and not ready and self._wait() == 0:
+            raise TimeoutError(f"timed out: a request got no reply within {self.timeout} s")
+        for key, mask in ready:
             connection = key.data
             if connection is None:
                 self._run_completions()
@@ -260,6 +273,20 @@ class _Loop:
                 connection.receive()
             if mask & selectors.EVENT_WRITE:
                 connection.flush()
+
+    def _wait(self) -> float | None:
+        """How long the next select may wait: until the oldest request waiting for a reply is out of time
+        (nothing but local file I/O outstanding: as long as it takes)."""
+        if self.timeout is None:
+            return None
+        sent: list[float] = []
+        for key in self.selector.get_map().values():
+            when = key.data.oldest() if key.data is not None else None
+            if when is not None:
+                sent.append(when)
+        if not sent:
+            return None
+        return max(0.0, min(sent) + self.timeout - time.monotonic())
 
     def wait(self, finished: Callable[[], bool]) -> None:
         while not finished():
@@ -307,12 +334,12 @@ class _Nbd:
         self.loop = loop
         self.uri, self.tls = uri, tls
         self.unconstrained: _Connection | None = None
-        self.connections = [_Connection(open_connection(uri, tls=tls))]
+        self.connections = [_Connection(open_connection(uri, tls=tls, timeout=loop.timeout))]
         loop.add(self.connections[0])
         export = self.connections[0].export
         # More than one connection only where the server promises they see each other's writes.
         count = connections if export.flags & nbdproto.TransmissionFlags.CAN_MULTI_CONN else 1
-        for connection in _open_together(uri, tls, count - 1):
+        for connection in _open_together(uri, tls, count - 1, loop.timeout):
             self.connections.append(_Connection(connection))
             loop.add(self.connections[-1])
         self.export = export
@@ -336,7 +363,9 @@ class _Nbd:
     def _unconstrained(self) -> _Connection:
         if self.unconstrained is None:
             try:
-                connection = open_connection(self.uri, tls=self.tls, meta_contexts=(), block_sizes=False)
+                connection = open_connection(
+                    self.uri, tls=self.tls, meta_contexts=(), block_sizes=False, timeout=self.loop.timeout
+                )
             except nbdproto.NegotiationError as exc:
                 raise nbdproto.NegotiationError(f"{self.uri} would not negotiate without block sizes: {exc}",
                                                 exc.reply_type) from exc  # fmt: skip
@@ -407,14 +436,14 @@ class _Nbd:
             self.unconstrained.close()
 
 
-def _open_together(uri: str, tls: ssl.SSLContext | None, count: int) -> list[Connection]:
+def _open_together(uri: str, tls: ssl.SSLContext | None, count: int, timeout: float | None) -> list[Connection]:
     """Open and negotiate ``count`` connections at once (each handshake is a few round trips of waiting)."""
     opened: list[Connection] = []
     failures: list[BaseException] = []
 
     def open_one() -> None:
         try:
-            opened.append(open_connection(uri, tls=tls))
+            opened.append(open_connection(uri, tls=tls, timeout=timeout))
         except BaseException as exc:  # handed to the caller below
             failures.append(exc)
 
@@ -508,14 +537,16 @@ def copy(
     requests: int = 2,
     tls: ssl.SSLContext | None = None,
     progress: Callable[[CopyProgress], None] | None = None,
+    timeout: float | None = 30.0,
 ) -> CopyProgress:
     """Copy SRC to DST (NBD URIs or local paths; DST may be ``null:``) and say how it went.
 
     ``connections`` connections at each NBD end (one where the server does not promise multi-conn), each with
-    ``requests`` requests in flight. ``progress`` is called with the running totals after each piece. Raises
-    CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
+    ``requests`` requests in flight. ``progress`` is called with the running totals after each piece.
+    ``timeout``: seconds any wait may take (a connect, a handshake, the copy with nothing moving); None: no limit.
+    Raises CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
     """
-    loop = _Loop()
+    loop = _Loop(timeout)
     source: _Nbd | _File | None = None
     target: _Nbd | _File | _Null | None = None
     try:

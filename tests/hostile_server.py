@@ -22,6 +22,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -42,7 +43,7 @@ from nbdproto._constants import (
     TransmissionFlags,
 )
 
-__all__ = ["Case", "Close", "Request", "Wire", "SIZE", "CONTENT", "serve_case", "option_reply"]
+__all__ = ["Case", "Close", "Trickle", "Request", "Wire", "SIZE", "CONTENT", "serve_case", "option_reply", "good_read"]
 
 SIZE = 64 * 1024
 """The export every case offers (unless it says otherwise): one read and one block status cover it."""
@@ -55,6 +56,10 @@ TF = TransmissionFlags
 
 class Close(bytes):
     """Bytes to send, after which the server closes the connection (mid-reply, mid-handshake)."""
+
+
+class Trickle(bytes):
+    """Bytes to send one a second (a server that answers, but too slowly to be waited for)."""
 
 
 class Request(NamedTuple):
@@ -255,6 +260,11 @@ class _Script:
                 answer = self.case.block_status(wire, request)
             else:
                 answer = wire.success(request)
+            if isinstance(answer, Trickle):
+                for byte in answer:
+                    self.sock.sendall(bytes([byte]))
+                    time.sleep(1)
+                return
             self.sock.sendall(answer)
             if isinstance(answer, Close):
                 return

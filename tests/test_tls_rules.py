@@ -29,9 +29,7 @@ from tests.serving import BACKENDS, Export, Pki, make_pki, serve_exports
 
 OPT, R = n.Option, n.OptionReplyType
 pytestmark = pytest.mark.timeout(60)
-ANYIO_GAP = "gap: the anyio backends wrap TLS with standard_compatible=False and close without close_notify"
-GAP = pytest.mark.xfail(strict=True, reason=ANYIO_GAP)
-SERVERS = [b if b == "threads" else pytest.param(b, marks=GAP) for b in BACKENDS]
+SERVERS = BACKENDS
 
 
 class TlsPeer:
@@ -184,7 +182,7 @@ def scripted_tls_server(pki: Pki, ended: list[str]) -> Iterator[int]:
         listener.close()
 
 
-@pytest.mark.parametrize("client", ["threads", pytest.param("anyio", marks=GAP)])
+@pytest.mark.parametrize("client", ["threads", "anyio"])
 def test_the_client_shuts_tls_down_after_abort(client: str, pki: Pki) -> None:
     # spec: NBD_OPT_ABORT MUST be followed by the client shutting down TLS, then dropping the connection.
     ended: list[str] = []

@@ -9,7 +9,8 @@ from typing import Any
 import nbdproto
 from nbdproto_threads import CopyFailed, CopyProgress, copy
 
-from ._query import add_tls_arguments, client_tls
+from ._errors import timeout_of
+from ._query import add_connection_arguments, client_tls
 
 __all__ = ["add_copy_command", "copy_command"]
 
@@ -26,7 +27,7 @@ def add_copy_command(commands: Any) -> None:
         default=None,
         help="show a progress bar (default: when stderr is a terminal)",
     )
-    add_tls_arguments(parser)
+    add_connection_arguments(parser)
 
 
 def _is_uri(text: str) -> bool:
@@ -46,6 +47,7 @@ def copy_command(args: argparse.Namespace) -> int:
             requests=args.requests,
             tls=tls,
             progress=bar.update if bar is not None else None,
+            timeout=timeout_of(args),
         )
     except (CopyFailed, nbdproto.NBDError, OSError, ValueError, NotImplementedError, nbdproto.ProtocolError) as exc:
         print(f"nbdproto copy: {exc}", file=sys.stderr)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
-__all__ = ["UsageError", "parse_size", "size_argument"]
+__all__ = ["UsageError", "parse_size", "size_argument", "add_timeout_argument", "timeout_of", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds a client command waits for a server that stopped answering (the connect, the handshake, a reply)."""
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -35,3 +39,23 @@ def size_argument(text: str, what: str = "size") -> int:
     if size <= 0:
         raise UsageError(f"{what} {text!r} must be positive")
     return size
+
+
+def add_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """``--timeout SECONDS``, for the commands that talk to a server."""
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up on a server that makes no progress for this long: the connect, the handshake, a reply "
+        f"(default {DEFAULT_TIMEOUT:g}; 0: wait forever)",
+    )
+
+
+def timeout_of(args: argparse.Namespace) -> float | None:
+    """The --timeout as a client library takes it (None: no limit)."""
+    seconds: float = args.timeout
+    if seconds < 0:
+        raise UsageError(f"--timeout {seconds:g} must not be negative")
+    return seconds or None

@@ -29,6 +29,8 @@ from nbdproto import TransmissionFlags
 from nbdproto.tls import client_context
 from nbdproto_threads import Client, connect, list_exports
 
+from ._errors import add_timeout_argument, timeout_of
+
 __all__ = ["add_query_commands", "info", "list_command", "describe"]
 
 CAPABILITIES = {
@@ -47,7 +49,8 @@ CAPABILITIES = {
 }
 
 
-def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    add_timeout_argument(parser)
     parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the server with (nbds:// URIs)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that ask for one")
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -66,11 +69,11 @@ def add_query_commands(commands: Any) -> None:
     info_parser = commands.add_parser("info", help="show an export's size, capabilities and block sizes")
     info_parser.add_argument("uri", metavar="URI", help="nbd://host[:port]/export, nbds://..., nbd+unix:///?socket=")
     info_parser.add_argument("--json", action="store_true", help="print the stable JSON schema instead")
-    add_tls_arguments(info_parser)
+    add_connection_arguments(info_parser)
     list_parser = commands.add_parser("list", help="list the exports a server offers")
     list_parser.add_argument("uri", metavar="URI")
     list_parser.add_argument("--json", action="store_true", help="print JSON")
-    add_tls_arguments(list_parser)
+    add_connection_arguments(list_parser)
 
 
 def describe(client: Client, uri: str) -> dict[str, Any]:
@@ -100,7 +103,7 @@ def describe(client: Client, uri: str) -> dict[str, Any]:
 
 
 def info(args: argparse.Namespace) -> int:
-    with connect(args.uri, tls=client_tls(args, args.uri)) as client:
+    with connect(args.uri, tls=client_tls(args, args.uri), timeout=timeout_of(args)) as client:
         document = describe(client, args.uri)
     if args.json:
         print(json.dumps(document, indent=2))
@@ -121,7 +124,7 @@ def info(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    exports = list_exports(args.uri, tls=client_tls(args, args.uri))
+    exports = list_exports(args.uri, tls=client_tls(args, args.uri), timeout=timeout_of(args))
     if args.json:
         print(json.dumps({"exports": [{"name": e.name, "description": e.description} for e in exports]}, indent=2))
         return 0

@@ -103,6 +103,15 @@ class MemoryDevice:
         pages = self._pages
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
         spans = self._spans(offset, length)
+        if not may_trim:
+            # NO_HOLE: the range must stay (or become) allocated, zeroed in place.
+            for index, start, end, _ in spans:
+                page = pages.get(index)
+                if page is None:
+                    pages.setdefault(index, bytearray(PAGE_SIZE))
+                else:
+                    page[start:end] = _ZEROES[: end - start]
+            return
         if last - first > len(pages):
             # Fewer pages exist than the range spans (zeroing most of a big, sparse disk): visit only those.
             present = sorted(index for index in list(pages) if first <= index <= last)
