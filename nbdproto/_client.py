@@ -385,6 +385,11 @@ class ClientConnection(ClientTransmission):
             return self._events.popleft()
         if isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
             contexts: dict[int, str] = dict(gathered)  # type: ignore[arg-type]
+            if isinstance(option, OptionListMetaContext):
+                # A list's ids mean nothing and servers send 0 for every context (qemu-nbd does): numbered in
+                # order instead, so that no context hides another.
+                pairs: list[tuple[int, str]] = gathered  # type: ignore[assignment]
+                contexts = {index: name for index, (_, name) in enumerate(pairs)}
             if isinstance(option, OptionSetMetaContext):
                 if len(contexts) != len(gathered):
                     self._fail("NBD_OPT_SET_META_CONTEXT answered two contexts with the same id")

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nbdproto
@@ -23,7 +24,7 @@ from nbdproto_threads import Server as ThreadsServer
 from ._errors import UsageError
 from ._sources import Source, open_source, parse_source
 
-__all__ = ["serve", "default_loop"]
+__all__ = ["serve", "serve_opened", "default_loop"]
 
 log = logging.getLogger("nbdproto.cli")
 
@@ -94,14 +95,14 @@ def _listen_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
-def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]:
+def _uris(sock: socket.socket, names: list[str], tls: bool) -> list[str]:
     address = sock.getsockname()
     out = []
-    for export in exports:
+    for name in names:
         if sock.family == socket.AF_UNIX:
-            uri = nbdproto.NbdUri(export.name, tls, True, socket=address)
+            uri = nbdproto.NbdUri(name, tls, True, socket=address)
         else:
-            uri = nbdproto.NbdUri(export.name, tls, False, address[0], address[1])
+            uri = nbdproto.NbdUri(name, tls, False, address[0], address[1])
         out.append(str(uri))
     return out
 
@@ -117,6 +118,25 @@ def default_loop() -> str:
 
 def serve(args: argparse.Namespace) -> int:
     """Run ``nbdproto serve`` until SIGINT or SIGTERM; UsageError for a bad argument."""
+    exports = _exports(args)
+
+    def open_exports() -> list[tuple[str, BlockDevice]]:
+        devices = _open_devices(exports, args.read_only)
+        return [(export.name, device) for export, device in zip(exports, devices, strict=True)]
+
+    return serve_opened(args, open_exports)
+
+
+def serve_opened(
+    args: argparse.Namespace,
+    open_exports: Callable[[], list[tuple[str, BlockDevice]]],
+    on_serving: Callable[[], None] | None = None,
+) -> int:
+    """Serve the (name, device) exports ``open_exports()`` opens, as the serve options in ``args`` say, until
+    SIGINT or SIGTERM; then flush and close every device. Bad options, and devices that cannot be opened
+    (OSError, or a UsageError from ``open_exports``), are UsageErrors raised before anything is served.
+    ``on_serving`` runs once the server listens and its URIs are printed (``nbdproto mirror`` starts its copy
+    there)."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -125,15 +145,19 @@ def serve(args: argparse.Namespace) -> int:
         args.loop = default_loop()
     elif args.loop != "asyncio" and importlib.util.find_spec(args.loop) is None:
         raise UsageError(f"--loop {args.loop} needs the {args.loop} package (pip install {args.loop})")
-    exports = _exports(args)
     tls, tls_mode = _tls(args)
     sock = _listen_socket(args)
     try:
-        devices = _open_devices(exports, args.read_only)
+        exports = open_exports()
     except OSError as exc:
         sock.close()
         raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
-    for uri in _uris(sock, exports, tls is not None):
+    except BaseException:
+        sock.close()
+        raise
+    names = [name for name, _ in exports]
+    devices = [device for _, device in exports]
+    for uri in _uris(sock, names, tls is not None):
         print(f"serving {uri}", flush=True)
     stop = threading.Event()
 
@@ -143,12 +167,17 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    job = _Serving(sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop, args.loop)
+    job = _Serving(sock, names, devices, args.description, args.read_only, tls, tls_mode, stop, args.loop)
     try:
+        if on_serving is not None:
+            on_serving()
         (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
     finally:
         for device in devices:
-            device.flush()
+            try:
+                device.flush()
+            except (OSError, nbdproto.ProtocolError) as exc:  # a remote that is gone: close the rest anyway
+                log.warning("flushing on exit failed: %s", exc)
             device.close()
         if args.socket:
             os.unlink(args.socket)
@@ -173,7 +202,7 @@ class _Serving:
     """Everything a backend needs to serve what the command line asked for."""
 
     sock: socket.socket
-    exports: list[ExportArg]
+    names: list[str]
     devices: list[BlockDevice]
     description: str
     read_only: bool
@@ -184,9 +213,7 @@ class _Serving:
 
 
 def _serve_threads(job: _Serving) -> None:
-    specs = {
-        e.name: ExportSpec(d, job.description, job.read_only) for e, d in zip(job.exports, job.devices, strict=True)
-    }
+    specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
     server = ThreadsServer(specs, job.sock, tls=job.tls, tls_mode=job.tls_mode)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -204,8 +231,8 @@ def _serve_anyio(job: _Serving) -> None:
     from nbdproto_anyio import Server as AnyioServer
 
     specs = {
-        e.name: ExportSpec(AsyncDeviceAdapter(d, dispatch=dispatch_of(d)), job.description, job.read_only)
-        for e, d in zip(job.exports, job.devices, strict=True)
+        n: ExportSpec(AsyncDeviceAdapter(d, dispatch=dispatch_of(d)), job.description, job.read_only)
+        for n, d in zip(job.names, job.devices, strict=True)
     }
     server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode)
 

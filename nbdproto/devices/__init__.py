@@ -2,7 +2,8 @@
 
 Every device implements one synchronous protocol, ``nbdproto.BlockDevice`` (re-exported here); the threads
 server calls it from its connection threads, the anyio server from worker threads or, for devices that never
-block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device.
+block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device;
+``NbdDevice`` an export of another NBD server; ``MirrorDevice`` serves one device while copying it to another.
 
 This package does I/O (files, memory maps, threads), unlike the engine in ``nbdproto`` itself, which never
 imports it. Its names are loaded on first use (PEP 562): a client should not pay for ctypes and mmap.
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
     from ._file import FileDevice
     from ._memory import MemoryDevice
+    from ._mirror import MirrorDevice, MirrorStatus, Progress
+    from ._nbd import NbdDevice
     from ._ranges import check_range
 
 _WHERE = {
@@ -29,6 +32,10 @@ _WHERE = {
     "check_range": "._ranges",
     "MemoryDevice": "._memory",
     "FileDevice": "._file",
+    "MirrorDevice": "._mirror",
+    "MirrorStatus": "._mirror",
+    "Progress": "._mirror",
+    "NbdDevice": "._nbd",
 }
 
 __all__ = [
@@ -39,6 +46,10 @@ __all__ = [
     "check_range",
     "MemoryDevice",
     "FileDevice",
+    "MirrorDevice",
+    "MirrorStatus",
+    "Progress",
+    "NbdDevice",
 ]
 
 __getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

@@ -1,0 +1,415 @@
+"""NbdDevice: an export of another NBD server, as a block device (what nbdkit's nbd plugin is to nbdkit).
+
+It makes proxies (``nbdproto serve nbd://other/disk``) and remote mirror targets. Every command and flag goes
+through: reads, writes with FUA, flush, trim, write-zeroes with NO_HOLE and FAST_ZERO, cache, and block status
+for every meta context the remote offers (asked for with NBD_OPT_LIST_META_CONTEXT, then all selected). The
+capabilities are the remote export's: its transmission flags and block sizes.
+
+Requests go over ``nbdproto_threads`` clients, many in flight on each; when the remote promises multi-conn
+(NBD_FLAG_CAN_MULTI_CONN), over several connections, in turn. Calls block until the remote answers, so
+servers call this device from worker threads (``dispatch = "threads"``).
+
+A remote that goes away fails the requests it had (EIO); the next request on that connection reconnects,
+trying ``retries`` times with a doubling delay between tries (like nbdkit's retry filter), and fails with
+EIO if the remote is still away or is no longer the same size. Requests that queued behind a failed attempt
+fail at once rather than each retrying in turn.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+
+import nbdproto
+from nbdproto import (
+    BASE_ALLOCATION,
+    Buffer,
+    ClientNegotiation,
+    DeviceCapabilities,
+    Dispatch,
+    Event,
+    InfoType,
+    MetaContexts,
+    NbdUri,
+    Option,
+    OptionError,
+    OptionGo,
+    OptionListMetaContext,
+    OptionSetMetaContext,
+    TransmissionFlags,
+)
+from nbdproto_threads import Client, negotiate_client
+
+__all__ = ["NbdDevice", "tls_context_for"]
+
+log = logging.getLogger("nbdproto.devices.nbd")
+
+TF = TransmissionFlags
+_ZEROES = memoryview(bytes(1 << 20))
+_COMPACT_LIMIT = (1 << 32) - 1
+"""The longest block status request without extended headers (a 32-bit length)."""
+
+
+class _DiscoveringNegotiation(ClientNegotiation):
+    """The usual handshake, except that where it would select base:allocation it first lists every context the
+    export has (NBD_OPT_LIST_META_CONTEXT with no query), then selects them all."""
+
+    def __init__(self, export_name: str, *, tls: bool, require_tls: bool) -> None:
+        super().__init__(export_name, tls=tls, require_tls=require_tls, meta_contexts=(BASE_ALLOCATION,))
+        self._listed = False
+
+    def step(self, event: Event) -> Event | None:
+        if isinstance(event, MetaContexts) and event.option == Option.LIST_META_CONTEXT:
+            names = tuple(sorted(set(event.contexts.values())))
+            self.meta_contexts = names
+            if not names:
+                return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION, InfoType.BLOCK_SIZE))
+            return OptionSetMetaContext(self.export_name, names)
+        if isinstance(event, OptionError) and event.option == Option.LIST_META_CONTEXT:
+            # A server that cannot list: ask for base:allocation alone, as any client would.
+            return OptionSetMetaContext(self.export_name, (BASE_ALLOCATION,))
+        send = super().step(event)
+        if isinstance(send, OptionSetMetaContext) and not self._listed:
+            self._listed = True
+            return OptionListMetaContext(self.export_name, ())
+        return send
+
+
+def tls_context_for(target: NbdUri) -> ssl.SSLContext:
+    """The client TLS context a URI asks for, the way libnbd reads it: ``tls-certificates=DIR`` holds
+    ca-cert.pem (else the system's CAs) and, optionally, client-cert.pem and client-key.pem;
+    ``tls-verify-peer=false`` skips checking the server."""
+    directory = target.query.get("tls-certificates")
+    ca = os.path.join(directory, "ca-cert.pem") if directory else None
+    context = ssl.create_default_context(cafile=ca if ca and os.path.exists(ca) else None)
+    if directory and os.path.exists(os.path.join(directory, "client-cert.pem")):
+        context.load_cert_chain(os.path.join(directory, "client-cert.pem"), os.path.join(directory, "client-key.pem"))
+    if not target.tls_verify_peer:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _connect(target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float) -> Client:
+    if target.unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(target.socket)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection((target.host, target.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # The timeout stays on through the handshake: a server that accepts and then says nothing cannot hang us.
+    if plan.tls and tls is None:
+        tls = tls_context_for(target)
+    connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
+    connection.stream.sock.settimeout(None)
+    return Client(connection)
+
+
+def _capabilities(export: nbdproto.Export, contexts: tuple[str, ...]) -> DeviceCapabilities:
+    flags = export.flags
+    minimum = export.minimum_block_size if export.block_sizes_known else 1
+    minimum = minimum if minimum & (minimum - 1) == 0 and 1 <= minimum <= 65536 else 1
+    preferred = min(max(export.preferred_block_size, minimum), 32 << 20)
+    if preferred & (preferred - 1):
+        preferred = 1 << (preferred.bit_length() - 1)
+    maximum = min(export.maximum_payload, 0xFFFFFFFF) // minimum * minimum
+    return DeviceCapabilities(
+        can_write=not flags & TF.READ_ONLY,
+        can_flush=bool(flags & TF.SEND_FLUSH),
+        can_fua=bool(flags & TF.SEND_FUA),
+        can_trim=bool(flags & TF.SEND_TRIM),
+        can_zero=bool(flags & TF.SEND_WRITE_ZEROES),
+        can_fast_zero=bool(flags & TF.SEND_FAST_ZERO),
+        can_cache=bool(flags & TF.SEND_CACHE),
+        can_multi_conn=bool(flags & TF.CAN_MULTI_CONN),
+        rotational=bool(flags & TF.ROTATIONAL),
+        minimum_block_size=minimum,
+        preferred_block_size=preferred,
+        maximum_payload=max(maximum, preferred),
+        meta_contexts=contexts,
+    )
+
+
+class _Slot:
+    """One of the device's connections: the client while it works, None once it failed."""
+
+    __slots__ = ("client", "lock", "failed_attempts")
+
+    def __init__(self, client: Client | None) -> None:
+        self.client = client
+        self.lock = threading.Lock()  # one reconnect at a time
+        self.failed_attempts = 0  # reconnect sequences that failed: lets the queued requests fail at once
+
+
+class NbdDevice:
+    """The export at ``uri`` (nbd://, nbds://, nbd+unix://, nbds+unix://) as a block device.
+
+    ``tls``: the client TLS context (an nbds URI without one gets ``tls_context_for(uri)``: its
+    ``tls-certificates`` directory, else the system's CAs). ``connections``:
+    how many to open when the remote offers multi-conn (one otherwise). ``retries`` and ``retry_delay``: the
+    reconnect attempts after the remote goes away, and the first delay between them (it doubles). ``timeout``
+    bounds each connect and handshake. Raises OSError or nbdproto.ProtocolError when the first connection
+    cannot be made.
+    """
+
+    dispatch: Dispatch = "threads"
+    """Every call waits for the remote: servers give each request a worker thread."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        tls: ssl.SSLContext | None = None,
+        connections: int = 4,
+        retries: int = 5,
+        retry_delay: float = 0.1,
+        timeout: float = 30.0,
+    ) -> None:
+        self.uri = uri
+        self._target = nbdproto.parse_uri(uri)
+        self._tls = tls
+        self._retries = max(0, retries)
+        self._retry_delay = retry_delay
+        self._timeout = timeout
+        plan = _DiscoveringNegotiation(
+            self._target.export_name, tls=tls is not None or self._target.tls, require_tls=self._target.tls
+        )
+        first = _connect(self._target, plan, tls, timeout)
+        self.export = first.export
+        handshake = first.handshake
+        assert handshake is not None
+        self.extended_headers = handshake.extended_headers
+        self.meta_context_names = tuple(sorted(first.meta_contexts.values()))
+        """The contexts the remote agreed to: each one is passed through."""
+        self._capabilities = _capabilities(self.export, self.meta_context_names)
+        count = max(1, connections) if self._capabilities.can_multi_conn else 1
+        self._slots = [_Slot(first)]
+        try:
+            self._slots += [_Slot(client) for client in self._open_many(count - 1)]
+        except BaseException:
+            first.close()
+            raise
+        self._turn = itertools.count()
+        self._closed = False
+
+    def _open(self) -> Client:
+        """A new connection agreeing to the same contexts as the first."""
+        plan = ClientNegotiation(
+            self._target.export_name,
+            tls=self._tls is not None or self._target.tls,
+            require_tls=self._target.tls,
+            meta_contexts=self.meta_context_names,
+        )
+        client = _connect(self._target, plan, self._tls, self._timeout)
+        if client.size != self.export.size:
+            client.close()
+            raise OSError(errno.EIO, f"{self.uri} is now {client.size} bytes, not {self.export.size}")
+        return client
+
+    def _open_many(self, count: int) -> list[Client]:
+        """``count`` connections opened at once (each handshake is a few round trips of waiting)."""
+        opened: list[Client] = []
+        failures: list[BaseException] = []
+
+        def open_one() -> None:
+            try:
+                opened.append(self._open())
+            except BaseException as exc:  # handed to the caller below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_one, name="nbd-device-connect") for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            for client in opened:
+                client.close()
+            raise failures[0]
+        return opened
+
+    # --- What the device is -------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.export.size
+
+    @property
+    def capabilities(self) -> DeviceCapabilities:
+        return self._capabilities
+
+    @property
+    def connections(self) -> int:
+        """How many connections the device spreads its requests over."""
+        return len(self._slots)
+
+    # --- Requests -----------------------------------------------------------------------------------------
+
+    def _client(self) -> tuple[_Slot, Client]:
+        slot = self._slots[next(self._turn) % len(self._slots)]
+        client = slot.client
+        if client is not None:
+            return slot, client
+        return slot, self._reconnect(slot)
+
+    def _reconnect(self, slot: _Slot) -> Client:
+        seen = slot.failed_attempts
+        with slot.lock:
+            if slot.client is not None:
+                return slot.client
+            if self._closed:
+                raise OSError(errno.EIO, "the device is closed")
+            if slot.failed_attempts != seen:
+                raise OSError(errno.EIO, f"{self.uri} is unreachable (reconnecting failed just now)")
+            delay = self._retry_delay
+            failure: BaseException | None = None
+            for attempt in range(self._retries + 1):
+                if attempt:
+                    time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                    delay *= 2
+                try:
+                    slot.client = self._open()
+                    log.info("reconnected to %s", self.uri)
+                    return slot.client
+                except (OSError, nbdproto.ProtocolError) as exc:
+                    failure = exc
+            slot.failed_attempts += 1
+            raise OSError(errno.EIO, f"cannot reconnect to {self.uri}: {failure}") from failure
+
+    def _broken(self, slot: _Slot, client: Client, exc: BaseException) -> OSError:
+        """The connection under a request failed: forget it (the next request reconnects); EIO for this one."""
+        with slot.lock:
+            if slot.client is client:
+                slot.client = None
+                log.warning("lost the connection to %s: %s", self.uri, exc)
+        client.close()
+        return OSError(errno.EIO, f"the connection to {self.uri} failed: {exc}")
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        slot, client = self._client()
+        try:
+            client.pread_into(buffer, offset)
+        except nbdproto.NBDError:
+            raise
+        except (OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, client, exc) from exc
+
+    def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
+        native = fua and self._capabilities.can_fua
+        slot, client = self._client()
+        try:
+            client.pwrite(data, offset, fua=native)
+        except nbdproto.NBDError:
+            raise
+        except (OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, client, exc) from exc
+        if fua and not native:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._capabilities.can_flush:
+            return
+        slot, client = self._client()
+        try:
+            client.flush()
+        except nbdproto.NBDError:
+            raise
+        except (OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, client, exc) from exc
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if not self._capabilities.can_trim:
+            return  # advisory: the remote keeps the data
+        native = fua and self._capabilities.can_fua
+        slot, client = self._client()
+        try:
+            client.trim(length, offset, fua=native)
+        except nbdproto.NBDError:
+            raise
+        except (OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, client, exc) from exc
+        if fua and not native:
+            self.flush()
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        caps = self._capabilities
+        if fast and not (caps.can_zero and caps.can_fast_zero):
+            raise OSError(errno.ENOTSUP, f"{self.uri} cannot zero quickly")
+        if not caps.can_zero:
+            step = min(len(_ZEROES), caps.maximum_payload)
+            for at in range(offset, offset + length, step):
+                self.pwrite(_ZEROES[: min(step, offset + length - at)], at)
+            if fua:
+                self.flush()
+            return
+        native = fua and caps.can_fua
+        slot, client = self._client()
+        try:
+            client.zero(length, offset, may_trim=may_trim, fast=fast, fua=native)
+        except nbdproto.NBDError:
+            raise
+        except (OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, client, exc) from exc
+        if fua and not native:
+            self.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        if not self._capabilities.can_cache:
+            return  # a hint
+        slot, client = self._client()
+        try:
+            client.cache(length, offset)
+        except nbdproto.NBDError:
+            raise
+        except (OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, client, exc) from exc
+
+    def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        if context not in self.meta_context_names:
+            raise OSError(errno.EINVAL, f"{self.uri} did not agree to meta context {context!r}")
+        if not self.extended_headers and length > _COMPACT_LIMIT:
+            minimum = self._capabilities.minimum_block_size
+            length = _COMPACT_LIMIT // minimum * minimum  # the answer may stop short; the caller asks again
+        # Only an extended request can name the context; otherwise the remote answers for all of them.
+        chosen = (context,) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else None
+        slot, client = self._client()
+        try:
+            answer = client.block_status(length, offset, contexts=chosen)
+        except nbdproto.NBDError:
+            raise
+        except (OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, client, exc) from exc
+        extents = answer.get(context)
+        if not extents:
+            raise OSError(errno.EIO, f"{self.uri} sent no extents for {context!r}")
+        out: list[tuple[int, int]] = []
+        left = length
+        for extent in extents:  # the last extent may reach past the request; the device's answer may not
+            size = min(extent.length, left)
+            out.append((size, extent.status))
+            left -= size
+            if not left:
+                break
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        for slot in self._slots:
+            with slot.lock:
+                client, slot.client = slot.client, None
+            if client is not None:
+                client.close()
