@@ -19,7 +19,7 @@ from typing import Any
 
 from nbdproto import BlockDevice
 
-from ._errors import UsageError
+from ._errors import UsageError, size_argument
 from ._serve_options import add_serve_arguments
 from ._sources import Source, open_source, parse_source
 
@@ -47,6 +47,11 @@ def add_mirror_command(commands: Any) -> None:
     )
     parser.add_argument(
         "--copy-requests", type=int, default=4, metavar="N", help="pieces the background copy has in flight (4)"
+    )
+    parser.add_argument(
+        "--copy-rate",
+        metavar="RATE",
+        help="copy at most RATE bytes of data per second (e.g. 100M), leaving the disks to the clients",
     )
     add_serve_arguments(parser)
 
@@ -80,6 +85,7 @@ def mirror_command(args: argparse.Namespace) -> int:
     from ._serve import serve_opened  # the servers' imports are for serving commands alone
 
     primary_source, secondary_source = _sides(args)
+    rate = size_argument(args.copy_rate, "--copy-rate") if args.copy_rate is not None else None
     show_bar = args.progress if args.progress is not None else sys.stderr.isatty()
     reporter = _Reporter(show_bar)
     made: list[MirrorDevice] = []
@@ -106,6 +112,7 @@ def mirror_command(args: argparse.Namespace) -> int:
                 secondary,
                 reporter.report,
                 requests=args.copy_requests,
+                max_rate=rate,
                 secondary_is_zero=created is not None,
                 start=False,
             )

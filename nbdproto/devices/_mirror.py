@@ -93,8 +93,9 @@ class MirrorDevice:
 
     ``progress`` gets the percentage and "complete" (see ``Progress``). ``requests`` pieces are copied at once,
     each at most ``chunk_size`` bytes. ``secondary_is_zero`` says the secondary reads as zero everywhere (a new
-    sparse file): the primary's holes are then skipped rather than zeroed. The copy starts at once unless
-    ``start=False`` (then call ``start()``). Raises ValueError when the two cannot be mirrored: sizes that
+    sparse file): the primary's holes are then skipped rather than zeroed. ``max_rate`` limits the copy to that
+    many bytes of data per second (qemu's mirror "speed"), leaving the disks to the clients. The copy starts at
+    once unless ``start=False`` (then call ``start()``). Raises ValueError when the two cannot be mirrored: sizes that
     differ, block sizes where neither is a multiple of the other, a read-only secondary.
     """
 
@@ -107,6 +108,7 @@ class MirrorDevice:
         requests: int = 4,
         chunk_size: int = 1 << 20,
         secondary_is_zero: bool = False,
+        max_rate: float | None = None,
         start: bool = True,
     ) -> None:
         if primary.size != secondary.size:
@@ -125,6 +127,9 @@ class MirrorDevice:
         self._requests = requests
         self._chunk = max(minimum, min(chunk_size, maximum) // minimum * minimum)
         self._secondary_is_zero = secondary_is_zero
+        if max_rate is not None and max_rate <= 0:
+            raise ValueError(f"max_rate {max_rate} must be positive")
+        self._max_rate = max_rate
         can_flush = p.can_flush or s.can_flush
         self._capabilities = DeviceCapabilities(
             can_write=p.can_write,
@@ -419,7 +424,10 @@ class MirrorDevice:
             self._copied += length
             self._data += data
             percent = self._copied * 100 // self._size
+            due = self._started_at + self._data / self._max_rate if self._max_rate else 0.0
         self._report(percent)
+        if self._max_rate:
+            self._stop.wait(max(0.0, due - time.monotonic()))  # close() ends the wait
 
     def _finish(self) -> None:
         """The last copy thread is done: if the whole primary was copied, make it durable and say so."""

@@ -9,7 +9,8 @@ Requests go over ``nbdproto_threads`` clients, many in flight on each; when the 
 (NBD_FLAG_CAN_MULTI_CONN), over several connections, in turn. Calls block until the remote answers, so
 servers call this device from worker threads (``dispatch = "threads"``).
 
-A remote that goes away fails the requests it had (EIO); the next request on that connection reconnects,
+A remote that goes away fails the requests it had (EIO); the next request on that connection reconnects
+(a connection the remote closed while idle is replaced before a request is lost on it),
 trying ``retries`` times with a doubling delay between tries (like nbdkit's retry filter), and fails with
 EIO if the remote is still away or is no longer the same size. Requests that queued behind a failed attempt
 fail at once rather than each retrying in turn.
@@ -25,7 +26,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import nbdproto
 from nbdproto import (
@@ -47,11 +49,14 @@ from nbdproto import (
 )
 from nbdproto_threads import Client, negotiate_client
 
+from ._ranges import check_range
+
 __all__ = ["NbdDevice", "tls_context_for"]
 
 log = logging.getLogger("nbdproto.devices.nbd")
 
 TF = TransmissionFlags
+_TRANSMISSION = nbdproto.Phase.TRANSMISSION
 _ZEROES = memoryview(bytes(1 << 20))
 _COMPACT_LIMIT = (1 << 32) - 1
 """The longest block status request without extended headers (a 32-bit length)."""
@@ -261,7 +266,14 @@ class NbdDevice:
         slot = self._slots[next(self._turn) % len(self._slots)]
         client = slot.client
         if client is not None:
-            return slot, client
+            if client.engine.phase is _TRANSMISSION:
+                return slot, client
+            # The remote closed this connection while it was idle (it went away, or shut down): no request was
+            # lost on it, so this one goes out on a new connection instead of failing.
+            with slot.lock:
+                if slot.client is client:
+                    slot.client = None
+            client.close()
         return slot, self._reconnect(slot)
 
     def _reconnect(self, slot: _Slot) -> Client:
@@ -297,55 +309,52 @@ class NbdDevice:
         client.close()
         return OSError(errno.EIO, f"the connection to {self.uri} failed: {exc}")
 
-    def pread_into(self, buffer: memoryview, offset: int) -> None:
+    def _check(self, offset: int, length: int, writing: bool = False) -> None:
+        check_range(self.export.size, offset, length, writing=writing, can_write=self._capabilities.can_write)
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``method(client, ...)`` on the next connection; EIO when the connection fails under it."""
         slot, client = self._client()
         try:
-            client.pread_into(buffer, offset)
+            return method(client, *args, **kwargs)
         except nbdproto.NBDError:
-            raise
+            raise  # the remote's answer, with its errno
+        except nbdproto.LocalProtocolError as exc:  # refused by our own engine, before anything was sent
+            raise OSError(errno.EINVAL, str(exc)) from exc
         except (OSError, nbdproto.ProtocolError) as exc:
             raise self._broken(slot, client, exc) from exc
 
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        if offset < 0 or offset + len(buffer) > self.export.size:
+            self._check(offset, len(buffer))
+        self._call(Client.pread_into, buffer, offset)
+
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
+        size = memoryview(data).nbytes
+        if offset < 0 or offset + size > self.export.size or not self._capabilities.can_write:
+            self._check(offset, size, writing=True)
         native = fua and self._capabilities.can_fua
-        slot, client = self._client()
-        try:
-            client.pwrite(data, offset, fua=native)
-        except nbdproto.NBDError:
-            raise
-        except (OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, client, exc) from exc
+        self._call(Client.pwrite, data, offset, fua=native)
         if fua and not native:
             self.flush()
 
     def flush(self) -> None:
-        if not self._capabilities.can_flush:
-            return
-        slot, client = self._client()
-        try:
-            client.flush()
-        except nbdproto.NBDError:
-            raise
-        except (OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, client, exc) from exc
+        if self._capabilities.can_flush:
+            self._call(Client.flush)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check(offset, length, writing=True)
         if not self._capabilities.can_trim:
             return  # advisory: the remote keeps the data
         native = fua and self._capabilities.can_fua
-        slot, client = self._client()
-        try:
-            client.trim(length, offset, fua=native)
-        except nbdproto.NBDError:
-            raise
-        except (OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, client, exc) from exc
+        self._call(Client.trim, length, offset, fua=native)
         if fua and not native:
             self.flush()
 
     def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
     ) -> None:
+        self._check(offset, length, writing=True)
         caps = self._capabilities
         if fast and not (caps.can_zero and caps.can_fast_zero):
             raise OSError(errno.ENOTSUP, f"{self.uri} cannot zero quickly")
@@ -357,28 +366,17 @@ class NbdDevice:
                 self.flush()
             return
         native = fua and caps.can_fua
-        slot, client = self._client()
-        try:
-            client.zero(length, offset, may_trim=may_trim, fast=fast, fua=native)
-        except nbdproto.NBDError:
-            raise
-        except (OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, client, exc) from exc
+        self._call(Client.zero, length, offset, may_trim=may_trim, fast=fast, fua=native)
         if fua and not native:
             self.flush()
 
     def cache(self, offset: int, length: int) -> None:
-        if not self._capabilities.can_cache:
-            return  # a hint
-        slot, client = self._client()
-        try:
-            client.cache(length, offset)
-        except nbdproto.NBDError:
-            raise
-        except (OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, client, exc) from exc
+        self._check(offset, length)
+        if self._capabilities.can_cache:  # otherwise it is only a hint
+            self._call(Client.cache, length, offset)
 
     def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        self._check(offset, length)
         if context not in self.meta_context_names:
             raise OSError(errno.EINVAL, f"{self.uri} did not agree to meta context {context!r}")
         if not self.extended_headers and length > _COMPACT_LIMIT:
@@ -386,13 +384,7 @@ class NbdDevice:
             length = _COMPACT_LIMIT // minimum * minimum  # the answer may stop short; the caller asks again
         # Only an extended request can name the context; otherwise the remote answers for all of them.
         chosen = (context,) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else None
-        slot, client = self._client()
-        try:
-            answer = client.block_status(length, offset, contexts=chosen)
-        except nbdproto.NBDError:
-            raise
-        except (OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, client, exc) from exc
+        answer = self._call(Client.block_status, length, offset, contexts=chosen)
         extents = answer.get(context)
         if not extents:
             raise OSError(errno.EIO, f"{self.uri} sent no extents for {context!r}")
