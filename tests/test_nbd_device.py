@@ -270,9 +270,9 @@ def test_remote_that_dies_fails_the_request_in_flight_then_reconnects(peers: Any
         assert not reader.is_alive()
         (failure,) = failures
         assert isinstance(failure, OSError) and failure.errno == errno.EIO
-        # Every other connection of the device hears the remote close it (their readers see the end of stream).
+        # Every other connection of the device sees the remote's end of stream (checked without blocking).
         deadline = time.monotonic() + 15
-        while any(s.client is not None and s.client.engine.phase is nbdproto.Phase.TRANSMISSION for s in device._slots):
+        while any(slot.wire is not None and slot.wire.usable for slot in device._slots):
             assert time.monotonic() < deadline, "the device's idle connections never saw the remote go"
             time.sleep(0.01)
     started = time.monotonic()
@@ -321,3 +321,94 @@ def test_unix_socket_remote(peers: Any, tmp_path: Any) -> None:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_call_batch_pipelines_and_reports_each_result(peers: Any) -> None:
+    """Every call of a batch gets its own result: values, the remote's errors, range errors, emulations."""
+    peers("nbdkit")
+    from nbdproto import DeviceCall
+
+    with nbdkit("memory", "size=1M") as (uri, _):
+        device = NbdDevice(uri)
+        buffers = [memoryview(bytearray(4096)) for _ in range(3)]
+        results = device.call_batch(
+            [
+                DeviceCall("pwrite", (b"a" * 4096, 0, False)),
+                DeviceCall("pwrite", (b"b" * 4096, 4096, True)),
+                DeviceCall("write_zeroes", (8192, 4096), {"may_trim": False, "fast": False, "fua": False}),
+                DeviceCall("pread_into", (buffers[0], MIB)),  # past the end
+                DeviceCall("flush", ()),
+                DeviceCall("cache", (0, 8192)),
+                DeviceCall("extents", ("base:allocation", 0, 65536)),
+            ]
+        )
+        assert results[:3] == [None, None, None]
+        assert isinstance(results[3], OSError) and results[3].errno == errno.EINVAL
+        assert results[4:6] == [None, None]
+        assert isinstance(results[6], list) and sum(length for length, _ in results[6]) == 65536
+        reads = device.call_batch([DeviceCall("pread_into", (buffers[i], i * 4096)) for i in range(3)])
+        assert reads == [None] * 3
+        assert [bytes(b[:1]) for b in buffers] == [b"a", b"b", b"\0"]
+        device.close()
+    with nbdkit("--filter=error", "memory", "size=1M", "error=ENOSPC", "error-pwrite-rate=1") as (uri, _):
+        device = NbdDevice(uri)
+        (failed,) = device.call_batch([DeviceCall("pwrite", (b"x", 0, False))])
+        assert isinstance(failed, OSError) and failed.errno == errno.ENOSPC
+        device.close()
+
+
+def test_carry_out_all_hands_the_whole_batch_to_call_batch() -> None:
+    calls_seen: list[list[Any]] = []
+
+    class Batching:
+        def call_batch(self, calls: Any) -> list[object]:
+            calls_seen.append([call.method for call in calls])
+            return [OSError(errno.ENOSPC, "full") if call.method == "pwrite" else None for call in calls]
+
+    requests = [
+        nbdproto.ReadRequest(1, 0, 10),
+        nbdproto.WriteRequest(2, 0, b"x"),
+        nbdproto.FlushRequest(3),
+    ]
+    replies = nbdproto.carry_out_all(Batching(), requests, {})
+    assert calls_seen == [["pread_into", "pwrite", "flush"]]
+    assert [type(r).__name__ for r in replies] == ["ReadData", "ErrorReply", "SuccessReply"]
+    assert replies[1].error == nbdproto.Errno.ENOSPC  # type: ignore[union-attr]
+
+
+def test_many_threads_share_one_connection(peers: Any, tmp_path: Any) -> None:
+    """Leader/follower on one wire: eight threads with requests in flight together, each reading back its own
+    writes, and batches mixed in."""
+    peers("qemu-nbd")
+    from nbdproto import DeviceCall
+
+    image = tmp_path / "shared.img"
+    image.write_bytes(bytes(4 * MIB))
+    with qemu_nbd(str(image), shared=1) as uri:
+        device = NbdDevice(uri)
+        assert device.connections == 1
+        failures: list[BaseException] = []
+
+        def worker(n: int) -> None:
+            try:
+                base = n * 512 * 1024
+                for i in range(60):
+                    data = bytes([n * 16 + i % 16]) * 4096
+                    offset = base + (i % 64) * 4096
+                    if i % 3:
+                        device.pwrite(data, offset)
+                    else:
+                        assert device.call_batch([DeviceCall("pwrite", (data, offset, False))]) == [None]
+                    buffer = bytearray(4096)
+                    device.pread_into(memoryview(buffer), offset)
+                    assert buffer == data, (n, i)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        device.close()
+        assert not failures, failures[0]

@@ -147,8 +147,10 @@ class MirrorDevice:
             meta_contexts=p.meta_contexts,
         )
         modes = (dispatch_of(primary), dispatch_of(secondary))
-        # Never "inline": a write may wait for the range the copy holds.
-        self.dispatch: Dispatch = "threads" if "threads" in modes else "batch"
+        remote = any(hasattr(side, "call_batch") for side in (primary, secondary))
+        # Never "inline": a write may wait for the range the copy holds. A thread per request where a side waits
+        # on a network (its batches would otherwise go one request at a time through this mirror).
+        self.dispatch: Dispatch = "threads" if "threads" in modes or remote else "batch"
         self.regions = RegionLock()
         self._mutex = threading.Lock()  # the state, the counts and the change map
         self._report_lock = threading.Lock()  # keeps reports in order

@@ -3,17 +3,23 @@
 It makes proxies (``nbdproto serve nbd://other/disk``) and remote mirror targets. Every command and flag goes
 through: reads, writes with FUA, flush, trim, write-zeroes with NO_HOLE and FAST_ZERO, cache, and block status
 for every meta context the remote offers (asked for with NBD_OPT_LIST_META_CONTEXT, then all selected). The
-capabilities are the remote export's: its transmission flags and block sizes.
+capabilities are the remote export's: its transmission flags and block sizes. What the remote cannot do is
+emulated where the meaning allows (FUA as a write then a flush, write-zeroes as writes of zeroes) and is
+otherwise a no-op (trim and cache are hints).
 
-Requests go over ``nbdproto_threads`` clients, many in flight on each; when the remote promises multi-conn
-(NBD_FLAG_CAN_MULTI_CONN), over several connections, in turn. Calls block until the remote answers, so
-servers call this device from worker threads (``dispatch = "threads"``).
+Requests travel over ``Wire`` connections (see _nbdwire for why not ``nbdproto_threads.Client``): several
+when the remote promises multi-conn (NBD_FLAG_CAN_MULTI_CONN), in turn. Calls block until the remote answers.
+``call_batch`` sends every request a server read in one go together and waits for all their replies: a
+server's "batch" dispatch (``nbdproto.carry_out_all``) hands it whole batches, so a proxy costs one thread
+hop and a few system calls per batch instead of per request (measured: 4 KiB random reads at queue depth 16
+went from 2.2-3.8k to about 13k IOPS, at a quarter of the CPU per request, against 2.5-3.7k for a thread per
+request over the threads client).
 
-A remote that goes away fails the requests it had (EIO); the next request on that connection reconnects
-(a connection the remote closed while idle is replaced before a request is lost on it),
-trying ``retries`` times with a doubling delay between tries (like nbdkit's retry filter), and fails with
-EIO if the remote is still away or is no longer the same size. Requests that queued behind a failed attempt
-fail at once rather than each retrying in turn.
+A remote that goes away fails the requests it had (EIO). The next request on that connection reconnects,
+trying ``retries`` times with a doubling delay between tries (like nbdkit's retry filter), and fails with EIO if
+the remote is still away or is no longer the same size; requests that queued behind a failed attempt fail at
+once rather than each retrying in turn. A connection the remote closed while nothing was in flight is replaced
+before a request is sent on it.
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ from nbdproto import (
     BASE_ALLOCATION,
     Buffer,
     ClientNegotiation,
+    CommandFlags,
+    DeviceCall,
     DeviceCapabilities,
     Dispatch,
     Event,
     InfoType,
     MetaContexts,
+    NBDError,
     NbdUri,
     Option,
     OptionError,
@@ -47,8 +56,9 @@ from nbdproto import (
     OptionSetMetaContext,
     TransmissionFlags,
 )
-from nbdproto_threads import Client, negotiate_client
+from nbdproto_threads import negotiate_client
 
+from ._nbdwire import Wire, WireBroken
 from ._ranges import check_range
 
 __all__ = ["NbdDevice", "tls_context_for"]
@@ -56,10 +66,12 @@ __all__ = ["NbdDevice", "tls_context_for"]
 log = logging.getLogger("nbdproto.devices.nbd")
 
 TF = TransmissionFlags
-_TRANSMISSION = nbdproto.Phase.TRANSMISSION
+_F = CommandFlags
 _ZEROES = memoryview(bytes(1 << 20))
 _COMPACT_LIMIT = (1 << 32) - 1
 """The longest block status request without extended headers (a 32-bit length)."""
+Make = Callable[[int], Event]
+"""Builds a request event for a cookie."""
 
 
 class _DiscoveringNegotiation(ClientNegotiation):
@@ -102,7 +114,7 @@ def tls_context_for(target: NbdUri) -> ssl.SSLContext:
     return context
 
 
-def _connect(target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float) -> Client:
+def _connect(target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float) -> Wire:
     if target.unix:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -119,7 +131,10 @@ def _connect(target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None
         tls = tls_context_for(target)
     connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
     connection.stream.sock.settimeout(None)
-    return Client(connection)
+    if not isinstance(connection.result, nbdproto.HandshakeComplete):
+        connection.stream.close()
+        raise nbdproto.NegotiationError("the server ended the handshake without an export")
+    return Wire(connection)
 
 
 def _capabilities(export: nbdproto.Export, contexts: tuple[str, ...]) -> DeviceCapabilities:
@@ -148,29 +163,35 @@ def _capabilities(export: nbdproto.Export, contexts: tuple[str, ...]) -> DeviceC
 
 
 class _Slot:
-    """One of the device's connections: the client while it works, None once it failed."""
+    """One of the device's connections: the wire while it works, None once it failed."""
 
-    __slots__ = ("client", "lock", "failed_attempts")
+    __slots__ = ("wire", "lock", "failed_attempts")
 
-    def __init__(self, client: Client | None) -> None:
-        self.client = client
+    def __init__(self, wire: Wire | None) -> None:
+        self.wire = wire
         self.lock = threading.Lock()  # one reconnect at a time
         self.failed_attempts = 0  # reconnect sequences that failed: lets the queued requests fail at once
+
+
+def _checked(reply: Any) -> Any:
+    if type(reply) is nbdproto.ErrorReply:
+        raise NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
+    return reply
 
 
 class NbdDevice:
     """The export at ``uri`` (nbd://, nbds://, nbd+unix://, nbds+unix://) as a block device.
 
     ``tls``: the client TLS context (an nbds URI without one gets ``tls_context_for(uri)``: its
-    ``tls-certificates`` directory, else the system's CAs). ``connections``:
-    how many to open when the remote offers multi-conn (one otherwise). ``retries`` and ``retry_delay``: the
-    reconnect attempts after the remote goes away, and the first delay between them (it doubles). ``timeout``
-    bounds each connect and handshake. Raises OSError or nbdproto.ProtocolError when the first connection
-    cannot be made.
+    ``tls-certificates`` directory, else the system's CAs). ``connections``: how many to open when the remote
+    offers multi-conn (one otherwise). ``retries`` and ``retry_delay``: the reconnect attempts after the remote
+    goes away, and the first delay between them (it doubles). ``timeout`` bounds each connect and handshake.
+    Raises OSError or nbdproto.ProtocolError when the first connection cannot be made.
     """
 
-    dispatch: Dispatch = "threads"
-    """Every call waits for the remote: servers give each request a worker thread."""
+    dispatch: Dispatch = "batch"
+    """Calls wait for the remote, so never on an event loop; a batch at a time, because ``call_batch``
+    pipelines a whole batch (see the module docstring)."""
 
     def __init__(
         self,
@@ -192,24 +213,23 @@ class NbdDevice:
             self._target.export_name, tls=tls is not None or self._target.tls, require_tls=self._target.tls
         )
         first = _connect(self._target, plan, tls, timeout)
-        self.export = first.export
-        handshake = first.handshake
-        assert handshake is not None
+        handshake: nbdproto.HandshakeComplete = plan.result  # type: ignore[assignment]
+        self.export = handshake.export
         self.extended_headers = handshake.extended_headers
-        self.meta_context_names = tuple(sorted(first.meta_contexts.values()))
+        self.meta_context_names = tuple(sorted(first.context_ids))
         """The contexts the remote agreed to: each one is passed through."""
         self._capabilities = _capabilities(self.export, self.meta_context_names)
         count = max(1, connections) if self._capabilities.can_multi_conn else 1
         self._slots = [_Slot(first)]
         try:
-            self._slots += [_Slot(client) for client in self._open_many(count - 1)]
+            self._slots += [_Slot(wire) for wire in self._open_many(count - 1)]
         except BaseException:
             first.close()
             raise
         self._turn = itertools.count()
         self._closed = False
 
-    def _open(self) -> Client:
+    def _open(self) -> Wire:
         """A new connection agreeing to the same contexts as the first."""
         plan = ClientNegotiation(
             self._target.export_name,
@@ -217,15 +237,16 @@ class NbdDevice:
             require_tls=self._target.tls,
             meta_contexts=self.meta_context_names,
         )
-        client = _connect(self._target, plan, self._tls, self._timeout)
-        if client.size != self.export.size:
-            client.close()
-            raise OSError(errno.EIO, f"{self.uri} is now {client.size} bytes, not {self.export.size}")
-        return client
+        wire = _connect(self._target, plan, self._tls, self._timeout)
+        size = plan.result.export.size  # type: ignore[union-attr]
+        if size != self.export.size:
+            wire.close()
+            raise OSError(errno.EIO, f"{self.uri} is now {size} bytes, not {self.export.size}")
+        return wire
 
-    def _open_many(self, count: int) -> list[Client]:
+    def _open_many(self, count: int) -> list[Wire]:
         """``count`` connections opened at once (each handshake is a few round trips of waiting)."""
-        opened: list[Client] = []
+        opened: list[Wire] = []
         failures: list[BaseException] = []
 
         def open_one() -> None:
@@ -240,8 +261,8 @@ class NbdDevice:
         for thread in threads:
             thread.join()
         if failures:
-            for client in opened:
-                client.close()
+            for wire in opened:
+                wire.close()
             raise failures[0]
         return opened
 
@@ -260,27 +281,27 @@ class NbdDevice:
         """How many connections the device spreads its requests over."""
         return len(self._slots)
 
-    # --- Requests -----------------------------------------------------------------------------------------
+    # --- Connections ----------------------------------------------------------------------------------------
 
-    def _client(self) -> tuple[_Slot, Client]:
+    def _wire(self) -> tuple[_Slot, Wire]:
         slot = self._slots[next(self._turn) % len(self._slots)]
-        client = slot.client
-        if client is not None:
-            if client.engine.phase is _TRANSMISSION:
-                return slot, client
-            # The remote closed this connection while it was idle (it went away, or shut down): no request was
-            # lost on it, so this one goes out on a new connection instead of failing.
+        wire = slot.wire
+        if wire is not None:
+            if wire.usable:
+                return slot, wire
+            # Closed by the remote while idle (it went away, or shut down): no request was lost on it, so this
+            # one goes out on a new connection instead of failing.
             with slot.lock:
-                if slot.client is client:
-                    slot.client = None
-            client.close()
+                if slot.wire is wire:
+                    slot.wire = None
+            wire.close()
         return slot, self._reconnect(slot)
 
-    def _reconnect(self, slot: _Slot) -> Client:
+    def _reconnect(self, slot: _Slot) -> Wire:
         seen = slot.failed_attempts
         with slot.lock:
-            if slot.client is not None:
-                return slot.client
+            if slot.wire is not None:
+                return slot.wire
             if self._closed:
                 raise OSError(errno.EIO, "the device is closed")
             if slot.failed_attempts != seen:
@@ -292,62 +313,132 @@ class NbdDevice:
                     time.sleep(delay)  # a backoff between attempts, not a synchronisation
                     delay *= 2
                 try:
-                    slot.client = self._open()
+                    slot.wire = self._open()
                     log.info("reconnected to %s", self.uri)
-                    return slot.client
+                    return slot.wire
                 except (OSError, nbdproto.ProtocolError) as exc:
                     failure = exc
             slot.failed_attempts += 1
             raise OSError(errno.EIO, f"cannot reconnect to {self.uri}: {failure}") from failure
 
-    def _broken(self, slot: _Slot, client: Client, exc: BaseException) -> OSError:
+    def _broken(self, slot: _Slot, wire: Wire, exc: BaseException) -> OSError:
         """The connection under a request failed: forget it (the next request reconnects); EIO for this one."""
         with slot.lock:
-            if slot.client is client:
-                slot.client = None
+            if slot.wire is wire:
+                slot.wire = None
                 log.warning("lost the connection to %s: %s", self.uri, exc)
-        client.close()
+        wire.close()
         return OSError(errno.EIO, f"the connection to {self.uri} failed: {exc}")
+
+    def _run(self, makes: Sequence[Make]) -> list[Any]:
+        """The replies to the requests ``makes`` builds, sent together on the next connection; EIO when the
+        connection fails under them."""
+        slot, wire = self._wire()
+        try:
+            return wire.run(makes)
+        except nbdproto.LocalProtocolError as exc:  # refused by our own engine, before anything was sent
+            raise OSError(errno.EINVAL, str(exc)) from exc
+        except (WireBroken, OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, wire, exc) from exc
+
+    def _one(self, make: Make) -> Any:
+        (reply,) = self._run((make,))
+        return _checked(reply)
+
+    # --- Requests -----------------------------------------------------------------------------------------
 
     def _check(self, offset: int, length: int, writing: bool = False) -> None:
         check_range(self.export.size, offset, length, writing=writing, can_write=self._capabilities.can_write)
 
-    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``method(client, ...)`` on the next connection; EIO when the connection fails under it."""
-        slot, client = self._client()
-        try:
-            return method(client, *args, **kwargs)
-        except nbdproto.NBDError:
-            raise  # the remote's answer, with its errno
-        except nbdproto.LocalProtocolError as exc:  # refused by our own engine, before anything was sent
-            raise OSError(errno.EINVAL, str(exc)) from exc
-        except (OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, client, exc) from exc
+    def _request(self, call: DeviceCall) -> Make | None:
+        """The request that carries ``call`` out on the remote as it stands, or None when it takes more (or less)
+        than one request (emulated, or a hint the remote does not take). Raises OSError for a bad range."""
+        method, args, kwargs, caps = call.method, call.args, call.kwargs, self._capabilities
+        if method == "pread_into":
+            buffer, offset = args
+            self._check(offset, len(buffer))
+            return lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer)
+        if method == "pwrite":
+            data, offset, fua = args
+            self._check(offset, memoryview(data).nbytes, writing=True)
+            if fua and not caps.can_fua:
+                return None
+            return lambda c: nbdproto.WriteRequest(c, offset, data, _F.FUA if fua else _F(0))
+        if method == "flush":
+            return (lambda c: nbdproto.FlushRequest(c)) if caps.can_flush else None
+        if method == "trim":
+            offset, length, fua = args
+            self._check(offset, length, writing=True)
+            if not caps.can_trim or (fua and not caps.can_fua):
+                return None
+            return lambda c: nbdproto.TrimRequest(c, offset, length, _F.FUA if fua else _F(0))
+        if method == "write_zeroes":
+            offset, length = args
+            self._check(offset, length, writing=True)
+            may_trim, fast, fua = kwargs.get("may_trim", True), kwargs.get("fast", False), kwargs.get("fua", False)
+            if not caps.can_zero or (fast and not caps.can_fast_zero) or (fua and not caps.can_fua):
+                return None
+            flags = (_F(0) if may_trim else _F.NO_HOLE) | (_F.FAST_ZERO if fast else _F(0)) | (_F.FUA if fua else _F(0))
+            return lambda c: nbdproto.WriteZeroesRequest(c, offset, length, flags)
+        if method == "cache":
+            offset, length = args
+            self._check(offset, length)
+            return (lambda c: nbdproto.CacheRequest(c, offset, length)) if caps.can_cache else None
+        return None
+
+    def call_batch(self, calls: Sequence[DeviceCall]) -> list[object]:
+        """Carry out ``calls`` together: every one that is a single request goes out in one batch on one
+        connection, the rest (emulations, block status) one by one. Each result is the call's return value, or
+        the exception it raised (the ``call_batch`` extension of nbdproto.BlockDevice)."""
+        results: list[object] = [None] * len(calls)
+        makes: list[Make] = []
+        where: list[int] = []
+        for index, call in enumerate(calls):
+            try:
+                make = self._request(call)
+                if make is None:
+                    results[index] = getattr(self, call.method)(*call.args, **call.kwargs)
+                else:
+                    makes.append(make)
+                    where.append(index)
+            except Exception as exc:  # handed back as this call's result
+                results[index] = exc
+        if makes:
+            try:
+                replies = self._run(makes)
+            except OSError as exc:
+                for index in where:
+                    results[index] = exc
+                return results
+            for index, reply in zip(where, replies, strict=True):
+                if type(reply) is nbdproto.ErrorReply:
+                    results[index] = NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
+        return results
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         if offset < 0 or offset + len(buffer) > self.export.size:
             self._check(offset, len(buffer))
-        self._call(Client.pread_into, buffer, offset)
+        self._one(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer))
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
         size = memoryview(data).nbytes
         if offset < 0 or offset + size > self.export.size or not self._capabilities.can_write:
             self._check(offset, size, writing=True)
         native = fua and self._capabilities.can_fua
-        self._call(Client.pwrite, data, offset, fua=native)
+        self._one(lambda c: nbdproto.WriteRequest(c, offset, data, _F.FUA if native else _F(0)))
         if fua and not native:
             self.flush()
 
     def flush(self) -> None:
         if self._capabilities.can_flush:
-            self._call(Client.flush)
+            self._one(lambda c: nbdproto.FlushRequest(c))
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._check(offset, length, writing=True)
         if not self._capabilities.can_trim:
             return  # advisory: the remote keeps the data
         native = fua and self._capabilities.can_fua
-        self._call(Client.trim, length, offset, fua=native)
+        self._one(lambda c: nbdproto.TrimRequest(c, offset, length, _F.FUA if native else _F(0)))
         if fua and not native:
             self.flush()
 
@@ -366,14 +457,15 @@ class NbdDevice:
                 self.flush()
             return
         native = fua and caps.can_fua
-        self._call(Client.zero, length, offset, may_trim=may_trim, fast=fast, fua=native)
+        flags = (_F(0) if may_trim else _F.NO_HOLE) | (_F.FAST_ZERO if fast else _F(0)) | (_F.FUA if native else _F(0))
+        self._one(lambda c: nbdproto.WriteZeroesRequest(c, offset, length, flags))
         if fua and not native:
             self.flush()
 
     def cache(self, offset: int, length: int) -> None:
         self._check(offset, length)
         if self._capabilities.can_cache:  # otherwise it is only a hint
-            self._call(Client.cache, length, offset)
+            self._one(lambda c: nbdproto.CacheRequest(c, offset, length))
 
     def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
         self._check(offset, length)
@@ -382,10 +474,17 @@ class NbdDevice:
         if not self.extended_headers and length > _COMPACT_LIMIT:
             minimum = self._capabilities.minimum_block_size
             length = _COMPACT_LIMIT // minimum * minimum  # the answer may stop short; the caller asks again
+        slot, wire = self._wire()
+        context_id = wire.context_ids[context]
         # Only an extended request can name the context; otherwise the remote answers for all of them.
-        chosen = (context,) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else None
-        answer = self._call(Client.block_status, length, offset, contexts=chosen)
-        extents = answer.get(context)
+        chosen = (context_id,) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else ()
+        try:
+            (reply,) = wire.run((lambda c: nbdproto.BlockStatusRequest(c, offset, length, _F(0), chosen),))
+        except nbdproto.LocalProtocolError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from exc
+        except (WireBroken, OSError, nbdproto.ProtocolError) as exc:
+            raise self._broken(slot, wire, exc) from exc
+        extents = _checked(reply).extents.get(context_id)
         if not extents:
             raise OSError(errno.EIO, f"{self.uri} sent no extents for {context!r}")
         out: list[tuple[int, int]] = []
@@ -402,6 +501,6 @@ class NbdDevice:
         self._closed = True
         for slot in self._slots:
             with slot.lock:
-                client, slot.client = slot.client, None
-            if client is not None:
-                client.close()
+                wire, slot.wire = slot.wire, None
+            if wire is not None:
+                wire.close()
