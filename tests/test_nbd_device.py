@@ -54,12 +54,15 @@ def proxy(uri: str) -> Iterator[str]:
 
 
 def info(uri: str) -> dict[str, Any]:
-    export: dict[str, Any] = json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]
+    document = json.loads(run("nbdinfo", "--json", uri).stdout)
+    export: dict[str, Any] = document["exports"][0]
+    export["structured"] = document["structured"]
     return export
 
 
 CAPABILITY_KEYS = (
     "is_read_only", "is_rotational", "can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_cache",
+    "can_df", "content", "structured",
     "can_multi_conn", "export-size", "block_size_minimum", "block_size_preferred", "block_size_maximum",
 )  # fmt: skip
 
