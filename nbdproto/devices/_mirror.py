@@ -493,7 +493,10 @@ def _runs(device: BlockDevice, offset: int, length: int, *, stop_short: bool) ->
     end = offset + length
     position = offset
     while position < end:
-        for run_length, flags in device.extents(BASE_ALLOCATION, position, end - position):
+        answer = device.extents(BASE_ALLOCATION, position, end - position)
+        if not answer:
+            raise OSError(errno.EIO, f"block status answered nothing at {position}")
+        for run_length, flags in answer:
             size = min(int(run_length), end - position)
             if size <= 0:
                 raise OSError(errno.EIO, f"block status answered an empty run at {position}")

@@ -14,7 +14,6 @@ thread that holds the reader's role, outside it (as ``Client`` does).
 from __future__ import annotations
 
 import itertools
-import select
 import socket
 import ssl
 import threading
@@ -70,11 +69,12 @@ class Wire:
         if self._waiting or self._tls:  # (a TLS socket cannot be peeked at; its next request will tell)
             return True
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if readable and not self.sock.recv(1, socket.MSG_PEEK):
+            if not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
                 self._failure = WireBroken("the server closed the connection")
                 return False
-        except (OSError, ValueError) as exc:
+        except BlockingIOError:
+            return True  # nothing to read: the connection is open
+        except OSError as exc:
             self._failure = exc
             return False
         return True
