@@ -7,12 +7,14 @@ no thread of its own. Callers send whole batches of requests at once (one ``send
 waiting reads the replies for everyone ("leader/follower"): a lone caller never hands anything to another
 thread, and several callers share one connection with their requests in flight together.
 
-The engine is only touched under ``_lock``; the socket is written under the same lock and read by the one
-thread that holds the reader's role, outside it (as ``Client`` does).
+The engine is only touched under ``_lock``. The socket is written under ``_send_lock`` alone, and read by the
+one thread that holds the reader's role, outside both: a send that blocks never stops replies being read (a
+server that stops reading requests until its replies are taken would otherwise wait for us forever).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import ssl
@@ -51,11 +53,13 @@ class Wire:
         self.engine = connection.engine
         self.sock: socket.socket = connection.stream.sock
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # each batch's bytes leave whole, one batch after another
         self._changed = threading.Condition(self._lock)
         self._cookies = itertools.count(1)
         self._waiting: dict[int, tuple[_Batch, int]] = {}
         self._reading = False
         self._failure: BaseException | None = None
+        self._farewell: list[Any] | None = None
         self._tls = isinstance(self.sock, ssl.SSLSocket)
         self.context_ids = {name: context_id for context_id, name in self.engine.meta_contexts.items()}
         """The ids this connection's server gave the meta contexts (each connection has its own)."""
@@ -91,10 +95,15 @@ class Wire:
                 cookie = next(self._cookies)
                 engine.send(make(cookie))  # a request our engine refuses raises here, before anything is sent
                 self._waiting[cookie] = (batch, index)
+            pieces = engine.data_to_send()
+        # Sent outside the engine's lock: a send that blocks (large writes, a server that stopped reading until
+        # its replies are read) must not keep the reader from taking those replies in.
+        with self._send_lock:
             try:
-                self.stream.send(engine.data_to_send())
+                self.stream.send(pieces)
             except OSError as exc:
-                self._fail(exc)
+                with self._lock:
+                    self._fail(exc)
                 raise WireBroken(f"the connection failed: {exc}") from exc
         self._wait(batch)
         return batch.replies
@@ -132,6 +141,14 @@ class Wire:
                 except (nbdproto.ProtocolError, WireBroken) as exc:
                     self._fail(exc)
                 self._changed.notify_all()  # replies for others, or the reader's role free to take
+                farewell, self._farewell = self._farewell, None
+            if farewell:
+                self._say_goodbye(farewell)
+
+    def _say_goodbye(self, pieces: list[Any]) -> None:
+        # Lock order: _send_lock, then _lock, never the other way round.
+        with self._send_lock, contextlib.suppress(OSError):
+            self.stream.send(pieces)
 
     def _dispatch(self) -> None:
         engine, waiting = self.engine, self._waiting
@@ -144,9 +161,9 @@ class Wire:
             batch, index = waiting.pop(event.cookie)  # type: ignore[union-attr]
             batch.replies[index] = event
             batch.left -= 1
-            if engine.must_disconnect:  # the server said ESHUTDOWN: leave as the spec asks
+            if engine.must_disconnect:  # the server said ESHUTDOWN: leave as the spec asks (see _say_goodbye)
                 engine.send(nbdproto.DisconnectRequest())
-                self.stream.send(engine.data_to_send())
+                self._farewell = engine.data_to_send()
                 raise WireBroken("the server is shutting down")
 
     def _fail(self, exc: BaseException) -> None:
@@ -161,16 +178,24 @@ class Wire:
             raise WireBroken(f"the connection failed: {self._failure}") from self._failure
 
     def close(self) -> None:
-        """Disconnect politely (NBD_CMD_DISC) when the connection still works, and close the socket."""
-        with self._lock:
-            try:
-                if self._failure is None and self.engine.phase is nbdproto.Phase.TRANSMISSION:
-                    self.engine.send(nbdproto.DisconnectRequest())
-                    self.stream.send(self.engine.data_to_send())
-            except (OSError, nbdproto.ProtocolError):
-                pass
-            if self._failure is None:
-                self._failure = WireBroken("the connection was closed")
-            self._waiting.clear()
-            self._changed.notify_all()
+        """Disconnect politely (NBD_CMD_DISC) when the connection still works, and close the socket. A send
+        blocked for 5 s (a server that stopped reading) is not waited for: closing the socket ends it."""
+        polite = self._send_lock.acquire(timeout=5)
+        try:
+            farewell: list[Any] = []
+            with self._lock:
+                if polite and self._failure is None and self.engine.phase is nbdproto.Phase.TRANSMISSION:
+                    with contextlib.suppress(nbdproto.ProtocolError):
+                        self.engine.send(nbdproto.DisconnectRequest())
+                        farewell = self.engine.data_to_send()
+                if self._failure is None:
+                    self._failure = WireBroken("the connection was closed")
+                self._waiting.clear()
+                self._changed.notify_all()
+            if farewell:
+                with contextlib.suppress(OSError):
+                    self.stream.send(farewell)
+        finally:
+            if polite:
+                self._send_lock.release()
         self.stream.close()
