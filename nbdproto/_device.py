@@ -14,6 +14,9 @@ Optional extras, looked up with getattr so that a plain device needs none of the
   reply itself on plaintext connections (``nbdproto.ReadView``; FileDevice's are slices of its mapping).
 - ``fileno()``: lets a device without views have large plaintext reads sent with os.sendfile.
 - ``resize(size)``: NBD_CMD_RESIZE, for devices whose capabilities say ``can_resize``.
+- ``call_batch(calls)``: carry out a list of ``nbdproto.DeviceCall`` together and return one result per call
+  (its return value, or the exception it raised). ``carry_out_all`` (a server's "batch" dispatch) uses it, so
+  that a remote device can have a whole batch of requests in flight at once (``NbdDevice`` does).
 
 Implementations live in ``nbdproto.devices``; this module only states the contract, so that the I/O-free
 serving logic (``nbdproto.carry_out``) and both backends can name it without loading any device.

@@ -230,5 +230,32 @@ def carry_out_all(
     on_error: OnError | None = None,
     read_view: ReadView | None = None,
 ) -> list[Event]:
-    """``carry_out`` for each request of a batch, in order: one call where a thread hop costs more than the I/O."""
-    return [carry_out(device, request, meta_contexts, on_error, read_view) for request in requests]
+    """``carry_out`` for each request of a batch, in order: one call where a thread hop costs more than the I/O.
+
+    A device with ``call_batch`` (a remote one) is handed every call of the batch at once, so that it can have
+    them all in flight together; its results come back in order, each a return value or the exception raised.
+    """
+    call_batch = getattr(device, "call_batch", None)
+    if call_batch is None:
+        return [carry_out(device, request, meta_contexts, on_error, read_view) for request in requests]
+    plans: list[tuple[Request, int, list[DeviceCall]]] = []
+    calls: list[DeviceCall] = []
+    for request in requests:
+        these = device_calls(request, meta_contexts)
+        plans.append((request, len(calls), these))
+        calls += these
+    try:
+        results = call_batch(calls)
+    except Exception as exc:  # the device broke its contract: every request of the batch fails
+        results = [exc] * len(calls)
+    replies: list[Event] = []
+    for request, start, these in plans:
+        got = results[start : start + len(these)]
+        failure = next((result for result in got if isinstance(result, BaseException)), None)
+        if failure is None:
+            replies.append(reply_for(request, these, got))
+            continue
+        if on_error is not None and not isinstance(failure, OSError):
+            on_error(request, failure)
+        replies.append(error_reply_for(request, failure))
+    return replies

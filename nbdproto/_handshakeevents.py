@@ -301,7 +301,7 @@ class ExportInfo(Event):
 
 class MetaContexts(Event):
     """Client role: the answer to NBD_OPT_LIST_META_CONTEXT or NBD_OPT_SET_META_CONTEXT: context id -> name
-    (ids are meaningless for a list)."""
+    (a list has no ids: its names are numbered from 0 in the order the server sent them)."""
 
     __slots__ = ("option", "contexts")
 

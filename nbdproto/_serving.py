@@ -24,7 +24,7 @@ from typing import Any
 from ._budget import MemoryShare
 from ._constants import CommandFlags, Errno
 from ._device import BlockDevice, Dispatch, dispatch_of
-from ._dispatch import OnError, ReadView, carry_out, error_reply_for, read_view_of
+from ._dispatch import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of
 from ._errors import LocalProtocolError
 from ._events import (
     BlockStatusRequest,
@@ -302,6 +302,9 @@ class ServerSessionLogic:
         """
         engine, device, contexts, share = self.engine, self.device, self.engine.meta_contexts, self.share
         on_error = self.on_device_error
+        if hasattr(device, "call_batch"):
+            yield from self._carry_out_batched(batch)
+            return
         for request in batch:
             kind = type(request)
             if self.shutting_down and kind is not WritePayload:
@@ -323,6 +326,37 @@ class ServerSessionLogic:
                     engine.send(reply)
             else:
                 engine.send(carry_out(device, request, contexts, on_error, read_view))  # type: ignore[arg-type]
+
+    def _carry_out_batched(self, batch: Iterable[Work]) -> Iterator[int]:
+        """carry_out_inline for a device that takes many calls at once (``call_batch``: a remote device keeps
+        them all in flight together): each run of plain requests goes to it in one call."""
+        engine, share = self.engine, self.share
+        run: list[Request] = []
+        for request in (*batch, None):
+            kind = type(request)
+            streamed = kind is WritePayload or (kind is WriteRequest and request.more)  # type: ignore[union-attr]
+            if request is not None and not streamed and not self.shutting_down:
+                run.append(request)  # type: ignore[arg-type]
+                continue
+            if run:
+                cost = sum(r.length for r in run if type(r) is ReadRequest)
+                if share is not None and not share.try_take(cost):
+                    yield cost
+                self._queued_cost += cost
+                for reply in carry_out_all(self.device, run, engine.meta_contexts, self.on_device_error):
+                    engine.send(reply)
+                self._queued += cost
+                run = []
+                if self._queued >= FLUSH_AT:
+                    yield 0
+            if request is None:
+                return
+            if streamed:
+                part = self.carry_out_part(request)  # type: ignore[arg-type]
+                if part is not None:
+                    engine.send(part)
+            else:
+                self.refuse_shutting_down(request)  # type: ignore[arg-type]
 
     def sent(self) -> None:
         """The driver sent everything queued: the memory the replies held is free again."""

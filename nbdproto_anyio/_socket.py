@@ -171,6 +171,10 @@ class SocketAcceptor:
             except BlockingIOError:
                 await anyio.wait_readable(self.sock)
                 continue
+            if conn.family != socket.AF_UNIX:
+                # Replies that complete one at a time (slow or remote devices) must not wait for the client's
+                # delayed ACK of the previous one (Nagle): measured, a proxy stalled at 1.6k IOPS without this.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return RawSocketStream(conn)
 
     async def aclose(self) -> None:

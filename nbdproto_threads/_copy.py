@@ -24,40 +24,27 @@ copying, 0.62 s against 0.39 s for 1 GiB from nbdkit (bench/bench_copy.sh).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import itertools
 import os
-import queue
-import selectors
-import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import nbdproto
-from nbdproto import NBDError, step_past
+from nbdproto import NBDError
 
 from ._client import Connection, open_connection
+from ._copyloop import CopyConnection, CopyLoop, Done, checked
 from ._copyruns import STATUS_SPAN, UnreachableTail, pieces
 
 if TYPE_CHECKING:
-    import concurrent.futures
-
     from nbdproto.devices import FileDevice
 
 __all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", "UnreachableTail", "copy"]
 
 REQUEST_SIZE = 1 << 20
 """Bytes per request: large enough that Python's per-request cost vanishes, within every server's limit."""
-RECV_SIZE = 16 << 10
-"""Bytes asked of each recv outside read data (reply headers, block status, write acknowledgements)."""
-
-Done = Callable[[], None]
-"""Called back in the copy's thread when an operation an end started has completed."""
 
 
 class CopyEnd(Protocol):
@@ -128,200 +115,6 @@ def _is_uri(text: str) -> bool:
     return "://" in text
 
 
-# --- The event loop ---------------------------------------------------------------------------------------
-
-
-class _Connection:
-    """One NBD connection of the copy: a non-blocking socket, its engine, and what is queued to send."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.sock = connection.stream.sock
-        self.sock.setblocking(False)
-        self.tls = isinstance(self.sock, ssl.SSLSocket)
-        self.engine = connection.engine
-        self.export: nbdproto.Export = connection.result.export
-        self.out: list[Any] = []
-        self.callbacks: dict[int, Callable[[Any], None]] = {}
-        self.sent_at: dict[int, float] = {}  # in the order sent: the first is the oldest request waiting
-        self._cookies = itertools.count(1)
-        self.writing = False  # registered for EVENT_WRITE
-
-    def request(self, make: Callable[[int], Any], done: Callable[[Any], None]) -> None:
-        """Queue the request ``make(cookie)``; ``done(reply)`` runs when its reply is in."""
-        cookie = next(self._cookies)
-        self.engine.send(make(cookie))
-        self.out += self.engine.data_to_send()
-        self.callbacks[cookie] = done
-        self.sent_at[cookie] = time.monotonic()
-
-    def oldest(self) -> float | None:
-        """When the oldest request still waiting for its reply was sent (None: none is waiting)."""
-        return next(iter(self.sent_at.values()), None)
-
-    def flush(self) -> None:
-        """Send what the socket takes now; the rest stays queued."""
-        out = self.out
-        try:
-            while out:
-                if self.tls:
-                    sent = self.sock.send(b"".join(out) if len(out) > 1 else out[0])
-                else:
-                    sent = self.sock.sendmsg(out[:1024])
-                del out[: step_past(out, 0, sent)]
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            pass
-
-    def receive(self) -> None:
-        """Take in what has arrived (read data straight into its buffer) and run the callbacks of the replies."""
-        engine, sock = self.engine, self.sock
-        while True:
-            target = engine.read_buffer()
-            try:
-                if target is not None:
-                    count = sock.recv_into(target)
-                    engine.received_into(count)
-                    short = count < len(target)
-                else:
-                    data = sock.recv(RECV_SIZE)
-                    engine.receive_data(data)
-                    short = len(data) < RECV_SIZE
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return
-            while True:
-                event = engine.next_event()
-                if event is nbdproto.NEED_DATA or event is nbdproto.PAUSED:
-                    break
-                if isinstance(event, nbdproto.ConnectionClosed):
-                    raise ConnectionError("the server closed the connection")
-                del self.sent_at[event.cookie]  # type: ignore[union-attr]
-                self.callbacks.pop(event.cookie)(event)  # type: ignore[union-attr]
-            if short and not self.tls:
-                return  # the socket had no more for now; a TLS socket may still hold decrypted bytes
-
-    def close(self) -> None:
-        """Say goodbye (NBD_CMD_DISC) and close, ignoring a server that is already gone."""
-        try:
-            if self.engine.phase is nbdproto.Phase.TRANSMISSION:
-                self.engine.send(nbdproto.DisconnectRequest())
-                self.sock.setblocking(True)
-                self.sock.settimeout(5)
-                self.out += self.engine.data_to_send()
-                self.sock.sendall(b"".join(bytes(piece) for piece in self.out))
-        except (OSError, nbdproto.ProtocolError):
-            pass
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-
-class _Loop:
-    """Waits for any connection to be readable (or writable, while it has bytes queued) and serves it, and runs
-    the completions that file I/O in worker threads hands back (``from_thread``)."""
-
-    def __init__(self, timeout: float | None = None) -> None:
-        self.timeout = timeout
-        """Seconds the loop waits without any connection or file making progress before TimeoutError."""
-        self.selector = selectors.DefaultSelector()
-        self._completions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        self.selector.register(self._wake_read, selectors.EVENT_READ, None)
-        self.workers: concurrent.futures.ThreadPoolExecutor | None = None
-        self.worker_count = 1
-        """Threads for local file I/O, raised by files on disks: I/O that waits gains from overlapping. Files in
-        memory (tmpfs) want one: their writes serialize on the inode lock anyway, and four threads contending
-        for it measured 7% slower than one on a 1 GiB copy (bench/bench_copy.sh)."""
-
-    def in_thread(self, work: Callable[[], None], done: Done) -> None:
-        """Run blocking ``work`` in a worker thread (the GIL is let go in its system calls, so local file I/O
-        overlaps with the network), then ``done`` back in the loop; an exception from work raises there."""
-        if self.workers is None:
-            import concurrent.futures  # only a copy with a local file needs the pool (and its start-up time)
-
-            self.workers = concurrent.futures.ThreadPoolExecutor(self.worker_count, thread_name_prefix="nbd-copy-file")
-
-        def finished(future: concurrent.futures.Future[None]) -> None:
-            failure = future.exception()
-            self._completions.put(done if failure is None else functools.partial(_reraise, failure))
-            os.write(self._wake_write, b"x")
-
-        self.workers.submit(work).add_done_callback(finished)
-
-    def add(self, connection: _Connection) -> None:
-        self.selector.register(connection.sock, selectors.EVENT_READ, connection)
-
-    def step(self) -> None:
-        for key in list(self.selector.get_map().values()):
-            connection: _Connection | None = key.data
-            if connection is None:
-                continue
-            if connection.out:
-                connection.flush()
-            if bool(connection.out) != connection.writing:
-                connection.writing = bool(connection.out)
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.writing else 0)
-                self.selector.modify(connection.sock, events, connection)
-        ready = self.selector.select(self._wait())
-        if self.timeout is not None and not ready and self._wait() == 0:
-            raise TimeoutError(f"timed out: a request got no reply within {self.timeout} s")
-        for key, mask in ready:
-            connection = key.data
-            if connection is None:
-                self._run_completions()
-                continue
-            if mask & selectors.EVENT_READ:
-                connection.receive()
-            if mask & selectors.EVENT_WRITE:
-                connection.flush()
-
-    def _wait(self) -> float | None:
-        """How long the next select may wait: until the oldest request waiting for a reply is out of time
-        (nothing but local file I/O outstanding: as long as it takes)."""
-        if self.timeout is None:
-            return None
-        sent: list[float] = []
-        for key in self.selector.get_map().values():
-            when = key.data.oldest() if key.data is not None else None
-            if when is not None:
-                sent.append(when)
-        if not sent:
-            return None
-        return max(0.0, min(sent) + self.timeout - time.monotonic())
-
-    def wait(self, finished: Callable[[], bool]) -> None:
-        while not finished():
-            self.step()
-
-    def _run_completions(self) -> None:
-        try:
-            while os.read(self._wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        while not self._completions.empty():
-            self._completions.get()()
-
-    def close(self) -> None:
-        if self.workers is not None:
-            self.workers.shutdown(wait=True)
-        self.selector.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-
-
-def _reraise(failure: BaseException) -> None:
-    raise failure
-
-
-def _checked(done: Done) -> Callable[[Any], None]:
-    def reply(event: Any) -> None:
-        if isinstance(event, nbdproto.ErrorReply):
-            raise NBDError(int(event.error), event.message or os.strerror(int(event.error)))
-        done()
-
-    return reply
-
-
 # --- The two ends ---------------------------------------------------------------------------------------
 
 
@@ -330,17 +123,17 @@ class _Nbd:
     the export's minimum block size (the unaligned tail of the disk) goes to a connection of its own that did
     not ask for block sizes (see the module docstring)."""
 
-    def __init__(self, uri: str, connections: int, tls: ssl.SSLContext | None, loop: _Loop) -> None:
+    def __init__(self, uri: str, connections: int, tls: ssl.SSLContext | None, loop: CopyLoop) -> None:
         self.loop = loop
         self.uri, self.tls = uri, tls
-        self.unconstrained: _Connection | None = None
-        self.connections = [_Connection(open_connection(uri, tls=tls, timeout=loop.timeout))]
+        self.unconstrained: CopyConnection | None = None
+        self.connections = [CopyConnection(open_connection(uri, tls=tls, timeout=loop.timeout))]
         loop.add(self.connections[0])
         export = self.connections[0].export
         # More than one connection only where the server promises they see each other's writes.
         count = connections if export.flags & nbdproto.TransmissionFlags.CAN_MULTI_CONN else 1
         for connection in _open_together(uri, tls, count - 1, loop.timeout):
-            self.connections.append(_Connection(connection))
+            self.connections.append(CopyConnection(connection))
             loop.add(self.connections[-1])
         self.export = export
         self.size = export.size
@@ -355,12 +148,12 @@ class _Nbd:
         self.fresh = False
         self._zeroes = memoryview(bytes(self.max_request))
 
-    def _pick(self, offset: int, length: int) -> _Connection:
+    def _pick(self, offset: int, length: int) -> CopyConnection:
         if (offset | length) % self.minimum_block_size:
             return self._unconstrained()
         return min(self.connections, key=lambda c: len(c.callbacks))
 
-    def _unconstrained(self) -> _Connection:
+    def _unconstrained(self) -> CopyConnection:
         if self.unconstrained is None:
             try:
                 connection = open_connection(
@@ -369,7 +162,7 @@ class _Nbd:
             except nbdproto.NegotiationError as exc:
                 raise nbdproto.NegotiationError(f"{self.uri} would not negotiate without block sizes: {exc}",
                                                 exc.reply_type) from exc  # fmt: skip
-            self.unconstrained = _Connection(connection)
+            self.unconstrained = CopyConnection(connection)
             self.loop.add(self.unconstrained)
         return self.unconstrained
 
@@ -399,15 +192,15 @@ class _Nbd:
 
     def read(self, buffer: memoryview, offset: int, done: Done) -> None:
         connection = self._pick(offset, len(buffer))
-        connection.request(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer), _checked(done))
+        connection.request(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer), checked(done))
 
     def write(self, data: memoryview, offset: int, done: Done) -> None:
-        self._pick(offset, len(data)).request(lambda c: nbdproto.WriteRequest(c, offset, data), _checked(done))
+        self._pick(offset, len(data)).request(lambda c: nbdproto.WriteRequest(c, offset, data), checked(done))
 
     def zero(self, offset: int, length: int, done: Done) -> None:
         if self.can_zero:
             connection = self._pick(offset, length)
-            connection.request(lambda c: nbdproto.WriteZeroesRequest(c, offset, length), _checked(done))
+            connection.request(lambda c: nbdproto.WriteZeroesRequest(c, offset, length), checked(done))
             return
         # No WRITE_ZEROES: zeroes written as data, the run done when its last write is.
         pieces = [(at, min(len(self._zeroes), offset + length - at)) for at in range(offset, offset + length,
@@ -426,7 +219,7 @@ class _Nbd:
         if self.export.read_only or not self.export.flags & nbdproto.TransmissionFlags.SEND_FLUSH:
             return
         flushed: list[bool] = []
-        self.connections[0].request(lambda c: nbdproto.FlushRequest(c), _checked(lambda: flushed.append(True)))
+        self.connections[0].request(lambda c: nbdproto.FlushRequest(c), checked(lambda: flushed.append(True)))
         self.loop.wait(lambda: bool(flushed))
 
     def close(self) -> None:
@@ -462,7 +255,7 @@ def _open_together(uri: str, tls: ssl.SSLContext | None, count: int, timeout: fl
 class _File:
     """A local file (or block device) through FileDevice, its reads and writes made in worker threads."""
 
-    def __init__(self, path: str, loop: _Loop, *, writable: bool, size: int = 0) -> None:
+    def __init__(self, path: str, loop: CopyLoop, *, writable: bool, size: int = 0) -> None:
         self.loop = loop
         self.fresh = writable and (not os.path.exists(path) or os.path.getsize(path) == 0)
         if writable and not os.path.exists(path):
@@ -546,7 +339,7 @@ def copy(
     ``timeout``: seconds any wait may take (a connect, a handshake, the copy with nothing moving); None: no limit.
     Raises CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
     """
-    loop = _Loop(timeout)
+    loop = CopyLoop(timeout)
     source: _Nbd | _File | None = None
     target: _Nbd | _File | _Null | None = None
     try:
@@ -571,7 +364,7 @@ def copy(
 def _run(
     source: CopySource,
     target: CopyTarget,
-    loop: _Loop,
+    loop: CopyLoop,
     slots: int,
     report: Callable[[CopyProgress], None] | None,
     block: int = 1,

@@ -2,7 +2,8 @@
 
 ``serve`` serves files, block devices and in-memory disks (``_serve``, imported only for serve: the servers and
 event loops are a good part of start-up); ``info`` and ``list`` ask a server about its exports (``_query``);
-``copy`` copies disks (``_copy``, over ``nbdproto_threads.copy``). Every command is built on the public APIs of
+``copy`` copies disks (``_copy``, over ``nbdproto_threads.copy``); ``mirror`` serves a disk while mirroring it
+(``_mirror``, over ``MirrorDevice`` and serve's own serving code). Every command is built on the public APIs of
 nbdproto, nbdproto.devices, nbdproto_threads and nbdproto_anyio, and on nothing private of theirs.
 """
 

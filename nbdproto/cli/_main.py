@@ -10,6 +10,7 @@ import nbdproto
 
 from ._copy import add_copy_command, copy_command
 from ._errors import UsageError
+from ._mirror import add_mirror_command, mirror_command
 from ._query import add_query_commands, info, list_command
 from ._serve_options import add_serve_command
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbdproto", description="Network Block Device tools built on nbdproto.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve_command(commands)
+    add_mirror_command(commands)
     add_query_commands(commands)
     add_copy_command(commands)
     return parser
@@ -34,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._serve import serve  # the servers' imports are for serve alone (see _serve)
 
             return serve(args)
+        if args.command == "mirror":
+            return mirror_command(args)
         if args.command == "info":
             return info(args)
         if args.command == "list":

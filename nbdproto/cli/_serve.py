@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nbdproto
@@ -26,7 +27,7 @@ from ._errors import UsageError, size_argument
 from ._filters import Filtering, parse_filters
 from ._sources import Source, apply_s3_options, open_source, parse_source
 
-__all__ = ["serve", "default_loop"]
+__all__ = ["serve", "serve_opened", "default_loop"]
 
 log = logging.getLogger("nbdproto.cli")
 
@@ -115,14 +116,14 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
         raise UsageError(str(exc)) from None
 
 
-def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]:
+def _uris(sock: socket.socket, names: list[str], tls: bool) -> list[str]:
     address = sock.getsockname()
     out = []
-    for export in exports:
+    for name in names:
         if sock.family == socket.AF_UNIX:
-            uri = nbdproto.NbdUri(export.name, tls, True, socket=address)
+            uri = nbdproto.NbdUri(name, tls, True, socket=address)
         else:
-            uri = nbdproto.NbdUri(export.name, tls, False, address[0], address[1])
+            uri = nbdproto.NbdUri(name, tls, False, address[0], address[1])
         out.append(str(uri))
     return out
 
@@ -138,6 +139,27 @@ def default_loop() -> str:
 
 def serve(args: argparse.Namespace) -> int:
     """Run ``nbdproto serve`` until SIGINT or SIGTERM; UsageError for a bad argument."""
+    exports = _exports(args)
+
+    def open_exports(source_read_only: bool) -> list[tuple[str, BlockDevice]]:
+        devices = _open_devices(exports, args.read_only or source_read_only)
+        return [(export.name, device) for export, device in zip(exports, devices, strict=True)]
+
+    return serve_opened(args, open_exports, len(exports))
+
+
+def serve_opened(
+    args: argparse.Namespace,
+    open_exports: Callable[[bool], list[tuple[str, BlockDevice]]],
+    count: int,
+    on_serving: Callable[[], None] | None = None,
+) -> int:
+    """Serve the ``count`` (name, device) exports ``open_exports(source_read_only)`` opens (read-only where the
+    filters keep the source unchanged, e.g. cow), each wrapped in the --filter chain, as the serve options in
+    ``args`` say, until SIGINT or SIGTERM; then flush and close every device. Bad options, and devices that
+    cannot be opened (OSError, or a UsageError from ``open_exports``), are UsageErrors raised before anything is
+    served. ``on_serving`` runs once the server listens and its URIs are printed (``nbdproto mirror`` starts its
+    copy there)."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -146,19 +168,24 @@ def serve(args: argparse.Namespace) -> int:
         args.loop = default_loop()
     elif args.loop != "asyncio" and importlib.util.find_spec(args.loop) is None:
         raise UsageError(f"--loop {args.loop} needs the {args.loop} package (pip install {args.loop})")
-    exports = _exports(args)
-    filtering = Filtering(parse_filters(args.filter, len(exports)), several_exports=len(exports) > 1)
+    filtering = Filtering(parse_filters(args.filter, count), several_exports=count > 1)
     tls, tls_mode = _tls(args)
     sock = _listen_socket(args)
     try:
-        devices = _open_devices(exports, args.read_only, filtering)
+        exports = _filtered(open_exports(filtering.source_read_only), filtering)
     except (OSError, UsageError) as exc:
         sock.close()
         filtering.close()
         if isinstance(exc, UsageError):
             raise
         raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
-    for uri in _uris(sock, exports, tls is not None):
+    except BaseException:
+        sock.close()
+        filtering.close()
+        raise
+    names = [name for name, _ in exports]
+    devices = [device for _, device in exports]
+    for uri in _uris(sock, names, tls is not None):
         print(f"serving {uri}", flush=True)
     stop = threading.Event()
 
@@ -171,15 +198,17 @@ def serve(args: argparse.Namespace) -> int:
     if filtering.stats:
         _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
-        sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop, server_limits(args), args.loop
+        sock, names, devices, args.description, args.read_only, tls, tls_mode, stop, server_limits(args), args.loop
     )
     try:
+        if on_serving is not None:
+            on_serving()
         (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
     finally:
         for device in devices:
             try:
                 device.flush()
-            except OSError as exc:  # e.g. an error filter failing flushes on purpose
+            except (OSError, nbdproto.ProtocolError) as exc:  # an error filter failing on purpose, a remote gone
                 log.warning("flush at exit failed: %s", exc)
             device.close()
         if args.socket:
@@ -190,21 +219,29 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_devices(exports: list[ExportArg], read_only: bool, filtering: Filtering) -> list[BlockDevice]:
+def _open_devices(exports: list[ExportArg], read_only: bool) -> list[BlockDevice]:
     devices: list[BlockDevice] = []
     try:
         for export in exports:
-            device = open_source(export.source, read_only=read_only or filtering.source_read_only)
-            try:
-                devices.append(filtering.wrap(device, export.name))
-            except BaseException:
-                device.close()
-                raise
+            devices.append(open_source(export.source, read_only=read_only))
     except BaseException:
         for device in devices:
             device.close()
         raise
     return devices
+
+
+def _filtered(exports: list[tuple[str, BlockDevice]], filtering: Filtering) -> list[tuple[str, BlockDevice]]:
+    """Each export's device inside the --filter chain (every device closed if one cannot be wrapped)."""
+    wrapped: list[tuple[str, BlockDevice]] = []
+    try:
+        for name, device in exports:
+            wrapped.append((name, filtering.wrap(device, name)))
+    except BaseException:
+        for _, device in exports:
+            device.close()
+        raise
+    return wrapped
 
 
 def _report_stats_on_sigusr1(filtering: Filtering, stop: threading.Event) -> None:
@@ -229,7 +266,7 @@ class _Serving:
     """Everything a backend needs to serve what the command line asked for."""
 
     sock: socket.socket
-    exports: list[ExportArg]
+    names: list[str]
     devices: list[BlockDevice]
     description: str
     read_only: bool
@@ -241,9 +278,7 @@ class _Serving:
 
 
 def _serve_threads(job: _Serving) -> None:
-    specs = {
-        e.name: ExportSpec(d, job.description, job.read_only) for e, d in zip(job.exports, job.devices, strict=True)
-    }
+    specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
     server = ThreadsServer(specs, job.sock, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -259,9 +294,7 @@ def _serve_anyio(job: _Serving) -> None:
     from nbdproto_anyio import Server as AnyioServer
     from nbdproto_anyio import listen
 
-    specs = {
-        e.name: ExportSpec(d, job.description, job.read_only) for e, d in zip(job.exports, job.devices, strict=True)
-    }
+    specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
     server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
 
     async def run() -> None:

@@ -3,7 +3,7 @@
 A SOURCE is read in two steps: ``parse_source`` checks the text and says what it names, before anything is
 served or listened on (a bad SOURCE is a one-line usage error); ``open_source`` then makes the device. Each
 kind of source is one entry in ``_KINDS``: its prefix test and its opener, the device modules imported only by
-the opener that needs them.
+the opener that needs them. An NBD URI (``NBD_SCHEMES``) re-exports another server's export (``NbdDevice``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from nbdproto import BlockDevice
+from nbdproto import BlockDevice, ProtocolError, parse_uri
 
 from ._errors import UsageError, size_argument
 
-__all__ = ["Source", "parse_source", "open_source", "apply_s3_options"]
+__all__ = ["Source", "parse_source", "open_source", "apply_s3_options", "NBD_SCHEMES"]
+
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -50,6 +52,12 @@ def parse_source(text: str) -> Source:
         return Source("s3", text)
     if url:
         scheme = url.group(1)
+        if scheme.lower() in NBD_SCHEMES:
+            try:
+                parse_uri(text)
+            except ValueError as exc:
+                raise UsageError(f"{text}: {exc}") from None
+            return Source("nbd", text)
         raise UsageError(f"{text}: cannot serve a {scheme}:// source (use a file, memory:SIZE, s3:// or an NBD URI)")
     if not os.path.exists(text):
         raise UsageError(f"{text}: no such file")
@@ -126,8 +134,20 @@ def _open_s3(source: Source, read_only: bool) -> BlockDevice:
         raise OSError(errno.EINVAL, str(exc), source.target) from None
 
 
+def _open_nbd(source: Source, read_only: bool) -> BlockDevice:
+    from nbdproto.devices import NbdDevice
+
+    try:
+        return NbdDevice(source.target)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), source.target) from None
+    except ProtocolError as exc:  # the server refused the export, or broke the handshake
+        raise OSError(errno.EINVAL, str(exc), source.target) from None
+
+
 _KINDS: dict[str, Callable[[Source, bool], BlockDevice]] = {
     "memory": _open_memory,
     "file": _open_file,
     "s3": _open_s3,
+    "nbd": _open_nbd,
 }

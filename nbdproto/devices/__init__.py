@@ -8,6 +8,7 @@ block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a reg
 Filters wrap a device and are devices themselves, so they stack (nbdkit's filters, in Python): ``Filter`` is
 the pass-through base; ``CowFilter`` a copy-on-write overlay; ``ReadOnlyFilter``, ``DelayFilter``,
 ``ErrorFilter``, ``LogFilter``, ``StatsFilter`` and ``BlockSizeFilter`` are for running and testing services.
+``NbdDevice`` an export of another NBD server; ``MirrorDevice`` serves one device while copying it to another.
 
 This package does I/O (files, memory maps, threads), unlike the engine in ``nbdproto`` itself, which never
 imports it. Its names are loaded on first use (PEP 562): a client should not pay for ctypes and mmap.
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from ._filter import Filter
     from ._log import LogFilter
     from ._memory import MemoryDevice
+    from ._mirror import MirrorDevice, MirrorStatus, Progress
+    from ._nbd import NbdDevice
     from ._ranges import check_range
     from ._readonly import ReadOnlyFilter
     from ._s3 import S3Device, S3Settings
@@ -54,6 +57,10 @@ _WHERE = {
     "BlockSizeFilter": "._blocksize",
     "S3Device": "._s3",
     "S3Settings": "._s3",
+    "MirrorDevice": "._mirror",
+    "MirrorStatus": "._mirror",
+    "Progress": "._mirror",
+    "NbdDevice": "._nbd",
 }
 
 __all__ = [
@@ -75,6 +82,10 @@ __all__ = [
     "BlockSizeFilter",
     "S3Device",
     "S3Settings",
+    "MirrorDevice",
+    "MirrorStatus",
+    "Progress",
+    "NbdDevice",
 ]
 
 if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names

@@ -1,0 +1,159 @@
+"""Real NBD servers for tests that need a remote export: nbdkit and qemu-nbd on free loopback ports, and our
+own ``nbdproto serve`` / ``nbdproto mirror`` run as subprocesses. Every start-up is bounded; every process is
+stopped on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from tests.conftest import PEER_ENV
+
+CLI = [sys.executable, "-m", "nbdproto"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
+            raise RuntimeError(f"{what} did not start within {timeout} s: {err}")
+        time.sleep(0.05)  # polling a port with a deadline: the server gives no other sign that it listens
+
+
+@contextlib.contextmanager
+def nbdkit(*args: str, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """nbdkit ARGS on a loopback port; yields its URI and process."""
+    port = port or free_port()
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), *args],
+        env=PEER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, proc, "nbdkit")
+        yield f"nbd://127.0.0.1:{port}/", proc
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def qemu_nbd(image: str, *args: str, image_format: str = "raw", shared: int = 8) -> Iterator[str]:
+    """qemu-nbd serving ``image`` (persistent, to ``shared`` clients at once); yields its URI."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-t", "-e", str(shared), "-f", image_format, "-b", "127.0.0.1", "-p", str(port), *args, image],
+        env=PEER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, proc, "qemu-nbd")
+        yield f"nbd://127.0.0.1:{port}/"
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL for a server that does not go within 5 s (nbdkit waits for its clients)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+class Cli:
+    """An ``nbdproto`` subprocess whose stdout (URIs) and stderr (progress) are read line by line, bounded."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PEER_ENV)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._partial = {"out": b"", "err": b""}
+        self._selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._selector.register(self.proc.stdout, selectors.EVENT_READ, "out")
+        self._selector.register(self.proc.stderr, selectors.EVENT_READ, "err")
+
+    def _read(self, timeout: float) -> bool:
+        """Take in what the process printed within ``timeout``; False once both streams are closed."""
+        if not self._selector.get_map():
+            return False
+        for key, _ in self._selector.select(timeout):
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                self._selector.unregister(key.fileobj)
+                continue
+            data = self._partial[key.data] + chunk
+            *lines, self._partial[key.data] = data.split(b"\n")
+            (self.out if key.data == "out" else self.err).extend(line.decode() for line in lines)
+        return True
+
+    def wait_for(self, stream: str, predicate: object, timeout: float = 60.0) -> str:
+        """The first line of ``stream`` ("out" or "err") for which ``predicate(line)`` holds."""
+        lines = self.out if stream == "out" else self.err
+        deadline = time.monotonic() + timeout
+        seen = 0
+        ended = False
+        while True:
+            for line in lines[seen:]:
+                if predicate(line):  # type: ignore[operator]
+                    return line
+            seen = len(lines)
+            left = deadline - time.monotonic()
+            if left <= 0 or ended:
+                raise AssertionError(f"no such line within {timeout} s; stdout {self.out!r}, stderr {self.err!r}")
+            if not self._read(min(left, 1.0)):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(min(left, 1.0))
+                    ended = True  # both streams closed and the process gone: one last look at the lines
+
+    def uri(self) -> str:
+        return self.wait_for("out", lambda line: line.startswith("serving "), 30).split()[1]
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        deadline = time.monotonic() + timeout
+        while self._read(max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
+            pass
+        return self.proc.wait(max(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(15)
+        self._selector.close()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@contextlib.contextmanager
+def cli(*args: str) -> Iterator[Cli]:
+    process = Cli(*args)
+    try:
+        yield process
+    finally:
+        process.close()
