@@ -9,7 +9,9 @@ of its own package; from any other package only public names, as that package's 
 from __future__ import annotations
 
 import ast
+import difflib
 import pathlib
+import re
 
 import pytest
 
@@ -86,3 +88,110 @@ def test_the_check_sees_private_imports(tmp_path: pathlib.Path) -> None:
 def test_no_module_is_longer_than_a_reader_takes_in(path: pathlib.Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it along a line a reader would see"
+
+
+_KEYWORDS = frozenset(
+    [
+        "False",
+        "None",
+        "True",
+        "and",
+        "as",
+        "assert",
+        "async",
+        "await",
+        "break",
+        "class",
+        "continue",
+        "def",
+        "del",
+        "elif",
+        "else",
+        "except",
+        "finally",
+        "for",
+        "from",
+        "global",
+        "if",
+        "import",
+        "in",
+        "is",
+        "lambda",
+        "nonlocal",
+        "not",
+        "or",
+        "pass",
+        "raise",
+        "return",
+        "try",
+        "while",
+        "with",
+        "yield",
+    ]
+)
+
+
+def _shape(line: str) -> str:
+    """A line as the duplicate finder compares it: names, strings and numbers made placeholders (keywords kept),
+    ``async``/``await`` and an ``Async`` prefix dropped, so a blocking and an async twin look alike."""
+    line = re.sub(r"\b(async|await)\s+", "", line)
+    line = re.sub(r"'[^']*'|\"[^\"]*\"", "S", line)
+    line = re.sub(r"\b\d[\w.]*\b", "0", line)
+    return re.sub(r"\b[A-Za-z_]\w*\b", lambda m: m.group(0) if m.group(0) in _KEYWORDS else "N", line)
+
+
+def _code_lines(path: pathlib.Path) -> list[tuple[int, str]]:
+    lines = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        text = raw.strip()
+        if not text or text.startswith(("#", "import ", "from ")) or not re.search(r"\w", text):
+            continue
+        shape = re.sub(r"\s+", " ", _shape(text))
+        if re.fullmatch(r"(S|N|0)[,:]?( (S|N|0),?)?", shape):
+            continue  # a lone name, string or number: a docstring, an item of a list (the tool passes these over)
+        lines.append((number, shape))
+    return lines
+
+
+def _twin_runs(first: pathlib.Path, second: pathlib.Path, length: int) -> list[str]:
+    """Runs of ``length`` or more lines of ``first`` whose shape stands in ``second`` too."""
+    a, b = _code_lines(first), _code_lines(second)
+    matcher = difflib.SequenceMatcher(None, [t for _, t in a], [t for _, t in b], autojunk=False)
+    return [
+        f"{first.relative_to(ROOT)}:{a[m.a][0]}-{a[m.a + m.size - 1][0]} ~ "
+        f"{second.relative_to(ROOT)}:{b[m.b][0]}-{b[m.b + m.size - 1][0]}"
+        for m in matcher.get_matching_blocks()
+        if m.size >= length
+    ]
+
+
+def test_the_backends_have_no_twin_code() -> None:
+    # A decision both backends make belongs in nbdproto, once: no run of six lines of one backend may stand in
+    # the other, even with async/await and every name, string and number aside.
+    twins = [
+        run
+        for threads in sorted((ROOT / "nbdproto_threads").glob("*.py"))
+        for anyio in sorted((ROOT / "nbdproto_anyio").glob("*.py"))
+        for run in _twin_runs(threads, anyio, 6)
+    ]
+    assert twins == []
+
+
+def test_the_twin_check_sees_a_blocking_and_an_async_twin(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = [
+        "    def {name}(self, request):",
+        "        cookie = self.logic.submit(request)",
+        "        self.waiting[cookie] = Waiter()",
+        "        if self.failure is not None:",
+        "            raise ConnectionError(self.failure)",
+        "        {wait}self.flush(cookie)",
+        "        return self.logic.outcome(self.replies.pop(cookie))",
+    ]
+    (tmp_path / "blocking.py").write_text("\n".join(body).format(name="call", wait="") + "\n")
+    (tmp_path / "awaiting.py").write_text(
+        "\n".join(body).replace("    def", "    async def").format(name="acall", wait="await ") + "\n"
+    )
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert len(_twin_runs(tmp_path / "blocking.py", tmp_path / "awaiting.py", 6)) == 1
