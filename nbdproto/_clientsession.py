@@ -62,8 +62,9 @@ _NO_FLAGS = CommandFlags(0)
 class ConnectOptions(TypedDict, total=False):
     """The keyword arguments of every client's ``connect`` (besides the URI), as nbdproto.plan_connection
     takes them: where to connect without a URI (``host``, ``port``, ``socket_path``, ``export_name``), TLS
-    (``tls``: the client ``ssl.SSLContext``; ``require_tls``: refuse a server that does not upgrade, the
-    default for nbds URIs), what to negotiate (``structured_replies``, ``extended_headers``,
+    (``tls``: the client ``ssl.SSLContext``; ``tls_psk``: (identity, key) to authenticate with a pre-shared key
+    instead, Python 3.13+; ``require_tls``: refuse a server that does not upgrade, the default for nbds URIs and
+    with a key), what to negotiate (``structured_replies``, ``extended_headers``,
     ``meta_contexts``, ``block_sizes``: ask for the server's block-size constraints, and so be bound by them),
     and ``timeout``: seconds any single wait may take, the connect and handshake included
     and each request after it (None: no limit)."""
@@ -73,6 +74,7 @@ class ConnectOptions(TypedDict, total=False):
     socket_path: str | None
     export_name: str
     tls: Any
+    tls_psk: tuple[str, bytes] | None
     require_tls: bool | None
     structured_replies: bool
     extended_headers: bool

@@ -205,8 +205,8 @@ def plan_connection(
     require_tls = options.get("require_tls")
     plan = ClientNegotiation(
         target.export_name,
-        tls=options.get("tls") is not None,
-        require_tls=target.tls if require_tls is None else require_tls,
+        tls=options.get("tls") is not None or options.get("tls_psk") is not None,
+        require_tls=(target.tls or options.get("tls_psk") is not None) if require_tls is None else require_tls,
         structured_replies=options.get("structured_replies", True),
         extended_headers=options.get("extended_headers", True),
         meta_contexts=options.get("meta_contexts", (BASE_ALLOCATION,)),

@@ -161,7 +161,7 @@ async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list
     target, plan = nbdproto.plan_connection(uri, options, list_exports=list_exports)
     tls = options.get("tls")
     if plan.tls and tls is None:
-        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
+        tls = client_context(target, psk=options.get("tls_psk"))  # the URI's TLS settings (nbdproto.tls)
     timeout = options.get("timeout")
     with anyio.fail_after(timeout):
         stream = await connect_socket(target.socket if target.unix else (target.host, target.port))

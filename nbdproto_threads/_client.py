@@ -207,7 +207,7 @@ def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list_expor
     target, plan = nbdproto.plan_connection(uri, options, list_exports=list_exports)
     tls = options.get("tls")
     if plan.tls and tls is None:
-        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
+        tls = client_context(target, psk=options.get("tls_psk"))  # the URI's TLS settings (nbdproto.tls)
     sock = _open(target, options.get("timeout", DEFAULT_TIMEOUT))
     return negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
 

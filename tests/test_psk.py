@@ -294,9 +294,15 @@ def _our_clients_against(port: int, export: str, key_file: str) -> None:
             assert c.pread(10, 4096) == b"pre-shared"
             assert c.stream.sock.version() == ("TLSv1.3" if version == ssl.TLSVersion.TLSv1_3 else "TLSv1.2")  # type: ignore[attr-defined]
 
+    with nt.connect(f"nbd://127.0.0.1:{port}/{export}", tls_psk=("bob", KEYS["bob"])) as c:  # the argument
+        assert c.pread(10, 4096) == b"pre-shared" and c.engine.tls_active
+
     async def with_anyio() -> bytes:
         async with await na.connect(uri) as c:
-            return await c.pread(10, 4096)
+            first = await c.pread(10, 4096)
+        async with await na.connect(f"nbd://127.0.0.1:{port}/{export}", tls_psk=("bob", KEYS["bob"])) as c:
+            assert c.engine.tls_active and await c.pread(10, 4096) == first
+        return first
 
     assert anyio.run(with_anyio) == b"pre-shared"
     for identity, key in (("alice", KEYS["bob"]), ("mallory", KEYS["alice"])):
