@@ -75,7 +75,25 @@ class ServerConnection(ServerHandshake, ServerTransmission):
     def receiving_request(self) -> bool:
         """True while part of a request (or option) has arrived and the rest has not: a header, or some of a
         payload. A driver bounds how long it waits for the rest."""
-        return bool(len(self._buf) or self._skip or self._write_rest is not None)
+        return bool(len(self._buf) or self._skip or self._write_rest is not None or self._payload_rest is not None)
+
+    def write_buffer(self) -> memoryview | None:
+        """Where the next bytes from the client belong when they are the rest of a write's payload: the unfilled
+        part of the payload's own buffer, else None. A driver may receive straight into it (e.g.
+        ``socket.recv_into``) and report the count with ``received_into``, so that a payload that straddles
+        receive chunks is never joined or copied in Python; passing the bytes to ``receive_data`` is equally
+        correct."""
+        return self._payload_rest
+
+    def received_into(self, count: int) -> None:
+        """``count`` bytes were written at the start of ``write_buffer()``; 0 means the client closed."""
+        rest = self._payload_rest
+        if count == 0:
+            self._eof = True
+            return
+        if rest is None or not 0 < count <= len(rest):
+            raise LocalProtocolError(f"received_into({count}) does not fit the write buffer")
+        self._payload_rest = rest[count:] if count < len(rest) else None
 
     @property
     def in_flight(self) -> int:
@@ -93,6 +111,15 @@ class ServerConnection(ServerHandshake, ServerTransmission):
             return
         if self._phase is Phase.TLS_UPGRADE:
             self._fail("client sent plaintext after NBD_OPT_STARTTLS was accepted, before the TLS handshake")
+        rest = self._payload_rest
+        if rest is not None:
+            # The rest of a write's payload goes to its own buffer; what follows it, to the receive buffer.
+            count = min(len(rest), len(data))
+            rest[:count] = memoryview(data)[:count]
+            self._payload_rest = rest[count:] if count < len(rest) else None
+            data = memoryview(data)[count:]
+            if not data:
+                return
         skip = self._skip
         if skip:
             # Discard a refused option's payload as it arrives, without buffering it.

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from . import _headers, _wire
 from ._constants import HandshakeFlags, Option
 from ._errors import RemoteProtocolError
-from ._events import ConnectionClosed, Event, Export, ExportListing, Payload, Request
+from ._events import ConnectionClosed, Event, Export, ExportListing, Payload, Request, WriteRequest
 from ._receivebuffer import ReceiveBuffer
 from ._state import NEED_DATA, Phase, TlsMode
 
@@ -77,6 +77,10 @@ class ServerState:
         self._stream_writes_over = stream_writes_over
         # The streamed write whose payload is still arriving: (cookie, offset of the next part, bytes left).
         self._write_rest: tuple[int, int, int] | None = None
+        # A WRITE whose payload is arriving into a buffer of its own: the event to hand over once it is full,
+        # and the part of the buffer still to fill (write_buffer / received_into, or receive_data).
+        self._payload_event: WriteRequest | None = None
+        self._payload_rest: memoryview | None = None
         self._request_codec = _headers.REQUEST
         self._out.append(
             _wire.encode(

@@ -80,6 +80,11 @@ class ServerTransmission(ServerState):
         in_flight = self._in_flight
         fast = self._fast_paths
         while True:
+            if self._payload_event is not None:
+                if self._payload_rest is not None:
+                    return self._closed_or_need_data()
+                whole, self._payload_event = self._payload_event, None
+                return whole
             if self._write_rest is not None:
                 return self._write_payload()
             if self._disconnecting:
@@ -139,13 +144,17 @@ class ServerTransmission(ServerState):
                     self._reject(cookie, Errno.EINVAL, f"write of {payload} bytes exceeds the maximum payload")
                     continue
                 if len(buf) < header_size + payload:
-                    streams = self._stream_writes_over
-                    if command != _WRITE or streams is None or payload <= streams:
+                    if command != _WRITE:
                         return self._closed_or_need_data()
-                    streamed = self._streamed_write(header_size, flags, cookie, offset, payload)
-                    if streamed is None:
+                    streams = self._stream_writes_over
+                    started: Event | type[NEED_DATA] | None
+                    if streams is not None and payload > streams:
+                        started = self._streamed_write(header_size, flags, cookie, offset, payload)
+                    else:
+                        started = self._write_into_own_buffer(header_size, flags, cookie, offset, payload)
+                    if started is None:
                         continue  # refused: the payload is being skipped
-                    return streamed
+                    return started
             buf.skip(header_size)
             data = buf.take(payload) if payload else None
             context_ids = None
@@ -165,21 +174,47 @@ class ServerTransmission(ServerState):
 
     def _streamed_write(self, header_size: int, flags: int, cookie: int, offset: int, payload: int) -> Event | None:
         """A WRITE too large to wait for: checked now, its payload handed over in parts as it arrives."""
-        buf = self._buf
-        buf.skip(header_size)
-        error = self._check_request(_WRITE, flags, offset, payload)
-        if error is None and self.extended_headers != bool(flags & _PAYLOAD_LEN):
-            error = Errno.EINVAL, "extended NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
-        if error is not None:
-            # The length is trustworthy (it passed the payload limit): drop the payload unread and refuse.
-            self._skip = payload - buf.skip(payload)
-            self._reject(cookie, error[0], error[1], offset)
+        if self._refused_write(header_size, flags, cookie, offset, payload):
             return None
+        buf = self._buf
         data = buf.take_some(payload) if len(buf) else memoryview(b"")
         self._write_rest = (cookie, offset + len(data), payload - len(data))
         event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], True)
         self._in_flight[cookie] = event
         return event
+
+    def _refused_write(self, header_size: int, flags: int, cookie: int, offset: int, payload: int) -> bool:
+        """Check a WRITE whose payload has not all arrived; a refused one is answered and its payload skipped
+        (the length is trustworthy: it passed the payload limit). True when it was refused."""
+        buf = self._buf
+        buf.skip(header_size)
+        error = self._check_request(_WRITE, flags, offset, payload)
+        if error is None and self.extended_headers != bool(flags & _PAYLOAD_LEN):
+            error = Errno.EINVAL, "extended NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
+        if error is None:
+            return False
+        self._skip = payload - buf.skip(payload)
+        self._reject(cookie, error[0], error[1], offset)
+        return True
+
+    def _write_into_own_buffer(
+        self, header_size: int, flags: int, cookie: int, offset: int, payload: int
+    ) -> Event | type[NEED_DATA] | None:
+        """A WRITE whose payload has not all arrived: the payload gets a buffer of its own, filled with what is
+        here and then straight from the socket (write_buffer), so it is never joined from receive chunks."""
+        if self._refused_write(header_size, flags, cookie, offset, payload):
+            return None
+        buf = self._buf
+        data = bytearray(payload)
+        have = len(buf)
+        view = memoryview(data)
+        if have:
+            view[:have] = buf.take(have)
+        self._payload_rest = view[have:]
+        event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
+        self._in_flight[cookie] = event
+        self._payload_event = event
+        return self._closed_or_need_data()
 
     def _write_payload(self) -> Event | type[NEED_DATA]:
         """The next part of the streamed write's payload, as much as has arrived."""

@@ -240,6 +240,14 @@ class ServerSessionLogic:
             return None
         return limits.seconds(limits.idle_timeout)
 
+    def received(self, got: bytes | int) -> None:
+        """Hand the engine what the driver received: bytes (``receive_data``), or a count of bytes it received
+        straight into ``engine.write_buffer()`` (``received_into``). b"" or 0: the client closed."""
+        if type(got) is int:
+            self.engine.received_into(got)
+        else:
+            self.engine.receive_data(got)  # type: ignore[arg-type]
+
     def waited_too_long(self) -> bytes:
         """What a wait that ran out means: TimeoutError for a request stalled part-way; otherwise (idle too
         long, or shutting down) the end of the connection, as if the client had closed it: b""."""

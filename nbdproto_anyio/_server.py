@@ -21,7 +21,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import anyio
@@ -180,15 +180,22 @@ class ServerSession:
         await self._send()
         self.engine.receive_data(await receive(self.stream))
 
-    async def _receive(self) -> bytes:
-        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait)."""
+    async def _receive(self) -> bytes | int:
+        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait): the
+        rest of a write's payload straight into its own buffer where the stream allows it (a count)."""
         wait = self.logic.next_wait()
+        target, stream = self.engine.write_buffer(), self.stream
+        receiving: Awaitable[bytes | int]
+        if target is not None and isinstance(stream, RawSocketStream):
+            receiving = stream.receive_into(target)
+        else:
+            receiving = receive(stream)
         self._idle = self.logic.idle
         try:
             if wait is None:
-                return await receive(self.stream)
+                return await receiving
             with anyio.move_on_after(wait):
-                return await receive(self.stream)
+                return await receiving
         finally:
             self._idle = False
         return self.logic.waited_too_long()
@@ -211,7 +218,7 @@ class ServerSession:
         while (step := next(steps, None) if inline else await _in_thread(steps)) is not None:
             await self._send()
             if step == nbdproto.RECEIVE:
-                self.engine.receive_data(await self._receive())
+                self.logic.received(await self._receive())
             else:
                 await self._share.take(step)
 
@@ -242,7 +249,7 @@ class ServerSession:
                 if end is BatchEnd.NEED_DATA:
                     await self._send()
                     await budget.wait_for_room()
-                    engine.receive_data(await self._receive())
+                    logic.received(await self._receive())
                     continue
                 # DISC with replies owed, or the end: let what is in flight finish.
                 await budget.wait_idle()

@@ -192,13 +192,15 @@ class ServerSession:
         self._send()
         self.engine.receive_data(self.stream.recv())
 
-    def _receive(self) -> bytes:
-        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait)."""
+    def _receive(self) -> bytes | int:
+        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait): the
+        rest of a write's payload straight into its own buffer (a count), anything else as bytes."""
         logic = self.logic
+        target = self.engine.write_buffer()
         self._set_timeout(logic.next_wait())
         self._idle = logic.idle
         try:
-            return self.stream.recv()
+            return self.stream.recv() if target is None else self.stream.recv_into(target)
         except TimeoutError:
             return logic.waited_too_long()
         finally:
@@ -238,7 +240,7 @@ class ServerSession:
         for step in self.logic.inline_transmission(self._read_view()):
             self._send()
             if step == nbdproto.RECEIVE:
-                self.engine.receive_data(self._receive())
+                self.logic.received(self._receive())
             else:
                 self._share.take(step, self._stopping)
 
@@ -294,9 +296,9 @@ class ServerSession:
                 if end is BatchEnd.CLOSED:
                     return
                 if end is BatchEnd.NEED_DATA:
-                    data = self._receive()  # without the lock: workers reply meanwhile
+                    got = self._receive()  # without the lock: workers reply meanwhile
                     with lock:
-                        engine.receive_data(data)
+                        logic.received(got)
         finally:
             pool.shutdown(wait=True)
 
