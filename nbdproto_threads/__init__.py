@@ -2,8 +2,10 @@
 
 Server side: ``Server`` (many connections, a thread each), ``ServerSession`` / ``negotiate`` (one accepted
 socket, the seed's negotiate-then-serve contract). Client side: ``connect`` and ``Client`` (many threads may
-share one), ``open_connection`` for callers that drive the engine themselves, and ``copy``: disks copied
-between NBD exports and files by one thread driving every connection's engine over non-blocking sockets.
+share one), ``list_exports``, ``inquire``, ``export_info`` and ``list_meta_contexts`` (questions asked in opt
+mode, without selecting an export), ``open_connection`` for callers that drive the engine themselves, and
+``copy``: disks copied between NBD exports and files by one thread driving every connection's engine over
+non-blocking sockets.
 The devices both servers serve live in ``nbdproto.devices``.
 
 The names are loaded on first use (PEP 562): a client (``nbdproto copy``, ``nbdproto info``) should not pay for
@@ -17,7 +19,17 @@ from typing import TYPE_CHECKING
 from nbdproto import lazy_names
 
 if TYPE_CHECKING:
-    from ._client import Client, Connection, connect, list_exports, negotiate_client, open_connection
+    from ._client import (
+        Client,
+        Connection,
+        connect,
+        export_info,
+        inquire,
+        list_exports,
+        list_meta_contexts,
+        negotiate_client,
+        open_connection,
+    )
     from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
 
@@ -25,6 +37,9 @@ _WHERE = {
     "Client": "._client",
     "connect": "._client",
     "list_exports": "._client",
+    "inquire": "._client",
+    "export_info": "._client",
+    "list_meta_contexts": "._client",
     "Connection": "._client",
     "open_connection": "._client",
     "negotiate_client": "._client",
@@ -43,6 +58,9 @@ __all__ = [
     "Client",
     "connect",
     "list_exports",
+    "inquire",
+    "export_info",
+    "list_meta_contexts",
     "Connection",
     "open_connection",
     "negotiate_client",
