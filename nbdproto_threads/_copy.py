@@ -1,9 +1,14 @@
 """Copy a disk between NBD exports and local files, the holes left as holes (``nbdproto copy`` SRC DST).
 
-SRC and DST are NBD URIs or local paths (DST may also be ``null:``, which discards, for measuring). The source's
-allocation (block status ``base:allocation`` for NBD, SEEK_DATA/SEEK_HOLE for files) splits the disk into data
-and zero runs: data is read and written; zero runs are never sent as data, but become WRITE_ZEROES (which may
-punch holes) on an NBD target, holes in a new file, or punched holes in an existing one.
+SRC and DST are NBD URIs or local paths; DST may also be ``null:``, which discards (for measuring), and either
+may be ``-``: standard input or output, streamed in order (``_copystreams``). The source's allocation (block
+status ``base:allocation`` for NBD, SEEK_DATA/SEEK_HOLE for files, all-zero chunks of a stream) splits the
+disk into data and zero runs: data is read and written; zero runs are never sent as data, but become
+WRITE_ZEROES (which may punch holes) on an NBD target, holes in a new file, or punched holes in an existing
+one. As in nbdcopy, ``destination_is_zero`` skips them altogether (the target is known to read as zeros: a
+new image, a fresh export), and ``allocated`` writes them as data instead (targets that must end up fully
+allocated); ``flush`` makes what was written durable at the end (NBD_CMD_FLUSH, fdatasync), which is
+otherwise left to the target.
 
 Every request is aligned to the larger of the two ends' minimum block sizes (spec: "Size constraints"): a
 zero run that starts or ends inside a block gives the partial blocks to the data around it. When the disk's
@@ -24,39 +29,25 @@ copying, 0.62 s against 0.39 s for 1 GiB from nbdkit (bench/bench_copy.sh).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import itertools
 import os
-import queue
-import selectors
-import socket
 import ssl
-import threading
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import nbdproto
-from nbdproto import NBDError, step_past
+from nbdproto import NBDError
 
-from ._client import Connection, open_connection
-from ._copyruns import STATUS_SPAN, UnreachableTail, pieces
-
-if TYPE_CHECKING:
-    import concurrent.futures
-
-    from nbdproto.devices import FileDevice
+from ._copyends import FileEnd, NbdEnd, NullEnd
+from ._copyloop import REQUEST_SIZE, CopyLoop, Done
+from ._copyruns import UnreachableTail, pieces
+from ._copystreams import StreamTarget, read_in_thread, zero_runs
 
 __all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", "UnreachableTail", "copy"]
 
-REQUEST_SIZE = 1 << 20
-"""Bytes per request: large enough that Python's per-request cost vanishes, within every server's limit."""
-RECV_SIZE = 16 << 10
-"""Bytes asked of each recv outside read data (reply headers, block status, write acknowledgements)."""
-
-Done = Callable[[], None]
-"""Called back in the copy's thread when an operation an end started has completed."""
+STREAM = "-"
+"""The name of standard input (as SRC) or standard output (as DST)."""
 
 
 class CopyEnd(Protocol):
@@ -92,15 +83,16 @@ class CopyTarget(CopyEnd, Protocol):
 
     def zero(self, offset: int, length: int, done: Done) -> None: ...
 
-    def finish(self) -> None:
-        """Make what was written durable (an NBD flush, fdatasync of a file)."""
+    def finish(self, flush: bool = False) -> None:
+        """The copy is complete; with ``flush``, make it durable (an NBD flush, fdatasync of a file)."""
         ...
 
 
 @dataclass(slots=True)
 class CopyProgress:
     """How far a copy got: ``copied`` of ``total`` bytes are done (data and zero runs), ``data`` of them were
-    written as data. Handed to the ``progress`` callback after each piece completes, and returned at the end."""
+    written as data. Handed to the ``progress`` callback after each piece completes, and returned at the end.
+    ``total`` is 0 while a streamed source's size is unknown (it is set once the stream ends)."""
 
     total: int
     copied: int = 0
@@ -109,8 +101,10 @@ class CopyProgress:
 
     @property
     def fraction(self) -> float:
-        """Done so far, from 0.0 to 1.0 (1.0 for an empty disk)."""
-        return self.copied / self.total if self.total else 1.0
+        """Done so far, from 0.0 to 1.0 (1.0 for an empty disk; 0.0 while a stream's size is unknown)."""
+        if not self.total:
+            return 1.0 if self.copied == 0 and not self.in_flight else 0.0
+        return self.copied / self.total
 
 
 class CopyFailed(Exception):
@@ -123,378 +117,18 @@ class CopyFailed(Exception):
         self.total = total
 
 
+@dataclass(frozen=True)
+class _Options:
+    slots: int
+    request_size: int
+    destination_is_zero: bool
+    allocated: bool
+    flush: bool
+    report: Callable[[CopyProgress], None] | None
+
+
 def _is_uri(text: str) -> bool:
     return "://" in text
-
-
-# --- The event loop ---------------------------------------------------------------------------------------
-
-
-class _Connection:
-    """One NBD connection of the copy: a non-blocking socket, its engine, and what is queued to send."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.sock = connection.stream.sock
-        self.sock.setblocking(False)
-        self.tls = isinstance(self.sock, ssl.SSLSocket)
-        self.engine = connection.engine
-        self.export: nbdproto.Export = connection.result.export
-        self.out: list[Any] = []
-        self.callbacks: dict[int, Callable[[Any], None]] = {}
-        self._cookies = itertools.count(1)
-        self.writing = False  # registered for EVENT_WRITE
-
-    def request(self, make: Callable[[int], Any], done: Callable[[Any], None]) -> None:
-        """Queue the request ``make(cookie)``; ``done(reply)`` runs when its reply is in."""
-        cookie = next(self._cookies)
-        self.engine.send(make(cookie))
-        self.out += self.engine.data_to_send()
-        self.callbacks[cookie] = done
-
-    def flush(self) -> None:
-        """Send what the socket takes now; the rest stays queued."""
-        out = self.out
-        try:
-            while out:
-                if self.tls:
-                    sent = self.sock.send(b"".join(out) if len(out) > 1 else out[0])
-                else:
-                    sent = self.sock.sendmsg(out[:1024])
-                del out[: step_past(out, 0, sent)]
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            pass
-
-    def receive(self) -> None:
-        """Take in what has arrived (read data straight into its buffer) and run the callbacks of the replies."""
-        engine, sock = self.engine, self.sock
-        while True:
-            target = engine.read_buffer()
-            try:
-                if target is not None:
-                    count = sock.recv_into(target)
-                    engine.received_into(count)
-                    short = count < len(target)
-                else:
-                    data = sock.recv(RECV_SIZE)
-                    engine.receive_data(data)
-                    short = len(data) < RECV_SIZE
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return
-            while True:
-                event = engine.next_event()
-                if event is nbdproto.NEED_DATA or event is nbdproto.PAUSED:
-                    break
-                if isinstance(event, nbdproto.ConnectionClosed):
-                    raise ConnectionError("the server closed the connection")
-                self.callbacks.pop(event.cookie)(event)  # type: ignore[union-attr]
-            if short and not self.tls:
-                return  # the socket had no more for now; a TLS socket may still hold decrypted bytes
-
-    def close(self) -> None:
-        """Say goodbye (NBD_CMD_DISC) and close, ignoring a server that is already gone."""
-        try:
-            if self.engine.phase is nbdproto.Phase.TRANSMISSION:
-                self.engine.send(nbdproto.DisconnectRequest())
-                self.sock.setblocking(True)
-                self.sock.settimeout(5)
-                self.out += self.engine.data_to_send()
-                self.sock.sendall(b"".join(bytes(piece) for piece in self.out))
-        except (OSError, nbdproto.ProtocolError):
-            pass
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-
-class _Loop:
-    """Waits for any connection to be readable (or writable, while it has bytes queued) and serves it, and runs
-    the completions that file I/O in worker threads hands back (``from_thread``)."""
-
-    def __init__(self) -> None:
-        self.selector = selectors.DefaultSelector()
-        self._completions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        self.selector.register(self._wake_read, selectors.EVENT_READ, None)
-        self.workers: concurrent.futures.ThreadPoolExecutor | None = None
-        self.worker_count = 1
-        """Threads for local file I/O, raised by files on disks: I/O that waits gains from overlapping. Files in
-        memory (tmpfs) want one: their writes serialize on the inode lock anyway, and four threads contending
-        for it measured 7% slower than one on a 1 GiB copy (bench/bench_copy.sh)."""
-
-    def in_thread(self, work: Callable[[], None], done: Done) -> None:
-        """Run blocking ``work`` in a worker thread (the GIL is let go in its system calls, so local file I/O
-        overlaps with the network), then ``done`` back in the loop; an exception from work raises there."""
-        if self.workers is None:
-            import concurrent.futures  # only a copy with a local file needs the pool (and its start-up time)
-
-            self.workers = concurrent.futures.ThreadPoolExecutor(self.worker_count, thread_name_prefix="nbd-copy-file")
-
-        def finished(future: concurrent.futures.Future[None]) -> None:
-            failure = future.exception()
-            self._completions.put(done if failure is None else functools.partial(_reraise, failure))
-            os.write(self._wake_write, b"x")
-
-        self.workers.submit(work).add_done_callback(finished)
-
-    def add(self, connection: _Connection) -> None:
-        self.selector.register(connection.sock, selectors.EVENT_READ, connection)
-
-    def step(self) -> None:
-        for key in list(self.selector.get_map().values()):
-            connection: _Connection | None = key.data
-            if connection is None:
-                continue
-            if connection.out:
-                connection.flush()
-            if bool(connection.out) != connection.writing:
-                connection.writing = bool(connection.out)
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.writing else 0)
-                self.selector.modify(connection.sock, events, connection)
-        for key, mask in self.selector.select():
-            connection = key.data
-            if connection is None:
-                self._run_completions()
-                continue
-            if mask & selectors.EVENT_READ:
-                connection.receive()
-            if mask & selectors.EVENT_WRITE:
-                connection.flush()
-
-    def wait(self, finished: Callable[[], bool]) -> None:
-        while not finished():
-            self.step()
-
-    def _run_completions(self) -> None:
-        try:
-            while os.read(self._wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        while not self._completions.empty():
-            self._completions.get()()
-
-    def close(self) -> None:
-        if self.workers is not None:
-            self.workers.shutdown(wait=True)
-        self.selector.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-
-
-def _reraise(failure: BaseException) -> None:
-    raise failure
-
-
-def _checked(done: Done) -> Callable[[Any], None]:
-    def reply(event: Any) -> None:
-        if isinstance(event, nbdproto.ErrorReply):
-            raise NBDError(int(event.error), event.message or os.strerror(int(event.error)))
-        done()
-
-    return reply
-
-
-# --- The two ends ---------------------------------------------------------------------------------------
-
-
-class _Nbd:
-    """An NBD export through several connections; requests go to the least busy one. A request not aligned to
-    the export's minimum block size (the unaligned tail of the disk) goes to a connection of its own that did
-    not ask for block sizes (see the module docstring)."""
-
-    def __init__(self, uri: str, connections: int, tls: ssl.SSLContext | None, loop: _Loop) -> None:
-        self.loop = loop
-        self.uri, self.tls = uri, tls
-        self.unconstrained: _Connection | None = None
-        self.connections = [_Connection(open_connection(uri, tls=tls))]
-        loop.add(self.connections[0])
-        export = self.connections[0].export
-        # More than one connection only where the server promises they see each other's writes.
-        count = connections if export.flags & nbdproto.TransmissionFlags.CAN_MULTI_CONN else 1
-        for connection in _open_together(uri, tls, count - 1):
-            self.connections.append(_Connection(connection))
-            loop.add(self.connections[-1])
-        self.export = export
-        self.size = export.size
-        self.max_request = min(REQUEST_SIZE, export.maximum_payload)
-        self.minimum_block_size = export.minimum_block_size
-        self.can_zero = bool(export.flags & nbdproto.TransmissionFlags.SEND_WRITE_ZEROES)
-        self.context = next(
-            (i for i, name in self.connections[0].engine.meta_contexts.items() if name == nbdproto.BASE_ALLOCATION),
-            None,
-        )
-        self.sparse_aware = self.context is not None
-        self.fresh = False
-        self._zeroes = memoryview(bytes(self.max_request))
-
-    def _pick(self, offset: int, length: int) -> _Connection:
-        if (offset | length) % self.minimum_block_size:
-            return self._unconstrained()
-        return min(self.connections, key=lambda c: len(c.callbacks))
-
-    def _unconstrained(self) -> _Connection:
-        if self.unconstrained is None:
-            try:
-                connection = open_connection(self.uri, tls=self.tls, meta_contexts=(), block_sizes=False)
-            except nbdproto.NegotiationError as exc:
-                raise nbdproto.NegotiationError(f"{self.uri} would not negotiate without block sizes: {exc}",
-                                                exc.reply_type) from exc  # fmt: skip
-            self.unconstrained = _Connection(connection)
-            self.loop.add(self.unconstrained)
-        return self.unconstrained
-
-    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        if not self.sparse_aware:
-            yield offset, length, False
-            return
-        end = offset + length
-        while offset < end:
-            for extent in self._block_status(offset, min(end - offset, STATUS_SPAN)):
-                size = min(extent.length, end - offset)
-                yield offset, size, bool(extent.status & nbdproto.AllocationState.ZERO)
-                offset += size
-                if offset >= end:
-                    break
-
-    def _block_status(self, offset: int, length: int) -> tuple[nbdproto.Extent, ...]:
-        # Waited for here, while the other requests in flight go on.
-        answer: list[Any] = []
-        self.connections[0].request(lambda c: nbdproto.BlockStatusRequest(c, offset, length), answer.append)
-        self.loop.wait(lambda: bool(answer))
-        (reply,) = answer
-        if isinstance(reply, nbdproto.ErrorReply):
-            raise NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
-        extents: tuple[nbdproto.Extent, ...] = reply.extents[self.context]
-        return extents
-
-    def read(self, buffer: memoryview, offset: int, done: Done) -> None:
-        connection = self._pick(offset, len(buffer))
-        connection.request(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer), _checked(done))
-
-    def write(self, data: memoryview, offset: int, done: Done) -> None:
-        self._pick(offset, len(data)).request(lambda c: nbdproto.WriteRequest(c, offset, data), _checked(done))
-
-    def zero(self, offset: int, length: int, done: Done) -> None:
-        if self.can_zero:
-            connection = self._pick(offset, length)
-            connection.request(lambda c: nbdproto.WriteZeroesRequest(c, offset, length), _checked(done))
-            return
-        # No WRITE_ZEROES: zeroes written as data, the run done when its last write is.
-        pieces = [(at, min(len(self._zeroes), offset + length - at)) for at in range(offset, offset + length,
-                                                                                      len(self._zeroes))]  # fmt: skip
-        left = [len(pieces)]
-
-        def one_done() -> None:
-            left[0] -= 1
-            if not left[0]:
-                done()
-
-        for at, size in pieces:
-            self.write(self._zeroes[:size], at, one_done)
-
-    def finish(self) -> None:
-        if self.export.read_only or not self.export.flags & nbdproto.TransmissionFlags.SEND_FLUSH:
-            return
-        flushed: list[bool] = []
-        self.connections[0].request(lambda c: nbdproto.FlushRequest(c), _checked(lambda: flushed.append(True)))
-        self.loop.wait(lambda: bool(flushed))
-
-    def close(self) -> None:
-        for connection in self.connections:
-            connection.close()
-        if self.unconstrained is not None:
-            self.unconstrained.close()
-
-
-def _open_together(uri: str, tls: ssl.SSLContext | None, count: int) -> list[Connection]:
-    """Open and negotiate ``count`` connections at once (each handshake is a few round trips of waiting)."""
-    opened: list[Connection] = []
-    failures: list[BaseException] = []
-
-    def open_one() -> None:
-        try:
-            opened.append(open_connection(uri, tls=tls))
-        except BaseException as exc:  # handed to the caller below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=open_one, name="nbd-copy-connect") for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for connection in opened:
-            connection.stream.close()
-        raise failures[0]
-    return opened
-
-
-class _File:
-    """A local file (or block device) through FileDevice, its reads and writes made in worker threads."""
-
-    def __init__(self, path: str, loop: _Loop, *, writable: bool, size: int = 0) -> None:
-        self.loop = loop
-        self.fresh = writable and (not os.path.exists(path) or os.path.getsize(path) == 0)
-        if writable and not os.path.exists(path):
-            open(path, "wb").close()
-        if writable and os.path.isfile(path) and os.path.getsize(path) < size:
-            os.truncate(path, size)  # a new or short file grows sparse: its holes already read as zero
-        from nbdproto.devices import FileDevice  # ctypes and all: only when a local file takes part
-
-        self.device: FileDevice = FileDevice(path, read_only=not writable)
-        if not self.device.in_memory:
-            loop.worker_count = 4
-        self.size = self.device.size
-        self.max_request = REQUEST_SIZE
-        self.minimum_block_size = 1
-        self.sparse_aware = True
-
-    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        end = offset + length
-        while offset < end:  # FileDevice.extents may stop short (a bounded number of runs per call)
-            for extent_length, status in self.device.extents(nbdproto.BASE_ALLOCATION, offset, end - offset):
-                size = min(extent_length, end - offset)
-                yield offset, size, bool(status & nbdproto.AllocationState.ZERO)
-                offset += size
-
-    def read(self, buffer: memoryview, offset: int, done: Done) -> None:
-        self.loop.in_thread(lambda: self.device.pread_into(buffer, offset), done)
-
-    def write(self, data: memoryview, offset: int, done: Done) -> None:
-        self.loop.in_thread(lambda: self.device.pwrite(data, offset), done)
-
-    def zero(self, offset: int, length: int, done: Done) -> None:
-        if self.fresh:
-            done()
-            return
-        self.loop.in_thread(lambda: self.device.write_zeroes(offset, length, may_trim=True), done)
-
-    def finish(self) -> None:
-        self.device.flush()
-
-    def close(self) -> None:
-        self.device.close()
-
-
-class _Null:
-    """``null:``: a destination that takes everything and keeps nothing."""
-
-    size = 1 << 63
-    max_request = REQUEST_SIZE
-    minimum_block_size = 1
-
-    def write(self, data: memoryview, offset: int, done: Done) -> None:
-        done()
-
-    def zero(self, offset: int, length: int, done: Done) -> None:
-        done()
-
-    def finish(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # --- The copy -------------------------------------------------------------------------------------------
@@ -508,69 +142,116 @@ def copy(
     requests: int = 2,
     tls: ssl.SSLContext | None = None,
     progress: Callable[[CopyProgress], None] | None = None,
+    request_size: int = REQUEST_SIZE,
+    destination_is_zero: bool = False,
+    allocated: bool = False,
+    flush: bool = False,
 ) -> CopyProgress:
-    """Copy SRC to DST (NBD URIs or local paths; DST may be ``null:``) and say how it went.
+    """Copy SRC to DST (NBD URIs, local paths or ``-``; DST may be ``null:``) and say how it went.
 
     ``connections`` connections at each NBD end (one where the server does not promise multi-conn), each with
-    ``requests`` requests in flight. ``progress`` is called with the running totals after each piece. Raises
-    CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
+    ``requests`` requests in flight, each of at most ``request_size`` bytes. ``progress`` is called with the
+    running totals after each piece. ``destination_is_zero``, ``allocated`` and ``flush``: as the module
+    docstring says. Raises CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
     """
-    loop = _Loop()
-    source: _Nbd | _File | None = None
-    target: _Nbd | _File | _Null | None = None
+    if request_size < 1:
+        raise ValueError(f"request size {request_size} must be positive")
+    options = _Options(max(1, connections * requests), request_size, destination_is_zero, allocated, flush, progress)
+    loop = CopyLoop()
+    source: NbdEnd | FileEnd | None = None
+    target: NbdEnd | FileEnd | NullEnd | StreamTarget | None = None
+    opened: int | None = None
     try:
-        source = _Nbd(src, connections, tls, loop) if _is_uri(src) else _File(src, loop, writable=False)
+        if src != STREAM:
+            source = NbdEnd(src, connections, tls, loop) if _is_uri(src) else FileEnd(src, loop, writable=False)
         if dst == "null:":
-            target = _Null()
+            target = NullEnd()
         elif _is_uri(dst):
-            target = _Nbd(dst, connections, tls, loop)
+            target = NbdEnd(dst, connections, tls, loop)
+        elif dst == STREAM:
+            target = StreamTarget(sys.stdout.fileno(), loop)
+        elif source is None:
+            opened = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            target = StreamTarget(opened, loop)
         else:
-            target = _File(dst, loop, writable=True, size=source.size)
+            target = FileEnd(dst, loop, writable=True, size=source.size)
+        if source is None:
+            return _run_stream(sys.stdin.fileno(), target, loop, options)
         if target.size < source.size:
             raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
         block = max(source.minimum_block_size, target.minimum_block_size)  # powers of two: the larger is their LCM
-        return _run(source, target, loop, max(1, connections * requests), progress, block)
+        return _run(source, target, loop, options, block)
     finally:
         for end in (source, target):
             if end is not None:
                 end.close()
+        if opened is not None:
+            os.close(opened)
         loop.close()
 
 
-def _run(
-    source: CopySource,
-    target: CopyTarget,
-    loop: _Loop,
-    slots: int,
-    report: Callable[[CopyProgress], None] | None,
-    block: int = 1,
-) -> CopyProgress:
-    largest = min(source.max_request, target.max_request)
+def _step(largest: int, block: int, options: _Options) -> int:
+    largest = min(largest, options.request_size)
     step = largest - largest % block
     if not step:
-        raise ValueError(f"no request size suits both ends: one takes at most {largest} bytes a request, the "
-                         f"other needs multiples of {block}")  # fmt: skip
-    aligned = source.size - source.size % block
-    free = [memoryview(bytearray(step)) for _ in range(slots)]
-    progress = CopyProgress(source.size)
+        raise ValueError(f"no request size suits both ends: at most {largest} bytes a request, in multiples of "
+                         f"{block}")  # fmt: skip
+    return step
 
-    def finished(length: int, buffer: memoryview | None) -> None:
+
+class _Pieces:
+    """The bookkeeping of pieces in flight: buffers, progress, and how a zero run goes to the target."""
+
+    def __init__(self, target: CopyTarget, step: int, total: int, options: _Options) -> None:
+        self.target = target
+        self.options = options
+        self.free = [memoryview(bytearray(step)) for _ in range(options.slots)]
+        self.zeroes = memoryview(bytes(step)) if options.allocated else None
+        self.progress = CopyProgress(total)
+
+    def finished(self, length: int, buffer: memoryview | None, data: bool) -> None:
+        progress = self.progress
         progress.in_flight -= 1
         if buffer is not None:
-            free.append(buffer)
+            self.free.append(buffer)
+        if data:
             progress.data += length
         progress.copied += length
-        if report is not None:
-            report(progress)
+        if self.options.report is not None:
+            self.options.report(progress)
+
+    def zero(self, offset: int, length: int) -> None:
+        """A zero run: skipped on a destination known to be zero, written as data when ``allocated``, else
+        the target's zero (WRITE_ZEROES, a hole)."""
+        progress = self.progress
+        if self.zeroes is not None:
+            step = len(self.zeroes)
+            for at in range(offset, offset + length, step):
+                size = min(step, offset + length - at)
+                progress.in_flight += 1
+                self.target.write(self.zeroes[:size], at, lambda size=size: self.finished(size, None, True))  # type: ignore[misc]
+            return
+        progress.in_flight += 1
+        if self.options.destination_is_zero:
+            self.finished(length, None, False)
+            return
+        self.target.zero(offset, length, lambda: self.finished(length, None, False))
+
+
+def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Options, block: int = 1) -> CopyProgress:
+    step = _step(min(source.max_request, target.max_request), block, options)
+    aligned = source.size - source.size % block
+    book = _Pieces(target, step, source.size, options)
+    progress = book.progress
 
     def start(offset: int, length: int, zero: bool) -> None:
-        progress.in_flight += 1
         if zero:
-            target.zero(offset, length, lambda: finished(length, None))
+            book.zero(offset, length)
             return
-        buffer = free.pop()
+        progress.in_flight += 1
+        buffer = book.free.pop()
         view = buffer[:length]
-        source.read(view, offset, lambda: target.write(view, offset, lambda: finished(length, buffer)))
+        source.read(view, offset, lambda: target.write(view, offset, lambda: book.finished(length, buffer, True)))
 
     try:
         if aligned < source.size:  # first, so that a tail no server lets us reach stops the copy before it starts
@@ -583,11 +264,58 @@ def _run(
                 raise CopyFailed(unreachable, 0, source.size) from unreachable
         # Each piece in flight holds at most one buffer, so a free slot always has a free buffer.
         for piece in pieces(source.runs, aligned, step, block):
-            while progress.in_flight >= slots:
+            while progress.in_flight >= options.slots:
                 loop.step()
             start(*piece)
         loop.wait(lambda: not progress.in_flight)
-        target.finish()
+        target.finish(options.flush)
     except (NBDError, OSError, nbdproto.ProtocolError) as exc:
         raise CopyFailed(exc, progress.copied, source.size) from exc
     return progress
+
+
+def _run_stream(fd: int, target: CopyTarget, loop: CopyLoop, options: _Options) -> CopyProgress:
+    """Copy what ``fd`` (standard input) holds to ``target`` in order, chunk by chunk, until end of file."""
+    step = _step(target.max_request, target.minimum_block_size, options)
+    book = _Pieces(target, step, 0 if isinstance(target, StreamTarget) else target.size, options)
+    progress = book.progress
+    offset = 0
+    try:
+        while True:
+            while not book.free:
+                loop.step()
+            buffer = book.free.pop()
+            count = read_in_thread(loop, fd, buffer)
+            if offset + count > target.size:
+                raise ValueError(f"standard input holds more than the {target.size} bytes of the destination")
+            _send_chunk(book, buffer, offset, count)
+            offset += count
+            if count < step:
+                break
+        loop.wait(lambda: not progress.in_flight)
+        progress.total = offset
+        target.finish(options.flush)
+    except (NBDError, OSError, nbdproto.ProtocolError) as exc:
+        raise CopyFailed(exc, progress.copied, progress.total) from exc
+    return progress
+
+
+def _send_chunk(book: _Pieces, buffer: memoryview, offset: int, count: int) -> None:
+    """Send one chunk of a stream: its data runs as writes, its all-zero runs as zero runs. The buffer is
+    free again once every write from it is done."""
+    runs = list(zero_runs(buffer[:count]))
+    writes = sum(1 for _, _, zero in runs if not zero)
+    if not writes:
+        book.free.append(buffer)
+    left = [writes]
+
+    def one_done(length: int) -> None:
+        left[0] -= 1
+        book.finished(length, buffer if not left[0] else None, True)
+
+    for start, end, zero in runs:
+        if zero:
+            book.zero(offset + start, end - start)
+            continue
+        book.progress.in_flight += 1
+        book.target.write(buffer[start:end], offset + start, lambda length=end - start: one_done(length))  # type: ignore[misc]
