@@ -5,7 +5,7 @@ socket, the seed's negotiate-then-serve contract). Client side: ``connect`` and 
 share one), ``list_exports``, ``inquire``, ``export_info`` and ``list_meta_contexts`` (questions asked in opt
 mode, without selecting an export), ``open_connection`` for callers that drive the engine themselves, and
 ``copy``: disks copied between NBD exports and files by one thread driving every connection's engine over
-non-blocking sockets.
+non-blocking sockets; ``mount_export``: an export as a file in a FUSE mount (the ``fuse`` extra).
 The devices both servers serve live in ``nbdproto.devices``.
 
 The names are loaded on first use (PEP 562): a client (``nbdproto copy``, ``nbdproto info``) should not pay for
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         open_connection,
     )
     from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
+    from ._fuse import mount_export
     from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
 
 _WHERE = {
@@ -48,6 +49,7 @@ _WHERE = {
     "UnreachableTail": "._copy",
     "CopyProgress": "._copy",
     "copy": "._copy",
+    "mount_export": "._fuse",
     "DEFAULT_WORKERS": "._server",
     "Server": "._server",
     "ServerSession": "._server",
@@ -69,6 +71,7 @@ __all__ = [
     "UnreachableTail",
     "CopyProgress",
     "copy",
+    "mount_export",
     "DEFAULT_WORKERS",
     "Server",
     "ServerSession",

@@ -169,6 +169,15 @@ class Client(ClientRequests[Blocking]):
 
     # --- Closing --------------------------------------------------------------------------------------------
 
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the connection has ended (the server closed it, it broke, or ``close()``); whether it has,
+        within ``timeout`` seconds. Requests made after it raise ConnectionError."""
+        reader = getattr(self, "_reader", None)
+        if reader is None:
+            return True
+        reader.join(timeout)
+        return not reader.is_alive()
+
     def close(self) -> None:
         """Disconnect politely (NBD_CMD_DISC once replies are in) and close the socket."""
         if self._closed:
