@@ -13,13 +13,13 @@ from ._client import AsyncClient, connect, export_info, inquire, list_exports, l
 from ._server import Server, ServerSession, listen
 
 __all__ = [
-    "AsyncClient",
-    "connect",
-    "list_exports",
-    "inquire",
-    "export_info",
-    "list_meta_contexts",
     "Server",
     "ServerSession",
     "listen",
+    "AsyncClient",
+    "connect",
+    "inquire",
+    "export_info",
+    "list_meta_contexts",
+    "list_exports",
 ]

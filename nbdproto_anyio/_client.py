@@ -190,14 +190,9 @@ async def list_exports(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> 
     return list(client.listing.exports)
 
 
-async def inquire(
-    uri: str,
-    *,
-    list_exports: bool = False,
-    info: bool = True,
-    list_meta_contexts: Sequence[str] | None = (),
-    **options: Unpack[nbdproto.ConnectOptions],
-) -> nbdproto.Inquiry:
+async def inquire(uri: str, *, list_exports: bool = False, info: bool = True,
+                  list_meta_contexts: Sequence[str] | None = (), **options: Unpack[nbdproto.ConnectOptions]
+                  ) -> nbdproto.Inquiry:  # fmt: skip
     """Ask a server about exports without selecting one (opt mode): as nbdproto_threads.inquire."""
     client = await _negotiated(uri, options, go=False, list_exports=list_exports, info=info,
                                list_meta_contexts=list_meta_contexts)  # fmt: skip
