@@ -17,7 +17,7 @@ from ._errors import __all__ as _errors_all
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
 from ._lazynames import lazy_names
-from ._negotiation import ClientNegotiation, NegotiationError, plan_connection
+from ._negotiation import ClientNegotiation, ExportDetails, Inquiry, NegotiationError, plan_connection
 from ._sending import step_past
 from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
@@ -116,6 +116,8 @@ __all__ = [
     "ClientConnection",
     "ClientNegotiation",
     "NegotiationError",
+    "ExportDetails",
+    "Inquiry",
     "plan_connection",
     "DeviceCapabilities",
     "ExportSpec",

@@ -87,13 +87,15 @@ class ClientConnection(ClientTransmission):
     """The client side of one NBD connection.
 
     ``no_zeroes``: accept the server's offer to drop the 124 zero bytes after NBD_OPT_EXPORT_NAME's reply.
+    ``strict``: hold requests to everything the server stated (``strict`` attribute, in ClientTransmission).
     ``send`` raises LocalProtocolError when our side breaks a rule: during the handshake that ends the
     connection (phase ERROR); a request refused in transmission is simply not sent. RemoteProtocolError, when
     the server breaks a rule, always ends it.
     """
 
-    def __init__(self, *, no_zeroes: bool = True) -> None:
+    def __init__(self, *, no_zeroes: bool = True, strict: bool = False) -> None:
         super().__init__()
+        self.strict = strict
         self._want_no_zeroes = no_zeroes
         self._buf = ReceiveBuffer()
         self._out: list[Payload] = []

@@ -47,7 +47,7 @@ from ._events import (
     WriteRequest,
     WriteZeroesRequest,
 )
-from ._negotiation import ClientNegotiation
+from ._negotiation import ClientNegotiation, Inquiry
 from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase
 
 if TYPE_CHECKING:
@@ -64,8 +64,11 @@ class ConnectOptions(TypedDict, total=False):
     takes them: where to connect without a URI (``host``, ``port``, ``socket_path``, ``export_name``), TLS
     (``tls``: the client ``ssl.SSLContext``; ``tls_psk``: (identity, key) to authenticate with a pre-shared key
     instead, Python 3.13+; ``require_tls``: refuse a server that does not upgrade, the default for nbds URIs and
-    with a key), what to negotiate (``structured_replies``, ``extended_headers``,
-    ``meta_contexts``, ``block_sizes``: ask for the server's block-size constraints, and so be bound by them),
+    with a key), what to negotiate (``structured_replies``, ``extended_headers``, ``meta_contexts``,
+    ``discover_meta_contexts``: first ask for every context the export offers, kept in the client's
+    ``available_meta_contexts``; ``block_sizes``: ask for the server's block-size constraints, and so be bound by
+    them), ``strict``: refuse, before sending, any request the server said it cannot serve
+    (ClientRequests.strict),
     and ``timeout``: seconds any single wait may take, the connect and handshake included
     and each request after it (None: no limit)."""
 
@@ -79,7 +82,9 @@ class ConnectOptions(TypedDict, total=False):
     structured_replies: bool
     extended_headers: bool
     meta_contexts: Sequence[str]
+    discover_meta_contexts: bool
     block_sizes: bool
+    strict: bool
     timeout: float | None
 
 
@@ -122,8 +127,9 @@ class ClientSessionLogic:
         self.engine.send(self.plan.tls_done())
 
     @property
-    def result(self) -> HandshakeComplete | ExportList | None:
-        """How the handshake ended: HandshakeComplete (transmission), or the ExportList of a listing."""
+    def result(self) -> HandshakeComplete | ExportList | Inquiry | None:
+        """How the handshake ended: HandshakeComplete (transmission), the ExportList of a listing, or the
+        Inquiry of an opt-mode handshake."""
         return self.plan.result
 
     # --- Transmission ---------------------------------------------------------------------------------------
@@ -247,6 +253,30 @@ class ClientRequests(Generic[M]):
         """The meta contexts agreed for block status: id -> name."""
         return self.logic.engine.meta_contexts
 
+    @property
+    def available_meta_contexts(self) -> tuple[str, ...] | None:
+        """Every meta context the server offered for this export, asked before selecting (the
+        ``discover_meta_contexts`` connect option, NBD_OPT_LIST_META_CONTEXT); None when not asked or refused."""
+        return self.logic.plan.available_meta_contexts
+
+    @property
+    def strict(self) -> bool:
+        """Strict mode: every request is checked against all the server stated before it is sent, and refused
+        with LocalProtocolError (nothing sent, the connection unharmed), ``error_code`` the errno a server
+        would answer. Always refused, strict or not: a command the server did not advertise (EINVAL: "TRIM
+        was not advertised"), a write on a read-only export (EPERM), a command flag it did not advertise
+        (FUA, FAST_ZERO, DF: EINVAL "... was not advertised"), flags a command does not take, an empty range or
+        one past the end (EINVAL, ENOSPC for writes), a read over the maximum payload (EOVERFLOW), block
+        status without a meta context. Refused only when strict: a range not aligned to the server's minimum
+        block size although the client did not ask for block sizes (EINVAL "not aligned"), and a write over
+        the maximum payload (EINVAL "exceeds the maximum payload"). Off by default; the ``strict``
+        connect option sets it, and it may be switched at any time."""
+        return self.logic.engine.strict
+
+    @strict.setter
+    def strict(self, on: bool) -> None:
+        self.logic.engine.strict = on
+
     def can(self, flag: TransmissionFlags) -> bool:
         """Whether the server advertised ``flag`` (e.g. ``TransmissionFlags.SEND_TRIM``)."""
         return bool(self.export.flags & flag)
@@ -338,6 +368,10 @@ class ClientRequests(Generic[M]):
 
     @overload
     def block_status(
+        self: ClientRequests[Blocking], length: int, offset: int, *, context: str, req_one: bool = False
+    ) -> tuple[Extent, ...]: ...
+    @overload
+    def block_status(
         self: ClientRequests[Blocking],
         length: int,
         offset: int,
@@ -345,6 +379,10 @@ class ClientRequests(Generic[M]):
         contexts: Sequence[str] | None = None,
         req_one: bool = False,
     ) -> dict[str, tuple[Extent, ...]]: ...
+    @overload
+    def block_status(
+        self: ClientRequests[Awaiting], length: int, offset: int, *, context: str, req_one: bool = False
+    ) -> Awaitable[tuple[Extent, ...]]: ...
     @overload
     def block_status(
         self: ClientRequests[Awaiting],
@@ -355,15 +393,33 @@ class ClientRequests(Generic[M]):
         req_one: bool = False,
     ) -> Awaitable[dict[str, tuple[Extent, ...]]]: ...
     def block_status(
-        self, length: int, offset: int, *, contexts: Sequence[str] | None = None, req_one: bool = False
+        self,
+        length: int,
+        offset: int,
+        *,
+        context: str | None = None,
+        contexts: Sequence[str] | None = None,
+        req_one: bool = False,
     ) -> Any:
-        """Extents from ``offset``, by meta context name (every agreed context unless ``contexts`` says)."""
+        """Extents from ``offset``: of the one meta context ``context`` (a tuple), or by context name (every
+        agreed context unless ``contexts`` names some). A context that was not agreed raises
+        LocalProtocolError. Where the server cannot be asked for some contexts only, it is asked for all and
+        the others are dropped."""
         names = dict(self.meta_contexts)
-        wanted = () if contexts is None else tuple(i for i, name in names.items() if name in contexts)
+        asked = contexts if context is None else (context,)
+        if asked is not None:
+            unknown = [name for name in asked if name not in names.values()]
+            if unknown:
+                agreed = sorted(names.values())
+                raise LocalProtocolError(f"meta context {unknown[0]!r} was not negotiated (agreed: {agreed})")
+        chosen = tuple(i for i, name in names.items() if asked is None or name in asked)
+        wanted = chosen if self.logic.engine.can_choose_contexts and asked is not None else ()
         flags = _flags(REQ_ONE=req_one)
 
-        def by_name(reply: Event) -> dict[str, tuple[Extent, ...]]:
+        def by_name(reply: Event) -> Any:
             status: BlockStatusReply = reply  # type: ignore[assignment]
-            return {names[i]: extents for i, extents in status.extents.items()}
+            if context is not None:
+                return next(extents for i, extents in status.extents.items() if names[i] == context)
+            return {names[i]: extents for i, extents in status.extents.items() if i in chosen}
 
         return self._call(lambda cookie: BlockStatusRequest(cookie, offset, length, flags, wanted), by_name)

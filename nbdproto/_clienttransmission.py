@@ -90,6 +90,11 @@ class ClientTransmission:
 
     def __init__(self) -> None:
         self.export: Export | None = None
+        self.strict = False
+        """Hold every request to what the server stated, whether or not the client asked for it: ranges
+        aligned to the minimum block size it sent even when NBD_INFO_BLOCK_SIZE was not requested (otherwise
+        only a client that asked is bound: spec "Size constraints"), and write payloads within its maximum
+        payload (otherwise only reads are). May be switched at any time; see ``_send_request``."""
         self._alignment = 1
         self._pending: dict[int, _Pending] = {}
         self._disconnected = False
@@ -200,6 +205,7 @@ class ClientTransmission:
             offset, length = request.size, 0  # type: ignore[union-attr]  # RESIZE: the new size, in offset
         else:
             offset, length = getattr(request, "offset", 0), getattr(request, "length", 0)
+        strict = self.strict
         refusal = request_error(
             rule,
             flags,
@@ -207,13 +213,15 @@ class ClientTransmission:
             length,
             export_flags=export.flags,
             size=export.size,
-            alignment=self._alignment,
+            alignment=export.minimum_block_size if strict else self._alignment,
             max_payload=export.maximum_payload,
             has_contexts=bool(self._meta_contexts),
             structured=self.structured_replies,
+            write_limit=strict,
         )
         if refusal is not None:
-            raise LocalProtocolError(refusal[1])
+            # error_code: what a server would answer the request with (EINVAL, EPERM, ENOSPC, EOVERFLOW).
+            raise LocalProtocolError(refusal[1], refusal[0])
         if not self.extended_headers and length > 0xFFFFFFFF:
             raise LocalProtocolError(f"length {length} needs extended headers")
         pending = _Pending(request, rule.command, offset, length, flags)
@@ -239,6 +247,15 @@ class ClientTransmission:
             return
         self._queue_header(rule.command, flags, cookie, offset, length)
 
+    @property
+    def can_choose_contexts(self) -> bool:
+        """Whether a block status request may ask for some of the agreed meta contexts rather than all of them
+        (extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD)."""
+        export = self.export
+        return (
+            export is not None and self.extended_headers and bool(export.flags & TransmissionFlags.BLOCK_STATUS_PAYLOAD)
+        )
+
     def _context_filter(self, status: BlockStatusRequest) -> bytes | None:
         """The payload that chooses some of the agreed meta contexts for a block status request, or None when
         it asks for all of them (the compact form)."""
@@ -247,8 +264,7 @@ class ClientTransmission:
             raise LocalProtocolError(f"context ids {list(ids)} are repeated or were not agreed")
         if not ids or set(ids) == set(self._meta_contexts):
             return None
-        assert self.export is not None
-        if not (self.extended_headers and self.export.flags & TransmissionFlags.BLOCK_STATUS_PAYLOAD):
+        if not self.can_choose_contexts:
             raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
         return _wire.encode(_wire.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
 

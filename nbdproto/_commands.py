@@ -114,11 +114,14 @@ def request_error(
     max_payload: int,
     has_contexts: bool,
     structured: bool,
+    write_limit: bool = False,
 ) -> tuple[Errno, str] | None:
     """Why a request may not be made, as (the error a server answers, what was wrong), or None if it may.
 
     ``flags`` without PAYLOAD_LEN; ``alignment`` is the minimum block size that binds the request (1 where
-    none does); ``has_contexts``: a meta context was agreed (block status needs one).
+    none does); ``has_contexts``: a meta context was agreed (block status needs one); ``write_limit``: a
+    write's payload is held to ``max_payload`` as a read's is (a strict client's rule: spec "Size
+    constraints" says a client MUST NOT send more, a server MAY still take it).
     """
     name = rule.command.name
     if flags & ~allowed_flags(rule, export_flags):
@@ -144,4 +147,6 @@ def request_error(
         if rule.command is Command.READ and length > max_payload:
             error = Errno.EOVERFLOW if structured else Errno.EINVAL
             return error, f"read of {length} bytes exceeds the maximum payload {max_payload}"
+        if write_limit and rule.command is Command.WRITE and length > max_payload:
+            return Errno.EINVAL, f"write of {length} bytes exceeds the maximum payload {max_payload}"
     return None

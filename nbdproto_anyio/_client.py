@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -33,7 +33,7 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Unpack
 
-__all__ = ["AsyncClient", "connect", "list_exports"]
+__all__ = ["AsyncClient", "connect", "list_exports", "inquire", "export_info", "list_meta_contexts"]
 
 
 class AsyncClient(ClientRequests[Awaiting]):
@@ -157,8 +157,8 @@ class AsyncClient(ClientRequests[Awaiting]):
         await self.aclose()
 
 
-async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list_exports: bool = False) -> AsyncClient:
-    target, plan = nbdproto.plan_connection(uri, options, list_exports=list_exports)
+async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> AsyncClient:
+    target, plan = nbdproto.plan_connection(uri, options, **asked)
     tls = options.get("tls")
     if plan.tls and tls is None:
         tls = client_context(target, psk=options.get("tls_psk"))  # the URI's TLS settings (nbdproto.tls)
@@ -171,6 +171,7 @@ async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list
         except BaseException:
             await client._abort()
             raise
+    client.strict = options.get("strict", False)
     return client
 
 
@@ -188,3 +189,28 @@ async def list_exports(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> 
         await close_stream(client.stream)  # after NBD_OPT_ABORT: close_notify, as the spec asks
     assert client.listing is not None
     return list(client.listing.exports)
+
+
+async def inquire(uri: str, *, list_exports: bool = False, info: bool = True,
+                  list_meta_contexts: Sequence[str] | None = (), **options: Unpack[nbdproto.ConnectOptions]
+                  ) -> nbdproto.Inquiry:  # fmt: skip
+    """Ask a server about exports without selecting one (opt mode): as nbdproto_threads.inquire."""
+    client = await _negotiated(uri, options, go=False, list_exports=list_exports, info=info,
+                               list_meta_contexts=list_meta_contexts)  # fmt: skip
+    await client._abort()
+    inquiry = client.logic.result
+    assert isinstance(inquiry, nbdproto.Inquiry)
+    return inquiry
+
+
+async def export_info(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> nbdproto.ExportDetails:
+    """The URI's export as NBD_OPT_INFO and NBD_OPT_LIST_META_CONTEXT describe it, without selecting it."""
+    return (await inquire(uri, **options)).exports[0].checked()
+
+
+async def list_meta_contexts(
+    uri: str, queries: Sequence[str] = (), **options: Unpack[nbdproto.ConnectOptions]
+) -> list[str]:
+    """The meta contexts the server offers for the URI's export (NBD_OPT_LIST_META_CONTEXT), unselected."""
+    inquiry = await inquire(uri, info=False, list_meta_contexts=queries, **options)
+    return list(inquiry.exports[0].checked().meta_contexts or ())

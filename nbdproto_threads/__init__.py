@@ -2,8 +2,10 @@
 
 Server side: ``Server`` (many connections, a thread each), ``ServerSession`` / ``negotiate`` (one accepted
 socket, the seed's negotiate-then-serve contract). Client side: ``connect`` and ``Client`` (many threads may
-share one), ``open_connection`` for callers that drive the engine themselves, and ``copy``: disks copied
-between NBD exports and files by one thread driving every connection's engine over non-blocking sockets.
+share one), ``list_exports``, ``inquire``, ``export_info`` and ``list_meta_contexts`` (questions asked in opt
+mode, without selecting an export), ``open_connection`` for callers that drive the engine themselves, and
+``copy``: disks copied between NBD exports and files by one thread driving every connection's engine over
+non-blocking sockets; ``mount_export``: an export as a file in a FUSE mount (the ``fuse`` extra).
 The devices both servers serve live in ``nbdproto.devices``.
 
 The names are loaded on first use (PEP 562): a client (``nbdproto copy``, ``nbdproto info``) should not pay for
@@ -17,14 +19,28 @@ from typing import TYPE_CHECKING
 from nbdproto import lazy_names
 
 if TYPE_CHECKING:
-    from ._client import Client, Connection, connect, list_exports, negotiate_client, open_connection
+    from ._client import (
+        Client,
+        Connection,
+        connect,
+        export_info,
+        inquire,
+        list_exports,
+        list_meta_contexts,
+        negotiate_client,
+        open_connection,
+    )
     from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
+    from ._fuse import mount_export
     from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
 
 _WHERE = {
     "Client": "._client",
     "connect": "._client",
     "list_exports": "._client",
+    "inquire": "._client",
+    "export_info": "._client",
+    "list_meta_contexts": "._client",
     "Connection": "._client",
     "open_connection": "._client",
     "negotiate_client": "._client",
@@ -33,6 +49,7 @@ _WHERE = {
     "UnreachableTail": "._copy",
     "CopyProgress": "._copy",
     "copy": "._copy",
+    "mount_export": "._fuse",
     "DEFAULT_WORKERS": "._server",
     "Server": "._server",
     "ServerSession": "._server",
@@ -43,6 +60,9 @@ __all__ = [
     "Client",
     "connect",
     "list_exports",
+    "inquire",
+    "export_info",
+    "list_meta_contexts",
     "Connection",
     "open_connection",
     "negotiate_client",
@@ -51,6 +71,7 @@ __all__ = [
     "UnreachableTail",
     "CopyProgress",
     "copy",
+    "mount_export",
     "DEFAULT_WORKERS",
     "Server",
     "ServerSession",

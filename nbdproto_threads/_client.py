@@ -16,7 +16,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import nbdproto
@@ -30,7 +30,17 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Unpack
 
-__all__ = ["Client", "Connection", "connect", "list_exports", "negotiate_client", "open_connection"]
+__all__ = [
+    "Client",
+    "Connection",
+    "connect",
+    "list_exports",
+    "inquire",
+    "export_info",
+    "list_meta_contexts",
+    "negotiate_client",
+    "open_connection",
+]
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -159,6 +169,15 @@ class Client(ClientRequests[Blocking]):
 
     # --- Closing --------------------------------------------------------------------------------------------
 
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the connection has ended (the server closed it, it broke, or ``close()``); whether it has,
+        within ``timeout`` seconds. Requests made after it raise ConnectionError."""
+        reader = getattr(self, "_reader", None)
+        if reader is None:
+            return True
+        reader.join(timeout)
+        return not reader.is_alive()
+
     def close(self) -> None:
         """Disconnect politely (NBD_CMD_DISC once replies are in) and close the socket."""
         if self._closed:
@@ -203,13 +222,15 @@ def open_connection(uri: str | None = None, **options: Unpack[nbdproto.ConnectOp
     return _negotiated(uri, options)
 
 
-def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list_exports: bool = False) -> Connection:
-    target, plan = nbdproto.plan_connection(uri, options, list_exports=list_exports)
+def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> Connection:
+    target, plan = nbdproto.plan_connection(uri, options, **asked)
     tls = options.get("tls")
     if plan.tls and tls is None:
         tls = client_context(target, psk=options.get("tls_psk"))  # the URI's TLS settings (nbdproto.tls)
     sock = _open(target, options.get("timeout", DEFAULT_TIMEOUT))
-    return negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
+    connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
+    connection.engine.strict = options.get("strict", False)
+    return connection
 
 
 def connect(uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]) -> Client:
@@ -227,3 +248,35 @@ def list_exports(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> list[n
     listing = connection.result
     assert isinstance(listing, nbdproto.ExportList)
     return list(listing.exports)
+
+
+def inquire(
+    uri: str,
+    *,
+    list_exports: bool = False,
+    info: bool = True,
+    list_meta_contexts: Sequence[str] | None = (),
+    **options: Unpack[nbdproto.ConnectOptions],
+) -> nbdproto.Inquiry:
+    """Ask a server about exports without selecting one (opt mode, nbdproto.ClientNegotiation): the URI's
+    export, or every export it lists (``list_exports``); for each NBD_OPT_INFO (``info``) and the meta contexts
+    ``list_meta_contexts`` asks for (its queries; empty for all; None for none)."""
+    asked = {"list_exports": list_exports, "info": info, "list_meta_contexts": list_meta_contexts}
+    connection = _negotiated(uri, options, go=False, **asked)
+    connection.stream.close()
+    inquiry = connection.result
+    assert isinstance(inquiry, nbdproto.Inquiry)
+    return inquiry
+
+
+def export_info(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> nbdproto.ExportDetails:
+    """The URI's export as NBD_OPT_INFO and NBD_OPT_LIST_META_CONTEXT describe it, without selecting it;
+    NegotiationError when the server refuses either."""
+    return inquire(uri, **options).exports[0].checked()
+
+
+def list_meta_contexts(uri: str, queries: Sequence[str] = (), **options: Unpack[nbdproto.ConnectOptions]) -> list[str]:
+    """The meta contexts the server offers for the URI's export (NBD_OPT_LIST_META_CONTEXT; ``queries`` as
+    the spec defines them, none for all), without selecting it."""
+    details = inquire(uri, info=False, list_meta_contexts=queries, **options).exports[0].checked()
+    return list(details.meta_contexts or ())

@@ -1,9 +1,14 @@
 """Copy a disk between NBD exports and local files, the holes left as holes (``nbdproto copy`` SRC DST).
 
-SRC and DST are NBD URIs or local paths (DST may also be ``null:``, which discards, for measuring). The source's
-allocation (block status ``base:allocation`` for NBD, SEEK_DATA/SEEK_HOLE for files) splits the disk into data
-and zero runs: data is read and written; zero runs are never sent as data, but become WRITE_ZEROES (which may
-punch holes) on an NBD target, holes in a new file, or punched holes in an existing one.
+SRC and DST are NBD URIs or local paths; DST may also be ``null:``, which discards (for measuring), and either
+may be ``-``: standard input or output, streamed in order (``_copystreams``). The source's allocation (block
+status ``base:allocation`` for NBD, SEEK_DATA/SEEK_HOLE for files, all-zero chunks of a stream) splits the
+disk into data and zero runs: data is read and written; zero runs are never sent as data, but become
+WRITE_ZEROES (which may punch holes) on an NBD target, holes in a new file, or punched holes in an existing
+one. As in nbdcopy, ``destination_is_zero`` skips them altogether (the target is known to read as zeros: a
+new image, a fresh export), and ``allocated`` writes them as data instead (targets that must end up fully
+allocated); ``flush`` makes what was written durable at the end (NBD_CMD_FLUSH, fdatasync), which is
+otherwise left to the target.
 
 Every request is aligned to the larger of the two ends' minimum block sizes (spec: "Size constraints"): a
 zero run that starts or ends inside a block gives the partial blocks to the data around it. When the disk's
@@ -26,25 +31,23 @@ from __future__ import annotations
 
 import os
 import ssl
-import threading
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import nbdproto
 from nbdproto import NBDError
 
-from ._client import Connection, open_connection
-from ._copyloop import CopyConnection, CopyLoop, Done, checked
-from ._copyruns import STATUS_SPAN, UnreachableTail, pieces
-
-if TYPE_CHECKING:
-    from nbdproto.devices import FileDevice
+from ._copyends import FileEnd, NbdEnd, NullEnd
+from ._copyloop import REQUEST_SIZE, CopyLoop, Done
+from ._copyruns import UnreachableTail, pieces
+from ._copystreams import StreamTarget, read_in_thread, zero_runs
 
 __all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", "UnreachableTail", "copy"]
 
-REQUEST_SIZE = 1 << 20
-"""Bytes per request: large enough that Python's per-request cost vanishes, within every server's limit."""
+STREAM = "-"
+"""The name of standard input (as SRC) or standard output (as DST)."""
 
 
 class CopyEnd(Protocol):
@@ -80,15 +83,16 @@ class CopyTarget(CopyEnd, Protocol):
 
     def zero(self, offset: int, length: int, done: Done) -> None: ...
 
-    def finish(self) -> None:
-        """Make what was written durable (an NBD flush, fdatasync of a file)."""
+    def finish(self, flush: bool = False) -> None:
+        """The copy is complete; with ``flush``, make it durable (an NBD flush, fdatasync of a file)."""
         ...
 
 
 @dataclass(slots=True)
 class CopyProgress:
     """How far a copy got: ``copied`` of ``total`` bytes are done (data and zero runs), ``data`` of them were
-    written as data. Handed to the ``progress`` callback after each piece completes, and returned at the end."""
+    written as data. Handed to the ``progress`` callback after each piece completes, and returned at the end.
+    ``total`` is 0 while a streamed source's size is unknown (it is set once the stream ends)."""
 
     total: int
     copied: int = 0
@@ -97,8 +101,10 @@ class CopyProgress:
 
     @property
     def fraction(self) -> float:
-        """Done so far, from 0.0 to 1.0 (1.0 for an empty disk)."""
-        return self.copied / self.total if self.total else 1.0
+        """Done so far, from 0.0 to 1.0 (1.0 for an empty disk; 0.0 while a stream's size is unknown)."""
+        if not self.total:
+            return 1.0 if self.copied == 0 and not self.in_flight else 0.0
+        return self.copied / self.total
 
 
 class CopyFailed(Exception):
@@ -111,212 +117,18 @@ class CopyFailed(Exception):
         self.total = total
 
 
+@dataclass(frozen=True)
+class _Options:
+    slots: int
+    request_size: int
+    destination_is_zero: bool
+    allocated: bool
+    flush: bool
+    report: Callable[[CopyProgress], None] | None
+
+
 def _is_uri(text: str) -> bool:
     return "://" in text
-
-
-# --- The two ends ---------------------------------------------------------------------------------------
-
-
-class _Nbd:
-    """An NBD export through several connections; requests go to the least busy one. A request not aligned to
-    the export's minimum block size (the unaligned tail of the disk) goes to a connection of its own that did
-    not ask for block sizes (see the module docstring)."""
-
-    def __init__(self, uri: str, connections: int, tls: ssl.SSLContext | None, loop: CopyLoop) -> None:
-        self.loop = loop
-        self.uri, self.tls = uri, tls
-        self.unconstrained: CopyConnection | None = None
-        self.connections = [CopyConnection(open_connection(uri, tls=tls, timeout=loop.timeout))]
-        loop.add(self.connections[0])
-        export = self.connections[0].export
-        # More than one connection only where the server promises they see each other's writes.
-        count = connections if export.flags & nbdproto.TransmissionFlags.CAN_MULTI_CONN else 1
-        for connection in _open_together(uri, tls, count - 1, loop.timeout):
-            self.connections.append(CopyConnection(connection))
-            loop.add(self.connections[-1])
-        self.export = export
-        self.size = export.size
-        self.max_request = min(REQUEST_SIZE, export.maximum_payload)
-        self.minimum_block_size = export.minimum_block_size
-        self.can_zero = bool(export.flags & nbdproto.TransmissionFlags.SEND_WRITE_ZEROES)
-        self.context = next(
-            (i for i, name in self.connections[0].engine.meta_contexts.items() if name == nbdproto.BASE_ALLOCATION),
-            None,
-        )
-        self.sparse_aware = self.context is not None
-        self.fresh = False
-        self._zeroes = memoryview(bytes(self.max_request))
-
-    def _pick(self, offset: int, length: int) -> CopyConnection:
-        if (offset | length) % self.minimum_block_size:
-            return self._unconstrained()
-        return min(self.connections, key=lambda c: len(c.callbacks))
-
-    def _unconstrained(self) -> CopyConnection:
-        if self.unconstrained is None:
-            try:
-                connection = open_connection(
-                    self.uri, tls=self.tls, meta_contexts=(), block_sizes=False, timeout=self.loop.timeout
-                )
-            except nbdproto.NegotiationError as exc:
-                raise nbdproto.NegotiationError(f"{self.uri} would not negotiate without block sizes: {exc}",
-                                                exc.reply_type) from exc  # fmt: skip
-            self.unconstrained = CopyConnection(connection)
-            self.loop.add(self.unconstrained)
-        return self.unconstrained
-
-    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        if not self.sparse_aware:
-            yield offset, length, False
-            return
-        end = offset + length
-        while offset < end:
-            for extent in self._block_status(offset, min(end - offset, STATUS_SPAN)):
-                size = min(extent.length, end - offset)
-                yield offset, size, bool(extent.status & nbdproto.AllocationState.ZERO)
-                offset += size
-                if offset >= end:
-                    break
-
-    def _block_status(self, offset: int, length: int) -> tuple[nbdproto.Extent, ...]:
-        # Waited for here, while the other requests in flight go on.
-        answer: list[Any] = []
-        self.connections[0].request(lambda c: nbdproto.BlockStatusRequest(c, offset, length), answer.append)
-        self.loop.wait(lambda: bool(answer))
-        (reply,) = answer
-        if isinstance(reply, nbdproto.ErrorReply):
-            raise NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
-        extents: tuple[nbdproto.Extent, ...] = reply.extents[self.context]
-        return extents
-
-    def read(self, buffer: memoryview, offset: int, done: Done) -> None:
-        connection = self._pick(offset, len(buffer))
-        connection.request(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer), checked(done))
-
-    def write(self, data: memoryview, offset: int, done: Done) -> None:
-        self._pick(offset, len(data)).request(lambda c: nbdproto.WriteRequest(c, offset, data), checked(done))
-
-    def zero(self, offset: int, length: int, done: Done) -> None:
-        if self.can_zero:
-            connection = self._pick(offset, length)
-            connection.request(lambda c: nbdproto.WriteZeroesRequest(c, offset, length), checked(done))
-            return
-        # No WRITE_ZEROES: zeroes written as data, the run done when its last write is.
-        pieces = [(at, min(len(self._zeroes), offset + length - at)) for at in range(offset, offset + length,
-                                                                                      len(self._zeroes))]  # fmt: skip
-        left = [len(pieces)]
-
-        def one_done() -> None:
-            left[0] -= 1
-            if not left[0]:
-                done()
-
-        for at, size in pieces:
-            self.write(self._zeroes[:size], at, one_done)
-
-    def finish(self) -> None:
-        if self.export.read_only or not self.export.flags & nbdproto.TransmissionFlags.SEND_FLUSH:
-            return
-        flushed: list[bool] = []
-        self.connections[0].request(lambda c: nbdproto.FlushRequest(c), checked(lambda: flushed.append(True)))
-        self.loop.wait(lambda: bool(flushed))
-
-    def close(self) -> None:
-        for connection in self.connections:
-            connection.close()
-        if self.unconstrained is not None:
-            self.unconstrained.close()
-
-
-def _open_together(uri: str, tls: ssl.SSLContext | None, count: int, timeout: float | None) -> list[Connection]:
-    """Open and negotiate ``count`` connections at once (each handshake is a few round trips of waiting)."""
-    opened: list[Connection] = []
-    failures: list[BaseException] = []
-
-    def open_one() -> None:
-        try:
-            opened.append(open_connection(uri, tls=tls, timeout=timeout))
-        except BaseException as exc:  # handed to the caller below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=open_one, name="nbd-copy-connect") for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for connection in opened:
-            connection.stream.close()
-        raise failures[0]
-    return opened
-
-
-class _File:
-    """A local file (or block device) through FileDevice, its reads and writes made in worker threads."""
-
-    def __init__(self, path: str, loop: CopyLoop, *, writable: bool, size: int = 0) -> None:
-        self.loop = loop
-        self.fresh = writable and (not os.path.exists(path) or os.path.getsize(path) == 0)
-        if writable and not os.path.exists(path):
-            open(path, "wb").close()
-        if writable and os.path.isfile(path) and os.path.getsize(path) < size:
-            os.truncate(path, size)  # a new or short file grows sparse: its holes already read as zero
-        from nbdproto.devices import FileDevice  # ctypes and all: only when a local file takes part
-
-        self.device: FileDevice = FileDevice(path, read_only=not writable)
-        if not self.device.in_memory:
-            loop.worker_count = 4
-        self.size = self.device.size
-        self.max_request = REQUEST_SIZE
-        self.minimum_block_size = 1
-        self.sparse_aware = True
-
-    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        end = offset + length
-        while offset < end:  # FileDevice.extents may stop short (a bounded number of runs per call)
-            for extent_length, status in self.device.extents(nbdproto.BASE_ALLOCATION, offset, end - offset):
-                size = min(extent_length, end - offset)
-                yield offset, size, bool(status & nbdproto.AllocationState.ZERO)
-                offset += size
-
-    def read(self, buffer: memoryview, offset: int, done: Done) -> None:
-        self.loop.in_thread(lambda: self.device.pread_into(buffer, offset), done)
-
-    def write(self, data: memoryview, offset: int, done: Done) -> None:
-        self.loop.in_thread(lambda: self.device.pwrite(data, offset), done)
-
-    def zero(self, offset: int, length: int, done: Done) -> None:
-        if self.fresh:
-            done()
-            return
-        self.loop.in_thread(lambda: self.device.write_zeroes(offset, length, may_trim=True), done)
-
-    def finish(self) -> None:
-        self.device.flush()
-
-    def close(self) -> None:
-        self.device.close()
-
-
-class _Null:
-    """``null:``: a destination that takes everything and keeps nothing."""
-
-    size = 1 << 63
-    max_request = REQUEST_SIZE
-    minimum_block_size = 1
-
-    def write(self, data: memoryview, offset: int, done: Done) -> None:
-        done()
-
-    def zero(self, offset: int, length: int, done: Done) -> None:
-        done()
-
-    def finish(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # --- The copy -------------------------------------------------------------------------------------------
@@ -330,71 +142,118 @@ def copy(
     requests: int = 2,
     tls: ssl.SSLContext | None = None,
     progress: Callable[[CopyProgress], None] | None = None,
+    request_size: int = REQUEST_SIZE,
+    destination_is_zero: bool = False,
+    allocated: bool = False,
+    flush: bool = False,
     timeout: float | None = 30.0,
 ) -> CopyProgress:
-    """Copy SRC to DST (NBD URIs or local paths; DST may be ``null:``) and say how it went.
+    """Copy SRC to DST (NBD URIs, local paths or ``-``; DST may be ``null:``) and say how it went.
 
     ``connections`` connections at each NBD end (one where the server does not promise multi-conn), each with
-    ``requests`` requests in flight. ``progress`` is called with the running totals after each piece.
-    ``timeout``: seconds any wait may take (a connect, a handshake, the copy with nothing moving); None: no limit.
-    Raises CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
+    ``requests`` requests in flight, each of at most ``request_size`` bytes. ``progress`` is called with the
+    running totals after each piece. ``destination_is_zero``, ``allocated`` and ``flush``: as the module
+    docstring says. ``timeout``: seconds any wait for a server may take (a connect, a handshake, a reply); None:
+    no limit. Raises CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
     """
+    if request_size < 1:
+        raise ValueError(f"request size {request_size} must be positive")
+    options = _Options(max(1, connections * requests), request_size, destination_is_zero, allocated, flush, progress)
     loop = CopyLoop(timeout)
-    source: _Nbd | _File | None = None
-    target: _Nbd | _File | _Null | None = None
+    source: NbdEnd | FileEnd | None = None
+    target: NbdEnd | FileEnd | NullEnd | StreamTarget | None = None
+    opened: int | None = None
     try:
-        source = _Nbd(src, connections, tls, loop) if _is_uri(src) else _File(src, loop, writable=False)
+        if src != STREAM:
+            source = NbdEnd(src, connections, tls, loop) if _is_uri(src) else FileEnd(src, loop, writable=False)
         if dst == "null:":
-            target = _Null()
+            target = NullEnd()
         elif _is_uri(dst):
-            target = _Nbd(dst, connections, tls, loop)
+            target = NbdEnd(dst, connections, tls, loop)
+        elif dst == STREAM:
+            target = StreamTarget(sys.stdout.fileno(), loop)
+        elif source is None:
+            opened = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            target = StreamTarget(opened, loop)
         else:
-            target = _File(dst, loop, writable=True, size=source.size)
+            target = FileEnd(dst, loop, writable=True, size=source.size)
+        if source is None:
+            return _run_stream(sys.stdin.fileno(), target, loop, options)
         if target.size < source.size:
             raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
         block = max(source.minimum_block_size, target.minimum_block_size)  # powers of two: the larger is their LCM
-        return _run(source, target, loop, max(1, connections * requests), progress, block)
+        return _run(source, target, loop, options, block)
     finally:
         for end in (source, target):
             if end is not None:
                 end.close()
+        if opened is not None:
+            os.close(opened)
         loop.close()
 
 
-def _run(
-    source: CopySource,
-    target: CopyTarget,
-    loop: CopyLoop,
-    slots: int,
-    report: Callable[[CopyProgress], None] | None,
-    block: int = 1,
-) -> CopyProgress:
-    largest = min(source.max_request, target.max_request)
+def _step(largest: int, block: int, options: _Options) -> int:
+    largest = min(largest, options.request_size)
     step = largest - largest % block
     if not step:
-        raise ValueError(f"no request size suits both ends: one takes at most {largest} bytes a request, the "
-                         f"other needs multiples of {block}")  # fmt: skip
-    aligned = source.size - source.size % block
-    free = [memoryview(bytearray(step)) for _ in range(slots)]
-    progress = CopyProgress(source.size)
+        raise ValueError(f"no request size suits both ends: at most {largest} bytes a request, in multiples of "
+                         f"{block}")  # fmt: skip
+    return step
 
-    def finished(length: int, buffer: memoryview | None) -> None:
+
+class _Pieces:
+    """The bookkeeping of pieces in flight: buffers, progress, and how a zero run goes to the target."""
+
+    def __init__(self, target: CopyTarget, step: int, total: int, options: _Options) -> None:
+        self.target = target
+        self.options = options
+        self.free = [memoryview(bytearray(step)) for _ in range(options.slots)]
+        self.zeroes = memoryview(bytes(step)) if options.allocated else None
+        self.progress = CopyProgress(total)
+
+    def finished(self, length: int, buffer: memoryview | None, data: bool) -> None:
+        progress = self.progress
         progress.in_flight -= 1
         if buffer is not None:
-            free.append(buffer)
+            self.free.append(buffer)
+        if data:
             progress.data += length
         progress.copied += length
-        if report is not None:
-            report(progress)
+        if self.options.report is not None:
+            self.options.report(progress)
+
+    def zero(self, offset: int, length: int) -> None:
+        """A zero run: skipped on a destination known to be zero, written as data when ``allocated``, else
+        the target's zero (WRITE_ZEROES, a hole)."""
+        progress = self.progress
+        if self.zeroes is not None:
+            step = len(self.zeroes)
+            for at in range(offset, offset + length, step):
+                size = min(step, offset + length - at)
+                progress.in_flight += 1
+                self.target.write(self.zeroes[:size], at, lambda size=size: self.finished(size, None, True))  # type: ignore[misc]
+            return
+        progress.in_flight += 1
+        if self.options.destination_is_zero:
+            self.finished(length, None, False)
+            return
+        self.target.zero(offset, length, lambda: self.finished(length, None, False))
+
+
+def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Options, block: int = 1) -> CopyProgress:
+    step = _step(min(source.max_request, target.max_request), block, options)
+    aligned = source.size - source.size % block
+    book = _Pieces(target, step, source.size, options)
+    progress = book.progress
 
     def start(offset: int, length: int, zero: bool) -> None:
-        progress.in_flight += 1
         if zero:
-            target.zero(offset, length, lambda: finished(length, None))
+            book.zero(offset, length)
             return
-        buffer = free.pop()
+        progress.in_flight += 1
+        buffer = book.free.pop()
         view = buffer[:length]
-        source.read(view, offset, lambda: target.write(view, offset, lambda: finished(length, buffer)))
+        source.read(view, offset, lambda: target.write(view, offset, lambda: book.finished(length, buffer, True)))
 
     try:
         if aligned < source.size:  # first, so that a tail no server lets us reach stops the copy before it starts
@@ -407,11 +266,58 @@ def _run(
                 raise CopyFailed(unreachable, 0, source.size) from unreachable
         # Each piece in flight holds at most one buffer, so a free slot always has a free buffer.
         for piece in pieces(source.runs, aligned, step, block):
-            while progress.in_flight >= slots:
+            while progress.in_flight >= options.slots:
                 loop.step()
             start(*piece)
         loop.wait(lambda: not progress.in_flight)
-        target.finish()
+        target.finish(options.flush)
     except (NBDError, OSError, nbdproto.ProtocolError) as exc:
         raise CopyFailed(exc, progress.copied, source.size) from exc
     return progress
+
+
+def _run_stream(fd: int, target: CopyTarget, loop: CopyLoop, options: _Options) -> CopyProgress:
+    """Copy what ``fd`` (standard input) holds to ``target`` in order, chunk by chunk, until end of file."""
+    step = _step(target.max_request, target.minimum_block_size, options)
+    book = _Pieces(target, step, 0 if isinstance(target, StreamTarget) else target.size, options)
+    progress = book.progress
+    offset = 0
+    try:
+        while True:
+            while not book.free:
+                loop.step()
+            buffer = book.free.pop()
+            count = read_in_thread(loop, fd, buffer)
+            if offset + count > target.size:
+                raise ValueError(f"standard input holds more than the {target.size} bytes of the destination")
+            _send_chunk(book, buffer, offset, count)
+            offset += count
+            if count < step:
+                break
+        loop.wait(lambda: not progress.in_flight)
+        progress.total = offset
+        target.finish(options.flush)
+    except (NBDError, OSError, nbdproto.ProtocolError) as exc:
+        raise CopyFailed(exc, progress.copied, progress.total) from exc
+    return progress
+
+
+def _send_chunk(book: _Pieces, buffer: memoryview, offset: int, count: int) -> None:
+    """Send one chunk of a stream: its data runs as writes, its all-zero runs as zero runs. The buffer is
+    free again once every write from it is done."""
+    runs = list(zero_runs(buffer[:count]))
+    writes = sum(1 for _, _, zero in runs if not zero)
+    if not writes:
+        book.free.append(buffer)
+    left = [writes]
+
+    def one_done(length: int) -> None:
+        left[0] -= 1
+        book.finished(length, buffer if not left[0] else None, True)
+
+    for start, end, zero in runs:
+        if zero:
+            book.zero(offset + start, end - start)
+            continue
+        book.progress.in_flight += 1
+        book.target.write(buffer[start:end], offset + start, lambda length=end - start: one_done(length))  # type: ignore[misc]

@@ -1,11 +1,5 @@
-"""The copy's event loop: one thread driving every NBD connection's engine over non-blocking sockets.
-
-``CopyConnection`` is one connection: its socket, its engine, what is queued to send, and the callbacks of the
-requests waiting for replies (each read's data received straight into the copy's buffer). ``CopyLoop`` waits
-for any connection to be readable (or writable while it has bytes queued) and serves it, and runs the
-completions that local file I/O in worker threads hands back through a pipe. A request that gets no reply
-within the loop's ``timeout`` ends the copy with TimeoutError.
-"""
+"""The copy's event loop: one thread driving every NBD connection's sans-IO engine over non-blocking sockets
+(``selectors``), and running the completions that local I/O in worker threads hands back (see ``_copy``)."""
 
 from __future__ import annotations
 
@@ -29,13 +23,17 @@ from ._client import Connection
 if TYPE_CHECKING:
     import concurrent.futures
 
-__all__ = ["CopyConnection", "CopyLoop", "Done", "checked", "RECV_SIZE"]
+__all__ = ["REQUEST_SIZE", "RECV_SIZE", "Done", "CopyConnection", "CopyLoop", "checked"]
 
+REQUEST_SIZE = 1 << 20
+"""Bytes per request: large enough that Python's per-request cost vanishes, within every server's limit."""
 RECV_SIZE = 16 << 10
 """Bytes asked of each recv outside read data (reply headers, block status, write acknowledgements)."""
 
 Done = Callable[[], None]
 """Called back in the copy's thread when an operation an end started has completed."""
+
+# --- The event loop ---------------------------------------------------------------------------------------
 
 
 class CopyConnection:
@@ -127,7 +125,7 @@ class CopyLoop:
 
     def __init__(self, timeout: float | None = None) -> None:
         self.timeout = timeout
-        """Seconds the loop waits without any connection or file making progress before TimeoutError."""
+        """Seconds a request may wait for its reply before the copy ends with TimeoutError (None: no limit)."""
         self.selector = selectors.DefaultSelector()
         self._completions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()

@@ -1,32 +1,54 @@
-"""``nbdproto copy SRC DST``: the command over ``nbdproto_threads.copy``."""
+"""``nbdproto copy SRC DST``: the command over ``nbdproto_threads.copy``, with nbdcopy's options.
+
+``--progress=FD`` writes nbdcopy's machine-readable progress to that descriptor: a line ``N/100`` each time the
+whole percentage done grows, the last one ``100/100``. ``--progress`` alone draws a bar on standard error
+(the default when standard error is a terminal); ``--no-progress`` draws nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 import nbdproto
 from nbdproto_threads import CopyFailed, CopyProgress, copy
 
-from ._errors import timeout_of
+from ._errors import UsageError, size_argument, timeout_of
 from ._query import add_connection_arguments, client_tls
 
 __all__ = ["add_copy_command", "copy_command"]
 
+_BAR, _AUTO = "bar", "auto"
+
 
 def add_copy_command(commands: Any) -> None:
     parser = commands.add_parser("copy", help="copy between NBD exports and files, sparse-aware and in parallel")
-    parser.add_argument("src", metavar="SRC", help="NBD URI or file")
-    parser.add_argument("dst", metavar="DST", help="NBD URI, file, or null: (discard)")
+    parser.add_argument("src", metavar="SRC", nargs="?", help="NBD URI, file, or - (standard input)")
+    parser.add_argument("dst", metavar="DST", nargs="?", help="NBD URI, file, - (standard output), or null:")
     parser.add_argument("--connections", type=int, default=4, help="connections at each NBD end (default 4)")
     parser.add_argument("--requests", type=int, default=2, help="requests in flight per connection (default 2)")
+    parser.add_argument("--request-size", metavar="SIZE", help="bytes per request (default 1M; e.g. 256K, 4M)")
+    parser.add_argument(
+        "--destination-is-zero",
+        "--target-is-zero",
+        action="store_true",
+        help="the destination already reads as zeros: zero runs are not written at all",
+    )
+    parser.add_argument(
+        "--allocated", action="store_true", help="write zero runs as data, so the destination is fully allocated"
+    )
+    parser.add_argument("--flush", action="store_true", help="make the destination durable before exiting")
     parser.add_argument(
         "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="show a progress bar (default: when stderr is a terminal)",
+        nargs="?",
+        const=_BAR,
+        default=_AUTO,
+        metavar="FD",
+        help="a progress bar on stderr; --progress=FD: 'N/100' lines on descriptor FD instead",
     )
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=None, help="no progress")
     add_connection_arguments(parser)
 
 
@@ -34,28 +56,79 @@ def _is_uri(text: str) -> bool:
     return "://" in text
 
 
+def _ends(args: argparse.Namespace) -> tuple[str, str]:
+    """SRC and DST. ``--progress`` takes an optional FD, so ``--progress SRC DST`` gives SRC to it: taken
+    back (an FD is spelt ``--progress=FD``, as nbdcopy has it)."""
+    if args.progress not in (None, _BAR, _AUTO) and not args.progress.isdigit():
+        args.src, args.dst, args.progress = args.progress, args.src, _BAR
+    if args.src is None or args.dst is None:
+        raise UsageError("SRC and DST are needed")
+    if args.allocated and args.destination_is_zero:
+        raise UsageError("--allocated and --destination-is-zero contradict each other")
+    return args.src, args.dst
+
+
 def copy_command(args: argparse.Namespace) -> int:
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    tls_uri = args.src if _is_uri(args.src) else args.dst if _is_uri(args.dst) else None
+    src, dst = _ends(args)
+    request_size = size_argument(args.request_size, "--request-size") if args.request_size else None
+    tls_uri = src if _is_uri(src) else dst if _is_uri(dst) else None
     tls = client_tls(args, tls_uri) if tls_uri else None
-    bar = _ProgressBar() if show else None
+    progress: _ProgressBar | _ProgressLines | None = None
+    if args.progress == _BAR or (args.progress == _AUTO and sys.stderr.isatty()):
+        progress = _ProgressBar()
+    elif args.progress not in (None, _AUTO):
+        progress = _ProgressLines(int(args.progress))
+    options: dict[str, Any] = {"request_size": request_size} if request_size else {}
     try:
         copy(
-            args.src,
-            args.dst,
+            src,
+            dst,
             connections=args.connections,
             requests=args.requests,
             tls=tls,
-            progress=bar.update if bar is not None else None,
+            progress=progress.update if progress is not None else None,
+            destination_is_zero=args.destination_is_zero,
+            allocated=args.allocated,
+            flush=args.flush,
             timeout=timeout_of(args),
+            **options,
         )
     except (CopyFailed, nbdproto.NBDError, OSError, ValueError, NotImplementedError, nbdproto.ProtocolError) as exc:
         print(f"nbdproto copy: {exc}", file=sys.stderr)
         return 1
     finally:
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
+    if isinstance(progress, _ProgressLines):
+        progress.done()
     return 0
+
+
+class _ProgressLines:
+    """nbdcopy's ``--progress=FD``: ``N/100`` on its own line each time the whole percentage grows."""
+
+    def __init__(self, fd: int) -> None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise UsageError(f"--progress={fd}: descriptor {fd} is not open") from None
+        self._fd = fd
+        self._shown = -1
+
+    def update(self, progress: CopyProgress) -> None:
+        if progress.total:
+            self._show(min(100, progress.copied * 100 // progress.total))
+
+    def _show(self, percent: int) -> None:
+        if percent > self._shown:
+            self._shown = percent
+            os.write(self._fd, f"{percent}/100\n".encode())
+
+    def done(self) -> None:
+        self._show(100)
+
+    def close(self) -> None:
+        pass
 
 
 class _ProgressBar:
@@ -70,7 +143,8 @@ class _ProgressBar:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=progress.total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+            total = progress.total or None
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
         self._bar.update(progress.copied - self._shown)
         self._shown = progress.copied
 

@@ -10,6 +10,7 @@ import nbdproto
 
 from ._copy import add_copy_command, copy_command
 from ._errors import UsageError
+from ._fuse import add_fuse_command, fuse_command
 from ._mirror import add_mirror_command, mirror_command
 from ._query import add_query_commands, info, list_command
 from ._serve_options import add_serve_command
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mirror_command(commands)
     add_query_commands(commands)
     add_copy_command(commands)
+    add_fuse_command(commands)
     return parser
 
 
@@ -44,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return list_command(args)
         if args.command == "copy":
             return copy_command(args)
+        if args.command == "fuse":
+            return fuse_command(args)
     except UsageError as exc:
         print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
         return 2
