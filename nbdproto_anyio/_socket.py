@@ -39,7 +39,8 @@ __all__ = [
     "close_stream",
 ]
 
-RECV_SIZE = 1024 * 1024
+RECV_SIZE = 64 * 1024
+"""Bytes asked of each receive (see nbdproto_threads' RECV_SIZE: larger costs an mmap per receive)."""
 _IOV_MAX = 1024
 _YIELD_EVERY = 8
 """Receives in a row that found data waiting, after which the stream lets the event loop run other tasks: a

@@ -94,6 +94,9 @@ class ServerSession:
     ``settings``: what the server tells each session (nbdproto.SessionSettings: the offer list, the export
     lookup, TLS, limits). ``workers``: threads carrying out requests for devices that may be slow (None:
     DEFAULT_WORKERS for devices whose dispatch is "threads", inline for the others; 0: always inline).
+    ``poll``: seconds to spin, after sending replies, on receives that do not wait before sleeping until the
+    client's next request (plaintext only; 0: never): a client that sends one request at a time is then served
+    without a wake-up per request, at the price of a busy core while it spins.
     ``share``: its draw on the server's memory budget (a budget of its own otherwise); ``log``: the server's
     ConnectionLog.
     """
@@ -104,6 +107,7 @@ class ServerSession:
         settings: nbdproto.SessionSettings = _NO_SETTINGS,
         *,
         workers: int | None = None,
+        poll: float = 0.0,
         share: LockedShare | None = None,
         log: nbdproto.ConnectionLog | None = None,
     ) -> None:
@@ -113,6 +117,7 @@ class ServerSession:
         self.logic = nbdproto.ServerSessionLogic(settings, share=self._share, on_device_error=on_device_error)
         self.engine = self.logic.engine
         self._workers = workers
+        self._poll = poll
         self._timeout: float | None = None  # the socket's current timeout, changed only when it must
         self._lock = threading.Lock()  # the engine and the socket's write side, when workers reply
         self._stopping = threading.Event()
@@ -198,6 +203,10 @@ class ServerSession:
         logic = self.logic
         target = self.engine.write_buffer()
         self._set_timeout(logic.next_wait())
+        if self._poll and self._timeout is None and not isinstance(self.stream.sock, ssl.SSLSocket):
+            got = self.stream.poll(self._poll, target)
+            if got is not None:
+                return got
         self._idle = logic.idle
         try:
             return self.stream.recv() if target is None else self.stream.recv_into(target)
@@ -337,8 +346,8 @@ class Server(nbdproto.ServerCore):
     """Serves exports to many clients at once: a thread per connection, until ``shutdown()``.
 
     ``exports``, ``tls``, ``tls_mode``, ``list_exports``, ``limits``: as nbdproto.ServerCore says. ``listen`` is
-    a ``(host, port)`` pair, a unix socket path, or an already bound and listening socket; ``workers`` as for
-    ServerSession.
+    a ``(host, port)`` pair, a unix socket path, or an already bound and listening socket; ``workers`` and
+    ``poll`` as for ServerSession.
     """
 
     logger = log
@@ -351,10 +360,12 @@ class Server(nbdproto.ServerCore):
         listen: tuple[str, int] | str | socket.socket = ("127.0.0.1", nbdproto.DEFAULT_PORT),
         *,
         workers: int | None = None,
+        poll: float = 0.0,
         **options: Unpack[nbdproto.ServerOptions],
     ) -> None:
         super().__init__(exports, **options)
         self._workers = workers
+        self._poll = poll
         self._memory = nbdproto.MemoryBudget(self.limits.memory_limit)
         self._room = threading.Condition()  # the memory budget's lock, where sessions wait for room
         self.sock = listen if isinstance(listen, socket.socket) else listen_socket(listen)
@@ -399,7 +410,7 @@ class Server(nbdproto.ServerCore):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = peer_name(conn)
         share = LockedShare(self._memory, self._room)
-        session = ServerSession(conn, self.settings, workers=self._workers, share=share, log=self.log)
+        session = ServerSession(conn, self.settings, workers=self._workers, poll=self._poll, share=share, log=self.log)
         try:
             with self.serving(session, peer), session:
                 spec = self.spec_for(session.negotiate(), peer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -112,6 +113,8 @@ def test_read_only_and_several_exports(tmp_path: Any) -> None:
         (["--tls", "require"], "--tls-cert"),
         (["--export", "nonsense"], "NAME=SOURCE"),
         (["ftp://host/disk"], "cannot serve a ftp:// source"),
+        (["--backend", "anyio", "--busy-poll", "50"], "--busy-poll is for --backend threads"),
+        (["--backend", "threads", "--busy-poll", "-1"], "must not be negative"),
     ],
 )
 def test_bad_arguments_give_a_message_and_status_2(args: list[str], message: str) -> None:
@@ -262,6 +265,27 @@ def test_serve_on_each_event_loop(loop: str) -> None:
     with serving("--memory", "4M", "--loop", loop) as (_, (uri,)), nt.connect(uri) as c:
         c.pwrite(b"loop", 0)
         assert c.pread(4, 0) == b"loop"
+
+
+def test_busy_poll_serves_one_request_at_a_time_and_pipelined(peers: Any) -> None:
+    """--busy-poll spins on the connection between requests: requests that arrive while it spins, one at a time
+    or many at once and with payloads, are served as without it; a client that goes quiet is slept on."""
+    with serving("--memory", "4M", "--backend", "threads", "--busy-poll", "200") as (_, (uri,)):
+        with nt.connect(uri) as c:
+            for i in range(200):
+                c.pwrite(bytes([i]) * 4096, i * 4096)
+                assert c.pread(4096, i * 4096) == bytes([i]) * 4096
+            big = os.urandom(2 * MIB)  # a payload larger than one receive: the spin receives into its buffer
+            c.pwrite(big, MIB)
+            assert c.pread(2 * MIB, MIB) == big
+            for i in range(200):
+                c.pwrite(bytes([i]) * 4096, i * 4096)
+            time.sleep(0.3)  # quiet for longer than the spin: the server sleeps until the next request
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                got = list(pool.map(lambda i: c.pread(4096, i * 4096), range(64)))
+            assert got == [bytes([i]) * 4096 for i in range(64)]
+        result = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=30)
+        assert result.stdout.strip() == str(4 * MIB)
 
 
 @pytest.mark.parametrize(

@@ -164,6 +164,10 @@ def serve_opened(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.busy_poll and args.backend != "threads":
+        raise UsageError("--busy-poll is for --backend threads (an event loop must not spin on one connection)")
+    if args.busy_poll < 0:
+        raise UsageError("--busy-poll must not be negative")
     if args.loop is None:
         args.loop = default_loop()
     elif args.loop != "asyncio" and importlib.util.find_spec(args.loop) is None:
@@ -198,7 +202,17 @@ def serve_opened(
     if filtering.stats:
         _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
-        sock, names, devices, args.description, args.read_only, tls, tls_mode, stop, server_limits(args), args.loop
+        sock,
+        names,
+        devices,
+        args.description,
+        args.read_only,
+        tls,
+        tls_mode,
+        stop,
+        server_limits(args),
+        args.loop,
+        args.busy_poll,
     )
     try:
         if on_serving is not None:
@@ -275,11 +289,14 @@ class _Serving:
     stop: threading.Event
     limits: ServerLimits
     loop: str = "asyncio"
+    busy_poll: int = 0
 
 
 def _serve_threads(job: _Serving) -> None:
     specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
-    server = ThreadsServer(specs, job.sock, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
+    server = ThreadsServer(
+        specs, job.sock, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, poll=job.busy_poll / 1e6
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     job.stop.wait()

@@ -52,6 +52,15 @@ def add_serve_arguments(serve: Any) -> None:
         help="pre-shared keys (psktool's IDENTITY:HEXKEY lines) clients authenticate with (Python 3.13+); with "
         "--tls-cert too, clients without a key must present a certificate --tls-ca signed",
     )
+    serve.add_argument(
+        "--busy-poll",
+        type=int,
+        default=0,
+        metavar="MICROSECONDS",
+        help="threads backend: after replying, spin this long on the connection before sleeping until the next "
+        "request (like the kernel's busy_poll): a client with one request at a time gets no wake-up per request, "
+        "at the price of a busy core while it spins (default 0: off)",
+    )
     limits = nbdproto.ServerLimits()
     serve.add_argument(
         "--handshake-timeout",
