@@ -66,8 +66,11 @@ class ConnectOptions(TypedDict, total=False):
     default for nbds URIs), what to negotiate (``structured_replies``, ``extended_headers``,
     ``meta_contexts``, ``block_sizes``: ask for the server's block-size constraints, and so be bound by them),
     and ``timeout``: seconds any single wait may take, the connect and handshake included
-    and each request after it (None: no limit)."""
+    and each request after it (None: no limit). ``command``: instead of a URI, a server to start (argv, e.g.
+    ``["nbdkit", "memory", "1G"]``) with socket activation on a private unix socket, stopped when the client
+    closes (libnbd's connect_systemd_socket_activation); ``export_name`` and TLS apply to it as to a URI."""
 
+    command: Sequence[str]
     host: str
     port: int
     socket_path: str | None

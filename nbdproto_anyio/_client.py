@@ -16,10 +16,11 @@ from __future__ import annotations
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.streams.tls import TLSStream
 
 import nbdproto
@@ -27,6 +28,9 @@ from nbdproto import Awaiting, ClientRequests, ClientSessionLogic, HandshakeStep
 from nbdproto.tls import client_context
 
 from ._socket import RawSocketStream, connect_socket, receive, send_pieces
+
+if TYPE_CHECKING:
+    from nbdproto.sockets import ActivatedServer
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -50,6 +54,8 @@ class AsyncClient(ClientRequests[Awaiting]):
         self._read_lock = anyio.Lock()
         self._send_lock = anyio.Lock()
         self._closed = False
+        self.server: ActivatedServer | None = None
+        """The server started for this client (``connect(command=[...])``), stopped once it is closed."""
 
     # --- Handshake ----------------------------------------------------------------------------------------
 
@@ -135,20 +141,26 @@ class AsyncClient(ClientRequests[Awaiting]):
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self.stream.aclose()
+            await self._stop_server()
 
     async def aclose(self) -> None:
-        """Disconnect politely (NBD_CMD_DISC) and close."""
-        if self._closed:
-            return
-        self._closed = True
+        """Disconnect politely (NBD_CMD_DISC) and close; then stop the server started for this client, if one
+        was."""
         with anyio.CancelScope(shield=True):
-            try:
-                if self.logic.disconnect():
-                    with anyio.move_on_after(self._timeout or 5.0):
-                        await self._flush()
-            except (OSError, nbdproto.ProtocolError, anyio.BrokenResourceError):
-                pass
-            await self.stream.aclose()
+            if not self._closed:
+                self._closed = True
+                try:
+                    if self.logic.disconnect():
+                        with anyio.move_on_after(self._timeout or 5.0):
+                            await self._flush()
+                except (OSError, nbdproto.ProtocolError, anyio.BrokenResourceError):
+                    pass
+                await self.stream.aclose()
+            await self._stop_server()
+
+    async def _stop_server(self) -> None:
+        if self.server is not None:
+            await anyio.to_thread.run_sync(self.server.stop)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -162,7 +174,26 @@ async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list
     tls = options.get("tls")
     if plan.tls and tls is None:
         tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
-    timeout = options.get("timeout")
+    if options.get("command") is None:
+        return await _handshake(target, plan, tls, options.get("timeout"))
+    from nbdproto.sockets import ActivatedServer  # only here: most clients never start a server
+
+    server = await anyio.to_thread.run_sync(ActivatedServer, options["command"])
+    try:
+        client = await _handshake(server.target(target), plan, tls, options.get("timeout"))
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            failure = await anyio.to_thread.run_sync(server.failed, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+    client.server = server
+    return client
+
+
+async def _handshake(
+    target: nbdproto.NbdUri, plan: nbdproto.ClientNegotiation, tls: ssl.SSLContext | None, timeout: float | None
+) -> AsyncClient:
     with anyio.fail_after(timeout):
         stream = await connect_socket(target.socket if target.unix else (target.host, target.port))
         client = AsyncClient(stream, ClientSessionLogic(nbdproto.ClientConnection(), plan), timeout)
@@ -176,12 +207,15 @@ async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list
 
 async def connect(uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]) -> AsyncClient:
     """Connect by URI (nbd://, nbds://, nbd+unix://, nbds+unix://) or by the ``host`` / ``port`` /
-    ``socket_path`` / ``export_name`` options (nbdproto.ConnectOptions says what each does); ``timeout``
+    ``socket_path`` / ``export_name`` options (nbdproto.ConnectOptions says what each does), or start a server
+    (``command=["nbdkit", "memory", "1G"]``: socket activation, stopped when the client closes); ``timeout``
     (none by default: use cancel scopes) bounds the connect, the handshake and each request."""
     return await _negotiated(uri, options)
 
 
-async def list_exports(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> list[nbdproto.ExportListing]:
+async def list_exports(
+    uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]
+) -> list[nbdproto.ExportListing]:
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
     client = await _negotiated(uri, options, list_exports=True)
     await client._abort()
