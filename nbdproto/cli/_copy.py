@@ -9,6 +9,7 @@ from typing import Any
 import nbdproto
 from nbdproto_threads import CopyFailed, CopyProgress, copy
 
+from ._command_args import starting_servers
 from ._query import add_tls_arguments, client_tls
 
 __all__ = ["add_copy_command", "copy_command"]
@@ -33,6 +34,7 @@ def _is_uri(text: str) -> bool:
     return "://" in text
 
 
+@starting_servers("src", "dst")
 def copy_command(args: argparse.Namespace) -> int:
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     tls_uri = args.src if _is_uri(args.src) else args.dst if _is_uri(args.dst) else None

@@ -29,6 +29,8 @@ from nbdproto import TransmissionFlags
 from nbdproto.tls import client_context
 from nbdproto_threads import Client, connect, list_exports
 
+from ._command_args import starting_servers
+
 __all__ = ["add_query_commands", "info", "list_command", "describe"]
 
 CAPABILITIES = {
@@ -99,6 +101,7 @@ def describe(client: Client, uri: str) -> dict[str, Any]:
     }
 
 
+@starting_servers("uri")
 def info(args: argparse.Namespace) -> int:
     with connect(args.uri, tls=client_tls(args, args.uri)) as client:
         document = describe(client, args.uri)
@@ -120,6 +123,7 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+@starting_servers("uri")
 def list_command(args: argparse.Namespace) -> int:
     exports = list_exports(args.uri, tls=client_tls(args, args.uri))
     if args.json:

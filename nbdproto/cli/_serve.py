@@ -9,21 +9,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import signal
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nbdproto
 from nbdproto import BlockDevice, ExportSpec, ServerLimits
-from nbdproto.sockets import listen_socket
 from nbdproto.tls import PskFileError, PskUnavailableError, check_psk_support, read_psk_file, server_context
 from nbdproto_threads import Server as ThreadsServer
 
 from ._errors import UsageError, size_argument
 from ._filters import Filtering, parse_filters
+from ._helper import Helper, connection_policy, listen
 from ._sources import Source, apply_s3_options, open_source, parse_source
 
 __all__ = ["serve", "default_loop"]
@@ -91,16 +91,6 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
     return context, mode
 
 
-def _listen_socket(args: argparse.Namespace) -> socket.socket:
-    if args.socket and os.path.exists(args.socket):
-        raise UsageError(f"{args.socket} already exists")
-    try:
-        return listen_socket(args.socket or (args.host, args.port))
-    except OSError as exc:
-        where = args.socket or f"{args.host}:{args.port}"
-        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-
-
 def server_limits(args: argparse.Namespace) -> ServerLimits:
     """The ServerLimits the serve options ask for."""
     try:
@@ -115,7 +105,7 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
         raise UsageError(str(exc)) from None
 
 
-def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]:
+def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[nbdproto.NbdUri]:
     address = sock.getsockname()
     out = []
     for export in exports:
@@ -123,7 +113,7 @@ def _uris(sock: socket.socket, exports: list[ExportArg], tls: bool) -> list[str]
             uri = nbdproto.NbdUri(export.name, tls, True, socket=address)
         else:
             uri = nbdproto.NbdUri(export.name, tls, False, address[0], address[1])
-        out.append(str(uri))
+        out.append(uri)
     return out
 
 
@@ -137,7 +127,8 @@ def default_loop() -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run ``nbdproto serve`` until SIGINT or SIGTERM; UsageError for a bad argument."""
+    """Run ``nbdproto serve`` until SIGINT or SIGTERM (or the ``--run`` command exits, or a ``--oneshot``
+    client leaves); the exit status (the ``--run`` command's, else 0); UsageError for a bad argument."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -149,17 +140,27 @@ def serve(args: argparse.Namespace) -> int:
     exports = _exports(args)
     filtering = Filtering(parse_filters(args.filter, len(exports)), several_exports=len(exports) > 1)
     tls, tls_mode = _tls(args)
-    sock = _listen_socket(args)
+    policy = connection_policy(args)
+    helper = Helper(args)
+    helper.watch_parent()
+    listening = listen(args)
+    helper.fork()
     try:
         devices = _open_devices(exports, args.read_only, filtering)
     except (OSError, UsageError) as exc:
-        sock.close()
+        listening.close()
         filtering.close()
         if isinstance(exc, UsageError):
             raise
         raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
-    for uri in _uris(sock, exports, tls is not None):
-        print(f"serving {uri}", flush=True)
+    # Under socket activation or --run, standard output is not ours: the starter's, or the command's.
+    quiet = listening.activated or bool(args.run)
+    uris = _uris(listening.sockets[0], exports, tls is not None)
+    for uri in uris:
+        if quiet:
+            log.info("serving %s", uri)
+        else:
+            print(f"serving {uri}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -171,8 +172,9 @@ def serve(args: argparse.Namespace) -> int:
     if filtering.stats:
         _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
-        sock, exports, devices, args.description, args.read_only, tls, tls_mode, stop, server_limits(args), args.loop
-    )
+        listening.sockets, exports, devices, args.description, args.read_only, tls, tls_mode, stop,
+        server_limits(args), policy, lambda: helper.ready(uris[0], tls_mode, stop), args.loop,
+    )  # fmt: skip
     try:
         (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
     finally:
@@ -182,12 +184,13 @@ def serve(args: argparse.Namespace) -> int:
             except OSError as exc:  # e.g. an error filter failing flushes on purpose
                 log.warning("flush at exit failed: %s", exc)
             device.close()
-        if args.socket:
-            os.unlink(args.socket)
+        listening.close()
         filtering.report_stats()
         filtering.close()
-    print("stopped", flush=True)
-    return 0
+    status = helper.finish()
+    if not quiet:
+        print("stopped", flush=True)
+    return status
 
 
 def _open_devices(exports: list[ExportArg], read_only: bool, filtering: Filtering) -> list[BlockDevice]:
@@ -228,7 +231,7 @@ def _report_stats_on_sigusr1(filtering: Filtering, stop: threading.Event) -> Non
 class _Serving:
     """Everything a backend needs to serve what the command line asked for."""
 
-    sock: socket.socket
+    sockets: list[socket.socket]
     exports: list[ExportArg]
     devices: list[BlockDevice]
     description: str
@@ -237,6 +240,9 @@ class _Serving:
     tls_mode: nbdproto.TlsMode | None
     stop: threading.Event
     limits: ServerLimits
+    policy: nbdproto.ConnectionPolicy
+    ready: Callable[[], None]
+    """Called once the server accepts connections (the pid file, --fork, --run: see _helper)."""
     loop: str = "asyncio"
 
 
@@ -244,9 +250,17 @@ def _serve_threads(job: _Serving) -> None:
     specs = {
         e.name: ExportSpec(d, job.description, job.read_only) for e, d in zip(job.exports, job.devices, strict=True)
     }
-    server = ThreadsServer(specs, job.sock, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server = ThreadsServer(specs, job.sockets, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy)
+
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        finally:
+            job.stop.set()  # a oneshot server's client has gone
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
+    job.ready()
     job.stop.wait()
     server.shutdown()
 
@@ -262,14 +276,21 @@ def _serve_anyio(job: _Serving) -> None:
     specs = {
         e.name: ExportSpec(d, job.description, job.read_only) for e, d in zip(job.exports, job.devices, strict=True)
     }
-    server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
+    server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy)
+
+    async def stop_when_asked() -> None:
+        await anyio.to_thread.run_sync(job.stop.wait)
+        await server.shutdown()
 
     async def run() -> None:
-        listener = await listen(job.sock)
+        listeners = [await listen(sock) for sock in job.sockets]
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(server.serve, listener)
-            await anyio.to_thread.run_sync(job.stop.wait)
-            await server.shutdown()
+            tasks.start_soon(stop_when_asked)
+            job.ready()
+            try:
+                await server.serve(listeners)  # until shutdown, or a oneshot server's client has gone
+            finally:
+                job.stop.set()
 
     if job.loop == "uvloop":
         anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})
