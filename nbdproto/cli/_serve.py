@@ -145,6 +145,16 @@ def serve(args: argparse.Namespace) -> int:
     helper.watch_parent()
     listening = listen(args)
     helper.fork()
+    # From here on a signal stops the server once it serves (at once, if it comes while the devices open), so
+    # that what was made for it (a private socket directory, the pid file) is removed.
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         devices = _open_devices(exports, args.read_only, filtering)
     except (OSError, UsageError) as exc:
@@ -161,14 +171,6 @@ def serve(args: argparse.Namespace) -> int:
             log.info("serving %s", uri)
         else:
             print(f"serving {uri}", flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     if filtering.stats:
         _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
