@@ -23,41 +23,11 @@ import nbdproto_anyio
 import nbdproto_threads
 from nbdproto.cli import main
 from nbdproto.sockets import ActivatedServer, activated_sockets
-from tests.conftest import PEER_ENV
+from tests.activation import spawn_activated, wait_for_exit
 
 pytestmark = pytest.mark.timeout(60)
 MIB = 1 << 20
 SERVE = [sys.executable, "-m", "nbdproto", "serve"]
-
-
-def spawn_activated(command: list[str], sockets: list[socket.socket], names: str | None = None) -> int:
-    """Start ``command`` as a service manager does: the sockets as descriptors 3, 4, ..., LISTEN_FDS, the
-    names, and LISTEN_PID set to the command's own pid (by the shell that execs it: a fork-and-exec of our own,
-    as systemd's, would need code between fork and exec)."""
-    env = {**PEER_ENV, "LISTEN_FDS": str(len(sockets))}
-    if names is not None:
-        env["LISTEN_FDNAMES"] = names
-    # Move each socket out of the way of 3, 4, ... first, so that no dup2 lands on a descriptor still to be moved.
-    spare = [sock.dup() for sock in sockets]
-    try:
-        actions = [(os.POSIX_SPAWN_DUP2, s.fileno(), 3 + i) for i, s in enumerate(spare)]
-        script = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
-        return os.posix_spawn("/bin/sh", ["sh", "-c", script, "sh", *command], env, file_actions=actions)
-    finally:
-        for sock in spare:
-            sock.close()
-
-
-def wait_for_exit(pid: int, timeout: float = 15.0) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"process {pid} did not exit within {timeout} s")
 
 
 # --- The server's side ---------------------------------------------------------------------------------------
