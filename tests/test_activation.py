@@ -24,6 +24,7 @@ import nbdproto_threads
 from nbdproto.cli import main
 from nbdproto.sockets import ActivatedServer, activated_sockets
 from tests.activation import spawn_activated, wait_for_exit
+from tests.conftest import PEER_ENV
 
 pytestmark = pytest.mark.timeout(60)
 MIB = 1 << 20
@@ -85,28 +86,48 @@ def test_a_descriptor_that_is_not_a_listening_socket_is_named(tmp_path: Any) -> 
 
 
 @pytest.mark.parametrize("backend", ["anyio", "threads"])
-def test_serve_takes_the_sockets_passed_as_systemd_passes_them(backend: str, tmp_path: Any) -> None:
-    # A .socket unit with a TCP and a unix ListenStream=, and the service it starts.
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.bind(("127.0.0.1", 0))
-    tcp.listen(16)
+def test_serve_takes_the_sockets_systemd_passes(backend: str, tmp_path: Any, peers: Any) -> None:
+    # systemd's own implementation of a .socket unit with a TCP and a unix ListenStream=: it listens, and on the
+    # first connection execs the service with the sockets as descriptors 3 and 4.
+    peers("systemd-socket-activate")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     path = str(tmp_path / "nbd.sock")
-    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    unix.bind(path)
-    unix.listen(16)
-    port = tcp.getsockname()[1]
-    with tcp, unix:
-        pid = spawn_activated([*SERVE, "--memory", "1M", "--backend", backend], [tcp, unix], names="tcp:unix")
+    manager = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", path, "--fdname=tcp:unix",
+         *SERVE, "--memory", "1M", "--backend", backend],
+        env=PEER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
+        assert manager.stderr is not None
+        listening = [manager.stderr.readline() for _ in range(2)]
+        assert all(line.startswith("Listening on ") for line in listening), listening
         with nbdproto_threads.connect(f"nbd://127.0.0.1:{port}/", timeout=20) as over_tcp:
             over_tcp.pwrite(b"passed" * 100, 4096)
             over_tcp.flush()
         with nbdproto_threads.connect(f"nbd+unix:///?socket={path}", timeout=20) as over_unix:
             assert over_unix.pread(600, 4096) == b"passed" * 100
     finally:
+        manager.terminate()
+        stdout, _ = manager.communicate(timeout=15)
+    assert manager.returncode == 0
+    assert stdout == ""  # under socket activation standard output is the starter's
+
+
+def test_serve_takes_a_socket_passed_by_a_starter_of_our_own(tmp_path: Any) -> None:
+    path = str(tmp_path / "nbd.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as passed:
+        passed.bind(path)
+        passed.listen()
+        pid = spawn_activated([*SERVE, "--memory", "1M", "--backend", "threads"], [passed])
+    try:
+        with nbdproto_threads.connect(f"nbd+unix:///?socket={path}", timeout=20) as client:
+            assert client.export.size == MIB
+    finally:
         os.kill(pid, signal.SIGTERM)
         assert wait_for_exit(pid) == 0
-    assert os.path.exists(path)  # the manager's socket, not serve's to remove
+    assert os.path.exists(path)  # the starter's socket, not serve's to remove
 
 
 # --- The starter's side --------------------------------------------------------------------------------------
