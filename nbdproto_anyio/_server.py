@@ -317,6 +317,7 @@ class Server(nbdproto.ServerCore):
     clock = staticmethod(time.monotonic)
     _room: Room | None = None  # made in serve(): an anyio.Event needs a running loop
     _stopped: anyio.Event | None = None
+    _stop_asked = False
 
     async def serve(self, listener: Listening | Sequence[Listening]) -> None:
         """Serve every connection ``listener`` accepts (or each of several listeners: those socket activation
@@ -326,6 +327,8 @@ class Server(nbdproto.ServerCore):
         listeners = list(listener) if isinstance(listener, Sequence) else [listener]
         self._room = Room(nbdproto.MemoryBudget(self.limits.memory_limit))
         stopped = self._stopped = anyio.Event()
+        if self._stop_asked:  # shutdown() came first
+            stopped.set()
         async with anyio.create_task_group() as connections:
             async with anyio.create_task_group() as accepting:
                 for each in listeners:
@@ -348,7 +351,8 @@ class Server(nbdproto.ServerCore):
 
     def stop_accepting(self) -> None:
         """Begin the shutdown (called in the event loop's thread): ``serve()`` stops accepting, lets the sessions
-        finish, and returns."""
+        finish, and returns (at once if it has not begun yet)."""
+        self._stop_asked = True
         if self._stopped is not None:
             self._stopped.set()
 

@@ -270,3 +270,17 @@ def test_certificate_subjects_are_written_as_rfc_4514_does() -> None:
     assert policy.certificate_refusal(client) == "certificate subject 'CN=ab' matches no allowed pattern"
     client.psk_identity = "alice"  # authenticated by its key: the subject rules are for certificates
     assert policy.certificate_refusal(client) is None
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_shutdown_before_serving_begins_is_not_lost(backend: str) -> None:
+    # A SIGTERM while `nbdproto serve` starts asks for the shutdown before the serving task runs.
+    server = nbdproto_anyio.Server({"": MemoryDevice(MIB)})
+
+    async def main() -> None:
+        listener = await nbdproto_anyio.listen(("127.0.0.1", 0))
+        await server.shutdown()
+        with anyio.fail_after(10):
+            await server.serve(listener)
+
+    anyio.run(main, backend=backend)
