@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -284,3 +285,23 @@ def test_a_shutdown_before_serving_begins_is_not_lost(backend: str) -> None:
             await server.serve(listener)
 
     anyio.run(main, backend=backend)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="TLS-PSK needs Python 3.13+; CI runs this test on 3.13")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_psk_identity_is_logged_and_given_to_the_resolver(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    from nbdproto.tls import psk_client_context, server_context
+
+    caplog.set_level(logging.INFO)
+    key = bytes(range(32))
+    identities: list[str | None] = []
+
+    def resolve(name: str, client: n.ClientInfo) -> n.ExportSpec[Any] | None:
+        identities.append(client.psk_identity)
+        return n.ExportSpec(MemoryDevice(MIB))
+
+    with running(backend, n.ConnectionPolicy(), resolve, tls=server_context(psk={"alice": key})) as server:
+        assert size_of(server.uri, tls=psk_client_context("alice", key)) == MIB
+    assert identities and set(identities) == {"alice"}
+    [chose] = [r.getMessage() for r in caplog.records if "uses export" in r.getMessage()]
+    assert "(PSK identity 'alice') uses export ''" in chose
