@@ -171,9 +171,8 @@ class AsyncClient(ClientRequests[Awaiting]):
 
 async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list_exports: bool = False) -> AsyncClient:
     target, plan = nbdproto.plan_connection(uri, options, list_exports=list_exports)
-    tls = options.get("tls")
-    if plan.tls and tls is None:
-        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
+    given = options.get("tls")
+    tls = client_context(target) if plan.tls and given is None else given  # by default the URI's TLS settings
     if options.get("command") is None:
         return await _handshake(target, plan, tls, options.get("timeout"))
     from nbdproto.sockets import ActivatedServer  # only here: most clients never start a server

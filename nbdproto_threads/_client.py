@@ -214,9 +214,8 @@ def open_connection(uri: str | None = None, **options: Unpack[nbdproto.ConnectOp
 
 def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, *, list_exports: bool = False) -> Connection:
     target, plan = nbdproto.plan_connection(uri, options, list_exports=list_exports)
-    tls = options.get("tls")
-    if plan.tls and tls is None:
-        tls = client_context(target)  # the URI's TLS settings (nbdproto.tls)
+    given = options.get("tls")
+    tls = client_context(target) if plan.tls and given is None else given  # by default the URI's TLS settings
     if options.get("command") is None:
         sock = _open(target, options.get("timeout", DEFAULT_TIMEOUT))
         return negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)

@@ -140,6 +140,7 @@ def serve(args: argparse.Namespace) -> int:
     exports = _exports(args)
     filtering = Filtering(parse_filters(args.filter, len(exports)), several_exports=len(exports) > 1)
     tls, tls_mode = _tls(args)
+    limits = server_limits(args)
     policy = connection_policy(args)
     helper = Helper(args)
     helper.watch_parent()
@@ -175,7 +176,7 @@ def serve(args: argparse.Namespace) -> int:
         _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
         listening.sockets, exports, devices, args.description, args.read_only, tls, tls_mode, stop,
-        server_limits(args), policy, lambda: helper.ready(uris[0], tls_mode, stop), args.loop,
+        limits, policy, lambda: helper.ready(uris[0], tls_mode, stop), args.loop,
     )  # fmt: skip
     try:
         (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
