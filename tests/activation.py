@@ -9,7 +9,7 @@ import time
 
 from tests.conftest import PEER_ENV
 
-__all__ = ["spawn_activated", "wait_for_exit"]
+__all__ = ["spawn_activated", "wait_for_exit", "ended"]
 
 
 def spawn_activated(
@@ -46,3 +46,12 @@ def wait_for_exit(pid: int, timeout: float = 15.0) -> int:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     raise AssertionError(f"process {pid} did not exit within {timeout} s")
+
+
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

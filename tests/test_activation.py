@@ -23,7 +23,7 @@ import nbdproto_anyio
 import nbdproto_threads
 from nbdproto.cli import main
 from nbdproto.sockets import ActivatedServer, activated_sockets
-from tests.activation import spawn_activated, wait_for_exit
+from tests.activation import ended, spawn_activated, wait_for_exit
 from tests.conftest import PEER_ENV
 
 pytestmark = pytest.mark.timeout(60)
@@ -145,6 +145,21 @@ def test_a_server_command_that_ignores_sigterm_is_killed_and_its_directory_remov
     assert server.stop() == -signal.SIGKILL
     assert not os.path.exists(server.directory)
     assert server.stop() == -signal.SIGKILL  # idempotent
+
+
+def test_a_server_command_never_stopped_ends_with_the_program(tmp_path: Any) -> None:
+    code = (
+        "import sys\n"
+        "from nbdproto.sockets import ActivatedServer\n"
+        "server = ActivatedServer(['sleep', '30'])\n"
+        "print(server.pid, server.directory, flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    pid, directory = result.stdout.split()
+    deadline = time.monotonic() + 10
+    while not ended(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ended(int(pid)) and not os.path.exists(directory)
 
 
 def test_a_server_command_that_is_not_found_is_named_in_the_error() -> None:

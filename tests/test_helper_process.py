@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import nbdproto_threads
-from tests.activation import spawn_activated, wait_for_exit
+from tests.activation import ended, spawn_activated, wait_for_exit
 from tests.conftest import PEER_ENV
 from tests.forkserver import ForkServer
 
@@ -53,15 +53,6 @@ def greeting(path: str) -> bytes:
         while len(received) < GREETING and (chunk := sock.recv(GREETING - len(received))):
             received += chunk
         return received
-
-
-def ended(pid: int) -> bool:
-    """Whether process ``pid`` has ended (gone, or a zombie its new parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 # --- Started by the real tools, with socket activation ------------------------------------------------------

@@ -23,6 +23,7 @@ import signal
 import socket
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 
 from nbdproto import NbdUri
@@ -67,6 +68,9 @@ class ActivatedServer:
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
+        # Never stopped (a client dropped without close, or still open at interpreter exit): the server must
+        # not outlive its user. SIGTERM only: a finalizer does not wait.
+        self._finalizer = weakref.finalize(self, _abandon, self.pid, self.directory)
 
     def target(self, planned: NbdUri | None = None) -> NbdUri:
         """``planned`` (export name, TLS settings) with this server's unix socket as the place to connect."""
@@ -111,6 +115,7 @@ class ActivatedServer:
                     self._reap(0)
         finally:
             self._stopped = True
+            self._finalizer.detach()
             shutil.rmtree(self.directory, ignore_errors=True)
         return self.status
 
@@ -144,6 +149,12 @@ class ActivatedServer:
         self._reaped = True
         self.status = os.waitstatus_to_exitcode(wait_status)
         self._exited_by_itself = not self._stopping
+
+
+def _abandon(pid: int, directory: str) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _spawn(command: list[str], sock: socket.socket) -> int:
