@@ -21,7 +21,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
 from ._admission import ClientInfo, ClientRefused, ConnectionPolicy, takes_client
@@ -115,6 +115,7 @@ class SessionSettings:
     tls_mode: TlsMode | None = None
     limits: ServerLimits = DEFAULT_LIMITS
     policy: ConnectionPolicy | None = None
+    _with_client: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if self.tls_mode is not None and self.tls_mode is not TlsMode.NOTLS and self.tls is None:
@@ -125,7 +126,7 @@ class SessionSettings:
         """The spec ``lookup`` gives for ``name`` asked by ``client`` (None without a lookup)."""
         if self.lookup is None:
             return None
-        if self._with_client:  # type: ignore[attr-defined]
+        if self._with_client:
             return self.lookup(name, client)  # type: ignore[call-arg]
         return self.lookup(name)  # type: ignore[call-arg]
 
