@@ -23,6 +23,7 @@ from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
 
 if TYPE_CHECKING:
+    from ._admission import ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
     from ._budget import DEFAULT_MEMORY_LIMIT, BudgetShare, MemoryBudget, MemoryShare, RequestBudget, request_cost
     from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
     from ._dispatch import (
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._server import ServerConnection
     from ._servercore import (
+        ClientResolver,
         Exports,
         Resolver,
         ServerCore,
@@ -54,6 +56,12 @@ if TYPE_CHECKING:
     from ._serving import FLUSH_AT, RECEIVE, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
 
 _LAZY = {
+    "ClientInfo": "._admission",
+    "ClientRefused": "._admission",
+    "ConnectionPolicy": "._admission",
+    "certificate_subject": "._admission",
+    "takes_client": "._admission",
+    "ClientResolver": "._servercore",
     "ServerConnection": "._server",
     "DeviceCapabilities": "._export",
     "ExportSpec": "._export",
@@ -151,6 +159,12 @@ __all__ = [
     "current_connection",
     "enter_connection",
     "Resolver",
+    "ClientResolver",
+    "ClientInfo",
+    "ClientRefused",
+    "ConnectionPolicy",
+    "certificate_subject",
+    "takes_client",
     "ServerSessionLogic",
     "Work",
     "carry_out",

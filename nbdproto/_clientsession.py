@@ -70,8 +70,11 @@ class ConnectOptions(TypedDict, total=False):
     them), ``strict``: refuse, before sending, any request the server said it cannot serve
     (ClientRequests.strict),
     and ``timeout``: seconds any single wait may take, the connect and handshake included
-    and each request after it (None: no limit)."""
+    and each request after it (None: no limit). ``command``: instead of a URI, a server to start (argv, e.g.
+    ``["nbdkit", "memory", "1G"]``) with socket activation on a private unix socket, stopped when the client
+    closes (libnbd's connect_systemd_socket_activation); ``export_name`` and TLS apply to it as to a URI."""
 
+    command: Sequence[str]
     host: str
     port: int
     socket_path: str | None

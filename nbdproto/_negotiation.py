@@ -334,8 +334,17 @@ def plan_connection(
     client backends share (``list_exports``, ``go``, ``info``, ``list_meta_contexts``: as ClientNegotiation
     takes them). TLS is used when ``options["tls"]`` holds a context or the URI is nbds, and required
     when ``require_tls`` says so, or by default for an nbds URI; a backend makes a default context when the
-    plan's ``tls`` is set and the caller gave none."""
-    if uri:
+    plan's ``tls`` is set and the caller gave none. With a ``command`` (a server to start with socket
+    activation) the target is a unix socket whose path the backend fills in once the server is started
+    (nbdproto.sockets.ActivatedServer). Raises ValueError for a bad URI, or a URI and a command both."""
+    command = options.get("command")
+    if command is not None:
+        if uri:
+            raise ValueError("connect to a URI or start a server command, not both")
+        if isinstance(command, str) or not command:
+            raise ValueError(f"command must be a non-empty list of arguments, not {command!r}")
+        target = NbdUri(options.get("export_name", ""), False, True)
+    elif uri:
         target = parse_uri(uri)
     else:
         socket_path = options.get("socket_path")

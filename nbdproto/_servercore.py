@@ -1,11 +1,17 @@
 """What a server is apart from its I/O, shared by the threads and anyio servers: the exports it offers, the
-settings every session gets, the log, the sessions alive, and the seed's per-connection policy.
+settings every session gets, the log, the sessions alive, and the connection policy (who is served).
 
 A backend's ``Server`` is a ``ServerCore`` plus an accept loop and a way to run sessions (threads or tasks):
 
-    session = ServerSession(connection, core.settings, ...)
-    with core.serving(session, peer), session:      # registered, its end logged (whose fault it was)
+    client = ClientInfo(...)                          # from the accepted socket (nbdproto.sockets.client_info)
+    if not core.admit(client):                        # the policy said no (logged): close, send nothing
+        return
+    session = ServerSession(connection, core.settings, client=client, ...)
+    with core.serving(session, client), session:    # registered, its end logged (whose fault it was)
         session.run(core)                             # negotiate, core.spec_for(...) the choice, serve it
+
+A oneshot server's serving loop ends when its one client has gone: ``serving`` then calls the backend's
+``stop_accepting``.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
+from ._admission import ClientInfo, ClientRefused, ConnectionPolicy, takes_client
 from ._device import BlockDevice
 from ._events import ClientAborted, ExportListing
 from ._export import ExportSpec
@@ -28,6 +35,7 @@ from ._state import TlsMode
 __all__ = [
     "Exports",
     "Resolver",
+    "ClientResolver",
     "SessionSettings",
     "ServerOptions",
     "ServerCore",
@@ -55,6 +63,11 @@ def enter_connection() -> int:
 Resolver = Callable[[str], "ExportSpec[Any] | None"]
 """Looks an export name up: the spec to serve, or None for an unknown name."""
 
+ClientResolver = Callable[[str, ClientInfo], "ExportSpec[Any] | None"]
+"""A resolver that is also told who asks: the client's address, and once TLS is up its certificate subject or
+pre-shared key identity (nbdproto.ClientInfo). A server calls a resolver so when it cannot be called with the
+name alone (``def resolve(name, client)``; see nbdproto.takes_client)."""
+
 
 class Exports:
     """What a server offers: names mapped to devices or ExportSpecs, or a resolver asked for each name.
@@ -62,14 +75,18 @@ class Exports:
     A plain device in the mapping is served read-only (the seed's default); an ExportSpec carries its own
     settings. ``offer`` is what NBD_OPT_LIST answers: the mapping's names with their descriptions, or None
     (answered with NBD_REP_ERR_POLICY, the spec's EPERM) for a resolver or when ``list_exports`` is False.
+    ``lookup`` is the resolver as given (a ClientResolver is also told who asks), or the mapping's ``get``.
     """
 
     __slots__ = ("lookup", "offer")
 
     def __init__(
-        self, exports: Mapping[str, BlockDevice | ExportSpec[Any]] | Resolver, *, list_exports: bool = True
+        self,
+        exports: Mapping[str, BlockDevice | ExportSpec[Any]] | Resolver | ClientResolver,
+        *,
+        list_exports: bool = True,
     ) -> None:
-        self.lookup: Resolver
+        self.lookup: Resolver | ClientResolver
         self.offer: list[ExportListing] | None
         if callable(exports):
             self.lookup = exports
@@ -89,18 +106,29 @@ class SessionSettings:
     and meta contexts are offered as base:allocation. ``tls``: the server's ``ssl.SSLContext`` (the engine
     never touches it; the backends wrap the connection with it). ``tls_mode``: the engine's TLS mode; by
     default TLS is forced when there is a context (the seed's rule) and off without one. ``limits``: time
-    limits and the memory budget.
+    limits and the memory budget. ``policy``: who is served (checked again after the TLS upgrade).
     """
 
     offer: Sequence[str | ExportListing] | None = None
-    lookup: Resolver | None = None
+    lookup: Resolver | ClientResolver | None = None
     tls: Any = None
     tls_mode: TlsMode | None = None
     limits: ServerLimits = DEFAULT_LIMITS
+    policy: ConnectionPolicy | None = None
+    _with_client: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if self.tls_mode is not None and self.tls_mode is not TlsMode.NOTLS and self.tls is None:
             raise ValueError(f"TLS mode {self.tls_mode.value} needs an ssl.SSLContext")
+        object.__setattr__(self, "_with_client", self.lookup is not None and takes_client(self.lookup))
+
+    def resolve(self, name: str, client: ClientInfo) -> ExportSpec[Any] | None:
+        """The spec ``lookup`` gives for ``name`` asked by ``client`` (None without a lookup)."""
+        if self.lookup is None:
+            return None
+        if self._with_client:
+            return self.lookup(name, client)  # type: ignore[call-arg]
+        return self.lookup(name)  # type: ignore[call-arg]
 
     @property
     def effective_tls_mode(self) -> TlsMode:
@@ -116,6 +144,7 @@ class ServerOptions(TypedDict, total=False):
     tls_mode: TlsMode | None
     list_exports: bool
     limits: ServerLimits
+    policy: ConnectionPolicy | None
 
 
 class Stoppable(Protocol):
@@ -128,10 +157,12 @@ class ServerCore:
     """A server's exports, settings and sessions (see the module docstring).
 
     ``exports`` maps names to devices or ExportSpecs (a plain device is served read-only), or is a resolver
-    called with each name a client asks for. ``tls``: an ``ssl.SSLContext`` for the server side (TLS is then
-    forced unless ``tls_mode`` says otherwise). ``list_exports`` answers NBD_OPT_LIST with the mapping's names
-    (and descriptions). ``limits``: time limits, the server-wide memory budget and the shutdown grace.
-    A backend sets ``logger`` / ``clock`` / ``peer_errors`` on its subclass for the connection log.
+    called with each name a client asks for (and the client, nbdproto.ClientInfo, when it takes two
+    arguments). ``tls``: an ``ssl.SSLContext`` for the server side (TLS is then forced unless ``tls_mode``
+    says otherwise). ``list_exports`` answers NBD_OPT_LIST with the mapping's names (and descriptions).
+    ``limits``: time limits, the server-wide memory budget and the shutdown grace. ``policy``: which clients
+    are served (nbdproto.ConnectionPolicy; by default all). A backend sets ``logger`` / ``clock`` /
+    ``peer_errors`` on its subclass for the connection log, and gives ``stop_accepting``.
     """
 
     logger = logging.getLogger("nbdproto.server")
@@ -143,47 +174,83 @@ class ServerCore:
 
     def __init__(
         self,
-        exports: Mapping[str, BlockDevice | ExportSpec[Any]] | Resolver,
+        exports: Mapping[str, BlockDevice | ExportSpec[Any]] | Resolver | ClientResolver,
         *,
         tls: Any = None,
         tls_mode: TlsMode | None = None,
         list_exports: bool = True,
         limits: ServerLimits = DEFAULT_LIMITS,
+        policy: ConnectionPolicy | None = None,
     ) -> None:
         self.exports = Exports(exports, list_exports=list_exports)
-        self.settings = SessionSettings(self.exports.offer, self.exports.lookup, tls, tls_mode, limits)
+        self.policy = policy if policy is not None else ConnectionPolicy()
+        self.settings = SessionSettings(
+            self.exports.offer, self.exports.lookup, tls, tls_mode, limits, policy=self.policy
+        )
         self.limits = limits
         self.log = ConnectionLog(self.logger, self.clock, self.peer_errors)
         self.sessions: set[Any] = set()
         self.stopping = False
+        # The clients admitted and not yet gone (set.add and set.discard are atomic: sessions end in any
+        # thread), and how many were admitted in all.
+        self._admitted: set[ClientInfo] = set()
+        self._admitted_count = 0
 
-    def spec_for(self, outcome: str | ClientAborted, peer: object) -> ExportSpec[Any] | None:
+    def admit(self, client: ClientInfo) -> bool:
+        """Whether to serve a newly accepted client, as the policy says (a refusal is logged): call it before
+        anything is sent; if True, the session must run under ``serving``, which counts the client out again.
+        A backend that accepts in several threads at once calls it under a lock."""
+        reason = self.policy.refusal(client, open_connections=len(self._admitted), admitted=self._admitted_count)
+        if reason is not None:
+            self.log.refused(client, reason)
+            return False
+        self._admitted.add(client)
+        self._admitted_count += 1
+        return True
+
+    def spec_for(self, outcome: str | ClientAborted, client: ClientInfo) -> ExportSpec[Any] | None:
         """What serves the handshake's ``outcome``: the spec of the chosen export, or None (the client aborted,
         or the resolver changed its mind since the handshake asked it)."""
         if isinstance(outcome, ClientAborted):
-            self.log.aborted(peer)
+            self.log.aborted(client)
             return None
-        spec = self.exports.lookup(outcome)
+        spec = self.settings.resolve(outcome, client)
         if spec is not None:
-            self.log.chose(peer, outcome)
+            self.log.chose(client, outcome)
         return spec
 
     @contextlib.contextmanager
-    def serving(self, session: Stoppable, peer: object) -> Iterator[None]:
+    def serving(self, session: Stoppable, client: ClientInfo | str) -> Iterator[None]:
         """Around one session's life: it is counted among the live ones (and told to stop at once if the server
-        is already shutting down), and its end is logged with whose fault it was. Exceptions end here."""
+        is already shutting down), and its end is logged with whose fault it was, or as a refusal when the
+        policy turned the client away during the handshake (nbdproto.ClientRefused). Exceptions end here.
+        When the session was the last one a oneshot server serves, the backend stops accepting."""
         enter_connection()
         self.sessions.add(session)
         if self.stopping:
             session.stop()
+        refused = False
         failure: BaseException | None = None
         try:
             yield
+        except ClientRefused as exc:
+            refused = True
+            self.log.refused(client, exc.reason)
         except Exception as exc:  # the log says whose fault it was; the server goes on
             failure = exc
         finally:
             self.sessions.discard(session)
-            self.log.ended(peer, failure)
+            self._admitted.discard(client)
+            if not refused:
+                self.log.ended(client, failure)
+            if self.policy.oneshot and self._admitted_count and not self._admitted:
+                self.stop_accepting()
+
+    def stop_accepting(self) -> None:
+        """Stop taking new connections: the policy has no more clients to serve (a oneshot server's client is
+        gone). The backend's serving loop then returns (the anyio server's after its shutdown); the sessions
+        still alive go on until shutdown."""
+        raise NotImplementedError("a backend's Server stops its accept loop")
 
     def stop_sessions(self) -> None:
         """The shutdown begins: every live session is told (each then ends once nothing is in flight)."""

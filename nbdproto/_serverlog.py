@@ -69,7 +69,12 @@ class ConnectionLog:
         self.logger.log(level, message, *args, exc_info=exc)
 
     def chose(self, peer: object, name: str) -> None:
-        self._emit("export", logging.INFO, "client %s uses export %r", peer, name)
+        """The client chose an export; a ClientInfo's credentials (certificate subject, PSK identity) are named."""
+        credentials = getattr(peer, "credentials", "")
+        if credentials:
+            self._emit("export", logging.INFO, "client %s (%s) uses export %r", peer, credentials, name)
+        else:
+            self._emit("export", logging.INFO, "client %s uses export %r", peer, name)
 
     def aborted(self, peer: object) -> None:
         self._emit("abort", logging.INFO, "client %s aborted the handshake", peer)

@@ -18,9 +18,10 @@ and the transmission loop takes ``logic.next_batch()`` until it says the connect
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from ._admission import ClientInfo, ClientRefused, certificate_subject
 from ._budget import MemoryShare
 from ._constants import CommandFlags, Errno
 from ._device import BlockDevice, Dispatch, dispatch_of
@@ -102,7 +103,9 @@ class BatchEnd(enum.Enum):
 
 
 class ServerSessionLogic:
-    """The I/O-free half of one server connection, set up as ``settings`` say (nbdproto.SessionSettings)."""
+    """The I/O-free half of one server connection, set up as ``settings`` say (nbdproto.SessionSettings).
+    ``client``: who is at the other end (nbdproto.ClientInfo), which a resolver taking two arguments is given;
+    the session adds what the TLS upgrade tells about it."""
 
     def __init__(
         self,
@@ -110,12 +113,14 @@ class ServerSessionLogic:
         *,
         share: MemoryShare | None = None,
         on_device_error: OnError | None = None,
+        client: ClientInfo | None = None,
     ) -> None:
         self.engine = ServerConnection(
             exports=settings.offer, tls=settings.effective_tls_mode, stream_writes_over=STREAM_WRITES_OVER
         )
         self.settings = settings
-        self._lookup = settings.lookup
+        self.client = client if client is not None else ClientInfo()
+        self._lookup = None if settings.lookup is None else self._resolve
         self._limits = settings.limits
         self.share = share
         """This connection's draw on the server's MemoryBudget (None: unlimited). In the threads server
@@ -170,6 +175,23 @@ class ServerSessionLogic:
                 raise ConnectionError("the connection ended during the handshake")
             else:
                 raise LocalProtocolError(f"unexpected {event!r} during the handshake")
+
+    def _resolve(self, name: str) -> ExportSpec[Any] | None:
+        return self.settings.resolve(name, self.client)
+
+    def tls_established(self, peer_certificate: Mapping[str, Any] | None, psk_identity: str | None) -> None:
+        """The driver finished the TLS upgrade the last step asked for; ``peer_certificate`` is the client's
+        verified certificate as ``getpeercert()`` gives it ({} or None without one), ``psk_identity`` the
+        pre-shared key identity it used (nbdproto.tls.psk_identity). Raises ClientRefused when the connection
+        policy does not accept the certificate's subject: the driver ends the connection there."""
+        self.engine.tls_established()
+        client = self.client
+        client.certificate_subject = certificate_subject(peer_certificate) if peer_certificate else None
+        client.psk_identity = psk_identity
+        policy = self.settings.policy
+        reason = policy.certificate_refusal(client) if policy is not None else None
+        if reason is not None:
+            raise ClientRefused(reason)
 
     def offer_export(
         self, device: BlockDevice | ExportSpec[Any], *, read_only: bool = True, description: str = ""

@@ -16,17 +16,21 @@ from __future__ import annotations
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.streams.tls import TLSStream
 
 import nbdproto
 from nbdproto import Awaiting, ClientRequests, ClientSessionLogic, HandshakeStep
-from nbdproto.tls import client_context
+from nbdproto.tls import connection_context
 
 from ._socket import RawSocketStream, close_stream, connect_socket, receive, send_pieces
+
+if TYPE_CHECKING:
+    from nbdproto.sockets import ActivatedServer
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -50,6 +54,8 @@ class AsyncClient(ClientRequests[Awaiting]):
         self._read_lock = anyio.Lock()
         self._send_lock = anyio.Lock()
         self._closed = False
+        self.server: ActivatedServer | None = None
+        """The server started for this client (``connect(command=[...])``), stopped once it is closed."""
 
     # --- Handshake ----------------------------------------------------------------------------------------
 
@@ -135,20 +141,26 @@ class AsyncClient(ClientRequests[Awaiting]):
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self.stream.aclose()
+            await self._stop_server()
 
     async def aclose(self) -> None:
-        """Disconnect politely (NBD_CMD_DISC) and close."""
-        if self._closed:
-            return
-        self._closed = True
+        """Disconnect politely (NBD_CMD_DISC) and close; then stop the server started for this client, if one
+        was."""
         with anyio.CancelScope(shield=True):
-            try:
-                if self.logic.disconnect():
-                    with anyio.move_on_after(self._timeout or 5.0):
-                        await self._flush()
-            except (OSError, nbdproto.ProtocolError, anyio.BrokenResourceError):
-                pass
-            await close_stream(self.stream)
+            if not self._closed:
+                self._closed = True
+                try:
+                    if self.logic.disconnect():
+                        with anyio.move_on_after(self._timeout or 5.0):
+                            await self._flush()
+                except (OSError, nbdproto.ProtocolError, anyio.BrokenResourceError):
+                    pass
+                await close_stream(self.stream)
+            await self._stop_server()
+
+    async def _stop_server(self) -> None:
+        if self.server is not None:
+            await anyio.to_thread.run_sync(self.server.stop)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -159,10 +171,29 @@ class AsyncClient(ClientRequests[Awaiting]):
 
 async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> AsyncClient:
     target, plan = nbdproto.plan_connection(uri, options, **asked)
-    tls = options.get("tls")
-    if plan.tls and tls is None:
-        tls = client_context(target, psk=options.get("tls_psk"))  # the URI's TLS settings (nbdproto.tls)
-    timeout = options.get("timeout")
+    given = connection_context(target, plan.tls, options.get("tls"), options.get("tls_psk"))
+    if options.get("command") is None:
+        client = await _handshake(target, plan, given, options.get("timeout"))
+    else:
+        from nbdproto.sockets import ActivatedServer  # only here: most clients never start a server
+
+        server = await anyio.to_thread.run_sync(ActivatedServer, options["command"])
+        try:
+            client = await _handshake(server.target(target), plan, given, options.get("timeout"))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                failure = await anyio.to_thread.run_sync(server.failed, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        client.server = server
+    client.strict = options.get("strict", False)
+    return client
+
+
+async def _handshake(
+    target: nbdproto.NbdUri, plan: nbdproto.ClientNegotiation, tls: ssl.SSLContext | None, timeout: float | None
+) -> AsyncClient:
     with anyio.fail_after(timeout):
         stream = await connect_socket(target.socket if target.unix else (target.host, target.port))
         client = AsyncClient(stream, ClientSessionLogic(nbdproto.ClientConnection(), plan), timeout)
@@ -171,22 +202,25 @@ async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked
         except BaseException:
             await client._abort()
             raise
-    client.strict = options.get("strict", False)
     return client
 
 
 async def connect(uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]) -> AsyncClient:
     """Connect by URI (nbd://, nbds://, nbd+unix://, nbds+unix://) or by the ``host`` / ``port`` /
-    ``socket_path`` / ``export_name`` options (nbdproto.ConnectOptions says what each does); ``timeout``
+    ``socket_path`` / ``export_name`` options (nbdproto.ConnectOptions says what each does), or start a server
+    (``command=["nbdkit", "memory", "1G"]``: socket activation, stopped when the client closes); ``timeout``
     (none by default: use cancel scopes) bounds the connect, the handshake and each request."""
     return await _negotiated(uri, options)
 
 
-async def list_exports(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> list[nbdproto.ExportListing]:
+async def list_exports(
+    uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]
+) -> list[nbdproto.ExportListing]:
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
     client = await _negotiated(uri, options, list_exports=True)
     with anyio.CancelScope(shield=True):
         await close_stream(client.stream)  # after NBD_OPT_ABORT: close_notify, as the spec asks
+        await client._stop_server()
     assert client.listing is not None
     return list(client.listing.exports)
 

@@ -21,18 +21,19 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
-from anyio.streams.tls import TLSStream
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 import nbdproto
+import nbdproto.tls
 from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
-from nbdproto.sockets import AcceptBackoff, listen_socket, peer_name
+from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, send_pieces
 
@@ -86,8 +87,8 @@ class _Share(nbdproto.BudgetShare):
 
 class ServerSession:
     """One client connection on the server side, over an anyio byte stream (``listen()``'s fast
-    RawSocketStream, or any other). ``settings`` and ``log`` as for nbdproto_threads.ServerSession; ``room``: the
-    server's memory budget (a budget of its own otherwise)."""
+    RawSocketStream, or any other). ``settings``, ``log`` and ``client`` as for nbdproto_threads.ServerSession;
+    ``room``: the server's memory budget (a budget of its own otherwise)."""
 
     def __init__(
         self,
@@ -96,11 +97,14 @@ class ServerSession:
         *,
         room: Room | None = None,
         log: nbdproto.ConnectionLog | None = None,
+        client: nbdproto.ClientInfo | None = None,
     ) -> None:
         self.stream: anyio.abc.ByteStream = stream
         self._share = _Share(room or Room(nbdproto.MemoryBudget(settings.limits.memory_limit)))
         on_device_error = (log or _default_log()).device_failed
-        self.logic = nbdproto.ServerSessionLogic(settings, share=self._share, on_device_error=on_device_error)
+        self.logic = nbdproto.ServerSessionLogic(
+            settings, share=self._share, on_device_error=on_device_error, client=client or _client_of(stream)
+        )
         self.engine = self.logic.engine
         self._idle = False
         self._send_lock = anyio.Lock(fast_acquire=True)  # no extra trip through the loop when it is free
@@ -205,7 +209,8 @@ class ServerSession:
         self.stream = await TLSStream.wrap(
             self.stream, server_side=True, ssl_context=self.logic.settings.tls, standard_compatible=False
         )
-        self.engine.tls_established()
+        certificate = self.stream.extra(TLSAttribute.peer_certificate, None)
+        self.logic.tls_established(certificate, nbdproto.tls.psk_identity(self.stream))
 
     # --- Transmission ---------------------------------------------------------------------------------------
 
@@ -301,6 +306,15 @@ def _default_log() -> nbdproto.ConnectionLog:
     return nbdproto.ConnectionLog(log, time.monotonic, PEER_ERRORS)
 
 
+def _client_of(stream: anyio.abc.ByteStream) -> nbdproto.ClientInfo:
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    return nbdproto.ClientInfo() if raw is None else client_info(raw)
+
+
+Listening = SocketAcceptor | anyio.abc.Listener[Any]
+"""What ``Server.serve`` accepts connections from."""
+
+
 class Server(nbdproto.ServerCore):
     """Serves exports to many clients at once, a task per connection, until ``shutdown()`` or cancellation.
     Arguments as nbdproto.ServerCore says."""
@@ -310,18 +324,26 @@ class Server(nbdproto.ServerCore):
     clock = staticmethod(time.monotonic)
     _room: Room | None = None  # made in serve(): an anyio.Event needs a running loop
     _stopped: anyio.Event | None = None
+    _stop_asked = False
 
-    async def serve(self, listener: SocketAcceptor | anyio.abc.Listener[Any]) -> None:
-        """Serve every connection ``listener`` accepts until ``shutdown()``; ``listen()`` makes the fast kind
-        (a SocketAcceptor); any anyio Listener works too. Cancelling it ends every connection at once."""
+    async def serve(self, listener: Listening | Sequence[Listening]) -> None:
+        """Serve every connection ``listener`` accepts (or each of several listeners: those socket activation
+        passed, say) until ``shutdown()`` (or, for a oneshot policy, until its client is gone); ``listen()``
+        makes the fast kind (a SocketAcceptor); any anyio Listener works too. Cancelling it ends every
+        connection at once."""
+        listeners = list(listener) if isinstance(listener, Sequence) else [listener]
         self._room = Room(nbdproto.MemoryBudget(self.limits.memory_limit))
         stopped = self._stopped = anyio.Event()
+        if self._stop_asked:  # shutdown() came first
+            stopped.set()
         async with anyio.create_task_group() as connections:
             async with anyio.create_task_group() as accepting:
-                accepting.start_soon(self._accept, listener, connections)
+                for each in listeners:
+                    accepting.start_soon(self._accept, each, connections)
                 await stopped.wait()
                 accepting.cancel_scope.cancel()
-            await listener.aclose()
+            for each in listeners:
+                await each.aclose()
             self.stop_sessions()
             with anyio.move_on_after(self.limits.shutdown_grace):
                 while self.sessions:
@@ -331,11 +353,17 @@ class Server(nbdproto.ServerCore):
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish within the shutdown grace (answering new ones with
         ESHUTDOWN), then close every connection; ``serve()`` returns once that is done."""
-        if self._stopped is not None:
-            self._stopped.set()
+        self.stop_accepting()
         await anyio.lowlevel.checkpoint()
 
-    async def _accept(self, listener: SocketAcceptor | anyio.abc.Listener[Any], tasks: anyio.abc.TaskGroup) -> None:
+    def stop_accepting(self) -> None:
+        """Begin the shutdown (called in the event loop's thread): ``serve()`` stops accepting, lets the sessions
+        finish, and returns (at once if it has not begun yet)."""
+        self._stop_asked = True
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _accept(self, listener: Listening, tasks: anyio.abc.TaskGroup) -> None:
         if not isinstance(listener, SocketAcceptor):
             await listener.serve(self.handle, tasks)
             return
@@ -350,13 +378,15 @@ class Server(nbdproto.ServerCore):
             tasks.start_soon(self.handle, stream)
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
-        """Serve one accepted connection to its end (a listener's handler)."""
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-        peer = "?" if raw is None else peer_name(raw)
-        session = ServerSession(stream, self.settings, room=self._room, log=self.log)
-        with self.serving(session, peer):
+        """Serve one accepted connection to its end (a listener's handler), if the policy admits the client."""
+        client = _client_of(stream)
+        if not self.admit(client):
+            await stream.aclose()
+            return
+        session = ServerSession(stream, self.settings, room=self._room, log=self.log, client=client)
+        with self.serving(session, client):
             async with session:
-                spec = self.spec_for(await session.negotiate(), peer)
+                spec = self.spec_for(await session.negotiate(), client)
                 if spec is not None:
                     await session.serve(spec)
 

@@ -17,13 +17,16 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import nbdproto
 from nbdproto import Blocking, ClientRequests, ClientSessionLogic, HandshakeStep
-from nbdproto.tls import client_context
+from nbdproto.tls import connection_context
 
 from ._stream import SocketStream
+
+if TYPE_CHECKING:
+    from nbdproto.sockets import ActivatedServer
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -52,6 +55,8 @@ class Connection(NamedTuple):
 
     stream: SocketStream
     logic: ClientSessionLogic
+    server: ActivatedServer | None = None
+    """The server started for this connection (``connect(command=[...])``), to stop once it is closed."""
 
     @property
     def engine(self) -> nbdproto.ClientConnection:
@@ -105,6 +110,7 @@ class Client(ClientRequests[Blocking]):
 
     def __init__(self, connection: Connection) -> None:
         self.stream = connection.stream
+        self.server = connection.server
         self.logic = connection.logic
         self.engine = connection.engine
         self._timeout = connection.stream.sock.gettimeout()
@@ -179,17 +185,19 @@ class Client(ClientRequests[Blocking]):
         return not reader.is_alive()
 
     def close(self) -> None:
-        """Disconnect politely (NBD_CMD_DISC once replies are in) and close the socket."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with self._lock:
-                if self.logic.disconnect():
-                    self.stream.send(self.engine.data_to_send())
-        except (OSError, nbdproto.ProtocolError):
-            pass
-        self.stream.close()
+        """Disconnect politely (NBD_CMD_DISC once replies are in) and close the socket; then stop the server
+        started for this client, if one was."""
+        if not self._closed:
+            self._closed = True
+            try:
+                with self._lock:
+                    if self.logic.disconnect():
+                        self.stream.send(self.engine.data_to_send())
+            except (OSError, nbdproto.ProtocolError):
+                pass
+            self.stream.close()
+        if self.server is not None:
+            self.server.stop()
 
     def _shut(self) -> None:
         self._closed = True
@@ -218,33 +226,54 @@ def _open(uri: nbdproto.NbdUri, timeout: float | None) -> socket.socket:
 
 
 def open_connection(uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]) -> Connection:
-    """Connect and negotiate as ``connect`` does, but hand back the negotiated Connection instead of a Client."""
+    """Connect and negotiate as ``connect`` does, but hand back the negotiated Connection instead of a Client
+    (with a ``command``, stop ``connection.server`` once done with it)."""
     return _negotiated(uri, options)
 
 
 def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> Connection:
     target, plan = nbdproto.plan_connection(uri, options, **asked)
-    tls = options.get("tls")
-    if plan.tls and tls is None:
-        tls = client_context(target, psk=options.get("tls_psk"))  # the URI's TLS settings (nbdproto.tls)
-    sock = _open(target, options.get("timeout", DEFAULT_TIMEOUT))
-    connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
+    given = connection_context(target, plan.tls, options.get("tls"), options.get("tls_psk"))
+    if options.get("command") is None:
+        sock = _open(target, options.get("timeout", DEFAULT_TIMEOUT))
+        connection = negotiate_client(sock, plan, tls=given, server_hostname=target.tls_hostname)
+    else:
+        from nbdproto.sockets import ActivatedServer  # only here: the client commands start without it
+
+        server = ActivatedServer(options["command"])
+        try:
+            sock = _open(server.target(target), options.get("timeout", DEFAULT_TIMEOUT))
+            connection = negotiate_client(sock, plan, tls=given, server_hostname=target.tls_hostname)
+        except BaseException as exc:
+            failure = server.failed(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        connection = connection._replace(server=server)
     connection.engine.strict = options.get("strict", False)
     return connection
 
 
 def connect(uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]) -> Client:
     """Connect to an NBD server by URI (nbd://, nbds://, nbd+unix://, nbds+unix://) or by the ``host`` /
-    ``port`` / ``socket_path`` / ``export_name`` options (nbdproto.ConnectOptions says what each does).
-    ``tls`` is the client SSLContext (CA and client certificate); an nbds URI requires TLS. ``timeout`` (30 s
-    by default) bounds every wait."""
+    ``port`` / ``socket_path`` / ``export_name`` options (nbdproto.ConnectOptions says what each does), or
+    start a server: ``connect(command=["nbdkit", "memory", "1G"])`` runs it with socket activation and stops
+    it when the client closes. ``tls`` is the client SSLContext (CA and client certificate); an nbds URI
+    requires TLS. ``timeout`` (30 s by default) bounds every wait."""
     return Client(_negotiated(uri, options))
 
 
-def list_exports(uri: str, **options: Unpack[nbdproto.ConnectOptions]) -> list[nbdproto.ExportListing]:
+def _finish(connection: Connection) -> None:
+    """Close a connection that ended in negotiation, and stop the server started for it, if one was."""
+    connection.stream.close()
+    if connection.server is not None:
+        connection.server.stop()
+
+
+def list_exports(uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]) -> list[nbdproto.ExportListing]:
     """The exports a server lists (NBD_OPT_LIST), with their descriptions."""
     connection = _negotiated(uri, options, list_exports=True)
-    connection.stream.close()
+    _finish(connection)
     listing = connection.result
     assert isinstance(listing, nbdproto.ExportList)
     return list(listing.exports)
@@ -263,7 +292,7 @@ def inquire(
     ``list_meta_contexts`` asks for (its queries; empty for all; None for none)."""
     asked = {"list_exports": list_exports, "info": info, "list_meta_contexts": list_meta_contexts}
     connection = _negotiated(uri, options, go=False, **asked)
-    connection.stream.close()
+    _finish(connection)
     inquiry = connection.result
     assert isinstance(inquiry, nbdproto.Inquiry)
     return inquiry

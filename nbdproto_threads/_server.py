@@ -28,7 +28,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,8 +38,9 @@ else:
     from typing_extensions import Unpack
 
 import nbdproto
+import nbdproto.tls
 from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
-from nbdproto.sockets import AcceptBackoff, listen_socket, peer_name
+from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._stream import SocketStream
 
@@ -98,7 +99,8 @@ class ServerSession:
     client's next request (plaintext only; 0: never): a client that sends one request at a time is then served
     without a wake-up per request, at the price of a busy core while it spins.
     ``share``: its draw on the server's memory budget (a budget of its own otherwise); ``log``: the server's
-    ConnectionLog.
+    ConnectionLog; ``client``: what the server knows of the client (nbdproto.ClientInfo; from ``sock`` if not
+    given), completed after a TLS upgrade.
     """
 
     def __init__(
@@ -110,11 +112,14 @@ class ServerSession:
         poll: float = 0.0,
         share: LockedShare | None = None,
         log: nbdproto.ConnectionLog | None = None,
+        client: nbdproto.ClientInfo | None = None,
     ) -> None:
         self.stream = SocketStream(sock)
         self._share = share or LockedShare(nbdproto.MemoryBudget(settings.limits.memory_limit), threading.Condition())
         on_device_error = (log or _default_log()).device_failed
-        self.logic = nbdproto.ServerSessionLogic(settings, share=self._share, on_device_error=on_device_error)
+        self.logic = nbdproto.ServerSessionLogic(
+            settings, share=self._share, on_device_error=on_device_error, client=client or client_info(sock)
+        )
         self.engine = self.logic.engine
         self._workers = workers
         self._poll = poll
@@ -231,8 +236,8 @@ class ServerSession:
 
     def _start_tls(self) -> None:
         self._send()
-        self.stream.sock = self.logic.settings.tls.wrap_socket(self.stream.sock, server_side=True)
-        self.engine.tls_established()
+        sock = self.stream.sock = self.logic.settings.tls.wrap_socket(self.stream.sock, server_side=True)
+        self.logic.tls_established(sock.getpeercert(), nbdproto.tls.psk_identity(sock))
 
     # --- Transmission ---------------------------------------------------------------------------------------
 
@@ -345,9 +350,10 @@ def _default_log() -> nbdproto.ConnectionLog:
 class Server(nbdproto.ServerCore):
     """Serves exports to many clients at once: a thread per connection, until ``shutdown()``.
 
-    ``exports``, ``tls``, ``tls_mode``, ``list_exports``, ``limits``: as nbdproto.ServerCore says. ``listen`` is
-    a ``(host, port)`` pair, a unix socket path, or an already bound and listening socket; ``workers`` and
-    ``poll`` as for ServerSession.
+    ``exports``, ``tls``, ``tls_mode``, ``list_exports``, ``limits``, ``policy``: as nbdproto.ServerCore says.
+    ``listen`` is a ``(host, port)`` pair, a unix socket path, an already bound and listening socket, or
+    several such sockets (all served alike: those socket activation passed, say); ``workers`` and ``poll``
+    as for ServerSession.
     """
 
     logger = log
@@ -357,7 +363,7 @@ class Server(nbdproto.ServerCore):
     def __init__(
         self,
         exports: Mapping[str, nbdproto.BlockDevice | nbdproto.ExportSpec[Any]] | nbdproto.Resolver,
-        listen: tuple[str, int] | str | socket.socket = ("127.0.0.1", nbdproto.DEFAULT_PORT),
+        listen: tuple[str, int] | str | socket.socket | Sequence[socket.socket] = ("127.0.0.1", nbdproto.DEFAULT_PORT),
         *,
         workers: int | None = None,
         poll: float = 0.0,
@@ -368,7 +374,15 @@ class Server(nbdproto.ServerCore):
         self._poll = poll
         self._memory = nbdproto.MemoryBudget(self.limits.memory_limit)
         self._room = threading.Condition()  # the memory budget's lock, where sessions wait for room
-        self.sock = listen if isinstance(listen, socket.socket) else listen_socket(listen)
+        if isinstance(listen, socket.socket):
+            self.sockets = [listen]
+        elif isinstance(listen, (str, tuple)):
+            self.sockets = [listen_socket(listen)]
+        else:
+            self.sockets = list(listen)
+        if not self.sockets:
+            raise ValueError("a server needs a socket to listen on")
+        self.sock = self.sockets[0]
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._accepting = threading.Event()
@@ -376,18 +390,27 @@ class Server(nbdproto.ServerCore):
 
     @property
     def address(self) -> Any:
-        """What the listening socket is bound to: (host, port) or the unix socket path."""
+        """What the (first) listening socket is bound to: (host, port) or the unix socket path."""
         return self.sock.getsockname()
 
     def serve_forever(self) -> None:
-        """Accept and serve connections until shutdown() is called. Running out of file descriptors (or of
-        kernel memory for sockets) does not end it: it says so once, waits for some to be freed, and goes on;
-        established connections are never dropped because an accept failed."""
+        """Accept and serve connections on every listening socket until shutdown() is called (or, for a
+        oneshot policy, its client is gone). Running out of file descriptors (or of kernel memory for sockets)
+        does not end it: it says so once, waits for some to be freed, and goes on; established connections are
+        never dropped because an accept failed."""
+        others = [threading.Thread(target=self._accept_on, args=(sock,), daemon=True) for sock in self.sockets[1:]]
+        for thread in others:
+            thread.start()
+        self._accept_on(self.sock)
+        for thread in others:
+            thread.join()
+
+    def _accept_on(self, sock: socket.socket) -> None:
         backoff = AcceptBackoff(log)
         stopped = threading.Event()
         while self._accepting.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError as exc:
                 if not self._accepting.is_set():
                     break
@@ -406,28 +429,40 @@ class Server(nbdproto.ServerCore):
                 self.log.refused("?", f"cannot start a thread: {exc}")
 
     def _serve_one(self, conn: socket.socket) -> None:
-        if conn.family != socket.AF_UNIX:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = peer_name(conn)
-        share = LockedShare(self._memory, self._room)
-        session = ServerSession(conn, self.settings, workers=self._workers, poll=self._poll, share=share, log=self.log)
         try:
-            with self.serving(session, peer), session:
-                spec = self.spec_for(session.negotiate(), peer)
+            client = client_info(conn)
+            with self._lock:  # accept loops on several sockets admit clients at once
+                admitted = self.admit(client)
+            if not admitted:
+                conn.close()
+                return
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            share = LockedShare(self._memory, self._room)
+            session = ServerSession(
+                conn, self.settings, workers=self._workers, poll=self._poll, share=share, log=self.log, client=client
+            )
+            with self.serving(session, client), session:
+                spec = self.spec_for(session.negotiate(), client)
                 if spec is not None:
                     session.serve(spec)
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
+    def stop_accepting(self) -> None:
+        """Stop accepting: every accept loop ends, and serve_forever returns (shutdown() ends the sessions)."""
+        self._accepting.clear()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
+            sock.close()
+
     def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting; let in-flight requests finish within ``grace`` seconds (ServerLimits.shutdown_grace
         by default), answering new ones with ESHUTDOWN; then close every connection, flushing every device."""
         grace = self.limits.shutdown_grace if grace is None else grace
-        self._accepting.clear()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        self.stop_accepting()
         self.stop_sessions()
         deadline = time.monotonic() + grace
         for thread in self._live_threads():

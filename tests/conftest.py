@@ -1,9 +1,10 @@
 """Shared test configuration: the real-peer rule, and per-test timeouts.
 
-Interop tests need real NBD tools (nbdkit, nbdinfo, nbdsh, nbdcopy, qemu-nbd, qemu-img, qemu-io, nbd-server).
-Every such test asks for them through the ``peers`` fixture: ``peers("nbdinfo", "nbdcopy")``. Where a tool is
-missing the test is skipped with the reason, for a local run; with ``NBDPROTO_REQUIRE_PEERS=1`` (set by
-.ci/run) the test fails instead, so CI can never pass by skipping what it must prove.
+Interop tests need real NBD tools (nbdkit, nbdinfo, nbdsh, nbdcopy, qemu-nbd, qemu-img, qemu-io, nbd-server;
+systemd-socket-activate, systemd's socket activation for one service). Every such test asks for them through
+the ``peers`` fixture: ``peers("nbdinfo", "nbdcopy")``. Where a tool is missing the test is skipped with the
+reason, for a local run; with ``NBDPROTO_REQUIRE_PEERS=1`` (set by .ci/run) the test fails instead, so CI can
+never pass by skipping what it must prove.
 
 ``nbdsh`` runs the first python3 on PATH, but Debian ships the libnbd binding only for /usr/bin/python3, so
 it counts as present only where /usr/bin/python3 can ``import nbd``; tests run it with /usr/bin first on PATH

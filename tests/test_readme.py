@@ -1,5 +1,6 @@
 """The README's Python examples run as they are shown (on a free port instead of 10809), each in a fresh
-interpreter with a time limit: the public API the README shows keeps working."""
+interpreter with a time limit, in a directory holding the images they name (disk.img, and disk.qcow2 made by
+qemu-img): the public API the README shows keeps working."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,12 @@ def test_the_readme_has_examples() -> None:
 
 
 @pytest.mark.parametrize("code", EXAMPLES, ids=[f"example {i + 1}" for i in range(len(EXAMPLES))])
-def test_readme_example_runs(code: str) -> None:
+def test_readme_example_runs(code: str, tmp_path: pathlib.Path, peers: Any) -> None:
     code = code.replace("10809", str(_free_port()))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    if "disk.qcow2" in code:
+        peers("qemu-img", "qemu-nbd")
+        made = ["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "disk.qcow2"), "1M"]
+        subprocess.run(made, check=True, timeout=30)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"

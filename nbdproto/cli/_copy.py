@@ -15,6 +15,7 @@ from typing import Any
 import nbdproto
 from nbdproto_threads import CopyFailed, CopyProgress, copy
 
+from ._command_args import starting_servers
 from ._errors import UsageError, size_argument, timeout_of
 from ._query import add_connection_arguments, client_tls
 
@@ -68,6 +69,7 @@ def _ends(args: argparse.Namespace) -> tuple[str, str]:
     return args.src, args.dst
 
 
+@starting_servers("src", "dst", "progress")  # "--progress SRC DST" is taken back by _ends
 def copy_command(args: argparse.Namespace) -> int:
     src, dst = _ends(args)
     request_size = size_argument(args.request_size, "--request-size") if args.request_size else None

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import nbdproto
 
+from ._command_args import bracketed
 from ._copy import add_copy_command, copy_command
 from ._errors import UsageError
 from ._fuse import add_fuse_command, fuse_command
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(bracketed(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "serve":
             from ._serve import serve  # the servers' imports are for serve alone (see _serve)

@@ -24,6 +24,7 @@ from nbdproto import BASE_ALLOCATION
 from nbdproto.tls import client_context
 from nbdproto_threads import Client, connect, inquire, list_exports
 
+from ._command_args import starting_servers
 from ._errors import UsageError, add_timeout_argument, timeout_of
 from ._exportinfo import FEATURES, client_document, details_document, protocol_line, text_lines
 from ._map import map_lines, totals_lines, walk_extents
@@ -95,6 +96,7 @@ def _connect(args: argparse.Namespace, uri: str, **options: Any) -> Client:
     return connect(uri, tls=client_tls(args, uri), timeout=timeout_of(args), **options)
 
 
+@starting_servers("uri", "map")  # "--map URI" is taken back by _target
 def info(args: argparse.Namespace) -> int:
     uri = _target(args)
     feature = args.can or args.is_
@@ -160,6 +162,7 @@ def _list_details(args: argparse.Namespace, uri: str) -> int:
     return 0
 
 
+@starting_servers("uri")
 def list_command(args: argparse.Namespace) -> int:
     exports = list_exports(args.uri, tls=client_tls(args, args.uri), timeout=timeout_of(args))
     if args.json:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -19,12 +18,12 @@ from dataclasses import dataclass
 
 import nbdproto
 from nbdproto import BlockDevice, ExportSpec, ServerLimits
-from nbdproto.sockets import listen_socket
 from nbdproto.tls import PskFileError, PskUnavailableError, check_psk_support, read_psk_file, server_context
 from nbdproto_threads import Server as ThreadsServer
 
 from ._errors import UsageError, size_argument
 from ._filters import Filtering, parse_filters
+from ._helper import Helper, connection_policy, listen
 from ._sources import Source, apply_s3_options, open_source, parse_source
 
 __all__ = ["serve", "serve_opened", "default_loop"]
@@ -92,16 +91,6 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
     return context, mode
 
 
-def _listen_socket(args: argparse.Namespace) -> socket.socket:
-    if args.socket and os.path.exists(args.socket):
-        raise UsageError(f"{args.socket} already exists")
-    try:
-        return listen_socket(args.socket or (args.host, args.port))
-    except OSError as exc:
-        where = args.socket or f"{args.host}:{args.port}"
-        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-
-
 def server_limits(args: argparse.Namespace) -> ServerLimits:
     """The ServerLimits the serve options ask for."""
     try:
@@ -116,7 +105,7 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
         raise UsageError(str(exc)) from None
 
 
-def _uris(sock: socket.socket, names: list[str], tls: bool) -> list[str]:
+def _uris(sock: socket.socket, names: list[str], tls: bool) -> list[nbdproto.NbdUri]:
     address = sock.getsockname()
     out = []
     for name in names:
@@ -124,7 +113,7 @@ def _uris(sock: socket.socket, names: list[str], tls: bool) -> list[str]:
             uri = nbdproto.NbdUri(name, tls, True, socket=address)
         else:
             uri = nbdproto.NbdUri(name, tls, False, address[0], address[1])
-        out.append(str(uri))
+        out.append(uri)
     return out
 
 
@@ -138,7 +127,8 @@ def default_loop() -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run ``nbdproto serve`` until SIGINT or SIGTERM; UsageError for a bad argument."""
+    """Run ``nbdproto serve`` until SIGINT or SIGTERM (or the ``--run`` command exits, or a ``--oneshot``
+    client leaves); the exit status (the ``--run`` command's, else 0); UsageError for a bad argument."""
     exports = _exports(args)
 
     def open_exports(source_read_only: bool) -> list[tuple[str, BlockDevice]]:
@@ -156,10 +146,11 @@ def serve_opened(
 ) -> int:
     """Serve the ``count`` (name, device) exports ``open_exports(source_read_only)`` opens (read-only where the
     filters keep the source unchanged, e.g. cow), each wrapped in the --filter chain, as the serve options in
-    ``args`` say, until SIGINT or SIGTERM; then flush and close every device. Bad options, and devices that
-    cannot be opened (OSError, or a UsageError from ``open_exports``), are UsageErrors raised before anything is
-    served. ``on_serving`` runs once the server listens and its URIs are printed (``nbdproto mirror`` starts its
-    copy there)."""
+    ``args`` say, until SIGINT or SIGTERM (or the ``--run`` command exits, or a ``--oneshot`` client leaves);
+    then flush and close every device; the exit status (the ``--run`` command's, else 0). Bad options, and
+    devices that cannot be opened (OSError, or a UsageError from ``open_exports``), are UsageErrors raised
+    before anything is served. ``on_serving`` runs once the server listens and its URIs are printed
+    (``nbdproto mirror`` starts its copy there)."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -174,23 +165,14 @@ def serve_opened(
         raise UsageError(f"--loop {args.loop} needs the {args.loop} package (pip install {args.loop})")
     filtering = Filtering(parse_filters(args.filter, count), several_exports=count > 1)
     tls, tls_mode = _tls(args)
-    sock = _listen_socket(args)
-    try:
-        exports = _filtered(open_exports(filtering.source_read_only), filtering)
-    except (OSError, UsageError) as exc:
-        sock.close()
-        filtering.close()
-        if isinstance(exc, UsageError):
-            raise
-        raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
-    except BaseException:
-        sock.close()
-        filtering.close()
-        raise
-    names = [name for name, _ in exports]
-    devices = [device for _, device in exports]
-    for uri in _uris(sock, names, tls is not None):
-        print(f"serving {uri}", flush=True)
+    limits = server_limits(args)
+    policy = connection_policy(args)
+    helper = Helper(args)
+    helper.watch_parent()
+    listening = listen(args)
+    helper.fork()
+    # From here on a signal stops the server once it serves (at once, if it comes while the devices open), so
+    # that what was made for it (a private socket directory, the pid file) is removed.
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -199,21 +181,34 @@ def serve_opened(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        exports = _filtered(open_exports(filtering.source_read_only), filtering)
+    except (OSError, UsageError) as exc:
+        listening.close()
+        filtering.close()
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
+    except BaseException:
+        listening.close()
+        filtering.close()
+        raise
+    names = [name for name, _ in exports]
+    devices = [device for _, device in exports]
+    # Under socket activation or --run, standard output is not ours: the starter's, or the command's.
+    quiet = listening.activated or bool(args.run)
+    uris = _uris(listening.sockets[0], names, tls is not None)
+    for uri in uris:
+        if quiet:
+            log.info("serving %s", uri)
+        else:
+            print(f"serving {uri}", flush=True)
     if filtering.stats:
         _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
-        sock,
-        names,
-        devices,
-        args.description,
-        args.read_only,
-        tls,
-        tls_mode,
-        stop,
-        server_limits(args),
-        args.loop,
-        args.busy_poll,
-    )
+        listening.sockets, names, devices, args.description, args.read_only, tls, tls_mode, stop,
+        limits, policy, lambda: helper.ready(uris[0], tls_mode, stop), args.loop, args.busy_poll,
+    )  # fmt: skip
     try:
         if on_serving is not None:
             on_serving()
@@ -225,12 +220,13 @@ def serve_opened(
             except (OSError, nbdproto.ProtocolError) as exc:  # an error filter failing on purpose, a remote gone
                 log.warning("flush at exit failed: %s", exc)
             device.close()
-        if args.socket:
-            os.unlink(args.socket)
+        listening.close()
         filtering.report_stats()
         filtering.close()
-    print("stopped", flush=True)
-    return 0
+    status = helper.finish()
+    if not quiet:
+        print("stopped", flush=True)
+    return status
 
 
 def _open_devices(exports: list[ExportArg], read_only: bool) -> list[BlockDevice]:
@@ -279,7 +275,7 @@ def _report_stats_on_sigusr1(filtering: Filtering, stop: threading.Event) -> Non
 class _Serving:
     """Everything a backend needs to serve what the command line asked for."""
 
-    sock: socket.socket
+    sockets: list[socket.socket]
     names: list[str]
     devices: list[BlockDevice]
     description: str
@@ -288,17 +284,29 @@ class _Serving:
     tls_mode: nbdproto.TlsMode | None
     stop: threading.Event
     limits: ServerLimits
+    policy: nbdproto.ConnectionPolicy
+    ready: Callable[[], None]
+    """Called once the server accepts connections (the pid file, --fork, --run: see _helper)."""
     loop: str = "asyncio"
     busy_poll: int = 0
 
 
 def _serve_threads(job: _Serving) -> None:
     specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
+    poll = job.busy_poll / 1e6
     server = ThreadsServer(
-        specs, job.sock, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, poll=job.busy_poll / 1e6
+        specs, job.sockets, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy, poll=poll
     )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        finally:
+            job.stop.set()  # a oneshot server's client has gone
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
+    job.ready()
     job.stop.wait()
     server.shutdown()
 
@@ -312,14 +320,21 @@ def _serve_anyio(job: _Serving) -> None:
     from nbdproto_anyio import listen
 
     specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
-    server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits)
+    server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy)
+
+    async def stop_when_asked() -> None:
+        await anyio.to_thread.run_sync(job.stop.wait)
+        await server.shutdown()
 
     async def run() -> None:
-        listener = await listen(job.sock)
+        listeners = [await listen(sock) for sock in job.sockets]
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(server.serve, listener)
-            await anyio.to_thread.run_sync(job.stop.wait)
-            await server.shutdown()
+            tasks.start_soon(stop_when_asked)
+            job.ready()
+            try:
+                await server.serve(listeners)  # until shutdown, or a oneshot server's client has gone
+            finally:
+                job.stop.set()
 
     if job.loop == "uvloop":
         anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})

@@ -3,6 +3,8 @@ command loads no server, device or event loop."""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from typing import Any
 
 import nbdproto
@@ -31,9 +33,12 @@ def add_serve_arguments(serve: Any) -> None:
     serve.add_argument("--name", default="", help="export name (default: the empty default export)")
     serve.add_argument("--description", default="", help="export description shown by nbdinfo")
     serve.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=nbdproto.DEFAULT_PORT, help="TCP port (default 10809; 0: any)")
+    serve.add_argument("--host", default="127.0.0.1", action=_Address, help="address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=nbdproto.DEFAULT_PORT, action=_Address, help="TCP port (default 10809; 0: any)"
+    )
     serve.add_argument("--socket", metavar="PATH", help="listen on a unix socket instead of TCP")
+    serve.set_defaults(address_given=False)
     serve.add_argument("--backend", choices=("anyio", "threads"), default="anyio", help="server backend")
     serve.add_argument(
         "--loop",
@@ -117,6 +122,77 @@ def add_serve_arguments(serve: Any) -> None:
         metavar="NAME=SOURCE",
         help="serve another export (repeatable); SOURCE as above",
     )
+    _add_helper_arguments(serve)
+
+
+def _add_helper_arguments(serve: Any) -> None:
+    helper = serve.add_argument_group(
+        "started by another program",
+        "Under systemd-style socket activation (LISTEN_PID is this process, LISTEN_FDS the sockets from "
+        "descriptor 3: a .socket unit, nbdinfo or nbdcopy's -- [ CMD ]) serve the passed sockets and print "
+        "nothing on standard output.",
+    )
+    helper.add_argument(
+        "--run",
+        metavar="CMD",
+        help="once serving, run CMD through the shell with $uri (and $nbd), $port, $unixsocket, $exportname and "
+        "$tls set; when it exits, stop, flush, and exit with its status. Without --host/--port/--socket, listen "
+        "on a private unix socket in a new directory, removed at exit",
+    )
+    helper.add_argument(
+        "--pid-file", metavar="PATH", help="write the process id to PATH once serving (atomically); removed at exit"
+    )
+    helper.add_argument(
+        "--fork",
+        action="store_true",
+        help="serve in the background: return once the server accepts connections (non-zero, with its error, "
+        "if it could not start); its output then goes to /dev/null, its log too unless --verbose",
+    )
+    helper.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop (cleanly, as on SIGTERM) when the process that started this one exits",
+    )
+    policy = serve.add_argument_group("who is served")
+    policy.add_argument(
+        "--oneshot", action="store_true", help="serve one client, then exit; others are refused meanwhile"
+    )
+    policy.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve at most N clients at a time; more are refused (closed before the greeting) until one leaves "
+        "(default 0: no limit)",
+    )
+    policy.add_argument(
+        "--allow-address",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="serve TCP clients from this address or network only (repeatable: 192.0.2.0/24, ::1); others are "
+        "closed before the greeting and logged. Unix socket clients are not affected",
+    )
+    policy.add_argument(
+        "--allow-client-dn",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="with --tls require --tls-verify-client: serve only certificates whose subject, written as RFC 4514 "
+        "does (CN=host.example,O=Example), matches one PATTERN (repeatable; * ? [...] as in the shell); others "
+        "are refused after the TLS handshake and logged with their subject",
+    )
+
+
+class _Address(argparse.Action):
+    """Stores --host or --port and notes that an address was given (--run listens privately otherwise)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:  # fmt: skip
+        setattr(namespace, self.dest, values)
+        namespace.address_given = True
 
 
 def _add_s3_arguments(serve: Any) -> None:

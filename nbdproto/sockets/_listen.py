@@ -1,11 +1,13 @@
-"""Listening sockets from addresses, and how a connected peer is named in logs."""
+"""Listening sockets from addresses, and what a server knows of a connected peer (how logs name it)."""
 
 from __future__ import annotations
 
 import socket
 from typing import Any
 
-__all__ = ["LISTEN_BACKLOG", "listen_socket", "peer_name"]
+from nbdproto import ClientInfo
+
+__all__ = ["LISTEN_BACKLOG", "listen_socket", "peer_name", "client_info"]
 
 LISTEN_BACKLOG = 128
 
@@ -33,12 +35,20 @@ def listen_socket(address: tuple[str, int] | str) -> socket.socket:
 
 def peer_name(sock: socket.socket) -> str:
     """How logs name the client at the other end of ``sock``: host:port, [v6]:port, or "unix"."""
+    return client_info(sock).address
+
+
+def client_info(sock: socket.socket) -> ClientInfo:
+    """What a server knows of the client at the other end of an accepted ``sock`` (nbdproto.ClientInfo): how
+    logs name it (host:port, [v6]:port, "unix") and its IP address, for the connection policy."""
     try:
         address = sock.getpeername()
     except OSError:
-        return "?"
+        return ClientInfo("?")
     if sock.family == socket.AF_INET6:
-        return f"[{address[0]}]:{address[1]}"
+        return ClientInfo(f"[{address[0]}]:{address[1]}", address[0])
     if sock.family == socket.AF_INET:
-        return f"{address[0]}:{address[1]}"
-    return "unix" if not address else f"unix:{address}"
+        return ClientInfo(f"{address[0]}:{address[1]}", address[0])
+    if sock.family == socket.AF_UNIX:
+        return ClientInfo("unix" if not address else f"unix:{address}", unix=True)
+    return ClientInfo(str(address))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from nbdproto import lazy_names
 
-from ._client import PSK_CIPHERS, client_context, psk_client_context
+from ._client import PSK_CIPHERS, client_context, connection_context, psk_client_context
 from ._keys import (
     MAX_IDENTITY_LENGTH,
     MAX_KEY_LENGTH,
@@ -48,6 +48,7 @@ _WHERE = {
 
 __all__ = [
     "client_context",
+    "connection_context",
     "psk_client_context",
     "server_context",
     "psk_identity",

@@ -24,7 +24,7 @@ from nbdproto import NbdUri, parse_uri
 
 from ._keys import MAX_IDENTITY_LENGTH, MAX_KEY_LENGTH, PskFileError, check_psk_support, read_psk_file
 
-__all__ = ["client_context", "psk_client_context", "PSK_CIPHERS"]
+__all__ = ["client_context", "connection_context", "psk_client_context", "PSK_CIPHERS"]
 
 PSK_CIPHERS = "kECDHEPSK+CHACHA20:kDHEPSK+AESGCM:kDHEPSK+CHACHA20:kPSK+AESGCM:kPSK+CHACHA20"
 """The TLS 1.2 PSK cipher suites we offer and accept: forward-secret ones first, then plain PSK for peers that
@@ -100,6 +100,17 @@ def client_context(
     elif target.tls_hostname is None:
         context.check_hostname = False  # a unix socket without tls-hostname: the chain is still verified
     return context
+
+
+def connection_context(
+    target: NbdUri, needed: bool, given: ssl.SSLContext | None = None, psk: tuple[str, bytes] | None = None
+) -> ssl.SSLContext | None:
+    """The context a client's connection to ``target`` upgrades with: ``given`` when the caller gave one, else,
+    when TLS is ``needed`` (the connection plan says so), the URI's own settings (``client_context``, with
+    ``psk``); None for a plaintext connection. Both clients decide it here, so they cannot differ."""
+    if given is not None or not needed:
+        return given
+    return client_context(target, psk=psk)
 
 
 def _psk_from(target: NbdUri) -> tuple[str, bytes]:

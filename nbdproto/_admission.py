@@ -1,0 +1,212 @@
+"""Who a server serves: what it knows of each client, and the connection policy both servers apply.
+
+A server started by another program is often told whom to serve: one client and then exit (qemu-nbd without
+``--persistent``), at most N at a time (nbdkit's limit filter), only some addresses (nbdkit's ip filter), only
+certificates with some subjects (qemu's ``tls-authz``). ``ConnectionPolicy`` holds those rules and answers each
+question with the reason for a refusal, or None; ``ServerCore`` keeps the count of clients admitted and asks it
+as each connection is accepted (before anything is sent: a refused client sees the connection closed before
+the greeting) and again after the TLS upgrade (a certificate whose subject is not allowed ends the connection
+there). Nothing here touches a socket: the backends describe each client as a ``ClientInfo``.
+
+``ClientInfo`` is what a session knows of its client: its address, and once TLS is up, the subject of the
+certificate it presented and the pre-shared key identity it used. The connection log names the credentials with
+the export the client uses, and an export resolver that takes a second argument is given it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ClientInfo", "ConnectionPolicy", "ClientRefused", "certificate_subject", "takes_client"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ClientInfo:
+    """One client as a server session knows it.
+
+    ``address``: how logs name it ("127.0.0.1:40000", "[::1]:40000", "unix"); ``ip``: its IP address without
+    the port (None on a unix socket, or where the backend cannot tell); ``unix``: whether it came over a unix
+    socket. Set by the session once TLS is up: ``certificate_subject`` (the verified client certificate's
+    subject, RFC 4514, e.g. "CN=backup.example.com,O=Example") and ``psk_identity`` (the pre-shared key identity
+    it authenticated with). Compared by identity: a server counts the clients it admitted in a set.
+    """
+
+    __slots__ = ("address", "ip", "unix", "certificate_subject", "psk_identity")
+
+    def __init__(self, address: str = "?", ip: str | None = None, *, unix: bool = False) -> None:
+        self.address = address
+        self.ip = ip
+        self.unix = unix
+        self.certificate_subject: str | None = None
+        self.psk_identity: str | None = None
+
+    @property
+    def credentials(self) -> str:
+        """How the client authenticated, for a log line: "" (plaintext, or TLS without a client identity),
+        "certificate 'CN=...'", "PSK identity 'alice'"."""
+        if self.psk_identity is not None:
+            return f"PSK identity {self.psk_identity!r}"
+        if self.certificate_subject is not None:
+            return f"certificate {self.certificate_subject!r}"
+        return ""
+
+    def __str__(self) -> str:
+        return self.address
+
+    def __repr__(self) -> str:
+        extra = f", {self.credentials}" if self.credentials else ""
+        return f"ClientInfo({self.address!r}{extra})"
+
+
+class ClientRefused(Exception):
+    """The connection policy turned a client away during its handshake (``reason`` says why): the session
+    ends, and the server logs a refusal rather than a failure."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ConnectionPolicy:
+    """Which clients a server serves (the default: every one, any number, for as long as it runs).
+
+    - ``oneshot``: serve one client, then stop (further clients are refused meanwhile).
+    - ``max_connections``: at most this many clients at a time (0: no limit); more are refused, and admitted
+      again once one leaves.
+    - ``allow_addresses``: networks (CIDR: "192.0.2.0/24", "::1", "10.1.2.3") TCP clients must come from;
+      empty: any. Clients on a unix socket are not subject to it: the socket's file permissions guard them.
+      An IPv4 client on an IPv6 socket (::ffff:192.0.2.1) counts as its IPv4 address.
+    - ``allow_client_dn``: shell-style patterns (``*``, ``?``, ``[...]``, as fnmatch) that the subject of a
+      client certificate must match, one of them at least, as RFC 4514 writes it (most specific first:
+      "CN=backup.example.com,OU=Storage,O=Example"); empty: any certificate the server's CA verified. A client
+      that authenticated with a pre-shared key (its identity is in the key file) or sent no certificate is not
+      checked here: the TLS context decides whether it needs one (``--tls-verify-client``).
+
+    Raises ValueError for a network that is not one, or a negative limit.
+    """
+
+    oneshot: bool = False
+    max_connections: int = 0
+    allow_addresses: Sequence[str] = ()
+    allow_client_dn: Sequence[str] = ()
+    _networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 0:
+            raise ValueError(f"max_connections {self.max_connections} must be 0 (no limit) or more")
+        networks = []
+        for text in self.allow_addresses:
+            try:
+                networks.append(ipaddress.ip_network(text.strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"{text!r} is not an address or network (examples: 192.0.2.0/24, ::1)") from None
+        object.__setattr__(self, "allow_addresses", tuple(self.allow_addresses))
+        object.__setattr__(self, "allow_client_dn", tuple(self.allow_client_dn))
+        object.__setattr__(self, "_networks", tuple(networks))
+
+    def refusal(self, client: ClientInfo, *, open_connections: int, admitted: int) -> str | None:
+        """Why a newly accepted ``client`` is refused, or None to serve it. ``open_connections``: clients
+        being served now; ``admitted``: clients admitted since the server started."""
+        if self._networks and not client.unix:
+            if client.ip is None:
+                return "its address is unknown, and only some addresses are allowed"
+            if not self.address_allowed(client.ip):
+                return f"address {client.ip} is not among the allowed ones"
+        if self.oneshot and admitted:
+            return "this server serves one client only (oneshot)"
+        if self.max_connections and open_connections >= self.max_connections:
+            return f"too many connections (at most {self.max_connections} at a time)"
+        return None
+
+    def address_allowed(self, ip: str) -> bool:
+        """Whether ``ip`` is in one of ``allow_addresses`` (True when there are none)."""
+        if not self._networks:
+            return True
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])  # a link-local address may carry its zone
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    def certificate_refusal(self, client: ClientInfo) -> str | None:
+        """Why ``client`` is refused after its TLS handshake, or None (see ``allow_client_dn``)."""
+        subject = client.certificate_subject
+        if not self.allow_client_dn or subject is None or client.psk_identity is not None:
+            return None
+        if any(fnmatch.fnmatchcase(subject, pattern) for pattern in self.allow_client_dn):
+            return None
+        return f"certificate subject {subject!r} matches no allowed pattern"
+
+
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+"""RFC 4514's names for the attribute types Python's ssl module spells out (others are written as given)."""
+
+
+def certificate_subject(certificate: Mapping[str, Any]) -> str | None:
+    """The subject of a certificate as ``ssl.SSLSocket.getpeercert()`` gives it, written as RFC 4514 does (and
+    OpenSSL with ``-nameopt RFC2253``, GnuTLS, qemu): the most specific name first, "CN=client,O=Example";
+    None when the certificate has no subject (an empty dict: none was presented or verified)."""
+    rdns = certificate.get("subject")
+    if not rdns:
+        return None
+    written = []
+    for rdn in reversed(rdns):
+        written.append("+".join(f"{_SHORT_NAMES.get(name, name)}={_escape(value)}" for name, value in rdn))
+    return ",".join(written)
+
+
+def _escape(value: str) -> str:
+    # RFC 4514 section 2.4: these anywhere, '#' and ' ' at the start, ' ' at the end.
+    out = []
+    for i, char in enumerate(value):
+        if char in '"+,;<>\\' or (i == 0 and char in "# ") or (i == len(value) - 1 and char == " "):
+            out.append("\\" + char)
+        elif char == "\x00":
+            out.append("\\00")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def takes_client(resolver: Callable[..., Any]) -> bool:
+    """Whether an export resolver wants the client as its second argument: it cannot be called with the name
+    alone, and can with the name and a ClientInfo (``def resolve(name, client)``). ``dict.get`` and
+    ``def resolve(name)`` take the name alone."""
+    if isinstance(resolver, types.BuiltinMethodType):  # a mapping's get: the name alone
+        return False
+    import inspect  # costly to import, and needed only by servers with a resolver of their own
+
+    try:
+        signature = inspect.signature(resolver)
+    except (TypeError, ValueError):  # some builtins have no signature: they are called as they always were
+        return False
+    try:
+        signature.bind("")
+    except TypeError:
+        pass
+    else:
+        return False
+    try:
+        signature.bind("", None)
+    except TypeError:
+        return False
+    return True
