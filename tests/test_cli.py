@@ -34,6 +34,13 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=PEER_ENV)
 
 
+def cli_json(*args: str, timeout: float = 60) -> Any:
+    """The JSON ``nbdproto ARGS`` prints; a failed command fails the test with what it said on stderr."""
+    done = run_cli(*args, timeout=timeout)
+    assert done.returncode == 0, f"nbdproto {' '.join(args)} exited {done.returncode}: {done.stderr}"
+    return json.loads(done.stdout)
+
+
 @contextlib.contextmanager
 def serving(*args: str, startup: float = 15) -> Iterator[tuple[subprocess.Popen[bytes], list[str]]]:
     """Run ``nbdproto serve ARGS --port 0``; yields the process and the URIs it printed (bounded start-up)."""
@@ -74,8 +81,8 @@ def test_serve_then_query_with_nbdinfo_and_nbdproto_info(backend: str, peers: An
         assert uri.endswith("/disk")
         theirs = json.loads(subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True,
                                            timeout=30, env=PEER_ENV, check=True).stdout)["exports"][0]  # fmt: skip
-        ours = json.loads(run_cli("info", "--json", uri).stdout)
-        listed = json.loads(run_cli("list", "--json", uri).stdout)
+        ours = cli_json("info", "--json", uri)
+        listed = cli_json("list", "--json", uri)
     assert theirs["export-size"] == ours["size"] == 64 * MIB
     assert ours["description"] == theirs["description"] == "cli disk"
     assert ours["capabilities"]["read_only"] is theirs["is_read_only"] is False
@@ -89,7 +96,7 @@ def test_serve_then_query_with_nbdinfo_and_nbdproto_info(backend: str, peers: An
 
 def test_default_serve_is_a_1_gib_memory_disk(peers: Any) -> None:
     with serving() as (_, (uri,)):
-        assert json.loads(run_cli("info", "--json", uri).stdout)["size"] == 1 << 30
+        assert cli_json("info", "--json", uri)["size"] == 1 << 30
 
 
 def test_read_only_and_several_exports(tmp_path: Any) -> None:

@@ -32,7 +32,7 @@ from nbdproto.tls import TLSAuthenticationError, psk_client_context, psk_identit
 from tests.capture import nbdkit
 from tests.conftest import PEER_ENV
 from tests.serving import BACKENDS, Export, serve_exports
-from tests.test_cli import run_cli, serving
+from tests.test_cli import cli_json, run_cli, serving
 from tests.test_interop_client import qemu_nbd
 
 pytestmark = [
@@ -343,8 +343,8 @@ def test_nbdproto_serve_with_a_key_file_logs_each_identity(
         alice = uri.replace("nbds://", "nbds://alice@") + f"?tls-psk-file={key_file}"
         assert json.loads(run("nbdinfo", "--json", alice).stdout)["exports"][0]["export-size"] == 2 * MIB
         bob = uri.replace("nbds://", "nbds://bob@") + f"?tls-psk-file={key_file}"
-        assert json.loads(run_cli("info", "--json", bob).stdout)["protocol"]["tls"] is True
-        assert json.loads(run_cli("list", "--json", bob).stdout)["exports"][0]["name"] == "d"
+        assert cli_json("info", "--json", bob)["protocol"]["tls"] is True
+        assert cli_json("list", "--json", bob)["exports"][0]["name"] == "d"
         (tmp_path / "in.img").write_bytes(os.urandom(2 * MIB))
         assert run_cli("copy", str(tmp_path / "in.img"), alice).returncode == 0
         assert run_cli("copy", bob, str(tmp_path / "out.img")).returncode == 0
