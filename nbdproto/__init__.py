@@ -23,7 +23,7 @@ from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
 
 if TYPE_CHECKING:
-    from ._admission import ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
+    from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
     from ._budget import DEFAULT_MEMORY_LIMIT, BudgetShare, MemoryBudget, MemoryShare, RequestBudget, request_cost
     from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
     from ._dispatch import (
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ._serving import FLUSH_AT, RECEIVE, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
 
 _LAZY = {
+    "ClientCount": "._admission",
     "ClientInfo": "._admission",
     "ClientRefused": "._admission",
     "ConnectionPolicy": "._admission",
@@ -160,6 +161,7 @@ __all__ = [
     "enter_connection",
     "Resolver",
     "ClientResolver",
+    "ClientCount",
     "ClientInfo",
     "ClientRefused",
     "ConnectionPolicy",

@@ -86,7 +86,12 @@ class FileDevice:
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._adopt(os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC), read_only)
+
+    def _adopt(self, fd: int, read_only: bool) -> None:
+        """Serve the open descriptor ``fd`` (closed here if it is not a file or block device): for subclasses
+        that make their file another way (SharedMemoryDevice)."""
+        self._fd = fd
         mode = os.fstat(self._fd).st_mode
         self._block_device = stat.S_ISBLK(mode)
         if not (stat.S_ISREG(mode) or self._block_device):
