@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._server import ServerConnection
     from ._servercore import (
+        ACCEPT_HOLD_BACK,
         ClientResolver,
         Exports,
         Resolver,
@@ -88,6 +89,7 @@ _LAZY = {
     "RECEIVE": "._serving",
     "STREAM_WRITES_OVER": "._serving",
     "BatchEnd": "._serving",
+    "ACCEPT_HOLD_BACK": "._servercore",
     "Exports": "._servercore",
     "ServerCore": "._servercore",
     "ServerOptions": "._servercore",
@@ -154,6 +156,7 @@ __all__ = [
     "BatchEnd",
     "Exports",
     "ServerCore",
+    "ACCEPT_HOLD_BACK",
     "ServerOptions",
     "SessionSettings",
     "Stoppable",

@@ -172,6 +172,11 @@ class ClientCount(Protocol):
         """A connection number (from 1) no other connection of any sharer got."""
         ...
 
+    def busier(self) -> bool:
+        """Whether another sharer serves fewer connections than this one, and so should take the next (a moment's
+        picture: it balances, it does not decide who is served)."""
+        ...
+
 
 _SHORT_NAMES = {
     "commonName": "CN",

@@ -33,6 +33,7 @@ from ._serverlog import ConnectionLog
 from ._state import TlsMode
 
 __all__ = [
+    "ACCEPT_HOLD_BACK",
     "Exports",
     "Resolver",
     "ClientResolver",
@@ -43,6 +44,10 @@ __all__ = [
     "current_connection",
     "enter_connection",
 ]
+
+ACCEPT_HOLD_BACK = 0.002
+"""Seconds a server that shares its listening socket with less busy ones waits before taking a pending
+connection (see ServerCore.accept_hold_back)."""
 
 current_connection: ContextVar[int] = ContextVar("nbdproto_connection", default=0)
 """The number of the connection served in this context (0: none). Both servers number each connection as it
@@ -219,6 +224,16 @@ class ServerCore:
         self._admitted.add(client)
         self._admitted_count += 1
         return True
+
+    def accept_hold_back(self) -> float:
+        """Seconds an accept loop that waits for readiness should let pass, once a connection is pending, before
+        it takes it: ACCEPT_HOLD_BACK when this server shares its listening socket (``clients``) with another
+        that serves fewer connections, so that one takes it (every waiting process is woken for each
+        connection, and the first to accept would win: all of a client's connections could land on one
+        worker); else 0. A blocking accept needs none: the kernel wakes its waiters one at a time, in turn."""
+        if self.clients is not None and self.clients.busier():
+            return ACCEPT_HOLD_BACK
+        return 0.0
 
     def spec_for(self, outcome: str | ClientAborted, client: ClientInfo) -> ExportSpec[Any] | None:
         """What serves the handshake's ``outcome``: the spec of the chosen export, or None (the client aborted,

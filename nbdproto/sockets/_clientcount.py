@@ -111,7 +111,7 @@ class _Sharer:
             words[_NUMBERED] += 1
             return int(words[_NUMBERED])
 
-    def busier_than_another(self) -> bool:
+    def busier(self) -> bool:
         """Whether another process has fewer open connections than this one (read without the lock)."""
         words = self._counts._words
         mine = words[self._word]
