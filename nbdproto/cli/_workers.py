@@ -274,6 +274,7 @@ class Supervisor:
             for slot in self.slots:
                 if slot.pid == pid:
                     slot.ready = True
+                    log.info("worker %d (pid %d) serves", slot.number, pid)
         self._ready_bytes = self._ready_bytes[usable:]
 
     def _reap(self) -> list[tuple[_Slot, str]]:
