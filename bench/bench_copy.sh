@@ -16,14 +16,19 @@ nbdkit -f --exit-with-parent -p $port -i 127.0.0.1 file "$img" & K=$!
 trap 'kill $K 2>/dev/null' EXIT
 sleep 1
 uri=nbd://127.0.0.1:$port/
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
+t() {  # the seconds a command takes; a failed command ends the benchmark (a failure must not look fast)
+  local s e; s=$(date +%s.%N)
+  "$@" >/dev/null 2>/tmp/bench_copy.err || { echo "FAILED: $* ($(cat /tmp/bench_copy.err))" >&2; kill $$; }
+  e=$(date +%s.%N); echo "$e - $s" | bc -l
+}
+same() { [[ $1 == null: ]] || cmp -s "$img" "$1" || { echo "FAILED: $1 differs from $img" >&2; exit 1; }; }
 for dst in null: /dev/shm/nb/copy.img; do
   a=999 b=999
   for _ in $(seq "$rounds"); do
     rm -f /dev/shm/nb/copy.img
-    v=$(t nbdcopy "$uri" "$dst"); a=$(echo "if ($v < $a) $v else $a" | bc -l)
+    v=$(t nbdcopy "$uri" "$dst"); a=$(echo "if ($v < $a) $v else $a" | bc -l); same "$dst"
     rm -f /dev/shm/nb/copy.img
-    v=$(t "$nbdproto" copy --no-progress "$uri" "$dst"); b=$(echo "if ($v < $b) $v else $b" | bc -l)
+    v=$(t "$nbdproto" copy --no-progress "$uri" "$dst"); b=$(echo "if ($v < $b) $v else $b" | bc -l); same "$dst"
   done
   printf "%s\tnbdcopy %.3fs\tnbdproto copy %.3fs\tratio %.2f\n" "$dst" "$a" "$b" "$(echo "$b / $a" | bc -l)"
 done

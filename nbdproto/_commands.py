@@ -29,6 +29,7 @@ __all__ = ["CommandRule", "COMMANDS", "RULE_OF", "FLAG_NEEDS", "allowed_flags", 
 
 _FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 _TF = TransmissionFlags
+_SEND_FUA, _READ_ONLY = int(_TF.SEND_FUA), int(_TF.READ_ONLY)  # ints: this module runs for every request
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,40 +65,40 @@ COMMANDS: dict[int, CommandRule] = {
             Command.WRITE, WriteRequest, writes=True, ranged=True, aligned=True, payload=True, past_end=Errno.ENOSPC
         ),
         CommandRule(Command.DISC, DisconnectRequest),
-        CommandRule(Command.FLUSH, FlushRequest, advertised=_TF.SEND_FLUSH),
-        CommandRule(Command.TRIM, TrimRequest, advertised=_TF.SEND_TRIM, writes=True, ranged=True, aligned=True),
-        CommandRule(Command.CACHE, CacheRequest, advertised=_TF.SEND_CACHE, ranged=True, aligned=True),
+        CommandRule(Command.FLUSH, FlushRequest, advertised=int(_TF.SEND_FLUSH)),
+        CommandRule(Command.TRIM, TrimRequest, advertised=int(_TF.SEND_TRIM), writes=True, ranged=True, aligned=True),
+        CommandRule(Command.CACHE, CacheRequest, advertised=int(_TF.SEND_CACHE), ranged=True, aligned=True),
         CommandRule(
             Command.WRITE_ZEROES,
             WriteZeroesRequest,
             _NO_HOLE | _FAST_ZERO,
-            _TF.SEND_WRITE_ZEROES,
+            int(_TF.SEND_WRITE_ZEROES),
             writes=True,
             ranged=True,
             aligned=True,
             past_end=Errno.ENOSPC,
         ),
         CommandRule(Command.BLOCK_STATUS, BlockStatusRequest, _REQ_ONE, ranged=True, payload=True),
-        CommandRule(Command.RESIZE, ResizeRequest, advertised=_TF.SEND_RESIZE, writes=True),
+        CommandRule(Command.RESIZE, ResizeRequest, advertised=int(_TF.SEND_RESIZE), writes=True),
     )
 }
 
 RULE_OF: dict[type[Event], CommandRule] = {rule.request_type: rule for rule in COMMANDS.values()}
 
-FLAG_NEEDS = {_FUA: _TF.SEND_FUA, _FAST_ZERO: _TF.SEND_FAST_ZERO, _DF: _TF.SEND_DF}
+FLAG_NEEDS = {_FUA: _SEND_FUA, _FAST_ZERO: int(_TF.SEND_FAST_ZERO), _DF: int(_TF.SEND_DF)}
 """The transmission flag each optional command flag needs advertised (DF is advertised only with structured
 replies)."""
 
 
 def allowed_flags(rule: CommandRule, export_flags: int) -> int:
     """The command flags ``rule``'s command may carry on an export with ``export_flags``."""
-    return rule.flags | (_FUA if export_flags & _TF.SEND_FUA else 0)
+    return rule.flags | (_FUA if export_flags & _SEND_FUA else 0)
 
 
 def usable(rule: CommandRule, export_flags: int) -> bool:
     """Whether the command may be used at all on an export with ``export_flags`` (advertised, and not a write
     on a read-only export)."""
-    return not (rule.writes and export_flags & _TF.READ_ONLY) and not (
+    return not (rule.writes and export_flags & _READ_ONLY) and not (
         rule.advertised and not export_flags & rule.advertised
     )
 
@@ -123,23 +124,23 @@ def request_error(
     write's payload is held to ``max_payload`` as a read's is (a strict client's rule: spec "Size
     constraints" says a client MUST NOT send more, a server MAY still take it).
     """
-    name = rule.command.name
     if flags & ~allowed_flags(rule, export_flags):
-        return Errno.EINVAL, f"flags {flags:#x} are not valid for {name}"
-    if rule.writes and export_flags & _TF.READ_ONLY:
-        return Errno.EPERM, f"{name} on a read-only export"
+        return Errno.EINVAL, f"flags {flags:#x} are not valid for {rule.command.name}"
+    if rule.writes and export_flags & _READ_ONLY:
+        return Errno.EPERM, f"{rule.command.name} on a read-only export"
     if rule.advertised and not export_flags & rule.advertised:
-        return Errno.EINVAL, f"{name} was not advertised for this export"
-    if flags & _DF and not structured:
-        return Errno.EINVAL, "DF needs structured replies"
-    for flag, needed in FLAG_NEEDS.items():
-        if flags & flag and not export_flags & needed:
-            return Errno.EINVAL, f"{CommandFlags(flag).name} was not advertised for this export"
+        return Errno.EINVAL, f"{rule.command.name} was not advertised for this export"
+    if flags:
+        if flags & _DF and not structured:
+            return Errno.EINVAL, "DF needs structured replies"
+        for flag, needed in FLAG_NEEDS.items():
+            if flags & flag and not export_flags & needed:
+                return Errno.EINVAL, f"{CommandFlags(flag).name} was not advertised for this export"
     if rule.command is Command.BLOCK_STATUS and not has_contexts:
         return Errno.EINVAL, "no meta context was negotiated for block status"
     if rule.ranged:
         if length <= 0:
-            return Errno.EINVAL, f"{name} of length {length}"
+            return Errno.EINVAL, f"{rule.command.name} of length {length}"
         if offset < 0 or offset + length > size:
             return rule.past_end, f"offset {offset} + length {length} is past the export size {size}"
         if rule.aligned and (offset | length) % alignment:

@@ -340,7 +340,7 @@ class ServerHandshake(ServerState):
             self._meta_contexts = {}
         self.export = export
         self._size = export.size
-        self._flags = flags
+        self._flags = int(flags)  # an int: checked against every request
         self._min_block = export.minimum_block_size
         self._max_payload = self._maximum_payload(export)
         # The flags a WRITE may carry on the fast path: those the command table allows here, PAYLOAD_LEN aside.

@@ -18,7 +18,7 @@ and the transmission loop takes ``logic.next_batch()`` until it says the connect
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ._admission import ClientInfo, ClientRefused, certificate_subject
@@ -262,6 +262,15 @@ class ServerSessionLogic:
             return None
         return limits.seconds(limits.idle_timeout)
 
+    @property
+    def shortest_wait(self) -> float | None:
+        """The shortest of the limits ``next_wait`` gives in transmission, shutting down aside (None: there is
+        no limit): a timer of this length may stay armed on every receive (a socket's SO_RCVTIMEO, set once);
+        when it runs out before ``next_wait`` has, the driver simply waits again."""
+        limits = self._limits
+        waits = [w for w in (limits.seconds(limits.request_timeout), limits.seconds(limits.idle_timeout)) if w]
+        return min(waits, default=None)
+
     def received(self, got: bytes | int) -> None:
         """Hand the engine what the driver received: bytes (``receive_data``), or a count of bytes it received
         straight into ``engine.write_buffer()`` (``received_into``). b"" or 0: the client closed."""
@@ -322,7 +331,7 @@ class ServerSessionLogic:
             # PAUSED (a request waiting for its cookie to come free, or DISC): the batch answered it all.
             yield RECEIVE if end is BatchEnd.NEED_DATA else 0
 
-    def carry_out_inline(self, batch: Iterable[Work], read_view: ReadView | None) -> Iterator[int]:
+    def carry_out_inline(self, batch: Sequence[Work], read_view: ReadView | None) -> Iterator[int]:
         """Carry out ``batch`` here and now, in order, queueing the replies.
 
         A generator: it stops to let the driver act before going on. Each value it yields means "send what is
@@ -330,6 +339,8 @@ class ServerSessionLogic:
         that many bytes" (``share.try_take``: the driver takes them, and the work goes on with them). Replies
         are made only as they can be sent: no more than FLUSH_AT bytes of them are queued at a time.
         """
+        if not batch:
+            return
         engine, device, contexts, share = self.engine, self.device, self.engine.meta_contexts, self.share
         on_error = self.on_device_error
         if hasattr(device, "call_batch"):
@@ -390,7 +401,7 @@ class ServerSessionLogic:
 
     def sent(self) -> None:
         """The driver sent everything queued: the memory the replies held is free again."""
-        if self.share is not None:
+        if self._queued_cost and self.share is not None:
             self.share.give(self._queued_cost)
         self._queued = self._queued_cost = 0
 

@@ -168,6 +168,8 @@ def copy(
             source = NbdEnd(src, connections, tls, loop) if _is_uri(src) else FileEnd(src, loop, writable=False)
         if dst == "null:":
             target = NullEnd()
+            if isinstance(source, NbdEnd):
+                source.discard_reads()
         elif _is_uri(dst):
             target = NbdEnd(dst, connections, tls, loop)
         elif dst == STREAM:

@@ -34,6 +34,7 @@ class NbdEnd:
         self.loop = loop
         self.uri, self.tls = uri, tls
         self.unconstrained: CopyConnection | None = None
+        self._discard = False
         self.connections = [CopyConnection(open_connection(uri, tls=tls, timeout=loop.timeout))]
         loop.add(self.connections[0])
         export = self.connections[0].export
@@ -55,6 +56,12 @@ class NbdEnd:
         self.fresh = False
         self._zeroes = memoryview(bytes(min(REQUEST_SIZE, self.max_request)))
 
+    def discard_reads(self) -> None:
+        """The data read is not wanted (see CopyConnection.discard_reads)."""
+        self._discard = True
+        for connection in (*self.connections, *([self.unconstrained] if self.unconstrained else [])):
+            connection.discard_reads()
+
     def _pick(self, offset: int, length: int) -> CopyConnection:
         if (offset | length) % self.minimum_block_size:
             return self._unconstrained()
@@ -70,6 +77,8 @@ class NbdEnd:
                 raise nbdproto.NegotiationError(f"{self.uri} would not negotiate without block sizes: {exc}",
                                                 exc.reply_type) from exc  # fmt: skip
             self.unconstrained = CopyConnection(connection)
+            if self._discard:
+                self.unconstrained.discard_reads()
             self.loop.add(self.unconstrained)
         return self.unconstrained
 

@@ -50,6 +50,14 @@ class CopyConnection:
         self.sent_at: dict[int, float] = {}  # in the order sent: the first is the oldest request waiting
         self._cookies = itertools.count(1)
         self.writing = False  # registered for EVENT_WRITE
+        self.discard = False  # read data is dropped in the kernel (``discard_reads``)
+
+    def discard_reads(self) -> None:
+        """Read data is not wanted (the copy goes to ``null:``): on a plaintext socket the kernel drops it
+        without copying it out (recv with MSG_TRUNC, which TCP and unix stream sockets take to mean "discard"),
+        and the read buffers are left as they were. The copy then spends its CPU on nothing else, which leaves
+        the server more of a shared machine."""
+        self.discard = not self.tls and hasattr(socket, "MSG_TRUNC")
 
     def request(self, make: Callable[[int], Any], done: Callable[[Any], None]) -> None:
         """Queue the request ``make(cookie)``; ``done(reply)`` runs when its reply is in."""
@@ -83,7 +91,7 @@ class CopyConnection:
             target = engine.read_buffer()
             try:
                 if target is not None:
-                    count = sock.recv_into(target)
+                    count = sock.recv_into(target, 0, socket.MSG_TRUNC) if self.discard else sock.recv_into(target)
                     engine.received_into(count)
                     short = count < len(target)
                 else:

@@ -64,6 +64,8 @@ connection to one waiter at a time, in turn."""
 _NO_WAKE = struct.pack("ll", 0, 0)
 
 _NO_SETTINGS = nbdproto.SessionSettings()
+_TIMER_SLACK = 0.01
+"""Seconds a receive timer may run out early by the clock we check it with (the kernel rounds it to ticks)."""
 
 
 class LockedShare:
@@ -132,9 +134,11 @@ class ServerSession:
         self._workers = workers
         self._poll = poll
         self._timeout: float | None = None  # the socket's current timeout, changed only when it must
+        self._timer: float | None = None  # the receive timer armed on a plaintext socket in transmission
+        self._plain = False  # a plaintext socket (not TLS), known once transmission starts
         self._lock = threading.Lock()  # the engine and the socket's write side, when workers reply
         self._stopping = threading.Event()
-        self._idle = False  # blocked waiting for a request with nothing in flight: safe to close
+        self._receiving = False  # blocked waiting for the client's bytes (idle then if logic.idle: safe to close)
         self._started = time.monotonic()
 
     # --- The seed's contract: negotiate, serve, close ------------------------------------------------------
@@ -162,6 +166,9 @@ class ServerSession:
         ):
             return
         self._set_timeout(None)
+        self._plain = type(self.stream.sock) is socket.socket
+        timer = self.logic.shortest_wait
+        self._timer = timer if timer is not None and self._plain and self.stream.arm_receive_timer(timer) else None
         try:
             self._pooled_transmission() if self._pooled() else self._inline_transmission()
         finally:
@@ -188,7 +195,7 @@ class ServerSession:
         as nothing is in flight (at once if it is idle now)."""
         self.logic.begin_shutdown()
         self._stopping.set()
-        if self._idle:
+        if self._receiving and self.logic.idle:  # read while the session's thread waits: nothing changes it
             with contextlib.suppress(OSError):
                 self.stream.sock.shutdown(socket.SHUT_RD)
 
@@ -212,21 +219,30 @@ class ServerSession:
 
     def _receive(self) -> bytes | int:
         """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait): the
-        rest of a write's payload straight into its own buffer (a count), anything else as bytes."""
-        logic = self.logic
+        rest of a write's payload straight into its own buffer (a count), anything else as bytes. On a
+        plaintext socket the armed receive timer bounds each wait (see ``serve``), else a Python timeout."""
+        logic, stream = self.logic, self.stream
         target = self.engine.write_buffer()
-        self._set_timeout(logic.next_wait())
-        if self._poll and self._timeout is None and not isinstance(self.stream.sock, ssl.SSLSocket):
-            got = self.stream.poll(self._poll, target)
+        wait = logic.next_wait()
+        timed = wait is not None and (self._timer is None or wait < self._timer)
+        self._set_timeout(wait if timed else None)
+        if self._poll and not timed and self._plain:
+            got = stream.poll(self._poll, target)
             if got is not None:
                 return got
-        self._idle = logic.idle
+        started = time.monotonic() if wait is not None else 0.0
+        self._receiving = True
         try:
-            return self.stream.recv() if target is None else self.stream.recv_into(target)
+            while True:
+                try:
+                    return stream.recv() if target is None else stream.recv_into(target)
+                except BlockingIOError:  # the armed timer ran out: the limit may not have
+                    if wait is not None and time.monotonic() - started >= wait - _TIMER_SLACK:
+                        return logic.waited_too_long()
         except TimeoutError:
             return logic.waited_too_long()
         finally:
-            self._idle = False
+            self._receiving = False
 
     def _set_timeout(self, seconds: float | None) -> None:
         if seconds != self._timeout:

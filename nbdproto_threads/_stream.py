@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Sequence
 
@@ -61,6 +62,23 @@ class SocketStream:
                         return None
         except ConnectionResetError:
             return b"" if buffer is None else 0
+
+    def arm_receive_timer(self, seconds: float) -> bool:
+        """Make every blocking receive on this plaintext socket give up after ``seconds`` (SO_RCVTIMEO:
+        ``recv``/``recv_into`` raise BlockingIOError). Unlike a Python timeout it costs nothing per receive
+        (no poll before each one, no switching the socket between blocking and not). False where it cannot be
+        set: a TLS socket (its reads must not fail half-way), or a platform without it."""
+        sock = self.sock
+        if type(sock) is not socket.socket or sock.gettimeout() is not None:
+            return False
+        whole = int(seconds)
+        try:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+            )
+        except (OSError, struct.error):
+            return False
+        return True
 
     def recv_into(self, buffer: memoryview) -> int:
         """Receive into ``buffer``; 0 when the peer closed (a reset counts as closed)."""

@@ -86,16 +86,19 @@ def serve_exports(
     unix: bool = False,
     workers: int = 0,
     max_bytes_in_flight: int = 64 * 1024 * 1024,
+    limits: nbdproto.ServerLimits | None = None,
 ) -> Iterator[str]:
     """Serve ``exports`` with ``backend`` ("threads", "asyncio" or "trio"); yields the URI without export name
-    (append the name), e.g. "nbd://127.0.0.1:40123/" or "nbd+unix:///?socket=..."."""
+    (append the name), e.g. "nbd://127.0.0.1:40123/" or "nbd+unix:///?socket=...". ``limits`` replaces the
+    default limits (``max_bytes_in_flight`` is then ignored)."""
+    limits = limits or nbdproto.ServerLimits(memory_limit=max_bytes_in_flight)
     with tempfile.TemporaryDirectory(prefix="nbdproto-sock-") as tmp:
         address: tuple[str, int] | str = os.path.join(tmp, "nbd.sock") if unix else ("127.0.0.1", 0)
         if backend == "threads":
-            with _serve_threads(exports, address, tls, workers, max_bytes_in_flight) as bound:
+            with _serve_threads(exports, address, tls, workers, limits) as bound:
                 yield _uri(bound, tls is not None)
         else:
-            with _serve_anyio(backend, exports, address, tls, max_bytes_in_flight) as bound:
+            with _serve_anyio(backend, exports, address, tls, limits) as bound:
                 yield _uri(bound, tls is not None)
 
 
@@ -108,12 +111,11 @@ def _uri(bound: Any, tls: bool) -> str:
 
 @contextlib.contextmanager
 def _serve_threads(
-    exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, workers: int, max_bytes: int
+    exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, workers: int, limits: nbdproto.ServerLimits
 ) -> Iterator[Any]:
     specs = {
         name: nbdproto.ExportSpec(e.device, e.description, e.read_only, e.tls_required) for name, e in exports.items()
     }
-    limits = nbdproto.ServerLimits(memory_limit=max_bytes)
     server = nbdproto_threads.Server(
         specs, address, tls=tls, tls_mode=_tls_mode(tls, exports), workers=workers, limits=limits
     )
@@ -128,12 +130,11 @@ def _serve_threads(
 
 @contextlib.contextmanager
 def _serve_anyio(
-    backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, max_bytes: int
+    backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, limits: nbdproto.ServerLimits
 ) -> Iterator[Any]:
     specs = {
         name: nbdproto.ExportSpec(e.device, e.description, e.read_only, e.tls_required) for name, e in exports.items()
     }
-    limits = nbdproto.ServerLimits(memory_limit=max_bytes)
     server = nbdproto_anyio.Server(specs, tls=tls, tls_mode=_tls_mode(tls, exports), limits=limits)
     with anyio.from_thread.start_blocking_portal(backend) as portal:
         listener = portal.call(nbdproto_anyio.listen, address)

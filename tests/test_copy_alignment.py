@@ -12,6 +12,7 @@ copying anything and says which bytes cannot be reached and why.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -128,3 +129,25 @@ def test_pieces_are_aligned_and_zero_runs_fit_a_compact_request() -> None:
     assert all(length <= STATUS_SPAN and offset % 4096 == 0 and length % 4096 == 0 for offset, length, _ in requests)
     assert sum(length for _, length, _ in requests) == 3 * STATUS_SPAN + (1 << 20)
     assert [zero for _, _, zero in requests] == [True] * 3 + [False] * 2
+
+
+def test_a_copy_to_null_drops_read_data_in_the_kernel_and_keeps_every_reply_in_step(peers: Any) -> None:
+    """To null: the read data is discarded without being copied out (MSG_TRUNC) on every connection, the
+    unaligned tail's own connection included, while the engines still count every byte: a reply parsed one
+    byte out of step would fail the copy."""
+    peers("nbdkit")
+    seen: list[nt.CopyProgress] = []
+    with nbdkit(policy("pattern", "allow")) as port:
+        done = nt.copy(f"nbd://127.0.0.1:{port}/", "null:", request_size=512, requests=4, progress=seen.append)
+    assert (done.copied, done.data) == (SIZE, SIZE) and seen[-1].copied == SIZE
+    device = MemoryDevice(8 << 20)
+    device.pwrite(os.urandom(8 << 20), 0)
+    server = nt.Server({"": device}, ("127.0.0.1", 0))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        done = nt.copy(f"nbd://127.0.0.1:{server.address[1]}/", "null:", connections=4, request_size=65536)
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert (done.copied, done.data) == (8 << 20, 8 << 20)
