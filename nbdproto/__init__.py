@@ -23,7 +23,7 @@ from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
 from ._uri import NbdUri, format_uri, parse_uri
 
 if TYPE_CHECKING:
-    from ._admission import ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
+    from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
     from ._budget import DEFAULT_MEMORY_LIMIT, BudgetShare, MemoryBudget, MemoryShare, RequestBudget, request_cost
     from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
     from ._dispatch import (
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._server import ServerConnection
     from ._servercore import (
+        ACCEPT_HOLD_BACK,
         ClientResolver,
         Exports,
         Resolver,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from ._serving import FLUSH_AT, RECEIVE, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
 
 _LAZY = {
+    "ClientCount": "._admission",
     "ClientInfo": "._admission",
     "ClientRefused": "._admission",
     "ConnectionPolicy": "._admission",
@@ -87,6 +89,7 @@ _LAZY = {
     "RECEIVE": "._serving",
     "STREAM_WRITES_OVER": "._serving",
     "BatchEnd": "._serving",
+    "ACCEPT_HOLD_BACK": "._servercore",
     "Exports": "._servercore",
     "ServerCore": "._servercore",
     "ServerOptions": "._servercore",
@@ -153,6 +156,7 @@ __all__ = [
     "BatchEnd",
     "Exports",
     "ServerCore",
+    "ACCEPT_HOLD_BACK",
     "ServerOptions",
     "SessionSettings",
     "Stoppable",
@@ -160,6 +164,7 @@ __all__ = [
     "enter_connection",
     "Resolver",
     "ClientResolver",
+    "ClientCount",
     "ClientInfo",
     "ClientRefused",
     "ConnectionPolicy",

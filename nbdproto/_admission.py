@@ -11,6 +11,10 @@ there). Nothing here touches a socket: the backends describe each client as a ``
 ``ClientInfo`` is what a session knows of its client: its address, and once TLS is up, the subject of the
 certificate it presented and the pre-shared key identity it used. The connection log names the credentials with
 the export the client uses, and an export resolver that takes a second argument is given it.
+
+``ClientCount`` is where a server keeps its counts when they are not its own alone: ``nbdproto serve --workers``
+runs several processes on one listening socket, and ``--max-connections`` must count the clients of all of
+them, exactly (an implementation over shared memory is ``nbdproto.sockets.SharedClientCount``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import ipaddress
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["ClientInfo", "ConnectionPolicy", "ClientRefused", "certificate_subject", "takes_client"]
+__all__ = ["ClientInfo", "ConnectionPolicy", "ClientRefused", "ClientCount", "certificate_subject", "takes_client"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -145,6 +149,33 @@ class ConnectionPolicy:
         if any(fnmatch.fnmatchcase(subject, pattern) for pattern in self.allow_client_dn):
             return None
         return f"certificate subject {subject!r} matches no allowed pattern"
+
+
+class ClientCount(Protocol):
+    """The clients a server admitted, counted where several servers share them (processes on one listening
+    socket, ``nbdproto serve --workers``). A ``ServerCore`` given one asks it, rather than its own counts, how
+    many clients are open and were admitted when it applies its ``ConnectionPolicy``, and numbers its
+    connections from it (``nbdproto.current_connection``), so that numbers in logs are unique server-wide.
+    Thread-safe."""
+
+    def enter(self, refusal: Callable[[int, int], str | None]) -> str | None:
+        """Admit a client unless ``refusal(open_connections, admitted)``, asked with the counts of every
+        sharer at this instant and atomically with the admission (no other sharer admits in between), gives
+        a reason; the reason, or None once the client is counted in (it must leave() later)."""
+        ...
+
+    def leave(self) -> None:
+        """A client admitted by ``enter`` has gone."""
+        ...
+
+    def number(self) -> int:
+        """A connection number (from 1) no other connection of any sharer got."""
+        ...
+
+    def busier(self) -> bool:
+        """Whether another sharer serves fewer connections than this one, and so should take the next (a moment's
+        picture: it balances, it does not decide who is served)."""
+        ...
 
 
 _SHORT_NAMES = {

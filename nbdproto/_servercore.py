@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
-from ._admission import ClientInfo, ClientRefused, ConnectionPolicy, takes_client
+from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, takes_client
 from ._device import BlockDevice
 from ._events import ClientAborted, ExportListing
 from ._export import ExportSpec
@@ -33,6 +33,7 @@ from ._serverlog import ConnectionLog
 from ._state import TlsMode
 
 __all__ = [
+    "ACCEPT_HOLD_BACK",
     "Exports",
     "Resolver",
     "ClientResolver",
@@ -43,6 +44,10 @@ __all__ = [
     "current_connection",
     "enter_connection",
 ]
+
+ACCEPT_HOLD_BACK = 0.002
+"""Seconds a server that shares its listening socket with less busy ones waits before taking a pending
+connection (see ServerCore.accept_hold_back)."""
 
 current_connection: ContextVar[int] = ContextVar("nbdproto_connection", default=0)
 """The number of the connection served in this context (0: none). Both servers number each connection as it
@@ -145,6 +150,7 @@ class ServerOptions(TypedDict, total=False):
     list_exports: bool
     limits: ServerLimits
     policy: ConnectionPolicy | None
+    clients: ClientCount | None
 
 
 class Stoppable(Protocol):
@@ -161,8 +167,10 @@ class ServerCore:
     arguments). ``tls``: an ``ssl.SSLContext`` for the server side (TLS is then forced unless ``tls_mode``
     says otherwise). ``list_exports`` answers NBD_OPT_LIST with the mapping's names (and descriptions).
     ``limits``: time limits, the server-wide memory budget and the shutdown grace. ``policy``: which clients
-    are served (nbdproto.ConnectionPolicy; by default all). A backend sets ``logger`` / ``clock`` /
-    ``peer_errors`` on its subclass for the connection log, and gives ``stop_accepting``.
+    are served (nbdproto.ConnectionPolicy; by default all). ``clients``: where the policy's counts are kept
+    when several servers share them (nbdproto.ClientCount; by default this server's own). A backend sets
+    ``logger`` / ``clock`` / ``peer_errors`` on its subclass for the connection log, and gives
+    ``stop_accepting``.
     """
 
     logger = logging.getLogger("nbdproto.server")
@@ -181,8 +189,10 @@ class ServerCore:
         list_exports: bool = True,
         limits: ServerLimits = DEFAULT_LIMITS,
         policy: ConnectionPolicy | None = None,
+        clients: ClientCount | None = None,
     ) -> None:
         self.exports = Exports(exports, list_exports=list_exports)
+        self.clients = clients
         self.policy = policy if policy is not None else ConnectionPolicy()
         self.settings = SessionSettings(
             self.exports.offer, self.exports.lookup, tls, tls_mode, limits, policy=self.policy
@@ -200,13 +210,30 @@ class ServerCore:
         """Whether to serve a newly accepted client, as the policy says (a refusal is logged): call it before
         anything is sent; if True, the session must run under ``serving``, which counts the client out again.
         A backend that accepts in several threads at once calls it under a lock."""
-        reason = self.policy.refusal(client, open_connections=len(self._admitted), admitted=self._admitted_count)
+        if self.clients is None:
+            reason = self.policy.refusal(client, open_connections=len(self._admitted), admitted=self._admitted_count)
+        else:
+            reason = self.clients.enter(
+                lambda open_connections, admitted: self.policy.refusal(
+                    client, open_connections=open_connections, admitted=admitted
+                )
+            )
         if reason is not None:
             self.log.refused(client, reason)
             return False
         self._admitted.add(client)
         self._admitted_count += 1
         return True
+
+    def accept_hold_back(self) -> float:
+        """Seconds an accept loop that waits for readiness should let pass, once a connection is pending, before
+        it takes it: ACCEPT_HOLD_BACK when this server shares its listening socket (``clients``) with another
+        that serves fewer connections, so that one takes it (every waiting process is woken for each
+        connection, and the first to accept would win: all of a client's connections could land on one
+        worker); else 0. A blocking accept needs none: the kernel wakes its waiters one at a time, in turn."""
+        if self.clients is not None and self.clients.busier():
+            return ACCEPT_HOLD_BACK
+        return 0.0
 
     def spec_for(self, outcome: str | ClientAborted, client: ClientInfo) -> ExportSpec[Any] | None:
         """What serves the handshake's ``outcome``: the spec of the chosen export, or None (the client aborted,
@@ -225,7 +252,10 @@ class ServerCore:
         is already shutting down), and its end is logged with whose fault it was, or as a refusal when the
         policy turned the client away during the handshake (nbdproto.ClientRefused). Exceptions end here.
         When the session was the last one a oneshot server serves, the backend stops accepting."""
-        enter_connection()
+        if self.clients is None:
+            enter_connection()
+        else:
+            current_connection.set(self.clients.number())
         self.sessions.add(session)
         if self.stopping:
             session.stop()
@@ -240,6 +270,8 @@ class ServerCore:
             failure = exc
         finally:
             self.sessions.discard(session)
+            if self.clients is not None and client in self._admitted:
+                self.clients.leave()
             self._admitted.discard(client)
             if not refused:
                 self.log.ended(client, failure)

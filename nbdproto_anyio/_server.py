@@ -370,7 +370,7 @@ class Server(nbdproto.ServerCore):
         backoff = AcceptBackoff(log)
         while True:
             try:
-                stream = await listener.accept()
+                stream = await listener.accept(self.accept_hold_back)
             except OSError as exc:
                 await anyio.sleep(backoff.delay_after(exc))
                 continue

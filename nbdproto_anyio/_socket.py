@@ -18,7 +18,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -165,8 +165,14 @@ class SocketAcceptor:
     def address(self) -> Any:
         return self.sock.getsockname()
 
-    async def accept(self) -> RawSocketStream:
+    async def accept(self, hold_back: Callable[[], float] | None = None) -> RawSocketStream:
+        """The next connection. ``hold_back()``: seconds to let pass once one is pending before taking it (a
+        socket shared with other processes, which may take it meanwhile: ServerCore.accept_hold_back)."""
         while True:
+            delay = hold_back() if hold_back is not None else 0.0
+            if delay:
+                await anyio.wait_readable(self.sock)
+                await anyio.sleep(delay)
             try:
                 conn, _ = self.sock.accept()
             except BlockingIOError:

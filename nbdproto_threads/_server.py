@@ -25,6 +25,7 @@ import contextvars
 import logging
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -54,6 +55,13 @@ DEFAULT_WORKERS = 16
 PEER_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, ssl.SSLError, TimeoutError, OSError)
 """How a socket says the client went away, broke the connection or stalled (ConnectionLog: the client's doing)."""
 
+
+SHARED_ACCEPT_WAKE = 0.5
+"""Seconds an accept on a listening socket that other processes share waits at most before it looks whether
+the server is stopping: such a socket cannot be shut down to wake the accept (that would stop every process
+accepting on it), so it waits with SO_RCVTIMEO and stays a blocking accept, which the kernel hands each new
+connection to one waiter at a time, in turn."""
+_NO_WAKE = struct.pack("ll", 0, 0)
 
 _NO_SETTINGS = nbdproto.SessionSettings()
 _TIMER_SLACK = 0.01
@@ -369,7 +377,9 @@ class Server(nbdproto.ServerCore):
     ``exports``, ``tls``, ``tls_mode``, ``list_exports``, ``limits``, ``policy``: as nbdproto.ServerCore says.
     ``listen`` is a ``(host, port)`` pair, a unix socket path, an already bound and listening socket, or
     several such sockets (all served alike: those socket activation passed, say); ``workers`` and ``poll``
-    as for ServerSession.
+    as for ServerSession. ``shared_sockets``: other processes accept on the same listening sockets (forked
+    servers, ``nbdproto serve --workers``): stopping then closes this process's sockets without shutting them
+    down, and an accept looks every SHARED_ACCEPT_WAKE seconds whether to stop.
     """
 
     logger = log
@@ -383,9 +393,11 @@ class Server(nbdproto.ServerCore):
         *,
         workers: int | None = None,
         poll: float = 0.0,
+        shared_sockets: bool = False,
         **options: Unpack[nbdproto.ServerOptions],
     ) -> None:
         super().__init__(exports, **options)
+        self._shared = shared_sockets
         self._workers = workers
         self._poll = poll
         self._memory = nbdproto.MemoryBudget(self.limits.memory_limit)
@@ -399,6 +411,10 @@ class Server(nbdproto.ServerCore):
         if not self.sockets:
             raise ValueError("a server needs a socket to listen on")
         self.sock = self.sockets[0]
+        if shared_sockets:
+            wake = struct.pack("ll", int(SHARED_ACCEPT_WAKE), int(SHARED_ACCEPT_WAKE % 1 * 1e6))
+            for sock in self.sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wake)
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._accepting = threading.Event()
@@ -433,6 +449,12 @@ class Server(nbdproto.ServerCore):
                 stopped.wait(backoff.delay_after(exc))
                 continue
             backoff.accepted()
+            if self._shared:
+                if not self._accepting.is_set():  # the accept outlived the stop: the server is ending
+                    conn.close()
+                    break
+                with contextlib.suppress(OSError):  # the listener's wake-up was inherited: not for the connection
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_WAKE)
             thread = threading.Thread(target=self._serve_one, args=(conn,), daemon=True)
             with self._lock:
                 self._threads.add(thread)
@@ -470,8 +492,9 @@ class Server(nbdproto.ServerCore):
         """Stop accepting: every accept loop ends, and serve_forever returns (shutdown() ends the sessions)."""
         self._accepting.clear()
         for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
+            if not self._shared:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
             sock.close()
 
     def shutdown(self, grace: float | None = None) -> None:

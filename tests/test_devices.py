@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto.devices import FileDevice, MemoryDevice
+from nbdproto.devices import FileDevice, MemoryDevice, SharedMemoryDevice
 
 SIZE = 1 << 20
 HOLE = n.AllocationState.HOLE | n.AllocationState.ZERO
@@ -67,8 +67,11 @@ def test_device_behaves_like_a_bytearray(make_device: Any, ops: list[tuple[str, 
                 device.pread_into(buffer, offset)
                 assert bytes(buffer) == model[offset : offset + length]
                 if isinstance(device, FileDevice):
-                    view = device.read_view(offset, length)
-                    assert view is not None and bytes(view) == model[offset : offset + length]
+                    view = device.read_view(offset, length)  # none for a sparse file in memory
+                    if view is None:
+                        assert device.in_memory
+                    else:
+                        assert bytes(view) == model[offset : offset + length]
             else:
                 extents = device.extents(n.BASE_ALLOCATION, offset, length)
                 assert extents and all(e_len > 0 for e_len, _ in extents)
@@ -118,6 +121,35 @@ def test_file_device_views_follow_writes_and_outlive_close(tmp_path: Any) -> Non
     device.close()  # a reply still queued with a view keeps the mapping alive
     assert bytes(view[904:1004]) == b"x" * 100
     assert device.read_view(0, 10) is None
+
+
+def _read_as_a_server_does(device: FileDevice, offset: int, length: int) -> bytes:
+    view = device.read_view(offset, length)
+    if view is not None:
+        return bytes(view)
+    buffer = bytearray(length)
+    device.pread_into(memoryview(buffer), offset)
+    return bytes(buffer)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs tmpfs at /dev/shm")
+def test_reading_a_sparse_file_in_memory_does_not_fill_its_holes() -> None:
+    # A hole of a tmpfs file touched through a mapping is allocated; read with pread, it stays a hole.
+    with open(f"/dev/shm/nbdproto-test-{os.getpid()}.img", "w+b") as f:
+        try:
+            f.write(os.urandom(SIZE))
+            f.flush()
+            with FileDevice(f.name) as device:
+                assert device.in_memory and device.read_view(0, 4096) is not None  # no holes: views
+                device.trim(SIZE // 2, SIZE // 2)
+                assert device.read_view(0, 4096) is None  # a hole now: reads go through pread
+                assert _read_as_a_server_does(device, 0, SIZE)[SIZE // 2 :] == bytes(SIZE // 2)
+            assert os.fstat(f.fileno()).st_blocks * 512 == SIZE // 2
+        finally:
+            os.unlink(f.name)
+    memory = SharedMemoryDevice(64 << 20)
+    assert _read_as_a_server_does(memory, 0, 64 << 20) == bytes(64 << 20) and memory.allocated == 0
+    memory.close()
 
 
 def test_an_empty_file_has_no_view(tmp_path: Any) -> None:

@@ -178,6 +178,17 @@ class Filtering:
         self._several = several_exports
         self._streams: dict[str, IO[str]] = {}
         self.stats: list[tuple[str, StatsFilter, str | None]] = []  # (export, filter, file)
+        self.worker: int | None = None
+        """With ``serve --workers``, the worker (from 1) this process is: its stats are its own, headed with
+        its number and pid, and a stats ``file=PATH`` is written to PATH.N (each worker its own)."""
+
+    def become_worker(self, number: int) -> None:
+        """This (forked) process is worker ``number``: its stats count from now (see ``worker``)."""
+        import time
+
+        self.worker = number
+        for _, stats, _ in self.stats:
+            stats.started = time.monotonic()
 
     @property
     def source_read_only(self) -> bool:
@@ -232,6 +243,9 @@ class Filtering:
         by_file: dict[str | None, list[str]] = {}
         for export, stats, path in self.stats:
             title = f"export {export!r}" if self._several else ""
+            if self.worker is not None:
+                title = ", ".join(filter(None, (f"worker {self.worker} (pid {os.getpid()})", title)))
+                path = None if path is None else f"{path}.{self.worker}"
             by_file.setdefault(path, []).append(stats.report(title))
         for path, reports in by_file.items():
             if path is None:

@@ -28,7 +28,7 @@ from nbdproto.sockets import activated_sockets, listen_socket
 
 from ._errors import UsageError
 
-__all__ = ["Listening", "listen", "connection_policy", "Helper"]
+__all__ = ["Listening", "listen", "connection_policy", "Helper", "set_parent_death_signal"]
 
 log = logging.getLogger("nbdproto.cli")
 
@@ -150,7 +150,7 @@ class Helper:
         if not self.exit_with_parent:
             return
         parent = os.getppid()
-        if not _set_parent_death_signal(signal.SIGTERM):
+        if not set_parent_death_signal(signal.SIGTERM):
             threading.Thread(target=_watch_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
         elif os.getppid() != parent:  # it died before the kernel was told to watch it
             os.kill(os.getpid(), signal.SIGTERM)
@@ -181,10 +181,13 @@ class Helper:
 
     # --- Ready ----------------------------------------------------------------------------------------------
 
-    def ready(self, uri: nbdproto.NbdUri, tls_mode: nbdproto.TlsMode | None, stop: threading.Event) -> None:
+    def ready(
+        self, uri: nbdproto.NbdUri, tls_mode: nbdproto.TlsMode | None, stop: threading.Event, *, watch: bool = True
+    ) -> None:
         """The server accepts connections at ``uri`` (the first export): write the pid file, release a
-        ``--fork`` parent, start the ``--run`` command (which sets ``stop`` when it exits). A failure here
-        stops the server with status 1."""
+        ``--fork`` parent, start the ``--run`` command (a thread sets ``stop`` when it exits; without ``watch``
+        no thread is started, and the caller polls ``command``: a process that forks later should have no
+        other thread). A failure here stops the server with status 1."""
         try:
             if self.pid_file:
                 _write_pid_file(self.pid_file)
@@ -197,7 +200,12 @@ class Helper:
         if self._ready_pipe is not None:
             self._detach()
         if self.run:
-            self._start_command(uri, tls_mode, stop)
+            self._start_command(uri, tls_mode, stop, watch)
+
+    @property
+    def command(self) -> subprocess.Popen[bytes] | None:
+        """The ``--run`` command, once started."""
+        return self._command
 
     def _detach(self) -> None:
         # The forked server's parent exits now: leave its terminal and pipes (a caller reading our output to
@@ -208,12 +216,29 @@ class Helper:
             os.write(self._ready_pipe, b"ready")
         os.close(self._ready_pipe)
         self._ready_pipe = None
+        self.leave_output()
+
+    def become_worker(self) -> None:
+        """In a process the server forked to serve (``--workers``): the ``--fork`` parent waits to read "ready"
+        or the end of its pipe, which the supervisor writes; this process lets its copy go."""
+        if self._ready_pipe is not None:
+            os.close(self._ready_pipe)
+            self._ready_pipe = None
+
+    def leave_output(self) -> None:
+        """For a ``--fork`` server, and each process it forks to serve (``--workers``) once it serves: standard
+        input and output (and error, without ``--verbose``) become /dev/null, so that a starter reading our
+        output to its end is not kept waiting by a server that goes on serving."""
+        if not self.fork_wanted:
+            return
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1) if self.verbose else (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
 
-    def _start_command(self, uri: nbdproto.NbdUri, tls_mode: nbdproto.TlsMode | None, stop: threading.Event) -> None:
+    def _start_command(
+        self, uri: nbdproto.NbdUri, tls_mode: nbdproto.TlsMode | None, stop: threading.Event, watch: bool
+    ) -> None:
         env = dict(os.environ)
         env.update(
             uri=str(uri),
@@ -226,6 +251,8 @@ class Helper:
             env["tls"] = "2" if tls_mode is nbdproto.TlsMode.FORCEDTLS else "1"
         sys.stdout.flush()
         command = self._command = subprocess.Popen(self.run, shell=True, env=env)
+        if not watch:
+            return
 
         def wait() -> None:
             command.wait()
@@ -272,7 +299,7 @@ def _write_pid_file(path: str) -> None:
         raise
 
 
-def _set_parent_death_signal(signum: int) -> bool:
+def set_parent_death_signal(signum: int) -> bool:
     """Ask Linux to send ``signum`` when our parent exits; False where that cannot be done."""
     if not sys.platform.startswith("linux"):
         return False

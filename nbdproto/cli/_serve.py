@@ -7,6 +7,7 @@ signal handling or an event loop: a copy's measured time includes the interprete
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import signal
@@ -25,6 +26,7 @@ from ._errors import UsageError, size_argument
 from ._filters import Filtering, parse_filters
 from ._helper import Helper, connection_policy, listen
 from ._sources import Source, apply_s3_options, open_source, parse_source
+from ._workers import STOP_MARGIN, Supervisor, check_shareable, parse_workers
 
 __all__ = ["serve", "serve_opened", "default_loop"]
 
@@ -130,12 +132,15 @@ def serve(args: argparse.Namespace) -> int:
     """Run ``nbdproto serve`` until SIGINT or SIGTERM (or the ``--run`` command exits, or a ``--oneshot``
     client leaves); the exit status (the ``--run`` command's, else 0); UsageError for a bad argument."""
     exports = _exports(args)
+    workers = parse_workers(args.workers)
+    if workers > 1:
+        check_shareable([export.source.kind for export in exports], parse_filters(args.filter, len(exports)))
 
     def open_exports(source_read_only: bool) -> list[tuple[str, BlockDevice]]:
-        devices = _open_devices(exports, args.read_only or source_read_only)
+        devices = _open_devices(exports, args.read_only or source_read_only, shared=workers > 1)
         return [(export.name, device) for export, device in zip(exports, devices, strict=True)]
 
-    return serve_opened(args, open_exports, len(exports))
+    return serve_opened(args, open_exports, len(exports), workers=workers)
 
 
 def serve_opened(
@@ -143,6 +148,7 @@ def serve_opened(
     open_exports: Callable[[bool], list[tuple[str, BlockDevice]]],
     count: int,
     on_serving: Callable[[], None] | None = None,
+    workers: int = 1,
 ) -> int:
     """Serve the ``count`` (name, device) exports ``open_exports(source_read_only)`` opens (read-only where the
     filters keep the source unchanged, e.g. cow), each wrapped in the --filter chain, as the serve options in
@@ -150,11 +156,15 @@ def serve_opened(
     then flush and close every device; the exit status (the ``--run`` command's, else 0). Bad options, and
     devices that cannot be opened (OSError, or a UsageError from ``open_exports``), are UsageErrors raised
     before anything is served. ``on_serving`` runs once the server listens and its URIs are printed
-    (``nbdproto mirror`` starts its copy there)."""
+    (``nbdproto mirror`` starts its copy there). With ``workers`` above 1, that many processes serve the
+    devices (which they must be able to share: see _workers) while this one supervises them."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # With workers, which process said it: the supervisor logs which worker has which pid.
+        format=f"%(asctime)s %(levelname)s %(name)s{'[%(process)d]' if workers > 1 else ''}: %(message)s",
     )
+    if workers > 1 and args.oneshot:
+        raise UsageError("--oneshot serves one connection, which one process serves: it needs --workers 1")
     if args.busy_poll and args.backend != "threads":
         raise UsageError("--busy-poll is for --backend threads (an event loop must not spin on one connection)")
     if args.busy_poll < 0:
@@ -166,6 +176,8 @@ def serve_opened(
     filtering = Filtering(parse_filters(args.filter, count), several_exports=count > 1)
     tls, tls_mode = _tls(args)
     limits = server_limits(args)
+    if workers > 1:  # --memory-limit bounds all connections together, whichever worker serves them
+        limits = dataclasses.replace(limits, memory_limit=max(1, limits.memory_limit // workers))
     policy = connection_policy(args)
     helper = Helper(args)
     helper.watch_parent()
@@ -203,36 +215,84 @@ def serve_opened(
             log.info("serving %s", uri)
         else:
             print(f"serving {uri}", flush=True)
-    if filtering.stats:
-        _report_stats_on_sigusr1(filtering, stop)
     job = _Serving(
         listening.sockets, names, devices, args.description, args.read_only, tls, tls_mode, stop,
-        limits, policy, lambda: helper.ready(uris[0], tls_mode, stop), args.loop, args.busy_poll,
+        limits, policy, lambda: helper.ready(uris[0], tls_mode, stop), args.backend, args.loop, args.busy_poll,
     )  # fmt: skip
+    status = 0
     try:
-        if on_serving is not None:
-            on_serving()
-        (_serve_threads if args.backend == "threads" else _serve_anyio)(job)
+        if workers > 1:
+            status = _serve_in_workers(job, workers, filtering, helper, uris[0])
+        else:
+            if filtering.stats:
+                _report_stats_on_sigusr1(filtering, stop)
+            if on_serving is not None:
+                on_serving()
+            _serve_here(job)
     finally:
-        for device in devices:
-            try:
-                device.flush()
-            except (OSError, nbdproto.ProtocolError) as exc:  # an error filter failing on purpose, a remote gone
-                log.warning("flush at exit failed: %s", exc)
-            device.close()
+        _flush_and_close(devices)
         listening.close()
-        filtering.report_stats()
+        if workers == 1:
+            filtering.report_stats()
         filtering.close()
-    status = helper.finish()
+    status = helper.finish() or status
     if not quiet:
         print("stopped", flush=True)
     return status
 
 
-def _open_devices(exports: list[ExportArg], read_only: bool) -> list[BlockDevice]:
+def _serve_here(job: _Serving) -> None:
+    (_serve_threads if job.backend == "threads" else _serve_anyio)(job)
+
+
+def _flush_and_close(devices: list[BlockDevice]) -> None:
+    for device in devices:
+        try:
+            device.flush()
+        except (OSError, nbdproto.ProtocolError) as exc:  # an error filter failing on purpose, a remote gone
+            log.warning("flush at exit failed: %s", exc)
+        device.close()
+
+
+def _serve_in_workers(job: _Serving, workers: int, filtering: Filtering, helper: Helper, uri: nbdproto.NbdUri) -> int:
+    """Serve ``job`` from ``workers`` forked processes (nbdproto/cli/_workers.py) until it is stopped; this
+    process supervises them. The status: 0, or 1 when a worker could not start serving."""
+
+    def work(index: int, clients: nbdproto.ClientCount, ready: Callable[[], None]) -> None:
+        helper.become_worker()
+        filtering.become_worker(index + 1)
+        if filtering.stats:
+            _report_stats_on_sigusr1(filtering, job.stop)
+        job.clients, job.shared = clients, True
+
+        def serving() -> None:
+            ready()
+            helper.leave_output()
+
+        job.ready = serving
+        try:
+            _serve_here(job)
+        finally:
+            _flush_and_close(job.devices)
+            filtering.report_stats()
+
+    stop_timeout = job.limits.shutdown_grace + STOP_MARGIN
+    supervisor = Supervisor(workers, work, stop_timeout=stop_timeout, forward_usr1=bool(filtering.stats))
+    return supervisor.run(
+        job.stop, lambda: helper.ready(uri, job.tls_mode, job.stop, watch=False), lambda: helper.command
+    )
+
+
+def _open_devices(exports: list[ExportArg], read_only: bool, shared: bool = False) -> list[BlockDevice]:
+    """The exports' devices; ``shared``: for processes forked to serve them, so memory:SIZE is made shared."""
     devices: list[BlockDevice] = []
     try:
         for export in exports:
+            if shared and export.source.kind == "memory":
+                from nbdproto.devices import SharedMemoryDevice
+
+                devices.append(SharedMemoryDevice(export.source.size, name=f"nbdproto-{export.name or 'default'}"))
+                continue
             devices.append(open_source(export.source, read_only=read_only))
     except BaseException:
         for device in devices:
@@ -287,16 +347,22 @@ class _Serving:
     policy: nbdproto.ConnectionPolicy
     ready: Callable[[], None]
     """Called once the server accepts connections (the pid file, --fork, --run: see _helper)."""
+    backend: str = "anyio"
     loop: str = "asyncio"
     busy_poll: int = 0
+    clients: nbdproto.ClientCount | None = None
+    """Where the policy's counts are kept when worker processes share them (see _workers)."""
+    shared: bool = False
+    """The listening sockets are shared with other processes (workers)."""
 
 
 def _serve_threads(job: _Serving) -> None:
     specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
     poll = job.busy_poll / 1e6
     server = ThreadsServer(
-        specs, job.sockets, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy, poll=poll
-    )
+        specs, job.sockets, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy, poll=poll,
+        clients=job.clients, shared_sockets=job.shared,
+    )  # fmt: skip
 
     def serve() -> None:
         try:
@@ -320,7 +386,9 @@ def _serve_anyio(job: _Serving) -> None:
     from nbdproto_anyio import listen
 
     specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
-    server = AnyioServer(specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy)
+    server = AnyioServer(
+        specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy, clients=job.clients
+    )
 
     async def stop_when_asked() -> None:
         await anyio.to_thread.run_sync(job.stop.wait)

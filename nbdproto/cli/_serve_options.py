@@ -22,6 +22,16 @@ def add_serve_command(commands: Any) -> None:
         "re-export. With no SOURCE, serves a 1 GiB in-memory disk on 127.0.0.1:10809.",
     )
     serve.add_argument("source", nargs="?", metavar="SOURCE", help="a file, memory:SIZE, s3://BUCKET/KEY or an NBD URI")
+    serve.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="serve from N processes accepting on one listening socket, each serving whole connections, so that "
+        "clients with several connections (nbdcopy opens 4) use more than one core; auto: one per core, at most "
+        "8. Files are shared through the page cache and memory:SIZE through shared memory; NBD URIs, s3://, "
+        "--filter cow and --filter blocksize keep state in one process and need 1, as does --oneshot. "
+        "--max-connections counts the clients of all workers; --memory-limit is divided among them (default 1)",
+    )
     add_serve_arguments(serve)
     _add_s3_arguments(serve)
 

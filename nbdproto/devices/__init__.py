@@ -2,7 +2,8 @@
 
 Every device implements one synchronous protocol, ``nbdproto.BlockDevice`` (re-exported here); the threads
 server calls it from its connection threads, the anyio server from worker threads or, for devices that never
-block, inline. ``MemoryDevice`` is a sparse disk in memory; ``FileDevice`` a regular file or block device;
+block, inline. ``MemoryDevice`` is a sparse disk in memory (``SharedMemoryDevice`` one that forked processes
+share); ``FileDevice`` a regular file or block device;
 ``S3Device`` an image on S3-compatible object storage (the ``nbdproto[s3]`` extra).
 
 Filters wrap a device and are devices themselves, so they stack (nbdkit's filters, in Python): ``Filter`` is
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ._ranges import check_range
     from ._readonly import ReadOnlyFilter
     from ._s3 import S3Device, S3Settings
+    from ._sharedmemory import SharedMemoryDevice
     from ._stats import CommandStats, StatsFilter
 
 _WHERE = {
@@ -46,6 +48,7 @@ _WHERE = {
     "check_range": "._ranges",
     "MemoryDevice": "._memory",
     "FileDevice": "._file",
+    "SharedMemoryDevice": "._sharedmemory",
     "Filter": "._filter",
     "CowFilter": "._cow",
     "ReadOnlyFilter": "._readonly",
@@ -71,6 +74,7 @@ __all__ = [
     "check_range",
     "MemoryDevice",
     "FileDevice",
+    "SharedMemoryDevice",
     "Filter",
     "CowFilter",
     "ReadOnlyFilter",

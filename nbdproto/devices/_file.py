@@ -12,6 +12,13 @@ copies the bytes from the page cache into the socket once, and the request costs
 (measured: about a third less server CPU per 4 KiB read than preadv into a buffer). The mapping sees every
 write made through the descriptor (one page cache). ``fileno()`` lets a backend use os.sendfile instead.
 
+On tmpfs and memfds (shared memory), touching a hole through a mapping allocates a page for it, where pread
+reads the hole as zeroes for free: served through views, every read of a sparse in-memory file would fill it
+in. So views are handed out there only while the file has no holes (checked when it is opened, and given up
+at the first hole this device punches); a sparse one is read with pread_into. Holes punched by another
+process (another worker serving the same file) are not seen: reading them through views costs memory, never
+correctness.
+
 A view must only be read by the kernel (a plaintext socket's sendmsg): if the file is truncated by someone else
 while it is served, touching the vanished pages from user space is a SIGBUS that kills the process, while
 sendmsg merely fails with EFAULT and ends that one connection.
@@ -86,7 +93,12 @@ class FileDevice:
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._adopt(os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC), read_only)
+
+    def _adopt(self, fd: int, read_only: bool) -> None:
+        """Serve the open descriptor ``fd`` (closed here if it is not a file or block device): for subclasses
+        that make their file another way (SharedMemoryDevice)."""
+        self._fd = fd
         mode = os.fstat(self._fd).st_mode
         self._block_device = stat.S_ISBLK(mode)
         if not (stat.S_ISREG(mode) or self._block_device):
@@ -96,6 +108,8 @@ class FileDevice:
         self.in_memory = _in_memory_filesystem(self._fd)
         # tmpfs and ramfs: memory copies that never wait on a disk, so a server may call them inline.
         self.dispatch: Dispatch = "inline" if self.in_memory else "batch"
+        # Reading a hole of a shared-memory file through the mapping would allocate it (module docstring).
+        self._holes_cost_memory = self.in_memory and os.fstat(self._fd).st_blocks * 512 < self._size
         self._mmap = _map(self._fd, self._size)
         self._mapping = memoryview(self._mmap) if self._mmap is not None else None
         self._capabilities = DeviceCapabilities(
@@ -140,7 +154,7 @@ class FileDevice:
         call), or None when the file could not be mapped (then use pread_into). See the module docstring for
         who may read the view."""
         mapping = self._mapping
-        if mapping is None:
+        if mapping is None or self._holes_cost_memory:
             return None
         if offset < 0 or length < 0 or offset + length > self._size:
             self._check(offset, length)
@@ -168,6 +182,7 @@ class FileDevice:
                 fcntl.ioctl(self._fd, _BLKDISCARD, struct.pack("QQ", offset, length))
             else:
                 _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                self._holes_cost_memory |= self.in_memory
         except OSError as exc:
             # Trim is advisory: a file system that cannot punch holes simply keeps the data.
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY):
@@ -205,6 +220,7 @@ class FileDevice:
         for mode in modes:
             try:
                 _fallocate(self._fd, mode, offset, length)
+                self._holes_cost_memory |= self.in_memory and bool(mode & _FALLOC_FL_PUNCH_HOLE)
                 return True
             except OSError as exc:
                 if exc.errno not in unsupported:

@@ -6,6 +6,8 @@ manager passed instead (systemd's socket activation, as nbdinfo and nbdcopy star
 says what a server knows of an accepted client; ``AcceptBackoff`` is what an accept loop does when accept()
 fails (running out of descriptors must not end a server). ``ActivatedServer`` is the starter's side of socket
 activation: a server command run on a private unix socket, as a client's ``connect(command=[...])`` does.
+``SharedClientCount`` keeps the connection policy's counts for several processes serving one listening socket
+(``nbdproto serve --workers``).
 Unlike the engine in ``nbdproto``, this package touches sockets and processes; ``import nbdproto`` never
 imports it.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from ._accept import AcceptBackoff
 from ._activation import LISTEN_FDS_START, activated_sockets
+from ._clientcount import SharedClientCount
 from ._launch import STOP_TIMEOUT, ActivatedServer
 from ._listen import LISTEN_BACKLOG, client_info, listen_socket, peer_name
 
@@ -27,4 +30,5 @@ __all__ = [
     "activated_sockets",
     "ActivatedServer",
     "STOP_TIMEOUT",
+    "SharedClientCount",
 ]
