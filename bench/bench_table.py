@@ -1,0 +1,242 @@
+"""One command, one table: our servers (each backend and event loop, one process and N workers) against nbdkit's
+file plugin and qemu-nbd, all serving the same kind of 1 GiB tmpfs file, measured side by side.
+
+    .venv/bin/python bench/bench_table.py                        # every server, one round
+    .venv/bin/python bench/bench_table.py --rounds 3 --runtime 8 --only nbdkit,threads
+
+Ours: `--backend threads`, the anyio backend on each event loop installed (asyncio, uvloop, trio), each as one
+process and as N workers (--workers, default the cores), and the threads backend with --busy-poll 200 (the mode
+for clients with one request at a time). Each server is started afresh for each round (the order reversed every
+other round, so none always follows the same one), waited for (bounded), measured by the real clients, and
+stopped. The tests, as
+bench/bench_servers.sh's: nbdcopy reads and writes of the whole export with 4 connections (nbdcopy uses as many
+as the server allows: qemu-nbd does not advertise multi-conn for a writable export, so it gets one) and fio
+(nbd engine) 4 KiB random reads at queue depth 1 and 16 and random writes at queue depth 16. Beside each
+figure: the server's own CPU per request (user + system of the server and every worker process, read from
+/proc before and after), and the ratio of both to nbdkit's. With several rounds, each cell is the median.
+
+Needs nbdkit, qemu-nbd (qemu-utils), nbdcopy (libnbd-bin) and fio; a server whose tool is missing is left out
+and said so. The images are made at --dir (default /dev/shm/nbdproto-bench) if missing: 1 GiB of random data,
+one served and one written from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+GIB = 1 << 30
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Server:
+    label: str
+    command: list[str]  # {image} and {port} are filled in
+    tool: str  # the program that must be installed
+
+
+@dataclass(frozen=True)
+class Test:
+    name: str
+    unit: str
+    requests_per_unit: float  # requests one unit of the figure stands for, per second of the test (CPU/request)
+
+
+TESTS = [
+    Test("nbdcopy read", "MiB/s", 0.0),
+    Test("nbdcopy write", "MiB/s", 0.0),
+    Test("randread 4k qd1", "IOPS", 1.0),
+    Test("randread 4k qd16", "IOPS", 1.0),
+    Test("randwrite 4k qd16", "IOPS", 1.0),
+]
+
+
+def servers(python: str, workers: int) -> list[Server]:
+    ours = [python, "-m", "nbdproto", "serve", "{image}", "--port", "{port}", "--host", "127.0.0.1"]
+    nbdkit = ["nbdkit", "-f", "--exit-with-parent", "-p", "{port}", "-i", "127.0.0.1", "file", "{image}"]
+    qemu = ["qemu-nbd", "-f", "raw", "-t", "-p", "{port}", "-b", "127.0.0.1", "--shared=16", "-x", "", "{image}"]
+    found = [Server("nbdkit file", nbdkit, "nbdkit"), Server("qemu-nbd", qemu, "qemu-nbd")]
+    loops = ["asyncio", "trio"]
+    if subprocess.run([python, "-c", "import uvloop"], capture_output=True).returncode == 0:
+        loops.insert(1, "uvloop")
+    backends = [("threads", ["--backend", "threads"])]
+    backends += [(f"anyio {loop}", ["--backend", "anyio", "--loop", loop]) for loop in loops]
+    for name, options in backends:
+        for count in sorted({1, workers}):
+            label = f"{name}, {count} workers" if count > 1 else name
+            found.append(Server(label, [*ours, *options, "--workers", str(count)], python))
+    # The mode for clients with one request at a time (bench/bench_qd1.sh varies it).
+    busy = ["--backend", "threads", "--busy-poll", "200", "--workers", "1"]
+    found.insert(3, Server("threads --busy-poll 200", [*ours, *busy], python))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tree_cpu(pid: int) -> float:
+    """Seconds of CPU used by ``pid`` and its children, living (workers) and reaped."""
+    total = 0
+    for each in [pid, *children(pid)]:
+        try:
+            with open(f"/proc/{each}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return total / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+@contextmanager
+def running(server: Server, image: str, startup: float = 30.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    command = [part.replace("{image}", image).replace("{port}", str(port)) for part in server.command]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    uri = f"nbd://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + startup
+        while subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                error = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
+                raise RuntimeError(f"{server.label} did not start within {startup} s: {error.strip()}")
+            time.sleep(0.1)
+        if server.tool not in ("nbdkit", "qemu-nbd"):  # every worker serving: their count of children
+            want = int(command[command.index("--workers") + 1])
+            while want > 1 and len(children(proc.pid)) < want and time.monotonic() < deadline:
+                time.sleep(0.05)
+        yield proc, uri
+    finally:
+        with_timeout_stop(proc)
+
+
+def with_timeout_stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
+def measure(test: Test, uri: str, pid: int, source: str, runtime: int) -> tuple[float, float]:
+    """The test's figure, and the server's CPU microseconds per request (for copies: per MiB)."""
+    before, started = tree_cpu(pid), time.monotonic()
+    if test.name.startswith("nbdcopy"):
+        ends = [uri, "null:"] if test.name.endswith("read") else [source, uri]
+        subprocess.run(["nbdcopy", "--connections=4", *ends], check=True, capture_output=True, timeout=300)
+        seconds = time.monotonic() - started
+        figure = GIB / (1 << 20) / seconds
+        return figure, (tree_cpu(pid) - before) * 1e6 / (GIB >> 20)
+    rw, _, depth = test.name.split()
+    done = subprocess.run(["fio", "--name=x", "--ioengine=nbd", f"--uri={uri}", "--size=1g", f"--runtime={runtime}",
+                           "--time_based", f"--rw={rw}", "--bs=4k", f"--iodepth={depth[2:]}",
+                           "--output-format=terse", "--terse-version=3"],
+                          check=True, capture_output=True, text=True, timeout=runtime + 60)  # fmt: skip
+    fields = next(line for line in done.stdout.splitlines() if line.count(";") > 8).split(";")
+    figure = float(fields[7] if rw == "randread" else fields[48])
+    cpu = tree_cpu(pid) - before
+    return figure, cpu * 1e6 / max(1.0, figure * (time.monotonic() - started))
+
+
+def image(directory: str, name: str) -> str:
+    path = os.path.join(directory, name)
+    if not os.path.exists(path) or os.path.getsize(path) != GIB:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "wb") as f:
+            for _ in range(GIB >> 24):
+                f.write(os.urandom(1 << 24))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--runtime", type=int, default=5, help="seconds of each fio test (default 5)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N (default: the cores)")
+    parser.add_argument("--only", default="", help="comma-separated label prefixes to run (default: all)")
+    parser.add_argument("--dir", default="/dev/shm/nbdproto-bench", help="where the 1 GiB images are")
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args()
+    for tool in ("nbdcopy", "nbdinfo", "fio"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed")
+    chosen = [s for s in servers(args.python, args.workers) if not args.only or s.label.startswith(
+        tuple(args.only.split(",")))]  # fmt: skip
+    missing = [s.label for s in chosen if shutil.which(s.tool) is None and not os.path.exists(s.tool)]
+    if missing:
+        print(f"left out (not installed): {', '.join(missing)}", file=sys.stderr)
+    chosen = [s for s in chosen if s.label not in missing]
+    served, source = image(args.dir, "served.img"), image(args.dir, "source.img")
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for round_ in range(args.rounds):
+        for server in chosen if round_ % 2 == 0 else chosen[::-1]:
+            with running(server, served) as (proc, uri):
+                for test in TESTS:
+                    figure, cpu = measure(test, uri, proc.pid, source, args.runtime)
+                    results.setdefault((server.label, test.name), []).append((figure, cpu))
+                    print(f"round {round_ + 1}\t{server.label}\t{test.name}\t{figure:.0f} {test.unit}\t"
+                          f"{cpu:.1f} us CPU/{'MiB' if test.unit == 'MiB/s' else 'request'}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+    print_table(chosen, results, args)
+    return 0
+
+
+def print_table(chosen: list[Server], results: dict[tuple[str, str], list[tuple[float, float]]], args: object) -> None:
+    def median(label: str, test: str, index: int) -> float | None:
+        got = results.get((label, test))
+        return statistics.median(pair[index] for pair in got) if got else None
+
+    base = chosen[0].label if chosen and chosen[0].label == "nbdkit file" else None
+    head = ["server", *(f"{t.name} ({t.unit})" for t in TESTS)]
+    rows = [head]
+    for server in chosen:
+        row = [server.label]
+        for test in TESTS:
+            figure, cpu = median(server.label, test.name, 0), median(server.label, test.name, 1)
+            if figure is None or cpu is None:
+                row.append("-")
+                continue
+            cell = f"{figure:.0f}"
+            ref, ref_cpu = (median(base, test.name, 0), median(base, test.name, 1)) if base else (None, None)
+            if ref and ref_cpu and server.label != base:
+                cell += f" ({figure / ref:.2f}x, cpu {cpu / ref_cpu:.2f}x)"
+            else:
+                cell += f" (cpu {cpu:.0f} us)"
+            row.append(cell)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    print()
+    print(f"medians of {getattr(args, 'rounds', 1)} round(s); ratios to nbdkit's file plugin: the figure, and the"
+          " server CPU per request (per MiB for copies; below 1 is cheaper)")  # fmt: skip
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
