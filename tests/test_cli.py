@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -230,6 +231,28 @@ def test_sigterm_loses_no_acknowledged_write(tmp_path: Any) -> None:
         for i in acknowledged:
             f.seek(i * MIB)
             assert f.read(MIB) == bytes([i + 1]) * MIB, f"acknowledged write {i} is not in the file"
+
+
+def signal_a_thread(pid: int, tid: int, signum: int) -> None:
+    """Send ``signum`` to one thread of another process (tgkill): what the kernel may do with a process's signal
+    when another thread than the main one has it unblocked."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid})")
+
+
+@pytest.mark.parametrize("backend", ["threads", "anyio:asyncio", "anyio:trio", "anyio:uvloop"])
+def test_sigterm_delivered_to_another_thread_than_the_main_one_stops_the_server(backend: str) -> None:
+    # A Python handler runs on the main thread, which the signal did not wake: it must look by itself.
+    backend, _, loop = backend.partition(":")
+    with serving("--memory", "1M", "--backend", backend, *(["--loop", loop] if loop else [])) as (proc, (uri,)):
+        with nt.connect(uri) as client:  # a session thread (threads) or a worker thread (anyio) exists
+            assert client.pread(512, 0) == bytes(512)
+            others = [int(tid) for tid in os.listdir(f"/proc/{proc.pid}/task") if int(tid) != proc.pid]
+            assert others, "the server has no thread beside the main one"
+            signal_a_thread(proc.pid, others[0], signal.SIGTERM)
+            proc.wait(10)
+        assert proc.returncode == 0
 
 
 def test_sigterm_during_nbdproto_copy_into_a_file_export(tmp_path: Any) -> None:

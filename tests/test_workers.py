@@ -36,7 +36,13 @@ from tests.activation import ended
 from tests.conftest import PEER_ENV
 from tests.serving import make_pki
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [
+    pytest.mark.timeout(120),
+    # Some tests fork this process, which pytest-xdist's threads make multi-threaded (Python 3.12+ warns); the
+    # children only touch what the test made for them and exit with os._exit. serve's supervisor forks with
+    # no thread of its own.
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"),
+]
 MIB = 1 << 20
 SERVE = [sys.executable, "-m", "nbdproto", "serve"]
 BACKENDS = ["threads", "anyio"]

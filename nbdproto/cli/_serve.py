@@ -30,6 +30,13 @@ from ._workers import STOP_MARGIN, Supervisor, check_shareable, parse_workers
 
 __all__ = ["serve", "serve_opened", "default_loop"]
 
+SIGNAL_CHECK = 0.5
+"""Seconds the main thread waits for the server to be stopped before it looks again. A signal handler runs on
+the main thread, and only once it runs Python code again: a signal the kernel hands to another thread (any
+thread that does not block it may get a process's signal) does not interrupt the main thread's wait, so a wait
+without end could miss SIGTERM for good (seen: a server that never stopped). A signal the main thread gets
+still stops the server at once: it interrupts the wait."""
+
 log = logging.getLogger("nbdproto.cli")
 
 
@@ -373,7 +380,8 @@ def _serve_threads(job: _Serving) -> None:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     job.ready()
-    job.stop.wait()
+    while not job.stop.wait(SIGNAL_CHECK):
+        pass
     server.shutdown()
 
 
@@ -391,7 +399,9 @@ def _serve_anyio(job: _Serving) -> None:
     )
 
     async def stop_when_asked() -> None:
-        await anyio.to_thread.run_sync(job.stop.wait)
+        # The event loop runs on the main thread: it comes back to it every SIGNAL_CHECK seconds.
+        while not await anyio.to_thread.run_sync(job.stop.wait, SIGNAL_CHECK):
+            pass
         await server.shutdown()
 
     async def run() -> None:
