@@ -87,13 +87,23 @@ class Served:
         match = poll(lambda: line.search(self.log()), f"the connection from port {port} logged", log=self.log)
         return client, int(match.group(1))
 
-    def connect_elsewhere(self, taken: set[int], **options: Any) -> tuple[nbdproto_threads.Client, int]:
-        """A connection served by a worker not in ``taken`` (connections are opened, and kept open, until one
-        lands on another worker: a busier worker leaves new connections to the others)."""
+    def connect_elsewhere(
+        self, taken: set[int], *, close_misses: bool = False, **options: Any
+    ) -> tuple[nbdproto_threads.Client, int]:
+        """A connection served by a worker not in ``taken``. Connections are opened until one lands on another
+        worker (a busier worker leaves new connections to the others, most of the time); those that do not are
+        kept open, or with ``close_misses`` closed, and their end logged, before the next is tried (so that a
+        connection limit is not reached)."""
         for _ in range(20):
             client, pid = self.connect(**options)
             if pid not in taken:
                 return client, pid
+            if close_misses:
+                port = client.stream.sock.getsockname()[1]
+                client.close()
+                self.clients.remove(client)
+                gone = re.compile(rf"client 127\.0\.0\.1:{port} disconnected")
+                poll(functools.partial(_logged, self, gone), f"the connection from port {port} closed", log=self.log)
         raise AssertionError(f"20 connections all went to workers {taken}")
 
     def close_clients(self) -> None:
@@ -101,6 +111,10 @@ class Served:
             with contextlib.suppress(Exception):
                 client.close()
         self.clients.clear()
+
+
+def _logged(served: Served, line: re.Pattern[str]) -> re.Match[str] | None:
+    return line.search(served.log())
 
 
 @contextlib.contextmanager
@@ -299,7 +313,7 @@ def refused(served: Served) -> bool:
 def test_max_connections_counts_the_clients_of_every_worker(backend: str, tmp_path: Path) -> None:
     with serving(tmp_path, "--memory", "1M", "--backend", backend, "--max-connections", "2") as served:
         a, pid_a = served.connect()
-        _b, pid_b = served.connect_elsewhere({pid_a})
+        _b, pid_b = served.connect_elsewhere({pid_a}, close_misses=True)
         assert len(served.clients) == 2, "a connection was refused below the limit"
         # Each worker has one client, and no room for another: the limit is the server's, not each worker's.
         assert all(refused(served) for _ in range(4))
