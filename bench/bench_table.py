@@ -8,9 +8,8 @@ Ours: `--backend threads`, the anyio backend on each event loop installed (async
 process and as N workers (--workers, default the cores), and the threads backend with --busy-poll 200 (the mode
 for clients with one request at a time). Each server is started afresh for each round (the order reversed every
 other round, so none always follows the same one), waited for (bounded), measured by the real clients, and
-stopped. The tests, as
-bench/bench_servers.sh's: nbdcopy reads and writes of the whole export with 4 connections (nbdcopy uses as many
-as the server allows: qemu-nbd does not advertise multi-conn for a writable export, so it gets one) and fio
+stopped. The tests: nbdcopy reads and writes of the whole export with --connections=4 (nbdcopy opens at most
+one per thread, and its threads default to the cores: 2 connections on 2 cores) and fio
 (nbd engine) 4 KiB random reads at queue depth 1 and 16 and random writes at queue depth 16. Beside each
 figure: the server's own CPU per request (user + system of the server and every worker process, read from
 /proc before and after), and the ratio of both to nbdkit's. With several rounds, each cell is the median.

@@ -128,7 +128,7 @@ def _uris(sock: socket.socket, names: list[str], tls: bool) -> list[nbdproto.Nbd
 
 def default_loop() -> str:
     """uvloop, else trio, else asyncio. Serving 4 KiB random reads at queue depth 16 the three averaged the same
-    over five runs here, uvloop and trio ahead in the first ones (bench/bench_servers.sh, see the README)."""
+    over five runs here, uvloop and trio ahead in the first ones (bench/bench_table.py, see the README)."""
     for loop in ("uvloop", "trio"):
         if importlib.util.find_spec(loop) is not None:
             return loop

@@ -54,7 +54,7 @@ def add_serve_arguments(serve: Any) -> None:
         "--loop",
         choices=("asyncio", "uvloop", "trio"),
         help="event loop of the anyio backend (default: uvloop if installed, else trio, else asyncio: the fastest "
-        "measured with bench/bench_servers.sh, or tied for it)",
+        "measured with bench/bench_table.py, or tied for it)",
     )
     serve.add_argument("--tls", choices=("off", "optional", "require"), default="off", help="TLS mode")
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain) for TLS")
