@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from nbdproto import BlockDevice
+from nbdproto.devices import FILTER_COMMANDS
 
 from ._errors import UsageError, parse_size
 
@@ -38,7 +39,7 @@ __all__ = ["FilterSpec", "parse_filter", "parse_filters", "Filtering"]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|ms|s)?\s*$")
 _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
 _ERRNOS = ("EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "ESHUTDOWN")
-_COMMANDS = ("read", "write", "zero", "trim", "flush", "extents", "cache")
+_COMMANDS = tuple(FILTER_COMMANDS)
 
 
 def _duration(text: str) -> float:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ._delay import DelayFilter
     from ._error import ErrorFilter
     from ._file import FileDevice
-    from ._filter import Filter
+    from ._filter import FILTER_COMMANDS, Filter
     from ._log import LogFilter
     from ._memory import MemoryDevice
     from ._mirror import MirrorDevice, MirrorStatus, Progress
@@ -50,6 +50,7 @@ _WHERE = {
     "FileDevice": "._file",
     "SharedMemoryDevice": "._sharedmemory",
     "Filter": "._filter",
+    "FILTER_COMMANDS": "._filter",
     "CowFilter": "._cow",
     "ReadOnlyFilter": "._readonly",
     "DelayFilter": "._delay",
@@ -76,6 +77,7 @@ __all__ = [
     "FileDevice",
     "SharedMemoryDevice",
     "Filter",
+    "FILTER_COMMANDS",
     "CowFilter",
     "ReadOnlyFilter",
     "DelayFilter",

@@ -18,19 +18,11 @@ from collections.abc import Sequence
 
 from nbdproto import BlockDevice, Buffer
 
-from ._filter import Filter
+from ._filter import FILTER_COMMANDS, Filter
 
 __all__ = ["DelayFilter", "DELAYED_COMMANDS"]
 
-DELAYED_COMMANDS = {
-    "read": "pread_into",
-    "write": "pwrite",
-    "zero": "write_zeroes",
-    "trim": "trim",
-    "flush": "flush",
-    "extents": "extents",
-    "cache": "cache",
-}
+DELAYED_COMMANDS = FILTER_COMMANDS
 """The command names a delay is given for, and the device call each one delays."""
 
 

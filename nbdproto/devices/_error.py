@@ -23,19 +23,11 @@ from typing import Any
 
 from nbdproto import BlockDevice, Buffer
 
-from ._filter import Filter
+from ._filter import FILTER_COMMANDS, Filter
 
 __all__ = ["ErrorFilter", "ERROR_COMMANDS", "INJECTABLE_ERRORS"]
 
-ERROR_COMMANDS = {
-    "read": "pread_into",
-    "write": "pwrite",
-    "zero": "write_zeroes",
-    "trim": "trim",
-    "flush": "flush",
-    "extents": "extents",
-    "cache": "cache",
-}
+ERROR_COMMANDS = FILTER_COMMANDS
 """The command names errors can be injected into, and the device call each one fails."""
 
 INJECTABLE_ERRORS = {name: getattr(errno, name) for name in ("EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "ESHUTDOWN")}

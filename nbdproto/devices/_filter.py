@@ -36,9 +36,21 @@ from typing import Any
 
 from nbdproto import BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
 
-__all__ = ["Filter", "CALLS", "slower_dispatch"]
+__all__ = ["Filter", "CALLS", "FILTER_COMMANDS", "slower_dispatch"]
 
-CALLS = ("pread_into", "pwrite", "flush", "trim", "write_zeroes", "cache", "extents")
+FILTER_COMMANDS = {
+    "read": "pread_into",
+    "write": "pwrite",
+    "zero": "write_zeroes",
+    "trim": "trim",
+    "flush": "flush",
+    "extents": "extents",
+    "cache": "cache",
+}
+"""The command names filters are configured with (``delay:read=10ms``, ``error:commands=write``, the rows of
+the stats), and the BlockDevice call each one is."""
+
+CALLS = tuple(FILTER_COMMANDS.values())
 """The BlockDevice methods a filter may change; each one it does not override goes straight through."""
 
 _DISPATCH_ORDER: dict[str, int] = {"inline": 0, "batch": 1, "threads": 2}

@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 from nbdproto import BlockDevice, Buffer
 
-from ._filter import Filter
+from ._filter import FILTER_COMMANDS, Filter
 
 __all__ = ["StatsFilter", "CommandStats", "STATS_COMMANDS"]
 
-STATS_COMMANDS = ("read", "write", "zero", "trim", "flush", "extents", "cache")
+STATS_COMMANDS = tuple(FILTER_COMMANDS)
 
 T = TypeVar("T")
 
