@@ -3,9 +3,10 @@
 Server side: ``Server`` (many connections, a thread each), ``ServerSession`` / ``negotiate`` (one accepted
 socket, the seed's negotiate-then-serve contract). Client side: ``connect`` and ``Client`` (many threads may
 share one), ``list_exports``, ``inquire``, ``export_info`` and ``list_meta_contexts`` (questions asked in opt
-mode, without selecting an export), ``open_connection`` for callers that drive the engine themselves, and
-``copy``: disks copied between NBD exports and files by one thread driving every connection's engine over
-non-blocking sockets; ``mount_export``: an export as a file in a FUSE mount (the ``fuse`` extra).
+mode, without selecting an export), ``open_connection`` for callers that drive the engine themselves
+(``open_together``: several at once), and ``copy``: disks copied between NBD exports and files by one thread
+driving every connection's engine over non-blocking sockets; ``mount_export``: an export as a file in a FUSE
+mount (the ``fuse`` extra).
 The devices both servers serve live in ``nbdproto.devices``.
 
 The names are loaded on first use (PEP 562): a client (``nbdproto copy``, ``nbdproto info``) should not pay for
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         list_meta_contexts,
         negotiate_client,
         open_connection,
+        open_together,
     )
     from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._fuse import mount_export
@@ -43,6 +45,7 @@ _WHERE = {
     "list_meta_contexts": "._client",
     "Connection": "._client",
     "open_connection": "._client",
+    "open_together": "._client",
     "negotiate_client": "._client",
     "CopyEnd": "._copy",
     "CopyFailed": "._copy",
@@ -65,6 +68,7 @@ __all__ = [
     "list_meta_contexts",
     "Connection",
     "open_connection",
+    "open_together",
     "negotiate_client",
     "CopyEnd",
     "CopyFailed",

@@ -17,7 +17,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import nbdproto
 from nbdproto import Blocking, ClientRequests, ClientSessionLogic, HandshakeStep
@@ -43,9 +43,12 @@ __all__ = [
     "list_meta_contexts",
     "negotiate_client",
     "open_connection",
+    "open_together",
 ]
 
 DEFAULT_TIMEOUT = 30.0
+
+_Opened = TypeVar("_Opened")
 
 
 class Connection(NamedTuple):
@@ -229,6 +232,30 @@ def open_connection(uri: str | None = None, **options: Unpack[nbdproto.ConnectOp
     """Connect and negotiate as ``connect`` does, but hand back the negotiated Connection instead of a Client
     (with a ``command``, stop ``connection.server`` once done with it)."""
     return _negotiated(uri, options)
+
+
+def open_together(count: int, open_one: Callable[[], _Opened], close: Callable[[_Opened], None]) -> list[_Opened]:
+    """``count`` connections made by ``open_one`` at once, each in a thread of its own (each handshake is a few
+    round trips of waiting): all of them; or, when one fails, its exception, with those opened closed."""
+    opened: list[_Opened] = []
+    failures: list[BaseException] = []
+
+    def open_in_thread() -> None:
+        try:
+            opened.append(open_one())
+        except BaseException as exc:  # handed to the caller below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_in_thread, name="nbd-connect") for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        for connection in opened:
+            close(connection)
+        raise failures[0]
+    return opened
 
 
 def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> Connection:

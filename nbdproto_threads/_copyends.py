@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import ssl
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import nbdproto
 from nbdproto import NBDError
 
-from ._client import Connection, open_connection
+from ._client import Connection, open_connection, open_together
 from ._copyloop import REQUEST_SIZE, CopyConnection, CopyLoop, Done, checked
 from ._copyruns import STATUS_SPAN
 
@@ -146,26 +145,10 @@ class NbdEnd:
 
 
 def _open_together(uri: str, tls: ssl.SSLContext | None, count: int, timeout: float | None) -> list[Connection]:
-    """Open and negotiate ``count`` connections at once (each handshake is a few round trips of waiting)."""
-    opened: list[Connection] = []
-    failures: list[BaseException] = []
-
-    def open_one() -> None:
-        try:
-            opened.append(open_connection(uri, tls=tls, timeout=timeout))
-        except BaseException as exc:  # handed to the caller below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=open_one, name="nbd-copy-connect") for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for connection in opened:
-            connection.stream.close()
-        raise failures[0]
-    return opened
+    """Open and negotiate ``count`` connections at once."""
+    return open_together(
+        count, lambda: open_connection(uri, tls=tls, timeout=timeout), lambda connection: connection.stream.close()
+    )
 
 
 class FileEnd:

@@ -56,7 +56,7 @@ from nbdproto import (
     OptionSetMetaContext,
     TransmissionFlags,
 )
-from nbdproto_threads import negotiate_client
+from nbdproto_threads import negotiate_client, open_together
 
 from ._nbdwire import Wire, WireBroken
 from ._ranges import check_range
@@ -245,26 +245,8 @@ class NbdDevice:
         return wire
 
     def _open_many(self, count: int) -> list[Wire]:
-        """``count`` connections opened at once (each handshake is a few round trips of waiting)."""
-        opened: list[Wire] = []
-        failures: list[BaseException] = []
-
-        def open_one() -> None:
-            try:
-                opened.append(self._open())
-            except BaseException as exc:  # handed to the caller below
-                failures.append(exc)
-
-        threads = [threading.Thread(target=open_one, name="nbd-device-connect") for _ in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if failures:
-            for wire in opened:
-                wire.close()
-            raise failures[0]
-        return opened
+        """``count`` connections opened at once."""
+        return open_together(count, self._open, Wire.close)
 
     # --- What the device is -------------------------------------------------------------------------------
 
