@@ -44,6 +44,7 @@ __all__ = [
     "negotiate_client",
     "open_connection",
     "open_together",
+    "connect_socket",
 ]
 
 DEFAULT_TIMEOUT = 30.0
@@ -213,7 +214,10 @@ class Client(ClientRequests[Blocking]):
         self.close()
 
 
-def _open(uri: nbdproto.NbdUri, timeout: float | None) -> socket.socket:
+def connect_socket(uri: nbdproto.NbdUri, timeout: float | None) -> socket.socket:
+    """A blocking socket connected to where ``uri`` points (a unix socket, or TCP with Nagle's algorithm off),
+    with ``timeout`` on every call, the handshake's included: a server that accepts and says nothing cannot
+    hang the caller."""
     if uri.unix:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -262,14 +266,14 @@ def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any)
     target, plan = nbdproto.plan_connection(uri, options, **asked)
     given = connection_context(target, plan.tls, options.get("tls"), options.get("tls_psk"))
     if options.get("command") is None:
-        sock = _open(target, options.get("timeout", DEFAULT_TIMEOUT))
+        sock = connect_socket(target, options.get("timeout", DEFAULT_TIMEOUT))
         connection = negotiate_client(sock, plan, tls=given, server_hostname=target.tls_hostname)
     else:
         from nbdproto.sockets import ActivatedServer  # only here: the client commands start without it
 
         server = ActivatedServer(options["command"])
         try:
-            sock = _open(server.target(target), options.get("timeout", DEFAULT_TIMEOUT))
+            sock = connect_socket(server.target(target), options.get("timeout", DEFAULT_TIMEOUT))
             connection = negotiate_client(sock, plan, tls=given, server_hostname=target.tls_hostname)
         except BaseException as exc:
             failure = server.failed(exc)

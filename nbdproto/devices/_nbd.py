@@ -28,7 +28,6 @@ import errno
 import itertools
 import logging
 import os
-import socket
 import ssl
 import threading
 import time
@@ -56,12 +55,13 @@ from nbdproto import (
     OptionSetMetaContext,
     TransmissionFlags,
 )
-from nbdproto_threads import negotiate_client, open_together
+from nbdproto.tls import connection_context
+from nbdproto_threads import connect_socket, negotiate_client, open_together
 
 from ._nbdwire import Wire, WireBroken
 from ._ranges import check_range
 
-__all__ = ["NbdDevice", "tls_context_for"]
+__all__ = ["NbdDevice"]
 
 log = logging.getLogger("nbdproto.devices.nbd")
 
@@ -99,36 +99,9 @@ class _DiscoveringNegotiation(ClientNegotiation):
         return send
 
 
-def tls_context_for(target: NbdUri) -> ssl.SSLContext:
-    """The client TLS context a URI asks for, the way libnbd reads it: ``tls-certificates=DIR`` holds
-    ca-cert.pem (else the system's CAs) and, optionally, client-cert.pem and client-key.pem;
-    ``tls-verify-peer=false`` skips checking the server."""
-    directory = target.query.get("tls-certificates")
-    ca = os.path.join(directory, "ca-cert.pem") if directory else None
-    context = ssl.create_default_context(cafile=ca if ca and os.path.exists(ca) else None)
-    if directory and os.path.exists(os.path.join(directory, "client-cert.pem")):
-        context.load_cert_chain(os.path.join(directory, "client-cert.pem"), os.path.join(directory, "client-key.pem"))
-    if not target.tls_verify_peer:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def _connect(target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float) -> Wire:
-    if target.unix:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(target.socket)
-        except BaseException:
-            sock.close()
-            raise
-    else:
-        sock = socket.create_connection((target.host, target.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # The timeout stays on through the handshake: a server that accepts and then says nothing cannot hang us.
-    if plan.tls and tls is None:
-        tls = tls_context_for(target)
+    sock = connect_socket(target, timeout)  # its timeout stays on through the handshake
+    tls = connection_context(target, plan.tls, tls)
     connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
     connection.stream.sock.settimeout(None)
     if not isinstance(connection.result, nbdproto.HandshakeComplete):
@@ -182,8 +155,8 @@ def _checked(reply: Any) -> Any:
 class NbdDevice:
     """The export at ``uri`` (nbd://, nbds://, nbd+unix://, nbds+unix://) as a block device.
 
-    ``tls``: the client TLS context (an nbds URI without one gets ``tls_context_for(uri)``: its
-    ``tls-certificates`` directory, else the system's CAs). ``connections``: how many to open when the remote
+    ``tls``: the client TLS context (an nbds URI without one gets the one its TLS keys ask for, as both
+    clients do: nbdproto.tls.connection_context). ``connections``: how many to open when the remote
     offers multi-conn (one otherwise). ``retries`` and ``retry_delay``: the reconnect attempts after the remote
     goes away, and the first delay between them (it doubles). ``timeout`` bounds each connect and handshake.
     Raises OSError or nbdproto.ProtocolError when the first connection cannot be made.
