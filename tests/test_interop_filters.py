@@ -5,20 +5,18 @@ that qemu-io writes single bytes to through the blocksize filter, and the stats 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
-import subprocess
 from typing import Any
 
 import pytest
 
 import nbdproto_threads as nt
 from nbdproto.devices import BlockSizeFilter, CowFilter, ErrorFilter, FileDevice, LogFilter, MemoryDevice, StatsFilter
-from tests.conftest import PEER_ENV
 from tests.filtertools import AlignedDevice
 from tests.serving import BACKENDS, Export, serve_exports
+from tests.test_interop_server import run, sha256
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -27,18 +25,6 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=PEER_ENV)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
-    return result
-
-
-def sha256(path: Any) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.mark.parametrize("overlay", ["memory", "file"])
