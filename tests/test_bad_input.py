@@ -88,11 +88,15 @@ def served(backend: str) -> Iterator[tuple[tuple[str, int], MemoryDevice]]:
 
 
 class GoodClient(threading.Thread):
-    """Writes distinct blocks and reads each back, for as long as the bad clients run."""
+    """A well-behaved client: verified writes of ``block`` bytes, each read back, over ``blocks`` blocks of
+    ``export``, counted, until stopped (and for at least ``at_least`` rounds); ``written`` keeps what each
+    block last got."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(
+        self, address: tuple[str, int], export: str = "disk", block: int = 65536, blocks: int = 64, at_least: int = 3
+    ) -> None:
         super().__init__(daemon=True)
-        self.address = address
+        self.address, self.export, self.block, self.blocks, self.at_least = address, export, block, blocks, at_least
         self.stop = threading.Event()
         self.rounds = 0
         self.failure: BaseException | None = None
@@ -101,11 +105,11 @@ class GoodClient(threading.Thread):
     def run(self) -> None:
         try:
             client = RawClient(self.address)
-            client.go("disk")
+            client.go(self.export)
             cookie = 0
-            while not self.stop.is_set() or self.rounds < 3:
-                offset = (self.rounds % 64) * 65536
-                data = os.urandom(65536)
+            while not self.stop.is_set() or self.rounds < self.at_least:
+                offset = (self.rounds % self.blocks) * self.block
+                data = os.urandom(self.block)
                 cookie += 1
                 client.sock.sendall(request(n.Command.WRITE, cookie, offset, len(data)) + data)
                 assert client.simple_reply(cookie) == (0, b"")
@@ -118,6 +122,14 @@ class GoodClient(threading.Thread):
             client.close()
         except BaseException as exc:
             self.failure = exc
+
+    def finish(self) -> int:
+        """Stop, and the rounds done; fails the test if the client hung or failed."""
+        self.stop.set()
+        self.join(30)
+        assert not self.is_alive(), "the good client hung"
+        assert self.failure is None, f"the good client failed: {self.failure!r}"
+        return self.rounds
 
 
 BadClient = Callable[[tuple[str, int]], None]
@@ -215,11 +227,8 @@ def test_bad_clients_are_answered_or_dropped_while_a_good_one_keeps_working(
         for bad in BAD_CLIENTS:
             bad(address)
     finally:
-        good.stop.set()
-        good.join(30)
-    assert not good.is_alive(), "the good client hung"
-    assert good.failure is None, f"the good client failed: {good.failure!r}"
-    assert good.rounds >= 3
+        rounds = good.finish()
+    assert rounds >= 3
     # Every acknowledged write is in the device.
     for offset, data in good.written.items():
         buf = memoryview(bytearray(len(data)))

@@ -27,7 +27,7 @@ import pytest
 
 import nbdproto as n
 from tests.nbdbytes import client_flags, option, request
-from tests.test_bad_input import RawClient
+from tests.test_bad_input import GoodClient, RawClient
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -111,44 +111,13 @@ def serve(backend: str, *args: str, nofile: int | None = None, startup: float = 
             served.final_log = log
 
 
-class Reader(threading.Thread):
-    """A well-behaved client: verified 4 KiB writes and reads, counted, until stopped."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        super().__init__(daemon=True)
-        self.address = address
-        self.stop = threading.Event()
-        self.rounds = 0
-        self.failure: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            client = RawClient(self.address)
-            client.go("")
-            cookie = 0
-            while not self.stop.is_set():
-                cookie += 1
-                block = os.urandom(4096)
-                offset = (self.rounds % 256) * 4096
-                client.sock.sendall(request(n.Command.WRITE, cookie, offset, 4096) + block)
-                assert client.simple_reply(cookie) == (0, b"")
-                cookie += 1
-                client.sock.sendall(request(n.Command.READ, cookie, offset, 4096))
-                assert client.simple_reply(cookie, 4096) == (0, block)
-                self.rounds += 1
-            client.close()
-        except BaseException as exc:
-            self.failure = exc
-
-    def finish(self) -> int:
-        self.stop.set()
-        self.join(30)
-        assert not self.is_alive() and self.failure is None, self.failure
-        return self.rounds
+def well_behaved(address: tuple[str, int]) -> GoodClient:
+    """A well-behaved client beside the attack: verified 4 KiB writes and reads, counted, until stopped."""
+    return GoodClient(address, export="", block=4096, blocks=256, at_least=0)
 
 
 def _rounds_in(address: tuple[str, int], seconds: float) -> int:
-    reader = Reader(address)
+    reader = well_behaved(address)
     reader.start()
     time.sleep(seconds)  # a measured stretch of service, not synchronisation
     return reader.finish()
@@ -170,7 +139,7 @@ def test_unread_replies_of_huge_reads_hold_little_memory(backend: str) -> None:
         hoarder.go("")
         # 64 reads of 32 MiB whose replies are never read: 28 bytes of request each, 2 GiB of replies.
         hoarder.sock.sendall(b"".join(request(n.Command.READ, i, i * 16 * MIB, 32 * MIB) for i in range(64)))
-        reader = Reader(served.address)
+        reader = well_behaved(served.address)
         reader.start()
         peak = _peak_rss(served, 3.0)
         rounds = reader.finish()
@@ -199,7 +168,7 @@ def test_stalled_write_payloads_hold_little_memory(backend: str, tmp_path: Any) 
         senders = [threading.Thread(target=_send_all_but_one, args=(c.sock, chunk), daemon=True) for c in hoarders]
         for sender in senders:
             sender.start()
-        reader = Reader(served.address)
+        reader = well_behaved(served.address)
         reader.start()
         peak = _peak_rss(served, 4.0)
         rounds = reader.finish()
