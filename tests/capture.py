@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.conftest import PEER_ENV
 from tests.recording_proxy import RecordingProxy
+from tests.remotes import free_port, wait_for_port
 from tests.transcript import decode_transcript, to_json
 
-PEER_ENV = {**os.environ, "PATH": "/usr/bin:/usr/sbin:" + os.environ.get("PATH", "")}
 TRANSCRIPTS = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "transcripts"
 
 NBDSH_SCRIPT = """
@@ -43,17 +41,10 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def nbdkit(plugin_args: list[str], timeout: float = 10.0) -> Iterator[int]:
     """Run nbdkit on a free loopback port; yields the port once it accepts connections."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), *plugin_args],
         env=PEER_ENV,
@@ -61,14 +52,7 @@ def nbdkit(plugin_args: list[str], timeout: float = 10.0) -> Iterator[int]:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"nbdkit did not start within {timeout} s: {err}")
-            time.sleep(0.05)
+        wait_for_port(port, proc, "nbdkit", timeout)
         yield port
     finally:
         proc.terminate()

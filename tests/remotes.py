@@ -72,6 +72,23 @@ def qemu_nbd(image: str, *args: str, image_format: str = "raw", shared: int = 8)
         stop(proc)
 
 
+@contextlib.contextmanager
+def serving_on_socket(command: list[str], sock: str, what: str, timeout: float = 15.0) -> Iterator[None]:
+    """Run ``command``, a server that listens on the unix socket ``sock``, until the socket is there (bounded);
+    stopped at the end."""
+    proc = subprocess.Popen(command, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
+                raise RuntimeError(f"{what} did not start within {timeout} s: {err}")
+            time.sleep(0.02)  # the socket file appearing is the only sign the server gives
+        yield
+    finally:
+        stop(proc)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL for a server that does not go within 5 s (nbdkit waits for its clients)."""
     if proc.poll() is None:

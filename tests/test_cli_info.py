@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import nbdproto_threads as nt
 from nbdproto.cli import main
 from nbdproto.devices import FileDevice, MemoryDevice
 from tests.conftest import PEER_ENV
+from tests.remotes import serving_on_socket
 from tests.serving import Export, serve_exports
 from tests.test_opt_mode import qemu_nbd_with_bitmap
 
@@ -52,16 +52,8 @@ def nbdkit_file() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="nbdproto-map-") as tmp:
         image, sock = os.path.join(tmp, "disk.img"), os.path.join(tmp, "nbd.sock")
         sparse_image(image)
-        proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image], env=PEER_ENV)
-        try:
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock):
-                assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-                time.sleep(0.02)
+        with serving_on_socket(["nbdkit", "-f", "-U", sock, "file", image], sock, "nbdkit"):
             yield f"nbd+unix:///?socket={sock}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @contextlib.contextmanager

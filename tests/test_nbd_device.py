@@ -20,7 +20,7 @@ import pytest
 
 import nbdproto
 from nbdproto.devices import NbdDevice
-from tests.remotes import CLI, cli, free_port, nbdkit, qemu_nbd
+from tests.remotes import CLI, cli, free_port, nbdkit, qemu_nbd, serving_on_socket
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
 from tests.test_interop_server import NBDSH_EVERY_COMMAND, nbdsh, run, sha256
 
@@ -305,25 +305,13 @@ def test_serve_nbd_uri_with_a_bad_remote_is_a_usage_error(peers: Any) -> None:
 def test_unix_socket_remote(peers: Any, tmp_path: Any) -> None:
     peers("nbdkit")
     sock = str(tmp_path / "nbdkit.sock")
-    proc = subprocess.Popen(
-        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "memory", "size=1M"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.02)
+    with serving_on_socket(["nbdkit", "-f", "--exit-with-parent", "-U", sock, "memory", "size=1M"], sock, "nbdkit"):
         device = NbdDevice(f"nbd+unix:///?socket={sock}")
         device.pwrite(b"unix", 0)
         buffer = bytearray(4)
         device.pread_into(memoryview(buffer), 0)
         assert buffer == b"unix" and device.size == MIB
         device.close()
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_call_batch_pipelines_and_reports_each_result(peers: Any) -> None:

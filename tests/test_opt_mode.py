@@ -8,7 +8,6 @@ import contextlib
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import nbdproto_anyio as na
 import nbdproto_threads as nt
 from nbdproto.devices import MemoryDevice
 from tests.conftest import PEER_ENV
+from tests.remotes import serving_on_socket
 from tests.serving import BACKENDS, Export, serve_exports
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,16 +108,8 @@ def qemu_nbd_with_bitmap() -> Iterator[str]:
         run("qemu-img", "bitmap", "--add", image, "b0")
         run("qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 128k", "-c", "write -z 3M 64k", image)
         command = ["qemu-nbd", "-t", "-r", "-A", "-f", "qcow2", "-B", "b0", "-x", "disk", "-k", sock, image]
-        proc = subprocess.Popen(command, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock):
-                assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
-                time.sleep(0.02)
+        with serving_on_socket(command, sock, "qemu-nbd"):
             yield f"nbd+unix:///disk?socket={sock}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def test_qemu_nbd_contexts_discovered_and_one_context_asked_for(peers: Any) -> None:
@@ -151,17 +143,9 @@ def test_nbdkit_contexts_and_info(peers: Any) -> None:
     peers("nbdkit")
     with tempfile.TemporaryDirectory(prefix="nbdproto-nbdkit-") as tmp:
         sock = os.path.join(tmp, "nbd.sock")
-        proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", "1M"], env=PEER_ENV)
-        try:
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock):
-                assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-                time.sleep(0.02)
+        with serving_on_socket(["nbdkit", "-f", "-U", sock, "memory", "1M"], sock, "nbdkit"):
             uri = f"nbd+unix:///?socket={sock}"
             assert nt.list_meta_contexts(uri) == [n.BASE_ALLOCATION]
             inquiry = nt.inquire(uri, list_exports=True)
             (only,) = inquiry.exports
             assert only.export is not None and only.export.size == MIB and not only.errors
-        finally:
-            proc.terminate()
-            proc.wait(10)
