@@ -8,7 +8,8 @@ is read by all, and multi-conn holds across processes.
 
 It keeps a MemoryDevice's nature where it matters: the memory is sparse (only written pages cost memory,
 ``allocated`` says how much), trim and zeroing punch holes that free it, and block status reports the holes
-(SEEK_DATA / SEEK_HOLE work on a memfd as on tmpfs). Reads are slices of a shared mapping, as for any file.
+(SEEK_DATA / SEEK_HOLE work on a memfd as on tmpfs). Reads are preads, which leave holes unallocated
+(FileDevice's views would fill them: see its docstring).
 Like a file on tmpfs, a write-zeroes that must not leave a hole (NBD_CMD_FLAG_NO_HOLE) writes zeroes, and so
 cannot be fast. Flush has nothing to do. The memory is freed when the last process holding it closes it.
 """
@@ -17,22 +18,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
+
+from nbdproto.sockets import anonymous_file
 
 from ._file import FileDevice
 
 __all__ = ["SharedMemoryDevice"]
-
-
-def _anonymous_file(name: str) -> int:
-    """A descriptor of a new, empty file that no path names: a memfd, or an unlinked temporary file where
-    there are none (not Linux), on /dev/shm when it exists."""
-    if hasattr(os, "memfd_create"):
-        return os.memfd_create(name, os.MFD_CLOEXEC)
-    directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, path = tempfile.mkstemp(prefix=f"{name}-", dir=directory)
-    os.unlink(path)
-    return fd
 
 
 class SharedMemoryDevice(FileDevice):
@@ -43,7 +34,7 @@ class SharedMemoryDevice(FileDevice):
         if size < 0:
             raise ValueError(f"size {size} is negative")
         self.path = f"memfd:{name}" if sys.platform.startswith("linux") else name
-        fd = _anonymous_file(name)
+        fd = anonymous_file(name)
         try:
             os.ftruncate(fd, size)
         except BaseException:

@@ -7,7 +7,7 @@ says what a server knows of an accepted client; ``AcceptBackoff`` is what an acc
 fails (running out of descriptors must not end a server). ``ActivatedServer`` is the starter's side of socket
 activation: a server command run on a private unix socket, as a client's ``connect(command=[...])`` does.
 ``SharedClientCount`` keeps the connection policy's counts for several processes serving one listening socket
-(``nbdproto serve --workers``).
+(``nbdproto serve --workers``), in memory made by ``anonymous_file``, as a shared memory export's is.
 Unlike the engine in ``nbdproto``, this package touches sockets and processes; ``import nbdproto`` never
 imports it.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ._accept import AcceptBackoff
 from ._activation import LISTEN_FDS_START, activated_sockets
+from ._anonymous import anonymous_file
 from ._clientcount import SharedClientCount
 from ._launch import STOP_TIMEOUT, ActivatedServer
 from ._listen import LISTEN_BACKLOG, client_info, listen_socket, peer_name
@@ -31,4 +32,5 @@ __all__ = [
     "ActivatedServer",
     "STOP_TIMEOUT",
     "SharedClientCount",
+    "anonymous_file",
 ]

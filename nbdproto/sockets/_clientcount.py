@@ -21,9 +21,10 @@ import contextlib
 import fcntl
 import mmap
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
+
+from ._anonymous import anonymous_file
 
 __all__ = ["SharedClientCount"]
 
@@ -40,7 +41,7 @@ class SharedClientCount:
             raise ValueError(f"sharers {sharers} must be at least 1")
         self.sharers = sharers
         size = _WORD * (_FIRST_SHARER + sharers)
-        self._fd = _anonymous_file("nbdproto-clients")
+        self._fd = anonymous_file("nbdproto-clients")
         try:
             os.ftruncate(self._fd, size)
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -116,11 +117,3 @@ class _Sharer:
         words = self._counts._words
         mine = words[self._word]
         return any(words[i] < mine for i in range(_FIRST_SHARER, len(words)) if i != self._word)
-
-
-def _anonymous_file(name: str) -> int:
-    if hasattr(os, "memfd_create"):
-        return os.memfd_create(name, os.MFD_CLOEXEC)
-    fd, path = tempfile.mkstemp(prefix=f"{name}-")
-    os.unlink(path)
-    return fd
