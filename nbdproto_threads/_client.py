@@ -12,6 +12,8 @@ TimeoutError and closes the connection, whose state is then unknown).
 
 from __future__ import annotations
 
+import contextlib
+import selectors
 import socket
 import ssl
 import sys
@@ -48,6 +50,9 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
+
+_READER_STOP = 10.0
+"""Seconds ``close`` waits for the reader thread to stop once the socket's receiving side is shut."""
 
 _Opened = TypeVar("_Opened")
 
@@ -144,38 +149,68 @@ class Client(ClientRequests[Blocking]):
     # --- The reader -----------------------------------------------------------------------------------------
 
     def _read_replies(self) -> None:
-        engine, logic, stream = self.engine, self.logic, self.stream
+        engine, stream = self.engine, self.stream
+        readable = None
+        if isinstance(stream.sock, ssl.SSLSocket):  # a poll, not select: descriptors past 1024 too
+            readable = selectors.DefaultSelector()
+            readable.register(stream.sock, selectors.EVENT_READ)
         try:
             while True:
                 # The rest of a read's data is received straight into the caller's buffer, without the GIL
                 # and without a copy; everything else comes in as big chunks for the engine to parse.
                 target = engine.read_buffer()
+                if readable is not None:
+                    self._read_tls(target, readable)
+                    continue
                 try:
-                    if target is None:
-                        data = stream.recv()
-                    else:
-                        count = stream.recv_into(target)
+                    got: bytes | int = stream.recv() if target is None else stream.recv_into(target)
                 except TimeoutError:
                     continue  # the socket's timeout bounds sends; a request's own wait bounds its reply
                 with self._lock:
-                    if target is None:
-                        engine.receive_data(data)
-                    else:
-                        engine.received_into(count)
-                    for event in logic.replies():
-                        waiter = self._waiters.pop(event.cookie)
-                        waiter.reply = event
-                        waiter.done.set()
-                    pending = engine.data_to_send()  # NBD_CMD_DISC after ESHUTDOWN
-                    if pending:
-                        stream.send(pending)
+                    self._take(got)
         except BaseException as exc:
             with self._lock:
-                logic.fail(exc)
+                self.logic.fail(exc)
                 waiters, self._waiters = self._waiters, {}
             for waiter in waiters.values():
                 waiter.reply = exc
                 waiter.done.set()
+        finally:
+            if readable is not None:
+                readable.close()
+
+    def _read_tls(self, target: memoryview | None, readable: selectors.BaseSelector) -> None:
+        """One receive on a TLS socket. OpenSSL must not read a connection in one thread while another writes it
+        or shuts it down (it corrupts memory): so the receive is made under the lock the senders hold, and only
+        once the socket is readable, without waiting (a record that carried no data for us leaves it wanting
+        more: the lock is given back, and the wait for readability starts again)."""
+        sock = self.stream.sock
+        if not sock.pending():  # type: ignore[attr-defined]
+            readable.select()
+        with self._lock:
+            sock.settimeout(0)
+            try:
+                got: bytes | int = self.stream.recv() if target is None else self.stream.recv_into(target)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            finally:
+                sock.settimeout(self._timeout)
+            self._take(got)
+
+    def _take(self, got: bytes | int) -> None:
+        """Hand what was received to the engine and every complete reply to its waiter (under the lock)."""
+        engine = self.engine
+        if type(got) is int:
+            engine.received_into(got)
+        else:
+            engine.receive_data(got)  # type: ignore[arg-type]
+        for event in self.logic.replies():
+            waiter = self._waiters.pop(event.cookie)
+            waiter.reply = event
+            waiter.done.set()
+        pending = engine.data_to_send()  # NBD_CMD_DISC after ESHUTDOWN
+        if pending:
+            self.stream.send(pending)
 
     # --- Closing --------------------------------------------------------------------------------------------
 
@@ -199,12 +234,23 @@ class Client(ClientRequests[Blocking]):
                         self.stream.send(self.engine.data_to_send())
             except (OSError, nbdproto.ProtocolError):
                 pass
-            self.stream.close()
+            self._end()
         if self.server is not None:
             self.server.stop()
 
     def _shut(self) -> None:
         self._closed = True
+        self._end()
+
+    def _end(self) -> None:
+        """Close the socket once the reader has stopped using it. A TLS socket must not be shut down (the TLS
+        goodbye, SSL_shutdown) while another thread reads it (SSL_read): OpenSSL aborts the process. So the
+        socket's receiving side is shut first, which ends the reader's wait, and the reader is waited for."""
+        reader = getattr(self, "_reader", None)
+        if reader is not None and reader is not threading.current_thread():
+            with contextlib.suppress(OSError):
+                self.stream.sock.shutdown(socket.SHUT_RD)
+            reader.join(_READER_STOP)
         self.stream.close()
 
     def __enter__(self) -> Client:
