@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import selectors
 import socket
 import ssl
 import struct
@@ -291,6 +292,10 @@ class ServerSession:
         budget = nbdproto.RequestBudget(max(workers, limits.max_requests), limits.memory_limit)
         room = threading.Condition(lock)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-request")
+        readable = None
+        if not self._plain:  # a poll, not select: descriptors past 1024 too
+            readable = selectors.DefaultSelector()
+            readable.register(self.stream.sock, selectors.EVENT_READ)
 
         def carry_out(request: Any, cost: int) -> None:
             reply = logic.carry_out_one(request, read_view)
@@ -334,11 +339,42 @@ class ServerSession:
                 if end is BatchEnd.CLOSED:
                     return
                 if end is BatchEnd.NEED_DATA:
-                    got = self._receive()  # without the lock: workers reply meanwhile
+                    # Without the lock (workers reply meanwhile), except for a TLS receive itself.
+                    got = self._receive() if readable is None else self._receive_tls(lock, readable)
                     with lock:
                         logic.received(got)
         finally:
             pool.shutdown(wait=True)
+            if readable is not None:
+                readable.close()
+
+    def _receive_tls(self, lock: threading.Lock, readable: selectors.BaseSelector) -> bytes | int:
+        """``_receive`` for a TLS connection whose replies pool threads send. OpenSSL must not read a connection
+        in one thread while another writes it (it corrupts memory, as the threads client found): so the wait for
+        the client's bytes is a wait for readability without the lock, and the receive is made under the lock
+        the senders hold, without waiting (a record that carried no data leaves it wanting more: the lock is
+        given back, and the wait starts again)."""
+        sock = self.stream.sock
+        wait = self.logic.next_wait()
+        started = time.monotonic()
+        while True:
+            if not sock.pending():  # type: ignore[attr-defined]
+                left = None if wait is None else max(0.0, started + wait - time.monotonic())
+                self._receiving = True
+                try:
+                    if not readable.select(left):
+                        return self.logic.waited_too_long()
+                finally:
+                    self._receiving = False
+            with lock:
+                target = self.engine.write_buffer()
+                sock.settimeout(0)
+                try:
+                    return self.stream.recv() if target is None else self.stream.recv_into(target)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+                finally:
+                    sock.settimeout(self._timeout)
 
     def _flush_device(self) -> None:
         try:

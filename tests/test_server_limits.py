@@ -1,5 +1,6 @@
 """The request and idle limits, on every backend and on both of the threads server's ways of timing a wait (a
-receive timer armed once on a plaintext socket, a Python timeout on a TLS one): a client that stalls part-way
+receive timer armed once on a plaintext socket, a Python timeout on a TLS one, a wait for readability on a TLS
+one whose replies a pool of threads sends): a client that stalls part-way
 through a request is cut off after the request limit, an idle one after the idle limit and not before, and
 a client that keeps sending is never cut off, however long it takes in all."""
 
@@ -25,14 +26,15 @@ IDLE_LIMIT = 1.5
 LIMITS = nbdproto.ServerLimits(request_timeout=REQUEST_LIMIT, idle_timeout=IDLE_LIMIT)
 
 
-@pytest.fixture(params=[*BACKENDS, "threads-tls"])
+@pytest.fixture(params=[*BACKENDS, "threads-tls", "threads-tls-pool"])
 def transmitting(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A function that connects a raw socket to a fresh server with LIMITS and takes it to transmission."""
-    backend = request.param.removesuffix("-tls")
+    backend, *how = request.param.split("-")
     with make_pki() as pki:
-        tls = pki.server_context if request.param.endswith("-tls") else None
+        tls = pki.server_context if "tls" in how else None
         exports = {"": Export(MemoryDevice(1 << 20))}
-        with serve_exports(backend, exports, tls=tls, limits=LIMITS) as uri:
+        workers = 2 if "pool" in how else 0
+        with serve_exports(backend, exports, tls=tls, limits=LIMITS, workers=workers) as uri:
             port = int(uri.split(":")[2].split("/")[0])
 
             def connect() -> socket.socket | ssl.SSLSocket:
