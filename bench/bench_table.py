@@ -6,7 +6,9 @@ file plugin and qemu-nbd, all serving the same kind of 1 GiB tmpfs file, measure
 
 Ours: `--backend threads`, the anyio backend on each event loop installed (asyncio, uvloop, trio), each as one
 process and as N workers (--workers, default the cores), and the threads backend with --busy-poll 200 (the mode
-for clients with one request at a time). Each server is started afresh for each round (the order reversed every
+for clients with one request at a time); and the python floor, bench/plain_server.py: the obvious Python loop
+(a thread per connection, recv the header, pread or recv_into and pwrite, sendall), what Python itself costs
+before any protocol engine. Each server is started afresh for each round (the order reversed every
 other round, so none always follows the same one), waited for (bounded), measured by the real clients, and
 stopped. The tests: nbdcopy reads and writes of the whole export with --connections=4 (nbdcopy opens at most
 one per thread, and its threads default to the cores: 2 connections on 2 cores) and fio
@@ -64,7 +66,9 @@ def servers(python: str, workers: int) -> list[Server]:
     ours = [python, "-m", "nbdproto", "serve", "{image}", "--port", "{port}", "--host", "127.0.0.1"]
     nbdkit = ["nbdkit", "-f", "--exit-with-parent", "-p", "{port}", "-i", "127.0.0.1", "file", "{image}"]
     qemu = ["qemu-nbd", "-f", "raw", "-t", "-p", "{port}", "-b", "127.0.0.1", "--shared=16", "-x", "", "{image}"]
+    plain = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plain_server.py"), "{image}", "{port}"]
     found = [Server("nbdkit file", nbdkit, "nbdkit"), Server("qemu-nbd", qemu, "qemu-nbd")]
+    found.append(Server("python floor", plain, python))
     loops = ["asyncio", "trio"]
     if subprocess.run([python, "-c", "import uvloop"], capture_output=True).returncode == 0:
         loops.insert(1, "uvloop")
@@ -76,7 +80,7 @@ def servers(python: str, workers: int) -> list[Server]:
             found.append(Server(label, [*ours, *options, "--workers", str(count)], python))
     # The mode for clients with one request at a time (bench/bench_qd1.sh varies it).
     busy = ["--backend", "threads", "--busy-poll", "200", "--workers", "1"]
-    found.insert(3, Server("threads --busy-poll 200", [*ours, *busy], python))
+    found.insert(4, Server("threads --busy-poll 200", [*ours, *busy], python))
     return found
 
 
@@ -121,7 +125,7 @@ def running(server: Server, image: str, startup: float = 30.0) -> Iterator[tuple
                 error = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
                 raise RuntimeError(f"{server.label} did not start within {startup} s: {error.strip()}")
             time.sleep(0.1)
-        if server.tool not in ("nbdkit", "qemu-nbd"):  # every worker serving: their count of children
+        if "--workers" in command:  # every worker serving: their count of children
             want = int(command[command.index("--workers") + 1])
             while want > 1 and len(children(proc.pid)) < want and time.monotonic() < deadline:
                 time.sleep(0.05)

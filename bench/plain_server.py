@@ -1,8 +1,11 @@
-"""The floor for one request at a time: the obvious Python NBD server, and nothing else.
+"""The floor: the obvious Python NBD server, and nothing else.
 
-Fixed newstyle, NBD_OPT_GO answered with the export's size, then for each 28-byte request header: pread the
-file, sendall the simple reply. No engine, no checks, no structured replies. bench/bench_qd1.sh runs it beside
-nbdkit and our servers so the per-wake-up cost of Python itself can be seen.
+Fixed newstyle, NBD_OPT_GO answered with the export's size, then for each 28-byte request header: a read is a
+pread and one sendall of the simple reply; a write is received with recv_into into one buffer the connection
+keeps (its payload never joined or copied in Python), pwritten, and answered; anything else is answered with
+success (flush: the page cache is the file). No engine, no checks, no structured replies, a thread per
+connection. bench/bench_qd1.sh and bench/bench_table.py run it beside nbdkit and our servers, so the cost of
+Python itself (a wake-up per request, the interpreter lock, the bytecode of the loop) can be seen.
 
     python bench/plain_server.py FILE PORT
 """
@@ -13,22 +16,32 @@ import os
 import socket
 import struct
 import sys
+import threading
+
+_HEADER = struct.Struct(">IHHQQI")
+_REPLY = struct.Struct(">IIQ")
+_REPLY_MAGIC = 0x67446698
+_MAX_WRITE = 32 << 20
 
 
 def serve(path: str, port: int) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)
     size = os.fstat(fd).st_size
     listener = socket.create_server(("127.0.0.1", port))
     while True:
         sock, _ = listener.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            _handshake(sock, size)
-            _transmission(sock, fd)
-        except (ConnectionError, struct.error):
-            pass
-        finally:
-            sock.close()
+        threading.Thread(target=_connection, args=(sock, fd, size), daemon=True).start()
+
+
+def _connection(sock: socket.socket, fd: int, size: int) -> None:
+    try:
+        _handshake(sock, size)
+        _transmission(sock, fd)
+    except (ConnectionError, struct.error, ValueError):
+        pass
+    finally:
+        sock.close()
 
 
 def _recv(sock: socket.socket, size: int) -> bytes:
@@ -47,8 +60,8 @@ def _handshake(sock: socket.socket, size: int) -> None:
     while True:
         _, option, length = struct.unpack(">QII", _recv(sock, 16))
         _recv(sock, length)
-        if option == 7:  # GO: NBD_INFO_EXPORT, then ACK
-            info = struct.pack(">HQH", 0, size, 1)
+        if option == 7:  # GO: NBD_INFO_EXPORT (flags: HAS_FLAGS, SEND_FLUSH, CAN_MULTI_CONN), then ACK
+            info = struct.pack(">HQH", 0, size, 1 | 4 | 256)
             sock.sendall(struct.pack(">QIII", 0x3E889045565A9, option, 3, len(info)) + info)
             sock.sendall(struct.pack(">QIII", 0x3E889045565A9, option, 1, 0))
             return
@@ -56,16 +69,26 @@ def _handshake(sock: socket.socket, size: int) -> None:
 
 
 def _transmission(sock: socket.socket, fd: int) -> None:
-    header = struct.Struct(">IHHQQI")
-    reply = struct.Struct(">IIQ")
+    payload = memoryview(bytearray(_MAX_WRITE))
     while True:
-        _, _, command, cookie, offset, length = header.unpack(_recv(sock, 28))
-        if command == 2:  # DISC
+        _, _, command, cookie, offset, length = _HEADER.unpack(_recv(sock, 28))
+        if command == 0:  # READ
+            sock.sendall(_REPLY.pack(_REPLY_MAGIC, 0, cookie) + os.pread(fd, length, offset))
+        elif command == 1:  # WRITE
+            if length > _MAX_WRITE:
+                raise ValueError("write too large for the floor")
+            view, got = payload[:length], 0
+            while got < length:
+                count = sock.recv_into(view[got:])
+                if not count:
+                    raise ConnectionError
+                got += count
+            os.pwrite(fd, view, offset)
+            sock.sendall(_REPLY.pack(_REPLY_MAGIC, 0, cookie))
+        elif command == 2:  # DISC
             return
-        if command == 0:
-            sock.sendall(reply.pack(0x67446698, 0, cookie) + os.pread(fd, length, offset))
-        else:
-            sock.sendall(reply.pack(0x67446698, 22, cookie))  # EINVAL: this floor serves reads only
+        else:  # FLUSH and the rest: nothing to do for a file in the page cache
+            sock.sendall(_REPLY.pack(_REPLY_MAGIC, 0, cookie))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     )
     from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
     from ._limits import DEFAULT_LIMITS, ServerLimits
+    from ._receivesize import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
     from ._server import ServerConnection
     from ._servercore import (
         ACCEPT_HOLD_BACK,
@@ -83,6 +84,9 @@ _LAZY = {
     "DEFAULT_MEMORY_LIMIT": "._budget",
     "request_cost": "._budget",
     "ConnectionLog": "._serverlog",
+    "RECV_SIZE": "._receivesize",
+    "STREAM_RECV_SIZE": "._receivesize",
+    "ReceiveSize": "._receivesize",
     "ServerLimits": "._limits",
     "DEFAULT_LIMITS": "._limits",
     "FLUSH_AT": "._serving",
@@ -148,6 +152,9 @@ __all__ = [
     "DEFAULT_MEMORY_LIMIT",
     "request_cost",
     "ConnectionLog",
+    "RECV_SIZE",
+    "STREAM_RECV_SIZE",
+    "ReceiveSize",
     "ServerLimits",
     "DEFAULT_LIMITS",
     "FLUSH_AT",

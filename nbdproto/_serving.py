@@ -49,6 +49,7 @@ from ._events import (
     WriteZeroesRequest,
 )
 from ._export import ExportSpec, answer_export_request
+from ._receivesize import ReceiveSize
 from ._server import ServerConnection
 from ._servercore import SessionSettings
 from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase
@@ -134,6 +135,7 @@ class ServerSessionLogic:
         self._queued_cost = 0  # the budget they took, given back once they are sent
         self._failed_writes: dict[int, BaseException] = {}  # streamed writes that failed part-way, by cookie
         self._streamed_flags: dict[int, CommandFlags] = {}  # streamed writes' flags, until their last part
+        self._receive_size = ReceiveSize()
         self.outcome: str | ClientAborted | None = None
         """How the handshake ended: the chosen export's name, or ClientAborted (None while it goes on)."""
         self.spec: ExportSpec[Any] | None = None
@@ -276,8 +278,17 @@ class ServerSessionLogic:
         straight into ``engine.write_buffer()`` (``received_into``). b"" or 0: the client closed."""
         if type(got) is int:
             self.engine.received_into(got)
+            self._receive_size.received(got, True)
         else:
             self.engine.receive_data(got)  # type: ignore[arg-type]
+            self._receive_size.received(len(got), False)  # type: ignore[arg-type]
+
+    @property
+    def receive_size(self) -> int:
+        """How many bytes to ask of the next receive that is not into ``engine.write_buffer()``
+        (nbdproto.ReceiveSize: more while the client streams big writes). A driver whose receives bring at
+        most a TLS record (16 KiB) asks for RECV_SIZE instead: asking for more only costs it memory."""
+        return self._receive_size.next
 
     def waited_too_long(self) -> bytes:
         """What a wait that ran out means: TimeoutError for a request stalled part-way; otherwise (idle too

@@ -190,10 +190,10 @@ class ServerSession:
         wait = self.logic.next_wait()
         target, stream = self.engine.write_buffer(), self.stream
         receiving: Awaitable[bytes | int]
-        if target is not None and isinstance(stream, RawSocketStream):
-            receiving = stream.receive_into(target)
+        if isinstance(stream, RawSocketStream):
+            receiving = receive(stream, self.logic.receive_size) if target is None else stream.receive_into(target)
         else:
-            receiving = receive(stream)
+            receiving = receive(stream)  # another stream (TLS: a receive brings one record, 16 KiB at most)
         self._idle = self.logic.idle
         try:
             if wait is None:

@@ -27,20 +27,17 @@ import anyio.lowlevel
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
-from nbdproto import FileRegion, Payload, step_past
+from nbdproto import RECV_SIZE, FileRegion, Payload, step_past
 
 __all__ = [
     "RawSocketStream",
     "SocketAcceptor",
     "connect_socket",
-    "RECV_SIZE",
     "receive",
     "send_pieces",
     "close_stream",
 ]
 
-RECV_SIZE = 64 * 1024
-"""Bytes asked of each receive (see nbdproto_threads' RECV_SIZE: larger costs an mmap per receive)."""
 _IOV_MAX = 1024
 _YIELD_EVERY = 8
 """Receives in a row that found data waiting, after which the stream lets the event loop run other tasks: a
@@ -229,11 +226,11 @@ async def close_stream(stream: anyio.abc.ByteStream, wait: float = 1.0) -> None:
     await stream.aclose()
 
 
-async def receive(stream: anyio.abc.ByteStream) -> bytes:
+async def receive(stream: anyio.abc.ByteStream, size: int = RECV_SIZE) -> bytes:
     """The next bytes from ``stream``, or ``b""`` once the peer closed or the connection broke (what the
-    engines take as end of stream)."""
+    engines take as end of stream). Up to ``size`` bytes (nbdproto.RECV_SIZE: why that many)."""
     try:
-        return await stream.receive(RECV_SIZE)
+        return await stream.receive(size)
     except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
         return b""
 

@@ -227,8 +227,9 @@ class ServerSession:
         wait = logic.next_wait()
         timed = wait is not None and (self._timer is None or wait < self._timer)
         self._set_timeout(wait if timed else None)
+        size = logic.receive_size if self._plain else nbdproto.RECV_SIZE
         if self._poll and not timed and self._plain:
-            got = stream.poll(self._poll, target)
+            got = stream.poll(self._poll, target, size)
             if got is not None:
                 return got
         started = time.monotonic() if wait is not None else 0.0
@@ -236,7 +237,7 @@ class ServerSession:
         try:
             while True:
                 try:
-                    return stream.recv() if target is None else stream.recv_into(target)
+                    return stream.recv(size) if target is None else stream.recv_into(target)
                 except BlockingIOError:  # the armed timer ran out: the limit may not have
                     if wait is not None and time.monotonic() - started >= wait - _TIMER_SLACK:
                         return logic.waited_too_long()

@@ -16,16 +16,9 @@ import struct
 import time
 from collections.abc import Sequence
 
-from nbdproto import FileRegion, Payload, step_past
+from nbdproto import RECV_SIZE, FileRegion, Payload, step_past
 
-__all__ = ["SocketStream", "RECV_SIZE"]
-
-RECV_SIZE = 64 * 1024
-"""Bytes asked of each recv: enough for hundreds of pipelined request headers in one system call, and small
-enough that the interpreter's allocation of the result stays on the heap. A larger size costs an mmap and an
-munmap for every receive (measured one request at a time: 1 MiB took twice the server CPU per request of
-64 KiB). Payloads larger than what is buffered are received into a buffer of their own, so the size does not
-split them."""
+__all__ = ["SocketStream"]
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _Piece = bytes | bytearray | memoryview
@@ -39,14 +32,15 @@ class SocketStream:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
-    def recv(self) -> bytes:
-        """Up to RECV_SIZE bytes; ``b""`` when the peer closed (a reset counts as closed)."""
+    def recv(self, size: int = RECV_SIZE) -> bytes:
+        """Up to ``size`` bytes (nbdproto.RECV_SIZE: why that many); ``b""`` when the peer closed (a
+        reset counts as closed)."""
         try:
-            return self.sock.recv(RECV_SIZE)
+            return self.sock.recv(size)
         except (ConnectionResetError, ssl.SSLEOFError):
             return b""
 
-    def poll(self, seconds: float, buffer: memoryview | None = None) -> bytes | int | None:
+    def poll(self, seconds: float, buffer: memoryview | None = None, size: int = RECV_SIZE) -> bytes | int | None:
         """Spin for up to ``seconds`` on receives that do not wait (MSG_DONTWAIT), for the first bytes to come
         in: what ``recv`` (or, with ``buffer``, ``recv_into``) returns, or None when nothing came. A blocking,
         plaintext socket only (the caller's to check): a request that arrives while we spin costs no sleep and
@@ -56,7 +50,7 @@ class SocketStream:
         try:
             while True:
                 try:
-                    return sock.recv(RECV_SIZE, flags) if buffer is None else sock.recv_into(buffer, 0, flags)
+                    return sock.recv(size, flags) if buffer is None else sock.recv_into(buffer, 0, flags)
                 except BlockingIOError:
                     if time.perf_counter() > deadline:
                         return None
