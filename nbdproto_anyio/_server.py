@@ -206,9 +206,13 @@ class ServerSession:
 
     async def _start_tls(self) -> None:
         await self._send()
-        self.stream = await TLSStream.wrap(
-            self.stream, server_side=True, ssl_context=self.logic.settings.tls, standard_compatible=False
-        )
+        naming = nbdproto.tls.handshake_peer.set(f"client {self.logic.client}")
+        try:
+            self.stream = await TLSStream.wrap(
+                self.stream, server_side=True, ssl_context=self.logic.settings.tls, standard_compatible=False
+            )
+        finally:
+            nbdproto.tls.handshake_peer.reset(naming)
         certificate = self.stream.extra(TLSAttribute.peer_certificate, None)
         self.logic.tls_established(certificate, nbdproto.tls.psk_identity(self.stream))
 

@@ -9,7 +9,8 @@ so ``import nbdproto`` does not import it. What it offers:
   no context was given. ``psk_client_context(identity, key)`` for a key held in memory.
 - ``server_context(certfile=..., psk=...)``: a server context with a certificate, pre-shared keys or both,
   which never completes an unauthenticated session; ``psk_identity(connection)`` says which identity a
-  server-side connection used (how it knows: nbdproto/tls/_server.py).
+  server-side connection used (how it knows: nbdproto/tls/_server.py); ``handshake_peer`` names the client
+  in its log lines where the connection has no socket to ask (anyio's TLS).
 - ``read_psk_file`` / ``parse_psk_keys``: the psktool key file format, with errors naming the line.
 
 Pre-shared keys need Python 3.13 or newer (``ssl.SSLContext.set_psk_*_callback``); below it asking for one
@@ -38,11 +39,12 @@ from ._keys import (
 )
 
 if TYPE_CHECKING:
-    from ._server import TLSAuthenticationError, psk_identity, server_context
+    from ._server import TLSAuthenticationError, handshake_peer, psk_identity, server_context
 
 _WHERE = {
     "server_context": "._server",
     "psk_identity": "._server",
+    "handshake_peer": "._server",
     "TLSAuthenticationError": "._server",
 }
 
@@ -52,6 +54,7 @@ __all__ = [
     "psk_client_context",
     "server_context",
     "psk_identity",
+    "handshake_peer",
     "TLSAuthenticationError",
     "read_psk_file",
     "parse_psk_keys",

@@ -37,7 +37,9 @@ import ssl
 import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from nbdproto.sockets import peer_name
 
 from ._client import PSK_CIPHERS
 from ._keys import MAX_IDENTITY_LENGTH, MAX_KEY_LENGTH, PskFileError, check_psk_support, read_psk_file
@@ -75,6 +77,11 @@ class _PskRecord:
 
 
 _handshaking: ContextVar[_PskRecord | None] = ContextVar("nbdproto.tls handshaking", default=None)
+
+handshake_peer: ContextVar[str] = ContextVar("nbdproto.tls handshake peer", default="a client")
+"""Who the server-side TLS handshakes made in this context are with ("client 192.0.2.1:40000"), for the log
+lines of connections that have no socket to ask: anyio's TLS runs over memory BIOs, so its server sets this
+around the upgrade. A socket's handshake names its peer itself."""
 
 
 def _record(connection: ssl.SSLSocket | ssl.SSLObject, peer: str) -> _PskRecord:
@@ -127,13 +134,7 @@ def _log_failure(record: _PskRecord, exc: BaseException) -> None:
 
 
 def _peer_of(sock: ssl.SSLSocket) -> str:
-    try:
-        peer: Any = sock.getpeername()
-    except OSError:
-        return "a client"
-    if isinstance(peer, tuple):
-        return f"client {peer[0]}:{peer[1]}"
-    return f"client on {sock.getsockname() or 'a unix socket'}"
+    return f"client {peer_name(sock)}"  # as the server's own lines name it
 
 
 class _PskSSLSocket(ssl.SSLSocket):
@@ -145,10 +146,10 @@ class _PskSSLSocket(ssl.SSLSocket):
 
 class _PskSSLObject(ssl.SSLObject):
     """The connections ``wrap_bio`` makes for a PSK context (anyio's TLSStream); a memory BIO has no peer
-    address, so its log lines name none (the server's own lines do)."""
+    address, so its log lines name the one ``handshake_peer`` holds."""
 
     def do_handshake(self) -> None:
-        _handshake(self, _record(self, "a client"), lambda: ssl.SSLObject.do_handshake(self))
+        _handshake(self, _record(self, handshake_peer.get()), lambda: ssl.SSLObject.do_handshake(self))
 
 
 class _PskServerContext(ssl.SSLContext):
