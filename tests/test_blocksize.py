@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import threading
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from tests.filtertools import (
     overlapping_writers,
     run_against_model,
 )
+from tests.threaded import run_threads
 
 SIZE = 64 * 4096
 
@@ -134,24 +134,15 @@ def test_threads_writing_bytes_of_the_same_sectors_lose_nothing(seed: int) -> No
     model = bytearray(16 * 4096)
     for number, (offset, length) in enumerate(pieces):
         model[offset : offset + length] = bytes([number % 8 + 1]) * length
-    errors: list[BaseException] = []
 
     def writer(i: int) -> None:
-        try:
-            for number, (offset, length) in enumerate(pieces):
-                if number % 8 == i:
-                    if number % 5 == 0:  # some aligned-range zeroes and writes in between
-                        device.write_zeroes(offset, length)
-                    device.pwrite(bytes([i + 1]) * length, offset)
-        except BaseException as exc:
-            errors.append(exc)
+        for number, (offset, length) in enumerate(pieces):
+            if number % 8 == i:
+                if number % 5 == 0:  # some aligned-range zeroes and writes in between
+                    device.write_zeroes(offset, length)
+                device.pwrite(bytes([i + 1]) * length, offset)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    run_threads(writer, 8)
     whole = memoryview(bytearray(16 * 4096))
     device.pread_into(whole, 0)
     assert bytes(whole) == model

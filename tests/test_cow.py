@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import threading
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 import nbdproto as n
 from nbdproto.devices import CowFilter, FileDevice, MemoryDevice
 from tests.filtertools import NoWrites, SlowReads, check_extents, operations, overlapping_writers, run_against_model
+from tests.threaded import run_threads
 
 HOLE = int(n.AllocationState.HOLE | n.AllocationState.ZERO)
 SIZE = 512 * 1024 + 3000  # not a multiple of any block size: the last block is partial
@@ -157,23 +157,6 @@ def test_cow_flush_and_fua_reach_a_file_overlay(tmp_path: Any) -> None:
     device.close()
 
 
-def _run_threads(work: Any, count: int) -> None:
-    errors: list[BaseException] = []
-
-    def guarded(i: int) -> None:
-        try:
-            work(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("round_", range(3))
 def test_threads_writing_into_shared_blocks_lose_nothing(round_: int) -> None:
@@ -193,7 +176,7 @@ def test_threads_writing_into_shared_blocks_lose_nothing(round_: int) -> None:
             if number % 8 == i:
                 device.pwrite(bytes([i + 1]) * length, offset)
 
-    _run_threads(writer, 8)
+    run_threads(writer, 8)
     assert contents(device) == model
     assert contents(base) == original
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import nbdproto as n
 from nbdproto.devices import FileDevice, MemoryDevice, SharedMemoryDevice
+from tests.threaded import run_threads
 
 SIZE = 1 << 20
 HOLE = n.AllocationState.HOLE | n.AllocationState.ZERO
@@ -178,11 +179,7 @@ def test_memory_device_is_safe_from_many_threads() -> None:
         for _ in range(50):
             device.pwrite(bytes([i]) * 4096, i * 4096)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(writer, 32)
     for i in range(32):
         buffer = memoryview(bytearray(4096))
         device.pread_into(buffer, i * 4096)

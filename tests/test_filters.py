@@ -31,6 +31,7 @@ from nbdproto.devices import (
 )
 from nbdproto.devices._stats import _bucket, _bucket_middle
 from tests.filtertools import NoWrites, operations, run_against_model
+from tests.threaded import run_threads
 
 SIZE = 1 << 20
 TF = n.TransmissionFlags
@@ -360,11 +361,7 @@ def test_filters_are_thread_safe_bookkeepers() -> None:
         for j in range(200):
             device.pwrite(bytes([i]) * 100, (i * 200 + j) * 100 % (SIZE - 100))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(work, 8)
     assert stats.snapshot()["write"].count == 1600
     lines = out.getvalue().splitlines()
     assert len(lines) == 3200 and all(LINE.match(line) for line in lines)

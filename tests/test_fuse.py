@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 import nbdproto_threads as nt
 from tests.conftest import PEER_ENV, REQUIRE_PEERS
+from tests.threaded import run_threads
 
 pytestmark = pytest.mark.timeout(90)
 MIB = 1 << 20
@@ -138,26 +138,19 @@ def test_parallel_reads_and_writes(tmp_path: Path, fuse_available: None) -> None
     mountpoint.mkdir()
     with server(tmp_path / "src.img") as (_, uri), fuse(uri, mountpoint):
         fd = os.open(mountpoint / "disk", os.O_RDWR)
-        errors: list[BaseException] = []
 
         def worker(n: int) -> None:
-            try:
-                for i in range(20):
-                    offset = (n * 20 + i) * 65536
-                    data = bytes([n]) * 65536
-                    os.pwrite(fd, data, offset)
-                    assert os.pread(fd, 65536, offset) == data
-            except BaseException as exc:
-                errors.append(exc)
+            for i in range(20):
+                offset = (n * 20 + i) * 65536
+                data = bytes([n]) * 65536
+                os.pwrite(fd, data, offset)
+                assert os.pread(fd, 65536, offset) == data
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        os.fsync(fd)
-        os.close(fd)
-        assert not errors
+        try:
+            run_threads(worker, 8)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         with nt.connect(uri) as client:
             for n in range(8):
                 assert client.pread(65536, n * 20 * 65536) == bytes([n]) * 65536

@@ -23,6 +23,7 @@ from nbdproto.devices import NbdDevice
 from tests.remotes import CLI, cli, free_port, nbdkit, qemu_nbd, serving_on_socket
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
 from tests.test_interop_server import NBDSH_EVERY_COMMAND, nbdsh, run, sha256
+from tests.threaded import run_threads
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -378,28 +379,21 @@ def test_many_threads_share_one_connection(peers: Any, tmp_path: Any) -> None:
     with qemu_nbd(str(image), shared=1) as uri:
         device = NbdDevice(uri)
         assert device.connections == 1
-        failures: list[BaseException] = []
 
         def worker(n: int) -> None:
-            try:
-                base = n * 512 * 1024
-                for i in range(60):
-                    data = bytes([n * 16 + i % 16]) * 4096
-                    offset = base + (i % 64) * 4096
-                    if i % 3:
-                        device.pwrite(data, offset)
-                    else:
-                        assert device.call_batch([DeviceCall("pwrite", (data, offset, False))]) == [None]
-                    buffer = bytearray(4096)
-                    device.pread_into(memoryview(buffer), offset)
-                    assert buffer == data, (n, i)
-            except BaseException as exc:
-                failures.append(exc)
+            base = n * 512 * 1024
+            for i in range(60):
+                data = bytes([n * 16 + i % 16]) * 4096
+                offset = base + (i % 64) * 4096
+                if i % 3:
+                    device.pwrite(data, offset)
+                else:
+                    assert device.call_batch([DeviceCall("pwrite", (data, offset, False))]) == [None]
+                buffer = bytearray(4096)
+                device.pread_into(memoryview(buffer), offset)
+                assert buffer == data, (n, i)
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        device.close()
-        assert not failures, failures[0]
+        try:
+            run_threads(worker, 8)
+        finally:
+            device.close()

@@ -35,6 +35,7 @@ from tests.conftest import PEER_ENV
 from tests.serving import BACKENDS, Export, serve_exports
 from tests.test_cli import cli_json, run_cli, serving
 from tests.test_interop_client import qemu_nbd
+from tests.threaded import run_threads
 
 pytestmark = [
     pytest.mark.skipif(
@@ -120,11 +121,7 @@ def test_concurrent_handshakes_each_learn_their_own_identity() -> None:
     def one(i: int) -> None:
         outcomes[i] = handshake(server, client(names[i], KEYS[names[i]]))[0]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(names))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_threads(one, len(names))
     assert [outcome[2] for outcome in outcomes] == names
 
 

@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from typing import Any
@@ -23,6 +22,7 @@ import nbdproto_threads as nt
 from nbdproto.devices import S3Device, S3Settings
 from tests.s3server import SeaweedFS, stall_proxy
 from tests.serving import Export, serve_exports
+from tests.threaded import run_threads
 
 KIB, MIB = 1 << 10, 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -291,11 +291,7 @@ def test_eight_connections_writing_into_the_same_objects_lose_nothing(s3_store: 
                     client.pwrite(data, index * cell + start)
                     model[index * cell + start : index * cell + start + length] = data
 
-        threads = [threading.Thread(target=work, args=(me,)) for me in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        run_threads(work, clients)
         with nt.connect(uri.format("")) as client:
             assert client.pread(size, 0) == model
     with open_image(s3_store, key, size) as fresh:

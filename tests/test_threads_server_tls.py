@@ -15,6 +15,7 @@ import pytest
 import nbdproto_threads as nt
 from nbdproto.devices import MemoryDevice
 from tests.serving import Export, make_pki, serve_exports
+from tests.threaded import run_threads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,22 +72,13 @@ def test_a_pooled_tls_connection_is_never_read_while_a_pool_thread_writes_it() -
         with serve_exports("threads", exports, tls=pki.server_context, workers=4) as base:
             uri = base.format("d")
             with nt.connect(uri, tls=pki.client_context, timeout=20) as client:
-                failures: list[BaseException] = []
 
                 def work(k: int) -> None:
-                    try:
-                        for j in range(150):
-                            data = bytes([k + j & 0xFF]) * 4096
-                            client.pwrite(data, k * 4096)
-                            assert client.pread(4096, k * 4096) == data
-                    except BaseException as exc:
-                        failures.append(exc)
+                    for j in range(150):
+                        data = bytes([k + j & 0xFF]) * 4096
+                        client.pwrite(data, k * 4096)
+                        assert client.pread(4096, k * 4096) == data
 
-                threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join(60)
-                assert not any(thread.is_alive() for thread in threads) and not failures, failures
+                run_threads(work, 8)
     assert overlaps.calls > 2400  # the watch saw the traffic: 2400 requests' receives and replies
     assert not overlaps.overlaps, f"{len(overlaps.overlaps)} calls overlapped another thread's: {overlaps.overlaps[:5]}"
