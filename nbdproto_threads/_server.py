@@ -232,6 +232,13 @@ class ServerSession:
             got = stream.poll(self._poll, target, size)
             if got is not None:
                 return got
+        if size > nbdproto.RECV_SIZE and target is None:
+            # A receive that waits holds its buffer while it waits: the large one only for bytes already here
+            # (a receive that does not wait), so that a connection gone quiet holds RECV_SIZE, whatever it sent.
+            got = None if timed else stream.recv_ready(size)
+            if got is not None:
+                return got
+            size = nbdproto.RECV_SIZE
         started = time.monotonic() if wait is not None else 0.0
         self._receiving = True
         try:

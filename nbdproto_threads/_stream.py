@@ -40,6 +40,16 @@ class SocketStream:
         except (ConnectionResetError, ssl.SSLEOFError):
             return b""
 
+    def recv_ready(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes that have arrived already, without waiting (a blocking socket without a Python
+        timeout only: the caller's to check); None when none have, ``b""`` when the peer closed."""
+        try:
+            return self.sock.recv(size, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except ConnectionResetError:
+            return b""
+
     def poll(self, seconds: float, buffer: memoryview | None = None, size: int = RECV_SIZE) -> bytes | int | None:
         """Spin for up to ``seconds`` on receives that do not wait (MSG_DONTWAIT), for the first bytes to come
         in: what ``recv`` (or, with ``buffer``, ``recv_into``) returns, or None when nothing came. A blocking,

@@ -4,10 +4,16 @@ it stops; a model compared with every sequence of receives hypothesis makes, and
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
+import time
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 import nbdproto
+import nbdproto_threads
 from nbdproto import RECV_SIZE, STREAM_RECV_SIZE, Command, HandshakeStep, ReceiveSize
 from nbdproto.devices import MemoryDevice
 from tests.nbdbytes import client_flags, info_payload, option, request
@@ -83,3 +89,80 @@ def test_small_writes_never_grow_it() -> None:
     logic = _transmitting(MemoryDevice(64 << 20))
     asked = _feed(logic, _writes(1, 1024, 4096))  # 4 KiB writes, 16 a receive (fio at queue depth 16)
     assert set(asked) == {RECV_SIZE}
+
+
+def test_the_threads_server_waits_for_a_quiet_client_with_a_small_buffer() -> None:
+    # A receive holds its buffer while it waits: after streaming big writes, the large receives are made only
+    # for bytes already here, and a client gone quiet is waited for with a RECV_SIZE one.
+    server_sock, client_sock = socket.socketpair()
+    session = nbdproto_threads.ServerSession(server_sock, nbdproto.SessionSettings())
+    asked: list[tuple[str, int]] = []
+
+    class Recording(type(session.stream)):  # type: ignore[misc]
+        __slots__ = ()
+
+        def recv(self, size: int = RECV_SIZE) -> bytes:
+            asked.append(("wait", size))
+            return super().recv(size)  # type: ignore[no-any-return]
+
+        def recv_ready(self, size: int) -> bytes | None:
+            asked.append(("ready", size))
+            return super().recv_ready(size)  # type: ignore[no-any-return]
+
+    session.stream = Recording(server_sock)
+    device = MemoryDevice(16 << 20)
+
+    def serve() -> None:
+        with session:
+            if session.negotiate() == "":
+                session.serve(device, read_only=False)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = RawSocket(client_sock)
+    client.go()
+    client_sock.sendall(_writes(1, 16, 256 << 10))
+    for _ in range(16):
+        client.reply()
+    deadline = time.monotonic() + 10
+    while not (asked and asked[-1] == ("wait", RECV_SIZE)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ("ready", STREAM_RECV_SIZE) in asked  # it streamed with large receives...
+    assert asked[-1] == ("wait", RECV_SIZE)  # ...and waits for the quiet client with a small one
+    assert ("wait", STREAM_RECV_SIZE) not in asked
+    client_sock.close()
+    server.join(10)
+    assert not server.is_alive()
+    buffer = bytearray(256 << 10)
+    device.pread_into(memoryview(buffer), 16 << 18)
+    assert buffer == bytes([16]) * (256 << 10)
+
+
+class RawSocket:
+    """Just enough of a client on a connected socket: GO for the default export, and simple replies."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.settimeout(10)
+        self.buffered = b""
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffered) < size:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed"
+            self.buffered += chunk
+        data, self.buffered = self.buffered[:size], self.buffered[size:]
+        return data
+
+    def go(self) -> None:
+        self.read(18)  # the greeting
+        self.sock.sendall(client_flags() + option(nbdproto.Option.GO, info_payload("")))
+        while True:
+            _, _, reply_type, length = struct.unpack(">QIII", self.read(20))
+            self.read(length)
+            if reply_type == nbdproto.OptionReplyType.ACK:
+                return
+
+    def reply(self) -> None:
+        magic, error, _ = struct.unpack(">IIQ", self.read(16))
+        assert magic == nbdproto.SIMPLE_REPLY_MAGIC and error == 0
