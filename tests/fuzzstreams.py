@@ -2,7 +2,8 @@
 
 ``client_stream(seed)`` is deterministic: the same seed gives the same bytes on every machine, so a failing case
 is reproduced by its number. The seeds build from a handful of real conversations (a plain GO with requests,
-structured replies and meta contexts, extended headers, listing and INFO, STARTTLS refused) cut and mutated the
+structured replies and meta contexts, extended headers, listing and INFO, STARTTLS refused, writes bigger than a
+receive) cut and mutated the
 way hostile or broken clients are: bits flipped, bytes inserted and dropped, length fields made huge, chunks
 repeated, the stream truncated anywhere.
 """
@@ -61,12 +62,16 @@ def conversations() -> list[bytes]:
         + option(n.Option.ABORT)
     )
     old_export_name = option(n.Option.EXPORT_NAME, b"") + simple_requests
+    # Writes bigger than a server's receive: their payloads straddle receives, and the server takes larger ones.
+    big_writes = b"".join(request(C.WRITE, i + 1, i * 196608, 196608) + bytes([i + 1]) * 196608 for i in range(3))
+    streaming = go + big_writes + request(C.READ, 4, 0, 65536) + request(C.DISC, 5)
     return [
         client_flags() + go + simple_requests,
         client_flags() + structured,
         client_flags() + extended,
         client_flags() + listing,
         client_flags() + old_export_name,
+        client_flags() + streaming,
     ]
 
 
