@@ -187,13 +187,11 @@ class Client(ClientRequests[Blocking]):
 
     def _read_tls(self, readable: selectors.BaseSelector) -> None:
         """Receives on a TLS socket. OpenSSL must not read a connection in one thread while another writes it
-        or shuts it down (it corrupts memory): so they are made under the lock the senders hold, and only once
-        the socket is readable, without waiting: as many as find bytes waiting (up to _TLS_DRAIN); one that
-        finds none (or a record that carried no data for us) gives the lock back, and the wait for readability
-        starts again."""
+        or shuts it down (it corrupts memory): so they are made under the lock the senders hold, without
+        waiting: as many as find bytes waiting (up to _TLS_DRAIN). When the first finds none (or a record that
+        carried no data for us), the lock is given back and the reader waits for readability."""
         sock, stream, engine = self.stream.sock, self.stream, self.engine
-        if not sock.pending():  # type: ignore[attr-defined]
-            readable.select()
+        received = 0
         with self._lock:
             sock.settimeout(0)
             try:
@@ -202,12 +200,15 @@ class Client(ClientRequests[Blocking]):
                     try:
                         got: bytes | int = stream.recv() if target is None else stream.recv_into(target)
                     except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                        return
+                        break
                     self._take(got)
                     if not got:
                         return
+                    received += 1
             finally:
                 sock.settimeout(self._timeout)
+        if not received:
+            readable.select()
 
     def _take(self, got: bytes | int) -> None:
         """Hand what was received to the engine and every complete reply to its waiter (under the lock)."""

@@ -10,12 +10,18 @@ thread, and several callers share one connection with their requests in flight t
 The engine is only touched under ``_lock``. The socket is written under ``_send_lock`` alone, and read by the
 one thread that holds the reader's role, outside both: a send that blocks never stops replies being read (a
 server that stops reading requests until its replies are taken would otherwise wait for us forever).
+
+Over TLS one more rule holds: OpenSSL must never see the connection read in one thread while another writes it
+or shuts it down (it corrupts memory). So a TLS connection's socket never blocks: every receive, send and the
+goodbye is made under ``_tls_lock`` without waiting, and the waits for readability or writability happen
+outside it, so a send that cannot go on still never stops replies being read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import selectors
 import socket
 import ssl
 import threading
@@ -61,6 +67,14 @@ class Wire:
         self._failure: BaseException | None = None
         self._farewell: list[Any] | None = None
         self._tls = isinstance(self.sock, ssl.SSLSocket)
+        self._ssl: ssl.SSLSocket = self.sock  # type: ignore[assignment]  # (used only when _tls)
+        self._tls_lock = threading.Lock()  # every call into OpenSSL, on a TLS connection
+        if self._tls:
+            self.sock.settimeout(0)  # its waits are the selectors' (a poll, not select: descriptors past 1024 too)
+            self._readable = selectors.DefaultSelector()
+            self._readable.register(self.sock, selectors.EVENT_READ)
+            self._writable = selectors.DefaultSelector()
+            self._writable.register(self.sock, selectors.EVENT_WRITE)
         self.context_ids = {name: context_id for context_id, name in self.engine.meta_contexts.items()}
         """The ids this connection's server gave the meta contexts (each connection has its own)."""
 
@@ -100,7 +114,7 @@ class Wire:
         # its replies are read) must not keep the reader from taking those replies in.
         with self._send_lock:
             try:
-                self.stream.send(pieces)
+                self._send(pieces)
             except OSError as exc:
                 with self._lock:
                     self._fail(exc)
@@ -121,7 +135,13 @@ class Wire:
                 target = engine.read_buffer()
             try:
                 # The rest of a read's data straight into the caller's buffer; anything else as chunks.
-                if target is None:
+                if self._tls:
+                    got = self._receive_tls(target)
+                    if isinstance(got, bytes):
+                        data = got
+                    else:
+                        count = got
+                elif target is None:
                     data = self.sock.recv(_RECV_SIZE)
                 else:
                     count = self.sock.recv_into(target)
@@ -148,7 +168,39 @@ class Wire:
     def _say_goodbye(self, pieces: list[Any]) -> None:
         # Lock order: _send_lock, then _lock, never the other way round.
         with self._send_lock, contextlib.suppress(OSError):
+            self._send(pieces)
+
+    def _send(self, pieces: list[Any]) -> None:
+        """Write ``pieces`` (with _send_lock held). Over TLS: in steps that do not wait, each under _tls_lock,
+        waiting for room outside it."""
+        if not self._tls:
             self.stream.send(pieces)
+            return
+        data = memoryview(b"".join(pieces))
+        while data:
+            with self._tls_lock:
+                try:
+                    data = data[self.sock.send(data) :]
+                    continue
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    pass
+            _wait_for(self._writable)
+
+    def _receive_tls(self, target: memoryview | None) -> bytes | int:
+        """The next bytes of a TLS connection (into ``target`` when given: a count), under _tls_lock, each try
+        without waiting (streamed records are usually here already); the waits for readability outside it. A
+        record that carried no data for us leaves it wanting more: it waits again. The peer closing is ``b""``
+        (or 0)."""
+        sock = self._ssl
+        while True:
+            with self._tls_lock:
+                try:
+                    return sock.recv(_RECV_SIZE) if target is None else sock.recv_into(target)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except ssl.SSLEOFError:
+                    return b"" if target is None else 0
+            _wait_for(self._readable)
 
     def _dispatch(self) -> None:
         engine, waiting = self.engine, self._waiting
@@ -194,8 +246,28 @@ class Wire:
                 self._changed.notify_all()
             if farewell:
                 with contextlib.suppress(OSError):
-                    self.stream.send(farewell)
+                    self._send(farewell)
         finally:
             if polite:
                 self._send_lock.release()
-        self.stream.close()
+        if not self._tls:
+            self.stream.close()
+            return
+        # The goodbye (SSL_shutdown) under the lock, without waiting; then the socket's shutdown ends a reader's
+        # wait, and its next receive finds the socket closed.
+        with self._tls_lock, contextlib.suppress(OSError, ValueError):
+            self._ssl.unwrap()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with self._tls_lock:
+            self.sock.close()
+        self._readable.close()
+        self._writable.close()
+
+
+def _wait_for(selector: selectors.BaseSelector) -> None:
+    """Wait until the one socket ``selector`` watches is ready; ConnectionError once the wire was closed."""
+    try:
+        selector.select()
+    except (ValueError, OSError) as exc:  # closed under us: close() ran
+        raise ConnectionAbortedError("the connection was closed") from exc
