@@ -55,10 +55,10 @@ _READER_STOP = 10.0
 """Seconds ``close`` waits for the reader thread to stop once the socket's receiving side is shut."""
 
 _TLS_DRAIN = 64
-"""Receives the reader makes at most in one hold of the lock on a TLS connection, while bytes keep arriving
-without waiting: a TLS record (16 KiB at most) a receive, so that a large read costs a wait for readability and
-two timeout switches every 64 records, not every record (512 MiB of 4 MiB reads from nbdkit: 321-323 MiB/s at
-1.33-1.39 s of CPU with one receive a hold). Senders wait at most that long for the lock."""
+"""Receives the reader makes at most in one hold of the TLS lock, while bytes keep arriving without waiting: a
+TLS record (16 KiB at most) a receive, so that a large read costs two timeout switches every 64 records, not
+every record (512 MiB of 4 MiB reads from nbdkit: 321-323 MiB/s at 1.33-1.39 s of CPU with one receive a
+hold). Senders wait at most that long for the lock."""
 
 _Opened = TypeVar("_Opened")
 
@@ -129,7 +129,11 @@ class Client(ClientRequests[Blocking]):
         self.logic = connection.logic
         self.engine = connection.engine
         self._timeout = connection.stream.sock.gettimeout()
-        self._lock = threading.Lock()
+        # Three locks, never one held while waiting for another's holder to be let go by the server:
+        self._lock = threading.Lock()  # the engine and the waiters
+        self._send_lock = threading.Lock()  # each request's bytes leave whole, one request after another
+        self._tls_lock = threading.Lock()  # every call into OpenSSL, each made without waiting (TLS only)
+        self._tls = isinstance(connection.stream.sock, ssl.SSLSocket)
         self._waiters: dict[int, _Waiter] = {}
         self._closed = False
         result = connection.result
@@ -144,7 +148,10 @@ class Client(ClientRequests[Blocking]):
         with self._lock:
             cookie = self.logic.submit(make)
             self._waiters[cookie] = waiter
-            self.stream.send(self.engine.data_to_send())
+            pieces = self.engine.data_to_send()
+        # Sent outside the engine's lock: a send that waits (a large write to a server that stops reading until
+        # its replies are read) must never keep the reader from taking replies in.
+        self._send(pieces)
         if not waiter.done.wait(self._timeout):
             failure = TimeoutError(f"no reply within {self._timeout} s; the connection is closed")
             self.logic.fail(failure)
@@ -157,7 +164,7 @@ class Client(ClientRequests[Blocking]):
     def _read_replies(self) -> None:
         engine, stream = self.engine, self.stream
         readable = None
-        if isinstance(stream.sock, ssl.SSLSocket):  # a poll, not select: descriptors past 1024 too
+        if self._tls:  # a poll, not select: descriptors past 1024 too
             readable = selectors.DefaultSelector()
             readable.register(stream.sock, selectors.EVENT_READ)
         try:
@@ -173,7 +180,9 @@ class Client(ClientRequests[Blocking]):
                 except TimeoutError:
                     continue  # the socket's timeout bounds sends; a request's own wait bounds its reply
                 with self._lock:
-                    self._take(got)
+                    pending = self._take(got)
+                if pending:
+                    self._send(pending)
         except BaseException as exc:
             with self._lock:
                 self.logic.fail(exc)
@@ -187,12 +196,12 @@ class Client(ClientRequests[Blocking]):
 
     def _read_tls(self, readable: selectors.BaseSelector) -> None:
         """Receives on a TLS socket. OpenSSL must not read a connection in one thread while another writes it
-        or shuts it down (it corrupts memory): so they are made under the lock the senders hold, without
-        waiting: as many as find bytes waiting (up to _TLS_DRAIN). When the first finds none (or a record that
-        carried no data for us), the lock is given back and the reader waits for readability."""
+        or shuts it down (it corrupts memory): so they are made under the TLS lock, without waiting: as many as
+        find bytes waiting (up to _TLS_DRAIN). When the first finds none (or a record that carried no data for
+        us), the lock is given back and the reader waits for readability."""
         sock, stream, engine = self.stream.sock, self.stream, self.engine
-        received = 0
-        with self._lock:
+        received, pending = 0, []
+        with self._tls_lock:
             sock.settimeout(0)
             try:
                 for _ in range(_TLS_DRAIN):
@@ -201,17 +210,21 @@ class Client(ClientRequests[Blocking]):
                         got: bytes | int = stream.recv() if target is None else stream.recv_into(target)
                     except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                         break
-                    self._take(got)
+                    with self._lock:
+                        pending += self._take(got)
                     if not got:
-                        return
+                        break
                     received += 1
             finally:
                 sock.settimeout(self._timeout)
-        if not received:
+        if pending:
+            self._send(pending)
+        elif not received:
             readable.select()
 
-    def _take(self, got: bytes | int) -> None:
-        """Hand what was received to the engine and every complete reply to its waiter (under the lock)."""
+    def _take(self, got: bytes | int) -> list[nbdproto.Payload]:
+        """Hand what was received to the engine and every complete reply to its waiter (under the lock); what
+        the engine has to send then (NBD_CMD_DISC after ESHUTDOWN), for the caller to send without the lock."""
         engine = self.engine
         if type(got) is int:
             engine.received_into(got)
@@ -221,9 +234,39 @@ class Client(ClientRequests[Blocking]):
             waiter = self._waiters.pop(event.cookie)
             waiter.reply = event
             waiter.done.set()
-        pending = engine.data_to_send()  # NBD_CMD_DISC after ESHUTDOWN
-        if pending:
-            self.stream.send(pending)
+        return engine.data_to_send()
+
+    def _send(self, pieces: list[nbdproto.Payload]) -> None:
+        """Write ``pieces`` whole (under the send lock). On TLS in steps that do not wait, each under the TLS
+        lock, the waits for room outside it (bounded by the connection's timeout), so that the reader can take
+        replies in while a send waits."""
+        if not pieces:
+            return
+        with self._send_lock:
+            if not self._tls:
+                self.stream.send(pieces)
+                return
+            sock, data = self.stream.sock, memoryview(b"".join(pieces))  # type: ignore[arg-type]
+            writable: selectors.BaseSelector | None = None
+            try:
+                while data:
+                    with self._tls_lock:
+                        sock.settimeout(0)
+                        try:
+                            data = data[sock.send(data) :]
+                            continue
+                        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                            pass
+                        finally:
+                            sock.settimeout(self._timeout)
+                    if writable is None:
+                        writable = selectors.DefaultSelector()
+                        writable.register(sock, selectors.EVENT_WRITE)
+                    if not writable.select(self._timeout):
+                        raise TimeoutError(f"a send made no progress within {self._timeout} s")
+            finally:
+                if writable is not None:
+                    writable.close()
 
     # --- Closing --------------------------------------------------------------------------------------------
 
@@ -243,8 +286,8 @@ class Client(ClientRequests[Blocking]):
             self._closed = True
             try:
                 with self._lock:
-                    if self.logic.disconnect():
-                        self.stream.send(self.engine.data_to_send())
+                    farewell = self.engine.data_to_send() if self.logic.disconnect() else []
+                self._send(farewell)
             except (OSError, nbdproto.ProtocolError):
                 pass
             self._end()
@@ -264,7 +307,8 @@ class Client(ClientRequests[Blocking]):
             with contextlib.suppress(OSError):
                 self.stream.sock.shutdown(socket.SHUT_RD)
             reader.join(_READER_STOP)
-        self.stream.close()
+        with self._tls_lock:  # a send that is still trying (on TLS) does not meet the goodbye
+            self.stream.close()
 
     def __enter__(self) -> Client:
         return self
