@@ -4,8 +4,10 @@ The handshake follows nbdproto.ClientNegotiation (TLS first when asked, extended
 replies, base:allocation, GO with block sizes, EXPORT_NAME for old servers), driven by the shared
 nbdproto.ClientSessionLogic; the request methods are nbdproto.ClientRequests'. In transmission any thread may
 call any method: requests from different threads are in flight together on the one connection, and a reader
-thread hands each reply to the thread waiting for it. A server's error reply raises ``nbdproto.NBDError`` (an
-OSError carrying the NBD errno); a protocol violation raises RemoteProtocolError and closes the connection.
+thread hands each reply to the thread waiting for it; a request that is slow to go out never holds the reader
+up (a server that sends its replies before it reads more would otherwise wait for us for ever). A server's
+error reply raises ``nbdproto.NBDError`` (an OSError carrying the NBD errno); a protocol violation raises
+RemoteProtocolError and closes the connection.
 ``timeout`` bounds every wait: the connect, the handshake, and each request (a request that times out raises
 TimeoutError and closes the connection, whose state is then unknown).
 """
