@@ -40,6 +40,11 @@ class TlsOverlaps:
 
         return type("WatchedSSLSocket", (ssl.SSLSocket,), {name: watched(name) for name in _WATCHED})
 
+    def assert_none(self, at_least: int) -> None:
+        """No call overlapped another thread's, among at least ``at_least`` calls (the watch saw the traffic)."""
+        assert self.calls >= at_least, f"only {self.calls} calls were watched"
+        assert not self.overlaps, f"{len(self.overlaps)} calls overlapped another thread's: {self.overlaps[:5]}"
+
     def _enter(self, sock: object, name: str) -> None:
         me = threading.get_ident()
         with self._lock:
