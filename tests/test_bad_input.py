@@ -33,8 +33,13 @@ def backend(request: pytest.FixtureRequest) -> str:
 class RawClient:
     """A hand-driven client on a socket: exact bytes out, exact bytes in, every read bounded by a timeout."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=10)
+    def __init__(self, address: tuple[str, int] | socket.socket) -> None:
+        """Connect to ``address``, or take a connected socket (one end of a socketpair, say)."""
+        if isinstance(address, socket.socket):
+            self.sock = address
+            self.sock.settimeout(10)
+        else:
+            self.sock = socket.create_connection(address, timeout=10)
         greeting = self.recv_exactly(18)
         assert w.decode(w.NewstyleGreeting, greeting).handshake_flags & n.HandshakeFlags.FIXED_NEWSTYLE
 

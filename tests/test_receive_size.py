@@ -5,7 +5,6 @@ it stops; a model compared with every sequence of receives hypothesis makes, and
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 
@@ -17,6 +16,7 @@ import nbdproto_threads
 from nbdproto import RECV_SIZE, STREAM_RECV_SIZE, Command, HandshakeStep, ReceiveSize
 from nbdproto.devices import MemoryDevice
 from tests.nbdbytes import client_flags, info_payload, option, request
+from tests.test_bad_input import RawClient
 
 _RECEIVES = st.lists(st.tuples(st.integers(0, 4 * RECV_SIZE), st.booleans()), max_size=50)
 
@@ -119,11 +119,11 @@ def test_the_threads_server_waits_for_a_quiet_client_with_a_small_buffer() -> No
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    client = RawSocket(client_sock)
-    client.go()
+    client = RawClient(client_sock)
+    client.go("")
     client_sock.sendall(_writes(1, 16, 256 << 10))
-    for _ in range(16):
-        client.reply()
+    for cookie in range(1, 17):
+        assert client.simple_reply(cookie) == (0, b"")
     deadline = time.monotonic() + 10
     while not (asked and asked[-1] == ("wait", RECV_SIZE)) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -136,33 +136,3 @@ def test_the_threads_server_waits_for_a_quiet_client_with_a_small_buffer() -> No
     buffer = bytearray(256 << 10)
     device.pread_into(memoryview(buffer), 16 << 18)
     assert buffer == bytes([16]) * (256 << 10)
-
-
-class RawSocket:
-    """Just enough of a client on a connected socket: GO for the default export, and simple replies."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        sock.settimeout(10)
-        self.buffered = b""
-
-    def read(self, size: int) -> bytes:
-        while len(self.buffered) < size:
-            chunk = self.sock.recv(65536)
-            assert chunk, "the server closed"
-            self.buffered += chunk
-        data, self.buffered = self.buffered[:size], self.buffered[size:]
-        return data
-
-    def go(self) -> None:
-        self.read(18)  # the greeting
-        self.sock.sendall(client_flags() + option(nbdproto.Option.GO, info_payload("")))
-        while True:
-            _, _, reply_type, length = struct.unpack(">QIII", self.read(20))
-            self.read(length)
-            if reply_type == nbdproto.OptionReplyType.ACK:
-                return
-
-    def reply(self) -> None:
-        magic, error, _ = struct.unpack(">IIQ", self.read(16))
-        assert magic == nbdproto.SIMPLE_REPLY_MAGIC and error == 0
