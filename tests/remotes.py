@@ -27,15 +27,30 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
+def wait_for_port(port: int | str, proc: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
+    """Wait until ``proc`` accepts connections on ``port`` (on 127.0.0.1, or a unix socket path), bounded: a
+    connection, not the socket file, is the sign (a unix socket's file appears at bind, before listen)."""
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        with contextlib.suppress(OSError), _connected(port):
             return
         if proc.poll() is not None or time.monotonic() > deadline:
             err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
             raise RuntimeError(f"{what} did not start within {timeout} s: {err}")
         time.sleep(0.05)  # polling a port with a deadline: the server gives no other sign that it listens
+
+
+def _connected(port: int | str) -> socket.socket:
+    if isinstance(port, int):
+        return socket.create_connection(("127.0.0.1", port), timeout=1)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1)
+        sock.connect(port)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @contextlib.contextmanager
@@ -74,16 +89,11 @@ def qemu_nbd(image: str, *args: str, image_format: str = "raw", shared: int = 8)
 
 @contextlib.contextmanager
 def serving_on_socket(command: list[str], sock: str, what: str, timeout: float = 15.0) -> Iterator[None]:
-    """Run ``command``, a server that listens on the unix socket ``sock``, until the socket is there (bounded);
-    stopped at the end."""
+    """Run ``command``, a server that listens on the unix socket ``sock``, until it accepts connections there
+    (bounded); stopped at the end."""
     proc = subprocess.Popen(command, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-                raise RuntimeError(f"{what} did not start within {timeout} s: {err}")
-            time.sleep(0.02)  # the socket file appearing is the only sign the server gives
+        wait_for_port(sock, proc, what, timeout)
         yield
     finally:
         stop(proc)
