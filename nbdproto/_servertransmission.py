@@ -114,7 +114,7 @@ class ServerTransmission(ServerState):
                 event: Request = ReadRequest(cookie, offset, length, _COMMAND_FLAGS[0])
                 in_flight[cookie] = event
                 return event
-            # The next most common: a valid WRITE whose payload is all here (FUA allowed where advertised).
+            # The next most common: a valid WRITE (FUA allowed where advertised), its payload all here or not.
             if (
                 fast
                 and command == _WRITE
@@ -123,9 +123,13 @@ class ServerTransmission(ServerState):
                 and bool(flags & _PAYLOAD_LEN) == self.extended_headers
                 and offset + length <= self._size
                 and not (offset | length) % self._min_block
-                and len(buf) >= header_size + length
             ):
                 buf.skip(header_size)
+                if len(buf) < length:
+                    streams = self._stream_writes_over
+                    if streams is not None and length > streams:
+                        return self._stream_write(flags, cookie, offset, length)
+                    return self._fill_own_buffer(flags, cookie, offset, length)
                 event = WriteRequest(cookie, offset, buf.take(length), _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
                 in_flight[cookie] = event
                 return event
@@ -146,15 +150,12 @@ class ServerTransmission(ServerState):
                 if len(buf) < header_size + payload:
                     if command != _WRITE:
                         return self._closed_or_need_data()
+                    if self._refused_write(header_size, flags, cookie, offset, payload):
+                        continue  # the payload is being skipped
                     streams = self._stream_writes_over
-                    started: Event | type[NEED_DATA] | None
                     if streams is not None and payload > streams:
-                        started = self._streamed_write(header_size, flags, cookie, offset, payload)
-                    else:
-                        started = self._write_into_own_buffer(header_size, flags, cookie, offset, payload)
-                    if started is None:
-                        continue  # refused: the payload is being skipped
-                    return started
+                        return self._stream_write(flags, cookie, offset, payload)
+                    return self._fill_own_buffer(flags, cookie, offset, payload)
             buf.skip(header_size)
             data = buf.take(payload) if payload else None
             context_ids = None
@@ -172,10 +173,9 @@ class ServerTransmission(ServerState):
                 continue
             return self._request_event(command, flags & ~_PAYLOAD_LEN, cookie, offset, length, data, context_ids)
 
-    def _streamed_write(self, header_size: int, flags: int, cookie: int, offset: int, payload: int) -> Event | None:
-        """A WRITE too large to wait for: checked now, its payload handed over in parts as it arrives."""
-        if self._refused_write(header_size, flags, cookie, offset, payload):
-            return None
+    def _stream_write(self, flags: int, cookie: int, offset: int, payload: int) -> Event:
+        """A checked WRITE (its header taken) too large to wait for: its payload handed over in parts as it
+        arrives."""
         buf = self._buf
         data = buf.take_some(payload) if len(buf) else memoryview(b"")
         self._write_rest = (cookie, offset + len(data), payload - len(data))
@@ -197,13 +197,10 @@ class ServerTransmission(ServerState):
         self._reject(cookie, error[0], error[1], offset)
         return True
 
-    def _write_into_own_buffer(
-        self, header_size: int, flags: int, cookie: int, offset: int, payload: int
-    ) -> Event | type[NEED_DATA] | None:
-        """A WRITE whose payload has not all arrived: the payload gets a buffer of its own, filled with what is
-        here and then straight from the socket (write_buffer), so it is never joined from receive chunks."""
-        if self._refused_write(header_size, flags, cookie, offset, payload):
-            return None
+    def _fill_own_buffer(self, flags: int, cookie: int, offset: int, payload: int) -> Event | type[NEED_DATA]:
+        """A checked WRITE (its header taken) whose payload has not all arrived: the payload gets a buffer of its
+        own, filled with what is here and then straight from the socket (write_buffer), so it is never joined
+        from receive chunks."""
         buf = self._buf
         data = bytearray(payload)
         have = len(buf)

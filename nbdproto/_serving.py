@@ -18,6 +18,7 @@ and the transmission loop takes ``logic.next_batch()`` until it says the connect
 from __future__ import annotations
 
 import enum
+import errno
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -359,7 +360,8 @@ class ServerSessionLogic:
             return
         for request in batch:
             kind = type(request)
-            if self.shutting_down and kind is not WritePayload:
+            streamed = kind is WritePayload or (kind is WriteRequest and request.more)  # type: ignore[union-attr]
+            if self.shutting_down and not streamed:
                 self.refuse_shutting_down(request)  # type: ignore[arg-type]
                 continue
             if kind is ReadRequest:
@@ -372,7 +374,7 @@ class ServerSessionLogic:
                 self._queued += length
                 if self._queued >= FLUSH_AT:
                     yield 0
-            elif kind is WritePayload or (kind is WriteRequest and request.more):  # type: ignore[union-attr]
+            elif streamed:
                 reply = self.carry_out_part(request)  # type: ignore[arg-type]
                 if reply is not None:
                     engine.send(reply)
@@ -426,13 +428,16 @@ class ServerSessionLogic:
     def carry_out_part(self, part: WriteRequest | WritePayload) -> Event | None:
         """Write one part of a streamed write (see WriteRequest.more): the parts of one write must be carried
         out in order, by the reading side. Returns the write's reply after its last part, else None. A part
-        that fails fails the whole write (the rest is received and dropped)."""
+        that fails fails the whole write (the rest is received and dropped), and so does shutting down before
+        the first part: ESHUTDOWN after the last."""
         cookie = part.cookie
         failure = self._failed_writes.get(cookie)
         last = type(part) is WritePayload and part.last
         fua = False
         if type(part) is WriteRequest:
             self._streamed_flags[cookie] = part.flags
+            if self.shutting_down:
+                failure = self._failed_writes[cookie] = OSError(errno.ESHUTDOWN, _SHUTTING_DOWN)
         if last:
             fua = bool(self._streamed_flags.pop(cookie) & CommandFlags.FUA)
         if failure is None:
