@@ -6,7 +6,7 @@ share one), ``list_exports``, ``inquire``, ``export_info`` and ``list_meta_conte
 mode, without selecting an export), ``open_connection`` for callers that drive the engine themselves
 (``open_together``: several at once), and ``copy``: disks copied between NBD exports and files by one thread
 driving every connection's engine over non-blocking sockets; ``mount_export``: an export as a file in a FUSE
-mount (the ``fuse`` extra).
+mount (the ``fuse`` extra). ``SharedTls``: one TLS connection several threads use at once, safely.
 The devices both servers serve live in ``nbdproto.devices``.
 
 The names are loaded on first use (PEP 562): a client (``nbdproto copy``, ``nbdproto info``) should not pay for
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._fuse import mount_export
     from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
+    from ._sharedtls import SharedTls
 
 _WHERE = {
     "Client": "._client",
@@ -59,6 +60,7 @@ _WHERE = {
     "Server": "._server",
     "ServerSession": "._server",
     "negotiate": "._server",
+    "SharedTls": "._sharedtls",
 }
 
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
     "Server",
     "ServerSession",
     "negotiate",
+    "SharedTls",
 ]
 
 

@@ -15,7 +15,6 @@ TimeoutError and closes the connection, whose state is then unknown).
 from __future__ import annotations
 
 import contextlib
-import selectors
 import socket
 import ssl
 import sys
@@ -27,6 +26,7 @@ import nbdproto
 from nbdproto import Blocking, ClientRequests, ClientSessionLogic, HandshakeStep
 from nbdproto.tls import connection_context
 
+from ._sharedtls import SharedTls
 from ._stream import SocketStream
 
 if TYPE_CHECKING:
@@ -131,11 +131,12 @@ class Client(ClientRequests[Blocking]):
         self.logic = connection.logic
         self.engine = connection.engine
         self._timeout = connection.stream.sock.gettimeout()
-        # Three locks, never one held while waiting for another's holder to be let go by the server:
+        # Locks, none held while waiting for another's holder to be let go by the server:
         self._lock = threading.Lock()  # the engine and the waiters
         self._send_lock = threading.Lock()  # each request's bytes leave whole, one request after another
-        self._tls_lock = threading.Lock()  # every call into OpenSSL, each made without waiting (TLS only)
-        self._tls = isinstance(connection.stream.sock, ssl.SSLSocket)
+        sock = connection.stream.sock
+        # Over TLS, every call into OpenSSL under the shared connection's lock, without waiting.
+        self._tls = SharedTls(sock) if isinstance(sock, ssl.SSLSocket) else None
         self._waiters: dict[int, _Waiter] = {}
         self._closed = False
         result = connection.result
@@ -164,17 +165,13 @@ class Client(ClientRequests[Blocking]):
     # --- The reader -----------------------------------------------------------------------------------------
 
     def _read_replies(self) -> None:
-        engine, stream = self.engine, self.stream
-        readable = None
-        if self._tls:  # a poll, not select: descriptors past 1024 too
-            readable = selectors.DefaultSelector()
-            readable.register(stream.sock, selectors.EVENT_READ)
+        engine, stream, tls = self.engine, self.stream, self._tls
         try:
             while True:
                 # The rest of a read's data is received straight into the caller's buffer, without the GIL
                 # and without a copy; everything else comes in as big chunks for the engine to parse.
-                if readable is not None:
-                    self._read_tls(readable)
+                if tls is not None:
+                    self._read_tls(tls)
                     continue
                 target = engine.read_buffer()
                 try:
@@ -192,37 +189,26 @@ class Client(ClientRequests[Blocking]):
             for waiter in waiters.values():
                 waiter.reply = exc
                 waiter.done.set()
-        finally:
-            if readable is not None:
-                readable.close()
 
-    def _read_tls(self, readable: selectors.BaseSelector) -> None:
-        """Receives on a TLS socket. OpenSSL must not read a connection in one thread while another writes it
-        or shuts it down (it corrupts memory): so they are made under the TLS lock, without waiting: as many as
-        find bytes waiting (up to _TLS_DRAIN). When the first finds none (or a record that carried no data for
-        us), the lock is given back and the reader waits for readability."""
-        sock, stream, engine = self.stream.sock, self.stream, self.engine
+    def _read_tls(self, tls: SharedTls) -> None:
+        """Receives on a TLS connection (SharedTls): as many in one hold of its lock as find bytes waiting (up to
+        _TLS_DRAIN); when the first finds none, the reader waits for more without the lock."""
+        engine = self.engine
         received, pending = 0, []
-        with self._tls_lock:
-            sock.settimeout(0)
-            try:
-                for _ in range(_TLS_DRAIN):
-                    target = engine.read_buffer()
-                    try:
-                        got: bytes | int = stream.recv() if target is None else stream.recv_into(target)
-                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                        break
-                    with self._lock:
-                        pending += self._take(got)
-                    if not got:
-                        break
-                    received += 1
-            finally:
-                sock.settimeout(self._timeout)
+        with tls.lock:
+            for _ in range(_TLS_DRAIN):
+                got = tls.receive_now(engine.read_buffer())
+                if got is None:
+                    break
+                with self._lock:
+                    pending += self._take(got)
+                if not got:
+                    break
+                received += 1
         if pending:
             self._send(pending)
         elif not received:
-            readable.select()
+            tls.wait_readable()
 
     def _take(self, got: bytes | int) -> list[nbdproto.Payload]:
         """Hand what was received to the engine and every complete reply to its waiter (under the lock); what
@@ -239,36 +225,15 @@ class Client(ClientRequests[Blocking]):
         return engine.data_to_send()
 
     def _send(self, pieces: list[nbdproto.Payload]) -> None:
-        """Write ``pieces`` whole (under the send lock). On TLS in steps that do not wait, each under the TLS
-        lock, the waits for room outside it (bounded by the connection's timeout), so that the reader can take
-        replies in while a send waits."""
+        """Write ``pieces`` whole (under the send lock); on TLS through SharedTls, whose waits for room (bounded
+        by the connection's timeout) leave the reader free to take replies in."""
         if not pieces:
             return
         with self._send_lock:
-            if not self._tls:
+            if self._tls is None:
                 self.stream.send(pieces)
-                return
-            sock, data = self.stream.sock, memoryview(b"".join(pieces))  # type: ignore[arg-type]
-            writable: selectors.BaseSelector | None = None
-            try:
-                while data:
-                    with self._tls_lock:
-                        sock.settimeout(0)
-                        try:
-                            data = data[sock.send(data) :]
-                            continue
-                        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                            pass
-                        finally:
-                            sock.settimeout(self._timeout)
-                    if writable is None:
-                        writable = selectors.DefaultSelector()
-                        writable.register(sock, selectors.EVENT_WRITE)
-                    if not writable.select(self._timeout):
-                        raise TimeoutError(f"a send made no progress within {self._timeout} s")
-            finally:
-                if writable is not None:
-                    writable.close()
+            else:
+                self._tls.send(pieces, self._timeout)  # type: ignore[arg-type]
 
     # --- Closing --------------------------------------------------------------------------------------------
 
@@ -309,8 +274,10 @@ class Client(ClientRequests[Blocking]):
             with contextlib.suppress(OSError):
                 self.stream.sock.shutdown(socket.SHUT_RD)
             reader.join(_READER_STOP)
-        with self._tls_lock:  # a send that is still trying (on TLS) does not meet the goodbye
+        if self._tls is None:
             self.stream.close()
+        else:
+            self._tls.close()  # the goodbye under its lock: a send still trying does not meet it
 
     def __enter__(self) -> Client:
         return self

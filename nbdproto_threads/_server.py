@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import selectors
 import socket
 import ssl
 import struct
@@ -44,6 +43,7 @@ import nbdproto.tls
 from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
+from ._sharedtls import SharedTls
 from ._stream import SocketStream
 
 __all__ = ["ServerSession", "negotiate", "Server", "DEFAULT_WORKERS"]
@@ -137,7 +137,7 @@ class ServerSession:
         self._timeout: float | None = None  # the socket's current timeout, changed only when it must
         self._timer: float | None = None  # the receive timer armed on a plaintext socket in transmission
         self._plain = False  # a plaintext socket (not TLS), known once transmission starts
-        self._lock = threading.Lock()  # the engine and the socket's write side, when workers reply
+        self._lock = threading.Lock()  # the engine, when a pool of threads carries requests out
         self._stopping = threading.Event()
         self._receiving = False  # blocked waiting for the client's bytes (idle then if logic.idle: safe to close)
         self._started = time.monotonic()
@@ -293,28 +293,43 @@ class ServerSession:
 
     def _pooled_transmission(self) -> None:
         # Requests go to a pool and replies go out as they complete. The budgets stop the reader while too
-        # much is in flight, so the pool's queue (and the memory its requests pin) stays bounded.
+        # much is in flight, so the pool's queue (and the memory its requests pin) stays bounded. Replies leave
+        # under a send lock of their own, not the engine's (send_replies): a client slow to read them holds up
+        # the threads with replies to send, and the reader only when it has replies of its own to send. On TLS
+        # the connection is shared through SharedTls (OpenSSL must not read it in one thread while another
+        # writes it).
         logic, lock, read_view, share, engine = self.logic, self._lock, self._read_view(), self._share, self.engine
         workers = self._workers or DEFAULT_WORKERS
         limits = logic.settings.limits
         budget = nbdproto.RequestBudget(max(workers, limits.max_requests), limits.memory_limit)
         room = threading.Condition(lock)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-request")
-        readable = None
-        if not self._plain:  # a poll, not select: descriptors past 1024 too
-            readable = selectors.DefaultSelector()
-            readable.register(self.stream.sock, selectors.EVENT_READ)
+        sock = self.stream.sock
+        tls = SharedTls(sock) if isinstance(sock, ssl.SSLSocket) else None
+        send_lock = threading.Lock()
+
+        def send_replies() -> None:
+            with send_lock:
+                with lock:
+                    pieces = engine.data_to_send()
+                    logic.sent()
+                if pieces:
+                    self.stream.send(pieces) if tls is None else tls.send(pieces)  # type: ignore[arg-type]
 
         def carry_out(request: Any, cost: int) -> None:
             reply = logic.carry_out_one(request, read_view)
             with lock:
                 engine.send(reply)
-                budget.done(cost)
-                room.notify_all()
-                # A dead socket is the reader's to notice: it ends the session.
-                with contextlib.suppress(OSError):
-                    self._send()
-            share.give(cost)
+            try:
+                with contextlib.suppress(OSError):  # a dead socket is the reader's to notice: it ends the session
+                    send_replies()
+            finally:
+                # Only once its reply is out (this thread's send, or one before it): what a client that does
+                # not read holds stays within the budgets.
+                with lock:
+                    budget.done(cost)
+                    room.notify_all()
+                share.give(cost)
 
         batch: list[Work] = []
         try:
@@ -338,51 +353,32 @@ class ServerSession:
                         budget.add(cost)
                     pool.submit(contextvars.copy_context().run, carry_out, request, cost)
                 batch.clear()
-                with lock:
-                    if end is not BatchEnd.NEED_DATA:
-                        # Ending, or DISC with replies owed: first let what is in flight finish.
+                if end is not BatchEnd.NEED_DATA:
+                    with lock:  # ending, or DISC with replies owed: first let what is in flight finish
                         while not budget.idle:
                             room.wait()
-                    self._send()
+                send_replies()
                 if end is BatchEnd.CLOSED:
                     return
                 if end is BatchEnd.NEED_DATA:
-                    # Without the lock (workers reply meanwhile), except for a TLS receive itself.
-                    got = self._receive() if readable is None else self._receive_tls(lock, readable)
+                    got = self._receive() if tls is None else self._receive_shared(tls)
                     with lock:
                         logic.received(got)
         finally:
             pool.shutdown(wait=True)
-            if readable is not None:
-                readable.close()
+            if tls is not None:
+                tls.release()
 
-    def _receive_tls(self, lock: threading.Lock, readable: selectors.BaseSelector) -> bytes | int:
-        """``_receive`` for a TLS connection whose replies pool threads send. OpenSSL must not read a connection
-        in one thread while another writes it (it corrupts memory, as the threads client found): so the wait for
-        the client's bytes is a wait for readability without the lock, and the receive is made under the lock
-        the senders hold, without waiting (a record that carried no data leaves it wanting more: the lock is
-        given back, and the wait starts again)."""
-        sock = self.stream.sock
-        wait = self.logic.next_wait()
-        started = time.monotonic()
-        while True:
-            if not sock.pending():  # type: ignore[attr-defined]
-                left = None if wait is None else max(0.0, started + wait - time.monotonic())
-                self._receiving = True
-                try:
-                    if not readable.select(left):
-                        return self.logic.waited_too_long()
-                finally:
-                    self._receiving = False
-            with lock:
-                target = self.engine.write_buffer()
-                sock.settimeout(0)
-                try:
-                    return self.stream.recv() if target is None else self.stream.recv_into(target)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    continue
-                finally:
-                    sock.settimeout(self._timeout)
+    def _receive_shared(self, tls: SharedTls) -> bytes | int:
+        """``_receive`` for a TLS connection whose replies pool threads send (SharedTls: OpenSSL must not read a
+        connection in one thread while another writes it), the wait bounded by the limits as there."""
+        logic = self.logic
+        self._receiving = True
+        try:
+            got = tls.receive(self.engine.write_buffer(), nbdproto.RECV_SIZE, logic.next_wait())
+        finally:
+            self._receiving = False
+        return logic.waited_too_long() if got is None else got
 
     def _flush_device(self) -> None:
         try:

@@ -12,16 +12,15 @@ one thread that holds the reader's role, outside both: a send that blocks never 
 server that stops reading requests until its replies are taken would otherwise wait for us forever).
 
 Over TLS one more rule holds: OpenSSL must never see the connection read in one thread while another writes it
-or shuts it down (it corrupts memory). So a TLS connection's socket never blocks: every receive, send and the
-goodbye is made under ``_tls_lock`` without waiting, and the waits for readability or writability happen
-outside it, so a send that cannot go on still never stops replies being read.
+or shuts it down (it corrupts memory). So a TLS connection is shared through ``nbdproto_threads.SharedTls``:
+every receive, send and the goodbye is made under its lock without waiting, and the waits for readability or
+writability happen outside it, so a send that cannot go on still never stops replies being read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import selectors
 import socket
 import ssl
 import threading
@@ -29,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import nbdproto
-from nbdproto_threads import Connection
+from nbdproto_threads import Connection, SharedTls
 
 __all__ = ["Wire", "WireBroken"]
 
@@ -66,15 +65,7 @@ class Wire:
         self._reading = False
         self._failure: BaseException | None = None
         self._farewell: list[Any] | None = None
-        self._tls = isinstance(self.sock, ssl.SSLSocket)
-        self._ssl: ssl.SSLSocket = self.sock  # type: ignore[assignment]  # (used only when _tls)
-        self._tls_lock = threading.Lock()  # every call into OpenSSL, on a TLS connection
-        if self._tls:
-            self.sock.settimeout(0)  # its waits are the selectors' (a poll, not select: descriptors past 1024 too)
-            self._readable = selectors.DefaultSelector()
-            self._readable.register(self.sock, selectors.EVENT_READ)
-            self._writable = selectors.DefaultSelector()
-            self._writable.register(self.sock, selectors.EVENT_WRITE)
+        self._tls = SharedTls(self.sock) if isinstance(self.sock, ssl.SSLSocket) else None
         self.context_ids = {name: context_id for context_id, name in self.engine.meta_contexts.items()}
         """The ids this connection's server gave the meta contexts (each connection has its own)."""
 
@@ -84,7 +75,7 @@ class Wire:
         without blocking: a server that went away between requests costs no request)."""
         if self._failure is not None or self.engine.phase is not nbdproto.Phase.TRANSMISSION:
             return False
-        if self._waiting or self._tls:  # (a TLS socket cannot be peeked at; its next request will tell)
+        if self._waiting or self._tls is not None:  # (a TLS socket cannot be peeked at; its next request will tell)
             return True
         try:
             if not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
@@ -135,8 +126,9 @@ class Wire:
                 target = engine.read_buffer()
             try:
                 # The rest of a read's data straight into the caller's buffer; anything else as chunks.
-                if self._tls:
-                    got = self._receive_tls(target)
+                if self._tls is not None:
+                    got = self._tls.receive(target, _RECV_SIZE)
+                    assert got is not None  # (no timeout: it waits for bytes)
                     if isinstance(got, bytes):
                         data = got
                     else:
@@ -171,36 +163,11 @@ class Wire:
             self._send(pieces)
 
     def _send(self, pieces: list[Any]) -> None:
-        """Write ``pieces`` (with _send_lock held). Over TLS: in steps that do not wait, each under _tls_lock,
-        waiting for room outside it."""
-        if not self._tls:
+        """Write ``pieces`` (with _send_lock held); over TLS through SharedTls."""
+        if self._tls is None:
             self.stream.send(pieces)
-            return
-        data = memoryview(b"".join(pieces))
-        while data:
-            with self._tls_lock:
-                try:
-                    data = data[self.sock.send(data) :]
-                    continue
-                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                    pass
-            _wait_for(self._writable)
-
-    def _receive_tls(self, target: memoryview | None) -> bytes | int:
-        """The next bytes of a TLS connection (into ``target`` when given: a count), under _tls_lock, each try
-        without waiting (streamed records are usually here already); the waits for readability outside it. A
-        record that carried no data for us leaves it wanting more: it waits again. The peer closing is ``b""``
-        (or 0)."""
-        sock = self._ssl
-        while True:
-            with self._tls_lock:
-                try:
-                    return sock.recv(_RECV_SIZE) if target is None else sock.recv_into(target)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    pass
-                except ssl.SSLEOFError:
-                    return b"" if target is None else 0
-            _wait_for(self._readable)
+        else:
+            self._tls.send(pieces)
 
     def _dispatch(self) -> None:
         engine, waiting = self.engine, self._waiting
@@ -250,24 +217,9 @@ class Wire:
         finally:
             if polite:
                 self._send_lock.release()
-        if not self._tls:
+        if self._tls is None:
             self.stream.close()
-            return
-        # The goodbye (SSL_shutdown) under the lock, without waiting; then the socket's shutdown ends a reader's
-        # wait, and its next receive finds the socket closed.
-        with self._tls_lock, contextlib.suppress(OSError, ValueError):
-            self._ssl.unwrap()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        with self._tls_lock:
-            self.sock.close()
-        self._readable.close()
-        self._writable.close()
-
-
-def _wait_for(selector: selectors.BaseSelector) -> None:
-    """Wait until the one socket ``selector`` watches is ready; ConnectionError once the wire was closed."""
-    try:
-        selector.select()
-    except (ValueError, OSError) as exc:  # closed under us: close() ran
-        raise ConnectionAbortedError("the connection was closed") from exc
+        else:
+            # The goodbye under the lock, without waiting; then the socket's shutdown ends a reader's wait, and
+            # its next receive finds the socket closed.
+            self._tls.close()
