@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import re
 import socket
 import ssl
@@ -136,6 +137,34 @@ def test_a_wrong_key_and_an_unknown_identity_are_refused_alike_and_logged(versio
     assert wrong.reason == unknown.reason  # type: ignore[attr-defined]
     assert "TLS-PSK identity 'alice' refused: the client's key is not the one in the key file" in caplog.text
     assert "TLS-PSK identity 'mallory' refused: not in the key file" in caplog.text
+
+
+def test_a_changed_key_file_counts_from_the_next_handshake(tmp_path: Any, caplog: Any) -> None:
+    # As nbdkit: its GnuTLS reads the key file at every handshake (a key removed is refused at once).
+    caplog.set_level(logging.INFO, "nbdproto.tls")
+    path = tmp_path / "keys.psk"
+    server = server_context(psk=write_keys(path, {"alice": KEYS["alice"]}))
+
+    def change(text: str) -> None:  # a new modification time, as any later write has
+        stamp = os.stat(path).st_mtime_ns
+        path.write_text(text)
+        os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+
+    def accepted(identity: str) -> bool:
+        served, _ = handshake(server, client(identity, KEYS[identity]))
+        return not isinstance(served, Exception) and served[2] == identity
+
+    assert accepted("alice") and not accepted("bob")
+    change(f"bob:{KEYS['bob'].hex()}\n")
+    assert accepted("bob") and not accepted("alice")
+    assert f"TLS-PSK key file {path} changed: read again (1 identities)" in caplog.text
+    change("bob:not-hex\n")  # a broken file leaves no key valid, not the last good ones
+    assert not accepted("bob") and not accepted("alice")
+    assert f"TLS-PSK key file {path} changed and cannot be used" in caplog.text
+    path.unlink()
+    assert not accepted("bob")
+    write_keys(path, KEYS)
+    assert accepted("alice") and accepted("bob")
 
 
 @contextlib.contextmanager
@@ -352,8 +381,17 @@ def test_nbdproto_serve_with_a_key_file_logs_each_identity(
         wrong = write_keys(tmp_path / "wrong.psk", {"alice": KEYS["bob"]})
         failed = run_cli("info", uri.replace("nbds://", "nbds://alice@") + f"?tls-psk-file={wrong}")
         assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1
+        # Bob's key taken out of the server's file while it serves: refused from the next connection on.
+        bob_only = write_keys(tmp_path / "bob.psk", {"bob": KEYS["bob"]})
+        stamp = os.stat(key_file).st_mtime_ns
+        write_keys(pathlib.Path(key_file), {"alice": KEYS["alice"]})
+        os.utime(key_file, ns=(stamp + 10**9, stamp + 10**9))
+        bob = uri.replace("nbds://", "nbds://bob@") + f"?tls-psk-file={bob_only}"
+        assert run_cli("info", bob).returncode == 1
+        assert run_cli("info", alice).returncode == 0
     assert proc.stderr is not None
     log = proc.stderr.read().decode()
+    assert "TLS-PSK identity 'bob' refused: not in the key file" in log
     assert "TLS-PSK identity 'alice'" in log and "TLS-PSK identity 'bob'" in log
     assert "TLS-PSK identity 'alice' refused: the client's key is not the one in the key file" in log
 

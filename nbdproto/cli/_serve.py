@@ -79,11 +79,10 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
                          "or --tls-psk")  # fmt: skip
     if args.tls_verify_client and not args.tls_ca:
         raise UsageError("--tls-verify-client needs --tls-ca")
-    keys = None
     if args.tls_psk:
-        try:
+        try:  # read here for a clear usage error; the context reads it again whenever it changes
             check_psk_support()
-            keys = read_psk_file(args.tls_psk)
+            read_psk_file(args.tls_psk)
         except (PskUnavailableError, PskFileError) as exc:
             raise UsageError(f"--tls-psk: {exc}") from None
         except OSError as exc:
@@ -93,7 +92,7 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
                              "certificate it signed, or they would be served unauthenticated")  # fmt: skip
     try:
         context = server_context(certfile=args.tls_cert, keyfile=args.tls_key, cafile=args.tls_ca,
-                                 verify_client=args.tls_verify_client, psk=keys)  # fmt: skip
+                                 verify_client=args.tls_verify_client, psk=args.tls_psk)  # fmt: skip
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
     mode = nbdproto.TlsMode.FORCEDTLS if args.tls == "require" else nbdproto.TlsMode.SELECTIVETLS

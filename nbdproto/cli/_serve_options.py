@@ -64,8 +64,9 @@ def add_serve_arguments(serve: Any) -> None:
     serve.add_argument(
         "--tls-psk",
         metavar="FILE",
-        help="pre-shared keys (psktool's IDENTITY:HEXKEY lines) clients authenticate with (Python 3.13+); with "
-        "--tls-cert too, clients without a key must present a certificate --tls-ca signed",
+        help="pre-shared keys (psktool's IDENTITY:HEXKEY lines) clients authenticate with (Python 3.13+), read "
+        "again whenever the file changes; with --tls-cert too, clients without a key must present a certificate "
+        "--tls-ca signed",
     )
     serve.add_argument(
         "--busy-poll",

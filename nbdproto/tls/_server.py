@@ -35,6 +35,7 @@ import logging
 import os
 import ssl
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
@@ -180,7 +181,7 @@ def server_context(
     psk: str | os.PathLike[str] | Mapping[str, bytes] | None = None,
 ) -> ssl.SSLContext:
     """A server TLS context with a certificate (``certfile``, ``keyfile`` unless the key is in it), pre-shared
-    keys (``psk``: a psktool key file, or identities mapped to keys), or both.
+    keys (``psk``: a psktool key file, read again whenever it changes, or identities mapped to keys), or both.
 
     ``cafile`` verifies client certificates; ``verify_client`` requires one. With keys, every session is
     authenticated: by a known key, or (when there is a certificate too) by a client certificate ``cafile``
@@ -226,9 +227,10 @@ def server_context(
     return context
 
 
-def _keys(psk: str | os.PathLike[str] | Mapping[str, bytes]) -> dict[str, bytes]:
+def _keys(psk: str | os.PathLike[str] | Mapping[str, bytes]) -> Callable[[], Mapping[str, bytes]]:
+    """What says the keys at each handshake: a key file's (read again whenever it changes), or the mapping's."""
     if not isinstance(psk, Mapping):
-        return read_psk_file(psk)
+        return _KeyFile(psk).keys
     keys = dict(psk)
     if not keys:
         raise PskFileError("no pre-shared keys given")
@@ -237,13 +239,52 @@ def _keys(psk: str | os.PathLike[str] | Mapping[str, bytes]) -> dict[str, bytes]
             raise PskFileError(f"identity {identity!r}: must be 1 to {MAX_IDENTITY_LENGTH} bytes")
         if not 1 <= len(key) <= MAX_KEY_LENGTH:
             raise PskFileError(f"the key of {identity!r} is {len(key)} bytes; it must be 1 to {MAX_KEY_LENGTH}")
-    return keys
+    return lambda: keys
 
 
-def _lookup(keys: Mapping[str, bytes]) -> Callable[[str | None], bytes]:
+class _KeyFile:
+    """A psktool key file, read at start (a bad one is an error then) and read again at the first handshake
+    after it changed (its inode, size or modification time), as nbdkit's GnuTLS reads its key file at every
+    handshake: keys added or removed count from the next handshake on, without a restart. A changed file that
+    cannot be read, or is not a key file, leaves no key valid until it is fixed (a key removed from it must
+    never stay valid because of a typo), and says why in the log."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = os.path.abspath(path)  # (a server that changes directory still finds it)
+        self._lock = threading.Lock()
+        self._seen = self._signature()
+        self._keys = read_psk_file(self._path)
+
+    def keys(self) -> Mapping[str, bytes]:
+        signature = self._signature()
+        if signature != self._seen:
+            with self._lock:  # concurrent handshakes read the file once
+                if signature != self._seen:
+                    self._keys, self._seen = self._read(), signature
+        return self._keys
+
+    def _read(self) -> dict[str, bytes]:
+        try:
+            keys = read_psk_file(self._path)
+        except (OSError, PskFileError) as exc:
+            log.error("TLS-PSK key file %s changed and cannot be used (%s): no key is accepted until it is fixed",
+                      self._path, exc)  # fmt: skip
+            return {}
+        log.info("TLS-PSK key file %s changed: read again (%d identities)", self._path, len(keys))
+        return keys
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            status = os.stat(self._path)
+        except OSError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _lookup(keys_now: Callable[[], Mapping[str, bytes]]) -> Callable[[str | None], bytes]:
     def callback(identity: str | None) -> bytes:
         record = _handshaking.get()
-        key = keys.get(identity) if identity is not None else None
+        key = keys_now().get(identity) if identity is not None else None
         if record is not None:
             record.offered, record.known = identity, key is not None
         # An unknown name gets a random key, so it fails like a wrong key (GnuTLS does the same): an empty
