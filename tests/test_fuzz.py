@@ -8,6 +8,7 @@ hanging: every case ends within its timeout. CI runs a few thousand cases; ``pyt
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -37,6 +38,11 @@ def run_case(address: tuple[str, int], seed: int, timeout: float = 5.0) -> None:
                     raise TimeoutError(f"case {seed}: the server kept answering past {timeout} s")
         except (ConnectionResetError, BrokenPipeError):
             pass  # the server dropped a client that broke the protocol: allowed
+        except OSError as exc:
+            # The same, when the server's reset comes in before our half-close: shutdown() finds the
+            # connection gone (seen once in CI, on 3.10).
+            if exc.errno != errno.ENOTCONN:
+                raise
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
