@@ -304,8 +304,7 @@ class ServerSession:
         budget = nbdproto.RequestBudget(max(workers, limits.max_requests), limits.memory_limit)
         room = threading.Condition(lock)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-request")
-        sock = self.stream.sock
-        tls = SharedTls(sock) if isinstance(sock, ssl.SSLSocket) else None
+        tls = None if self._plain else SharedTls(self.stream.sock)  # type: ignore[arg-type]
         send_lock = threading.Lock()
 
         def send_replies() -> None:
@@ -313,8 +312,12 @@ class ServerSession:
                 with lock:
                     pieces = engine.data_to_send()
                     logic.sent()
-                if pieces:
-                    self.stream.send(pieces) if tls is None else tls.send(pieces)  # type: ignore[arg-type]
+                if not pieces:
+                    return
+                if tls is None:
+                    self.stream.send(pieces)
+                else:
+                    tls.send(pieces)  # type: ignore[arg-type]
 
         def carry_out(request: Any, cost: int) -> None:
             reply = logic.carry_out_one(request, read_view)

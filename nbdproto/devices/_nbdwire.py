@@ -32,9 +32,6 @@ from nbdproto_threads import Connection, SharedTls
 
 __all__ = ["Wire", "WireBroken"]
 
-_RECV_SIZE = 64 << 10
-"""Bytes asked of each recv outside read data (reply headers, block status, write acknowledgements): enough
-for many replies, and small enough to come from the heap rather than a fresh mapping each time."""
 _NEED_DATA, _PAUSED, _CLOSED = nbdproto.NEED_DATA, nbdproto.PAUSED, nbdproto.ConnectionClosed
 
 
@@ -127,14 +124,14 @@ class Wire:
             try:
                 # The rest of a read's data straight into the caller's buffer; anything else as chunks.
                 if self._tls is not None:
-                    got = self._tls.receive(target, _RECV_SIZE)
+                    got = self._tls.receive(target)
                     assert got is not None  # (no timeout: it waits for bytes)
                     if isinstance(got, bytes):
                         data = got
                     else:
                         count = got
                 elif target is None:
-                    data = self.sock.recv(_RECV_SIZE)
+                    data = self.sock.recv(nbdproto.RECV_SIZE)  # (why that many: its docstring)
                 else:
                     count = self.sock.recv_into(target)
             except OSError as exc:
