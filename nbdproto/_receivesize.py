@@ -25,20 +25,42 @@ server RSS, 151 MiB when the threads server waited with the large buffer)."""
 
 
 class ReceiveSize:
-    """The size of a server connection's next receive (``next``): STREAM_RECV_SIZE from the moment a receive
-    into a write payload's own buffer brought at least RECV_SIZE bytes (the client sends writes bigger than a
-    receive), RECV_SIZE again once a receive of the stream brings less than RECV_SIZE (it stopped). Small
-    writes, however many, never switch it: their payloads fit in what a receive brings."""
+    """The size of a server connection's next receive (``next``): RECV_SIZE, or while the client streams writes
+    bigger than a receive, about STREAM_RECV_SIZE (``streaming``). Streaming starts the moment a receive into a
+    write payload's own buffer brings at least RECV_SIZE bytes, and ends once a receive of the stream brings less
+    than RECV_SIZE (it stopped). Small writes, however many, never start it: their payloads fit in what a
+    receive brings."""
 
-    __slots__ = ("next",)
+    __slots__ = ("next", "_streaming", "_write_size")
 
     def __init__(self) -> None:
         self.next = RECV_SIZE
+        self._streaming = False
+        self._write_size = 0
 
-    def received(self, count: int, into_payload: bool) -> None:
-        """A receive brought ``count`` bytes: into a write payload's own buffer, or as the stream's bytes."""
+    @staticmethod
+    def streaming(write_size: int) -> int:
+        """The size asked of receives while writes of ``write_size`` bytes on the wire (header and payload; 0:
+        not known yet) stream in: the whole number of them nearest STREAM_RECV_SIZE (at least one). A receive
+        that brings all it asked for then ends where a request ends, and the next one starts a receive instead
+        of straddling two: a straddling write's payload needs a buffer of its own (allocated, zeroed, and
+        filled with a copy of what arrived and a receive of the rest). With nbdcopy's 256 KiB writes and 1 MiB
+        receives, one write in four straddled, and a receive brought the last 112 bytes of it (1060 of 4096
+        writes straddled; 345 with whole numbers of writes, where a receive brought less than it asked).
+        Measured side by side, nbdcopy writing 1 GiB over 4 connections to the threads server, ten rounds each:
+        server user CPU 126 ms per GiB against 173, all CPU 644 against 703 (medians)."""
+        if not write_size:
+            return STREAM_RECV_SIZE
+        return write_size * max(1, (STREAM_RECV_SIZE + write_size // 2) // write_size)
+
+    def received(self, count: int, into_payload: bool, write_size: int = 0) -> None:
+        """A receive brought ``count`` bytes: into the own buffer of a write payload (the write's size on the
+        wire, header and payload, as ``write_size`` when known), or as the stream's bytes."""
         if into_payload:
+            if write_size:
+                self._write_size = write_size
             if count >= RECV_SIZE:
-                self.next = STREAM_RECV_SIZE
+                self._streaming = True
         elif count < RECV_SIZE:
-            self.next = RECV_SIZE
+            self._streaming = False
+        self.next = self.streaming(self._write_size) if self._streaming else RECV_SIZE

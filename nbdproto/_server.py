@@ -85,6 +85,16 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         correct."""
         return self._payload_rest
 
+    @property
+    def arriving_write_size(self) -> int:
+        """The size on the wire (header and payload) of the WRITE whose payload is arriving into
+        ``write_buffer()``, else 0: a driver sizes its receives by it (nbdproto.ReceiveSize), so that they end
+        where requests end."""
+        event = self._payload_event
+        if self._payload_rest is None or event is None:
+            return 0
+        return self._request_codec.size + len(event.data)
+
     def received_into(self, count: int) -> None:
         """``count`` bytes were written at the start of ``write_buffer()``; 0 means the client closed."""
         rest = self._payload_rest

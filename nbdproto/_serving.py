@@ -278,8 +278,9 @@ class ServerSessionLogic:
         """Hand the engine what the driver received: bytes (``receive_data``), or a count of bytes it received
         straight into ``engine.write_buffer()`` (``received_into``). b"" or 0: the client closed."""
         if type(got) is int:
-            self.engine.received_into(got)
-            self._receive_size.received(got, True)
+            engine = self.engine
+            self._receive_size.received(got, True, engine.arriving_write_size)
+            engine.received_into(got)
         else:
             self.engine.receive_data(got)  # type: ignore[arg-type]
             self._receive_size.received(len(got), False)  # type: ignore[arg-type]

@@ -18,38 +18,57 @@ from nbdproto.devices import MemoryDevice
 from tests.nbdbytes import client_flags, info_payload, option, request
 from tests.test_bad_input import RawClient
 
-_RECEIVES = st.lists(st.tuples(st.integers(0, 4 * RECV_SIZE), st.booleans()), max_size=50)
+_WRITE_SIZES = st.integers(0, 40 << 20) | st.sampled_from([0, 28, 28 + (256 << 10)])
+_RECEIVES = st.lists(st.tuples(st.integers(0, 4 * RECV_SIZE), st.booleans(), _WRITE_SIZES), max_size=50)
 
 
 @given(_RECEIVES)
-def test_the_size_follows_the_last_receive_that_said_something(receives: list[tuple[int, bool]]) -> None:
+def test_the_size_follows_the_last_receive_that_said_something(receives: list[tuple[int, bool, int]]) -> None:
     size = ReceiveSize()
     streaming = False  # the model: a big receive into a payload starts it, a short receive of the stream ends it
-    for count, into_payload in receives:
-        size.received(count, into_payload)
+    write_size = 0  # the size of the last write received into, when known
+    for count, into_payload, arriving in receives:
+        size.received(count, into_payload, arriving if into_payload else 0)
+        if into_payload and arriving:
+            write_size = arriving
         if into_payload and count >= RECV_SIZE:
             streaming = True
         elif not into_payload and count < RECV_SIZE:
             streaming = False
-        assert size.next == (STREAM_RECV_SIZE if streaming else RECV_SIZE)
+        assert size.next == (ReceiveSize.streaming(write_size) if streaming else RECV_SIZE)
 
 
-def _transmitting(device: MemoryDevice) -> nbdproto.ServerSessionLogic:
+@given(st.integers(1, 64 << 20))
+def test_streamed_receives_are_a_whole_number_of_writes_near_the_stream_size(write_size: int) -> None:
+    asked = ReceiveSize.streaming(write_size)
+    assert asked % write_size == 0 and asked >= write_size
+    if write_size <= 2 * STREAM_RECV_SIZE:  # one write a receive, or the number nearest STREAM_RECV_SIZE
+        assert abs(asked - STREAM_RECV_SIZE) <= max(write_size // 2, write_size - STREAM_RECV_SIZE)
+    else:
+        assert asked == write_size
+    assert ReceiveSize.streaming(0) == STREAM_RECV_SIZE
+
+
+def _transmitting(device: MemoryDevice, *, extended: bool = False) -> nbdproto.ServerSessionLogic:
     logic = nbdproto.ServerSessionLogic(nbdproto.SessionSettings())
     logic.engine.data_to_send()
-    logic.received(client_flags() + option(nbdproto.Option.GO, info_payload("")))
+    options = option(nbdproto.Option.EXTENDED_HEADERS) if extended else b""
+    logic.received(client_flags() + options + option(nbdproto.Option.GO, info_payload("")))
     assert logic.handshake_step() is HandshakeStep.DONE
     assert logic.offer_export(device, read_only=False)
     return logic
 
 
-def _feed(logic: nbdproto.ServerSessionLogic, stream: bytes) -> list[int]:
+def _feed(logic: nbdproto.ServerSessionLogic, stream: bytes, into_payload: list[int] | None = None) -> list[int]:
     """Hand ``stream`` to the session as a driver would (receives of ``receive_size``, the rest of a payload
-    straight into its buffer), carrying out what arrives; the size asked of each receive of the stream."""
+    straight into its buffer), carrying out what arrives; the size asked of each receive of the stream (and
+    in ``into_payload``, the wire size of each write whose payload was received into its own buffer)."""
     asked, pos = [], 0
     while pos < len(stream):
         target = logic.engine.write_buffer()
         if target is not None:
+            if into_payload is not None:
+                into_payload.append(logic.engine.arriving_write_size)
             count = min(len(target), len(stream) - pos)
             target[:count] = stream[pos : pos + count]
             logic.received(count)
@@ -64,9 +83,10 @@ def _feed(logic: nbdproto.ServerSessionLogic, stream: bytes) -> list[int]:
     return asked
 
 
-def _writes(first_cookie: int, count: int, size: int) -> bytes:
+def _writes(first_cookie: int, count: int, size: int, *, extended: bool = False) -> bytes:
+    flags = nbdproto.CommandFlags.PAYLOAD_LEN if extended else 0
     return b"".join(
-        request(Command.WRITE, cookie, cookie * size, size) + bytes([cookie & 0xFF]) * size
+        request(Command.WRITE, cookie, cookie * size, size, flags, extended=extended) + bytes([cookie & 0xFF]) * size
         for cookie in range(first_cookie, first_cookie + count)
     )
 
@@ -74,15 +94,35 @@ def _writes(first_cookie: int, count: int, size: int) -> bytes:
 def test_a_session_asks_for_more_while_big_writes_stream_in_and_less_once_they_stop() -> None:
     device = MemoryDevice(64 << 20)
     logic = _transmitting(device)
-    asked = _feed(logic, _writes(1, 24, 256 << 10))  # 256 KiB writes, as nbdcopy sends them
-    assert asked[0] == RECV_SIZE and asked[-1] == STREAM_RECV_SIZE
+    straddling: list[int] = []
+    asked = _feed(logic, _writes(1, 24, 256 << 10), straddling)  # 256 KiB writes, as nbdcopy sends them
+    whole = 28 + (256 << 10)  # a write on the wire: compact header and payload
+    assert asked[0] == RECV_SIZE and asked[-1] == ReceiveSize.streaming(whole) == 4 * whole
     assert len(asked) < 24  # several whole writes a receive, not two receives a write
+    # Receives of whole writes end where a write ends: only the write under way when streaming began straddled
+    # two receives (1 MiB receives would have cut every fourth).
+    assert straddling == [whole]
     for cookie in range(1, 25):
         buffer = bytearray(256 << 10)
         device.pread_into(memoryview(buffer), cookie << 18)
         assert buffer == bytes([cookie]) * (256 << 10)
     _feed(logic, _writes(100, 4, 4096))  # the rest of the stream is small: back to small receives
     assert logic.receive_size == RECV_SIZE
+
+
+def test_with_extended_headers_the_receives_count_their_longer_header() -> None:
+    device = MemoryDevice(64 << 20)
+    logic = _transmitting(device, extended=True)
+    straddling: list[int] = []
+    size = 300 << 10  # not a divisor of STREAM_RECV_SIZE either
+    asked = _feed(logic, _writes(1, 24, size, extended=True), straddling)
+    whole = 32 + size
+    assert asked[-1] == ReceiveSize.streaming(whole) == 3 * whole
+    assert straddling == [whole]
+    for cookie in (1, 24):
+        buffer = bytearray(size)
+        device.pread_into(memoryview(buffer), cookie * size)
+        assert buffer == bytes([cookie]) * size
 
 
 def test_small_writes_never_grow_it() -> None:
@@ -127,9 +167,10 @@ def test_the_threads_server_waits_for_a_quiet_client_with_a_small_buffer() -> No
     deadline = time.monotonic() + 10
     while not (asked and asked[-1] == ("wait", RECV_SIZE)) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert ("ready", STREAM_RECV_SIZE) in asked  # it streamed with large receives...
+    streamed = ReceiveSize.streaming(28 + (256 << 10))
+    assert ("ready", streamed) in asked  # it streamed with large receives...
     assert asked[-1] == ("wait", RECV_SIZE)  # ...and waits for the quiet client with a small one
-    assert ("wait", STREAM_RECV_SIZE) not in asked
+    assert ("wait", streamed) not in asked
     client_sock.close()
     server.join(10)
     assert not server.is_alive()
