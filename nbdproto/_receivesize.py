@@ -23,6 +23,8 @@ the threads server with a receive that does not wait, falling back to a waiting 
 streamed big writes and went quiet costs the server no more than any other (200 such connections: 119 MiB of
 server RSS, 151 MiB when the threads server waited with the large buffer)."""
 
+_LONGEST_HEADER = 32  # an extended request header: a write of STREAM_RECV_SIZE bytes with one is still a receive
+
 
 class ReceiveSize:
     """The size of a server connection's next receive (``next``): RECV_SIZE, or while the client streams writes
@@ -41,7 +43,9 @@ class ReceiveSize:
     @staticmethod
     def streaming(write_size: int) -> int:
         """The size asked of receives while writes of ``write_size`` bytes on the wire (header and payload; 0:
-        not known yet) stream in: the whole number of them nearest STREAM_RECV_SIZE (at least one). A receive
+        not known yet) stream in: the whole number of them nearest STREAM_RECV_SIZE (at least one), so at most
+        a third more than it; STREAM_RECV_SIZE itself for writes bigger than that (they straddle receives
+        whatever their size, and a receive must not grow with what a client chooses to send). A receive
         that brings all it asked for then ends where a request ends, and the next one starts a receive instead
         of straddling two: a straddling write's payload needs a buffer of its own (allocated, zeroed, and
         filled with a copy of what arrived and a receive of the rest). With nbdcopy's 256 KiB writes and 1 MiB
@@ -49,7 +53,7 @@ class ReceiveSize:
         writes straddled; 345 with whole numbers of writes, where a receive brought less than it asked).
         Measured side by side, nbdcopy writing 1 GiB over 4 connections to the threads server, ten rounds each:
         server user CPU 126 ms per GiB against 173, all CPU 644 against 703 (medians)."""
-        if not write_size:
+        if not 0 < write_size <= STREAM_RECV_SIZE + _LONGEST_HEADER:
             return STREAM_RECV_SIZE
         return write_size * max(1, (STREAM_RECV_SIZE + write_size // 2) // write_size)
 
