@@ -13,15 +13,15 @@ and an munmap for every receive that brings less (measured one request at a time
 CPU per request of 64 KiB)."""
 
 STREAM_RECV_SIZE = 1 << 20
-"""Bytes asked of a receive while the client streams writes larger than RECV_SIZE (nbdcopy's 256 KiB, with
-dozens in flight): one receive then brings several whole writes, each handed to the device as a slice of what
-was received (no copy), instead of two receives and two turns of the server's loop for every write. Measured
-with nbdcopy writing 1 GiB over 4 connections to the threads server: half the server's user CPU per GiB (206-260
-ms with 64 KiB, 106-110 with 1 MiB; 4 MiB brought no more). A receive holds its buffer while it waits, so a
-driver asks for this much only where bytes are waiting (the anyio server receives once the socket is readable,
-the threads server with a receive that does not wait, falling back to a waiting one of RECV_SIZE): a client that
-streamed big writes and went quiet costs the server no more than any other (200 such connections: 119 MiB of
-server RSS, 151 MiB when the threads server waited with the large buffer)."""
+"""About the bytes asked of a receive while the client streams writes larger than RECV_SIZE (nbdcopy's 256 KiB, with
+dozens in flight; rounded to a whole number of them, see ``ReceiveSize.streaming``): one receive then brings several
+whole writes, each handed to the device as a slice of what was received (no copy), instead of two receives and two
+turns of the server's loop for every write. Measured with nbdcopy writing 1 GiB over 4 connections to the threads
+server: half the server's user CPU per GiB (206-260 ms with 64 KiB, 106-110 with 1 MiB; 4 MiB brought no more). A
+receive holds its buffer while it waits, so a driver asks for this much only where bytes are waiting (the anyio
+server receives once the socket is readable, the threads server with a receive that does not wait, falling back to a
+waiting one of RECV_SIZE): a client that streamed big writes and went quiet costs the server no more than any other
+(200 such connections: 119 MiB of server RSS, 151 MiB when the threads server waited with the large buffer)."""
 
 _LONGEST_HEADER = 32  # an extended request header: a write of STREAM_RECV_SIZE bytes with one is still a receive
 
