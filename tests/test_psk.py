@@ -410,6 +410,11 @@ def test_nbdproto_serve_tls_optional_with_keys(peers: Any, key_file: str) -> Non
     [
         (["--tls-psk", "KEYS"], "--tls-cert and --tls-psk need --tls require"),
         (["--tls", "require", "--tls-psk", "/no/keys.psk"], "--tls-psk: cannot read /no/keys.psk"),
+        (["--tls", "require", "--tls-psk", "no-keys.psk"], "--tls-psk: cannot read no-keys.psk"),
+        (
+            ["--tls", "require", "--tls-psk", "KEYS", "--tls-cert", "/no/c.pem", "--tls-ca", "/no/ca.pem"],
+            "cannot load the TLS certificate or key",
+        ),
         (["--tls", "require", "--tls-psk", "BAD"], "--tls-psk: BAD, line 1: expected IDENTITY:HEXKEY"),
         (["--tls", "require", "--tls-psk", "KEYS", "--tls-cert", "c.pem"], "--tls-cert with --tls-psk needs --tls-ca"),
     ],

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import nbdproto
 from nbdproto import BlockDevice, ExportSpec, ServerLimits
-from nbdproto.tls import PskFileError, PskUnavailableError, check_psk_support, read_psk_file, server_context
+from nbdproto.tls import PskFileError, PskUnavailableError, server_context
 from nbdproto_threads import Server as ThreadsServer
 
 from ._errors import UsageError, size_argument
@@ -79,24 +80,26 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
                          "or --tls-psk")  # fmt: skip
     if args.tls_verify_client and not args.tls_ca:
         raise UsageError("--tls-verify-client needs --tls-ca")
-    if args.tls_psk:
-        try:  # read here for a clear usage error; the context reads it again whenever it changes
-            check_psk_support()
-            read_psk_file(args.tls_psk)
-        except (PskUnavailableError, PskFileError) as exc:
-            raise UsageError(f"--tls-psk: {exc}") from None
-        except OSError as exc:
-            raise UsageError(f"--tls-psk: cannot read {args.tls_psk}: {exc.strerror or exc}") from None
-        if args.tls_cert and not args.tls_ca:
-            raise UsageError("--tls-cert with --tls-psk needs --tls-ca: clients that use no key must then present a "
-                             "certificate it signed, or they would be served unauthenticated")  # fmt: skip
+    if args.tls_psk and args.tls_cert and not args.tls_ca:
+        raise UsageError("--tls-cert with --tls-psk needs --tls-ca: clients that use no key must then present a "
+                         "certificate it signed, or they would be served unauthenticated")  # fmt: skip
     try:
         context = server_context(certfile=args.tls_cert, keyfile=args.tls_key, cafile=args.tls_ca,
                                  verify_client=args.tls_verify_client, psk=args.tls_psk)  # fmt: skip
-    except (OSError, ssl.SSLError) as exc:
+    except (PskUnavailableError, PskFileError) as exc:  # only keys raise these
+        raise UsageError(f"--tls-psk: {exc}") from None
+    except OSError as exc:  # ssl.SSLError too
+        if args.tls_psk and _names(exc.filename, args.tls_psk):
+            raise UsageError(f"--tls-psk: cannot read {args.tls_psk}: {exc.strerror or exc}") from None
         raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
     mode = nbdproto.TlsMode.FORCEDTLS if args.tls == "require" else nbdproto.TlsMode.SELECTIVETLS
     return context, mode
+
+
+def _names(filename: object, path: str) -> bool:
+    """Whether an OSError's ``filename`` is ``path`` (the key file, which server_context reads by its absolute
+    path): which of the files given could not be read."""
+    return isinstance(filename, str) and os.path.abspath(filename) == os.path.abspath(path)
 
 
 def server_limits(args: argparse.Namespace) -> ServerLimits:
