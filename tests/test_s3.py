@@ -219,7 +219,9 @@ def test_store_that_stalls_mid_request_gives_eio_in_bounded_time(
 ) -> None:
     key = new_key()
     with stall_proxy(s3_store.endpoint) as proxy:
-        settings = S3Settings(endpoint=proxy.endpoint, timeout=1.0, retries=1, retry_timeout=3.0)
+        # Long enough that a loaded machine's slow answer is not taken for a stall (1 s was, once, for both
+        # tries of the first write), short enough that a stalled call, its retry included, ends in about 4 s.
+        settings = S3Settings(endpoint=proxy.endpoint, timeout=2.0, retries=1, retry_timeout=3.0)
         with S3Device(s3_store.bucket, key, size=MIB, object_size=64 * KIB, settings=settings) as device:
             device.pwrite(b"a" * 100, 0)
             caplog.set_level(logging.WARNING, "nbdproto.devices.s3")
@@ -243,7 +245,7 @@ def test_write_back_with_a_stalled_store_fails_flush_and_full_cache_writes_then_
     again the next flush stores everything."""
     key = new_key()
     with stall_proxy(s3_store.endpoint) as proxy:
-        settings = S3Settings(endpoint=proxy.endpoint, timeout=1.0, retries=0, retry_timeout=2.0)
+        settings = S3Settings(endpoint=proxy.endpoint, timeout=2.0, retries=0, retry_timeout=3.0)
         with S3Device(
             s3_store.bucket, key, size=MIB, object_size=64 * KIB, write_back=256 * KIB, settings=settings
         ) as device:
