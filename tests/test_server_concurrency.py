@@ -27,12 +27,17 @@ CONCURRENT_BACKENDS = [("threads", 16), ("asyncio", 0), ("trio", 0)]
 
 
 class SlowDevice:
-    """A MemoryDevice whose reads of the first 64 KiB, and every write, take a while."""
+    """A MemoryDevice whose reads of the first 64 KiB, and every write, take a while. With ``overtaken_by``, a
+    slow read first waits (30 s at most) until that many other reads were carried out: on a busy machine a
+    fixed delay alone can end before the others had their turn."""
 
-    def __init__(self, size: int, read_delay: float = 0.3, write_delay: float = 0.0) -> None:
+    def __init__(self, size: int, read_delay: float = 0.3, write_delay: float = 0.0, overtaken_by: int = 0) -> None:
         self.inner = MemoryDevice(size)
         self.read_delay = read_delay
         self.write_delay = write_delay
+        self._overtaken_by = overtaken_by
+        self._fast_reads = 0
+        self._read = threading.Condition()
 
     @property
     def size(self) -> int:
@@ -44,8 +49,14 @@ class SlowDevice:
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         if offset < 65536:
-            time.sleep(self.read_delay)
+            with self._read:
+                self._read.wait_for(lambda: self._fast_reads >= self._overtaken_by, timeout=30)
+            time.sleep(self.read_delay)  # and then the others' replies have time to leave
         self.inner.pread_into(buffer, offset)
+        if offset >= 65536:
+            with self._read:
+                self._fast_reads += 1
+                self._read.notify_all()
 
     def pwrite(self, data: bytes, offset: int, fua: bool = False) -> None:
         time.sleep(self.write_delay)
@@ -67,7 +78,7 @@ def port_of(base: str) -> int:
 
 @pytest.mark.parametrize(("backend", "workers"), CONCURRENT_BACKENDS, ids=[b for b, _ in CONCURRENT_BACKENDS])
 def test_64_requests_in_flight_are_answered_out_of_order(backend: str, workers: int) -> None:
-    device = SlowDevice(16 * MIB)
+    device = SlowDevice(16 * MIB, overtaken_by=63)
     for i in range(64):
         device.inner.pwrite(bytes([i]) * 4096, i * 65536 * 2)
     with serve_exports(backend, {"d": Export(device)}, workers=workers) as base:
