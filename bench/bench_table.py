@@ -14,7 +14,9 @@ stopped. The tests: nbdcopy reads and writes of the whole export with --connecti
 one per thread, and its threads default to the cores: 2 connections on 2 cores) and fio
 (nbd engine) 4 KiB random reads at queue depth 1 and 16 and random writes at queue depth 16. Beside each
 figure: the server's own CPU per request (user + system of the server and every worker process, read from
-/proc before and after), and the ratio of both to nbdkit's. With several rounds, each cell is the median.
+/proc before and after), the client's (nbdcopy's or fio's, from getrusage), and the ratio of each to nbdkit's.
+Client and server share the cores, so a server that makes its client work harder is slower for it. With
+several rounds, each cell is the median.
 
 Needs nbdkit, qemu-nbd (qemu-utils), nbdcopy (libnbd-bin) and fio; a server whose tool is missing is left out
 and said so. The images are made at --dir (default /dev/shm/nbdproto-bench) if missing: 1 GiB of random data,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -146,15 +149,24 @@ def with_timeout_stop(proc: subprocess.Popen[bytes]) -> None:
         proc.stderr.close()
 
 
-def measure(test: Test, uri: str, pid: int, source: str, runtime: int) -> tuple[float, float]:
-    """The test's figure, and the server's CPU microseconds per request (for copies: per MiB)."""
-    before, started = tree_cpu(pid), time.monotonic()
+def client_cpu() -> float:
+    """CPU seconds of this process's finished children: the clients (nbdcopy, fio), each waited for before the
+    next is measured; the servers are still running while they are measured, so they are not in it."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(test: Test, uri: str, pid: int, source: str, runtime: int) -> tuple[float, float, float]:
+    """The test's figure, and the CPU microseconds per request (for copies: per MiB) of the server and of the
+    client (on a machine whose cores client and server share, the two together decide the throughput)."""
+    before, client_before, started = tree_cpu(pid), client_cpu(), time.monotonic()
     if test.name.startswith("nbdcopy"):
         ends = [uri, "null:"] if test.name.endswith("read") else [source, uri]
         subprocess.run(["nbdcopy", "--connections=4", *ends], check=True, capture_output=True, timeout=300)
         seconds = time.monotonic() - started
         figure = GIB / (1 << 20) / seconds
-        return figure, (tree_cpu(pid) - before) * 1e6 / (GIB >> 20)
+        per_mib = 1e6 / (GIB >> 20)
+        return figure, (tree_cpu(pid) - before) * per_mib, (client_cpu() - client_before) * per_mib
     rw, _, depth = test.name.split()
     done = subprocess.run(["fio", "--name=x", "--ioengine=nbd", f"--uri={uri}", "--size=1g", f"--runtime={runtime}",
                            "--time_based", f"--rw={rw}", "--bs=4k", f"--iodepth={depth[2:]}",
@@ -162,8 +174,8 @@ def measure(test: Test, uri: str, pid: int, source: str, runtime: int) -> tuple[
                           check=True, capture_output=True, text=True, timeout=runtime + 60)  # fmt: skip
     fields = next(line for line in done.stdout.splitlines() if line.count(";") > 8).split(";")
     figure = float(fields[7] if rw == "randread" else fields[48])
-    cpu = tree_cpu(pid) - before
-    return figure, cpu * 1e6 / max(1.0, figure * (time.monotonic() - started))
+    requests = max(1.0, figure * (time.monotonic() - started))
+    return figure, (tree_cpu(pid) - before) * 1e6 / requests, (client_cpu() - client_before) * 1e6 / requests
 
 
 def image(directory: str, name: str) -> str:
@@ -197,26 +209,30 @@ def main() -> int:
     chosen = [s for s in chosen if s.label not in missing]
     served, source = image(args.dir, "served.img"), image(args.dir, "source.img")
     tests = [t for t in TESTS if not args.tests or t.name.startswith(tuple(args.tests.split(",")))]
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for round_ in range(args.rounds):
         for server in chosen if round_ % 2 == 0 else chosen[::-1]:
             with running(server, served) as (proc, uri):
                 for test in tests:
-                    figure, cpu = measure(test, uri, proc.pid, source, args.runtime)
-                    results.setdefault((server.label, test.name), []).append((figure, cpu))
+                    figure, cpu, client = measure(test, uri, proc.pid, source, args.runtime)
+                    results.setdefault((server.label, test.name), []).append((figure, cpu, client))
+                    per = "MiB" if test.unit == "MiB/s" else "request"
                     print(f"round {round_ + 1}\t{server.label}\t{test.name}\t{figure:.0f} {test.unit}\t"
-                          f"{cpu:.1f} us CPU/{'MiB' if test.unit == 'MiB/s' else 'request'}",
+                          f"{cpu:.1f} us CPU/{per}\tclient {client:.1f} us CPU/{per}",
                           file=sys.stderr, flush=True)  # fmt: skip
     print_table(chosen, tests, results, args)
     return 0
 
 
 def print_table(
-    chosen: list[Server], tests: list[Test], results: dict[tuple[str, str], list[tuple[float, float]]], args: object
+    chosen: list[Server],
+    tests: list[Test],
+    results: dict[tuple[str, str], list[tuple[float, float, float]]],
+    args: object,
 ) -> None:
     def median(label: str, test: str, index: int) -> float | None:
         got = results.get((label, test))
-        return statistics.median(pair[index] for pair in got) if got else None
+        return statistics.median(figures[index] for figures in got) if got else None
 
     base = chosen[0].label if chosen and chosen[0].label == "nbdkit file" else None
     head = ["server", *(f"{t.name} ({t.unit})" for t in tests)]
@@ -224,22 +240,23 @@ def print_table(
     for server in chosen:
         row = [server.label]
         for test in tests:
-            figure, cpu = median(server.label, test.name, 0), median(server.label, test.name, 1)
-            if figure is None or cpu is None:
+            figure, cpu, client = (median(server.label, test.name, i) for i in range(3))
+            if figure is None or cpu is None or client is None:
                 row.append("-")
                 continue
             cell = f"{figure:.0f}"
-            ref, ref_cpu = (median(base, test.name, 0), median(base, test.name, 1)) if base else (None, None)
-            if ref and ref_cpu and server.label != base:
-                cell += f" ({figure / ref:.2f}x, cpu {cpu / ref_cpu:.2f}x)"
+            ref, ref_cpu, ref_client = (median(base, test.name, i) for i in range(3)) if base else (None,) * 3
+            if ref and ref_cpu and ref_client and server.label != base:
+                cell += f" ({figure / ref:.2f}x, cpu {cpu / ref_cpu:.2f}x, client {client / ref_client:.2f}x)"
             else:
-                cell += f" (cpu {cpu:.0f} us)"
+                cell += f" (cpu {cpu:.0f} us, client {client:.0f} us)"
             row.append(cell)
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     print()
-    print(f"medians of {getattr(args, 'rounds', 1)} round(s); ratios to nbdkit's file plugin: the figure, and the"
-          " server CPU per request (per MiB for copies; below 1 is cheaper)")  # fmt: skip
+    print(f"medians of {getattr(args, 'rounds', 1)} round(s); ratios to nbdkit's file plugin: the figure, the"
+          " server's CPU per request (per MiB for copies; below 1 is cheaper), and the client's (nbdcopy's or"
+          " fio's) against this server")  # fmt: skip
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
