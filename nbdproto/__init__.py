@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         DeviceCall,
         OnError,
         ReadView,
+        WriteView,
         carry_out,
         carry_out_all,
         device_calls,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         nbd_errno,
         read_view_of,
         reply_for,
+        write_view_of,
     )
     from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
     from ._limits import DEFAULT_LIMITS, ServerLimits
@@ -76,6 +78,7 @@ _LAZY = {
     "dispatch_of": "._device",
     "DeviceCall": "._dispatch",
     "ReadView": "._dispatch",
+    "WriteView": "._dispatch",
     "OnError": "._dispatch",
     "RequestBudget": "._budget",
     "MemoryBudget": "._budget",
@@ -111,6 +114,7 @@ _LAZY = {
     "nbd_errno": "._dispatch",
     "read_view_of": "._dispatch",
     "reply_for": "._dispatch",
+    "write_view_of": "._dispatch",
 }
 
 __all__ = [
@@ -144,6 +148,7 @@ __all__ = [
     "dispatch_of",
     "DeviceCall",
     "ReadView",
+    "WriteView",
     "OnError",
     "RequestBudget",
     "MemoryBudget",
@@ -186,6 +191,7 @@ __all__ = [
     "nbd_errno",
     "read_view_of",
     "reply_for",
+    "write_view_of",
     "step_past",
     "lazy_names",
     "NbdUri",

@@ -12,6 +12,9 @@ Optional extras, looked up with getattr so that a plain device needs none of the
 - ``dispatch``: how a server should call the device (``Dispatch``; "threads" when absent).
 - ``read_view(offset, length)``: the bytes as a zero-copy buffer (or None), which a server sends as the
   reply itself on plaintext connections (``nbdproto.ReadView``; FileDevice's are slices of its mapping).
+- ``write_view(offset, length)``: a writable view of the device's own storage for those bytes (or None), which
+  a server receives a write's payload straight into on plaintext connections, then answers the write with no
+  pwrite (FUA: a flush) (``nbdproto.WriteView``; FileDevice's on tmpfs and memfds are slices of its mapping).
 - ``fileno()``: lets a device without views have large plaintext reads sent with os.sendfile.
 - ``resize(size)``: NBD_CMD_RESIZE, for devices whose capabilities say ``can_resize``.
 - ``call_batch(calls)``: carry out a list of ``nbdproto.DeviceCall`` together and return one result per call

@@ -40,6 +40,7 @@ from ._events import (
     WriteRequest,
     WriteZeroesRequest,
 )
+from ._serverstate import WriteView
 
 __all__ = [
     "DeviceCall",
@@ -52,6 +53,8 @@ __all__ = [
     "carry_out_all",
     "ReadView",
     "read_view_of",
+    "WriteView",
+    "write_view_of",
 ]
 
 _FUA = CommandFlags.FUA
@@ -80,6 +83,8 @@ def device_calls(request: Request, meta_contexts: Mapping[int, str]) -> list[Dev
         return [DeviceCall("pread_into", (memoryview(bytearray(read.length)), read.offset))]
     if kind is WriteRequest:
         write: WriteRequest = request  # type: ignore[assignment]
+        if write.in_place:  # received into the device's storage: written already, FUA aside
+            return [DeviceCall("flush", ())] if write.flags & _FUA else []
         return [DeviceCall("pwrite", (write.data, write.offset, bool(write.flags & _FUA)))]
     if kind is FlushRequest:
         return [DeviceCall("flush", ())]
@@ -185,6 +190,11 @@ def read_view_of(device: Any) -> ReadView | None:
     return getattr(device, "read_view", None)
 
 
+def write_view_of(device: Any) -> WriteView | None:
+    """The device's ``write_view`` method (nbdproto.WriteView), if it has one."""
+    return getattr(device, "write_view", None)
+
+
 def carry_out(
     device: Any,
     request: Request,
@@ -212,7 +222,11 @@ def carry_out(
             return ReadData(read.cookie, read.offset, buffer)
         if type(request) is WriteRequest:
             write: WriteRequest = request
-            device.pwrite(write.data, write.offset, bool(int(write.flags) & _FUA_BIT))
+            fua = bool(int(write.flags) & _FUA_BIT)
+            if not write.in_place:
+                device.pwrite(write.data, write.offset, fua)
+            elif fua:
+                device.flush()
             return SuccessReply(write.cookie)
         calls = device_calls(request, meta_contexts)
         results = [getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]

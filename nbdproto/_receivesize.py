@@ -33,12 +33,23 @@ class ReceiveSize:
     than RECV_SIZE (it stopped). Small writes, however many, never start it: their payloads fit in what a
     receive brings."""
 
-    __slots__ = ("next", "_streaming", "_write_size")
+    __slots__ = ("next", "_streaming", "_write_size", "_header_size", "_header_received")
 
     def __init__(self) -> None:
         self.next = RECV_SIZE
         self._streaming = False
         self._write_size = 0
+        self._header_size = 0  # writes are received in place: a request header's size (0: they are not)
+        self._header_received = False  # in place: the last receive was the stream's, not a payload's
+
+    def in_place(self, header_size: int) -> None:
+        """Write payloads are received in place (ServerConnection.write_view) from now on, after request headers
+        of ``header_size`` bytes: while the client streams big writes, a receive of the stream asks for one
+        header, so that the payload after it is received straight into place instead of into the stream's
+        buffer (and copied from there). Streaming then starts with the payload of a write bigger than
+        RECV_SIZE, and ends with the payload of a smaller one, or when two receives of the stream come in a row
+        (the header was not a write's)."""
+        self._header_size = header_size
 
     @staticmethod
     def streaming(write_size: int) -> int:
@@ -60,11 +71,21 @@ class ReceiveSize:
     def received(self, count: int, into_payload: bool, write_size: int = 0) -> None:
         """A receive brought ``count`` bytes: into the own buffer of a write payload (the write's size on the
         wire, header and payload, as ``write_size`` when known), or as the stream's bytes."""
+        in_place = self._header_size
         if into_payload:
             if write_size:
                 self._write_size = write_size
-            if count >= RECV_SIZE:
+            if in_place:
+                self._streaming = self._write_size > RECV_SIZE
+            elif count >= RECV_SIZE:
                 self._streaming = True
+            self._header_received = False
+        elif in_place:
+            self._streaming = self._streaming and not self._header_received
+            self._header_received = self._streaming
         elif count < RECV_SIZE:
             self._streaming = False
-        self.next = self.streaming(self._write_size) if self._streaming else RECV_SIZE
+        if not self._streaming:
+            self.next = RECV_SIZE
+        else:
+            self.next = in_place or self.streaming(self._write_size)

@@ -50,8 +50,10 @@ class ServerConnection(ServerHandshake, ServerTransmission):
     ``structured_replies`` / ``extended_headers``: whether the server agrees to those options (turn them off to
     behave like an older server). ``stream_writes_over``: a WRITE with a larger payload that has not all
     arrived is handed over as it arrives (WriteRequest with ``more`` set, then WritePayload events), so a driver
-    need not buffer a whole large payload; None (the default) waits for every payload. The greeting is queued
-    at once: call ``data_to_send()`` before reading.
+    need not buffer a whole large payload; None (the default) waits for every payload. ``write_view`` (an
+    attribute the application may set, see WriteView): where a write's payload may be received in place, in the
+    device's own storage instead of a buffer (no copy from one to the other). The greeting is queued at once:
+    call ``data_to_send()`` before reading.
     """
 
     # --- The driver's interface --------------------------------------------------------------------------
@@ -84,6 +86,11 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         receive chunks is never joined or copied in Python; passing the bytes to ``receive_data`` is equally
         correct."""
         return self._payload_rest
+
+    @property
+    def request_header_size(self) -> int:
+        """The size of a request header in transmission: 28 bytes, 32 once extended headers are negotiated."""
+        return self._request_codec.size
 
     @property
     def arriving_write_size(self) -> int:

@@ -8,7 +8,7 @@ holds every attribute either half reads, so each attribute is declared and initi
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from . import _headers, _wire
 from ._constants import HandshakeFlags, Option
@@ -16,6 +16,13 @@ from ._errors import RemoteProtocolError
 from ._events import ConnectionClosed, Event, Export, ExportListing, Payload, Request, WriteRequest
 from ._receivebuffer import ReceiveBuffer
 from ._state import NEED_DATA, Phase, TlsMode
+
+WriteView = Callable[[int, int], "memoryview | None"]
+"""Where a write's payload may be received in place: ``(offset, length)`` -> a writable view of the device's own
+storage for exactly those bytes, or None (then the payload gets a buffer of its own and the device's pwrite).
+See ``ServerConnection.write_view``. The bytes land as they arrive: a client that goes away part-way through a
+payload leaves what it sent written, as a server that crashed part-way through a pwrite would (the spec
+promises nothing of a write that was not answered)."""
 
 __all__ = ["ServerState", "Progress"]
 
@@ -81,6 +88,9 @@ class ServerState:
         # and the part of the buffer still to fill (write_buffer / received_into, or receive_data).
         self._payload_event: WriteRequest | None = None
         self._payload_rest: memoryview | None = None
+        self.write_view: WriteView | None = None
+        """Set by the application (None: never): a checked WRITE whose payload has not started to arrive is
+        received straight into the view this gives (``write_buffer``), and handed over with ``in_place`` set."""
         self._request_codec = _headers.REQUEST
         self._out.append(
             _wire.encode(

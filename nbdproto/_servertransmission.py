@@ -126,10 +126,7 @@ class ServerTransmission(ServerState):
             ):
                 buf.skip(header_size)
                 if len(buf) < length:
-                    streams = self._stream_writes_over
-                    if streams is not None and length > streams:
-                        return self._stream_write(flags, cookie, offset, length)
-                    return self._fill_own_buffer(flags, cookie, offset, length)
+                    return self._arriving_write(flags, cookie, offset, length)
                 event = WriteRequest(cookie, offset, buf.take(length), _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
                 in_flight[cookie] = event
                 return event
@@ -152,10 +149,7 @@ class ServerTransmission(ServerState):
                         return self._closed_or_need_data()
                     if self._refused_write(header_size, flags, cookie, offset, payload):
                         continue  # the payload is being skipped
-                    streams = self._stream_writes_over
-                    if streams is not None and payload > streams:
-                        return self._stream_write(flags, cookie, offset, payload)
-                    return self._fill_own_buffer(flags, cookie, offset, payload)
+                    return self._arriving_write(flags, cookie, offset, payload)
             buf.skip(header_size)
             data = buf.take(payload) if payload else None
             context_ids = None
@@ -172,6 +166,19 @@ class ServerTransmission(ServerState):
                 self._reject(cookie, error[0], error[1], offset)
                 continue
             return self._request_event(command, flags & ~_PAYLOAD_LEN, cookie, offset, length, data, context_ids)
+
+    def _arriving_write(self, flags: int, cookie: int, offset: int, payload: int) -> Event | type[NEED_DATA]:
+        """A checked WRITE (its header taken) whose payload has not all arrived: received in place when none of
+        it has and the application gave a ``write_view`` for it, else streamed or into a buffer of its own."""
+        write_view = self.write_view
+        if write_view is not None and not len(self._buf):
+            view = write_view(offset, payload)
+            if view is not None:
+                return self._fill_own_buffer(flags, cookie, offset, payload, view)
+        streams = self._stream_writes_over
+        if streams is not None and payload > streams:
+            return self._stream_write(flags, cookie, offset, payload)
+        return self._fill_own_buffer(flags, cookie, offset, payload)
 
     def _stream_write(self, flags: int, cookie: int, offset: int, payload: int) -> Event:
         """A checked WRITE (its header taken) too large to wait for: its payload handed over in parts as it
@@ -197,18 +204,24 @@ class ServerTransmission(ServerState):
         self._reject(cookie, error[0], error[1], offset)
         return True
 
-    def _fill_own_buffer(self, flags: int, cookie: int, offset: int, payload: int) -> Event | type[NEED_DATA]:
+    def _fill_own_buffer(
+        self, flags: int, cookie: int, offset: int, payload: int, in_place: memoryview | None = None
+    ) -> Event | type[NEED_DATA]:
         """A checked WRITE (its header taken) whose payload has not all arrived: the payload gets a buffer of its
-        own, filled with what is here and then straight from the socket (write_buffer), so it is never joined
-        from receive chunks."""
+        own (or the device's storage, ``in_place``, where none of it has arrived), filled with what is here and
+        then straight from the socket (write_buffer), so it is never joined from receive chunks."""
         buf = self._buf
-        data = bytearray(payload)
+        data: bytearray | memoryview
+        if in_place is None:
+            data = bytearray(payload)
+            view = memoryview(data)
+        else:
+            data = view = in_place
         have = len(buf)
-        view = memoryview(data)
         if have:
             view[:have] = buf.take(have)
         self._payload_rest = view[have:]
-        event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
+        event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], in_place=in_place is not None)
         self._in_flight[cookie] = event
         self._payload_event = event
         return self._closed_or_need_data()

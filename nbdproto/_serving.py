@@ -26,7 +26,7 @@ from ._admission import ClientInfo, ClientRefused, certificate_subject
 from ._budget import MemoryShare
 from ._constants import CommandFlags, Errno
 from ._device import BlockDevice, Dispatch, dispatch_of
-from ._dispatch import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of
+from ._dispatch import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of, write_view_of
 from ._errors import LocalProtocolError
 from ._events import (
     BlockStatusRequest,
@@ -102,6 +102,12 @@ class BatchEnd(enum.Enum):
     NEED_DATA = "send what is queued, then receive more"
     PAUSED = "replies are owed first (NBD_CMD_DISC, or a request reusing a cookie in flight): let them finish"
     CLOSED = "the client is gone: let in-flight requests finish, flush the device, close"
+
+
+def _written_already(request: Work) -> bool:
+    """A write received in place (WriteRequest.in_place): its data is in the device already, so shutting down
+    answers it as carried out, not with ESHUTDOWN (which says it was not)."""
+    return type(request) is WriteRequest and request.in_place
 
 
 class ServerSessionLogic:
@@ -234,6 +240,16 @@ class ServerSessionLogic:
         """How the device wants to be called (nbdproto.Dispatch)."""
         return dispatch_of(self.device)
 
+    def write_in_place(self, *, kernel_receives: bool) -> None:
+        """Receive write payloads straight into the device's storage from now on, where it offers that (its
+        ``write_view``, nbdproto.WriteView) and only the kernel writes there: when the driver receives with
+        ``recv_into`` on a plaintext socket (``kernel_receives``). A file truncated under the server then fails
+        the receive with EFAULT, where user-space code (TLS) writing into its mapping would die of SIGBUS."""
+        write_view = write_view_of(self.device) if kernel_receives else None
+        if write_view is not None:
+            self.engine.write_view = write_view
+            self._receive_size.in_place(self.engine.request_header_size)
+
     def read_view(self, *, kernel_sends: bool) -> ReadView | None:
         """The device's zero-copy read views, where they may be used: only when the driver hands buffers to
         the kernel as they are (a plaintext socket's sendmsg). User-space code (TLS) must not read them: a file
@@ -304,6 +320,7 @@ class ServerSessionLogic:
         """The server is shutting down: work carried out from now on gets ESHUTDOWN, and waits for the client
         are cut short (``next_wait``)."""
         self.shutting_down = True
+        self.engine.write_view = None  # a write now refused must leave no trace: none is received in place
 
     def next_batch(self, batch: list[Work]) -> BatchEnd:
         """Move every request the received bytes hold into ``batch`` (in order), and say what ended it.
@@ -362,7 +379,7 @@ class ServerSessionLogic:
         for request in batch:
             kind = type(request)
             streamed = kind is WritePayload or (kind is WriteRequest and request.more)  # type: ignore[union-attr]
-            if self.shutting_down and not streamed:
+            if self.shutting_down and not streamed and not _written_already(request):
                 self.refuse_shutting_down(request)  # type: ignore[arg-type]
                 continue
             if kind is ReadRequest:
@@ -390,7 +407,7 @@ class ServerSessionLogic:
         for request in (*batch, None):
             kind = type(request)
             streamed = kind is WritePayload or (kind is WriteRequest and request.more)  # type: ignore[union-attr]
-            if request is not None and not streamed and not self.shutting_down:
+            if request is not None and not streamed and not (self.shutting_down and not _written_already(request)):
                 run.append(request)  # type: ignore[arg-type]
                 continue
             if run:
@@ -422,7 +439,7 @@ class ServerSessionLogic:
     def carry_out_one(self, request: Request, read_view: ReadView | None) -> Event:
         """Carry out one request (not part of a streamed write) and return its reply: for drivers that carry
         out requests concurrently, each in a thread or task of its own."""
-        if self.shutting_down:
+        if self.shutting_down and not _written_already(request):
             return ErrorReply(request.cookie, Errno.ESHUTDOWN, _SHUTTING_DOWN)
         return carry_out(self.device, request, self.engine.meta_contexts, self.on_device_error, read_view)
 

@@ -76,15 +76,18 @@ class WriteRequest(Event):
 
     Server role, with ``more`` set: the payload goes on beyond ``data`` and arrives in ``WritePayload`` events,
     the last one marked (a server that streams large writes, see ``ServerConnection(stream_writes_over=...)``);
-    the write may be answered only after the last part."""
+    the write may be answered only after the last part. With ``in_place`` set, the payload was received straight
+    into the device's own storage (``data`` is the view ``ServerConnection.write_view`` gave): it is written
+    already, and carrying it out is only FUA's flush."""
 
-    __slots__ = ("cookie", "offset", "data", "flags", "more")
+    __slots__ = ("cookie", "offset", "data", "flags", "more", "in_place")
 
     cookie: int
     offset: int
     data: bytes | bytearray | memoryview
     flags: CommandFlags
     more: bool
+    in_place: bool
 
     def __init__(
         self,
@@ -93,12 +96,14 @@ class WriteRequest(Event):
         data: bytes | bytearray | memoryview,
         flags: CommandFlags = NO_FLAGS,
         more: bool = False,
+        in_place: bool = False,
     ) -> None:
         self.cookie = cookie
         self.offset = offset
         self.data = data
         self.flags = flags
         self.more = more
+        self.in_place = in_place
 
 
 class WritePayload(Event):

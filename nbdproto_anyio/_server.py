@@ -132,6 +132,9 @@ class ServerSession:
             await self.negotiate(), str
         ):
             return
+        # Write payloads into the device's storage only where the kernel alone writes there (our raw socket's
+        # recv_into, not TLS).
+        self.logic.write_in_place(kernel_receives=isinstance(self.stream, RawSocketStream))
         try:
             dispatch = self.logic.dispatch()
             if dispatch == "threads":

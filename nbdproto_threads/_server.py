@@ -168,6 +168,7 @@ class ServerSession:
             return
         self._set_timeout(None)
         self._plain = type(self.stream.sock) is socket.socket
+        self.logic.write_in_place(kernel_receives=self._plain)
         timer = self.logic.shortest_wait
         self._timer = timer if timer is not None and self._plain and self.stream.arm_receive_timer(timer) else None
         try:

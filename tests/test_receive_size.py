@@ -38,6 +38,28 @@ def test_the_size_follows_the_last_receive_that_said_something(receives: list[tu
         assert size.next == (ReceiveSize.streaming(write_size) if streaming else RECV_SIZE)
 
 
+@given(st.sampled_from([28, 32]), _RECEIVES)
+def test_in_place_the_stream_asks_for_one_header_while_big_writes_stream_in(
+    header: int, receives: list[tuple[int, bool, int]]
+) -> None:
+    size = ReceiveSize()
+    size.in_place(header)
+    streaming = False  # the model: a big write's payload starts it; a small one's, or two stream receives, end it
+    stream_receives = 0  # receives of the stream since the last payload receive
+    write_size = 0
+    for count, into_payload, arriving in receives:
+        size.received(count, into_payload, arriving if into_payload else 0)
+        if into_payload:
+            write_size = arriving or write_size
+            streaming = write_size > RECV_SIZE
+            stream_receives = 0
+        else:
+            stream_receives += 1
+            if stream_receives >= 2:
+                streaming = False
+        assert size.next == (header if streaming else RECV_SIZE)
+
+
 @given(st.integers(1, 64 << 20))
 def test_streamed_receives_are_a_whole_number_of_writes_near_the_stream_size(write_size: int) -> None:
     asked = ReceiveSize.streaming(write_size)

@@ -19,9 +19,16 @@ at the first hole this device punches); a sparse one is read with pread_into. Ho
 process (another worker serving the same file) are not seen: reading them through views costs memory, never
 correctness.
 
-A view must only be read by the kernel (a plaintext socket's sendmsg): if the file is truncated by someone else
-while it is served, touching the vanished pages from user space is a SIGBUS that kills the process, while
-sendmsg merely fails with EFAULT and ends that one connection.
+Writes can skip a copy too, on tmpfs, ramfs and memfds: there the mapping is writable, and ``write_view()``
+hands out the slice a write's payload belongs in, for a server to receive it straight into (recv_into), where
+it would otherwise be received into a buffer and copied from there into the page cache by pwrite (measured:
+nbdcopy writing 1 GiB over 4 connections to the threads server, 410-590 ms of server CPU per GiB against
+nbdkit's 420-710 in runs side by side, where the server with pwrite used 600-700). On a file on disk every
+write through a mapping costs a page fault (again after each writeback), so there writes stay with pwrite.
+
+A view must only be read or written by the kernel (a plaintext socket's sendmsg and recv_into): if the file is
+truncated by someone else while it is served, touching the vanished pages from user space is a SIGBUS that
+kills the process, while the system call merely fails with EFAULT and ends that one connection.
 """
 
 from __future__ import annotations
@@ -61,15 +68,19 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _map(fd: int, size: int) -> mmap.mmap | None:
-    """The whole file mapped read-only, or None where it cannot be (an empty file, a file system without
-    mmap, no address space left)."""
+def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
+    """The whole file mapped shared (read-only unless ``writable``), or None where it cannot be (an empty
+    file, a file system without mmap, no address space left)."""
     if size == 0:
         return None
     try:
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
     except (OSError, ValueError, OverflowError):
         return None
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14
+_PAGE_MASK = ~(mmap.PAGESIZE - 1)
 
 
 _MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type, linux/magic.h)
@@ -110,8 +121,11 @@ class FileDevice:
         self.dispatch: Dispatch = "inline" if self.in_memory else "batch"
         # Reading a hole of a shared-memory file through the mapping would allocate it (module docstring).
         self._holes_cost_memory = self.in_memory and os.fstat(self._fd).st_blocks * 512 < self._size
-        self._mmap = _map(self._fd, self._size)
-        self._mapping = memoryview(self._mmap) if self._mmap is not None else None
+        # Writes are received in place only on tmpfs and ramfs (write_view), so only there is the mapping writable.
+        in_place = self.in_memory and not read_only
+        self._mmap = _map(self._fd, self._size, in_place)
+        self._mapping = memoryview(self._mmap).toreadonly() if self._mmap is not None else None
+        self._write_mapping = memoryview(self._mmap) if self._mmap is not None and in_place else None
         self._capabilities = DeviceCapabilities(
             can_write=not read_only,
             can_trim=True,
@@ -158,6 +172,29 @@ class FileDevice:
             return None
         if offset < 0 or length < 0 or offset + length > self._size:
             self._check(offset, length)
+        return mapping[offset : offset + length]
+
+    def write_view(self, offset: int, length: int) -> memoryview | None:
+        """The ``length`` bytes at ``offset`` as a writable view of the file's mapping, for a server to receive
+        a write's payload into (in place: no copy out of a receive buffer, no pwrite), or None where the write
+        goes through pwrite: a file on a disk (every write through a mapping would cost a page fault, and
+        another after each writeback), a read-only device, a range outside the file, or pages that cannot be
+        had (a full tmpfs: pwrite then says ENOSPC). The pages are faulted in first, in one system call
+        (MADV_POPULATE_READ), so that the receive does not fault them in one at a time: on tmpfs a shared
+        mapping is writable from the first fault (nothing tracks its dirty pages), and read faults map the
+        pages around them too. Measured with nbdcopy writing 1 GiB to a fresh threads server: 550-560 ms of
+        server CPU for the first copy, against 800-910 with MADV_POPULATE_WRITE (a fault per page) and
+        410-590 for the copies after it. Only the kernel may write into the view (module docstring)."""
+        mapping = self._write_mapping
+        if mapping is None or offset < 0 or length <= 0 or offset + length > self._size:
+            return None
+        start = offset & _PAGE_MASK
+        try:
+            self._mmap.madvise(_MADV_POPULATE_READ, start, offset + length - start)  # type: ignore[union-attr]
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # a kernel older than 5.14: never in place
+                self._write_mapping = None
+            return None
         return mapping[offset : offset + length]
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
@@ -256,7 +293,7 @@ class FileDevice:
         return out
 
     def close(self) -> None:
-        mapping, self._mapping, self._mmap = self._mmap, None, None
+        mapping, self._mapping, self._write_mapping, self._mmap = self._mmap, None, None, None
         if mapping is not None:
             # Views still queued for sending keep the mapping alive; it is unmapped when the last one goes.
             with contextlib.suppress(BufferError):

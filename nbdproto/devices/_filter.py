@@ -20,6 +20,8 @@ device stays read-only). The optional extras of ``nbdproto.BlockDevice``:
   ``pread_into``; a filter that changes, delays, fails or counts reads would be bypassed, so such a filter
   offers neither, or a ``read_view`` of its own that does what its ``pread_into`` does and then hands out the
   inner device's view (the error and stats filters: a read view saves a copy and a system call per read).
+- ``write_view``: the inner device's, but only while ``pwrite`` and ``flush`` pass straight through (a payload
+  received into the inner device's storage is written without ``pwrite``; FUA is then a ``flush``).
 - ``resize``: forwarded; servers call it only where the capabilities say ``can_resize``, which is the inner
   device's unless a filter says otherwise.
 - ``close``: closes the inner device (a filter with resources of its own releases them first).
@@ -80,18 +82,21 @@ class Filter:
     def _pass_through(self, *names: str) -> None:
         """Send the calls ``names`` straight to the inner device from now on (no code of this filter runs
         for them). Passing ``pread_into`` through also offers the inner device's ``read_view`` and
-        ``fileno``, which skip ``pread_into`` and are therefore safe exactly then."""
+        ``fileno``, which skip ``pread_into`` and are therefore safe exactly then; passing ``pwrite`` and
+        ``flush`` through offers its ``write_view``, which skips ``pwrite`` (and makes FUA a ``flush``)."""
         inner = self.inner
         for name in names:
             if name not in CALLS:
                 raise ValueError(f"{name!r} is not a call a filter passes through (one of {CALLS})")
             setattr(self, name, getattr(inner, name))
             self._passed.add(name)
-        if "pread_into" in names:
-            for extra in ("read_view", "fileno"):
-                method = getattr(inner, extra, None)
-                if method is not None:
-                    setattr(self, extra, method)
+        extras: tuple[str, ...] = ("read_view", "fileno") if "pread_into" in names else ()
+        if {"pwrite", "flush"} <= self._passed:
+            extras += ("write_view",)
+        for extra in extras:
+            method = getattr(inner, extra, None)
+            if method is not None:
+                setattr(self, extra, method)
 
     def passes_through(self, name: str) -> bool:
         """True when the call ``name`` goes straight to the inner device."""
