@@ -57,7 +57,7 @@ if TYPE_CHECKING:
         enter_connection,
     )
     from ._serverlog import ConnectionLog
-    from ._serving import FLUSH_AT, RECEIVE, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
+    from ._serving import FLUSH_AT, RECEIVE, RECEIVE_READY, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
 
 _LAZY = {
     "ClientCount": "._admission",
@@ -94,6 +94,7 @@ _LAZY = {
     "DEFAULT_LIMITS": "._limits",
     "FLUSH_AT": "._serving",
     "RECEIVE": "._serving",
+    "RECEIVE_READY": "._serving",
     "STREAM_WRITES_OVER": "._serving",
     "BatchEnd": "._serving",
     "ACCEPT_HOLD_BACK": "._servercore",
@@ -164,6 +165,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "FLUSH_AT",
     "RECEIVE",
+    "RECEIVE_READY",
     "STREAM_WRITES_OVER",
     "BatchEnd",
     "Exports",

@@ -51,6 +51,13 @@ class ReceiveSize:
         (the header was not a write's)."""
         self._header_size = header_size
 
+    @property
+    def streaming_in_place(self) -> bool:
+        """True while big writes stream in and are received in place (see ``in_place``): the next receive is
+        of a request header alone, and may be one with the rest of the payload before it
+        (ServerSessionLogic.in_place_buffers)."""
+        return self._streaming and bool(self._header_size)
+
     @staticmethod
     def streaming(write_size: int) -> int:
         """The size asked of receives while writes of ``write_size`` bytes on the wire (header and payload; 0:

@@ -61,6 +61,7 @@ __all__ = [
     "Work",
     "FLUSH_AT",
     "RECEIVE",
+    "RECEIVE_READY",
     "STREAM_WRITES_OVER",
 ]
 
@@ -74,6 +75,12 @@ of it: a client that sends 32 MiB minus one byte then stalls holds one received 
 
 RECEIVE = -1
 """A step of ``inline_transmission``: send what is queued, then receive the client's next bytes."""
+
+RECEIVE_READY = -2
+"""A step of ``inline_transmission`` while big writes stream in place: without sending and without waiting,
+receive what has arrived into ``in_place_buffers()``, and hand the count (None: nothing had) to
+``received_in_place``. Replies go out at the RECEIVE that follows when nothing had: a client streaming writes
+is answered a batch at a time, instead of one send a write, and no reply waits on a receive that waits."""
 
 _SHUTTING_DOWN = "the server is shutting down"
 _SHUTDOWN_DRAIN = 0.05  # seconds a shutting-down session waits for requests already on their way
@@ -143,6 +150,9 @@ class ServerSessionLogic:
         self._failed_writes: dict[int, BaseException] = {}  # streamed writes that failed part-way, by cookie
         self._streamed_flags: dict[int, CommandFlags] = {}  # streamed writes' flags, until their last part
         self._receive_size = ReceiveSize()
+        self._header_room = memoryview(bytearray(32))  # in_place_buffers: where the next request header lands
+        self._in_place_given = False  # the driver's next count is of a receive into in_place_buffers()
+        self._arrived = False  # RECEIVE_READY found bytes waiting
         self.outcome: str | ClientAborted | None = None
         """How the handshake ended: the chosen export's name, or ClientAborted (None while it goes on)."""
         self.spec: ExportSpec[Any] | None = None
@@ -292,7 +302,13 @@ class ServerSessionLogic:
 
     def received(self, got: bytes | int) -> None:
         """Hand the engine what the driver received: bytes (``receive_data``), or a count of bytes it received
-        straight into ``engine.write_buffer()`` (``received_into``). b"" or 0: the client closed."""
+        straight into ``engine.write_buffer()`` (``received_into``), or into ``in_place_buffers()`` when it
+        gave the driver's receive its buffers. b"" or 0: the client closed."""
+        if self._in_place_given:
+            if type(got) is int:
+                self._received_in_place(got)
+                return
+            self._in_place_given = False  # b"": the wait ran out (waited_too_long)
         if type(got) is int:
             engine = self.engine
             self._receive_size.received(got, True, engine.arriving_write_size)
@@ -300,6 +316,38 @@ class ServerSessionLogic:
         else:
             self.engine.receive_data(got)  # type: ignore[arg-type]
             self._receive_size.received(len(got), False)  # type: ignore[arg-type]
+
+    def in_place_buffers(self) -> list[memoryview] | None:
+        """While big writes stream in place (``write_in_place``): the buffers for the next receive, which
+        brings the rest of the arriving payload, into place, and the request header after it, with one
+        ``recvmsg_into`` (the header alone when no payload is arriving); the count goes to ``received`` (or,
+        at RECEIVE_READY, ``received_in_place``). None otherwise: receive as ``receive_size`` and
+        ``engine.write_buffer()`` say. Without it a write took two receives: its header's, and its payload's."""
+        if not self._receive_size.streaming_in_place:
+            self._in_place_given = False
+            return None
+        self._in_place_given = True
+        header = self._header_room[: self.engine.request_header_size]
+        target = self.engine.write_buffer()
+        return [header] if target is None else [target, header]
+
+    def received_in_place(self, count: int | None) -> None:
+        """What a RECEIVE_READY step brought into ``in_place_buffers()``: a count (0: the client closed), or
+        None when nothing had arrived."""
+        self._arrived = count is not None
+        if count is None:
+            self._in_place_given = False
+        else:
+            self.received(count)
+
+    def _received_in_place(self, count: int) -> None:
+        self._in_place_given = False
+        target = self.engine.write_buffer()
+        into_target = 0 if target is None else min(count, len(target))
+        if into_target or (count == 0 and target is not None):
+            self.received(into_target)
+        if count > into_target or (count == 0 and target is None):
+            self.received(bytes(self._header_room[: count - into_target]))
 
     @property
     def receive_size(self) -> int:
@@ -348,7 +396,8 @@ class ServerSessionLogic:
 
         Each value yielded means "send what is queued (then call ``sent()``)", and then: RECEIVE, receive the
         client's next bytes into the engine; a positive number, wait until the budget share grants that many
-        bytes (the work goes on with them). It returns once the connection is over: everything owed is sent.
+        bytes (the work goes on with them). RECEIVE_READY alone sends nothing (see there). It returns once the
+        connection is over: everything owed is sent.
         """
         batch: list[Work] = []
         while True:
@@ -358,6 +407,11 @@ class ServerSessionLogic:
             if end is BatchEnd.CLOSED:
                 yield 0
                 return
+            if end is BatchEnd.NEED_DATA and self._receive_size.streaming_in_place:
+                self._arrived = False
+                yield RECEIVE_READY
+                if self._arrived:
+                    continue
             # PAUSED (a request waiting for its cookie to come free, or DISC): the batch answered it all.
             yield RECEIVE if end is BatchEnd.NEED_DATA else 0
 

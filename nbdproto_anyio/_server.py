@@ -189,12 +189,18 @@ class ServerSession:
 
     async def _receive(self) -> bytes | int:
         """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait): the
-        rest of a write's payload straight into its own buffer where the stream allows it (a count)."""
+        rest of a write's payload straight into its own buffer where the stream allows it (a count), or with
+        the header after it into ``in_place_buffers()`` (a count)."""
         wait = self.logic.next_wait()
         target, stream = self.engine.write_buffer(), self.stream
         receiving: Awaitable[bytes | int]
         if isinstance(stream, RawSocketStream):
-            receiving = receive(stream, self.logic.receive_size) if target is None else stream.receive_into(target)
+            if (buffers := self.logic.in_place_buffers()) is not None:
+                receiving = stream.receive_into_buffers(buffers)
+            elif target is None:
+                receiving = receive(stream, self.logic.receive_size)
+            else:
+                receiving = stream.receive_into(target)
         else:
             receiving = receive(stream)  # another stream (TLS: a receive brings one record, 16 KiB at most)
         self._idle = self.logic.idle
@@ -225,12 +231,17 @@ class ServerSession:
         # Read a chunk, carry out every request in it (on the loop, or in one worker thread), send the replies.
         # Views only where the kernel alone reads them (our raw socket's sendmsg, not TLS) and they never wait
         # on a disk: a device called on the loop.
-        read_view = self.logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
-        steps = self.logic.inline_transmission(read_view)
+        logic = self.logic
+        read_view = logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
+        steps = logic.inline_transmission(read_view)
         while (step := next(steps, None) if inline else await _in_thread(steps)) is not None:
+            if step == nbdproto.RECEIVE_READY:
+                assert isinstance(self.stream, RawSocketStream)  # writes stream in place on raw sockets only
+                logic.received_in_place(await self.stream.receive_ready_into_buffers(logic.in_place_buffers() or []))
+                continue
             await self._send()
             if step == nbdproto.RECEIVE:
-                self.logic.received(await self._receive())
+                logic.received(await self._receive())
             else:
                 await self._share.take(step)
 

@@ -79,12 +79,31 @@ class RawSocketStream(anyio.abc.ByteStream):
         except anyio.BrokenResourceError:
             return 0
 
-    async def _recv(self, call: Any, arg: Any) -> Any:
+    async def receive_into_buffers(self, buffers: list[memoryview]) -> int:
+        """Receive into ``buffers`` in order, with one system call (recvmsg_into); the count, 0 once the peer
+        closed or broke the connection."""
+        got = await self.receive_ready_into_buffers(buffers, wait=True)
+        assert got is not None
+        return got
+
+    async def receive_ready_into_buffers(self, buffers: list[memoryview], *, wait: bool = False) -> int | None:
+        """``receive_into_buffers`` of bytes that have arrived already: None when none have."""
+        try:
+            return await self._recv(self._recvmsg_into, buffers, wait)  # type: ignore[no-any-return]
+        except anyio.BrokenResourceError:
+            return 0
+
+    def _recvmsg_into(self, buffers: list[memoryview]) -> int:
+        return self.sock.recvmsg_into(buffers)[0]
+
+    async def _recv(self, call: Any, arg: Any, wait: bool = True) -> Any:
         while True:
             try:
                 result = call(arg)
             except BlockingIOError:
                 self._unyielded = 0
+                if not wait:
+                    return None
                 await anyio.wait_readable(self.sock)
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise anyio.BrokenResourceError from exc

@@ -221,15 +221,17 @@ class ServerSession:
 
     def _receive(self) -> bytes | int:
         """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait): the
-        rest of a write's payload straight into its own buffer (a count), anything else as bytes. On a
-        plaintext socket the armed receive timer bounds each wait (see ``serve``), else a Python timeout."""
+        rest of a write's payload straight into its own buffer (a count), or with the header after it into
+        ``in_place_buffers()`` (a count), anything else as bytes. On a plaintext socket the armed receive timer
+        bounds each wait (see ``serve``), else a Python timeout."""
         logic, stream = self.logic, self.stream
         target = self.engine.write_buffer()
+        buffers = logic.in_place_buffers() if self._plain else None
         wait = logic.next_wait()
         timed = wait is not None and (self._timer is None or wait < self._timer)
         self._set_timeout(wait if timed else None)
         size = logic.receive_size if self._plain else nbdproto.RECV_SIZE
-        if self._poll and not timed and self._plain:
+        if self._poll and not timed and self._plain and buffers is None:
             got = stream.poll(self._poll, target, size)
             if got is not None:
                 return got
@@ -245,6 +247,8 @@ class ServerSession:
         try:
             while True:
                 try:
+                    if buffers is not None:
+                        return stream.recv_into_buffers(buffers)  # type: ignore[return-value]
                     return stream.recv(size) if target is None else stream.recv_into(target)
                 except BlockingIOError:  # the armed timer ran out: the limit may not have
                     if wait is not None and time.monotonic() - started >= wait - _TIMER_SLACK:
@@ -285,10 +289,14 @@ class ServerSession:
 
     def _inline_transmission(self) -> None:
         # Read a chunk, carry out every request in it, write every reply with one sendmsg.
-        for step in self.logic.inline_transmission(self._read_view()):
+        logic = self.logic
+        for step in logic.inline_transmission(self._read_view()):
+            if step == nbdproto.RECEIVE_READY:
+                logic.received_in_place(self.stream.recv_into_buffers(logic.in_place_buffers() or [], wait=False))
+                continue
             self._send()
             if step == nbdproto.RECEIVE:
-                self.logic.received(self._receive())
+                logic.received(self._receive())
             else:
                 self._share.take(step, self._stopping)
 

@@ -84,6 +84,18 @@ class SocketStream:
             return False
         return True
 
+    def recv_into_buffers(self, buffers: list[memoryview], *, wait: bool = True) -> int | None:
+        """Receive into ``buffers`` in order, with one system call (a plaintext socket only: recvmsg_into); 0
+        when the peer closed (a reset counts as closed). With ``wait=False``, None when nothing has arrived."""
+        try:
+            return self.sock.recvmsg_into(buffers, 0, 0 if wait else socket.MSG_DONTWAIT)[0]
+        except BlockingIOError:
+            if wait:
+                raise  # the armed receive timer ran out (arm_receive_timer)
+            return None
+        except ConnectionResetError:
+            return 0
+
     def recv_into(self, buffer: memoryview) -> int:
         """Receive into ``buffer``; 0 when the peer closed (a reset counts as closed)."""
         try:

@@ -398,3 +398,74 @@ def test_a_filter_offers_write_views_only_while_writes_and_flushes_pass_through(
             else:
                 assert offered is None, made  # a payload in place would skip the filter's pwrite
         assert getattr(Filter(inner), "write_view", None) is not None
+
+
+def _step(logic: nbdproto.ServerSessionLogic) -> None:
+    for step in logic.inline_transmission(None):
+        if step in (nbdproto.RECEIVE, nbdproto.RECEIVE_READY):
+            break
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_one_receive_brings_a_payload_in_place_and_the_header_after_it(shm_file: str, extended: bool) -> None:
+    header_size = 32 if extended else 28
+    flags = CommandFlags.PAYLOAD_LEN if extended else 0
+    with CountingFile(shm_file) as device:
+        logic = _in_place_session(device, extended=extended)
+        assert logic.in_place_buffers() is None  # nothing streams yet: receive as receive_size says
+        _feed(logic, _writes(1, 2, 256 << 10, extended=extended))
+        buffers = logic.in_place_buffers()  # streaming in place, between writes: a header alone
+        assert buffers is not None and [len(b) for b in buffers] == [header_size]
+        stream = b"".join(
+            request(Command.WRITE, cookie, cookie << 18, 256 << 10, flags, extended=extended)
+            + bytes([cookie]) * (256 << 10)
+            for cookie in (3, 4, 5)
+        )
+        # Receives as recvmsg_into fills them: a header, a payload and the next header, part of a payload, ...
+        cuts = [header_size, header_size + (256 << 10), 1000, 7, 300 << 10] * 4
+        pos = 0
+        for cut in cuts:
+            if pos == len(stream):
+                break
+            buffers = logic.in_place_buffers()
+            assert buffers is not None and len(buffers[-1]) == header_size
+            room = sum(len(b) for b in buffers)
+            count = min(cut, room, len(stream) - pos)
+            data, done = stream[pos : pos + count], 0
+            for buffer in buffers:
+                part = data[done : done + len(buffer)]
+                buffer[: len(part)] = part
+                done += len(part)
+            logic.received_in_place(count)
+            pos += count
+            _step(logic)
+        assert pos == len(stream)
+        assert device.pwrites == 1  # the first write of the stream only
+        for cookie in (3, 4, 5):
+            assert _content(shm_file, cookie << 18, 256 << 10) == bytes([cookie]) * (256 << 10)
+        logic.received_in_place(0)  # the client closed
+        assert logic.engine.next_event() == nbdproto.ConnectionClosed()
+
+
+def test_replies_wait_while_bytes_keep_coming_and_go_out_before_any_wait(shm_file: str) -> None:
+    with CountingFile(shm_file) as device:
+        logic = _in_place_session(device)
+        _feed(logic, _writes(1, 2, 256 << 10))  # streaming in place, the two replies queued or sent
+        logic.engine.data_to_send()
+        steps = logic.inline_transmission(None)
+        assert next(steps) == nbdproto.RECEIVE_READY
+        header = request(Command.WRITE, 3, 3 << 18, 256 << 10)
+        buffers = logic.in_place_buffers()
+        assert buffers is not None and len(buffers) == 1
+        buffers[0][:] = header
+        logic.received_in_place(len(header))  # bytes were waiting: no send, the next receive is tried first
+        assert next(steps) == nbdproto.RECEIVE_READY
+        buffers = logic.in_place_buffers()
+        assert buffers is not None and [len(b) for b in buffers] == [256 << 10, 28]
+        buffers[0][:] = b"\x03" * (256 << 10)
+        logic.received_in_place(256 << 10)
+        assert next(steps) == nbdproto.RECEIVE_READY  # write 3 carried out, its reply queued, not sent
+        logic.received_in_place(None)  # nothing waiting: send, then wait
+        assert next(steps) == nbdproto.RECEIVE
+        assert b"".join(logic.engine.data_to_send()) == _simple_reply(3)  # type: ignore[arg-type]
+        assert _content(shm_file, 3 << 18, 256 << 10) == b"\x03" * (256 << 10)
