@@ -2,9 +2,11 @@
 connections, and while 16 connections each have 64 writes of 32 MiB in flight (32 GiB asked for at once; the
 request budget, --memory-limit 512 MiB by default, must keep the server near its limit however much is asked).
 
-Each backend serves a 1 GiB file on tmpfs (its pages are the page cache's, not the server's), started as
-``nbdproto serve``; the clients are raw sockets in this process that pipeline their writes without reading a
-reply until all are sent. One line per figure: backend, what, MiB.
+Each backend serves a 1 GiB file on tmpfs, started as ``nbdproto serve``; the clients are raw sockets in this
+process that pipeline their writes without reading a reply until all are sent. The server receives writes
+straight into its mapping of the file (FileDevice.write_view), so VmRSS counts the file's pages it touched
+(RssShmem: the page cache's, shared, there before the server and after it); RssAnon is the server's own
+memory, the figure the budget bounds. One line per figure: backend, what, MiB (VmRSS, then RssAnon).
 
     python bench/bench_memory.py            BACKENDS="threads anyio" WRITES=64 python bench/bench_memory.py
 """
@@ -31,6 +33,10 @@ def _status(pid: int, field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     raise LookupError(field)
+
+
+def _memory(pid: int) -> str:
+    return f"{_status(pid, 'VmRSS'):.0f}\t{_status(pid, 'RssAnon'):.0f}"
 
 
 def _connect(port: int) -> socket.socket:
@@ -79,26 +85,28 @@ def measure(backend: str, writes: int) -> None:
         assert server.stdout is not None
         server.stdout.readline()  # "serving ..." once it listens
         time.sleep(0.5)
-        print(f"{backend}\tstarted\t{_status(server.pid, 'VmRSS'):.0f}", flush=True)
+        print(f"{backend}\tstarted\t{_memory(server.pid)}", flush=True)
         idle = [_connect(port) for _ in range(100)]
         time.sleep(0.5)
-        print(f"{backend}\t100 idle connections\t{_status(server.pid, 'VmRSS'):.0f}", flush=True)
+        print(f"{backend}\t100 idle connections\t{_memory(server.pid)}", flush=True)
         for sock in idle:
             sock.close()
         errors: list[BaseException] = []
         threads = [threading.Thread(target=_writer, args=(port, writes, i, errors)) for i in range(16)]
-        peak, started = 0.0, time.monotonic()
+        peak = peak_anon = 0.0
+        started = time.monotonic()
         for thread in threads:
             thread.start()
         while any(thread.is_alive() for thread in threads):
             peak = max(peak, _status(server.pid, "VmRSS"))
+            peak_anon = max(peak_anon, _status(server.pid, "RssAnon"))
             time.sleep(0.05)
         if errors:
             raise errors[0]
         gib = 16 * writes * WRITE_SIZE / (1 << 30)
         took = time.monotonic() - started
         print(f"{backend}\t16 connections x {writes} x 32 MiB writes ({gib:.0f} GiB in {took:.0f} s): peak RSS sampled"
-              f"\t{peak:.0f}", flush=True)  # fmt: skip
+              f"\t{peak:.0f}\t{peak_anon:.0f}", flush=True)  # fmt: skip
         print(f"{backend}\t... VmHWM (the kernel's peak)\t{_status(server.pid, 'VmHWM'):.0f}", flush=True)
     finally:
         server.terminate()
