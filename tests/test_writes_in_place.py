@@ -125,27 +125,57 @@ def test_shared_memory_exports_receive_in_place() -> None:
         view.release()
 
 
-class _FailingMap:
-    """Stands in for a mapping whose pages cannot be had."""
+class _Map:
+    """Stands in for a device's mapping: counts the pages faulted in (madvise), or fails as told."""
 
-    def __init__(self, code: int) -> None:
-        self.code = code
+    def __init__(self, real: Any, code: int = 0) -> None:
+        self.real, self.code, self.calls = real, code, []  # type: ignore[var-annotated]
 
-    def madvise(self, *args: int) -> None:
-        raise OSError(self.code, os.strerror(self.code))
+    def madvise(self, option: int, start: int, length: int) -> None:
+        if self.code:
+            raise OSError(self.code, os.strerror(self.code))
+        self.calls.append((start, length))
+        self.real.madvise(option, start, length)
+
+    def close(self) -> None:
+        self.real.close()
 
 
 def test_pages_that_cannot_be_had_leave_the_write_to_pwrite(shm_file: str) -> None:
     with FileDevice(shm_file) as device:
         real = device._mmap
-        device._mmap = _FailingMap(errno.EFAULT)  # type: ignore[assignment]  # a full tmpfs
+        device._mmap = _Map(real, errno.EFAULT)  # type: ignore[assignment]  # a full tmpfs
         assert device.write_view(0, 4096) is None
         device._mmap = real
         assert device.write_view(0, 4096) is not None  # room again: in place again
-        device._mmap = _FailingMap(errno.EINVAL)  # type: ignore[assignment]  # a kernel before 5.14
-        assert device.write_view(0, 4096) is None
+        device._mmap = _Map(real, errno.EINVAL)  # type: ignore[assignment]  # a kernel before 5.14
+        assert device.write_view(5 * MIB, 4096) is None
         device._mmap = real
-        assert device.write_view(0, 4096) is None  # never asked again
+        assert device.write_view(6 * MIB, 4096) is None  # never asked again
+
+
+def test_a_file_without_holes_is_faulted_in_a_mib_at_a_time_once(shm_file: str) -> None:
+    with FileDevice(shm_file) as device:
+        device._mmap = counted = _Map(device._mmap)  # type: ignore[assignment]
+        for offset in range(MIB // 2, 3 * MIB, 256 << 10):  # writes of 256 KiB over MiBs 0 to 2
+            view = device.write_view(offset, 256 << 10)
+            assert view is not None
+            view.release()
+        assert counted.calls == [(0, MIB), (MIB, MIB), (2 * MIB, MIB)]
+        assert device.write_view(16 * MIB - 100, 100) is not None and counted.calls[-1] == (15 * MIB, MIB)
+
+
+def test_a_sparse_file_is_faulted_in_write_by_write() -> None:
+    with tempfile.NamedTemporaryFile(dir=SHM, prefix="nbdproto-in-place-") as file:
+        file.truncate(4 * MIB)  # all hole: faulting in more than a write's pages would allocate them
+        with FileDevice(file.name) as device:
+            device._mmap = counted = _Map(device._mmap)  # type: ignore[assignment]
+            for _ in range(2):
+                view = device.write_view(4096 + 100, 8192)
+                assert view is not None
+                view.release()
+            assert counted.calls == [(4096, 8292)] * 2
+            assert os.fstat(file.fileno()).st_blocks * 512 <= 3 * 4096  # the pages written, no more
 
 
 # --- Carrying them out -------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
 
 _MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
+_MAPPED_SHIFT = 20  # write_view: a file without holes is faulted in a MiB at a time, each MiB once
 
 
 _MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type, linux/magic.h)
@@ -126,6 +127,8 @@ class FileDevice:
         self._mmap = _map(self._fd, self._size, in_place)
         self._mapping = memoryview(self._mmap).toreadonly() if self._mmap is not None else None
         self._write_mapping = memoryview(self._mmap) if self._mmap is not None and in_place else None
+        # write_view: which MiBs of the file this process has faulted in (while it has no holes), one byte each.
+        self._mapped = bytearray(((self._size - 1) >> _MAPPED_SHIFT) + 1 if self._write_mapping is not None else 0)
         self._capabilities = DeviceCapabilities(
             can_write=not read_only,
             can_trim=True,
@@ -184,17 +187,29 @@ class FileDevice:
         mapping is writable from the first fault (nothing tracks its dirty pages), and read faults map the
         pages around them too. Measured with nbdcopy writing 1 GiB to a fresh threads server: 550-560 ms of
         server CPU for the first copy, against 800-910 with MADV_POPULATE_WRITE (a fault per page) and
-        410-590 for the copies after it. Only the kernel may write into the view (module docstring)."""
+        410-590 for the copies after it. A file without holes is faulted in a MiB at a time, each MiB once
+        (then a write costs no system call of its own); pages another process takes away afterwards (a worker
+        punching a hole) are faulted in again by the receive itself, which on a full tmpfs fails it with
+        EFAULT and ends that connection. Only the kernel may write into the view (module docstring)."""
         mapping = self._write_mapping
         if mapping is None or offset < 0 or length <= 0 or offset + length > self._size:
             return None
-        start = offset & _PAGE_MASK
+        first, last = offset >> _MAPPED_SHIFT, (offset + length - 1) >> _MAPPED_SHIFT
+        whole = not self._holes_cost_memory
+        if not whole:  # fault in only these pages: faulting in a hole allocates it
+            start, end = offset & _PAGE_MASK, offset + length
+        elif self._mapped.find(0, first, last + 1) < 0:  # every page exists, and these are faulted in
+            return mapping[offset : offset + length]
+        else:  # fault in whole MiBs, each once (a system call for every write cost 38 ms of CPU a GiB)
+            start, end = first << _MAPPED_SHIFT, min((last + 1) << _MAPPED_SHIFT, self._size)
         try:
-            self._mmap.madvise(_MADV_POPULATE_READ, start, offset + length - start)  # type: ignore[union-attr]
+            self._mmap.madvise(_MADV_POPULATE_READ, start, end - start)  # type: ignore[union-attr]
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # a kernel older than 5.14: never in place
                 self._write_mapping = None
             return None
+        if whole:
+            self._mapped[first : last + 1] = bytes([1]) * (last + 1 - first)
         return mapping[offset : offset + length]
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
