@@ -235,9 +235,10 @@ class ServerSession:
         read_view = logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
         steps = logic.inline_transmission(read_view)
         while (step := next(steps, None) if inline else await _in_thread(steps)) is not None:
-            if step == nbdproto.RECEIVE_READY:
-                assert isinstance(self.stream, RawSocketStream)  # writes stream in place on raw sockets only
-                logic.received_in_place(await self.stream.receive_ready_into_buffers(logic.in_place_buffers() or []))
+            if step == nbdproto.RECEIVE_READY:  # writes stream in place on raw sockets only
+                stream, buffers = self.stream, logic.in_place_buffers()
+                assert isinstance(stream, RawSocketStream) and buffers is not None
+                logic.received_in_place(await stream.receive_ready_into_buffers(buffers))
                 continue
             await self._send()
             if step == nbdproto.RECEIVE:

@@ -292,7 +292,9 @@ class ServerSession:
         logic = self.logic
         for step in logic.inline_transmission(self._read_view()):
             if step == nbdproto.RECEIVE_READY:
-                logic.received_in_place(self.stream.recv_into_buffers(logic.in_place_buffers() or [], wait=False))
+                # Not on a socket with a Python timeout, whose every receive first waits for bytes to come.
+                buffers = logic.in_place_buffers() if self._timeout is None else None
+                logic.received_in_place(None if buffers is None else self.stream.recv_into_buffers(buffers, wait=False))
                 continue
             self._send()
             if step == nbdproto.RECEIVE:
