@@ -57,7 +57,16 @@ if TYPE_CHECKING:
         enter_connection,
     )
     from ._serverlog import ConnectionLog
-    from ._serving import FLUSH_AT, RECEIVE, RECEIVE_READY, STREAM_WRITES_OVER, BatchEnd, ServerSessionLogic, Work
+    from ._serving import (
+        FLUSH_AT,
+        READY_IN_A_ROW,
+        RECEIVE,
+        RECEIVE_READY,
+        STREAM_WRITES_OVER,
+        BatchEnd,
+        ServerSessionLogic,
+        Work,
+    )
 
 _LAZY = {
     "ClientCount": "._admission",
@@ -95,6 +104,7 @@ _LAZY = {
     "FLUSH_AT": "._serving",
     "RECEIVE": "._serving",
     "RECEIVE_READY": "._serving",
+    "READY_IN_A_ROW": "._serving",
     "STREAM_WRITES_OVER": "._serving",
     "BatchEnd": "._serving",
     "ACCEPT_HOLD_BACK": "._servercore",
@@ -166,6 +176,7 @@ __all__ = [
     "FLUSH_AT",
     "RECEIVE",
     "RECEIVE_READY",
+    "READY_IN_A_ROW",
     "STREAM_WRITES_OVER",
     "BatchEnd",
     "Exports",

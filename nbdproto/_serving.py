@@ -62,6 +62,7 @@ __all__ = [
     "FLUSH_AT",
     "RECEIVE",
     "RECEIVE_READY",
+    "READY_IN_A_ROW",
     "STREAM_WRITES_OVER",
 ]
 
@@ -79,8 +80,14 @@ RECEIVE = -1
 RECEIVE_READY = -2
 """A step of ``inline_transmission`` while big writes stream in place: without sending and without waiting,
 receive what has arrived into ``in_place_buffers()``, and hand the count (None: nothing had) to
-``received_in_place``. Replies go out at the RECEIVE that follows when nothing had: a client streaming writes
-is answered a batch at a time, instead of one send a write, and no reply waits on a receive that waits."""
+``received_in_place``. Replies go out at the RECEIVE that follows when nothing had, or after READY_IN_A_ROW
+receives that found bytes: a client streaming writes is answered a batch at a time, instead of one send a
+write, no reply waits on a receive that waits, and one that never stops sending still gets its replies."""
+
+READY_IN_A_ROW = 64
+"""RECEIVE_READY steps that found bytes after which the replies queued are sent anyway (each brings at most one
+write's payload and the next header, so at most this many writes' replies wait; nbdcopy keeps 64 requests in
+flight on a connection, so it stops to wait for them first)."""
 
 _SHUTTING_DOWN = "the server is shutting down"
 _SHUTDOWN_DRAIN = 0.05  # seconds a shutting-down session waits for requests already on their way
@@ -400,6 +407,7 @@ class ServerSessionLogic:
         connection is over: everything owed is sent.
         """
         batch: list[Work] = []
+        ready = 0  # RECEIVE_READY steps in a row that found bytes, since replies were last sent
         while True:
             end = self.next_batch(batch)
             yield from self.carry_out_inline(batch, read_view)
@@ -407,11 +415,13 @@ class ServerSessionLogic:
             if end is BatchEnd.CLOSED:
                 yield 0
                 return
-            if end is BatchEnd.NEED_DATA and self._receive_size.streaming_in_place:
+            if end is BatchEnd.NEED_DATA and self._receive_size.streaming_in_place and ready < READY_IN_A_ROW:
                 self._arrived = False
                 yield RECEIVE_READY
                 if self._arrived:
+                    ready += 1
                     continue
+            ready = 0
             # PAUSED (a request waiting for its cookie to come free, or DISC): the batch answered it all.
             yield RECEIVE if end is BatchEnd.NEED_DATA else 0
 

@@ -499,3 +499,39 @@ def test_replies_wait_while_bytes_keep_coming_and_go_out_before_any_wait(shm_fil
         assert next(steps) == nbdproto.RECEIVE
         assert b"".join(logic.engine.data_to_send()) == _simple_reply(3)  # type: ignore[arg-type]
         assert _content(shm_file, 3 << 18, 256 << 10) == b"\x03" * (256 << 10)
+
+
+def test_a_client_that_never_stops_sending_still_gets_its_replies(shm_file: str) -> None:
+    # Replies wait while bytes keep coming, but not for ever: a send at least every READY_IN_A_ROW receives.
+    with CountingFile(shm_file) as device:
+        logic = _in_place_session(device)
+        _feed(logic, _writes(1, 2, 256 << 10))
+        logic.engine.data_to_send()
+        stream = _writes(3, 150, 64 << 10)  # 150 writes of 64 KiB (over RECV_SIZE with their header): in place
+        pos, ready_in_a_row, longest, answered = 0, 0, 0, 0
+        steps = logic.inline_transmission(None)
+        for step in steps:
+            if step not in (nbdproto.RECEIVE_READY, nbdproto.RECEIVE):
+                continue
+            if step == nbdproto.RECEIVE:  # the driver sends what is queued first
+                answered += len(b"".join(logic.engine.data_to_send())) // 16  # type: ignore[arg-type]
+                ready_in_a_row = 0
+            if pos == len(stream):
+                break
+            buffers = logic.in_place_buffers()
+            assert buffers is not None
+            count = 0
+            for buffer in buffers:  # every receive finds bytes: the client never pauses
+                part = stream[pos + count : pos + count + len(buffer)]
+                buffer[: len(part)] = part
+                count += len(part)
+            pos += count
+            if step == nbdproto.RECEIVE_READY:
+                ready_in_a_row += 1
+                longest = max(longest, ready_in_a_row)
+                logic.received_in_place(count)
+            else:
+                logic.received(count)
+        assert longest == nbdproto.READY_IN_A_ROW
+        assert answered >= 150 - nbdproto.READY_IN_A_ROW  # every batch of replies went out on the way
+        assert _content(shm_file, 152 << 16, 64 << 10) == bytes([152]) * (64 << 10)
