@@ -535,3 +535,26 @@ def test_a_client_that_never_stops_sending_still_gets_its_replies(shm_file: str)
         assert longest == nbdproto.READY_IN_A_ROW
         assert answered >= 150 - nbdproto.READY_IN_A_ROW  # every batch of replies went out on the way
         assert _content(shm_file, 152 << 16, 64 << 10) == bytes([152]) * (64 << 10)
+
+
+def test_a_block_device_is_not_in_memory_though_its_node_is_on_a_tmpfs(tmp_path: Any) -> None:
+    # /dev is a devtmpfs, which statfs calls tmpfs: a disk behind a block device node was taken for memory
+    # (called inline on an event loop, and written through a mapping).
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MIB))
+    if shutil.which("losetup") is None:
+        pytest.skip("no losetup (util-linux) here")
+    made = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device here: {made.stderr.strip()}")
+    node = made.stdout.strip()
+    try:
+        with FileDevice(node) as device:
+            assert not device.in_memory and device.dispatch == "batch"
+            assert device.write_view(0, 4096) is None
+            device.pwrite(b"\x07" * 4096, 0)
+            buffer = bytearray(4096)
+            device.pread_into(memoryview(buffer), 0)
+            assert buffer == b"\x07" * 4096
+    finally:
+        subprocess.run(["losetup", "-d", node], check=True)

@@ -117,8 +117,9 @@ class FileDevice:
             os.close(self._fd)
             raise OSError(errno.EINVAL, f"{self.path} is neither a regular file nor a block device")
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
-        self.in_memory = _in_memory_filesystem(self._fd)
-        # tmpfs and ramfs: memory copies that never wait on a disk, so a server may call them inline.
+        # tmpfs and ramfs: memory copies that never wait on a disk, so a server may call them inline. Not a block
+        # device, whose node lives on devtmpfs (a tmpfs) whatever disk is behind it.
+        self.in_memory = not self._block_device and _in_memory_filesystem(self._fd)
         self.dispatch: Dispatch = "inline" if self.in_memory else "batch"
         # Reading a hole of a shared-memory file through the mapping would allocate it (module docstring).
         self._holes_cost_memory = self.in_memory and os.fstat(self._fd).st_blocks * 512 < self._size
