@@ -45,6 +45,19 @@ def poll(condition: Callable[[], bool], what: str, timeout: float = 15.0, interv
         time.sleep(interval)
 
 
+def listening(path: str) -> bool:
+    """True once a socket listens at the unix socket ``path``: its file appears at bind, a moment before listen,
+    and a connect between the two is refused. /proc/net/unix: Num RefCount Protocol Flags Type St Inode Path,
+    a listening socket's flags with __SO_ACCEPTCON (0x10000)."""
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def greeting(path: str) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
@@ -223,7 +236,7 @@ def test_oneshot_serves_one_client_refuses_another_then_exits(tmp_path: Any) -> 
     proc = subprocess.Popen([*SERVE, "--memory", "1M", "--socket", sock, "--oneshot", "-v"], env=PEER_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        poll(lambda: os.path.exists(sock), "listening", interval=0.01)
+        poll(lambda: listening(sock), "listening", interval=0.01)  # a probe would be the one client
         with nbdproto_threads.connect(f"nbd+unix:///?socket={sock}", timeout=10) as first:
             assert greeting(sock) == b""  # the second client: closed before the greeting
             first.pwrite(b"1" * 512, 0)
