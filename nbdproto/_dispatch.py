@@ -220,13 +220,9 @@ def carry_out(
             buffer = bytearray(read.length)
             device.pread_into(memoryview(buffer), read.offset)
             return ReadData(read.cookie, read.offset, buffer)
-        if type(request) is WriteRequest:
+        if type(request) is WriteRequest and not request.in_place:  # one received in place: device_calls
             write: WriteRequest = request
-            fua = bool(int(write.flags) & _FUA_BIT)
-            if not write.in_place:
-                device.pwrite(write.data, write.offset, fua)
-            elif fua:
-                device.flush()
+            device.pwrite(write.data, write.offset, bool(int(write.flags) & _FUA_BIT))
             return SuccessReply(write.cookie)
         calls = device_calls(request, meta_contexts)
         results = [getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]

@@ -313,7 +313,7 @@ class ServerSessionLogic:
         gave the driver's receive its buffers. b"" or 0: the client closed."""
         if self._in_place_given:
             if type(got) is int:
-                self._received_in_place(got)
+                self._split_in_place(got)
                 return
             self._in_place_given = False  # b"": the wait ran out (waited_too_long)
         if type(got) is int:
@@ -347,7 +347,9 @@ class ServerSessionLogic:
         else:
             self.received(count)
 
-    def _received_in_place(self, count: int) -> None:
+    def _split_in_place(self, count: int) -> None:
+        """Hand over a count received into ``in_place_buffers()``: the part in the payload's place, then the
+        header bytes after it."""
         self._in_place_given = False
         target = self.engine.write_buffer()
         into_target = 0 if target is None else min(count, len(target))
