@@ -20,7 +20,8 @@ import struct
 import time
 
 import nbdproto as n
-from nbdproto._server import ServerConnection
+import nbdproto.wire
+from nbdproto.engine._server import ServerConnection
 
 MIB = 1 << 20
 
@@ -30,11 +31,11 @@ def connected_server(mode: str) -> ServerConnection:
     server.data_to_send()
     opts = b""
     if mode == "structured":
-        opts += struct.pack(">QII", n.IHAVEOPT, n.Option.STRUCTURED_REPLY, 0)
+        opts += struct.pack(">QII", n.wire.IHAVEOPT, n.Option.STRUCTURED_REPLY, 0)
     elif mode == "extended":
-        opts += struct.pack(">QII", n.IHAVEOPT, n.Option.EXTENDED_HEADERS, 0)
+        opts += struct.pack(">QII", n.wire.IHAVEOPT, n.Option.EXTENDED_HEADERS, 0)
     go = struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0)
-    opts += struct.pack(">QII", n.IHAVEOPT, n.Option.GO, len(go)) + go
+    opts += struct.pack(">QII", n.wire.IHAVEOPT, n.Option.GO, len(go)) + go
     server.receive_data(struct.pack(">I", 3) + opts)
     while not isinstance(server.next_event(), n.ExportRequested):
         pass
@@ -46,7 +47,7 @@ def connected_server(mode: str) -> ServerConnection:
 
 def stream(batch: int, extended: bool) -> bytes:
     fmt = struct.Struct(">IHHQQQ" if extended else ">IHHQQI")
-    magic = n.EXTENDED_REQUEST_MAGIC if extended else n.REQUEST_MAGIC
+    magic = n.wire.EXTENDED_REQUEST_MAGIC if extended else n.wire.REQUEST_MAGIC
     return b"".join(fmt.pack(magic, 0, n.Command.READ, i, (i * 4096) % (1 << 30), 4096) for i in range(batch))
 
 
@@ -82,9 +83,9 @@ def run_raw(requests: int, batch: int) -> float:
         out = []
         for pos in range(0, len(data), 28):
             magic, _flags, command, cookie, offset, length = header.unpack_from(data, pos)
-            if magic != n.REQUEST_MAGIC or command != 0 or offset + length > 1 << 30:
+            if magic != n.wire.REQUEST_MAGIC or command != 0 or offset + length > 1 << 30:
                 raise ValueError
-            out.append(reply.pack(n.SIMPLE_REPLY_MAGIC, 0, cookie))
+            out.append(reply.pack(n.wire.SIMPLE_REPLY_MAGIC, 0, cookie))
             out.append(payload)
     return rounds * batch / (time.perf_counter() - start)
 

@@ -1,11 +1,12 @@
 """What a filter adds to a server's CPU time per request, measured in one process (no sockets, no client).
 
-Each round carries out the same 4 KiB reads at random offsets of a file on tmpfs with ``nbdproto.carry_out_all``,
-as both servers do for a device served inline: once on the device itself and once through each filter, in a
-shuffled order, so that every comparison is made side by side. Reads are answered with the device's read views
-where it offers them (plaintext connections), or with ``pread_into`` as over TLS (``--no-views``). The best of
-many short rounds is reported, in microseconds per request, with its ratio to the device alone: on a busy machine
-the best round is the one least disturbed, which this finds far more steadily than fio over loopback.
+Each round carries out the same 4 KiB reads at random offsets of a file on tmpfs with
+``nbdproto.serving.carry_out_all``, as both servers do for a device served inline: once on the device itself and
+once through each filter, in a shuffled order, so that every comparison is made side by side. Reads are answered
+with the device's read views where it offers them (plaintext connections), or with ``pread_into`` as over TLS
+(``--no-views``). The best of many short rounds is reported, in microseconds per request, with its ratio to the
+device alone: on a busy machine the best round is the one least disturbed, which this finds far more steadily than
+fio over loopback.
 
     python bench/bench_filters.py [--image /dev/shm/nb/ours.img] [--requests 20000] [--rounds 25] [--no-views]
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import nbdproto as n
+import nbdproto.serving
 from nbdproto.devices import DelayFilter, ErrorFilter, FileDevice, Filter, LogFilter, ReadOnlyFilter, StatsFilter
 
 
@@ -65,10 +67,10 @@ def main() -> None:
         rng.shuffle(names)  # no variant always runs first (after another's garbage) or last
         for name in names:
             served = VARIANTS[name](device)
-            view = None if args.no_views else n.read_view_of(served)
+            view = None if args.no_views else n.serving.read_view_of(served)
             start = time.perf_counter()
             for i in range(0, len(requests), 64):  # a batch per receive, as the servers take them
-                n.carry_out_all(served, requests[i : i + 64], contexts, None, view)
+                n.serving.carry_out_all(served, requests[i : i + 64], contexts, None, view)
             elapsed = (time.perf_counter() - start) / len(requests)
             best[name] = min(best.get(name, elapsed), elapsed)
     print(f"4 KiB reads, {'pread_into' if args.no_views else 'read views where offered'}, best of {args.rounds}")

@@ -1,6 +1,6 @@
 """Nanoseconds per parse and per build of each hot header: the derived codec, raw struct, and construct.
 
-The codecs in nbdproto._headers are derived from the construct definitions in nbdproto._wire; this shows they
+The codecs in nbdproto.wire.headers are derived from the construct definitions in nbdproto.wire.layout; this shows they
 cost what a hand-written struct.Struct costs (target: ratio <= 1.5), and what construct alone would cost.
 
     python bench/bench_headers.py [--number 200000]
@@ -12,8 +12,8 @@ import argparse
 import struct
 import timeit
 
-from nbdproto import _headers as h
-from nbdproto import _wire as w
+from nbdproto.wire import headers as h
+from nbdproto.wire import layout as w
 
 # The hand-written baseline: the layouts typed out again, as a server without the wire layer would.
 RAW = {

@@ -1,10 +1,10 @@
-"""The async NBD client on anyio: ``await connect(uri)``, then nbdproto.ClientRequests' methods, awaited.
+"""The async NBD client on anyio: ``await connect(uri)``, then nbdproto.client.ClientRequests' methods, awaited.
 
 Many tasks may use one client at once: their requests are in flight together. There is no background task:
 a task waiting for its reply takes the reader's lock and reads for everyone, handing each reply to the task
 it belongs to, until its own arrives (then the next waiter takes over). So a client needs no task group of
 its own, and cancelling a waiting task is safe: its reply is read and dropped when it comes. The handshake and
-the bookkeeping of requests are nbdproto.ClientSessionLogic's, shared with the threads client.
+the bookkeeping of requests are nbdproto.client.ClientSessionLogic's, shared with the threads client.
 
 Time limits are the caller's cancel scopes (``anyio.fail_after``), as anyio code expects, or ``timeout=``
 for symmetry with the threads client: it bounds the connect, the handshake and each request; a request that
@@ -24,7 +24,9 @@ import anyio.to_thread
 from anyio.streams.tls import TLSStream
 
 import nbdproto
-from nbdproto import Awaiting, ClientRequests, ClientSessionLogic, HandshakeStep
+import nbdproto.client
+from nbdproto.client import Awaiting, ClientRequests, ClientSessionLogic
+from nbdproto.engine import HandshakeStep
 from nbdproto.tls import connection_context
 
 from ._socket import RawSocketStream, close_stream, connect_socket, receive, send_pieces
@@ -170,7 +172,7 @@ class AsyncClient(ClientRequests[Awaiting]):
 
 
 async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> AsyncClient:
-    target, plan = nbdproto.plan_connection(uri, options, **asked)
+    target, plan = nbdproto.client.plan_connection(uri, options, **asked)
     given = connection_context(target, plan.tls, options.get("tls"), options.get("tls_psk"))
     if options.get("command") is None:
         client = await _handshake(target, plan, given, options.get("timeout"))
@@ -192,7 +194,7 @@ async def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked
 
 
 async def _handshake(
-    target: nbdproto.NbdUri, plan: nbdproto.ClientNegotiation, tls: ssl.SSLContext | None, timeout: float | None
+    target: nbdproto.NbdUri, plan: nbdproto.client.ClientNegotiation, tls: ssl.SSLContext | None, timeout: float | None
 ) -> AsyncClient:
     with anyio.fail_after(timeout):
         stream = await connect_socket(target.socket if target.unix else (target.host, target.port))

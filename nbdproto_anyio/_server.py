@@ -1,5 +1,5 @@
 """The async NBD server on anyio (asyncio or trio): an anyio byte stream's I/O loop around
-nbdproto.ServerSessionLogic, and a Server.
+nbdproto.serving.ServerSessionLogic, and a Server.
 
 - ``ServerSession``: one connection. ``await negotiate()`` returns the chosen export name or
   ``nbdproto.ClientAborted``; ``await serve(device)`` serves until the client disconnects; ``async with``
@@ -31,8 +31,11 @@ import anyio.to_thread
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 import nbdproto
+import nbdproto.serving
 import nbdproto.tls
-from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
+from nbdproto import WritePayload, WriteRequest
+from nbdproto.engine import HandshakeStep
+from nbdproto.serving import BatchEnd, Work
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, send_pieces
@@ -55,19 +58,19 @@ PEER_ERRORS: tuple[type[BaseException], ...] = (
 _STREAM_GONE = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 
 
-_NO_SETTINGS = nbdproto.SessionSettings()
+_NO_SETTINGS = nbdproto.serving.SessionSettings()
 
 
 class Room:
     """Where a server's tasks wait for its memory budget to have room: an event set (and renewed) whenever
     memory is given back."""
 
-    def __init__(self, budget: nbdproto.MemoryBudget) -> None:
+    def __init__(self, budget: nbdproto.serving.MemoryBudget) -> None:
         self.budget = budget
         self.freed = anyio.Event()
 
 
-class _Share(nbdproto.BudgetShare):
+class _Share(nbdproto.serving.BudgetShare):
     """A BudgetShare that wakes the tasks waiting in its Room when it gives memory back."""
 
     def __init__(self, room: Room) -> None:
@@ -93,16 +96,16 @@ class ServerSession:
     def __init__(
         self,
         stream: anyio.abc.ByteStream,
-        settings: nbdproto.SessionSettings = _NO_SETTINGS,
+        settings: nbdproto.serving.SessionSettings = _NO_SETTINGS,
         *,
         room: Room | None = None,
-        log: nbdproto.ConnectionLog | None = None,
+        log: nbdproto.serving.ConnectionLog | None = None,
         client: nbdproto.ClientInfo | None = None,
     ) -> None:
         self.stream: anyio.abc.ByteStream = stream
-        self._share = _Share(room or Room(nbdproto.MemoryBudget(settings.limits.memory_limit)))
+        self._share = _Share(room or Room(nbdproto.serving.MemoryBudget(settings.limits.memory_limit)))
         on_device_error = (log or _default_log()).device_failed
-        self.logic = nbdproto.ServerSessionLogic(
+        self.logic = nbdproto.serving.ServerSessionLogic(
             settings, share=self._share, on_device_error=on_device_error, client=client or _client_of(stream)
         )
         self.engine = self.logic.engine
@@ -235,13 +238,13 @@ class ServerSession:
         read_view = logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
         steps = logic.inline_transmission(read_view)
         while (step := next(steps, None) if inline else await _in_thread(steps)) is not None:
-            if step == nbdproto.RECEIVE_READY:  # writes stream in place on raw sockets only
+            if step == nbdproto.serving.RECEIVE_READY:  # writes stream in place on raw sockets only
                 stream, buffers = self.stream, logic.in_place_buffers()
                 assert isinstance(stream, RawSocketStream) and buffers is not None
                 logic.received_in_place(await stream.receive_ready_into_buffers(buffers))
                 continue
             await self._send()
-            if step == nbdproto.RECEIVE:
+            if step == nbdproto.serving.RECEIVE:
                 logic.received(await self._receive())
             else:
                 await self._share.take(step)
@@ -251,7 +254,7 @@ class ServerSession:
         # complete. The budgets stop the reader while too much is in flight.
         logic, share, engine = self.logic, self._share, self.engine
         limits = logic.settings.limits
-        budget = _RoomFor(nbdproto.RequestBudget(limits.max_requests, limits.memory_limit))
+        budget = _RoomFor(nbdproto.serving.RequestBudget(limits.max_requests, limits.memory_limit))
         self._shared_sending = True
         batch: list[Work] = []
         async with anyio.create_task_group() as tasks:
@@ -264,7 +267,7 @@ class ServerSession:
                         if reply is not None:
                             engine.send(reply)
                         continue
-                    cost = nbdproto.request_cost(request)
+                    cost = nbdproto.serving.request_cost(request)
                     await budget.wait_for_room()
                     await share.take(cost)
                     budget.add(cost)
@@ -300,7 +303,7 @@ async def _in_thread(steps: Iterator[int]) -> int | None:
 class _RoomFor:
     """RequestBudget with the waiting an event loop needs: the reader waits for room, the end for idle."""
 
-    def __init__(self, budget: nbdproto.RequestBudget) -> None:
+    def __init__(self, budget: nbdproto.serving.RequestBudget) -> None:
         self.budget = budget
         self._changed = anyio.Event()
 
@@ -321,8 +324,8 @@ class _RoomFor:
             await self._changed.wait()
 
 
-def _default_log() -> nbdproto.ConnectionLog:
-    return nbdproto.ConnectionLog(log, time.monotonic, PEER_ERRORS)
+def _default_log() -> nbdproto.serving.ConnectionLog:
+    return nbdproto.serving.ConnectionLog(log, time.monotonic, PEER_ERRORS)
 
 
 def _client_of(stream: anyio.abc.ByteStream) -> nbdproto.ClientInfo:
@@ -334,9 +337,9 @@ Listening = SocketAcceptor | anyio.abc.Listener[Any]
 """What ``Server.serve`` accepts connections from."""
 
 
-class Server(nbdproto.ServerCore):
+class Server(nbdproto.serving.ServerCore):
     """Serves exports to many clients at once, a task per connection, until ``shutdown()`` or cancellation.
-    Arguments as nbdproto.ServerCore says."""
+    Arguments as nbdproto.serving.ServerCore says."""
 
     logger = log
     peer_errors = PEER_ERRORS
@@ -351,7 +354,7 @@ class Server(nbdproto.ServerCore):
         makes the fast kind (a SocketAcceptor); any anyio Listener works too. Cancelling it ends every
         connection at once."""
         listeners = list(listener) if isinstance(listener, Sequence) else [listener]
-        self._room = Room(nbdproto.MemoryBudget(self.limits.memory_limit))
+        self._room = Room(nbdproto.serving.MemoryBudget(self.limits.memory_limit))
         stopped = self._stopped = anyio.Event()
         if self._stop_asked:  # shutdown() came first
             stopped.set()

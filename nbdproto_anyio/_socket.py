@@ -27,7 +27,9 @@ import anyio.lowlevel
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
-from nbdproto import RECV_SIZE, FileRegion, Payload, step_past
+from nbdproto import FileRegion, Payload
+from nbdproto.serving import RECV_SIZE
+from nbdproto.sockets import step_past
 
 __all__ = [
     "RawSocketStream",
@@ -247,7 +249,7 @@ async def close_stream(stream: anyio.abc.ByteStream, wait: float = 1.0) -> None:
 
 async def receive(stream: anyio.abc.ByteStream, size: int = RECV_SIZE) -> bytes:
     """The next bytes from ``stream``, or ``b""`` once the peer closed or the connection broke (what the
-    engines take as end of stream). Up to ``size`` bytes (nbdproto.RECV_SIZE: why that many)."""
+    engines take as end of stream). Up to ``size`` bytes (nbdproto.serving.RECV_SIZE: why that many)."""
     try:
         return await stream.receive(size)
     except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nbdproto import lazy_names
+from nbdproto.serving import lazy_names
 
 if TYPE_CHECKING:
     from ._client import (

@@ -1,12 +1,12 @@
 """The blocking NBD client: ``connect(uri)`` and a ``Client`` that many threads may use at once.
 
-The handshake follows nbdproto.ClientNegotiation (TLS first when asked, extended headers or structured
+The handshake follows nbdproto.client.ClientNegotiation (TLS first when asked, extended headers or structured
 replies, base:allocation, GO with block sizes, EXPORT_NAME for old servers), driven by the shared
-nbdproto.ClientSessionLogic; the request methods are nbdproto.ClientRequests'. In transmission any thread may
-call any method: requests from different threads are in flight together on the one connection, and a reader
-thread hands each reply to the thread waiting for it; a request that is slow to go out never holds the reader
-up (a server that sends its replies before it reads more would otherwise wait for us for ever). A server's
-error reply raises ``nbdproto.NBDError`` (an OSError carrying the NBD errno); a protocol violation raises
+nbdproto.client.ClientSessionLogic; the request methods are nbdproto.client.ClientRequests'. In transmission any
+thread may call any method: requests from different threads are in flight together on the one connection, and a
+reader thread hands each reply to the thread waiting for it; a request that is slow to go out never holds the reader
+up (a server that sends its replies before it reads more would otherwise wait for us for ever). A server's error
+reply raises ``nbdproto.NBDError`` (an OSError carrying the NBD errno); a protocol violation raises
 RemoteProtocolError and closes the connection.
 ``timeout`` bounds every wait: the connect, the handshake, and each request (a request that times out raises
 TimeoutError and closes the connection, whose state is then unknown).
@@ -23,7 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import nbdproto
-from nbdproto import Blocking, ClientRequests, ClientSessionLogic, HandshakeStep
+import nbdproto.client
+from nbdproto.client import Blocking, ClientRequests, ClientSessionLogic
+from nbdproto.engine import HandshakeStep
 from nbdproto.tls import connection_context
 
 from ._sharedtls import SharedTls
@@ -87,7 +89,7 @@ class Connection(NamedTuple):
 
 def negotiate_client(
     sock: socket.socket,
-    plan: nbdproto.ClientNegotiation,
+    plan: nbdproto.client.ClientNegotiation,
     *,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
@@ -335,7 +337,7 @@ def open_together(count: int, open_one: Callable[[], _Opened], close: Callable[[
 
 
 def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> Connection:
-    target, plan = nbdproto.plan_connection(uri, options, **asked)
+    target, plan = nbdproto.client.plan_connection(uri, options, **asked)
     given = connection_context(target, plan.tls, options.get("tls"), options.get("tls_psk"))
     if options.get("command") is None:
         sock = connect_socket(target, options.get("timeout", DEFAULT_TIMEOUT))
@@ -390,7 +392,7 @@ def inquire(
     list_meta_contexts: Sequence[str] | None = (),
     **options: Unpack[nbdproto.ConnectOptions],
 ) -> nbdproto.Inquiry:
-    """Ask a server about exports without selecting one (opt mode, nbdproto.ClientNegotiation): the URI's
+    """Ask a server about exports without selecting one (opt mode, nbdproto.client.ClientNegotiation): the URI's
     export, or every export it lists (``list_exports``); for each NBD_OPT_INFO (``info``) and the meta contexts
     ``list_meta_contexts`` asks for (its queries; empty for all; None for none)."""
     asked = {"list_exports": list_exports, "info": info, "list_meta_contexts": list_meta_contexts}

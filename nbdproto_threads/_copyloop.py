@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import nbdproto
-from nbdproto import NBDError, step_past
+from nbdproto import NBDError
+from nbdproto.sockets import step_past
 
 from ._client import Connection
 

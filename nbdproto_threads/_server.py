@@ -1,4 +1,4 @@
-"""The blocking NBD server: a connected socket's I/O loop around nbdproto.ServerSessionLogic, and a Server.
+"""The blocking NBD server: a connected socket's I/O loop around nbdproto.serving.ServerSessionLogic, and a Server.
 
 Two layers, as in the seed (OCaml's mirage ``nbd`` Server):
 
@@ -39,8 +39,11 @@ else:
     from typing_extensions import Unpack
 
 import nbdproto
+import nbdproto.serving
 import nbdproto.tls
-from nbdproto import BatchEnd, HandshakeStep, Work, WritePayload, WriteRequest
+from nbdproto import WritePayload, WriteRequest
+from nbdproto.engine import HandshakeStep
+from nbdproto.serving import BatchEnd, Work
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._sharedtls import SharedTls
@@ -64,7 +67,7 @@ accepting on it), so it waits with SO_RCVTIMEO and stays a blocking accept, whic
 connection to one waiter at a time, in turn."""
 _NO_WAKE = struct.pack("ll", 0, 0)
 
-_NO_SETTINGS = nbdproto.SessionSettings()
+_NO_SETTINGS = nbdproto.serving.SessionSettings()
 _TIMER_SLACK = 0.01
 """Seconds a receive timer may run out early by the clock we check it with (the kernel rounds it to ticks)."""
 
@@ -73,7 +76,7 @@ class LockedShare:
     """One connection's draw on the server's MemoryBudget for a server of many threads: every call is made under
     the server's budget lock (``room``), and ``take`` waits there until the budget has room."""
 
-    def __init__(self, budget: nbdproto.MemoryBudget, room: threading.Condition) -> None:
+    def __init__(self, budget: nbdproto.serving.MemoryBudget, room: threading.Condition) -> None:
         self._share = budget.share()
         self._room = room
 
@@ -103,7 +106,7 @@ class LockedShare:
 class ServerSession:
     """One client connection on the server side, over a connected blocking socket.
 
-    ``settings``: what the server tells each session (nbdproto.SessionSettings: the offer list, the export
+    ``settings``: what the server tells each session (nbdproto.serving.SessionSettings: the offer list, the export
     lookup, TLS, limits). ``workers``: threads carrying out requests for devices that may be slow (None:
     DEFAULT_WORKERS for devices whose dispatch is "threads", inline for the others; 0: always inline).
     ``poll``: seconds to spin, after sending replies, on receives that do not wait before sleeping until the
@@ -117,18 +120,20 @@ class ServerSession:
     def __init__(
         self,
         sock: socket.socket,
-        settings: nbdproto.SessionSettings = _NO_SETTINGS,
+        settings: nbdproto.serving.SessionSettings = _NO_SETTINGS,
         *,
         workers: int | None = None,
         poll: float = 0.0,
         share: LockedShare | None = None,
-        log: nbdproto.ConnectionLog | None = None,
+        log: nbdproto.serving.ConnectionLog | None = None,
         client: nbdproto.ClientInfo | None = None,
     ) -> None:
         self.stream = SocketStream(sock)
-        self._share = share or LockedShare(nbdproto.MemoryBudget(settings.limits.memory_limit), threading.Condition())
+        self._share = share or LockedShare(
+            nbdproto.serving.MemoryBudget(settings.limits.memory_limit), threading.Condition()
+        )
         on_device_error = (log or _default_log()).device_failed
-        self.logic = nbdproto.ServerSessionLogic(
+        self.logic = nbdproto.serving.ServerSessionLogic(
             settings, share=self._share, on_device_error=on_device_error, client=client or client_info(sock)
         )
         self.engine = self.logic.engine
@@ -230,18 +235,18 @@ class ServerSession:
         wait = logic.next_wait()
         timed = wait is not None and (self._timer is None or wait < self._timer)
         self._set_timeout(wait if timed else None)
-        size = logic.receive_size if self._plain else nbdproto.RECV_SIZE
+        size = logic.receive_size if self._plain else nbdproto.serving.RECV_SIZE
         if self._poll and not timed and self._plain and buffers is None:
             got = stream.poll(self._poll, target, size)
             if got is not None:
                 return got
-        if size > nbdproto.RECV_SIZE and target is None:
+        if size > nbdproto.serving.RECV_SIZE and target is None:
             # A receive that waits holds its buffer while it waits: the large one only for bytes already here
             # (a receive that does not wait), so that a connection gone quiet holds RECV_SIZE, whatever it sent.
             got = None if timed else stream.recv_ready(size)
             if got is not None:
                 return got
-            size = nbdproto.RECV_SIZE
+            size = nbdproto.serving.RECV_SIZE
         started = time.monotonic() if wait is not None else 0.0
         self._receiving = True
         try:
@@ -291,13 +296,13 @@ class ServerSession:
         # Read a chunk, carry out every request in it, write every reply with one sendmsg.
         logic = self.logic
         for step in logic.inline_transmission(self._read_view()):
-            if step == nbdproto.RECEIVE_READY:
+            if step == nbdproto.serving.RECEIVE_READY:
                 # Not on a socket with a Python timeout, whose every receive first waits for bytes to come.
                 buffers = logic.in_place_buffers() if self._timeout is None else None
                 logic.received_in_place(None if buffers is None else self.stream.recv_into_buffers(buffers, wait=False))
                 continue
             self._send()
-            if step == nbdproto.RECEIVE:
+            if step == nbdproto.serving.RECEIVE:
                 logic.received(self._receive())
             else:
                 self._share.take(step, self._stopping)
@@ -312,7 +317,7 @@ class ServerSession:
         logic, lock, read_view, share, engine = self.logic, self._lock, self._read_view(), self._share, self.engine
         workers = self._workers or DEFAULT_WORKERS
         limits = logic.settings.limits
-        budget = nbdproto.RequestBudget(max(workers, limits.max_requests), limits.memory_limit)
+        budget = nbdproto.serving.RequestBudget(max(workers, limits.max_requests), limits.memory_limit)
         room = threading.Condition(lock)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-request")
         tls = None if self._plain else SharedTls(self.stream.sock)  # type: ignore[arg-type]
@@ -358,7 +363,7 @@ class ServerSession:
                             if reply is not None:
                                 engine.send(reply)
                         continue
-                    cost = nbdproto.request_cost(request)
+                    cost = nbdproto.serving.request_cost(request)
                     with lock:
                         while budget.full:
                             room.wait()
@@ -389,7 +394,7 @@ class ServerSession:
         logic = self.logic
         self._receiving = True
         try:
-            got = tls.receive(self.engine.write_buffer(), nbdproto.RECV_SIZE, logic.next_wait())
+            got = tls.receive(self.engine.write_buffer(), nbdproto.serving.RECV_SIZE, logic.next_wait())
         finally:
             self._receiving = False
         return logic.waited_too_long() if got is None else got
@@ -413,7 +418,7 @@ def negotiate(
     or ``ClientAborted``. TLS is forced when ``tls`` is given. Then call ``session.serve(device)``.
     """
     offer = None if exports is None else list(exports)
-    session = ServerSession(sock, nbdproto.SessionSettings(offer, tls=tls))
+    session = ServerSession(sock, nbdproto.serving.SessionSettings(offer, tls=tls))
     try:
         return session, session.negotiate()
     except BaseException:
@@ -421,14 +426,14 @@ def negotiate(
         raise
 
 
-def _default_log() -> nbdproto.ConnectionLog:
-    return nbdproto.ConnectionLog(log, time.monotonic, PEER_ERRORS)
+def _default_log() -> nbdproto.serving.ConnectionLog:
+    return nbdproto.serving.ConnectionLog(log, time.monotonic, PEER_ERRORS)
 
 
-class Server(nbdproto.ServerCore):
+class Server(nbdproto.serving.ServerCore):
     """Serves exports to many clients at once: a thread per connection, until ``shutdown()``.
 
-    ``exports``, ``tls``, ``tls_mode``, ``list_exports``, ``limits``, ``policy``: as nbdproto.ServerCore says.
+    ``exports``, ``tls``, ``tls_mode``, ``list_exports``, ``limits``, ``policy``: as nbdproto.serving.ServerCore says.
     ``listen`` is a ``(host, port)`` pair, a unix socket path, an already bound and listening socket, or
     several such sockets (all served alike: those socket activation passed, say); ``workers`` and ``poll``
     as for ServerSession. ``shared_sockets``: other processes accept on the same listening sockets (forked
@@ -442,19 +447,19 @@ class Server(nbdproto.ServerCore):
 
     def __init__(
         self,
-        exports: Mapping[str, nbdproto.BlockDevice | nbdproto.ExportSpec[Any]] | nbdproto.Resolver,
+        exports: Mapping[str, nbdproto.BlockDevice | nbdproto.ExportSpec[Any]] | nbdproto.serving.Resolver,
         listen: tuple[str, int] | str | socket.socket | Sequence[socket.socket] = ("127.0.0.1", nbdproto.DEFAULT_PORT),
         *,
         workers: int | None = None,
         poll: float = 0.0,
         shared_sockets: bool = False,
-        **options: Unpack[nbdproto.ServerOptions],
+        **options: Unpack[nbdproto.serving.ServerOptions],
     ) -> None:
         super().__init__(exports, **options)
         self._shared = shared_sockets
         self._workers = workers
         self._poll = poll
-        self._memory = nbdproto.MemoryBudget(self.limits.memory_limit)
+        self._memory = nbdproto.serving.MemoryBudget(self.limits.memory_limit)
         self._room = threading.Condition()  # the memory budget's lock, where sessions wait for room
         if isinstance(listen, socket.socket):
             self.sockets = [listen]

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from nbdproto import RECV_SIZE
+from nbdproto.serving import RECV_SIZE
 
 __all__ = ["SharedTls"]
 

@@ -16,7 +16,9 @@ import struct
 import time
 from collections.abc import Sequence
 
-from nbdproto import RECV_SIZE, FileRegion, Payload, step_past
+from nbdproto import FileRegion, Payload
+from nbdproto.serving import RECV_SIZE
+from nbdproto.sockets import step_past
 
 __all__ = ["SocketStream"]
 
@@ -33,7 +35,7 @@ class SocketStream:
         self.sock = sock
 
     def recv(self, size: int = RECV_SIZE) -> bytes:
-        """Up to ``size`` bytes (nbdproto.RECV_SIZE: why that many); ``b""`` when the peer closed (a
+        """Up to ``size`` bytes (nbdproto.serving.RECV_SIZE: why that many); ``b""`` when the peer closed (a
         reset counts as closed)."""
         try:
             return self.sock.recv(size)

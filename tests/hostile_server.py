@@ -3,8 +3,8 @@
 The server speaks fixed newstyle and answers whatever options a client sends (STARTTLS refused, extended
 headers only when the case says, structured replies, SET_META_CONTEXT, GO/INFO, EXPORT_NAME), then answers the
 client's READ and BLOCK_STATUS requests; every other command gets a plain success. Each Case overrides one
-part of that with a lie or a broken message, built with the engine's own encoders (``nbdproto._headers``,
-``nbdproto._wire``): a bad NBD_INFO_BLOCK_SIZE, a meta context nobody asked for, a hole of 4 GiB, a chunk of
+part of that with a lie or a broken message, built with the engine's own encoders (``nbdproto.wire.headers``,
+``nbdproto.wire.layout``): a bad NBD_INFO_BLOCK_SIZE, a meta context nobody asked for, a hole of 4 GiB, a chunk of
 2 Mi descriptors, 65,536 one-byte chunks, and so on.
 
 Every client under test (tests/test_hostile_servers.py) does the same two things, which are also what
@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from nbdproto import _headers as h
-from nbdproto import _wire as w
-from nbdproto._constants import (
+from nbdproto.wire import headers as h
+from nbdproto.wire import layout as w
+from nbdproto.wire._constants import (
     BASE_ALLOCATION,
     ChunkType,
     Command,

@@ -10,10 +10,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbdproto import _headers as h
-from nbdproto import _wire as w
-from nbdproto._constants import ChunkType, ClientFlags, Command, Option, OptionReplyType
-from nbdproto._server import ServerConnection
+from nbdproto.engine._server import ServerConnection
+from nbdproto.wire import headers as h
+from nbdproto.wire import layout as w
+from nbdproto.wire._constants import ChunkType, ClientFlags, Command, Option, OptionReplyType
 
 
 def option(code: int, data: bytes = b"") -> bytes:

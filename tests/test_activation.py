@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 import nbdproto as n
+import nbdproto.client
 import nbdproto_anyio
 import nbdproto_threads
 from nbdproto.cli import main
@@ -230,7 +231,7 @@ def test_both_clients_list_the_exports_of_a_started_nbdproto_serve() -> None:
 
 
 def test_plan_connection_takes_a_command_for_a_unix_socket_filled_in_later() -> None:
-    target, plan = n.plan_connection(None, {"command": ["nbdkit", "memory", "1M"], "export_name": "x"})
+    target, plan = n.client.plan_connection(None, {"command": ["nbdkit", "memory", "1M"], "export_name": "x"})
     assert target.unix and target.socket == "" and target.export_name == "x" and plan.export_name == "x"
     with ActivatedServer(["true"]) as server:
         assert server.target(target) == n.NbdUri("x", False, True, socket=server.socket_path)

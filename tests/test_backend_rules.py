@@ -19,10 +19,11 @@ import anyio
 import pytest
 
 import nbdproto as n
+import nbdproto.serving
 import nbdproto_anyio
 import nbdproto_threads
-from nbdproto._dispatch import carry_out
 from nbdproto.devices import FileDevice, MemoryDevice
+from nbdproto.serving._carry_out import carry_out
 from nbdproto_anyio._socket import connect_socket
 from tests.recording_proxy import RecordingProxy
 from tests.serving import BACKENDS, Export, serve_exports
@@ -283,11 +284,11 @@ def test_devices_advertise_only_what_they_do(shm_file: str) -> None:
     # RESIZE is never advertised; a device that says can_resize gets it, writable exports only.
     TF = n.TransmissionFlags
     for device in (MemoryDevice(MIB), FileDevice(shm_file)):
-        flags = n.export_for("d", device.size, device.capabilities, read_only=False).flags
+        flags = n.serving.export_for("d", device.size, device.capabilities, read_only=False).flags
         assert not flags & TF.SEND_RESIZE and flags & TF.SEND_WRITE_ZEROES and flags & TF.SEND_FAST_ZERO
         device.close()
     resizable = n.DeviceCapabilities(can_resize=True, can_fast_zero=True)
-    assert n.export_for("d", MIB, resizable, read_only=False).flags & TF.SEND_RESIZE
-    flags = n.export_for("d", MIB, resizable).flags
+    assert n.serving.export_for("d", MIB, resizable, read_only=False).flags & TF.SEND_RESIZE
+    flags = n.serving.export_for("d", MIB, resizable).flags
     assert not flags & (TF.SEND_RESIZE | TF.SEND_FAST_ZERO | TF.SEND_WRITE_ZEROES)
-    assert not n.export_for("d", MIB, resizable, read_only=False).flags & TF.SEND_FAST_ZERO  # no can_zero
+    assert not n.serving.export_for("d", MIB, resizable, read_only=False).flags & TF.SEND_FAST_ZERO  # no can_zero

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import nbdproto as n
-from nbdproto import _wire as w
+import nbdproto.wire
 from nbdproto.devices import FileDevice, MemoryDevice
+from nbdproto.wire import layout as w
 from tests.nbdbytes import client_flags, info_payload, option, request
 from tests.serving import BACKENDS, Export, serve_exports
 
@@ -54,7 +55,7 @@ class RawClient:
 
     def option_reply(self) -> tuple[int, int, bytes]:
         magic, opt, reply_type, length = struct.unpack(">QIII", self.recv_exactly(20))
-        assert magic == n.OPTION_REPLY_MAGIC
+        assert magic == n.wire.OPTION_REPLY_MAGIC
         return opt, reply_type, self.recv_exactly(length)
 
     def go(self, name: str) -> None:
@@ -68,7 +69,7 @@ class RawClient:
 
     def simple_reply(self, cookie: int, data_length: int = 0) -> tuple[int, bytes]:
         magic, error, got = struct.unpack(">IIQ", self.recv_exactly(16))
-        assert magic == n.SIMPLE_REPLY_MAGIC and got == cookie
+        assert magic == n.wire.SIMPLE_REPLY_MAGIC and got == cookie
         return error, self.recv_exactly(data_length) if error == 0 else b""
 
     def closed_by_server(self) -> bool:
@@ -157,7 +158,7 @@ def unknown_option_then_go_on(address: tuple[str, int]) -> None:
 
 def oversized_option(address: tuple[str, int]) -> None:
     c = RawClient(address)
-    c.sock.sendall(client_flags() + struct.pack(">QII", n.IHAVEOPT, n.Option.GO, 0xFFFFFFFF) + os.urandom(65536))
+    c.sock.sendall(client_flags() + struct.pack(">QII", n.wire.IHAVEOPT, n.Option.GO, 0xFFFFFFFF) + os.urandom(65536))
     assert c.option_reply()[1] == n.OptionReplyType.ERR_TOO_BIG
     c.close()  # it never sends the other 4 GiB: the server must not wait on them forever, nor buffer them
 

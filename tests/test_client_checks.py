@@ -13,9 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto import _headers as h
-from nbdproto import _wire as w
-from nbdproto._clientchecks import (
+import nbdproto.wire
+from nbdproto.engine._client_checks import (
     EXTENTS_KEPT,
     ReadCoverage,
     check_block_sizes,
@@ -23,7 +22,9 @@ from nbdproto._clientchecks import (
     descriptor_count,
     parse_block_status,
 )
-from nbdproto._constants import ChunkType
+from nbdproto.wire import headers as h
+from nbdproto.wire import layout as w
+from nbdproto.wire._constants import ChunkType
 from tests.hostile_server import option_reply
 from tests.test_pair import Pair, chunk, data_chunk
 
@@ -103,7 +104,7 @@ def test_export_sizes_past_2_63_are_refused_in_every_form(size: int) -> None:
     with pytest.raises(n.RemoteProtocolError, match="export size"):
         export_name.next_event()
     oldstyle = n.ClientConnection()
-    oldstyle.receive_data(struct.pack(">QQQI", n.NBDMAGIC, n.CLISERV_MAGIC, size, 1) + bytes(124))
+    oldstyle.receive_data(struct.pack(">QQQI", n.wire.NBDMAGIC, n.wire.CLISERV_MAGIC, size, 1) + bytes(124))
     with pytest.raises(n.RemoteProtocolError, match="export size"):
         oldstyle.next_event()
 

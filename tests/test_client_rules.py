@@ -11,9 +11,9 @@ from collections.abc import Callable
 import pytest
 
 import nbdproto as n
-from nbdproto import _headers as h
-from nbdproto import _wire as w
-from nbdproto._negotiation import ClientNegotiation, NegotiationError
+from nbdproto.client._negotiation import ClientNegotiation, NegotiationError
+from nbdproto.wire import headers as h
+from nbdproto.wire import layout as w
 from tests.test_pair import Pair
 
 OPT, R, TF, F = n.Option, n.OptionReplyType, n.TransmissionFlags, n.CommandFlags

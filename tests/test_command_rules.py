@@ -1,4 +1,4 @@
-"""The per-command table (nbdproto._commands): one statement of each command's rules, read by the server's full
+"""The per-command table (nbdproto.engine._commands): one statement of each command's rules, read by the server's full
 check, its fast paths for READ and WRITE, and the client's check. These tests prove the three agree."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto._commands import COMMANDS, RULE_OF
-from nbdproto._server import ServerConnection
+from nbdproto.engine._commands import COMMANDS, RULE_OF
+from nbdproto.engine._server import ServerConnection
 from tests.nbdbytes import request
 from tests.test_server import export, handshake, joined
 

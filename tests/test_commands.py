@@ -9,7 +9,8 @@ import struct
 import pytest
 
 import nbdproto as n
-from nbdproto._dispatch import device_calls, reply_for
+import nbdproto.wire
+from nbdproto.serving._carry_out import device_calls, reply_for
 from tests.nbdbytes import joined, replies, request
 from tests.test_server import RW_FLAGS, events, export, handshake, new_server
 
@@ -106,8 +107,8 @@ def test_a_simple_error_reply_carries_no_data() -> None:
     s.send(n.ReadData(2, 512, b"x" * 512))
     out = joined(s)
     assert len(out) == 16 + 16 + 512
-    assert struct.unpack(">IIQ", out[:16]) == (n.SIMPLE_REPLY_MAGIC, n.Errno.EIO, 1)
-    assert struct.unpack(">IIQ", out[16:32]) == (n.SIMPLE_REPLY_MAGIC, 0, 2)
+    assert struct.unpack(">IIQ", out[:16]) == (n.wire.SIMPLE_REPLY_MAGIC, n.Errno.EIO, 1)
+    assert struct.unpack(">IIQ", out[16:32]) == (n.wire.SIMPLE_REPLY_MAGIC, 0, 2)
 
 
 @pytest.mark.parametrize("mode", ["structured", "extended"])

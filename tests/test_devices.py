@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
+import nbdproto.serving
 from nbdproto.devices import FileDevice, MemoryDevice, SharedMemoryDevice
 from tests.threaded import run_threads
 
@@ -211,10 +212,10 @@ def test_read_only_devices_refuse_writes(tmp_path: Any) -> None:
 
 def test_capabilities_become_transmission_flags() -> None:
     caps = MemoryDevice(SIZE).capabilities
-    writable = n.export_for("d", SIZE, caps, read_only=False).flags
+    writable = n.serving.export_for("d", SIZE, caps, read_only=False).flags
     assert writable & n.TransmissionFlags.SEND_TRIM and writable & n.TransmissionFlags.SEND_FAST_ZERO
     assert not writable & n.TransmissionFlags.READ_ONLY
-    read_only = n.export_for("d", SIZE, caps).flags  # read-only is the default
+    read_only = n.serving.export_for("d", SIZE, caps).flags  # read-only is the default
     assert read_only & n.TransmissionFlags.READ_ONLY
     assert not read_only & (n.TransmissionFlags.SEND_TRIM | n.TransmissionFlags.SEND_FUA)
     with pytest.raises(ValueError, match="power of two"):

@@ -1,4 +1,4 @@
-"""The shared request -> device call -> reply mapping (nbdproto._dispatch)."""
+"""The shared request -> device call -> reply mapping (nbdproto.serving._carry_out)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import errno
 import pytest
 
 import nbdproto as n
-from nbdproto._dispatch import DeviceCall, carry_out, device_calls, error_reply_for, nbd_errno, read_view_of, reply_for
+from nbdproto.serving._carry_out import (
+    DeviceCall,
+    carry_out,
+    device_calls,
+    error_reply_for,
+    nbd_errno,
+    read_view_of,
+    reply_for,
+)
 
 F = n.CommandFlags
 CONTEXTS = {1: n.BASE_ALLOCATION, 2: "example:odd"}
@@ -98,7 +106,7 @@ def test_other_exceptions_are_eio() -> None:
 
 
 def test_budget_counts_the_memory_a_request_pins() -> None:
-    from nbdproto import RequestBudget
+    from nbdproto.serving import RequestBudget
 
     chunk = bytes(1 << 20)
     write = n.WriteRequest(1, 0, memoryview(chunk)[28 : 28 + 4096])

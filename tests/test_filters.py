@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import nbdproto as n
-from nbdproto import enter_connection
+import nbdproto.serving
 from nbdproto.devices import (
     BlockSizeFilter,
     CowFilter,
@@ -30,6 +30,7 @@ from nbdproto.devices import (
     StatsFilter,
 )
 from nbdproto.devices._stats import _bucket, _bucket_middle
+from nbdproto.serving import enter_connection
 from tests.filtertools import NoWrites, operations, run_against_model
 from tests.threaded import run_threads
 
@@ -156,7 +157,7 @@ def test_the_readonly_filter_refuses_every_write_and_changes_nothing() -> None:
     for call in calls:
         with pytest.raises(OSError) as info:
             call()
-        assert info.value.errno == errno.EROFS and n.nbd_errno(info.value) == n.Errno.EPERM
+        assert info.value.errno == errno.EROFS and n.serving.nbd_errno(info.value) == n.Errno.EPERM
     buffer = memoryview(bytearray(4))
     device.pread_into(buffer, 0)
     assert bytes(buffer) == b"keep"
@@ -209,17 +210,19 @@ def test_reads_from_views_fail_and_count_like_any_other(tmp_path: Any) -> None:
     trigger = tmp_path / "fail"
     stats = StatsFilter(ErrorFilter(inner, error=errno.EIO, trigger=trigger))
     read = n.ReadRequest(1, 4096, 512)
-    reply = n.carry_out(stats, read, {}, None, n.read_view_of(stats))  # as a server answers on plaintext
+    reply = n.serving.carry_out(
+        stats, read, {}, None, n.serving.read_view_of(stats)
+    )  # as a server answers on plaintext
     assert isinstance(reply, n.ReadData) and bytes(reply.data) == b"v" * 512
     assert isinstance(reply.data, memoryview) and reply.data.obj is not None  # a view, not a copy
     trigger.touch()
-    failed = n.carry_out(stats, read, {}, None, n.read_view_of(stats))
+    failed = n.serving.carry_out(stats, read, {}, None, n.serving.read_view_of(stats))
     assert isinstance(failed, n.ErrorReply) and failed.error == n.Errno.EIO
     assert (stats.snapshot()["read"].count, stats.snapshot()["read"].errors) == (2, 1)
     # A device without views: nothing is counted by the view, and pread_into counts the read once.
     plain = StatsFilter(ErrorFilter(MemoryDevice(SIZE), rate=0))
-    assert n.read_view_of(plain) is not None and plain.read_view(0, 10) is None
-    reply = n.carry_out(plain, read, {}, None, n.read_view_of(plain))
+    assert n.serving.read_view_of(plain) is not None and plain.read_view(0, 10) is None
+    reply = n.serving.carry_out(plain, read, {}, None, n.serving.read_view_of(plain))
     assert isinstance(reply, n.ReadData) and plain.snapshot()["read"].count == 1
     inner.close()
 

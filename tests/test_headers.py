@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdproto import _headers as h
-from nbdproto import _wire as w
+from nbdproto.wire import headers as h
+from nbdproto.wire import layout as w
 
 CODECS = [
     h.REQUEST,

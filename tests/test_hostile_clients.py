@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 import nbdproto as n
+import nbdproto.wire
 from tests.nbdbytes import client_flags, option, request
 from tests.test_bad_input import GoodClient, RawClient
 
@@ -260,7 +261,7 @@ BAD_CLIENTS = {
     "bad request magic": lambda c: c.sock.sendall(b"\x00" * 28),
     "oversized payload": lambda c: c.sock.sendall(request(n.Command.WRITE, 1, 0, 1 << 31)),
     "reset while replying": lambda c: (c.sock.sendall(request(n.Command.READ, 1, 0, 32 * MIB)), _reset(c.sock)),
-    "bad flags": lambda c: c.sock.sendall(struct.pack(">IHHQQI", n.REQUEST_MAGIC, 0xFF, 0, 1, 0, 0)),
+    "bad flags": lambda c: c.sock.sendall(struct.pack(">IHHQQI", n.wire.REQUEST_MAGIC, 0xFF, 0, 1, 0, 0)),
 }
 
 
@@ -333,7 +334,7 @@ def test_sigterm_during_pipelined_reads_cuts_no_reply_short(server: str) -> None
                 assert "after 0 of 16" in str(exc), f"a reply header was cut short: {exc}"
                 break
             magic, error, cookie = struct.unpack(">IIQ", header)
-            assert magic == n.SIMPLE_REPLY_MAGIC
+            assert magic == n.wire.SIMPLE_REPLY_MAGIC
             if error == 0:
                 assert client.recv_exactly(MIB) == bytes(MIB)  # never cut short
             else:

@@ -25,10 +25,11 @@ import anyio
 import pytest
 
 import nbdproto as n
+import nbdproto.wire
 import nbdproto_anyio as na
 import nbdproto_threads as nt
-from nbdproto._constants import ChunkType, InfoType
 from nbdproto.cli import main
+from nbdproto.wire._constants import ChunkType, InfoType
 from tests.hostile_server import CONTENT, REP, SIZE, TF, Case, Close, Request, Wire, option_reply, serve_case
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,13 +120,13 @@ CASES = [
     _handshake("INFO/GO without NBD_INFO_EXPORT", r"NBD_INFO_EXPORT", go_replies=go_answer((REP.ACK, b""))),
     _handshake("33 MiB of information replies", r"exceeds 32 MiB", go_replies=huge_info),
     _handshake("TLS demanded", r"requires TLS", go_replies=go_answer((REP.ERR_TLS_REQD, b""))),
-    _handshake("greeting magic", r"NBDMAGIC", greeting=struct.pack(">QQH", 0x4E42444D41474944, n.IHAVEOPT, 3)),
+    _handshake("greeting magic", r"NBDMAGIC", greeting=struct.pack(">QQH", 0x4E42444D41474944, n.wire.IHAVEOPT, 3)),
     _handshake("option reply for another option", r"option reply for option 99",
                go_replies=lambda option: option_reply(99, REP.ACK)),
     _handshake("option reply magic", r"option reply magic",
                go_replies=lambda option: struct.pack(">QIII", 0x3E889045565A8, option, REP.ACK, 0)),
     _handshake("option reply length of 4 GiB", r"option reply length 4294967295",
-               go_replies=lambda option: struct.pack(">QIII", n.OPTION_REPLY_MAGIC, option, REP.INFO, 0xFFFFFFFF)),
+               go_replies=lambda option: struct.pack(">QIII", n.wire.OPTION_REPLY_MAGIC, option, REP.INFO, 0xFFFFFFFF)),
     _handshake("closes in the middle of GO", r"closed the connection",
                go_replies=lambda option: Close(go_answer((REP.INFO, EXPORT_INFO))(option)[:30])),
     # Meta contexts (item 8)

@@ -66,10 +66,8 @@ def test_the_client_commands_start_without_servers_or_event_loops() -> None:
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split())
     unwanted = {"anyio", "asyncio", "trio", "logging", "concurrent.futures", "ctypes"} | {
-        "nbdproto._server",
-        "nbdproto._serverhandshake",
-        "nbdproto._servertransmission",
-        "nbdproto._dispatch",
+        "nbdproto.serving._carry_out",
+        "nbdproto.serving._session",
         "nbdproto_threads._server",
         "nbdproto.devices._file",
         "nbdproto.cli._serve",

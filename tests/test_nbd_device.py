@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import nbdproto
+import nbdproto.serving
 from nbdproto.devices import NbdDevice
 from tests.remotes import CLI, cli, free_port, nbdkit, qemu_nbd, serving_on_socket
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
@@ -362,7 +363,7 @@ def test_carry_out_all_hands_the_whole_batch_to_call_batch() -> None:
         nbdproto.WriteRequest(2, 0, b"x"),
         nbdproto.FlushRequest(3),
     ]
-    replies = nbdproto.carry_out_all(Batching(), requests, {})
+    replies = nbdproto.serving.carry_out_all(Batching(), requests, {})
     assert calls_seen == [["pread_into", "pwrite", "flush"]]
     assert [type(r).__name__ for r in replies] == ["ReadData", "ErrorReply", "SuccessReply"]
     assert replies[1].error == nbdproto.Errno.ENOSPC  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 import nbdproto as n
+import nbdproto.client
 import nbdproto_anyio as na
 import nbdproto_threads as nt
 from nbdproto.devices import MemoryDevice
@@ -71,7 +72,7 @@ def test_export_info_and_list_meta_contexts_without_selecting() -> None:
 
 def test_the_plan_records_refusals_and_goes_on() -> None:
     # One export refused for INFO, another for LIST_META_CONTEXT: each is recorded; the plan ends with ABORT.
-    plan = n.ClientNegotiation("", go=False, list_exports=True, info=True, list_meta_contexts=())
+    plan = n.client.ClientNegotiation("", go=False, list_exports=True, info=True, list_meta_contexts=())
     assert isinstance(plan.step(n.ServerGreeting(3)), n.OptionList)
     listing = n.ExportList((n.ExportListing("x", "ex"), n.ExportListing("y")))
     assert isinstance(plan.step(listing), n.OptionExtendedHeaders)

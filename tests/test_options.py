@@ -10,8 +10,10 @@ import struct
 import pytest
 
 import nbdproto as n
-from nbdproto import _wire as w
+import nbdproto.serving
+import nbdproto.wire
 from nbdproto.devices import MemoryDevice
+from nbdproto.wire import layout as w
 from tests.nbdbytes import client_flags, info_payload, joined, meta_payload, option, option_replies, request
 from tests.test_server import RW_FLAGS, events, export, handshake, new_server
 
@@ -129,7 +131,7 @@ def test_a_client_without_fixed_newstyle_never_gets_tls() -> None:
 
 
 def test_default_block_sizes() -> None:
-    exp = n.export_for("d", MIB, MemoryDevice(MIB).capabilities)
+    exp = n.serving.export_for("d", MIB, MemoryDevice(MIB).capabilities)
     assert (exp.minimum_block_size, exp.preferred_block_size, exp.maximum_payload) == (1, 4096, 32 * MIB)
     s = new_server()
     got = ask(s, client_flags() + option(OPT.INFO, info_payload("d", INFO.BLOCK_SIZE)), exp)
@@ -221,7 +223,12 @@ def test_structured_reads_fit_one_data_chunk() -> None:
             s.receive_data(request(n.Command.READ, 1, 0, 0xFFFFFFF8))
             assert events(s) == []
             magic, _, kind, cookie, _, error, _ = struct.unpack(">IHHQIIH", joined(s)[:26])
-            assert (magic, kind, cookie, error) == (n.STRUCTURED_REPLY_MAGIC, n.ChunkType.ERROR, 1, n.Errno.EOVERFLOW)
+            assert (magic, kind, cookie, error) == (
+                n.wire.STRUCTURED_REPLY_MAGIC,
+                n.ChunkType.ERROR,
+                1,
+                n.Errno.EOVERFLOW,
+            )
 
 
 # --- Transmission flags and information replies --------------------------------------------------------------

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto import _headers as h
-from nbdproto import _wire as w
+import nbdproto.wire
+from nbdproto.wire import headers as h
+from nbdproto.wire import layout as w
 
 TF, F, OPT = n.TransmissionFlags, n.CommandFlags, n.Option
 ALL_FLAGS = (TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO) | (
@@ -494,7 +495,7 @@ VIOLATIONS = {
         if m == "extended"
         else h.STRUCTURED_REPLY.pack(h.STRUCTURED_REPLY.magic, DONE, 1, 5, 0xFFFFFFFF)
     ),
-    "simple reply to a structured read": lambda m: struct.pack(">IIQ", n.SIMPLE_REPLY_MAGIC, 0, 5) + bytes(1024),
+    "simple reply to a structured read": lambda m: struct.pack(">IIQ", n.wire.SIMPLE_REPLY_MAGIC, 0, 5) + bytes(1024),
 }
 
 

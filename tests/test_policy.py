@@ -21,6 +21,7 @@ import anyio.from_thread
 import pytest
 
 import nbdproto as n
+import nbdproto.serving
 import nbdproto_anyio
 import nbdproto_threads
 from nbdproto.devices import MemoryDevice
@@ -34,7 +35,7 @@ GREETING = 18  # NBDMAGIC, IHAVEOPT, handshake flags
 class Running:
     """A server of some backend running in the background: its URI, and whether its serving loop returned."""
 
-    def __init__(self, server: n.ServerCore, uri: str, finished: Callable[[], bool]) -> None:
+    def __init__(self, server: n.serving.ServerCore, uri: str, finished: Callable[[], bool]) -> None:
         self.server = server
         self.uri = uri
         self.finished = finished
@@ -224,12 +225,12 @@ def test_which_resolvers_take_the_client() -> None:
 
     def many(*args: object) -> None: ...
 
-    assert not n.takes_client({}.get)
-    assert not n.takes_client(one)
-    assert n.takes_client(two)
-    assert not n.takes_client(defaulted)
-    assert not n.takes_client(many)
-    assert n.takes_client(lambda name, client: None)
+    assert not n.serving.takes_client({}.get)
+    assert not n.serving.takes_client(one)
+    assert n.serving.takes_client(two)
+    assert not n.serving.takes_client(defaulted)
+    assert not n.serving.takes_client(many)
+    assert n.serving.takes_client(lambda name, client: None)
 
 
 def test_policy_decisions() -> None:
@@ -261,8 +262,8 @@ def test_certificate_subjects_are_written_as_rfc_4514_does() -> None:
             (("commonName", "host.example "),),
         )
     }
-    assert n.certificate_subject(certificate) == "CN=host.example\\ ,OU=\\#1+DC=x,O=Example\\, Ltd,C=GB"
-    assert n.certificate_subject({}) is None
+    assert n.serving.certificate_subject(certificate) == "CN=host.example\\ ,OU=\\#1+DC=x,O=Example\\, Ltd,C=GB"
+    assert n.serving.certificate_subject({}) is None
     client = n.ClientInfo("1.2.3.4:5", "1.2.3.4")
     client.certificate_subject = "CN=a"
     policy = n.ConnectionPolicy(allow_client_dn=["CN=a"])

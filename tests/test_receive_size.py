@@ -1,4 +1,4 @@
-"""How much a server asks of each receive (nbdproto.ReceiveSize, kept by ServerSessionLogic): RECV_SIZE while
+"""How much a server asks of each receive (nbdproto.serving.ReceiveSize, kept by ServerSessionLogic): RECV_SIZE while
 requests are small, STREAM_RECV_SIZE while the client streams writes bigger than a receive, and back again once
 it stops; a model compared with every sequence of receives hypothesis makes, and a session fed real requests."""
 
@@ -12,9 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nbdproto
+import nbdproto.serving
 import nbdproto_threads
-from nbdproto import RECV_SIZE, STREAM_RECV_SIZE, Command, HandshakeStep, ReceiveSize
+from nbdproto import Command
 from nbdproto.devices import MemoryDevice
+from nbdproto.engine import HandshakeStep
+from nbdproto.serving import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
 from tests.nbdbytes import client_flags, info_payload, option, request
 from tests.test_bad_input import RawClient
 
@@ -72,8 +75,8 @@ def test_streamed_receives_are_a_whole_number_of_writes_near_the_stream_size(wri
     assert ReceiveSize.streaming(0) == STREAM_RECV_SIZE
 
 
-def _transmitting(device: MemoryDevice, *, extended: bool = False) -> nbdproto.ServerSessionLogic:
-    logic = nbdproto.ServerSessionLogic(nbdproto.SessionSettings())
+def _transmitting(device: MemoryDevice, *, extended: bool = False) -> nbdproto.serving.ServerSessionLogic:
+    logic = nbdproto.serving.ServerSessionLogic(nbdproto.serving.SessionSettings())
     logic.engine.data_to_send()
     options = option(nbdproto.Option.EXTENDED_HEADERS) if extended else b""
     logic.received(client_flags() + options + option(nbdproto.Option.GO, info_payload("")))
@@ -82,7 +85,9 @@ def _transmitting(device: MemoryDevice, *, extended: bool = False) -> nbdproto.S
     return logic
 
 
-def _feed(logic: nbdproto.ServerSessionLogic, stream: bytes, into_payload: list[int] | None = None) -> list[int]:
+def _feed(
+    logic: nbdproto.serving.ServerSessionLogic, stream: bytes, into_payload: list[int] | None = None
+) -> list[int]:
     """Hand ``stream`` to the session as a driver would (receives of ``receive_size``, the rest of a payload
     straight into its buffer), carrying out what arrives; the size asked of each receive of the stream (and
     in ``into_payload``, the wire size of each write whose payload was received into its own buffer)."""
@@ -101,7 +106,7 @@ def _feed(logic: nbdproto.ServerSessionLogic, stream: bytes, into_payload: list[
             logic.received(stream[pos : pos + count])
         pos += count
         for step in logic.inline_transmission(None):
-            if step == nbdproto.RECEIVE:
+            if step == nbdproto.serving.RECEIVE:
                 break
     return asked
 
@@ -158,7 +163,7 @@ def test_the_threads_server_waits_for_a_quiet_client_with_a_small_buffer() -> No
     # A receive holds its buffer while it waits: after streaming big writes, the large receives are made only
     # for bytes already here, and a client gone quiet is waited for with a RECV_SIZE one.
     server_sock, client_sock = socket.socketpair()
-    session = nbdproto_threads.ServerSession(server_sock, nbdproto.SessionSettings())
+    session = nbdproto_threads.ServerSession(server_sock, nbdproto.serving.SessionSettings())
     asked: list[tuple[str, int]] = []
 
     class Recording(type(session.stream)):  # type: ignore[misc]

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto import _wire as w
-from nbdproto._server import ServerConnection
+import nbdproto.wire
+from nbdproto.engine._server import ServerConnection
+from nbdproto.wire import layout as w
 from tests.nbdbytes import (
     GREETING_SIZE,
     client_flags,
@@ -143,7 +144,7 @@ def test_unknown_options_get_unsup_and_haggling_goes_on(code: int) -> None:
 def test_oversized_option_is_refused_and_skipped_without_buffering() -> None:
     s = new_server(exports=["a"])
     size = 1 << 30
-    s.receive_data(client_flags() + struct.pack(">QII", n.IHAVEOPT, 99, size))
+    s.receive_data(client_flags() + struct.pack(">QII", n.wire.IHAVEOPT, 99, size))
     tracemalloc.start()
     chunk = bytes(1 << 20)
     for _ in range(size // len(chunk)):
@@ -160,7 +161,7 @@ def test_oversized_option_is_refused_and_skipped_without_buffering() -> None:
 
 def test_oversized_export_name_ends_the_connection() -> None:
     s = new_server()
-    s.receive_data(client_flags() + struct.pack(">QII", n.IHAVEOPT, OPT.EXPORT_NAME, 1 << 31))
+    s.receive_data(client_flags() + struct.pack(">QII", n.wire.IHAVEOPT, OPT.EXPORT_NAME, 1 << 31))
     with pytest.raises(n.RemoteProtocolError, match="exceeds"):
         s.next_event()
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import pytest
 
 import nbdproto as n
+import nbdproto.wire
 from nbdproto.devices import FileDevice, MemoryDevice
 from tests.nbdbytes import request
 from tests.serving import Export, serve_exports
@@ -89,7 +90,7 @@ def test_64_requests_in_flight_are_answered_out_of_order(backend: str, workers: 
         order = []
         for _ in range(64):
             magic, error, cookie = struct.unpack(">IIQ", client.recv_exactly(16))
-            assert magic == n.SIMPLE_REPLY_MAGIC and error == 0
+            assert magic == n.wire.SIMPLE_REPLY_MAGIC and error == 0
             assert client.recv_exactly(4096) == bytes([cookie]) * 4096
             order.append(cookie)
         client.close()
@@ -115,7 +116,7 @@ def test_a_write_flood_cannot_make_the_server_buffer_it(backend: str, workers: i
             # Replies come in any order: collect them by cookie.
             for _ in range(count):
                 magic, error, cookie = struct.unpack(">IIQ", client.recv_exactly(16))
-                assert magic == n.SIMPLE_REPLY_MAGIC
+                assert magic == n.wire.SIMPLE_REPLY_MAGIC
                 replies[cookie] = error
 
         reader = threading.Thread(target=read_replies, daemon=True)
@@ -157,7 +158,7 @@ def test_pipelined_reads_of_a_file_see_every_acknowledged_write(backend: str, wo
                 got = {}
                 for _ in range(count):
                     magic, error, cookie = struct.unpack(">IIQ", client.recv_exactly(16))
-                    assert magic == n.SIMPLE_REPLY_MAGIC and error == 0, (cookie, error)
+                    assert magic == n.wire.SIMPLE_REPLY_MAGIC and error == 0, (cookie, error)
                     got[cookie] = client.recv_exactly(data_for.get(cookie, 0))
                 return got
 

@@ -1,4 +1,4 @@
-"""Writes larger than nbdproto.STREAM_WRITES_OVER whose payload is still arriving are carried out part by part
+"""Writes larger than nbdproto.serving.STREAM_WRITES_OVER whose payload is still arriving are carried out part by part
 (WriteRequest with ``more``, then WritePayload events): the parts land in order and the write is answered once,
 after its last part; one whose first part comes after the server began shutting down is refused whole, with
 ESHUTDOWN after its last part, and none of it is written."""
@@ -6,8 +6,10 @@ ESHUTDOWN after its last part, and none of it is written."""
 from __future__ import annotations
 
 import nbdproto
-from nbdproto import STREAM_WRITES_OVER, Command, Errno
+import nbdproto.serving
+from nbdproto import Command, Errno
 from nbdproto.devices import MemoryDevice
+from nbdproto.serving import STREAM_WRITES_OVER
 from tests.nbdbytes import request
 from tests.test_receive_size import _transmitting
 
@@ -15,11 +17,11 @@ SIZE = 2 * STREAM_WRITES_OVER
 FIRST = 100_000  # bytes of the payload that arrive with the header
 
 
-def _carry_out(logic: nbdproto.ServerSessionLogic, received: bytes) -> list[nbdproto.Payload]:
+def _carry_out(logic: nbdproto.serving.ServerSessionLogic, received: bytes) -> list[nbdproto.Payload]:
     """Hand ``received`` to the session, carry out what it holds, and return the replies queued."""
     logic.received(received)
     for step in logic.inline_transmission(None):
-        if step == nbdproto.RECEIVE:
+        if step == nbdproto.serving.RECEIVE:
             break
     return logic.engine.data_to_send()
 

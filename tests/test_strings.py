@@ -1,5 +1,5 @@
 """The spec's rule for strings ("Conventions"): every string on the wire is UTF-8 without NUL, at most 4096
-bytes, error messages included. The server builds every string it sends in nbdproto._replies and passes it
+bytes, error messages included. The server builds every string it sends in nbdproto.engine._replies and passes it
 through ``wire_string``; these tests hold each path to the rule, with the largest legal names (4096 ASCII
 bytes, and 2048 x "é", two bytes each), messages that quote them, and device errors of any length."""
 
@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto import _wire as w
-from nbdproto._dispatch import carry_out
-from nbdproto._export import answer_export_request
-from nbdproto._replies import wire_string
 from nbdproto.devices import MemoryDevice
+from nbdproto.engine._replies import wire_string
+from nbdproto.serving._carry_out import carry_out
+from nbdproto.serving._export import answer_export_request
+from nbdproto.wire import layout as w
 from tests.nbdbytes import client_flags, info_payload, joined, meta_payload, option, option_replies, replies, request
 from tests.serving import BACKENDS, Export, serve_exports
 from tests.test_server import events, export, handshake, new_server

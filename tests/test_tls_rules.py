@@ -20,6 +20,7 @@ import anyio
 import pytest
 
 import nbdproto as n
+import nbdproto.wire
 import nbdproto_anyio
 import nbdproto_threads
 from nbdproto.cli._serve import _tls as cli_tls
@@ -162,15 +163,15 @@ def scripted_tls_server(pki: Pki, ended: list[str]) -> Iterator[int]:
         sock, _ = listener.accept()
         with sock:
             peer = TlsPeer(sock)
-            peer.send(struct.pack(">QQH", n.NBDMAGIC, n.IHAVEOPT, 3))
+            peer.send(struct.pack(">QQH", n.wire.NBDMAGIC, n.wire.IHAVEOPT, 3))
             _, code, _ = struct.unpack(">QII", peer.recv(4 + 16)[4:])
             assert code == OPT.STARTTLS
-            peer.send(struct.pack(">QIII", n.OPTION_REPLY_MAGIC, OPT.STARTTLS, R.ACK, 0))
+            peer.send(struct.pack(">QIII", n.wire.OPTION_REPLY_MAGIC, OPT.STARTTLS, R.ACK, 0))
             peer.start_tls(pki.server_context, server_side=True)
             for expected in (OPT.LIST, OPT.ABORT):
                 _, code, length = struct.unpack(">QII", peer.recv(16))
                 assert code == expected and length == 0
-                peer.send(struct.pack(">QIII", n.OPTION_REPLY_MAGIC, code, R.ACK, 0))
+                peer.send(struct.pack(">QIII", n.wire.OPTION_REPLY_MAGIC, code, R.ACK, 0))
             ended.append(peer.how_it_ended())
 
     thread = threading.Thread(target=serve, daemon=True)

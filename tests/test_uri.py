@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdproto._uri import NbdUri, format_uri, parse_uri
+from nbdproto.client._uri import NbdUri, format_uri, parse_uri
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_format_then_parse_round_trips(name: str, tls: bool, unix: bool, port: i
 
 
 def test_plan_connection_from_a_uri_or_from_parts() -> None:
-    from nbdproto import plan_connection
+    from nbdproto.client import plan_connection
 
     target, plan = plan_connection("nbds+unix:///disk?socket=/run/nbd.sock", {})
     assert (target.unix, target.socket, plan.export_name) == (True, "/run/nbd.sock", "disk")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nbdproto import _wire as w
+from nbdproto.wire import layout as w
 from tests.capture import SCENARIOS, capture
 from tests.transcript import decode_transcript, jsonable, to_json
 

@@ -1,4 +1,4 @@
-"""Every construct definition in nbdproto._wire: round trips both ways, and malformed input is a typed error.
+"""Every construct definition in nbdproto.wire.layout: round trips both ways, and malformed input is a typed error.
 
 A strategy per definition lives in STRATEGIES; the first test fails if a definition has none, so a new
 message cannot slip in untested.
@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto import _wire as w
+import nbdproto.wire
+from nbdproto.wire import layout as w
 
 U16 = st.integers(0, 0xFFFF)
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -162,10 +163,10 @@ def test_trailing_bytes_are_refused(name: str, data: st.DataObject) -> None:
         ("OldstyleGreeting", b"NBDMAGIC" + b"\0" * 8 + bytes(8 + 4 + 124)),
         ("RequestHeader", struct.pack(">IHHQQI", 0x12560953, 0, 0, 1, 0, 512)),
         ("SimpleReply", struct.pack(">IIQ", 0x96744668, 0, 1)),
-        ("StructuredReplyHeader", struct.pack(">IHHQI", n.SIMPLE_REPLY_MAGIC, 0, 0, 1, 0)),
-        ("ExtendedRequestHeader", struct.pack(">IHHQQQ", n.REQUEST_MAGIC, 0, 0, 1, 0, 0)),
+        ("StructuredReplyHeader", struct.pack(">IHHQI", n.wire.SIMPLE_REPLY_MAGIC, 0, 0, 1, 0)),
+        ("ExtendedRequestHeader", struct.pack(">IHHQQQ", n.wire.REQUEST_MAGIC, 0, 0, 1, 0, 0)),
         ("OptionRequestHeader", struct.pack(">QII", 0, 1, 0)),
-        ("OptionReplyHeader", struct.pack(">QIII", n.IHAVEOPT, 1, 1, 0)),
+        ("OptionReplyHeader", struct.pack(">QIII", n.wire.IHAVEOPT, 1, 1, 0)),
         ("ExportNameReply", struct.pack(">QH", 1, 1) + b"\1" * 124),
     ],
 )
@@ -180,8 +181,8 @@ LYING_LENGTHS = [
     ("MetaContextPayload", struct.pack(">I", 0) + struct.pack(">I", 0xFFFFFFFF)),
     ("MetaContextPayload", struct.pack(">I", 0) + struct.pack(">II", 1, 0xFFFFFFFF) + b"base:"),
     ("ServerPayload", struct.pack(">I", 0xFFFFFFFF) + b"x"),
-    ("OptionRequest", struct.pack(">QII", n.IHAVEOPT, 3, 0xFFFFFFFF) + b"tiny"),
-    ("OptionReply", struct.pack(">QIII", n.OPTION_REPLY_MAGIC, 3, 1, 0xFFFFFFFF)),
+    ("OptionRequest", struct.pack(">QII", n.wire.IHAVEOPT, 3, 0xFFFFFFFF) + b"tiny"),
+    ("OptionReply", struct.pack(">QIII", n.wire.OPTION_REPLY_MAGIC, 3, 1, 0xFFFFFFFF)),
     ("BlockStatusExtPayload", struct.pack(">II", 1, 0xFFFFFFFF) + bytes(16)),
     ("BlockStatusExtPayload", struct.pack(">II", 1, 2) + bytes(16)),
     ("ErrorChunkPayload", struct.pack(">IH", 5, 0xFFFF) + b"oops"),

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import nbdproto
+import nbdproto.serving
 import nbdproto_threads
 from nbdproto.cli._workers import Supervisor
 from nbdproto.devices import SharedMemoryDevice
@@ -285,7 +286,7 @@ def test_sigterm_stops_every_worker_and_the_server_exits_0(backend: str, tmp_pat
 
 
 def test_a_worker_that_fails_before_serving_stops_the_server(caplog: pytest.LogCaptureFixture) -> None:
-    def start(index: int, clients: nbdproto.ClientCount, ready: Callable[[], None]) -> None:
+    def start(index: int, clients: nbdproto.serving.ClientCount, ready: Callable[[], None]) -> None:
         raise RuntimeError("no event loop today")
 
     supervisor = Supervisor(2, start, stop_timeout=10)

@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto
+import nbdproto.serving
 import nbdproto_threads
-from nbdproto import RECV_SIZE, Command, CommandFlags, DeviceCall, Errno, WriteRequest
+from nbdproto import Command, CommandFlags, DeviceCall, Errno, WriteRequest
 from nbdproto.devices import (
     DelayFilter,
     ErrorFilter,
@@ -34,6 +35,7 @@ from nbdproto.devices import (
     SharedMemoryDevice,
     StatsFilter,
 )
+from nbdproto.serving import RECV_SIZE
 from tests.nbdbytes import request
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
 from tests.test_bad_input import RawClient
@@ -77,7 +79,7 @@ def _content(path: str, offset: int = 0, length: int = 16 * MIB) -> bytes:
         return file.read(length)
 
 
-def _in_place_session(device: FileDevice, *, extended: bool = False) -> nbdproto.ServerSessionLogic:
+def _in_place_session(device: FileDevice, *, extended: bool = False) -> nbdproto.serving.ServerSessionLogic:
     logic = _transmitting(device, extended=extended)  # type: ignore[arg-type]
     logic.write_in_place(kernel_receives=True)
     logic.engine.data_to_send()
@@ -187,12 +189,12 @@ def test_a_write_in_place_is_only_its_fua_flush(shm_file: str) -> None:
         assert view is not None
         plain = WriteRequest(1, 0, view, in_place=True)
         fua = WriteRequest(2, 0, view, CommandFlags.FUA, in_place=True)
-        assert nbdproto.carry_out(device, plain, {}) == nbdproto.SuccessReply(1)
+        assert nbdproto.serving.carry_out(device, plain, {}) == nbdproto.SuccessReply(1)
         assert (device.pwrites, device.flushes) == (0, 0)
-        assert nbdproto.carry_out(device, fua, {}) == nbdproto.SuccessReply(2)
+        assert nbdproto.serving.carry_out(device, fua, {}) == nbdproto.SuccessReply(2)
         assert (device.pwrites, device.flushes) == (0, 1)
-        assert nbdproto.device_calls(plain, {}) == []
-        assert nbdproto.device_calls(fua, {}) == [DeviceCall("flush", ())]
+        assert nbdproto.serving.device_calls(plain, {}) == []
+        assert nbdproto.serving.device_calls(fua, {}) == [DeviceCall("flush", ())]
         view.release()
 
 
@@ -233,7 +235,7 @@ def test_a_stream_of_writes_leaves_what_a_model_says_however_it_is_cut(
                     logic.received(stream[pos : pos + count])
                 pos += count
                 for step in logic.inline_transmission(None):
-                    if step == nbdproto.RECEIVE:
+                    if step == nbdproto.serving.RECEIVE:
                         break
             replies = b"".join(bytes(piece) for piece in logic.engine.data_to_send())  # type: ignore[arg-type]
             if extended:  # one extended reply (32 bytes, NBD_REPLY_TYPE_NONE) a write, in order
@@ -288,7 +290,7 @@ def test_shutting_down_receives_nothing_in_place_and_refuses_nothing_written(shm
         whole = request(Command.WRITE, 3, 3 << 18, 256 << 10) + b"\x03" * (256 << 10)
         logic.received(whole[:28])
         for step in logic.inline_transmission(None):
-            if step == nbdproto.RECEIVE:
+            if step == nbdproto.serving.RECEIVE:
                 break
         target = logic.engine.write_buffer()
         assert target is not None and len(target) == 256 << 10
@@ -297,20 +299,20 @@ def test_shutting_down_receives_nothing_in_place_and_refuses_nothing_written(shm
         logic.received(256 << 10)
         logic.engine.data_to_send()
         for step in logic.inline_transmission(None):
-            if step == nbdproto.RECEIVE:
+            if step == nbdproto.serving.RECEIVE:
                 break
         assert b"".join(logic.engine.data_to_send()) == _simple_reply(3)  # type: ignore[arg-type]  # it is written
         assert logic.engine.write_view is None
         logic.received(request(Command.WRITE, 4, 4 << 18, 256 << 10))  # from now on refused, and nothing written
         for step in logic.inline_transmission(None):
-            if step == nbdproto.RECEIVE:
+            if step == nbdproto.serving.RECEIVE:
                 break
         target = logic.engine.write_buffer()
         assert target is not None
         target[:] = b"\x04" * (256 << 10)
         logic.received(256 << 10)
         for step in logic.inline_transmission(None):
-            if step == nbdproto.RECEIVE:
+            if step == nbdproto.serving.RECEIVE:
                 break
         assert b"".join(logic.engine.data_to_send()) == _simple_reply(4, Errno.ESHUTDOWN)  # type: ignore[arg-type]
         assert _content(shm_file, 4 << 18, 256 << 10) == bytes(256 << 10)
@@ -430,9 +432,9 @@ def test_a_filter_offers_write_views_only_while_writes_and_flushes_pass_through(
         assert getattr(Filter(inner), "write_view", None) is not None
 
 
-def _step(logic: nbdproto.ServerSessionLogic) -> None:
+def _step(logic: nbdproto.serving.ServerSessionLogic) -> None:
     for step in logic.inline_transmission(None):
-        if step in (nbdproto.RECEIVE, nbdproto.RECEIVE_READY):
+        if step in (nbdproto.serving.RECEIVE, nbdproto.serving.RECEIVE_READY):
             break
 
 
@@ -483,20 +485,20 @@ def test_replies_wait_while_bytes_keep_coming_and_go_out_before_any_wait(shm_fil
         _feed(logic, _writes(1, 2, 256 << 10))  # streaming in place, the two replies queued or sent
         logic.engine.data_to_send()
         steps = logic.inline_transmission(None)
-        assert next(steps) == nbdproto.RECEIVE_READY
+        assert next(steps) == nbdproto.serving.RECEIVE_READY
         header = request(Command.WRITE, 3, 3 << 18, 256 << 10)
         buffers = logic.in_place_buffers()
         assert buffers is not None and len(buffers) == 1
         buffers[0][:] = header
         logic.received_in_place(len(header))  # bytes were waiting: no send, the next receive is tried first
-        assert next(steps) == nbdproto.RECEIVE_READY
+        assert next(steps) == nbdproto.serving.RECEIVE_READY
         buffers = logic.in_place_buffers()
         assert buffers is not None and [len(b) for b in buffers] == [256 << 10, 28]
         buffers[0][:] = b"\x03" * (256 << 10)
         logic.received_in_place(256 << 10)
-        assert next(steps) == nbdproto.RECEIVE_READY  # write 3 carried out, its reply queued, not sent
+        assert next(steps) == nbdproto.serving.RECEIVE_READY  # write 3 carried out, its reply queued, not sent
         logic.received_in_place(None)  # nothing waiting: send, then wait
-        assert next(steps) == nbdproto.RECEIVE
+        assert next(steps) == nbdproto.serving.RECEIVE
         assert b"".join(logic.engine.data_to_send()) == _simple_reply(3)  # type: ignore[arg-type]
         assert _content(shm_file, 3 << 18, 256 << 10) == b"\x03" * (256 << 10)
 
@@ -511,9 +513,9 @@ def test_a_client_that_never_stops_sending_still_gets_its_replies(shm_file: str)
         pos, ready_in_a_row, longest, answered = 0, 0, 0, 0
         steps = logic.inline_transmission(None)
         for step in steps:
-            if step not in (nbdproto.RECEIVE_READY, nbdproto.RECEIVE):
+            if step not in (nbdproto.serving.RECEIVE_READY, nbdproto.serving.RECEIVE):
                 continue
-            if step == nbdproto.RECEIVE:  # the driver sends what is queued first
+            if step == nbdproto.serving.RECEIVE:  # the driver sends what is queued first
                 answered += len(b"".join(logic.engine.data_to_send())) // 16  # type: ignore[arg-type]
                 ready_in_a_row = 0
             if pos == len(stream):
@@ -526,14 +528,14 @@ def test_a_client_that_never_stops_sending_still_gets_its_replies(shm_file: str)
                 buffer[: len(part)] = part
                 count += len(part)
             pos += count
-            if step == nbdproto.RECEIVE_READY:
+            if step == nbdproto.serving.RECEIVE_READY:
                 ready_in_a_row += 1
                 longest = max(longest, ready_in_a_row)
                 logic.received_in_place(count)
             else:
                 logic.received(count)
-        assert longest == nbdproto.READY_IN_A_ROW
-        assert answered >= 150 - nbdproto.READY_IN_A_ROW  # every batch of replies went out on the way
+        assert longest == nbdproto.serving.READY_IN_A_ROW
+        assert answered >= 150 - nbdproto.serving.READY_IN_A_ROW  # every batch of replies went out on the way
         assert _content(shm_file, 152 << 16, 64 << 10) == bytes([152]) * (64 << 10)
 
 

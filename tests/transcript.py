@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nbdproto import _wire as w
-from nbdproto._constants import (
+from nbdproto.wire import layout as w
+from nbdproto.wire._constants import (
     ChunkType,
     ClientFlags,
     Command,

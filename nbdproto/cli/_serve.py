@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import nbdproto
+import nbdproto.serving
 from nbdproto import BlockDevice, ExportSpec, ServerLimits
 from nbdproto.tls import PskFileError, PskUnavailableError, server_context
 from nbdproto_threads import Server as ThreadsServer
@@ -267,7 +268,7 @@ def _serve_in_workers(job: _Serving, workers: int, filtering: Filtering, helper:
     """Serve ``job`` from ``workers`` forked processes (nbdproto/cli/_workers.py) until it is stopped; this
     process supervises them. The status: 0, or 1 when a worker could not start serving."""
 
-    def work(index: int, clients: nbdproto.ClientCount, ready: Callable[[], None]) -> None:
+    def work(index: int, clients: nbdproto.serving.ClientCount, ready: Callable[[], None]) -> None:
         helper.become_worker()
         filtering.become_worker(index + 1)
         if filtering.stats:
@@ -359,7 +360,7 @@ class _Serving:
     backend: str = "anyio"
     loop: str = "asyncio"
     busy_poll: int = 0
-    clients: nbdproto.ClientCount | None = None
+    clients: nbdproto.serving.ClientCount | None = None
     """Where the policy's counts are kept when worker processes share them (see _workers)."""
     shared: bool = False
     """The listening sockets are shared with other processes (workers)."""

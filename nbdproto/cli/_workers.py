@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from nbdproto import ClientCount
+from nbdproto.serving import ClientCount
 from nbdproto.sockets import SharedClientCount
 
 from ._errors import UsageError

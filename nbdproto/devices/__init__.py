@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nbdproto import lazy_names
+from nbdproto.serving import lazy_names
 
 if TYPE_CHECKING:
-    from nbdproto import BlockDevice, Buffer, DeviceCapabilities, Dispatch
+    from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch
 
     from ._blocksize import BlockSizeFilter
     from ._cow import CowFilter

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from nbdproto import DEFAULT_MAX_PAYLOAD, BlockDevice, Buffer, DeviceCapabilities
+from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities
+from nbdproto.wire import DEFAULT_MAX_PAYLOAD
 
 from ._filter import Filter
 from ._ranges import check_range

@@ -35,7 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from nbdproto import BASE_ALLOCATION, BlockDevice, Buffer, DeviceCapabilities, dispatch_of
+from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, dispatch_of
+from nbdproto.wire import BASE_ALLOCATION
 
 from ._blockmap import BlockMap
 from ._filter import Filter, slower_dispatch

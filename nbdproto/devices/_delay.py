@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from nbdproto import BlockDevice, Buffer
+from nbdproto.serving import BlockDevice, Buffer
 
 from ._filter import FILTER_COMMANDS, Filter
 

@@ -21,7 +21,7 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from nbdproto import BlockDevice, Buffer
+from nbdproto.serving import BlockDevice, Buffer
 
 from ._filter import FILTER_COMMANDS, Filter
 

@@ -43,7 +43,8 @@ import stat
 import struct
 from collections.abc import Sequence
 
-from nbdproto import BASE_ALLOCATION, AllocationState, Buffer, DeviceCapabilities, Dispatch
+from nbdproto.serving import Buffer, DeviceCapabilities, Dispatch
+from nbdproto.wire import BASE_ALLOCATION, AllocationState
 
 from ._ranges import check_range
 

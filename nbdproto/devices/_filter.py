@@ -36,7 +36,7 @@ import errno
 from collections.abc import Sequence
 from typing import Any
 
-from nbdproto import BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
+from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
 
 __all__ = ["Filter", "CALLS", "FILTER_COMMANDS", "slower_dispatch"]
 

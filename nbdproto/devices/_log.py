@@ -12,9 +12,9 @@ Requests of several connections (and several of one connection) may be in flight
 different requests interleave; the id pairs them up.
 
 The connection: a device does not see connections, only calls. The log takes the number from
-``nbdproto.current_connection``, a context variable both servers set for each connection in the thread or task
+``nbdproto.serving.current_connection``, a context variable both servers set for each connection in the thread or task
 that serves it (their worker threads run in a copy of that context). Code that serves connections some other
-way may call ``nbdproto.enter_connection()``; where nobody did, the filter numbers the context it is called
+way may call ``nbdproto.serving.enter_connection()``; where nobody did, the filter numbers the context it is called
 in the first time it sees it.
 
 Thread-safe: lines are written whole, under a lock, line-buffered (each line is in the file as soon as it is
@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, TypeVar
 
-from nbdproto import BlockDevice, Buffer, current_connection, enter_connection
+from nbdproto.serving import BlockDevice, Buffer, current_connection, enter_connection
 
 from ._filter import Filter
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
-from nbdproto import BASE_ALLOCATION, AllocationState, Buffer, DeviceCapabilities, Dispatch
+from nbdproto.serving import Buffer, DeviceCapabilities, Dispatch
+from nbdproto.wire import BASE_ALLOCATION, AllocationState
 
 from ._ranges import check_range
 

@@ -35,7 +35,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from nbdproto import BASE_ALLOCATION, AllocationState, BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
+from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
+from nbdproto.wire import BASE_ALLOCATION, AllocationState
 
 from ._regionlock import RegionLock
 

@@ -10,7 +10,7 @@ otherwise a no-op (trim and cache are hints).
 Requests travel over ``Wire`` connections (see _nbdwire for why not ``nbdproto_threads.Client``): several
 when the remote promises multi-conn (NBD_FLAG_CAN_MULTI_CONN), in turn. Calls block until the remote answers.
 ``call_batch`` sends every request a server read in one go together and waits for all their replies: a
-server's "batch" dispatch (``nbdproto.carry_out_all``) hands it whole batches, so a proxy costs one thread
+server's "batch" dispatch (``nbdproto.serving.carry_out_all``) hands it whole batches, so a proxy costs one thread
 hop and a few system calls per batch instead of per request (measured with bench/bench_proxy.sh, 4 KiB random
 reads at queue depth 16: 10-13k IOPS, level with nbdkit's nbd plugin, at a quarter of the CPU per request of a
 worker thread per request over ``nbdproto_threads.Client``, which managed 2.2-3.8k).
@@ -35,27 +35,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import nbdproto
-from nbdproto import (
-    BASE_ALLOCATION,
-    Buffer,
-    ClientNegotiation,
-    CommandFlags,
-    DeviceCall,
-    DeviceCapabilities,
-    Dispatch,
-    Event,
-    InfoType,
-    MetaContexts,
-    NBDError,
-    NbdUri,
-    Option,
-    OptionError,
-    OptionGo,
-    OptionListMetaContext,
-    OptionSetMetaContext,
-    TransmissionFlags,
-)
+import nbdproto.serving
+from nbdproto.client import ClientNegotiation, NbdUri
+from nbdproto.engine import Event, MetaContexts, OptionError, OptionGo, OptionListMetaContext, OptionSetMetaContext
+from nbdproto.serving import Buffer, DeviceCall, DeviceCapabilities, Dispatch
 from nbdproto.tls import connection_context
+from nbdproto.wire import BASE_ALLOCATION, CommandFlags, InfoType, NBDError, Option, TransmissionFlags
 from nbdproto_threads import connect_socket, negotiate_client, open_together
 
 from ._nbdwire import Wire, WireBroken

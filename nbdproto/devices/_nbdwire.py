@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import nbdproto
+import nbdproto.serving
 from nbdproto_threads import Connection, SharedTls
 
 __all__ = ["Wire", "WireBroken"]
@@ -131,7 +132,7 @@ class Wire:
                     else:
                         count = got
                 elif target is None:
-                    data = self.sock.recv(nbdproto.RECV_SIZE)  # (why that many: its docstring)
+                    data = self.sock.recv(nbdproto.serving.RECV_SIZE)  # (why that many: its docstring)
                 else:
                     count = self.sock.recv_into(target)
             except OSError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from dataclasses import replace
 
-from nbdproto import Buffer, DeviceCapabilities
+from nbdproto.serving import Buffer, DeviceCapabilities
 
 from ._filter import Filter
 

@@ -36,7 +36,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
-from nbdproto import BASE_ALLOCATION, AllocationState, Buffer, DeviceCapabilities, Dispatch
+from nbdproto.serving import Buffer, DeviceCapabilities, Dispatch
+from nbdproto.wire import BASE_ALLOCATION, AllocationState
 
 from ._ranges import check_range
 from ._s3cache import WriteBackCache

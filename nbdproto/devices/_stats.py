@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from nbdproto import BlockDevice, Buffer
+from nbdproto.serving import BlockDevice, Buffer
 
 from ._filter import FILTER_COMMANDS, Filter
 

@@ -8,18 +8,40 @@ fails (running out of descriptors must not end a server). ``ActivatedServer`` is
 activation: a server command run on a private unix socket, as a client's ``connect(command=[...])`` does.
 ``SharedClientCount`` keeps the connection policy's counts for several processes serving one listening socket
 (``nbdproto serve --workers``), in memory made by ``anonymous_file``, as a shared memory export's is.
+``step_past`` is what a driver does after a partial scatter-gather send of the engine's pieces.
 Unlike the engine in ``nbdproto``, this package touches sockets and processes; ``import nbdproto`` never
-imports it.
+imports it, and its names load on first use (a client's start-up does not pay for logging and mmap).
 """
 
 from __future__ import annotations
 
-from ._accept import AcceptBackoff
-from ._activation import LISTEN_FDS_START, activated_sockets
-from ._anonymous import anonymous_file
-from ._clientcount import SharedClientCount
-from ._launch import STOP_TIMEOUT, ActivatedServer
-from ._listen import LISTEN_BACKLOG, client_info, listen_socket, peer_name
+from typing import TYPE_CHECKING
+
+from nbdproto.serving import lazy_names
+
+if TYPE_CHECKING:
+    from ._accept import AcceptBackoff
+    from ._activation import LISTEN_FDS_START, activated_sockets
+    from ._anonymous import anonymous_file
+    from ._clientcount import SharedClientCount
+    from ._launch import STOP_TIMEOUT, ActivatedServer
+    from ._listen import LISTEN_BACKLOG, client_info, listen_socket, peer_name
+    from ._sending import step_past
+
+_WHERE = {
+    "AcceptBackoff": "._accept",
+    "LISTEN_FDS_START": "._activation",
+    "activated_sockets": "._activation",
+    "anonymous_file": "._anonymous",
+    "SharedClientCount": "._clientcount",
+    "STOP_TIMEOUT": "._launch",
+    "ActivatedServer": "._launch",
+    "LISTEN_BACKLOG": "._listen",
+    "client_info": "._listen",
+    "listen_socket": "._listen",
+    "peer_name": "._listen",
+    "step_past": "._sending",
+}
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -33,4 +55,8 @@ __all__ = [
     "STOP_TIMEOUT",
     "SharedClientCount",
     "anonymous_file",
+    "step_past",
 ]
+
+if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names
+    __getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

@@ -26,7 +26,7 @@ import time
 import weakref
 from collections.abc import Sequence
 
-from nbdproto import NbdUri
+from nbdproto.client import NbdUri
 
 from ._activation import LISTEN_FDS_START
 from ._listen import listen_socket

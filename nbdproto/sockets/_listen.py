@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from nbdproto import ClientInfo
+from nbdproto.serving import ClientInfo
 
 __all__ = ["LISTEN_BACKLOG", "listen_socket", "peer_name", "client_info"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nbdproto import lazy_names
+from nbdproto.serving import lazy_names
 
 from ._client import PSK_CIPHERS, client_context, connection_context, psk_client_context
 from ._keys import (

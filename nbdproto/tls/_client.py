@@ -20,7 +20,7 @@ import os
 import ssl
 import sys
 
-from nbdproto import NbdUri, parse_uri
+from nbdproto.client import NbdUri, parse_uri
 
 from ._keys import MAX_IDENTITY_LENGTH, MAX_KEY_LENGTH, PskFileError, check_psk_support, read_psk_file
 

@@ -2,7 +2,7 @@
 
     python spec/vectors/generate.py
 
-messages.json: hand-picked examples of every message definition (nbdproto._wire.MESSAGES), each as hex and
+messages.json: hand-picked examples of every message definition (nbdproto.wire.layout.MESSAGES), each as hex and
 decoded fields. transcripts/synthetic-*.json: whole conversations between a scripted client and
 nbdproto.ServerConnection, including extended headers, which no packaged peer speaks yet. The captured
 transcripts (transcripts/nbdkit-*.json) come from tests/capture.py instead.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import nbdproto as n
-from nbdproto import _wire as w
+from nbdproto.wire import layout as w
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the transcript splitter lives with the tests

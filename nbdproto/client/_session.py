@@ -23,9 +23,9 @@ import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, cast, overload
 
-from ._constants import CommandFlags, TransmissionFlags
-from ._errors import LocalProtocolError, NBDError
-from ._events import (
+from nbdproto.engine import (
+    NEED_DATA,
+    PAUSED,
     BlockStatusReply,
     BlockStatusRequest,
     CacheRequest,
@@ -38,6 +38,8 @@ from ._events import (
     Extent,
     FlushRequest,
     HandshakeComplete,
+    HandshakeStep,
+    Phase,
     ReadReply,
     ReadRequest,
     Reply,
@@ -47,11 +49,12 @@ from ._events import (
     WriteRequest,
     WriteZeroesRequest,
 )
+from nbdproto.wire import CommandFlags, LocalProtocolError, NBDError, TransmissionFlags
+
 from ._negotiation import ClientNegotiation, Inquiry
-from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase
 
 if TYPE_CHECKING:
-    from ._client import ClientConnection
+    from nbdproto.engine import ClientConnection
 
 __all__ = ["ClientSessionLogic", "ClientRequests", "ConnectOptions", "Blocking", "Awaiting"]
 

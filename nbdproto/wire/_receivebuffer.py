@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from ._headers import HeaderCodec
+from .headers import HeaderCodec
 
 __all__ = ["ReceiveBuffer"]
 

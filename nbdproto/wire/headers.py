@@ -16,7 +16,7 @@ from typing import Any
 
 import construct
 
-from . import _wire
+from . import layout
 
 __all__ = [
     "HeaderCodec",
@@ -73,7 +73,7 @@ class HeaderCodec:
 
 def header_codec(name: str) -> HeaderCodec:
     """The fast codec for the ``_wire`` definition called ``name`` (fixed-size integer fields only)."""
-    return HeaderCodec(name, _wire.MESSAGES[name])
+    return HeaderCodec(name, layout.MESSAGES[name])
 
 
 REQUEST = header_codec("RequestHeader")
@@ -87,4 +87,4 @@ OFFSET_HOLE = header_codec("OffsetHolePayload")
 BLOCK_DESCRIPTOR = header_codec("BlockDescriptor")
 EXTENT_DESCRIPTOR = header_codec("ExtentDescriptor")
 # OFFSET_DATA's payload is an offset then the data: its fixed prefix is the offset field alone.
-OFFSET_DATA_PREFIX = HeaderCodec("OffsetDataPayload.offset", construct.Struct(_wire.OffsetDataPayload.subcons[0]))
+OFFSET_DATA_PREFIX = HeaderCodec("OffsetDataPayload.offset", construct.Struct(layout.OffsetDataPayload.subcons[0]))

@@ -23,9 +23,9 @@ from functools import reduce
 from itertools import repeat
 from operator import or_
 
-from ._constants import ChunkType
-from ._errors import RemoteProtocolError
-from ._events import Extent
+from nbdproto.wire import ChunkType, RemoteProtocolError
+
+from ._payloads import Extent
 
 __all__ = [
     "MAX_MINIMUM_BLOCK_SIZE",

@@ -15,21 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import _replies, _wire
+from nbdproto.wire import MAX_STRING_LENGTH, Command, CommandFlags, Errno, LocalProtocolError, TransmissionFlags, layout
+
+from . import _replies
 from ._commands import COMMANDS, request_error
-from ._constants import MAX_STRING_LENGTH, Command, CommandFlags, Errno, TransmissionFlags
-from ._errors import LocalProtocolError
-from ._events import (
+from ._events import ConnectionClosed, Event
+from ._payloads import Extent, Payload
+from ._server_base import Progress, ServerState
+from ._state import NEED_DATA, PAUSED, Phase
+from ._transmission_events import (
     BlockStatusReply,
     BlockStatusRequest,
     CacheRequest,
-    ConnectionClosed,
     DisconnectRequest,
     ErrorReply,
-    Event,
-    Extent,
     FlushRequest,
-    Payload,
     ReadRequest,
     Request,
     ResizeRequest,
@@ -38,8 +38,6 @@ from ._events import (
     WriteRequest,
     WriteZeroesRequest,
 )
-from ._serverstate import Progress, ServerState
-from ._state import NEED_DATA, PAUSED, Phase
 
 __all__ = ["ServerTransmission"]
 
@@ -318,7 +316,7 @@ class ServerTransmission(ServerState):
             return "block status payloads were not advertised"
         if len(data) < 8 or len(data) % 4:
             return f"block status payload of {len(data)} bytes is not 8 + 4n"
-        fields = _wire.decode(_wire.BlockStatusRequestPayload, data)
+        fields = layout.decode(layout.BlockStatusRequestPayload, data)
         ids = tuple(fields.context_ids)
         if not ids or len(set(ids)) != len(ids) or any(i not in self._meta_contexts for i in ids):
             return f"block status context ids {list(ids)} are empty, repeated or not negotiated"

@@ -16,21 +16,30 @@ from __future__ import annotations
 import struct
 from typing import cast
 
-from . import _headers, _wire
-from ._clientchecks import ReadCoverage, descriptor_count, parse_block_status
+from nbdproto.wire import (
+    ChunkType,
+    Command,
+    CommandFlags,
+    Errno,
+    LocalProtocolError,
+    ReceiveBuffer,
+    ReplyFlags,
+    TransmissionFlags,
+    headers,
+    layout,
+)
+
+from ._client_checks import ReadCoverage, descriptor_count, parse_block_status
 from ._commands import RULE_OF, request_error
-from ._constants import ChunkType, Command, CommandFlags, Errno, ReplyFlags, TransmissionFlags
-from ._errors import LocalProtocolError
-from ._events import (
+from ._events import ConnectionClosed, Event
+from ._handshake_events import Export
+from ._payloads import Extent, Payload
+from ._state import NEED_DATA, PAUSED, Phase
+from ._transmission_events import (
     BlockStatusReply,
     BlockStatusRequest,
-    ConnectionClosed,
     DisconnectRequest,
     ErrorReply,
-    Event,
-    Export,
-    Extent,
-    Payload,
     ReadReply,
     ReadRequest,
     Request,
@@ -38,8 +47,6 @@ from ._events import (
     SuccessReply,
     WriteRequest,
 )
-from ._receivebuffer import ReceiveBuffer
-from ._state import NEED_DATA, PAUSED, Phase
 
 __all__ = ["ClientTransmission"]
 
@@ -51,9 +58,9 @@ _OFFSET_DATA, _OFFSET_HOLE, _NONE = int(ChunkType.OFFSET_DATA), int(ChunkType.OF
 _STATUS_CHUNKS = (int(ChunkType.BLOCK_STATUS), int(ChunkType.BLOCK_STATUS_EXT))
 _ZEROES = bytes(64 * 1024)
 _SIMPLE, _STRUCTURED, _EXTENDED = (
-    _headers.SIMPLE_REPLY.magic,
-    _headers.STRUCTURED_REPLY.magic,
-    _headers.EXTENDED_REPLY.magic,
+    headers.SIMPLE_REPLY.magic,
+    headers.STRUCTURED_REPLY.magic,
+    headers.EXTENDED_REPLY.magic,
 )
 _MAGIC = struct.Struct(">I").unpack
 
@@ -266,10 +273,10 @@ class ClientTransmission:
             return None
         if not self.can_choose_contexts:
             raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
-        return _wire.encode(_wire.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
+        return layout.encode(layout.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
 
     def _queue_header(self, command: int, flags: int, cookie: int, offset: int, length: int) -> None:
-        codec = _headers.EXTENDED_REQUEST if self.extended_headers else _headers.REQUEST
+        codec = headers.EXTENDED_REQUEST if self.extended_headers else headers.REQUEST
         self._out.append(codec.pack(codec.magic, flags, command, cookie, offset, length))
 
     # --- Replies -------------------------------------------------------------------------------------------
@@ -323,7 +330,7 @@ class ClientTransmission:
 
     def _simple_reply(self) -> Event | type[NEED_DATA] | None:
         buf = self._buf
-        header = buf.header(_headers.SIMPLE_REPLY)
+        header = buf.header(headers.SIMPLE_REPLY)
         if header is None:
             return NEED_DATA
         _, error, cookie = header
@@ -335,7 +342,7 @@ class ClientTransmission:
             if self.structured_replies:
                 self._fail(f"simple reply with data to read {cookie:#x} while structured replies are in use")
             assert pending.buffer is not None
-            buf.skip(_headers.SIMPLE_REPLY.size)
+            buf.skip(headers.SIMPLE_REPLY.size)
             if len(buf) < pending.length:
                 pending.started = True
                 self._claim(pending, pending.offset, pending.length)
@@ -343,7 +350,7 @@ class ClientTransmission:
             pending.buffer[:] = buf.take(pending.length)
             del self._pending[cookie]
             return ReadReply(cookie, pending.buffer)
-        buf.skip(_headers.SIMPLE_REPLY.size)
+        buf.skip(headers.SIMPLE_REPLY.size)
         del self._pending[cookie]
         if error:
             return self._error(ErrorReply(cookie, _errno(error)))
@@ -353,7 +360,7 @@ class ClientTransmission:
 
     def _chunk(self, extended: bool) -> Event | type[NEED_DATA] | None:
         buf = self._buf
-        codec = _headers.EXTENDED_REPLY if extended else _headers.STRUCTURED_REPLY
+        codec = headers.EXTENDED_REPLY if extended else headers.STRUCTURED_REPLY
         header = buf.header(codec)
         if header is None:
             return NEED_DATA
@@ -377,7 +384,7 @@ class ClientTransmission:
                 return NEED_DATA
             # Data for a read, its offset known: checked now, the bytes go straight where they belong.
             buf.skip(codec.size)
-            (offset,) = _headers.OFFSET_DATA_PREFIX.unpack_from(buf.take(8))
+            (offset,) = headers.OFFSET_DATA_PREFIX.unpack_from(buf.take(8))
             destination = self._claim(pending, offset, length - 8)
             return self._start_direct(pending, destination, done=bool(flags & _DONE))
         buf.skip(codec.size)
@@ -404,7 +411,7 @@ class ClientTransmission:
         elif chunk_type in (_OFFSET_DATA, _OFFSET_HOLE):
             if command != Command.READ:
                 self._fail(f"read data for {_what(pending)}")
-            if chunk_type == _OFFSET_HOLE and length != _headers.OFFSET_HOLE.size:
+            if chunk_type == _OFFSET_HOLE and length != headers.OFFSET_HOLE.size:
                 self._fail(f"OFFSET_HOLE chunk of {length} bytes for {_what(pending)}: it is always 12")
             if chunk_type == _OFFSET_DATA and not 9 <= length <= pending.length + 8:
                 self._fail(f"OFFSET_DATA chunk of {length} bytes for {_what(pending)}: it carries 1 to "
@@ -422,10 +429,10 @@ class ClientTransmission:
     def _apply_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
         # The header was checked by _check_chunk: the type fits the command and the length fits the type.
         if chunk_type == _OFFSET_DATA:
-            (offset,) = _headers.OFFSET_DATA_PREFIX.unpack_from(payload)
+            (offset,) = headers.OFFSET_DATA_PREFIX.unpack_from(payload)
             self._claim(pending, offset, len(payload) - 8)[:] = payload[8:]
         elif chunk_type == _OFFSET_HOLE:
-            offset, size = _headers.OFFSET_HOLE.unpack_from(payload)
+            offset, size = headers.OFFSET_HOLE.unpack_from(payload)
             if size == 0:
                 self._fail("OFFSET_HOLE chunk with a hole of 0 bytes")
             destination = self._claim(pending, offset, size)  # checked before a byte is sized from it
@@ -464,12 +471,12 @@ class ClientTransmission:
     def _error_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
         offset: int | None = None
         if chunk_type == ChunkType.ERROR_OFFSET:
-            fields = _wire.decode(_wire.ErrorOffsetChunkPayload, payload)
+            fields = layout.decode(layout.ErrorOffsetChunkPayload, payload)
             error, message, offset = fields.error, fields.message, fields.offset
             if not pending.offset <= offset < pending.offset + max(pending.length, 1):
                 self._fail(f"error offset {offset} is outside the request {pending.offset}+{pending.length}")
         elif chunk_type == ChunkType.ERROR:
-            fields = _wire.decode(_wire.ErrorChunkPayload, payload)
+            fields = layout.decode(layout.ErrorChunkPayload, payload)
             error, message = fields.error, fields.message
         else:
             # spec: every error chunk starts with the error and a message; an unknown one is still an error.

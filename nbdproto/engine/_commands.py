@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._constants import Command, CommandFlags, Errno, TransmissionFlags
-from ._event import Event
-from ._transmissionevents import (
+from nbdproto.wire import Command, CommandFlags, Errno, TransmissionFlags
+
+from ._events import Event
+from ._transmission_events import (
     BlockStatusRequest,
     CacheRequest,
     DisconnectRequest,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._constants import CommandFlags, Errno
-from ._event import Event
+from nbdproto.wire import CommandFlags, Errno
+
+from ._events import Event
 from ._payloads import Extent, Payload
 
 __all__ = [

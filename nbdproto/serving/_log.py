@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import RemoteProtocolError
+from nbdproto.wire import RemoteProtocolError
 
 __all__ = ["ConnectionLog"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ._events import ReadRequest, Request, WritePayload, WriteRequest
+from nbdproto.engine import ReadRequest, Request, WritePayload, WriteRequest
 
 __all__ = ["RequestBudget", "MemoryBudget", "BudgetShare", "MemoryShare", "DEFAULT_MEMORY_LIMIT", "request_cost"]
 

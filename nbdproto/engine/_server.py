@@ -20,22 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import (
-    BlockStatusReply,
-    ConnectionClosed,
-    ErrorReply,
-    Event,
-    Export,
-    ExportUnknown,
-    Payload,
-    ReadData,
-    ReadHole,
-    SuccessReply,
-)
-from ._serverhandshake import ServerHandshake
-from ._servertransmission import ServerTransmission
+from nbdproto.wire import LocalProtocolError, RemoteProtocolError
+
+from ._events import ConnectionClosed, Event
+from ._handshake_events import Export, ExportUnknown
+from ._payloads import Payload
+from ._server_handshake import ServerHandshake
+from ._server_transmission import ServerTransmission
 from ._state import NEED_DATA, PAUSED, Phase
+from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHole, SuccessReply
 
 __all__ = ["ServerConnection"]
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from . import _headers, _wire
-from ._constants import HandshakeFlags, Option
-from ._errors import RemoteProtocolError
-from ._events import ConnectionClosed, Event, Export, ExportListing, Payload, Request, WriteRequest
-from ._receivebuffer import ReceiveBuffer
+from nbdproto.wire import HandshakeFlags, Option, ReceiveBuffer, RemoteProtocolError, headers, layout
+
+from ._events import ConnectionClosed, Event
+from ._handshake_events import Export, ExportListing
+from ._payloads import Payload
 from ._state import NEED_DATA, Phase, TlsMode
+from ._transmission_events import Request, WriteRequest
 
 WriteView = Callable[[int, int], "memoryview | None"]
 """Where a write's payload may be received in place: ``(offset, length)`` -> a writable view of the device's own
@@ -91,10 +92,10 @@ class ServerState:
         self.write_view: WriteView | None = None
         """Set by the application (None: never): a checked WRITE whose payload has not started to arrive is
         received straight into the view this gives (``write_buffer``), and handed over with ``in_place`` set."""
-        self._request_codec = _headers.REQUEST
+        self._request_codec = headers.REQUEST
         self._out.append(
-            _wire.encode(
-                _wire.NewstyleGreeting, {"handshake_flags": HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES}
+            layout.encode(
+                layout.NewstyleGreeting, {"handshake_flags": HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES}
             )
         )
 

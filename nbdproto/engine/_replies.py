@@ -15,10 +15,19 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from . import _headers, _wire
-from ._constants import MAX_STRING_LENGTH, ChunkType, InfoType, OptionReplyType, ReplyFlags
-from ._errors import LocalProtocolError
-from ._events import Export, ExportListing, Extent
+from nbdproto.wire import (
+    MAX_STRING_LENGTH,
+    ChunkType,
+    InfoType,
+    LocalProtocolError,
+    OptionReplyType,
+    ReplyFlags,
+    headers,
+    layout,
+)
+
+from ._handshake_events import Export, ExportListing
+from ._payloads import Extent
 
 __all__ = [
     "wire_string",
@@ -36,17 +45,15 @@ __all__ = [
     "zero_pieces",
 ]
 
-_OPTION_REPLY_MAGIC = _headers.OPTION_REPLY.magic
-_SIMPLE_MAGIC = _headers.SIMPLE_REPLY.magic
-_STRUCTURED_MAGIC = _headers.STRUCTURED_REPLY.magic
-_EXTENDED_MAGIC = _headers.EXTENDED_REPLY.magic
+_OPTION_REPLY_MAGIC = headers.OPTION_REPLY.magic
+_SIMPLE_MAGIC = headers.SIMPLE_REPLY.magic
+_STRUCTURED_MAGIC = headers.STRUCTURED_REPLY.magic
+_EXTENDED_MAGIC = headers.EXTENDED_REPLY.magic
 _DONE = int(ReplyFlags.DONE)
 _OFFSET_DATA = int(ChunkType.OFFSET_DATA)
 # OFFSET_DATA chunk header and the payload's offset field, packed in one call.
-_STRUCTURED_DATA = struct.Struct(
-    _headers.STRUCTURED_REPLY.struct.format + _headers.OFFSET_DATA_PREFIX.struct.format[1:]
-)
-_EXTENDED_DATA = struct.Struct(_headers.EXTENDED_REPLY.struct.format + _headers.OFFSET_DATA_PREFIX.struct.format[1:])
+_STRUCTURED_DATA = struct.Struct(headers.STRUCTURED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:])
+_EXTENDED_DATA = struct.Struct(headers.EXTENDED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:])
 
 _ZEROES = bytes(1 << 20)
 
@@ -80,26 +87,26 @@ def wire_string(text: str, name: str | None = None, limit: int = MAX_STRING_LENG
 
 def option_reply(option: int, reply_type: int, payload: bytes = b"") -> bytes:
     """One option reply: header and payload (spec: "Option reply types")."""
-    return _headers.OPTION_REPLY.pack(_OPTION_REPLY_MAGIC, option, reply_type, len(payload)) + payload
+    return headers.OPTION_REPLY.pack(_OPTION_REPLY_MAGIC, option, reply_type, len(payload)) + payload
 
 
 def option_error(option: int, reply_type: int, message: str) -> bytes:
     """An NBD_REP_ERR_* reply carrying ``message`` for humans (made to fit the string rule)."""
-    return option_reply(option, reply_type, _wire.encode(_wire.ErrorReplyPayload, {"message": wire_string(message)}))
+    return option_reply(option, reply_type, layout.encode(layout.ErrorReplyPayload, {"message": wire_string(message)}))
 
 
 def server_reply(option: int, listing: ExportListing) -> bytes:
     """One NBD_REP_SERVER of the answer to NBD_OPT_LIST: the export's name and its description."""
     fields = {"name": wire_string(listing.name, "export name"), "description": wire_string(listing.description)}
-    return option_reply(option, OptionReplyType.SERVER, _wire.encode(_wire.ServerPayload, fields))
+    return option_reply(option, OptionReplyType.SERVER, layout.encode(layout.ServerPayload, fields))
 
 
 def meta_context_reply(option: int, context_id: int, name: str) -> bytes:
     """One NBD_REP_META_CONTEXT; ``name`` must be "namespace:leaf" (spec: "Metadata querying")."""
     if ":" not in name:
         raise LocalProtocolError(f"meta context name {name!r} has no namespace (namespace:leaf-name)")
-    payload = _wire.encode(
-        _wire.MetaContextReplyPayload, {"context_id": context_id, "name": wire_string(name, "meta context")}
+    payload = layout.encode(
+        layout.MetaContextReplyPayload, {"context_id": context_id, "name": wire_string(name, "meta context")}
     )
     return option_reply(option, OptionReplyType.META_CONTEXT, payload)
 
@@ -109,13 +116,13 @@ def info_replies(option: int, export: Export, flags: int, requests: Sequence[int
     transmission ``flags`` the server will use), then NAME, DESCRIPTION and BLOCK_SIZE where ``requests`` name
     them, each once; unknown requests are ignored as the spec requires."""
     info = int(OptionReplyType.INFO)
-    export_payload = _wire.encode(_wire.InfoExportPayload, {"size": export.size, "transmission_flags": flags})
+    export_payload = layout.encode(layout.InfoExportPayload, {"size": export.size, "transmission_flags": flags})
     out = [option_reply(option, info, export_payload)]
     if InfoType.NAME in requests:
         name = wire_string(export.name, "export name")
-        out.append(option_reply(option, info, _wire.encode(_wire.InfoNamePayload, {"name": name})))
+        out.append(option_reply(option, info, layout.encode(layout.InfoNamePayload, {"name": name})))
     if InfoType.DESCRIPTION in requests and export.description:
-        payload = _wire.encode(_wire.InfoDescriptionPayload, {"description": wire_string(export.description)})
+        payload = layout.encode(layout.InfoDescriptionPayload, {"description": wire_string(export.description)})
         out.append(option_reply(option, info, payload))
     if InfoType.BLOCK_SIZE in requests:
         out.append(option_reply(option, info, block_size_payload(export, maximum_payload)))
@@ -130,20 +137,20 @@ def block_size_payload(export: Export, maximum_payload: int) -> bytes:
         "preferred": export.preferred_block_size,
         "maximum": maximum_payload,
     }
-    return _wire.encode(_wire.InfoBlockSizePayload, sizes)
+    return layout.encode(layout.InfoBlockSizePayload, sizes)
 
 
 def simple_reply(error: int, cookie: int) -> bytes:
     """A simple reply header (a successful READ's data follows it as a separate piece)."""
-    return _headers.SIMPLE_REPLY.pack(_SIMPLE_MAGIC, error, cookie)
+    return headers.SIMPLE_REPLY.pack(_SIMPLE_MAGIC, error, cookie)
 
 
 def chunk_header(extended: bool, flags: int, chunk_type: int, cookie: int, offset: int, length: int) -> bytes:
     """A structured (20-byte) or extended (32-byte) reply chunk header; ``offset`` is the request's offset,
     used only by the extended form."""
     if extended:
-        return _headers.EXTENDED_REPLY.pack(_EXTENDED_MAGIC, flags, chunk_type, cookie, offset, length)
-    return _headers.STRUCTURED_REPLY.pack(_STRUCTURED_MAGIC, flags, chunk_type, cookie, length)
+        return headers.EXTENDED_REPLY.pack(_EXTENDED_MAGIC, flags, chunk_type, cookie, offset, length)
+    return headers.STRUCTURED_REPLY.pack(_STRUCTURED_MAGIC, flags, chunk_type, cookie, length)
 
 
 def offset_data_header(extended: bool, done: bool, cookie: int, request_offset: int, offset: int, size: int) -> bytes:
@@ -157,7 +164,7 @@ def offset_data_header(extended: bool, done: bool, cookie: int, request_offset: 
 
 def offset_hole_chunk(extended: bool, done: bool, cookie: int, request_offset: int, offset: int, size: int) -> bytes:
     """A whole OFFSET_HOLE chunk: ``size`` bytes at ``offset`` read as zeroes."""
-    payload = _headers.OFFSET_HOLE.pack(offset, size)
+    payload = headers.OFFSET_HOLE.pack(offset, size)
     flags = _DONE if done else 0
     return chunk_header(extended, flags, ChunkType.OFFSET_HOLE, cookie, request_offset, len(payload)) + payload
 
@@ -176,11 +183,11 @@ def error_chunk(
     (the string rule's 4096, or less where the maximum payload is smaller: spec, "Structured reply types")."""
     fields = {"error": error, "message": wire_string(message, limit=limit)}
     if offset is None:
-        chunk_type, payload = ChunkType.ERROR, _wire.encode(_wire.ErrorChunkPayload, fields)
+        chunk_type, payload = ChunkType.ERROR, layout.encode(layout.ErrorChunkPayload, fields)
     else:
         chunk_type, payload = (
             ChunkType.ERROR_OFFSET,
-            _wire.encode(_wire.ErrorOffsetChunkPayload, {**fields, "offset": offset}),
+            layout.encode(layout.ErrorOffsetChunkPayload, {**fields, "offset": offset}),
         )
     flags = _DONE if done else 0
     return chunk_header(extended, flags, chunk_type, cookie, request_offset, len(payload)) + payload

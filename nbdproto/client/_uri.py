@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from ._constants import DEFAULT_PORT
+from nbdproto.wire import DEFAULT_PORT
 
 __all__ = ["NbdUri", "parse_uri", "format_uri"]
 

@@ -8,31 +8,28 @@ INFO/GO (spec: "NBD_OPT_INFO and NBD_OPT_GO"), meta contexts (``_metacontexts``)
 
 from __future__ import annotations
 
-from . import _headers, _replies, _wire
-from ._commands import COMMANDS, allowed_flags, usable
-from ._constants import (
+from nbdproto.wire import (
     DEFAULT_MAX_PAYLOAD,
     MAX_OPTION_LENGTH,
     MAX_STRING_LENGTH,
     ClientFlags,
     Command,
     InfoType,
+    LocalProtocolError,
     Option,
     OptionReplyType,
+    RemoteProtocolError,
     TransmissionFlags,
+    headers,
+    layout,
 )
-from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import (
-    ClientAborted,
-    Event,
-    Export,
-    ExportRequested,
-    ExportUnknown,
-    HandshakeComplete,
-    StartTLS,
-)
+
+from . import _replies
+from ._commands import COMMANDS, allowed_flags, usable
+from ._events import Event
+from ._handshake_events import ClientAborted, Export, ExportRequested, ExportUnknown, HandshakeComplete, StartTLS
 from ._metacontexts import match_meta_contexts
-from ._serverstate import ServerState
+from ._server_base import ServerState
 from ._state import NEED_DATA, PAUSED, Phase, TlsMode
 
 __all__ = ["ServerHandshake"]
@@ -61,7 +58,7 @@ class ServerHandshake(ServerState):
     def _next_client_flags(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         if len(self._buf) < 4:
             return self._closed_or_need_data()
-        flags = _wire.decode(_wire.ClientFlagsMessage, self._buf.take(4)).client_flags
+        flags = layout.decode(layout.ClientFlagsMessage, self._buf.take(4)).client_flags
         if flags & ~_KNOWN_CLIENT_FLAGS:
             # spec: a server that receives client flags it does not know MUST close the connection.
             self._fail(f"client flags {flags:#x} include unknown bits {flags & ~_KNOWN_CLIENT_FLAGS:#x}")
@@ -81,22 +78,22 @@ class ServerHandshake(ServerState):
         while True:
             if self._skip:
                 return self._closed_or_need_data()
-            header = buf.header(_headers.OPTION_REQUEST)
+            header = buf.header(headers.OPTION_REQUEST)
             if header is None:
                 return self._closed_or_need_data()
             magic, option, length = header
-            if magic != _headers.OPTION_REQUEST.magic:
+            if magic != headers.OPTION_REQUEST.magic:
                 self._fail(f"option request magic {magic:#x} is not IHAVEOPT")
             if length > MAX_OPTION_LENGTH:
                 if option == Option.EXPORT_NAME or not self._fixed:
                     self._fail(f"option {option} length {length} exceeds the {MAX_OPTION_LENGTH}-byte option limit")
-                buf.skip(_headers.OPTION_REQUEST.size)
+                buf.skip(headers.OPTION_REQUEST.size)
                 self._skip = length - buf.skip(length)
                 self._error(option, _REP.ERR_TOO_BIG, f"option length {length} exceeds {MAX_OPTION_LENGTH} bytes")
                 continue
-            if len(buf) < _headers.OPTION_REQUEST.size + length:
+            if len(buf) < headers.OPTION_REQUEST.size + length:
                 return self._closed_or_need_data()
-            buf.skip(_headers.OPTION_REQUEST.size)
+            buf.skip(headers.OPTION_REQUEST.size)
             data = buf.take(length).tobytes()
             event = self._handle_option(option, data)
             if event is not None:
@@ -200,7 +197,7 @@ class ServerHandshake(ServerState):
         if self.tls_mode is TlsMode.FORCEDTLS and not self._tls_active:
             # spec: EXPORT_NAME cannot be answered with an error, so the session ends.
             self._fail("NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS")
-        name = _wire.decode(_wire.ExportNamePayload, data).name
+        name = layout.decode(layout.ExportNamePayload, data).name
         if len(data) > MAX_STRING_LENGTH or "\0" in name:
             # spec ("Conventions"): a string holds no NUL and is at most 4096 bytes; EXPORT_NAME cannot be refused.
             self._fail(f"export name of {len(data)} bytes is over {MAX_STRING_LENGTH} bytes or holds a NUL")
@@ -208,7 +205,7 @@ class ServerHandshake(ServerState):
 
     def _info_or_go(self, option: Option, data: bytes) -> Event | None:
         try:
-            fields = _wire.decode(_wire.InfoRequestPayload, data)
+            fields = layout.decode(layout.InfoRequestPayload, data)
         except RemoteProtocolError as exc:
             self._error(option, _REP.ERR_INVALID, str(exc))
             return None
@@ -228,7 +225,7 @@ class ServerHandshake(ServerState):
                 self._error(option, _REP.ERR_INVALID, "negotiate structured replies before meta contexts")
                 return None
         try:
-            fields = _wire.decode(_wire.MetaContextPayload, data)
+            fields = layout.decode(layout.MetaContextPayload, data)
         except RemoteProtocolError as exc:
             self._error(option, _REP.ERR_INVALID, str(exc))
             return None
@@ -334,8 +331,8 @@ class ServerHandshake(ServerState):
     def _enter_transmission(self, export: Export, with_export_name: bool = False) -> None:
         flags = self._transmission_flags(export)
         if with_export_name:
-            fmt = _wire.ExportNameReplyNoZeroes if self._no_zeroes else _wire.ExportNameReply
-            self._out.append(_wire.encode(fmt, {"size": export.size, "transmission_flags": flags}))
+            fmt = layout.ExportNameReplyNoZeroes if self._no_zeroes else layout.ExportNameReply
+            self._out.append(layout.encode(fmt, {"size": export.size, "transmission_flags": flags}))
         if self._meta_export != export.name:
             self._meta_contexts = {}
         self.export = export
@@ -346,7 +343,7 @@ class ServerHandshake(ServerState):
         # The flags a WRITE may carry on the fast path: those the command table allows here, PAYLOAD_LEN aside.
         write = COMMANDS[Command.WRITE]
         self._plain_write_flags = frozenset({0, allowed_flags(write, flags)}) if usable(write, flags) else frozenset()
-        self._request_codec = _headers.EXTENDED_REQUEST if self.extended_headers else _headers.REQUEST
+        self._request_codec = headers.EXTENDED_REQUEST if self.extended_headers else headers.REQUEST
         self._phase = Phase.TRANSMISSION
         self._events.append(
             HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))

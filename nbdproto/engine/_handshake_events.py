@@ -10,14 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from ._constants import (
-    DEFAULT_MAX_PAYLOAD,
-    InfoType,
-    Option,
-    OptionReplyType,
-    TransmissionFlags,
-)
-from ._event import Event
+from nbdproto.wire import DEFAULT_MAX_PAYLOAD, InfoType, Option, OptionReplyType, TransmissionFlags
+
+from ._events import Event
 
 __all__ = [
     "Export",

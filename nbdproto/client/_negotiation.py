@@ -31,9 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._constants import BASE_ALLOCATION, DEFAULT_PORT, InfoType, Option, OptionReplyType
-from ._errors import ProtocolError
-from ._events import (
+from nbdproto.engine import (
     ClientAborted,
     Event,
     Export,
@@ -56,6 +54,8 @@ from ._events import (
     ServerGreeting,
     StartTLS,
 )
+from nbdproto.wire import BASE_ALLOCATION, DEFAULT_PORT, InfoType, Option, OptionReplyType, ProtocolError
+
 from ._uri import NbdUri, parse_uri
 
 __all__ = ["ClientNegotiation", "NegotiationError", "ExportDetails", "Inquiry", "plan_connection"]

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._constants import BASE_ALLOCATION, DEFAULT_MAX_PAYLOAD, Option, OptionReplyType, TransmissionFlags
-from ._events import Export, ExportRequested, ExportUnknown
+from nbdproto.engine import Export, ExportRequested, ExportUnknown
+from nbdproto.wire import BASE_ALLOCATION, DEFAULT_MAX_PAYLOAD, Option, OptionReplyType, TransmissionFlags
 
 __all__ = ["DeviceCapabilities", "export_for", "ExportSpec", "answer_export_request"]
 

@@ -22,13 +22,9 @@ import errno
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from ._admission import ClientInfo, ClientRefused, certificate_subject
-from ._budget import MemoryShare
-from ._constants import CommandFlags, Errno
-from ._device import BlockDevice, Dispatch, dispatch_of
-from ._dispatch import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of, write_view_of
-from ._errors import LocalProtocolError
-from ._events import (
+from nbdproto.engine import (
+    NEED_DATA,
+    PAUSED,
     BlockStatusRequest,
     CacheRequest,
     ClientAborted,
@@ -39,9 +35,12 @@ from ._events import (
     ExportRequested,
     FlushRequest,
     HandshakeComplete,
+    HandshakeStep,
+    Phase,
     ReadRequest,
     Request,
     ResizeRequest,
+    ServerConnection,
     StartTLS,
     SuccessReply,
     TrimRequest,
@@ -49,11 +48,15 @@ from ._events import (
     WriteRequest,
     WriteZeroesRequest,
 )
+from nbdproto.wire import CommandFlags, Errno, LocalProtocolError
+
+from ._admission import ClientInfo, ClientRefused, certificate_subject
+from ._budget import MemoryShare
+from ._carry_out import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of, write_view_of
+from ._core import SessionSettings
+from ._device import BlockDevice, Dispatch, dispatch_of
 from ._export import ExportSpec, answer_export_request
-from ._receivesize import ReceiveSize
-from ._server import ServerConnection
-from ._servercore import SessionSettings
-from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase
+from ._receive_size import ReceiveSize
 
 __all__ = [
     "BatchEnd",

@@ -24,13 +24,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
+from nbdproto.engine import ClientAborted, ExportListing, TlsMode
+
 from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, takes_client
 from ._device import BlockDevice
-from ._events import ClientAborted, ExportListing
 from ._export import ExportSpec
 from ._limits import DEFAULT_LIMITS, ServerLimits
-from ._serverlog import ConnectionLog
-from ._state import TlsMode
+from ._log import ConnectionLog
 
 __all__ = [
     "ACCEPT_HOLD_BACK",

@@ -21,8 +21,7 @@ import errno as _errno
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from ._constants import BASE_ALLOCATION, AllocationState, CommandFlags, Errno
-from ._events import (
+from nbdproto.engine import (
     BlockStatusReply,
     BlockStatusRequest,
     CacheRequest,
@@ -38,9 +37,10 @@ from ._events import (
     SuccessReply,
     TrimRequest,
     WriteRequest,
+    WriteView,
     WriteZeroesRequest,
 )
-from ._serverstate import WriteView
+from nbdproto.wire import BASE_ALLOCATION, AllocationState, CommandFlags, Errno
 
 __all__ = [
     "DeviceCall",

@@ -16,25 +16,28 @@ import struct
 from collections import deque
 from collections.abc import Mapping
 
-from . import _headers, _wire
-from ._clientchecks import check_block_sizes, check_context_name, check_export_size
-from ._clienttransmission import ClientTransmission
-from ._constants import (
+from nbdproto.wire import (
     MAX_OPTION_LENGTH,
     MAX_STRING_LENGTH,
     ClientFlags,
     HandshakeFlags,
     InfoType,
+    LocalProtocolError,
     Magic,
     Option,
     OptionReplyType,
+    ReceiveBuffer,
+    RemoteProtocolError,
     TransmissionFlags,
+    headers,
+    layout,
 )
-from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import (
+
+from ._client_checks import check_block_sizes, check_context_name, check_export_size
+from ._client_transmission import ClientTransmission
+from ._events import ConnectionClosed, Event
+from ._handshake_events import (
     ClientAborted,
-    ConnectionClosed,
-    Event,
     Export,
     ExportInfo,
     ExportList,
@@ -54,11 +57,10 @@ from ._events import (
     OptionSetMetaContext,
     OptionStartTLS,
     OptionStructuredReply,
-    Payload,
     ServerGreeting,
     StartTLS,
 )
-from ._receivebuffer import ReceiveBuffer
+from ._payloads import Payload
 from ._state import NEED_DATA, PAUSED, Phase
 
 __all__ = ["ClientConnection"]
@@ -235,7 +237,7 @@ class ClientConnection(ClientTransmission):
         client_flags = (ClientFlags.FIXED_NEWSTYLE if self._fixed else 0) | (
             ClientFlags.NO_ZEROES if self._no_zeroes else 0
         )
-        self._out.append(_wire.encode(_wire.ClientFlagsMessage, {"client_flags": client_flags}))
+        self._out.append(layout.encode(layout.ClientFlagsMessage, {"client_flags": client_flags}))
         self._phase = Phase.OPTIONS
         return ServerGreeting(flags)
 
@@ -259,7 +261,7 @@ class ClientConnection(ClientTransmission):
         code, payload = self._option_bytes(event)
         if not self._fixed and code != Option.EXPORT_NAME:
             raise LocalProtocolError("a server without FIXED_NEWSTYLE understands only NBD_OPT_EXPORT_NAME")
-        self._out.append(_headers.OPTION_REQUEST.pack(_headers.OPTION_REQUEST.magic, code, len(payload)) + payload)
+        self._out.append(headers.OPTION_REQUEST.pack(headers.OPTION_REQUEST.magic, code, len(payload)) + payload)
         self._option = event
         self._gathered = []
         self._gathered_bytes = 0
@@ -272,12 +274,12 @@ class ClientConnection(ClientTransmission):
             return event.option, event.data
         if isinstance(event, OptionExportName):
             _check_string(event.name)
-            return Option.EXPORT_NAME, _wire.encode(_wire.ExportNamePayload, {"name": event.name})
+            return Option.EXPORT_NAME, layout.encode(layout.ExportNamePayload, {"name": event.name})
         if isinstance(event, (OptionInfo, OptionGo)):
             _check_string(event.name)
             if len(set(event.requests)) != len(event.requests):
                 raise LocalProtocolError(f"information requests {list(event.requests)} name one type twice")
-            payload = _wire.encode(_wire.InfoRequestPayload, {"name": event.name, "requests": list(event.requests)})
+            payload = layout.encode(layout.InfoRequestPayload, {"name": event.name, "requests": list(event.requests)})
             return (Option.INFO if isinstance(event, OptionInfo) else Option.GO), payload
         if isinstance(event, (OptionListMetaContext, OptionSetMetaContext)):
             for text in (event.name, *event.queries):
@@ -287,7 +289,7 @@ class ClientConnection(ClientTransmission):
                     raise LocalProtocolError(f"meta context query {query!r} does not start with a namespace and ':'")
             if isinstance(event, OptionSetMetaContext) and not self.structured_replies:
                 raise LocalProtocolError("NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers")
-            payload = _wire.encode(_wire.MetaContextPayload, {"name": event.name, "queries": list(event.queries)})
+            payload = layout.encode(layout.MetaContextPayload, {"name": event.name, "queries": list(event.queries)})
             code = Option.LIST_META_CONTEXT if isinstance(event, OptionListMetaContext) else Option.SET_META_CONTEXT
             return code, payload
         if isinstance(event, OptionStartTLS):
@@ -315,7 +317,7 @@ class ClientConnection(ClientTransmission):
                 return PAUSED
             if isinstance(option, OptionExportName):
                 return self._export_name_reply(option)
-            header = buf.header(_headers.OPTION_REPLY)
+            header = buf.header(headers.OPTION_REPLY)
             if header is None:
                 if self._eof and isinstance(option, OptionAbort):
                     # spec: a client should handle a server that closes instead of acknowledging ABORT.
@@ -324,16 +326,16 @@ class ClientConnection(ClientTransmission):
                     return ClientAborted()
                 return self._need_data(f"while {type(option).__name__} waited for its answer")
             magic, code, reply_type, length = header
-            if magic != _headers.OPTION_REPLY.magic:
+            if magic != headers.OPTION_REPLY.magic:
                 self._fail(f"option reply magic {magic:#x} is not the option reply magic")
             expected = self._option_bytes_code(option)
             if code != expected:
                 self._fail(f"option reply for option {code}, but option {expected} was asked")
             if length > MAX_OPTION_LENGTH:
                 self._fail(f"option reply length {length} exceeds the {MAX_OPTION_LENGTH}-byte limit")
-            if len(buf) < _headers.OPTION_REPLY.size + length:
+            if len(buf) < headers.OPTION_REPLY.size + length:
                 return self._need_data("in the middle of an option reply")
-            buf.skip(_headers.OPTION_REPLY.size)
+            buf.skip(headers.OPTION_REPLY.size)
             payload = buf.take(length).tobytes()
             event = self._option_reply(option, reply_type, payload)
             if event is not None:
@@ -364,7 +366,7 @@ class ClientConnection(ClientTransmission):
     def _option_reply(self, option: object, reply_type: int, payload: bytes) -> Event | None:
         """Handle one option reply; the event that ends the option, or None while it goes on."""
         if reply_type & (1 << 31):
-            message = _wire.decode(_wire.ErrorReplyPayload, payload).message if payload else ""
+            message = layout.decode(layout.ErrorReplyPayload, payload).message if payload else ""
             self._finish_option()
             if isinstance(option, OptionSetMetaContext):
                 self._meta_export, self._meta_contexts = None, {}
@@ -373,11 +375,11 @@ class ClientConnection(ClientTransmission):
             if payload:
                 self._fail(f"NBD_REP_ACK with {len(payload)} bytes of payload")
             return self._option_done(option)
-        self._gathered_bytes += len(payload) + _headers.OPTION_REPLY.size
+        self._gathered_bytes += len(payload) + headers.OPTION_REPLY.size
         if self._gathered_bytes > _ANSWER_LIMIT:
             self._fail(f"the answer to {type(option).__name__} exceeds {_ANSWER_LIMIT >> 20} MiB of replies")
         if reply_type == _REP.SERVER and isinstance(option, OptionList):
-            fields = _wire.decode(_wire.ServerPayload, payload)
+            fields = layout.decode(layout.ServerPayload, payload)
             self._gathered.append(ExportListing(fields.name, fields.description))
             return None
         if reply_type == _REP.INFO and isinstance(option, (OptionInfo, OptionGo)):
@@ -386,7 +388,7 @@ class ClientConnection(ClientTransmission):
             self._gathered.append(payload)
             return None
         if reply_type == _REP.META_CONTEXT and isinstance(option, (OptionListMetaContext, OptionSetMetaContext)):
-            fields = _wire.decode(_wire.MetaContextReplyPayload, payload)
+            fields = layout.decode(layout.MetaContextReplyPayload, payload)
             listing = isinstance(option, OptionListMetaContext)
             check_context_name(fields.name, tuple(option.queries), listing)
             if not listing:
@@ -446,14 +448,14 @@ class ClientConnection(ClientTransmission):
         for payload in infos:
             info_type = struct.unpack(">H", payload[:2])[0]
             if info_type == InfoType.EXPORT:
-                fields = _wire.decode(_wire.InfoExportPayload, payload)
+                fields = layout.decode(layout.InfoExportPayload, payload)
                 size, flags = fields.size, fields.transmission_flags
             elif info_type == InfoType.NAME:
-                canonical = _wire.decode(_wire.InfoNamePayload, payload).name
+                canonical = layout.decode(layout.InfoNamePayload, payload).name
             elif info_type == InfoType.DESCRIPTION:
-                description = _wire.decode(_wire.InfoDescriptionPayload, payload).description
+                description = layout.decode(layout.InfoDescriptionPayload, payload).description
             elif info_type == InfoType.BLOCK_SIZE:
-                fields = _wire.decode(_wire.InfoBlockSizePayload, payload)
+                fields = layout.decode(layout.InfoBlockSizePayload, payload)
                 sizes = (fields.minimum, fields.preferred, fields.maximum)
             # spec: a client MUST ignore information replies it does not understand.
         if size is None:
@@ -467,13 +469,13 @@ class ClientConnection(ClientTransmission):
         return Export(canonical, size, TransmissionFlags(flags), description, minimum, preferred, maximum)
 
     def _export_name_reply(self, option: OptionExportName) -> Event | type[NEED_DATA]:
-        fmt = _wire.ExportNameReplyNoZeroes if self._no_zeroes else _wire.ExportNameReply
+        fmt = layout.ExportNameReplyNoZeroes if self._no_zeroes else layout.ExportNameReply
         size = fmt.sizeof()
         if len(self._buf) < size:
             if self._eof:
                 self._fail(f"the server closed the connection: it refused export {option.name!r}")
             return NEED_DATA
-        fields = _wire.decode(fmt, self._buf.take(size))
+        fields = layout.decode(fmt, self._buf.take(size))
         self._finish_option()
         self._meta_contexts = {}
         self._enter_transmission(Export(option.name, fields.size, TransmissionFlags(fields.transmission_flags)))

@@ -1,0 +1,30 @@
+"""nbdproto.client: what an NBD client does with the engine, without I/O, shared by both client backends.
+
+- ``_uri``: NBD URIs (parse them into what a client needs to connect, and format them).
+- ``_negotiation``: the usual handshake as a plan (TLS first when asked, extended headers or structured
+  replies, meta contexts, GO with block sizes, EXPORT_NAME for old servers), and opt-mode inquiries.
+- ``_session``: one client connection's logic (``ClientSessionLogic``) and every request method, written once
+  for the blocking and the async client (``ClientRequests``).
+"""
+
+from __future__ import annotations
+
+from ._negotiation import ClientNegotiation, ExportDetails, Inquiry, NegotiationError, plan_connection
+from ._session import Awaiting, Blocking, ClientRequests, ClientSessionLogic, ConnectOptions
+from ._uri import NbdUri, format_uri, parse_uri
+
+__all__ = [
+    "NbdUri",
+    "parse_uri",
+    "format_uri",
+    "ClientNegotiation",
+    "NegotiationError",
+    "ExportDetails",
+    "Inquiry",
+    "plan_connection",
+    "ClientSessionLogic",
+    "ClientRequests",
+    "ConnectOptions",
+    "Blocking",
+    "Awaiting",
+]

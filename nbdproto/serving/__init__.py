@@ -1,0 +1,193 @@
+"""nbdproto.serving: what an NBD server does with the engine, without I/O, shared by both server backends.
+
+A backend's server is an I/O loop around these pieces; everything it decides that is not moving bytes lives
+here, once:
+
+- ``_device``: the block-device protocol (``BlockDevice``) both servers call, and how a device wants to be
+  called (``Dispatch``); ``_export``: what an export advertises, derived from what its device can do
+  (``DeviceCapabilities``, ``ExportSpec``).
+- ``_carry_out``: a request becomes device calls and the reply event (``carry_out``).
+- ``_session``: one connection's logic (``ServerSessionLogic``): the handshake steps, resolving exports,
+  transmission as explicit steps for the driver (``_steps``), shutdown.
+- ``_core``: a server apart from its I/O (``ServerCore``): exports, the settings every session gets, who is
+  served (``_admission``), the log (``_log``).
+- Policy a client cannot escape: time limits (``_limits``), the memory budget (``_budget``), the receive
+  sizes (``_receive_size``).
+
+This is the plumbing namespace: applications write devices and start servers through ``nbdproto``,
+``nbdproto.devices`` and a backend; backends and tools that drive the engine themselves use these names. They
+are loaded on first use (``lazy_names``), so that a client's start-up does not pay for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazynames import lazy_names
+
+if TYPE_CHECKING:
+    from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
+    from ._budget import DEFAULT_MEMORY_LIMIT, BudgetShare, MemoryBudget, MemoryShare, RequestBudget, request_cost
+    from ._carry_out import (
+        DeviceCall,
+        OnError,
+        ReadView,
+        WriteView,
+        carry_out,
+        carry_out_all,
+        device_calls,
+        error_reply_for,
+        nbd_errno,
+        read_view_of,
+        reply_for,
+        write_view_of,
+    )
+    from ._core import (
+        ACCEPT_HOLD_BACK,
+        ClientResolver,
+        Exports,
+        Resolver,
+        ServerCore,
+        ServerOptions,
+        SessionSettings,
+        Stoppable,
+        current_connection,
+        enter_connection,
+    )
+    from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
+    from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
+    from ._limits import DEFAULT_LIMITS, ServerLimits
+    from ._log import ConnectionLog
+    from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
+    from ._session import (
+        FLUSH_AT,
+        READY_IN_A_ROW,
+        RECEIVE,
+        RECEIVE_READY,
+        STREAM_WRITES_OVER,
+        BatchEnd,
+        ServerSessionLogic,
+        Work,
+    )
+
+_LAZY = {
+    "BlockDevice": "._device",
+    "Buffer": "._device",
+    "Dispatch": "._device",
+    "dispatch_of": "._device",
+    "DeviceCapabilities": "._export",
+    "export_for": "._export",
+    "ExportSpec": "._export",
+    "answer_export_request": "._export",
+    "ServerLimits": "._limits",
+    "DEFAULT_LIMITS": "._limits",
+    "RequestBudget": "._budget",
+    "MemoryBudget": "._budget",
+    "BudgetShare": "._budget",
+    "MemoryShare": "._budget",
+    "DEFAULT_MEMORY_LIMIT": "._budget",
+    "request_cost": "._budget",
+    "ClientInfo": "._admission",
+    "ConnectionPolicy": "._admission",
+    "ClientRefused": "._admission",
+    "ClientCount": "._admission",
+    "certificate_subject": "._admission",
+    "takes_client": "._admission",
+    "DeviceCall": "._carry_out",
+    "device_calls": "._carry_out",
+    "reply_for": "._carry_out",
+    "error_reply_for": "._carry_out",
+    "nbd_errno": "._carry_out",
+    "OnError": "._carry_out",
+    "carry_out": "._carry_out",
+    "carry_out_all": "._carry_out",
+    "ReadView": "._carry_out",
+    "read_view_of": "._carry_out",
+    "WriteView": "._carry_out",
+    "write_view_of": "._carry_out",
+    "RECV_SIZE": "._receive_size",
+    "STREAM_RECV_SIZE": "._receive_size",
+    "ReceiveSize": "._receive_size",
+    "ConnectionLog": "._log",
+    "ACCEPT_HOLD_BACK": "._core",
+    "Exports": "._core",
+    "Resolver": "._core",
+    "ClientResolver": "._core",
+    "SessionSettings": "._core",
+    "ServerOptions": "._core",
+    "ServerCore": "._core",
+    "Stoppable": "._core",
+    "current_connection": "._core",
+    "enter_connection": "._core",
+    "BatchEnd": "._session",
+    "ServerSessionLogic": "._session",
+    "Work": "._session",
+    "FLUSH_AT": "._session",
+    "RECEIVE": "._session",
+    "RECEIVE_READY": "._session",
+    "READY_IN_A_ROW": "._session",
+    "STREAM_WRITES_OVER": "._session",
+}
+
+__all__ = [
+    "lazy_names",
+    "BlockDevice",
+    "Buffer",
+    "Dispatch",
+    "dispatch_of",
+    "DeviceCapabilities",
+    "export_for",
+    "ExportSpec",
+    "answer_export_request",
+    "ServerLimits",
+    "DEFAULT_LIMITS",
+    "RequestBudget",
+    "MemoryBudget",
+    "BudgetShare",
+    "MemoryShare",
+    "DEFAULT_MEMORY_LIMIT",
+    "request_cost",
+    "ClientInfo",
+    "ConnectionPolicy",
+    "ClientRefused",
+    "ClientCount",
+    "certificate_subject",
+    "takes_client",
+    "DeviceCall",
+    "device_calls",
+    "reply_for",
+    "error_reply_for",
+    "nbd_errno",
+    "OnError",
+    "carry_out",
+    "carry_out_all",
+    "ReadView",
+    "read_view_of",
+    "WriteView",
+    "write_view_of",
+    "RECV_SIZE",
+    "STREAM_RECV_SIZE",
+    "ReceiveSize",
+    "ConnectionLog",
+    "ACCEPT_HOLD_BACK",
+    "Exports",
+    "Resolver",
+    "ClientResolver",
+    "SessionSettings",
+    "ServerOptions",
+    "ServerCore",
+    "Stoppable",
+    "current_connection",
+    "enter_connection",
+    "BatchEnd",
+    "ServerSessionLogic",
+    "Work",
+    "FLUSH_AT",
+    "RECEIVE",
+    "RECEIVE_READY",
+    "READY_IN_A_ROW",
+    "STREAM_WRITES_OVER",
+]
+
+if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names
+    __getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
