@@ -1,13 +1,15 @@
 """nbdproto_threads: NBD server and client over blocking sockets and threads.
 
 Server side: ``Server`` (many connections, a thread each), ``ServerSession`` / ``negotiate`` (one accepted
-socket, the seed's negotiate-then-serve contract). Client side: ``connect`` and ``Client`` (many threads may
+socket, the negotiate-then-serve contract). Client side: ``connect`` and ``Client`` (many threads may
 share one), ``list_exports``, ``inquire``, ``export_info`` and ``list_meta_contexts`` (questions asked in opt
 mode, without selecting an export), ``open_connection`` for callers that drive the engine themselves
 (``open_together``: several at once), and ``copy``: disks copied between NBD exports and files by one thread
 driving every connection's engine over non-blocking sockets; ``mount_export``: an export as a file in a FUSE
-mount (the ``fuse`` extra). ``SharedTls``: one TLS connection several threads use at once, safely.
-The devices both servers serve live in ``nbdproto.devices``.
+mount (the ``fuse`` extra). ``SharedTls`` (one TLS connection several threads use at once, safely) and the
+blocking connection pieces (``Connection``, ``connect_socket``, ``negotiate_client``, ``open_together``) live
+in ``nbdproto.sockets``, below the devices that use them too, and are re-exported here. The devices both
+servers serve live in ``nbdproto.devices``.
 
 The names are loaded on first use (PEP 562): a client (``nbdproto copy``, ``nbdproto info``) should not pay for
 importing the server, its thread pool and logging.
@@ -20,23 +22,12 @@ from typing import TYPE_CHECKING
 from nbdproto.serving import lazy_names
 
 if TYPE_CHECKING:
-    from ._client import (
-        Client,
-        Connection,
-        connect,
-        connect_socket,
-        export_info,
-        inquire,
-        list_exports,
-        list_meta_contexts,
-        negotiate_client,
-        open_connection,
-        open_together,
-    )
+    from nbdproto.sockets import Connection, SharedTls, connect_socket, negotiate_client, open_together
+
+    from ._client import Client, connect, export_info, inquire, list_exports, list_meta_contexts, open_connection
     from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._fuse import mount_export
     from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
-    from ._sharedtls import SharedTls
 
 _WHERE = {
     "Client": "._client",
@@ -45,11 +36,11 @@ _WHERE = {
     "inquire": "._client",
     "export_info": "._client",
     "list_meta_contexts": "._client",
-    "Connection": "._client",
+    "Connection": "nbdproto.sockets",
     "open_connection": "._client",
-    "open_together": "._client",
-    "connect_socket": "._client",
-    "negotiate_client": "._client",
+    "open_together": "nbdproto.sockets",
+    "connect_socket": "nbdproto.sockets",
+    "negotiate_client": "nbdproto.sockets",
     "CopyEnd": "._copy",
     "CopyFailed": "._copy",
     "UnreachableTail": "._copy",
@@ -60,7 +51,7 @@ _WHERE = {
     "Server": "._server",
     "ServerSession": "._server",
     "negotiate": "._server",
-    "SharedTls": "._sharedtls",
+    "SharedTls": "nbdproto.sockets",
 }
 
 __all__ = [

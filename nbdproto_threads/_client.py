@@ -20,19 +20,16 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nbdproto
 import nbdproto.client
 from nbdproto.client import Blocking, ClientRequests, ClientSessionLogic
-from nbdproto.engine import HandshakeStep
+from nbdproto.sockets import Connection, SharedTls, connect_socket, negotiate_client, open_together
 from nbdproto.tls import connection_context
 
-from ._sharedtls import SharedTls
-from ._stream import SocketStream
-
 if TYPE_CHECKING:
-    from nbdproto.sockets import ActivatedServer
+    pass
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -65,55 +62,6 @@ every record (512 MiB of 4 MiB reads from nbdkit: 321-323 MiB/s at 1.33-1.39 s o
 hold). Senders wait at most that long for the lock."""
 
 _Opened = TypeVar("_Opened")
-
-
-class Connection(NamedTuple):
-    """A negotiated connection, for callers that drive the engine themselves (``nbdproto_threads.copy`` does;
-    ``Client`` is the usual way): the socket stream and the session logic, its engine in transmission (or done,
-    after a listing)."""
-
-    stream: SocketStream
-    logic: ClientSessionLogic
-    server: ActivatedServer | None = None
-    """The server started for this connection (``connect(command=[...])``), to stop once it is closed."""
-
-    @property
-    def engine(self) -> nbdproto.ClientConnection:
-        return self.logic.engine
-
-    @property
-    def result(self) -> Any:
-        """The handshake's result: HandshakeComplete, or the ExportList of a listing."""
-        return self.logic.result
-
-
-def negotiate_client(
-    sock: socket.socket,
-    plan: nbdproto.client.ClientNegotiation,
-    *,
-    tls: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-) -> Connection:
-    """Run the handshake ``plan`` on a connected blocking socket (closed if the handshake fails). The socket's
-    timeout bounds each wait."""
-    stream = SocketStream(sock)
-    logic = ClientSessionLogic(nbdproto.ClientConnection(), plan)
-    engine = logic.engine
-    try:
-        while (step := logic.handshake_step()) is not HandshakeStep.DONE:
-            stream.send(engine.data_to_send())
-            if step is HandshakeStep.EXCHANGE:
-                engine.receive_data(stream.recv())
-            elif tls is None:
-                raise nbdproto.LocalProtocolError("STARTTLS accepted but no TLS context was given")
-            else:
-                stream.sock = tls.wrap_socket(stream.sock, server_hostname=server_hostname)
-                logic.tls_established()
-        stream.send(engine.data_to_send())
-    except BaseException:
-        stream.close()
-        raise
-    return Connection(stream, logic)
 
 
 class _Waiter:
@@ -288,52 +236,10 @@ class Client(ClientRequests[Blocking]):
         self.close()
 
 
-def connect_socket(uri: nbdproto.NbdUri, timeout: float | None) -> socket.socket:
-    """A blocking socket connected to where ``uri`` points (a unix socket, or TCP with Nagle's algorithm off),
-    with ``timeout`` on every call, the handshake's included: a server that accepts and says nothing cannot
-    hang the caller."""
-    if uri.unix:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(uri.socket)
-        except BaseException:
-            sock.close()
-            raise
-    else:
-        sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 def open_connection(uri: str | None = None, **options: Unpack[nbdproto.ConnectOptions]) -> Connection:
     """Connect and negotiate as ``connect`` does, but hand back the negotiated Connection instead of a Client
     (with a ``command``, stop ``connection.server`` once done with it)."""
     return _negotiated(uri, options)
-
-
-def open_together(count: int, open_one: Callable[[], _Opened], close: Callable[[_Opened], None]) -> list[_Opened]:
-    """``count`` connections made by ``open_one`` at once, each in a thread of its own (each handshake is a few
-    round trips of waiting): all of them; or, when one fails, its exception, with those opened closed."""
-    opened: list[_Opened] = []
-    failures: list[BaseException] = []
-
-    def open_in_thread() -> None:
-        try:
-            opened.append(open_one())
-        except BaseException as exc:  # handed to the caller below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=open_in_thread, name="nbd-connect") for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for connection in opened:
-            close(connection)
-        raise failures[0]
-    return opened
 
 
 def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any) -> Connection:

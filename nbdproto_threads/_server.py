@@ -44,10 +44,7 @@ import nbdproto.tls
 from nbdproto import WritePayload, WriteRequest
 from nbdproto.engine import HandshakeStep
 from nbdproto.serving import BatchEnd, Work
-from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
-
-from ._sharedtls import SharedTls
-from ._stream import SocketStream
+from nbdproto.sockets import AcceptBackoff, SharedTls, SocketStream, client_info, listen_socket
 
 __all__ = ["ServerSession", "negotiate", "Server", "DEFAULT_WORKERS"]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nbdproto_threads import SharedTls
+from nbdproto.sockets import SharedTls
 from tests.serving import make_pki
 from tests.threaded import run_threads
 from tests.tlswatch import TlsOverlaps

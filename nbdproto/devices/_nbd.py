@@ -39,9 +39,9 @@ import nbdproto.serving
 from nbdproto.client import ClientNegotiation, NbdUri
 from nbdproto.engine import Event, MetaContexts, OptionError, OptionGo, OptionListMetaContext, OptionSetMetaContext
 from nbdproto.serving import Buffer, DeviceCall, DeviceCapabilities, Dispatch
+from nbdproto.sockets import connect_socket, negotiate_client, open_together
 from nbdproto.tls import connection_context
 from nbdproto.wire import BASE_ALLOCATION, CommandFlags, InfoType, NBDError, Option, TransmissionFlags
-from nbdproto_threads import connect_socket, negotiate_client, open_together
 
 from ._nbdwire import Wire, WireBroken
 from ._ranges import check_range

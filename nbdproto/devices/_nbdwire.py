@@ -12,7 +12,7 @@ one thread that holds the reader's role, outside both: a send that blocks never 
 server that stops reading requests until its replies are taken would otherwise wait for us forever).
 
 Over TLS one more rule holds: OpenSSL must never see the connection read in one thread while another writes it
-or shuts it down (it corrupts memory). So a TLS connection is shared through ``nbdproto_threads.SharedTls``:
+or shuts it down (it corrupts memory). So a TLS connection is shared through ``nbdproto.sockets.SharedTls``:
 every receive, send and the goodbye is made under its lock without waiting, and the waits for readability or
 writability happen outside it, so a send that cannot go on still never stops replies being read.
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 import nbdproto
 import nbdproto.serving
-from nbdproto_threads import Connection, SharedTls
+from nbdproto.sockets import Connection, SharedTls
 
 __all__ = ["Wire", "WireBroken"]
 
@@ -49,7 +49,7 @@ class _Batch:
 
 
 class Wire:
-    """A negotiated connection (``nbdproto_threads.Connection``) that carries batches of requests."""
+    """A negotiated connection (``nbdproto.sockets.Connection``) that carries batches of requests."""
 
     def __init__(self, connection: Connection) -> None:
         self.stream = connection.stream

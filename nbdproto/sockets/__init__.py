@@ -8,7 +8,10 @@ fails (running out of descriptors must not end a server). ``ActivatedServer`` is
 activation: a server command run on a private unix socket, as a client's ``connect(command=[...])`` does.
 ``SharedClientCount`` keeps the connection policy's counts for several processes serving one listening socket
 (``nbdproto serve --workers``), in memory made by ``anonymous_file``, as a shared memory export's is.
-``step_past`` is what a driver does after a partial scatter-gather send of the engine's pieces.
+``step_past`` is what a driver does after a partial scatter-gather send of the engine's pieces. For blocking
+clients, below every backend: ``SocketStream`` (a socket as the engine's byte pipe), ``SharedTls`` (one TLS
+connection several threads use at once), ``connect_socket`` / ``negotiate_client`` / ``open_together``
+(connecting and negotiating, as the threads client and ``nbdproto.devices.NbdDevice`` do).
 Unlike the engine in ``nbdproto``, this package touches sockets and processes; ``import nbdproto`` never
 imports it, and its names load on first use (a client's start-up does not pay for logging and mmap).
 """
@@ -24,9 +27,12 @@ if TYPE_CHECKING:
     from ._activation import LISTEN_FDS_START, activated_sockets
     from ._anonymous import anonymous_file
     from ._clientcount import SharedClientCount
+    from ._connect import Connection, connect_socket, negotiate_client, open_together
     from ._launch import STOP_TIMEOUT, ActivatedServer
     from ._listen import LISTEN_BACKLOG, client_info, listen_socket, peer_name
     from ._sending import step_past
+    from ._shared_tls import SharedTls
+    from ._stream import SocketStream
 
 _WHERE = {
     "AcceptBackoff": "._accept",
@@ -41,6 +47,12 @@ _WHERE = {
     "listen_socket": "._listen",
     "peer_name": "._listen",
     "step_past": "._sending",
+    "Connection": "._connect",
+    "connect_socket": "._connect",
+    "negotiate_client": "._connect",
+    "open_together": "._connect",
+    "SharedTls": "._shared_tls",
+    "SocketStream": "._stream",
 }
 
 __all__ = [
@@ -56,6 +68,12 @@ __all__ = [
     "SharedClientCount",
     "anonymous_file",
     "step_past",
+    "SocketStream",
+    "SharedTls",
+    "Connection",
+    "connect_socket",
+    "negotiate_client",
+    "open_together",
 ]
 
 if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 from nbdproto import FileRegion, Payload
 from nbdproto.serving import RECV_SIZE
-from nbdproto.sockets import step_past
+
+from ._sending import step_past
 
 __all__ = ["SocketStream"]
 
