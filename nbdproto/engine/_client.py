@@ -7,14 +7,13 @@ one event: ``ExportList`` (LIST), ``ExportInfo`` (INFO), ``HandshakeComplete`` (
 ``StartTLS`` (STARTTLS), ``ClientAborted`` (ABORT), or ``OptionError`` for any refusal. In transmission every
 request ends in one event: ``ReadReply``, ``BlockStatusReply``, ``SuccessReply`` or ``ErrorReply``.
 
-The handshake half lives here; the transmission half in ``_clienttransmission``.
+The handshake half lives here; the transmission half in ``_client_transmission``, what both roles share in
+``_connection``, and when each message is allowed in the transition tables of ``_state``.
 """
 
 from __future__ import annotations
 
 import struct
-from collections import deque
-from collections.abc import Mapping
 
 from nbdproto.wire import (
     MAX_OPTION_LENGTH,
@@ -26,8 +25,6 @@ from nbdproto.wire import (
     Magic,
     Option,
     OptionReplyType,
-    ReceiveBuffer,
-    RemoteProtocolError,
     TransmissionFlags,
     headers,
     layout,
@@ -60,25 +57,12 @@ from ._handshake_events import (
     ServerGreeting,
     StartTLS,
 )
-from ._payloads import Payload
-from ._state import NEED_DATA, PAUSED, Phase
+from ._state import NEED_DATA, PAUSED, SENDS, Phase, Role, Trigger
 
 __all__ = ["ClientConnection"]
 
 _REP = OptionReplyType
-_OPTIONS = (
-    OptionExportName,
-    OptionAbort,
-    OptionList,
-    OptionStartTLS,
-    OptionInfo,
-    OptionGo,
-    OptionStructuredReply,
-    OptionListMetaContext,
-    OptionSetMetaContext,
-    OptionExtendedHeaders,
-    OptionRaw,
-)
+_SENDABLE = SENDS[Role.CLIENT]
 _GREETING = 16  # NBDMAGIC and the word that says newstyle or oldstyle
 _ANSWER_LIMIT = 32 * 1024 * 1024
 """The most reply payload one option's answer may gather (exports listed, contexts, information): the spec's
@@ -99,124 +83,50 @@ class ClientConnection(ClientTransmission):
         super().__init__()
         self.strict = strict
         self._want_no_zeroes = no_zeroes
-        self._buf = ReceiveBuffer()
-        self._out: list[Payload] = []
-        self._events: deque[Event] = deque()
-        self._phase = Phase.GREETING
         self._greeting_word: int | None = None
-        self._eof = False
-        self._fixed = False
-        self._no_zeroes = False
-        self._tls_active = False
-        self._reset_negotiation()
         # The option waiting for its answer, and what its answer has gathered so far.
         self._option: object | None = None
         self._gathered: list[object] = []
         self._gathered_bytes = 0
         self._answered: set[object] = set()  # ids and names SET_META_CONTEXT has answered so far
 
-    def _reset_negotiation(self) -> None:
-        self.structured_replies = False
-        self.extended_headers = False
-        self._meta_export: str | None = None
-        self._meta_contexts: dict[int, str] = {}
-
     # --- The driver's interface --------------------------------------------------------------------------
 
-    @property
-    def phase(self) -> Phase:
-        return self._phase
-
-    @property
-    def tls_active(self) -> bool:
-        return self._tls_active
-
-    @property
-    def meta_contexts(self) -> Mapping[int, str]:
-        """The meta contexts in force for transmission (id -> name)."""
-        return self._meta_contexts
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes received from the server; ``b""`` means the server closed its end."""
-        if self._phase is Phase.ERROR:
-            raise LocalProtocolError("the connection already failed; it takes no more data")
-        if not data:
-            self._eof = True
-            return
-        if self._phase is Phase.TLS_UPGRADE:
-            self._fail("server sent plaintext after acknowledging NBD_OPT_STARTTLS")
+    def _take(self, data: bytes | bytearray | memoryview) -> None:
         if self._direct is not None:
             data = self._fill_direct(data)
         self._buf.append(data)
 
-    def next_event(self) -> Event | type[NEED_DATA] | type[PAUSED]:
-        """The next event the server's bytes caused, NEED_DATA, or PAUSED (waiting on the driver: a TLS
-        upgrade, or an option to send). Raises RemoteProtocolError when the server broke a rule."""
-        if self._events:
-            return self._events.popleft()
+    def send(self, event: Event) -> None:
+        """Send an option (handshake) or a request (transmission), as the phase allows (``_state.SENDS``)."""
         phase = self._phase
-        try:
-            if phase is Phase.TRANSMISSION:
-                return self._next_reply()
-            if phase is Phase.OPTIONS:
-                return self._next_option_reply()
-            if phase is Phase.GREETING:
-                return self._next_greeting()
-        except RemoteProtocolError:
-            self._phase = Phase.ERROR
-            raise
-        if phase is Phase.CLOSED:
-            return ConnectionClosed()
         if phase is Phase.ERROR:
             raise LocalProtocolError("the connection already failed")
-        return PAUSED
-
-    def send(self, event: Event) -> None:
-        """Send an option (handshake) or a request (transmission)."""
-        if self._phase is Phase.ERROR:
-            raise LocalProtocolError("the connection already failed")
-        if self._phase is Phase.TRANSMISSION:
-            if isinstance(event, _OPTIONS):
+        allowed = type(event) in _SENDABLE.get(phase, ())
+        if phase is Phase.TRANSMISSION:
+            if not allowed:
                 # spec: no option may follow the handshake's successful end.
-                raise LocalProtocolError(f"{type(event).__name__} cannot be sent once transmission started")
+                raise LocalProtocolError(f"{type(event).__name__} cannot be sent in transmission: it is not a request")
             # Every check runs before anything is queued or remembered: a refused request leaves the
             # connection as it was, so the caller may go on with valid ones.
             self._send_request(event)
             return
         try:
-            if isinstance(event, _OPTIONS):
-                self._send_option(event)
-            else:
-                raise LocalProtocolError(f"cannot send {type(event).__name__} in phase {self._phase.value}")
+            if not allowed:
+                raise LocalProtocolError(f"cannot send {type(event).__name__} in phase {phase.value}")
+            self._send_option(event)
         except LocalProtocolError:
-            self._phase = Phase.ERROR
+            self._break()
             raise
 
-    def data_to_send(self) -> list[Payload]:
-        out = self._out
-        self._out = []
-        return out
-
-    def tls_established(self) -> None:
-        """The driver finished the TLS handshake after a StartTLS event; options go on under TLS."""
-        if self._phase is not Phase.TLS_UPGRADE:
-            raise LocalProtocolError(f"tls_established() called in phase {self._phase.value}, not after StartTLS")
-        self._tls_active = True
-        self._reset_negotiation()
-        self._phase = Phase.OPTIONS
-
     # --- Greeting -----------------------------------------------------------------------------------------
-
-    def _fail(self, message: str) -> None:
-        self._phase = Phase.ERROR
-        raise RemoteProtocolError(message)
 
     def _need_data(self, during: str) -> type[NEED_DATA]:
         if self._eof:
             self._fail(f"the server closed the connection {during}")
         return NEED_DATA
 
-    def _next_greeting(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+    def _next_in_greeting(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         if self._greeting_word is None:
             if len(buf) < _GREETING:
@@ -238,7 +148,7 @@ class ClientConnection(ClientTransmission):
             ClientFlags.NO_ZEROES if self._no_zeroes else 0
         )
         self._out.append(layout.encode(layout.ClientFlagsMessage, {"client_flags": client_flags}))
-        self._phase = Phase.OPTIONS
+        self._move(Trigger.GREETED)
         return ServerGreeting(flags)
 
     def _oldstyle(self) -> Event | type[NEED_DATA]:
@@ -248,14 +158,12 @@ class ClientConnection(ClientTransmission):
         size, flags = struct.unpack(">QI", self._buf.take(12))
         if bytes(self._buf.take(124)) != bytes(124):
             self._fail("the oldstyle greeting's 124 reserved bytes are not zero")
-        self._enter_transmission(Export("", size, TransmissionFlags(flags & 0xFFFF)))
+        self._enter_transmission(Export("", size, TransmissionFlags(flags & 0xFFFF)), trigger=Trigger.OLDSTYLE_GREETING)
         return ServerGreeting(0, oldstyle=True)
 
     # --- Options ------------------------------------------------------------------------------------------
 
     def _send_option(self, event: object) -> None:
-        if self._phase is not Phase.OPTIONS:
-            raise LocalProtocolError(f"cannot send an option in phase {self._phase.value}")
         if self._option is not None:
             raise LocalProtocolError(f"{type(self._option).__name__} is still waiting for its answer")
         code, payload = self._option_bytes(event)
@@ -304,13 +212,13 @@ class ClientConnection(ClientTransmission):
         }
         return simple[type(event)], b""
 
-    def _next_option_reply(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+    def _next_in_options(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         while True:
             option = self._option
             if option is None:
                 if self._eof:
-                    self._phase = Phase.CLOSED
+                    self._move(Trigger.PEER_CLOSED)
                     return ConnectionClosed()
                 if len(buf):
                     self._fail(f"the server sent {len(buf)} bytes nobody asked for during option haggling")
@@ -322,7 +230,7 @@ class ClientConnection(ClientTransmission):
                 if self._eof and isinstance(option, OptionAbort):
                     # spec: a client should handle a server that closes instead of acknowledging ABORT.
                     self._option = None
-                    self._phase = Phase.CLOSED
+                    self._move(Trigger.ABORTED)
                     return ClientAborted()
                 return self._need_data(f"while {type(option).__name__} waited for its answer")
             magic, code, reply_type, length = header
@@ -399,7 +307,6 @@ class ClientConnection(ClientTransmission):
             self._gathered.append((fields.context_id, fields.name))
             return None
         self._fail(f"reply type {reply_type} is not a valid answer to {type(option).__name__}")
-        return None  # unreachable
 
     def _option_done(self, option: object) -> Event:
         gathered = self._gathered
@@ -429,10 +336,10 @@ class ClientConnection(ClientTransmission):
         if isinstance(option, OptionStartTLS):
             if len(self._buf):
                 self._fail("the server sent plaintext after acknowledging NBD_OPT_STARTTLS")
-            self._phase = Phase.TLS_UPGRADE
+            self._move(Trigger.STARTTLS_ACCEPTED)
             return StartTLS()
         if isinstance(option, OptionAbort):
-            self._phase = Phase.CLOSED
+            self._move(Trigger.ABORTED)
             return ClientAborted()
         if isinstance(option, OptionStructuredReply):
             self.structured_replies = True
@@ -460,7 +367,6 @@ class ClientConnection(ClientTransmission):
             # spec: a client MUST ignore information replies it does not understand.
         if size is None:
             self._fail("the server acknowledged INFO/GO without sending NBD_INFO_EXPORT")
-            raise AssertionError  # unreachable
         check_export_size(size)
         if sizes is None:
             return Export(canonical, size, TransmissionFlags(flags), description, block_sizes_known=False)
@@ -481,12 +387,12 @@ class ClientConnection(ClientTransmission):
         self._enter_transmission(Export(option.name, fields.size, TransmissionFlags(fields.transmission_flags)))
         return self._events.popleft()
 
-    def _enter_transmission(self, export: Export, bound: bool = True) -> None:
+    def _enter_transmission(self, export: Export, bound: bool = True, trigger: Trigger = Trigger.EXPORT_CHOSEN) -> None:
         if not export.flags & TransmissionFlags.HAS_FLAGS:
             self._fail(f"transmission flags {int(export.flags):#x} lack NBD_FLAG_HAS_FLAGS")
         check_export_size(export.size)
         self._start_transmission(export, bound)
-        self._phase = Phase.TRANSMISSION
+        self._move(trigger)
         self._events.append(
             HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))
         )

@@ -22,7 +22,6 @@ from nbdproto.wire import (
     CommandFlags,
     Errno,
     LocalProtocolError,
-    ReceiveBuffer,
     ReplyFlags,
     TransmissionFlags,
     headers,
@@ -31,10 +30,11 @@ from nbdproto.wire import (
 
 from ._client_checks import ReadCoverage, descriptor_count, parse_block_status
 from ._commands import RULE_OF, request_error
+from ._connection import Connection
 from ._events import ConnectionClosed, Event
 from ._handshake_events import Export
-from ._payloads import Extent, Payload
-from ._state import NEED_DATA, PAUSED, Phase
+from ._payloads import Extent
+from ._state import NEED_DATA, PAUSED, Role, Trigger
 from ._transmission_events import (
     BlockStatusReply,
     BlockStatusRequest,
@@ -84,18 +84,14 @@ class _Pending:
         self.extents: dict[int, tuple[Extent, ...]] = {}
 
 
-class ClientTransmission:
-    """Requests and replies for ClientConnection (which provides the buffers and the phase)."""
+class ClientTransmission(Connection):
+    """Requests and replies for ClientConnection."""
 
-    _buf: ReceiveBuffer
-    _out: list[Payload]
-    _phase: Phase
-    _eof: bool
-    structured_replies: bool
-    extended_headers: bool
-    _meta_contexts: dict[int, str]
+    role = Role.CLIENT
+    _peer = "server"
 
     def __init__(self) -> None:
+        super().__init__()
         self.export: Export | None = None
         self.strict = False
         """Hold every request to what the server stated, whether or not the client asked for it: ranges
@@ -124,9 +120,6 @@ class ClientTransmission:
     def in_flight(self) -> int:
         """Requests sent whose replies are not complete yet."""
         return len(self._pending)
-
-    def _fail(self, message: str) -> None:
-        raise NotImplementedError
 
     # --- Read payloads straight into the caller's buffer --------------------------------------------------
 
@@ -281,7 +274,7 @@ class ClientTransmission:
 
     # --- Replies -------------------------------------------------------------------------------------------
 
-    def _next_reply(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+    def _next_in_transmission(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         while True:
             if self._direct is not None:
@@ -298,7 +291,7 @@ class ClientTransmission:
                     started = [c for c, p in self._pending.items() if p.started]
                     if started:
                         self._fail(f"the server closed the connection before the DONE chunk of cookie {started[0]:#x}")
-                    self._phase = Phase.CLOSED
+                    self._move(Trigger.PEER_CLOSED)
                     return ConnectionClosed()
                 return NEED_DATA
             (magic,) = _MAGIC(buf.peek(4))
@@ -310,7 +303,6 @@ class ClientTransmission:
                 event = self._chunk(True)
             else:
                 self._fail(f"reply magic {magic:#x} is not a reply magic")
-                raise AssertionError  # unreachable
             if event is NEED_DATA:
                 return self._need_more()
             if event is not None:
@@ -325,7 +317,6 @@ class ClientTransmission:
         pending = self._pending.get(cookie)
         if pending is None:
             self._fail(f"reply for cookie {cookie:#x}, which is not in flight")
-            raise AssertionError  # unreachable
         return pending
 
     def _simple_reply(self) -> Event | type[NEED_DATA] | None:

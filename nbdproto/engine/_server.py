@@ -8,31 +8,29 @@ application only which exports exist (``ExportRequested`` -> ``Export`` / ``Expo
 request and answers invalid ones itself, so the application only ever sees requests it can carry out; and it
 turns the application's replies into simple, structured or extended reply messages as negotiated.
 
-The application's side of the seed contract: ``exports`` is the offer list answered to NBD_OPT_LIST (None
-answers NBD_REP_ERR_POLICY, the spec's way of saying EPERM); the chosen name arrives in ``ExportRequested``;
+The application's side of the negotiate-then-serve contract: ``exports`` is the offer list answered to NBD_OPT_LIST
+(None answers NBD_REP_ERR_POLICY, the spec's way of saying EPERM); the chosen name arrives in ``ExportRequested``;
 NBD_OPT_ABORT surfaces as ``ClientAborted``; exports are read-only unless the application's ``Export`` says
 otherwise; the TLS mode is the driver's choice (backends force TLS when they are given a certificate).
 
-The two halves live in ``_serverhandshake`` and ``_servertransmission``; this module is the public face.
+The two halves live in ``_server_handshake`` and ``_server_transmission``, what they share in ``_server_base``
+and ``_connection``; when each message is allowed, in the transition tables of ``_state``. This module is the
+public face.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from nbdproto.wire import LocalProtocolError
 
-from nbdproto.wire import LocalProtocolError, RemoteProtocolError
-
-from ._events import ConnectionClosed, Event
-from ._handshake_events import Export, ExportUnknown
-from ._payloads import Payload
+from ._events import Event
 from ._server_handshake import ServerHandshake
 from ._server_transmission import ServerTransmission
-from ._state import NEED_DATA, PAUSED, Phase
+from ._state import SENDS, Phase, Role
 from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHole, SuccessReply
 
 __all__ = ["ServerConnection"]
 
-_REPLIES = (ReadData, ReadHole, SuccessReply, ErrorReply, BlockStatusReply)
+_SENDABLE = SENDS[Role.SERVER]
 
 
 class ServerConnection(ServerHandshake, ServerTransmission):
@@ -50,21 +48,6 @@ class ServerConnection(ServerHandshake, ServerTransmission):
     """
 
     # --- The driver's interface --------------------------------------------------------------------------
-
-    @property
-    def phase(self) -> Phase:
-        """Where the connection is (see ``nbdproto._state``)."""
-        return self._phase
-
-    @property
-    def tls_active(self) -> bool:
-        """True once the driver reported the TLS upgrade done."""
-        return self._tls_active
-
-    @property
-    def meta_contexts(self) -> Mapping[int, str]:
-        """The meta contexts agreed for transmission: id -> name."""
-        return self._meta_contexts
 
     @property
     def receiving_request(self) -> bool:
@@ -110,17 +93,7 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         """Requests handed to the application whose replies are not complete yet."""
         return len(self._in_flight)
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes received from the client; ``b""`` means the client closed its end."""
-        if self._phase is Phase.ERROR:
-            raise LocalProtocolError("the connection already failed; it takes no more data")
-        if not data:
-            self._eof = True
-            return
-        if self._phase is Phase.CLOSED:
-            return
-        if self._phase is Phase.TLS_UPGRADE:
-            self._fail("client sent plaintext after NBD_OPT_STARTTLS was accepted, before the TLS handshake")
+    def _take(self, data: bytes | bytearray | memoryview) -> None:
         rest = self._payload_rest
         if rest is not None:
             # The rest of a write's payload goes to its own buffer; what follows it, to the receive buffer.
@@ -140,72 +113,36 @@ class ServerConnection(ServerHandshake, ServerTransmission):
                 return
         self._buf.append(data)
 
-    def next_event(self) -> Event | type[NEED_DATA] | type[PAUSED]:
-        """The next event the client's bytes caused, NEED_DATA if more bytes are needed, or PAUSED while the
-        connection waits on the driver (an ExportRequested to answer, a TLS upgrade, replies still owed after
-        NBD_CMD_DISC). Once the connection is over it returns ``ConnectionClosed``. Raises RemoteProtocolError
-        when the client broke a rule that ends the connection."""
-        if self._events:
-            return self._events.popleft()
-        phase = self._phase
-        try:
-            if phase is Phase.TRANSMISSION:
-                return self._next_request()
-            if phase is Phase.OPTIONS:
-                return self._next_option()
-            if phase is Phase.GREETING:
-                return self._next_client_flags()
-        except RemoteProtocolError:
-            self._phase = Phase.ERROR
-            raise
-        if phase is Phase.CLOSED:
-            return ConnectionClosed()
-        if phase is Phase.ERROR:
-            raise LocalProtocolError("the connection already failed")
-        return PAUSED
-
     def send(self, event: Event) -> None:
         """Answer the client: ``Export`` / ``ExportUnknown`` for an ExportRequested, or a reply to a request
-        (``ReadData``, ``ReadHole``, ``BlockStatusReply``, ``SuccessReply``, ``ErrorReply``). Raises
-        LocalProtocolError when the event is not allowed now or does not fit the request it answers."""
-        phase = self._phase
+        (``ReadData``, ``ReadHole``, ``BlockStatusReply``, ``SuccessReply``, ``ErrorReply``), as the phase
+        allows (``_state.SENDS``). Raises LocalProtocolError when the event is not allowed now or does not fit
+        the request it answers; that ends the connection."""
+        kind = type(event)
         try:
-            if phase is Phase.TRANSMISSION:
-                # Dispatch on the exact type, cheaper than isinstance chains on the hot path.
-                if type(event) is ReadData:
-                    self._read_chunk(event.cookie, event.offset, len(event.data), event.data, event.done)
-                elif type(event) is SuccessReply:
-                    self._success(event.cookie)
-                elif type(event) is ReadHole:
-                    self._read_chunk(event.cookie, event.offset, event.length, None, event.done)
-                elif type(event) is ErrorReply:
-                    self._error_reply(event)
-                elif type(event) is BlockStatusReply:
-                    self._block_status(event)
-                else:
-                    raise LocalProtocolError(f"{type(event).__name__} is not a reply a server can send")
-            elif isinstance(event, (Export, ExportUnknown)):
-                self._answer_export(event)
-            elif phase is Phase.CLOSED and isinstance(event, _REPLIES):
-                pass  # the client is gone; a late reply has nowhere to go
-            elif phase is Phase.ERROR:
+            # The common reply first: one chunk of data, in transmission (SENDS allows it there).
+            if kind is ReadData and self._phase is Phase.TRANSMISSION:
+                self._read_chunk(event.cookie, event.offset, len(event.data), event.data, event.done)  # type: ignore[attr-defined]
+                return
+            phase = self._phase
+            if phase is Phase.ERROR:
                 raise LocalProtocolError("the connection already failed")
+            if kind not in _SENDABLE.get(phase, ()):
+                raise LocalProtocolError(f"cannot send {kind.__name__} in phase {phase.value}")
+            if phase is Phase.CLOSED:
+                return  # the client is gone; a late reply has nowhere to go
+            if kind is SuccessReply:
+                self._success(event.cookie)  # type: ignore[attr-defined]
+            elif kind is ReadHole:
+                self._read_chunk(event.cookie, event.offset, event.length, None, event.done)  # type: ignore[attr-defined]
+            elif kind is ReadData:
+                self._read_chunk(event.cookie, event.offset, len(event.data), event.data, event.done)  # type: ignore[attr-defined]
+            elif kind is ErrorReply:
+                self._error_reply(event)  # type: ignore[arg-type]
+            elif kind is BlockStatusReply:
+                self._block_status(event)  # type: ignore[arg-type]
             else:
-                raise LocalProtocolError(f"cannot send {type(event).__name__} in phase {phase.value}")
+                self._answer_export(event)  # type: ignore[arg-type]
         except LocalProtocolError:
-            self._phase = Phase.ERROR
+            self._break()
             raise
-
-    def data_to_send(self) -> list[Payload]:
-        """Take the pieces queued for the client, in order (payloads are separate pieces, for sendmsg)."""
-        out = self._out
-        self._out = []
-        return out
-
-    def tls_established(self) -> None:
-        """The driver finished the TLS handshake after a StartTLS event; option haggling resumes under TLS."""
-        if self._phase is not Phase.TLS_UPGRADE:
-            raise LocalProtocolError(f"tls_established() called in phase {self._phase.value}, not after StartTLS")
-        self._tls_active = True
-        self._reset_negotiation()
-        self._phase = Phase.OPTIONS

@@ -1,21 +1,21 @@
 """The state one server connection keeps, shared by its handshake and transmission halves.
 
-``ServerConnection`` is assembled from ``ServerHandshake`` (option haggling, in ``_serverhandshake``) and
-``ServerTransmission`` (requests and replies, in ``_servertransmission``); both build on this class, which
-holds every attribute either half reads, so each attribute is declared and initialised in one place.
+``ServerConnection`` is assembled from ``ServerHandshake`` (option haggling, in ``_server_handshake``) and
+``ServerTransmission`` (requests and replies, in ``_server_transmission``); both build on ``ServerBase``, which
+adds to what both roles keep (``_connection``) every attribute either half reads, so each attribute is declared
+and initialised in one place.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable
 
-from nbdproto.wire import HandshakeFlags, Option, ReceiveBuffer, RemoteProtocolError, headers, layout
+from nbdproto.wire import HandshakeFlags, Option, headers, layout
 
+from ._connection import Connection
 from ._events import ConnectionClosed, Event
 from ._handshake_events import Export, ExportListing
-from ._payloads import Payload
-from ._state import NEED_DATA, Phase, TlsMode
+from ._state import NEED_DATA, Role, TlsMode, Trigger
 from ._transmission_events import Request, WriteRequest
 
 WriteView = Callable[[int, int], "memoryview | None"]
@@ -25,7 +25,7 @@ See ``ServerConnection.write_view``. The bytes land as they arrive: a client tha
 payload leaves what it sent written, as a server that crashed part-way through a pwrite would (the spec
 promises nothing of a write that was not answered)."""
 
-__all__ = ["ServerState", "Progress"]
+__all__ = ["ServerBase", "Progress", "WriteView"]
 
 
 class Progress:
@@ -38,8 +38,11 @@ class Progress:
         self.ranges: list[tuple[int, int]] = []  # (offset, size) of each chunk sent, to refuse overlaps
 
 
-class ServerState:
-    """Every attribute of a server connection, and the two helpers both halves use."""
+class ServerBase(Connection):
+    """Every attribute of a server connection, and the helper both halves use."""
+
+    role = Role.SERVER
+    _peer = "client"
 
     def __init__(
         self,
@@ -56,16 +59,8 @@ class ServerState:
         self.tls_mode = tls
         self._allow_structured = structured_replies
         self._allow_extended = extended_headers and structured_replies
-        self._buf = ReceiveBuffer()
-        self._out: list[Payload] = []
-        self._events: deque[Event] = deque()
-        self._phase = Phase.GREETING
-        self._eof = False
-        self._fixed = False
-        self._no_zeroes = False
-        self._tls_active = False
+        super().__init__()
         self._skip = 0  # bytes of a refused option payload still to discard
-        self._reset_negotiation()
         # The option waiting on the application's answer to ExportRequested: (option, payload fields).
         self._pending: tuple[Option, dict[str, object]] | None = None
         # Transmission state.
@@ -99,19 +94,9 @@ class ServerState:
             )
         )
 
-    def _reset_negotiation(self) -> None:
-        # Everything the spec says a successful STARTTLS makes the server forget.
-        self.structured_replies = False
-        self.extended_headers = False
-        self._meta_export: str | None = None
-        self._meta_contexts: dict[int, str] = {}
-
-    def _fail(self, message: str) -> None:
-        self._phase = Phase.ERROR
-        raise RemoteProtocolError(message)
-
     def _closed_or_need_data(self) -> Event | type[NEED_DATA]:
+        """What waiting for more bytes means: the end, if the client closed its end where it may."""
         if self._eof:
-            self._phase = Phase.CLOSED
+            self._move(Trigger.PEER_CLOSED)
             return ConnectionClosed()
         return NEED_DATA

@@ -29,8 +29,8 @@ from ._commands import COMMANDS, allowed_flags, usable
 from ._events import Event
 from ._handshake_events import ClientAborted, Export, ExportRequested, ExportUnknown, HandshakeComplete, StartTLS
 from ._metacontexts import match_meta_contexts
-from ._server_base import ServerState
-from ._state import NEED_DATA, PAUSED, Phase, TlsMode
+from ._server_base import ServerBase
+from ._state import NEED_DATA, PAUSED, TlsMode, Trigger
 
 __all__ = ["ServerHandshake"]
 
@@ -52,10 +52,10 @@ def _check_block_sizes(export: Export) -> None:
         raise LocalProtocolError(f"maximum payload {maximum} must be from {preferred} to 0xffffffff")
 
 
-class ServerHandshake(ServerState):
+class ServerHandshake(ServerBase):
     """Option haggling for ServerConnection."""
 
-    def _next_client_flags(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+    def _next_in_greeting(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         if len(self._buf) < 4:
             return self._closed_or_need_data()
         flags = layout.decode(layout.ClientFlagsMessage, self._buf.take(4)).client_flags
@@ -64,8 +64,8 @@ class ServerHandshake(ServerState):
             self._fail(f"client flags {flags:#x} include unknown bits {flags & ~_KNOWN_CLIENT_FLAGS:#x}")
         self._fixed = bool(flags & ClientFlags.FIXED_NEWSTYLE)
         self._no_zeroes = bool(flags & ClientFlags.NO_ZEROES)
-        self._phase = Phase.OPTIONS
-        return self._next_option()
+        self._move(Trigger.GREETED)
+        return self._next_in_options()
 
     def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
         self._out.append(_replies.option_reply(option, reply_type, payload))
@@ -73,7 +73,7 @@ class ServerHandshake(ServerState):
     def _error(self, option: int, reply_type: OptionReplyType, message: str) -> None:
         self._out.append(_replies.option_error(option, reply_type, message))
 
-    def _next_option(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+    def _next_in_options(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         while True:
             if self._skip:
@@ -109,7 +109,7 @@ class ServerHandshake(ServerState):
         if option == Option.ABORT:
             # spec: the server MUST reply with NBD_REP_ACK, and SHOULD ignore any data.
             self._reply(option, _REP.ACK)
-            self._phase = Phase.CLOSED
+            self._move(Trigger.ABORTED)
             return ClientAborted()
         if option == Option.STARTTLS:
             return self._starttls(data)
@@ -144,7 +144,7 @@ class ServerHandshake(ServerState):
             self._reply(option, _REP.ACK)
             if len(self._buf):
                 self._fail("client sent more data after NBD_OPT_STARTTLS, before the TLS handshake")
-            self._phase = Phase.TLS_UPGRADE
+            self._move(Trigger.STARTTLS_ACCEPTED)
             return StartTLS()
         return None
 
@@ -158,7 +158,7 @@ class ServerHandshake(ServerState):
             try:
                 replies = [_replies.server_reply(option, listing) for listing in self._offer]
             except LocalProtocolError:
-                self._phase = Phase.ERROR  # the application's offer list holds a name no client could use
+                self._break()  # the application's offer list holds a name no client could use
                 raise
             self._out.extend(replies)
             self._reply(option, _REP.ACK)
@@ -188,7 +188,7 @@ class ServerHandshake(ServerState):
 
     def _ask_for_export(self, option: Option, name: str, fields: dict[str, object]) -> ExportRequested:
         self._pending = (option, fields)
-        self._phase = Phase.AWAIT_EXPORT
+        self._move(Trigger.EXPORT_REQUESTED)
         return ExportRequested(name, option)
 
     def _export_name(self, data: bytes) -> Event:
@@ -239,11 +239,9 @@ class ServerHandshake(ServerState):
         return self._ask_for_export(option, fields.name, {"queries": tuple(fields.queries)})
 
     def _answer_export(self, answer: Export | ExportUnknown) -> None:
-        if self._phase is not Phase.AWAIT_EXPORT or self._pending is None:
-            raise LocalProtocolError(f"{type(answer).__name__} sent with no ExportRequested to answer")
+        assert self._pending is not None, "AWAIT_EXPORT is entered with the option to answer"
         option, fields = self._pending
         self._pending = None
-        self._phase = Phase.OPTIONS
         if isinstance(answer, ExportUnknown):
             self._refuse_export(option, answer)
             return
@@ -263,7 +261,7 @@ class ServerHandshake(ServerState):
     def _refuse_export(self, option: Option, answer: ExportUnknown) -> None:
         if option == Option.EXPORT_NAME:
             # spec: NBD_OPT_EXPORT_NAME has no error reply; the only refusal is to end the session.
-            self._phase = Phase.CLOSED
+            self._move(Trigger.EXPORT_NAME_REFUSED)
             return
         reply_type = OptionReplyType(answer.reply_type)
         if not reply_type.is_error:
@@ -276,6 +274,7 @@ class ServerHandshake(ServerState):
             # spec (extended headers): a server that agreed to them must support NBD_OPT_GO.
             raise LocalProtocolError("NBD_OPT_GO cannot be unsupported once extended headers were agreed")
         self._error(option, reply_type, answer.message or "unknown export")
+        self._move(Trigger.EXPORT_ANSWERED)
 
     def _transmission_flags(self, export: Export) -> int:
         flags = int(export.flags) | TransmissionFlags.HAS_FLAGS
@@ -304,6 +303,7 @@ class ServerHandshake(ServerState):
             # spec: send the constraints first, so the client can retry without a round trip.
             self._reply(option, _REP.INFO, _replies.block_size_payload(export, maximum))
             self._error(option, _REP.ERR_BLOCK_SIZE_REQD, "this export needs NBD_INFO_BLOCK_SIZE to be requested")
+            self._move(Trigger.EXPORT_ANSWERED)
             return
         if export.preferred_block_size != 4096 or maximum < DEFAULT_MAX_PAYLOAD:
             # spec ("Size constraints"): constraints other than the defaults (1, 4096, at least 32 MiB) MUST be
@@ -314,12 +314,15 @@ class ServerHandshake(ServerState):
         self._reply(option, _REP.ACK)
         if option == Option.GO:
             self._enter_transmission(export)
+        else:
+            self._move(Trigger.EXPORT_ANSWERED)
 
     def _answer_meta_context(self, option: Option, export: Export, queries: tuple[str, ...]) -> None:
         listing = option == Option.LIST_META_CONTEXT
         chosen = match_meta_contexts(queries, export.meta_contexts, listing=listing)
         if chosen is None:
             self._error(option, _REP.ERR_INVALID, "a meta context query must start with a namespace and a colon")
+            self._move(Trigger.EXPORT_ANSWERED)
             return
         # Ids are only meaningful for SET (spec: LIST replies SHOULD carry id 0).
         numbered = [(0 if listing else i + 1, name) for i, name in enumerate(chosen)]
@@ -327,6 +330,7 @@ class ServerHandshake(ServerState):
         self._reply(option, _REP.ACK)
         if not listing:
             self._meta_export, self._meta_contexts = export.name, dict(numbered)
+        self._move(Trigger.EXPORT_ANSWERED)
 
     def _enter_transmission(self, export: Export, with_export_name: bool = False) -> None:
         flags = self._transmission_flags(export)
@@ -344,7 +348,7 @@ class ServerHandshake(ServerState):
         write = COMMANDS[Command.WRITE]
         self._plain_write_flags = frozenset({0, allowed_flags(write, flags)}) if usable(write, flags) else frozenset()
         self._request_codec = headers.EXTENDED_REQUEST if self.extended_headers else headers.REQUEST
-        self._phase = Phase.TRANSMISSION
+        self._move(Trigger.EXPORT_CHOSEN)
         self._events.append(
             HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))
         )

@@ -8,7 +8,7 @@ checks that they fit the request they answer (a bug in the application is a Loca
 malformed reply on the wire).
 
 This is the hot path: the common request (a READ or WRITE with valid fields) and the common reply (one chunk
-answering a whole read) take the short road through ``_next_request`` and ``_read_chunk``.
+answering a whole read) take the short road through ``_next_in_transmission`` and ``_read_chunk``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from . import _replies
 from ._commands import COMMANDS, request_error
 from ._events import ConnectionClosed, Event
 from ._payloads import Extent, Payload
-from ._server_base import Progress, ServerState
-from ._state import NEED_DATA, PAUSED, Phase
+from ._server_base import Progress, ServerBase
+from ._state import NEED_DATA, PAUSED, Trigger
 from ._transmission_events import (
     BlockStatusReply,
     BlockStatusRequest,
@@ -59,7 +59,7 @@ def _wire_offset(request: Request) -> int:
     return getattr(request, "offset", 0)
 
 
-class ServerTransmission(ServerState):
+class ServerTransmission(ServerBase):
     """Requests and replies for ServerConnection."""
 
     _fast_paths = True
@@ -71,7 +71,7 @@ class ServerTransmission(ServerState):
 
     # --- Requests ------------------------------------------------------------------------------------------
 
-    def _next_request(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+    def _next_in_transmission(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         codec = self._request_codec
         header_size = codec.size
@@ -236,7 +236,7 @@ class ServerTransmission(ServerState):
         return WritePayload(cookie, offset, data, not left)
 
     def _closed(self) -> ConnectionClosed:
-        self._phase = Phase.CLOSED
+        self._move(Trigger.DISCONNECTED)
         return ConnectionClosed()
 
     def _check_request(self, command: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
