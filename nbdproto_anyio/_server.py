@@ -1,5 +1,5 @@
 """The async NBD server on anyio (asyncio or trio): an anyio byte stream's I/O loop around
-nbdproto.serving.ServerSessionLogic, and a Server.
+ServerSessionLogic, and a Server.
 
 - ``ServerSession``: one connection. ``await negotiate()`` returns the chosen export name or
   ``nbdproto.ClientAborted``; ``await serve(device)`` serves until the client disconnects; ``async with``
@@ -21,7 +21,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -33,9 +33,18 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 import nbdproto
 import nbdproto.serving
 import nbdproto.tls
-from nbdproto import WritePayload, WriteRequest
 from nbdproto.engine import HandshakeStep
-from nbdproto.serving import BatchEnd, Work
+from nbdproto.serving import (
+    FINISHED,
+    RECEIVE,
+    RECEIVE_READY,
+    BatchEnd,
+    ServerSessionLogic,
+    Step,
+    WaitForBudget,
+    Work,
+    streamed_part,
+)
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, send_pieces
@@ -61,51 +70,52 @@ _STREAM_GONE = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 _NO_SETTINGS = nbdproto.serving.SessionSettings()
 
 
-class Room:
-    """Where a server's tasks wait for its memory budget to have room: an event set (and renewed) whenever
-    memory is given back."""
+class SharedBudget:
+    """The server's memory budget (nbdproto.serving.MemoryBudget) and the event its connections wait on for
+    room, set (and renewed) whenever memory is given back: every connection's WaitingShare draws on it."""
 
-    def __init__(self, budget: nbdproto.serving.MemoryBudget) -> None:
-        self.budget = budget
+    def __init__(self, limit: int) -> None:
+        self.budget = nbdproto.serving.MemoryBudget(limit)
         self.freed = anyio.Event()
 
 
-class _Share(nbdproto.serving.BudgetShare):
-    """A BudgetShare that wakes the tasks waiting in its Room when it gives memory back."""
+class WaitingShare(nbdproto.serving.BudgetShare):
+    """One connection's draw on a SharedBudget, whose ``take`` waits for room and whose ``give`` wakes the
+    connections waiting."""
 
-    def __init__(self, room: Room) -> None:
-        super().__init__(room.budget)
-        self._room = room
+    def __init__(self, shared: SharedBudget) -> None:
+        super().__init__(shared.budget)
+        self._shared = shared
 
     async def take(self, amount: int) -> None:
         while not self.try_take(amount):
-            await self._room.freed.wait()
+            await self._shared.freed.wait()
 
     def give(self, amount: int) -> None:
         if amount > 0:
             super().give(amount)
-            self._room.freed.set()
-            self._room.freed = anyio.Event()
+            self._shared.freed.set()
+            self._shared.freed = anyio.Event()
 
 
 class ServerSession:
     """One client connection on the server side, over an anyio byte stream (``listen()``'s fast
     RawSocketStream, or any other). ``settings``, ``log`` and ``client`` as for nbdproto_threads.ServerSession;
-    ``room``: the server's memory budget (a budget of its own otherwise)."""
+    ``budget``: the server's memory budget (a budget of its own otherwise)."""
 
     def __init__(
         self,
         stream: anyio.abc.ByteStream,
         settings: nbdproto.serving.SessionSettings = _NO_SETTINGS,
         *,
-        room: Room | None = None,
+        budget: SharedBudget | None = None,
         log: nbdproto.serving.ConnectionLog | None = None,
         client: nbdproto.ClientInfo | None = None,
     ) -> None:
         self.stream: anyio.abc.ByteStream = stream
-        self._share = _Share(room or Room(nbdproto.serving.MemoryBudget(settings.limits.memory_limit)))
+        self._share = WaitingShare(budget or SharedBudget(settings.limits.memory_limit))
         on_device_error = (log or _default_log()).device_failed
-        self.logic = nbdproto.serving.ServerSessionLogic(
+        self.logic = ServerSessionLogic(
             settings, share=self._share, on_device_error=on_device_error, client=client or _client_of(stream)
         )
         self.engine = self.logic.engine
@@ -190,31 +200,35 @@ class ServerSession:
         await self._send()
         self.engine.receive_data(await receive(self.stream))
 
-    async def _receive(self) -> bytes | int:
-        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait): the
-        rest of a write's payload straight into its own buffer where the stream allows it (a count), or with
-        the header after it into ``in_place_buffers()`` (a count)."""
-        wait = self.logic.next_wait()
-        target, stream = self.engine.write_buffer(), self.stream
-        receiving: Awaitable[bytes | int]
-        if isinstance(stream, RawSocketStream):
-            if (buffers := self.logic.in_place_buffers()) is not None:
-                receiving = stream.receive_into_buffers(buffers)
-            elif target is None:
-                receiving = receive(stream, self.logic.receive_size)
-            else:
-                receiving = stream.receive_into(target)
-        else:
-            receiving = receive(stream)  # another stream (TLS: a receive brings one record, 16 KiB at most)
-        self._idle = self.logic.idle
+    async def _receive(self) -> None:
+        """Wait for the client's next bytes as long as the limits allow (ServerSessionLogic.next_wait) and hand
+        them to the session logic: the rest of a write's payload straight into its own buffer where the stream
+        allows it, or with the header after it into ``in_place_buffers()``, anything else as bytes."""
+        logic = self.logic
+        wait = logic.next_wait()
+        hand, receiving = self._receiving()
+        self._idle = logic.idle
         try:
             if wait is None:
-                return await receiving
+                hand(await receiving)
+                return
             with anyio.move_on_after(wait):
-                return await receiving
+                hand(await receiving)
+                return
         finally:
             self._idle = False
-        return self.logic.waited_too_long()
+        logic.wait_ran_out()
+
+    def _receiving(self) -> tuple[Callable[[Any], None], Awaitable[Any]]:
+        """The receive ``_receive`` waits for, and the logic's method that takes what it brings."""
+        logic, target, stream = self.logic, self.engine.write_buffer(), self.stream
+        if not isinstance(stream, RawSocketStream):
+            return logic.received, receive(stream)  # another stream (TLS: a receive brings a record, 16 KiB at most)
+        if (buffers := logic.in_place_buffers()) is not None:
+            return logic.received_in_place, stream.receive_into_buffers(buffers)
+        if target is None:
+            return logic.received, receive(stream, logic.receive_size)
+        return logic.received_into_payload, stream.receive_into(target)
 
     async def _start_tls(self) -> None:
         await self._send()
@@ -237,31 +251,42 @@ class ServerSession:
         logic = self.logic
         read_view = logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
         steps = logic.inline_transmission(read_view)
-        while (step := next(steps, None) if inline else await _in_thread(steps)) is not None:
-            if step == nbdproto.serving.RECEIVE_READY:  # writes stream in place on raw sockets only
-                stream, buffers = self.stream, logic.in_place_buffers()
-                assert isinstance(stream, RawSocketStream) and buffers is not None
-                logic.received_in_place(await stream.receive_ready_into_buffers(buffers))
-                continue
-            await self._send()
-            if step == nbdproto.serving.RECEIVE:
-                logic.received(await self._receive())
-            else:
-                await self._share.take(step)
+        found: int | None = None
+        while True:
+            step = steps.send(found) if inline else await anyio.to_thread.run_sync(steps.send, found)
+            if step is FINISHED:
+                break
+            found = await self._take_step(step)
+        await self._send()
+
+    async def _take_step(self, step: Step) -> int | None:
+        """One step of inline_transmission: RECEIVE_READY (asked on raw sockets only: writes stream in place
+        there) receives what has arrived, into place, without waiting (its count; None when nothing had); every
+        other step sends what is queued, then receives or waits for the budget as it says."""
+        if step is RECEIVE_READY:
+            stream, buffers = self.stream, self.logic.in_place_buffers()
+            assert isinstance(stream, RawSocketStream) and buffers is not None
+            return await stream.receive_ready_into_buffers(buffers)
+        await self._send()
+        if step is RECEIVE:
+            await self._receive()
+        elif type(step) is WaitForBudget:
+            await self._share.take(step.amount)
+        return None
 
     async def _concurrent_transmission(self) -> None:
         # Each request in a task of its own, its device calls in a worker thread; replies go out as they
         # complete. The budgets stop the reader while too much is in flight.
         logic, share, engine = self.logic, self._share, self.engine
         limits = logic.settings.limits
-        budget = _RoomFor(nbdproto.serving.RequestBudget(limits.max_requests, limits.memory_limit))
+        budget = WaitingRequests(nbdproto.serving.RequestBudget(limits.max_requests, limits.memory_limit))
         self._shared_sending = True
         batch: list[Work] = []
         async with anyio.create_task_group() as tasks:
             while True:
                 end = logic.next_batch(batch)
                 for request in batch:
-                    if type(request) is WritePayload or (type(request) is WriteRequest and request.more):
+                    if streamed_part(request):
                         # The parts of a streamed write are carried out in order, by the reader.
                         reply = await anyio.to_thread.run_sync(logic.carry_out_part, request)
                         if reply is not None:
@@ -276,7 +301,7 @@ class ServerSession:
                 if end is BatchEnd.NEED_DATA:
                     await self._send()
                     await budget.wait_for_room()
-                    logic.received(await self._receive())
+                    await self._receive()
                     continue
                 # DISC with replies owed, or the end: let what is in flight finish.
                 await budget.wait_idle()
@@ -284,7 +309,7 @@ class ServerSession:
                 if end is BatchEnd.CLOSED:
                     return
 
-    async def _carry_out(self, request: Any, cost: int, budget: _RoomFor) -> None:
+    async def _carry_out(self, request: Any, cost: int, budget: WaitingRequests) -> None:
         try:
             self.engine.send(await anyio.to_thread.run_sync(self.logic.carry_out_one, request, None))
             # A dead connection is the reading side's to notice: it ends the session.
@@ -295,12 +320,7 @@ class ServerSession:
             self._share.give(cost)
 
 
-async def _in_thread(steps: Iterator[int]) -> int | None:
-    """The generator's next step, run in a worker thread (it calls a device that may block)."""
-    return await anyio.to_thread.run_sync(next, steps, None)
-
-
-class _RoomFor:
+class WaitingRequests:
     """RequestBudget with the waiting an event loop needs: the reader waits for room, the end for idle."""
 
     def __init__(self, budget: nbdproto.serving.RequestBudget) -> None:
@@ -344,7 +364,7 @@ class Server(nbdproto.serving.ServerCore):
     logger = log
     peer_errors = PEER_ERRORS
     clock = staticmethod(time.monotonic)
-    _room: Room | None = None  # made in serve(): an anyio.Event needs a running loop
+    _budget: SharedBudget | None = None  # made in serve(): an anyio.Event needs a running loop
     _stopped: anyio.Event | None = None
     _stop_asked = False
 
@@ -354,7 +374,7 @@ class Server(nbdproto.serving.ServerCore):
         makes the fast kind (a SocketAcceptor); any anyio Listener works too. Cancelling it ends every
         connection at once."""
         listeners = list(listener) if isinstance(listener, Sequence) else [listener]
-        self._room = Room(nbdproto.serving.MemoryBudget(self.limits.memory_limit))
+        self._budget = SharedBudget(self.limits.memory_limit)
         stopped = self._stopped = anyio.Event()
         if self._stop_asked:  # shutdown() came first
             stopped.set()
@@ -405,7 +425,7 @@ class Server(nbdproto.serving.ServerCore):
         if not self.admit(client):
             await stream.aclose()
             return
-        session = ServerSession(stream, self.settings, room=self._room, log=self.log, client=client)
+        session = ServerSession(stream, self.settings, budget=self._budget, log=self.log, client=client)
         with self.serving(session, client):
             async with session:
                 spec = self.spec_for(await session.negotiate(), client)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ._client import Client, connect, export_info, inquire, list_exports, list_meta_contexts, open_connection
     from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._fuse import mount_export
-    from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
+    from ._server import Server
+    from ._session import DEFAULT_WORKERS, ServerSession, negotiate
 
 _WHERE = {
     "Client": "._client",
@@ -47,10 +48,10 @@ _WHERE = {
     "CopyProgress": "._copy",
     "copy": "._copy",
     "mount_export": "._fuse",
-    "DEFAULT_WORKERS": "._server",
+    "DEFAULT_WORKERS": "._session",
     "Server": "._server",
-    "ServerSession": "._server",
-    "negotiate": "._server",
+    "ServerSession": "._session",
+    "negotiate": "._session",
     "SharedTls": "nbdproto.sockets",
 }
 

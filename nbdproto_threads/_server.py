@@ -1,36 +1,16 @@
-"""The blocking NBD server: a connected socket's I/O loop around nbdproto.serving.ServerSessionLogic, and a Server.
-
-Two layers, as in the seed (OCaml's mirage ``nbd`` Server):
-
-- ``ServerSession``: one connection. ``negotiate()`` runs the handshake and returns the export name the client
-  chose, or ``nbdproto.ClientAborted``; ``serve(device)`` answers the choice and serves requests until the
-  client disconnects; the session is a context manager that guarantees the close. ``negotiate(sock, ...)``
-  is the one-call form.
-- ``Server``: listens (TCP or unix socket), maps export names to devices (or asks a resolver), and runs a
-  session per connection in its own thread, until ``shutdown()``.
-
-Every decision is nbdproto's (the engine, ServerSessionLogic, the shared budget and log); this module moves
-bytes, bounds waits with socket timeouts, and chooses threads. Requests are carried out inline by the
-connection's thread for devices whose ``dispatch`` is "inline" or "batch": it reads a large chunk, carries out
-every request in it and writes the replies with one sendmsg. Devices that may be slow ("threads") get a pool
-per connection, so requests overlap and replies go out as they complete (in any order, as the protocol
-allows). On a plaintext connection a device's read views are queued as the replies' data, so a read costs no
-system call of its own.
+"""The blocking NBD server: listens (TCP or unix socket), maps export names to devices (or asks a resolver), and
+runs a session per connection (``_session.ServerSession``) in its own thread, until ``shutdown()``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import logging
 import socket
-import ssl
 import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -41,21 +21,11 @@ else:
 import nbdproto
 import nbdproto.serving
 import nbdproto.tls
-from nbdproto import WritePayload, WriteRequest
-from nbdproto.engine import HandshakeStep
-from nbdproto.serving import BatchEnd, Work
-from nbdproto.sockets import AcceptBackoff, SharedTls, SocketStream, client_info, listen_socket
+from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
-__all__ = ["ServerSession", "negotiate", "Server", "DEFAULT_WORKERS"]
+from ._session import PEER_ERRORS, ServerSession, SharedBudget, WaitingShare, log
 
-log = logging.getLogger("nbdproto.threads.server")
-
-DEFAULT_WORKERS = 16
-"""Threads per connection for devices that may be slow (``dispatch`` "threads"), as nbdkit's default pool."""
-
-PEER_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, ssl.SSLError, TimeoutError, OSError)
-"""How a socket says the client went away, broke the connection or stalled (ConnectionLog: the client's doing)."""
-
+__all__ = ["Server"]
 
 SHARED_ACCEPT_WAKE = 0.5
 """Seconds an accept on a listening socket that other processes share waits at most before it looks whether
@@ -63,368 +33,6 @@ the server is stopping: such a socket cannot be shut down to wake the accept (th
 accepting on it), so it waits with SO_RCVTIMEO and stays a blocking accept, which the kernel hands each new
 connection to one waiter at a time, in turn."""
 _NO_WAKE = struct.pack("ll", 0, 0)
-
-_NO_SETTINGS = nbdproto.serving.SessionSettings()
-_TIMER_SLACK = 0.01
-"""Seconds a receive timer may run out early by the clock we check it with (the kernel rounds it to ticks)."""
-
-
-class LockedShare:
-    """One connection's draw on the server's MemoryBudget for a server of many threads: every call is made under
-    the server's budget lock (``room``), and ``take`` waits there until the budget has room."""
-
-    def __init__(self, budget: nbdproto.serving.MemoryBudget, room: threading.Condition) -> None:
-        self._share = budget.share()
-        self._room = room
-
-    def try_take(self, amount: int) -> bool:
-        with self._room:
-            return self._share.try_take(amount)
-
-    def take(self, amount: int, give_up: threading.Event) -> None:
-        """Wait until ``amount`` can be taken (or ``give_up`` is set: then raise ConnectionAbortedError)."""
-        with self._room:
-            while not self._share.try_take(amount):
-                if give_up.is_set():
-                    raise ConnectionAbortedError("the server is shutting down")
-                self._room.wait(0.5)
-
-    def give(self, amount: int) -> None:
-        with self._room:
-            self._share.give(amount)
-            self._room.notify_all()
-
-    def give_all(self) -> None:
-        with self._room:
-            self._share.give_all()
-            self._room.notify_all()
-
-
-class ServerSession:
-    """One client connection on the server side, over a connected blocking socket.
-
-    ``settings``: what the server tells each session (nbdproto.serving.SessionSettings: the offer list, the export
-    lookup, TLS, limits). ``workers``: threads carrying out requests for devices that may be slow (None:
-    DEFAULT_WORKERS for devices whose dispatch is "threads", inline for the others; 0: always inline).
-    ``poll``: seconds to spin, after sending replies, on receives that do not wait before sleeping until the
-    client's next request (plaintext only; 0: never): a client that sends one request at a time is then served
-    without a wake-up per request, at the price of a busy core while it spins.
-    ``share``: its draw on the server's memory budget (a budget of its own otherwise); ``log``: the server's
-    ConnectionLog; ``client``: what the server knows of the client (nbdproto.ClientInfo; from ``sock`` if not
-    given), completed after a TLS upgrade.
-    """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        settings: nbdproto.serving.SessionSettings = _NO_SETTINGS,
-        *,
-        workers: int | None = None,
-        poll: float = 0.0,
-        share: LockedShare | None = None,
-        log: nbdproto.serving.ConnectionLog | None = None,
-        client: nbdproto.ClientInfo | None = None,
-    ) -> None:
-        self.stream = SocketStream(sock)
-        self._share = share or LockedShare(
-            nbdproto.serving.MemoryBudget(settings.limits.memory_limit), threading.Condition()
-        )
-        on_device_error = (log or _default_log()).device_failed
-        self.logic = nbdproto.serving.ServerSessionLogic(
-            settings, share=self._share, on_device_error=on_device_error, client=client or client_info(sock)
-        )
-        self.engine = self.logic.engine
-        self._workers = workers
-        self._poll = poll
-        self._timeout: float | None = None  # the socket's current timeout, changed only when it must
-        self._timer: float | None = None  # the receive timer armed on a plaintext socket in transmission
-        self._plain = False  # a plaintext socket (not TLS), known once transmission starts
-        self._lock = threading.Lock()  # the engine, when a pool of threads carries requests out
-        self._stopping = threading.Event()
-        self._receiving = False  # blocked waiting for the client's bytes (idle then if logic.idle: safe to close)
-        self._started = time.monotonic()
-
-    # --- The seed's contract: negotiate, serve, close ------------------------------------------------------
-
-    def negotiate(self) -> str | nbdproto.ClientAborted:
-        """Run the handshake until the client chooses an export; returns its name, or ClientAborted.
-
-        Raises ConnectionError when the client goes away, RemoteProtocolError when it breaks the protocol,
-        TimeoutError when it takes longer than the handshake limit.
-        """
-        while (step := self.logic.handshake_step()) is not HandshakeStep.DONE:
-            self._handshake_deadline()
-            self._start_tls() if step is HandshakeStep.START_TLS else self._exchange()
-        return self.logic.outcome  # type: ignore[return-value]
-
-    def serve(
-        self, device: nbdproto.BlockDevice | nbdproto.ExportSpec[Any], *, read_only: bool = True, description: str = ""
-    ) -> None:
-        """Serve the chosen export from ``device`` until the client disconnects, then flush the device.
-
-        Read-only unless ``read_only=False`` (an ExportSpec carries its own settings).
-        """
-        if not self.logic.offer_export(device, read_only=read_only, description=description) and not isinstance(
-            self.negotiate(), str
-        ):
-            return
-        self._set_timeout(None)
-        self._plain = type(self.stream.sock) is socket.socket
-        self.logic.write_in_place(kernel_receives=self._plain)
-        timer = self.logic.shortest_wait
-        self._timer = timer if timer is not None and self._plain and self.stream.arm_receive_timer(timer) else None
-        try:
-            self._pooled_transmission() if self._pooled() else self._inline_transmission()
-        finally:
-            self._flush_device()
-
-    def close(self) -> None:
-        """Close the connection (idempotent) and give back everything it held."""
-        if self.logic.close():
-            with contextlib.suppress(OSError):
-                self._set_timeout(1.0)  # a client that does not read is not waited for
-                self._send()
-            self.stream.close()
-
-    def __enter__(self) -> ServerSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # --- Shutdown, from the server's thread ----------------------------------------------------------------
-
-    def stop(self) -> None:
-        """The server is shutting down: requests from now on get ESHUTDOWN, and the connection ends as soon
-        as nothing is in flight (at once if it is idle now)."""
-        self.logic.begin_shutdown()
-        self._stopping.set()
-        if self._receiving and self.logic.idle:  # read while the session's thread waits: nothing changes it
-            with contextlib.suppress(OSError):
-                self.stream.sock.shutdown(socket.SHUT_RD)
-
-    def abort(self) -> None:
-        """End the connection now, whatever it is doing (the shutdown's grace period is over)."""
-        self._stopping.set()
-        with contextlib.suppress(OSError):
-            self.stream.sock.shutdown(socket.SHUT_RDWR)
-
-    # --- Bytes ----------------------------------------------------------------------------------------------
-
-    def _send(self) -> None:
-        pieces = self.engine.data_to_send()
-        if pieces:
-            self.stream.send(pieces)
-        self.logic.sent()
-
-    def _exchange(self) -> None:
-        self._send()
-        self.engine.receive_data(self.stream.recv())
-
-    def _receive(self) -> bytes | int:
-        """The client's next bytes, waited for as long as the limits allow (ServerSessionLogic.next_wait): the
-        rest of a write's payload straight into its own buffer (a count), or with the header after it into
-        ``in_place_buffers()`` (a count), anything else as bytes. On a plaintext socket the armed receive timer
-        bounds each wait (see ``serve``), else a Python timeout."""
-        logic, stream = self.logic, self.stream
-        target = self.engine.write_buffer()
-        buffers = logic.in_place_buffers() if self._plain else None
-        wait = logic.next_wait()
-        timed = wait is not None and (self._timer is None or wait < self._timer)
-        self._set_timeout(wait if timed else None)
-        size = logic.receive_size if self._plain else nbdproto.serving.RECV_SIZE
-        if self._poll and not timed and self._plain and buffers is None:
-            got = stream.poll(self._poll, target, size)
-            if got is not None:
-                return got
-        if size > nbdproto.serving.RECV_SIZE and target is None:
-            # A receive that waits holds its buffer while it waits: the large one only for bytes already here
-            # (a receive that does not wait), so that a connection gone quiet holds RECV_SIZE, whatever it sent.
-            got = None if timed else stream.recv_ready(size)
-            if got is not None:
-                return got
-            size = nbdproto.serving.RECV_SIZE
-        started = time.monotonic() if wait is not None else 0.0
-        self._receiving = True
-        try:
-            while True:
-                try:
-                    if buffers is not None:
-                        return stream.recv_into_buffers(buffers)  # type: ignore[return-value]
-                    return stream.recv(size) if target is None else stream.recv_into(target)
-                except BlockingIOError:  # the armed timer ran out: the limit may not have
-                    if wait is not None and time.monotonic() - started >= wait - _TIMER_SLACK:
-                        return logic.waited_too_long()
-        except TimeoutError:
-            return logic.waited_too_long()
-        finally:
-            self._receiving = False
-
-    def _set_timeout(self, seconds: float | None) -> None:
-        if seconds != self._timeout:
-            self.stream.sock.settimeout(seconds)
-            self._timeout = seconds
-
-    def _handshake_deadline(self) -> None:
-        limits = self.logic.settings.limits
-        limit = limits.seconds(limits.handshake_timeout)
-        if limit is not None:
-            left = self._started + limit - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"the handshake took longer than {limit} s")
-            self._set_timeout(left)
-
-    def _start_tls(self) -> None:
-        self._send()
-        sock = self.stream.sock = self.logic.settings.tls.wrap_socket(self.stream.sock, server_side=True)
-        self.logic.tls_established(sock.getpeercert(), nbdproto.tls.psk_identity(sock))
-
-    # --- Transmission ---------------------------------------------------------------------------------------
-
-    def _pooled(self) -> bool:
-        if self._workers is not None:
-            return self._workers > 0
-        return self.logic.dispatch() == "threads"
-
-    def _read_view(self) -> nbdproto.ReadView | None:
-        return self.logic.read_view(kernel_sends=not isinstance(self.stream.sock, ssl.SSLSocket))
-
-    def _inline_transmission(self) -> None:
-        # Read a chunk, carry out every request in it, write every reply with one sendmsg.
-        logic = self.logic
-        for step in logic.inline_transmission(self._read_view()):
-            if step == nbdproto.serving.RECEIVE_READY:
-                # Not on a socket with a Python timeout, whose every receive first waits for bytes to come.
-                buffers = logic.in_place_buffers() if self._timeout is None else None
-                logic.received_in_place(None if buffers is None else self.stream.recv_into_buffers(buffers, wait=False))
-                continue
-            self._send()
-            if step == nbdproto.serving.RECEIVE:
-                logic.received(self._receive())
-            else:
-                self._share.take(step, self._stopping)
-
-    def _pooled_transmission(self) -> None:
-        # Requests go to a pool and replies go out as they complete. The budgets stop the reader while too
-        # much is in flight, so the pool's queue (and the memory its requests pin) stays bounded. Replies leave
-        # under a send lock of their own, not the engine's (send_replies): a client slow to read them holds up
-        # the threads with replies to send, and the reader only when it has replies of its own to send. On TLS
-        # the connection is shared through SharedTls (OpenSSL must not read it in one thread while another
-        # writes it).
-        logic, lock, read_view, share, engine = self.logic, self._lock, self._read_view(), self._share, self.engine
-        workers = self._workers or DEFAULT_WORKERS
-        limits = logic.settings.limits
-        budget = nbdproto.serving.RequestBudget(max(workers, limits.max_requests), limits.memory_limit)
-        room = threading.Condition(lock)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-request")
-        tls = None if self._plain else SharedTls(self.stream.sock)  # type: ignore[arg-type]
-        send_lock = threading.Lock()
-
-        def send_replies() -> None:
-            with send_lock:
-                with lock:
-                    pieces = engine.data_to_send()
-                    logic.sent()
-                if not pieces:
-                    return
-                if tls is None:
-                    self.stream.send(pieces)
-                else:
-                    tls.send(pieces)  # type: ignore[arg-type]
-
-        def carry_out(request: Any, cost: int) -> None:
-            reply = logic.carry_out_one(request, read_view)
-            with lock:
-                engine.send(reply)
-            try:
-                with contextlib.suppress(OSError):  # a dead socket is the reader's to notice: it ends the session
-                    send_replies()
-            finally:
-                # Only once its reply is out (this thread's send, or one before it): what a client that does
-                # not read holds stays within the budgets.
-                with lock:
-                    budget.done(cost)
-                    room.notify_all()
-                share.give(cost)
-
-        batch: list[Work] = []
-        try:
-            while True:
-                with lock:
-                    end = logic.next_batch(batch)
-                for request in batch:
-                    if type(request) is WritePayload or (type(request) is WriteRequest and request.more):
-                        # The parts of a streamed write are carried out in order, by the reader.
-                        reply = logic.carry_out_part(request)
-                        with lock:
-                            if reply is not None:
-                                engine.send(reply)
-                        continue
-                    cost = nbdproto.serving.request_cost(request)
-                    with lock:
-                        while budget.full:
-                            room.wait()
-                    share.take(cost, self._stopping)
-                    with lock:
-                        budget.add(cost)
-                    pool.submit(contextvars.copy_context().run, carry_out, request, cost)
-                batch.clear()
-                if end is not BatchEnd.NEED_DATA:
-                    with lock:  # ending, or DISC with replies owed: first let what is in flight finish
-                        while not budget.idle:
-                            room.wait()
-                send_replies()
-                if end is BatchEnd.CLOSED:
-                    return
-                if end is BatchEnd.NEED_DATA:
-                    got = self._receive() if tls is None else self._receive_shared(tls)
-                    with lock:
-                        logic.received(got)
-        finally:
-            pool.shutdown(wait=True)
-            if tls is not None:
-                tls.release()
-
-    def _receive_shared(self, tls: SharedTls) -> bytes | int:
-        """``_receive`` for a TLS connection whose replies pool threads send (SharedTls: OpenSSL must not read a
-        connection in one thread while another writes it), the wait bounded by the limits as there."""
-        logic = self.logic
-        self._receiving = True
-        try:
-            got = tls.receive(self.engine.write_buffer(), nbdproto.serving.RECV_SIZE, logic.next_wait())
-        finally:
-            self._receiving = False
-        return logic.waited_too_long() if got is None else got
-
-    def _flush_device(self) -> None:
-        try:
-            self.logic.flush_device()
-        except OSError:
-            log.exception("flushing the device after the connection ended failed")
-
-
-def negotiate(
-    sock: socket.socket,
-    exports: Iterable[str | nbdproto.ExportListing] | None = None,
-    *,
-    tls: ssl.SSLContext | None = None,
-) -> tuple[ServerSession, str | nbdproto.ClientAborted]:
-    """The seed's one-call handshake: negotiate on an accepted socket with an optional offer list.
-
-    Returns the session (a context manager that guarantees the close) and the export name the client chose,
-    or ``ClientAborted``. TLS is forced when ``tls`` is given. Then call ``session.serve(device)``.
-    """
-    offer = None if exports is None else list(exports)
-    session = ServerSession(sock, nbdproto.serving.SessionSettings(offer, tls=tls))
-    try:
-        return session, session.negotiate()
-    except BaseException:
-        session.close()
-        raise
-
-
-def _default_log() -> nbdproto.serving.ConnectionLog:
-    return nbdproto.serving.ConnectionLog(log, time.monotonic, PEER_ERRORS)
 
 
 class Server(nbdproto.serving.ServerCore):
@@ -456,8 +64,7 @@ class Server(nbdproto.serving.ServerCore):
         self._shared = shared_sockets
         self._workers = workers
         self._poll = poll
-        self._memory = nbdproto.serving.MemoryBudget(self.limits.memory_limit)
-        self._room = threading.Condition()  # the memory budget's lock, where sessions wait for room
+        self._memory = SharedBudget(self.limits.memory_limit)
         if isinstance(listen, socket.socket):
             self.sockets = [listen]
         elif isinstance(listen, (str, tuple)):
@@ -532,7 +139,7 @@ class Server(nbdproto.serving.ServerCore):
                 return
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            share = LockedShare(self._memory, self._room)
+            share = WaitingShare(self._memory)
             session = ServerSession(
                 conn, self.settings, workers=self._workers, poll=self._poll, share=share, log=self.log, client=client
             )

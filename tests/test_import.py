@@ -69,6 +69,7 @@ def test_the_client_commands_start_without_servers_or_event_loops() -> None:
         "nbdproto.serving._carry_out",
         "nbdproto.serving._session",
         "nbdproto_threads._server",
+        "nbdproto_threads._session",
         "nbdproto.devices._file",
         "nbdproto.cli._serve",
         "nbdproto_anyio._server",

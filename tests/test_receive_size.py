@@ -99,14 +99,14 @@ def _feed(
                 into_payload.append(logic.engine.arriving_write_size)
             count = min(len(target), len(stream) - pos)
             target[:count] = stream[pos : pos + count]
-            logic.received(count)
+            logic.received_into_payload(count)
         else:
             asked.append(logic.receive_size)
             count = min(logic.receive_size, len(stream) - pos)
             logic.received(stream[pos : pos + count])
         pos += count
         for step in logic.inline_transmission(None):
-            if step == nbdproto.serving.RECEIVE:
+            if step is nbdproto.serving.RECEIVE:
                 break
     return asked
 

@@ -21,7 +21,7 @@ def _carry_out(logic: nbdproto.serving.ServerSessionLogic, received: bytes) -> l
     """Hand ``received`` to the session, carry out what it holds, and return the replies queued."""
     logic.received(received)
     for step in logic.inline_transmission(None):
-        if step == nbdproto.serving.RECEIVE:
+        if step is nbdproto.serving.RECEIVE:
             break
     return logic.engine.data_to_send()
 

@@ -229,13 +229,13 @@ def test_a_stream_of_writes_leaves_what_a_model_says_however_it_is_cut(
                 if target is not None:
                     count = min(len(target), cut, len(stream) - pos)
                     target[:count] = stream[pos : pos + count]
-                    logic.received(count)
+                    logic.received_into_payload(count)
                 else:
                     count = min(logic.receive_size, cut, len(stream) - pos)
                     logic.received(stream[pos : pos + count])
                 pos += count
                 for step in logic.inline_transmission(None):
-                    if step == nbdproto.serving.RECEIVE:
+                    if step is nbdproto.serving.RECEIVE:
                         break
             replies = b"".join(bytes(piece) for piece in logic.engine.data_to_send())  # type: ignore[arg-type]
             if extended:  # one extended reply (32 bytes, NBD_REPLY_TYPE_NONE) a write, in order
@@ -290,29 +290,29 @@ def test_shutting_down_receives_nothing_in_place_and_refuses_nothing_written(shm
         whole = request(Command.WRITE, 3, 3 << 18, 256 << 10) + b"\x03" * (256 << 10)
         logic.received(whole[:28])
         for step in logic.inline_transmission(None):
-            if step == nbdproto.serving.RECEIVE:
+            if step is nbdproto.serving.RECEIVE:
                 break
         target = logic.engine.write_buffer()
         assert target is not None and len(target) == 256 << 10
         target[:] = whole[28:]  # received in place, then the server begins shutting down
         logic.begin_shutdown()
-        logic.received(256 << 10)
+        logic.received_into_payload(256 << 10)
         logic.engine.data_to_send()
         for step in logic.inline_transmission(None):
-            if step == nbdproto.serving.RECEIVE:
+            if step is nbdproto.serving.RECEIVE:
                 break
         assert b"".join(logic.engine.data_to_send()) == _simple_reply(3)  # type: ignore[arg-type]  # it is written
         assert logic.engine.write_view is None
         logic.received(request(Command.WRITE, 4, 4 << 18, 256 << 10))  # from now on refused, and nothing written
         for step in logic.inline_transmission(None):
-            if step == nbdproto.serving.RECEIVE:
+            if step is nbdproto.serving.RECEIVE:
                 break
         target = logic.engine.write_buffer()
         assert target is not None
         target[:] = b"\x04" * (256 << 10)
-        logic.received(256 << 10)
+        logic.received_into_payload(256 << 10)
         for step in logic.inline_transmission(None):
-            if step == nbdproto.serving.RECEIVE:
+            if step is nbdproto.serving.RECEIVE:
                 break
         assert b"".join(logic.engine.data_to_send()) == _simple_reply(4, Errno.ESHUTDOWN)  # type: ignore[arg-type]
         assert _content(shm_file, 4 << 18, 256 << 10) == bytes(256 << 10)
@@ -485,20 +485,19 @@ def test_replies_wait_while_bytes_keep_coming_and_go_out_before_any_wait(shm_fil
         _feed(logic, _writes(1, 2, 256 << 10))  # streaming in place, the two replies queued or sent
         logic.engine.data_to_send()
         steps = logic.inline_transmission(None)
-        assert next(steps) == nbdproto.serving.RECEIVE_READY
+        assert next(steps) is nbdproto.serving.RECEIVE_READY
         header = request(Command.WRITE, 3, 3 << 18, 256 << 10)
         buffers = logic.in_place_buffers()
         assert buffers is not None and len(buffers) == 1
         buffers[0][:] = header
-        logic.received_in_place(len(header))  # bytes were waiting: no send, the next receive is tried first
-        assert next(steps) == nbdproto.serving.RECEIVE_READY
+        # Bytes were waiting: no send, the next receive is tried first.
+        assert steps.send(len(header)) is nbdproto.serving.RECEIVE_READY
         buffers = logic.in_place_buffers()
         assert buffers is not None and [len(b) for b in buffers] == [256 << 10, 28]
         buffers[0][:] = b"\x03" * (256 << 10)
-        logic.received_in_place(256 << 10)
-        assert next(steps) == nbdproto.serving.RECEIVE_READY  # write 3 carried out, its reply queued, not sent
-        logic.received_in_place(None)  # nothing waiting: send, then wait
-        assert next(steps) == nbdproto.serving.RECEIVE
+        # Write 3 carried out, its reply queued, not sent.
+        assert steps.send(256 << 10) is nbdproto.serving.RECEIVE_READY
+        assert steps.send(None) is nbdproto.serving.RECEIVE  # nothing waiting: send, then wait
         assert b"".join(logic.engine.data_to_send()) == _simple_reply(3)  # type: ignore[arg-type]
         assert _content(shm_file, 3 << 18, 256 << 10) == b"\x03" * (256 << 10)
 
@@ -512,10 +511,13 @@ def test_a_client_that_never_stops_sending_still_gets_its_replies(shm_file: str)
         stream = _writes(3, 150, 64 << 10)  # 150 writes of 64 KiB (over RECV_SIZE with their header): in place
         pos, ready_in_a_row, longest, answered = 0, 0, 0, 0
         steps = logic.inline_transmission(None)
-        for step in steps:
+        found: int | None = None
+        while True:
+            step = steps.send(found)
+            found = None
             if step not in (nbdproto.serving.RECEIVE_READY, nbdproto.serving.RECEIVE):
                 continue
-            if step == nbdproto.serving.RECEIVE:  # the driver sends what is queued first
+            if step is nbdproto.serving.RECEIVE:  # the driver sends what is queued first
                 answered += len(b"".join(logic.engine.data_to_send())) // 16  # type: ignore[arg-type]
                 ready_in_a_row = 0
             if pos == len(stream):
@@ -528,12 +530,12 @@ def test_a_client_that_never_stops_sending_still_gets_its_replies(shm_file: str)
                 buffer[: len(part)] = part
                 count += len(part)
             pos += count
-            if step == nbdproto.serving.RECEIVE_READY:
+            if step is nbdproto.serving.RECEIVE_READY:
                 ready_in_a_row += 1
                 longest = max(longest, ready_in_a_row)
-                logic.received_in_place(count)
+                found = count  # sent back into the steps
             else:
-                logic.received(count)
+                logic.received_in_place(count)
         assert longest == nbdproto.serving.READY_IN_A_ROW
         assert answered >= 150 - nbdproto.serving.READY_IN_A_ROW  # every batch of replies went out on the way
         assert _content(shm_file, 152 << 16, 64 << 10) == bytes([152]) * (64 << 10)

@@ -7,7 +7,8 @@ one event: ``ExportList`` (LIST), ``ExportInfo`` (INFO), ``HandshakeComplete`` (
 ``StartTLS`` (STARTTLS), ``ClientAborted`` (ABORT), or ``OptionError`` for any refusal. In transmission every
 request ends in one event: ``ReadReply``, ``BlockStatusReply``, ``SuccessReply`` or ``ErrorReply``.
 
-The handshake half lives here; the transmission half in ``_client_transmission``, what both roles share in
+The handshake half lives here; the transmission half in ``_client_requests`` (requests out) and ``_client_replies``
+(replies in), what both roles share in
 ``_connection``, and when each message is allowed in the transition tables of ``_state``.
 """
 
@@ -31,7 +32,7 @@ from nbdproto.wire import (
 )
 
 from ._client_checks import check_block_sizes, check_context_name, check_export_size
-from ._client_transmission import ClientTransmission
+from ._client_replies import ClientReplies
 from ._events import ConnectionClosed, Event
 from ._handshake_events import (
     ClientAborted,
@@ -69,11 +70,11 @@ _ANSWER_LIMIT = 32 * 1024 * 1024
 2^25 bytes that need not be taken for denial of service; a server that sends more is refused, not buffered."""
 
 
-class ClientConnection(ClientTransmission):
+class ClientConnection(ClientReplies):
     """The client side of one NBD connection.
 
     ``no_zeroes``: accept the server's offer to drop the 124 zero bytes after NBD_OPT_EXPORT_NAME's reply.
-    ``strict``: hold requests to everything the server stated (``strict`` attribute, in ClientTransmission).
+    ``strict``: hold requests to everything the server stated (the ``strict`` attribute).
     ``send`` raises LocalProtocolError when our side breaks a rule: during the handshake that ends the
     connection (phase ERROR); a request refused in transmission is simply not sent. RemoteProtocolError, when
     the server breaks a rule, always ends it.

@@ -59,15 +59,20 @@ if TYPE_CHECKING:
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._log import ConnectionLog
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
-    from ._session import (
+    from ._session import ServerSessionLogic
+    from ._steps import (
+        FINISHED,
         FLUSH_AT,
         READY_IN_A_ROW,
         RECEIVE,
         RECEIVE_READY,
+        SEND,
         STREAM_WRITES_OVER,
         BatchEnd,
-        ServerSessionLogic,
+        Step,
+        WaitForBudget,
         Work,
+        streamed_part,
     )
 
 _LAZY = {
@@ -119,14 +124,19 @@ _LAZY = {
     "Stoppable": "._core",
     "current_connection": "._core",
     "enter_connection": "._core",
-    "BatchEnd": "._session",
+    "BatchEnd": "._steps",
     "ServerSessionLogic": "._session",
-    "Work": "._session",
-    "FLUSH_AT": "._session",
-    "RECEIVE": "._session",
-    "RECEIVE_READY": "._session",
-    "READY_IN_A_ROW": "._session",
-    "STREAM_WRITES_OVER": "._session",
+    "Work": "._steps",
+    "FLUSH_AT": "._steps",
+    "RECEIVE": "._steps",
+    "RECEIVE_READY": "._steps",
+    "READY_IN_A_ROW": "._steps",
+    "STREAM_WRITES_OVER": "._steps",
+    "SEND": "._steps",
+    "FINISHED": "._steps",
+    "Step": "._steps",
+    "WaitForBudget": "._steps",
+    "streamed_part": "._steps",
 }
 
 __all__ = [
@@ -187,6 +197,11 @@ __all__ = [
     "RECEIVE_READY",
     "READY_IN_A_ROW",
     "STREAM_WRITES_OVER",
+    "SEND",
+    "FINISHED",
+    "Step",
+    "WaitForBudget",
+    "streamed_part",
 ]
 
 if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names

@@ -1,12 +1,11 @@
-"""The client's half of transmission: sending valid requests, and checking and assembling the replies.
+"""The client's replies in transmission: checking and assembling them (``_client_requests`` sends the
+requests).
 
-Requests are checked against what the server advertised before a byte is queued (spec: "Transmission
-flags", "Command flags", "Block size constraints"): breaking a client MUST is a LocalProtocolError. Replies
-are matched by cookie, with any number in flight and in any order, and checked against the request they
+Replies are matched by cookie, with any number in flight and in any order, and checked against the request they
 answer: a structured read's chunks must lie inside the request, not overlap, and cover it on success; block
 status must answer each requested context once, with extents the request allows; nothing may follow DONE.
 Each chunk header is checked (type, length, what it answers) before its payload is read, so a length the
-request cannot allow is never buffered (the checks themselves are in ``_clientchecks``). Any violation is a
+request cannot allow is never buffered (the checks themselves are in ``_client_checks``). Any violation is a
 RemoteProtocolError. Each request ends in exactly one event (``ReadReply``, ``BlockStatusReply``,
 ``SuccessReply`` or ``ErrorReply``).
 """
@@ -14,7 +13,6 @@ RemoteProtocolError. Each request ends in exactly one event (``ReadReply``, ``Bl
 from __future__ import annotations
 
 import struct
-from typing import cast
 
 from nbdproto.wire import (
     ChunkType,
@@ -23,32 +21,23 @@ from nbdproto.wire import (
     Errno,
     LocalProtocolError,
     ReplyFlags,
-    TransmissionFlags,
     headers,
     layout,
 )
 
 from ._client_checks import ReadCoverage, descriptor_count, parse_block_status
-from ._commands import RULE_OF, request_error
-from ._connection import Connection
+from ._client_requests import ClientRequesting, Pending
 from ._events import ConnectionClosed, Event
-from ._handshake_events import Export
-from ._payloads import Extent
-from ._state import NEED_DATA, PAUSED, Role, Trigger
+from ._state import NEED_DATA, PAUSED, Trigger
 from ._transmission_events import (
     BlockStatusReply,
     BlockStatusRequest,
-    DisconnectRequest,
     ErrorReply,
     ReadReply,
-    ReadRequest,
-    Request,
-    ResizeRequest,
     SuccessReply,
-    WriteRequest,
 )
 
-__all__ = ["ClientTransmission"]
+__all__ = ["ClientReplies"]
 
 _FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 _DONE = int(ReplyFlags.DONE)
@@ -65,61 +54,8 @@ _SIMPLE, _STRUCTURED, _EXTENDED = (
 _MAGIC = struct.Struct(">I").unpack
 
 
-class _Pending:
-    """A request waiting for (the rest of) its reply."""
-
-    __slots__ = ("request", "command", "flags", "offset", "length", "buffer", "coverage", "started", "error",
-                 "extents")  # fmt: skip
-
-    def __init__(self, request: Request, command: Command, offset: int, length: int, flags: int = 0) -> None:
-        self.request = request
-        self.command = command
-        self.flags = flags
-        self.offset = offset
-        self.length = length
-        self.buffer: memoryview | None = None
-        self.coverage: ReadCoverage | None = None  # made at a read's first data or hole chunk
-        self.started = False  # a chunk of the reply has arrived
-        self.error: ErrorReply | None = None
-        self.extents: dict[int, tuple[Extent, ...]] = {}
-
-
-class ClientTransmission(Connection):
-    """Requests and replies for ClientConnection."""
-
-    role = Role.CLIENT
-    _peer = "server"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.export: Export | None = None
-        self.strict = False
-        """Hold every request to what the server stated, whether or not the client asked for it: ranges
-        aligned to the minimum block size it sent even when NBD_INFO_BLOCK_SIZE was not requested (otherwise
-        only a client that asked is bound: spec "Size constraints"), and write payloads within its maximum
-        payload (otherwise only reads are). May be switched at any time; see ``_send_request``."""
-        self._alignment = 1
-        self._pending: dict[int, _Pending] = {}
-        self._disconnected = False
-        # A read payload arriving straight into the caller's buffer: the part still to fill, the request it
-        # belongs to, and whether the request is complete once it is filled (a simple reply, or a DONE chunk).
-        self._direct: memoryview | None = None
-        self._direct_pending: _Pending | None = None
-        self._direct_done = False
-        self.server_shutting_down = False
-        """True once a reply carried NBD_ESHUTDOWN: no new request may be sent, and the driver must send
-        NBD_CMD_DISC (spec: "Terminating the transmission phase"), best once ``in_flight`` is 0."""
-
-    @property
-    def must_disconnect(self) -> bool:
-        """True when the driver should send DisconnectRequest now: the server is shutting down and every
-        request in flight has its reply."""
-        return self.server_shutting_down and not self._pending and not self._disconnected
-
-    @property
-    def in_flight(self) -> int:
-        """Requests sent whose replies are not complete yet."""
-        return len(self._pending)
+class ClientReplies(ClientRequesting):
+    """Replies for ClientConnection, read straight into the caller's buffers where they can be."""
 
     # --- Read payloads straight into the caller's buffer --------------------------------------------------
 
@@ -150,7 +86,7 @@ class ClientTransmission(Connection):
         self._direct = direct[count:]
         return memoryview(data)[count:] if count < len(data) else b""
 
-    def _start_direct(self, pending: _Pending, destination: memoryview, done: bool) -> type[NEED_DATA]:
+    def _start_direct(self, pending: Pending, destination: memoryview, done: bool) -> type[NEED_DATA]:
         # The header is consumed; what has arrived of the payload is copied, the rest will land in place.
         buf = self._buf
         have = len(buf)
@@ -168,109 +104,6 @@ class ClientTransmission(Connection):
             return None
         del self._pending[pending.request.cookie]
         return self._complete(pending)
-
-    def _start_transmission(self, export: Export, bound: bool = True) -> None:
-        # spec ("Size constraints"): a client that asked for NBD_INFO_BLOCK_SIZE MUST keep to the minimum it got;
-        # one that did not is free to send unaligned requests, which the server must then fail cleanly.
-        self.export = export
-        self._alignment = export.minimum_block_size if bound else 1
-
-    # --- Requests ------------------------------------------------------------------------------------------
-
-    def _send_request(self, event: Event) -> None:
-        export = self.export
-        assert export is not None
-        if self._disconnected:
-            raise LocalProtocolError("no request may follow NBD_CMD_DISC")
-        kind = type(event)
-        rule = RULE_OF.get(kind)
-        if rule is None:
-            raise LocalProtocolError(f"{kind.__name__} is not a request")
-        request = cast(Request, event)
-        if self.server_shutting_down and kind is not DisconnectRequest:
-            raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): only NBD_CMD_DISC may follow")
-        cookie = request.cookie
-        if kind is DisconnectRequest:
-            self._disconnected = True
-            self._queue_header(Command.DISC, 0, cookie, 0, 0)
-            return
-        if cookie in self._pending:
-            raise LocalProtocolError(f"cookie {cookie:#x} is still in flight")
-        flags = int(getattr(request, "flags", 0))
-        if flags & _PAYLOAD_LEN:
-            raise LocalProtocolError("NBD_CMD_FLAG_PAYLOAD_LEN is the connection's to set, not the caller's")
-        if kind is WriteRequest:
-            offset, length = request.offset, len(request.data)  # type: ignore[union-attr]
-        elif kind is ResizeRequest:
-            offset, length = request.size, 0  # type: ignore[union-attr]  # RESIZE: the new size, in offset
-        else:
-            offset, length = getattr(request, "offset", 0), getattr(request, "length", 0)
-        strict = self.strict
-        refusal = request_error(
-            rule,
-            flags,
-            offset,
-            length,
-            export_flags=export.flags,
-            size=export.size,
-            alignment=export.minimum_block_size if strict else self._alignment,
-            max_payload=export.maximum_payload,
-            has_contexts=bool(self._meta_contexts),
-            structured=self.structured_replies,
-            write_limit=strict,
-        )
-        if refusal is not None:
-            # error_code: what a server would answer the request with (EINVAL, EPERM, ENOSPC, EOVERFLOW).
-            raise LocalProtocolError(refusal[1], refusal[0])
-        if not self.extended_headers and length > 0xFFFFFFFF:
-            raise LocalProtocolError(f"length {length} needs extended headers")
-        pending = _Pending(request, rule.command, offset, length, flags)
-        if kind is ReadRequest:
-            read: ReadRequest = request  # type: ignore[assignment]
-            buffer = read.buffer if read.buffer is not None else bytearray(length)
-            view = memoryview(buffer).cast("B")
-            if len(view) != length or view.readonly:
-                raise LocalProtocolError(f"read buffer must be writable and {length} bytes long")
-            pending.buffer = view
-        elif kind is BlockStatusRequest:
-            payload = self._context_filter(request)  # type: ignore[arg-type]
-            if payload is not None:
-                self._pending[cookie] = pending
-                self._queue_header(rule.command, flags | _PAYLOAD_LEN, cookie, offset, len(payload))
-                self._out.append(payload)
-                return
-        self._pending[cookie] = pending
-        if kind is WriteRequest:
-            extra = _PAYLOAD_LEN if self.extended_headers else 0
-            self._queue_header(rule.command, flags | extra, cookie, offset, length)
-            self._out.append(request.data)  # type: ignore[union-attr]
-            return
-        self._queue_header(rule.command, flags, cookie, offset, length)
-
-    @property
-    def can_choose_contexts(self) -> bool:
-        """Whether a block status request may ask for some of the agreed meta contexts rather than all of them
-        (extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD)."""
-        export = self.export
-        return (
-            export is not None and self.extended_headers and bool(export.flags & TransmissionFlags.BLOCK_STATUS_PAYLOAD)
-        )
-
-    def _context_filter(self, status: BlockStatusRequest) -> bytes | None:
-        """The payload that chooses some of the agreed meta contexts for a block status request, or None when
-        it asks for all of them (the compact form)."""
-        ids = status.context_ids
-        if any(i not in self._meta_contexts for i in ids) or len(set(ids)) != len(ids):
-            raise LocalProtocolError(f"context ids {list(ids)} are repeated or were not agreed")
-        if not ids or set(ids) == set(self._meta_contexts):
-            return None
-        if not self.can_choose_contexts:
-            raise LocalProtocolError("choosing contexts per request needs NBD_FLAG_BLOCK_STATUS_PAYLOAD")
-        return layout.encode(layout.BlockStatusRequestPayload, {"effect_length": status.length, "context_ids": ids})
-
-    def _queue_header(self, command: int, flags: int, cookie: int, offset: int, length: int) -> None:
-        codec = headers.EXTENDED_REQUEST if self.extended_headers else headers.REQUEST
-        self._out.append(codec.pack(codec.magic, flags, command, cookie, offset, length))
 
     # --- Replies -------------------------------------------------------------------------------------------
 
@@ -313,7 +146,7 @@ class ClientTransmission(Connection):
             self._fail("the server closed the connection in the middle of a reply")
         return NEED_DATA
 
-    def _lookup(self, cookie: int) -> _Pending:
+    def _lookup(self, cookie: int) -> Pending:
         pending = self._pending.get(cookie)
         if pending is None:
             self._fail(f"reply for cookie {cookie:#x}, which is not in flight")
@@ -386,7 +219,7 @@ class ClientTransmission(Connection):
         del self._pending[cookie]
         return self._complete(pending)
 
-    def _check_chunk(self, pending: _Pending, chunk_type: int, flags: int, length: int) -> None:
+    def _check_chunk(self, pending: Pending, chunk_type: int, flags: int, length: int) -> None:
         """A chunk header against the request it answers, before any of its payload is read (spec:
         "Structured reply types"): a type valid for the command, and a length that type and request allow."""
         export = self.export
@@ -417,7 +250,7 @@ class ClientTransmission(Connection):
         else:
             self._fail(f"unknown chunk type {chunk_type} for {_what(pending)}")
 
-    def _apply_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
+    def _apply_chunk(self, pending: Pending, chunk_type: int, payload: memoryview) -> None:
         # The header was checked by _check_chunk: the type fits the command and the length fits the type.
         if chunk_type == _OFFSET_DATA:
             (offset,) = headers.OFFSET_DATA_PREFIX.unpack_from(payload)
@@ -433,7 +266,7 @@ class ClientTransmission(Connection):
         elif chunk_type in _STATUS_CHUNKS:
             self._block_status_chunk(pending, chunk_type, payload)
 
-    def _claim(self, pending: _Pending, offset: int, size: int) -> memoryview:
+    def _claim(self, pending: Pending, offset: int, size: int) -> memoryview:
         """Check that a read chunk fits its request and no earlier chunk; returns where its bytes go."""
         coverage = pending.coverage
         if coverage is None:
@@ -446,7 +279,7 @@ class ClientTransmission(Connection):
         at = offset - start
         return pending.buffer[at : at + size]
 
-    def _block_status_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
+    def _block_status_chunk(self, pending: Pending, chunk_type: int, payload: memoryview) -> None:
         export = self.export
         assert export is not None
         context_id = int.from_bytes(payload[:4], "big")
@@ -459,7 +292,7 @@ class ClientTransmission(Connection):
         _, extents = parse_block_status(chunk_type, payload, pending.offset, pending.length, minimum, size, req_one)
         pending.extents[context_id] = extents
 
-    def _error_chunk(self, pending: _Pending, chunk_type: int, payload: memoryview) -> None:
+    def _error_chunk(self, pending: Pending, chunk_type: int, payload: memoryview) -> None:
         offset: int | None = None
         if chunk_type == ChunkType.ERROR_OFFSET:
             fields = layout.decode(layout.ErrorOffsetChunkPayload, payload)
@@ -486,7 +319,7 @@ class ClientTransmission(Connection):
             self.server_shutting_down = True
         return reply
 
-    def _complete(self, pending: _Pending) -> Event:
+    def _complete(self, pending: Pending) -> Event:
         cookie = pending.request.cookie
         if pending.error is not None:
             return self._error(pending.error)
@@ -505,7 +338,7 @@ class ClientTransmission(Connection):
         return SuccessReply(cookie)
 
 
-def _what(pending: _Pending) -> str:
+def _what(pending: Pending) -> str:
     """The request a reply answers, for error messages: "READ 0x5"."""
     return f"{pending.command.name} {pending.request.cookie:#x}"
 

@@ -1,0 +1,339 @@
+"""The transmission half of a server session's logic: receives, waits, batches of requests, carrying them out.
+
+``ServerSessionLogic`` (``_session``) is assembled from its handshake half there and this; see ``_steps`` for the
+steps a driver follows. What the driver tells the logic after a receive says where the bytes went, one method
+each: ``received`` (bytes), ``received_into_payload`` (a count, into ``engine.write_buffer()``),
+``received_in_place`` (a count, into ``in_place_buffers()``), or ``wait_ran_out``.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Generator, Iterable, Iterator, Sequence
+
+from nbdproto.engine import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    DisconnectRequest,
+    ErrorReply,
+    Event,
+    ReadRequest,
+    Request,
+    ServerConnection,
+    SuccessReply,
+    WritePayload,
+    WriteRequest,
+)
+from nbdproto.wire import CommandFlags, Errno, LocalProtocolError
+
+from ._budget import MemoryShare
+from ._carry_out import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of, write_view_of
+from ._device import BlockDevice
+from ._limits import ServerLimits
+from ._receive_size import ReceiveSize
+from ._steps import (
+    FINISHED,
+    FLUSH_AT,
+    READY_IN_A_ROW,
+    RECEIVE,
+    RECEIVE_READY,
+    SEND,
+    WORK_TYPES,
+    BatchEnd,
+    Step,
+    WaitForBudget,
+    Work,
+    streamed_part,
+)
+
+__all__ = ["SessionTransmission", "SHUTTING_DOWN"]
+
+SHUTTING_DOWN = "the server is shutting down"
+_SHUTDOWN_DRAIN = 0.05  # seconds a shutting-down session waits for requests already on their way
+
+
+def _written_already(request: Work) -> bool:
+    """A write received in place (WriteRequest.in_place): its data is in the device already, so shutting down
+    answers it as carried out, not with ESHUTDOWN (which says it was not)."""
+    return type(request) is WriteRequest and request.in_place
+
+
+class SessionTransmission:
+    """Receives and requests for ServerSessionLogic (which sets every attribute below up)."""
+
+    engine: ServerConnection
+    share: MemoryShare | None
+    on_device_error: OnError | None
+    shutting_down: bool
+    _limits: ServerLimits
+    _queued: int
+    _queued_cost: int
+    _failed_writes: dict[int, BaseException]
+    _streamed_flags: dict[int, CommandFlags]
+    _receive_size: ReceiveSize
+    _header_room: memoryview
+
+    @property
+    def device(self) -> BlockDevice:
+        raise NotImplementedError
+
+    # --- Where bytes go -------------------------------------------------------------------------------------
+
+    def write_in_place(self, *, kernel_receives: bool) -> None:
+        """Receive write payloads straight into the device's storage from now on, where it offers that (its
+        ``write_view``, nbdproto.WriteView) and only the kernel writes there: when the driver receives with
+        ``recv_into`` on a plaintext socket (``kernel_receives``). A file truncated under the server then fails
+        the receive with EFAULT, where user-space code (TLS) writing into its mapping would die of SIGBUS."""
+        write_view = write_view_of(self.device) if kernel_receives else None
+        if write_view is not None:
+            self.engine.write_view = write_view
+            self._receive_size.in_place(self.engine.request_header_size)
+
+    def read_view(self, *, kernel_sends: bool) -> ReadView | None:
+        """The device's zero-copy read views, where they may be used: only when the driver hands buffers to
+        the kernel as they are (a plaintext socket's sendmsg). User-space code (TLS) must not read them: a file
+        truncated under the server is a SIGBUS there, where sendmsg merely fails with EFAULT."""
+        return read_view_of(self.device) if kernel_sends else None
+
+    @property
+    def receive_size(self) -> int:
+        """How many bytes to ask of the next receive that is not into ``engine.write_buffer()``
+        (nbdproto.serving.ReceiveSize: more while the client streams big writes). A driver whose receives bring
+        at most a TLS record (16 KiB) asks for RECV_SIZE instead: asking for more only costs it memory."""
+        return self._receive_size.next
+
+    def in_place_buffers(self) -> list[memoryview] | None:
+        """While big writes stream in place (``write_in_place``): the buffers for the next receive, which
+        brings the rest of the arriving payload, into place, and the request header after it, with one
+        ``recvmsg_into`` (the header alone when no payload is arriving); hand the count to
+        ``received_in_place`` (or, at RECEIVE_READY, send it back into the steps). None otherwise: receive as
+        ``receive_size`` and ``engine.write_buffer()`` say. Without it a write took two receives: its header's,
+        and its payload's."""
+        if not self._receive_size.streaming_in_place:
+            return None
+        header = self._header_room[: self.engine.request_header_size]
+        target = self.engine.write_buffer()
+        return [header] if target is None else [target, header]
+
+    def received(self, data: bytes | bytearray | memoryview) -> None:
+        """The driver received ``data`` (b"": the client closed)."""
+        self.engine.receive_data(data)
+        self._receive_size.received(len(data), False)
+
+    def received_into_payload(self, count: int) -> None:
+        """The driver received ``count`` bytes straight into ``engine.write_buffer()`` (0: the client closed)."""
+        engine = self.engine
+        self._receive_size.received(count, True, engine.arriving_write_size)
+        engine.received_into(count)
+
+    def received_in_place(self, count: int) -> None:
+        """The driver received ``count`` bytes into the buffers ``in_place_buffers()`` gave (0: the client
+        closed): the part in the payload's place, then the header bytes after it."""
+        target = self.engine.write_buffer()
+        into_target = 0 if target is None else min(count, len(target))
+        if into_target or (count == 0 and target is not None):
+            self.received_into_payload(into_target)
+        if count > into_target or (count == 0 and target is None):
+            self.received(bytes(self._header_room[: count - into_target]))
+
+    # --- How long to wait -------------------------------------------------------------------------------------
+
+    @property
+    def mid_request(self) -> bool:
+        """True while part of a request has arrived and the rest has not."""
+        return self.engine.receiving_request
+
+    @property
+    def idle(self) -> bool:
+        """True with nothing in flight and no part of a request received: the connection may be closed now
+        without cutting anything short (what a shutdown does to an idle connection at once)."""
+        engine = self.engine
+        return not engine.in_flight and not engine.receiving_request
+
+    def next_wait(self) -> float | None:
+        """How long the driver may wait for the client's next bytes (None: as long as it takes): the request
+        limit while a request is part-way in, the idle limit while nothing is in flight, a moment when shutting
+        down (to take what already arrived: it gets ESHUTDOWN). When the wait runs out, ``wait_ran_out``."""
+        limits = self._limits
+        if self.engine.receiving_request:
+            return limits.seconds(limits.request_timeout)
+        if self.shutting_down:
+            return _SHUTDOWN_DRAIN
+        if self.engine.in_flight:
+            return None
+        return limits.seconds(limits.idle_timeout)
+
+    @property
+    def shortest_wait(self) -> float | None:
+        """The shortest of the limits ``next_wait`` gives in transmission, shutting down aside (None: there is
+        no limit): a timer of this length may stay armed on every receive (a socket's SO_RCVTIMEO, set once);
+        when it runs out before ``next_wait`` has, the driver simply waits again."""
+        limits = self._limits
+        waits = [w for w in (limits.seconds(limits.request_timeout), limits.seconds(limits.idle_timeout)) if w]
+        return min(waits, default=None)
+
+    def wait_ran_out(self) -> None:
+        """The wait ``next_wait`` allowed ran out: TimeoutError for a request stalled part-way; otherwise (idle
+        too long, or shutting down) the end of the connection, as if the client had closed it."""
+        if self.engine.receiving_request:
+            limit = self._limits.request_timeout
+            raise TimeoutError(f"the rest of a request did not arrive within {limit} s")
+        self.received(b"")
+
+    # --- Requests ---------------------------------------------------------------------------------------------
+
+    def next_batch(self, batch: list[Work]) -> BatchEnd:
+        """Move every request the received bytes hold into ``batch`` (in order), and say what ended it.
+
+        NBD_CMD_DISC is noted and not returned (the engine answers nothing to it, and stops reading). Parts of
+        a streamed write (WritePayload) are work too, carried out like requests.
+        """
+        engine = self.engine
+        work = WORK_TYPES
+        while True:
+            event = engine.next_event()
+            if type(event) in work:
+                batch.append(event)  # type: ignore[arg-type]
+            elif event is NEED_DATA:
+                return BatchEnd.NEED_DATA
+            elif event is PAUSED:
+                return BatchEnd.PAUSED
+            elif type(event) is ConnectionClosed:
+                return BatchEnd.CLOSED
+            elif type(event) is not DisconnectRequest:
+                raise LocalProtocolError(f"unexpected {event!r} in transmission")
+
+    def inline_transmission(self, read_view: ReadView | None) -> Generator[Step, int | None, None]:
+        """The whole of transmission for a driver that carries requests out where it reads them, as steps
+        (nbdproto.serving's ``_steps`` says what each asks). It ends with FINISHED: everything owed is sent."""
+        batch: list[Work] = []
+        ready = 0  # RECEIVE_READY steps in a row that found bytes, since replies were last sent
+        while True:
+            end = self.next_batch(batch)
+            yield from self.carry_out_inline(batch, read_view)
+            batch.clear()
+            if end is BatchEnd.CLOSED:
+                yield FINISHED
+                return
+            if end is BatchEnd.NEED_DATA and self._receive_size.streaming_in_place and ready < READY_IN_A_ROW:
+                found = yield RECEIVE_READY
+                if found is not None:
+                    self.received_in_place(found)
+                    ready += 1
+                    continue
+            ready = 0
+            # PAUSED (a request waiting for its cookie to come free, or DISC): the batch answered it all.
+            yield RECEIVE if end is BatchEnd.NEED_DATA else SEND
+
+    def carry_out_inline(self, batch: Sequence[Work], read_view: ReadView | None) -> Iterator[Step]:
+        """Carry out ``batch`` here and now, in order, queueing the replies; a generator of steps (SEND, or
+        WaitForBudget), so that replies are made only as they can be sent: no more than FLUSH_AT bytes of them
+        are queued at a time, and no more than the budget share allows."""
+        if not batch:
+            return
+        engine, device, contexts, share = self.engine, self.device, self.engine.meta_contexts, self.share
+        on_error = self.on_device_error
+        if hasattr(device, "call_batch"):
+            yield from self._carry_out_batched(batch)
+            return
+        for request in batch:
+            streamed = streamed_part(request)
+            if self.shutting_down and not streamed and not _written_already(request):
+                self.refuse_shutting_down(request)  # type: ignore[arg-type]
+                continue
+            if type(request) is ReadRequest:
+                length = request.length
+                if read_view is None and share is not None:
+                    if not share.try_take(length):
+                        yield WaitForBudget(length)
+                    self._queued_cost += length
+                engine.send(carry_out(device, request, contexts, on_error, read_view))
+                self._queued += length
+                if self._queued >= FLUSH_AT:
+                    yield SEND
+            elif streamed:
+                reply = self.carry_out_part(request)  # type: ignore[arg-type]
+                if reply is not None:
+                    engine.send(reply)
+            else:
+                engine.send(carry_out(device, request, contexts, on_error, read_view))  # type: ignore[arg-type]
+
+    def _carry_out_batched(self, batch: Iterable[Work]) -> Iterator[Step]:
+        """carry_out_inline for a device that takes many calls at once (``call_batch``: a remote device keeps
+        them all in flight together): each run of plain requests goes to it in one call."""
+        engine, share = self.engine, self.share
+        run: list[Request] = []
+        for request in (*batch, None):
+            streamed = request is not None and streamed_part(request)
+            if request is not None and not streamed and not (self.shutting_down and not _written_already(request)):
+                run.append(request)  # type: ignore[arg-type]
+                continue
+            if run:
+                cost = sum(r.length for r in run if type(r) is ReadRequest)
+                if share is not None and not share.try_take(cost):
+                    yield WaitForBudget(cost)
+                self._queued_cost += cost
+                for reply in carry_out_all(self.device, run, engine.meta_contexts, self.on_device_error):
+                    engine.send(reply)
+                self._queued += cost
+                run = []
+                if self._queued >= FLUSH_AT:
+                    yield SEND
+            if request is None:
+                return
+            if streamed:
+                part = self.carry_out_part(request)  # type: ignore[arg-type]
+                if part is not None:
+                    engine.send(part)
+            else:
+                self.refuse_shutting_down(request)  # type: ignore[arg-type]
+
+    def sent(self) -> None:
+        """The driver sent everything queued: the memory the replies held is free again."""
+        if self._queued_cost and self.share is not None:
+            self.share.give(self._queued_cost)
+        self._queued = self._queued_cost = 0
+
+    def carry_out_one(self, request: Request, read_view: ReadView | None) -> Event:
+        """Carry out one request (not part of a streamed write) and return its reply: for drivers that carry
+        out requests concurrently, each in a thread or task of its own."""
+        if self.shutting_down and not _written_already(request):
+            return ErrorReply(request.cookie, Errno.ESHUTDOWN, SHUTTING_DOWN)
+        return carry_out(self.device, request, self.engine.meta_contexts, self.on_device_error, read_view)
+
+    def carry_out_part(self, part: WriteRequest | WritePayload) -> Event | None:
+        """Write one part of a streamed write (see WriteRequest.more): the parts of one write must be carried
+        out in order, by the reading side. Returns the write's reply after its last part, else None. A part
+        that fails fails the whole write (the rest is received and dropped), and so does shutting down before
+        the first part: ESHUTDOWN after the last."""
+        cookie = part.cookie
+        failure = self._failed_writes.get(cookie)
+        last = type(part) is WritePayload and part.last
+        fua = False
+        if type(part) is WriteRequest:
+            self._streamed_flags[cookie] = part.flags
+            if self.shutting_down:
+                failure = self._failed_writes[cookie] = OSError(errno.ESHUTDOWN, SHUTTING_DOWN)
+        if last:
+            fua = bool(self._streamed_flags.pop(cookie) & CommandFlags.FUA)
+        if failure is None:
+            try:
+                if len(part.data):
+                    self.device.pwrite(part.data, part.offset, fua)
+                if fua:
+                    self.device.flush()  # the earlier parts too: FUA covers the whole write
+            except Exception as exc:  # a device failure becomes an NBD error reply, as in carry_out
+                failure = self._failed_writes[cookie] = exc
+                if self.on_device_error is not None and not isinstance(exc, OSError):
+                    self.on_device_error(part, exc)
+        if not last:
+            return None
+        self._failed_writes.pop(cookie, None)
+        if failure is not None:
+            return error_reply_for(WriteRequest(cookie, part.offset, b""), failure)
+        return SuccessReply(cookie)
+
+    def refuse_shutting_down(self, request: Request) -> None:
+        """Answer ``request`` with ESHUTDOWN: the server is shutting down and takes no new work."""
+        self.engine.send(ErrorReply(request.cookie, Errno.ESHUTDOWN, SHUTTING_DOWN))
