@@ -1,6 +1,6 @@
 """nbdproto_anyio: NBD server and client for asyncio and trio, on anyio.
 
-Server side: ``Server`` (a task per connection) and ``listen``, ``ServerSession`` (one connection, the seed's
+Server side: ``Server`` (a task per connection) and ``listen``, ``ServerSession`` (one connection, the
 negotiate-then-serve contract). It serves the same synchronous devices as the threads server
 (``nbdproto.devices``, or any ``nbdproto.BlockDevice``), calling them on the event loop or in worker threads as
 their ``dispatch`` says. Client: ``connect``, ``AsyncClient``, ``list_exports``, and opt-mode questions: ``inquire``,

@@ -198,7 +198,7 @@ class SocketAcceptor:
                 continue
             if conn.family != socket.AF_UNIX:
                 # Replies that complete one at a time (slow or remote devices) must not wait for the client's
-                # delayed ACK of the previous one (Nagle): measured, a proxy stalled at 1.6k IOPS without this.
+                # delayed ACK of the previous one (Nagle): a proxy stalls without this (bench/bench_proxy.sh).
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return RawSocketStream(conn)
 

@@ -58,8 +58,7 @@ _READER_STOP = 10.0
 _TLS_DRAIN = 64
 """Receives the reader makes at most in one hold of the TLS lock, while bytes keep arriving without waiting: a
 TLS record (16 KiB at most) a receive, so that a large read costs two timeout switches every 64 records, not
-every record (512 MiB of 4 MiB reads from nbdkit: 321-323 MiB/s at 1.33-1.39 s of CPU with one receive a
-hold). Senders wait at most that long for the lock."""
+every record (bench/bench_tls_clients.py). Senders wait at most that long for the lock."""
 
 _Opened = TypeVar("_Opened")
 

@@ -23,8 +23,8 @@ before anything else is copied, saying which bytes cannot be reached and why.
 The copy is one thread driving every connection's sans-IO engine over non-blocking sockets (``selectors``):
 ``connections`` connections at each NBD end with ``requests`` requests in flight on each, each read's data
 received straight into one of the copy's buffers (``ClientConnection.read_buffer``) and written from there.
-Threads were measured first (a blocking Client per worker): their hand-offs and the GIL cost more than the
-copying, 0.62 s against 0.39 s for 1 GiB from nbdkit (bench/bench_copy.sh).
+Threads were tried first (a blocking Client per worker): their hand-offs and the GIL cost more than the
+copying (bench/bench_copy.sh compares a copy with nbdcopy's).
 """
 
 from __future__ import annotations

@@ -143,8 +143,8 @@ class CopyLoop:
         self.workers: concurrent.futures.ThreadPoolExecutor | None = None
         self.worker_count = 1
         """Threads for local file I/O, raised by files on disks: I/O that waits gains from overlapping. Files in
-        memory (tmpfs) want one: their writes serialize on the inode lock anyway, and four threads contending
-        for it measured 7% slower than one on a 1 GiB copy (bench/bench_copy.sh)."""
+        memory (tmpfs) want one: their writes serialize on the inode lock anyway, and threads contending for it
+        only slow a copy down (bench/bench_copy.sh)."""
 
     def in_thread(self, work: Callable[[], None], done: Done) -> None:
         """Run blocking ``work`` in a worker thread (the GIL is let go in its system calls, so local file I/O

@@ -10,8 +10,8 @@ __all__ = ["STATUS_SPAN", "Runs", "UnreachableTail", "aligned_runs", "pieces"]
 STATUS_SPAN = (1 << 32) - (1 << 16)
 """How much of the source one block-status query asks about: all a compact request can, aligned to any minimum
 block size. Few queries matter more than small ones: a file server answers each with SEEK_DATA / SEEK_HOLE, and
-on a fully allocated file SEEK_HOLE walks the page cache to the end of the file whatever length was asked
-(measured: 16 queries of 64 MiB were 14% of nbdkit's CPU time in a 1 GiB copy). A server may answer for less;
+on a fully allocated file SEEK_HOLE walks the page cache to the end of the file whatever length was asked,
+so sixteen 64 MiB queries of a 1 GiB copy cost nbdkit a good share of its CPU. A server may answer for less;
 the next query starts where its answer ended."""
 Runs = Callable[[int, int], Iterator[tuple[int, int, bool]]]
 """A source's ``runs(offset, length)``: (offset, length, is_zero) runs covering the range, in order."""

@@ -157,7 +157,7 @@ class ServerSession:
         self._receiving = False  # blocked waiting for the client's bytes (idle then if logic.idle: safe to close)
         self._started = time.monotonic()
 
-    # --- The seed's contract: negotiate, serve, close ------------------------------------------------------
+    # --- The contract: negotiate, serve, close -------------------------------------------------------------
 
     def negotiate(self) -> str | nbdproto.ClientAborted:
         """Run the handshake until the client chooses an export; returns its name, or ClientAborted.
@@ -456,7 +456,7 @@ def negotiate(
     *,
     tls: ssl.SSLContext | None = None,
 ) -> tuple[ServerSession, str | nbdproto.ClientAborted]:
-    """The seed's one-call handshake: negotiate on an accepted socket with an optional offer list.
+    """The one-call handshake: negotiate on an accepted socket with an optional offer list.
 
     Returns the session (a context manager that guarantees the close) and the export name the client chose,
     or ``ClientAborted``. TLS is forced when ``tls`` is given. Then call ``session.serve(device)``.

@@ -16,9 +16,9 @@ __all__ = ["Event", "ConnectionClosed"]
 class Event:
     """The base of every event: a plain slotted record whose fields are its ``__slots__``, in order.
 
-    Events are written out by hand rather than as dataclasses: forty dataclasses cost ~10 ms of every
-    start-up (nbdproto copy's measured time includes it), and an event made per request must be cheap to
-    create (a frozen dataclass's __init__ measured 515 ns per ReadRequest against 118 ns for a plain one).
+    Events are written out by hand rather than as dataclasses: dataclasses cost every start-up the time to
+    build forty classes (nbdproto copy's time includes it), and an event made per request must be cheap to
+    create, which a frozen dataclass's __init__ is not (bench/bench_engine.py measures the engine per request).
     Events are immutable by contract: nothing in nbdproto changes an event after creating it, and callers
     must not either. Equal when of the same type with equal fields (``_hidden`` ones aside); hashable so.
     """

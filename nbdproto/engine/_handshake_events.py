@@ -49,7 +49,7 @@ class Export(Event):
 
     The server application answers ``ExportRequested`` with one; ``HandshakeComplete`` and ``ExportInfo`` carry
     the one the client learned. ``flags`` are the transmission flags (HAS_FLAGS is implied); exports are
-    read-only unless the flags say otherwise (the seed's default). ``meta_contexts``
+    read-only unless the flags say otherwise (READ_ONLY is the default). ``meta_contexts``
     lists the context names the export supports (server role); ``tls_required`` marks an export that only
     TLS clients may select (the spec's SELECTIVETLS mode). ``block_size_required`` makes the server refuse
     NBD_OPT_GO with NBD_REP_ERR_BLOCK_SIZE_REQD unless the client asked for NBD_INFO_BLOCK_SIZE.
@@ -366,7 +366,7 @@ class HandshakeComplete(Event):
 
 
 class ClientAborted(Event):
-    """Server role: the client sent NBD_OPT_ABORT (the seed's "client requested abort" outcome). Client role:
-    the server acknowledged our abort. The connection is over either way."""
+    """Server role: the client sent NBD_OPT_ABORT (the outcome a server application sees as "the client gave up").
+    Client role: the server acknowledged our abort. The connection is over either way."""
 
     __slots__ = ()

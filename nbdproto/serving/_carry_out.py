@@ -210,8 +210,8 @@ def carry_out(
     """
     try:
         if type(request) is ReadRequest:
-            # The commonest requests, straight through: one device call (measured: the generic path below
-            # costs about a microsecond more per request).
+            # The commonest requests, straight through: one device call (the generic path below costs more
+            # per request: bench/bench_engine.py).
             read: ReadRequest = request
             if read_view is not None:
                 view = read_view(read.offset, read.length)

@@ -77,10 +77,11 @@ name alone (``def resolve(name, client)``; see nbdproto.takes_client)."""
 class Exports:
     """What a server offers: names mapped to devices or ExportSpecs, or a resolver asked for each name.
 
-    A plain device in the mapping is served read-only (the seed's default); an ExportSpec carries its own
-    settings. ``offer`` is what NBD_OPT_LIST answers: the mapping's names with their descriptions, or None
-    (answered with NBD_REP_ERR_POLICY, the spec's EPERM) for a resolver or when ``list_exports`` is False.
-    ``lookup`` is the resolver as given (a ClientResolver is also told who asks), or the mapping's ``get``.
+    A plain device in the mapping is served read-only (exports are read-only unless they say otherwise); an
+    ExportSpec carries its own settings. ``offer`` is what NBD_OPT_LIST answers: the mapping's names with their
+    descriptions, or None (answered with NBD_REP_ERR_POLICY, the spec's EPERM) for a resolver or when
+    ``list_exports`` is False. ``lookup`` is the resolver as given (a ClientResolver is also told who asks), or the
+    mapping's ``get``.
     """
 
     __slots__ = ("lookup", "offer")
@@ -107,11 +108,12 @@ class SessionSettings:
     """What a server tells each session.
 
     ``offer``: names (or ExportListings) answered to NBD_OPT_LIST, None to refuse listing. ``lookup`` answers
-    the questions a client asks before choosing (NBD_OPT_INFO, meta contexts); without it INFO is refused
-    and meta contexts are offered as base:allocation. ``tls``: the server's ``ssl.SSLContext`` (the engine
-    never touches it; the backends wrap the connection with it). ``tls_mode``: the engine's TLS mode; by
-    default TLS is forced when there is a context (the seed's rule) and off without one. ``limits``: time
-    limits and the memory budget. ``policy``: who is served (checked again after the TLS upgrade).
+    the questions a client asks before choosing (NBD_OPT_INFO, meta contexts); without it INFO is refused and
+    meta contexts are offered as base:allocation. ``tls``: the server's ``ssl.SSLContext`` (the engine never
+    touches it; the backends wrap the connection with it). ``tls_mode``: the engine's TLS mode; by default TLS is
+    forced when there is a context (a server that can speak TLS never serves plaintext unless told to) and off
+    without one. ``limits``: time limits and the memory budget. ``policy``: who is served (checked again after
+    the TLS upgrade).
     """
 
     offer: Sequence[str | ExportListing] | None = None

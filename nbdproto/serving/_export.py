@@ -77,10 +77,10 @@ def export_for(
 ) -> Export:
     """The Export that serves a device of ``size`` bytes with ``capabilities`` under ``name``.
 
-    Read-only by default (the seed's rule): pass ``read_only=False`` to accept writes. A read-only export
-    advertises no write-side feature (TRIM, WRITE_ZEROES, FAST_ZERO, FUA, RESIZE): a client must not use them
-    there, and advertising them would only invite EPERM. FLUSH stays (harmless, and some clients always send
-    it); CACHE and block status stay (they only read).
+    Read-only by default (a server never writes unless told to): pass ``read_only=False`` to accept writes. A
+    read-only export advertises no write-side feature (TRIM, WRITE_ZEROES, FAST_ZERO, FUA, RESIZE): a client must
+    not use them there, and advertising them would only invite EPERM. FLUSH stays (harmless, and some clients always
+    send it); CACHE and block status stay (they only read).
     """
     caps = capabilities
     writable = caps.can_write and not read_only
@@ -137,7 +137,7 @@ D = TypeVar("D", bound=Device, covariant=True)  # a spec of a MemoryDevice is a 
 class ExportSpec(Generic[D]):
     """An export as a server offers it: a device (sync or async), and what the server says about it.
 
-    Exports are read-only unless ``read_only=False`` (the seed's default). ``tls_required`` keeps plaintext
+    Exports are read-only unless ``read_only=False``. ``tls_required`` keeps plaintext
     clients away from this export when the server's TLS is optional (SELECTIVETLS).
     """
 

@@ -9,19 +9,17 @@ __all__ = ["RECV_SIZE", "STREAM_RECV_SIZE", "ReceiveSize"]
 RECV_SIZE = 64 * 1024
 """Bytes asked of a receive normally: enough for hundreds of pipelined request headers in one system call, and
 small enough that the interpreter's allocation of the result stays on the heap. Asking for more costs an mmap
-and an munmap for every receive that brings less (measured one request at a time: 1 MiB took twice the server
-CPU per request of 64 KiB)."""
+and an munmap for every receive that brings less, a cost that shows one request at a time (bench/bench_qd1.sh)."""
 
 STREAM_RECV_SIZE = 1 << 20
 """About the bytes asked of a receive while the client streams writes larger than RECV_SIZE (nbdcopy's 256 KiB, with
 dozens in flight; rounded to a whole number of them, see ``ReceiveSize.streaming``): one receive then brings several
 whole writes, each handed to the device as a slice of what was received (no copy), instead of two receives and two
-turns of the server's loop for every write. Measured with nbdcopy writing 1 GiB over 4 connections to the threads
-server: half the server's user CPU per GiB (206-260 ms with 64 KiB, 106-110 with 1 MiB; 4 MiB brought no more). A
-receive holds its buffer while it waits, so a driver asks for this much only where bytes are waiting (the anyio
+turns of the server's loop for every write (bench/bench_table.py's nbdcopy write; larger receives brought no
+more). A receive holds its buffer while it waits, so a driver asks for this much only where bytes are waiting (the anyio
 server receives once the socket is readable, the threads server with a receive that does not wait, falling back to a
 waiting one of RECV_SIZE): a client that streamed big writes and went quiet costs the server no more than any other
-(200 such connections: 119 MiB of server RSS, 151 MiB when the threads server waited with the large buffer)."""
+(bench/bench_memory.py)."""
 
 _LONGEST_HEADER = 32  # an extended request header: a write of STREAM_RECV_SIZE bytes with one is still a receive
 
@@ -67,10 +65,9 @@ class ReceiveSize:
         that brings all it asked for then ends where a request ends, and the next one starts a receive instead
         of straddling two: a straddling write's payload needs a buffer of its own (allocated, zeroed, and
         filled with a copy of what arrived and a receive of the rest). With nbdcopy's 256 KiB writes and 1 MiB
-        receives, one write in four straddled, and a receive brought the last 112 bytes of it (1060 of 4096
-        writes straddled; 345 with whole numbers of writes, where a receive brought less than it asked).
-        Measured side by side, nbdcopy writing 1 GiB over 4 connections to the threads server, ten rounds each:
-        server user CPU 126 ms per GiB against 173, all CPU 644 against 703 (medians)."""
+        receives, one write in four straddled, and a receive brought the last 112 bytes of it; with whole
+        numbers of writes only a receive that brings less than it asked leaves a write straddling (the server
+        CPU per GiB: bench/bench_table.py's nbdcopy write)."""
         if not 0 < write_size <= STREAM_RECV_SIZE + _LONGEST_HEADER:
             return STREAM_RECV_SIZE
         return write_size * max(1, (STREAM_RECV_SIZE + write_size // 2) // write_size)
