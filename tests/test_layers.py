@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKENDS = ("nbdproto_threads", "nbdproto_anyio")
@@ -192,3 +193,28 @@ def test_the_checks_see_a_cycle_between_subpackages_and_count_the_root(tmp_path:
     assert cycles(root) == [["nbdproto.engine", "nbdproto.serving"]]
     assert len(root_modules(root)) == MAX_ROOT_MODULES + 1
     assert backend_imports(root) == []
+
+
+def _readme_layout_paths(readme: str) -> list[str]:
+    """The paths the README's layout table names: its first column, and every `file` a row names beside it."""
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    paths: list[str] = []
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        first, rest = row.split("|")[1:3]
+        base = first.strip().strip("`")
+        paths.append(base)
+        if base.endswith("/"):
+            paths += [base + name for name in re.findall(r"`(\w+\.(?:py|sh|md))`", rest)]
+    return paths
+
+
+def test_the_readme_layout_names_every_layer_and_only_what_exists() -> None:
+    paths = _readme_layout_paths((ROOT / "README.md").read_text())
+    missing = [path for path in paths if not (ROOT / path).exists()]
+    assert missing == [], f"the README's layout names paths that do not exist: {missing}"
+    layers = {f"nbdproto/{d.name}/" for d in (ROOT / "nbdproto").iterdir() if (d / "__init__.py").exists()}
+    layers |= {f"{top}/" for top in BACKENDS}
+    unnamed = sorted(layers - set(paths))
+    assert unnamed == [], f"the README's layout does not name {unnamed}"
