@@ -40,9 +40,7 @@ from nbdproto.serving import (
     RECEIVE_READY,
     BatchEnd,
     ServerSessionLogic,
-    Step,
     WaitForBudget,
-    Work,
     streamed_part,
 )
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
@@ -259,7 +257,7 @@ class ServerSession:
             found = await self._take_step(step)
         await self._send()
 
-    async def _take_step(self, step: Step) -> int | None:
+    async def _take_step(self, step: nbdproto.serving.Step) -> int | None:
         """One step of inline_transmission: RECEIVE_READY (asked on raw sockets only: writes stream in place
         there) receives what has arrived, into place, without waiting (its count; None when nothing had); every
         other step sends what is queued, then receives or waits for the budget as it says."""
@@ -281,7 +279,7 @@ class ServerSession:
         limits = logic.settings.limits
         budget = WaitingRequests(nbdproto.serving.RequestBudget(limits.max_requests, limits.memory_limit))
         self._shared_sending = True
-        batch: list[Work] = []
+        batch: list[nbdproto.serving.Work] = []
         async with anyio.create_task_group() as tasks:
             while True:
                 end = logic.next_batch(batch)

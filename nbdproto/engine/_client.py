@@ -94,8 +94,10 @@ class ClientConnection(ClientReplies):
     # --- The driver's interface --------------------------------------------------------------------------
 
     def _take(self, data: bytes | bytearray | memoryview) -> None:
-        if self._direct is not None:
-            data = self._fill_direct(data)
+        if self._into is not None:
+            data = self._fill_into(data)  # the rest of a read's data, into the caller's buffer
+            if not data:
+                return
         self._buf.append(data)
 
     def send(self, event: Event) -> None:

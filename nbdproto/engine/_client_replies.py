@@ -17,9 +17,7 @@ import struct
 from nbdproto.wire import (
     ChunkType,
     Command,
-    CommandFlags,
     Errno,
-    LocalProtocolError,
     ReplyFlags,
     headers,
     layout,
@@ -27,6 +25,8 @@ from nbdproto.wire import (
 
 from ._client_checks import ReadCoverage, descriptor_count, parse_block_status
 from ._client_requests import ClientRequesting, Pending
+from ._commands import DF_BIT as _DF
+from ._commands import REQ_ONE_BIT as _REQ_ONE
 from ._events import ConnectionClosed, Event
 from ._state import NEED_DATA, PAUSED, Trigger
 from ._transmission_events import (
@@ -39,7 +39,6 @@ from ._transmission_events import (
 
 __all__ = ["ClientReplies"]
 
-_FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 _DONE = int(ReplyFlags.DONE)
 _MESSAGE_CHUNK_LIMIT = 64 * 1024  # error chunks: a message for humans, no more
 _KNOWN_ERRORS = {int(e) for e in Errno} - {0}
@@ -64,34 +63,14 @@ class ClientReplies(ClientRequesting):
         part of the caller's ReadRequest buffer, else None. A driver may receive straight into it (e.g.
         ``socket.recv_into``) and report the count with ``received_into``, so that large read payloads are
         never copied in Python; passing them to ``receive_data`` is equally correct."""
-        direct = self._direct
-        return direct if direct is not None and len(direct) else None
-
-    def received_into(self, count: int) -> None:
-        """``count`` bytes were written at the start of ``read_buffer()``; 0 means the server closed."""
-        direct = self._direct
-        if count == 0:
-            self._eof = True
-            return
-        if direct is None or not 0 < count <= len(direct):
-            raise LocalProtocolError(f"received_into({count}) does not fit the read buffer")
-        self._direct = direct[count:]
-
-    def _fill_direct(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
-        # receive_data's way into the caller's buffer: returns what is left over for the receive buffer.
-        direct = self._direct
-        assert direct is not None
-        count = min(len(direct), len(data))
-        direct[:count] = data[:count]
-        self._direct = direct[count:]
-        return memoryview(data)[count:] if count < len(data) else b""
+        return self._into
 
     def _start_direct(self, pending: Pending, destination: memoryview, done: bool) -> type[NEED_DATA]:
         # The header is consumed; what has arrived of the payload is copied, the rest will land in place.
         buf = self._buf
         have = len(buf)
         destination[:have] = buf.take(have)
-        self._direct = destination[have:]
+        self._into = destination[have:] if have < len(destination) else None
         self._direct_pending = pending
         self._direct_done = done
         return NEED_DATA
@@ -99,7 +78,7 @@ class ClientReplies(ClientRequesting):
     def _finish_direct(self) -> Event | None:
         pending = self._direct_pending
         assert pending is not None
-        self._direct = self._direct_pending = None
+        self._into = self._direct_pending = None
         if not self._direct_done:
             return None
         del self._pending[pending.request.cookie]
@@ -110,8 +89,8 @@ class ClientReplies(ClientRequesting):
     def _next_in_transmission(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         while True:
-            if self._direct is not None:
-                if len(self._direct):
+            if self._direct_pending is not None:
+                if self._into is not None:
                     return self._need_more()
                 finished = self._finish_direct()
                 if finished is not None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import cast
 
-from nbdproto.wire import Command, CommandFlags, LocalProtocolError, TransmissionFlags, headers, layout
+from nbdproto.wire import Command, LocalProtocolError, TransmissionFlags, headers, layout
 
 from ._client_checks import ReadCoverage
+from ._commands import PAYLOAD_LEN_BIT as _PAYLOAD_LEN
 from ._commands import RULE_OF, request_error
 from ._connection import Connection
 from ._events import Event
@@ -28,8 +29,6 @@ from ._transmission_events import (
 )
 
 __all__ = ["ClientRequesting", "Pending"]
-
-_PAYLOAD_LEN = int(CommandFlags.PAYLOAD_LEN)
 
 
 class Pending:
@@ -70,7 +69,6 @@ class ClientRequesting(Connection):
         self._disconnected = False
         # A read payload arriving straight into the caller's buffer: the part still to fill, the request it
         # belongs to, and whether the request is complete once it is filled (a simple reply, or a DONE chunk).
-        self._direct: memoryview | None = None
         self._direct_pending: Pending | None = None
         self._direct_done = False
         self.server_shutting_down = False

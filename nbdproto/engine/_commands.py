@@ -26,9 +26,33 @@ from ._transmission_events import (
     WriteZeroesRequest,
 )
 
-__all__ = ["CommandRule", "COMMANDS", "RULE_OF", "FLAG_NEEDS", "allowed_flags", "usable", "request_error"]
+__all__ = [
+    "FUA_BIT",
+    "NO_HOLE_BIT",
+    "DF_BIT",
+    "REQ_ONE_BIT",
+    "FAST_ZERO_BIT",
+    "PAYLOAD_LEN_BIT",
+    "CommandRule",
+    "COMMANDS",
+    "RULE_OF",
+    "FLAG_NEEDS",
+    "allowed_flags",
+    "usable",
+    "request_error",
+]
 
-_FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
+FUA_BIT, NO_HOLE_BIT, DF_BIT, REQ_ONE_BIT, FAST_ZERO_BIT, PAYLOAD_LEN_BIT = (int(f) for f in CommandFlags)
+"""The command flags as plain ints, for both roles' per-request checks: an IntFlag operation builds a new flag
+object in Python, which these hot paths do not pay for."""
+_FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (
+    FUA_BIT,
+    NO_HOLE_BIT,
+    DF_BIT,
+    REQ_ONE_BIT,
+    FAST_ZERO_BIT,
+    PAYLOAD_LEN_BIT,
+)
 _TF = TransmissionFlags
 _SEND_FUA, _READ_ONLY = int(_TF.SEND_FUA), int(_TF.READ_ONLY)  # ints: this module runs for every request
 

@@ -36,6 +36,10 @@ class Connection:
         self._fixed = False  # both sides speak fixed newstyle
         self._no_zeroes = False  # both agreed to drop EXPORT_NAME's 124 zero bytes
         self._tls_active = False
+        self._into: memoryview | None = None
+        """The unfilled rest of a payload's own buffer, where the next bytes from the peer belong (a client's
+        read into the caller's buffer, a server's write into its own or the device's); None when no payload is
+        arriving into one."""
         self._reset_negotiation()
 
     def _reset_negotiation(self) -> None:
@@ -100,6 +104,17 @@ class Connection:
             raise LocalProtocolError("the connection already failed")
         return PAUSED
 
+    def received_into(self, count: int) -> None:
+        """``count`` bytes were written at the start of the payload buffer the engine gave out (a client's
+        ``read_buffer()``, a server's ``write_buffer()``); 0 means the peer closed."""
+        rest = self._into
+        if count == 0:
+            self._eof = True
+            return
+        if rest is None or not 0 < count <= len(rest):
+            raise LocalProtocolError(f"received_into({count}) does not fit the payload buffer")
+        self._into = rest[count:] if count < len(rest) else None
+
     def data_to_send(self) -> list[Payload]:
         """Take the pieces queued for the peer, in order (payloads are separate pieces, for sendmsg)."""
         out = self._out
@@ -117,6 +132,15 @@ class Connection:
     def _take(self, data: bytes | bytearray | memoryview) -> None:
         """Keep received bytes where the role reads them from (the receive buffer, or a payload's place)."""
         raise NotImplementedError
+
+    def _fill_into(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """``receive_data``'s way into the payload buffer (``_into``): what is left over for the receive buffer."""
+        rest = self._into
+        assert rest is not None
+        count = min(len(rest), len(data))
+        rest[:count] = memoryview(data)[:count]
+        self._into = rest[count:] if count < len(rest) else None
+        return memoryview(data)[count:]
 
     def _next_in_greeting(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         raise NotImplementedError

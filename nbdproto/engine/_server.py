@@ -53,7 +53,7 @@ class ServerConnection(ServerHandshake, ServerTransmission):
     def receiving_request(self) -> bool:
         """True while part of a request (or option) has arrived and the rest has not: a header, or some of a
         payload. A driver bounds how long it waits for the rest."""
-        return bool(len(self._buf) or self._skip or self._write_rest is not None or self._payload_rest is not None)
+        return bool(len(self._buf) or self._skip or self._write_rest is not None or self._into is not None)
 
     def write_buffer(self) -> memoryview | None:
         """Where the next bytes from the client belong when they are the rest of a write's payload: the unfilled
@@ -61,7 +61,7 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         ``socket.recv_into``) and report the count with ``received_into``, so that a payload that straddles
         receive chunks is never joined or copied in Python; passing the bytes to ``receive_data`` is equally
         correct."""
-        return self._payload_rest
+        return self._into
 
     @property
     def request_header_size(self) -> int:
@@ -74,19 +74,9 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         ``write_buffer()``, else 0: a driver sizes its receives by it (nbdproto.ReceiveSize), so that they end
         where requests end."""
         event = self._payload_event
-        if self._payload_rest is None or event is None:
+        if self._into is None or event is None:
             return 0
         return self._request_codec.size + len(event.data)
-
-    def received_into(self, count: int) -> None:
-        """``count`` bytes were written at the start of ``write_buffer()``; 0 means the client closed."""
-        rest = self._payload_rest
-        if count == 0:
-            self._eof = True
-            return
-        if rest is None or not 0 < count <= len(rest):
-            raise LocalProtocolError(f"received_into({count}) does not fit the write buffer")
-        self._payload_rest = rest[count:] if count < len(rest) else None
 
     @property
     def in_flight(self) -> int:
@@ -94,13 +84,9 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         return len(self._in_flight)
 
     def _take(self, data: bytes | bytearray | memoryview) -> None:
-        rest = self._payload_rest
-        if rest is not None:
+        if self._into is not None:
             # The rest of a write's payload goes to its own buffer; what follows it, to the receive buffer.
-            count = min(len(rest), len(data))
-            rest[:count] = memoryview(data)[:count]
-            self._payload_rest = rest[count:] if count < len(rest) else None
-            data = memoryview(data)[count:]
+            data = self._fill_into(data)
             if not data:
                 return
         skip = self._skip

@@ -83,7 +83,6 @@ class ServerBase(Connection):
         # A WRITE whose payload is arriving into a buffer of its own: the event to hand over once it is full,
         # and the part of the buffer still to fill (write_buffer / received_into, or receive_data).
         self._payload_event: WriteRequest | None = None
-        self._payload_rest: memoryview | None = None
         self.write_view: WriteView | None = None
         """Set by the application (None: never): a checked WRITE whose payload has not started to arrive is
         received straight into the view this gives (``write_buffer``), and handed over with ``in_place`` set."""

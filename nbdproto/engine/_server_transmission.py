@@ -19,6 +19,9 @@ from nbdproto.wire import MAX_STRING_LENGTH, Command, CommandFlags, Errno, Local
 
 from . import _replies
 from ._commands import COMMANDS, request_error
+from ._commands import DF_BIT as _DF
+from ._commands import PAYLOAD_LEN_BIT as _PAYLOAD_LEN
+from ._commands import REQ_ONE_BIT as _REQ_ONE
 from ._events import ConnectionClosed, Event
 from ._payloads import Extent, Payload
 from ._server_base import Progress, ServerBase
@@ -41,7 +44,6 @@ from ._transmission_events import (
 
 __all__ = ["ServerTransmission"]
 
-_FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO, _PAYLOAD_LEN = (int(f) for f in CommandFlags)
 # Every combination of the six command flags, made once: IntFlag construction costs ~300 ns per call.
 _COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
 _READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
@@ -79,7 +81,7 @@ class ServerTransmission(ServerBase):
         fast = self._fast_paths
         while True:
             if self._payload_event is not None:
-                if self._payload_rest is not None:
+                if self._into is not None:
                     return self._closed_or_need_data()
                 whole, self._payload_event = self._payload_event, None
                 return whole
@@ -218,7 +220,7 @@ class ServerTransmission(ServerBase):
         have = len(buf)
         if have:
             view[:have] = buf.take(have)
-        self._payload_rest = view[have:]
+        self._into = view[have:]
         event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], in_place=in_place is not None)
         self._in_flight[cookie] = event
         self._payload_event = event
