@@ -20,17 +20,22 @@ public face.
 
 from __future__ import annotations
 
-from nbdproto.wire import LocalProtocolError
+import functools
 
+from nbdproto.wire import LocalProtocolError, headers
+
+from . import _replies
 from ._events import Event
 from ._server_handshake import ServerHandshake
 from ._server_transmission import ServerTransmission
 from ._state import SENDS, Phase, Role
-from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHole, SuccessReply
+from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHole, ReadRequest, SuccessReply
 
 __all__ = ["ServerConnection"]
 
 _SENDABLE = SENDS[Role.SERVER]
+_simple_ok = functools.partial(headers.SIMPLE_REPLY.pack, headers.SIMPLE_REPLY.magic, 0)  # (cookie): a success
+_offset_data_header = _replies.offset_data_header
 
 
 class ServerConnection(ServerHandshake, ServerTransmission):
@@ -108,7 +113,25 @@ class ServerConnection(ServerHandshake, ServerTransmission):
         try:
             # The common reply first: one chunk of data, in transmission (SENDS allows it there).
             if kind is ReadData and self._phase is Phase.TRANSMISSION:
-                self._read_chunk(event.cookie, event.offset, len(event.data), event.data, event.done)  # type: ignore[attr-defined]
+                cookie, data = event.cookie, event.data  # type: ignore[attr-defined]
+                request = self._in_flight.get(cookie)
+                if (
+                    type(request) is ReadRequest
+                    and event.offset == request.offset  # type: ignore[attr-defined]
+                    and len(data) == request.length
+                    and cookie not in self._progress
+                ):
+                    # The whole read in one chunk (what _read_chunk does for it, without the call).
+                    if self.structured_replies:
+                        header = _offset_data_header(
+                            self.extended_headers, True, cookie, request.offset, request.offset, len(data)
+                        )
+                    else:
+                        header = _simple_ok(cookie)
+                    self._out += (header, data)
+                    del self._in_flight[cookie]
+                    return
+                self._read_chunk(cookie, event.offset, len(data), data, event.done)  # type: ignore[attr-defined]
                 return
             phase = self._phase
             if phase is Phase.ERROR:

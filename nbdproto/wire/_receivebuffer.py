@@ -59,6 +59,11 @@ class ReceiveBuffer:
             self._gather(codec.size)
         return codec.unpack_from(self._head, self._pos)
 
+    def chunk(self) -> tuple[bytes, int]:
+        """The chunk at the read position, and the position in it: a parser that reads many fixed-size headers
+        in a row unpacks them straight from it, then ``skip``s what it took (within the chunk)."""
+        return self._head, self._pos
+
     def peek(self, n: int) -> bytes:
         """The next n bytes (n <= len(self)) without consuming them."""
         if len(self._head) - self._pos < n:
