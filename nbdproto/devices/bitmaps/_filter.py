@@ -1,0 +1,288 @@
+"""DirtyBitmapFilter: changed-block tracking for any device, served the way qemu-nbd serves it.
+
+A filter like the others (``nbdproto.devices.Filter``), so every source and filter stack gets it: each write,
+write-zeroes and trim marks the granules it touches in every bitmap of the export, before it goes to the
+device below (``DirtyBitmap.mark``: a bit test for a granule already dirty; a durable store update, shared
+between the writers that need one at the same time, for a granule not yet dirty). Reads, flushes, cache and
+read views pass straight through; write views are not offered (a payload received into the device's storage
+would be written without the filter seeing it).
+
+Each bitmap NAME is the meta context ``qemu:dirty-bitmap:NAME``, added to the device's own in
+``capabilities.meta_contexts`` (read at each handshake, so a bitmap added at run time is offered to the next
+client), and answered by ``extents`` as qemu-nbd answers it (``_bits.extents_of``).
+
+**Run time.** ``bitmap_add``, ``bitmap_remove``, ``bitmap_clear``, ``bitmap_list`` and ``bitmap_freeze`` may
+be called while clients write, from any thread: a control socket calls them. Bad requests raise
+``BitmapError`` (a ValueError with a one-line message), a store that fails raises OSError.
+
+**The instant between two requests.** ``quiesced()`` holds back every new write, write-zeroes and trim, waits
+until those in flight have finished, and lets them go again when its block ends: inside it nothing changes the
+device, so what is done there happens between two requests. Adding, clearing and resizing a bitmap happen
+inside it (a write still in flight when a bitmap starts would otherwise land in the device unrecorded), and so
+can a checkpoint: ``with f.quiesced(): frozen = f.bitmap_freeze("a"); f.bitmap_add("b")`` freezes ``a`` and
+starts ``b`` at one instant, every write before it in ``frozen``, every write after it in ``b``. Blocks nest
+in one thread. The cost on the write path is two set operations and a test, without a lock.
+
+**Sizes.** A bitmap covers the device's size when it starts; when the device grows (``resize``, or a remote
+export that grew) the new part is dirty in every bitmap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from nbdproto import BlockDevice, Buffer, DeviceCapabilities
+from nbdproto.devices import Filter, slower_dispatch
+
+from . import _bits
+from ._bitmap import (
+    CONTEXT_PREFIX,
+    DEFAULT_GRANULARITY,
+    BitmapError,
+    BitmapInfo,
+    DirtyBitmap,
+    FrozenBitmap,
+    check_granularity,
+    check_name,
+)
+from ._store import BitmapStore, MemoryBitmapStore, StoredBitmap
+
+__all__ = ["DirtyBitmapFilter"]
+
+_POLL = 0.05  # a quiesce looks at the writes in flight at least this often, wake-ups aside
+
+
+class DirtyBitmapFilter(Filter):
+    """``inner`` with the dirty bitmaps of ``store`` (default: in memory only), loaded at once; see the module
+    docstring. ``quiesce_timeout`` bounds how long a bitmap operation waits for writes in flight (TimeoutError)
+    and how long a write waits for one to finish (ETIMEDOUT). OSError when the store cannot be read,
+    BitmapError when a stored bitmap's name is a context the inner device offers itself."""
+
+    def __init__(self, inner: BlockDevice, store: BitmapStore | None = None, *, quiesce_timeout: float = 60.0) -> None:
+        super().__init__(inner)
+        self.store: BitmapStore = store if store is not None else MemoryBitmapStore()
+        self.dispatch = slower_dispatch(self.dispatch, self.store.dispatch)
+        self._timeout = quiesce_timeout
+        self._size = inner.size
+        self._bitmaps: dict[str, DirtyBitmap] = {}
+        self._live: tuple[DirtyBitmap, ...] = ()
+        self._writing: set[int] = set()
+        self._ids = itertools.count()
+        self._gate: threading.Event | None = None
+        self._depth = 0
+        self._admin = threading.RLock()  # bitmap operations and quiesces, one at a time
+        self._idle = threading.Condition()
+        self._growing = threading.Lock()
+        self._caps_key: tuple[object, ...] = ()
+        self._caps: DeviceCapabilities | None = None
+        own = inner.capabilities.meta_contexts
+        for record in self.store.load():
+            if CONTEXT_PREFIX + record.name in own:
+                raise BitmapError(f"bitmap {record.name!r} in {self.store.where} is a context the device offers")
+            bitmap = DirtyBitmap(
+                record.name, record.granularity, record.size, record.bits, self.store.sink(record.name)
+            )
+            if record.size != self._size:
+                bitmap.resize(self._size)
+            self._bitmaps[record.name] = bitmap
+        self._live = tuple(self._bitmaps.values())
+
+    # What the export offers.
+
+    def _capabilities_over(self, inner: DeviceCapabilities) -> DeviceCapabilities:
+        names = tuple(self._bitmaps)
+        key = (inner, names)
+        if key != self._caps_key or self._caps is None:
+            own = tuple(CONTEXT_PREFIX + name for name in names)
+            self._caps = replace(inner, meta_contexts=inner.meta_contexts + own)
+            self._caps_key = key
+        return self._caps
+
+    def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        if context.startswith(CONTEXT_PREFIX):
+            bitmap = self._bitmaps.get(context[len(CONTEXT_PREFIX) :])
+            if bitmap is not None:
+                size = self.inner.size
+                if offset < 0 or length <= 0 or offset + length > size:
+                    raise OSError(errno.EINVAL, f"range {offset}+{length} is outside the device")
+                if size > self._size:
+                    self._grow()
+                return bitmap.extents(offset, length)
+            if context not in self.inner.capabilities.meta_contexts:
+                raise OSError(errno.EINVAL, f"bitmap {context[len(CONTEXT_PREFIX) :]!r} was removed")
+        return self.inner.extents(context, offset, length)
+
+    # The calls that change the device: each marks first.
+
+    def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
+        token = self._begin(offset, data.nbytes if type(data) is memoryview else len(data))
+        try:
+            self.inner.pwrite(data, offset, fua)
+        finally:
+            self._end(token)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        token = self._begin(offset, length)
+        try:
+            self.inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+        finally:
+            self._end(token)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        token = self._begin(offset, length)
+        try:
+            self.inner.trim(offset, length, fua)
+        finally:
+            self._end(token)
+
+    def resize(self, size: int) -> None:
+        with self.quiesced():
+            super().resize(size)
+            self._resize_bitmaps(self.inner.size)
+
+    def _begin(self, offset: int, length: int) -> int:
+        """Count a change in flight (waiting while a quiesce holds changes back) and mark it in every bitmap;
+        the token for ``_end``."""
+        token = next(self._ids)
+        self._writing.add(token)
+        if self._gate is not None:
+            self._wait_at_gate(token)
+        try:
+            if offset + length > self._size:
+                self._grow()
+            for bitmap in self._live:
+                bitmap.mark(offset, length)
+        except BaseException:
+            self._end(token)
+            raise
+        return token
+
+    def _end(self, token: int) -> None:
+        self._writing.discard(token)
+        if self._gate is not None:
+            with self._idle:
+                self._idle.notify_all()
+
+    def _wait_at_gate(self, token: int) -> None:
+        while True:
+            gate = self._gate
+            if gate is None:
+                return
+            self._end(token)
+            if not gate.wait(self._timeout):
+                raise OSError(errno.ETIMEDOUT, f"a bitmap operation held writes back for over {self._timeout:g} s")
+            self._writing.add(token)
+
+    def _grow(self) -> None:
+        """The device grew under the filter (a remote export): the new part is dirty in every bitmap."""
+        with self._growing:
+            size = self.inner.size
+            if size > self._size:
+                self._resize_bitmaps(size)
+
+    def _resize_bitmaps(self, size: int) -> None:
+        for bitmap in self._live:
+            bitmap.resize(size)
+        self._size = size
+
+    # The run-time API.
+
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float | None = None) -> Iterator[None]:
+        """Inside the block no write, write-zeroes or trim is in flight and none starts (they wait): the
+        instant between two requests (module docstring). TimeoutError when the writes in flight do not finish
+        within ``timeout`` seconds (default: the filter's ``quiesce_timeout``)."""
+        limit = self._timeout if timeout is None else timeout
+        if not self._admin.acquire(timeout=limit):
+            raise TimeoutError(f"another bitmap operation took over {limit:g} s")
+        try:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            gate = threading.Event()
+            self._gate = gate
+            try:
+                deadline = time.monotonic() + limit
+                with self._idle:
+                    while self._writing:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError(f"writes in flight did not finish within {limit:g} s")
+                        self._idle.wait(min(left, _POLL))
+                self._depth = 1
+                yield
+            finally:
+                self._depth = 0
+                self._gate = None
+                gate.set()
+        finally:
+            self._admin.release()
+
+    def bitmap_add(self, name: str, granularity: int = DEFAULT_GRANULARITY) -> BitmapInfo:
+        """Start the bitmap ``name`` (every granule clean) at ``granularity`` bytes (a power of two from 4K),
+        stored before it is offered; its info. BitmapError for a bad name or granularity, or a name taken."""
+        check_name(name)
+        check_granularity(granularity)
+        with self.quiesced():
+            if name in self._bitmaps:
+                raise BitmapError(f"bitmap {name!r} exists already")
+            if CONTEXT_PREFIX + name in self.inner.capabilities.meta_contexts:
+                raise BitmapError(f"the device below already offers {CONTEXT_PREFIX}{name}")
+            size = self._size
+            empty = bytearray(_bits.byte_count(_bits.granule_count(size, granularity)))
+            record = StoredBitmap(name, granularity, size, empty)
+            bitmap = DirtyBitmap(name, granularity, size, record.bits, self.store.create(record))
+            self._bitmaps[name] = bitmap
+            self._live = tuple(self._bitmaps.values())
+            return bitmap.info()
+
+    def bitmap_remove(self, name: str) -> None:
+        """Stop and forget the bitmap ``name`` (its stored copy first). Clients that agreed on its context get
+        EINVAL for block status of it from then on. BitmapError if there is no such bitmap."""
+        with self.quiesced():
+            self._get(name)
+            self.store.remove(name)
+            del self._bitmaps[name]
+            self._live = tuple(self._bitmaps.values())
+
+    def bitmap_clear(self, name: str) -> BitmapInfo:
+        """Make every granule of ``name`` clean, as if it started now (stored atomically); its info."""
+        with self.quiesced():
+            bitmap = self._get(name)
+            bitmap.clear()
+            return bitmap.info()
+
+    def bitmap_list(self) -> list[BitmapInfo]:
+        """Every bitmap, in the order they were added: name, granularity, dirty bytes, size."""
+        return [bitmap.info() for bitmap in tuple(self._bitmaps.values())]
+
+    def bitmap_info(self, name: str) -> BitmapInfo:
+        return self._get(name).info()
+
+    def bitmap_freeze(self, name: str) -> FrozenBitmap:
+        """A copy of ``name`` as it is now, which never changes; inside ``quiesced()``, as of that instant."""
+        return self._get(name).freeze()
+
+    def _get(self, name: str) -> DirtyBitmap:
+        bitmap = self._bitmaps.get(name)
+        if bitmap is None:
+            raise BitmapError(f"no bitmap named {name!r}")
+        return bitmap
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.store.close()
