@@ -107,6 +107,10 @@ class Bitmaps:
                 f"export {export!r}: with --bitmap-dir and several exports, each export's bitmaps are kept in "
                 "DIR/EXPORTNAME, which needs a name of letters, digits, '_', '.', '+' and '-'"
             ) from None
+        try:
+            os.makedirs(self.directory, 0o700, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--bitmap-dir {self.directory}: {exc.strerror}") from None
         return os.path.join(self.directory, export)
 
     def wrap(self, device: BlockDevice, export: str) -> BlockDevice:
