@@ -145,6 +145,12 @@ class DirtyBitmap:
     def size(self) -> int:
         return self._size
 
+    def probe(self) -> tuple[int, bytearray, int]:
+        """(granule shift, the bits, granule count): what a caller needs to test whether one granule is dirty
+        without a call (the filter's write path). The bits are changed in place, never replaced; the count only
+        by ``resize``, after which the caller asks again."""
+        return self._shift, self._bits, self._count
+
     def mark(self, offset: int, length: int) -> None:
         """Record that ``[offset, offset + length)`` is about to change, durably before returning (OSError when
         the store cannot record it: the change must then not be made). The part past the bitmap's size is the

@@ -72,6 +72,7 @@ class DirtyBitmapFilter(Filter):
         self._size = inner.size
         self._bitmaps: dict[str, DirtyBitmap] = {}
         self._live: tuple[DirtyBitmap, ...] = ()
+        self._probes: tuple[tuple[int, bytearray, int, DirtyBitmap], ...] = ()
         self._writing: set[int] = set()
         self._ids = itertools.count()
         self._gate: threading.Event | None = None
@@ -91,7 +92,8 @@ class DirtyBitmapFilter(Filter):
             if record.size != self._size:
                 bitmap.resize(self._size)
             self._bitmaps[record.name] = bitmap
-        self._live = tuple(self._bitmaps.values())
+        self._publish()
+        self._pwrite = inner.pwrite
 
     # What the export offers.
 
@@ -121,24 +123,46 @@ class DirtyBitmapFilter(Filter):
     # The calls that change the device: each marks first.
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
-        token = self._begin(offset, data.nbytes if type(data) is memoryview else len(data))
+        # The path nearly every write takes, written out: a granule already dirty in every bitmap costs a bit
+        # test each; anything else goes the long way (_begin).
+        length = data.nbytes if type(data) is memoryview else len(data)
+        token = next(self._ids)
+        writing = self._writing
+        writing.add(token)
         try:
-            self.inner.pwrite(data, offset, fua)
+            if self._gate is not None or offset + length > self._size or length <= 0:
+                self._begin(token, offset, length)
+            else:
+                for shift, bits, count, bitmap in self._probes:
+                    first = offset >> shift
+                    if (
+                        first != (offset + length - 1) >> shift
+                        or first >= count
+                        or not bits[first >> 3] >> (first & 7) & 1
+                    ):
+                        bitmap.mark(offset, length)
+            self._pwrite(data, offset, fua)
         finally:
-            self._end(token)
+            writing.discard(token)
+            if self._gate is not None:
+                self._wake()
 
     def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
     ) -> None:
-        token = self._begin(offset, length)
+        token = next(self._ids)
+        self._writing.add(token)
         try:
+            self._begin(token, offset, length)
             self.inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
         finally:
             self._end(token)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        token = self._begin(offset, length)
+        token = next(self._ids)
+        self._writing.add(token)
         try:
+            self._begin(token, offset, length)
             self.inner.trim(offset, length, fua)
         finally:
             self._end(token)
@@ -148,28 +172,24 @@ class DirtyBitmapFilter(Filter):
             super().resize(size)
             self._resize_bitmaps(self.inner.size)
 
-    def _begin(self, offset: int, length: int) -> int:
-        """Count a change in flight (waiting while a quiesce holds changes back) and mark it in every bitmap;
-        the token for ``_end``."""
-        token = next(self._ids)
-        self._writing.add(token)
+    def _begin(self, token: int, offset: int, length: int) -> None:
+        """For a change in flight (``token`` counted in ``_writing``): wait while a quiesce holds changes back,
+        then mark it in every bitmap (the device grown first, if it did)."""
         if self._gate is not None:
             self._wait_at_gate(token)
-        try:
-            if offset + length > self._size:
-                self._grow()
-            for bitmap in self._live:
-                bitmap.mark(offset, length)
-        except BaseException:
-            self._end(token)
-            raise
-        return token
+        if offset + length > self._size:
+            self._grow()
+        for bitmap in self._live:
+            bitmap.mark(offset, length)
 
     def _end(self, token: int) -> None:
         self._writing.discard(token)
         if self._gate is not None:
-            with self._idle:
-                self._idle.notify_all()
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._idle:
+            self._idle.notify_all()
 
     def _wait_at_gate(self, token: int) -> None:
         while True:
@@ -178,6 +198,7 @@ class DirtyBitmapFilter(Filter):
                 return
             self._end(token)
             if not gate.wait(self._timeout):
+                self._writing.add(token)  # the caller's finally takes it out again
                 raise OSError(errno.ETIMEDOUT, f"a bitmap operation held writes back for over {self._timeout:g} s")
             self._writing.add(token)
 
@@ -192,6 +213,12 @@ class DirtyBitmapFilter(Filter):
         for bitmap in self._live:
             bitmap.resize(size)
         self._size = size
+        self._publish()
+
+    def _publish(self) -> None:
+        """Make the bitmaps as they are now the ones every change marks."""
+        self._live = tuple(self._bitmaps.values())
+        self._probes = tuple((*bitmap.probe(), bitmap) for bitmap in self._live)
 
     # The run-time API.
 
@@ -245,7 +272,7 @@ class DirtyBitmapFilter(Filter):
             record = StoredBitmap(name, granularity, size, empty)
             bitmap = DirtyBitmap(name, granularity, size, record.bits, self.store.create(record))
             self._bitmaps[name] = bitmap
-            self._live = tuple(self._bitmaps.values())
+            self._publish()
             return bitmap.info()
 
     def bitmap_remove(self, name: str) -> None:
@@ -255,7 +282,7 @@ class DirtyBitmapFilter(Filter):
             self._get(name)
             self.store.remove(name)
             del self._bitmaps[name]
-            self._live = tuple(self._bitmaps.values())
+            self._publish()
 
     def bitmap_clear(self, name: str) -> BitmapInfo:
         """Make every granule of ``name`` clean, as if it started now (stored atomically); its info."""

@@ -3,9 +3,11 @@
 One file per bitmap, ``NAME.bitmap``: a header of 4096 bytes (magic ``NBDPBMAP``, format version, granularity,
 the image size it covers, the number of granules, a CRC-32 of those fields), then the bits, one per granule
 (``_bits``). Marking granules dirty writes the bytes of the bits that changed in place and fdatasyncs the file
-before returning; bits only ever turn from 0 to 1 that way, so a torn write is safe. A whole new record (a new
-bitmap, a clear, a resize) is written to a new file, synced, and renamed over the old one, then the directory
-synced: after a crash the old record or the new one, never a mix.
+before returning (on tmpfs and ramfs, with no disk to sync to, the write alone: what a killed process wrote to
+the page cache stays, and the image beside it ends with the machine too); bits only ever turn from 0 to 1
+that way, so a torn write is safe. A whole new record (a new bitmap, a clear, a resize) is written to a new
+file, synced, and renamed over the old one, then the directory synced: after a crash the old record or the
+new one, never a mix.
 
 The directory is created mode 0700, and every file in it with ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600,
 relative to the directory's descriptor (no symlink in it is ever followed). While a store is open it holds an
@@ -90,7 +92,10 @@ class SidecarBitmapStore:
             os.close(self._dir)
             raise
         self._files: dict[str, int] = {}
-        self.dispatch: Dispatch = "inline" if _in_memory(self._dir) else "batch"
+        # On tmpfs and ramfs a sync has nothing to write to (the files end with the machine, as the image
+        # beside them does): a write reaches the page cache, which a killed process cannot take back.
+        self._in_memory = _in_memory(self._dir)
+        self.dispatch: Dispatch = "inline" if self._in_memory else "batch"
         for entry in os.listdir(self._dir):
             if entry.startswith(".") and entry.endswith(_TEMPORARY):
                 with contextlib.suppress(FileNotFoundError):
@@ -188,7 +193,8 @@ class SidecarBitmapStore:
             done = start
             while done < end:
                 done += os.pwrite(fd, view[done:end], _HEADER_SIZE + done)
-        os.fdatasync(fd)
+        if not self._in_memory:
+            os.fdatasync(fd)
 
     def remove(self, name: str) -> None:
         fd = self._files.pop(name, None)
