@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import nbdproto_threads as nt
-from nbdproto import Buffer
-from nbdproto.devices import Filter, MemoryDevice
+from nbdproto import Buffer, DeviceCall
+from nbdproto.devices import Filter, MemoryDevice, NbdDevice
 from nbdproto.devices.bitmaps import (
     BitmapError,
     DirtyBitmap,
@@ -450,3 +450,32 @@ def test_a_bitmap_added_while_serving_is_offered_to_the_next_client(backend: str
                 client.block_status(4096, 0, context=CONTEXT + "b2")
             assert raised.value.errno == errno.EINVAL
         assert nt.list_meta_contexts(uri) == ["base:allocation", CONTEXT + "b1"]
+
+
+# --- A remote export: whole batches go below -------------------------------------------------------------------
+
+
+def test_a_remote_exports_batches_are_marked_with_one_store_update_then_sent_whole() -> None:
+    with serve_exports("threads", {"up": Export(MemoryDevice(4 * MIB))}) as base:
+        store = RecordingStore()
+        tracked = DirtyBitmapFilter(NbdDevice(base.format("up")), store)
+        assert tracked.call_batch is not None and tracked.dispatch == "batch"
+        tracked.bitmap_add("b", 4096)
+        read = memoryview(bytearray(5))
+        calls = [
+            DeviceCall("pwrite", (b"hello", 0, False)),
+            DeviceCall("write_zeroes", (MIB, 10000), {"may_trim": True, "fast": False, "fua": False}),
+            DeviceCall("trim", (2 * MIB, 1, False)),
+            DeviceCall("extents", (CONTEXT + "b", 0, 12288)),
+            DeviceCall("pread_into", (read, 0)),
+        ]
+        results = tracked.call_batch(calls)
+        assert results[:3] == [None, None, None] and results[4] is None
+        assert results[3] == [(4096, 1), (8192, 0)]
+        assert len(store.sinks["b"].calls) == 1  # the batch's three changes: one update of the store
+        assert bytes(read) == b"hello"
+        assert tracked.bitmap_info("b").dirty_bytes == 4096 + 3 * 4096 + 4096
+        store.sinks["b"].failing = True
+        results = tracked.call_batch([DeviceCall("pwrite", (b"x", 8192, False)), DeviceCall("pread_into", (read, 0))])
+        assert isinstance(results[0], OSError) and results[1] is None  # the change fails, the read goes on
+        tracked.close()

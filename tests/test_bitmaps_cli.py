@@ -109,3 +109,15 @@ def test_memory_bitmaps_are_served_and_counted(backend: str) -> None:
         assert dirty(uri, "b") == [(8 * KIB, 24 * KIB)]
         assert server.stop() == 0
     assert any("bitmap b (granularity 4096, 0 bytes dirty) in memory" in line for line in server.err)
+
+
+def test_a_proxied_export_has_bitmaps_too() -> None:
+    with (
+        cli("serve", "--memory", "4M", "--port", "0") as upstream,
+        cli("serve", upstream.uri(), "--port", "0", "--bitmap", "b:4K") as proxy,
+    ):
+        uri = proxy.uri()
+        with nt.connect(uri) as client:
+            client.pwrite(b"z" * 5000, 8192)
+            client.pwrite(b"z", 4 * MIB - 1)
+        assert dirty(uri, "b") == [(8 * KIB, 8 * KIB), (4 * MIB - 4 * KIB, 4 * KIB)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import _bits
@@ -154,7 +155,7 @@ class DirtyBitmap:
     def mark(self, offset: int, length: int) -> None:
         """Record that ``[offset, offset + length)`` is about to change, durably before returning (OSError when
         the store cannot record it: the change must then not be made). The part past the bitmap's size is the
-        caller's to check (``grow``)."""
+        caller's to check (``resize``)."""
         if length <= 0:
             return
         shift = self._shift
@@ -166,16 +167,30 @@ class DirtyBitmap:
                 return
         elif first >= end or _bits.all_set(bits, first, end):
             return
-        self._mark_slowly(first, end)
+        self._mark_slowly([(first, end)])
 
-    def _mark_slowly(self, first: int, end: int) -> None:
+    def mark_all(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """``mark`` for each (offset, length) of ``ranges``, in one store update for all of them."""
+        shift, count = self._shift, self._count
+        needed = []
+        for offset, length in ranges:
+            if length > 0:
+                first, end = offset >> shift, min(((offset + length - 1) >> shift) + 1, count)
+                if first < end and not _bits.all_set(self._bits, first, end):
+                    needed.append((first, end))
+        if needed:
+            self._mark_slowly(needed)
+
+    def _mark_slowly(self, ranges: list[tuple[int, int]]) -> None:
         with self._changed:
-            if _bits.all_set(self._bits, first, end):
+            ranges = [(first, end) for first, end in ranges if not _bits.all_set(self._bits, first, end)]
+            if not ranges:
                 return
             if self._sink is None:
-                self._set_now(first, end)
+                for first, end in ranges:
+                    self._set_now(first, end)
                 return
-            self._waiting.append((first, end))
+            self._waiting += ranges
             batch = self._batch
             while self._committed < batch:
                 if self._committing:

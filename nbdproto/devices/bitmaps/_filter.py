@@ -34,10 +34,11 @@ import errno
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
-from nbdproto import BlockDevice, Buffer, DeviceCapabilities
+from nbdproto import BlockDevice, Buffer, DeviceCall, DeviceCapabilities
 from nbdproto.devices import Filter, slower_dispatch
 
 from . import _bits
@@ -56,6 +57,9 @@ from ._store import BitmapStore, MemoryBitmapStore, StoredBitmap
 __all__ = ["DirtyBitmapFilter"]
 
 _POLL = 0.05  # a quiesce looks at the writes in flight at least this often, wake-ups aside
+
+
+_CHANGES = ("pwrite", "trim", "write_zeroes")
 
 
 class DirtyBitmapFilter(Filter):
@@ -94,6 +98,9 @@ class DirtyBitmapFilter(Filter):
             self._bitmaps[record.name] = bitmap
         self._publish()
         self._pwrite = inner.pwrite
+        self._inner_batch: Any = getattr(inner, "call_batch", None)
+        if self._inner_batch is not None:
+            self.call_batch = self._call_batch
 
     # What the export offers.
 
@@ -166,6 +173,54 @@ class DirtyBitmapFilter(Filter):
             self.inner.trim(offset, length, fua)
         finally:
             self._end(token)
+
+    call_batch: Callable[[Sequence[DeviceCall]], list[Any]]
+    """Offered where the inner device has it (a remote export: NbdDevice sends a batch's requests at once):
+    the batch's changes are marked first, with one store update for all of them, then the batch goes below
+    whole. Block status of the bitmaps and resizes are answered here, each on its own."""
+
+    def _call_batch(self, calls: Sequence[DeviceCall]) -> list[Any]:
+        changes: list[tuple[int, int]] = []
+        below: list[int] = []  # the calls the inner device makes
+        here: list[int] = []  # the calls this filter answers itself
+        for index, call in enumerate(calls):
+            if call.method in _CHANGES:
+                offset, length = (call.args[1], memoryview(call.args[0]).nbytes) if call.method == "pwrite" else (
+                    call.args[0], call.args[1])  # fmt: skip
+                changes.append((offset, length))
+            elif call.method == "resize" or (call.method == "extents" and call.args[0].startswith(CONTEXT_PREFIX)):
+                here.append(index)
+                continue
+            below.append(index)
+        results: list[Any] = [None] * len(calls)
+        token = next(self._ids)
+        self._writing.add(token)
+        try:
+            if changes:
+                try:
+                    if self._gate is not None:
+                        self._wait_at_gate(token)
+                    if max(offset + length for offset, length in changes) > self._size:
+                        self._grow()
+                    for bitmap in self._live:
+                        bitmap.mark_all(changes)
+                except OSError as exc:  # nothing may change: the changes fail, the rest go on
+                    for index in below:
+                        if calls[index].method in _CHANGES:
+                            results[index] = exc
+                    below = [index for index in below if calls[index].method not in _CHANGES]
+            done = self._inner_batch([calls[index] for index in below]) if below else []
+            for index, result in zip(below, done, strict=True):
+                results[index] = result
+        finally:
+            self._end(token)
+        for index in here:
+            call = calls[index]
+            try:
+                results[index] = getattr(self, call.method)(*call.args, **call.kwargs)
+            except Exception as exc:
+                results[index] = exc
+        return results
 
     def resize(self, size: int) -> None:
         with self.quiesced():
