@@ -57,14 +57,12 @@ from ._store import BitmapStore, MemoryBitmapStore, StoredBitmap
 __all__ = ["DirtyBitmapFilter"]
 
 _POLL = 0.05  # a quiesce looks at the writes in flight at least this often, wake-ups aside
-
-
 _CHANGES = ("pwrite", "trim", "write_zeroes")
 
 
 class DirtyBitmapFilter(Filter):
-    """``inner`` with the dirty bitmaps of ``store`` (default: in memory only), loaded at once; see the module
-    docstring. ``quiesce_timeout`` bounds how long a bitmap operation waits for writes in flight (TimeoutError)
+    """``inner`` with the dirty bitmaps of ``store`` (default: in memory only), loaded at once (the store is
+    closed if that fails); see the module docstring. ``quiesce_timeout`` bounds how long a bitmap operation waits for writes in flight (TimeoutError)
     and how long a write waits for one to finish (ETIMEDOUT). OSError when the store cannot be read,
     BitmapError when a stored bitmap's name is a context the inner device offers itself."""
 
@@ -86,7 +84,18 @@ class DirtyBitmapFilter(Filter):
         self._growing = threading.Lock()
         self._caps_key: tuple[object, ...] = ()
         self._caps: DeviceCapabilities | None = None
-        own = inner.capabilities.meta_contexts
+        try:
+            self._load(inner.capabilities.meta_contexts)
+        except BaseException:
+            self.store.close()
+            raise
+        self._publish()
+        self._pwrite = inner.pwrite
+        self._inner_batch: Any = getattr(inner, "call_batch", None)
+        if self._inner_batch is not None:
+            self.call_batch = self._call_batch
+
+    def _load(self, own: Sequence[str]) -> None:
         for record in self.store.load():
             if CONTEXT_PREFIX + record.name in own:
                 raise BitmapError(f"bitmap {record.name!r} in {self.store.where} is a context the device offers")
@@ -96,11 +105,6 @@ class DirtyBitmapFilter(Filter):
             if record.size != self._size:
                 bitmap.resize(self._size)
             self._bitmaps[record.name] = bitmap
-        self._publish()
-        self._pwrite = inner.pwrite
-        self._inner_batch: Any = getattr(inner, "call_batch", None)
-        if self._inner_batch is not None:
-            self.call_batch = self._call_batch
 
     # What the export offers.
 
