@@ -437,6 +437,8 @@ def test_a_bitmap_added_while_serving_is_offered_to_the_next_client(backend: str
         tracked.bitmap_add("b2", 4096)
         assert nt.list_meta_contexts(uri) == ["base:allocation", CONTEXT + "b1", CONTEXT + "b2"]
         assert nt.list_meta_contexts(uri, ["qemu:dirty-bitmap:"]) == [CONTEXT + "b1", CONTEXT + "b2"]
+        with nt.connect(uri, meta_contexts=["qemu:dirty-bitmap:", "qemu:"]) as client:
+            assert dict(client.meta_contexts) == {}  # a wildcard lists, and selects nothing
         with nt.connect(uri, meta_contexts=[CONTEXT + "b2"]) as client:
             client.pwrite(b"x" * 5000, MIB + 10)
             client.zero(100, 3 * MIB)

@@ -62,9 +62,10 @@ _CHANGES = ("pwrite", "trim", "write_zeroes")
 
 class DirtyBitmapFilter(Filter):
     """``inner`` with the dirty bitmaps of ``store`` (default: in memory only), loaded at once (the store is
-    closed if that fails); see the module docstring. ``quiesce_timeout`` bounds how long a bitmap operation waits for writes in flight (TimeoutError)
-    and how long a write waits for one to finish (ETIMEDOUT). OSError when the store cannot be read,
-    BitmapError when a stored bitmap's name is a context the inner device offers itself."""
+    closed if that fails); see the module docstring. ``quiesce_timeout`` bounds how long a bitmap operation
+    waits for writes in flight (TimeoutError) and how long a write waits for one to finish (ETIMEDOUT). OSError
+    when the store cannot be read, BitmapError when a stored bitmap's name is a context the inner device offers
+    itself."""
 
     def __init__(self, inner: BlockDevice, store: BitmapStore | None = None, *, quiesce_timeout: float = 60.0) -> None:
         super().__init__(inner)
