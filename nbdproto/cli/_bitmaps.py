@@ -16,7 +16,6 @@ Bitmaps live in one process, so they need ``--workers 1``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,8 +25,6 @@ from nbdproto import BlockDevice
 from ._errors import UsageError, parse_size
 
 __all__ = ["add_bitmap_arguments", "Bitmaps"]
-
-log = logging.getLogger("nbdproto.cli")
 
 
 def add_bitmap_arguments(serve: Any) -> None:
@@ -151,8 +148,10 @@ class Bitmaps:
         except BaseException:
             store.close()
             raise
+        import logging  # here: the parser of every command loads this module, and logging only serving needs
+
         for info in tracked.bitmap_list():
-            log.info(
+            logging.getLogger("nbdproto.cli").info(
                 "export %r: bitmap %s (granularity %d, %d bytes dirty) in %s",
                 export, info.name, info.granularity, info.dirty_bytes, store.where,
             )  # fmt: skip
