@@ -121,3 +121,13 @@ def test_a_proxied_export_has_bitmaps_too() -> None:
             client.pwrite(b"z" * 5000, 8192)
             client.pwrite(b"z", 4 * MIB - 1)
         assert dirty(uri, "b") == [(8 * KIB, 8 * KIB), (4 * MIB - 4 * KIB, 4 * KIB)]
+
+
+def test_a_mirrors_bitmaps_are_kept_beside_its_primary(image: str, tmp_path: Any) -> None:
+    with cli("mirror", image, str(tmp_path / "copy.img"), "--port", "0", "--bitmap", "b") as mirror:
+        uri = mirror.uri()
+        with nt.connect(uri) as client:
+            client.pwrite(b"m", MIB)
+        assert dirty(uri, "b") == [(MIB, 64 * KIB)]
+        assert mirror.stop() == 0
+    assert os.listdir(image + ".bitmaps") == ["b.bitmap"]

@@ -1,14 +1,15 @@
 """Where an export's bitmaps live, chosen from the device that holds its data.
 
-The innermost device of a filter stack (followed through each filter's ``inner``) says what the data is, and
-so where its bitmaps belong: beside it, where they survive exactly as long as it does.
+The innermost device of a filter stack (followed through each filter's ``inner``, and a mirror's
+``primary``: the device it serves) says what the data is, and so where its bitmaps belong: beside it, where
+they survive exactly as long as it does.
 
 - a file (``FileDevice``): files in ``IMAGE.bitmaps/`` beside it, or in ``directory`` when given (a block
   device's node is no place for files: it needs one);
 - an S3 image (``S3Device``): objects under its key, ``KEY/bitmaps/``;
 - memory (``MemoryDevice``, ``SharedMemoryDevice``): in memory, since the data does not outlive the process
   either (a stored bitmap would call clean what a restart has zeroed);
-- anything else (another server's export, a mirror): in ``directory`` when given, else in memory.
+- anything else (another server's export): in ``directory`` when given, else in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import stat
 
 from nbdproto import BlockDevice
-from nbdproto.devices import FileDevice, MemoryDevice, S3Device, SharedMemoryDevice
+from nbdproto.devices import FileDevice, MemoryDevice, MirrorDevice, S3Device, SharedMemoryDevice
 
 from ._objects import ObjectBitmapStore
 from ._sidecar import SidecarBitmapStore, sidecar_of
@@ -27,12 +28,14 @@ __all__ = ["source_of", "bitmap_store_for", "stored_beside"]
 
 
 def source_of(device: BlockDevice) -> BlockDevice:
-    """The device at the bottom of a stack of filters."""
-    inner = getattr(device, "inner", None)
-    while inner is not None:
-        device = inner
-        inner = getattr(device, "inner", None)
-    return device
+    """The device at the bottom of a stack of filters (and under a mirror, its primary)."""
+    while True:
+        below = getattr(device, "inner", None)
+        if below is None and isinstance(device, MirrorDevice):
+            below = device.primary
+        if below is None:
+            return device
+        device = below
 
 
 def stored_beside(device: BlockDevice) -> str | None:
