@@ -113,8 +113,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 class Cli:
     """An ``nbdproto`` subprocess whose stdout (URIs) and stderr (progress) are read line by line, bounded."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PEER_ENV)
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        environment = PEER_ENV if env is None else {**PEER_ENV, **env}
+        self.proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
         self.out: list[str] = []
         self.err: list[str] = []
         self._partial = {"out": b"", "err": b""}

@@ -24,6 +24,7 @@ from nbdproto import BlockDevice, ExportSpec, ServerLimits
 from nbdproto.tls import PskFileError, PskUnavailableError, server_context
 from nbdproto_threads import Server as ThreadsServer
 
+from ._bitmaps import Bitmaps
 from ._errors import UsageError, size_argument
 from ._filters import Filtering, parse_filters
 from ._helper import Helper, connection_policy, listen
@@ -145,6 +146,9 @@ def serve(args: argparse.Namespace) -> int:
     workers = parse_workers(args.workers)
     if workers > 1:
         check_shareable([export.source.kind for export in exports], parse_filters(args.filter, len(exports)))
+        if Bitmaps(args, len(exports)).needed_for([(e.source.kind, e.source.target) for e in exports]):
+            raise UsageError("dirty bitmaps (--bitmap, or an IMAGE.bitmaps/ directory) live in one process: "
+                             "they need --workers 1")  # fmt: skip
 
     def open_exports(source_read_only: bool) -> list[tuple[str, BlockDevice]]:
         devices = _open_devices(exports, args.read_only or source_read_only, shared=workers > 1)
@@ -184,6 +188,7 @@ def serve_opened(
     elif args.loop != "asyncio" and importlib.util.find_spec(args.loop) is None:
         raise UsageError(f"--loop {args.loop} needs the {args.loop} package (pip install {args.loop})")
     filtering = Filtering(parse_filters(args.filter, count), several_exports=count > 1)
+    bitmaps = Bitmaps(args, count)
     tls, tls_mode = _tls(args)
     limits = server_limits(args)
     if workers > 1:  # --memory-limit bounds all connections together, whichever worker serves them
@@ -204,7 +209,7 @@ def serve_opened(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        exports = _filtered(open_exports(filtering.source_read_only), filtering)
+        exports = _filtered(open_exports(filtering.source_read_only), filtering, bitmaps)
     except (OSError, UsageError) as exc:
         listening.close()
         filtering.close()
@@ -311,14 +316,19 @@ def _open_devices(exports: list[ExportArg], read_only: bool, shared: bool = Fals
     return devices
 
 
-def _filtered(exports: list[tuple[str, BlockDevice]], filtering: Filtering) -> list[tuple[str, BlockDevice]]:
-    """Each export's device inside the --filter chain (every device closed if one cannot be wrapped)."""
+def _filtered(
+    exports: list[tuple[str, BlockDevice]], filtering: Filtering, bitmaps: Bitmaps
+) -> list[tuple[str, BlockDevice]]:
+    """Each export's device inside the --filter chain, and that in its dirty bitmaps, if any (every device
+    closed if one cannot be wrapped)."""
     wrapped: list[tuple[str, BlockDevice]] = []
     try:
         for name, device in exports:
-            wrapped.append((name, filtering.wrap(device, name)))
+            wrapped.append((name, bitmaps.wrap(filtering.wrap(device, name), name)))
     except BaseException:
-        for _, device in exports:
+        for _, device in wrapped:
+            device.close()
+        for _, device in exports[len(wrapped) :]:
             device.close()
         raise
     return wrapped

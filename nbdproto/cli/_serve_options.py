@@ -9,6 +9,8 @@ from typing import Any
 
 import nbdproto
 
+from ._bitmaps import add_bitmap_arguments
+
 __all__ = ["add_serve_command", "add_serve_arguments"]
 
 
@@ -133,6 +135,7 @@ def add_serve_arguments(serve: Any) -> None:
         metavar="NAME=SOURCE",
         help="serve another export (repeatable); SOURCE as above",
     )
+    add_bitmap_arguments(serve)
     _add_helper_arguments(serve)
 
 

@@ -10,6 +10,8 @@ Filters wrap a device and are devices themselves, so they stack (nbdkit's filter
 the pass-through base; ``CowFilter`` a copy-on-write overlay; ``ReadOnlyFilter``, ``DelayFilter``,
 ``ErrorFilter``, ``LogFilter``, ``StatsFilter`` and ``BlockSizeFilter`` are for running and testing services.
 ``NbdDevice`` an export of another NBD server; ``MirrorDevice`` serves one device while copying it to another.
+Dirty bitmaps (changed-block tracking, for incremental backup) are a filter too, with stores of their own:
+``nbdproto.devices.bitmaps``.
 
 This package does I/O (files, memory maps, threads), unlike the engine in ``nbdproto`` itself, which never
 imports it. Its names are loaded on first use (PEP 562): a client should not pay for ctypes and mmap.
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from ._delay import DelayFilter
     from ._error import ErrorFilter
     from ._file import FileDevice
-    from ._filter import FILTER_COMMANDS, Filter
+    from ._filter import FILTER_COMMANDS, Filter, slower_dispatch
     from ._log import LogFilter
     from ._memory import MemoryDevice
     from ._mirror import MirrorDevice, MirrorStatus, Progress
@@ -51,6 +53,7 @@ _WHERE = {
     "SharedMemoryDevice": "._sharedmemory",
     "Filter": "._filter",
     "FILTER_COMMANDS": "._filter",
+    "slower_dispatch": "._filter",
     "CowFilter": "._cow",
     "ReadOnlyFilter": "._readonly",
     "DelayFilter": "._delay",
@@ -78,6 +81,7 @@ __all__ = [
     "SharedMemoryDevice",
     "Filter",
     "FILTER_COMMANDS",
+    "slower_dispatch",
     "CowFilter",
     "ReadOnlyFilter",
     "DelayFilter",

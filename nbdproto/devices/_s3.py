@@ -182,6 +182,12 @@ class S3Device:
         return self._capabilities
 
     @property
+    def object_store(self) -> ObjectStore:
+        """The bucket the image is in, for what is kept beside the image under its key (its dirty bitmaps:
+        ``nbdproto.devices.bitmaps``)."""
+        return self._store
+
+    @property
     def stored_objects(self) -> int:
         """How many of the image's objects exist (or will, once the write-back cache is flushed)."""
         return self._present.count(1)

@@ -211,6 +211,35 @@ class ObjectStore:
         except Exception as exc:
             raise self._error(exc, f"PUT {name}") from None
 
+    def get_tagged(self, name: str) -> tuple[Any, str | None] | None:
+        """The whole of object ``name`` (a buffer) and its ETag, or None if it does not exist."""
+        try:
+            result = self._obstore.get(self._store, name)
+            return result.bytes(), result.meta.get("e_tag")
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._error(exc, f"GET {name}") from None
+
+    def put_if(self, name: str, data: bytes, etag: str | None) -> str | None:
+        """Store ``data`` as object ``name`` only if the object is still the version ``etag`` (If-Match), or,
+        with ``etag`` None, only if it does not exist (If-None-Match); the new ETag. StoreError with errno
+        ESTALE when the object is not what was expected (another writer changed it). A retry of a PUT that had
+        in fact succeeded fails its condition: the object then holds ``data``, which counts as success."""
+        exceptions = self._obstore.exceptions
+        try:
+            result = self._obstore.put(
+                self._store, name, data, mode="create" if etag is None else {"e_tag": etag}, use_multipart=False
+            )
+            return result.get("e_tag")
+        except (exceptions.PreconditionError, exceptions.AlreadyExistsError):
+            found = self.get_tagged(name)
+            if found is not None and bytes(found[0]) == data:
+                return found[1]
+            raise StoreError(errno.ESTALE, f"PUT {name}: the object was changed by another writer") from None
+        except Exception as exc:
+            raise self._error(exc, f"PUT {name}") from None
+
     def delete(self, names: Sequence[str]) -> None:
         """Delete the objects (DeleteObjects, up to 1000 a request); names that do not exist are no error."""
         if not names:

@@ -7,7 +7,8 @@ the same for every namespace (spec: "Metadata querying", "The base: metadata nam
 - ``namespace:leaf`` selects the context of exactly that name, if the export has it; unknown names and unknown
   namespaces are ignored, never an error;
 - ``namespace:`` (empty leaf) is a wildcard for every context of that namespace when *listing*, and selects
-  nothing when *setting*, as the spec requires of ``base:``;
+  nothing when *setting*, as the spec requires of ``base:``; likewise any query ending in a colon lists every
+  context whose name starts with it, as qemu answers ``qemu:dirty-bitmap:`` (every bitmap);
 - no queries at all lists every context, and sets none.
 """
 
@@ -30,9 +31,8 @@ def match_meta_contexts(queries: Sequence[str], available: Sequence[str], *, lis
         return list(available) if listing else []
     chosen = []
     for name in available:
-        namespace = name.split(":", 1)[0] + ":"
         for query in queries:
-            if query == name or (listing and query == namespace):
+            if query == name or (listing and query[-1] == ":" and name.startswith(query)):
                 chosen.append(name)
                 break
     return chosen
