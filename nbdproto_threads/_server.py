@@ -127,9 +127,8 @@ class ServerSession:
     ) -> None:
         self.stream = SocketStream(sock)
         self._share = share or LockedShare(nbdproto.MemoryBudget(settings.limits.memory_limit), threading.Condition())
-        on_device_error = (log or _default_log()).device_failed
         self.logic = nbdproto.ServerSessionLogic(
-            settings, share=self._share, on_device_error=on_device_error, client=client or client_info(sock)
+            settings, share=self._share, client=client or client_info(sock), log=log or _default_log()
         )
         self.engine = self.logic.engine
         self._workers = workers
@@ -174,7 +173,7 @@ class ServerSession:
         try:
             self._pooled_transmission() if self._pooled() else self._inline_transmission()
         finally:
-            self._flush_device()
+            self.logic.flush_device()  # a failure is logged there, in one line
 
     def close(self) -> None:
         """Close the connection (idempotent) and give back everything it held."""
@@ -393,12 +392,6 @@ class ServerSession:
         finally:
             self._receiving = False
         return logic.waited_too_long() if got is None else got
-
-    def _flush_device(self) -> None:
-        try:
-            self.logic.flush_device()
-        except OSError:
-            log.exception("flushing the device after the connection ended failed")
 
 
 def negotiate(
