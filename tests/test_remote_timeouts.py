@@ -24,6 +24,7 @@ import nbdproto_threads as nt
 from nbdproto.devices import NbdDevice
 from tests.conftest import PEER_ENV
 from tests.remotes import Cli, cli, nbdkit
+from tests.serving import make_pki
 
 KIB, MIB = 1 << 10, 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -44,15 +45,30 @@ def no_traceback(lines: list[str]) -> None:
     assert "Traceback" not in text, text
 
 
+@contextlib.contextmanager
+def remote(tls: bool) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """nbdkit's memory plugin, plaintext or TLS-only; its URI (with the certificates) and process."""
+    if not tls:
+        with nbdkit("memory", "size=8M") as served:
+            yield served
+        return
+    with (
+        make_pki() as pki,
+        nbdkit("--tls=require", f"--tls-certificates={pki.directory}", "memory", "size=8M") as (uri, proc),
+    ):
+        yield uri.replace("nbd://", "nbds://") + f"?tls-certificates={pki.directory}", proc
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
 def test_nbd_device_times_out_every_request_together_then_reconnects(
-    peers: Any, caplog: pytest.LogCaptureFixture
+    tls: bool, peers: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Six requests in flight over the device's connections when nbdkit stops: all fail with ETIMEDOUT within
     the limit, and the device says so once. A request made while it stays stopped fails in bounded time too
     (its reconnect is the request's), and once it continues the next request reconnects and succeeds."""
     peers("nbdkit")
     caplog.set_level(logging.WARNING, "nbdproto.devices.nbd")
-    with nbdkit("memory", "size=8M") as (uri, proc):
+    with remote(tls) as (uri, proc):
         device = NbdDevice(uri, timeout=2)
         try:
             device.pwrite(b"before", 0)

@@ -148,7 +148,7 @@ class Wire:
         except OSError as exc:
             with self._lock:
                 self._fail(exc)
-            raise WireBroken(f"the connection failed: {exc}") from exc
+            raise self._failed_as() from exc  # the first failure: a timeout may have closed the socket under it
         finally:
             self._send_lock.release()
         self._wait(batch, deadline)
@@ -178,7 +178,7 @@ class Wire:
                     self._reading = False
                     self._fail(exc)
                     self._changed.notify_all()
-                raise WireBroken(f"the connection failed: {exc}") from exc
+                raise self._failed_as() from exc  # the first failure: a timeout may have closed the socket under it
             with self._lock:
                 self._reading = False
                 try:
@@ -272,11 +272,15 @@ class Wire:
             self._fail(failure)
         self.close()
 
-    def _raise_if_failed(self) -> None:
+    def _failed_as(self) -> WireBroken:
+        """What a request on the failed connection raises: WireTimedOut when it failed by a timeout."""
         failure = self._failure
-        if failure is not None:
-            kind = WireTimedOut if isinstance(failure, TimeoutError) else WireBroken
-            raise kind(f"the connection failed: {failure}") from failure
+        kind = WireTimedOut if isinstance(failure, TimeoutError) else WireBroken
+        return kind(f"the connection failed: {failure}")
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failed_as() from self._failure
 
     def close(self) -> None:
         """Disconnect politely (NBD_CMD_DISC) when the connection still works, and close the socket. A send
