@@ -79,10 +79,13 @@ def lease_duration(asked: float | None, call_limit: float) -> float:
     return duration
 
 
-def _clock() -> float:
-    """The holder's clock: CLOCK_BOOTTIME counts the time a machine was suspended, which CLOCK_MONOTONIC does
-    not (a suspended holder must find its window closed when it wakes)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+def _boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+_clock = _boottime if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+"""The holder's clock: CLOCK_BOOTTIME (Linux) counts the time a machine was suspended, which CLOCK_MONOTONIC
+does not: a suspended holder must find its window closed when it wakes."""
 
 
 def _utc(seconds: float) -> str:
@@ -94,7 +97,10 @@ class S3LeaseHeld(StoreError):
 
 
 def _describe(holder: dict[str, Any]) -> str:
-    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} (since {_utc(float(holder.get('since', 0)))})"
+    """The holder as a lease names it (another server's, so read with care)."""
+    since = holder.get("since")
+    when = f" (since {_utc(since)})" if isinstance(since, int | float) else ""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{when}"
 
 
 class Lease:
