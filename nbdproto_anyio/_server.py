@@ -112,9 +112,8 @@ class ServerSession:
     ) -> None:
         self.stream: anyio.abc.ByteStream = stream
         self._share = WaitingShare(budget or SharedBudget(settings.limits.memory_limit))
-        on_device_error = (log or _default_log()).device_failed
         self.logic = ServerSessionLogic(
-            settings, share=self._share, on_device_error=on_device_error, client=client or _client_of(stream)
+            settings, share=self._share, client=client or _client_of(stream), log=log or _default_log()
         )
         self.engine = self.logic.engine
         self._idle = False
@@ -154,10 +153,7 @@ class ServerSession:
                 await self._batch_transmission(inline=dispatch == "inline")
         finally:
             with anyio.CancelScope(shield=True):
-                try:
-                    await anyio.to_thread.run_sync(self.logic.flush_device)
-                except OSError:
-                    log.exception("flushing the device after the connection ended failed")
+                await anyio.to_thread.run_sync(self.logic.flush_device)  # a failure is logged there, in one line
 
     async def aclose(self) -> None:
         """Close the connection (idempotent) and give back everything it held."""

@@ -142,9 +142,8 @@ class ServerSession:
     ) -> None:
         self.stream = SocketStream(sock)
         self._share = share or WaitingShare(SharedBudget(settings.limits.memory_limit))
-        on_device_error = (log or default_log()).device_failed
         self.logic = ServerSessionLogic(
-            settings, share=self._share, on_device_error=on_device_error, client=client or client_info(sock)
+            settings, share=self._share, client=client or client_info(sock), log=log or default_log()
         )
         self.engine = self.logic.engine
         self._workers = workers
@@ -189,7 +188,7 @@ class ServerSession:
         try:
             self._pooled_transmission() if self._pooled() else self._inline_transmission()
         finally:
-            self._flush_device()
+            self.logic.flush_device()  # a failure is logged there, in one line
 
     def close(self) -> None:
         """Close the connection (idempotent) and give back everything it held."""
@@ -439,11 +438,6 @@ class ServerSession:
             else:
                 logic.received(got)  # type: ignore[arg-type]
 
-    def _flush_device(self) -> None:
-        try:
-            self.logic.flush_device()
-        except OSError:
-            log.exception("flushing the device after the connection ended failed")
 
 
 def _ran_out(logic: ServerSessionLogic) -> tuple[Callable[[Any], None], Any]:

@@ -120,6 +120,7 @@ class SeaweedFS:
         try:
             server._wait_until_ready(startup)
             server._create_bucket(startup)
+            server._warm_up()
         except BaseException:
             server.stop()
             raise
@@ -170,6 +171,13 @@ class SeaweedFS:
                 if time.monotonic() > deadline:
                     raise
             time.sleep(0.2)
+
+    def _warm_up(self) -> None:
+        """Store and delete one object: the first PUT makes the volumes behind the bucket, which takes seconds
+        on a busy machine, and must not count against the short timeouts some tests give."""
+        client = self.client()
+        client.put_object(Bucket=self.bucket, Key="warm-up", Body=b"x")
+        client.delete_object(Bucket=self.bucket, Key="warm-up")
 
     def keys(self, prefix: str) -> dict[str, int]:
         """name -> size of every object under ``prefix``."""

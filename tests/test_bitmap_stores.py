@@ -200,9 +200,14 @@ def test_where_bitmaps_are_kept(image: str, tmp_path: Any) -> None:
 # --- Objects under an S3 image's key --------------------------------------------------------------------------
 
 
-def s3_tracked(store: SeaweedFS, key: str) -> DirtyBitmapFilter:
+def s3_tracked(store: SeaweedFS, key: str, *, lease: float | None = None) -> DirtyBitmapFilter:
     device = S3Device(
-        store.bucket, key, size=4 * MIB, object_size=64 * KIB, settings=S3Settings(endpoint=store.endpoint)
+        store.bucket,
+        key,
+        size=4 * MIB,
+        object_size=64 * KIB,
+        settings=S3Settings(endpoint=store.endpoint),
+        lease=lease,
     )
     bitmaps = bitmap_store_for(device)
     assert isinstance(bitmaps, ObjectBitmapStore)
@@ -243,12 +248,13 @@ def test_s3_leftovers_of_a_crash_are_removed_when_the_bitmaps_open(s3_store: Sea
 
 
 def test_s3_a_second_writer_of_one_bitmap_is_refused_before_its_write(s3_store: SeaweedFS) -> None:
-    """Two servers on one image: the second's marks fail their condition (the first changed the chunk since
-    the second read it), so its write fails and never reaches the image."""
+    """Two servers on one image, each sure it is alone (no lease: the image's lease refuses the second writer
+    before this, tests/test_s3_lease.py): the second's marks fail their condition (the first changed the chunk
+    since the second read it), so its write fails and never reaches the image."""
     key = new_key()
-    first = s3_tracked(s3_store, key)
+    first = s3_tracked(s3_store, key, lease=0)
     first.bitmap_add("b")
-    second = s3_tracked(s3_store, key)
+    second = s3_tracked(s3_store, key, lease=0)
     first.pwrite(b"1", 0)
     with pytest.raises(OSError) as raised:
         second.pwrite(b"2", 64 * KIB)

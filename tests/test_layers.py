@@ -218,3 +218,18 @@ def test_the_readme_layout_names_every_layer_and_only_what_exists() -> None:
     layers |= {f"{top}/" for top in BACKENDS}
     unnamed = sorted(layers - set(paths))
     assert unnamed == [], f"the README's layout does not name {unnamed}"
+
+
+def test_no_layer_but_the_cli_imports_the_root_facade() -> None:
+    # The layers import each other by their own names (``from nbdproto.engine import ...``), so that the graph
+    # above is the real one: the root re-exports them, and importing it from below would hide which layer a
+    # name comes from (and would be a cycle through the facade).
+    graph = edges()
+    offenders = sorted(
+        f"{where} imports the nbdproto facade"
+        for node, targets in graph.items()
+        if node.startswith("nbdproto.") and node != "nbdproto.cli"
+        for there, where in targets.items()
+        if there == ROOT_FACADE
+    )
+    assert offenders == []

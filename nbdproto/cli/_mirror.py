@@ -4,7 +4,9 @@ PRIMARY is a file (or block device) or ``memory:SIZE``; SECONDARY is a file (cre
 does not exist) or an NBD URI. Clients use PRIMARY as with ``nbdproto serve``; every write they make reaches
 both sides, while a background copy brings the rest of PRIMARY over (``MirrorDevice``). Progress goes to
 stderr: a bar on a terminal, otherwise one line per percent (``mirror 42% complete``), then
-``mirror synchronised``; serving goes on until Ctrl-C or SIGTERM, which flush both sides. Bad arguments and
+``mirror synchronised``; serving goes on until Ctrl-C or SIGTERM, which flush both sides. A secondary that
+fails, or stalls for ``--remote-timeout`` seconds, fails the mirror (``mirror failed: ...``; writes get EIO
+from then on, reads go on). Bad arguments and
 sides that cannot be mirrored (sizes that differ, a read-only secondary) are one-line errors, exit status 2,
 before anything is served.
 """
@@ -21,7 +23,7 @@ from nbdproto import BlockDevice
 
 from ._errors import UsageError, size_argument
 from ._serve_options import add_serve_arguments
-from ._sources import Source, open_source, parse_source
+from ._sources import Source, check_remote_timeout, open_source, parse_source
 
 __all__ = ["add_mirror_command", "mirror_command"]
 
@@ -85,6 +87,7 @@ def mirror_command(args: argparse.Namespace) -> int:
     from ._serve import serve_opened  # the servers' imports are for serving commands alone
 
     primary_source, secondary_source = _sides(args)
+    remote_timeout = check_remote_timeout(args.remote_timeout)
     rate = size_argument(args.copy_rate, "--copy-rate") if args.copy_rate is not None else None
     show_bar = args.progress if args.progress is not None else sys.stderr.isatty()
     reporter = _Reporter(show_bar)
@@ -100,7 +103,7 @@ def mirror_command(args: argparse.Namespace) -> int:
                     new.truncate(primary.size)  # sparse: it reads as zero, so the copy skips the holes
                 secondary: BlockDevice = FileDevice(created)
             else:
-                secondary = open_source(secondary_source, read_only=False)
+                secondary = open_source(secondary_source, read_only=False, remote_timeout=remote_timeout)
         except BaseException:
             primary.close()
             if created is not None and os.path.exists(created):

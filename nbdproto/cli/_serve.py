@@ -28,7 +28,8 @@ from ._bitmaps import Bitmaps
 from ._errors import UsageError, size_argument
 from ._filters import Filtering, parse_filters
 from ._helper import Helper, connection_policy, listen
-from ._sources import Source, apply_s3_options, open_source, parse_source
+from ._serve_options import DEFAULT_REMOTE_TIMEOUT
+from ._sources import Source, apply_s3_options, check_remote_timeout, open_source, parse_source
 from ._workers import STOP_MARGIN, Supervisor, check_shareable, parse_workers
 
 __all__ = ["serve", "serve_opened", "default_loop"]
@@ -143,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run ``nbdproto serve`` until SIGINT or SIGTERM (or the ``--run`` command exits, or a ``--oneshot``
     client leaves); the exit status (the ``--run`` command's, else 0); UsageError for a bad argument."""
     exports = _exports(args)
+    remote_timeout = check_remote_timeout(args.remote_timeout)
     workers = parse_workers(args.workers)
     if workers > 1:
         check_shareable([export.source.kind for export in exports], parse_filters(args.filter, len(exports)))
@@ -151,7 +153,7 @@ def serve(args: argparse.Namespace) -> int:
                              "they need --workers 1")  # fmt: skip
 
     def open_exports(source_read_only: bool) -> list[tuple[str, BlockDevice]]:
-        devices = _open_devices(exports, args.read_only or source_read_only, shared=workers > 1)
+        devices = _open_devices(exports, args.read_only or source_read_only, workers > 1, remote_timeout)
         return [(export.name, device) for export, device in zip(exports, devices, strict=True)]
 
     return serve_opened(args, open_exports, len(exports), workers=workers)
@@ -266,7 +268,10 @@ def _flush_and_close(devices: list[BlockDevice]) -> None:
             device.flush()
         except (OSError, nbdproto.ProtocolError) as exc:  # an error filter failing on purpose, a remote gone
             log.warning("flush at exit failed: %s", exc)
-        device.close()
+        try:
+            device.close()  # (which may flush again: a write-back cache, a mirror)
+        except OSError as exc:
+            log.warning("closing at exit failed: %s", exc)
 
 
 def _serve_in_workers(job: _Serving, workers: int, filtering: Filtering, helper: Helper, uri: nbdproto.NbdUri) -> int:
@@ -298,8 +303,11 @@ def _serve_in_workers(job: _Serving, workers: int, filtering: Filtering, helper:
     )
 
 
-def _open_devices(exports: list[ExportArg], read_only: bool, shared: bool = False) -> list[BlockDevice]:
-    """The exports' devices; ``shared``: for processes forked to serve them, so memory:SIZE is made shared."""
+def _open_devices(
+    exports: list[ExportArg], read_only: bool, shared: bool = False, remote_timeout: float = DEFAULT_REMOTE_TIMEOUT
+) -> list[BlockDevice]:
+    """The exports' devices; ``shared``: for processes forked to serve them, so memory:SIZE is made shared;
+    ``remote_timeout`` bounds each request to a remote source."""
     devices: list[BlockDevice] = []
     try:
         for export in exports:
@@ -308,7 +316,7 @@ def _open_devices(exports: list[ExportArg], read_only: bool, shared: bool = Fals
 
                 devices.append(SharedMemoryDevice(export.source.size, name=f"nbdproto-{export.name or 'default'}"))
                 continue
-            devices.append(open_source(export.source, read_only=read_only))
+            devices.append(open_source(export.source, read_only=read_only, remote_timeout=remote_timeout))
     except BaseException:
         for device in devices:
             device.close()

@@ -11,7 +11,10 @@ import nbdproto
 
 from ._bitmaps import add_bitmap_arguments
 
-__all__ = ["add_serve_command", "add_serve_arguments"]
+__all__ = ["add_serve_command", "add_serve_arguments", "DEFAULT_REMOTE_TIMEOUT"]
+
+DEFAULT_REMOTE_TIMEOUT = 30.0
+"""Seconds a request to a remote (an NBD server re-exported or mirrored to, an object store) may take."""
 
 
 def add_serve_command(commands: Any) -> None:
@@ -109,6 +112,16 @@ def add_serve_arguments(serve: Any) -> None:
         metavar="SIZE",
         help="request and reply data all connections together may hold; each client gets a fair share and small "
         f"requests always proceed (default {limits.memory_limit >> 20}M)",
+    )
+    serve.add_argument(
+        "--remote-timeout",
+        type=float,
+        default=DEFAULT_REMOTE_TIMEOUT,
+        metavar="SECONDS",
+        help="the most one request to a remote may take: an NBD URI's server (and mirror's NBD secondary), or "
+        "the object store of s3://, retries included. A request that takes longer fails with EIO and a log line "
+        "naming the remote; the connection to an NBD remote is dropped and made again for the next request "
+        f"(default {DEFAULT_REMOTE_TIMEOUT:g})",
     )
     serve.add_argument(
         "--shutdown-grace",
@@ -224,6 +237,15 @@ def _add_s3_arguments(serve: Any) -> None:
     s3.add_argument("--object-size", metavar="SIZE", help="bytes per object, a power of two up to 64M (default 1M)")
     s3.add_argument(
         "--s3-endpoint", metavar="URL", help="the store's URL for non-AWS stores (default: $AWS_ENDPOINT_URL or AWS)"
+    )
+    s3.add_argument(
+        "--s3-lease",
+        type=float,
+        metavar="SECONDS",
+        help="a writable image is leased to one server at a time (the object KEY/lease): another writable server "
+        "is refused, a server that dies without giving it back (a clean exit does) can be replaced once this "
+        "long has passed since its last renewal, and one that cannot renew in time stops writing (EIO). At "
+        "least --remote-timeout + 2 (default: twice --remote-timeout). --read-only needs no lease",
     )
     s3.add_argument(
         "--s3-write-back",

@@ -18,8 +18,9 @@ from dataclasses import dataclass, replace
 from nbdproto import BlockDevice, ProtocolError, parse_uri
 
 from ._errors import UsageError, size_argument
+from ._serve_options import DEFAULT_REMOTE_TIMEOUT
 
-__all__ = ["Source", "parse_source", "open_source", "apply_s3_options", "NBD_SCHEMES"]
+__all__ = ["Source", "parse_source", "open_source", "apply_s3_options", "check_remote_timeout", "NBD_SCHEMES"]
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
@@ -30,7 +31,7 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 class Source:
     """A parsed SOURCE: its ``kind`` ("file", "memory", ...), the text that names it (a path or URI), and a
     size where the text gives one (memory:SIZE) or an option does (--size for s3://); for s3:// also the
-    --object-size, --s3-endpoint and --s3-write-back options."""
+    --object-size, --s3-endpoint, --s3-write-back and --s3-lease options."""
 
     kind: str
     target: str
@@ -38,6 +39,7 @@ class Source:
     object_size: int = 0
     endpoint: str | None = None
     write_back: int = 0
+    lease: float | None = None
 
 
 def parse_source(text: str) -> Source:
@@ -64,28 +66,38 @@ def parse_source(text: str) -> Source:
     return Source("file", text)
 
 
-def open_source(source: Source, *, read_only: bool) -> BlockDevice:
-    """The device that serves ``source`` (OSError when it cannot be opened)."""
-    return _KINDS[source.kind](source, read_only)
+def open_source(source: Source, *, read_only: bool, remote_timeout: float = DEFAULT_REMOTE_TIMEOUT) -> BlockDevice:
+    """The device that serves ``source`` (OSError when it cannot be opened); ``remote_timeout`` bounds each
+    request to a remote one (an NBD server, an object store)."""
+    return _KINDS[source.kind](source, read_only, remote_timeout)
 
 
-def _open_memory(source: Source, read_only: bool) -> BlockDevice:
+def check_remote_timeout(seconds: float) -> float:
+    """--remote-timeout, or a UsageError: every wait on a remote has a limit, so 0 is not one."""
+    if not seconds > 0:
+        raise UsageError(f"--remote-timeout {seconds:g} must be positive")
+    return seconds
+
+
+def _open_memory(source: Source, read_only: bool, remote_timeout: float) -> BlockDevice:
     from nbdproto.devices import MemoryDevice
 
     return MemoryDevice(source.size)
 
 
-def _open_file(source: Source, read_only: bool) -> BlockDevice:
+def _open_file(source: Source, read_only: bool, remote_timeout: float) -> BlockDevice:
     from nbdproto.devices import FileDevice
 
     return FileDevice(source.target, read_only=read_only)
 
 
 def apply_s3_options(sources: list[Source], args: argparse.Namespace) -> list[Source]:
-    """The sources with serve's S3 options (--size, --object-size, --s3-endpoint, --s3-write-back) applied
-    to the s3:// ones; a UsageError for options that make no sense (they name no s3:// source, an object
-    size without --size, a size that is not a multiple of the object size)."""
-    given = [o for o in ("size", "object_size", "s3_endpoint", "s3_write_back") if getattr(args, o, None)]
+    """The sources with serve's S3 options (--size, --object-size, --s3-endpoint, --s3-write-back, --s3-lease)
+    applied to the s3:// ones; a UsageError for options that make no sense (they name no s3:// source, an
+    object size without --size, a size that is not a multiple of the object size, a lease that is not
+    positive or is asked of a single object)."""
+    options = ("size", "object_size", "s3_endpoint", "s3_write_back", "s3_lease")
+    given = [o for o in options if getattr(args, o, None) is not None]
     if not given:
         return sources
     if not any(s.kind == "s3" for s in sources):
@@ -106,15 +118,20 @@ def apply_s3_options(sources: list[Source], args: argparse.Namespace) -> list[So
     write_back = size_argument(args.s3_write_back, "--s3-write-back") if args.s3_write_back else 0
     if write_back and not size:
         raise UsageError("--s3-write-back needs --size (a single object is read-only)")
+    lease = getattr(args, "s3_lease", None)
+    if lease is not None and not size:
+        raise UsageError("--s3-lease needs --size (a single object is read-only, and read-only images need none)")
+    if lease is not None and not lease > 0:
+        raise UsageError(f"--s3-lease {lease:g} must be positive")
     return [
-        replace(s, size=size, object_size=object_size, endpoint=args.s3_endpoint, write_back=write_back)
+        replace(s, size=size, object_size=object_size, endpoint=args.s3_endpoint, write_back=write_back, lease=lease)
         if s.kind == "s3"
         else s
         for s in sources
     ]
 
 
-def _open_s3(source: Source, read_only: bool) -> BlockDevice:
+def _open_s3(source: Source, read_only: bool, remote_timeout: float) -> BlockDevice:
     from nbdproto.devices import S3Device, S3Settings
 
     bucket, _, key = source.target[len("s3://") :].partition("/")
@@ -126,7 +143,8 @@ def _open_s3(source: Source, read_only: bool) -> BlockDevice:
             object_size=source.object_size or S3Device.DEFAULT_OBJECT_SIZE,
             read_only=read_only,
             write_back=source.write_back,
-            settings=S3Settings(endpoint=source.endpoint),
+            settings=S3Settings.within(remote_timeout, endpoint=source.endpoint),
+            lease=source.lease,
         )
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, source.target) from None
@@ -134,18 +152,18 @@ def _open_s3(source: Source, read_only: bool) -> BlockDevice:
         raise OSError(errno.EINVAL, str(exc), source.target) from None
 
 
-def _open_nbd(source: Source, read_only: bool) -> BlockDevice:
+def _open_nbd(source: Source, read_only: bool, remote_timeout: float) -> BlockDevice:
     from nbdproto.devices import NbdDevice
 
     try:
-        return NbdDevice(source.target)
+        return NbdDevice(source.target, timeout=remote_timeout)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror or str(exc), source.target) from None
     except ProtocolError as exc:  # the server refused the export, or broke the handshake
         raise OSError(errno.EINVAL, str(exc), source.target) from None
 
 
-_KINDS: dict[str, Callable[[Source, bool], BlockDevice]] = {
+_KINDS: dict[str, Callable[[Source, bool, float], BlockDevice]] = {
     "memory": _open_memory,
     "file": _open_file,
     "s3": _open_s3,

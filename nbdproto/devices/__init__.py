@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._ranges import check_range
     from ._readonly import ReadOnlyFilter
     from ._s3 import S3Device, S3Settings
+    from ._s3lease import S3LeaseHeld
     from ._sharedmemory import SharedMemoryDevice
     from ._stats import CommandStats, StatsFilter
 
@@ -64,6 +65,7 @@ _WHERE = {
     "BlockSizeFilter": "._blocksize",
     "S3Device": "._s3",
     "S3Settings": "._s3",
+    "S3LeaseHeld": "._s3lease",
     "MirrorDevice": "._mirror",
     "MirrorStatus": "._mirror",
     "Progress": "._mirror",
@@ -92,6 +94,7 @@ __all__ = [
     "BlockSizeFilter",
     "S3Device",
     "S3Settings",
+    "S3LeaseHeld",
     "MirrorDevice",
     "MirrorStatus",
     "Progress",

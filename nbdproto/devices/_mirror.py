@@ -20,6 +20,10 @@ Beyond the seed:
 - A failure of the secondary (or of reading the primary) during the copy stops the copy; it is reported
   through the callback and ``status()`` ("failed: reason"), and every later write fails with EIO rather than
   let the two sides silently diverge. Reads keep working: the primary is intact.
+- A secondary that stalls fails the same way once its own time limit runs out (``NbdDevice``'s ``timeout``:
+  ``nbdproto mirror --remote-timeout``): a write waits at most that long for it, a flush (at a client's
+  disconnect, at ``close()``) too, and reads never wait for it. Once failed, the mirror asks nothing more of
+  the secondary, so nothing waits on it again.
 - ``status()``: the state ("copying", "synchronised", "failed: reason"), bytes copied and the rate.
 
 The secondary may be any device, a remote NBD export (``NbdDevice``) included. The mirror owns both devices:
@@ -36,8 +40,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
-from nbdproto.wire import BASE_ALLOCATION, AllocationState
+from nbdproto.wire import BASE_ALLOCATION
 
+from ._mirrorsides import runs_of, trim_side, write_side, zero_side
 from ._regionlock import RegionLock
 
 __all__ = ["MirrorDevice", "MirrorStatus", "Progress"]
@@ -53,8 +58,6 @@ STATUS_SPAN = (1 << 32) - (1 << 16)
 """How much of the primary one block-status question covers (see the module docstring for why it is large)."""
 ZERO_SPAN = 1 << 30
 """The largest hole handed to the secondary as one write-zeroes."""
-_ZERO_BUFFER = memoryview(bytes(1 << 20))
-_HOLE = int(AllocationState.ZERO)
 _MARK_BLOCKS = 1 << 20
 """At most this many blocks in the map of what clients changed during the copy (1 MiB of memory)."""
 
@@ -218,7 +221,7 @@ class MirrorDevice:
         try:
             self.primary.pwrite(data, offset, fua)
             self._mark(self._written, offset, length)
-            self._on_secondary(lambda: _write(self.secondary, self._s, data, offset, fua))
+            self._on_secondary(lambda: write_side(self.secondary, self._s, data, offset, fua))
         finally:
             self.regions.release(token)
 
@@ -227,7 +230,7 @@ class MirrorDevice:
         try:
             self.primary.trim(offset, length, fua)
             self._mark(self._cleared, offset, length)
-            self._on_secondary(lambda: _trim(self.secondary, self._s, offset, length, fua))
+            self._on_secondary(lambda: trim_side(self.secondary, self._s, offset, length, fua))
         finally:
             self.regions.release(token)
 
@@ -238,7 +241,7 @@ class MirrorDevice:
         try:
             self.primary.write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
             self._mark(self._cleared, offset, length)
-            self._on_secondary(lambda: _zero(self.secondary, self._s, offset, length, may_trim, fast, fua))
+            self._on_secondary(lambda: zero_side(self.secondary, self._s, offset, length, may_trim, fast, fua))
         finally:
             self.regions.release(token)
 
@@ -369,7 +372,7 @@ class MirrorDevice:
             with self._mutex:
                 self._written[first : last + 1] = self._cleared[first : last + 1] = bytes(last + 1 - first)
         try:
-            self._hint = _runs(self.primary, start, span, stop_short=True)
+            self._hint = runs_of(self.primary, start, span, stop_short=True)
         except Exception as exc:
             raise _CopyFailed(f"block status of the primary at {start} failed: {_describe(exc)}") from exc
 
@@ -385,7 +388,7 @@ class MirrorDevice:
             # again, now that no client can change this range.
             if cleared or (written and any(zero for _, _, zero in runs)):
                 try:
-                    runs = _runs(self.primary, offset, length, stop_short=False)
+                    runs = runs_of(self.primary, offset, length, stop_short=False)
                 except Exception as exc:
                     raise _CopyFailed(f"block status of the primary at {offset} failed: {_describe(exc)}") from exc
             data = 0
@@ -409,6 +412,7 @@ class MirrorDevice:
         except Exception as exc:
             raise _CopyFailed(f"reading the primary at {offset} failed: {_describe(exc)}") from exc
         self._point("write", offset, len(view))
+        self._stop_if_failed()
         try:
             self.secondary.pwrite(view, offset)
         except Exception as exc:
@@ -417,10 +421,17 @@ class MirrorDevice:
     def _zero_secondary(self, offset: int, length: int) -> None:
         if self._secondary_is_zero:
             return
+        self._stop_if_failed()
         try:
-            _zero(self.secondary, self._s, offset, length)
+            zero_side(self.secondary, self._s, offset, length)
         except Exception as exc:
             raise _CopyFailed(f"the secondary failed at {offset}: {_describe(exc)}") from exc
+
+    def _stop_if_failed(self) -> None:
+        """A piece that was under way when the mirror failed asks nothing more of the secondary (which may be
+        the stalled remote that failed it, and would hold this piece's range for another timeout)."""
+        if self._state.startswith("failed"):
+            raise _CopyFailed(self._state[len("failed: ") :])
 
     def _copied_piece(self, length: int, data: int) -> None:
         with self._mutex:
@@ -485,81 +496,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
-
-
-def _runs(device: BlockDevice, offset: int, length: int, *, stop_short: bool) -> list[tuple[int, int, bool]]:
-    """(offset, length, is_zero) runs of ``device`` from ``offset``: all of ``length``, or with ``stop_short``
-    as far as one answer went."""
-    out: list[tuple[int, int, bool]] = []
-    end = offset + length
-    position = offset
-    while position < end:
-        answer = device.extents(BASE_ALLOCATION, position, end - position)
-        if not answer:
-            raise OSError(errno.EIO, f"block status answered nothing at {position}")
-        for run_length, flags in answer:
-            size = min(int(run_length), end - position)
-            if size <= 0:
-                raise OSError(errno.EIO, f"block status answered an empty run at {position}")
-            zero = bool(int(flags) & _HOLE)
-            if out and out[-1][2] == zero:
-                last = out[-1]
-                out[-1] = (last[0], last[1] + size, zero)
-            else:
-                out.append((position, size, zero))
-            position += size
-            if position >= end:
-                break
-        if stop_short:
-            break
-    return out
-
-
-# --- One side's share of a request: what the device can do, the rest emulated --------------------------------
-
-
-def _write(device: BlockDevice, caps: DeviceCapabilities, data: Buffer, offset: int, fua: bool) -> None:
-    if fua and not caps.can_fua:
-        device.pwrite(data, offset)
-        if caps.can_flush:
-            device.flush()
-        return
-    device.pwrite(data, offset, fua)
-
-
-def _trim(device: BlockDevice, caps: DeviceCapabilities, offset: int, length: int, fua: bool) -> None:
-    if caps.can_trim:
-        device.trim(offset, length, fua and caps.can_fua)
-    elif caps.can_zero:
-        device.write_zeroes(offset, length, may_trim=True, fua=fua and caps.can_fua)
-    else:
-        return  # a trim is advisory: a side that cannot drop the data keeps it
-    if fua and not caps.can_fua and caps.can_flush:
-        device.flush()
-
-
-def _zero(
-    device: BlockDevice,
-    caps: DeviceCapabilities,
-    offset: int,
-    length: int,
-    may_trim: bool = True,
-    fast: bool = False,
-    fua: bool = False,
-) -> None:
-    """Zero a range of one side. A fast zero that the primary managed is tried fast here too, then slowly:
-    the two sides must agree even if this one is slower than it said."""
-    if caps.can_zero:
-        native_fua = fua and caps.can_fua
-        try:
-            device.write_zeroes(offset, length, may_trim=may_trim, fast=fast and caps.can_fast_zero, fua=native_fua)
-        except OSError as exc:
-            if not fast or exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            device.write_zeroes(offset, length, may_trim=may_trim, fua=native_fua)
-    else:
-        step = min(len(_ZERO_BUFFER), caps.maximum_payload)
-        for at in range(offset, offset + length, step):
-            device.pwrite(_ZERO_BUFFER[: min(step, offset + length - at)], at)
-    if fua and not caps.can_fua and caps.can_flush:
-        device.flush()

@@ -20,6 +20,13 @@ trying ``retries`` times with a doubling delay between tries (like nbdkit's retr
 the remote is still away or is no longer the same size; requests that queued behind a failed attempt fail at
 once rather than each retrying in turn. A connection the remote closed while nothing was in flight is replaced
 before a request is sent on it.
+
+A remote that stops answering (stopped, a frozen VM, a network path that drops packets without a reset) is
+given ``timeout`` seconds per request, reconnecting included: a request not answered by then fails with
+ETIMEDOUT (EIO to an NBD client), one log line names the remote, and every connection to it is dropped,
+since a remote that left one request unanswered that long is taken to be stalled, and NBD cannot take back a
+request except by dropping its connection. Requests in flight on them fail at once with the same error
+rather than each waiting out its own time; later requests reconnect, as after a remote that went away.
 """
 
 from __future__ import annotations
@@ -34,16 +41,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import nbdproto
+import nbdproto.client
+import nbdproto.engine
 import nbdproto.serving
+import nbdproto.wire
 from nbdproto.client import ClientNegotiation, NbdUri
-from nbdproto.engine import Event, MetaContexts, OptionError, OptionGo, OptionListMetaContext, OptionSetMetaContext
+from nbdproto.engine import Event
 from nbdproto.serving import Buffer, DeviceCall, DeviceCapabilities, Dispatch
 from nbdproto.sockets import connect_socket, negotiate_client, open_together
 from nbdproto.tls import connection_context
-from nbdproto.wire import BASE_ALLOCATION, CommandFlags, InfoType, NBDError, Option, TransmissionFlags
+from nbdproto.wire import CommandFlags, NBDError, TransmissionFlags
 
-from ._nbdwire import Wire, WireBroken
+from ._nbdhandshake import DiscoveringNegotiation, capabilities_of
+from ._nbdwire import Wire, WireBroken, WireTimedOut
 from ._ranges import check_range
 
 __all__ = ["NbdDevice"]
@@ -59,65 +69,19 @@ Make = Callable[[int], Event]
 """Builds a request event for a cookie."""
 
 
-class _DiscoveringNegotiation(ClientNegotiation):
-    """The usual handshake, except that where it would select base:allocation it first lists every context the
-    export has (NBD_OPT_LIST_META_CONTEXT with no query), then selects them all."""
-
-    def __init__(self, export_name: str, *, tls: bool, require_tls: bool) -> None:
-        super().__init__(export_name, tls=tls, require_tls=require_tls, meta_contexts=(BASE_ALLOCATION,))
-        self._listed = False
-
-    def step(self, event: Event) -> Event | None:
-        if isinstance(event, MetaContexts) and event.option == Option.LIST_META_CONTEXT:
-            names = tuple(sorted(set(event.contexts.values())))
-            self.meta_contexts = names
-            if not names:
-                return OptionGo(self.export_name, (InfoType.NAME, InfoType.DESCRIPTION, InfoType.BLOCK_SIZE))
-            return OptionSetMetaContext(self.export_name, names)
-        if isinstance(event, OptionError) and event.option == Option.LIST_META_CONTEXT:
-            # A server that cannot list: ask for base:allocation alone, as any client would.
-            return OptionSetMetaContext(self.export_name, (BASE_ALLOCATION,))
-        send = super().step(event)
-        if isinstance(send, OptionSetMetaContext) and not self._listed:
-            self._listed = True
-            return OptionListMetaContext(self.export_name, ())
-        return send
-
-
-def _connect(target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float) -> Wire:
+def _connect(
+    target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float, request_timeout: float
+) -> Wire:
+    """A negotiated connection: ``timeout`` bounds each step of connecting and the handshake,
+    ``request_timeout`` each batch of requests afterwards (Wire)."""
     sock = connect_socket(target, timeout)  # its timeout stays on through the handshake
     tls = connection_context(target, plan.tls, tls)
     connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
-    connection.stream.sock.settimeout(None)
-    if not isinstance(connection.result, nbdproto.HandshakeComplete):
+    connection.stream.sock.settimeout(None)  # the wire bounds its waits itself
+    if not isinstance(connection.result, nbdproto.engine.HandshakeComplete):
         connection.stream.close()
-        raise nbdproto.NegotiationError("the server ended the handshake without an export")
-    return Wire(connection)
-
-
-def _capabilities(export: nbdproto.Export, contexts: tuple[str, ...]) -> DeviceCapabilities:
-    flags = export.flags
-    minimum = export.minimum_block_size if export.block_sizes_known else 1
-    minimum = minimum if minimum & (minimum - 1) == 0 and 1 <= minimum <= 65536 else 1
-    preferred = min(max(export.preferred_block_size, minimum), 32 << 20)
-    if preferred & (preferred - 1):
-        preferred = 1 << (preferred.bit_length() - 1)
-    maximum = min(export.maximum_payload, 0xFFFFFFFF) // minimum * minimum
-    return DeviceCapabilities(
-        can_write=not flags & TF.READ_ONLY,
-        can_flush=bool(flags & TF.SEND_FLUSH),
-        can_fua=bool(flags & TF.SEND_FUA),
-        can_trim=bool(flags & TF.SEND_TRIM),
-        can_zero=bool(flags & TF.SEND_WRITE_ZEROES),
-        can_fast_zero=bool(flags & TF.SEND_FAST_ZERO),
-        can_cache=bool(flags & TF.SEND_CACHE),
-        can_multi_conn=bool(flags & TF.CAN_MULTI_CONN),
-        rotational=bool(flags & TF.ROTATIONAL),
-        minimum_block_size=minimum,
-        preferred_block_size=preferred,
-        maximum_payload=max(maximum, preferred),
-        meta_contexts=contexts,
-    )
+        raise nbdproto.client.NegotiationError("the server ended the handshake without an export")
+    return Wire(connection, request_timeout)
 
 
 class _Slot:
@@ -132,7 +96,7 @@ class _Slot:
 
 
 def _checked(reply: Any) -> Any:
-    if type(reply) is nbdproto.ErrorReply:
+    if type(reply) is nbdproto.engine.ErrorReply:
         raise NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
     return reply
 
@@ -143,8 +107,11 @@ class NbdDevice:
     ``tls``: the client TLS context (an nbds URI without one gets the one its TLS keys ask for, as both
     clients do: nbdproto.tls.connection_context). ``connections``: how many to open when the remote
     offers multi-conn (one otherwise). ``retries`` and ``retry_delay``: the reconnect attempts after the remote
-    goes away, and the first delay between them (it doubles). ``timeout`` bounds each connect and handshake.
-    Raises OSError or nbdproto.ProtocolError when the first connection cannot be made.
+    goes away, and the first delay between them (it doubles). ``timeout``: the most each request may take,
+    reconnecting included, and each step of the first connect and handshake (``nbdproto serve
+    --remote-timeout``); a request that takes longer fails with ETIMEDOUT and drops the connections (see the
+    module docstring). Raises OSError or nbdproto.wire.ProtocolError when the first connection cannot be made,
+    ValueError for a timeout that is not positive.
     """
 
     dispatch: Dispatch = "batch"
@@ -161,22 +128,24 @@ class NbdDevice:
         retry_delay: float = 0.1,
         timeout: float = 30.0,
     ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout {timeout} must be positive")
         self.uri = uri
-        self._target = nbdproto.parse_uri(uri)
+        self._target = nbdproto.client.parse_uri(uri)
         self._tls = tls
         self._retries = max(0, retries)
         self._retry_delay = retry_delay
         self._timeout = timeout
-        plan = _DiscoveringNegotiation(
+        plan = DiscoveringNegotiation(
             self._target.export_name, tls=tls is not None or self._target.tls, require_tls=self._target.tls
         )
-        first = _connect(self._target, plan, tls, timeout)
-        handshake: nbdproto.HandshakeComplete = plan.result  # type: ignore[assignment]
+        first = _connect(self._target, plan, tls, timeout, timeout)
+        handshake: nbdproto.engine.HandshakeComplete = plan.result  # type: ignore[assignment]
         self.export = handshake.export
         self.extended_headers = handshake.extended_headers
         self.meta_context_names = tuple(sorted(first.context_ids))
         """The contexts the remote agreed to: each one is passed through."""
-        self._capabilities = _capabilities(self.export, self.meta_context_names)
+        self._capabilities = capabilities_of(self.export, self.meta_context_names)
         count = max(1, connections) if self._capabilities.can_multi_conn else 1
         self._slots = [_Slot(first)]
         try:
@@ -186,16 +155,24 @@ class NbdDevice:
             raise
         self._turn = itertools.count()
         self._closed = False
+        self._dropping = threading.Lock()  # one drop of every connection at a time (a stalled remote)
+        self._outage = False  # the remote stalled or cannot be reached: said once, until it answers again
 
-    def _open(self) -> Wire:
-        """A new connection agreeing to the same contexts as the first."""
+    @property
+    def timeout(self) -> float:
+        """The most a request may take (seconds), reconnecting included."""
+        return self._timeout
+
+    def _open(self, timeout: float | None = None) -> Wire:
+        """A new connection agreeing to the same contexts as the first, each step bounded by ``timeout``
+        (default: the device's)."""
         plan = ClientNegotiation(
             self._target.export_name,
             tls=self._tls is not None or self._target.tls,
             require_tls=self._target.tls,
             meta_contexts=self.meta_context_names,
         )
-        wire = _connect(self._target, plan, self._tls, self._timeout)
+        wire = _connect(self._target, plan, self._tls, timeout or self._timeout, self._timeout)
         size = plan.result.export.size  # type: ignore[union-attr]
         if size != self.export.size:
             wire.close()
@@ -223,7 +200,7 @@ class NbdDevice:
 
     # --- Connections ----------------------------------------------------------------------------------------
 
-    def _wire(self) -> tuple[_Slot, Wire]:
+    def _wire(self, deadline: float) -> tuple[_Slot, Wire]:
         slot = self._slots[next(self._turn) % len(self._slots)]
         wire = slot.wire
         if wire is not None:
@@ -235,9 +212,10 @@ class NbdDevice:
                 if slot.wire is wire:
                     slot.wire = None
             wire.close()
-        return slot, self._reconnect(slot)
+        return slot, self._reconnect(slot, deadline)
 
-    def _reconnect(self, slot: _Slot) -> Wire:
+    def _reconnect(self, slot: _Slot, deadline: float) -> Wire:
+        """A new connection for ``slot``, tried until ``deadline`` at the latest (the request's own)."""
         seen = slot.failed_attempts
         with slot.lock:
             if slot.wire is not None:
@@ -250,16 +228,30 @@ class NbdDevice:
             failure: BaseException | None = None
             for attempt in range(self._retries + 1):
                 if attempt:
+                    if time.monotonic() + delay >= deadline:
+                        break
                     time.sleep(delay)  # a backoff between attempts, not a synchronisation
                     delay *= 2
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 try:
-                    slot.wire = self._open()
+                    slot.wire = self._open(min(left, self._timeout))
+                    self._outage = False
                     log.info("reconnected to %s", self.uri)
                     return slot.wire
-                except (OSError, nbdproto.ProtocolError) as exc:
+                except (OSError, nbdproto.wire.ProtocolError) as exc:
                     failure = exc
             slot.failed_attempts += 1
-            raise OSError(errno.EIO, f"cannot reconnect to {self.uri}: {failure}") from failure
+            error: OSError
+            if failure is None or isinstance(failure, TimeoutError):  # the request's time ran out
+                error = TimeoutError(errno.ETIMEDOUT, f"cannot reconnect to {self.uri} within {self._timeout:g} s")
+            else:
+                error = OSError(errno.EIO, f"cannot reconnect to {self.uri}: {failure}")
+            if not self._outage:
+                self._outage = True
+                log.warning("%s (requests fail until it answers again)", error.strerror)
+            raise error from failure
 
     def _broken(self, slot: _Slot, wire: Wire, exc: BaseException) -> OSError:
         """The connection under a request failed: forget it (the next request reconnects); EIO for this one."""
@@ -270,15 +262,38 @@ class NbdDevice:
         wire.close()
         return OSError(errno.EIO, f"the connection to {self.uri} failed: {exc}")
 
-    def _run(self, makes: Sequence[Make]) -> list[Any]:
-        """The replies to the requests ``makes`` builds, sent together on the next connection; EIO when the
-        connection fails under them."""
-        slot, wire = self._wire()
+    def _stalled(self, wire: Wire) -> OSError:
+        """A request on ``wire`` went unanswered for the whole timeout: the remote is taken to be stalled, and
+        every connection to it is dropped (logged once, by whoever finds ``wire`` still in use); ETIMEDOUT for
+        the request."""
+        failure = TimeoutError(errno.ETIMEDOUT, f"{self.uri} did not answer within {self._timeout:g} s")
+        dropped: list[Wire] = []
+        with self._dropping:
+            if any(slot.wire is wire for slot in self._slots):
+                for slot in self._slots:
+                    if slot.wire is not None:
+                        dropped.append(slot.wire)
+                        slot.wire = None
+                if not self._outage:
+                    self._outage = True
+                    log.warning("%s: dropped its connections; the next request reconnects", failure.strerror)
+        for each in {id(w): w for w in [wire, *dropped]}.values():
+            each.abandon(failure)  # the requests in flight on them fail now, with this error
+        return failure
+
+    def _run(self, makes: Sequence[Make], for_wire: Callable[[Wire], Sequence[Make]] | None = None) -> list[Any]:
+        """The replies to the requests ``makes`` (or ``for_wire(wire)``, for requests that name something of
+        the connection) builds, sent together on the next connection, within the timeout; EIO when the
+        connection fails under them, ETIMEDOUT when the remote does not answer in time."""
+        deadline = time.monotonic() + self._timeout
+        slot, wire = self._wire(deadline)
         try:
-            return wire.run(makes)
-        except nbdproto.LocalProtocolError as exc:  # refused by our own engine, before anything was sent
+            return wire.run(makes if for_wire is None else for_wire(wire), deadline)
+        except nbdproto.wire.LocalProtocolError as exc:  # refused by our own engine, before anything was sent
             raise OSError(errno.EINVAL, str(exc)) from exc
-        except (WireBroken, OSError, nbdproto.ProtocolError) as exc:
+        except WireTimedOut:
+            raise self._stalled(wire) from None
+        except (WireBroken, OSError, nbdproto.wire.ProtocolError) as exc:
             raise self._broken(slot, wire, exc) from exc
 
     def _one(self, make: Make) -> Any:
@@ -297,21 +312,21 @@ class NbdDevice:
         if method == "pread_into":
             buffer, offset = args
             self._check(offset, len(buffer))
-            return lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer)
+            return lambda c: nbdproto.engine.ReadRequest(c, offset, len(buffer), buffer=buffer)
         if method == "pwrite":
             data, offset, fua = args
             self._check(offset, memoryview(data).nbytes, writing=True)
             if fua and not caps.can_fua:
                 return None
-            return lambda c: nbdproto.WriteRequest(c, offset, data, _F.FUA if fua else _F(0))
+            return lambda c: nbdproto.engine.WriteRequest(c, offset, data, _F.FUA if fua else _F(0))
         if method == "flush":
-            return (lambda c: nbdproto.FlushRequest(c)) if caps.can_flush else None
+            return (lambda c: nbdproto.engine.FlushRequest(c)) if caps.can_flush else None
         if method == "trim":
             offset, length, fua = args
             self._check(offset, length, writing=True)
             if not caps.can_trim or (fua and not caps.can_fua):
                 return None
-            return lambda c: nbdproto.TrimRequest(c, offset, length, _F.FUA if fua else _F(0))
+            return lambda c: nbdproto.engine.TrimRequest(c, offset, length, _F.FUA if fua else _F(0))
         if method == "write_zeroes":
             offset, length = args
             self._check(offset, length, writing=True)
@@ -319,17 +334,17 @@ class NbdDevice:
             if not caps.can_zero or (fast and not caps.can_fast_zero) or (fua and not caps.can_fua):
                 return None
             flags = (_F(0) if may_trim else _F.NO_HOLE) | (_F.FAST_ZERO if fast else _F(0)) | (_F.FUA if fua else _F(0))
-            return lambda c: nbdproto.WriteZeroesRequest(c, offset, length, flags)
+            return lambda c: nbdproto.engine.WriteZeroesRequest(c, offset, length, flags)
         if method == "cache":
             offset, length = args
             self._check(offset, length)
-            return (lambda c: nbdproto.CacheRequest(c, offset, length)) if caps.can_cache else None
+            return (lambda c: nbdproto.engine.CacheRequest(c, offset, length)) if caps.can_cache else None
         return None
 
     def call_batch(self, calls: Sequence[DeviceCall]) -> list[object]:
         """Carry out ``calls`` together: every one that is a single request goes out in one batch on one
         connection, the rest (emulations, block status) one by one. Each result is the call's return value, or
-        the exception it raised (the ``call_batch`` extension of nbdproto.BlockDevice)."""
+        the exception it raised (the ``call_batch`` extension of nbdproto.serving.BlockDevice)."""
         results: list[object] = [None] * len(calls)
         makes: list[Make] = []
         where: list[int] = []
@@ -351,34 +366,34 @@ class NbdDevice:
                     results[index] = exc
                 return results
             for index, reply in zip(where, replies, strict=True):
-                if type(reply) is nbdproto.ErrorReply:
+                if type(reply) is nbdproto.engine.ErrorReply:
                     results[index] = NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
         return results
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         if offset < 0 or offset + len(buffer) > self.export.size:
             self._check(offset, len(buffer))
-        self._one(lambda c: nbdproto.ReadRequest(c, offset, len(buffer), buffer=buffer))
+        self._one(lambda c: nbdproto.engine.ReadRequest(c, offset, len(buffer), buffer=buffer))
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
         size = memoryview(data).nbytes
         if offset < 0 or offset + size > self.export.size or not self._capabilities.can_write:
             self._check(offset, size, writing=True)
         native = fua and self._capabilities.can_fua
-        self._one(lambda c: nbdproto.WriteRequest(c, offset, data, _F.FUA if native else _F(0)))
+        self._one(lambda c: nbdproto.engine.WriteRequest(c, offset, data, _F.FUA if native else _F(0)))
         if fua and not native:
             self.flush()
 
     def flush(self) -> None:
         if self._capabilities.can_flush:
-            self._one(lambda c: nbdproto.FlushRequest(c))
+            self._one(lambda c: nbdproto.engine.FlushRequest(c))
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._check(offset, length, writing=True)
         if not self._capabilities.can_trim:
             return  # advisory: the remote keeps the data
         native = fua and self._capabilities.can_fua
-        self._one(lambda c: nbdproto.TrimRequest(c, offset, length, _F.FUA if native else _F(0)))
+        self._one(lambda c: nbdproto.engine.TrimRequest(c, offset, length, _F.FUA if native else _F(0)))
         if fua and not native:
             self.flush()
 
@@ -398,14 +413,14 @@ class NbdDevice:
             return
         native = fua and caps.can_fua
         flags = (_F(0) if may_trim else _F.NO_HOLE) | (_F.FAST_ZERO if fast else _F(0)) | (_F.FUA if native else _F(0))
-        self._one(lambda c: nbdproto.WriteZeroesRequest(c, offset, length, flags))
+        self._one(lambda c: nbdproto.engine.WriteZeroesRequest(c, offset, length, flags))
         if fua and not native:
             self.flush()
 
     def cache(self, offset: int, length: int) -> None:
         self._check(offset, length)
         if self._capabilities.can_cache:  # otherwise it is only a hint
-            self._one(lambda c: nbdproto.CacheRequest(c, offset, length))
+            self._one(lambda c: nbdproto.engine.CacheRequest(c, offset, length))
 
     def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
         self._check(offset, length)
@@ -414,16 +429,16 @@ class NbdDevice:
         if not self.extended_headers and length > _COMPACT_LIMIT:
             minimum = self._capabilities.minimum_block_size
             length = _COMPACT_LIMIT // minimum * minimum  # the answer may stop short; the caller asks again
-        slot, wire = self._wire()
-        context_id = wire.context_ids[context]
-        # Only an extended request can name the context; otherwise the remote answers for all of them.
-        chosen = (context_id,) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else ()
-        try:
-            (reply,) = wire.run((lambda c: nbdproto.BlockStatusRequest(c, offset, length, _F(0), chosen),))
-        except nbdproto.LocalProtocolError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from exc
-        except (WireBroken, OSError, nbdproto.ProtocolError) as exc:
-            raise self._broken(slot, wire, exc) from exc
+        context_ids: list[int] = []
+
+        def request(wire: Wire) -> Sequence[Make]:
+            context_ids.append(wire.context_ids[context])  # each connection has its own ids
+            # Only an extended request can name the context; otherwise the remote answers for all of them.
+            chosen = (context_ids[0],) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else ()
+            return (lambda c: nbdproto.engine.BlockStatusRequest(c, offset, length, _F(0), chosen),)
+
+        (reply,) = self._run((), request)
+        context_id = context_ids[0]
         extents = _checked(reply).extents.get(context_id)
         if not extents:
             raise OSError(errno.EIO, f"{self.uri} sent no extents for {context!r}")

@@ -11,6 +11,13 @@ The engine is only touched under ``_lock``. The socket is written under ``_send_
 one thread that holds the reader's role, outside both: a send that blocks never stops replies being read (a
 server that stops reading requests until its replies are taken would otherwise wait for us forever).
 
+Every wait has a limit when the wire has a ``timeout``: a batch whose replies are not all in by its deadline
+fails the whole connection with ETIMEDOUT (NBD has no way to take one request back, so the connection is the
+thing to drop), and so does a send that makes no progress for that long (a remote that stopped reading). The
+reader waits for bytes a short tick at a time (SO_RCVTIMEO on a plain socket: no extra system call per
+receive), so a reader whose own batch is late notices, and a follower whose batch is late (waiting on the
+condition with its deadline) marks the connection failed and the reader notices at its next tick.
+
 Over TLS one more rule holds: OpenSSL must never see the connection read in one thread while another writes it
 or shuts it down (it corrupts memory). So a TLS connection is shared through ``nbdproto.sockets.SharedTls``:
 every receive, send and the goodbye is made under its lock without waiting, and the waits for readability or
@@ -20,24 +27,42 @@ writability happen outside it, so a send that cannot go on still never stops rep
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import nbdproto
+import nbdproto.engine
 import nbdproto.serving
+import nbdproto.wire
 from nbdproto.sockets import Connection, SharedTls
 
-__all__ = ["Wire", "WireBroken"]
+__all__ = ["Wire", "WireBroken", "WireTimedOut"]
 
-_NEED_DATA, _PAUSED, _CLOSED = nbdproto.NEED_DATA, nbdproto.PAUSED, nbdproto.ConnectionClosed
+_NEED_DATA, _PAUSED, _CLOSED = nbdproto.engine.NEED_DATA, nbdproto.engine.PAUSED, nbdproto.engine.ConnectionClosed
 
 
 class WireBroken(ConnectionError):
     """The connection failed (the server went away or broke the protocol); the requests on it are lost."""
+
+
+class WireTimedOut(WireBroken):
+    """The server did not answer (or take a request) within the wire's timeout: the connection is given up."""
+
+
+def _tick(timeout: float) -> float:
+    """How long the reader waits for bytes before it looks at the deadlines again."""
+    return min(1.0, max(0.05, timeout / 10))
+
+
+def _set_socket_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
 
 
 class _Batch:
@@ -49,12 +74,15 @@ class _Batch:
 
 
 class Wire:
-    """A negotiated connection (``nbdproto.sockets.Connection``) that carries batches of requests."""
+    """A negotiated connection (``nbdproto.sockets.Connection``, its socket blocking without a Python timeout)
+    that carries batches of requests. ``timeout``: the most a batch may take, its send included (None: no
+    limit)."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, timeout: float | None = None) -> None:
         self.stream = connection.stream
         self.engine = connection.engine
         self.sock: socket.socket = connection.stream.sock
+        self.timeout = timeout
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # each batch's bytes leave whole, one batch after another
         self._changed = threading.Condition(self._lock)
@@ -64,6 +92,14 @@ class Wire:
         self._failure: BaseException | None = None
         self._farewell: list[Any] | None = None
         self._tls = SharedTls(self.sock) if isinstance(self.sock, ssl.SSLSocket) else None
+        self._tick: float | None = None
+        if timeout is not None:
+            self._tick = _tick(timeout)
+            if self._tls is None:
+                # A send that makes no progress, and a receive that gets nothing, for that long raise
+                # BlockingIOError: bounded waits at no cost per call.
+                _set_socket_timeout(self.sock, socket.SO_SNDTIMEO, timeout)
+                _set_socket_timeout(self.sock, socket.SO_RCVTIMEO, self._tick)
         self.context_ids = {name: context_id for context_id, name in self.engine.meta_contexts.items()}
         """The ids this connection's server gave the meta contexts (each connection has its own)."""
 
@@ -71,7 +107,7 @@ class Wire:
     def usable(self) -> bool:
         """False once the connection failed, or the server closed it while nothing was in flight (checked
         without blocking: a server that went away between requests costs no request)."""
-        if self._failure is not None or self.engine.phase is not nbdproto.Phase.TRANSMISSION:
+        if self._failure is not None or self.engine.phase is not nbdproto.engine.Phase.TRANSMISSION:
             return False
         if self._waiting or self._tls is not None:  # (a TLS socket cannot be peeked at; its next request will tell)
             return True
@@ -86,10 +122,14 @@ class Wire:
             return False
         return True
 
-    def run(self, makes: Sequence[Callable[[int], Any]]) -> list[Any]:
+    def run(self, makes: Sequence[Callable[[int], Any]], deadline: float | None = None) -> list[Any]:
         """Send ``make(cookie)`` for each request together, wait for every reply, and return them in order
-        (ReadReply, BlockStatusReply, SuccessReply or ErrorReply). Raises WireBroken when the connection
-        fails before every reply is in."""
+        (ReadReply, BlockStatusReply, SuccessReply or ErrorReply). ``deadline``: the time.monotonic() by which
+        every reply must be in (default: ``timeout`` from now). Raises WireBroken when the connection fails
+        before every reply is in, WireTimedOut when the deadline passes first (the connection is then failed
+        for every request on it)."""
+        if deadline is None and self.timeout is not None:
+            deadline = time.monotonic() + self.timeout
         batch = _Batch(len(makes))
         engine = self.engine
         with self._lock:
@@ -101,71 +141,98 @@ class Wire:
             pieces = engine.data_to_send()
         # Sent outside the engine's lock: a send that blocks (large writes, a server that stopped reading until
         # its replies are read) must not keep the reader from taking those replies in.
-        with self._send_lock:
-            try:
-                self._send(pieces)
-            except OSError as exc:
-                with self._lock:
-                    self._fail(exc)
-                raise WireBroken(f"the connection failed: {exc}") from exc
-        self._wait(batch)
+        if not self._send_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            self._time_out("no room to send a request")
+        try:
+            self._send(pieces, deadline)
+        except (BlockingIOError, TimeoutError):  # no room for the request: the server stopped reading
+            self._time_out("the server stopped taking requests")
+        except OSError as exc:
+            with self._lock:
+                self._fail(exc)
+            raise self._failed_as() from exc  # the first failure: a timeout may have closed the socket under it
+        finally:
+            self._send_lock.release()
+        self._wait(batch, deadline)
         return batch.replies
 
-    def _wait(self, batch: _Batch) -> None:
+    def _wait(self, batch: _Batch, deadline: float | None) -> None:
         engine = self.engine
         while True:
             with self._lock:
                 while batch.left and self._reading and self._failure is None:
-                    self._changed.wait()
+                    if deadline is None:
+                        self._changed.wait()
+                    elif not self._changed.wait(max(0.0, deadline - time.monotonic())) and batch.left:
+                        self._time_out_locked()
                 if not batch.left:
                     return
                 self._raise_if_failed()
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._time_out_locked()
+                    self._raise_if_failed()
                 self._reading = True
                 target = engine.read_buffer()
             try:
-                # The rest of a read's data straight into the caller's buffer; anything else as chunks.
-                if self._tls is not None:
-                    got = self._tls.receive(target)
-                    assert got is not None  # (no timeout: it waits for bytes)
-                    if isinstance(got, bytes):
-                        data = got
-                    else:
-                        count = got
-                elif target is None:
-                    data = self.sock.recv(nbdproto.serving.RECV_SIZE)  # (why that many: its docstring)
-                else:
-                    count = self.sock.recv_into(target)
+                got = self._receive(target, deadline)
             except OSError as exc:
                 with self._lock:
                     self._reading = False
                     self._fail(exc)
-                raise WireBroken(f"the connection failed: {exc}") from exc
+                    self._changed.notify_all()
+                raise self._failed_as() from exc  # the first failure: a timeout may have closed the socket under it
             with self._lock:
                 self._reading = False
                 try:
-                    if target is None:
-                        engine.receive_data(data)
+                    if got is None:  # the deadline passed, or another waiter's did (the failure says which)
+                        if self._failure is None:
+                            self._time_out_locked()
                     else:
-                        engine.received_into(count)
-                    self._dispatch()
-                except (nbdproto.ProtocolError, WireBroken) as exc:
+                        if target is None:
+                            engine.receive_data(got)  # type: ignore[arg-type]
+                        else:
+                            engine.received_into(got)  # type: ignore[arg-type]
+                        self._dispatch()
+                except (nbdproto.wire.ProtocolError, WireBroken) as exc:
                     self._fail(exc)
                 self._changed.notify_all()  # replies for others, or the reader's role free to take
                 farewell, self._farewell = self._farewell, None
             if farewell:
                 self._say_goodbye(farewell)
 
+    def _receive(self, target: memoryview | None, deadline: float | None) -> bytes | int | None:
+        """The next bytes (into ``target`` when given: a count), waiting a tick at a time until they come, the
+        connection fails, or ``deadline`` passes (then None)."""
+        tls, tick = self._tls, self._tick
+        while True:
+            try:
+                if tls is not None:
+                    got = tls.receive(target, nbdproto.serving.RECV_SIZE, tick)
+                    if got is not None:
+                        return got
+                elif target is None:
+                    return self.sock.recv(nbdproto.serving.RECV_SIZE)  # (why that many: its docstring)
+                else:
+                    return self.sock.recv_into(target)
+            except BlockingIOError:  # the receive timer's tick passed with nothing (plain sockets)
+                pass
+            if self._failure is not None or (deadline is not None and time.monotonic() >= deadline):
+                return None
+
     def _say_goodbye(self, pieces: list[Any]) -> None:
         # Lock order: _send_lock, then _lock, never the other way round.
         with self._send_lock, contextlib.suppress(OSError):
             self._send(pieces)
 
-    def _send(self, pieces: list[Any]) -> None:
-        """Write ``pieces`` (with _send_lock held); over TLS through SharedTls."""
+    def _send(self, pieces: list[Any], deadline: float | None = None) -> None:
+        """Write ``pieces`` (with _send_lock held); over TLS through SharedTls. A plain socket's send raises
+        BlockingIOError after ``timeout`` without progress (SO_SNDTIMEO), TLS's TimeoutError."""
         if self._tls is None:
             self.stream.send(pieces)
         else:
-            self._tls.send(pieces)
+            self._tls.send(pieces, None if deadline is None else max(0.01, deadline - time.monotonic()))
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(errno.ETIMEDOUT, "the request took too long to send")
 
     def _dispatch(self) -> None:
         engine, waiting = self.engine, self._waiting
@@ -179,7 +246,7 @@ class Wire:
             batch.replies[index] = event
             batch.left -= 1
             if engine.must_disconnect:  # the server said ESHUTDOWN: leave as the spec asks (see _say_goodbye)
-                engine.send(nbdproto.DisconnectRequest())
+                engine.send(nbdproto.engine.DisconnectRequest())
                 self._farewell = engine.data_to_send()
                 raise WireBroken("the server is shutting down")
 
@@ -190,20 +257,44 @@ class Wire:
         self._waiting.clear()
         self._changed.notify_all()
 
+    def _time_out_locked(self, what: str = "no reply") -> None:
+        """A deadline passed: the connection fails for every request on it (called with the lock held)."""
+        limit = f" within {self.timeout:g} s" if self.timeout is not None else " in time"
+        self._fail(TimeoutError(errno.ETIMEDOUT, what + limit))
+
+    def _time_out(self, what: str) -> None:
+        with self._lock:
+            self._time_out_locked(what)
+        self._raise_if_failed()
+
+    def abandon(self, failure: BaseException) -> None:
+        """Fail every request on the connection with ``failure`` (the device gave up on the server), then
+        close it."""
+        with self._lock:
+            self._fail(failure)
+        self.close()
+
+    def _failed_as(self) -> WireBroken:
+        """What a request on the failed connection raises: WireTimedOut when it failed by a timeout."""
+        failure = self._failure
+        kind = WireTimedOut if isinstance(failure, TimeoutError) else WireBroken
+        return kind(f"the connection failed: {failure}")
+
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
-            raise WireBroken(f"the connection failed: {self._failure}") from self._failure
+            raise self._failed_as() from self._failure
 
     def close(self) -> None:
         """Disconnect politely (NBD_CMD_DISC) when the connection still works, and close the socket. A send
-        blocked for 5 s (a server that stopped reading) is not waited for: closing the socket ends it."""
-        polite = self._send_lock.acquire(timeout=5)
+        blocked for 5 s (a server that stopped reading) is not waited for: closing the socket ends it; nor is
+        one on a connection that failed already (nothing polite is sent there)."""
+        polite = self._failure is None and self._send_lock.acquire(timeout=min(5.0, self.timeout or 5.0))
         try:
             farewell: list[Any] = []
             with self._lock:
-                if polite and self._failure is None and self.engine.phase is nbdproto.Phase.TRANSMISSION:
-                    with contextlib.suppress(nbdproto.ProtocolError):
-                        self.engine.send(nbdproto.DisconnectRequest())
+                if polite and self._failure is None and self.engine.phase is nbdproto.engine.Phase.TRANSMISSION:
+                    with contextlib.suppress(nbdproto.wire.ProtocolError):
+                        self.engine.send(nbdproto.engine.DisconnectRequest())
                         farewell = self.engine.data_to_send()
                 if self._failure is None:
                     self._failure = WireBroken("the connection was closed")

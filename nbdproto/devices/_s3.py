@@ -18,8 +18,14 @@ never lose each other. A write is acknowledged once its PUT has completed, unles
 (``write_back=BYTES``, ``_s3cache``) holds it; then FLUSH and FUA make writes durable before they are
 answered. One device object is shared by every connection of a server, so it is multi-conn safe.
 
-Failures are per request: a store that errors or times out (after bounded retries), or an object of the wrong
-size, fails that one request with EIO and a log line on logger ``nbdproto.devices.s3``.
+Failures are per request: a store that errors or times out (after bounded retries, within
+``S3Settings.call_limit``), or an object of the wrong size, fails that one request with EIO and a log line on
+logger ``nbdproto.devices.s3``.
+
+One writer per image: a writable image is leased (``_s3lease``), so a second writable device on it refuses to
+open (``S3LeaseHeld``, naming the holder and when its lease expires) until the first closes, or its lease
+expires after a crash; a device that loses its lease answers every write with EIO from then on and writes
+nothing more. Read-only devices take no lease.
 
 Block sizes: any alignment is accepted (minimum 1: the device does the read-modify-write itself), the
 preferred size is the object size (up to the 32 MiB the spec allows), so clients that honour it never cause a
@@ -41,6 +47,7 @@ from nbdproto.wire import BASE_ALLOCATION, AllocationState
 
 from ._ranges import check_range
 from ._s3cache import WriteBackCache
+from ._s3lease import Lease, lease_duration
 from ._s3store import ObjectStore, S3Settings, StoreError, object_key, parse_object_key
 
 __all__ = ["S3Device", "S3Settings"]
@@ -67,10 +74,15 @@ class S3Device:
     - ``write_back``: bytes of write-back cache; 0 (the default) acknowledges each write once stored.
     - ``parallel``: the threads (shared by all requests) that fetch and store the further objects of requests
       spanning several; with write-back, as many uploaders.
-    - ``settings``: the endpoint, region, profile, timeouts and retries (``S3Settings``).
+    - ``settings``: the endpoint, region, profile, timeouts and retries (``S3Settings``; ``S3Settings.within
+      (seconds)`` bounds every call, as ``--remote-timeout`` does).
+    - ``lease``: how long the image stays leased to this device after each renewal (see the module docstring;
+      ``--s3-lease``); None: twice the store's call limit (60 s by default); 0: take no lease, for an image
+      no other server can reach. Only writable images of ``size`` bytes are leased.
 
     Raises OSError with a one-line message when the bucket, the credentials or the image are unusable (a
-    missing bucket, refused credentials, a missing single object), ValueError for impossible sizes.
+    missing bucket, refused credentials, a missing single object, a lease another server holds: ``S3LeaseHeld``,
+    EBUSY), ValueError for impossible sizes or a lease too short for the store's call limit.
     """
 
     dispatch: Dispatch = "threads"
@@ -91,6 +103,7 @@ class S3Device:
         write_back: int = 0,
         parallel: int = 32,
         settings: S3Settings | None = None,
+        lease: float | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"bucket {bucket!r} must be a bucket name (no '/')")
@@ -98,17 +111,29 @@ class S3Device:
             raise ValueError(f"key {key!r} must be a non-empty object name, without leading, trailing or double '/'")
         self.bucket, self.key = bucket, key
         self.name = f"s3://{bucket}/{key}"
-        self._store = ObjectStore(bucket, settings or S3Settings())
+        settings = settings or S3Settings()
+        self._lease: Lease | None = None
+        leased = size is not None and not read_only and lease != 0
+        duration = lease_duration(lease, settings.call_limit) if leased else 0.0  # ValueError before any call
+        self._store = ObjectStore(bucket, settings)
         self._pool = ThreadPoolExecutor(max(1, parallel), thread_name_prefix="s3")
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._cache: WriteBackCache | None = None
         try:
+            if leased:
+                # Before the listing: once the lease is ours, the previous writer has stopped writing.
+                self._store.check_bucket(key + "/")
+                self._lease = Lease(self._store, self.name, key, duration, settings.call_limit)
+                self._lease.acquire()
+                self._store.fence = self._lease.check
             if size is None:
                 self._open_single(read_only)
             else:
                 self._open_image(size, object_size, read_only, write_back, parallel)
         except BaseException:
             self._pool.shutdown(wait=False)
+            if self._lease is not None:
+                self._lease.release()
             raise
 
     def _open_single(self, read_only: bool) -> None:
@@ -194,6 +219,13 @@ class S3Device:
 
     def _check(self, offset: int, length: int, writing: bool = False) -> None:
         check_range(self._size, offset, length, writing=writing, can_write=self._capabilities.can_write)
+        if writing and self._lease is not None:
+            self._lease.check()
+
+    def _still_leased(self) -> None:
+        """After a write: acknowledged only while the lease holds (its objects were fenced as they went)."""
+        if self._lease is not None:
+            self._lease.check()
 
     def _lock_for(self, index: int) -> threading.Lock:
         return self._locks[index % _LOCK_STRIPES]
@@ -296,6 +328,7 @@ class S3Device:
         self._each(jobs)
         if fua:
             self._make_durable(offset, len(view))
+        self._still_leased()
 
     def _write_object(self, index: int, start: int, data: memoryview) -> None:
         if self._cache is not None:
@@ -344,6 +377,7 @@ class S3Device:
         self._delete_objects(whole)
         if fua:
             self._make_durable(offset, length)
+        self._still_leased()
 
     def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
@@ -364,6 +398,7 @@ class S3Device:
         self._each(jobs)
         if fua:
             self._make_durable(offset, length)
+        self._still_leased()
 
     def _holds_data(self, index: int) -> bool:
         if self._cache is not None:
@@ -421,7 +456,7 @@ class S3Device:
         return out
 
     def close(self) -> None:
-        """Flush the write-back cache (if any) and release the threads."""
+        """Flush the write-back cache (if any), release the threads, and give the lease back (deleted)."""
         try:
             if self._cache is not None:
                 try:
@@ -430,6 +465,8 @@ class S3Device:
                     self._cache.close()
         finally:
             self._pool.shutdown(wait=True)
+            if self._lease is not None:
+                self._lease.release()
 
     def __enter__(self) -> S3Device:
         return self

@@ -9,7 +9,10 @@ of its own size, read with ranged GETs.
 The calls go through obstore (the Rust ``object_store`` crate): measured against boto3 on SeaweedFS here, from
 16 threads at once, it moved 2-3x more data per second for both PUT and GET (bench/bench_s3_clients.py; the
 figures are in the README), and its blocking calls release the GIL, so the device's threads overlap. Its
-requests have bounded timeouts and a bounded number of retries (``S3Settings``), so no request hangs.
+requests have bounded timeouts and a bounded number of retries (``S3Settings``), so no call takes longer than
+``S3Settings.call_limit``. Conditional PUTs (If-None-Match, If-Match on an ETag) are there for the image's
+lease (``_s3lease``), and every PUT or DELETE of the image's own objects first asks ``fence`` whether this
+server may still write.
 
 Credentials come from the standard AWS chain as botocore reads it: the environment (AWS_ACCESS_KEY_ID, ...),
 the shared credentials and config files, a profile (AWS_PROFILE), a container or instance role; refreshable
@@ -22,7 +25,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -69,18 +72,43 @@ class S3Settings:
       or AWS_ENDPOINT_URL environment variable, else AWS itself.
     - ``region``: default: the chain's (AWS_REGION, the profile's), else us-east-1.
     - ``profile``: a profile of the shared config files; default: AWS_PROFILE, else "default".
-    - ``timeout``: the most one request may take, connecting included; ``connect_timeout`` for connecting.
-    - ``retries``: how often a failed or timed-out request is tried again (with backoff), and
-      ``retry_timeout`` the most all tries of one call may take together.
+    - ``timeout``: the most one try of a request may take, connecting included; ``connect_timeout`` for
+      connecting.
+    - ``retries``: how often a failed or timed-out request is tried again, after a backoff of up to
+      ``max_backoff``, and ``retry_timeout``: no try starts later than this after the first (plus a backoff).
+      ``call_limit`` adds them up. The defaults are ``S3Settings.within(30)``.
     """
 
     endpoint: str | None = None
     region: str | None = None
     profile: str | None = None
-    timeout: float = 30.0
+    timeout: float = 15.0
     connect_timeout: float = 5.0
     retries: int = 3
-    retry_timeout: float = 60.0
+    retry_timeout: float = 12.0
+    max_backoff: float = 3.0
+
+    @property
+    def call_limit(self) -> float:
+        """The most one call may take, every try included: the last may start ``retry_timeout`` plus a backoff
+        after the first, and take ``timeout``."""
+        return self.retry_timeout + self.max_backoff + self.timeout
+
+    @classmethod
+    def within(cls, seconds: float, **fields: Any) -> S3Settings:
+        """Settings whose every call ends within ``seconds`` (``nbdproto serve --remote-timeout``): half of it
+        for one try, the rest for starting retries (a tenth, at most 3 s, for one backoff); ``fields`` set
+        the endpoint, region and profile."""
+        if not seconds > 0:
+            raise ValueError(f"the remote timeout {seconds} must be positive")
+        backoff = min(3.0, seconds / 10)
+        return cls(
+            timeout=seconds / 2,
+            connect_timeout=min(5.0, seconds / 2),
+            retry_timeout=seconds / 2 - backoff,
+            max_backoff=backoff,
+            **fields,
+        )
 
 
 class _ChainCredentials:
@@ -129,6 +157,9 @@ class ObjectStore:
             raise StoreError(errno.ENOPKG, "S3 needs botocore and obstore: pip install 'nbdproto[s3]'") from exc
         self.bucket = bucket
         self._obstore = obstore
+        self.fence: Callable[[], None] | None = None
+        """Called before every ``put`` and ``delete``: raises OSError when this server may no longer write
+        (the image's lease is lost)."""
         credentials, chain_region = _chain(settings.profile)
         endpoint = settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.endpoint = endpoint
@@ -155,7 +186,11 @@ class ObjectStore:
         retry_config: Any = {
             "max_retries": settings.retries,
             "retry_timeout": timedelta(seconds=settings.retry_timeout),
-            "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5), "base": 2},
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=min(100, settings.max_backoff * 1000)),
+                "max_backoff": timedelta(seconds=settings.max_backoff),
+                "base": 2,
+            },
         }
         try:
             self._store = S3Store(
@@ -206,37 +241,10 @@ class ObjectStore:
 
     def put(self, name: str, data: Any) -> None:
         """Store ``data`` (a buffer) as object ``name``, replacing it whole (S3 PUTs are atomic)."""
+        if self.fence is not None:
+            self.fence()
         try:
             self._obstore.put(self._store, name, data, use_multipart=False)
-        except Exception as exc:
-            raise self._error(exc, f"PUT {name}") from None
-
-    def get_tagged(self, name: str) -> tuple[Any, str | None] | None:
-        """The whole of object ``name`` (a buffer) and its ETag, or None if it does not exist."""
-        try:
-            result = self._obstore.get(self._store, name)
-            return result.bytes(), result.meta.get("e_tag")
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            raise self._error(exc, f"GET {name}") from None
-
-    def put_if(self, name: str, data: bytes, etag: str | None) -> str | None:
-        """Store ``data`` as object ``name`` only if the object is still the version ``etag`` (If-Match), or,
-        with ``etag`` None, only if it does not exist (If-None-Match); the new ETag. StoreError with errno
-        ESTALE when the object is not what was expected (another writer changed it). A retry of a PUT that had
-        in fact succeeded fails its condition: the object then holds ``data``, which counts as success."""
-        exceptions = self._obstore.exceptions
-        try:
-            result = self._obstore.put(
-                self._store, name, data, mode="create" if etag is None else {"e_tag": etag}, use_multipart=False
-            )
-            return result.get("e_tag")
-        except (exceptions.PreconditionError, exceptions.AlreadyExistsError):
-            found = self.get_tagged(name)
-            if found is not None and bytes(found[0]) == data:
-                return found[1]
-            raise StoreError(errno.ESTALE, f"PUT {name}: the object was changed by another writer") from None
         except Exception as exc:
             raise self._error(exc, f"PUT {name}") from None
 
@@ -244,12 +252,67 @@ class ObjectStore:
         """Delete the objects (DeleteObjects, up to 1000 a request); names that do not exist are no error."""
         if not names:
             return
+        if self.fence is not None:
+            self.fence()
         try:
             self._obstore.delete(self._store, list(names))
         except FileNotFoundError:
             pass
         except Exception as exc:
             raise self._error(exc, f"DELETE {names[0]} (+{len(names) - 1})") from None
+
+    def check_bucket(self, prefix: str) -> None:
+        """Raise StoreError unless the bucket exists and the credentials may list ``prefix`` (one request):
+        asked before anything is written, since some stores create a missing bucket on a PUT."""
+        try:
+            for _ in self._obstore.list(self._store, prefix, chunk_size=1):
+                break
+        except Exception as exc:
+            raise self._error(exc, f"LIST {prefix}") from None
+
+    # Conditional calls: the lease's (never fenced) and the dirty bitmaps' (fenced like every other write).
+
+    def put_if(self, name: str, data: bytes, etag: str | None, *, fenced: bool = True) -> str | None:
+        """Store ``data`` as ``name`` only if the object is still as last seen: absent (``etag`` None: a PUT
+        with If-None-Match: *) or with ``etag`` (If-Match). The new ETag, or None when the condition failed
+        (HTTP 412, or the object is gone) and the object does not hold ``data`` (a retry of a PUT that had in
+        fact succeeded fails its condition: the object then holds ``data``, which counts as success).
+        ``fenced``: checked against the image's lease first, as every write of the image's objects is; the
+        lease's own calls are not (they are how a server learns whether it may write)."""
+        if fenced and self.fence is not None:
+            self.fence()
+        mode: Any = "create" if etag is None else {"e_tag": etag}
+        exceptions = self._obstore.exceptions
+        try:
+            result = self._obstore.put(self._store, name, data, mode=mode, use_multipart=False)
+        except (exceptions.AlreadyExistsError, exceptions.PreconditionError, FileNotFoundError):
+            found = self.get_tagged(name)
+            return found[1] if found is not None and found[0] == data else None
+        except Exception as exc:
+            raise self._error(exc, f"PUT {name}") from None
+        tag = result["e_tag"]
+        if not tag:
+            raise StoreError(errno.ENOTSUP, f"PUT {name}: the store answered without an ETag")
+        return str(tag)
+
+    def get_tagged(self, name: str) -> tuple[bytes, str] | None:
+        """The whole of object ``name`` and its ETag, or None if it does not exist."""
+        try:
+            result = self._obstore.get(self._store, name)
+            return bytes(result.bytes()), str(result.meta["e_tag"])
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._error(exc, f"GET {name}") from None
+
+    def remove(self, name: str) -> None:
+        """Delete object ``name`` (gone already is no error)."""
+        try:
+            self._obstore.delete(self._store, name)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise self._error(exc, f"DELETE {name}") from None
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """(name, size) of every object whose name starts with the path ``prefix`` (ending in "/")."""

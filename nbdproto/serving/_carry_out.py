@@ -178,6 +178,8 @@ def nbd_errno(exc: BaseException) -> Errno:
 
 OnError = Callable[[Any, BaseException], None]
 """Told of a device failure that is not an OSError (a bug worth logging); the client gets EIO either way."""
+OnFlushError = Callable[[Any, str, OSError], None]
+"""Told (client, export name, error) of a failed flush as a connection ends (nobody is left to answer)."""
 
 
 ReadView = Callable[[int, int], Any]

@@ -10,6 +10,7 @@ many were held back. The clock is the backend's to give (this package reads none
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -98,6 +99,21 @@ class ConnectionLog:
             self._emit("connection", logging.INFO, "client %s: connection ended: %s", peer, reason)
         else:
             self._emit("bug", logging.ERROR, "client %s: server error", peer, exc=cause)
+
+    def flush_failed(self, peer: object, export: str, failure: OSError) -> None:
+        """The flush as ``peer``'s connection to ``export`` ended failed: one line with the errno's name and
+        the device's message (which names the remote, for remote devices), never a traceback: a remote that
+        stalls or goes away is not a bug of ours."""
+        code = errno.errorcode.get(failure.errno, str(failure.errno)) if failure.errno else type(failure).__name__
+        self._emit(
+            "flush",
+            logging.WARNING,
+            "client %s: flushing export %r as the connection ended failed: %s: %s",
+            peer,
+            export,
+            code,
+            failure.strerror or str(failure),
+        )
 
     def device_failed(self, request: object, failure: BaseException) -> None:
         """A device raised something that is not an OSError: a bug in the device (the client got EIO)."""

@@ -34,10 +34,11 @@ from nbdproto.wire import CommandFlags, LocalProtocolError
 
 from ._admission import ClientInfo, ClientRefused, certificate_subject
 from ._budget import MemoryShare
-from ._carry_out import OnError
+from ._carry_out import OnError, OnFlushError
 from ._core import SessionSettings
 from ._device import BlockDevice, Dispatch, dispatch_of
 from ._export import ExportSpec, answer_export_request
+from ._log import ConnectionLog
 from ._receive_size import ReceiveSize
 from ._session_transmission import SessionTransmission
 from ._steps import STREAM_WRITES_OVER
@@ -48,7 +49,9 @@ __all__ = ["ServerSessionLogic"]
 class ServerSessionLogic(SessionTransmission):
     """The I/O-free half of one server connection, set up as ``settings`` say (nbdproto.serving.SessionSettings).
     ``client``: who is at the other end (nbdproto.ClientInfo), which a resolver taking two arguments is given;
-    the session adds what the TLS upgrade tells about it."""
+    the session adds what the TLS upgrade tells about it. ``log``: the server's ConnectionLog, told of device
+    failures that are bugs and of a flush that failed as the connection ended (unless ``on_device_error`` or
+    ``on_flush_error`` say otherwise)."""
 
     def __init__(
         self,
@@ -56,7 +59,9 @@ class ServerSessionLogic(SessionTransmission):
         *,
         share: MemoryShare | None = None,
         on_device_error: OnError | None = None,
+        on_flush_error: OnFlushError | None = None,
         client: ClientInfo | None = None,
+        log: ConnectionLog | None = None,
     ) -> None:
         self.engine = ServerConnection(
             exports=settings.offer, tls=settings.effective_tls_mode, stream_writes_over=STREAM_WRITES_OVER
@@ -68,8 +73,14 @@ class ServerSessionLogic(SessionTransmission):
         self.share = share
         """This connection's draw on the server's MemoryBudget (None: unlimited). In the threads server
         several threads share the budget: theirs is wrapped so that every call holds the budget's lock."""
+        if log is not None:
+            on_device_error = on_device_error or log.device_failed
+            on_flush_error = on_flush_error or log.flush_failed
         self.on_device_error = on_device_error
         """Told of device failures that are not OSError (bugs worth a traceback; the client gets EIO)."""
+        self.on_flush_error = on_flush_error
+        """Told (client, export name, error) when the flush as the connection ends fails (ConnectionLog's
+        flush_failed: one line); None: ``flush_device`` raises it."""
         self.shutting_down = False
         """Set by the driver when the server shuts down: requests carried out from then on get ESHUTDOWN."""
         self._closed = False
@@ -183,9 +194,17 @@ class ServerSessionLogic(SessionTransmission):
         self.engine.write_view = None  # a write now refused must leave no trace: none is received in place
 
     def flush_device(self) -> None:
-        """Make the served device's writes durable (called as the connection ends); OSError is the caller's."""
-        if self.spec is not None:
+        """Make the served device's writes durable (called as the connection ends). An OSError (a remote that
+        stalled or went away, a full disk: the device's to bound in time) goes to ``on_flush_error``, or is
+        raised when there is none."""
+        if self.spec is None:
+            return
+        try:
             self.device.flush()
+        except OSError as exc:
+            if self.on_flush_error is None:
+                raise
+            self.on_flush_error(self.client, self.outcome if isinstance(self.outcome, str) else "", exc)
 
     def close(self) -> bool:
         """The connection is ending: give back every byte of the budget it held. True the first time only (the

@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Sequence
 
-from nbdproto import FileRegion, Payload
+from nbdproto.engine import FileRegion, Payload
 from nbdproto.serving import RECV_SIZE
 
 from ._sending import step_past

@@ -153,7 +153,15 @@ class ObjectBitmapStore:
         for index in indices:
             data = bytes(bits[index * size : (index + 1) * size])
             where = self._chunk_name(name, state.generation, index)
-            state.chunks[index] = self._bucket.put_if(where, data, state.chunks.get(index))
+            state.chunks[index] = self._put_unchanged(where, data, state.chunks.get(index))
+
+    def _put_unchanged(self, where: str, data: bytes, etag: str | None) -> str:
+        """PUT ``where`` only if it is still the version ``etag`` (None: absent); ESTALE when another writer
+        changed it (a second server on the image: this one must stop)."""
+        tag = self._bucket.put_if(where, data, etag)
+        if tag is None:
+            raise OSError(errno.ESTALE, "the object was changed by another writer", where)
+        return tag
 
     def replace(self, record: StoredBitmap) -> None:
         self._commit(record, self._stored[record.name])
@@ -167,7 +175,7 @@ class ObjectBitmapStore:
             data = bytes(record.bits[index * size : (index + 1) * size])
             if any(data):
                 where = self._chunk_name(record.name, new.generation, index)
-                new.chunks[index] = self._bucket.put_if(where, data, None)
+                new.chunks[index] = self._put_unchanged(where, data, None)
         header = {
             "format": _FORMAT,
             "version": 1,
@@ -177,7 +185,7 @@ class ObjectBitmapStore:
             "chunk": size,
         }
         text = json.dumps(header, sort_keys=True).encode()
-        new.header = self._bucket.put_if(self._header_name(record.name), text, old.header)
+        new.header = self._put_unchanged(self._header_name(record.name), text, old.header)
         self._stored[record.name] = new
         if old.generation >= 0:
             self._bucket.delete([self._chunk_name(record.name, old.generation, i) for i in old.chunks])
