@@ -130,12 +130,12 @@ def api(*allowed: Allowed, name: str | None = None) -> Callable[[F], F]:
                     result = fn(self, *args, **kwargs)
                 except Failure as failure:
                     message = error_text(context, failure.errnum, failure.text)
-                    if debug and inside.settings.debug:
+                    if inside.settings.debug:
                         inside.emit(context, f'leave: error="{message}"')
                     raise Error(message, failure.errnum) from None
                 finally:
                     inside.context = outer
-                if debug and inside.settings.debug:
+                if inside.settings.debug:  # on at the end of the call: set_debug(True) logs its own leave
                     inside.emit(context, f"leave: ret={_shown(result)}")
                 return result
 
@@ -165,7 +165,7 @@ def _arguments(signature: inspect.Signature, handle: object, args: Any, kwargs: 
 
 
 def _shown(value: object) -> str:
-    if value is None:
+    if value is None or isinstance(value, bytearray):  # what the C call returned: 0 (pread's data is in buf)
         return "0"
     if isinstance(value, bool):
         return str(int(value))

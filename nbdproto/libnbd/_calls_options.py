@@ -158,9 +158,11 @@ class OptionCalls(HandleBase):
         self._start("info", completion=completion)
 
     @api(_NEGOTIATING)
-    def aio_opt_list_meta_context(self, context: Callback, completion: Callback | None = None) -> None:
+    def aio_opt_list_meta_context(self, context: Callback, completion: Callback | None = None) -> int:
+        """Returns 0 (libnbd 1.14's binding returns an int here; the count is the synchronous call's)."""
         check_callable(context, "context")
         self._start("list_meta_context", context, completion)
+        return 0
 
     @api(_NEGOTIATING)
     def aio_opt_list_meta_context_queries(

@@ -13,12 +13,20 @@ from ._callbacks import Callback
 from ._constants import (
     ALLOW_TRANSPORT_MASK,
     HANDSHAKE_FLAG_MASK,
-    STRICT_MASK,
+    STRICT_ALIGN,
+    STRICT_BOUNDS,
+    STRICT_COMMANDS,
+    STRICT_FLAGS,
+    STRICT_ZERO_SIZE,
     TLS_ALLOW,
     TLS_DISABLE,
 )
 
-__all__ = ["Settings", "Facts", "next_handle_name"]
+__all__ = ["Settings", "Facts", "next_handle_name", "STRICT_DEFAULT"]
+
+STRICT_DEFAULT = STRICT_COMMANDS | STRICT_FLAGS | STRICT_BOUNDS | STRICT_ZERO_SIZE | STRICT_ALIGN
+"""libnbd 1.14's default strictness (newer releases add STRICT_PAYLOAD and STRICT_AUTO_FLAG to it; a script
+that wants them sets them)."""
 
 _handle_numbers = itertools.count(1)
 
@@ -49,7 +57,7 @@ class Settings:
     request_meta_context: bool = True
     handshake_flags: int = HANDSHAKE_FLAG_MASK
     pread_initialize: bool = True
-    strict: int = STRICT_MASK
+    strict: int = STRICT_DEFAULT
     opt_mode: bool = False
     meta_contexts: list[str] = field(default_factory=list)
     uri_allow_transports: int = ALLOW_TRANSPORT_MASK

@@ -2,10 +2,13 @@
 
 The settings are libnbd's: ``set_tls_certificates(DIR)`` (ca-cert.pem, client-cert.pem, client-key.pem),
 ``set_tls_verify_peer``, ``set_tls_username`` and ``set_tls_psk_file`` (a psktool key file: the username's key
-is used instead of certificates). Without a directory libnbd looks in /etc/pki/libnbd (root) or
-~/.pki/libnbd and ~/.config/pki/libnbd, and else trusts the system's authorities; so does this. The context
-itself is nbdproto.tls's, made from the same settings written as an NBD URI's TLS keys, so the binding and
-``nbds://`` URIs given to the other clients cannot disagree. Pre-shared keys need Python 3.13 or newer.
+is used instead of certificates). Without a directory, or with one that has no ca-cert.pem, libnbd looks in
+/etc/pki/libnbd (root) or ~/.pki/libnbd and ~/.config/pki/libnbd, and else trusts the system's authorities; so
+does this. As in libnbd, the server's certificate is checked (its chain and the host name) on TCP connections
+only, unless ``set_tls_verify_peer(False)``: over a unix socket, a socket pair or a passed socket the peer is
+local and libnbd encrypts without checking. Unlike libnbd 1.14, a TCP connection that falls back to the system's
+authorities checks the certificate too (docs/howto/libnbd.md). The context itself is nbdproto.tls's, made from
+the same settings written as an NBD URI's TLS keys. Pre-shared keys need Python 3.13 or newer.
 """
 
 from __future__ import annotations
@@ -32,13 +35,17 @@ def login_name() -> str:
         raise Failure(exc.errno or errno.ENXIO, "getlogin_r") from None
 
 
-def _default_certificates() -> str | None:
-    if os.geteuid() == 0:
+def _certificates(given: str | None) -> str | None:
+    """The directory whose ca-cert.pem is used: the one given, else libnbd's defaults; None for the system's
+    authorities (a directory without ca-cert.pem does not count, as in libnbd)."""
+    if given is not None:
+        candidates = [given]
+    elif os.geteuid() == 0:
         candidates = ["/etc/pki/libnbd"]
     else:
         home = os.path.expanduser("~")
         candidates = [os.path.join(home, ".pki", "libnbd"), os.path.join(home, ".config", "pki", "libnbd")]
-    return next((path for path in candidates if os.path.isdir(path)), None)
+    return next((path for path in candidates if os.access(os.path.join(path, "ca-cert.pem"), os.R_OK)), None)
 
 
 def tls_context(settings: Settings, host: str | None) -> tuple[ssl.SSLContext, str | None]:
@@ -49,10 +56,10 @@ def tls_context(settings: Settings, host: str | None) -> tuple[ssl.SSLContext, s
     if psk is not None:
         query["tls-psk-file"] = psk
     else:
-        certificates = settings.tls_certificates or _default_certificates()
+        certificates = _certificates(settings.tls_certificates)
         if certificates is not None:
             query["tls-certificates"] = certificates
-    if not settings.tls_verify_peer:
+    if not settings.tls_verify_peer or host is None:
         query["tls-verify-peer"] = "false"
     user = settings.tls_username or (login_name() if psk is not None else "")
     target = nbdproto.NbdUri(
