@@ -337,8 +337,9 @@ attempt("state", h.connection_state)
 h = nbd.NBD()
 attempt("connect_command", h.connect_command, ["nbdkit", "-s", "--exit-with-parent", "memory", "1M"])
 attempt("kill_subprocess bad", h.kill_subprocess, -1)
-attempt("kill_subprocess", h.kill_subprocess, 0)
-attempt("poll", h.poll, 10000)
+attempt("kill_subprocess", h.kill_subprocess, 9)
+while not (h.aio_is_closed() or h.aio_is_dead()):
+    h.poll(-1)
 attempt("state", h.connection_state)
 """)
 
