@@ -10,7 +10,6 @@ the state and the states it needs, as libnbd words it.
 
 from __future__ import annotations
 
-import enum
 import errno
 import functools
 import inspect
@@ -21,35 +20,17 @@ from typing import Any, TypeVar, cast
 
 from ._callbacks import call
 from ._errors import ClosedHandle, Error, Failure, error_text
-from ._machine import Machine, Stage
+from ._machine import Machine, Public
 from ._settings import Settings
 
-__all__ = ["Allowed", "Internals", "HandleBase", "api", "PUBLIC_STATE"]
+__all__ = ["Allowed", "Internals", "HandleBase", "api"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Allowed(enum.Flag):
-    """The public states a call may be made in."""
+Allowed = Public
+"""The public states a call may be made in (``api(Allowed.CREATED, ...)``)."""
 
-    CREATED = enum.auto()
-    CONNECTING = enum.auto()
-    NEGOTIATING = enum.auto()
-    CONNECTED = enum.auto()
-    CLOSED = enum.auto()
-    DEAD = enum.auto()
-
-
-PUBLIC_STATE = {
-    Stage.CREATED: Allowed.CREATED,
-    Stage.CONNECTING: Allowed.CONNECTING,
-    Stage.HANDSHAKE: Allowed.CONNECTING,
-    Stage.TLS: Allowed.CONNECTING,
-    Stage.NEGOTIATING: Allowed.NEGOTIATING,
-    Stage.READY: Allowed.CONNECTED,
-    Stage.CLOSED: Allowed.CLOSED,
-    Stage.DEAD: Allowed.DEAD,
-}
 _WORDS = {
     Allowed.CREATED: "newly created",
     Allowed.CONNECTING: "connecting",
@@ -84,29 +65,29 @@ class Internals:
 
 
 class HandleBase:
-    """What the call families (the ``_calls_*`` mixins) share: the handle's insides."""
+    """What the call families (the ``_calls_*`` mixins) share: the handle's insides (``_h``, None once
+    closed), and its connection and settings (``_m``, ``_s``: read by every call, so plain attributes)."""
 
     _h: Internals | None
-
-    @property
-    def _m(self) -> Machine:
-        assert self._h is not None
-        return self._h.machine
-
-    @property
-    def _s(self) -> Settings:
-        assert self._h is not None
-        return self._h.settings
+    _m: Machine
+    _s: Settings
 
 
-def api(*allowed: Allowed, name: str | None = None) -> Callable[[F], F]:
-    """Wrap a call of the binding (see the module docstring); ``allowed`` empty: any state."""
+def api(*allowed: int, name: str | None = None) -> Callable[[F], F]:
+    """Wrap a call of the binding (see the module docstring); ``allowed`` (Allowed bits) empty: any state."""
 
     def wrap(fn: F) -> F:
         context = "nbd_" + (name or fn.__name__)
-        mask = functools.reduce(lambda a, b: a | b, allowed) if allowed else None
-        needed = ", or ".join(words for state, words in _WORDS.items() if mask is not None and state & mask)
+        mask = functools.reduce(lambda a, b: a | b, allowed) if allowed else 0
+        needed = ", or ".join(words for state, words in _WORDS.items() if state & mask)
         signature = inspect.signature(fn)
+
+        def refused(machine: Machine) -> Failure:
+            created = machine.stage.public == Allowed.CREATED
+            return Failure(
+                errno.ENOTCONN if created else errno.EINVAL,
+                f"invalid state: {machine.state_name()}: the handle must be {needed}",
+            )
 
         @functools.wraps(fn)
         def wrapper(self: HandleBase, *args: Any, **kwargs: Any) -> Any:
@@ -114,34 +95,49 @@ def api(*allowed: Allowed, name: str | None = None) -> Callable[[F], F]:
             if inside is None:
                 raise ClosedHandle("libnbd: method called on closed handle")
             with inside.lock:
-                outer, inside.context = inside.context, context
-                debug = inside.settings.debug
-                if debug:
-                    inside.emit(context, "enter: " + _arguments(signature, self, args, kwargs))
+                if inside.settings.debug:
+                    return _logged(inside, context, signature, fn, self, args, kwargs, mask, refused)
                 try:
-                    if mask is not None:
-                        machine = inside.machine
-                        state = PUBLIC_STATE[machine.stage]
-                        if not state & mask:
-                            raise Failure(
-                                errno.ENOTCONN if state is Allowed.CREATED else errno.EINVAL,
-                                f"invalid state: {machine.state_name()}: the handle must be {needed}",
-                            )
-                    result = fn(self, *args, **kwargs)
+                    if mask and not inside.machine.stage.public & mask:
+                        raise refused(inside.machine)
+                    return fn(self, *args, **kwargs)
                 except Failure as failure:
-                    message = error_text(context, failure.errnum, failure.text)
-                    if inside.settings.debug:
-                        inside.emit(context, f'leave: error="{message}"')
-                    raise Error(message, failure.errnum) from None
-                finally:
-                    inside.context = outer
-                if inside.settings.debug:  # on at the end of the call: set_debug(True) logs its own leave
-                    inside.emit(context, f"leave: ret={_shown(result)}")
-                return result
+                    raise Error(error_text(context, failure.errnum, failure.text), failure.errnum) from None
 
         return cast(F, wrapper)
 
     return wrap
+
+
+def _logged(
+    inside: Internals,
+    context: str,
+    signature: inspect.Signature,
+    fn: Callable[..., Any],
+    handle: HandleBase,
+    args: Any,
+    kwargs: Any,
+    mask: int,
+    refused: Callable[[Machine], Failure],
+) -> Any:
+    """A call made with debugging on: ``enter:`` and ``leave:`` messages around it, and its name given to the
+    messages from inside (libnbd's error context)."""
+    outer, inside.context = inside.context, context
+    inside.emit(context, "enter: " + _arguments(signature, handle, args, kwargs))
+    try:
+        if mask and not inside.machine.stage.public & mask:
+            raise refused(inside.machine)
+        result = fn(handle, *args, **kwargs)
+    except Failure as failure:
+        message = error_text(context, failure.errnum, failure.text)
+        if inside.settings.debug:
+            inside.emit(context, f'leave: error="{message}"')
+        raise Error(message, failure.errnum) from None
+    finally:
+        inside.context = outer
+    if inside.settings.debug:  # on at the end of the call: set_debug(True) logs its own leave
+        inside.emit(context, f"leave: ret={_shown(result)}")
+    return result
 
 
 def _arguments(signature: inspect.Signature, handle: object, args: Any, kwargs: Any) -> str:

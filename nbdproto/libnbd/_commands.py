@@ -35,6 +35,8 @@ _SYSTEM_ERRNO = {
     Errno.ESHUTDOWN: errno.ESHUTDOWN,
 }
 _KNOWN = {int(value) for value in _SYSTEM_ERRNO}
+_LARGE_READ = 32 * 1024
+"""A read this large has its reply's header received alone, its data straight into place (Machine)."""
 _EXTENT32_LIMIT = 0xFFFFFFFF
 
 
@@ -47,7 +49,7 @@ class Command:
     """One command: its cookie, libnbd's name for it (error messages say "read: command failed"), its
     callbacks, and the errno it ended with (0: success)."""
 
-    __slots__ = ("cookie", "name", "offset", "completion", "extent", "wide", "chunk", "buffer", "error")
+    __slots__ = ("cookie", "name", "offset", "completion", "extent", "wide", "chunk", "buffer", "error", "large")
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class Command:
         self.chunk = chunk
         self.buffer = buffer
         self.error = 0
+        self.large = buffer is not None and len(buffer) >= _LARGE_READ
 
 
 class CommandTable:
@@ -81,6 +84,8 @@ class CommandTable:
         self.completed: dict[int, Command] = {}  # in the order they completed
         self.disconnecting = False
         """NBD_CMD_DISC was sent: it counts as in flight until the connection ends, and nothing may follow it."""
+        self.large_reads = 0
+        """Large reads in flight (see Command.large)."""
 
     def next_cookie(self) -> int:
         return next(self._cookies)
@@ -90,10 +95,12 @@ class CommandTable:
 
     def add(self, command: Command) -> None:
         self.in_flight[command.cookie] = command
+        self.large_reads += command.large
 
     def finish(self, reply: nbdproto.Event, contexts: Mapping[int, str]) -> None:
         """The complete reply to a command in flight: run its callbacks, then retire it or keep it completed."""
         command = self.in_flight.pop(reply.cookie)  # type: ignore[attr-defined]
+        self.large_reads -= command.large
         kind = type(reply)
         if kind is nbdproto.ErrorReply:
             error: nbdproto.ErrorReply = reply  # type: ignore[assignment]
@@ -116,6 +123,7 @@ class CommandTable:
         """The connection ended: every command in flight completes with ``error`` (unless it failed already)."""
         stranded, self.in_flight = self.in_flight, {}
         self.disconnecting = False
+        self.large_reads = 0
         for command in stranded.values():
             command.error = command.error or error
             self._complete(command)

@@ -34,7 +34,10 @@ class NBD(SettingsCalls, ConnectCalls, OptionCalls, QueryCalls, DataCalls, LoopC
     """An NBD handle: ``NBD()``, set it up, connect it, use it (libnbd(3))."""
 
     def __init__(self) -> None:
-        self._h: Internals | None = Internals()
+        inside = Internals()
+        self._h: Internals | None = inside
+        self._m = inside.machine
+        self._s = inside.settings
 
     def __del__(self) -> None:
         inside = getattr(self, "_h", None)

@@ -43,26 +43,45 @@ from ._settings import Facts, Settings
 from ._tlscontext import tls_context
 from ._transport import Address, Subprocess, begin_connect, finish_connect
 
-__all__ = ["Stage", "Machine"]
+__all__ = ["Public", "Stage", "Machine"]
 
 _RECV_SIZE = 256 * 1024
 """Bytes asked for by a receive that is not the rest of a read's data (headers, small replies: many at once)."""
+_HEADER_RECV = 64
+"""Bytes asked for instead while a large read is in flight: its reply's header (and the offset of its data,
+40 bytes at most), so that the data itself is received straight into the caller's buffer, not copied there."""
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _POLLIN, _POLLOUT, _POLLHUP = select.POLLIN, select.POLLOUT, select.POLLHUP
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-class Stage(enum.Enum):
-    """Where a connection is; the public states (``aio_is_*``) are read from it."""
+class Public:
+    """libnbd's public states, as bits (the states a call may be made in are a mask of them)."""
 
-    CREATED = "START: Handle after being initially created"
-    CONNECTING = "CONNECT.CONNECTING: Waiting for the connection to the server to complete"
-    HANDSHAKE = "NEWSTYLE.RECV_REPLY: Negotiating with the server"
-    TLS = "NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE: Running the TLS handshake"
-    NEGOTIATING = "NEGOTIATING: Connection is ready to negotiate an NBD option"
-    READY = "READY: Connection is ready to process NBD commands"
-    CLOSED = "CLOSED: Connection is closed"
-    DEAD = "DEAD: Connection is in an unrecoverable error state, can only be closed"
+    CREATED = 1
+    CONNECTING = 2
+    NEGOTIATING = 4
+    CONNECTED = 8
+    CLOSED = 16
+    DEAD = 32
+
+
+class Stage(enum.Enum):
+    """Where a connection is: libnbd's name and description of the state, and the public state it is part of
+    (``aio_is_*``; an int, as every call checks it)."""
+
+    CREATED = ("START: Handle after being initially created", Public.CREATED)
+    CONNECTING = ("CONNECT.CONNECTING: Waiting for the connection to the server to complete", Public.CONNECTING)
+    HANDSHAKE = ("NEWSTYLE.RECV_REPLY: Negotiating with the server", Public.CONNECTING)
+    TLS = ("NEWSTYLE.OPT_STARTTLS.TLS_HANDSHAKE: Running the TLS handshake", Public.CONNECTING)
+    NEGOTIATING = ("NEGOTIATING: Connection is ready to negotiate an NBD option", Public.NEGOTIATING)
+    READY = ("READY: Connection is ready to process NBD commands", Public.CONNECTED)
+    CLOSED = ("CLOSED: Connection is closed", Public.CLOSED)
+    DEAD = ("DEAD: Connection is in an unrecoverable error state, can only be closed", Public.DEAD)
+
+    def __init__(self, description: str, public: int) -> None:
+        self.description = description
+        self.public = public
 
 
 class Machine:
@@ -91,6 +110,7 @@ class Machine:
         self._disc_shut = False
         self._tls_want = AIO_DIRECTION_READ
         self._poller = select.poll()
+        self._poll_mask = 0
         self.bytes_sent = self.bytes_received = self.chunks_sent = self.chunks_received = 0
 
     # --- What state the connection is in ------------------------------------------------------------------
@@ -104,12 +124,12 @@ class Machine:
         """libnbd's short name of the state, as its errors quote it (``READY``, ``NEGOTIATING``, ...)."""
         if self.processing:
             return "ISSUE_COMMAND.SEND_REQUEST"
-        return self.stage.value.split(":", 1)[0]
+        return self.stage.description.split(":", 1)[0]
 
     def describe(self) -> str:
         if self.processing:
             return "ISSUE_COMMAND.SEND_REQUEST: Sending a request to the server"
-        return self.stage.value
+        return self.stage.description
 
     def direction(self) -> int:
         stage = self.stage
@@ -157,6 +177,7 @@ class Machine:
             else:
                 self.sock = sock
                 self._poller.register(sock, _POLLOUT)
+                self._poll_mask = _POLLOUT
             return
         raise self.die(Failure(failure.errno or 0 if failure else 0, "connect"))
 
@@ -181,6 +202,7 @@ class Machine:
     def _connected(self, sock: socket.socket) -> None:
         self.sock = sock
         self._poller.register(sock, _POLLIN)
+        self._poll_mask = _POLLIN
         flags = self.settings.handshake_flags
         self.engine = nbdproto.ClientConnection(
             no_zeroes=bool(flags & HANDSHAKE_FLAG_NO_ZEROES), fixed_newstyle=bool(flags & HANDSHAKE_FLAG_FIXED_NEWSTYLE)
@@ -292,8 +314,11 @@ class Machine:
             if target is not None:
                 count = sock.recv_into(target)
                 engine.received_into(count)
+                if count and count < len(target):
+                    self.bytes_received += count
+                    return True  # more of the same data to come: no event yet
             else:
-                data = sock.recv(_RECV_SIZE)
+                data = sock.recv(_HEADER_RECV if self.commands.large_reads else _RECV_SIZE)
                 count = len(data)
                 engine.receive_data(data)
         except _WOULD_BLOCK:
@@ -392,7 +417,9 @@ class Machine:
             return 1
         mask = (_POLLIN if direction & AIO_DIRECTION_READ else 0) | (_POLLOUT if direction & AIO_DIRECTION_WRITE else 0)
         poller = self._poller
-        poller.modify(sock, mask)
+        if mask != self._poll_mask:
+            poller.modify(sock, mask)
+            self._poll_mask = mask
         events = poller.poll(timeout)
         if not events:
             return 0
