@@ -30,8 +30,8 @@ if PARAMS.get("uri"):
     h.connect_uri(PARAMS["uri"])
 else:
     h.connect_command(["nbdkit", "-s", "--exit-with-parent", "memory", str(PARAMS["size"])])
-def data(length, seed):
-    return bytes((seed + i) % 251 for i in range(length)) if length < 4096 else bytes([seed]) * length
+def data(length, first):
+    return bytes((first + i) % 251 for i in range(length)) if length < 4096 else bytes([first]) * length
 for index, op in enumerate(PARAMS["ops"]):
     kind, args = op[0], op[1:]
     label = "%d %s" % (index, kind)
@@ -84,12 +84,12 @@ def _ranges() -> st.SearchStrategy[tuple[int, int]]:
 
 
 def _operation() -> st.SearchStrategy[list[Any]]:
-    seed = st.integers(0, 250)
+    first_byte = st.integers(0, 250)
     fua = st.sampled_from([0, 1])
     zero_flags = st.sampled_from([0, 1, 2, 3, 0x10])
     return st.one_of(
         _ranges().map(lambda r: ["pread", *r]),
-        st.tuples(_ranges(), seed, fua).map(lambda t: ["pwrite", *t[0], t[1], t[2]]),
+        st.tuples(_ranges(), first_byte, fua).map(lambda t: ["pwrite", *t[0], t[1], t[2]]),
         st.tuples(_ranges(), zero_flags).map(lambda t: ["zero", *t[0], t[1]]),
         st.tuples(_ranges(), fua).map(lambda t: ["trim", *t[0], t[1]]),
         _ranges().map(lambda r: ["cache", *r, 0]),
