@@ -79,6 +79,17 @@ def test_unknown_handshake_flags_are_ignored() -> None:
     assert sent(client) == struct.pack(">I", n.ClientFlags.FIXED_NEWSTYLE | n.ClientFlags.NO_ZEROES)
 
 
+def test_a_client_may_decline_fixed_newstyle() -> None:
+    # ClientConnection(fixed_newstyle=False) answers as a client that lacks it (libnbd's set_handshake_flags):
+    # its flags leave FIXED_NEWSTYLE out, and only NBD_OPT_EXPORT_NAME may follow.
+    client = n.ClientConnection(fixed_newstyle=False, no_zeroes=False)
+    client.receive_data(w.encode(w.NewstyleGreeting, {"handshake_flags": 3}))
+    assert isinstance(client.next_event(), n.ServerGreeting)
+    assert sent(client) == struct.pack(">I", 0)
+    with pytest.raises(n.LocalProtocolError, match="only NBD_OPT_EXPORT_NAME"):
+        client.send(n.OptionGo("", ()))
+
+
 def test_no_option_after_go_succeeded() -> None:
     p = Pair()
     p.connect("structured")

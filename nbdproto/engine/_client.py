@@ -74,16 +74,19 @@ class ClientConnection(ClientReplies):
     """The client side of one NBD connection.
 
     ``no_zeroes``: accept the server's offer to drop the 124 zero bytes after NBD_OPT_EXPORT_NAME's reply.
+    ``fixed_newstyle``: accept the server's fixed newstyle (answer its flag); without it only
+    NBD_OPT_EXPORT_NAME may be sent, as to a server that lacks it (a client emulating an old one does this).
     ``strict``: hold requests to everything the server stated (the ``strict`` attribute).
     ``send`` raises LocalProtocolError when our side breaks a rule: during the handshake that ends the
     connection (phase ERROR); a request refused in transmission is simply not sent. RemoteProtocolError, when
     the server breaks a rule, always ends it.
     """
 
-    def __init__(self, *, no_zeroes: bool = True, strict: bool = False) -> None:
+    def __init__(self, *, no_zeroes: bool = True, strict: bool = False, fixed_newstyle: bool = True) -> None:
         super().__init__()
         self.strict = strict
         self._want_no_zeroes = no_zeroes
+        self._want_fixed = fixed_newstyle
         self._greeting_word: int | None = None
         # The option waiting for its answer, and what its answer has gathered so far.
         self._option: object | None = None
@@ -145,7 +148,7 @@ class ClientConnection(ClientReplies):
         if len(buf) < 2:
             return self._need_data("in its greeting")
         flags = struct.unpack(">H", buf.take(2))[0]
-        self._fixed = bool(flags & HandshakeFlags.FIXED_NEWSTYLE)
+        self._fixed = self._want_fixed and bool(flags & HandshakeFlags.FIXED_NEWSTYLE)
         self._no_zeroes = self._want_no_zeroes and bool(flags & HandshakeFlags.NO_ZEROES)
         client_flags = (ClientFlags.FIXED_NEWSTYLE if self._fixed else 0) | (
             ClientFlags.NO_ZEROES if self._no_zeroes else 0
