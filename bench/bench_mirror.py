@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from nbdproto.devices import FileDevice, MirrorDevice
+from nbdproto.devices import FileDevice, MirrorDevice, MirrorState
 from nbdproto_threads import copy
 
 SRC = os.environ.get("SRC", "/dev/shm/nb/src.img")
@@ -77,7 +77,7 @@ def api_mirror() -> float:
     status = mirror.wait()
     elapsed = time.monotonic() - start
     mirror.close()
-    assert status.state == "synchronised", status
+    assert status.state is MirrorState.SYNCHRONISED, status
     return elapsed
 
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import nbdproto
 from nbdproto import NBDError
+from nbdproto.wire import STATUS_SPAN
 
 from ._client import Connection, open_connection, open_together
 from ._copyloop import REQUEST_SIZE, CopyConnection, CopyLoop, Done, checked
-from ._copyruns import STATUS_SPAN
 
 if TYPE_CHECKING:
     from nbdproto.devices import FileDevice

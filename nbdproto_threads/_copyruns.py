@@ -5,14 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-__all__ = ["STATUS_SPAN", "Runs", "UnreachableTail", "aligned_runs", "pieces"]
+from nbdproto.wire import STATUS_SPAN
 
-STATUS_SPAN = (1 << 32) - (1 << 16)
-"""How much of the source one block-status query asks about: all a compact request can, aligned to any minimum
-block size. Few queries matter more than small ones: a file server answers each with SEEK_DATA / SEEK_HOLE, and
-on a fully allocated file SEEK_HOLE walks the page cache to the end of the file whatever length was asked,
-so sixteen 64 MiB queries of a 1 GiB copy cost nbdkit a good share of its CPU. A server may answer for less;
-the next query starts where its answer ended."""
+__all__ = ["Runs", "UnreachableTail", "aligned_runs", "pieces"]
+
 Runs = Callable[[int, int], Iterator[tuple[int, int, bool]]]
 """A source's ``runs(offset, length)``: (offset, length, is_zero) runs covering the range, in order."""
 

@@ -25,7 +25,8 @@ import pytest
 import nbdproto
 import nbdproto_threads as nt
 from nbdproto.devices import MemoryDevice
-from nbdproto_threads._copyruns import STATUS_SPAN, aligned_runs, pieces
+from nbdproto.wire import STATUS_SPAN
+from nbdproto_threads._copyruns import aligned_runs, pieces
 from tests.capture import nbdkit
 
 pytestmark = pytest.mark.timeout(60)

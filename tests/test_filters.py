@@ -4,6 +4,7 @@ against a bytearray model, their capabilities over different inner devices, and 
 from __future__ import annotations
 
 import errno
+import random
 import io
 import os
 import re
@@ -228,7 +229,7 @@ def test_reads_from_views_fail_and_count_like_any_other(tmp_path: Any) -> None:
 
 
 def test_an_error_rate_is_a_probability() -> None:
-    device = ErrorFilter(MemoryDevice(SIZE), rate=0.25, seed=7)
+    device = ErrorFilter(MemoryDevice(SIZE), rate=0.25, chance=random.Random(7))
     failures = 0
     for _ in range(4000):
         try:

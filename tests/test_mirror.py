@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from nbdproto import BASE_ALLOCATION, DeviceCapabilities
-from nbdproto.devices import FileDevice, MemoryDevice, MirrorDevice
+from nbdproto.devices import FileDevice, MemoryDevice, MirrorDevice, MirrorState
 from nbdproto.devices._memory import PAGE_SIZE
 
 SETTLE_TIMEOUT = 10.0
@@ -260,7 +260,7 @@ class MirrorRace(RuleBasedStateMachine):
         if not hasattr(self, "mirror"):
             return
         self.scheduler.finish(COPY_THREADS)
-        assert self.mirror.status().state == "synchronised"
+        assert self.mirror.status().state is MirrorState.SYNCHRONISED
         assert contents(self.secondary.inner) == contents(self.primary)
         assert not self.secondary.holes_written
 
@@ -276,10 +276,10 @@ class _NoLock:
 
     observer = None
 
-    def acquire(self, offset: int, length: int) -> tuple[int, int]:
-        return (offset, length)
+    def acquire(self, start: int, end: int, *, exclusive: bool = True) -> tuple[int, int, bool]:
+        return (start, end, exclusive)
 
-    def release(self, token: tuple[int, int]) -> None:
+    def release(self, token: tuple[int, int, bool]) -> None:
         pass
 
 
@@ -346,7 +346,7 @@ def test_sparse_copy_zeroes_holes_and_reports_each_percent_then_complete() -> No
     reports: list[int | str] = []
     mirror = MirrorDevice(primary, secondary, reports.append, chunk_size=PAGE_SIZE)
     status = mirror.wait(10)
-    assert status.state == "synchronised"
+    assert status.state is MirrorState.SYNCHRONISED
     assert (status.copied, status.data, status.total) == (primary.size, 5 * PAGE_SIZE, primary.size)
     assert status.rate > 0 and status.percent == 100
     assert contents(secondary.inner) == contents(primary)
@@ -365,7 +365,7 @@ def test_secondary_known_zero_skips_holes(tmp_path: Any) -> None:
     primary.pwrite(b"d" * PAGE_SIZE, 3 * PAGE_SIZE)
     secondary = RecordingSecondary(primary, primary.size)
     mirror = MirrorDevice(primary, secondary, secondary_is_zero=True)
-    assert mirror.wait(10).state == "synchronised"
+    assert mirror.wait(10).state is MirrorState.SYNCHRONISED
     assert {call for who, call, _, _ in secondary.calls if who.startswith("nbd-mirror")} == {"pwrite", "flush"}
     assert contents(secondary.inner) == contents(primary)
 
@@ -379,7 +379,7 @@ def test_file_to_file_keeps_holes(tmp_path: Any) -> None:
     with open(dst, "wb") as f:
         f.write(b"\xff" * (32 << 20))
     mirror = MirrorDevice(FileDevice(src), FileDevice(dst), requests=3)
-    assert mirror.wait(20).state == "synchronised"
+    assert mirror.wait(20).state is MirrorState.SYNCHRONISED
     mirror.close()
     assert src.read_bytes() == dst.read_bytes()
     assert os.stat(dst).st_blocks * 512 <= 4 << 20, "the primary's holes became holes"
@@ -390,7 +390,7 @@ def test_rate_limit_slows_the_copy() -> None:
     primary.pwrite(b"r" * primary.size, 0)
     mirror = MirrorDevice(primary, MemoryDevice(primary.size), max_rate=8 << 20, chunk_size=PAGE_SIZE)
     status = mirror.wait(10)
-    assert status.state == "synchronised" and status.elapsed >= 0.4  # 4 MiB at 8 MiB/s
+    assert status.state is MirrorState.SYNCHRONISED and status.elapsed >= 0.4  # 4 MiB at 8 MiB/s
     mirror.close()
 
 
@@ -419,7 +419,7 @@ def test_writes_during_and_after_the_copy_reach_both_sides() -> None:
     stop.set()
     for thread in threads:
         thread.join()
-    assert status.state == "synchronised"
+    assert status.state is MirrorState.SYNCHRONISED
     mirror.pwrite(b"after", 12345, fua=True)
     assert contents(secondary) == contents(primary)
     mirror.close()
@@ -449,9 +449,9 @@ def test_secondary_failing_during_the_copy_stops_it_and_refuses_writes() -> None
     reports: list[int | str] = []
     mirror = MirrorDevice(primary, FailingSecondary(primary.size, 3), reports.append, chunk_size=PAGE_SIZE)
     status = mirror.wait(10)
-    assert status.state == "failed: the secondary failed at " + status.state.split(" at ")[1]
-    assert "the disk is on fire" in status.state
-    assert isinstance(reports[-1], str) and reports[-1] == status.state and "complete" not in reports
+    assert status.state is MirrorState.FAILED and status.reason is not None
+    assert status.reason.startswith("the secondary failed at ") and "the disk is on fire" in status.reason
+    assert reports[-1] == f"failed: {status.reason}" and "complete" not in reports
     assert status.copied < primary.size
     with pytest.raises(OSError) as refused:
         mirror.pwrite(b"x", 0)
@@ -472,13 +472,14 @@ def test_secondary_failing_after_synchronising_fails_the_write_with_eio() -> Non
     secondary = FailingSecondary(primary.size, 10**9)
     reports: list[int | str] = []
     mirror = MirrorDevice(primary, secondary, reports.append)
-    assert mirror.wait(10).state == "synchronised"
+    assert mirror.wait(10).state is MirrorState.SYNCHRONISED
     secondary.fail_after = 0
     with pytest.raises(OSError) as failed:
         mirror.pwrite(b"x", 0)
     assert failed.value.errno == errno.EIO
-    assert mirror.status().state.startswith("failed: the secondary failed")
-    assert reports[-1] == mirror.status().state
+    failed_status = mirror.status()
+    assert failed_status.state is MirrorState.FAILED and str(failed_status.reason).startswith("the secondary failed")
+    assert reports[-1] == f"failed: {failed_status.reason}"
     with pytest.raises(OSError):
         mirror.pwrite(b"y", 0)
     mirror.close()
@@ -564,7 +565,7 @@ def test_trims_zeroes_fua_and_flush_reach_both_sides() -> None:
     primary = LoggingDevice(4 * PAGE_SIZE)
     secondary = LoggingDevice(4 * PAGE_SIZE, can_fua=False)  # FUA there: a write, then a flush
     mirror = MirrorDevice(primary, secondary)
-    assert mirror.wait(10).state == "synchronised"
+    assert mirror.wait(10).state is MirrorState.SYNCHRONISED
     mirror.pwrite(b"a", 0, fua=True)
     mirror.trim(0, PAGE_SIZE, fua=True)
     mirror.write_zeroes(PAGE_SIZE, PAGE_SIZE, may_trim=False, fast=True)

@@ -82,7 +82,7 @@ def _sides(args: argparse.Namespace) -> tuple[Source, Source | None]:
 
 def mirror_command(args: argparse.Namespace) -> int:
     """Run ``nbdproto mirror`` until SIGINT or SIGTERM; UsageError for a bad argument."""
-    from nbdproto.devices import FileDevice, MirrorDevice
+    from nbdproto.devices import FileDevice, MirrorDevice, MirrorState
 
     from ._serve import serve_opened  # the servers' imports are for serving commands alone
 
@@ -133,9 +133,9 @@ def mirror_command(args: argparse.Namespace) -> int:
     reporter.close()
     if made:
         state = made[0].status()
-        if state.state == "copying":
+        if state.state is MirrorState.COPYING:
             print(f"mirror stopped at {state.percent}%: the secondary is incomplete", file=sys.stderr, flush=True)
-        elif state.state.startswith("failed"):
+        elif state.state is MirrorState.FAILED:
             return 1
     return status
 

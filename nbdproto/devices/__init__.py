@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from ._filter import FILTER_COMMANDS, Filter, slower_dispatch
     from ._log import LogFilter
     from ._memory import MemoryDevice
-    from ._mirror import MirrorDevice, MirrorStatus, Progress
+    from ._mirror import MirrorDevice
+    from ._mirrorstatus import MirrorState, MirrorStatus, Progress
     from ._nbd import NbdDevice
     from ._ranges import check_range
     from ._readonly import ReadOnlyFilter
@@ -67,8 +68,9 @@ _WHERE = {
     "S3Settings": "._s3",
     "S3LeaseHeld": "._s3lease",
     "MirrorDevice": "._mirror",
-    "MirrorStatus": "._mirror",
-    "Progress": "._mirror",
+    "MirrorStatus": "._mirrorstatus",
+    "MirrorState": "._mirrorstatus",
+    "Progress": "._mirrorstatus",
     "NbdDevice": "._nbd",
 }
 
@@ -97,6 +99,7 @@ __all__ = [
     "S3LeaseHeld",
     "MirrorDevice",
     "MirrorStatus",
+    "MirrorState",
     "Progress",
     "NbdDevice",
 ]

@@ -35,7 +35,8 @@ INJECTABLE_ERRORS = {name: getattr(errno, name) for name in ("EPERM", "EIO", "EN
 
 
 class ErrorFilter(Filter):
-    """``inner`` with errors injected into ``commands`` (see the module docstring)."""
+    """``inner`` with errors injected into ``commands`` (see the module docstring). ``chance``: the random
+    source the rate is drawn from (a ``random.Random`` made with a fixed value gives a repeatable pattern)."""
 
     def __init__(
         self,
@@ -45,7 +46,7 @@ class ErrorFilter(Filter):
         rate: float = 1.0,
         commands: Collection[str] = tuple(ERROR_COMMANDS),
         trigger: str | os.PathLike[str] | None = None,
-        seed: int | None = None,
+        chance: random.Random | None = None,
     ) -> None:
         super().__init__(inner)
         if error not in INJECTABLE_ERRORS.values():
@@ -59,7 +60,7 @@ class ErrorFilter(Filter):
         self.rate = rate
         self.commands = frozenset(commands)
         self.trigger = os.fspath(trigger) if trigger is not None else None
-        self._random = random.Random(seed)
+        self._random = chance if chance is not None else random.Random()
         self._inner_view: Any = getattr(inner, "read_view", None)
         self._pass_through(*(method for command, method in ERROR_COMMANDS.items() if command not in self.commands))
 

@@ -9,7 +9,7 @@ block devices: BLKZEROOUT and BLKDISCARD ioctls, and every byte reported as data
 Reads can also skip the copy into Python altogether: the file is memory-mapped (read-only, shared) and
 ``read_view()`` hands out slices of the mapping, which a server queues as the reply's data. The kernel then
 copies the bytes from the page cache into the socket once, and the request costs no system call of its own
-(measured: about a third less server CPU per 4 KiB read than preadv into a buffer). The mapping sees every
+(less server CPU per read than preadv into a buffer: bench/bench_table.py's 4k reads). The mapping sees every
 write made through the descriptor (one page cache). ``fileno()`` lets a backend use os.sendfile instead.
 
 On tmpfs and memfds (shared memory), touching a hole through a mapping allocates a page for it, where pread
@@ -21,9 +21,8 @@ correctness.
 
 Writes can skip a copy too, on tmpfs, ramfs and memfds: there the mapping is writable, and ``write_view()``
 hands out the slice a write's payload belongs in, for a server to receive it straight into (recv_into), where
-it would otherwise be received into a buffer and copied from there into the page cache by pwrite (measured:
-nbdcopy writing 1 GiB over 4 connections to the threads server, 410-590 ms of server CPU per GiB against
-nbdkit's 420-710 in runs side by side, where the server with pwrite used 600-700). On a file on disk every
+it would otherwise be received into a buffer and copied from there into the page cache by pwrite (the server
+CPU per GiB of bench/bench_table.py's nbdcopy write shows the copy saved). On a file on disk every
 write through a mapping costs a page fault (again after each writeback), so there writes stay with pwrite.
 
 A view must only be read or written by the kernel (a plaintext socket's sendmsg and recv_into): if the file is
@@ -44,9 +43,9 @@ import struct
 from collections.abc import Sequence
 
 from nbdproto.serving import Buffer, DeviceCapabilities, Dispatch
-from nbdproto.wire import BASE_ALLOCATION, AllocationState
+from nbdproto.wire import BASE_ALLOCATION
 
-from ._ranges import check_range
+from ._ranges import HOLE, check_range
 
 __all__ = ["FileDevice"]
 
@@ -55,7 +54,6 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _BLKDISCARD = 0x1277
 _BLKZEROOUT = 0x127F
-_HOLE = int(AllocationState.HOLE | AllocationState.ZERO)
 _MAX_EXTENTS = 1024
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -187,9 +185,8 @@ class FileDevice:
         had (a full tmpfs: pwrite then says ENOSPC). The pages are faulted in first, in one system call
         (MADV_POPULATE_READ), so that the receive does not fault them in one at a time: on tmpfs a shared
         mapping is writable from the first fault (nothing tracks its dirty pages), and read faults map the
-        pages around them too. Measured with nbdcopy writing 1 GiB to a fresh threads server: 550-560 ms of
-        server CPU for the first copy, against 800-910 with MADV_POPULATE_WRITE (a fault per page) and
-        410-590 for the copies after it. A file without holes is faulted in a MiB at a time, each MiB once
+        pages around them too (MADV_POPULATE_WRITE would fault every page, at a cost bench/bench_table.py's
+        nbdcopy write to a fresh server shows). A file without holes is faulted in a MiB at a time, each MiB once
         (then a write costs no system call of its own); pages another process takes away afterwards (a worker
         punching a hole) are faulted in again by the receive itself, which on a full tmpfs fails it with
         EFAULT and ends that connection. Only the kernel may write into the view (module docstring)."""
@@ -202,7 +199,7 @@ class FileDevice:
             start, end = offset & _PAGE_MASK, offset + length
         elif self._mapped.find(0, first, last + 1) < 0:  # every page exists, and these are faulted in
             return mapping[offset : offset + length]
-        else:  # fault in whole MiBs, each once (a system call for every write cost 38 ms of CPU a GiB)
+        else:  # fault in whole MiBs, each once (a system call for every write would cost one per write)
             start, end = first << _MAPPED_SHIFT, min((last + 1) << _MAPPED_SHIFT, self._size)
         try:
             self._mmap.madvise(_MADV_POPULATE_READ, start, end - start)  # type: ignore[union-attr]
@@ -301,7 +298,7 @@ class FileDevice:
                 data = self._size
             if data > pos:
                 hole_end = min(data, end)
-                out.append((hole_end - pos, _HOLE))
+                out.append((hole_end - pos, HOLE))
                 pos = hole_end
                 continue
             hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)

@@ -15,15 +15,14 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from nbdproto.serving import Buffer, DeviceCapabilities, Dispatch
-from nbdproto.wire import BASE_ALLOCATION, AllocationState
+from nbdproto.wire import BASE_ALLOCATION
 
-from ._ranges import check_range
+from ._ranges import HOLE, check_range
 
 __all__ = ["MemoryDevice", "PAGE_SIZE"]
 
 PAGE_SIZE = 64 * 1024
 _ZEROES = memoryview(bytes(PAGE_SIZE))
-_HOLE = int(AllocationState.HOLE | AllocationState.ZERO)
 _MAX_EXTENTS = 1024  # block status answers at most this many runs per call; clients ask again for the rest
 
 
@@ -152,7 +151,7 @@ class MemoryDevice:
                 i = j + 1
             else:
                 run_end = present[i] * PAGE_SIZE if i < len(present) else self._size
-                status = _HOLE
+                status = HOLE
             run_end = min(run_end, end)
             _append(out, run_end - pos, status)
             pos = run_end

@@ -1,12 +1,12 @@
 """MirrorDevice: serve a primary device while building a copy of it on a secondary, then keep the two in step.
 
-The seed library's Mirror, with its semantics: reads come from the primary; a write goes to the primary, then
-to the secondary, and is acknowledged after both; a background copy walks the primary from start to end,
-reporting each percent and then "complete"; from then on the mirror is synchronous. A region lock
-(``RegionLock``) keeps the copy from overwriting newer data on the secondary with older data: without it, the
-copy could read block N, a client write block N on both sides, and the copy then write its old block N.
+Reads come from the primary; a write goes to the primary, then to the secondary, and is acknowledged after both; a
+background copy walks the primary from start to end, reporting each percent and then "complete"; from then on the
+mirror is synchronous. A region lock (``RegionLocks``, each range held exclusive) keeps the copy from overwriting
+newer data on the secondary with older data: without it, the copy could read block N, a client write block N on both
+sides, and the copy then write its old block N.
 
-Beyond the seed:
+And:
 
 - The copy is sparse-aware: the primary's holes (``base:allocation``) become write-zeroes on the secondary
   (which may punch holes), never data, and are skipped altogether on a secondary known to read as zero. Block
@@ -18,13 +18,13 @@ Beyond the seed:
 - Trims and zeroes are mirrored as trims and zeroes; FUA and flush reach both sides (FUA as a write then a
   flush on a side that has flush but not FUA).
 - A failure of the secondary (or of reading the primary) during the copy stops the copy; it is reported
-  through the callback and ``status()`` ("failed: reason"), and every later write fails with EIO rather than
-  let the two sides silently diverge. Reads keep working: the primary is intact.
+  through the callback ("failed: reason") and ``status()`` (MirrorState.FAILED and the reason), and every
+  later write fails with EIO rather than let the two sides silently diverge. Reads keep working: the primary is intact.
 - A secondary that stalls fails the same way once its own time limit runs out (``NbdDevice``'s ``timeout``:
   ``nbdproto mirror --remote-timeout``): a write waits at most that long for it, a flush (at a client's
   disconnect, at ``close()``) too, and reads never wait for it. Once failed, the mirror asks nothing more of
   the secondary, so nothing waits on it again.
-- ``status()``: the state ("copying", "synchronised", "failed: reason"), bytes copied and the rate.
+- ``status()``: the state (``MirrorState``), why it failed if it did, bytes copied and the rate.
 
 The secondary may be any device, a remote NBD export (``NbdDevice``) included. The mirror owns both devices:
 ``close()`` stops the copy and closes them.
@@ -37,47 +37,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
-from nbdproto.wire import BASE_ALLOCATION
+from nbdproto.wire import BASE_ALLOCATION, STATUS_SPAN
 
 from ._mirrorsides import runs_of, trim_side, write_side, zero_side
-from ._regionlock import RegionLock
+from ._mirrorstatus import MirrorState, MirrorStatus, Progress
+from ._regions import RegionLocks
 
-__all__ = ["MirrorDevice", "MirrorStatus", "Progress"]
+__all__ = ["MirrorDevice", "MirrorState", "MirrorStatus", "Progress"]
 
 log = logging.getLogger("nbdproto.devices.mirror")
 
-Progress = Callable[[int | str], None]
-"""The progress callback: the percentage copied (an int, 0 to 100) whenever it changes, then the string
-"complete" once the secondary is a durable copy; or "failed: reason" if the copy stopped. Called from the
-copy's threads (or a client's, for a failure its write found): it should return quickly."""
-
-STATUS_SPAN = (1 << 32) - (1 << 16)
-"""How much of the primary one block-status question covers (see the module docstring for why it is large)."""
 ZERO_SPAN = 1 << 30
 """The largest hole handed to the secondary as one write-zeroes."""
 _MARK_BLOCKS = 1 << 20
 """At most this many blocks in the map of what clients changed during the copy (1 MiB of memory)."""
-
-
-@dataclass(frozen=True)
-class MirrorStatus:
-    """How the mirror stands: ``state`` is "copying", "synchronised" or "failed: reason"; ``copied`` of
-    ``total`` bytes have reached the secondary (``data`` of them as data, the rest as zeroes); ``rate`` is
-    bytes copied per second since the copy began (until it ended)."""
-
-    state: str
-    copied: int
-    data: int
-    total: int
-    elapsed: float
-    rate: float
-
-    @property
-    def percent(self) -> int:
-        return self.copied * 100 // self.total if self.total else 100
 
 
 def _combined_block_sizes(p: DeviceCapabilities, s: DeviceCapabilities) -> tuple[int, int, int]:
@@ -155,10 +130,11 @@ class MirrorDevice:
         # Never "inline": a write may wait for the range the copy holds. A thread per request where a side waits
         # on a network (its batches would otherwise go one request at a time through this mirror).
         self.dispatch: Dispatch = "threads" if "threads" in modes or remote else "batch"
-        self.regions = RegionLock()
+        self.regions = RegionLocks()
         self._mutex = threading.Lock()  # the state, the counts and the change map
         self._report_lock = threading.Lock()  # keeps reports in order
-        self._state = "copying"
+        self._state = MirrorState.COPYING
+        self._failure: str | None = None  # why it failed, once it has
         self._finished = threading.Event()
         self._stop = threading.Event()
         self._copied = self._data = 0
@@ -198,7 +174,7 @@ class MirrorDevice:
             end = self._ended_at or time.monotonic()
             elapsed = end - self._started_at if self._started_at else 0.0
             rate = self._copied / elapsed if elapsed > 0 else 0.0
-            return MirrorStatus(self._state, self._copied, self._data, self._size, elapsed, rate)
+            return MirrorStatus(self._state, self._copied, self._data, self._size, elapsed, rate, self._failure)
 
     def wait(self, timeout: float | None = None) -> MirrorStatus:
         """Wait until the copy is complete or has failed (or ``timeout`` seconds), and say how it stands."""
@@ -248,7 +224,7 @@ class MirrorDevice:
     def flush(self) -> None:
         if self._p.can_flush:
             self.primary.flush()
-        if self._s.can_flush and not self._state.startswith("failed"):
+        if self._s.can_flush and self._state is not MirrorState.FAILED:
             self._on_secondary(self.secondary.flush)
 
     def cache(self, offset: int, length: int) -> None:
@@ -270,9 +246,9 @@ class MirrorDevice:
         self.primary.close()
         self.secondary.close()
 
-    def _acquire(self, offset: int, length: int) -> tuple[int, int]:
+    def _acquire(self, offset: int, length: int) -> tuple[int, int, bool]:
         self._refuse_if_failed()
-        token = self.regions.acquire(offset, length)
+        token = self.regions.acquire(offset, offset + length)
         try:
             self._refuse_if_failed()  # it may have failed while this request waited
         except OSError:
@@ -281,9 +257,11 @@ class MirrorDevice:
         return token
 
     def _refuse_if_failed(self) -> None:
-        state = self._state
-        if state.startswith("failed"):
-            raise OSError(errno.EIO, f"the mirror {state}: writes are refused so that the two sides cannot diverge")
+        if self._state is MirrorState.FAILED:
+            raise OSError(
+                errno.EIO,
+                f"the mirror failed: {self._failure}: writes are refused so that the two sides cannot diverge",
+            )
 
     def _on_secondary(self, call: Callable[[], None]) -> None:
         """Carry a client's change out on the secondary; if it fails, the mirror has failed."""
@@ -378,7 +356,7 @@ class MirrorDevice:
 
     def _copy_piece(self, offset: int, length: int, runs: list[tuple[int, int, bool]], buffer: memoryview) -> None:
         self._point("lock", offset, length)
-        token = self.regions.acquire(offset, length)
+        token = self.regions.acquire(offset, offset + length)
         try:
             first, last = offset // self._mark_block, (offset + length - 1) // self._mark_block
             with self._mutex:
@@ -430,8 +408,8 @@ class MirrorDevice:
     def _stop_if_failed(self) -> None:
         """A piece that was under way when the mirror failed asks nothing more of the secondary (which may be
         the stalled remote that failed it, and would hold this piece's range for another timeout)."""
-        if self._state.startswith("failed"):
-            raise _CopyFailed(self._state[len("failed: ") :])
+        if self._state is MirrorState.FAILED:
+            raise _CopyFailed(self._failure or "")
 
     def _copied_piece(self, length: int, data: int) -> None:
         with self._mutex:
@@ -446,7 +424,7 @@ class MirrorDevice:
     def _finish(self) -> None:
         """The last copy thread is done: if the whole primary was copied, make it durable and say so."""
         with self._mutex:
-            complete = self._copied >= self._size and self._state == "copying"
+            complete = self._copied >= self._size and self._state is MirrorState.COPYING
         if not complete:
             self._ended_at = self._ended_at or time.monotonic()
             self._finished.set()
@@ -458,9 +436,9 @@ class MirrorDevice:
                 self._fail(f"flushing the secondary failed: {_describe(exc)}")
                 return
         with self._mutex:
-            if self._state != "copying":
+            if self._state is not MirrorState.COPYING:
                 return
-            self._state = "synchronised"
+            self._state = MirrorState.SYNCHRONISED
             self._tracking = False
             self._ended_at = time.monotonic()
         self._report(100)
@@ -469,12 +447,12 @@ class MirrorDevice:
 
     def _fail(self, reason: str) -> None:
         with self._mutex:
-            if self._state.startswith("failed"):
+            if self._state is MirrorState.FAILED:
                 return
-            self._state = f"failed: {reason}"
+            self._state, self._failure = MirrorState.FAILED, reason
             self._ended_at = self._ended_at or time.monotonic()
         self._stop.set()
-        self._report(self._state)
+        self._report(f"failed: {reason}")
         self._finished.set()
 
     def _report(self, value: int | str) -> None:

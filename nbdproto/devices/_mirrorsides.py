@@ -8,10 +8,11 @@ import errno
 from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities
 from nbdproto.wire import BASE_ALLOCATION, AllocationState
 
+from ._emulation import flush_for_fua, native_fua, zero_by_writing
+
 __all__ = ["runs_of", "write_side", "trim_side", "zero_side"]
 
-_ZERO_BUFFER = memoryview(bytes(1 << 20))
-_HOLE = int(AllocationState.ZERO)
+_READS_AS_ZERO = int(AllocationState.ZERO)
 
 
 def runs_of(device: BlockDevice, offset: int, length: int, *, stop_short: bool) -> list[tuple[int, int, bool]]:
@@ -28,7 +29,7 @@ def runs_of(device: BlockDevice, offset: int, length: int, *, stop_short: bool) 
             size = min(int(run_length), end - position)
             if size <= 0:
                 raise OSError(errno.EIO, f"block status answered an empty run at {position}")
-            zero = bool(int(flags) & _HOLE)
+            zero = bool(int(flags) & _READS_AS_ZERO)
             if out and out[-1][2] == zero:
                 last = out[-1]
                 out[-1] = (last[0], last[1] + size, zero)
@@ -43,23 +44,18 @@ def runs_of(device: BlockDevice, offset: int, length: int, *, stop_short: bool) 
 
 
 def write_side(device: BlockDevice, caps: DeviceCapabilities, data: Buffer, offset: int, fua: bool) -> None:
-    if fua and not caps.can_fua:
-        device.pwrite(data, offset)
-        if caps.can_flush:
-            device.flush()
-        return
-    device.pwrite(data, offset, fua)
+    device.pwrite(data, offset, native_fua(caps, fua))
+    flush_for_fua(caps, fua, device.flush)
 
 
 def trim_side(device: BlockDevice, caps: DeviceCapabilities, offset: int, length: int, fua: bool) -> None:
     if caps.can_trim:
-        device.trim(offset, length, fua and caps.can_fua)
-    elif caps.can_zero:
-        device.write_zeroes(offset, length, may_trim=True, fua=fua and caps.can_fua)
+        device.trim(offset, length, native_fua(caps, fua))
+    elif caps.can_zero:  # the sides must read alike: where one drops the data, the other zeroes it
+        device.write_zeroes(offset, length, may_trim=True, fua=native_fua(caps, fua))
     else:
         return  # a trim is advisory: a side that cannot drop the data keeps it
-    if fua and not caps.can_fua and caps.can_flush:
-        device.flush()
+    flush_for_fua(caps, fua, device.flush)
 
 
 def zero_side(
@@ -74,16 +70,13 @@ def zero_side(
     """Zero a range of one side. A fast zero that the primary managed is tried fast here too, then slowly:
     the two sides must agree even if this one is slower than it said."""
     if caps.can_zero:
-        native_fua = fua and caps.can_fua
+        native = native_fua(caps, fua)
         try:
-            device.write_zeroes(offset, length, may_trim=may_trim, fast=fast and caps.can_fast_zero, fua=native_fua)
+            device.write_zeroes(offset, length, may_trim=may_trim, fast=fast and caps.can_fast_zero, fua=native)
         except OSError as exc:
             if not fast or exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
-            device.write_zeroes(offset, length, may_trim=may_trim, fua=native_fua)
+            device.write_zeroes(offset, length, may_trim=may_trim, fua=native)
     else:
-        step = min(len(_ZERO_BUFFER), caps.maximum_payload)
-        for at in range(offset, offset + length, step):
-            device.pwrite(_ZERO_BUFFER[: min(step, offset + length - at)], at)
-    if fua and not caps.can_fua and caps.can_flush:
-        device.flush()
+        zero_by_writing(device.pwrite, offset, length, caps.maximum_payload)
+    flush_for_fua(caps, fua, device.flush)

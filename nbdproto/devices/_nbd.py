@@ -7,13 +7,12 @@ capabilities are the remote export's: its transmission flags and block sizes. Wh
 emulated where the meaning allows (FUA as a write then a flush, write-zeroes as writes of zeroes) and is
 otherwise a no-op (trim and cache are hints).
 
-Requests travel over ``Wire`` connections (see _nbdwire for why not ``nbdproto_threads.Client``): several
+Requests travel over ``Wire`` connections (see _nbdwire for why not a client of a backend): several
 when the remote promises multi-conn (NBD_FLAG_CAN_MULTI_CONN), in turn. Calls block until the remote answers.
 ``call_batch`` sends every request a server read in one go together and waits for all their replies: a
 server's "batch" dispatch (``nbdproto.serving.carry_out_all``) hands it whole batches, so a proxy costs one thread
-hop and a few system calls per batch instead of per request (measured with bench/bench_proxy.sh, 4 KiB random
-reads at queue depth 16: 10-13k IOPS, level with nbdkit's nbd plugin, at a quarter of the CPU per request of a
-worker thread per request over ``nbdproto_threads.Client``, which managed 2.2-3.8k).
+hop and a few system calls per batch instead of per request (bench/bench_proxy.sh compares the proxy with
+nbdkit's nbd plugin; a worker thread per request over a blocking client cost several times the CPU).
 
 A remote that goes away fails the requests it had (EIO). The next request on that connection reconnects,
 trying ``retries`` times with a doubling delay between tries (like nbdkit's retry filter), and fails with EIO if
@@ -52,6 +51,7 @@ from nbdproto.sockets import connect_socket, negotiate_client, open_together
 from nbdproto.tls import connection_context
 from nbdproto.wire import CommandFlags, NBDError, TransmissionFlags
 
+from ._emulation import flush_for_fua, native_fua, zero_by_writing
 from ._nbdhandshake import DiscoveringNegotiation, capabilities_of
 from ._nbdwire import Wire, WireBroken, WireTimedOut
 from ._ranges import check_range
@@ -62,7 +62,6 @@ log = logging.getLogger("nbdproto.devices.nbd")
 
 TF = TransmissionFlags
 _F = CommandFlags
-_ZEROES = memoryview(bytes(1 << 20))
 _COMPACT_LIMIT = (1 << 32) - 1
 """The longest block status request without extended headers (a 32-bit length)."""
 Make = Callable[[int], Event]
@@ -379,10 +378,9 @@ class NbdDevice:
         size = memoryview(data).nbytes
         if offset < 0 or offset + size > self.export.size or not self._capabilities.can_write:
             self._check(offset, size, writing=True)
-        native = fua and self._capabilities.can_fua
+        native = native_fua(self._capabilities, fua)
         self._one(lambda c: nbdproto.engine.WriteRequest(c, offset, data, _F.FUA if native else _F(0)))
-        if fua and not native:
-            self.flush()
+        flush_for_fua(self._capabilities, fua, self.flush)
 
     def flush(self) -> None:
         if self._capabilities.can_flush:
@@ -392,10 +390,9 @@ class NbdDevice:
         self._check(offset, length, writing=True)
         if not self._capabilities.can_trim:
             return  # advisory: the remote keeps the data
-        native = fua and self._capabilities.can_fua
+        native = native_fua(self._capabilities, fua)
         self._one(lambda c: nbdproto.engine.TrimRequest(c, offset, length, _F.FUA if native else _F(0)))
-        if fua and not native:
-            self.flush()
+        flush_for_fua(self._capabilities, fua, self.flush)
 
     def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
@@ -405,17 +402,14 @@ class NbdDevice:
         if fast and not (caps.can_zero and caps.can_fast_zero):
             raise OSError(errno.ENOTSUP, f"{self.uri} cannot zero quickly")
         if not caps.can_zero:
-            step = min(len(_ZEROES), caps.maximum_payload)
-            for at in range(offset, offset + length, step):
-                self.pwrite(_ZEROES[: min(step, offset + length - at)], at)
+            zero_by_writing(self.pwrite, offset, length, caps.maximum_payload)
             if fua:
                 self.flush()
             return
-        native = fua and caps.can_fua
+        native = native_fua(caps, fua)
         flags = (_F(0) if may_trim else _F.NO_HOLE) | (_F.FAST_ZERO if fast else _F(0)) | (_F.FUA if native else _F(0))
         self._one(lambda c: nbdproto.engine.WriteZeroesRequest(c, offset, length, flags))
-        if fua and not native:
-            self.flush()
+        flush_for_fua(caps, fua, self.flush)
 
     def cache(self, offset: int, length: int) -> None:
         self._check(offset, length)

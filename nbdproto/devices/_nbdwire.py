@@ -1,8 +1,8 @@
 """One connection to a remote NBD server, driven straight through its engine for NbdDevice.
 
-Why not ``nbdproto_threads.Client``: a proxy pays the client's cost on every request, and that client hands
-each reply from a reader thread to the waiting thread (measured here: about 6 futex calls and an
-mmap/mremap/munmap of its 1 MiB receive buffer per request, 120-170 us of CPU per 4 KiB read). This wire has
+Why not the blocking client of a backend (``nbdproto_threads.Client``, which the devices must not import
+anyway): a proxy pays the client's cost on every request, and that client hands each reply from a reader
+thread to the waiting thread (futex calls, and a receive buffer per request). This wire has
 no thread of its own. Callers send whole batches of requests at once (one ``sendmsg``), and whichever caller is
 waiting reads the replies for everyone ("leader/follower"): a lone caller never hands anything to another
 thread, and several callers share one connection with their requests in flight together.
@@ -192,7 +192,7 @@ class Wire:
                             engine.receive_data(got)  # type: ignore[arg-type]
                         else:
                             engine.received_into(got)  # type: ignore[arg-type]
-                        self._dispatch()
+                        self._route_replies()
                 except (nbdproto.wire.ProtocolError, WireBroken) as exc:
                     self._fail(exc)
                 self._changed.notify_all()  # replies for others, or the reader's role free to take
@@ -234,7 +234,8 @@ class Wire:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(errno.ETIMEDOUT, "the request took too long to send")
 
-    def _dispatch(self) -> None:
+    def _route_replies(self) -> None:
+        """Hand every reply the engine has to the batch waiting for it."""
         engine, waiting = self.engine, self._waiting
         while True:
             event = engine.next_event()

@@ -1,10 +1,15 @@
-"""The range and permission checks every device makes, stated once."""
+"""The range and permission checks every device makes, and how every device reports a hole, stated once."""
 
 from __future__ import annotations
 
 import errno
 
-__all__ = ["check_range"]
+from nbdproto.wire import AllocationState
+
+__all__ = ["check_range", "HOLE"]
+
+HOLE = int(AllocationState.HOLE | AllocationState.ZERO)
+"""base:allocation's flags for a hole: not allocated, and reads as zero (how every device here reports one)."""
 
 
 def check_range(size: int, offset: int, length: int, *, writing: bool = False, can_write: bool = True) -> None:

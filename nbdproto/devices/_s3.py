@@ -43,9 +43,9 @@ from contextlib import ExitStack
 from typing import Any
 
 from nbdproto.serving import Buffer, DeviceCapabilities, Dispatch
-from nbdproto.wire import BASE_ALLOCATION, AllocationState
+from nbdproto.wire import BASE_ALLOCATION
 
-from ._ranges import check_range
+from ._ranges import HOLE, check_range
 from ._s3cache import WriteBackCache
 from ._s3lease import Lease, lease_duration
 from ._s3store import ObjectStore, S3Settings, StoreError, object_key, parse_object_key
@@ -61,8 +61,8 @@ _MAX_PAYLOAD = 32 << 20
 _READ_PART = 8 << 20  # a single-object read this big is fetched as parallel ranged GETs of this size
 _DELETE_BATCH = 1000  # S3's DeleteObjects limit
 _LOCK_STRIPES = 4096
-_HOLE = int(AllocationState.HOLE | AllocationState.ZERO)
 _MAX_EXTENTS = 1024
+_KEPT_ERRNOS = (errno.EINVAL, errno.ENOSPC, errno.EROFS, errno.ENOTSUP)  # a request's own errors, passed on as they are
 
 
 class S3Device:
@@ -451,7 +451,7 @@ class S3Device:
             # The next object in the other state: a C-speed search of the allocation map.
             other = present.find(b"\x00" if data else b"\x01", index + 1)
             run_end = min(end, (other if other >= 0 else len(present)) * size)
-            out.append((run_end - pos, 0 if data else _HOLE))
+            out.append((run_end - pos, 0 if data else HOLE))
             pos = run_end
         return out
 
@@ -486,17 +486,7 @@ def _wrong_size(name: str, found: int, expected: int) -> StoreError:
 def _request_error(image: str, exc: BaseException) -> OSError:
     """The error a request fails with: range and permission errors as they are; store failures as EIO,
     logged once here (the servers do not log OSErrors)."""
-    if (
-        isinstance(exc, OSError)
-        and not isinstance(exc, StoreError)
-        and exc.errno
-        in (
-            errno.EINVAL,
-            errno.ENOSPC,
-            errno.EROFS,
-            errno.ENOTSUP,
-        )
-    ):
+    if isinstance(exc, OSError) and not isinstance(exc, StoreError) and exc.errno in _KEPT_ERRNOS:
         return exc
     message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
     log.warning("%s: %s", image, message)

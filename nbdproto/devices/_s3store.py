@@ -6,9 +6,9 @@ the next object, stored as ``KEY/%016x`` (``i`` in 16 lower-case hex digits). An
 reads as zeros; every object that exists has exactly OBJECT_SIZE bytes. A single object (no SIZE) is an image
 of its own size, read with ranged GETs.
 
-The calls go through obstore (the Rust ``object_store`` crate): measured against boto3 on SeaweedFS here, from
-16 threads at once, it moved 2-3x more data per second for both PUT and GET (bench/bench_s3_clients.py; the
-figures are in the README), and its blocking calls release the GIL, so the device's threads overlap. Its
+The calls go through obstore (the Rust ``object_store`` crate): against boto3 on the same store it moves more
+data per second for both PUT and GET (bench/bench_s3_clients.py), and its blocking calls release the GIL, so
+the device's threads overlap. Its
 requests have bounded timeouts and a bounded number of retries (``S3Settings``), so no call takes longer than
 ``S3Settings.call_limit``. Conditional PUTs (If-None-Match, If-Match on an ETag) are there for the image's
 lease (``_s3lease``), and every PUT or DELETE of the image's own objects first asks ``fence`` whether this

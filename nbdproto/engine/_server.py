@@ -13,9 +13,9 @@ The application's side of the negotiate-then-serve contract: ``exports`` is the 
 NBD_OPT_ABORT surfaces as ``ClientAborted``; exports are read-only unless the application's ``Export`` says
 otherwise; the TLS mode is the driver's choice (backends force TLS when they are given a certificate).
 
-The two halves live in ``_server_handshake`` and ``_server_transmission``, what they share in ``_server_base``
-and ``_connection``; when each message is allowed, in the transition tables of ``_state``. This module is the
-public face.
+The handshake lives in ``_server_handshake``, transmission in ``_server_requests`` and ``_server_replies``, what
+they share in ``_server_base`` and ``_connection``; when each message is allowed, in the transition tables of
+``_state``. This module is the public face.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from nbdproto.wire import LocalProtocolError, headers
 from . import _replies
 from ._events import Event
 from ._server_handshake import ServerHandshake
-from ._server_transmission import ServerTransmission
+from ._server_replies import ServerReplies
+from ._server_requests import ServerRequests
 from ._state import SENDS, Phase, Role
 from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHole, ReadRequest, SuccessReply
 
@@ -38,7 +39,7 @@ _simple_ok = functools.partial(headers.SIMPLE_REPLY.pack, headers.SIMPLE_REPLY.m
 _offset_data_header = _replies.offset_data_header
 
 
-class ServerConnection(ServerHandshake, ServerTransmission):
+class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
     """The server side of one NBD connection (fixed newstyle handshake, then transmission).
 
     ``exports``: the names (or ``ExportListing``s with descriptions) answered to NBD_OPT_LIST, or None to

@@ -1,9 +1,9 @@
 """The state one server connection keeps, shared by its handshake and transmission halves.
 
-``ServerConnection`` is assembled from ``ServerHandshake`` (option haggling, in ``_server_handshake``) and
-``ServerTransmission`` (requests and replies, in ``_server_transmission``); both build on ``ServerBase``, which
-adds to what both roles keep (``_connection``) every attribute either half reads, so each attribute is declared
-and initialised in one place.
+``ServerConnection`` is assembled from ``ServerHandshake`` (option haggling, in ``_server_handshake``),
+``ServerRequests`` (``_server_requests``) and ``ServerReplies`` (``_server_replies``); all build on ``ServerBase``,
+which adds to what both roles keep (``_connection``) every attribute either half reads, so each attribute is
+declared and initialised in one place.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class ServerBase(Connection):
 
     role = Role.SERVER
     _peer = "client"
+
+    _shrunk_from = 0
+    """The size before a successful NBD_CMD_RESIZE made the export smaller (RESIZE extension: requests between
+    the new and the old end fail with ENOSPC); 0 until then."""
 
     def __init__(
         self,

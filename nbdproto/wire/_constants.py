@@ -39,6 +39,7 @@ __all__ = [
     "MAX_OPTION_LENGTH",
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_BLOCK_SIZES",
+    "STATUS_SPAN",
 ]
 
 
@@ -257,3 +258,10 @@ DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 
 DEFAULT_BLOCK_SIZES = (1, 4096, DEFAULT_MAX_PAYLOAD)
 """(minimum, preferred, maximum payload) when the server advertises none."""
+
+STATUS_SPAN = (1 << 32) - (1 << 16)
+"""The longest range a compact (32-bit) request can name that is a whole number of blocks of any minimum block
+size (64 KiB at most): how much of a device one block-status question, or one WRITE_ZEROES, covers when a
+client walks a whole device. Few large questions matter more than many small ones: a file server answers each
+with SEEK_DATA / SEEK_HOLE, and on a fully allocated file SEEK_HOLE walks the page cache to the end of the file
+whatever length was asked. A server may answer for less; the next question starts where its answer ended."""
