@@ -63,7 +63,7 @@ _NO_FLAGS = CommandFlags(0)
 
 
 class ConnectOptions(TypedDict, total=False):
-    """The keyword arguments of every client's ``connect`` (besides the URI), as nbdproto.plan_connection
+    """The keyword arguments of every client's ``connect`` (besides the URI), as nbdproto.client.plan_connection
     takes them: where to connect without a URI (``host``, ``port``, ``socket_path``, ``export_name``), TLS
     (``tls``: the client ``ssl.SSLContext``; ``tls_psk``: (identity, key) to authenticate with a pre-shared key
     instead, Python 3.13+; ``require_tls``: refuse a server that does not upgrade, the default for nbds URIs and

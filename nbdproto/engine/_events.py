@@ -3,8 +3,8 @@
 An event is a small slotted record named after what the spec calls the message or outcome. A connection's
 ``next_event()`` returns the events its peer caused; ``send(event)`` takes the events our side causes. Which
 role may send or receive which event is the connection's business; the events themselves only carry data.
-The events of each phase live apart: ``_handshakeevents`` (the greeting, options and their outcomes) and
-``_transmissionevents`` (requests and replies); the plain data they carry (extents, file regions) in
+The events of each phase live apart: ``_handshake_events`` (the greeting, options and their outcomes) and
+``_transmission_events`` (requests and replies); the plain data they carry (extents, file regions) in
 ``_payloads``. ``nbdproto`` re-exports them all.
 """
 

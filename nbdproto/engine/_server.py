@@ -77,7 +77,7 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
     @property
     def arriving_write_size(self) -> int:
         """The size on the wire (header and payload) of the WRITE whose payload is arriving into
-        ``write_buffer()``, else 0: a driver sizes its receives by it (nbdproto.ReceiveSize), so that they end
+        ``write_buffer()``, else 0: a driver sizes its receives by it (nbdproto.serving.ReceiveSize), so that they end
         where requests end."""
         event = self._payload_event
         if self._into is None or event is None:

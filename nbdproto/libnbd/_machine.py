@@ -332,10 +332,11 @@ class Machine:
             raise Failure(exc.errno or 0, f"recv: {exc.strerror}") from None
         self.bytes_received += count
         self._eof = self._eof or not count
-        self._dispatch()
+        self._take_events()
         return True
 
-    def _dispatch(self) -> None:
+    def _take_events(self) -> None:
+        """Hand every event the engine has to whoever waits for it (a command, or the handshake)."""
         engine, commands = self.engine, self.commands
         assert engine is not None
         while True:

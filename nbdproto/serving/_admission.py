@@ -155,7 +155,7 @@ class ClientCount(Protocol):
     """The clients a server admitted, counted where several servers share them (processes on one listening
     socket, ``nbdproto serve --workers``). A ``ServerCore`` given one asks it, rather than its own counts, how
     many clients are open and were admitted when it applies its ``ConnectionPolicy``, and numbers its
-    connections from it (``nbdproto.current_connection``), so that numbers in logs are unique server-wide.
+    connections from it (``nbdproto.serving.current_connection``), so that numbers in logs are unique server-wide.
     Thread-safe."""
 
     def enter(self, refusal: Callable[[int, int], str | None]) -> str | None:

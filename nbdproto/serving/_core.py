@@ -71,7 +71,7 @@ Resolver = Callable[[str], "ExportSpec[Any] | None"]
 ClientResolver = Callable[[str, ClientInfo], "ExportSpec[Any] | None"]
 """A resolver that is also told who asks: the client's address, and once TLS is up its certificate subject or
 pre-shared key identity (nbdproto.ClientInfo). A server calls a resolver so when it cannot be called with the
-name alone (``def resolve(name, client)``; see nbdproto.takes_client)."""
+name alone (``def resolve(name, client)``; see nbdproto.serving.takes_client)."""
 
 
 class Exports:
@@ -170,7 +170,7 @@ class ServerCore:
     says otherwise). ``list_exports`` answers NBD_OPT_LIST with the mapping's names (and descriptions).
     ``limits``: time limits, the server-wide memory budget and the shutdown grace. ``policy``: which clients
     are served (nbdproto.ConnectionPolicy; by default all). ``clients``: where the policy's counts are kept
-    when several servers share them (nbdproto.ClientCount; by default this server's own). A backend sets
+    when several servers share them (nbdproto.serving.ClientCount; by default this server's own). A backend sets
     ``logger`` / ``clock`` / ``peer_errors`` on its subclass for the connection log, and gives
     ``stop_accepting``.
     """

@@ -5,7 +5,7 @@ synchronous, for every backend: the threads server calls it from connection thre
 worker threads, or right on the event loop for a device whose ``dispatch`` says it never blocks. Several
 calls may run at once (one per connection, more with worker threads), so every device must be thread-safe,
 and one that says ``can_multi_conn`` must show each connection what the others completed. Failures are
-``OSError`` with an errno; the servers turn them into NBD errors (``nbdproto.nbd_errno``).
+``OSError`` with an errno; the servers turn them into NBD errors (``nbdproto.serving.nbd_errno``).
 
 Optional extras, looked up with getattr so that a plain device needs none of them:
 
@@ -22,7 +22,7 @@ Optional extras, looked up with getattr so that a plain device needs none of the
   that a remote device can have a whole batch of requests in flight at once (``NbdDevice`` does).
 
 Implementations live in ``nbdproto.devices``; this module only states the contract, so that the I/O-free
-serving logic (``nbdproto.carry_out``) and both backends can name it without loading any device.
+serving logic (``nbdproto.serving.carry_out``) and both backends can name it without loading any device.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ class ServerLimits:
     - ``request_timeout``: once part of a request has arrived (a header, some of a write's payload), the rest
       must keep coming: this many seconds without a byte of it ends the connection.
     - ``idle_timeout``: a connection with nothing in flight that sends nothing for this long is closed.
-    - ``memory_limit``: the request and reply data all connections together may hold (nbdproto.MemoryBudget).
+    - ``memory_limit``: the request and reply data all connections together may hold (nbdproto.serving.MemoryBudget).
     - ``max_requests``: requests one connection may have carried out at once where they run concurrently.
     - ``shutdown_grace``: on shutdown, how long in-flight requests may take to finish (requests arriving
       meanwhile get ESHUTDOWN) before every connection is closed; a client that does not read is not waited for

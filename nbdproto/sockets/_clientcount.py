@@ -34,7 +34,7 @@ _WORD = 8
 
 class SharedClientCount:
     """Counts for ``sharers`` processes (see the module docstring): make it before forking them, then give
-    each its ``sharer(index)`` (a ``nbdproto.ClientCount``) as its server's ``clients``."""
+    each its ``sharer(index)`` (a ``nbdproto.serving.ClientCount``) as its server's ``clients``."""
 
     def __init__(self, sharers: int) -> None:
         if sharers < 1:
@@ -86,7 +86,7 @@ class SharedClientCount:
 
 
 class _Sharer:
-    """One process's view of a SharedClientCount (nbdproto.ClientCount)."""
+    """One process's view of a SharedClientCount (nbdproto.serving.ClientCount)."""
 
     def __init__(self, counts: SharedClientCount, index: int) -> None:
         self._counts = counts

@@ -3,7 +3,7 @@
 Each definition is named after the spec's own name for the message and laid out field by field as the spec
 draws it (all integers big-endian). Variable-length handshake messages are parsed and built with these
 definitions directly; the fixed-size headers of the transmission phase are too hot for construct, so
-``nbdproto._headers`` derives ``struct.Struct`` codecs from the definitions here rather than restating them.
+``nbdproto.wire.headers`` derives ``struct.Struct`` codecs from the definitions here rather than restating them.
 
 ``decode`` and ``encode`` are the only entry points the rest of nbdproto uses: they turn every construct,
 Unicode and overflow failure into ``RemoteProtocolError`` (bytes from the peer) or ``LocalProtocolError``
