@@ -51,6 +51,10 @@ _SIMPLE, _STRUCTURED, _EXTENDED = (
     headers.EXTENDED_REPLY.magic,
 )
 _MAGIC = struct.Struct(">I").unpack
+_SIMPLE_HEADER = headers.SIMPLE_REPLY.unpack_from
+_STRUCTURED_DATA = struct.Struct(
+    headers.STRUCTURED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:]
+).unpack_from  # a structured chunk's header and an OFFSET_DATA payload's offset, in one unpack
 
 
 class ClientReplies(ClientRequesting):
@@ -106,6 +110,8 @@ class ClientReplies(ClientRequesting):
                     self._move(Trigger.PEER_CLOSED)
                     return ConnectionClosed()
                 return NEED_DATA
+            if not self.extended_headers and self._queue_read_replies():
+                return self._events.popleft()
             (magic,) = _MAGIC(buf.peek(4))
             if magic == _STRUCTURED:
                 event = self._chunk(False)
@@ -119,6 +125,56 @@ class ClientReplies(ClientRequesting):
                 return self._need_more()
             if event is not None:
                 return event
+
+    def _queue_read_replies(self) -> bool:
+        """Queue a ReadReply for every whole reply to a READ, in one piece, that lies in the received chunk at
+        the read position (a simple reply and its data; or, with structured replies, one OFFSET_DATA chunk
+        with DONE that covers the whole read, which every check of the full path lets through): one loop over
+        them instead of an engine call each. The first reply that is anything else stops it, for the full
+        path. True when it queued any."""
+        buf = self._buf
+        head, start = buf.chunk()
+        pos, end = start, len(head)
+        pending_of, events = self._pending, self._events
+        structured = self.structured_replies
+        while True:
+            if structured:
+                if pos + 28 > end:
+                    break
+                magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
+                if magic != _STRUCTURED or flags != _DONE or chunk_type != _OFFSET_DATA:
+                    break
+                pending = pending_of.get(cookie)
+                if (
+                    pending is None
+                    or pending.command is not Command.READ
+                    or pending.started
+                    or size - 8 != pending.length
+                    or offset != pending.offset
+                ):
+                    break
+                data_at = pos + 28
+            else:
+                if pos + 16 > end:
+                    break
+                magic, error, cookie = _SIMPLE_HEADER(head, pos)
+                pending = pending_of.get(cookie)
+                if magic != _SIMPLE or error or pending is None or pending.command is not Command.READ:
+                    break
+                data_at = pos + 16
+            length = pending.length
+            if data_at + length > end:
+                break
+            buffer = pending.buffer
+            assert buffer is not None
+            buffer[:] = memoryview(head)[data_at : data_at + length]
+            del pending_of[cookie]
+            events.append(ReadReply(cookie, buffer))
+            pos = data_at + length
+        if pos == start:
+            return False
+        buf.skip(pos - start)
+        return True
 
     def _need_more(self) -> type[NEED_DATA]:
         if self._eof:

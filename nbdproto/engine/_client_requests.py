@@ -6,6 +6,7 @@ and a refused request leaves the connection as it was.
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 from nbdproto.wire import Command, LocalProtocolError, TransmissionFlags, headers, layout
@@ -91,12 +92,32 @@ class ClientRequesting(Connection):
         # one that did not is free to send unaligned requests, which the server must then fail cleanly.
         self.export = export
         self._alignment = export.minimum_block_size if bound else 1
+        codec = headers.EXTENDED_REQUEST if self.extended_headers else headers.REQUEST
+        self._read_header = functools.partial(codec.pack, codec.magic, 0, int(Command.READ))
+        """(cookie, offset, length) -> a READ's request header with no flags (the fast path below)."""
 
     # --- Requests ------------------------------------------------------------------------------------------
 
     def _send_request(self, event: Event) -> None:
         export = self.export
         assert export is not None
+        # The common request first: a READ without flags, that every check below lets through as it is.
+        if type(event) is ReadRequest and not event.flags and not (self._disconnected or self.server_shutting_down):
+            cookie, offset, length, buffer = event.cookie, event.offset, event.length, event.buffer
+            if (
+                0 < length <= export.maximum_payload
+                and offset >= 0
+                and offset + length <= export.size
+                and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
+                and cookie not in self._pending
+                and buffer is None
+                and (length <= 0xFFFFFFFF or self.extended_headers)
+            ):
+                pending = Pending(event, Command.READ, offset, length)
+                pending.buffer = memoryview(bytearray(length))
+                self._pending[cookie] = pending
+                self._out.append(self._read_header(cookie, offset, length))
+                return
         if self._disconnected:
             raise LocalProtocolError("no request may follow NBD_CMD_DISC")
         kind = type(event)
