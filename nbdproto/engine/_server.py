@@ -35,6 +35,7 @@ from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHo
 __all__ = ["ServerConnection"]
 
 _SENDABLE = SENDS[Role.SERVER]
+_TRANSMISSION = Phase.TRANSMISSION
 _simple_ok = functools.partial(headers.SIMPLE_REPLY.pack, headers.SIMPLE_REPLY.magic, 0)  # (cookie): a success
 _offset_data_header = _replies.offset_data_header
 
@@ -113,9 +114,10 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
         kind = type(event)
         try:
             # The common reply first: one chunk of data, in transmission (SENDS allows it there).
-            if kind is ReadData and self._phase is Phase.TRANSMISSION:
+            if kind is ReadData and self._phase is _TRANSMISSION:
                 cookie, data = event.cookie, event.data  # type: ignore[attr-defined]
-                request = self._in_flight.get(cookie)
+                in_flight = self._in_flight
+                request = in_flight.pop(cookie, None)
                 if (
                     type(request) is ReadRequest
                     and event.offset == request.offset  # type: ignore[attr-defined]
@@ -129,9 +131,12 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
                         )
                     else:
                         header = _simple_ok(cookie)
-                    self._out += (header, data)
-                    del self._in_flight[cookie]
+                    out = self._out
+                    out.append(header)
+                    out.append(data)
                     return
+                if request is not None:
+                    in_flight[cookie] = request  # not that: the full path below
                 self._read_chunk(cookie, event.offset, len(data), data, event.done)  # type: ignore[attr-defined]
                 return
             phase = self._phase

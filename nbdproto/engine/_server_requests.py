@@ -155,12 +155,14 @@ class ServerRequests(ServerBase):
         buf = self._buf
         head, start = buf.chunk()
         codec = self._request_codec
-        size, unpack, magic_ok = codec.size, codec.unpack_from, codec.magic
-        in_flight, events = self._in_flight, self._events
+        size = codec.size
+        whole = (len(head) - start) // size
+        magic_ok, in_flight, append = codec.magic, self._in_flight, self._events.append
         limit, export_size, block = self._max_payload, self._size, self._min_block
-        pos, last = start, len(head) - size
-        while pos <= last:
-            magic, flags, command, cookie, offset, length = unpack(head, pos)
+        taken = 0
+        for magic, flags, command, cookie, offset, length in codec.struct.iter_unpack(
+            memoryview(head)[start : start + whole * size]
+        ):
             if (
                 magic != magic_ok
                 or command != _READ
@@ -171,12 +173,11 @@ class ServerRequests(ServerBase):
                 or cookie in in_flight
             ):
                 break
-            event = ReadRequest(cookie, offset, length, _NO_FLAGS)
-            in_flight[cookie] = event
-            events.append(event)
-            pos += size
-        if pos != start:
-            buf.skip(pos - start)
+            in_flight[cookie] = event = ReadRequest(cookie, offset, length, _NO_FLAGS)
+            append(event)
+            taken += 1
+        if taken:
+            buf.skip(taken * size)
 
     def _arriving_write(self, flags: int, cookie: int, offset: int, payload: int) -> Event | type[NEED_DATA]:
         """A checked WRITE (its header taken) whose payload has not all arrived: received in place when none of
