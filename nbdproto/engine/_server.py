@@ -30,7 +30,15 @@ from ._server_handshake import ServerHandshake
 from ._server_replies import ServerReplies
 from ._server_requests import ServerRequests
 from ._state import SENDS, Phase, Role
-from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHole, ReadRequest, SuccessReply
+from ._transmission_events import (
+    BlockStatusReply,
+    ErrorReply,
+    ReadData,
+    ReadHole,
+    ReadRequest,
+    SuccessReply,
+    WriteRequest,
+)
 
 __all__ = ["ServerConnection"]
 
@@ -139,6 +147,16 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
                     in_flight[cookie] = request  # not that: the full path below
                 self._read_chunk(cookie, event.offset, len(data), data, event.done)  # type: ignore[attr-defined]
                 return
+            if kind is SuccessReply and self._phase is _TRANSMISSION and not self.extended_headers:
+                # The next most common: a write done (what _success does for it, without the call).
+                cookie = event.cookie  # type: ignore[attr-defined]
+                in_flight = self._in_flight
+                request = in_flight.pop(cookie, None)
+                if type(request) is WriteRequest and (self._write_rest is None or self._write_rest[0] != cookie):
+                    self._out.append(_simple_ok(cookie))
+                    return
+                if request is not None:
+                    in_flight[cookie] = request  # not that: the full path below
             phase = self._phase
             if phase is Phase.ERROR:
                 raise LocalProtocolError("the connection already failed")

@@ -93,7 +93,7 @@ class ServerRequests(ServerBase):
                 event: Request = ReadRequest(cookie, offset, length, _NO_FLAGS)
                 in_flight[cookie] = event
                 if len(buf) >= header_size:
-                    self._queue_reads()
+                    self._queue_requests()
                 return event
             # The next most common: a valid WRITE (FUA allowed where advertised), its payload all here or not.
             if (
@@ -110,6 +110,8 @@ class ServerRequests(ServerBase):
                     return self._arriving_write(flags, cookie, offset, length)
                 event = WriteRequest(cookie, offset, buf.take(length), _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
                 in_flight[cookie] = event
+                if len(buf) >= header_size:
+                    self._queue_requests()
                 return event
             if self.extended_headers:
                 payload = length if flags & _PAYLOAD_LEN else 0
@@ -148,21 +150,55 @@ class ServerRequests(ServerBase):
                 continue
             return self._request_event(command, flags & ~_PAYLOAD_LEN, cookie, offset, length, data, context_ids)
 
-    def _queue_reads(self) -> None:
-        """Queue every valid READ right behind the one just taken, in the same received chunk, as the fast path
-        above checks it: one loop over the headers instead of an engine call each (a pipelining client sends
-        dozens back to back). The first header that is anything else stops it, for the full path."""
+    def _queue_requests(self) -> None:
+        """Queue every valid READ, and every valid WRITE whose payload is all here, that lies right behind the
+        request just taken in the same received chunk, as the fast paths above check them: one loop over the
+        headers instead of an engine call each (a pipelining client sends dozens back to back). The first
+        request that is anything else stops it, for the full path."""
         buf = self._buf
         head, start = buf.chunk()
         codec = self._request_codec
-        size = codec.size
-        whole = (len(head) - start) // size
+        size, unpack, magic_ok = codec.size, codec.unpack_from, codec.magic
+        in_flight, append = self._in_flight, self._events.append
+        limit, export_size, block = self._max_payload, self._size, self._min_block
+        write_flags, extended = self._plain_write_flags, self.extended_headers
+        pos, end = start, len(head)
+        while pos + size <= end:
+            magic, flags, command, cookie, offset, length = unpack(head, pos)
+            if (
+                magic != magic_ok
+                or not 0 < length <= limit
+                or offset + length > export_size
+                or (offset | length) % block
+                or cookie in in_flight
+            ):
+                break
+            if command == _READ and not flags:
+                pos += size * self._queue_reads(memoryview(head)[pos : pos + (end - pos) // size * size])
+                continue
+            if (
+                command == _WRITE
+                and (flags & ~_PAYLOAD_LEN) in write_flags
+                and bool(flags & _PAYLOAD_LEN) == extended
+                and pos + size + length <= end
+            ):
+                data = memoryview(head)[pos + size : pos + size + length]
+                in_flight[cookie] = event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
+                append(event)
+                pos += size + length
+            else:
+                break
+        if pos != start:
+            buf.skip(pos - start)
+
+    def _queue_reads(self, headers: memoryview) -> int:
+        """Queue the valid READs at the start of ``headers`` (whole request headers), as the fast path checks
+        them, with one iter_unpack over them; how many it queued (at least one, when the first is one)."""
+        codec = self._request_codec
         magic_ok, in_flight, append = codec.magic, self._in_flight, self._events.append
         limit, export_size, block = self._max_payload, self._size, self._min_block
         taken = 0
-        for magic, flags, command, cookie, offset, length in codec.struct.iter_unpack(
-            memoryview(head)[start : start + whole * size]
-        ):
+        for magic, flags, command, cookie, offset, length in codec.struct.iter_unpack(headers):
             if (
                 magic != magic_ok
                 or command != _READ
@@ -176,8 +212,7 @@ class ServerRequests(ServerBase):
             in_flight[cookie] = event = ReadRequest(cookie, offset, length, _NO_FLAGS)
             append(event)
             taken += 1
-        if taken:
-            buf.skip(taken * size)
+        return taken
 
     def _arriving_write(self, flags: int, cookie: int, offset: int, payload: int) -> Event | type[NEED_DATA]:
         """A checked WRITE (its header taken) whose payload has not all arrived: received in place when none of

@@ -237,27 +237,37 @@ class SessionTransmission:
         if hasattr(device, "call_batch"):
             yield from self._carry_out_batched(batch)
             return
+        shutting_down = self.shutting_down
+        queued = self._queued  # written back before every step (the driver's sent() resets it)
         for request in batch:
-            streamed = streamed_part(request)
-            if self.shutting_down and not streamed and not _written_already(request):
-                self.refuse_shutting_down(request)  # type: ignore[arg-type]
-                continue
-            if type(request) is ReadRequest:
+            if type(request) is ReadRequest:  # the commonest, first (a read is never part of a streamed write)
+                if shutting_down:
+                    self.refuse_shutting_down(request)
+                    continue
                 length = request.length
                 if read_view is None and share is not None:
                     if not share.try_take(length):
+                        self._queued = queued
                         yield WaitForBudget(length)
+                        queued = self._queued
                     self._queued_cost += length
                 engine.send(carry_out(device, request, contexts, on_error, read_view))
-                self._queued += length
-                if self._queued >= FLUSH_AT:
+                queued += length
+                if queued >= FLUSH_AT:
+                    self._queued = queued
                     yield SEND
+                    queued = self._queued
+                continue
+            streamed = streamed_part(request)
+            if shutting_down and not streamed and not _written_already(request):
+                self.refuse_shutting_down(request)  # type: ignore[arg-type]
             elif streamed:
                 reply = self.carry_out_part(request)  # type: ignore[arg-type]
                 if reply is not None:
                     engine.send(reply)
             else:
                 engine.send(carry_out(device, request, contexts, on_error, read_view))  # type: ignore[arg-type]
+        self._queued = queued
 
     def _carry_out_batched(self, batch: Iterable[Work]) -> Iterator[Step]:
         """carry_out_inline for a device that takes many calls at once (``call_batch``: a remote device keeps
