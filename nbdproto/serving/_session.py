@@ -69,7 +69,9 @@ class ServerSessionLogic(SessionTransmission):
         self.settings = settings
         self.client = client if client is not None else ClientInfo()
         self._lookup = None if settings.lookup is None else self._resolve
-        self._limits = settings.limits
+        self._limits = limits = settings.limits
+        self._request_wait = limits.seconds(limits.request_timeout)
+        self._idle_wait = limits.seconds(limits.idle_timeout)
         self.share = share
         """This connection's draw on the server's MemoryBudget (None: unlimited). In the threads server
         several threads share the budget: theirs is wrapped so that every call holds the budget's lock."""

@@ -9,7 +9,7 @@ each: ``received`` (bytes), ``received_into_payload`` (a count, into ``engine.wr
 from __future__ import annotations
 
 import errno
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator
 
 from nbdproto.engine import (
     NEED_DATA,
@@ -73,6 +73,8 @@ class SessionTransmission:
     _streamed_flags: dict[int, CommandFlags]
     _receive_size: ReceiveSize
     _header_room: memoryview
+    _request_wait: float | None  # the limits as waits (ServerLimits.seconds), worked out once
+    _idle_wait: float | None
 
     @property
     def device(self) -> BlockDevice:
@@ -155,14 +157,14 @@ class SessionTransmission:
         """How long the driver may wait for the client's next bytes (None: as long as it takes): the request
         limit while a request is part-way in, the idle limit while nothing is in flight, a moment when shutting
         down (to take what already arrived: it gets ESHUTDOWN). When the wait runs out, ``wait_ran_out``."""
-        limits = self._limits
-        if self.engine.receiving_request:
-            return limits.seconds(limits.request_timeout)
+        engine = self.engine
+        if engine.receiving_request:
+            return self._request_wait
         if self.shutting_down:
             return _SHUTDOWN_DRAIN
-        if self.engine.in_flight:
+        if engine.in_flight:
             return None
-        return limits.seconds(limits.idle_timeout)
+        return self._idle_wait
 
     @property
     def shortest_wait(self) -> float | None:
@@ -206,12 +208,51 @@ class SessionTransmission:
 
     def inline_transmission(self, read_view: ReadView | None) -> Generator[Step, int | None, None]:
         """The whole of transmission for a driver that carries requests out where it reads them, as steps
-        (nbdproto.serving's ``_steps`` says what each asks). It ends with FINISHED: everything owed is sent."""
+        (nbdproto.serving's ``_steps`` says what each asks). It ends with FINISHED: everything owed is sent.
+
+        Each batch of requests read is carried out here and now, in order, its replies queued, and replies are
+        made only as they can be sent: no more than FLUSH_AT bytes of them are queued at a time (SEND), and no
+        more than the budget share allows (WaitForBudget)."""
         batch: list[Work] = []
         ready = 0  # RECEIVE_READY steps in a row that found bytes, since replies were last sent
+        engine, device, share = self.engine, self.device, self.share
+        batched = hasattr(device, "call_batch")
         while True:
             end = self.next_batch(batch)
-            yield from self.carry_out_inline(batch, read_view)
+            if batched and batch:
+                yield from self._carry_out_batched(batch)
+                batch.clear()
+            contexts, on_error, shutting_down = engine.meta_contexts, self.on_device_error, self.shutting_down
+            queued = self._queued  # written back before every step (the driver's sent() resets it)
+            for request in batch:
+                if type(request) is ReadRequest:  # the commonest, first (a read is never part of a streamed write)
+                    if shutting_down:
+                        self.refuse_shutting_down(request)
+                        continue
+                    length = request.length
+                    if read_view is None and share is not None:
+                        if not share.try_take(length):
+                            self._queued = queued
+                            yield WaitForBudget(length)
+                            queued, shutting_down = self._queued, self.shutting_down
+                        self._queued_cost += length
+                    engine.send(carry_out(device, request, contexts, on_error, read_view))
+                    queued += length
+                    if queued >= FLUSH_AT:
+                        self._queued = queued
+                        yield SEND
+                        queued, shutting_down = self._queued, self.shutting_down
+                    continue
+                streamed = streamed_part(request)
+                if shutting_down and not streamed and not _written_already(request):
+                    self.refuse_shutting_down(request)  # type: ignore[arg-type]
+                elif streamed:
+                    reply = self.carry_out_part(request)  # type: ignore[arg-type]
+                    if reply is not None:
+                        engine.send(reply)
+                else:
+                    engine.send(carry_out(device, request, contexts, on_error, read_view))  # type: ignore[arg-type]
+            self._queued = queued
             batch.clear()
             if end is BatchEnd.CLOSED:
                 yield FINISHED
@@ -226,52 +267,9 @@ class SessionTransmission:
             # PAUSED (a request waiting for its cookie to come free, or DISC): the batch answered it all.
             yield RECEIVE if end is BatchEnd.NEED_DATA else SEND
 
-    def carry_out_inline(self, batch: Sequence[Work], read_view: ReadView | None) -> Iterator[Step]:
-        """Carry out ``batch`` here and now, in order, queueing the replies; a generator of steps (SEND, or
-        WaitForBudget), so that replies are made only as they can be sent: no more than FLUSH_AT bytes of them
-        are queued at a time, and no more than the budget share allows."""
-        if not batch:
-            return
-        engine, device, contexts, share = self.engine, self.device, self.engine.meta_contexts, self.share
-        on_error = self.on_device_error
-        if hasattr(device, "call_batch"):
-            yield from self._carry_out_batched(batch)
-            return
-        shutting_down = self.shutting_down
-        queued = self._queued  # written back before every step (the driver's sent() resets it)
-        for request in batch:
-            if type(request) is ReadRequest:  # the commonest, first (a read is never part of a streamed write)
-                if shutting_down:
-                    self.refuse_shutting_down(request)
-                    continue
-                length = request.length
-                if read_view is None and share is not None:
-                    if not share.try_take(length):
-                        self._queued = queued
-                        yield WaitForBudget(length)
-                        queued = self._queued
-                    self._queued_cost += length
-                engine.send(carry_out(device, request, contexts, on_error, read_view))
-                queued += length
-                if queued >= FLUSH_AT:
-                    self._queued = queued
-                    yield SEND
-                    queued = self._queued
-                continue
-            streamed = streamed_part(request)
-            if shutting_down and not streamed and not _written_already(request):
-                self.refuse_shutting_down(request)  # type: ignore[arg-type]
-            elif streamed:
-                reply = self.carry_out_part(request)  # type: ignore[arg-type]
-                if reply is not None:
-                    engine.send(reply)
-            else:
-                engine.send(carry_out(device, request, contexts, on_error, read_view))  # type: ignore[arg-type]
-        self._queued = queued
-
     def _carry_out_batched(self, batch: Iterable[Work]) -> Iterator[Step]:
-        """carry_out_inline for a device that takes many calls at once (``call_batch``: a remote device keeps
-        them all in flight together): each run of plain requests goes to it in one call."""
+        """inline_transmission's carrying out for a device that takes many calls at once (``call_batch``: a
+        remote device keeps them all in flight together): each run of plain requests goes to it in one call."""
         engine, share = self.engine, self.share
         run: list[Request] = []
         for request in (*batch, None):
