@@ -20,7 +20,7 @@ from ._lazynames import lazy_names
 from ._negotiation import ClientNegotiation, ExportDetails, Inquiry, NegotiationError, plan_connection
 from ._sending import step_past
 from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
-from ._uri import NbdUri, format_uri, parse_uri
+from ._uri import NbdUri, connect_error, format_uri, parse_uri
 
 if TYPE_CHECKING:
     from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
         reply_for,
         write_view_of,
     )
-    from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
+    from ._export import DeviceCapabilities, ExportSpec, answer_export_request, capabilities_of, export_for
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._receivesize import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
     from ._server import ServerConnection
@@ -78,6 +78,7 @@ _LAZY = {
     "ClientResolver": "._servercore",
     "ServerConnection": "._server",
     "DeviceCapabilities": "._export",
+    "capabilities_of": "._export",
     "ExportSpec": "._export",
     "export_for": "._export",
     "answer_export_request": "._export",
@@ -150,6 +151,7 @@ __all__ = [
     "Inquiry",
     "plan_connection",
     "DeviceCapabilities",
+    "capabilities_of",
     "ExportSpec",
     "export_for",
     "answer_export_request",
@@ -209,6 +211,7 @@ __all__ = [
     "lazy_names",
     "NbdUri",
     "parse_uri",
+    "connect_error",
     "format_uri",
 ]
 __version__ = "0.1.0"

@@ -546,9 +546,11 @@ class ServerSessionLogic:
         self.engine.send(ErrorReply(request.cookie, Errno.ESHUTDOWN, _SHUTTING_DOWN))
 
     def flush_device(self) -> None:
-        """Make the served device's writes durable (called as the connection ends); OSError is the caller's."""
-        if self.spec is not None:
-            self.device.flush()
+        """Make the served device's writes durable (called as the connection ends); OSError is the caller's. A
+        device without ``flush`` has nothing to make durable (capabilities_of offers no FLUSH for it)."""
+        flush = getattr(self.device, "flush", None) if self.spec is not None else None
+        if flush is not None:
+            flush()
 
     def close(self) -> bool:
         """The connection is ending: give back every byte of the budget it held. True the first time only (the

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
         open_connection,
         open_together,
     )
-    from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
+    from ._copy import SPARSE_DEFAULT, CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._fuse import mount_export
     from ._server import DEFAULT_WORKERS, Server, ServerSession, negotiate
     from ._sharedtls import SharedTls
@@ -55,6 +55,7 @@ _WHERE = {
     "UnreachableTail": "._copy",
     "CopyProgress": "._copy",
     "copy": "._copy",
+    "SPARSE_DEFAULT": "._copy",
     "mount_export": "._fuse",
     "DEFAULT_WORKERS": "._server",
     "Server": "._server",
@@ -80,6 +81,7 @@ __all__ = [
     "UnreachableTail",
     "CopyProgress",
     "copy",
+    "SPARSE_DEFAULT",
     "mount_export",
     "DEFAULT_WORKERS",
     "Server",

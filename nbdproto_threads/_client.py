@@ -290,17 +290,20 @@ def connect_socket(uri: nbdproto.NbdUri, timeout: float | None) -> socket.socket
     """A blocking socket connected to where ``uri`` points (a unix socket, or TCP with Nagle's algorithm off),
     with ``timeout`` on every call, the handshake's included: a server that accepts and says nothing cannot
     hang the caller."""
-    if uri.unix:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(uri.socket)
-        except BaseException:
-            sock.close()
-            raise
-    else:
-        sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if uri.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(uri.socket)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        raise nbdproto.connect_error(exc, uri) from None
     return sock
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
 import logging
 import os
@@ -23,7 +24,7 @@ from nbdproto import BlockDevice, ExportSpec, ServerLimits
 from nbdproto.tls import PskFileError, PskUnavailableError, server_context
 from nbdproto_threads import Server as ThreadsServer
 
-from ._errors import UsageError, size_argument
+from ._errors import UsageError, describe, size_argument
 from ._filters import Filtering, parse_filters
 from ._helper import Helper, connection_policy, listen
 from ._sources import Source, apply_s3_options, open_source, parse_source
@@ -71,10 +72,15 @@ def _exports(args: argparse.Namespace) -> list[ExportArg]:
 
 
 def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsMode | None]:
+    given = [option for option, value in _TLS_ONLY.items() if getattr(args, value)]
     if args.tls == "off":
-        if args.tls_cert or args.tls_psk:
-            raise UsageError("--tls-cert and --tls-psk need --tls require (or --tls optional)")
+        if given:
+            # Each of them only means something with TLS on: served in plaintext, they would promise what is not.
+            raise UsageError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --tls require (or --tls "
+                             "optional): without it the server speaks plaintext")  # fmt: skip
         return None, None
+    if args.tls_key and not args.tls_cert:
+        raise UsageError("--tls-key needs --tls-cert: it is the key of that certificate")
     if not (args.tls_cert or args.tls_psk):
         raise UsageError(f"--tls {args.tls} needs --tls-cert (and --tls-key unless the key is in the same file) "
                          "or --tls-psk")  # fmt: skip
@@ -91,9 +97,19 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
     except OSError as exc:  # ssl.SSLError too
         if args.tls_psk and _names(exc.filename, args.tls_psk):
             raise UsageError(f"--tls-psk: cannot read {args.tls_psk}: {exc.strerror or exc}") from None
-        raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
+        raise UsageError(f"cannot load the TLS certificate or key: {describe(exc)}") from None
     mode = nbdproto.TlsMode.FORCEDTLS if args.tls == "require" else nbdproto.TlsMode.SELECTIVETLS
     return context, mode
+
+
+_TLS_ONLY = {
+    "--tls-cert": "tls_cert",
+    "--tls-key": "tls_key",
+    "--tls-ca": "tls_ca",
+    "--tls-psk": "tls_psk",
+    "--tls-verify-client": "tls_verify_client",
+}
+"""The options that only mean something with --tls optional or require (and the argparse names)."""
 
 
 def _names(filename: object, path: str) -> bool:
@@ -209,7 +225,7 @@ def serve_opened(
         filtering.close()
         if isinstance(exc, UsageError):
             raise
-        raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
+        raise UsageError(_cannot_open(exc, args.read_only)) from None
     except BaseException:
         listening.close()
         filtering.close()
@@ -248,6 +264,14 @@ def serve_opened(
     if not quiet:
         print("stopped", flush=True)
     return status
+
+
+def _cannot_open(exc: OSError, read_only: bool) -> str:
+    """Why a source could not be opened, naming it; for a file that may not be written, the way out."""
+    message = f"cannot open {exc.filename}: {exc.strerror or exc}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not read_only:
+        message += " (serve it with --read-only?)"
+    return message
 
 
 def _serve_here(job: _Serving) -> None:
