@@ -5,7 +5,10 @@ and libfuse 3 with fusermount3 (Debian: fuse3).
 Both argument orders work, nbdfuse's and ours, since a URI (or ``[ CMD ]``) is unmistakable:
 
     nbdproto fuse MOUNTPOINT[/FILENAME] URI       nbdfuse's: the file is MOUNTPOINT/FILENAME, by default
-    nbdproto fuse URI MOUNTPOINT                    MOUNTPOINT/nbd as in nbdfuse (--name FILENAME)
+    nbdproto fuse URI MOUNTPOINT                    MOUNTPOINT/nbd as in nbdfuse (or --name FILENAME)
+
+In nbdfuse's order, a MOUNTPOINT that is not a directory is MOUNTPOINT/FILENAME, as nbdfuse reads it; in ours
+MOUNTPOINT must be a directory.
     nbdproto fuse MOUNTPOINT -- [ CMD ARGS ... ]    a server started for the mount (socket activation)
 """
 
@@ -54,14 +57,16 @@ def _names_an_export(text: str) -> bool:
 def _arguments(args: argparse.Namespace) -> None:
     """Sets ``args.uri``, ``args.mountpoint`` and ``args.name`` from the two positionals, in either order."""
     if _names_an_export(args.first) and not _names_an_export(args.second):
-        args.uri, mountpoint = args.first, args.second
+        args.uri, mountpoint, nbdfuse_order = args.first, args.second, False
     elif _names_an_export(args.second):
-        args.uri, mountpoint = args.second, args.first
+        args.uri, mountpoint, nbdfuse_order = args.second, args.first, True
     else:
         raise UsageError(f"neither {args.first!r} nor {args.second!r} is an NBD URI (nbd://..., nbd+unix:///...) "
                          "or -- [ CMD ]: give MOUNTPOINT[/FILENAME] URI")  # fmt: skip
     if os.path.isdir(mountpoint):
         args.mountpoint, name = mountpoint, args.name or DEFAULT_NAME
+    elif not nbdfuse_order:  # URI MOUNTPOINT: the directory, never its parent (a typo must not mount there)
+        raise UsageError(f"{mountpoint}: not a directory (MOUNTPOINT must be an existing, empty directory)")
     else:
         parent, filename = os.path.split(mountpoint.rstrip("/") if mountpoint != "/" else mountpoint)
         if not filename or not os.path.isdir(parent or "."):
