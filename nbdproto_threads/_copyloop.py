@@ -112,9 +112,11 @@ class CopyConnection:
                 return  # the socket had no more for now; a TLS socket may still hold decrypted bytes
 
     def close(self) -> None:
-        """Say goodbye (NBD_CMD_DISC) and close, ignoring a server that is already gone."""
+        """Say goodbye (NBD_CMD_DISC) and close, ignoring a server that is already gone. A copy cut short (its
+        requests still in flight: an error, Ctrl-C) closes without it: the replies will not be read, and the
+        server need not finish them first."""
         try:
-            if self.engine.phase is nbdproto.Phase.TRANSMISSION:
+            if self.engine.phase is nbdproto.Phase.TRANSMISSION and not self.callbacks:
                 self.engine.send(nbdproto.DisconnectRequest())
                 self.sock.setblocking(True)
                 self.sock.settimeout(5)

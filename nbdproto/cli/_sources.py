@@ -65,8 +65,13 @@ def parse_source(text: str) -> Source:
 
 
 def open_source(source: Source, *, read_only: bool) -> BlockDevice:
-    """The device that serves ``source`` (OSError when it cannot be opened)."""
-    return _KINDS[source.kind](source, read_only)
+    """The device that serves ``source`` (OSError naming it when it cannot be opened)."""
+    try:
+        return _KINDS[source.kind](source, read_only)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), source.target) from None
+        raise
 
 
 def _open_memory(source: Source, read_only: bool) -> BlockDevice:
