@@ -1,4 +1,4 @@
-"""The README's Python examples run as they are shown (on a free port instead of 10809), each in a fresh
+"""The README's Python examples (and docs/'s) run as they are shown (on a free port instead of 10809), each in a fresh
 interpreter with a time limit, in a directory holding the images they name (disk.img, and disk.qcow2 made by
 qemu-img): the public API the README shows keeps working."""
 
@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+DOCS = sorted((README.parent / "docs").glob("**/*.md"))
 EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+DOC_EXAMPLES = [(page, code) for page in DOCS for code in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
+"""The complete programs of the pages under docs/ (each page's ```python blocks), run the same way."""
 
 
 def _free_port() -> int:
@@ -37,3 +40,10 @@ def test_readme_example_runs(code: str, tmp_path: pathlib.Path, peers: Any) -> N
         subprocess.run(made, check=True, timeout=30)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.parametrize(
+    "code", [code for _, code in DOC_EXAMPLES], ids=[f"{page.name} {i + 1}" for i, (page, _) in enumerate(DOC_EXAMPLES)]
+)
+def test_docs_example_runs(code: str, tmp_path: pathlib.Path, peers: Any) -> None:
+    test_readme_example_runs(code, tmp_path, peers)
