@@ -348,7 +348,7 @@ def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any)
         except TimeoutError as exc:  # socket.timeout says only "timed out": say who and what
             where = target.socket if target.unix else f"{target.host}:{target.port}"
             limit = f" within {timeout:g} s" if timeout else ""
-            raise TimeoutError(f"{where}: the server did not answer the handshake{limit}") from exc
+            raise TimeoutError(f"{where}: timed out: the server did not answer the handshake{limit}") from exc
     else:
         from nbdproto.sockets import ActivatedServer  # only here: the client commands start without it
 

@@ -197,8 +197,10 @@ def copy(
         raise ValueError(f"sparse block size {sparse} must be 0 or a power of two")
     if synchronous:
         connections, requests = 1, 1
+    # No zeros to search for in data written as it is (--allocated), nor in data dropped unread (to null:).
+    searched = 0 if allocated or dst == "null:" else sparse
     options = _Options(max(1, connections * requests), request_size, destination_is_zero, allocated, flush, progress,
-                       0 if allocated else sparse, queue_size, extents)  # fmt: skip
+                       searched, queue_size, extents)  # fmt: skip
     loop = CopyLoop(timeout)
     source: NbdEnd | FileEnd | None = None
     target: NbdEnd | FileEnd | NullEnd | StreamTarget | None = None
