@@ -372,7 +372,7 @@ def test_nbdproto_serve_with_a_key_file_logs_each_identity(
         alice = uri.replace("nbds://", "nbds://alice@") + f"?tls-psk-file={key_file}"
         assert json.loads(run("nbdinfo", "--json", alice).stdout)["exports"][0]["export-size"] == 2 * MIB
         bob = uri.replace("nbds://", "nbds://bob@") + f"?tls-psk-file={key_file}"
-        assert cli_json("info", "--json", bob)["protocol"]["tls"] is True
+        assert cli_json("info", "--json", bob)["TLS"] is True
         assert cli_json("list", "--json", bob)["exports"][0]["name"] == "d"
         (tmp_path / "in.img").write_bytes(os.urandom(2 * MIB))
         assert run_cli("copy", str(tmp_path / "in.img"), alice).returncode == 0
