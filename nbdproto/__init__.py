@@ -20,7 +20,7 @@ from ._lazynames import lazy_names
 from ._negotiation import ClientNegotiation, ExportDetails, Inquiry, NegotiationError, plan_connection
 from ._sending import step_past
 from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
-from ._uri import NbdUri, connect_error, format_uri, parse_uri
+from ._uri import NbdUri, connect_error, format_uri, looks_like_uri, parse_uri
 
 if TYPE_CHECKING:
     from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, certificate_subject, takes_client
@@ -212,6 +212,7 @@ __all__ = [
     "NbdUri",
     "parse_uri",
     "connect_error",
+    "looks_like_uri",
     "format_uri",
 ]
 __version__ = "0.1.0"

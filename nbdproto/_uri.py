@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 
 from ._constants import DEFAULT_PORT
 
-__all__ = ["NbdUri", "parse_uri", "format_uri", "connect_error"]
+__all__ = ["NbdUri", "parse_uri", "format_uri", "looks_like_uri", "connect_error"]
 
 _SCHEMES = {"nbd": (False, False), "nbds": (True, False), "nbd+unix": (False, True), "nbds+unix": (True, True)}
 
@@ -207,6 +207,17 @@ def format_uri(uri: NbdUri) -> str:
     if query:
         text += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='/')}" for k, v in query.items())
     return text
+
+
+_LIBNBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
+
+
+def looks_like_uri(text: str) -> bool:
+    """Whether a command-line argument is meant as an NBD URI, not a file name: any URL (``scheme://``), and, as
+    nbdcopy decides, anything that starts with an NBD scheme and a colon, so that a mistyped ``nbd:/host/disk``
+    is refused as a URI (parse_uri says why) instead of taken for a file that does not exist."""
+    scheme, colon, _ = text.partition(":")
+    return "://" in text or (bool(colon) and scheme in _LIBNBD_SCHEMES)
 
 
 def connect_error(exc: OSError, uri: NbdUri) -> OSError:

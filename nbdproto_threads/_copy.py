@@ -143,15 +143,6 @@ class _Options:
     extents: bool = True
 
 
-_NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
-
-
-def _is_uri(text: str) -> bool:
-    """Whether SRC or DST names an NBD export: any URL, and (as nbdcopy decides) anything that starts with an
-    NBD scheme and a colon, so that a mistyped ``nbd:/host/disk`` is refused as a URI, not taken for a file."""
-    return "://" in text or (text.partition(":")[0] in _NBD_SCHEMES and ":" in text)
-
-
 # --- The copy -------------------------------------------------------------------------------------------
 
 
@@ -209,16 +200,22 @@ def copy(
     streamed: int | None = None  # SRC's descriptor when it is read as a stream
     failed = True
     try:
-        if src != STREAM and not _is_uri(src) and _is_stream(src):  # a pipe or character device: read in order
+        if (
+            src != STREAM and not nbdproto.looks_like_uri(src) and _is_stream(src)
+        ):  # a pipe or character device: read in order
             opened_source = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
             streamed = opened_source
         if src != STREAM and streamed is None:
-            source = NbdEnd(src, connections, tls, loop) if _is_uri(src) else FileEnd(src, loop, writable=False)
+            source = (
+                NbdEnd(src, connections, tls, loop)
+                if nbdproto.looks_like_uri(src)
+                else FileEnd(src, loop, writable=False)
+            )
         if dst == "null:":
             target = NullEnd()
             if isinstance(source, NbdEnd):
                 source.discard_reads()
-        elif _is_uri(dst):
+        elif nbdproto.looks_like_uri(dst):
             target = NbdEnd(dst, connections, tls, loop)
         elif dst == STREAM:
             target = StreamTarget(sys.stdout.fileno(), loop)

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from nbdproto import looks_like_uri
 from nbdproto_threads import SPARSE_DEFAULT, CopyProgress, copy
 
 from ._command_args import starting_servers
@@ -99,10 +100,6 @@ def add_copy_command(commands: Any) -> None:
     add_connection_arguments(parser)
 
 
-def _is_uri(text: str) -> bool:
-    return "://" in text or (text.partition(":")[0] in ("nbd", "nbds", "nbd+unix", "nbds+unix") and ":" in text)
-
-
 def _sparse(text: str) -> int:
     """-S N: 0, or a power of two of at least 512 (nbdcopy's rule), in bytes or with a unit (4K)."""
     if text.strip() == "0":
@@ -131,7 +128,7 @@ def copy_command(args: argparse.Namespace) -> int:
     request_size = size_argument(args.request_size, "--request-size") if args.request_size else None
     queue_size = size_argument(args.queue_size, "--queue-size") if args.queue_size is not None else None
     sparse = _sparse(args.sparse)
-    tls_uri = src if _is_uri(src) else dst if _is_uri(dst) else None
+    tls_uri = src if looks_like_uri(src) else dst if looks_like_uri(dst) else None
     tls = client_tls(args, tls_uri) if tls_uri else None
     progress: _ProgressBar | _ProgressLines | None = None
     if args.progress == _BAR or (args.progress == _AUTO and sys.stderr.isatty()):

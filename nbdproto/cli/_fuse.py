@@ -18,6 +18,8 @@ import argparse
 import os
 from typing import Any
 
+from nbdproto import looks_like_uri
+
 from ._command_args import command_of, starting_servers
 from ._errors import UsageError, count_argument, timeout_of
 from ._query import add_connection_arguments, client_tls
@@ -50,8 +52,7 @@ def add_fuse_command(commands: Any) -> None:
 
 
 def _names_an_export(text: str) -> bool:
-    return command_of(text) is not None or "://" in text or text.partition(":")[0] in ("nbd", "nbds", "nbd+unix",
-                                                                                        "nbds+unix")  # fmt: skip
+    return command_of(text) is not None or looks_like_uri(text)
 
 
 def _arguments(args: argparse.Namespace) -> None:

@@ -22,11 +22,11 @@ import ssl
 import sys
 from typing import Any
 
-from nbdproto import BASE_ALLOCATION, format_uri, parse_uri
+from nbdproto import BASE_ALLOCATION, format_uri, looks_like_uri, parse_uri
 from nbdproto.tls import client_context
 from nbdproto_threads import Client, connect, inquire, list_exports
 
-from ._command_args import starting_servers, was_started
+from ._command_args import command_of, starting_servers, was_started
 from ._errors import FAILURE_EXIT, UsageError, add_timeout_argument, describe, timeout_of
 from ._exportinfo import FEATURES, connection_document, content_of, export_document, protocol_line, text_lines
 from ._map import map_lines, totals_lines, walk_extents
@@ -92,7 +92,7 @@ def add_query_commands(commands: Any) -> None:
 def _target(args: argparse.Namespace) -> str:
     """The URI to ask. ``--map`` takes an optional CONTEXT, so ``--map URI`` gives the URI to --map: it is
     taken back (nbdinfo spells the context ``--map=CONTEXT``, which stays unambiguous)."""
-    if args.uri is None and args.map is not None and ("://" in args.map or args.map.startswith("nbd")):
+    if args.uri is None and args.map is not None and (looks_like_uri(args.map) or command_of(args.map)):
         args.uri, args.map = args.map, BASE_ALLOCATION
         if was_started(args, "map"):
             args.started.add("uri")
