@@ -195,22 +195,15 @@ def copy(
     loop = CopyLoop(timeout)
     source: NbdEnd | FileEnd | None = None
     target: NbdEnd | FileEnd | NullEnd | StreamTarget | None = None
-    opened: int | None = None
-    opened_source: int | None = None
-    streamed: int | None = None  # SRC's descriptor when it is read as a stream
+    opened: int | None = None  # DST's descriptor when it is written as a stream
+    streamed: int | None = None  # SRC's descriptor when it is read as one
     failed = True
     try:
-        if (
-            src != STREAM and not nbdproto.looks_like_uri(src) and _is_stream(src)
-        ):  # a pipe or character device: read in order
-            opened_source = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-            streamed = opened_source
-        if src != STREAM and streamed is None:
-            source = (
-                NbdEnd(src, connections, tls, loop)
-                if nbdproto.looks_like_uri(src)
-                else FileEnd(src, loop, writable=False)
-            )
+        if src != STREAM and not nbdproto.looks_like_uri(src) and _is_stream(src):  # a pipe, /dev/zero...
+            streamed = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        elif src != STREAM:
+            is_uri = nbdproto.looks_like_uri(src)
+            source = NbdEnd(src, connections, tls, loop) if is_uri else FileEnd(src, loop, writable=False)
         if dst == "null:":
             target = NullEnd()
             if isinstance(source, NbdEnd):
@@ -242,7 +235,7 @@ def copy(
         for end in (source, target):
             if end is not None:
                 end.close()
-        for fd in (opened, opened_source):
+        for fd in (opened, streamed):
             if fd is not None:
                 os.close(fd)
         loop.close(wait=not failed)  # a worker stuck on a read of standard input must not hold up Ctrl-C

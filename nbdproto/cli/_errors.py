@@ -108,7 +108,7 @@ def describe(exc: BaseException) -> str | None:
 
     if isinstance(exc, CopyFailed):
         cause = describe(exc.__cause__) if exc.__cause__ is not None else None
-        return f"{cause or exc} ({exc.copied} of {exc.total} bytes copied)" if cause else str(exc)
+        return f"{cause} ({exc.copied} of {exc.total} bytes copied)" if cause else str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS: the server's certificate was refused: {exc.verify_message or exc.reason}"
     if isinstance(exc, ssl.SSLError):

@@ -164,8 +164,7 @@ def _feature(args: argparse.Namespace, uri: str, feature: str) -> int:
 def _map(args: argparse.Namespace, uri: str, context: str) -> int:
     with _connect(args, uri, meta_contexts=(context,)) as client:
         if context not in client.meta_contexts.values():
-            print(f"nbdproto info: --map: the server does not offer meta context {context!r}", file=sys.stderr)
-            return 1
+            raise ValueError(f"--map: the server does not offer meta context {context!r}")
         entries = list(walk_extents(client, context))
         size = client.size
     lines = totals_lines(entries, context, size, args.json) if args.totals else map_lines(entries, context, args.json)
