@@ -28,6 +28,8 @@ from tests.threaded import run_threads
 pytestmark = pytest.mark.timeout(90)
 MIB = 1 << 20
 CLI = [sys.executable, "-m", "nbdproto"]
+NBDPROTO = os.path.join(os.path.dirname(sys.executable), "nbdproto")
+"""The console script pip installed, as a user runs it."""
 
 
 @pytest.fixture
@@ -218,7 +220,7 @@ def test_nbdfuses_argument_order_and_file_name(tmp_path: Path, fuse_available: N
     mountpoint.mkdir()
     with server(tmp_path / "src.img") as (_, uri):
         for target, name in ((mountpoint, "nbd"), (mountpoint / "disk.raw", "disk.raw")):
-            proc = subprocess.Popen([*CLI, "fuse", str(target), uri], stderr=subprocess.PIPE, env=PEER_ENV)
+            proc = subprocess.Popen([NBDPROTO, "fuse", str(target), uri], stderr=subprocess.PIPE, env=PEER_ENV)
             try:
                 wait_for(lambda p=proc: is_mounted(mountpoint) or p.poll() is not None, "the mount")  # type: ignore[misc]
                 assert os.listdir(mountpoint) == [name]
@@ -251,7 +253,7 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
         ([str(tmp_path / "f"), "nbd://127.0.0.1:1/", "--name", "g"], "names the file already"),
         (["nbd://127.0.0.1:1/", str(tmp_path), "-C", "0"], "must be at least 1"),
     ):
-        result = subprocess.run([*CLI, "fuse", *args], capture_output=True, text=True, timeout=30)
+        result = subprocess.run([NBDPROTO, "fuse", *args], capture_output=True, text=True, timeout=30)
         assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     (tmp_path / "mnt").mkdir()

@@ -397,7 +397,8 @@ def test_reopening_with_another_object_size_is_refused_at_start_up(s3_store: Sea
     with open_image(s3_store, key, 4 * MIB, 64 * KIB) as device:
         device.pwrite(os.urandom(300 * KIB), 0)
         device.pwrite(b"x" * 10, 3 * MIB)
-    done = subprocess.run([*CLI, "serve", "--port", "0", f"s3://{s3_store.bucket}/{key}", "--s3-endpoint",
+    nbdproto = os.path.join(os.path.dirname(sys.executable), "nbdproto")  # the command pip installed
+    done = subprocess.run([nbdproto, "serve", "--port", "0", f"s3://{s3_store.bucket}/{key}", "--s3-endpoint",
                            s3_store.endpoint, "--size", "4M", "--object-size", "1M"], capture_output=True, text=True,
                           timeout=60, env={**os.environ, **s3_store.env})  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
