@@ -114,6 +114,7 @@ if TYPE_CHECKING:
         ExportSpec,
         ReadView,
         ServerLimits,
+        capabilities_of,
     )
 
 _LAZY = {
@@ -121,6 +122,7 @@ _LAZY = {
     for name in (
         "BlockDevice",
         "Buffer",
+        "capabilities_of",
         "ClientInfo",
         "ConnectionPolicy",
         "DeviceCall",
@@ -225,6 +227,7 @@ __all__ = [
     "Buffer",
     "Dispatch",
     "DeviceCapabilities",
+    "capabilities_of",
     "DeviceCall",
     "ExportSpec",
     "ReadView",

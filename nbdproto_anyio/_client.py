@@ -197,7 +197,10 @@ async def _handshake(
     target: nbdproto.NbdUri, plan: nbdproto.client.ClientNegotiation, tls: ssl.SSLContext | None, timeout: float | None
 ) -> AsyncClient:
     with anyio.fail_after(timeout):
-        stream = await connect_socket(target.socket if target.unix else (target.host, target.port))
+        try:
+            stream = await connect_socket(target.socket if target.unix else (target.host, target.port))
+        except OSError as exc:
+            raise nbdproto.client.connect_error(exc, target) from None
         client = AsyncClient(stream, ClientSessionLogic(nbdproto.ClientConnection(), plan), timeout)
         try:
             await client._negotiate(tls, target.tls_hostname)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from nbdproto.sockets import Connection, SharedTls, connect_socket, negotiate_client, open_together
 
     from ._client import Client, connect, export_info, inquire, list_exports, list_meta_contexts, open_connection
-    from ._copy import CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
+    from ._copy import SPARSE_DEFAULT, CopyEnd, CopyFailed, CopyProgress, UnreachableTail, copy
     from ._fuse import mount_export
     from ._server import Server
     from ._session import DEFAULT_WORKERS, ServerSession, negotiate
@@ -47,6 +47,7 @@ _WHERE = {
     "UnreachableTail": "._copy",
     "CopyProgress": "._copy",
     "copy": "._copy",
+    "SPARSE_DEFAULT": "._copy",
     "mount_export": "._fuse",
     "DEFAULT_WORKERS": "._session",
     "Server": "._server",
@@ -72,6 +73,7 @@ __all__ = [
     "UnreachableTail",
     "CopyProgress",
     "copy",
+    "SPARSE_DEFAULT",
     "mount_export",
     "DEFAULT_WORKERS",
     "Server",

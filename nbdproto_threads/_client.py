@@ -245,8 +245,14 @@ def _negotiated(uri: str | None, options: nbdproto.ConnectOptions, **asked: Any)
     target, plan = nbdproto.client.plan_connection(uri, options, **asked)
     given = connection_context(target, plan.tls, options.get("tls"), options.get("tls_psk"))
     if options.get("command") is None:
-        sock = connect_socket(target, options.get("timeout", DEFAULT_TIMEOUT))
-        connection = negotiate_client(sock, plan, tls=given, server_hostname=target.tls_hostname)
+        timeout = options.get("timeout", DEFAULT_TIMEOUT)
+        sock = connect_socket(target, timeout)
+        try:
+            connection = negotiate_client(sock, plan, tls=given, server_hostname=target.tls_hostname)
+        except TimeoutError as exc:  # socket.timeout says only "timed out": say who and what
+            where = target.socket if target.unix else f"{target.host}:{target.port}"
+            limit = f" within {timeout:g} s" if timeout else ""
+            raise TimeoutError(f"{where}: timed out: the server did not answer the handshake{limit}") from exc
     else:
         from nbdproto.sockets import ActivatedServer  # only here: the client commands start without it
 

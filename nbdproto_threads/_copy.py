@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import os
 import ssl
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import nbdproto
+import nbdproto.client
 from nbdproto import NBDError
 
 from ._copyends import FileEnd, NbdEnd, NullEnd
@@ -44,10 +46,22 @@ from ._copyloop import REQUEST_SIZE, CopyLoop, Done
 from ._copyruns import UnreachableTail, pieces
 from ._copystreams import StreamTarget, read_in_thread, zero_runs
 
-__all__ = ["CopyEnd", "CopySource", "CopyTarget", "CopyProgress", "CopyFailed", "UnreachableTail", "copy"]
+__all__ = [
+    "CopyEnd",
+    "CopySource",
+    "CopyTarget",
+    "CopyProgress",
+    "CopyFailed",
+    "UnreachableTail",
+    "copy",
+    "SPARSE_DEFAULT",
+]
 
 STREAM = "-"
 """The name of standard input (as SRC) or standard output (as DST)."""
+
+SPARSE_DEFAULT = 4096
+"""The all-zero blocks a copy searches the data it reads for (nbdcopy's -S default on files and most exports)."""
 
 
 class CopyEnd(Protocol):
@@ -125,10 +139,9 @@ class _Options:
     allocated: bool
     flush: bool
     report: Callable[[CopyProgress], None] | None
-
-
-def _is_uri(text: str) -> bool:
-    return "://" in text
+    sparse: int = 0
+    queue_size: int | None = None
+    extents: bool = True
 
 
 # --- The copy -------------------------------------------------------------------------------------------
@@ -147,6 +160,12 @@ def copy(
     allocated: bool = False,
     flush: bool = False,
     timeout: float | None = 30.0,
+    sparse: int = SPARSE_DEFAULT,
+    extents: bool = True,
+    queue_size: int | None = None,
+    synchronous: bool = False,
+    threads: int = 0,
+    verbose: Callable[[str], None] | None = None,
 ) -> CopyProgress:
     """Copy SRC to DST (NBD URIs, local paths or ``-``; DST may be ``null:``) and say how it went.
 
@@ -154,44 +173,98 @@ def copy(
     ``requests`` requests in flight, each of at most ``request_size`` bytes. ``progress`` is called with the
     running totals after each piece. ``destination_is_zero``, ``allocated`` and ``flush``: as the module
     docstring says. ``timeout``: seconds any wait for a server may take (a connect, a handshake, a reply); None:
-    no limit. Raises CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
+    no limit. The rest are nbdcopy's: ``sparse`` (-S): data read is searched for all-zero blocks of this many
+    bytes (at least the ends' minimum block size), which become zero runs like the source's holes (0: none
+    are searched for); ``extents`` (False: --no-extents): the source's allocation is not asked, every byte is
+    read; ``queue_size``: at most this many bytes of requests in flight; ``synchronous``: one connection, one
+    request at a time, in order; ``threads``: worker threads for local file I/O (0: as the files suit).
+    ``verbose`` is told what each end is and how the copy will run, a line at a time.
+
+    A regular file as DST ends up the size of SRC (grown or cut), as nbdcopy leaves it. Raises CopyFailed (its
+    cause, and how far the copy got) when an end fails mid-way.
     """
     if request_size < 1:
         raise ValueError(f"request size {request_size} must be positive")
-    options = _Options(max(1, connections * requests), request_size, destination_is_zero, allocated, flush, progress)
+    if sparse < 0 or sparse & (sparse - 1):
+        raise ValueError(f"sparse block size {sparse} must be 0 or a power of two")
+    if synchronous:
+        connections, requests = 1, 1
+    # No zeros to search for in data written as it is (--allocated), nor in data dropped unread (to null:).
+    searched = 0 if allocated or dst == "null:" else sparse
+    options = _Options(max(1, connections * requests), request_size, destination_is_zero, allocated, flush, progress,
+                       searched, queue_size, extents)  # fmt: skip
     loop = CopyLoop(timeout)
     source: NbdEnd | FileEnd | None = None
     target: NbdEnd | FileEnd | NullEnd | StreamTarget | None = None
-    opened: int | None = None
+    opened: int | None = None  # DST's descriptor when it is written as a stream
+    streamed: int | None = None  # SRC's descriptor when it is read as one
+    failed = True
     try:
-        if src != STREAM:
-            source = NbdEnd(src, connections, tls, loop) if _is_uri(src) else FileEnd(src, loop, writable=False)
+        if src != STREAM and not nbdproto.client.looks_like_uri(src) and _is_stream(src):  # a pipe, /dev/zero...
+            streamed = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        elif src != STREAM:
+            is_uri = nbdproto.client.looks_like_uri(src)
+            source = NbdEnd(src, connections, tls, loop) if is_uri else FileEnd(src, loop, writable=False)
         if dst == "null:":
             target = NullEnd()
             if isinstance(source, NbdEnd):
                 source.discard_reads()
-        elif _is_uri(dst):
+        elif nbdproto.client.looks_like_uri(dst):
             target = NbdEnd(dst, connections, tls, loop)
         elif dst == STREAM:
             target = StreamTarget(sys.stdout.fileno(), loop)
-        elif source is None:
-            opened = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        elif source is None or _is_stream(dst):  # written in order: from a stream, or to a pipe or /dev/null
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if _is_stream(dst) else os.O_CREAT | os.O_TRUNC)
+            opened = os.open(dst, flags, 0o666)
             target = StreamTarget(opened, loop)
         else:
             target = FileEnd(dst, loop, writable=True, size=source.size)
+        if threads > 0:
+            loop.worker_count = threads
+        if verbose is not None:
+            _describe(verbose, src, source, dst, target, connections, requests, options)
         if source is None:
-            return _run_stream(sys.stdin.fileno(), target, loop, options)
-        if target.size < source.size:
-            raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
-        block = max(source.minimum_block_size, target.minimum_block_size)  # powers of two: the larger is their LCM
-        return _run(source, target, loop, options, block)
+            done = _run_stream(sys.stdin.fileno() if streamed is None else streamed, target, loop, options)
+        else:
+            if target.size < source.size:
+                raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
+            block = max(source.minimum_block_size, target.minimum_block_size)  # powers of two: the larger is the LCM
+            done = _run(source, target, loop, options, block)
+        failed = False
+        return done
     finally:
         for end in (source, target):
             if end is not None:
                 end.close()
-        if opened is not None:
-            os.close(opened)
-        loop.close()
+        for fd in (opened, streamed):
+            if fd is not None:
+                os.close(fd)
+        loop.close(wait=not failed)  # a worker stuck on a read of standard input must not hold up Ctrl-C
+
+
+def _is_stream(path: str) -> bool:
+    """Whether ``path`` is a pipe or a character device (``/dev/null``, a tape): no size, no seeking; copied
+    in order, as standard input and output are."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _describe(say: Callable[[str], None], src: str, source: object, dst: str, target: object, connections: int,
+              requests: int, options: _Options) -> None:  # fmt: skip
+    """The ``verbose`` lines: what each end is, and how the copy runs (as nbdcopy -v prints them)."""
+    for role, name, end in (("src", src, source), ("dst", dst, target)):
+        kind = {NbdEnd: "nbd", FileEnd: "file", NullEnd: "null", StreamTarget: "stream"}.get(type(end), "stream")
+        say(f"{role}: {kind} {name!r}")
+        if end is not None and not isinstance(end, (NullEnd, StreamTarget)):
+            assert isinstance(end, (NbdEnd, FileEnd))
+            extents = f", extents={'yes' if end.sparse_aware and options.extents else 'no'}" if role == "src" else ""
+            say(f"{role}: size={end.size}, minimum block size={end.minimum_block_size}{extents}")
+    say(f"connections={connections} requests={requests} request size={options.request_size} "
+        f"sparse={options.sparse} queue size={options.queue_size or 'unlimited'} "
+        f"synchronous={'true' if options.slots == 1 and connections == 1 else 'false'}")  # fmt: skip
 
 
 def _step(largest: int, block: int, options: _Options) -> int:
@@ -209,7 +282,10 @@ class _Pieces:
     def __init__(self, target: CopyTarget, step: int, total: int, options: _Options) -> None:
         self.target = target
         self.options = options
-        self.free = [memoryview(bytearray(step)) for _ in range(options.slots)]
+        # --queue-size bounds the bytes of requests in flight: as many requests of ``step`` as fit (one at least).
+        queued = options.slots if options.queue_size is None else max(1, options.queue_size // step)
+        self.slots = min(options.slots, queued)
+        self.free = [memoryview(bytearray(step)) for _ in range(self.slots)]
         self.zeroes = memoryview(bytes(step)) if options.allocated else None
         self.progress = CopyProgress(total)
 
@@ -247,6 +323,8 @@ def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Optio
     aligned = source.size - source.size % block
     book = _Pieces(target, step, source.size, options)
     progress = book.progress
+    granule = max(options.sparse, block)
+    runs = source.runs if options.extents else _all_data
 
     def start(offset: int, length: int, zero: bool) -> None:
         if zero:
@@ -255,7 +333,15 @@ def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Optio
         progress.in_flight += 1
         buffer = book.free.pop()
         view = buffer[:length]
-        source.read(view, offset, lambda: target.write(view, offset, lambda: book.finished(length, buffer, True)))
+        if not options.sparse:
+            source.read(view, offset, lambda: target.write(view, offset, lambda: book.finished(length, buffer, True)))
+            return
+
+        def read() -> None:  # the data searched for zero blocks, which go as zero runs (nbdcopy's -S)
+            progress.in_flight -= 1
+            _send_chunk(book, buffer, offset, length, granule)
+
+        source.read(view, offset, read)
 
     try:
         if aligned < source.size:  # first, so that a tail no server lets us reach stops the copy before it starts
@@ -267,8 +353,8 @@ def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Optio
                 unreachable.__cause__ = exc
                 raise CopyFailed(unreachable, 0, source.size) from unreachable
         # Each piece in flight holds at most one buffer, so a free slot always has a free buffer.
-        for piece in pieces(source.runs, aligned, step, block):
-            while progress.in_flight >= options.slots:
+        for piece in pieces(runs, aligned, step, block):
+            while progress.in_flight >= book.slots or not book.free:
                 loop.step()
             start(*piece)
         loop.wait(lambda: not progress.in_flight)
@@ -278,9 +364,15 @@ def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Optio
     return progress
 
 
+def _all_data(offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+    """The runs of a source whose allocation is not asked (--no-extents): all data."""
+    yield offset, length, False
+
+
 def _run_stream(fd: int, target: CopyTarget, loop: CopyLoop, options: _Options) -> CopyProgress:
     """Copy what ``fd`` (standard input) holds to ``target`` in order, chunk by chunk, until end of file."""
     step = _step(target.max_request, target.minimum_block_size, options)
+    granule = max(options.sparse, target.minimum_block_size) if options.sparse else 1
     book = _Pieces(target, step, 0 if isinstance(target, StreamTarget) else target.size, options)
     progress = book.progress
     offset = 0
@@ -292,7 +384,7 @@ def _run_stream(fd: int, target: CopyTarget, loop: CopyLoop, options: _Options) 
             count = read_in_thread(loop, fd, buffer)
             if offset + count > target.size:
                 raise ValueError(f"standard input holds more than the {target.size} bytes of the destination")
-            _send_chunk(book, buffer, offset, count)
+            _send_chunk(book, buffer, offset, count, granule)
             offset += count
             if count < step:
                 break
@@ -304,10 +396,15 @@ def _run_stream(fd: int, target: CopyTarget, loop: CopyLoop, options: _Options) 
     return progress
 
 
-def _send_chunk(book: _Pieces, buffer: memoryview, offset: int, count: int) -> None:
-    """Send one chunk of a stream: its data runs as writes, its all-zero runs as zero runs. The buffer is
-    free again once every write from it is done."""
-    runs = list(zero_runs(buffer[:count]))
+def _send_chunk(book: _Pieces, buffer: memoryview, offset: int, count: int, granule: int) -> None:
+    """Send the first ``count`` bytes of ``buffer`` (data read for ``offset``): its data runs as writes, its
+    all-zero runs of whole ``granule``s as zero runs (granule 1: no search, all written). The buffer is free
+    again once every write from it is done."""
+    if granule <= 1:
+        runs = [(0, count, False)]
+    else:
+        owner = buffer.obj
+        runs = list(zero_runs(buffer[:count], granule, owner if isinstance(owner, bytearray) else None))
     writes = sum(1 for _, _, zero in runs if not zero)
     if not writes:
         book.free.append(buffer)

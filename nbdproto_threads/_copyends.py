@@ -159,8 +159,10 @@ class FileEnd:
         self.fresh = writable and (not os.path.exists(path) or os.path.getsize(path) == 0)
         if writable and not os.path.exists(path):
             open(path, "wb").close()
-        if writable and os.path.isfile(path) and os.path.getsize(path) < size:
-            os.truncate(path, size)  # a new or short file grows sparse: its holes already read as zero
+        if writable and os.path.isfile(path) and os.path.getsize(path) != size:
+            # The copy's size, as nbdcopy leaves a regular file: a new or short one grows sparse (its holes read as
+            # zero already), a longer one is cut, so that nothing of its old contents is left past the end.
+            os.truncate(path, size)
         from nbdproto.devices import FileDevice  # ctypes and all: only when a local file takes part
 
         self.device: FileDevice = FileDevice(path, read_only=not writable)

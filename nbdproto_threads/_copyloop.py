@@ -113,9 +113,11 @@ class CopyConnection:
                 return  # the socket had no more for now; a TLS socket may still hold decrypted bytes
 
     def close(self) -> None:
-        """Say goodbye (NBD_CMD_DISC) and close, ignoring a server that is already gone."""
+        """Say goodbye (NBD_CMD_DISC) and close, ignoring a server that is already gone. A copy cut short (its
+        requests still in flight: an error, Ctrl-C) closes without it: the replies will not be read, and the
+        server need not finish them first."""
         try:
-            if self.engine.phase is nbdproto.Phase.TRANSMISSION:
+            if self.engine.phase is nbdproto.Phase.TRANSMISSION and not self.callbacks:
                 self.engine.send(nbdproto.DisconnectRequest())
                 self.sock.setblocking(True)
                 self.sock.settimeout(5)
@@ -155,6 +157,8 @@ class CopyLoop:
             self.workers = concurrent.futures.ThreadPoolExecutor(self.worker_count, thread_name_prefix="nbd-copy-file")
 
         def finished(future: concurrent.futures.Future[None]) -> None:
+            if future.cancelled():  # dropped by close(wait=False): nobody waits for it
+                return
             failure = future.exception()
             self._completions.put(done if failure is None else functools.partial(_reraise, failure))
             os.write(self._wake_write, b"x")
@@ -215,9 +219,11 @@ class CopyLoop:
         while not self._completions.empty():
             self._completions.get()()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker threads (``wait``: for the work they have; else only what has not started is dropped,
+        so that a copy that failed or was interrupted does not wait on a read of standard input)."""
         if self.workers is not None:
-            self.workers.shutdown(wait=True)
+            self.workers.shutdown(wait=wait, cancel_futures=not wait)
         self.selector.close()
         os.close(self._wake_read)
         os.close(self._wake_write)

@@ -43,19 +43,29 @@ def read_in_thread(loop: CopyLoop, fd: int, buffer: memoryview) -> int:
     return got[0]
 
 
-def zero_runs(data: memoryview) -> Iterator[tuple[int, int, bool]]:
-    """(start, end, is_zero) runs of ``data``, granule by granule, adjacent granules of a kind merged."""
+def zero_runs(
+    data: memoryview, granule: int = SPARSE_GRANULE, owner: bytearray | None = None
+) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is_zero) runs of ``data``, ``granule`` by ``granule`` from its start, adjacent granules of a
+    kind merged. With ``owner``, the bytearray whose first bytes ``data`` views: data with no run of
+    ``granule`` zeros anywhere in it is then one data run, found at the speed of a byte search (most data read
+    from a disk is like that), not granule by granule."""
+    if not len(data):
+        return
+    zeroes = _ZEROES[:granule] if granule <= len(_ZEROES) else memoryview(bytes(granule))
+    if owner is not None and owner.find(zeroes, 0, len(data)) < 0:
+        yield 0, len(data), False
+        return
     start, zero = 0, False
-    for at in range(0, len(data), SPARSE_GRANULE):
-        end = min(at + SPARSE_GRANULE, len(data))
-        granule_zero = data[at:end] == _ZEROES[: end - at]
+    for at in range(0, len(data), granule):
+        end = min(at + granule, len(data))
+        granule_zero = data[at:end] == zeroes[: end - at]
         if at == 0:
             zero = granule_zero
         elif granule_zero != zero:
             yield start, at, zero
             start, zero = at, granule_zero
-    if len(data):
-        yield start, len(data), zero
+    yield start, len(data), zero
 
 
 class StreamTarget:

@@ -1,8 +1,8 @@
 """An NBD export as one regular file in a FUSE mount, like libnbd's nbdfuse (``nbdproto fuse URI MOUNTPOINT``).
 
 ``mount_export`` connects first (a server that cannot be reached fails before anything is mounted), then mounts
-MOUNTPOINT holding one file, ``disk`` by default, whose size is the export's: reads and writes of the file are
-NBD reads and writes, ``fsync`` is NBD_CMD_FLUSH. It returns once the file system is unmounted.
+MOUNTPOINT holding one file, ``nbd`` by default (as nbdfuse names it), whose size is the export's: reads and
+writes of the file are NBD reads and writes, ``fsync`` is NBD_CMD_FLUSH. It returns once the file system is unmounted.
 
 - The binding is mfusepy (ctypes over libfuse 3, pure Python: ``pip install mfusepy`` and Debian's fuse3),
   chosen over pyfuse3 by bench/bench_fuse.py: as fast for sequential reads and it needs no compiler or
@@ -145,9 +145,13 @@ class _Session:
         if self.stopping.is_set():
             return  # our own close at the end
         with self._lock:
-            if self.lost is None:
+            first, still_open = self.lost is None, self._open > 0
+            if first:
                 self.lost = client
-        log.warning("the connection to the server was lost: the file answers EIO; unmounting once it is closed")
+        if first and still_open:
+            # Said once (every connection of the pool sees the server go), and only while the mount must wait for
+            # the file to be closed: mount_export's ConnectionError says the rest when it is gone.
+            log.warning("the connection to the server was lost: the file answers EIO; unmounting once it is closed")
         self._stop_if_lost()
 
     def _stop_if_lost(self) -> None:
@@ -254,7 +258,7 @@ def mount_export(
     uri: str,
     mountpoint: str,
     *,
-    name: str = "disk",
+    name: str = "nbd",
     read_only: bool = False,
     connections: int = 4,
     fuse_options: dict[str, Any] | None = None,
@@ -275,10 +279,11 @@ def mount_export(
         export = _Export(clients, read_only)
         for client in clients:
             threading.Thread(target=_watch, args=(client, session), name="nbd-fuse-watch", daemon=True).start()
-        # max_threads: libfuse 3.14 otherwise warns of an unset value; more threads than requests in flight
-        # gain nothing (each connection takes any number, so a few threads keep every one of them busy).
+        # max_threads: more threads than requests in flight gain nothing (each connection takes any number, so a
+        # few threads keep every one of them busy). max_idle_threads: libfuse 3.14 takes its "unset" default
+        # (UINT_MAX) for a bad value and says "Ignoring invalid max threads value" on every mount.
         settings = {"fsname": "nbdproto", "subtype": "nbdproto", "max_read": MAX_REQUEST, "ro": export.read_only,
-                    "max_threads": 16}  # fmt: skip
+                    "max_threads": 16, "max_idle_threads": 16}  # fmt: skip
         _fuse.export = export
         operations = _operations(export, name, time.time(), session)
         try:

@@ -243,11 +243,11 @@ def test_plan_connection_takes_a_command_for_a_unix_socket_filled_in_later() -> 
 def test_info_and_list_of_a_server_command(peers: Any, capsys: Any) -> None:
     peers("nbdkit")
     assert main(["info", "--json", "--", "[", "nbdkit", "memory", "1G", "]"]) == 0
-    document = json.loads(capsys.readouterr().out)
-    assert document["size"] == 1 << 30 and document["uri"].startswith("nbd+unix:///?socket=")
-    assert not os.path.exists(document["uri"].split("socket=")[1])
+    (export,) = json.loads(capsys.readouterr().out)["exports"]
+    # nbdinfo's document, without the URI of the private socket, which is gone once info has printed.
+    assert export["export-size"] == 1 << 30 and "uri" not in export
     assert main(["list", "[", *SERVE, "--export", "one=memory:1M", "]"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["'one'"]
+    assert capsys.readouterr().out.splitlines() == ["one"]
 
 
 def test_copy_to_and_from_server_commands(peers: Any, tmp_path: Any, capsys: Any) -> None:
@@ -271,9 +271,7 @@ def test_bad_brackets_are_usage_errors(capsys: Any) -> None:
         (["info", "--", "[", "nbdkit", "memory", "1G"], "'[' without a matching ']'"),
         (["copy", "[", "]", "out.img"], "'[ ]' names no server command"),
     ):
-        with pytest.raises(SystemExit) as exit_:
-            main(argv)
-        assert exit_.value.code == 2
+        assert main(argv) == 1  # nbdinfo's and nbdcopy's status for a usage error
         assert message in capsys.readouterr().err
     assert main(["info", "[", "no-such-nbd-server", "]"]) == 1
     assert "the server command 'no-such-nbd-server' exited with status 127" in capsys.readouterr().err

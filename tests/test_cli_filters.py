@@ -39,9 +39,9 @@ pytestmark = pytest.mark.timeout(120)
         ("stats:file=", "a path cannot be empty"),
     ],
 )
-def test_a_bad_filter_is_one_line_and_status_2_before_serving(spec: str, message: str) -> None:
+def test_a_bad_filter_is_one_line_and_status_1_before_serving(spec: str, message: str) -> None:
     result = run_cli("serve", "--port", "0", "--memory", "1M", "--filter", spec, timeout=30)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "serving" not in result.stdout
 
@@ -57,7 +57,7 @@ def test_filter_settings_that_do_not_suit_the_device_are_usage_errors(tmp_path: 
     ]
     for args, message in cases:
         result = run_cli("serve", "--port", "0", *args, timeout=30)
-        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
     assert image.read_bytes() == b"data" and not overlay.exists()
 
 

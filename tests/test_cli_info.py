@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import nbdproto_threads as nt
+from nbdproto import parse_uri
 from nbdproto.cli import main
 from nbdproto.devices import FileDevice, MemoryDevice
 from tests.conftest import PEER_ENV
@@ -164,21 +165,80 @@ def test_list_shows_every_export_with_details(peers: Any) -> None:
     assert mine.stdout.splitlines()[1:] == theirs.stdout.splitlines()[1:]
     assert mine.stdout.startswith("protocol: newstyle-fixed without TLS, using extended packets\n")
     assert 'export="file":\n\tdescription: a sparse file\n\texport-size: 8388608 (8M)\n' in mine.stdout
-    assert listed["protocol"] == {"tls": False, "structured_replies": True, "extended_headers": True}
-    by_name = {e["export_name"]: e for e in listed["exports"]}
+    assert (listed["protocol"], listed["TLS"], listed["structured"], listed["extended"]) == ("newstyle-fixed", False,
+                                                                                             True, True)  # fmt: skip
+    by_name = {e["export-name"]: e for e in listed["exports"]}
     assert set(by_name) == {"file", "mem"}
-    assert by_name["mem"]["size"] == 4 * MIB and by_name["mem"]["capabilities"]["read_only"] is True
-    assert by_name["file"]["meta_contexts"] == ["base:allocation"]
-    assert by_name["file"]["block_size"]["advertised"] is True and by_name["file"]["uri"].endswith("/file")
+    assert by_name["mem"]["export-size"] == 4 * MIB and by_name["mem"]["is_read_only"] is True
+    assert by_name["file"]["contexts"] == ["base:allocation"]
+    assert by_name["file"]["block_size_minimum"] == 1 and by_name["file"]["uri"].endswith("/file")
+    assert "content" not in by_name["file"]  # nbdinfo --list reads no export, unless --content
 
 
 def test_info_text_and_size_equal_nbdinfo_on_qemu_nbd(peers: Any) -> None:
     peers("nbdinfo", "qemu-nbd", "qemu-img", "qemu-io")
     with qemu_nbd_with_bitmap() as uri:
-        theirs = nbdinfo("--no-content", uri).stdout
-        mine = ours(uri).stdout
+        theirs, mine = nbdinfo(uri).stdout, ours(uri).stdout
+        bare, mine_bare = nbdinfo("--no-content", uri).stdout, ours("--no-content", uri).stdout
         size, their_size = ours("--size", uri).stdout, nbdinfo("--size", uri).stdout
         document = json.loads(ours("--json", uri).stdout)
-    assert mine == theirs  # qemu-nbd speaks no extended headers: every line is the same, contexts included
+    # qemu-nbd speaks no extended headers: every line is the same, contexts and content (file(1)) included.
+    assert mine == theirs and "\tcontent: " in mine
+    assert mine_bare == bare and "content" not in mine_bare
     assert size == their_size == "8388608\n"
-    assert document["meta_contexts"] == ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]
+    assert document["exports"][0]["contexts"] == ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]
+
+
+OURS_ONLY = {"extended", "can_resize", "can_block_status_payload"}
+"""Keys of our --json that nbdinfo 1.14 does not print: what we know of the export besides (newer nbdinfo prints
+"extended" too)."""
+
+
+def same_document(theirs: dict[str, Any], mine: dict[str, Any], where: str) -> None:
+    """nbdinfo's --json document and ours, key by key: the same keys but OURS_ONLY, the same values but the
+    URI, compared as what it points at (nbdinfo prints libnbd's rendering of it, we the one we were given)."""
+    assert set(mine) - OURS_ONLY == set(theirs), where
+    for key in theirs:
+        if key != "exports":
+            assert mine[key] == theirs[key], (where, key)
+    assert len(mine["exports"]) == len(theirs["exports"]), where
+    for their_export, my_export in zip(theirs["exports"], mine["exports"], strict=True):
+        assert set(my_export) - OURS_ONLY == set(their_export), (where, set(my_export) ^ set(their_export))
+        for key, value in their_export.items():
+            if key == "uri":
+                assert parse_uri(my_export[key]) == parse_uri(value), (where, key)
+            else:
+                assert my_export[key] == value, (where, their_export["export-name"], key)
+
+
+@contextlib.contextmanager
+def nbdkit_exports() -> Iterator[str]:
+    """nbdkit serving two exports (file and memory) with descriptions, on a unix socket; the base URI."""
+    with tempfile.TemporaryDirectory(prefix="nbdproto-json-") as tmp:
+        image, sock = os.path.join(tmp, "disk.img"), os.path.join(tmp, "nbd.sock")
+        sparse_image(image)
+        command = ["nbdkit", "-f", "-U", sock, "--filter=exportname", "file", image, "exportname=a",
+                   "exportname=b", "exportname-list=explicit", "exportdesc=fixed:an nbdkit export"]  # fmt: skip
+        with serving_on_socket(command, sock, "nbdkit"):
+            yield f"nbd+unix:///{{}}?socket={sock}"
+
+
+@pytest.mark.parametrize("server", ["nbdkit", "qemu-nbd", "threads", "asyncio"])
+def test_json_is_nbdinfos_document_on_every_server(server: str, peers: Any) -> None:
+    """``info --json`` and ``info --list --json`` against ``nbdinfo --json`` on the same servers (nbdkit,
+    qemu-nbd, both our backends), parsed and compared key by key: the schema is nbdinfo's."""
+    peers("nbdinfo", "nbdkit", "qemu-nbd", "qemu-img", "qemu-io")
+    with contextlib.ExitStack() as stack:
+        if server == "nbdkit":
+            uris = [stack.enter_context(nbdkit_exports()).format("a")]
+        elif server == "qemu-nbd":
+            uris = [stack.enter_context(qemu_nbd_with_bitmap())]
+        else:
+            base = stack.enter_context(our_server(server))
+            uris = [base.format("file"), base.format("mem")]
+        for uri in uris:
+            for args in (["--json"], ["--json", "--no-content"], ["--json", "--list"], ["--json", "--list",
+                                                                                         "--content"]):  # fmt: skip
+                theirs, mine = nbdinfo(*args, uri), ours(*args, uri)
+                assert theirs.returncode == mine.returncode == 0, (args, theirs.stderr, mine.stderr)
+                same_document(json.loads(theirs.stdout), json.loads(mine.stdout), f"{server} {uri} {args}")

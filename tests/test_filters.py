@@ -4,9 +4,9 @@ against a bytearray model, their capabilities over different inner devices, and 
 from __future__ import annotations
 
 import errno
-import random
 import io
 import os
+import random
 import re
 import threading
 import time

@@ -28,6 +28,8 @@ from tests.threaded import run_threads
 pytestmark = pytest.mark.timeout(90)
 MIB = 1 << 20
 CLI = [sys.executable, "-m", "nbdproto"]
+NBDPROTO = os.path.join(os.path.dirname(sys.executable), "nbdproto")
+"""The console script pip installed, as a user runs it."""
 
 
 @pytest.fixture
@@ -111,8 +113,8 @@ def test_the_mounted_file_is_the_export(tmp_path: Path, fuse_available: None, pe
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     with server(tmp_path / "src.img") as (_, uri), fuse(uri, mountpoint):
-        disk = mountpoint / "disk"
-        assert sorted(os.listdir(mountpoint)) == ["disk"] and disk.stat().st_size == len(image_bytes)
+        disk = mountpoint / "nbd"  # nbdfuse's default name
+        assert sorted(os.listdir(mountpoint)) == ["nbd"] and disk.stat().st_size == len(image_bytes)
         assert subprocess.run(["cmp", str(disk), str(tmp_path / "src.img")], timeout=30).returncode == 0
         sha = subprocess.run(["sha256sum", str(disk)], capture_output=True, text=True, timeout=30).stdout.split()[0]
         assert sha == hashlib.sha256(image_bytes).hexdigest()
@@ -137,7 +139,7 @@ def test_parallel_reads_and_writes(tmp_path: Path, fuse_available: None) -> None
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     with server(tmp_path / "src.img") as (_, uri), fuse(uri, mountpoint):
-        fd = os.open(mountpoint / "disk", os.O_RDWR)
+        fd = os.open(mountpoint / "nbd", os.O_RDWR)
 
         def worker(n: int) -> None:
             for i in range(20):
@@ -161,11 +163,11 @@ def test_read_only_refuses_writes(tmp_path: Path, fuse_available: None) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     with server(tmp_path / "src.img") as (_, uri), fuse(uri, mountpoint, "--read-only"):
-        assert (mountpoint / "disk").stat().st_mode & 0o222 == 0
+        assert (mountpoint / "nbd").stat().st_mode & 0o222 == 0
         with pytest.raises(OSError) as refused:
-            os.open(mountpoint / "disk", os.O_WRONLY)
+            os.open(mountpoint / "nbd", os.O_WRONLY)
         assert refused.value.errno in (30, 13)  # EROFS (or EACCES from the kernel's own check)
-        assert (mountpoint / "disk").read_bytes()[:4] == (tmp_path / "src.img").read_bytes()[:4]
+        assert (mountpoint / "nbd").read_bytes()[:4] == (tmp_path / "src.img").read_bytes()[:4]
 
 
 def test_killing_the_server_gives_eio_then_unmounts(tmp_path: Path, fuse_available: None) -> None:
@@ -173,7 +175,7 @@ def test_killing_the_server_gives_eio_then_unmounts(tmp_path: Path, fuse_availab
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     with server(tmp_path / "src.img") as (serve, uri), fuse(uri, mountpoint) as mounted:
-        fd = os.open(mountpoint / "disk", os.O_RDONLY)
+        fd = os.open(mountpoint / "nbd", os.O_RDONLY)
         try:
             assert len(os.pread(fd, 65536, 0)) == 65536
             serve.kill()
@@ -189,8 +191,45 @@ def test_killing_the_server_gives_eio_then_unmounts(tmp_path: Path, fuse_availab
             os.close(fd)
         wait_for(lambda: mounted.poll() is not None, "fuse to exit once the file was closed")
         assert mounted.returncode == 1
-        assert mounted.stderr is not None and b"connection to the server was lost" in mounted.stderr.read()
+        assert mounted.stderr is not None
+        said = mounted.stderr.read().decode()
+        # Said once while the open file kept the mount, once when it went: not once per connection.
+        assert said.count("connection to the server was lost") == 2, said
+        assert "Traceback" not in said and "Ignoring invalid max threads value" not in said, said
     assert not is_mounted(mountpoint)
+
+
+def test_a_lost_server_with_the_file_closed_is_one_line(tmp_path: Path, fuse_available: None) -> None:
+    make_image(tmp_path / "src.img")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with server(tmp_path / "src.img") as (serve, uri), fuse(uri, mountpoint) as mounted:
+        serve.kill()
+        serve.wait(10)
+        wait_for(lambda: mounted.poll() is not None, "fuse to exit: nothing has the file open")
+        assert mounted.returncode == 1 and mounted.stderr is not None
+        (line,) = mounted.stderr.read().decode().splitlines()
+        assert line.startswith("nbdproto fuse: the connection to the server was lost") and "unmounted" in line
+    assert not is_mounted(mountpoint)
+
+
+def test_nbdfuses_argument_order_and_file_name(tmp_path: Path, fuse_available: None) -> None:
+    """``nbdproto fuse MOUNTPOINT[/FILENAME] URI`` as nbdfuse takes it; libfuse says nothing on the way."""
+    image_bytes = make_image(tmp_path / "src.img")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with server(tmp_path / "src.img") as (_, uri):
+        for target, name in ((mountpoint, "nbd"), (mountpoint / "disk.raw", "disk.raw")):
+            proc = subprocess.Popen([NBDPROTO, "fuse", str(target), uri], stderr=subprocess.PIPE, env=PEER_ENV)
+            try:
+                wait_for(lambda p=proc: is_mounted(mountpoint) or p.poll() is not None, "the mount")  # type: ignore[misc]
+                assert os.listdir(mountpoint) == [name]
+                assert (mountpoint / name).read_bytes() == image_bytes
+            finally:
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(20) == 0
+                assert proc.stderr is not None and proc.stderr.read() == b""  # no "Ignoring invalid max threads"
+            assert not is_mounted(mountpoint)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -199,7 +238,7 @@ def test_a_signal_unmounts(tmp_path: Path, sig: int, fuse_available: None) -> No
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     with server(tmp_path / "src.img") as (_, uri), fuse(uri, mountpoint) as mounted:
-        assert (mountpoint / "disk").stat().st_size == 16 * MIB
+        assert (mountpoint / "nbd").stat().st_size == 16 * MIB
         mounted.send_signal(sig)
         assert mounted.wait(20) == 0
         assert not is_mounted(mountpoint)
@@ -207,9 +246,16 @@ def test_a_signal_unmounts(tmp_path: Path, sig: int, fuse_available: None) -> No
 
 
 def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
-    result = subprocess.run([*CLI, "fuse", "nbd://127.0.0.1:1/", str(tmp_path / "nowhere")], capture_output=True,
-                            text=True, timeout=30)  # fmt: skip
-    assert result.returncode == 2 and "not a directory" in result.stderr
+    for args, message in (
+        (["nbd://127.0.0.1:1/", str(tmp_path / "nowhere")], "not a directory"),  # our order: a directory only
+        ([str(tmp_path / "no" / "such" / "file"), "nbd://127.0.0.1:1/"], "not a directory"),
+        ([str(tmp_path), str(tmp_path)], "is an NBD URI"),
+        ([str(tmp_path / "f"), "nbd://127.0.0.1:1/", "--name", "g"], "names the file already"),
+        (["nbd://127.0.0.1:1/", str(tmp_path), "-C", "0"], "must be at least 1"),
+    ):
+        result = subprocess.run([NBDPROTO, "fuse", *args], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     (tmp_path / "mnt").mkdir()
     result = subprocess.run([*CLI, "fuse", "nbd://127.0.0.1:1/", str(tmp_path / "mnt")], capture_output=True,
                             text=True, timeout=30)  # fmt: skip

@@ -185,7 +185,7 @@ def test_fork_fails_with_the_childs_status_and_error(tmp_path: Any) -> None:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     result = run(*SERVE, f"nbd://127.0.0.1:{port}/", "--socket", str(tmp_path / "s"), "--fork")
-    assert result.returncode == 2 and "nbdproto serve:" in result.stderr and result.stdout == ""
+    assert result.returncode == 1 and "nbdproto serve:" in result.stderr and result.stdout == ""
     assert not (tmp_path / "s").exists()
 
 
@@ -256,13 +256,13 @@ def test_oneshot_serves_one_client_refuses_another_then_exits(tmp_path: Any) -> 
         (["--fork", "--exit-with-parent"], "--fork and --exit-with-parent cannot be combined"),
         (["--allow-client-dn", "CN=*"], "--allow-client-dn needs --tls-verify-client"),
         (["--allow-address", "10.0.0.0/33"], "--allow-address: '10.0.0.0/33' is not an address or network"),
-        (["--max-connections", "-1"], "--max-connections -1: must be 1 or more"),
+        (["--max-connections", "-1"], "--max-connections: '-1' must be at least 0"),
         (["--pid-file", "/no/such/dir/pid"], "--pid-file /no/such/dir/pid: no such directory /no/such/dir"),
     ],
 )
 def test_helper_usage_errors(args: list[str], message: str) -> None:
     result = run(*SERVE, "--memory", "1M", "--port", "0", *args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.returncode == 1 and message in result.stderr, result.stderr
 
 
 def test_socket_under_socket_activation_is_a_usage_error(tmp_path: Any) -> None:
@@ -271,6 +271,6 @@ def test_socket_under_socket_activation_is_a_usage_error(tmp_path: Any) -> None:
         passed.bind(str(tmp_path / "passed.sock"))
         passed.listen()
         pid = spawn_activated([*SERVE, "--socket", str(tmp_path / "s")], [passed], stderr=errors)
-    assert wait_for_exit(pid) == 2
+    assert wait_for_exit(pid) == 1
     with open(errors) as f:
         assert "--socket cannot be used under socket activation" in f.read()

@@ -170,16 +170,16 @@ def test_bad_mirrors_are_one_line_errors_before_serving(make: Any, message: str,
         with cli("mirror", primary, target, "--port", "0") as mirror:
             status = mirror.proc.wait(30)
             mirror.wait_for("err", lambda line: message in line, 30)
-    assert status == 2 and not mirror.out and len(mirror.err) == 1, (mirror.out, mirror.err)
+    assert status == 1 and not mirror.out and len(mirror.err) == 1, (mirror.out, mirror.err)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["nbd://127.0.0.1:1/", "s.img"], "PRIMARY nbd://127.0.0.1:1/: must be a file or memory:SIZE"),
-        (["memory:1M", "s.img", "--memory", "1M"], "--memory and --export do not apply"),
+        (["memory:1M", "s.img", "--memory", "1M"], "unrecognized arguments: --memory 1M"),  # not in --help either
         (["memory:1M", "s.img", "--copy-rate", "0"], "--copy-rate '0' must be positive"),
-        (["memory:1M", "s.img", "--copy-requests", "0"], "--copy-requests 0 must be at least 1"),
+        (["memory:1M", "s.img", "--copy-requests", "0"], "--copy-requests: '0' must be at least 1"),
         (["p.img", "p.img"], "PRIMARY and SECONDARY are the same file"),
     ],
 )
@@ -188,5 +188,5 @@ def test_bad_arguments(args: list[str], message: str, tmp_path: Any) -> None:
     with cli("mirror", *[str(tmp_path / a) if a.endswith(".img") else a for a in args], "--port", "0") as mirror:
         status = mirror.proc.wait(30)
         mirror.wait_for("err", lambda line: message in line, 30)
-    assert status == 2 and not mirror.out and len(mirror.err) == 1, mirror.err
+    assert status == 1 and not mirror.out and len(mirror.err) == 1, mirror.err
     assert not (tmp_path / "s.img").exists(), "nothing is created for a mirror that does not start"

@@ -1,6 +1,6 @@
 """The README's Python examples run as they are shown (on a free port instead of 10809), each in a fresh
 interpreter with a time limit, in a directory holding the images they name (disk.img, and disk.qcow2 made by
-qemu-img): the public API the README shows keeps working."""
+qemu-img): the public API the README shows keeps working. docs/'s are tests/test_docs_examples.py's."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ and through our servers. The real tools' interop is in test_s3_interop.py."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -357,7 +358,7 @@ def test_acknowledged_writes_survive_sigkill(s3_store: SeaweedFS, write_back: st
 )
 def test_bad_s3_arguments_are_one_line_usage_errors(args: list[str], message: str) -> None:
     done = subprocess.run([*CLI, "serve", "--port", "0", *args], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
+    assert done.returncode == 1
     assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
@@ -369,5 +370,39 @@ def test_serve_fails_at_start_with_one_line_for_a_missing_bucket_or_refused_cred
     ]:
         done = subprocess.run([*CLI, "serve", url, *common], capture_output=True, text=True, timeout=60,
                               env={**os.environ, **env})  # fmt: skip
-        assert done.returncode == 2
+        assert done.returncode == 1
         assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_single_object_offers_base_allocation_all_data(s3_store: SeaweedFS, peers: Any) -> None:
+    """``nbdinfo --map`` of ``serve s3://BUCKET/KEY`` (one object): one extent, all data (issue 29)."""
+    peers("nbdinfo")
+    key = new_key()
+    body = random.Random(2).randbytes(MIB + 512)
+    s3_store.client().put_object(Bucket=s3_store.bucket, Key=key, Body=body)
+    proc, uri = serve_s3(s3_store, key)
+    try:
+        mapped = subprocess.run(["nbdinfo", "--map", "--json", uri], capture_output=True, text=True, timeout=60)
+        assert mapped.returncode == 0, mapped.stderr
+        assert json.loads(mapped.stdout) == [{"offset": 0, "length": len(body), "type": 0, "description": "data"}]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_reopening_with_another_object_size_is_refused_at_start_up(s3_store: SeaweedFS) -> None:
+    """An image of 64K objects served with --object-size 1M once served every object as damaged (a warning each,
+    reads failing); the objects' sizes say which object size made it, and serve refuses with one line."""
+    key = new_key()
+    with open_image(s3_store, key, 4 * MIB, 64 * KIB) as device:
+        device.pwrite(os.urandom(300 * KIB), 0)
+        device.pwrite(b"x" * 10, 3 * MIB)
+    nbdproto = os.path.join(os.path.dirname(sys.executable), "nbdproto")  # the command pip installed
+    done = subprocess.run([nbdproto, "serve", "--port", "0", f"s3://{s3_store.bucket}/{key}", "--s3-endpoint",
+                           s3_store.endpoint, "--size", "4M", "--object-size", "1M"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **s3_store.env})  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert key in line and "objects of 65536 bytes" in line and "not 1048576" in line, line
+    with open_image(s3_store, key, 4 * MIB, 64 * KIB) as same:  # the size it was made with still opens it
+        assert read_all(same)[3 * MIB : 3 * MIB + 10] == b"x" * 10

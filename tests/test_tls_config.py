@@ -154,7 +154,7 @@ def test_below_python_3_13_a_psk_is_a_one_line_error_naming_the_version(tmp_path
         server_context(psk=keys)
     cli = [sys.executable, "-m", "nbdproto"]
     for args, status in (
-        (["serve", "--port", "0", "--tls", "require", "--tls-psk", keys], 2),
+        (["serve", "--port", "0", "--tls", "require", "--tls-psk", keys], 1),  # a usage error: 1, as nbdkit
         (["info", f"nbds://alice@127.0.0.1:1/?tls-psk-file={keys}"], 1),
         (["copy", f"nbds://alice@127.0.0.1:1/?tls-psk-file={keys}", "null:"], 1),
     ):

@@ -4,6 +4,7 @@
     nbdproto copy -- [ qemu-nbd -f qcow2 disk.qcow2 ] disk.raw
     nbdproto copy disk.img -- [ nbdkit memory 1G ]
     nbdproto list -- [ nbdproto serve --export a=memory:1M --export b=memory:2M ]
+    nbdproto fuse /mnt -- [ qemu-nbd -f qcow2 disk.qcow2 ]
 
 "[" and "]" are arguments of their own; what is between them is the command and its arguments, run with
 socket activation on a private unix socket for as long as the command lasts (nbdproto.sockets.ActivatedServer:
@@ -18,20 +19,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["CLIENT_COMMANDS", "bracketed", "starting_servers", "command_of"]
+from ._errors import UsageError
 
-CLIENT_COMMANDS = frozenset({"info", "list", "copy"})
+__all__ = ["CLIENT_COMMANDS", "bracketed", "starting_servers", "command_of", "was_started"]
+
+CLIENT_COMMANDS = frozenset({"info", "list", "copy", "fuse"})
 """The commands whose URIs may be server commands."""
 
 
 def bracketed(argv: Sequence[str]) -> list[str]:
     """``argv`` (the arguments after the program's name) with each ``[ CMD ARGS... ]`` of a client command made
     one argument that stands for the command (and a "--" just before it dropped), for argparse. A "[" without
-    its "]", or "[ ]", ends the program with a usage message and status 2, as argparse does."""
+    its "]", or "[ ]", is a UsageError."""
     argv = list(argv)
     if not argv or argv[0] not in CLIENT_COMMANDS:
         return argv
@@ -79,6 +81,7 @@ def starting_servers(*fields: str) -> Callable[[Callable[[Any], int]], Callable[
         @functools.wraps(function)
         def run(args: Any) -> int:
             commands = {name: command for name in fields if (command := command_of(getattr(args, name, None)))}
+            args.started = set(commands)
             if not commands:
                 return function(args)
             from nbdproto.sockets import ActivatedServer  # only here: the client commands start without it
@@ -103,6 +106,11 @@ def starting_servers(*fields: str) -> Callable[[Callable[[Any], int]], Callable[
     return decorate
 
 
+def was_started(args: Any, field: str) -> bool:
+    """Whether ``args.<field>`` is the URI of a server ``starting_servers`` started (for the command's length
+    only: a URI nobody can use afterwards)."""
+    return field in getattr(args, "started", ())
+
+
 def _usage(command: str, message: str) -> NoReturn:
-    print(f"nbdproto {command}: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise UsageError(message, f"nbdproto {command}")

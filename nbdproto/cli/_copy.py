@@ -1,8 +1,15 @@
 """``nbdproto copy SRC DST``: the command over ``nbdproto_threads.copy``, with nbdcopy's options.
 
-``--progress=FD`` writes nbdcopy's machine-readable progress to that descriptor: a line ``N/100`` each time the
-whole percentage done grows, the last one ``100/100``. ``--progress`` alone draws a bar on standard error
-(the default when standard error is a terminal); ``--no-progress`` draws nothing.
+Every option a script passes to nbdcopy is taken: ``-C N`` / ``--connections``, ``-R N`` / ``--requests``,
+``--request-size``, ``-S N`` / ``--sparse`` (the all-zero blocks searched for; 0: none), ``--no-extents``,
+``--queue-size``, ``--synchronous``, ``-T N`` / ``--threads`` (here: threads for local file I/O), ``--allocated``,
+``--destination-is-zero``, ``--flush``, ``-p`` / ``--progress[=FD]``, ``-v`` (what each end is, on stderr) and
+``-V``. ``--progress=FD`` writes nbdcopy's machine-readable progress to that descriptor: a line ``N/100`` each
+time the whole percentage done grows, the last one ``100/100``. ``--progress`` alone (``-p``) draws a bar on
+standard error (the default when standard error is a terminal); ``--no-progress`` draws nothing.
+
+A regular file as DST ends up the size of SRC, as with nbdcopy. Standard output closed early (``copy URI - |
+head -c 10``) ends the copy silently by SIGPIPE, Ctrl-C by SIGINT, as nbdcopy ends (see ``_errors``).
 """
 
 from __future__ import annotations
@@ -12,11 +19,11 @@ import os
 import sys
 from typing import Any
 
-import nbdproto
-from nbdproto_threads import CopyFailed, CopyProgress, copy
+from nbdproto.client import looks_like_uri
+from nbdproto_threads import SPARSE_DEFAULT, CopyProgress, copy
 
 from ._command_args import starting_servers
-from ._errors import UsageError, size_argument, timeout_of
+from ._errors import UsageError, count_argument, size_argument, timeout_of
 from ._query import add_connection_arguments, client_tls
 
 __all__ = ["add_copy_command", "copy_command"]
@@ -28,8 +35,47 @@ def add_copy_command(commands: Any) -> None:
     parser = commands.add_parser("copy", help="copy between NBD exports and files, sparse-aware and in parallel")
     parser.add_argument("src", metavar="SRC", nargs="?", help="NBD URI, file, or - (standard input)")
     parser.add_argument("dst", metavar="DST", nargs="?", help="NBD URI, file, - (standard output), or null:")
-    parser.add_argument("--connections", type=int, default=4, help="connections at each NBD end (default 4)")
-    parser.add_argument("--requests", type=int, default=2, help="requests in flight per connection (default 2)")
+    parser.add_argument(
+        "-C",
+        "--connections",
+        type=count_argument(1),
+        default=4,
+        metavar="N",
+        help="connections at each NBD end, when the server allows multi-conn (default 4)",
+    )
+    parser.add_argument(
+        "-R",
+        "--requests",
+        type=count_argument(1),
+        default=2,
+        metavar="N",
+        help="requests in flight per connection (default 2)",
+    )
+    parser.add_argument(
+        "-T",
+        "--threads",
+        type=count_argument(0),
+        default=0,
+        metavar="N",
+        help="threads for local file I/O (default 0: one for files in memory, four on disks)",
+    )
+    parser.add_argument(
+        "-S",
+        "--sparse",
+        metavar="N",
+        default=str(SPARSE_DEFAULT),
+        help=f"write all-zero blocks of N bytes in the data read as holes (a power of two of at "
+        f"least 512; 0: never; default {SPARSE_DEFAULT})",
+    )
+    parser.add_argument(
+        "--no-extents",
+        dest="extents",
+        action="store_false",
+        help="do not ask the source which parts are holes: read all of it",
+    )
+    parser.add_argument("--queue-size", metavar="SIZE", help="at most SIZE bytes of requests in flight")
+    parser.add_argument("--synchronous", action="store_true", help="one connection and one request at a time, in order")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say what each end is, on stderr")
     parser.add_argument("--request-size", metavar="SIZE", help="bytes per request (default 1M; e.g. 256K, 4M)")
     parser.add_argument(
         "--destination-is-zero",
@@ -42,6 +88,7 @@ def add_copy_command(commands: Any) -> None:
     )
     parser.add_argument("--flush", action="store_true", help="make the destination durable before exiting")
     parser.add_argument(
+        "-p",
         "--progress",
         nargs="?",
         const=_BAR,
@@ -53,8 +100,14 @@ def add_copy_command(commands: Any) -> None:
     add_connection_arguments(parser)
 
 
-def _is_uri(text: str) -> bool:
-    return "://" in text
+def _sparse(text: str) -> int:
+    """-S N: 0, or a power of two of at least 512 (nbdcopy's rule), in bytes or with a unit (4K)."""
+    if text.strip() == "0":
+        return 0
+    size = size_argument(text, "--sparse")
+    if size < 512 or size & (size - 1):
+        raise UsageError(f"--sparse {text}: must be 0 or a power of two of at least 512")
+    return size
 
 
 def _ends(args: argparse.Namespace) -> tuple[str, str]:
@@ -73,7 +126,9 @@ def _ends(args: argparse.Namespace) -> tuple[str, str]:
 def copy_command(args: argparse.Namespace) -> int:
     src, dst = _ends(args)
     request_size = size_argument(args.request_size, "--request-size") if args.request_size else None
-    tls_uri = src if _is_uri(src) else dst if _is_uri(dst) else None
+    queue_size = size_argument(args.queue_size, "--queue-size") if args.queue_size is not None else None
+    sparse = _sparse(args.sparse)
+    tls_uri = src if looks_like_uri(src) else dst if looks_like_uri(dst) else None
     tls = client_tls(args, tls_uri) if tls_uri else None
     progress: _ProgressBar | _ProgressLines | None = None
     if args.progress == _BAR or (args.progress == _AUTO and sys.stderr.isatty()):
@@ -81,8 +136,12 @@ def copy_command(args: argparse.Namespace) -> int:
     elif args.progress not in (None, _AUTO):
         progress = _ProgressLines(int(args.progress))
     options: dict[str, Any] = {"request_size": request_size} if request_size else {}
+
+    def say(line: str) -> None:
+        print(f"nbdproto copy: {line}", file=sys.stderr, flush=True)
+
     try:
-        copy(
+        done = copy(
             src,
             dst,
             connections=args.connections,
@@ -93,11 +152,16 @@ def copy_command(args: argparse.Namespace) -> int:
             allocated=args.allocated,
             flush=args.flush,
             timeout=timeout_of(args),
+            sparse=sparse,
+            extents=args.extents,
+            queue_size=queue_size,
+            synchronous=args.synchronous,
+            threads=args.threads,
+            verbose=say if args.verbose else None,
             **options,
         )
-    except (CopyFailed, nbdproto.NBDError, OSError, ValueError, NotImplementedError, nbdproto.ProtocolError) as exc:
-        print(f"nbdproto copy: {exc}", file=sys.stderr)
-        return 1
+        if args.verbose:
+            say(f"copied {done.copied} bytes, {done.data} of them as data")
     finally:
         if progress is not None:
             progress.close()

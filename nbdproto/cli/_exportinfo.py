@@ -1,55 +1,69 @@
-"""What ``nbdproto info`` says of an export: the stable JSON document, nbdinfo's text layout, and the answers
-to ``--can`` / ``--is``.
+"""What ``nbdproto info`` says of an export: nbdinfo's JSON document and text layout, the ``content:`` probe, and
+the answers to ``--can`` / ``--is``.
 
-The ``--json`` output of ``info`` is a stable schema (keys are only ever added, never renamed):
+``info --json`` prints nbdinfo's schema (libnbd 1.14), so that scripts written for nbdinfo parse ours:
 
     {
-      "uri": "nbd://127.0.0.1:10809/disk",
-      "export_name": "disk",            # the canonical name the server gave (NBD_INFO_NAME), else the one asked
-      "description": "",                # NBD_INFO_DESCRIPTION, "" when none
-      "size": 1073741824,
-      "block_size": {"minimum": 1, "preferred": 4096, "maximum": 33554432, "advertised": true},
-      "capabilities": {"read_only": false, "flush": true, "fua": true, "rotational": false, "trim": true,
-                       "zero": true, "fast_zero": true, "df": true, "multi_conn": true, "cache": true,
-                       "resize": false, "block_status_payload": false},
-      "meta_contexts": ["base:allocation"],   # every context the server offers for the export
-      "protocol": {"tls": false, "structured_replies": true, "extended_headers": true}
+      "protocol": "newstyle-fixed", "TLS": false, "structured": true,
+      "extended": true,                      # ours: extended headers agreed (newer nbdinfo prints it too)
+      "exports": [
+        {
+          "export-name": "disk",             # the server's canonical name, else the one asked for
+          "description": "...",              # only when the server gave one
+          "content": "DOS/MBR boot sector",  # file(1) on the first 8 KiB, unless --no-content (and --list)
+          "uri": "nbd://127.0.0.1/disk",     # not for a server started with [ CMD ] (its socket is gone)
+          "contexts": ["base:allocation"],   # every meta context the server offers for the export
+          "is_rotational": false, "is_read_only": false,
+          "can_cache": true, "can_df": true, "can_fast_zero": true, "can_flush": true, "can_fua": true,
+          "can_multi_conn": true, "can_trim": true, "can_zero": true,
+          "can_resize": false, "can_block_status_payload": false,   # ours
+          "block_size_minimum": 1, "block_size_preferred": 4096, "block_size_maximum": 33554432,
+                                             # only when the server stated its block sizes
+          "export-size": 1073741824, "export-size-str": "1G"
+        }
+      ]
     }
 
-``info --list --json`` prints ``{"protocol": {...}, "exports": [...]}``, each export a document of the same
-schema without "protocol" (and with "error" instead of the facts the server refused to give).
-
-The text layout is nbdinfo's (libnbd 1.14) without its content probe: a protocol line, then for each export
-``export="NAME":`` and tab-indented ``key: value`` lines (description, export-size, uri, contexts, is_*,
-can_*, block_size_*), so that people and scripts that read one read the other.
+The text layout is nbdinfo's: a protocol line, then for each export ``export="NAME":`` and tab-indented
+``key: value`` lines in the same order (without our extra keys).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
-from nbdproto import BASE_ALLOCATION, Export, ExportDetails, TransmissionFlags, format_uri, parse_uri
+from nbdproto import BASE_ALLOCATION, Export, TransmissionFlags
 from nbdproto_threads import Client
 
-__all__ = ["CAPABILITIES", "FEATURES", "document", "client_document", "details_document", "text_lines", "human_size"]
+__all__ = ["FEATURES", "CONTENT_BYTES", "export_document", "connection_document", "text_lines", "human_size",
+           "content_of", "protocol_line"]  # fmt: skip
 
 TF = TransmissionFlags
-CAPABILITIES = {
-    "read_only": TF.READ_ONLY,
-    "flush": TF.SEND_FLUSH,
-    "fua": TF.SEND_FUA,
-    "rotational": TF.ROTATIONAL,
-    "trim": TF.SEND_TRIM,
-    "zero": TF.SEND_WRITE_ZEROES,
-    "fast_zero": TF.SEND_FAST_ZERO,
-    "df": TF.SEND_DF,
-    "multi_conn": TF.CAN_MULTI_CONN,
-    "cache": TF.SEND_CACHE,
-    "resize": TF.SEND_RESIZE,
-    "block_status_payload": TF.BLOCK_STATUS_PAYLOAD,
+
+_NBDINFO_FLAGS = {
+    "can_cache": TF.SEND_CACHE,
+    "can_df": TF.SEND_DF,
+    "can_fast_zero": TF.SEND_FAST_ZERO,
+    "can_flush": TF.SEND_FLUSH,
+    "can_fua": TF.SEND_FUA,
+    "can_multi_conn": TF.CAN_MULTI_CONN,
+    "can_trim": TF.SEND_TRIM,
+    "can_zero": TF.SEND_WRITE_ZEROES,
 }
+"""nbdinfo's can_* keys, in its order, and the transmission flag each reports."""
+
+_OUR_FLAGS = {"can_resize": TF.SEND_RESIZE, "can_block_status_payload": TF.BLOCK_STATUS_PAYLOAD}
+"""What the export says that nbdinfo 1.14 does not show: extra keys of the JSON document."""
+
+CONTENT_BYTES = 8192
+"""How much of the export ``file`` sees for the ``content:`` line, as nbdinfo gives it."""
 
 
 def _flag(flag: TransmissionFlags) -> Callable[[Client], bool]:
@@ -79,87 +93,67 @@ FEATURES: dict[str, Callable[[Client], bool]] = {
 connected client: ``block-status`` is whether ``base:allocation`` was agreed."""
 
 
-def document(export: Export, uri: str, contexts: list[str]) -> dict[str, Any]:
-    """The stable JSON document of one export (without "protocol")."""
-    return {
-        "uri": uri,
-        "export_name": export.name,
-        "description": export.description,
-        "size": export.size,
-        "block_size": {
-            "minimum": export.minimum_block_size,
-            "preferred": export.preferred_block_size,
-            "maximum": export.maximum_payload,
-            "advertised": export.block_sizes_known,
-        },
-        "capabilities": {name: bool(export.flags & flag) for name, flag in CAPABILITIES.items()},
-        "meta_contexts": contexts,
-    }
+def connection_document(tls: bool, structured: bool, extended: bool) -> dict[str, Any]:
+    """The per-connection keys that open the document."""
+    return {"protocol": "newstyle-fixed", "TLS": tls, "structured": structured, "extended": extended}
 
 
-def client_document(client: Client, uri: str) -> dict[str, Any]:
-    """The ``info --json`` document of a connected client (contexts: those the server offered when asked,
-    else those agreed)."""
-    handshake = client.handshake
-    assert handshake is not None
-    offered = client.available_meta_contexts
-    contexts = sorted(offered if offered is not None else client.meta_contexts.values())
-    return {
-        **document(client.export, uri, contexts),
-        "protocol": {
-            "tls": client.engine.tls_active,
-            "structured_replies": handshake.structured_replies,
-            "extended_headers": handshake.extended_headers,
-        },
-    }
+def export_document(
+    export: Export, contexts: list[str] | None, uri: str | None = None, content: str | None = None, name: str = ""
+) -> dict[str, Any]:
+    """nbdinfo's document of one export (``name``: the name asked for, when the server gave no canonical one)."""
+    doc: dict[str, Any] = {"export-name": export.name or name}
+    if export.description:
+        doc["description"] = export.description
+    if content is not None:
+        doc["content"] = content
+    if uri is not None:
+        doc["uri"] = uri
+    if contexts is not None:
+        doc["contexts"] = contexts
+    doc["is_rotational"] = bool(export.flags & TF.ROTATIONAL)
+    doc["is_read_only"] = bool(export.flags & TF.READ_ONLY)
+    doc.update({key: bool(export.flags & flag) for key, flag in _NBDINFO_FLAGS.items()})
+    doc.update({key: bool(export.flags & flag) for key, flag in _OUR_FLAGS.items()})
+    if export.block_sizes_known:
+        doc["block_size_minimum"] = export.minimum_block_size
+        doc["block_size_preferred"] = export.preferred_block_size
+        doc["block_size_maximum"] = export.maximum_payload
+    doc["export-size"] = export.size
+    doc["export-size-str"] = human_size(export.size)
+    return doc
 
 
-def details_document(details: ExportDetails, base_uri: str) -> dict[str, Any]:
-    """The document of one export an opt-mode inquiry described (``--list``): "error" where it was refused."""
-    uri = format_uri(replace(parse_uri(base_uri), export_name=details.name))
-    contexts = sorted(details.meta_contexts or ())
-    if details.export is None:
-        return {"uri": uri, "export_name": details.name, "description": details.listed_description,
-                "meta_contexts": contexts, "error": "; ".join(str(e) for e in details.errors)}  # fmt: skip
-    return document(details.export, uri, contexts)
-
-
-def protocol_line(protocol: dict[str, bool]) -> str:
+def protocol_line(doc: dict[str, Any]) -> str:
     """nbdinfo's first line: how the handshake went."""
-    line = "protocol: newstyle-fixed " + ("with TLS" if protocol["tls"] else "without TLS")
-    if protocol["extended_headers"]:
-        return line + ", using extended packets"
-    return line + (", using structured packets" if protocol["structured_replies"] else "")
+    line = "protocol: newstyle-fixed " + ("with TLS" if doc["TLS"] else "without TLS")
+    return (
+        line
+        + ", using "
+        + ("extended" if doc["extended"] else "structured" if doc["structured"] else "simple")
+        + (" packets")
+    )
 
 
 def text_lines(doc: dict[str, Any]) -> Iterator[str]:
     """One export's lines in nbdinfo's layout (the protocol line is the caller's)."""
-    yield f'export="{doc["export_name"]}":'
+    yield f"export={json.dumps(doc['export-name'])}:"
     if doc.get("description"):
         yield f"\tdescription: {doc['description']}"
-    if "error" in doc:
-        yield f"\terror: {doc['error']}"
+    size, size_str = doc["export-size"], doc["export-size-str"]
+    yield f"\texport-size: {size}" + (f" ({size_str})" if size_str != str(size) else "")
+    if "content" in doc:
+        yield f"\tcontent: {doc['content']}"
+    if "uri" in doc:
         yield f"\turi: {doc['uri']}"
-        return
-    yield f"\texport-size: {doc['size']} ({human_size(doc['size'])})"
-    yield f"\turi: {doc['uri']}"
-    if doc["meta_contexts"]:
+    if "contexts" in doc:
         yield "\tcontexts:"
-        yield from (f"\t\t{name}" for name in doc["meta_contexts"])
-    caps = doc["capabilities"]
-    yield f"\tis_rotational: {_bool(caps['rotational'])}"
-    yield f"\tis_read_only: {_bool(caps['read_only'])}"
-    for name in ("cache", "df", "fast_zero", "flush", "fua", "multi_conn", "trim", "zero"):
-        yield f"\tcan_{name}: {_bool(caps[name])}"
-    sizes = doc["block_size"]
-    if sizes["advertised"]:
-        yield f"\tblock_size_minimum: {sizes['minimum']}"
-        yield f"\tblock_size_preferred: {sizes['preferred']}"
-        yield f"\tblock_size_maximum: {sizes['maximum']}"
-
-
-def _bool(value: bool) -> str:
-    return "true" if value else "false"
+        yield from (f"\t\t{name}" for name in doc["contexts"])
+    for key in ("is_rotational", "is_read_only", *_NBDINFO_FLAGS):
+        yield f"\t{key}: {'true' if doc[key] else 'false'}"
+    for key in ("block_size_minimum", "block_size_preferred", "block_size_maximum"):
+        if key in doc:
+            yield f"\t{key}: {doc[key]}"
 
 
 def human_size(size: int) -> str:
@@ -172,3 +166,28 @@ def human_size(size: int) -> str:
         size //= 1024
         unit = next_unit
     return f"{size}{unit}"
+
+
+def content_of(client: Client) -> str | None:
+    """What file(1) says of the export's first CONTENT_BYTES (nbdinfo's ``content:``); None where file is not
+    installed or says nothing, or the read fails (a best effort, as in nbdinfo)."""
+    program = shutil.which("file")
+    if program is None:
+        return None
+    try:
+        data = client.pread(min(client.size, CONTENT_BYTES), 0) if client.size else b""
+    except OSError:
+        return None
+    fd, path = tempfile.mkstemp(prefix="nbdproto-content-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        done = subprocess.run([program, "-b", path], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "LC_ALL": "C"})  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    line = done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else ""
+    return line or None

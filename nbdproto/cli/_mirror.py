@@ -7,7 +7,7 @@ stderr: a bar on a terminal, otherwise one line per percent (``mirror 42% comple
 ``mirror synchronised``; serving goes on until Ctrl-C or SIGTERM, which flush both sides. A secondary that
 fails, or stalls for ``--remote-timeout`` seconds, fails the mirror (``mirror failed: ...``; writes get EIO
 from then on, reads go on). Bad arguments and
-sides that cannot be mirrored (sizes that differ, a read-only secondary) are one-line errors, exit status 2,
+sides that cannot be mirrored (sizes that differ, a read-only secondary) are one-line errors, exit status 1,
 before anything is served.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from nbdproto import BlockDevice
 
-from ._errors import UsageError, size_argument
+from ._errors import UsageError, count_argument, size_argument
 from ._serve_options import add_serve_arguments
 from ._sources import Source, check_remote_timeout, open_source, parse_source
 
@@ -48,22 +48,22 @@ def add_mirror_command(commands: Any) -> None:
         help="show a progress bar (default: when stderr is a terminal; otherwise one line per percent)",
     )
     parser.add_argument(
-        "--copy-requests", type=int, default=4, metavar="N", help="pieces the background copy has in flight (4)"
+        "--copy-requests",
+        type=count_argument(1),
+        default=4,
+        metavar="N",
+        help="pieces the background copy has in flight (4)",
     )
     parser.add_argument(
         "--copy-rate",
         metavar="RATE",
         help="copy at most RATE bytes of data per second (e.g. 100M), leaving the disks to the clients",
     )
-    add_serve_arguments(parser)
+    add_serve_arguments(parser, exports=False)
 
 
 def _sides(args: argparse.Namespace) -> tuple[Source, Source | None]:
     """PRIMARY and SECONDARY as sources; None for a SECONDARY file that does not exist yet."""
-    if args.memory is not None or args.export:
-        raise UsageError("mirror serves PRIMARY alone: --memory and --export do not apply")
-    if args.copy_requests < 1:
-        raise UsageError(f"--copy-requests {args.copy_requests} must be at least 1")
     primary = parse_source(args.primary)
     if primary.kind not in ("file", "memory"):
         raise UsageError(f"PRIMARY {args.primary}: must be a file or memory:SIZE")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
 import logging
 import os
@@ -25,7 +26,7 @@ from nbdproto.tls import PskFileError, PskUnavailableError, server_context
 from nbdproto_threads import Server as ThreadsServer
 
 from ._bitmaps import Bitmaps
-from ._errors import UsageError, size_argument
+from ._errors import ImageInUse, UsageError, describe, size_argument
 from ._filters import Filtering, parse_filters
 from ._helper import Helper, connection_policy, listen
 from ._serve_options import DEFAULT_REMOTE_TIMEOUT
@@ -74,10 +75,15 @@ def _exports(args: argparse.Namespace) -> list[ExportArg]:
 
 
 def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsMode | None]:
+    given = [option for option, value in _TLS_ONLY.items() if getattr(args, value)]
     if args.tls == "off":
-        if args.tls_cert or args.tls_psk:
-            raise UsageError("--tls-cert and --tls-psk need --tls require (or --tls optional)")
+        if given:
+            # Each of them only means something with TLS on: served in plaintext, they would promise what is not.
+            raise UsageError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --tls require (or --tls "
+                             "optional): without it the server speaks plaintext")  # fmt: skip
         return None, None
+    if args.tls_key and not args.tls_cert:
+        raise UsageError("--tls-key needs --tls-cert: it is the key of that certificate")
     if not (args.tls_cert or args.tls_psk):
         raise UsageError(f"--tls {args.tls} needs --tls-cert (and --tls-key unless the key is in the same file) "
                          "or --tls-psk")  # fmt: skip
@@ -94,9 +100,19 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, nbdproto.TlsM
     except OSError as exc:  # ssl.SSLError too
         if args.tls_psk and _names(exc.filename, args.tls_psk):
             raise UsageError(f"--tls-psk: cannot read {args.tls_psk}: {exc.strerror or exc}") from None
-        raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
+        raise UsageError(f"cannot load the TLS certificate or key: {describe(exc)}") from None
     mode = nbdproto.TlsMode.FORCEDTLS if args.tls == "require" else nbdproto.TlsMode.SELECTIVETLS
     return context, mode
+
+
+_TLS_ONLY = {
+    "--tls-cert": "tls_cert",
+    "--tls-key": "tls_key",
+    "--tls-ca": "tls_ca",
+    "--tls-psk": "tls_psk",
+    "--tls-verify-client": "tls_verify_client",
+}
+"""The options that only mean something with --tls optional or require (and the argparse names)."""
 
 
 def _names(filename: object, path: str) -> bool:
@@ -217,7 +233,9 @@ def serve_opened(
         filtering.close()
         if isinstance(exc, UsageError):
             raise
-        raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
+        if exc.errno == errno.EBUSY:  # another server writes it (its S3 lease, its bitmaps' lock)
+            raise ImageInUse(str(exc)) from None
+        raise UsageError(_cannot_open(exc, args.read_only)) from None
     except BaseException:
         listening.close()
         filtering.close()
@@ -256,6 +274,14 @@ def serve_opened(
     if not quiet:
         print("stopped", flush=True)
     return status
+
+
+def _cannot_open(exc: OSError, read_only: bool) -> str:
+    """Why a source could not be opened, naming it; for a file that may not be written, the way out."""
+    message = f"cannot open {exc.filename}: {exc.strerror or exc}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not read_only:
+        message += " (serve it with --read-only?)"
+    return message
 
 
 def _serve_here(job: _Serving) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import nbdproto
 
 from ._bitmaps import add_bitmap_arguments
+from ._errors import count_argument, port_argument, seconds_argument
 
 __all__ = ["add_serve_command", "add_serve_arguments", "DEFAULT_REMOTE_TIMEOUT"]
 
@@ -41,16 +42,22 @@ def add_serve_command(commands: Any) -> None:
     _add_s3_arguments(serve)
 
 
-def add_serve_arguments(serve: Any) -> None:
-    """Everything but SOURCE: also the options of ``nbdproto mirror``, which serves its primary the same way."""
+def add_serve_arguments(serve: Any, *, exports: bool = True) -> None:
+    """Everything but SOURCE: also the options of ``nbdproto mirror``, which serves its primary the same way
+    (``exports=False``: without --memory and --export, which name what to serve: mirror's PRIMARY does)."""
     serve.add_argument("-v", "--verbose", action="store_true", help="log connections and errors")
-    serve.add_argument("--memory", metavar="SIZE", help="serve a sparse in-memory disk of SIZE (e.g. 1G, 512M)")
+    if exports:
+        serve.add_argument("--memory", metavar="SIZE", help="serve a sparse in-memory disk of SIZE (e.g. 1G, 512M)")
     serve.add_argument("--name", default="", help="export name (default: the empty default export)")
     serve.add_argument("--description", default="", help="export description shown by nbdinfo")
     serve.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
     serve.add_argument("--host", default="127.0.0.1", action=_Address, help="address to listen on (default 127.0.0.1)")
     serve.add_argument(
-        "--port", type=int, default=nbdproto.DEFAULT_PORT, action=_Address, help="TCP port (default 10809; 0: any)"
+        "--port",
+        type=port_argument,
+        default=nbdproto.DEFAULT_PORT,
+        action=_Address,
+        help="TCP port (default 10809; 0: any)",
     )
     serve.add_argument("--socket", metavar="PATH", help="listen on a unix socket instead of TCP")
     serve.set_defaults(address_given=False)
@@ -75,7 +82,7 @@ def add_serve_arguments(serve: Any) -> None:
     )
     serve.add_argument(
         "--busy-poll",
-        type=int,
+        type=count_argument(0),
         default=0,
         metavar="MICROSECONDS",
         help="threads backend: after replying, spin this long on the connection before sleeping until the next "
@@ -85,7 +92,7 @@ def add_serve_arguments(serve: Any) -> None:
     limits = nbdproto.ServerLimits()
     serve.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=seconds_argument,
         default=limits.handshake_timeout,
         metavar="SECONDS",
         help=f"close a connection whose handshake (TLS included) takes longer (default {limits.handshake_timeout:g}; "
@@ -93,7 +100,7 @@ def add_serve_arguments(serve: Any) -> None:
     )
     serve.add_argument(
         "--request-timeout",
-        type=float,
+        type=seconds_argument,
         default=limits.request_timeout,
         metavar="SECONDS",
         help="close a connection when the rest of a request (a header, a write's payload) stops arriving for this "
@@ -101,7 +108,7 @@ def add_serve_arguments(serve: Any) -> None:
     )
     serve.add_argument(
         "--idle-timeout",
-        type=float,
+        type=seconds_argument,
         default=0,
         metavar="SECONDS",
         help="close a connection with nothing in flight that sends nothing for this long (default 0: never)",
@@ -125,7 +132,7 @@ def add_serve_arguments(serve: Any) -> None:
     )
     serve.add_argument(
         "--shutdown-grace",
-        type=float,
+        type=seconds_argument,
         default=limits.shutdown_grace,
         metavar="SECONDS",
         help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before every connection is "
@@ -141,13 +148,14 @@ def add_serve_arguments(serve: Any) -> None:
         "commands=read+write,trigger=PATH], log[:file=PATH], stats[:file=PATH] (printed at exit and on "
         "SIGUSR1), blocksize[:minimum=4K,maximum=1M]",
     )
-    serve.add_argument(
-        "--export",
-        action="append",
-        default=[],
-        metavar="NAME=SOURCE",
-        help="serve another export (repeatable); SOURCE as above",
-    )
+    if exports:
+        serve.add_argument(
+            "--export",
+            action="append",
+            default=[],
+            metavar="NAME=SOURCE",
+            help="serve another export (repeatable); SOURCE as above",
+        )
     add_bitmap_arguments(serve)
     _add_helper_arguments(serve)
 
@@ -186,7 +194,7 @@ def _add_helper_arguments(serve: Any) -> None:
     )
     policy.add_argument(
         "--max-connections",
-        type=int,
+        type=count_argument(0),
         default=0,
         metavar="N",
         help="serve at most N clients at a time; more are refused (closed before the greeting) until one leaves "

@@ -67,9 +67,14 @@ def parse_source(text: str) -> Source:
 
 
 def open_source(source: Source, *, read_only: bool, remote_timeout: float = DEFAULT_REMOTE_TIMEOUT) -> BlockDevice:
-    """The device that serves ``source`` (OSError when it cannot be opened); ``remote_timeout`` bounds each
-    request to a remote one (an NBD server, an object store)."""
-    return _KINDS[source.kind](source, read_only, remote_timeout)
+    """The device that serves ``source`` (OSError naming it when it cannot be opened); ``remote_timeout`` bounds
+    each request to a remote one (an NBD server, an object store)."""
+    try:
+        return _KINDS[source.kind](source, read_only, remote_timeout)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), source.target) from None
+        raise
 
 
 def check_remote_timeout(seconds: float) -> float:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from ._negotiation import ClientNegotiation, ExportDetails, Inquiry, NegotiationError, plan_connection
 from ._session import Awaiting, Blocking, ClientRequests, ClientSessionLogic, ConnectOptions
-from ._uri import NbdUri, format_uri, parse_uri
+from ._uri import NbdUri, connect_error, format_uri, looks_like_uri, parse_uri
 
 __all__ = [
     "NbdUri",
     "parse_uri",
     "format_uri",
+    "connect_error",
+    "looks_like_uri",
     "ClientNegotiation",
     "NegotiationError",
     "ExportDetails",

@@ -2,8 +2,9 @@
 
 Every device implements one synchronous protocol, ``nbdproto.BlockDevice`` (re-exported here); the threads
 server calls it from its connection threads, the anyio server from worker threads or, for devices that never
-block, inline. ``MemoryDevice`` is a sparse disk in memory (``SharedMemoryDevice`` one that forked processes
-share); ``FileDevice`` a regular file or block device;
+block, inline. ``DeviceBase`` is the base of a device written from scratch, whose capabilities follow from the
+methods it defines. ``MemoryDevice`` is a sparse disk in memory (``SharedMemoryDevice`` one that forked
+processes share); ``FileDevice`` a regular file or block device;
 ``S3Device`` an image on S3-compatible object storage (the ``nbdproto[s3]`` extra).
 
 Filters wrap a device and are devices themselves, so they stack (nbdkit's filters, in Python): ``Filter`` is
@@ -26,6 +27,7 @@ from nbdproto.serving import lazy_names
 if TYPE_CHECKING:
     from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch
 
+    from ._base import DeviceBase
     from ._blocksize import BlockSizeFilter
     from ._cow import CowFilter
     from ._delay import DelayFilter
@@ -50,6 +52,7 @@ _WHERE = {
     "DeviceCapabilities": "nbdproto",
     "Dispatch": "nbdproto",
     "check_range": "._ranges",
+    "DeviceBase": "._base",
     "MemoryDevice": "._memory",
     "FileDevice": "._file",
     "SharedMemoryDevice": "._sharedmemory",
@@ -80,6 +83,7 @@ __all__ = [
     "DeviceCapabilities",
     "Dispatch",
     "check_range",
+    "DeviceBase",
     "MemoryDevice",
     "FileDevice",
     "SharedMemoryDevice",

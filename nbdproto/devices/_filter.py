@@ -9,9 +9,9 @@ A filter that decides per instance that it leaves a call alone (a delay filter w
 with ``_pass_through("pread_into")``.
 
 Capabilities are the filter's own nature combined with the inner device's: ``_capabilities_over(inner)``
-returns the inner device's by default, and a filter changes the fields it affects with
-``dataclasses.replace`` (a cow overlay can write over a read-only base; a delay filter over a read-only
-device stays read-only). The optional extras of ``nbdproto.BlockDevice``:
+returns the inner device's by default (less what it has no method for, ``nbdproto.capabilities_of``), and a
+filter changes the fields it affects with ``dataclasses.replace`` (a cow overlay can write over a read-only
+base; a delay filter over a read-only device stays read-only). The optional extras of ``nbdproto.BlockDevice``:
 
 - ``dispatch``: the inner device's, unless the filter says otherwise (one that sleeps asks for "threads", so
   that a server never sleeps on its event loop).
@@ -36,7 +36,7 @@ import errno
 from collections.abc import Sequence
 from typing import Any
 
-from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch, dispatch_of
+from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, Dispatch, capabilities_of, dispatch_of
 
 __all__ = ["Filter", "CALLS", "FILTER_COMMANDS", "slower_dispatch"]
 
@@ -88,7 +88,9 @@ class Filter:
         for name in names:
             if name not in CALLS:
                 raise ValueError(f"{name!r} is not a call a filter passes through (one of {CALLS})")
-            setattr(self, name, getattr(inner, name))
+            method = getattr(inner, name, None)
+            if method is not None:  # one the inner device lacks is not advertised (capabilities_of): never called
+                setattr(self, name, method)
             self._passed.add(name)
         extras: tuple[str, ...] = ("read_view", "fileno") if "pread_into" in names else ()
         if {"pwrite", "flush"} <= self._passed:
@@ -108,7 +110,7 @@ class Filter:
 
     @property
     def capabilities(self) -> DeviceCapabilities:
-        return self._capabilities_over(self.inner.capabilities)
+        return self._capabilities_over(capabilities_of(self.inner))
 
     def _capabilities_over(self, inner: DeviceCapabilities) -> DeviceCapabilities:
         """What this filter can do over an inner device that can do ``inner`` (by default, the same)."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -47,6 +48,7 @@ from nbdproto.wire import BASE_ALLOCATION
 
 from ._ranges import HOLE, check_range
 from ._s3cache import WriteBackCache
+from ._s3layout import check_object_size
 from ._s3lease import Lease, lease_duration
 from ._s3store import ObjectStore, S3Settings, StoreError, object_key, parse_object_key
 
@@ -147,9 +149,8 @@ class S3Device:
         self._size = found
         self._object_size = 0
         self._present = bytearray()
-        self._capabilities = DeviceCapabilities(
-            can_write=False, can_multi_conn=True, preferred_block_size=4096, meta_contexts=()
-        )
+        # base:allocation all data, so that clients that ask (nbdinfo --map, qemu-img) get an answer.
+        self._capabilities = DeviceCapabilities(can_write=False, can_multi_conn=True, preferred_block_size=4096)
 
     def _open_image(self, size: int, object_size: int, read_only: bool, write_back: int, parallel: int) -> None:
         if object_size <= 0 or object_size & (object_size - 1) or object_size > _MAX_OBJECT_SIZE:
@@ -161,16 +162,19 @@ class S3Device:
             raise ValueError(f"{count} objects of {object_size} bytes are too many: use a bigger object size")
         self._size, self._object_size = size, object_size
         self._present = bytearray(count)
-        wrong = 0
+        wrong_sizes: list[tuple[str, int]] = []
+        sizes: Counter[int] = Counter()
         for name, length in self._store.list(self.key + "/"):
             index = parse_object_key(self.key, name)
             if index is None or index >= count:
                 continue
             self._present[index] = 1
-            if length != object_size:
-                wrong += 1
-                if wrong <= 10:
-                    log.warning("%s: %s has %d bytes, not %d: reads of it fail", self.name, name, length, object_size)
+            sizes[length] += 1
+            if length != object_size and len(wrong_sizes) < 10:
+                wrong_sizes.append((name, length))
+        check_object_size(self.name, sizes, object_size)  # another object size: refused here, not read as damage
+        for name, length in wrong_sizes:
+            log.warning("%s: %s has %d bytes, not %d: reads of it fail", self.name, name, length, object_size)
         preferred = min(object_size, _MAX_PREFERRED)
         self._capabilities = DeviceCapabilities(
             can_write=not read_only,

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
         enter_connection,
     )
     from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
-    from ._export import DeviceCapabilities, ExportSpec, answer_export_request, export_for
+    from ._export import DeviceCapabilities, ExportSpec, answer_export_request, capabilities_of, export_for
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._log import ConnectionLog
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
@@ -81,6 +81,7 @@ _LAZY = {
     "Dispatch": "._device",
     "dispatch_of": "._device",
     "DeviceCapabilities": "._export",
+    "capabilities_of": "._export",
     "export_for": "._export",
     "ExportSpec": "._export",
     "answer_export_request": "._export",
@@ -149,6 +150,7 @@ __all__ = [
     "export_for",
     "ExportSpec",
     "answer_export_request",
+    "capabilities_of",
     "ServerLimits",
     "DEFAULT_LIMITS",
     "RequestBudget",

@@ -14,7 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from nbdproto.engine import Export, ExportRequested, ExportUnknown
 from nbdproto.wire import BASE_ALLOCATION, DEFAULT_MAX_PAYLOAD, Option, OptionReplyType, TransmissionFlags
 
-__all__ = ["DeviceCapabilities", "export_for", "ExportSpec", "answer_export_request"]
+__all__ = ["DeviceCapabilities", "capabilities_of", "export_for", "ExportSpec", "answer_export_request"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +120,34 @@ def export_for(
     )
 
 
+_METHODS = {
+    "can_write": "pwrite",
+    "can_flush": "flush",
+    "can_fua": "flush",
+    "can_trim": "trim",
+    "can_zero": "write_zeroes",
+    "can_fast_zero": "write_zeroes",
+    "can_cache": "cache",
+    "can_resize": "resize",
+}
+"""The method a device must have for each capability to mean anything (FUA is a promise a flush backs)."""
+
+
+def capabilities_of(device: Any) -> DeviceCapabilities:
+    """``device.capabilities`` less what the device has no method for: a device without ``extents`` offers no
+    meta context, one without ``flush`` neither FLUSH nor FUA, without ``trim`` no TRIM, and so on. Servers
+    advertise this, never more, so a device cannot promise what a request would then fail on (EIO)."""
+    capabilities: DeviceCapabilities = device.capabilities
+    missing = {c: False for c, method in _METHODS.items() if getattr(capabilities, c) and not _has(device, method)}
+    if capabilities.meta_contexts and not _has(device, "extents"):
+        return replace(capabilities, meta_contexts=(), **missing)
+    return replace(capabilities, **missing) if missing else capabilities  # type: ignore[arg-type]
+
+
+def _has(device: Any, method: str) -> bool:
+    return callable(getattr(device, method, None))
+
+
 class Device(Protocol):
     """What export_for needs of a device, in either backend: its size and what it can do."""
 
@@ -150,8 +178,9 @@ class ExportSpec(Generic[D]):
     that must not see partial sectors; checked as DeviceCapabilities checks them."""
 
     def export(self, name: str) -> Export:
-        """The Export the engine advertises for this device under ``name``."""
-        capabilities = self.device.capabilities
+        """The Export the engine advertises for this device under ``name``: what its capabilities say and its
+        methods back (``capabilities_of``)."""
+        capabilities = capabilities_of(self.device)
         if self.block_sizes is not None:
             minimum, preferred, maximum = self.block_sizes
             capabilities = replace(

@@ -199,10 +199,11 @@ class ServerSessionLogic(SessionTransmission):
         """Make the served device's writes durable (called as the connection ends). An OSError (a remote that
         stalled or went away, a full disk: the device's to bound in time) goes to ``on_flush_error``, or is
         raised when there is none."""
-        if self.spec is None:
-            return
+        flush = getattr(self.device, "flush", None) if self.spec is not None else None
+        if flush is None:
+            return  # a device without flush has nothing to make durable (capabilities_of offers no FLUSH for it)
         try:
-            self.device.flush()
+            flush()
         except OSError as exc:
             if self.on_flush_error is None:
                 raise

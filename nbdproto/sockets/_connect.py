@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from nbdproto.client import ClientNegotiation, ClientSessionLogic, NbdUri
+from nbdproto.client import ClientNegotiation, ClientSessionLogic, NbdUri, connect_error
 from nbdproto.engine import ClientConnection, HandshakeStep
 from nbdproto.wire import LocalProtocolError
 
@@ -81,17 +81,20 @@ def connect_socket(uri: NbdUri, timeout: float | None) -> socket.socket:
     """A blocking socket connected to where ``uri`` points (a unix socket, or TCP with Nagle's algorithm off),
     with ``timeout`` on every call, the handshake's included: a server that accepts and says nothing cannot
     hang the caller."""
-    if uri.unix:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(uri.socket)
-        except BaseException:
-            sock.close()
-            raise
-    else:
-        sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if uri.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(uri.socket)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        raise connect_error(exc, uri) from None  # naming the address it could not reach
     return sock
 
 

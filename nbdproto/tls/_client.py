@@ -23,6 +23,7 @@ import sys
 from nbdproto.client import NbdUri, parse_uri
 
 from ._keys import MAX_IDENTITY_LENGTH, MAX_KEY_LENGTH, PskFileError, check_psk_support, read_psk_file
+from ._pem import load_cert_chain, load_verify_locations
 
 __all__ = ["client_context", "connection_context", "psk_client_context", "PSK_CIPHERS"]
 
@@ -88,9 +89,14 @@ def client_context(
             certfile, keyfile = cert, key
         crl = os.path.join(directory, "ca-crl.pem")
         crlfile = crl if os.path.exists(crl) else None
-    context = ssl.create_default_context(cafile=cafile)
+    try:
+        context = ssl.create_default_context(cafile=cafile)  # the system's CAs only without cafile
+    except OSError:
+        if cafile is not None:
+            load_verify_locations(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cafile)  # raises, naming the file
+        raise
     if certfile is not None:
-        context.load_cert_chain(certfile, keyfile)
+        load_cert_chain(context, certfile, keyfile)
     if crlfile is not None:
         context.load_verify_locations(crlfile)
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF

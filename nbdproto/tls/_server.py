@@ -44,6 +44,7 @@ from nbdproto.sockets import peer_name
 
 from ._client import PSK_CIPHERS
 from ._keys import MAX_IDENTITY_LENGTH, MAX_KEY_LENGTH, PskFileError, check_psk_support, read_psk_file
+from ._pem import load_cert_chain, load_verify_locations
 
 if TYPE_CHECKING:
     from anyio import TypedAttributeProvider
@@ -197,9 +198,9 @@ def server_context(
     if psk is None:
         assert certfile is not None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(certfile, keyfile)
+        load_cert_chain(context, certfile, keyfile)
         if cafile is not None:
-            context.load_verify_locations(cafile)
+            load_verify_locations(context, cafile)
         if verify_client:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
@@ -216,8 +217,8 @@ def server_context(
     context.num_tickets = 0
     if certfile is not None:
         assert cafile is not None
-        context.load_cert_chain(certfile, keyfile)
-        context.load_verify_locations(cafile)
+        load_cert_chain(context, certfile, keyfile)
+        load_verify_locations(context, cafile)
         context.verify_mode = ssl.CERT_REQUIRED
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         context.set_ciphers(f"{PSK_CIPHERS}:{_CERTIFICATE_CIPHERS}")
