@@ -38,7 +38,9 @@ from typing import Protocol
 
 import nbdproto
 from nbdproto import NBDError
+from nbdproto.client import DIRTY_BITMAP_PREFIX
 
+from ._copydirty import DirtySource
 from ._copyends import FileEnd, NbdEnd, NullEnd
 from ._copyloop import REQUEST_SIZE, CopyLoop, Done
 from ._copyruns import UnreachableTail, pieces
@@ -147,6 +149,7 @@ def copy(
     allocated: bool = False,
     flush: bool = False,
     timeout: float | None = 30.0,
+    only_dirty: str | None = None,
 ) -> CopyProgress:
     """Copy SRC to DST (NBD URIs, local paths or ``-``; DST may be ``null:``) and say how it went.
 
@@ -154,8 +157,13 @@ def copy(
     ``requests`` requests in flight, each of at most ``request_size`` bytes. ``progress`` is called with the
     running totals after each piece. ``destination_is_zero``, ``allocated`` and ``flush``: as the module
     docstring says. ``timeout``: seconds any wait for a server may take (a connect, a handshake, a reply); None:
-    no limit. Raises CopyFailed (its cause, and how far the copy got) when an end fails mid-way.
+    no limit. ``only_dirty``: copy only the regions SRC (an NBD URI) reports dirty in ``qemu:dirty-bitmap:NAME``
+    onto DST, an existing copy of what SRC held when the bitmap started (``_copydirty``); the progress then
+    counts the dirty bytes only. Raises CopyFailed (its cause, and how far the copy got) when an end fails
+    mid-way.
     """
+    if only_dirty is not None:
+        _check_only_dirty(src, dst, destination_is_zero)
     if request_size < 1:
         raise ValueError(f"request size {request_size} must be positive")
     options = _Options(max(1, connections * requests), request_size, destination_is_zero, allocated, flush, progress)
@@ -164,7 +172,9 @@ def copy(
     target: NbdEnd | FileEnd | NullEnd | StreamTarget | None = None
     opened: int | None = None
     try:
-        if src != STREAM:
+        if only_dirty is not None:
+            source = NbdEnd(src, connections, tls, loop, (nbdproto.BASE_ALLOCATION, DIRTY_BITMAP_PREFIX + only_dirty))
+        elif src != STREAM:
             source = NbdEnd(src, connections, tls, loop) if _is_uri(src) else FileEnd(src, loop, writable=False)
         if dst == "null:":
             target = NullEnd()
@@ -184,6 +194,8 @@ def copy(
         if target.size < source.size:
             raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
         block = max(source.minimum_block_size, target.minimum_block_size)  # powers of two: the larger is their LCM
+        if isinstance(source, NbdEnd) and only_dirty is not None:
+            return _run(DirtySource(source, only_dirty, block), target, loop, options, block)
         return _run(source, target, loop, options, block)
     finally:
         for end in (source, target):
@@ -192,6 +204,17 @@ def copy(
         if opened is not None:
             os.close(opened)
         loop.close()
+
+
+def _check_only_dirty(src: str, dst: str, destination_is_zero: bool) -> None:
+    if not _is_uri(src):
+        raise ValueError(f"only an NBD export says what is dirty: {src} is not an NBD URI")
+    if destination_is_zero:
+        raise ValueError(
+            "with only the dirty regions copied, the destination holds the previous backup: it is not zero"
+        )
+    if dst == STREAM or not (_is_uri(dst) or dst == "null:" or os.path.exists(dst)):
+        raise ValueError(f"{dst} must be the previous backup, an existing image to copy the changes onto")
 
 
 def _step(largest: int, block: int, options: _Options) -> int:
@@ -245,7 +268,7 @@ class _Pieces:
 def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Options, block: int = 1) -> CopyProgress:
     step = _step(min(source.max_request, target.max_request), block, options)
     aligned = source.size - source.size % block
-    book = _Pieces(target, step, source.size, options)
+    book = _Pieces(target, step, getattr(source, "total", source.size), options)
     progress = book.progress
 
     def start(offset: int, length: int, zero: bool) -> None:

@@ -42,6 +42,12 @@ def add_copy_command(commands: Any) -> None:
     )
     parser.add_argument("--flush", action="store_true", help="make the destination durable before exiting")
     parser.add_argument(
+        "--only-dirty",
+        metavar="NAME",
+        help="copy only the regions SRC (an NBD export) reports dirty in qemu:dirty-bitmap:NAME onto DST, the "
+        "previous backup (an existing image): an incremental backup (docs/howto/backup.md)",
+    )
+    parser.add_argument(
         "--progress",
         nargs="?",
         const=_BAR,
@@ -93,6 +99,7 @@ def copy_command(args: argparse.Namespace) -> int:
             allocated=args.allocated,
             flush=args.flush,
             timeout=timeout_of(args),
+            only_dirty=args.only_dirty,
             **options,
         )
     except (CopyFailed, nbdproto.NBDError, OSError, ValueError, NotImplementedError, nbdproto.ProtocolError) as exc:

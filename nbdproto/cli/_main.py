@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import nbdproto
 
 from ._command_args import bracketed
+from ._control import add_control_command, control_command
 from ._copy import add_copy_command, copy_command
 from ._errors import UsageError
 from ._fuse import add_fuse_command, fuse_command
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_commands(commands)
     add_copy_command(commands)
     add_fuse_command(commands)
+    add_control_command(commands)
     return parser
 
 
@@ -49,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return copy_command(args)
         if args.command == "fuse":
             return fuse_command(args)
+        if args.command == "control":
+            return control_command(args)
     except UsageError as exc:
         print(f"nbdproto {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ._nbd import NbdDevice
     from ._ranges import check_range
     from ._readonly import ReadOnlyFilter
+    from ._regionlock import RegionLock
     from ._s3 import S3Device, S3Settings
     from ._s3lease import S3LeaseHeld
     from ._sharedmemory import SharedMemoryDevice
@@ -57,6 +58,7 @@ _WHERE = {
     "slower_dispatch": "._filter",
     "CowFilter": "._cow",
     "ReadOnlyFilter": "._readonly",
+    "RegionLock": "._regionlock",
     "DelayFilter": "._delay",
     "ErrorFilter": "._error",
     "LogFilter": "._log",
@@ -86,6 +88,7 @@ __all__ = [
     "slower_dispatch",
     "CowFilter",
     "ReadOnlyFilter",
+    "RegionLock",
     "DelayFilter",
     "ErrorFilter",
     "LogFilter",

@@ -29,7 +29,15 @@ from ._events import Event
 from ._server_handshake import ServerHandshake
 from ._server_transmission import ServerTransmission
 from ._state import SENDS, Phase, Role
-from ._transmission_events import BlockStatusReply, ErrorReply, ReadData, ReadHole, ReadRequest, SuccessReply
+from ._transmission_events import (
+    BlockStatusReply,
+    ErrorReply,
+    ReadData,
+    ReadHole,
+    ReadRequest,
+    SuccessReply,
+    WriteRequest,
+)
 
 __all__ = ["ServerConnection"]
 
@@ -87,6 +95,12 @@ class ServerConnection(ServerHandshake, ServerTransmission):
     def in_flight(self) -> int:
         """Requests handed to the application whose replies are not complete yet."""
         return len(self._in_flight)
+
+    def in_place_writes(self) -> list[WriteRequest]:
+        """The writes received in place (``write_view``) that have no reply yet: handed over and not answered,
+        or with their payload still arriving. Their views are the application's to let go of when the
+        connection ends (nbdproto.serving calls the device's ``write_view_ended`` for each)."""
+        return [request for request in self._in_flight.values() if type(request) is WriteRequest and request.in_place]
 
     def _take(self, data: bytes | bytearray | memoryview) -> None:
         if self._into is not None:
