@@ -34,6 +34,8 @@ log = logging.getLogger("nbdproto.control")
 
 _ACCEPT_POLL = 0.25  # seconds between looks at whether the server is stopping, while accepting
 _EMFILE_PAUSE = 0.1
+_LINGER = 0.5  # seconds a connection being closed with an error is read and dropped, so the answer arrives
+_LINGER_BYTES = 4 << 20
 
 
 class ControlServer:
@@ -113,9 +115,20 @@ class ControlServer:
             threading.Thread(target=self._serve_client, args=(client,), name="nbd-control-client", daemon=True).start()
 
     def _say_and_close(self, client: socket.socket, answer: dict[str, object]) -> None:
+        """Send ``answer`` and close. What the client is still sending is read and dropped for a moment first
+        (at most _LINGER_BYTES, _LINGER seconds): a socket closed with bytes unread resets the connection, and
+        the client would get that instead of the answer."""
         with contextlib.suppress(OSError):
             client.settimeout(self.line_timeout)
             client.sendall(encode_answer(answer))
+            client.shutdown(socket.SHUT_WR)
+            deadline, dropped = time.monotonic() + _LINGER, 0
+            while dropped < _LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                client.settimeout(left)
+                data = client.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
         client.close()
 
     def _serve_client(self, client: socket.socket) -> None:
