@@ -204,3 +204,36 @@ def test_nbdcopy_writes_through_a_bitmap_land_in_place_whole(backend: str, shm_f
         assert dirty(tracked, "b") == [(0, 16 * MIB)]
     with open(shm_file, "rb") as file:
         assert file.read() == source.read_bytes()
+
+
+# --- The serving logic's side ---------------------------------------------------------------------------------
+
+
+class Recording:
+    """A device that records the views it is told have ended, and takes batches (``call_batch``)."""
+
+    def __init__(self) -> None:
+        self.ended: list[memoryview] = []
+        self.flushes = 0
+
+    def write_view_ended(self, view: memoryview) -> None:
+        self.ended.append(view)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def call_batch(self, calls: list[nbdproto.DeviceCall]) -> list[Any]:
+        return [getattr(self, call.method)(*call.args, **call.kwargs) for call in calls]
+
+
+def test_carrying_out_a_write_in_place_ends_its_view_before_the_reply() -> None:
+    device = Recording()
+    views = [memoryview(bytearray(10)) for _ in range(3)]
+    plain = nbdproto.WriteRequest(1, 0, views[0], nbdproto.CommandFlags(0), in_place=True)
+    durable = nbdproto.WriteRequest(2, 0, views[1], nbdproto.CommandFlags.FUA, in_place=True)
+    assert type(nbdproto.serving.carry_out(device, plain, {})) is nbdproto.SuccessReply
+    assert type(nbdproto.serving.carry_out(device, durable, {})) is nbdproto.SuccessReply
+    batched = nbdproto.WriteRequest(3, 0, views[2], nbdproto.CommandFlags.FUA, in_place=True)
+    (reply,) = nbdproto.serving.carry_out_all(device, [batched], {})
+    assert type(reply) is nbdproto.SuccessReply
+    assert [id(view) for view in device.ended] == [id(view) for view in views] and device.flushes == 2

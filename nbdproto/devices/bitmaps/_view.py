@@ -162,13 +162,20 @@ class BackupView:
                 if piece.tobytes() == bytes(len(piece)):
                     self._settle(granule, zero=True)
                     continue
-                if self._copied + len(piece) > self._limit:
+                if not self._reserve(len(piece)):
                     self._break(f"it would hold more than its limit of {self._limit} bytes aside")
                     return
                 self._aside.put(granule, piece)
-                self._copied += len(piece)
                 self._settle(granule, zero=False)
             index = _bits.next_with(needed, stop, last, True)
+
+    def _reserve(self, count: int) -> bool:
+        """Count ``count`` more bytes aside, if the limit allows (copies of different ranges run at once)."""
+        with self._bit_lock:
+            if self._copied + count > self._limit:
+                return False
+            self._copied += count
+            return True
 
     def _settle(self, granule: int, *, zero: bool) -> None:
         """Granule ``granule`` is read from aside from now on (or as zeros)."""
