@@ -132,7 +132,9 @@ class Controller:
             if command in ("bitmap-list", "status", "help"):
                 return ok_answer(handler(Arguments(request)), request_id)
             with self._changing:
-                return ok_answer(handler(Arguments(request)), request_id)
+                answer = ok_answer(handler(Arguments(request)), request_id)
+            log.info("control: %s %s", command, {k: v for k, v in request.items() if k not in ("command", "id")})
+            return answer
         except ControlError as exc:
             return error_answer(exc.code, exc.message, request_id)
         except BitmapError as exc:
