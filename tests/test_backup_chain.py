@@ -265,6 +265,9 @@ def test_only_dirty_refuses_what_cannot_be_an_incremental_copy(shm_dir: str, tmp
         done = subprocess.run([*CLI, "copy", "--only-dirty", "nope", served.view("A"), str(tmp_path / "old.img")],
                               capture_output=True, text=True, timeout=60, env=PEER_ENV)  # fmt: skip
         assert done.returncode == 1 and "qemu:dirty-bitmap:nope" in done.stderr
+        contradiction = ["--only-dirty", "A", "--destination-is-zero", served.view("A"), str(tmp_path / "old.img")]
+        done = subprocess.run([*CLI, "copy", *contradiction], capture_output=True, text=True, timeout=60, env=PEER_ENV)
+        assert done.returncode == 2 and "--destination-is-zero" in done.stderr
         assert process.stop() == 0
 
 

@@ -72,6 +72,8 @@ def _ends(args: argparse.Namespace) -> tuple[str, str]:
         raise UsageError("SRC and DST are needed")
     if args.allocated and args.destination_is_zero:
         raise UsageError("--allocated and --destination-is-zero contradict each other")
+    if args.only_dirty is not None and args.destination_is_zero:
+        raise UsageError("--only-dirty copies onto the last backup, which --destination-is-zero says is all zeros")
     return args.src, args.dst
 
 
