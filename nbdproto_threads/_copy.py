@@ -40,7 +40,9 @@ from typing import Protocol
 import nbdproto
 import nbdproto.client
 from nbdproto import NBDError
+from nbdproto.client import DIRTY_BITMAP_PREFIX
 
+from ._copydirty import DirtySource
 from ._copyends import FileEnd, NbdEnd, NullEnd
 from ._copyloop import REQUEST_SIZE, CopyLoop, Done
 from ._copyruns import UnreachableTail, pieces
@@ -166,6 +168,7 @@ def copy(
     synchronous: bool = False,
     threads: int = 0,
     verbose: Callable[[str], None] | None = None,
+    only_dirty: str | None = None,
 ) -> CopyProgress:
     """Copy SRC to DST (NBD URIs, local paths or ``-``; DST may be ``null:``) and say how it went.
 
@@ -178,11 +181,15 @@ def copy(
     are searched for); ``extents`` (False: --no-extents): the source's allocation is not asked, every byte is
     read; ``queue_size``: at most this many bytes of requests in flight; ``synchronous``: one connection, one
     request at a time, in order; ``threads``: worker threads for local file I/O (0: as the files suit).
-    ``verbose`` is told what each end is and how the copy will run, a line at a time.
+    ``verbose`` is told what each end is and how the copy will run, a line at a time. ``only_dirty``: copy
+    only the regions SRC (an NBD URI) reports dirty in ``qemu:dirty-bitmap:NAME`` onto DST, an existing copy of
+    what SRC held when the bitmap started (``_copydirty``); the progress then counts the dirty bytes only.
 
     A regular file as DST ends up the size of SRC (grown or cut), as nbdcopy leaves it. Raises CopyFailed (its
     cause, and how far the copy got) when an end fails mid-way.
     """
+    if only_dirty is not None:
+        _check_only_dirty(src, dst, destination_is_zero)
     if request_size < 1:
         raise ValueError(f"request size {request_size} must be positive")
     if sparse < 0 or sparse & (sparse - 1):
@@ -200,7 +207,9 @@ def copy(
     streamed: int | None = None  # SRC's descriptor when it is read as one
     failed = True
     try:
-        if src != STREAM and not nbdproto.client.looks_like_uri(src) and _is_stream(src):  # a pipe, /dev/zero...
+        if only_dirty is not None:
+            source = NbdEnd(src, connections, tls, loop, (nbdproto.BASE_ALLOCATION, DIRTY_BITMAP_PREFIX + only_dirty))
+        elif src != STREAM and not nbdproto.client.looks_like_uri(src) and _is_stream(src):  # a pipe, /dev/zero...
             streamed = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         elif src != STREAM:
             is_uri = nbdproto.client.looks_like_uri(src)
@@ -229,7 +238,10 @@ def copy(
             if target.size < source.size:
                 raise ValueError(f"{dst} holds {target.size} bytes, less than the {source.size} of {src}")
             block = max(source.minimum_block_size, target.minimum_block_size)  # powers of two: the larger is the LCM
-            done = _run(source, target, loop, options, block)
+            if isinstance(source, NbdEnd) and only_dirty is not None:
+                done = _run(DirtySource(source, only_dirty, block), target, loop, options, block)
+            else:
+                done = _run(source, target, loop, options, block)
         failed = False
         return done
     finally:
@@ -265,6 +277,17 @@ def _describe(say: Callable[[str], None], src: str, source: object, dst: str, ta
     say(f"connections={connections} requests={requests} request size={options.request_size} "
         f"sparse={options.sparse} queue size={options.queue_size or 'unlimited'} "
         f"synchronous={'true' if options.slots == 1 and connections == 1 else 'false'}")  # fmt: skip
+
+
+def _check_only_dirty(src: str, dst: str, destination_is_zero: bool) -> None:
+    if not nbdproto.client.looks_like_uri(src):
+        raise ValueError(f"only an NBD export says what is dirty: {src} is not an NBD URI")
+    if destination_is_zero:
+        raise ValueError(
+            "with only the dirty regions copied, the destination holds the previous backup: it is not zero"
+        )
+    if dst == STREAM or not (nbdproto.client.looks_like_uri(dst) or dst == "null:" or os.path.exists(dst)):
+        raise ValueError(f"{dst} must be the previous backup, an existing image to copy the changes onto")
 
 
 def _step(largest: int, block: int, options: _Options) -> int:
@@ -321,7 +344,7 @@ class _Pieces:
 def _run(source: CopySource, target: CopyTarget, loop: CopyLoop, options: _Options, block: int = 1) -> CopyProgress:
     step = _step(min(source.max_request, target.max_request), block, options)
     aligned = source.size - source.size % block
-    book = _Pieces(target, step, source.size, options)
+    book = _Pieces(target, step, getattr(source, "total", source.size), options)
     progress = book.progress
     granule = max(options.sparse, block)
     runs = source.runs if options.extents else _all_data

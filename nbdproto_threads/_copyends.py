@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import nbdproto
@@ -29,12 +29,20 @@ class NbdEnd:
     the export's minimum block size (the unaligned tail of the disk) goes to a connection of its own that did
     not ask for block sizes (see the module docstring)."""
 
-    def __init__(self, uri: str, connections: int, tls: ssl.SSLContext | None, loop: CopyLoop) -> None:
+    def __init__(
+        self,
+        uri: str,
+        connections: int,
+        tls: ssl.SSLContext | None,
+        loop: CopyLoop,
+        meta_contexts: Sequence[str] = (nbdproto.BASE_ALLOCATION,),
+    ) -> None:
         self.loop = loop
         self.uri, self.tls = uri, tls
         self.unconstrained: CopyConnection | None = None
         self._discard = False
-        self.connections = [CopyConnection(open_connection(uri, tls=tls, timeout=loop.timeout))]
+        first = open_connection(uri, tls=tls, timeout=loop.timeout, meta_contexts=meta_contexts)
+        self.connections = [CopyConnection(first)]
         loop.add(self.connections[0])
         export = self.connections[0].export
         # More than one connection only where the server promises they see each other's writes.

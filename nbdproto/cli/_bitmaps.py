@@ -50,6 +50,9 @@ def add_bitmap_arguments(serve: Any) -> None:
         help="keep the bitmaps in DIR (created if missing) instead of beside the image; needed for a block "
         "device; with several exports, each export's in DIR/EXPORTNAME",
     )
+    from ._control import add_control_arguments
+
+    add_control_arguments(group)
 
 
 def _parse(text: str) -> tuple[str, int | None]:
@@ -79,6 +82,10 @@ class Bitmaps:
         if len(set(names)) != len(names):
             raise UsageError(f"--bitmap names must differ: {names}")
         self.directory: str | None = getattr(args, "bitmap_dir", None)
+        self.controlled = getattr(args, "control", None) is not None and not getattr(args, "read_only", False)
+        self.scratch_dir: str | None = getattr(args, "scratch_dir", None)
+        if self.scratch_dir is not None and not os.path.isdir(self.scratch_dir):
+            raise UsageError(f"--scratch-dir {self.scratch_dir}: not a directory")
         self._several = exports > 1
         if self.directory is not None and os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise UsageError(f"--bitmap-dir {self.directory}: not a directory")
@@ -112,12 +119,13 @@ class Bitmaps:
 
     def wrap(self, device: BlockDevice, export: str) -> BlockDevice:
         """``device`` in a DirtyBitmapFilter with every ``--bitmap`` (``device`` itself when no bitmap is asked
-        for or kept). UsageError for a granularity that differs from a stored bitmap's, a store another server
-        holds, or a directory a device cannot use; OSError when the store cannot be read or written."""
+        for or kept, and no ``--control`` socket may add one to a writable export). UsageError for a
+        granularity that differs from a stored bitmap's, a store another server holds, or a directory a device
+        cannot use; OSError when the store cannot be read or written."""
         from nbdproto.devices import bitmaps
 
         directory = self._directory_for(export)
-        if not self.wanted and directory is None and bitmaps.stored_beside(device) is None:
+        if not self.wanted and not self.controlled and directory is None and bitmaps.stored_beside(device) is None:
             return device
         try:
             store = bitmaps.bitmap_store_for(device, directory)
@@ -128,7 +136,7 @@ class Bitmaps:
                 raise UsageError(f"--bitmap: cannot use {exc.filename}: {exc.strerror}") from None
             raise
         try:
-            tracked = bitmaps.DirtyBitmapFilter(device, store)
+            tracked = bitmaps.DirtyBitmapFilter(device, store, scratch_dir=self.scratch_dir)
         except BaseException:
             store.close()
             raise

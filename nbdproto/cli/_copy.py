@@ -88,6 +88,12 @@ def add_copy_command(commands: Any) -> None:
     )
     parser.add_argument("--flush", action="store_true", help="make the destination durable before exiting")
     parser.add_argument(
+        "--only-dirty",
+        metavar="NAME",
+        help="copy only the regions SRC (an NBD export) reports dirty in qemu:dirty-bitmap:NAME onto DST, the "
+        "previous backup (an existing image): an incremental backup (docs/howto/backup.md)",
+    )
+    parser.add_argument(
         "-p",
         "--progress",
         nargs="?",
@@ -119,6 +125,8 @@ def _ends(args: argparse.Namespace) -> tuple[str, str]:
         raise UsageError("SRC and DST are needed")
     if args.allocated and args.destination_is_zero:
         raise UsageError("--allocated and --destination-is-zero contradict each other")
+    if args.only_dirty is not None and args.destination_is_zero:
+        raise UsageError("--only-dirty copies onto the last backup, which --destination-is-zero says is all zeros")
     return args.src, args.dst
 
 
@@ -158,6 +166,7 @@ def copy_command(args: argparse.Namespace) -> int:
             synchronous=args.synchronous,
             threads=args.threads,
             verbose=say if args.verbose else None,
+            only_dirty=args.only_dirty,
             **options,
         )
         if args.verbose:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import nbdproto
 
 from ._command_args import bracketed
+from ._control import add_control_command, control_command
 from ._copy import add_copy_command, copy_command
 from ._errors import CommandParser, UsageError, exit_status
 from ._fuse import add_fuse_command, fuse_command
@@ -18,7 +19,7 @@ from ._serve_options import add_serve_command
 
 __all__ = ["main", "build_parser", "add_version_argument", "COMMANDS"]
 
-COMMANDS = ("serve", "mirror", "info", "list", "copy", "fuse")
+COMMANDS = ("serve", "mirror", "info", "list", "copy", "fuse", "control")
 
 
 def add_version_argument(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_commands(commands)
     add_copy_command(commands)
     add_fuse_command(commands)
+    add_control_command(commands)
     for command in commands.choices.values():
         add_version_argument(command)
     return parser
@@ -73,4 +75,6 @@ def _run(args: argparse.Namespace) -> int:
         return copy_command(args)
     if args.command == "fuse":
         return fuse_command(args)
+    if args.command == "control":
+        return control_command(args)
     raise UsageError(f"unknown command {args.command}")

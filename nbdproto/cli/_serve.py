@@ -16,8 +16,9 @@ import signal
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import nbdproto
 import nbdproto.serving
@@ -26,6 +27,7 @@ from nbdproto.tls import PskFileError, PskUnavailableError, server_context
 from nbdproto_threads import Server as ThreadsServer
 
 from ._bitmaps import Bitmaps
+from ._control import start_control
 from ._errors import ImageInUse, UsageError, describe, size_argument
 from ._filters import Filtering, parse_filters
 from ._helper import Helper, connection_policy, listen
@@ -197,6 +199,8 @@ def serve_opened(
     )
     if workers > 1 and args.oneshot:
         raise UsageError("--oneshot serves one connection, which one process serves: it needs --workers 1")
+    if workers > 1 and getattr(args, "control", None):
+        raise UsageError("--control manages the exports of one process: it needs --workers 1")
     if args.busy_poll and args.backend != "threads":
         raise UsageError("--busy-poll is for --backend threads (an event loop must not spin on one connection)")
     if args.busy_poll < 0:
@@ -226,9 +230,15 @@ def serve_opened(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    exports: list[tuple[str, BlockDevice]] = []
     try:
         exports = _filtered(open_exports(filtering.source_read_only), filtering, bitmaps)
+        table = nbdproto.serving.ExportTable({n: ExportSpec(d, args.description, args.read_only) for n, d in exports})
+        control = start_control(
+            args, exports, table, lambda name: str(_uris(listening.sockets[0], [name], tls is not None)[0])
+        )
     except (OSError, UsageError) as exc:
+        _flush_and_close([device for _, device in exports])
         listening.close()
         filtering.close()
         if isinstance(exc, UsageError):
@@ -253,6 +263,7 @@ def serve_opened(
     job = _Serving(
         listening.sockets, names, devices, args.description, args.read_only, tls, tls_mode, stop,
         limits, policy, lambda: helper.ready(uris[0], tls_mode, stop), args.backend, args.loop, args.busy_poll,
+        table=table,
     )  # fmt: skip
     status = 0
     try:
@@ -265,6 +276,8 @@ def serve_opened(
                 on_serving()
             _serve_here(job)
     finally:
+        if control is not None:
+            control.close()
         _flush_and_close(devices)
         listening.close()
         if workers == 1:
@@ -408,10 +421,20 @@ class _Serving:
     """Where the policy's counts are kept when worker processes share them (see _workers)."""
     shared: bool = False
     """The listening sockets are shared with other processes (workers)."""
+    table: nbdproto.serving.ExportTable | None = None
+    """The exports as the server looks them up (checkpoints' views come and go in it); None: built from the
+    names and devices."""
+
+    def specs(self) -> Mapping[str, ExportSpec[Any]]:
+        if self.table is not None:
+            return self.table
+        return {
+            n: ExportSpec(d, self.description, self.read_only) for n, d in zip(self.names, self.devices, strict=True)
+        }
 
 
 def _serve_threads(job: _Serving) -> None:
-    specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
+    specs = job.specs()
     poll = job.busy_poll / 1e6
     server = ThreadsServer(
         specs, job.sockets, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy, poll=poll,
@@ -440,7 +463,7 @@ def _serve_anyio(job: _Serving) -> None:
     from nbdproto_anyio import Server as AnyioServer
     from nbdproto_anyio import listen
 
-    specs = {n: ExportSpec(d, job.description, job.read_only) for n, d in zip(job.names, job.devices, strict=True)}
+    specs = job.specs()
     server = AnyioServer(
         specs, tls=job.tls, tls_mode=job.tls_mode, limits=job.limits, policy=job.policy, clients=job.clients
     )

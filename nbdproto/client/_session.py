@@ -10,10 +10,10 @@ either backend reads::
         start_tls() if step is HandshakeStep.START_TLS else exchange()   # exchange: send, then receive
 
 ``ClientRequests`` is the other shared half: every request method of both clients (``pread``, ``pwrite``,
-``flush``, ``trim``, ``zero``, ``cache``, ``block_status``), written once. Each builds its request and hands
-it to the backend's ``_call``, which sends it, waits for the reply and returns what the method's ``finish``
-makes of it; the overloads type each method for both worlds: a value from a blocking client, an awaitable of
-it from an async one.
+``flush``, ``trim``, ``zero``, ``cache``, ``block_status``, ``dirty_extents``), written once. Each builds its
+request and hands it to the backend's ``_call``, which sends it, waits for the reply and returns what the
+method's ``finish`` makes of it; the overloads type each method for both worlds: a value from a blocking
+client, an awaitable of it from an async one.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from nbdproto.engine import (
 )
 from nbdproto.wire import CommandFlags, LocalProtocolError, NBDError, TransmissionFlags
 
+from ._dirty import DIRTY_BITMAP_PREFIX, DirtyExtent, dirty_extents
 from ._negotiation import ClientNegotiation, Inquiry
 
 if TYPE_CHECKING:
@@ -429,3 +430,31 @@ class ClientRequests(Generic[M]):
             return {names[i]: extents for i, extents in status.extents.items() if i in chosen}
 
         return self._call(lambda cookie: BlockStatusRequest(cookie, offset, length, flags, wanted), by_name)
+
+    @overload
+    def dirty_extents(
+        self: ClientRequests[Blocking], length: int, offset: int, *, bitmap: str
+    ) -> tuple[DirtyExtent, ...]: ...
+    @overload
+    def dirty_extents(
+        self: ClientRequests[Awaiting], length: int, offset: int, *, bitmap: str
+    ) -> Awaitable[tuple[DirtyExtent, ...]]: ...
+    def dirty_extents(self, length: int, offset: int, *, bitmap: str) -> Any:
+        """What changed from ``offset``: one block status request for ``qemu:dirty-bitmap:BITMAP`` and, where it
+        was agreed, ``base:allocation``, joined (nbdproto.client.dirty_extents): pieces each dirty or clean, and
+        reading as zero or not, up to where both answers reach (at least one piece). LocalProtocolError when
+        the bitmap's context was not agreed (connect with ``meta_contexts=[..., "qemu:dirty-bitmap:NAME"]``)."""
+        context = DIRTY_BITMAP_PREFIX + bitmap
+        names = dict(self.meta_contexts)
+        if context not in names.values():
+            raise LocalProtocolError(f"meta context {context!r} was not negotiated (agreed: {sorted(names.values())})")
+        asked = (context, "base:allocation")
+        chosen = tuple(i for i, name in names.items() if name in asked)
+        wanted = chosen if self.logic.engine.can_choose_contexts else ()
+
+        def joined(reply: Event) -> tuple[DirtyExtent, ...]:
+            status: BlockStatusReply = reply  # type: ignore[assignment]
+            found = {names[i]: extents for i, extents in status.extents.items()}
+            return tuple(dirty_extents(offset, found[context], found.get("base:allocation")))
+
+        return self._call(lambda cookie: BlockStatusRequest(cookie, offset, length, _NO_FLAGS, wanted), joined)

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._nbd import NbdDevice
     from ._ranges import check_range
     from ._readonly import ReadOnlyFilter
+    from ._regions import RegionLocks
     from ._s3 import S3Device, S3Settings
     from ._s3lease import S3LeaseHeld
     from ._sharedmemory import SharedMemoryDevice
@@ -61,6 +62,7 @@ _WHERE = {
     "slower_dispatch": "._filter",
     "CowFilter": "._cow",
     "ReadOnlyFilter": "._readonly",
+    "RegionLocks": "._regions",
     "DelayFilter": "._delay",
     "ErrorFilter": "._error",
     "LogFilter": "._log",
@@ -92,6 +94,7 @@ __all__ = [
     "slower_dispatch",
     "CowFilter",
     "ReadOnlyFilter",
+    "RegionLocks",
     "DelayFilter",
     "ErrorFilter",
     "LogFilter",

@@ -21,7 +21,8 @@ base; a delay filter over a read-only device stays read-only). The optional extr
   offers neither, or a ``read_view`` of its own that does what its ``pread_into`` does and then hands out the
   inner device's view (the error and stats filters: a read view saves a copy and a system call per read).
 - ``write_view``: the inner device's, but only while ``pwrite`` and ``flush`` pass straight through (a payload
-  received into the inner device's storage is written without ``pwrite``; FUA is then a ``flush``).
+  received into the inner device's storage is written without ``pwrite``; FUA is then a ``flush``), and with
+  it the inner device's ``write_view_ended``.
 - ``resize``: forwarded; servers call it only where the capabilities say ``can_resize``, which is the inner
   device's unless a filter says otherwise.
 - ``close``: closes the inner device (a filter with resources of its own releases them first).
@@ -94,7 +95,7 @@ class Filter:
             self._passed.add(name)
         extras: tuple[str, ...] = ("read_view", "fileno") if "pread_into" in names else ()
         if {"pwrite", "flush"} <= self._passed:
-            extras += ("write_view",)
+            extras += ("write_view", "write_view_ended")
         for extra in extras:
             method = getattr(inner, extra, None)
             if method is not None:

@@ -98,6 +98,12 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
         """Requests handed to the application whose replies are not complete yet."""
         return len(self._in_flight)
 
+    def in_place_writes(self) -> list[WriteRequest]:
+        """The writes received in place (``write_view``) that have no reply yet: handed over and not answered,
+        or with their payload still arriving. Their views are the application's to let go of when the
+        connection ends (nbdproto.serving calls the device's ``write_view_ended`` for each)."""
+        return [request for request in self._in_flight.values() if type(request) is WriteRequest and request.in_place]
+
     def _take(self, data: bytes | bytearray | memoryview) -> None:
         if self._into is not None:
             # The rest of a write's payload goes to its own buffer; what follows it, to the receive buffer.

@@ -5,7 +5,8 @@ here, once:
 
 - ``_device``: the block-device protocol (``BlockDevice``) both servers call, and how a device wants to be
   called (``Dispatch``); ``_export``: what an export advertises, derived from what its device can do
-  (``DeviceCapabilities``, ``ExportSpec``).
+  (``DeviceCapabilities``, ``ExportSpec``); ``_export_table``: exports that come and go while a server runs
+  (``ExportTable``).
 - ``_carry_out``: a request becomes device calls and the reply event (``carry_out``).
 - ``_session``: one connection's logic (``ServerSessionLogic``): the handshake steps, resolving exports,
   transmission as explicit steps for the driver (``_steps``), shutdown.
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
         nbd_errno,
         read_view_of,
         reply_for,
+        write_view_ended,
         write_view_of,
     )
     from ._core import (
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     )
     from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
     from ._export import DeviceCapabilities, ExportSpec, answer_export_request, capabilities_of, export_for
+    from ._export_table import ExportTable
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._log import ConnectionLog
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
@@ -85,6 +88,7 @@ _LAZY = {
     "export_for": "._export",
     "ExportSpec": "._export",
     "answer_export_request": "._export",
+    "ExportTable": "._export_table",
     "ServerLimits": "._limits",
     "DEFAULT_LIMITS": "._limits",
     "RequestBudget": "._budget",
@@ -111,6 +115,7 @@ _LAZY = {
     "read_view_of": "._carry_out",
     "WriteView": "._carry_out",
     "write_view_of": "._carry_out",
+    "write_view_ended": "._carry_out",
     "RECV_SIZE": "._receive_size",
     "STREAM_RECV_SIZE": "._receive_size",
     "ReceiveSize": "._receive_size",
@@ -151,6 +156,7 @@ __all__ = [
     "ExportSpec",
     "answer_export_request",
     "capabilities_of",
+    "ExportTable",
     "ServerLimits",
     "DEFAULT_LIMITS",
     "RequestBudget",
@@ -177,6 +183,7 @@ __all__ = [
     "read_view_of",
     "WriteView",
     "write_view_of",
+    "write_view_ended",
     "RECV_SIZE",
     "STREAM_RECV_SIZE",
     "ReceiveSize",

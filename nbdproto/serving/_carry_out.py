@@ -55,6 +55,7 @@ __all__ = [
     "read_view_of",
     "WriteView",
     "write_view_of",
+    "write_view_ended",
 ]
 
 _FUA = CommandFlags.FUA
@@ -197,6 +198,28 @@ def write_view_of(device: Any) -> WriteView | None:
     return getattr(device, "write_view", None)
 
 
+def write_view_ended(device: Any, write: WriteRequest) -> None:
+    """Tell ``device`` that nothing more will be received into the view the in-place ``write`` went to (its
+    ``write_view_ended``, if it has one; see nbdproto.BlockDevice)."""
+    ended = getattr(device, "write_view_ended", None)
+    if ended is not None:
+        ended(write.data)
+
+
+def _carried_out_in_place(device: Any, write: WriteRequest, on_error: OnError | None) -> Event:
+    """The reply to a write received in place: its data is in the device already; FUA makes it durable."""
+    try:
+        if write.flags & _FUA:
+            device.flush()
+    except Exception as exc:
+        if on_error is not None and not isinstance(exc, OSError):
+            on_error(write, exc)
+        return error_reply_for(write, exc)
+    finally:
+        write_view_ended(device, write)
+    return SuccessReply(write.cookie)
+
+
 def carry_out(
     device: Any,
     request: Request,
@@ -222,8 +245,10 @@ def carry_out(
             buffer = bytearray(read.length)
             device.pread_into(memoryview(buffer), read.offset)
             return ReadData(read.cookie, read.offset, buffer)
-        if type(request) is WriteRequest and not request.in_place:  # one received in place: device_calls
+        if type(request) is WriteRequest:
             write: WriteRequest = request
+            if write.in_place:
+                return _carried_out_in_place(device, write, on_error)
             device.pwrite(write.data, write.offset, bool(int(write.flags) & _FUA_BIT))
             return SuccessReply(write.cookie)
         calls = device_calls(request, meta_contexts)
@@ -260,6 +285,10 @@ def carry_out_all(
         results = call_batch(calls)
     except Exception as exc:  # the device broke its contract: every request of the batch fails
         results = [exc] * len(calls)
+    finally:
+        for request in requests:
+            if type(request) is WriteRequest and request.in_place:
+                write_view_ended(device, request)
     replies: list[Event] = []
     for request, start, these in plans:
         got = results[start : start + len(these)]

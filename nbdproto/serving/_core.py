@@ -29,6 +29,7 @@ from nbdproto.engine import ClientAborted, ExportListing, TlsMode
 from ._admission import ClientCount, ClientInfo, ClientRefused, ConnectionPolicy, takes_client
 from ._device import BlockDevice
 from ._export import ExportSpec
+from ._export_table import ExportTable
 from ._limits import DEFAULT_LIMITS, ServerLimits
 from ._log import ConnectionLog
 
@@ -78,10 +79,11 @@ class Exports:
     """What a server offers: names mapped to devices or ExportSpecs, or a resolver asked for each name.
 
     A plain device in the mapping is served read-only (exports are read-only unless they say otherwise); an
-    ExportSpec carries its own settings. ``offer`` is what NBD_OPT_LIST answers: the mapping's names with their
-    descriptions, or None (answered with NBD_REP_ERR_POLICY, the spec's EPERM) for a resolver or when
-    ``list_exports`` is False. ``lookup`` is the resolver as given (a ClientResolver is also told who asks), or the
-    mapping's ``get``.
+    ExportSpec carries its own settings. A mapping is read once; an ``ExportTable`` (exports that come and go
+    while the server runs) is read at each lookup and listing. ``offer`` is what NBD_OPT_LIST answers: the
+    mapping's names with their descriptions, or None (answered with NBD_REP_ERR_POLICY, the spec's EPERM) for a
+    resolver or when ``list_exports`` is False. ``lookup`` is the resolver as given (a ClientResolver is also
+    told who asks), or the mapping's ``get``.
     """
 
     __slots__ = ("lookup", "offer")
@@ -93,7 +95,11 @@ class Exports:
         list_exports: bool = True,
     ) -> None:
         self.lookup: Resolver | ClientResolver
-        self.offer: list[ExportListing] | None
+        self.offer: Sequence[ExportListing] | None
+        if isinstance(exports, ExportTable):  # looked up and listed as it is when a client asks
+            self.lookup = exports.get
+            self.offer = exports.offer if list_exports else None
+            return
         if callable(exports):
             self.lookup = exports
             self.offer = None

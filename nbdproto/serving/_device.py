@@ -15,6 +15,14 @@ Optional extras, looked up with getattr so that a plain device needs none of the
 - ``write_view(offset, length)``: a writable view of the device's own storage for those bytes (or None), which
   a server receives a write's payload straight into on plaintext connections, then answers the write with no
   pwrite (FUA: a flush) (``nbdproto.WriteView``; FileDevice's on tmpfs and memfds are slices of its mapping).
+  The engine asks for it as soon as a write's header is parsed, before any of its payload has arrived.
+- ``write_view_ended(view)``: called for each view ``write_view`` gave (the same object) once nothing more
+  will be received into it: when the write's request has been carried out (``carry_out``, before its reply
+  is made), or when the connection ends first (its payload part-way, or the request never carried out). A
+  device that must know when no write is in progress (a filter that freezes the export at an instant between
+  two requests: ``DirtyBitmapFilter.quiesced``) counts the views it gave out with it. A view it no longer
+  knows of is ignored: a request cancelled between its carry_out and its reply is reported again as the
+  connection ends.
 - ``fileno()``: lets a device without views have large plaintext reads sent with os.sendfile.
 - ``resize(size)``: NBD_CMD_RESIZE, for devices whose capabilities say ``can_resize``.
 - ``call_batch(calls)``: carry out a list of ``nbdproto.DeviceCall`` together and return one result per call

@@ -34,7 +34,7 @@ from nbdproto.wire import CommandFlags, LocalProtocolError
 
 from ._admission import ClientInfo, ClientRefused, certificate_subject
 from ._budget import MemoryShare
-from ._carry_out import OnError, OnFlushError
+from ._carry_out import OnError, OnFlushError, write_view_ended
 from ._core import SessionSettings
 from ._device import BlockDevice, Dispatch, dispatch_of
 from ._export import ExportSpec, answer_export_request
@@ -217,4 +217,7 @@ class ServerSessionLogic(SessionTransmission):
         self._closed = True
         if self.share is not None:
             self.share.give_all()
+        if self.spec is not None:
+            for write in self.engine.in_place_writes():  # views nothing will be received into any more
+                write_view_ended(self.device, write)
         return True

@@ -13,12 +13,19 @@ Bitmaps are kept where the data is (``bitmap_store_for``): in files beside an im
 to the device, so after a crash (SIGKILL, power loss) a bitmap never under-reports; the first write to a
 granule pays for that, later ones cost a bit test. docs/howto/backup.md is the user's guide.
 
+Checkpoints (``DirtyBitmapFilter.checkpoint``) start one bitmap and freeze another and a read-only view of the
+export (``BackupView``) at one instant between two requests; the view keeps what later writes overwrite
+(copy-before-write) in an ``AsideStore``: memory, a scratch file, or objects beside an S3 image.
+
 Modules: ``_bits`` (the bit array), ``_bitmap`` (one bitmap), ``_store`` (the store contract, memory),
-``_sidecar`` and ``_objects`` (files, S3 objects), ``_where`` (which store), ``_filter`` (the filter).
+``_sidecar`` and ``_objects`` (files, S3 objects), ``_where`` (which store), ``_gate`` (writes in flight and
+the instant between two requests), ``_view`` (a checkpoint's view), ``_aside`` (where views keep copies),
+``_filter`` (the filter).
 """
 
 from __future__ import annotations
 
+from ._aside import SMALL_EXPORT, AsideStore, MemoryAside, ObjectAside, ScratchFileAside, aside_store_for
 from ._bitmap import (
     CONTEXT_PREFIX,
     DEFAULT_GRANULARITY,
@@ -35,10 +42,19 @@ from ._filter import DirtyBitmapFilter
 from ._objects import ObjectBitmapStore
 from ._sidecar import SidecarBitmapStore, sidecar_of
 from ._store import BitmapSink, BitmapStore, MemoryBitmapStore, StoredBitmap
+from ._view import BackupView, ViewStatus
 from ._where import bitmap_store_for, source_of, stored_beside
 
 __all__ = [
     "DirtyBitmapFilter",
+    "BackupView",
+    "ViewStatus",
+    "AsideStore",
+    "MemoryAside",
+    "ScratchFileAside",
+    "ObjectAside",
+    "aside_store_for",
+    "SMALL_EXPORT",
     "DirtyBitmap",
     "FrozenBitmap",
     "BitmapInfo",

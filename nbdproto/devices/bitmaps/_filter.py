@@ -1,40 +1,48 @@
-"""DirtyBitmapFilter: changed-block tracking for any device, served the way qemu-nbd serves it.
+"""DirtyBitmapFilter: changed-block tracking for any device, served the way qemu-nbd serves it, and checkpoints.
 
 A filter like the others (``nbdproto.devices.Filter``), so every source and filter stack gets it: each write,
 write-zeroes and trim marks the granules it touches in every bitmap of the export, before it goes to the
 device below (``DirtyBitmap.mark``: a bit test for a granule already dirty; a durable store update, shared
 between the writers that need one at the same time, for a granule not yet dirty). Reads, flushes, cache and
-read views pass straight through; write views are not offered (a payload received into the device's storage
-would be written without the filter seeing it).
+read views pass straight through.
+
+**Writes received in place.** Where the device below offers ``write_view`` (a file on tmpfs, a memfd), so does
+the filter: the engine asks for a view as a write's header is parsed, before any of its payload has arrived,
+and the filter marks the write's granules (and copies aside what backup views still need of them) right then,
+then hands out the device's own view. The server tells it when nothing more will arrive there
+(``write_view_ended``), so that ``quiesced`` knows which writes are still landing. Where the marks would have
+to wait on a disk or a network (a store that is not "inline"), the filter gives no view and the write comes
+through ``pwrite``, in a worker thread.
 
 Each bitmap NAME is the meta context ``qemu:dirty-bitmap:NAME``, added to the device's own in
 ``capabilities.meta_contexts`` (read at each handshake, so a bitmap added at run time is offered to the next
 client), and answered by ``extents`` as qemu-nbd answers it (``_bits.extents_of``).
 
-**Run time.** ``bitmap_add``, ``bitmap_remove``, ``bitmap_clear``, ``bitmap_list`` and ``bitmap_freeze`` may
-be called while clients write, from any thread: a control socket calls them. Bad requests raise
-``BitmapError`` (a ValueError with a one-line message), a store that fails raises OSError.
+**Run time.** ``bitmap_add``, ``bitmap_remove``, ``bitmap_clear``, ``bitmap_list``, ``bitmap_freeze``,
+``checkpoint`` and ``release`` may be called while clients write, from any thread: a control socket calls them.
+Bad requests raise ``BitmapError`` (a ValueError with a one-line message), a store that fails raises OSError.
 
-**The instant between two requests.** ``quiesced()`` holds back every new write, write-zeroes and trim, waits
-until those in flight have finished, and lets them go again when its block ends: inside it nothing changes the
-device, so what is done there happens between two requests. Adding, clearing and resizing a bitmap happen
-inside it (a write still in flight when a bitmap starts would otherwise land in the device unrecorded), and so
-can a checkpoint: ``with f.quiesced(): frozen = f.bitmap_freeze("a"); f.bitmap_add("b")`` freezes ``a`` and
-starts ``b`` at one instant, every write before it in ``frozen``, every write after it in ``b``. Blocks nest
-in one thread. The cost on the write path is two set operations and a test, without a lock.
+**The instant between two requests.** ``quiesced()`` (``_gate``) holds back every new write, write-zeroes and
+trim, waits until those in flight have finished, and lets them go again when its block ends: inside it nothing
+changes the device, so what is done there happens between two requests. Adding, clearing and resizing a bitmap
+happen inside it, and so does a checkpoint.
+
+**Checkpoints.** ``checkpoint(NAME, since=OLD)`` does at one instant what an incremental backup needs: it
+starts bitmap NAME (the changes after the instant), freezes OLD (the changes up to it) and a read-only view of
+the export as it is (``BackupView``, in ``_view``), which a server offers as ``EXPORT@NAME``. Every change
+through the filter first lets each view copy aside what it still needs of the granules changed
+(copy-before-write). ``release(NAME)`` ends the view and frees what it kept; bitmap NAME goes on.
 
 **Sizes.** A bitmap covers the device's size when it starts; when the device grows (``resize``, or a remote
-export that grew) the new part is dirty in every bitmap.
+export that grew) the new part is dirty in every bitmap. A view keeps the size of its checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import itertools
+import os
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -42,6 +50,7 @@ from nbdproto.devices import Filter, slower_dispatch
 from nbdproto.serving import BlockDevice, Buffer, DeviceCall, DeviceCapabilities
 
 from . import _bits
+from ._aside import AsideStore, aside_store_for
 from ._bitmap import (
     CONTEXT_PREFIX,
     DEFAULT_GRANULARITY,
@@ -52,36 +61,44 @@ from ._bitmap import (
     check_granularity,
     check_name,
 )
+from ._gate import WriteGate
 from ._store import BitmapStore, MemoryBitmapStore, StoredBitmap
+from ._view import BackupView, ViewStatus
 
 __all__ = ["DirtyBitmapFilter"]
 
-_POLL = 0.05  # a quiesce looks at the writes in flight at least this often, wake-ups aside
 _CHANGES = ("pwrite", "trim", "write_zeroes")
+_MAX_VIEW_GRANULE = 1 << 20  # a view copies aside in the granules of its bitmap, at most this big
 
 
-class DirtyBitmapFilter(Filter):
+class DirtyBitmapFilter(WriteGate, Filter):
     """``inner`` with the dirty bitmaps of ``store`` (default: in memory only), loaded at once (the store is
     closed if that fails); see the module docstring. ``quiesce_timeout`` bounds how long a bitmap operation
-    waits for writes in flight (TimeoutError) and how long a write waits for one to finish (ETIMEDOUT). OSError
-    when the store cannot be read, BitmapError when a stored bitmap's name is a context the inner device offers
-    itself."""
+    waits for writes in flight (TimeoutError) and how long a write waits for one to finish (ETIMEDOUT).
+    ``scratch_dir``: where checkpoints' views keep what they copy aside when it goes to a scratch file
+    (``aside_store_for``). OSError when the store cannot be read, BitmapError when a stored bitmap's name is a
+    context the inner device offers itself."""
 
-    def __init__(self, inner: BlockDevice, store: BitmapStore | None = None, *, quiesce_timeout: float = 60.0) -> None:
-        super().__init__(inner)
+    def __init__(
+        self,
+        inner: BlockDevice,
+        store: BitmapStore | None = None,
+        *,
+        quiesce_timeout: float = 60.0,
+        scratch_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        Filter.__init__(self, inner)
+        WriteGate.__init__(self, quiesce_timeout)
         self.store: BitmapStore = store if store is not None else MemoryBitmapStore()
         self.dispatch = slower_dispatch(self.dispatch, self.store.dispatch)
-        self._timeout = quiesce_timeout
+        self.scratch_dir = scratch_dir
         self._size = inner.size
         self._bitmaps: dict[str, DirtyBitmap] = {}
         self._live: tuple[DirtyBitmap, ...] = ()
         self._probes: tuple[tuple[int, bytearray, int, DirtyBitmap], ...] = ()
-        self._writing: set[int] = set()
-        self._ids = itertools.count()
-        self._gate: threading.Event | None = None
-        self._depth = 0
-        self._admin = threading.RLock()  # bitmap operations and quiesces, one at a time
-        self._idle = threading.Condition()
+        self._views: dict[str, BackupView] = {}
+        self._copying: tuple[BackupView, ...] = ()  # the views every change lets copy aside first
+        self._in_place: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (token, view) handed out
         self._growing = threading.Lock()
         self._caps_key: tuple[object, ...] = ()
         self._caps: DeviceCapabilities | None = None
@@ -95,6 +112,9 @@ class DirtyBitmapFilter(Filter):
         self._inner_batch: Any = getattr(inner, "call_batch", None)
         if self._inner_batch is not None:
             self.call_batch = self._call_batch
+        self._inner_view: Any = getattr(inner, "write_view", None)
+        if self._inner_view is not None:
+            self.write_view = self._write_view
 
     def _load(self, own: Sequence[str]) -> None:
         for record in self.store.load():
@@ -132,7 +152,7 @@ class DirtyBitmapFilter(Filter):
                 raise OSError(errno.EINVAL, f"bitmap {context[len(CONTEXT_PREFIX) :]!r} was removed")
         return self.inner.extents(context, offset, length)
 
-    # The calls that change the device: each marks first.
+    # The calls that change the device: each marks first, then lets the views copy aside.
 
     def pwrite(self, data: Buffer, offset: int, fua: bool = False) -> None:
         # The path nearly every write takes, written out: a granule already dirty in every bitmap costs a bit
@@ -153,6 +173,9 @@ class DirtyBitmapFilter(Filter):
                         or not bits[first >> 3] >> (first & 7) & 1
                     ):
                         bitmap.mark(offset, length)
+                if self._copying:
+                    for view in self._copying:
+                        view.before_change(offset, length)
             self._pwrite(data, offset, fua)
         finally:
             writing.discard(token)
@@ -179,10 +202,57 @@ class DirtyBitmapFilter(Filter):
         finally:
             self._end(token)
 
+    write_view: Callable[[int, int], memoryview | None]
+    """Offered where the inner device has it: the inner device's view for a write's payload, once the write is
+    marked and the views have copied aside what they need (module docstring); None where that would wait on a
+    disk or a network, or a quiesce is closing the door (the write then comes through ``pwrite``)."""
+
+    def _write_view(self, offset: int, length: int) -> memoryview | None:
+        token = next(self._ids)
+        viewing = self._viewing
+        viewing.add(token)
+        given: memoryview | None = None
+        try:
+            if self._views_closed or offset + length > self._size or length <= 0 or not self._ready_for(offset, length):
+                return None
+            for bitmap in self._live:
+                bitmap.mark(offset, length)
+            for view in self._copying:
+                view.before_change(offset, length)
+            inner = self._inner_view(offset, length)
+            if inner is None:
+                return None
+            given = memoryview(inner)  # an object of its own: write_view_ended knows it by its identity
+            self._in_place[id(given)] = (token, given)
+            return given
+        except OSError:  # a mark that failed: pwrite fails the write properly (EIO), without reaching the device
+            return None
+        finally:
+            if given is None:
+                self._end_view(token)
+
+    def _ready_for(self, offset: int, length: int) -> bool:
+        """Whether marking ``[offset, offset + length)`` and copying it aside never waits on a disk or a
+        network: the granules are dirty already, or the stores are "inline" (memory, tmpfs)."""
+        if self.store.dispatch != "inline":
+            for shift, bits, count, _ in self._probes:
+                first, end = offset >> shift, min(((offset + length - 1) >> shift) + 1, count)
+                if first < end and not _bits.all_set(bits, first, end):
+                    return False
+        return all(view.dispatch == "inline" or not view.needs_copy(offset, length) for view in self._copying)
+
+    def write_view_ended(self, view: memoryview) -> None:
+        """Nothing more will be received into ``view`` (one ``write_view`` gave): the write is over, for
+        ``quiesced``. A view not known (told twice) is ignored."""
+        entry = self._in_place.pop(id(view), None)
+        if entry is not None and entry[1] is view:
+            self._end_view(entry[0])
+
     call_batch: Callable[[Sequence[DeviceCall]], list[Any]]
     """Offered where the inner device has it (a remote export: NbdDevice sends a batch's requests at once):
-    the batch's changes are marked first, with one store update for all of them, then the batch goes below
-    whole. Block status of the bitmaps and resizes are answered here, each on its own."""
+    the batch's changes are marked first, with one store update for all of them, and copied aside by the
+    views, then the batch goes below whole. Block status of the bitmaps and resizes are answered here, each on
+    its own."""
 
     def _call_batch(self, calls: Sequence[DeviceCall]) -> list[Any]:
         changes: list[tuple[int, int]] = []
@@ -209,6 +279,9 @@ class DirtyBitmapFilter(Filter):
                         self._grow()
                     for bitmap in self._live:
                         bitmap.mark_all(changes)
+                    for view in self._copying:
+                        for offset, length in changes:
+                            view.before_change(offset, length)
                 except OSError as exc:  # nothing may change: the changes fail, the rest go on
                     for index in below:
                         if calls[index].method in _CHANGES:
@@ -229,38 +302,23 @@ class DirtyBitmapFilter(Filter):
 
     def resize(self, size: int) -> None:
         with self.quiesced():
+            if size < self._size:  # what a shrink takes away, the views still need
+                for view in self._copying:
+                    view.before_change(size, self._size - size)
             super().resize(size)
             self._resize_bitmaps(self.inner.size)
 
     def _begin(self, token: int, offset: int, length: int) -> None:
         """For a change in flight (``token`` counted in ``_writing``): wait while a quiesce holds changes back,
-        then mark it in every bitmap (the device grown first, if it did)."""
+        then mark it in every bitmap (the device grown first, if it did) and let every view copy aside."""
         if self._gate is not None:
             self._wait_at_gate(token)
         if offset + length > self._size:
             self._grow()
         for bitmap in self._live:
             bitmap.mark(offset, length)
-
-    def _end(self, token: int) -> None:
-        self._writing.discard(token)
-        if self._gate is not None:
-            self._wake()
-
-    def _wake(self) -> None:
-        with self._idle:
-            self._idle.notify_all()
-
-    def _wait_at_gate(self, token: int) -> None:
-        while True:
-            gate = self._gate
-            if gate is None:
-                return
-            self._end(token)
-            if not gate.wait(self._timeout):
-                self._writing.add(token)  # the caller's finally takes it out again
-                raise OSError(errno.ETIMEDOUT, f"a bitmap operation held writes back for over {self._timeout:g} s")
-            self._writing.add(token)
+        for view in self._copying:
+            view.before_change(offset, length)
 
     def _grow(self) -> None:
         """The device grew under the filter (a remote export): the new part is dirty in every bitmap."""
@@ -281,41 +339,6 @@ class DirtyBitmapFilter(Filter):
         self._probes = tuple((*bitmap.probe(), bitmap) for bitmap in self._live)
 
     # The run-time API.
-
-    @contextlib.contextmanager
-    def quiesced(self, timeout: float | None = None) -> Iterator[None]:
-        """Inside the block no write, write-zeroes or trim is in flight and none starts (they wait): the
-        instant between two requests (module docstring). TimeoutError when the writes in flight do not finish
-        within ``timeout`` seconds (default: the filter's ``quiesce_timeout``)."""
-        limit = self._timeout if timeout is None else timeout
-        if not self._admin.acquire(timeout=limit):
-            raise TimeoutError(f"another bitmap operation took over {limit:g} s")
-        try:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            gate = threading.Event()
-            self._gate = gate
-            try:
-                deadline = time.monotonic() + limit
-                with self._idle:
-                    while self._writing:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise TimeoutError(f"writes in flight did not finish within {limit:g} s")
-                        self._idle.wait(min(left, _POLL))
-                self._depth = 1
-                yield
-            finally:
-                self._depth = 0
-                self._gate = None
-                gate.set()
-        finally:
-            self._admin.release()
 
     def bitmap_add(self, name: str, granularity: int = DEFAULT_GRANULARITY) -> BitmapInfo:
         """Start the bitmap ``name`` (every granule clean) at ``granularity`` bytes (a power of two from 4K),
@@ -362,6 +385,76 @@ class DirtyBitmapFilter(Filter):
         """A copy of ``name`` as it is now, which never changes; inside ``quiesced()``, as of that instant."""
         return self._get(name).freeze()
 
+    def checkpoint(
+        self,
+        name: str,
+        since: str | None = None,
+        *,
+        granularity: int | None = None,
+        limit: int | None = None,
+        aside: AsideStore | None = None,
+    ) -> BackupView:
+        """At one instant between two requests: start bitmap ``name``, freeze bitmap ``since`` (if given) and
+        a read-only view of the export, and return the view (module docstring). ``granularity``: the new
+        bitmap's (default: that of ``since``, else 64 KiB); the view copies aside in granules of the same size
+        (at most 1 MiB). ``limit``: the most bytes the view keeps aside before it breaks (default: its size, all
+        of it). ``aside``: where (default ``aside_store_for``: memory for a small export, a scratch file in
+        ``scratch_dir``, objects for S3). BitmapError for a bad or taken name, an unknown ``since``, a bad
+        granularity or limit; OSError when the store cannot keep the new bitmap or no scratch file can be made;
+        TimeoutError when writes in flight do not finish in time."""
+        check_name(name)
+        if since is not None:
+            granularity = granularity or self._get(since).granularity
+        granularity = check_granularity(granularity or DEFAULT_GRANULARITY)
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise BitmapError(f"a view's limit {limit!r} must be a number of bytes")
+        self._check_free(name)
+        size = self._size
+        unit = min(granularity, _MAX_VIEW_GRANULE)
+        store = aside if aside is not None else aside_store_for(self.inner, name, size, unit, self.scratch_dir)
+        try:
+            with self.quiesced():
+                self._check_free(name)
+                frozen = None if since is None else self._get(since).freeze()
+                view = BackupView(name, self.inner, self._size, unit, store, size if limit is None else limit, frozen)
+                self.bitmap_add(name, granularity)
+                self._views[name] = view
+                self._copying = tuple(self._views.values())
+        except BaseException:
+            store.close()
+            raise
+        return view
+
+    def _check_free(self, name: str) -> None:
+        if name in self._views:
+            raise BitmapError(f"checkpoint {name!r} has a view already (release it first)")
+        if name in self._bitmaps:
+            raise BitmapError(f"bitmap {name!r} exists already")
+
+    def release(self, name: str) -> ViewStatus:
+        """End the view of checkpoint ``name``: its reads fail from now on, and what it kept aside is freed once
+        those in progress are done; what it held, as it was (``ViewStatus``). Bitmap ``name`` goes on.
+        BitmapError when there is no such view."""
+        with self._admin:
+            view = self._views.pop(name, None)
+            if view is None:
+                raise BitmapError(f"no checkpoint view named {name!r}")
+            self._copying = tuple(self._views.values())
+        status = view.status()
+        view.close()
+        return status
+
+    def views(self) -> list[BackupView]:
+        """Every checkpoint's view not yet released, in the order they were made."""
+        return list(self._views.values())
+
+    def view(self, name: str) -> BackupView:
+        """The view of checkpoint ``name`` (BitmapError when there is none)."""
+        view = self._views.get(name)
+        if view is None:
+            raise BitmapError(f"no checkpoint view named {name!r}")
+        return view
+
     def _get(self, name: str) -> DirtyBitmap:
         bitmap = self._bitmaps.get(name)
         if bitmap is None:
@@ -369,6 +462,8 @@ class DirtyBitmapFilter(Filter):
         return bitmap
 
     def close(self) -> None:
+        for name in list(self._views):
+            self.release(name)
         try:
             super().close()
         finally:

@@ -34,7 +34,7 @@ from . import _bits
 from ._bitmap import BitmapError, check_granularity, check_name
 from ._store import BitmapSink, StoredBitmap
 
-__all__ = ["SidecarBitmapStore", "SUFFIX", "sidecar_of"]
+__all__ = ["SidecarBitmapStore", "SUFFIX", "sidecar_of", "in_memory_filesystem"]
 
 SUFFIX = ".bitmap"
 _MAGIC = b"NBDPBMAP"
@@ -62,7 +62,7 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
 
 
-def _in_memory(fd: int) -> bool:
+def in_memory_filesystem(fd: int) -> bool:
     """Whether ``fd`` lives on tmpfs or ramfs, where a sync never waits on a disk."""
     buf = _StatFs()
     try:
@@ -94,7 +94,7 @@ class SidecarBitmapStore:
         self._files: dict[str, int] = {}
         # On tmpfs and ramfs a sync has nothing to write to (the files end with the machine, as the image
         # beside them does): a write reaches the page cache, which a killed process cannot take back.
-        self._in_memory = _in_memory(self._dir)
+        self._in_memory = in_memory_filesystem(self._dir)
         self.dispatch: Dispatch = "inline" if self._in_memory else "batch"
         for entry in os.listdir(self._dir):
             if entry.startswith(".") and entry.endswith(_TEMPORARY):

@@ -42,14 +42,14 @@ def stored_beside(device: BlockDevice) -> str | None:
     """The sidecar directory of the file under ``device`` if it has one (bitmaps an earlier run kept, which a
     server must go on tracking), else None."""
     source = source_of(device)
-    if isinstance(source, FileDevice) and not isinstance(source, SharedMemoryDevice) and not _is_block_device(source):
+    if isinstance(source, FileDevice) and not isinstance(source, SharedMemoryDevice) and not is_block_device(source):
         directory = sidecar_of(source.path)
         if os.path.isdir(directory):
             return directory
     return None
 
 
-def _is_block_device(device: FileDevice) -> bool:
+def is_block_device(device: FileDevice) -> bool:
     return stat.S_ISBLK(os.fstat(device.fileno()).st_mode)
 
 
@@ -65,7 +65,7 @@ def bitmap_store_for(device: BlockDevice, directory: str | os.PathLike[str] | No
     if directory is not None:
         return SidecarBitmapStore(directory)
     if isinstance(source, FileDevice):
-        if _is_block_device(source):
+        if is_block_device(source):
             raise ValueError(f"{source.path} is a block device: its bitmaps need a directory (--bitmap-dir)")
         return SidecarBitmapStore(sidecar_of(source.path))
     if isinstance(source, S3Device):
