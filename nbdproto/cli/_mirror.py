@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from nbdproto import BlockDevice
+from nbdproto.files import DATA_MODE, new_file
 
 from ._errors import UsageError, size_argument
 from ._serve_options import add_serve_arguments
@@ -98,10 +99,14 @@ def mirror_command(args: argparse.Namespace) -> int:
         created = None
         try:
             if secondary_source is None:
+                fd = new_file(args.secondary, DATA_MODE, read=True)  # exclusive, no symlink followed
                 created = args.secondary
-                with open(created, "xb") as new:
-                    new.truncate(primary.size)  # sparse: it reads as zero, so the copy skips the holes
-                secondary: BlockDevice = FileDevice(created)
+                try:
+                    os.ftruncate(fd, primary.size)  # sparse: it reads as zero, so the copy skips the holes
+                except BaseException:
+                    os.close(fd)
+                    raise
+                secondary: BlockDevice = FileDevice.from_descriptor(fd, created)
             else:
                 secondary = open_source(secondary_source, read_only=False, remote_timeout=remote_timeout)
         except BaseException:
