@@ -104,6 +104,11 @@ def connection_policy(args: argparse.Namespace) -> nbdproto.ConnectionPolicy:
         if args.tls != "require":
             raise UsageError("--allow-client-dn needs --tls require: with optional TLS a client could skip the "
                              "certificate check by not starting TLS")  # fmt: skip
+    for pattern in args.allow_client_dn:
+        try:
+            nbdproto.serving.SubjectPattern(pattern)
+        except ValueError as exc:
+            raise UsageError(f"--allow-client-dn: {exc}") from None
     try:
         return nbdproto.ConnectionPolicy(
             oneshot=args.oneshot,

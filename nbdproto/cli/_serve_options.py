@@ -205,9 +205,10 @@ def _add_helper_arguments(serve: Any) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="with --tls require --tls-verify-client: serve only certificates whose subject, written as RFC 4514 "
-        "does (CN=host.example,O=Example), matches one PATTERN (repeatable; * ? [...] as in the shell); others "
-        "are refused after the TLS handshake and logged with their subject",
+        help="with --tls require --tls-verify-client: serve only certificates whose subject matches one PATTERN "
+        "(repeatable), written as `openssl x509 -noout -subject -nameopt RFC2253` prints subjects "
+        "(CN=*.example.com,O=Example): RDN by RDN, each TYPE=VALUE with * ? [...] globs that never cross a , or + "
+        "(docs/howto/tls.md); others are refused after the TLS handshake and logged with their subject",
     )
 
 

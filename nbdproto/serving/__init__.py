@@ -10,7 +10,8 @@ here, once:
 - ``_session``: one connection's logic (``ServerSessionLogic``): the handshake steps, resolving exports,
   transmission as explicit steps for the driver (``_steps``), shutdown.
 - ``_core``: a server apart from its I/O (``ServerCore``): exports, the settings every session gets, who is
-  served (``_admission``), the log (``_log``).
+  served (``_admission``; client certificates' subjects and the patterns they must match: ``_subject``), the
+  log (``_log``).
 - Policy a client cannot escape: time limits (``_limits``), the memory budget (``_budget``), the receive
   sizes (``_receive_size``).
 
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
         Work,
         streamed_part,
     )
+    from ._subject import Subject, SubjectPattern, parse_subject, subject_of, write_subject
 
 _LAZY = {
     "BlockDevice": "._device",
@@ -98,6 +100,11 @@ _LAZY = {
     "ClientCount": "._admission",
     "certificate_subject": "._admission",
     "takes_client": "._admission",
+    "Subject": "._subject",
+    "SubjectPattern": "._subject",
+    "parse_subject": "._subject",
+    "subject_of": "._subject",
+    "write_subject": "._subject",
     "DeviceCall": "._carry_out",
     "device_calls": "._carry_out",
     "reply_for": "._carry_out",
@@ -162,6 +169,11 @@ __all__ = [
     "ClientRefused",
     "ClientCount",
     "certificate_subject",
+    "Subject",
+    "SubjectPattern",
+    "parse_subject",
+    "subject_of",
+    "write_subject",
     "takes_client",
     "DeviceCall",
     "device_calls",

@@ -32,7 +32,7 @@ from nbdproto.engine import (
 )
 from nbdproto.wire import CommandFlags, LocalProtocolError
 
-from ._admission import ClientInfo, ClientRefused, certificate_subject
+from ._admission import ClientInfo, ClientRefused
 from ._budget import MemoryShare
 from ._carry_out import OnError, OnFlushError
 from ._core import SessionSettings
@@ -42,6 +42,7 @@ from ._log import ConnectionLog
 from ._receive_size import ReceiveSize
 from ._session_transmission import SessionTransmission
 from ._steps import STREAM_WRITES_OVER
+from ._subject import subject_of, write_subject
 
 __all__ = ["ServerSessionLogic"]
 
@@ -142,7 +143,8 @@ class ServerSessionLogic(SessionTransmission):
         policy does not accept the certificate's subject: the driver ends the connection there."""
         self.engine.tls_established()
         client = self.client
-        client.certificate_subject = certificate_subject(peer_certificate) if peer_certificate else None
+        client.certificate_name = subject_of(peer_certificate) if peer_certificate else None
+        client.certificate_subject = write_subject(client.certificate_name) if client.certificate_name else None
         client.psk_identity = psk_identity
         policy = self.settings.policy
         reason = policy.certificate_refusal(client) if policy is not None else None
