@@ -439,7 +439,6 @@ class ServerSession:
                 logic.received(got)  # type: ignore[arg-type]
 
 
-
 def _ran_out(logic: ServerSessionLogic) -> tuple[Callable[[Any], None], Any]:
     return (lambda _: logic.wait_ran_out()), None
 

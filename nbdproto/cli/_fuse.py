@@ -22,7 +22,8 @@ def add_fuse_command(commands: Any) -> None:
     parser.add_argument("-r", "--read-only", action="store_true", help="no writes through the file")
     parser.add_argument("--connections", type=int, default=4, help="connections, when the server allows multi-conn")
     parser.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPTION",
-                        help="a libfuse mount option (allow_other, ...); may be repeated")  # fmt: skip
+                        help="a libfuse mount option (allow_other, ...); may be repeated; allow_other and "
+                             "allow_root bring default_permissions: the file's mode holds for other users")  # fmt: skip
     add_connection_arguments(parser)
 
 

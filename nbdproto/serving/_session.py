@@ -16,6 +16,7 @@ in ``_session_transmission``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,10 +76,11 @@ class ServerSessionLogic(SessionTransmission):
         """This connection's draw on the server's MemoryBudget (None: unlimited). In the threads server
         several threads share the budget: theirs is wrapped so that every call holds the budget's lock."""
         if log is not None:
-            on_device_error = on_device_error or log.device_failed
+            on_device_error = on_device_error or functools.partial(log.device_failed, peer=self.client)
             on_flush_error = on_flush_error or log.flush_failed
         self.on_device_error = on_device_error
-        """Told of device failures that are not OSError (bugs worth a traceback; the client gets EIO)."""
+        """Told of every device failure (the log: one line for an OSError, a traceback for a bug); the client is
+        told the errno's text alone."""
         self.on_flush_error = on_flush_error
         """Told (client, export name, error) when the flush as the connection ends fails (ConnectionLog's
         flush_failed: one line); None: ``flush_device`` raises it."""
