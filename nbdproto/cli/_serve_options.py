@@ -107,6 +107,15 @@ def add_serve_arguments(serve: Any) -> None:
         help="close a connection with nothing in flight that sends nothing for this long (default 0: never)",
     )
     serve.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=limits.max_handshakes,
+        metavar="N",
+        help="at most N connections in their handshake (TLS included) at once; more are closed before the "
+        f"greeting, so that stalled handshakes cannot grow the server's memory (default {limits.max_handshakes}, "
+        "per worker; 0: no limit)",
+    )
+    serve.add_argument(
         "--memory-limit",
         default=f"{limits.memory_limit >> 20}M",
         metavar="SIZE",
