@@ -25,6 +25,7 @@ from __future__ import annotations
 from ._create import (
     DATA_MODE,
     PID_FILE_MODE,
+    RULE,
     UnsafeFileError,
     new_file,
     private_directory,
@@ -37,6 +38,7 @@ from ._socket import bind_unix_socket
 __all__ = [
     "DATA_MODE",
     "PID_FILE_MODE",
+    "RULE",
     "UnsafeFileError",
     "new_file",
     "writable_file",

@@ -21,6 +21,7 @@ import tempfile
 __all__ = [
     "DATA_MODE",
     "PID_FILE_MODE",
+    "RULE",
     "UnsafeFileError",
     "refusal_of_existing",
     "new_file",
@@ -43,7 +44,8 @@ _EXISTING = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 class UnsafeFileError(OSError):
     """A path the rules refuse: a symbolic link (errno ELOOP), not a regular file (or directory), another
-    user's, or writable by other users (EPERM). The message names the path, says which, and states the rule."""
+    user's, or writable by other users (EPERM). ``strerror`` says which and states the rule, ``filename`` is the
+    path."""
 
 
 def refusal_of_existing(info: os.stat_result, *, directory: bool = False) -> str | None:
@@ -68,7 +70,7 @@ def refusal_of_existing(info: os.stat_result, *, directory: bool = False) -> str
 
 def _refuse(path: str | os.PathLike[str], reason: str) -> UnsafeFileError:
     code = errno.ELOOP if reason == _SYMLINK else errno.EPERM
-    return UnsafeFileError(code, f"{os.fspath(path)} exists and {reason}: {RULE}")
+    return UnsafeFileError(code, f"exists and {reason}: {RULE}", os.fspath(path))
 
 
 def new_file(

@@ -55,7 +55,7 @@ def _remove_stale(target: str) -> None:
     else:
         reason = "is not a socket"
     if reason is not None:
-        raise UnsafeFileError(errno.EPERM, f"{target} exists and {reason}: only a stale socket of ours is replaced")
+        raise UnsafeFileError(errno.EPERM, f"exists and {reason}: only a stale socket of ours is replaced", target)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)  # a listener with a full backlog makes connect wait: it is not stale either
     try:
