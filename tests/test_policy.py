@@ -307,3 +307,16 @@ def test_the_psk_identity_is_logged_and_given_to_the_resolver(backend: str, capl
     assert identities and set(identities) == {"alice"}
     [chose] = [r.getMessage() for r in caplog.records if "uses export" in r.getMessage()]
     assert "(PSK identity 'alice') uses export ''" in chose
+
+
+def test_ipv4_mapped_allowed_addresses_are_normalised_as_clients_are() -> None:
+    policy = n.ConnectionPolicy(allow_addresses=["::ffff:127.0.0.1", "::ffff:10.0.0.0/104"])
+    assert policy.address_allowed("127.0.0.1") and policy.address_allowed("::ffff:127.0.0.1")
+    assert policy.address_allowed("10.1.2.3") and not policy.address_allowed("127.0.0.2")
+    assert not n.ConnectionPolicy(allow_addresses=["::ffff:127.0.0.1"]).address_allowed("::1")
+
+
+@pytest.mark.parametrize("backend", ["threads", "asyncio"])
+def test_an_ipv4_mapped_allowed_address_serves_its_ipv4_client(backend: str) -> None:
+    with running(backend, n.ConnectionPolicy(allow_addresses=["::ffff:127.0.0.1"])) as server:
+        assert size_of(server.uri) == MIB

@@ -31,10 +31,13 @@ def bind_unix_socket(
     Something already at ``path`` is an error (FileExistsError), except with ``replace_stale`` a socket that
     the server's user owns, no other user can write, and nobody listens on (what a server killed before it
     could remove its socket leaves): it is replaced. UnsafeFileError for anything else there (a symlink, another
-    user's socket)."""
+    user's socket). After a failure past the binding (another file appeared at ``path`` meanwhile) ``sock`` is
+    bound to a name that is gone: close it."""
     target = os.path.abspath(os.fspath(path))
     if replace_stale:
         _remove_stale(target)
+    if os.path.lexists(target):  # (``link`` below decides; this saves binding a socket that cannot be used)
+        raise FileExistsError(errno.EEXIST, "something is there already", target)
     private = tempfile.mkdtemp(prefix=".", dir=os.path.dirname(target))
     try:
         temporary = os.path.join(private, "s")
