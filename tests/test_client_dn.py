@@ -23,6 +23,7 @@ import nbdproto as n
 import nbdproto.serving
 import nbdproto_threads
 from nbdproto.devices import MemoryDevice
+from tests.conftest import require_peers
 from tests.test_policy import running
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,6 +105,7 @@ def pki() -> Iterator[Pki]:
 
 
 def _openssl_subject(path: str) -> str:
+    require_peers("openssl")
     out = subprocess.run(
         ["openssl", "x509", "-in", path, "-noout", "-subject", "-nameopt", "RFC2253"],
         capture_output=True, check=True, timeout=30,

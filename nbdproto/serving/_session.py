@@ -51,9 +51,9 @@ __all__ = ["ServerSessionLogic"]
 class ServerSessionLogic(SessionTransmission):
     """The I/O-free half of one server connection, set up as ``settings`` say (nbdproto.serving.SessionSettings).
     ``client``: who is at the other end (nbdproto.ClientInfo), which a resolver taking two arguments is given;
-    the session adds what the TLS upgrade tells about it. ``log``: the server's ConnectionLog, told of device
-    failures that are bugs and of a flush that failed as the connection ended (unless ``on_device_error`` or
-    ``on_flush_error`` say otherwise)."""
+    the session adds what the TLS upgrade tells about it. ``log``: the server's ConnectionLog, told of every
+    device failure (whose detail the client is not told) and of a flush that failed as the connection ended
+    (unless ``on_device_error`` or ``on_flush_error`` say otherwise)."""
 
     def __init__(
         self,
