@@ -333,7 +333,7 @@ class SessionTransmission:
                     self.device.flush()  # the earlier parts too: FUA covers the whole write
             except Exception as exc:  # a device failure becomes an NBD error reply, as in carry_out
                 failure = self._failed_writes[cookie] = exc
-                if self.on_device_error is not None and not isinstance(exc, OSError):
+                if self.on_device_error is not None:
                     self.on_device_error(part, exc)
         if not last:
             return None
