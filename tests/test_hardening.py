@@ -257,7 +257,7 @@ def test_another_user_cannot_write_through_an_allow_other_mount(fuse_available: 
     mountpoint.mkdir()
     try:
         with server(image) as (_, uri), fuse(uri, mountpoint, "-o", "allow_other"):
-            disk = mountpoint / "disk"
+            disk = mountpoint / "nbd"  # nbdfuse's default name
             assert stat.S_IMODE(disk.stat().st_mode) == 0o644 and disk.stat().st_uid == 0
             assert as_nobody("head", "-c", "4", str(disk)).stdout == b"aaaa"  # the mount is open to others
             refused = as_nobody("dd", "if=/dev/zero", f"of={disk}", "bs=4096", "count=1", "conv=notrunc", check=False)
