@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
-from nbdproto.engine import ServerConnection
+from tests.test_pair import MIB as SIZE
+from tests.test_pair import Pair
 
 MODES = ("simple", "structured", "extended")
-SIZE = 1 << 20
 SIMPLE, STRUCTURED, EXTENDED = 0x67446698, 0x668E33EF, 0x6E8A278C  # the spec's reply magics
 OFFSET_DATA, OFFSET_HOLE, DONE = 1, 2, 1
 
@@ -25,36 +25,10 @@ class _FullChecksOnly(n.ClientConnection):
 
 def _connected(kind: type[n.ClientConnection], mode: str) -> n.ClientConnection:
     """A client of ``kind`` in transmission with a server engine, in the reply form ``mode`` names."""
-    client, server = kind(), ServerConnection()
-
-    def pump() -> None:
-        for _ in range(20):
-            for src, dst in ((server, client), (client, server)):
-                data = b"".join(bytes(p) for p in src.data_to_send())
-                if data:
-                    dst.receive_data(data)
-            while True:
-                event = server.next_event()
-                if isinstance(event, n.ExportRequested):
-                    server.send(n.Export("disk", SIZE))
-                elif event is n.NEED_DATA or event is n.PAUSED or isinstance(event, n.HandshakeComplete):
-                    break
-
-    pump()
-    assert isinstance(client.next_event(), n.ServerGreeting)
-    options: list[n.Event] = []
-    if mode == "structured":
-        options.append(n.OptionStructuredReply())
-    elif mode == "extended":
-        options.append(n.OptionExtendedHeaders())
-    options.append(n.OptionGo("disk"))
-    for option in options:
-        client.send(option)
-        pump()
-        event = client.next_event()
-        assert not isinstance(event, n.OptionError), event
-    assert client.phase is n.Phase.TRANSMISSION
-    return client
+    pair = Pair()
+    pair.client = kind()
+    pair.connect(mode)
+    return pair.client
 
 
 def _whole(mode: str, cookie: int, offset: int, data: bytes) -> list[int | bytes]:

@@ -141,31 +141,23 @@ class ClientReplies(ClientRequesting):
         pending_of, events = self._pending, self._events
         form = 2 if self.extended_headers else 1 if self.structured_replies else 0
         while True:
-            if form == 1:
-                if pos + 28 > end:
-                    break
-                magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
-                if magic != _STRUCTURED or flags != _DONE or chunk_type != _OFFSET_DATA:
-                    break
+            if form:
+                if form == 1:
+                    if pos + 28 > end:
+                        break
+                    magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
+                    wanted, echoed, data_at = _STRUCTURED, offset, pos + 28
+                else:
+                    if pos + 40 > end:
+                        break
+                    magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
+                    wanted, data_at = _EXTENDED, pos + 40
                 pending = pending_of.get(cookie)
                 if (
-                    pending is None
-                    or pending.command is not Command.READ
-                    or pending.started
-                    or size - 8 != pending.length
-                    or offset != pending.offset
-                ):
-                    break
-                data_at = pos + 28
-            elif form == 2:
-                if pos + 40 > end:
-                    break
-                magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
-                if magic != _EXTENDED or flags != _DONE or chunk_type != _OFFSET_DATA:
-                    break
-                pending = pending_of.get(cookie)
-                if (
-                    pending is None
+                    magic != wanted
+                    or flags != _DONE
+                    or chunk_type != _OFFSET_DATA
+                    or pending is None
                     or pending.command is not Command.READ
                     or pending.started
                     or size - 8 != pending.length
@@ -173,7 +165,6 @@ class ClientReplies(ClientRequesting):
                     or echoed != offset
                 ):
                     break
-                data_at = pos + 40
             else:
                 if pos + 16 > end:
                     break
