@@ -82,14 +82,21 @@ class SessionTransmission:
 
     # --- Where bytes go -------------------------------------------------------------------------------------
 
-    def write_in_place(self, *, kernel_receives: bool) -> None:
+    def write_in_place(self, *, kernel_receives: bool, exact_receives: bool = False) -> None:
         """Receive write payloads straight into the device's storage from now on, where it offers that (its
         ``write_view``, nbdproto.WriteView) and only the kernel writes there: when the driver receives with
         ``recv_into`` on a plaintext socket (``kernel_receives``). A file truncated under the server then fails
-        the receive with EFAULT, where user-space code (TLS) writing into its mapping would die of SIGBUS."""
+        the receive with EFAULT, where user-space code (TLS) writing into its mapping would die of SIGBUS.
+
+        ``exact_receives``: the driver's receives bring exactly the bytes ``in_place_buffers()`` asks for and
+        no more, however the client sent them (TLS: OpenSSL keeps the rest of a decrypted record for the next
+        receive, nbdproto.sockets.TlsChannel). Streaming big writes are then received as on a plaintext socket
+        in place: the rest of a payload into the write's own buffer and the header after it, in one receive,
+        instead of a receive (and a turn of the driver's loop) for every TLS record."""
         write_view = write_view_of(self.device) if kernel_receives else None
         if write_view is not None:
             self.engine.write_view = write_view
+        if write_view is not None or exact_receives:
             self._receive_size.in_place(self.engine.request_header_size)
 
     def read_view(self, *, kernel_sends: bool) -> ReadView | None:
