@@ -35,7 +35,9 @@ TLS_RECORD_SIZE = 16384
 """The most plaintext one TLS record carries (RFC 8446 section 5.1; RFC 5246 section 6.2.1 for TLS 1.2)."""
 
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
-_CLOSED = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+_CLOSED = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError, ValueError)
+"""How a receive finds the connection over: the peer closed or reset it, or this side shut it down (a shutdown
+leaves ``ssl.SSLSocket`` without its TLS object: ValueError)."""
 
 
 class TlsChannel:
@@ -79,7 +81,7 @@ class TlsChannel:
         """Up to ``size`` bytes that have arrived (a record's worth at most); None when none had, ``b""`` when
         the peer closed (a reset counts as closed)."""
         try:
-            return self.sock.recv(size)
+            return self.sock.read(size)
         except _WANT as exc:
             self._wants_read = isinstance(exc, ssl.SSLWantReadError)
             return None
@@ -119,7 +121,8 @@ class TlsChannel:
     def send_queued(self) -> bool:
         """Send what ``queue`` queued, as far as the socket takes it without waiting: True once all of it is
         sent; False when it must wait (``wait_writable``, or an event loop's wait for the socket, then call
-        again). BrokenPipeError or ConnectionResetError when the peer is gone."""
+        again). BrokenPipeError or ConnectionResetError when the peer is gone, ConnectionAbortedError when this
+        side shut the connection down."""
         units, write = self._units, self.sock.write
         while units:
             try:
@@ -127,6 +130,8 @@ class TlsChannel:
             except _WANT as exc:
                 self._wants_read = isinstance(exc, ssl.SSLWantReadError)
                 return False
+            except ValueError as exc:  # shut down here (ssl.SSLSocket.shutdown drops its TLS object)
+                raise ConnectionAbortedError("the connection was shut down") from exc
             units.popleft()
         return True
 
@@ -162,11 +167,13 @@ class TlsChannel:
 
     def _wait(self, timeout: float | None) -> bool:
         poll = self._poll
-        if poll is None:
-            poll = self._poll = select.poll()
-            poll.register(self.sock, select.POLLIN)
-        events = select.POLLIN if self._wants_read else select.POLLOUT
-        poll.modify(self.sock, events)
+        try:
+            if poll is None:
+                poll = self._poll = select.poll()
+                poll.register(self.sock, select.POLLIN)
+            poll.modify(self.sock, select.POLLIN if self._wants_read else select.POLLOUT)
+        except (OSError, ValueError):  # closed meanwhile: the call that follows finds the end
+            return True
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
