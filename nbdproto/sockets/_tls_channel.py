@@ -78,15 +78,35 @@ class TlsChannel:
         return total
 
     def receive(self, size: int = RECV_SIZE) -> bytes | None:
-        """Up to ``size`` bytes that have arrived (a record's worth at most); None when none had, ``b""`` when
-        the peer closed (a reset counts as closed)."""
+        """Up to ``size`` bytes that have arrived, from as many records as have; None when none had, ``b""``
+        when the peer closed (a reset counts as closed). A client that sends every request in a record of its
+        own (libnbd does) has its pipelined requests taken in one call, as one receive takes them from a
+        plaintext socket, so the server carries them out together and answers them with one send."""
+        read = self.sock.read
         try:
-            return self.sock.read(size)
+            first: bytes = read(size)
         except _WANT as exc:
             self._wants_read = isinstance(exc, ssl.SSLWantReadError)
             return None
         except _CLOSED:
             return b""
+        have = len(first)
+        if not have or have >= size:
+            return first
+        more = [first]
+        while have < size:
+            try:
+                piece: bytes = read(size - have)
+            except _WANT as exc:
+                self._wants_read = isinstance(exc, ssl.SSLWantReadError)
+                break
+            except _CLOSED:
+                break  # the end shows at the next receive
+            if not piece:
+                break
+            more.append(piece)
+            have += len(piece)
+        return first if len(more) == 1 else b"".join(more)
 
     # --- Sending --------------------------------------------------------------------------------------------
 
