@@ -251,6 +251,8 @@ class ServerSession:
         # on a disk: a device called on the loop.
         logic = self.logic
         read_view = logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
+        if isinstance(self.stream, TlsSocketStream):
+            logic.reuse_read_buffers()  # its sends copy (encrypt) the data: the buffers are free once sent
         steps = logic.inline_transmission(read_view)
         found: int | None = None
         while True:

@@ -349,6 +349,7 @@ class ServerSession:
         if not self._plain:
             self._tls = TlsChannel(self.stream.sock)  # type: ignore[arg-type]
             self._timeout = 0.0  # what the channel set: a close sets its own
+            logic.reuse_read_buffers()  # its sends copy (encrypt) the data: the buffers are free once sent
         steps = logic.inline_transmission(self._read_view())
         found: int | None = None
         while (step := steps.send(found)) is not FINISHED:

@@ -32,6 +32,7 @@ from ._carry_out import OnError, ReadView, carry_out, carry_out_all, error_reply
 from ._device import BlockDevice
 from ._limits import ServerLimits
 from ._receive_size import ReceiveSize
+from ._reply_buffers import ReplyBuffers
 from ._steps import (
     FINISHED,
     FLUSH_AT,
@@ -72,6 +73,7 @@ class SessionTransmission:
     _failed_writes: dict[int, BaseException]
     _streamed_flags: dict[int, CommandFlags]
     _receive_size: ReceiveSize
+    _reply_buffers: ReplyBuffers | None
     _header_room: memoryview
     _request_wait: float | None  # the limits as waits (ServerLimits.seconds), worked out once
     _idle_wait: float | None
@@ -104,6 +106,13 @@ class SessionTransmission:
         the kernel as they are (a plaintext socket's sendmsg). User-space code (TLS) must not read them: a file
         truncated under the server is a SIGBUS there, where sendmsg merely fails with EFAULT."""
         return read_view_of(self.device) if kernel_sends else None
+
+    def reuse_read_buffers(self) -> None:
+        """Read the data of replies answered without a device view into buffers used again once sent
+        (nbdproto.serving's ReplyBuffers) from now on, in ``inline_transmission``: for a driver whose sends copy
+        the data anyway (TLS encrypts it), where a new buffer per read costs page faults and zeroing. The
+        driver must have sent every reply when it calls ``sent()``, as always."""
+        self._reply_buffers = ReplyBuffers()
 
     @property
     def receive_size(self) -> int:
@@ -224,6 +233,10 @@ class SessionTransmission:
         ready = 0  # RECEIVE_READY steps in a row that found bytes, since replies were last sent
         engine, device, share = self.engine, self.device, self.share
         batched = hasattr(device, "call_batch")
+        # Reads without views fill reused buffers where the driver asked for them; the budget counts them still.
+        reader = read_view
+        if reader is None and self._reply_buffers is not None:
+            reader = self._reply_buffers.reader(device)
         while True:
             end = self.next_batch(batch)
             if batched and batch:
@@ -243,7 +256,7 @@ class SessionTransmission:
                             yield WaitForBudget(length)
                             queued, shutting_down = self._queued, self.shutting_down
                         self._queued_cost += length
-                    engine.send(carry_out(device, request, contexts, on_error, read_view))
+                    engine.send(carry_out(device, request, contexts, on_error, reader))
                     queued += length
                     if queued >= FLUSH_AT:
                         self._queued = queued
@@ -308,6 +321,8 @@ class SessionTransmission:
         """The driver sent everything queued: the memory the replies held is free again."""
         if self._queued_cost and self.share is not None:
             self.share.give(self._queued_cost)
+        if self._reply_buffers is not None:
+            self._reply_buffers.sent()
         self._queued = self._queued_cost = 0
 
     def carry_out_one(self, request: Request, read_view: ReadView | None) -> Event:
