@@ -293,26 +293,15 @@ class ServerSession:
         gives (the rest of a write's payload, and the header after it), else as bytes; a wait (bounded by the
         limits) only when nothing has arrived."""
         logic = self.logic
-        buffers = logic.in_place_buffers()
-        hand = logic.received_in_place
-        if buffers is None:
-            target = self.engine.write_buffer()
-            if target is not None:
-                buffers, hand = [target], logic.received_into_payload
-        wait = logic.next_wait()
-        deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            got = tls.receive(nbdproto.serving.RECV_SIZE) if buffers is None else tls.receive_into(buffers)
-            if got is not None:
-                return (logic.received if buffers is None else hand), got
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return _ran_out(logic)
-            self._receiving = True
-            try:
-                tls.wait_readable(left)
-            finally:
-                self._receiving = False
+        buffers, hand = logic.in_place_buffers(), logic.received_in_place
+        if buffers is None and (target := self.engine.write_buffer()) is not None:
+            buffers, hand = [target], logic.received_into_payload
+        self._receiving = True
+        try:
+            got = tls.receive_within(logic.next_wait(), buffers)
+        finally:
+            self._receiving = False
+        return _ran_out(logic) if got is None else ((logic.received if buffers is None else hand), got)
 
     def _set_timeout(self, seconds: float | None) -> None:
         if seconds != self._timeout:

@@ -108,6 +108,21 @@ class TlsChannel:
             have += len(piece)
         return first if len(more) == 1 else b"".join(more)
 
+    def receive_within(
+        self, timeout: float | None, buffers: Sequence[memoryview] | None = None, size: int = RECV_SIZE
+    ) -> bytes | int | None:
+        """``receive_into(buffers)`` (or ``receive(size)`` without buffers), waiting up to ``timeout`` seconds
+        for the first bytes (None: as long as it takes); None when the wait ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = self.receive(size) if buffers is None else self.receive_into(buffers)
+            if got is not None:
+                return got
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self.wait_readable(left)
+
     # --- Sending --------------------------------------------------------------------------------------------
 
     def queue(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
