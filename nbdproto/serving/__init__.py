@@ -14,7 +14,7 @@ here, once:
   served (``_admission``; client certificates' subjects and the patterns they must match: ``_subject``), the
   log (``_log``).
 - Policy a client cannot escape: time limits (``_limits``), the memory budget (``_budget``), the receive
-  sizes (``_receive_size``).
+  sizes (``_receive_size``); read replies' buffers used again on TLS connections (``_reply_buffers``).
 
 This is the plumbing namespace: applications write devices and start servers through ``nbdproto``,
 ``nbdproto.devices`` and a backend; backends and tools that drive the engine themselves use these names. They
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._log import ConnectionLog
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
+    from ._reply_buffers import KEPT_REPLY_BYTES, ReplyBuffers
     from ._session import ServerSessionLogic
     from ._steps import (
         FINISHED,
@@ -139,6 +140,8 @@ _LAZY = {
     "Stoppable": "._core",
     "current_connection": "._core",
     "enter_connection": "._core",
+    "ReplyBuffers": "._reply_buffers",
+    "KEPT_REPLY_BYTES": "._reply_buffers",
     "BatchEnd": "._steps",
     "ServerSessionLogic": "._session",
     "Work": "._steps",
@@ -226,6 +229,8 @@ __all__ = [
     "Step",
     "WaitForBudget",
     "streamed_part",
+    "ReplyBuffers",
+    "KEPT_REPLY_BYTES",
 ]
 
 if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names

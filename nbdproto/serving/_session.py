@@ -95,6 +95,7 @@ class ServerSessionLogic(SessionTransmission):
         self._streamed_flags: dict[int, CommandFlags] = {}  # streamed writes' flags, until their last part
         self._receive_size = ReceiveSize()
         self._header_room = memoryview(bytearray(32))  # in_place_buffers: where the next request header lands
+        self._reply_buffers = None  # reuse_read_buffers
         self.outcome: str | ClientAborted | None = None
         """How the handshake ended: the chosen export's name, or ClientAborted (None while it goes on)."""
         self.spec: ExportSpec[Any] | None = None
@@ -221,6 +222,8 @@ class ServerSessionLogic(SessionTransmission):
         self._closed = True
         if self.share is not None:
             self.share.give_all()
+        if self._reply_buffers is not None:
+            self._reply_buffers.release()
         if self.spec is not None:
             for write in self.engine.in_place_writes():  # views nothing will be received into any more
                 write_view_ended(self.device, write)
