@@ -87,7 +87,7 @@ def test_nbd_device_times_out_every_request_together_then_reconnects(
                     thread.start()
                 for thread in threads:
                     thread.join(30)
-                assert len(failures) == 6
+                assert len(failures) == 6, failures
                 for took, exc in failures:
                     assert isinstance(exc, TimeoutError) and exc.errno == errno.ETIMEDOUT, exc
                     assert uri in str(exc) and took < 8, (took, exc)
