@@ -1,0 +1,142 @@
+"""The test command of bench/mutation.sh: a warm pytest process that forks a child per mutant.
+
+mutmut (2.x) writes each mutant into the source file and runs its test command. A fresh ``python -m pytest``
+spends a second or more importing pytest, hypothesis, anyio, trio and the rest before its first test, and a
+module has hundreds of mutants. ``serve`` pays that once: it collects the tests (importing everything they
+need), forgets every module it imported from the checkout (nbdproto, the backends, the tests), and forks a
+child for each ``run``. The child imports the checkout afresh, so it sees the mutant on disk, and runs pytest
+with the server's arguments.
+
+``run`` is what mutmut runs: it exits 1 when the tests failed (the mutant is killed; a mutant that breaks an
+import fails them too) and 0 when they passed (it survived). When mutmut gives up on a run (its time limit) it
+kills ``run``, and the server then kills the child and everything it started (its process group).
+
+    python bench/mutation_runner.py serve SOCKET MODULE -- PYTEST_ARGS   (in the checkout; until killed)
+    python bench/mutation_runner.py run SOCKET
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pathlib
+import select
+import signal
+import socket
+import sys
+
+KILLED, SURVIVED = 1, 0
+
+
+def _forget_checkout(root: pathlib.Path) -> None:
+    """Drop every module imported from ``root`` (or named like one of its packages) from sys.modules."""
+    tops = {path.name.removesuffix(".py") for path in root.iterdir()}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        mine = file is not None and pathlib.Path(file).resolve().is_relative_to(root)
+        if mine or name.split(".")[0] in tops:
+            del sys.modules[name]
+
+
+def _quietly(run: object) -> int:
+    """Call ``run`` with stdout and stderr on /dev/null (the descriptors, which children inherit)."""
+    saved = os.dup(1), os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        return int(run())  # type: ignore[operator]
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (null, *saved):
+            os.close(fd)
+
+
+def serve(path: str, module: str, pytest_args: list[str]) -> None:
+    import pytest  # the server's whole point: imported once, here
+
+    root = pathlib.Path.cwd().resolve()
+    sys.path.insert(0, str(root))
+    status = _quietly(lambda: pytest.main(["--collect-only", "-q", "-p", "no:randomly", *pytest_args]))
+    if status != 0:
+        sys.exit(f"collecting {' '.join(pytest_args)} failed (exit {status})")
+    _forget_checkout(root)
+    # The module under mutation is compiled from its source every time: no cached bytecode of it may be read
+    # (a mutant of the same size written within the same second would look up to date), and none is written.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(importlib.util.cache_from_source(str(root / module)))
+    sys.dont_write_bytecode = True
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    print(f"ready on {path}", flush=True)
+    while True:
+        client, _ = listener.accept()
+        with client:
+            client.recv(16)
+            code = _one_run(client, pytest_args)
+            if code is not None:
+                with contextlib.suppress(OSError):
+                    client.sendall(b"%d\n" % code)
+
+
+def _one_run(client: socket.socket, pytest_args: list[str]) -> int | None:
+    """Fork a child that runs the tests; its verdict, or None when the client went away first (then the
+    child's whole process group is killed)."""
+    child = os.fork()
+    if child == 0:
+        os.setpgid(0, 0)
+        code = KILLED
+        try:
+            import pytest
+
+            code = KILLED if _quietly(lambda: pytest.main(["-p", "no:randomly", *pytest_args])) else SURVIVED
+        finally:
+            os._exit(code)
+    with contextlib.suppress(OSError):
+        os.setpgid(child, child)
+    pidfd = os.pidfd_open(child)
+    try:
+        ready, _, _ = select.select([pidfd, client], [], [])
+        if pidfd not in ready:
+            return None
+        _, status = os.waitpid(child, 0)
+        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else KILLED
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child, signal.SIGKILL)  # whatever the tests started and left behind
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, 0)
+        os.close(pidfd)
+
+
+def run(path: str) -> int:
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            print(f"the test server at {path} is not there ({exc}): nothing tested", file=sys.stderr)
+            return 2  # mutmut reads anything but 1 as "survived": a broken runner kills nothing
+        sock.sendall(b"run\n")
+        answer = b""
+        while chunk := sock.recv(16):
+            answer += chunk
+    return int(answer) if answer.strip() else 2
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if len(args) >= 4 and args[0] == "serve" and args[3] == "--":
+        serve(args[1], args[2], args[4:])
+    elif len(args) == 2 and args[0] == "run":
+        sys.exit(run(args[1]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
