@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import nbdproto as n
 import nbdproto.wire
 from nbdproto.wire import layout as w
+from tests.specbytes import spec_bytes
 
 U16 = st.integers(0, 0xFFFF)
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -99,6 +100,15 @@ def test_parse_of_build_gives_back_the_fields(name: str, data: st.DataObject) ->
     value = data.draw(STRATEGIES[name])
     encoded = w.encode(definition, value)
     assert normalise(w.decode(definition, encoded)) == value
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_build_makes_the_spec_s_bytes(name: str, data: st.DataObject) -> None:
+    """Against tests/specbytes.py, the spec's layouts written out with struct: not the definitions themselves."""
+    value = data.draw(STRATEGIES[name])
+    assert w.encode(w.MESSAGES[name], value) == spec_bytes(name, value)
 
 
 @pytest.mark.parametrize("name", NAMES)
