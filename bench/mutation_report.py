@@ -1,5 +1,8 @@
 """The report of bench/mutation.sh: per module, how many mutants mutmut made, killed, and which survived.
 
+The score is the share killed of the mutants that can be: all but those listed as equivalent (and any not
+run, which a complete run leaves none of).
+
 Reads mutmut's cache (``.mutmut-cache``, SQLite) in the checkout copy the run used, and
 bench/mutation-equivalent.txt: the mutants that no test can kill because the program behaves the same with
 them, each with why. A survivor listed there is counted as equivalent; every other one is printed with its
@@ -80,16 +83,13 @@ def main() -> int:
         equivalent = [change for change in survivors if change.key() in known]
         used.update(change.key() for change in equivalent)
         unexplained += [change for change in survivors if change.key() not in known]
-        tested = len(found) - untested
-        rows.append((module, len(found), killed, len(survivors), len(equivalent), untested, killed / (tested or 1)))
-    print("| module | mutants | killed | survived | of them equivalent | not run | killed of those run |")
+        rows.append((module, len(found), killed, len(survivors), len(equivalent), untested))
+    rows.append(("all", *(sum(row[i] for row in rows) for i in range(1, 6))))  # type: ignore[arg-type]
+    print("| module | mutants | killed | survived | of them equivalent | not run | killed of the others |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for module, total, killed, survived, equivalent, untested, share in rows:
-        print(f"| {module} | {total} | {killed} | {survived} | {equivalent} | {untested} | {share:.1%} |")
-    total, killed = sum(row[1] for row in rows), sum(row[2] for row in rows)
-    run = total - sum(row[5] for row in rows)
-    print(f"| all | {total} | {killed} | {sum(r[3] for r in rows)} | {sum(r[4] for r in rows)} | "
-          f"{total - run} | {killed / (run or 1):.1%} |")  # fmt: skip
+    for module, total, killed, survived, equivalent, untested in rows:
+        score = killed / ((total - equivalent - untested) or 1)
+        print(f"| {module} | {total} | {killed} | {survived} | {equivalent} | {untested} | {score:.1%} |")
     for change in unexplained:
         print(f"\nSURVIVED {change.module}:{change.line_number}\n- {change.before.strip()}\n+ {change.after.strip()}")
     stale = [key for key in known if key[0] in modules and key not in used]
