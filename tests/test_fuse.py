@@ -24,6 +24,7 @@ import pytest
 import nbdproto_threads as nt
 from tests.conftest import PEER_ENV, REQUIRE_PEERS
 from tests.threaded import run_threads
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 MIB = 1 << 20
@@ -54,14 +55,6 @@ def is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[1] == str(mountpoint) for line in mounts)
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @contextlib.contextmanager
 def server(image: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--name", "disk", str(image)], stdout=subprocess.PIPE,
@@ -81,7 +74,7 @@ def server(image: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
 def fuse(uri: str, mountpoint: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen([*CLI, "fuse", *args, uri, str(mountpoint)], stderr=subprocess.PIPE, env=PEER_ENV)
     try:
-        wait_for(lambda: is_mounted(mountpoint) or proc.poll() is not None, "the mount")
+        wait_until(lambda: is_mounted(mountpoint) or proc.poll() is not None, "the mount")
         assert is_mounted(mountpoint), proc.stderr.read() if proc.stderr else b""
         yield proc
     finally:
@@ -187,7 +180,7 @@ def test_killing_the_server_gives_eio_then_unmounts(tmp_path: Path, fuse_availab
             assert is_mounted(mountpoint)  # while the file is open, it answers EIO
         finally:
             os.close(fd)
-        wait_for(lambda: mounted.poll() is not None, "fuse to exit once the file was closed")
+        wait_until(lambda: mounted.poll() is not None, "fuse to exit once the file was closed")
         assert mounted.returncode == 1
         assert mounted.stderr is not None and b"connection to the server was lost" in mounted.stderr.read()
     assert not is_mounted(mountpoint)
