@@ -22,18 +22,18 @@ work=${MUTATION_DIR:-/tmp/nbdproto-mutation-${USER:-$(id -un)}}
 # name: the module, then the tests that state its rules (the first to fail ends a mutant's run: fast, precise
 # files first).
 declare -A modules=(
-  [commands]="nbdproto/engine/_commands.py tests/test_command_table.py tests/test_command_rules.py tests/test_commands.py tests/test_client_rules.py tests/test_server.py"
-  [budget]="nbdproto/serving/_budget.py tests/test_budget.py tests/test_dispatch.py tests/test_memory_fairness.py"
-  [admission]="nbdproto/serving/_admission.py tests/test_admission.py tests/test_policy.py"
-  [limits]="nbdproto/serving/_limits.py tests/test_admission.py tests/test_budget.py tests/test_server_limits.py"
-  [server_handshake]="nbdproto/engine/_server_handshake.py tests/test_server.py tests/test_options.py tests/test_tls_rules.py tests/test_opt_mode.py tests/test_pair.py tests/test_state_machine.py"
-  [server_transmission]="nbdproto/engine/_server_transmission.py tests/test_server_read_chunks.py tests/test_server.py tests/test_commands.py tests/test_pair.py tests/test_streamed_writes.py tests/test_state_machine.py"
-  [client_checks]="nbdproto/engine/_client_checks.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py"
-  [client_requests]="nbdproto/engine/_client_requests.py tests/test_client_rules.py tests/test_client_checks.py tests/test_pair.py tests/test_strict_mode.py"
-  [client_replies]="nbdproto/engine/_client_replies.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py tests/test_strict_mode.py"
-  [regionlock]="nbdproto/devices/_regionlock.py tests/test_regionlock.py tests/test_mirror.py"
-  [session_transmission]="nbdproto/serving/_session_transmission.py tests/test_backend_rules.py tests/test_streamed_writes.py tests/test_receive_size.py tests/test_server_concurrency.py tests/test_writes_in_place.py tests/test_memory_fairness.py"
-  [state]="nbdproto/engine/_state.py tests/test_state_machine.py tests/test_pair.py tests/test_server.py"
+  [commands]="nbdproto/engine/_commands.py tests/test_command_table.py tests/test_command_rules.py tests/test_commands.py tests/test_client_rules.py tests/test_server.py tests/test_annotations.py"
+  [budget]="nbdproto/serving/_budget.py tests/test_budget.py tests/test_dispatch.py tests/test_memory_fairness.py tests/test_annotations.py"
+  [admission]="nbdproto/serving/_admission.py tests/test_admission.py tests/test_policy.py tests/test_annotations.py"
+  [limits]="nbdproto/serving/_limits.py tests/test_limits.py tests/test_budget.py tests/test_annotations.py"
+  [server_handshake]="nbdproto/engine/_server_handshake.py tests/test_server.py tests/test_options.py tests/test_tls_rules.py tests/test_opt_mode.py tests/test_pair.py tests/test_state_machine.py tests/test_annotations.py"
+  [server_transmission]="nbdproto/engine/_server_transmission.py tests/test_server_read_chunks.py tests/test_server.py tests/test_commands.py tests/test_pair.py tests/test_streamed_writes.py tests/test_state_machine.py tests/test_annotations.py"
+  [client_checks]="nbdproto/engine/_client_checks.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py tests/test_annotations.py"
+  [client_requests]="nbdproto/engine/_client_requests.py tests/test_client_rules.py tests/test_client_checks.py tests/test_pair.py tests/test_strict_mode.py tests/test_annotations.py"
+  [client_replies]="nbdproto/engine/_client_replies.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py tests/test_strict_mode.py tests/test_annotations.py"
+  [regionlock]="nbdproto/devices/_regionlock.py tests/test_regionlock.py tests/test_mirror.py tests/test_annotations.py"
+  [session_transmission]="nbdproto/serving/_session_transmission.py tests/test_backend_rules.py tests/test_streamed_writes.py tests/test_receive_size.py tests/test_server_concurrency.py tests/test_writes_in_place.py tests/test_memory_fairness.py tests/test_annotations.py"
+  [state]="nbdproto/engine/_state.py tests/test_state_machine.py tests/test_pair.py tests/test_server.py tests/test_annotations.py"
 )
 order=(commands budget admission limits server_handshake server_transmission client_checks client_requests
   client_replies regionlock session_transmission state)

@@ -11,6 +11,10 @@ with the server's arguments.
 import fails them too) and 0 when they passed (it survived). When mutmut gives up on a run (its time limit) it
 kills ``run``, and the server then kills the child and everything it started (its process group).
 
+The child runs first the tests that killed the latest mutants (mutants of one function tend to fail the same
+test), and stops at the first failure: a killed mutant costs a collection and a test or two. Plugins are loaded
+by name, not found by scanning every installed package's metadata each time.
+
     python bench/mutation_runner.py serve SOCKET MODULE -- PYTEST_ARGS   (in the checkout; until killed)
     python bench/mutation_runner.py run SOCKET
 """
@@ -27,6 +31,25 @@ import socket
 import sys
 
 KILLED, SURVIVED = 1, 0
+PLUGINS = ["-p", "hypothesis.extra.pytestplugin", "-p", "pytest_timeout", "-p", "anyio.pytest_plugin"]
+KILLERS_KEPT = 64
+
+
+class _KillersFirst:
+    """A pytest plugin for the child: the tests in ``killers`` first (in that order), and the id of each test
+    that fails written to ``report`` (a pipe to the server)."""
+
+    def __init__(self, killers: list[str], report: int) -> None:
+        self.rank = {nodeid: i for i, nodeid in enumerate(killers)}
+        self.report = report
+
+    def pytest_collection_modifyitems(self, items: list[object]) -> None:
+        last = len(self.rank)
+        items.sort(key=lambda item: self.rank.get(item.nodeid, last))  # type: ignore[attr-defined]
+
+    def pytest_runtest_logreport(self, report: object) -> None:
+        if report.failed:  # type: ignore[attr-defined]
+            os.write(self.report, report.nodeid.encode() + b"\n")  # type: ignore[attr-defined]
 
 
 def _forget_checkout(root: pathlib.Path) -> None:
@@ -59,7 +82,8 @@ def serve(path: str, module: str, pytest_args: list[str]) -> None:
 
     root = pathlib.Path.cwd().resolve()
     sys.path.insert(0, str(root))
-    status = _quietly(lambda: pytest.main(["--collect-only", "-q", "-p", "no:randomly", *pytest_args]))
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    status = _quietly(lambda: pytest.main(["--collect-only", "-q", *PLUGINS, *pytest_args]))
     if status != 0:
         sys.exit(f"collecting {' '.join(pytest_args)} failed (exit {status})")
     _forget_checkout(root)
@@ -74,44 +98,54 @@ def serve(path: str, module: str, pytest_args: list[str]) -> None:
     listener.bind(path)
     listener.listen()
     print(f"ready on {path}", flush=True)
+    killers: list[str] = []
     while True:
         client, _ = listener.accept()
         with client:
             client.recv(16)
-            code = _one_run(client, pytest_args)
+            code, failed = _one_run(client, pytest_args, killers)
+            killers[:] = [*dict.fromkeys([*failed, *killers])][:KILLERS_KEPT]
             if code is not None:
                 with contextlib.suppress(OSError):
                     client.sendall(b"%d\n" % code)
 
 
-def _one_run(client: socket.socket, pytest_args: list[str]) -> int | None:
-    """Fork a child that runs the tests; its verdict, or None when the client went away first (then the
-    child's whole process group is killed)."""
+def _one_run(client: socket.socket, pytest_args: list[str], killers: list[str]) -> tuple[int | None, list[str]]:
+    """Fork a child that runs the tests; its verdict (None when the client went away first: then the child's
+    whole process group is killed) and the tests that failed."""
+    reports, report = os.pipe()
     child = os.fork()
     if child == 0:
         os.setpgid(0, 0)
+        os.close(reports)
         code = KILLED
         try:
             import pytest
 
-            code = KILLED if _quietly(lambda: pytest.main(["-p", "no:randomly", *pytest_args])) else SURVIVED
+            plugin = _KillersFirst(killers, report)
+            status = _quietly(lambda: pytest.main([*PLUGINS, *pytest_args], plugins=[plugin]))
+            code = KILLED if status else SURVIVED
         finally:
             os._exit(code)
+    os.close(report)
     with contextlib.suppress(OSError):
         os.setpgid(child, child)
     pidfd = os.pidfd_open(child)
+    code: int | None = None
     try:
         ready, _, _ = select.select([pidfd, client], [], [])
-        if pidfd not in ready:
-            return None
-        _, status = os.waitpid(child, 0)
-        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else KILLED
+        if pidfd in ready:
+            _, status = os.waitpid(child, 0)
+            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else KILLED
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child, signal.SIGKILL)  # whatever the tests started and left behind
         with contextlib.suppress(ChildProcessError):
             os.waitpid(child, 0)
         os.close(pidfd)
+    with os.fdopen(reports, "rb") as pipe:
+        failed = [line.decode() for line in pipe.read().splitlines()]
+    return code, failed
 
 
 def run(path: str) -> int:
