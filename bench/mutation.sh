@@ -10,7 +10,7 @@
 #
 # mutmut writes each mutant into the source, so the run works on a copy of the checkout (tracked and new
 # files) in $MUTATION_DIR (default /tmp/nbdproto-mutation-$USER); its cache stays there, and a second run
-# tests only what changed. The tests run in a warm process that forks per mutant (bench/mutation_runner.py),
+# tests again only the mutants not killed yet (MUTATION_FRESH=1 starts from nothing). The tests run in a warm process that forks per mutant (bench/mutation_runner.py),
 # one module at a time, at nice 10: the machine is shared. The report (bench/mutation_report.py) goes to
 # stdout and $MUTATION_DIR/report.md; the exit status is 1 if a mutant survived that is not listed.
 set -euo pipefail
@@ -44,8 +44,9 @@ for name in "${chosen[@]}"; do
 done
 "$python" -c "import mutmut" 2>/dev/null || { echo "mutmut is missing: pip install -e '.[mutation]'" >&2; exit 2; }
 
-# A fresh copy of the checkout, keeping mutmut's cache.
+# A fresh copy of the checkout, keeping mutmut's cache unless told not to.
 mkdir -p "$work"
+[[ ${MUTATION_FRESH:-} != 1 ]] || rm -f "$work/.mutmut-cache"
 find "$work" -mindepth 1 -maxdepth 1 ! -name .mutmut-cache -exec rm -rf {} +
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -C "$work" -xf -
 
