@@ -250,3 +250,11 @@ def test_read_coverage_in_its_words() -> None:
     coverage.claim(4096 + 100, 400)
     coverage.claim(4096 + 600, 424)
     assert coverage.covered == 1024
+
+
+def test_read_coverage_holds_memory_for_the_request_alone() -> None:
+    """Out of order, the map of answered bytes is the request's size, wherever the request is."""
+    coverage = ReadCoverage(1 << 50, 4096)
+    coverage.claim((1 << 50) + 2048, 2048)  # out of order: the map is made
+    coverage.claim(1 << 50, 2048)
+    assert coverage.covered == 4096
