@@ -83,6 +83,9 @@ def serve(path: str, module: str, pytest_args: list[str]) -> None:
     root = pathlib.Path.cwd().resolve()
     sys.path.insert(0, str(root))
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    # The collection leaves bytecode for the children to read (PYTHONDONTWRITEBYTECODE, set where this runs,
+    # would have each of them compile the checkout and rewrite the tests' asserts again: most of its time).
+    sys.dont_write_bytecode = False
     status = _quietly(lambda: pytest.main(["--collect-only", "-q", *PLUGINS, *pytest_args]))
     if status != 0:
         sys.exit(f"collecting {' '.join(pytest_args)} failed (exit {status})")
