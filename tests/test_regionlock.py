@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from nbdproto.devices._regionlock import RegionLock
+from tests.waiting import wait_until
 
 
 class NoWaiting:
@@ -74,8 +75,8 @@ def test_an_overlapping_range_waits_until_the_other_is_let_go(held: tuple[int, i
     got: list[tuple[int, int]] = []
     waiter = threading.Thread(target=lambda: got.append(lock.acquire(*asked)), daemon=True)
     waiter.start()
-    assert watch.asleep.wait(30), "the overlapping acquire never went to sleep"
-    assert not got
+    wait_until(lambda: watch.asleep.is_set() or not waiter.is_alive(), "the overlapping acquire asleep")
+    assert watch.asleep.is_set() and not got, "the overlapping acquire went on without waiting"
     lock.release(token)
     waiter.join(30)
     assert not waiter.is_alive() and got == [(asked[0], asked[0] + max(asked[1], 1))]
@@ -93,8 +94,10 @@ def test_hold_holds_for_the_block_and_lets_go_after_it_even_on_error() -> None:
             with lock.hold(5, 1):
                 done.set()
 
-        threading.Thread(target=overlap, daemon=True).start()
-        assert watch.asleep.wait(30) and not done.is_set()
+        other = threading.Thread(target=overlap, daemon=True)
+        other.start()
+        wait_until(lambda: watch.asleep.is_set() or not other.is_alive(), "the overlapping hold asleep")
+        assert watch.asleep.is_set() and not done.is_set()
     assert done.wait(30)
     with pytest.raises(ValueError, match="inside"), lock.hold(0, 10):
         raise ValueError("inside")
@@ -114,7 +117,8 @@ def test_every_sleeper_wakes_when_its_range_is_free() -> None:
         watch.asleep.clear()
         thread = threading.Thread(target=lambda o=offset: (lock.acquire(o, 1), finished.append(o)), daemon=True)
         thread.start()
-        assert watch.asleep.wait(30)
+        wait_until(lambda t=thread: watch.asleep.is_set() or not t.is_alive(), "the acquire asleep")
+        assert watch.asleep.is_set() and not finished
         threads.append(thread)
     lock.release(second)
     threads[1].join(30)
