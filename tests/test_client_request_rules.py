@@ -20,14 +20,22 @@ EVERYTHING = int(
 
 
 def transmitting(
-    *, extended: bool = False, contexts: tuple[str, ...] = (), flags: int = EVERYTHING, size: int = MIB
+    *,
+    extended: bool = False,
+    contexts: tuple[str, ...] = (),
+    flags: int = EVERYTHING,
+    size: int = MIB,
+    simple: bool = False,
+    block_sizes: tuple[int, int, int] | None = None,
 ) -> n.ClientConnection:
-    """A client taken to transmission by hand: structured replies (or extended headers), the meta contexts
-    (ids 1, 2, ...), and an export of ``size`` bytes with transmission ``flags``."""
+    """A client taken to transmission by hand: structured replies (or extended headers, or neither if
+    ``simple``), the meta contexts (ids 1, 2, ...), and an export of ``size`` bytes with transmission ``flags``
+    (and ``block_sizes``, asked for, if given)."""
     client = greeted()
-    client.send(n.OptionExtendedHeaders() if extended else n.OptionStructuredReply())
-    client.receive_data(option_reply(OPT.EXTENDED_HEADERS if extended else OPT.STRUCTURED_REPLY, R.ACK))
-    client.next_event()
+    if not simple:
+        client.send(n.OptionExtendedHeaders() if extended else n.OptionStructuredReply())
+        client.receive_data(option_reply(OPT.EXTENDED_HEADERS if extended else OPT.STRUCTURED_REPLY, R.ACK))
+        client.next_event()
     if contexts:
         client.send(n.OptionSetMetaContext("", contexts))
         replies = b"".join(
@@ -36,8 +44,10 @@ def transmitting(
         )
         client.receive_data(replies + option_reply(OPT.SET_META_CONTEXT, R.ACK))
         client.next_event()
-    client.send(n.OptionGo(""))
+    client.send(n.OptionGo("", (n.InfoType.BLOCK_SIZE,) if block_sizes else ()))
     info = option_reply(OPT.GO, R.INFO, struct.pack(">HQH", n.InfoType.EXPORT, size, flags))
+    if block_sizes:
+        info += option_reply(OPT.GO, R.INFO, struct.pack(">HIII", n.InfoType.BLOCK_SIZE, *block_sizes))
     client.receive_data(info + option_reply(OPT.GO, R.ACK))
     assert isinstance(client.next_event(), n.HandshakeComplete)
     sent(client)
