@@ -269,3 +269,67 @@ def test_a_meta_context_query_without_a_namespace() -> None:
     assert (reply.reply_type, w.decode(w.ErrorReplyPayload, reply.data).message) == (
         R.ERR_INVALID, "a meta context query must start with a namespace and a colon"
     )  # fmt: skip
+
+
+def test_an_option_of_exactly_64_kib_is_read_and_answered() -> None:
+    s = haggling()
+    (got,) = answered(s, option(99, bytes(65536)))
+    assert got == (99, R.ERR_UNSUP, "option 99 is not supported")  # read whole, not refused for its size
+
+
+def test_an_option_arriving_in_parts_is_taken_once_whole() -> None:
+    s = haggling()
+    whole = option(OPT.GO, info_payload("disk"))
+    for cut in (1, 17, len(whole) - 1):
+        s = haggling()
+        s.receive_data(whole[:cut])
+        assert events(s) == [] and s.data_to_send() == []
+        assert _requested(s, whole[cut:]) == n.ExportRequested("disk", OPT.GO)
+
+
+def test_names_and_queries_of_exactly_4096_bytes_are_taken() -> None:
+    name = "n" * 4096
+    s = haggling()
+    assert _requested(s, option(OPT.EXPORT_NAME, name.encode())) == n.ExportRequested(name, OPT.EXPORT_NAME)
+    s = haggling(structured=True)
+    assert _requested(s, option(OPT.LIST_META_CONTEXT, meta_payload(name, "q" * 4096))).name == name
+
+
+def test_a_tls_only_export_before_tls() -> None:
+    s = haggling(tls=n.TlsMode.SELECTIVETLS)
+    _requested(s, option(OPT.GO, info_payload("disk")))
+    s.send(export(tls_required=True))
+    (reply,) = option_replies(joined(s))
+    assert (reply.reply_type, w.decode(w.ErrorReplyPayload, reply.data).message) == (
+        R.ERR_TLS_REQD, "this export requires TLS"
+    )  # fmt: skip
+    s = haggling(tls=n.TlsMode.SELECTIVETLS, structured=True)
+    _requested(s, option(OPT.LIST_META_CONTEXT, meta_payload("disk")))
+    s.send(export(tls_required=True))
+    (reply,) = option_replies(joined(s))
+    assert (reply.reply_type, w.decode(w.ErrorReplyPayload, reply.data).message) == (
+        R.ERR_POLICY, "this export requires TLS"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("minimum", [2, 512])
+def test_any_minimum_block_size_above_1_needs_the_sizes_asked_for(minimum: int) -> None:
+    s = haggling()
+    _requested(s, option(OPT.GO, info_payload("disk")))
+    s.send(export(minimum_block_size=minimum))
+    assert [r.reply_type for r in option_replies(joined(s))] == [R.INFO, R.ERR_BLOCK_SIZE_REQD]
+    s = haggling()
+    _requested(s, option(OPT.GO, info_payload("disk")))
+    s.send(export(minimum_block_size=1))
+    (done,) = events(s)
+    assert isinstance(done, n.HandshakeComplete)
+
+
+def test_the_export_chosen_is_the_connection_s() -> None:
+    s = haggling()
+    assert s.export is None
+    _requested(s, option(OPT.GO, info_payload("disk")))
+    chosen = export()
+    s.send(chosen)
+    events(s)
+    assert s.export is chosen
