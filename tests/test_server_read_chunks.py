@@ -58,14 +58,20 @@ def refusal(mode: str, length: int, sent: list[Claim], claim: Claim) -> str | No
     covered = sum(c.size for c in sent)
     if not sent and not claim.hole and claim.at == 0 and claim.size == length:
         return None  # the whole read in one chunk
+    where = f"{START + claim.at}+{claim.size}"
     if claim.size <= 0 or claim.at < 0 or claim.at + claim.size > length:
-        return "is empty or outside request"
+        return f"read chunk {where} is empty or outside request {START}+{length}"
     if claim.done and covered + claim.size != length:
-        return "marked done"
+        return f"read {COOKIE:#x} marked done with {covered + claim.size} of {length} bytes answered"
     if mode == "simple":
-        return None if claim.at == covered else "expected"
-    if any(claim.at < c.at + c.size and c.at < claim.at + claim.size for c in sent):
-        return "overlaps"
+        return (
+            None
+            if claim.at == covered
+            else f"simple read reply chunk at {START + claim.at}, expected {START + covered}"
+        )
+    for c in sent:
+        if claim.at < c.at + c.size and c.at < claim.at + claim.size:
+            return f"read chunk {where} overlaps chunk {START + c.at}+{c.size}"
     return None
 
 
@@ -100,8 +106,9 @@ def test_read_chunks_the_server_sends_match_a_model(mode: str, length: int, sequ
     for claim in sequence:
         reason = refusal(mode, length, sent, claim)
         if reason is not None:
-            with pytest.raises(n.LocalProtocolError, match=reason):
+            with pytest.raises(n.LocalProtocolError) as refused:
                 p.server.send(claim.event())
+            assert str(refused.value) == reason
             assert p.server.phase is n.Phase.ERROR
             return
         p.server.send(claim.event())
@@ -113,8 +120,9 @@ def test_read_chunks_the_server_sends_match_a_model(mode: str, length: int, sequ
         got = received(p)
         if done:
             assert got == bytes(expected)
-            with pytest.raises(n.LocalProtocolError, match="which is no request"):
+            with pytest.raises(n.LocalProtocolError) as refused:
                 p.server.send(n.ReadHole(COOKIE, START, 1))
+            assert str(refused.value) == f"read reply for cookie {COOKIE:#x}, which is no request"
             return
         assert got is None
 
@@ -156,8 +164,9 @@ def test_df_reads_take_one_chunk_data_or_hole(mode: str) -> None:
         assert received(p) == (bytes(64) if whole.hole else b"\xab" * 64)
     for part in (Claim(0, 32, hole=False, done=False), Claim(32, 32, hole=True, done=False)):
         p = reading(mode, 64, n.CommandFlags.DF)
-        with pytest.raises(n.LocalProtocolError, match="DF set"):
+        with pytest.raises(n.LocalProtocolError) as refused:
             p.server.send(part.event())
+        assert str(refused.value) == f"read {COOKIE:#x} has DF set: answer it in one chunk"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -169,3 +178,31 @@ def test_a_read_answered_then_ends_in_flight(mode: str) -> None:
         p.server.send(Claim(at, 2, hole=at == 2, done=False, fill=at + 1).event())
     assert p.server.in_flight == 0
     assert received(p) == b"\x01\x01\x00\x00\x05\x05\x07\x07"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_whole_chunk_after_a_part_is_an_overlap_not_a_new_answer(mode: str) -> None:
+    p = reading(mode, 64)
+    p.server.send(Claim(0, 16, hole=False, done=False).event())
+    with pytest.raises(n.LocalProtocolError) as refused:
+        p.server.send(Claim(0, 64, hole=False, done=False).event())
+    expected = "simple read reply chunk at 4096, expected 4112" if mode == "simple" else "overlaps chunk 4096+16"
+    assert str(refused.value).endswith(expected)
+
+
+def test_replies_that_do_not_fit_the_request_in_words() -> None:
+    p = reading("structured", 64)
+    with pytest.raises(n.LocalProtocolError) as refused:
+        p.server.send(n.SuccessReply(COOKIE))
+    assert str(refused.value) == f"SuccessReply cannot answer ReadRequest {COOKIE:#x}: send data"
+    p = Pair()
+    p.connect("structured")
+    p.client.send(n.FlushRequest(9))
+    p.server.receive_data(b"".join(bytes(piece) for piece in p.client.data_to_send()))
+    assert isinstance(p.server.next_event(), n.FlushRequest)
+    with pytest.raises(n.LocalProtocolError) as refused:
+        p.server.send(n.ReadData(9, 0, b"x"))
+    assert str(refused.value) == "read reply for cookie 0x9, which is FlushRequest"
+    with pytest.raises(n.LocalProtocolError) as refused:
+        p.server.send(n.SuccessReply(10))
+    assert str(refused.value) == "the connection already failed"

@@ -162,6 +162,15 @@ def test_after_a_shrinking_resize_the_old_tail_is_enospc() -> None:
     assert refusals(s, request(C.READ, 4, half - 512, 1024)) == [
         (4, E.ENOSPC, f"offset {half - 512} + length 1024 is past the export size {half}", 0)
     ]
+    assert refusals(s, request(C.READ, 6, MIB - 512, 512)) == [  # ending exactly at the old end
+        (6, E.ENOSPC, f"offset {MIB - 512} + length 512 is past the export size {half}", 0)
+    ]
+    assert refusals(s, request(C.READ, 7, half - 1024, 1000)) == [  # unaligned, inside: EINVAL for that
+        (7, E.EINVAL, f"offset {half - 1024} / length 1000 not aligned to 512 bytes", 0)
+    ]
+    assert refusals(s, request(C.READ, 8, half - 512, 500)) == [  # unaligned, ending at the new end
+        (8, E.EINVAL, f"offset {half - 512} / length 500 not aligned to 512 bytes", 0)
+    ]
     s.receive_data(request(C.READ, 5, half - 512, 512))
     assert [type(e) for e in events(s)] == [n.ReadRequest]
     grow = serving("structured", flags=ALL | TF.SEND_RESIZE)
@@ -266,6 +275,18 @@ def test_extents_are_made_to_fit() -> None:
     assert _status("structured", (n.Extent(300, 3),), 300, F.REQ_ONE, size=300) == [(300, 3)]
 
 
+def test_extents_tiling_the_request_are_all_sent_and_no_more() -> None:
+    assert _status("structured", (n.Extent(4095, 0), n.Extent(1, 3), n.Extent(100, 1))) == [(4095, 0), (1, 3)]
+    five = tuple(n.Extent(1024, i & 1) for i in range(5))
+    assert _status("structured", five, 2048) == [(1024, 0), (1024, 1)]
+    assert _status("structured", (n.Extent(4096, 0xFFFFFFFF),)) == [(4096, 0xFFFFFFFF)]  # the largest status
+
+
+def test_an_unaligned_extent_may_end_at_the_export_s_end_after_others() -> None:
+    got = _status("structured", (n.Extent(512, 0), n.Extent(100, 3)), 612, size=612, minimum_block_size=512)
+    assert got == [(512, 0), (100, 3)]
+
+
 def test_an_extent_longer_than_a_descriptor_is_split() -> None:
     """A compact descriptor holds at most 2^32 - 1 bytes (rounded down to whole blocks); longer extents are
     split, each part with the same status; an extended descriptor takes 64 bits."""
@@ -280,6 +301,8 @@ def test_an_extent_longer_than_a_descriptor_is_split() -> None:
     assert [(d.length, d.status) for d in chunk.fields.descriptors] == [(100, 1), (0xFFFFFFFF, 3)]
     wide = _status("extended", (n.Extent(size, 3),), 1 << 33, size=size)
     assert wide == [(size, 3)]
+    largest = (1 << 64) - 1  # an export as large as NBD_INFO_EXPORT can say, and an extent longer still
+    assert _status("extended", (n.Extent(1 << 64, 3),), largest, size=largest, maximum_payload=4096) == [(largest, 3)]
 
 
 def test_no_more_descriptors_than_the_maximum_payload_holds() -> None:

@@ -185,3 +185,17 @@ def test_a_block_status_chunk_holds_at_most_2_to_the_20_descriptors() -> None:
     assert magic == n.wire.STRUCTURED_REPLY_MAGIC
     assert (kind, cookie, flags, length) == (n.ChunkType.BLOCK_STATUS, 2, n.ReplyFlags.DONE, 4 + 8 * (1 << 20))
     assert len(sent) == 20 + length
+
+
+def test_a_streamed_write_is_answered_only_after_its_last_part() -> None:
+    s = server(stream_writes_over=4096)
+    s.receive_data(header(9, 0, 8192) + bytes(100) + request(C.FLUSH, 1))
+    events(s)
+    with pytest.raises(n.LocalProtocolError) as refused:
+        s.send(n.SuccessReply(9))
+    assert str(refused.value) == "write 0x9 cannot be answered before its whole payload arrived"
+    s = server(stream_writes_over=4096)
+    s.receive_data(request(C.FLUSH, 1) + header(9, 0, 8192) + bytes(100))
+    assert [type(e) for e in events(s)] == [n.FlushRequest, n.WriteRequest]
+    s.send(n.SuccessReply(1))  # another request may be answered meanwhile
+    assert [c.cookie for c in replies(joined(s))] == [1]
