@@ -56,8 +56,12 @@ def changes(copy: pathlib.Path, module: str, mutants: list[tuple[str, int, int]]
         context = Context(source=source, filename=module, mutation_id=RelativeMutationID(line, index, line_number))
         mutated, _ = mutate(context)
         diff = [d for d in difflib.ndiff(source.splitlines(), mutated.splitlines()) if d[:2] in ("- ", "+ ")]
-        before = next((d[2:] for d in diff if d.startswith("- ")), line)
-        after = next((d[2:] for d in diff if d.startswith("+ ")), "(line removed)")
+        before = line  # the mutated line, as mutmut recorded it
+        after = next((d[2:] for d in diff if d.startswith("+ ")), None)
+        if after is None:  # the line removed (a decorator): named with the line after it, which says whose
+            lines = source.splitlines()
+            after = "(line removed)"
+            before = f"{line.strip()} {lines[line_number + 1].strip() if line_number + 1 < len(lines) else ''}"
         made.append(Change(module, line_number + 1, before, after))
     return made
 
