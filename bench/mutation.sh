@@ -32,7 +32,7 @@ declare -A modules=(
   [client_requests]="nbdproto/engine/_client_requests.py tests/test_client_request_rules.py tests/test_client_rules.py tests/test_client_checks.py tests/test_pair.py tests/test_strict_mode.py tests/test_annotations.py"
   [client_replies]="nbdproto/engine/_client_replies.py tests/test_client_reply_rules.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py tests/test_strict_mode.py tests/test_annotations.py"
   [regionlock]="nbdproto/devices/_regionlock.py tests/test_regionlock.py tests/test_mirror.py tests/test_annotations.py"
-  [session_transmission]="nbdproto/serving/_session_transmission.py tests/test_session_logic.py tests/test_backend_rules.py tests/test_streamed_writes.py tests/test_receive_size.py tests/test_server_concurrency.py tests/test_writes_in_place.py tests/test_memory_fairness.py tests/test_annotations.py"
+  [session_transmission]="nbdproto/serving/_session_transmission.py tests/test_session_logic.py tests/test_session_carry_out.py tests/test_backend_rules.py tests/test_streamed_writes.py tests/test_receive_size.py tests/test_server_concurrency.py tests/test_writes_in_place.py tests/test_memory_fairness.py tests/test_annotations.py"
   [state]="nbdproto/engine/_state.py tests/test_state_machine.py tests/test_pair.py tests/test_server.py tests/test_annotations.py"
 )
 order=(commands budget admission limits server_handshake server_transmission client_checks client_requests

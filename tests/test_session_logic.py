@@ -179,3 +179,36 @@ def test_an_in_place_receive_that_brings_the_payload_and_a_header_after_it(shm_f
     logic.next_batch(batch)
     write, flush = batch
     assert write.in_place and write.flags == CommandFlags.FUA and type(flush) is nbdproto.FlushRequest  # type: ignore[union-attr]
+
+
+def test_replies_wait_for_at_most_ready_in_a_row_receives_from_the_start(shm_file: str) -> None:
+    """Every run of receives that found bytes, the first one too, is READY_IN_A_ROW long before replies go out
+    (tests/test_writes_in_place.py shows a client that never stops sending getting its replies)."""
+    logic = _streaming_in_place(shm_file)
+    stream = _writes(3, 190, 64 << 10)  # all inside the 16 MiB file
+    pos, streak, streaks = 0, 0, []
+    steps = logic.inline_transmission(None)
+    found: int | None = None
+    while pos < len(stream):
+        step = steps.send(found)
+        found = None
+        if step not in (nbdproto.serving.RECEIVE_READY, nbdproto.serving.RECEIVE):
+            continue
+        if step is nbdproto.serving.RECEIVE:
+            streaks.append(streak)
+            streak = 0
+            logic.engine.data_to_send()
+        buffers = logic.in_place_buffers()
+        assert buffers is not None, (pos, len(stream), step, streaks, streak)
+        count = 0
+        for buffer in buffers:
+            part = stream[pos + count : pos + count + len(buffer)]
+            buffer[: len(part)] = part
+            count += len(part)
+        pos += count
+        if step is nbdproto.serving.RECEIVE_READY:
+            streak += 1
+            found = count
+        else:
+            logic.received_in_place(count)
+    assert len(streaks) >= 2 and set(streaks) == {nbdproto.serving.READY_IN_A_ROW}
