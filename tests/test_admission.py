@@ -36,6 +36,7 @@ def test_a_policy_is_frozen_and_compares_by_its_rules() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.oneshot = True  # type: ignore[misc]
     assert policy.allow_addresses == ("10.0.0.0/8",) and isinstance(policy.allow_client_dn, tuple)
+    assert Policy(allow_client_dn=["CN=*"]).allow_client_dn == ("CN=*",)  # kept as given, as a tuple
     assert policy == Policy(max_connections=2, allow_addresses=("10.0.0.0/8",))
     assert "_networks" not in repr(policy)
 
@@ -165,6 +166,7 @@ def test_certificate_subjects_are_written_as_rfc_4514_does() -> None:
         (" lead", "\\ lead"),
         ("trail ", "trail\\ "),
         ("mid # dle", "mid # dle"),
+        ("XX", "XX"),  # nothing else is escaped
         ("nul\x00", "nul\\00"),
         (" ", "\\ "),
     ],
@@ -200,6 +202,7 @@ def test_which_resolvers_take_the_client() -> None:
     assert not takes_client(lambda: None)  # takes neither: called as it always was, with the name
     assert not takes_client(lambda a, b, c: None)
     assert not takes_client(print)  # a builtin function: no signature needed
+    assert not takes_client(dict)  # a callable with no signature at all: called with the name, as always
 
 
 def test_a_refused_client_carries_its_reason() -> None:

@@ -35,8 +35,9 @@ def test_the_guaranteed_amount_is_1_mib_and_never_more_than_the_limit() -> None:
 
 @pytest.mark.parametrize("limit", [0, -1])
 def test_a_limit_must_be_positive(limit: int) -> None:
-    with pytest.raises(ValueError, match=f"memory limit {limit} must be positive"):
+    with pytest.raises(ValueError) as refused:
         MemoryBudget(limit)
+    assert str(refused.value) == f"memory limit {limit} must be positive"
 
 
 def test_nothing_is_always_allowed_and_changes_nothing() -> None:
@@ -128,6 +129,33 @@ def test_giving_back_part_keeps_a_holder_and_all_of_it_ends_one() -> None:
     a.give_all()
     a.give_all()  # nothing held: nothing happens
     assert (a.held, budget.used, budget.holders) == (0, 0, 0)
+
+
+def test_a_share_of_the_largest_limits_is_counted_exactly() -> None:
+    """Integers all the way: a limit past 2^53 (where a float loses bytes) is still kept to the byte."""
+    limit = (1 << 60) + 1
+    budget = MemoryBudget(limit)
+    share = budget.share()
+    assert share.try_take(1)
+    assert share.try_take(1 << 60)  # held + amount == limit: exactly the (whole) share
+    assert not share.try_take(1)
+
+
+def test_a_write_s_cost_is_its_data_or_the_chunk_that_holds_it() -> None:
+    """A view into received bytes keeps the whole chunk alive; a view into anything else (a mapping of the
+    device, for a write received in place) costs its own length."""
+    import mmap
+
+    from nbdproto.engine import WriteRequest
+    from nbdproto.serving import request_cost
+
+    mapped = mmap.mmap(-1, 8192)
+    try:
+        assert request_cost(WriteRequest(1, 0, memoryview(mapped)[:4096])) == 4096
+        assert request_cost(WriteRequest(1, 0, memoryview(mapped)[:0])) == 0
+    finally:
+        mapped.close()
+    assert request_cost(WriteRequest(1, 0, memoryview(bytearray(100))[:10])) == 100
 
 
 class Model:
