@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
-import time
 
 from tests.conftest import PEER_ENV
 
@@ -36,16 +36,19 @@ def spawn_activated(
 
 
 def wait_for_exit(pid: int, timeout: float = 15.0) -> int:
-    """The exit status of our child ``pid`` (polled; killed and an AssertionError after ``timeout`` s)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"process {pid} did not exit within {timeout} s")
+    """The exit status of our child ``pid`` (waited for on its pidfd; killed and an AssertionError after
+    ``timeout`` s)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        exited, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not exited:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError(f"process {pid} did not exit within {timeout} s")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def ended(pid: int) -> bool:

@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
@@ -44,14 +44,19 @@ def _missing(tool: str) -> str | None:
     return None
 
 
+def unavailable(reason: str) -> NoReturn:
+    """What the test needs is not here (a tool, a loop device, root): skip it, or under
+    NBDPROTO_REQUIRE_PEERS=1 (CI, which runs as root with every peer installed) fail it."""
+    if REQUIRE_PEERS:
+        pytest.fail(f"NBDPROTO_REQUIRE_PEERS=1 but {reason}")
+    pytest.skip(reason)
+
+
 def require_peers(*tools: str) -> None:
     """Skip (or, under NBDPROTO_REQUIRE_PEERS=1, fail) unless every tool is usable."""
     reasons = [reason for tool in tools if (reason := _missing(tool))]
     if reasons:
-        message = "; ".join(reasons)
-        if REQUIRE_PEERS:
-            pytest.fail(f"NBDPROTO_REQUIRE_PEERS=1 but {message}")
-        pytest.skip(message)
+        unavailable("; ".join(reasons))
 
 
 @pytest.fixture

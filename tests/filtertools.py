@@ -85,7 +85,7 @@ class SlowReads(Filter):
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         self.inner.pread_into(buffer, offset)
-        time.sleep(self.seconds)
+        time.sleep(self.seconds)  # the device under test is slow on purpose: other threads run meanwhile
 
 
 class NoWrites(Filter):

@@ -263,7 +263,7 @@ class _Script:
             if isinstance(answer, Trickle):
                 for byte in answer:
                     self.sock.sendall(bytes([byte]))
-                    time.sleep(1)
+                    time.sleep(1)  # the server under test trickles on purpose: one byte a second
                 return
             self.sock.sendall(answer)
             if isinstance(answer, Close):

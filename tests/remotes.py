@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 from tests.conftest import PEER_ENV
+from tests.waiting import tcp_listening, unix_listening, wait_until
 
 CLI = [sys.executable, "-m", "nbdproto"]
 
@@ -28,29 +29,17 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int | str, proc: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
-    """Wait until ``proc`` accepts connections on ``port`` (on 127.0.0.1, or a unix socket path), bounded: a
-    connection, not the socket file, is the sign (a unix socket's file appears at bind, before listen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), _connected(port):
-            return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-            raise RuntimeError(f"{what} did not start within {timeout} s: {err}")
-        time.sleep(0.05)  # polling a port with a deadline: the server gives no other sign that it listens
+    """Wait until ``proc`` listens on ``port`` (on 127.0.0.1, or a unix socket path), bounded; seen in /proc
+    without connecting (a unix socket's file appears at bind, before listen; a probe would be a client)."""
 
+    def up() -> bool:
+        listening = tcp_listening(port) if isinstance(port, int) else unix_listening(port)
+        return listening or proc.poll() is not None
 
-def _connected(port: int | str) -> socket.socket:
-    if isinstance(port, int):
-        return socket.create_connection(("127.0.0.1", port), timeout=1)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(1)
-        sock.connect(port)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    wait_until(up, f"{what} listening", timeout)
+    if proc.poll() is not None:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise RuntimeError(f"{what} exited with {proc.returncode} before it listened: {err}")
 
 
 @contextlib.contextmanager

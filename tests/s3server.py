@@ -22,10 +22,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+
+from tests.waiting import wait_until
 
 ACCESS_KEY = "nbdproto-test"
 SECRET_KEY = "nbdproto-test-secret"
@@ -127,20 +128,18 @@ class SeaweedFS:
         return server
 
     def _wait_until_ready(self, startup: float) -> None:
-        deadline = time.monotonic() + startup
-        while True:
+        def answering() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited with status {self.process.returncode}: {self.tail()}")
             try:
                 urllib.request.urlopen(self.endpoint, timeout=2).close()
-                return
             except urllib.error.HTTPError:  # any HTTP answer (403 without credentials) means it is serving
-                return
+                return True
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"SeaweedFS S3 did not answer within {startup} s: {self.tail()}")
-            time.sleep(0.1)
+                return False
+            return True
+
+        wait_until(answering, f"SeaweedFS S3 answering (log: {self.log_path})", startup, every=0.1)
 
     def client(self):  # type: ignore[no-untyped-def]
         """A botocore S3 client with this store's credentials, for checking what is stored."""
@@ -159,18 +158,25 @@ class SeaweedFS:
 
     def _create_bucket(self, startup: float) -> None:
         # The gateway answers before the filer behind it is ready: retry the first request for a while.
-        deadline = time.monotonic() + startup
         client = self.client()
-        while True:
+        failures: list[Exception] = []
+
+        def created() -> bool:
             try:
                 client.create_bucket(Bucket=self.bucket)
-                return
             except Exception as exc:
                 if "BucketAlreadyOwnedByYou" in str(exc) or "BucketAlreadyExists" in str(exc):
-                    return
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
+                    return True
+                failures[:] = [exc]
+                return False
+            return True
+
+        try:
+            wait_until(created, "the bucket created", startup, every=0.2)
+        except AssertionError:
+            if failures:
+                raise failures[0] from None
+            raise
 
     def _warm_up(self) -> None:
         """Store and delete one object: the first PUT makes the volumes behind the bucket, which takes seconds

@@ -91,15 +91,33 @@ def serve_exports(
     """Serve ``exports`` with ``backend`` ("threads", "asyncio" or "trio"); yields the URI without export name
     (append the name), e.g. "nbd://127.0.0.1:40123/" or "nbd+unix:///?socket=...". ``limits`` replaces the
     default limits (``max_bytes_in_flight`` is then ignored)."""
+    with serving(backend, exports, tls=tls, unix=unix, workers=workers, limits=limits,
+                 max_bytes_in_flight=max_bytes_in_flight) as (uri, _):  # fmt: skip
+        yield uri
+
+
+@contextlib.contextmanager
+def serving(
+    backend: str,
+    exports: Mapping[str, Export],
+    *,
+    tls: ssl.SSLContext | None = None,
+    unix: bool = False,
+    workers: int = 0,
+    max_bytes_in_flight: int = 64 * 1024 * 1024,
+    limits: nbdproto.ServerLimits | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """serve_exports, yielding the server object too (nbdproto_threads.Server or nbdproto_anyio.Server), for
+    tests that look at its state."""
     limits = limits or nbdproto.ServerLimits(memory_limit=max_bytes_in_flight)
     with tempfile.TemporaryDirectory(prefix="nbdproto-sock-") as tmp:
         address: tuple[str, int] | str = os.path.join(tmp, "nbd.sock") if unix else ("127.0.0.1", 0)
         if backend == "threads":
-            with _serve_threads(exports, address, tls, workers, limits) as bound:
-                yield _uri(bound, tls is not None)
+            with _serve_threads(exports, address, tls, workers, limits) as (bound, server):
+                yield _uri(bound, tls is not None), server
         else:
-            with _serve_anyio(backend, exports, address, tls, limits) as bound:
-                yield _uri(bound, tls is not None)
+            with _serve_anyio(backend, exports, address, tls, limits) as (bound, server):
+                yield _uri(bound, tls is not None), server
 
 
 def _uri(bound: Any, tls: bool) -> str:
@@ -112,7 +130,7 @@ def _uri(bound: Any, tls: bool) -> str:
 @contextlib.contextmanager
 def _serve_threads(
     exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, workers: int, limits: nbdproto.ServerLimits
-) -> Iterator[Any]:
+) -> Iterator[tuple[Any, Any]]:
     specs = {
         name: nbdproto.ExportSpec(e.device, e.description, e.read_only, e.tls_required) for name, e in exports.items()
     }
@@ -122,7 +140,7 @@ def _serve_threads(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.address
+        yield server.address, server
     finally:
         server.shutdown()
         thread.join(10)
@@ -131,7 +149,7 @@ def _serve_threads(
 @contextlib.contextmanager
 def _serve_anyio(
     backend: str, exports: Mapping[str, Export], address: Any, tls: ssl.SSLContext | None, limits: nbdproto.ServerLimits
-) -> Iterator[Any]:
+) -> Iterator[tuple[Any, Any]]:
     specs = {
         name: nbdproto.ExportSpec(e.device, e.description, e.read_only, e.tls_required) for name, e in exports.items()
     }
@@ -141,7 +159,7 @@ def _serve_anyio(
         bound = listener.address
         future = portal.start_task_soon(server.serve, listener)
         try:
-            yield bound
+            yield bound, server
         finally:
             future.cancel()
             with contextlib.suppress(BaseException):

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 import anyio
@@ -26,6 +25,7 @@ from nbdproto.cli import main
 from nbdproto.sockets import ActivatedServer, activated_sockets
 from tests.activation import ended, spawn_activated, wait_for_exit
 from tests.conftest import PEER_ENV
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 MIB = 1 << 20
@@ -61,9 +61,7 @@ def test_activated_sockets_in_a_process_started_with_one(tmp_path: Any) -> None:
         "           'again': len(activated_sockets())}, open(sys.argv[1], 'w'))\n"
     )
     with ActivatedServer([sys.executable, "-c", script, str(report)]) as server:
-        deadline = time.monotonic() + 15
-        while server.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: server.poll() is not None, "the activated script exited")
         assert server.status == 0
     assert json.loads(report.read_text()) == {
         "families": [True],
@@ -137,12 +135,11 @@ def test_serve_takes_a_socket_passed_by_a_starter_of_our_own(tmp_path: Any) -> N
 def test_a_server_command_that_ignores_sigterm_is_killed_and_its_directory_removed(tmp_path: Any) -> None:
     started = tmp_path / "started"
     server = ActivatedServer(
-        ["sh", "-c", f"trap '' TERM; touch {started}; while :; do sleep 1; done"], stop_timeout=0.2
+        ["sh", "-c", f"trap '' TERM; touch {started}; while :; do sleep 1; done"],
+        stop_timeout=0.2,  # ignores SIGTERM
     )
     assert os.path.exists(server.socket_path)
-    deadline = time.monotonic() + 10
-    while not started.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(started.exists, "the server command started (its trap set)")
     assert server.stop() == -signal.SIGKILL
     assert not os.path.exists(server.directory)
     assert server.stop() == -signal.SIGKILL  # idempotent
@@ -157,10 +154,8 @@ def test_a_server_command_never_stopped_ends_with_the_program(tmp_path: Any) -> 
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     pid, directory = result.stdout.split()
-    deadline = time.monotonic() + 10
-    while not ended(int(pid)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ended(int(pid)) and not os.path.exists(directory)
+    wait_until(lambda: ended(int(pid)), "the server command ended with the program that started it")
+    assert not os.path.exists(directory)
 
 
 def test_a_server_command_that_is_not_found_is_named_in_the_error() -> None:

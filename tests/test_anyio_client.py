@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import nbdproto as n
@@ -57,7 +58,8 @@ async def test_errors_and_out_of_order_replies(peers: Any) -> None:
                 order.append("read")
 
             async def failing() -> None:
-                await anyio.sleep(0.05)
+                while c.engine.in_flight == 0:  # until the slow read has been sent (no time passes here)
+                    await anyio.lowlevel.checkpoint()
                 with pytest.raises(nbdproto.NBDError) as info:
                     await c.pwrite(b"x" * 512, 0)
                 assert info.value.errno == errno.ENOSPC

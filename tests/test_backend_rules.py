@@ -10,7 +10,6 @@ import itertools
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -27,6 +26,7 @@ from nbdproto.serving._carry_out import carry_out
 from nbdproto_anyio._socket import connect_socket
 from tests.recording_proxy import RecordingProxy
 from tests.serving import BACKENDS, Export, serve_exports
+from tests.waiting import wait_until
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(60)
@@ -54,13 +54,6 @@ def threads_server(exports: dict[str, Any]) -> Iterator[nbdproto_threads.Server]
     finally:
         server.shutdown()
         thread.join(10)
-
-
-def wait_for(condition: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def nodelay(sock: socket.socket) -> bool:
@@ -135,7 +128,7 @@ def test_tcp_nodelay_on_every_connection() -> None:
         uri = f"nbd://127.0.0.1:{server.address[1]}/d"
         with nbdproto_threads.connect(uri) as client:
             assert nodelay(client.stream.sock)
-            wait_for(lambda: server.sessions, "the server's session")
+            wait_until(lambda: server.sessions, "the server's session")
             assert all(nodelay(session.stream.sock) for session in server.sessions)
 
         async def anyio_ends() -> None:

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from tests.conftest import require_peers
 from tests.nbdbytes import request
 from tests.serving import BACKENDS, Export, serve_exports
 from tests.test_bad_input import RawClient
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 KIB, MIB = 1 << 10, 1 << 20
@@ -99,10 +99,7 @@ def test_a_quiesce_waits_for_a_write_still_landing_in_place_and_closes_the_door(
 
         thread = threading.Thread(target=checkpoint)
         thread.start()
-        deadline = time.monotonic() + 10
-        while not tracked._views_closed and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert tracked._views_closed
+        wait_until(lambda: tracked._views_closed, "the checkpoint closing the door to write views", timeout=10)
         assert tracked.write_view(MIB, 4096) is None  # the door is closed: this write comes through pwrite
         assert not entered.wait(0.2)  # the payload still landing holds the instant back
         tracked.pwrite(b"p", 2 * MIB)  # while pwrites go on (nothing holds them yet)
@@ -171,10 +168,7 @@ def test_a_client_gone_mid_payload_in_place_leaves_no_write_landing(backend: str
         raw.sock.sendall(request(Command.WRITE, 1, 0, MIB) + b"\x01" * MIB)  # streaming: the next goes in place
         assert raw.recv_exactly(16)[4:8] == bytes(4)
         raw.sock.sendall(request(Command.WRITE, 2, 4 * MIB, MIB) + b"\x02" * (MIB // 2))
-        deadline = time.monotonic() + 20
-        while not tracked._viewing and time.monotonic() < deadline:  # the server is receiving it in place
-            time.sleep(0.005)
-        assert tracked._viewing
+        wait_until(lambda: tracked._viewing, "the server receiving the write in place", timeout=20)
         raw.sock.shutdown(socket.SHUT_RDWR)
         raw.sock.close()
         with tracked.quiesced(timeout=20):  # the connection's end ended the write: no hang

@@ -11,8 +11,7 @@ import errno
 import shutil
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -33,6 +32,7 @@ from nbdproto.devices.bitmaps import (
 )
 from nbdproto.devices.bitmaps import _bits as bits_module
 from tests.serving import Export, serve_exports
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 KIB, MIB = 1 << 10, 1 << 20
@@ -314,13 +314,6 @@ class RecordingStore(MemoryBitmapStore):
         return self.sinks[record.name]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the state never came"
-        time.sleep(0.005)  # polling an observable state, bounded
-
-
 def test_first_writes_to_many_granules_share_store_updates_and_none_is_lost() -> None:
     sink = RecordingSink()
     sink.release.clear()
@@ -331,7 +324,9 @@ def test_first_writes_to_many_granules_share_store_updates_and_none_is_lost() ->
     others = [threading.Thread(target=bitmap.mark, args=(i * 4096, 1)) for i in range(1, 64)]
     for thread in others:
         thread.start()
-    wait_until(lambda: len(bitmap._waiting) == 63)  # every other writer waits for the next commit
+    wait_until(
+        lambda: len(bitmap._waiting) == 63, "63 writers waiting for the next commit"
+    )  # every other writer waits for the next commit
     assert bitmap.info().dirty_bytes == 0  # nothing is dirty in memory before the store has it
     sink.release.set()
     for thread in (first, *others):

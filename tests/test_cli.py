@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ import nbdproto_threads as nt
 from tests.capture import nbdkit
 from tests.conftest import PEER_ENV
 from tests.serving import make_pki
+from tests.waiting import wait_until
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -267,11 +267,9 @@ def test_sigterm_during_nbdproto_copy_into_a_file_export(tmp_path: Any) -> None:
         copy = subprocess.Popen([*CLI, "copy", "--no-progress", "--connections", "1", "--requests", "1", source, uri],
                                 stderr=subprocess.PIPE, text=True, env=PEER_ENV)  # fmt: skip
         fd = os.open(image, os.O_RDONLY)
-        try:
-            for _ in range(2000):  # bounded: 10 s; stop the server once the copy's second MiB has landed
-                if os.pread(fd, 1, MIB) != b"\0" or copy.poll() is not None:
-                    break
-                time.sleep(0.005)
+        try:  # stop the server once the copy's second MiB has landed
+            wait_until(lambda: os.pread(fd, 1, MIB) != b"\0" or copy.poll() is not None, "the second MiB copied",
+                       every=0.005)  # fmt: skip
         finally:
             os.close(fd)
         server.send_signal(signal.SIGTERM)
@@ -295,10 +293,19 @@ def test_serve_on_each_event_loop(loop: str) -> None:
         assert c.pread(4, 0) == b"loop"
 
 
+def _all_asleep(pid: int) -> bool:
+    """Whether every thread of process ``pid`` sleeps (state S in /proc: none running or ready to run)."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            states.append(stat.read().rsplit(")", 1)[1].split()[0])
+    return all(state == "S" for state in states)
+
+
 def test_busy_poll_serves_one_request_at_a_time_and_pipelined(peers: Any) -> None:
     """--busy-poll spins on the connection between requests: requests that arrive while it spins, one at a time
     or many at once and with payloads, are served as without it; a client that goes quiet is slept on."""
-    with serving("--memory", "4M", "--backend", "threads", "--busy-poll", "200") as (_, (uri,)):
+    with serving("--memory", "4M", "--backend", "threads", "--busy-poll", "200") as (server, (uri,)):
         with nt.connect(uri) as c:
             for i in range(200):
                 c.pwrite(bytes([i]) * 4096, i * 4096)
@@ -308,7 +315,8 @@ def test_busy_poll_serves_one_request_at_a_time_and_pipelined(peers: Any) -> Non
             assert c.pread(2 * MIB, MIB) == big
             for i in range(200):
                 c.pwrite(bytes([i]) * 4096, i * 4096)
-            time.sleep(0.3)  # quiet for longer than the spin: the server sleeps until the next request
+            # Quiet for longer than the spin: the server stops spinning and sleeps until the next request.
+            wait_until(lambda: _all_asleep(server.pid), "every server thread asleep")
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 got = list(pool.map(lambda i: c.pread(4096, i * 4096), range(64)))
             assert got == [bytes([i]) * 4096 for i in range(64)]

@@ -14,6 +14,7 @@ import pytest
 
 import nbdproto_threads as nt
 from tests.test_cli import run_cli, serving, sha256
+from tests.waiting import wait_until
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -129,13 +130,13 @@ def test_stats_and_log_report_what_a_known_workload_did(backend: str, tmp_path: 
             "flush": (4, "0 B", 0),
             "extents": (2, "2.0 MiB", 0),
         }
-        deadline = time.monotonic() + 20
-        while True:  # the disconnection flushes happen as the server notices the ends
-            proc.send_signal(signal.SIGUSR1)
-            time.sleep(0.1)
-            if stats.exists() and stats_rows(stats.read_text()) == expected:
-                break
-            assert time.monotonic() < deadline, stats.read_text() if stats.exists() else "no stats file"
+
+        def counted() -> bool:  # the disconnection flushes happen as the server notices the ends
+            shown = stats.exists() and stats_rows(stats.read_text()) == expected
+            proc.send_signal(signal.SIGUSR1)  # asks for the file again: seen at the next look
+            return shown
+
+        wait_until(counted, "the stats file with every call counted", every=0.1)
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
     final = stats_rows(stats.read_text())

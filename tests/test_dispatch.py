@@ -114,16 +114,45 @@ def test_budget_counts_the_memory_a_request_pins() -> None:
     chunk = bytes(1 << 20)
     write = n.WriteRequest(1, 0, memoryview(chunk)[28 : 28 + 4096])
     assert RequestBudget.cost(write) == 1 << 20  # the whole received chunk stays alive with its view
+    assert RequestBudget.cost(n.WriteRequest(1, 0, bytearray(10))) == 10
+    assert RequestBudget.cost(n.WritePayload(1, 0, memoryview(chunk)[:10], last=True)) == 1 << 20
     assert RequestBudget.cost(n.WriteRequest(1, 0, b"x" * 10)) == 10
     assert RequestBudget.cost(n.ReadRequest(1, 0, 4096)) == 4096
     assert RequestBudget.cost(n.FlushRequest(1)) == 0
-    budget = RequestBudget(max_requests=2, max_bytes=100)
+    assert RequestBudget.cost(n.TrimRequest(1, 0, 1 << 20)) == 0  # no data of its own, whatever its length
+
+
+def test_budget_is_full_at_its_byte_limit_alone() -> None:
+    """Many requests allowed: the bytes alone fill it, once they are more than the limit (as much as the
+    limit may be held; one request over it is what stops the reading)."""
+    from nbdproto.serving import RequestBudget
+
+    budget = RequestBudget(max_requests=1000, max_bytes=100)
+    assert budget.idle and not budget.full
     budget.add(60)
+    budget.add(40)
+    assert not budget.full and not budget.idle  # 100 of 100
+    budget.add(1)
+    assert budget.full
+    budget.done(1)
     assert not budget.full
-    budget.add(60)
+    budget.done(60)
+    budget.done(40)
+    assert budget.idle and not budget.full and (budget.requests, budget.bytes) == (0, 0)
+
+
+def test_budget_is_full_at_its_request_limit_alone() -> None:
+    """Few bytes: the count alone fills it, once it reaches the limit."""
+    from nbdproto.serving import RequestBudget
+
+    budget = RequestBudget(max_requests=2, max_bytes=1 << 30)
+    budget.add(0)
+    assert not budget.full
+    budget.add(0)
     assert budget.full and not budget.idle
-    budget.done(60)
-    budget.done(60)
+    budget.done(0)
+    assert not budget.full and not budget.idle
+    budget.done(0)
     assert budget.idle and not budget.full
 
 

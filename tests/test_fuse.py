@@ -24,6 +24,7 @@ import pytest
 import nbdproto_threads as nt
 from tests.conftest import PEER_ENV, REQUIRE_PEERS
 from tests.threaded import run_threads
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 MIB = 1 << 20
@@ -56,14 +57,6 @@ def is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[1] == str(mountpoint) for line in mounts)
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @contextlib.contextmanager
 def server(image: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--name", "disk", str(image)], stdout=subprocess.PIPE,
@@ -83,7 +76,7 @@ def server(image: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
 def fuse(uri: str, mountpoint: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen([*CLI, "fuse", *args, uri, str(mountpoint)], stderr=subprocess.PIPE, env=PEER_ENV)
     try:
-        wait_for(lambda: is_mounted(mountpoint) or proc.poll() is not None, "the mount")
+        wait_until(lambda: is_mounted(mountpoint) or proc.poll() is not None, "the mount")
         assert is_mounted(mountpoint), proc.stderr.read() if proc.stderr else b""
         yield proc
     finally:
@@ -189,7 +182,7 @@ def test_killing_the_server_gives_eio_then_unmounts(tmp_path: Path, fuse_availab
             assert is_mounted(mountpoint)  # while the file is open, it answers EIO
         finally:
             os.close(fd)
-        wait_for(lambda: mounted.poll() is not None, "fuse to exit once the file was closed")
+        wait_until(lambda: mounted.poll() is not None, "fuse to exit once the file was closed")
         assert mounted.returncode == 1
         assert mounted.stderr is not None
         said = mounted.stderr.read().decode()
@@ -206,7 +199,7 @@ def test_a_lost_server_with_the_file_closed_is_one_line(tmp_path: Path, fuse_ava
     with server(tmp_path / "src.img") as (serve, uri), fuse(uri, mountpoint) as mounted:
         serve.kill()
         serve.wait(10)
-        wait_for(lambda: mounted.poll() is not None, "fuse to exit: nothing has the file open")
+        wait_until(lambda: mounted.poll() is not None, "fuse to exit: nothing has the file open")
         assert mounted.returncode == 1 and mounted.stderr is not None
         (line,) = mounted.stderr.read().decode().splitlines()
         assert line.startswith("nbdproto fuse: the connection to the server was lost") and "unmounted" in line
@@ -222,7 +215,7 @@ def test_nbdfuses_argument_order_and_file_name(tmp_path: Path, fuse_available: N
         for target, name in ((mountpoint, "nbd"), (mountpoint / "disk.raw", "disk.raw")):
             proc = subprocess.Popen([NBDPROTO, "fuse", str(target), uri], stderr=subprocess.PIPE, env=PEER_ENV)
             try:
-                wait_for(lambda p=proc: is_mounted(mountpoint) or p.poll() is not None, "the mount")  # type: ignore[misc]
+                wait_until(lambda p=proc: is_mounted(mountpoint) or p.poll() is not None, "the mount")  # type: ignore[misc]
                 assert os.listdir(mountpoint) == [name]
                 assert (mountpoint / name).read_bytes() == image_bytes
             finally:

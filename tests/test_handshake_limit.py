@@ -5,7 +5,6 @@ connection beyond the bound is closed before the greeting, and clients whose han
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ import nbdproto
 import nbdproto_threads as nt
 from nbdproto.devices import MemoryDevice
 from tests.serving import Export, serve_exports
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 MIB = 1 << 20
@@ -39,22 +39,19 @@ def _greeted(port: int) -> socket.socket | None:
 
 def _greeted_within(port: int, timeout: float = 10.0) -> socket.socket:
     """A greeted connection, once a slot is free again (the server notices a closed one as soon as it reads)."""
-    deadline = time.monotonic() + timeout
-    while (sock := _greeted(port)) is None:
-        assert time.monotonic() < deadline, "no handshake slot came free"
-        time.sleep(0.01)
-    return sock
+    return wait_until(lambda: _greeted(port), "a handshake slot free again", timeout)
 
 
 def _connect_within(uri: str, timeout: float = 10.0) -> nt.Client:
     """A client connected once a slot is free (the server frees one as it reads the end of a closed one)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def connected() -> nt.Client | None:
         try:
             return nt.connect(uri, timeout=10)
         except (nbdproto.ProtocolError, ConnectionError):
-            assert time.monotonic() < deadline, "no handshake slot came free"
-            time.sleep(0.01)
+            return None
+
+    return wait_until(connected, "a handshake slot free again", timeout)
 
 
 @pytest.mark.parametrize("backend", ["threads", "asyncio"])

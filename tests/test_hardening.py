@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from tests.conftest import PEER_ENV, REQUIRE_PEERS
 from tests.remotes import Cli
 from tests.test_fuse import fuse, fuse_available, server  # noqa: F401 (fuse_available is a fixture)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 MIB = 1 << 20
@@ -109,10 +109,7 @@ def serving(*args: str) -> Iterator[Cli]:
 
 def wait_for_file(path: Path, timeout: float = 30.0) -> None:
     """Until ``path`` exists (the pid file is written once the server is ready, just after it says so)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"no {path} within {timeout} s"
-        time.sleep(0.01)
+    wait_until(path.exists, str(path), timeout)
 
 
 def owned_by_root(path: Path, mode: int) -> None:

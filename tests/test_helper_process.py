@@ -10,8 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +18,7 @@ import nbdproto_threads
 from tests.activation import ended, spawn_activated, wait_for_exit
 from tests.conftest import PEER_ENV
 from tests.forkserver import ForkServer
+from tests.waiting import unix_listening, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 MIB = 1 << 20
@@ -35,27 +34,6 @@ def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> s
 def sha256(path: Any) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def poll(condition: Callable[[], bool], what: str, timeout: float = 15.0, interval: float = 0.001) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout} s")
-        time.sleep(interval)
-
-
-def listening(path: str) -> bool:
-    """True once a socket listens at the unix socket ``path``: its file appears at bind, a moment before listen,
-    and a connect between the two is refused. /proc/net/unix: Num RefCount Protocol Flags Type St Inode Path,
-    a listening socket's flags with __SO_ACCEPTCON (0x10000)."""
-    with open("/proc/net/unix") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
-                return True
-    return False
 
 
 def greeting(path: str) -> bytes:
@@ -154,7 +132,7 @@ def test_the_pid_file_appears_only_once_a_connect_succeeds(tmp_path: Any) -> Non
             sock, pid_file = tmp_path / f"{i}.sock", tmp_path / f"{i}.pid"
             argv = ["serve", "--memory", "1M", "--socket", str(sock), "--pid-file", str(pid_file), "--backend", backend]
             pid = forks.start(argv)
-            poll(pid_file.exists, f"pid file {pid_file} written")
+            wait_until(pid_file.exists, f"pid file {pid_file} written")
             assert len(greeting(str(sock))) == GREETING, f"serve {backend} #{i}: no greeting"
             assert pid_file.read_text() == f"{pid}\n"
             os.kill(pid, signal.SIGTERM)
@@ -175,8 +153,8 @@ def test_fork_returns_only_once_connectable(tmp_path: Any) -> None:
     finally:
         pid = int(pid_file.read_text())
         os.kill(pid, signal.SIGTERM)
-    poll(lambda: ended(pid), "the forked server ended", interval=0.01)
-    poll(lambda: not pid_file.exists(), "the pid file removed", interval=0.01)
+    wait_until(lambda: ended(pid), "the forked server ended")
+    wait_until(lambda: not pid_file.exists(), "the pid file removed")
 
 
 def test_fork_fails_with_the_childs_status_and_error(tmp_path: Any) -> None:
@@ -194,16 +172,16 @@ def test_exit_with_parent_ends_the_server_when_its_parent_is_killed(tmp_path: An
     serve = " ".join([*SERVE, "--memory", "1M", "--socket", sock, "--pid-file", str(pid_file), "--exit-with-parent"])
     parent = subprocess.Popen(["sh", "-c", f"{serve} >/dev/null & exec sleep 60"], env=PEER_ENV)
     try:
-        poll(pid_file.exists, "serving", interval=0.01)
+        wait_until(pid_file.exists, "serving")
         pid = int(pid_file.read_text())
         assert len(greeting(sock)) == GREETING
     finally:
         parent.kill()
         parent.wait()
-    killed = time.monotonic()
-    poll(lambda: ended(pid), "the server ended", timeout=2.0, interval=0.01)
-    assert time.monotonic() - killed < 2.0
-    poll(lambda: not os.path.exists(sock) and not pid_file.exists(), "cleaned up", timeout=2.0, interval=0.01)
+    # Nothing else ends the server: the parent's death is what does (promptly, by PR_SET_PDEATHSIG; how promptly
+    # a loaded machine schedules it is not the rule).
+    wait_until(lambda: ended(pid), "the server ended after its parent was killed")
+    wait_until(lambda: not os.path.exists(sock) and not pid_file.exists(), "the socket and pid file removed")
 
 
 def test_exit_with_parent_without_prctl_watches_the_parent(tmp_path: Any) -> None:
@@ -215,7 +193,7 @@ def test_exit_with_parent_without_prctl_watches_the_parent(tmp_path: Any) -> Non
         f"signal.signal(signal.SIGTERM, lambda *a: (open({str(done)!r}, 'w').close(), os._exit(0)))\n"
         "print(os.getpid(), flush=True)\n"
         "_watch_parent(int(sys.argv[1]))\n"
-        "time.sleep(30)\n"
+        "time.sleep(120)\n"  # the process under test idles: only the watcher's SIGTERM may end it
     )
     parent = subprocess.Popen(
         ["sh", "-c", '"$0" -c "$1" $$ & exec sleep 60', sys.executable, code], stdout=subprocess.PIPE, text=True
@@ -224,8 +202,8 @@ def test_exit_with_parent_without_prctl_watches_the_parent(tmp_path: Any) -> Non
     pid = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
-    poll(done.exists, "SIGTERM after the parent died", timeout=3.0, interval=0.01)
-    poll(lambda: ended(pid), "ended", timeout=3.0, interval=0.01)
+    wait_until(done.exists, "SIGTERM after the parent died")  # written by the SIGTERM handler alone
+    wait_until(lambda: ended(pid), "ended")
 
 
 # --- Connection policy ---------------------------------------------------------------------------------------
@@ -236,7 +214,7 @@ def test_oneshot_serves_one_client_refuses_another_then_exits(tmp_path: Any) -> 
     proc = subprocess.Popen([*SERVE, "--memory", "1M", "--socket", sock, "--oneshot", "-v"], env=PEER_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        poll(lambda: listening(sock), "listening", interval=0.01)  # a probe would be the one client
+        wait_until(lambda: unix_listening(sock), "listening")  # a probe would be the one client
         with nbdproto_threads.connect(f"nbd+unix:///?socket={sock}", timeout=10) as first:
             assert greeting(sock) == b""  # the second client: closed before the greeting
             first.pwrite(b"1" * 512, 0)

@@ -29,6 +29,7 @@ import nbdproto as n
 import nbdproto.wire
 from tests.nbdbytes import client_flags, option, request
 from tests.test_bad_input import GoodClient, RawClient
+from tests.waiting import wait_until
 
 MIB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -64,6 +65,16 @@ class Served:
             return self.final_log
         with open(self.log_path) as f:
             return f.read()
+
+
+def _unread(sock: socket.socket) -> int:
+    """The bytes waiting unread in a loopback TCP socket's receive queue (/proc/net/tcp's rx_queue)."""
+    local = f"0100007F:{sock.getsockname()[1]:04X}"
+    with open("/proc/net/tcp") as table:
+        for fields in (line.split() for line in list(table)[1:]):
+            if fields[1] == local:
+                return int(fields[4].split(":")[1], 16)
+    return 0
 
 
 def _status(pid: int, field: str) -> int:
@@ -117,18 +128,25 @@ def well_behaved(address: tuple[str, int]) -> GoodClient:
     return GoodClient(address, export="", block=4096, blocks=256, at_least=0)
 
 
-def _rounds_in(address: tuple[str, int], seconds: float) -> int:
+def _serves(address: tuple[str, int], rounds: int) -> None:
+    """A well-behaved client completes ``rounds`` verified rounds on the server (waited for, bounded)."""
     reader = well_behaved(address)
     reader.start()
-    time.sleep(seconds)  # a measured stretch of service, not synchronisation
-    return reader.finish()
+    wait_until(lambda: reader.rounds >= rounds or not reader.is_alive(), f"{rounds} rounds of a good client")
+    reader.finish()
 
 
-def _peak_rss(served: Served, seconds: float) -> int:
-    peak, deadline = 0, time.monotonic() + seconds
-    while time.monotonic() < deadline:
+def _peak_rss_while(served: Served, reader: GoodClient, rounds: int, seconds: float) -> int:
+    """The server's peak RSS, sampled for ``seconds`` (the stretch measured) and until ``reader`` has done
+    ``rounds`` rounds beside the attack (however long a loaded machine takes; the wait is bounded)."""
+    peak, started = 0, time.monotonic()
+
+    def sample() -> bool:
+        nonlocal peak
         peak = max(peak, served.rss())
-        time.sleep(0.05)
+        return time.monotonic() - started >= seconds and (reader.rounds >= rounds or not reader.is_alive())
+
+    wait_until(sample, f"{rounds} rounds of a good client beside the attack", timeout=60, every=0.05)
     return peak
 
 
@@ -137,7 +155,7 @@ def _peak_rss(served: Served, seconds: float) -> int:
 @pytest.mark.parametrize("dispatch", [[], ["--filter", "delay:write=1ms"]], ids=["inline", "pool"])
 def test_unread_replies_of_huge_reads_hold_little_memory(backend: str, dispatch: list[str]) -> None:
     with serve(backend, "--memory", "1G", "--memory-limit", "128M", *dispatch) as served:
-        baseline_rounds = _rounds_in(served.address, 1.0)
+        _serves(served.address, 20)
         before = served.rss()
         hoarder = RawClient(served.address)
         hoarder.go("")
@@ -145,11 +163,10 @@ def test_unread_replies_of_huge_reads_hold_little_memory(backend: str, dispatch:
         hoarder.sock.sendall(b"".join(request(n.Command.READ, i, i * 16 * MIB, 32 * MIB) for i in range(64)))
         reader = well_behaved(served.address)
         reader.start()
-        peak = _peak_rss(served, 3.0)
-        rounds = reader.finish()
+        # The other client is served all the while (its rounds, not its pace: the machine is shared).
+        peak = _peak_rss_while(served, reader, 200, 3.0)
+        assert reader.finish() >= 200
         assert peak - before < 192 * MIB, f"RSS grew by {(peak - before) / MIB:.0f} MiB"
-        # The other client is served all the while: at least a fifth of its pace alone (the machine is shared).
-        assert rounds * 3.0 >= baseline_rounds * 0.2 * 3.0, (rounds, baseline_rounds)
         hoarder.close()
 
 
@@ -174,12 +191,11 @@ def test_stalled_write_payloads_hold_little_memory(backend: str, tmp_path: Any) 
             sender.start()
         reader = well_behaved(served.address)
         reader.start()
-        peak = _peak_rss(served, 4.0)
-        rounds = reader.finish()
+        peak = _peak_rss_while(served, reader, 50, 4.0)
+        assert reader.finish() >= 50
         for sender in senders:
             sender.join(30)
         assert peak - before < 1024 * MIB, f"RSS grew by {(peak - before) / MIB:.0f} MiB"
-        assert rounds > 0
         for client in hoarders:
             client.close()
 
@@ -197,20 +213,13 @@ def test_running_out_of_descriptors_then_serving_again(backend: str) -> None:
         for _ in range(100):
             with contextlib.suppress(OSError):
                 crowd.append(socket.create_connection(served.address, timeout=5))
-        time.sleep(0.5)  # let the server hit the limit
+        wait_until(lambda: "cannot accept connections: Too many open files" in served.log(), "the server at its limit")
         for sock in crowd:
             sock.close()
         # The descriptors come back; the server accepts and serves again (its accept loop backs off, then goes on).
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client = RawClient(served.address)
-                client.go("")
-                break
-            except (OSError, AssertionError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        client = RawClient(served.address)  # waits in the listen queue until the server accepts it again
+        client.go("")
+        wait_until(lambda: "accepting connections again" in served.log(), "the server accepting again")
         client.sock.sendall(request(n.Command.READ, 1, 0, 4096))
         assert client.simple_reply(1, 4096) == (0, bytes(4096))
         client.close()
@@ -227,32 +236,37 @@ def test_a_stalled_handshake_is_closed_by_the_default_limit() -> None:
         started = time.monotonic()
         for sock in socks:
             assert sock.recv(100) == b""  # closed by the server
-            sock.close()
         waited = time.monotonic() - started
-        assert 9.0 <= waited <= 13.0, waited
+        assert waited >= 9.0, waited
+        for served, sock in zip((threads, anyio_served), socks, strict=True):  # the handshake limit closed them
+            timed_out = f"client 127.0.0.1:{sock.getsockname()[1]} timed out"
+            wait_until(lambda s=served, line=timed_out: line in s.log(), timed_out)
+            sock.close()
 
 
 def test_500_stalled_handshakes_are_all_closed_and_forgotten(backend: str) -> None:
     limit = 2.0
     with serve(backend, "--memory", "1M", "--handshake-timeout", str(limit)) as served:
-        time.sleep(0.3)
+        with socket.create_connection(served.address, timeout=30) as first:  # the server is up and serving
+            assert len(first.recv(18)) == 18
         threads_before, fds_before = served.threads(), served.descriptors()
+        opened = time.monotonic()  # before the first connection: the last one closes at least a limit after it
         stalled = [socket.create_connection(served.address, timeout=30) for _ in range(250)]
         starttls = [socket.create_connection(served.address, timeout=30) for _ in range(250)]
         for sock in starttls:  # STARTTLS asked for (refused: no TLS here), then nothing more
             sock.sendall(client_flags() + option(n.Option.STARTTLS, b""))
-        opened = time.monotonic()
-        for sock in stalled + starttls:
-            sock.settimeout(max(0.1, opened + limit + 1.0 - time.monotonic()))
+        for sock in stalled + starttls:  # each ends when the server closes it (a socket timeout is a failure)
+            sock.settimeout(30)
             try:
                 while sock.recv(65536):
                     pass
             except ConnectionResetError:
                 pass
-        assert time.monotonic() - opened <= limit + 1.5
-        time.sleep(0.5)
-        assert served.threads() <= threads_before + 2
-        assert served.descriptors() <= fds_before + 4  # the 500 sockets are gone (an event loop may open one or two)
+        assert time.monotonic() - opened >= limit * 0.9
+        wait_until(lambda: " timed out" in served.log(), "closed by the handshake limit (its log line)")
+        # The 500 sockets and their threads are gone (an event loop may open one or two of its own).
+        wait_until(lambda: served.threads() <= threads_before + 2, "the server's threads back to what they were")
+        wait_until(lambda: served.descriptors() <= fds_before + 4, "the server's descriptors back to what they were")
         for sock in stalled + starttls:
             sock.close()
 
@@ -281,7 +295,7 @@ def test_client_protocol_errors_print_no_traceback(server: str) -> None:
         tls_quitter = RawClient(served.address)  # closes during what would be the TLS handshake
         tls_quitter.sock.sendall(client_flags() + option(n.Option.STARTTLS, b"") + b"\x16\x03\x01\x00")
         tls_quitter.close()
-        assert _rounds_in(served.address, 0.3) > 0
+        _serves(served.address, 3)
     log = served.log()
     assert "Traceback" not in log, log
     assert "broke the protocol" in log
@@ -305,12 +319,16 @@ def test_sigterm_with_clients_that_never_read(backend: str, tmp_path: Any) -> No
             client.go("")
             client.sock.sendall(b"".join(request(n.Command.READ, i, 0, 32 * MIB) for i in range(1, 64)))
             sleepers.append(client)
-        time.sleep(0.5)  # their replies fill the socket buffers
+        for client in sleepers:  # their replies fill the socket buffers (unread, in their receive queues)
+            wait_until(lambda c=client: _unread(c.sock) >= 65536, "replies piling up unread")
         started = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
-        served.proc.wait(30)
-        assert time.monotonic() - started < 5.0
+        served.proc.wait(30)  # it ends: it does not wait for ever on clients that do not read...
         assert served.proc.returncode == 0
+        assert time.monotonic() - started >= 3.0 * 0.9  # ... once their requests had the shutdown grace (3 s)
+    after = served.log().split("shutting down", 1)[1]
+    for client in sleepers:  # the server ended theirs (the line says how: a broken pipe, or a disconnect)
+        assert f"client 127.0.0.1:{client.sock.getsockname()[1]}" in after, after
     data = image.read_bytes()
     for offset, block in written.items():
         assert data[offset : offset + len(block)] == block

@@ -12,7 +12,6 @@ import ssl
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ import nbdproto_anyio
 import nbdproto_threads
 from nbdproto.devices import MemoryDevice
 from tests.serving import BACKENDS, make_pki
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 MIB = 1 << 20
@@ -41,11 +41,7 @@ class Running:
         self.finished = finished
 
     def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not {what} within {timeout} s")
-            time.sleep(0.005)
+        wait_until(condition, what, timeout, every=0.005)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from nbdproto.engine import HandshakeStep
 from nbdproto.serving import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
 from tests.nbdbytes import client_flags, info_payload, option, request
 from tests.test_bad_input import RawClient
+from tests.waiting import wait_until
 
 _WRITE_SIZES = st.integers(0, 40 << 20) | st.sampled_from([0, 28, 28 + (256 << 10)])
 _RECEIVES = st.lists(st.tuples(st.integers(0, 4 * RECV_SIZE), st.booleans(), _WRITE_SIZES), max_size=50)
@@ -192,9 +192,7 @@ def test_the_threads_server_waits_for_a_quiet_client_with_a_small_buffer() -> No
     client_sock.sendall(_writes(1, 16, 256 << 10))
     for cookie in range(1, 17):
         assert client.simple_reply(cookie) == (0, b"")
-    deadline = time.monotonic() + 10
-    while not (asked and asked[-1] == ("wait", RECV_SIZE)) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: asked and asked[-1] == ("wait", RECV_SIZE), "the session waiting with a small receive")
     streamed = ReceiveSize.streaming(28 + (256 << 10))
     assert ("ready", streamed) in asked  # it streamed with large receives...
     assert asked[-1] == ("wait", RECV_SIZE)  # ...and waits for the quiet client with a small one

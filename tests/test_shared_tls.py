@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import pytest
 
 from nbdproto.sockets import SharedTls
+from nbdproto.sockets._shared_tls import _wait
 from tests.serving import make_pki
 from tests.threaded import run_threads
 from tests.tlswatch import TlsOverlaps
+from tests.waiting import running, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,7 +94,7 @@ def test_a_send_that_cannot_go_on_leaves_receiving_free_and_times_out(
 
     sender = threading.Thread(target=flood)
     sender.start()
-    time.sleep(0.5)
+    wait_until(lambda: running(sender, SharedTls.send, _wait), "the send waiting for room")
     peer.sendall(b"a reply")
     assert shared.receive(timeout=5.0) == b"a reply"  # while the send waits for room
     sender.join(10)
@@ -119,7 +121,7 @@ def test_closing_ends_a_wait_in_another_thread(pair: tuple[SharedTls, ssl.SSLSoc
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    time.sleep(0.3)
+    wait_until(lambda: running(waiter, SharedTls.receive, _wait), "the receive waiting for bytes")
     shared.close()
     waiter.join(10)
     assert not waiter.is_alive()

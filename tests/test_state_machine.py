@@ -422,3 +422,68 @@ def test_a_late_reply_to_a_client_that_is_gone_is_taken_and_dropped() -> None:
     assert isinstance(server.next_event(), e.ConnectionClosed)
     server.send(e.ReadData(1, 0, bytes(512)))
     assert server.phase is Phase.CLOSED and server.data_to_send() == []
+
+
+# --- The words errors use ----------------------------------------------------------------------------------
+# Phases, roles and triggers are named in LocalProtocolError's words ("cannot send ReadData in phase options",
+# "the server cannot go on from phase closed: NBD_OPT_STARTTLS was acknowledged"); Phase and TlsMode are public
+# and their values are what users see printed. Stated here as the documentation states them.
+
+PHASE_WORDS = {
+    Phase.GREETING: "greeting",
+    Phase.OPTIONS: "options",
+    Phase.AWAIT_EXPORT: "await-export",
+    Phase.TLS_UPGRADE: "tls-upgrade",
+    Phase.TRANSMISSION: "transmission",
+    Phase.CLOSED: "closed",
+    Phase.ERROR: "error",
+}
+ROLE_WORDS = {Role.SERVER: "server", Role.CLIENT: "client"}
+TRIGGER_WORDS = {
+    Trigger.GREETED: "the greeting and the client flags were exchanged",
+    Trigger.OLDSTYLE_GREETING: "an oldstyle greeting (size and flags, no options) was received",
+    Trigger.EXPORT_REQUESTED: "an option about an export was handed to the application (ExportRequested)",
+    Trigger.EXPORT_ANSWERED: "the application answered the option about an export; options go on",
+    Trigger.EXPORT_CHOSEN: "the client's choice of export was accepted (NBD_OPT_GO, NBD_OPT_EXPORT_NAME)",
+    Trigger.EXPORT_NAME_REFUSED: "NBD_OPT_EXPORT_NAME named an export the server refuses (it has no error reply)",
+    Trigger.STARTTLS_ACCEPTED: "NBD_OPT_STARTTLS was acknowledged",
+    Trigger.TLS_ESTABLISHED: "the driver finished the TLS handshake",
+    Trigger.ABORTED: "NBD_OPT_ABORT ended the handshake",
+    Trigger.DISCONNECTED: "NBD_CMD_DISC was received and every reply owed was sent",
+    Trigger.PEER_CLOSED: "the peer closed the stream where the protocol allows it",
+    Trigger.BROKEN: "a protocol rule was broken, by the peer (RemoteProtocolError) or our side (LocalProtocolError)",
+}
+
+
+def test_the_words_cover_every_phase_role_and_trigger() -> None:
+    assert set(PHASE_WORDS) == set(Phase) and set(ROLE_WORDS) == set(Role) and set(TRIGGER_WORDS) == set(Trigger)
+    assert {mode: mode.value for mode in e.TlsMode} == {
+        e.TlsMode.NOTLS: "notls", e.TlsMode.FORCEDTLS: "forcedtls", e.TlsMode.SELECTIVETLS: "selectivetls"
+    }  # fmt: skip
+    assert {phase: phase.value for phase in Phase} == PHASE_WORDS
+
+
+@pytest.mark.parametrize("role", list(Role), ids=lambda r: r.value)
+def test_a_refused_trigger_says_who_where_and_what(role: Role) -> None:
+    for phase in Phase:
+        for trigger in set(Trigger) - set(TRANSITIONS[role].get(phase, {})):
+            expected = f"the {ROLE_WORDS[role]} cannot go on from phase {PHASE_WORDS[phase]}: {TRIGGER_WORDS[trigger]}"
+            with pytest.raises(LocalProtocolError) as refused:
+                next_phase(role, phase, trigger)
+            assert str(refused.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("role", "phase"),
+    [(role, phase) for role in Role for phase in _PHASES[role] if phase is not Phase.ERROR],
+    ids=lambda v: v.value,
+)
+def test_a_refused_send_names_the_phase(role: Role, phase: Phase) -> None:
+    allowed = SENDS[role].get(phase, frozenset())
+    cls = next(cls for cls in _EVENT_CLASSES if cls not in allowed and cls.__name__ != "ReadData")
+    with pytest.raises(LocalProtocolError) as refused:
+        _REACH[role](phase).send(_sample(role, cls))
+    if role is Role.CLIENT and phase is Phase.TRANSMISSION:  # a client's own words for what is not a request
+        assert str(refused.value) == f"{cls.__name__} cannot be sent in {PHASE_WORDS[phase]}: it is not a request"
+    else:
+        assert str(refused.value) == f"cannot send {cls.__name__} in phase {PHASE_WORDS[phase]}"

@@ -36,6 +36,7 @@ from nbdproto.sockets import SharedClientCount
 from tests.activation import ended
 from tests.conftest import PEER_ENV
 from tests.serving import make_pki
+from tests.waiting import wait_until
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -51,12 +52,10 @@ GREETING = 18
 
 
 def poll(condition: Callable[[], Any], what: str, timeout: float = 20.0, log: Callable[[], str] = str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout} s; the log:\n{log()}")
-        time.sleep(0.01)
-    return result
+    try:
+        return wait_until(condition, what, timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the log:\n{log()}") from None
 
 
 def children(pid: int) -> set[int]:
@@ -323,12 +322,14 @@ def test_max_connections_counts_the_clients_of_every_worker(backend: str, tmp_pa
             # accept, most of the time in turn, but not always (a worker still busy with its last refusal
             # leaves the next to the other): connections are tried, each refused, until both have refused one.
             refusal = re.compile(r"\[(\d+)\]: client \S+ refused: too many connections")
-            for _ in range(40):
+
+            def both_refused() -> bool:
                 if {int(m) for m in refusal.findall(served.log())} == {pid_a, pid_b}:
-                    break
-                assert refused(served)
-                time.sleep(0.05)
-            assert {int(m) for m in refusal.findall(served.log())} == {pid_a, pid_b}
+                    return True
+                assert refused(served)  # one more try: each is refused, by one worker or the other
+                return False
+
+            wait_until(both_refused, "a refusal by each worker", every=0.05)
         a.close()
         poll(lambda: not refused(served), "room again once a client left")
         # A worker's death frees the places of its clients.
@@ -495,7 +496,7 @@ def test_a_process_killed_while_holding_the_count_lock_blocks_no_one() -> None:
     def hold() -> int:
         with counts._locked():
             os.write(write_end, b"x")
-            time.sleep(60)
+            time.sleep(60)  # the process under test holds the lock until it is killed
         return 0
 
     pid = _in_child(hold)

@@ -38,7 +38,6 @@ _COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
 _NO_FLAGS = _COMMAND_FLAGS[0]
 _READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
-_READ_ONLY = int(TransmissionFlags.READ_ONLY)
 _MAX_DESCRIPTORS = 1 << 20  # spec: a server SHOULD NOT send more than 2^20 descriptors in one chunk
 _simple_reply = _replies.simple_reply
 _offset_data_header = _replies.offset_data_header
@@ -242,9 +241,9 @@ class ServerRequests(ServerBase):
         (the length is trustworthy: it passed the payload limit). True when it was refused."""
         buf = self._buf
         buf.skip(header_size)
+        # (A payload is being received, so PAYLOAD_LEN is set with extended headers; without them the check
+        # refuses it: no other mismatch of the two can reach here.)
         error = self._check_request(_WRITE, flags, offset, payload)
-        if error is None and self.extended_headers != bool(flags & _PAYLOAD_LEN):
-            error = Errno.EINVAL, "extended NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
         if error is None:
             return False
         self._skip = payload - buf.skip(payload)

@@ -227,7 +227,7 @@ def _carried_out_in_place(device: Any, write: WriteRequest, on_error: OnError | 
         if write.flags & _FUA:
             device.flush()
     except Exception as exc:
-        if on_error is not None and not isinstance(exc, OSError):
+        if on_error is not None:
             on_error(write, exc)
         return error_reply_for(write, exc)
     finally:

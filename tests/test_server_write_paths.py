@@ -1,0 +1,201 @@
+"""The server engine's ways of taking a WRITE (nbdproto.engine._server_transmission), each against the same
+rules: whole in the received bytes, into a buffer of its own while the rest arrives, straight into the
+application's storage (``write_view``), or streamed in parts (``stream_writes_over``); through the fast path
+for the common request or the full check alone. Every way hands over the same data with the same flags, refuses
+the same requests with the same words, and takes replies the same way.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+import nbdproto as n
+from nbdproto.engine._server import ServerConnection
+from tests.nbdbytes import joined, replies, request
+from tests.test_server import events, export, handshake, new_server
+
+C, F, TF, E = n.Command, n.CommandFlags, n.TransmissionFlags, n.Errno
+MIB = 1 << 20
+ALL = int(TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_CACHE)
+
+
+class FullCheckOnly(ServerConnection):
+    _fast_paths = False
+
+
+def server(mode: str = "structured", kind: type[ServerConnection] = ServerConnection, **kw: object) -> ServerConnection:
+    engine_kw = {k: kw.pop(k) for k in ("stream_writes_over",) if k in kw}
+    s = kind(**engine_kw)  # type: ignore[arg-type]
+    joined(s)
+    kw.setdefault("flags", ALL)
+    handshake(s, structured=mode != "simple", extended=mode == "extended", exp=export(**kw))
+    return s
+
+
+def header(cookie: int, offset: int, length: int, flags: int = 0, mode: str = "structured") -> bytes:
+    extended = mode == "extended"
+    return request(C.WRITE, cookie, offset, length, flags | (F.PAYLOAD_LEN if extended else 0), extended=extended)
+
+
+KINDS = [ServerConnection, FullCheckOnly]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["fast", "full"])
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+def test_a_write_arriving_in_parts_gets_a_buffer_of_its_own(kind: type[ServerConnection], mode: str) -> None:
+    s = server(mode, kind)
+    data = bytes(range(256)) * 16
+    s.receive_data(header(5, 4096, len(data), F.FUA, mode) + data[:1000])
+    assert s.next_event() is n.NEED_DATA
+    target = s.write_buffer()
+    assert target is not None and len(target) == len(data) - 1000
+    assert s.arriving_write_size == s.request_header_size + len(data)
+    target[:100] = data[1000:1100]
+    s.received_into(100)
+    s.receive_data(data[1100:])
+    (write,) = events(s)
+    assert isinstance(write, n.WriteRequest) and (write.cookie, write.offset, write.flags) == (5, 4096, F.FUA)
+    assert bytes(write.data) == data and not write.more and not write.in_place
+    assert s.write_buffer() is None and s.arriving_write_size == 0
+    s.send(n.SuccessReply(5))
+    assert [c.cookie for c in replies(joined(s))] == [5]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["fast", "full"])
+def test_a_write_whose_payload_has_not_begun_goes_straight_into_place(kind: type[ServerConnection]) -> None:
+    s = server("structured", kind)
+    storage = bytearray(MIB)
+    asked: list[tuple[int, int]] = []
+
+    def write_view(offset: int, length: int) -> memoryview | None:
+        asked.append((offset, length))
+        return memoryview(storage)[offset : offset + length]
+
+    s.write_view = write_view
+    s.receive_data(header(7, 8192, 4096, F.FUA))
+    assert s.next_event() is n.NEED_DATA and asked == [(8192, 4096)]
+    target = s.write_buffer()
+    assert target is not None and target.obj is storage  # the application's own storage
+    target[:] = b"\x09" * 4096
+    s.received_into(4096)
+    (write,) = events(s)
+    assert write.in_place and write.flags == F.FUA and (write.cookie, write.offset) == (7, 8192)
+    assert bytes(storage[8192 : 8192 + 4096]) == b"\x09" * 4096
+    s.send(n.SuccessReply(7))
+    assert [c.cookie for c in replies(joined(s))] == [7]
+
+
+def test_a_write_whose_payload_has_begun_or_that_the_view_declines_is_not_in_place() -> None:
+    for first, offered in ((b"\x01", True), (b"", False)):
+        s = server()
+        s.write_view = lambda offset, length, offered=offered: memoryview(bytearray(length)) if offered else None
+        s.receive_data(header(7, 0, 4096) + first)
+        assert s.next_event() is n.NEED_DATA
+        s.receive_data(bytes(4096 - len(first)))
+        (write,) = events(s)
+        assert not write.in_place and bytes(write.data) == first + bytes(4096 - len(first))
+
+
+@pytest.mark.parametrize("mode", ["structured", "extended"])
+def test_a_large_write_streams_in_parts_with_its_flags(mode: str) -> None:
+    s = server(mode, stream_writes_over=4096)
+    s.receive_data(header(9, 0, 8192, F.FUA, mode))
+    (first,) = events(s)
+    assert isinstance(first, n.WriteRequest) and first.more and first.flags == F.FUA
+    assert bytes(first.data) == b""  # the header alone: nothing of the payload yet
+    s.receive_data(b"\x01" * 5000)
+    (part,) = events(s)
+    assert (part.cookie, part.offset, bytes(part.data), part.last) == (9, 0, b"\x01" * 5000, False)
+    s.receive_data(b"\x02" * 3192)
+    (last,) = events(s)
+    assert (last.offset, bytes(last.data), last.last) == (5000, b"\x02" * 3192, True)
+
+
+def test_a_write_of_exactly_the_streaming_size_is_not_streamed() -> None:
+    s = server(stream_writes_over=4096)
+    s.receive_data(header(9, 0, 4096))
+    assert s.next_event() is n.NEED_DATA and s.write_buffer() is not None
+    s.receive_data(bytes(4096))
+    (write,) = events(s)
+    assert not write.more and len(write.data) == 4096
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["fast", "full"])
+def test_a_write_of_exactly_the_maximum_payload_is_taken(kind: type[ServerConnection]) -> None:
+    s = server("simple", kind, size=4 * MIB, maximum_payload=MIB)
+    s.receive_data(header(1, 0, MIB, mode="simple") + bytes(MIB))
+    (write,) = events(s)
+    assert len(write.data) == MIB
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["fast", "full"])
+@pytest.mark.parametrize(("offset", "length"), [(512, 1), (512, 513), (1, 512), (0, 700)])
+def test_an_unaligned_write_is_refused_whichever_way_it_goes(
+    kind: type[ServerConnection], offset: int, length: int
+) -> None:
+    s = server("structured", kind, minimum_block_size=512)
+    s.receive_data(header(3, offset, length) + bytes(length))
+    assert events(s) == []
+    (chunk,) = replies(joined(s))
+    assert (chunk.error, chunk.fields.message) == (
+        E.EINVAL,
+        f"offset {offset} / length {length} not aligned to 512 bytes",
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["fast", "full"])
+def test_an_arriving_write_the_rules_refuse_is_answered_and_its_payload_skipped(kind: type[ServerConnection]) -> None:
+    s = server("structured", kind, flags=ALL | TF.READ_ONLY)
+    s.receive_data(header(4, 0, 4096) + bytes(10))
+    assert events(s) == []
+    (chunk,) = replies(joined(s))
+    assert (chunk.cookie, chunk.error, chunk.fields.message) == (4, E.EPERM, "WRITE on a read-only export")
+    s.receive_data(bytes(4096 - 10) + request(C.FLUSH, 5))
+    assert [type(e) for e in events(s)] == [n.FlushRequest]
+
+
+def test_a_compact_write_with_payload_len_arriving_is_refused_for_that() -> None:
+    s = server("structured")
+    s.receive_data(request(C.WRITE, 4, 0, 4096, F.PAYLOAD_LEN) + bytes(10))
+    assert events(s) == []
+    (chunk,) = replies(joined(s))
+    assert (chunk.error, chunk.fields.message) == (E.EINVAL, "WRITE takes no payload here")
+
+
+def test_a_read_past_the_end_of_an_empty_export_is_einval() -> None:
+    """No RESIZE ever shrank it: past the end is EINVAL (ENOSPC is for the tail a RESIZE cut off)."""
+    s = server("structured", size=0)
+    s.receive_data(request(C.READ, 1, 0, 1))
+    assert events(s) == []
+    (chunk,) = replies(joined(s))
+    assert (chunk.error, chunk.fields.message) == (E.EINVAL, "offset 0 + length 1 is past the export size 0")
+
+
+def test_a_block_status_chunk_holds_at_most_2_to_the_20_descriptors() -> None:
+    size = (1 << 20) + 10
+    s = new_server()
+    handshake(s, structured=True, contexts=(n.BASE_ALLOCATION,), exp=export(size=size, maximum_payload=32 * MIB))
+    s.receive_data(request(C.BLOCK_STATUS, 2, 0, size))
+    events(s)
+    s.send(n.BlockStatusReply(2, {1: tuple(n.Extent(1, i & 1) for i in range(size))}))
+    sent = joined(s)
+    magic, flags, kind, cookie, length = struct.unpack_from(">IHHQI", sent)  # by hand: 2^20 is a lot to decode
+    assert magic == n.wire.STRUCTURED_REPLY_MAGIC
+    assert (kind, cookie, flags, length) == (n.ChunkType.BLOCK_STATUS, 2, n.ReplyFlags.DONE, 4 + 8 * (1 << 20))
+    assert len(sent) == 20 + length
+
+
+def test_a_streamed_write_is_answered_only_after_its_last_part() -> None:
+    s = server(stream_writes_over=4096)
+    s.receive_data(header(9, 0, 8192) + bytes(100) + request(C.FLUSH, 1))
+    events(s)
+    with pytest.raises(n.LocalProtocolError) as refused:
+        s.send(n.SuccessReply(9))
+    assert str(refused.value) == "write 0x9 cannot be answered before its whole payload arrived"
+    s = server(stream_writes_over=4096)
+    s.receive_data(request(C.FLUSH, 1) + header(9, 0, 8192) + bytes(100))
+    assert [type(e) for e in events(s)] == [n.FlushRequest, n.WriteRequest]
+    s.send(n.SuccessReply(1))  # another request may be answered meanwhile
+    assert [c.cookie for c in replies(joined(s))] == [1]
