@@ -96,6 +96,11 @@ class ApiDirective(SphinxDirective):
                 lines.append("   :members:")
             elif directive == "autoclass" and issubclass(thing, enum.Enum):
                 lines += ["   :members:", "   :undoc-members:"]
+            elif directive == "autoclass" and _private_bases(thing):
+                # Methods a class gets from a private base of ours (ServerConnection.receive_data from the
+                # shared Connection) are its API: documented on it, as the base is documented nowhere.
+                foreign = sorted({base.__name__ for base in thing.__mro__[1:] if not _ours(base)})
+                lines.append(f"   :inherited-members: {', '.join(foreign)}")
             lines.append("")
         if elsewhere:
             lines += [
@@ -117,6 +122,16 @@ class ApiDirective(SphinxDirective):
         container = nodes.container()
         nested_parse_with_titles(self.state, content, container)
         return container.children
+
+
+def _ours(cls: type) -> bool:
+    return cls.__module__.split(".")[0] in ("nbdproto", "nbdproto_threads", "nbdproto_anyio")
+
+
+def _private_bases(cls: type) -> bool:
+    return any(_ours(base) and base.__name__.startswith("_") or "._" in base.__module__ and _ours(base)
+               and base.__name__ not in public_names(base.__module__.split("._")[0])
+               for base in cls.__mro__[1:])
 
 
 def _data_lines(package: str, name: str, thing: Any) -> list[str]:
@@ -152,29 +167,30 @@ def _attribute_doc(package: str, name: str, thing: Any) -> list[str]:
 def resolve_private_paths(
     app: Sphinx, env: BuildEnvironment, node: pending_xref, contnode: nodes.TextElement
 ) -> nodes.Node | None:
-    """``a.b._c.Name`` (a class's real module) -> ``a.b.Name`` or the home the reference documents it in."""
+    """``a.b._c.Name`` (a class's real module) and ``nbdproto.Name`` (a re-export) -> the home the reference
+    documents the name in; a private name that is documented nowhere is shown as text."""
     if node.get("refdomain") != "py":
         return None
     target = node.get("reftarget", "")
     parts = target.split(".")
     private = any(part.startswith("_") and not part.startswith("__") for part in parts)
-    public = [part for part in parts if not (part.startswith("_") and not part.startswith("__"))]
-    package = ".".join(public[:-1])
-    if not private and package not in HOMES:
-        return None
+    if private:
+        public = [part for part in parts if not (part.startswith("_") and not part.startswith("__"))]
+        if public[-1] != parts[-1]:
+            return contnode  # a private name itself (a helper base class, a TypeVar): text
+        parts = public
     domain = env.get_domain("py")
-    if private and public[-1] != parts[-1]:
-        return contnode  # a private name itself: text
-    candidates = [".".join(public)]
-    if package in HOMES and hasattr(importlib.import_module(package), public[-1]):
-        candidates.append(f"{home_of(package, public[-1])}.{public[-1]}")
+    candidates = [".".join(parts)]
+    for cut in range(len(parts) - 1, 0, -1):  # the longest package prefix, then the name in it
+        package, name, rest = ".".join(parts[:cut]), parts[cut], parts[cut + 1 :]
+        if package in HOMES and name in public_names(package):
+            candidates.append(".".join([home_of(package, name), name, *rest]))
+            break
     for candidate in candidates:
         if candidate in domain.objects:  # type: ignore[attr-defined]
             found = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], candidate, node, contnode)
             if found is not None:
                 return found
-    # A private helper class or type variable a signature names (a base class, a TypeVar): plain text, as the
-    # reference documents only public names.
     return contnode if private else None
 
 
