@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _ext: the loca
 
 project = "nbdproto"
 author = "the nbdproto authors"
-copyright = "the nbdproto authors"  # noqa: A001  (Sphinx's name)
+copyright = "the nbdproto authors"
 release = nbdproto.__version__
 version = release
 
@@ -54,9 +54,7 @@ autodoc_preserve_defaults = True
 python_use_unqualified_type_names = True
 graphviz_output_format = "svg"
 
-_PYTHON_INVENTORY = next(
-    (path for path in ("/usr/share/doc/python3/html/objects.inv",) if os.path.exists(path)), None
-)
+_PYTHON_INVENTORY = next((path for path in ("/usr/share/doc/python3/html/objects.inv",) if os.path.exists(path)), None)
 intersphinx_mapping = {"python": ("https://docs.python.org/3", _PYTHON_INVENTORY)}
 # anyio publishes no inventory this build can reach offline: its types (in the async backend's signatures) are
 # shown as text.

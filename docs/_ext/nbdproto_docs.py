@@ -129,9 +129,15 @@ def _ours(cls: type) -> bool:
 
 
 def _private_bases(cls: type) -> bool:
-    return any(_ours(base) and base.__name__.startswith("_") or "._" in base.__module__ and _ours(base)
-               and base.__name__ not in public_names(base.__module__.split("._")[0])
-               for base in cls.__mro__[1:])
+    return any(
+        (_ours(base) and base.__name__.startswith("_"))
+        or (
+            "._" in base.__module__
+            and _ours(base)
+            and base.__name__ not in public_names(base.__module__.split("._")[0])
+        )
+        for base in cls.__mro__[1:]
+    )
 
 
 def _data_lines(package: str, name: str, thing: Any) -> list[str]:
@@ -148,9 +154,12 @@ def _data_lines(package: str, name: str, thing: Any) -> list[str]:
 
 def _attribute_doc(package: str, name: str, thing: Any) -> list[str]:
     root = importlib.import_module(package)
-    modules = [package] + sorted(
-        module for module in sys.modules if module.startswith(package + ".") and module.count(".") == package.count(".") + 1
+    inside = sorted(
+        module
+        for module in sys.modules
+        if module.startswith(package + ".") and module.count(".") == package.count(".") + 1
     )
+    modules = [package, *inside]
     for module_name in modules:
         module = sys.modules.get(module_name) or root
         if getattr(module, name, None) is not thing:
