@@ -62,6 +62,10 @@ nitpick_ignore_regex = [("py:class", r"anyio\..*")]
 
 nitpicky = True
 
+# Options are written --like-this in the parsers' help: no en dashes for "--", and usage lines are not Python.
+smartquotes_action = "qe"
+highlight_language = "none"
+
 man_pages = [
     ("reference/cli/index", "nbdproto", "Network Block Device tools built on nbdproto", [author], 1),
     *(

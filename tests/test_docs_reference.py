@@ -14,6 +14,7 @@ import html
 import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -103,6 +104,16 @@ def test_every_option_is_in_the_cli_reference_with_help(command: str, site: path
     assert undocumented == []
 
 
+def test_no_option_is_turned_into_a_dash(site: pathlib.Path) -> None:
+    """Sphinx's smart quotes would print --workers as an en dash and "workers": docs/conf.py turns dashes off."""
+    mangled = [
+        f"{page.relative_to(site)}: {found}"
+        for page in sorted(site.rglob("*.html"))
+        for found in re.findall("\u2013[a-z][a-z-]*", html.unescape(page.read_text()))
+    ]
+    assert mangled == []
+
+
 def test_the_top_level_options_are_in_the_cli_reference(site: pathlib.Path) -> None:
     text = html.unescape((site / "reference" / "cli" / "index.html").read_text())
     assert "--version" in text and "nbdproto" in text
@@ -118,3 +129,33 @@ def test_every_info_json_key_is_in_the_schema(peers: object) -> None:
     schema = (ROOT / "docs" / "reference" / "info-json.md").read_text()
     assert {"uri", "description", "block_size_minimum"} <= keys
     assert sorted(key for key in keys if f"`{key}`" not in schema) == []
+
+
+def _closure(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    reached: dict[str, set[str]] = {}
+    for start in graph:
+        seen: set[str] = set()
+        stack = list(graph[start])
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack += graph.get(node, set())
+        reached[start] = seen
+    return reached
+
+
+def test_the_drawn_architecture_is_the_import_graph() -> None:
+    from tests.test_layers import edges
+
+    page = (ROOT / "docs" / "explanation" / "architecture.md").read_text()
+    drawing = page.split("digraph layers {", 1)[1].split("\n}\n", 1)[0]
+    names = {"facade": "nbdproto", "threads": "nbdproto_threads", "anyio": "nbdproto_anyio"}
+    drawn: dict[str, set[str]] = {}
+    for tail, head in re.findall(r"(\w+) -> (\w+)", drawing):
+        tail, head = (names.get(node, f"nbdproto.{node}") for node in (tail, head))
+        drawn.setdefault(tail, set()).add(head)
+        drawn.setdefault(head, set())
+    real = {node: set(targets) for node, targets in edges().items()}
+    assert set(drawn) == set(real), "the drawing's layers are not the tree's"
+    assert _closure(drawn) == _closure(real), "the drawing's arrows do not say what imports what"
