@@ -4,6 +4,7 @@ file plugin and qemu-nbd, all serving the same kind of 1 GiB tmpfs file, measure
     .venv/bin/python bench/bench_table.py                        # every server, one round
     .venv/bin/python bench/bench_table.py --rounds 3 --runtime 8 --only nbdkit,threads
     .venv/bin/python bench/bench_table.py --rounds 3 --plot speed.svg   # and draw it (bench/bench_plot.py)
+    .venv/bin/python bench/bench_table.py --baseline ../before/.venv/bin/python --only nbdkit,threads
 
 Ours: `--backend threads`, the anyio backend on each event loop installed (asyncio, uvloop, trio), each as one
 process and as N workers (--workers, default the cores), and the threads backend with --busy-poll 200 (the mode
@@ -18,6 +19,11 @@ figure: the server's own CPU per request (user + system of the server and every 
 /proc before and after), the client's (nbdcopy's or fio's, from getrusage), and the ratio of each to nbdkit's.
 Client and server share the cores, so a server that makes its client work harder is slower for it. With
 several rounds, each cell is the median.
+
+Before and after: --baseline PYTHON runs each of our servers a second time from another installation (an
+older checkout's virtual environment), labelled "(before)", in the same rounds, so a change is measured on one
+machine in one run. Every server runs from /, so the installation a Python imports is its own and never the
+checkout in the current directory.
 
 Needs nbdkit, qemu-nbd (qemu-utils), nbdcopy (libnbd-bin) and fio; a server whose tool is missing is left out
 and said so. The images are made at --dir (default /dev/shm/nbdproto-bench) if missing: 1 GiB of random data,
@@ -67,7 +73,7 @@ TESTS = [
 ]
 
 
-def servers(python: str, workers: int) -> list[Server]:
+def servers(python: str, workers: int, baseline: str = "") -> list[Server]:
     ours = [python, "-m", "nbdproto", "serve", "{image}", "--port", "{port}", "--host", "127.0.0.1"]
     nbdkit = ["nbdkit", "-f", "--exit-with-parent", "-p", "{port}", "-i", "127.0.0.1", "file", "{image}"]
     qemu = ["qemu-nbd", "-f", "raw", "-t", "-p", "{port}", "-b", "127.0.0.1", "--shared=16", "-x", "", "{image}"]
@@ -86,7 +92,15 @@ def servers(python: str, workers: int) -> list[Server]:
     # The mode for clients with one request at a time (bench/bench_qd1.sh varies it).
     busy = ["--backend", "threads", "--busy-poll", "200", "--workers", "1"]
     found.insert(4, Server("threads --busy-poll 200", [*ours, *busy], python))
-    return found
+    if not baseline:
+        return found
+    paired: list[Server] = []
+    for server in found:
+        paired.append(server)
+        if server.command[:3] == [python, "-m", "nbdproto"]:
+            before = [baseline, *server.command[1:]]
+            paired.append(Server(f"{server.label} (before)", before, baseline))
+    return paired
 
 
 def free_port() -> int:
@@ -121,7 +135,7 @@ def children(pid: int) -> list[int]:
 def running(server: Server, image: str, startup: float = 30.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     command = [part.replace("{image}", image).replace("{port}", str(port)) for part in server.command]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(command, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     uri = f"nbd://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + startup
@@ -199,6 +213,7 @@ def main() -> int:
     parser.add_argument("--tests", default="", help="comma-separated test name prefixes to run (default: all)")
     parser.add_argument("--dir", default="/dev/shm/nbdproto-bench", help="where the 1 GiB images are")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--baseline", default="", help="another installation's python: our servers again, before")
     parser.add_argument(
         "--plot",
         metavar="FILE.svg",
@@ -206,12 +221,14 @@ def main() -> int:
         " figures saved beside it as FILE.json (bench/bench_plot.py draws them again)",
     )
     args = parser.parse_args()
+    # The servers run from /: a python named by a relative path is made absolute first.
+    args.python, args.baseline = (os.path.abspath(p) if os.sep in p else p for p in (args.python, args.baseline))
     if args.plot:
         import matplotlib  # noqa: F401  (missing: say so now, not after the whole run)
     for tool in ("nbdcopy", "nbdinfo", "fio"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed")
-    chosen = [s for s in servers(args.python, args.workers) if not args.only or s.label.startswith(
+    chosen = [s for s in servers(args.python, args.workers, args.baseline) if not args.only or s.label.startswith(
         tuple(args.only.split(",")))]  # fmt: skip
     missing = [s.label for s in chosen if shutil.which(s.tool) is None and not os.path.exists(s.tool)]
     if missing:

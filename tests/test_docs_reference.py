@@ -30,6 +30,7 @@ from nbdproto.cli import build_parser
 PAGES = {
     "nbdproto": "nbdproto",
     "nbdproto.wire": "wire",
+    "nbdproto.files": "files",
     "nbdproto.engine": "engine",
     "nbdproto.serving": "serving",
     "nbdproto.client": "client",

@@ -30,6 +30,7 @@ from sphinx.util.nodes import nested_parse_with_titles
 
 HOMES = (
     "nbdproto.wire",
+    "nbdproto.files",
     "nbdproto.engine",
     "nbdproto.client",
     "nbdproto.serving",
