@@ -3,8 +3,9 @@
 ``built_docs(builder)`` runs ``sphinx-build -W -n`` (warnings and unresolved references are errors, as in CI)
 into a directory every pytest-xdist worker of the session shares, under a lock, so the site is built once
 however many workers ask. ``NBDPROTO_DOCS_HTML=DIR`` hands over a site built already, and
-``NBDPROTO_DOCS_MAN=DIR`` the man pages (.ci/run builds both before the tests). Sphinx and the docs extra are needed: without them the tests skip, or fail under
-``NBDPROTO_REQUIRE_DOCS=1`` (.ci/run sets it where it installed the extra).
+``NBDPROTO_DOCS_MAN=DIR`` the man pages (.ci/run builds both before the tests). Sphinx and the docs extra are
+needed: without them the tests skip, or fail under ``NBDPROTO_REQUIRE_DOCS=1`` (.ci/run sets it where it
+installed the extra).
 """
 
 from __future__ import annotations
