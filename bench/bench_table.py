@@ -3,6 +3,7 @@ file plugin and qemu-nbd, all serving the same kind of 1 GiB tmpfs file, measure
 
     .venv/bin/python bench/bench_table.py                        # every server, one round
     .venv/bin/python bench/bench_table.py --rounds 3 --runtime 8 --only nbdkit,threads
+    .venv/bin/python bench/bench_table.py --rounds 3 --plot speed.svg   # and draw it (bench/bench_plot.py)
     .venv/bin/python bench/bench_table.py --baseline ../before/.venv/bin/python --only nbdkit,threads
 
 Ours: `--backend threads`, the anyio backend on each event loop installed (asyncio, uvloop, trio), each as one
@@ -32,6 +33,7 @@ one served and one written from.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -212,9 +214,17 @@ def main() -> int:
     parser.add_argument("--dir", default="/dev/shm/nbdproto-bench", help="where the 1 GiB images are")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--baseline", default="", help="another installation's python: our servers again, before")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.svg",
+        help="also draw the table (ratios to nbdkit, CPU per request; needs the bench extra's matplotlib), with the"
+        " figures saved beside it as FILE.json (bench/bench_plot.py draws them again)",
+    )
     args = parser.parse_args()
     # The servers run from /: a python named by a relative path is made absolute first.
     args.python, args.baseline = (os.path.abspath(p) if os.sep in p else p for p in (args.python, args.baseline))
+    if args.plot:
+        import matplotlib  # noqa: F401  (missing: say so now, not after the whole run)
     for tool in ("nbdcopy", "nbdinfo", "fio"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed")
@@ -238,7 +248,35 @@ def main() -> int:
                           f"{cpu:.1f} us CPU/{per}\tclient {client:.1f} us CPU/{per}",
                           file=sys.stderr, flush=True)  # fmt: skip
     print_table(chosen, tests, results, args)
+    if args.plot:
+        save_plot(args, chosen, tests, results)
     return 0
+
+
+def save_plot(
+    args: argparse.Namespace,
+    chosen: list[Server],
+    tests: list[Test],
+    results: dict[tuple[str, str], list[tuple[float, float, float]]],
+) -> None:
+    from bench_plot import plot, results_document
+
+    medians = {
+        key: (
+            statistics.median(f[0] for f in got),
+            statistics.median(f[1] for f in got),
+            statistics.median(f[2] for f in got),
+        )
+        for key, got in results.items()
+    }
+    options = " ".join(arg for arg in sys.argv[1:] if not arg.startswith("--plot") and arg != args.plot)
+    how = f"bench/bench_table.py {options}: medians of {args.rounds} round(s), load average {os.getloadavg()[0]:.1f}"
+    document = results_document([s.label for s in chosen], [(t.name, t.unit) for t in tests], medians, how)
+    with open(os.path.splitext(args.plot)[0] + ".json", "w") as f:
+        json.dump(document, f, indent=1)
+        f.write("\n")
+    plot(document, args.plot)
+    print(f"drawn: {args.plot}", file=sys.stderr)
 
 
 def print_table(

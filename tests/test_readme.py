@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 def test_the_readme_has_examples() -> None:
-    assert len(EXAMPLES) >= 6
+    assert len(EXAMPLES) >= 2  # one per backend; the rest are docs' (tests/test_docs_examples.py)
 
 
 @pytest.mark.parametrize("code", EXAMPLES, ids=[f"example {i + 1}" for i in range(len(EXAMPLES))])

@@ -10,6 +10,6 @@ public APIs of nbdproto, nbdproto.devices, nbdproto_threads and nbdproto_anyio, 
 
 from __future__ import annotations
 
-from ._main import main
+from ._main import build_parser, main
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]

@@ -35,7 +35,7 @@ def add_control_command(commands: Any) -> None:
         "control",
         help="manage a running server through its control socket: bitmaps, checkpoints, status",
         description="Send one request to the control socket of a server started with --control PATH and print "
-        "its answer as JSON. Exit status 0 on success, 1 with the error on stderr, 2 for a bad command line. "
+        "its answer as JSON. Exit status 0 on success, 1 with the error (or a bad command line) on stderr. "
         "See docs/howto/backup.md.",
     )
     parser.add_argument("path", metavar="PATH", help="the server's control socket (serve --control PATH)")

@@ -85,7 +85,9 @@ def add_query_commands(commands: Any) -> None:
     info_parser.add_argument("--totals", action="store_true", help="with --map: bytes and percent of each type")
     add_connection_arguments(info_parser)
     list_parser = commands.add_parser("list", help="list the exports a server offers")
-    list_parser.add_argument("uri", metavar="URI")
+    list_parser.add_argument(
+        "uri", metavar="URI", help="the server: nbd://host[:port]/, nbds://..., nbd+unix:///?socket="
+    )
     list_parser.add_argument("--json", action="store_true", help="print JSON")
     add_connection_arguments(list_parser)
 

@@ -45,7 +45,9 @@ class ExportTable(Mapping[str, "ExportSpec[Any]"]):
     def __len__(self) -> int:
         return len(self._specs)
 
-    def get(self, name: str, default: Any = None) -> Any:  # the lookup a server makes for every name asked
+    def get(self, name: str, default: Any = None) -> Any:
+        """The export named ``name`` as the table is now, else ``default``: the lookup a server makes for every
+        name a client asks for."""
         return self._specs.get(name, default)
 
     def add(self, name: str, spec: ExportSpec[Any]) -> None:

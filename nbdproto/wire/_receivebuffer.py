@@ -61,7 +61,7 @@ class ReceiveBuffer:
 
     def chunk(self) -> tuple[bytes, int]:
         """The chunk at the read position, and the position in it: a parser that reads many fixed-size headers
-        in a row unpacks them straight from it, then ``skip``s what it took (within the chunk)."""
+        in a row unpacks them straight from it, then skips what it took (``skip``) (within the chunk)."""
         return self._head, self._pos
 
     def peek(self, n: int) -> bytes:
