@@ -51,6 +51,8 @@ from nbdproto.serving import (
 )
 from nbdproto.sockets import SharedTls, SocketStream, client_info
 
+from ._pipelined import pipelined_transmission
+
 __all__ = [
     "ServerSession",
     "negotiate",
@@ -186,7 +188,12 @@ class ServerSession:
         timer = self.logic.shortest_wait
         self._timer = timer if timer is not None and self._plain and self.stream.arm_receive_timer(timer) else None
         try:
-            self._pooled_transmission() if self._pooled() else self._inline_transmission()
+            if self._pooled():
+                self._pooled_transmission()
+            elif nbdproto.serving.submitting(self.logic.device):
+                pipelined_transmission(self)
+            else:
+                self._inline_transmission()
         finally:
             self.logic.flush_device()  # a failure is logged there, in one line
 

@@ -56,11 +56,12 @@ if TYPE_CHECKING:
         current_connection,
         enter_connection,
     )
-    from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
+    from ._device import BlockDevice, Buffer, Completions, Dispatch, dispatch_of
     from ._export import DeviceCapabilities, ExportSpec, answer_export_request, capabilities_of, export_for
     from ._export_table import ExportTable
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._log import ConnectionLog
+    from ._pipeline import Pipeline, submitting
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
     from ._session import ServerSessionLogic
     from ._steps import (
@@ -83,6 +84,9 @@ _LAZY = {
     "Buffer": "._device",
     "Dispatch": "._device",
     "dispatch_of": "._device",
+    "Completions": "._device",
+    "Pipeline": "._pipeline",
+    "submitting": "._pipeline",
     "DeviceCapabilities": "._export",
     "capabilities_of": "._export",
     "export_for": "._export",
@@ -151,6 +155,9 @@ __all__ = [
     "Buffer",
     "Dispatch",
     "dispatch_of",
+    "Completions",
+    "Pipeline",
+    "submitting",
     "DeviceCapabilities",
     "export_for",
     "ExportSpec",
