@@ -21,7 +21,7 @@ import time
 
 import nbdproto as n
 import nbdproto.wire
-from nbdproto.engine._server import ServerConnection
+from nbdproto.engine import ServerConnection
 
 MIB = 1 << 20
 

@@ -46,6 +46,7 @@ from nbdproto.serving import (
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, send_pieces
+from ._tls import TlsSocketStream
 
 __all__ = ["ServerSession", "Server", "listen"]
 
@@ -143,10 +144,13 @@ class ServerSession:
         ):
             return
         # Write payloads into the device's storage only where the kernel alone writes there (our raw socket's
-        # recv_into, not TLS).
-        self.logic.write_in_place(kernel_receives=isinstance(self.stream, RawSocketStream))
+        # recv_into, not TLS). Our TLS stream receives exactly what it is asked for, a payload at a time.
+        dispatch = self.logic.dispatch()
+        self.logic.write_in_place(
+            kernel_receives=isinstance(self.stream, RawSocketStream),
+            exact_receives=isinstance(self.stream, TlsSocketStream) and dispatch != "threads",
+        )
         try:
-            dispatch = self.logic.dispatch()
             if dispatch == "threads":
                 await self._concurrent_transmission()
             else:
@@ -216,7 +220,7 @@ class ServerSession:
     def _receiving(self) -> tuple[Callable[[Any], None], Awaitable[Any]]:
         """The receive ``_receive`` waits for, and the logic's method that takes what it brings."""
         logic, target, stream = self.logic, self.engine.write_buffer(), self.stream
-        if not isinstance(stream, RawSocketStream):
+        if not isinstance(stream, (RawSocketStream, TlsSocketStream)):
             return logic.received, receive(stream)  # another stream (TLS: a receive brings a record, 16 KiB at most)
         if (buffers := logic.in_place_buffers()) is not None:
             return logic.received_in_place, stream.receive_into_buffers(buffers)
@@ -228,9 +232,12 @@ class ServerSession:
         await self._send()
         naming = nbdproto.tls.handshake_peer.set(f"client {self.logic.client}")
         try:
-            self.stream = await TLSStream.wrap(
-                self.stream, server_side=True, ssl_context=self.logic.settings.tls, standard_compatible=False
-            )
+            if isinstance(self.stream, RawSocketStream):
+                self.stream = await TlsSocketStream.wrap(self.stream, self.logic.settings.tls)
+            else:
+                self.stream = await TLSStream.wrap(
+                    self.stream, server_side=True, ssl_context=self.logic.settings.tls, standard_compatible=False
+                )
         finally:
             nbdproto.tls.handshake_peer.reset(naming)
         certificate = self.stream.extra(TLSAttribute.peer_certificate, None)
@@ -244,6 +251,8 @@ class ServerSession:
         # on a disk: a device called on the loop.
         logic = self.logic
         read_view = logic.read_view(kernel_sends=inline and isinstance(self.stream, RawSocketStream))
+        if isinstance(self.stream, TlsSocketStream):
+            logic.reuse_read_buffers()  # its sends copy (encrypt) the data: the buffers are free once sent
         steps = logic.inline_transmission(read_view)
         found: int | None = None
         while True:
@@ -254,12 +263,12 @@ class ServerSession:
         await self._send()
 
     async def _take_step(self, step: nbdproto.serving.Step) -> int | None:
-        """One step of inline_transmission: RECEIVE_READY (asked on raw sockets only: writes stream in place
-        there) receives what has arrived, into place, without waiting (its count; None when nothing had); every
+        """One step of inline_transmission: RECEIVE_READY (asked on our raw and TLS sockets only: writes stream
+        in place there) receives what has arrived, into place, without waiting (its count; None when nothing had); every
         other step sends what is queued, then receives or waits for the budget as it says."""
         if step is RECEIVE_READY:
             stream, buffers = self.stream, self.logic.in_place_buffers()
-            assert isinstance(stream, RawSocketStream) and buffers is not None
+            assert isinstance(stream, (RawSocketStream, TlsSocketStream)) and buffers is not None
             return await stream.receive_ready_into_buffers(buffers)
         await self._send()
         if step is RECEIVE:

@@ -7,7 +7,8 @@ calls recv / sendmsg on the non-blocking socket directly and only awaits readine
 wait_writable, on asyncio and trio alike) when the kernel says it would block. Measured with fio, 4 KiB
 random reads at queue depth 16: see bench/ and the notes of the anyio issue.
 
-It is a full anyio ByteStream, so TLS works as everywhere else: anyio's TLSStream wraps it after STARTTLS.
+It is a full anyio ByteStream, so TLS works as everywhere else: anyio's TLSStream wraps it after STARTTLS
+(the server wraps it in its own TlsSocketStream instead, ``_tls``).
 Listening: ``SocketAcceptor`` accepts on a non-blocking listening socket the same way; connecting:
 ``connect_socket``. ``receive_into`` lets a client receive read data straight into the caller's buffer.
 """
@@ -241,7 +242,7 @@ async def _connect(family: int, proto: int, address: Any) -> socket.socket:
 async def close_stream(stream: anyio.abc.ByteStream, wait: float = 1.0) -> None:
     """Close ``stream``; a TLS stream first says so (close_notify, as the spec asks of both sides after DISC or
     ABORT), waiting at most ``wait`` seconds for the peer's own: a peer that never answers is not waited on."""
-    if isinstance(stream, TLSStream):
+    if isinstance(stream, TLSStream) or hasattr(stream, "unwrap"):  # anyio's TLS, or the server's TlsSocketStream
         with anyio.move_on_after(wait), contextlib.suppress(Exception):
             await stream.unwrap()
     await stream.aclose()
@@ -257,8 +258,10 @@ async def receive(stream: anyio.abc.ByteStream, size: int = RECV_SIZE) -> bytes:
 
 
 async def send_pieces(stream: anyio.abc.ByteStream, pieces: Sequence[Payload]) -> None:
-    """Write the engine's pieces: scatter-gather on a RawSocketStream, joined once on any other stream."""
-    if isinstance(stream, RawSocketStream):
-        await stream.send_pieces(pieces)
+    """Write the engine's pieces: as pieces on a stream that takes them (RawSocketStream: scatter-gather; the
+    server's TlsSocketStream), joined once on any other stream."""
+    send = getattr(stream, "send_pieces", None)
+    if send is not None:
+        await send(pieces)
     else:
         await stream.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))  # type: ignore[arg-type]

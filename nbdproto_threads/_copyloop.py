@@ -11,6 +11,7 @@ import queue
 import selectors
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -141,7 +142,12 @@ class CopyLoop:
         self._completions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)  # a full pipe already holds a wake-up: never wait on it
         self.selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._wake_lock = threading.Lock()
+        self._closed = False
+        """Set by close() under the lock: work still running after a close(wait=False) must not write to the
+        wake pipe then, whose descriptor may already belong to another file."""
         self.workers: concurrent.futures.ThreadPoolExecutor | None = None
         self.worker_count = 1
         """Threads for local file I/O, raised by files on disks: I/O that waits gains from overlapping. Files in
@@ -161,7 +167,10 @@ class CopyLoop:
                 return
             failure = future.exception()
             self._completions.put(done if failure is None else functools.partial(_reraise, failure))
-            os.write(self._wake_write, b"x")
+            with self._wake_lock:
+                if not self._closed:
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self._wake_write, b"x")
 
         self.workers.submit(work).add_done_callback(finished)
 
@@ -225,8 +234,10 @@ class CopyLoop:
         if self.workers is not None:
             self.workers.shutdown(wait=wait, cancel_futures=not wait)
         self.selector.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._wake_lock:
+            self._closed = True
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
 
 def _reraise(failure: BaseException) -> None:

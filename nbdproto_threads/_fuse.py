@@ -249,6 +249,15 @@ def _fuse_class() -> Any:
     return ZeroCopyFUSE
 
 
+def _with_permissions(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``default_permissions`` whenever other users may reach the mount (``allow_other``,
+    ``allow_root``): without it FUSE leaves every permission check to us, and we check none, so any user
+    could write through a file whose mode says they may not. With it the kernel checks the file's mode."""
+    if options.get("allow_other") or options.get("allow_root"):
+        return {**options, "default_permissions": True}
+    return options
+
+
 def _watch(client: Client, session: _Session) -> None:
     client.wait_closed()
     session.connection_lost(client)
@@ -287,7 +296,7 @@ def mount_export(
         _fuse.export = export
         operations = _operations(export, name, time.time(), session)
         try:
-            _fuse(operations, mountpoint, foreground=True, **{**settings, **(fuse_options or {})})
+            _fuse(operations, mountpoint, foreground=True, **_with_permissions({**settings, **(fuse_options or {})}))
         except RuntimeError as exc:
             # libfuse's status (it said why on stderr); 8 is also how its loop ends on SIGINT or SIGTERM.
             if not (session.serving and str(exc) == "8"):

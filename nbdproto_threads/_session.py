@@ -22,17 +22,11 @@ import contextvars
 import logging
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    pass
-else:
-    pass
 
 import nbdproto
 import nbdproto.serving
@@ -49,7 +43,7 @@ from nbdproto.serving import (
     Work,
     streamed_part,
 )
-from nbdproto.sockets import SharedTls, SocketStream, client_info
+from nbdproto.sockets import SharedTls, SocketStream, TlsChannel, client_info
 
 from ._pipelined import pipelined_transmission
 
@@ -153,6 +147,7 @@ class ServerSession:
         self._timeout: float | None = None  # the socket's current timeout, changed only when it must
         self._timer: float | None = None  # the receive timer armed on a plaintext socket in transmission
         self._plain = False  # a plaintext socket (not TLS), known once transmission starts
+        self._tls: TlsChannel | None = None  # a TLS connection's, while the session's thread alone uses it
         self._lock = threading.Lock()  # the engine, when a pool of threads carries requests out
         self._stopping = threading.Event()
         self._receiving = False  # blocked waiting for the client's bytes (idle then if logic.idle: safe to close)
@@ -184,22 +179,24 @@ class ServerSession:
             return
         self._set_timeout(None)
         self._plain = type(self.stream.sock) is socket.socket
-        self.logic.write_in_place(kernel_receives=self._plain)
+        pooled = self._pooled()
+        pipelined = not pooled and nbdproto.serving.submitting(self.logic.device)
+        # Over TLS, the inline path receives through a TlsChannel: exactly the sizes asked for (not SharedTls).
+        self.logic.write_in_place(kernel_receives=self._plain, exact_receives=not (self._plain or pooled or pipelined))
         timer = self.logic.shortest_wait
         self._timer = timer if timer is not None and self._plain and self.stream.arm_receive_timer(timer) else None
         try:
-            if self._pooled():
-                self._pooled_transmission()
-            elif nbdproto.serving.submitting(self.logic.device):
+            if pipelined:
                 pipelined_transmission(self)
             else:
-                self._inline_transmission()
+                self._pooled_transmission() if pooled else self._inline_transmission()
         finally:
             self.logic.flush_device()  # a failure is logged there, in one line
 
     def close(self) -> None:
         """Close the connection (idempotent) and give back everything it held."""
         if self.logic.close():
+            self._tls = None  # the goodbye below waits on the socket itself, for a moment
             with contextlib.suppress(OSError):
                 self._set_timeout(1.0)  # a client that does not read is not waited for
                 self._send()
@@ -233,7 +230,10 @@ class ServerSession:
     def _send(self) -> None:
         pieces = self.engine.data_to_send()
         if pieces:
-            self.stream.send(pieces)
+            if self._tls is not None:
+                self._tls.send(pieces)  # type: ignore[arg-type]
+            else:
+                self.stream.send(pieces)
         self.logic.sent()
 
     def _exchange(self) -> None:
@@ -256,6 +256,8 @@ class ServerSession:
         the header after it into ``in_place_buffers()``, anything else as bytes; returned with the logic's
         method that takes what arrived there (``wait_ran_out`` when the wait did). On a plaintext socket the
         armed receive timer bounds each wait (see ``serve``), else a Python timeout."""
+        if self._tls is not None:
+            return self._wait_for_tls(self._tls)
         logic, stream = self.logic, self.stream
         target = self.engine.write_buffer()
         buffers = logic.in_place_buffers() if self._plain else None
@@ -292,6 +294,21 @@ class ServerSession:
         finally:
             self._receiving = False
 
+    def _wait_for_tls(self, tls: TlsChannel) -> tuple[Callable[[Any], None], Any]:
+        """``_wait_for_bytes`` on a TLS connection: every record that has arrived, into the buffers the logic
+        gives (the rest of a write's payload, and the header after it), else as bytes; a wait (bounded by the
+        limits) only when nothing has arrived."""
+        logic = self.logic
+        buffers, hand = logic.in_place_buffers(), logic.received_in_place
+        if buffers is None and (target := self.engine.write_buffer()) is not None:
+            buffers, hand = [target], logic.received_into_payload
+        self._receiving = True
+        try:
+            got = tls.receive_within(logic.next_wait(), buffers)
+        finally:
+            self._receiving = False
+        return _ran_out(logic) if got is None else ((logic.received if buffers is None else hand), got)
+
     def _set_timeout(self, seconds: float | None) -> None:
         if seconds != self._timeout:
             self.stream.sock.settimeout(seconds)
@@ -324,6 +341,10 @@ class ServerSession:
     def _inline_transmission(self) -> None:
         # Read a chunk, carry out every request in it, write every reply with one sendmsg.
         logic = self.logic
+        if not self._plain:
+            self._tls = TlsChannel(self.stream.sock)  # type: ignore[arg-type]
+            self._timeout = 0.0  # what the channel set: a close sets its own
+            logic.reuse_read_buffers()  # its sends copy (encrypt) the data: the buffers are free once sent
         steps = logic.inline_transmission(self._read_view())
         found: int | None = None
         while (step := steps.send(found)) is not FINISHED:
@@ -335,6 +356,9 @@ class ServerSession:
         (its count; None when nothing had); every other step sends what is queued, then receives or waits for
         the budget as it says."""
         if step is RECEIVE_READY:
+            if self._tls is not None:
+                buffers = self.logic.in_place_buffers()
+                return None if buffers is None else self._tls.receive_into(buffers)
             # Not on a socket with a Python timeout, whose every receive first waits for bytes to come.
             buffers = self.logic.in_place_buffers() if self._timeout is None else None
             return None if buffers is None else self.stream.recv_into_buffers(buffers, wait=False)

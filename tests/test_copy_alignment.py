@@ -26,6 +26,7 @@ import nbdproto
 import nbdproto_threads as nt
 from nbdproto.devices import MemoryDevice
 from nbdproto.wire import STATUS_SPAN
+from nbdproto_threads._copyloop import CopyLoop
 from nbdproto_threads._copyruns import aligned_runs, pieces
 from tests.capture import nbdkit
 
@@ -152,3 +153,34 @@ def test_a_copy_to_null_drops_read_data_in_the_kernel_and_keeps_every_reply_in_s
         server.shutdown()
         thread.join(10)
     assert (done.copied, done.data) == (8 << 20, 8 << 20)
+
+
+def test_work_that_ends_after_the_loop_closed_writes_to_no_descriptor(caplog: pytest.LogCaptureFixture) -> None:
+    """A copy cut short closes its loop without waiting (close(wait=False)); file I/O already running in a
+    worker ends later and must not write its wake-up into the closed pipe, whose descriptor number the next
+    open file may have taken (the CI failure: "Bad file descriptor" printed after a Ctrl-C)."""
+    loop = CopyLoop()
+    started, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        started.set()
+        release.wait(10)
+
+    loop.in_thread(work, lambda: None)
+    assert started.wait(10)
+    assert loop.workers is not None
+    workers = loop.workers
+    loop.close(wait=False)
+    pipes = [os.pipe() for _ in range(3)]  # the wake pipe's numbers, taken again by new files
+    try:
+        release.set()
+        workers.shutdown(wait=True)  # the work ends and its done-callback runs
+        for reader, _ in pipes:
+            os.set_blocking(reader, False)
+            with pytest.raises(BlockingIOError):
+                os.read(reader, 1)
+        assert not [r for r in caplog.records if r.name == "concurrent.futures"]  # "exception calling callback"
+    finally:
+        for pipe in pipes:
+            for fd in pipe:
+                os.close(fd)

@@ -147,6 +147,7 @@ def test_the_layers_run_from_the_wire_up() -> None:
         "nbdproto.client",
         "nbdproto.serving",
         "nbdproto.sockets",
+        "nbdproto.files",
         "nbdproto.tls",
         "nbdproto.devices",
     ]

@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from nbdproto import BlockDevice
 from nbdproto.devices import FILTER_COMMANDS
+from nbdproto.files import replace_file, writable_file
 
 from ._errors import UsageError, parse_size
 
@@ -201,7 +202,8 @@ class Filtering:
         if path is None:
             return sys.stderr
         if path not in self._streams:
-            self._streams[path] = open(path, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
+            # Created as nbdproto.files creates every file: no symlink followed, another user's file refused.
+            self._streams[path] = open(writable_file(path), "w", buffering=1, encoding="utf-8")  # noqa: SIM115
         return self._streams[path]
 
     def wrap(self, device: BlockDevice, export: str) -> BlockDevice:
@@ -253,8 +255,10 @@ class Filtering:
                 sys.stderr.write("".join(reports))
                 sys.stderr.flush()
             else:
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write("".join(reports))
+                try:
+                    replace_file(path, "".join(reports).encode())
+                except OSError as exc:  # (a file another user planted there since: refused, and said)
+                    print(f"nbdproto: cannot write the stats to {path}: {exc.strerror or exc}", file=sys.stderr)
 
     def close(self) -> None:
         """Close the log files (after the devices are closed)."""

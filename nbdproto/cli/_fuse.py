@@ -47,7 +47,8 @@ def add_fuse_command(commands: Any) -> None:
     parser.add_argument("-C", "--connections", type=count_argument(1), default=4, metavar="N",
                         help="connections, when the server allows multi-conn (default 4)")  # fmt: skip
     parser.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPTION",
-                        help="a libfuse mount option (allow_other, ...); may be repeated")  # fmt: skip
+                        help="a libfuse mount option (allow_other, ...); may be repeated; allow_other and "
+                             "allow_root bring default_permissions: the file's mode holds for other users")  # fmt: skip
     add_connection_arguments(parser)
 
 

@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 
 import nbdproto
+from nbdproto.files import PID_FILE_MODE, replace_file
 from nbdproto.sockets import activated_sockets, listen_socket
 
 from ._errors import UsageError
@@ -103,6 +104,11 @@ def connection_policy(args: argparse.Namespace) -> nbdproto.ConnectionPolicy:
         if args.tls != "require":
             raise UsageError("--allow-client-dn needs --tls require: with optional TLS a client could skip the "
                              "certificate check by not starting TLS")  # fmt: skip
+    for pattern in args.allow_client_dn:
+        try:
+            nbdproto.serving.SubjectPattern(pattern)
+        except ValueError as exc:
+            raise UsageError(f"--allow-client-dn: {exc}") from None
     try:
         return nbdproto.ConnectionPolicy(
             oneshot=args.oneshot,
@@ -287,16 +293,10 @@ class Helper:
 
 
 def _write_pid_file(path: str) -> None:
-    """Write our pid to ``path`` atomically: a reader never sees an empty or partial file."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    """Write our pid to ``path`` atomically (a reader never sees an empty or partial file), mode 0644, as
+    nbdproto.files creates every file: no guessable temporary name, no symlink followed, and an existing pid
+    file replaced only if it is ours and no other user can write it."""
+    replace_file(path, f"{os.getpid()}\n".encode(), PID_FILE_MODE)
 
 
 def set_parent_death_signal(signum: int) -> bool:

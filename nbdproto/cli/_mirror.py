@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import threading
 from typing import Any
 
 from nbdproto import BlockDevice
+from nbdproto.files import DATA_MODE, RULE, new_file, refusal_of_existing
 
 from ._errors import UsageError, count_argument, size_argument
 from ._serve_options import add_serve_arguments
@@ -75,9 +77,23 @@ def _sides(args: argparse.Namespace) -> tuple[Source, Source | None]:
             raise UsageError(f"SECONDARY {args.secondary}: no such directory {parent}")
         return primary, None
     secondary = parse_source(args.secondary)
+    if secondary.kind == "file":
+        _check_written_file(secondary.target)
     if primary.kind == "file" and secondary.kind == "file" and os.path.samefile(primary.target, secondary.target):
         raise UsageError("PRIMARY and SECONDARY are the same file")
     return primary, secondary
+
+
+def _check_written_file(path: str) -> None:
+    """An existing SECONDARY file is written over: not through a symlink another user planted, nor into a
+    regular file another user owns or can write (nbdproto.files' rule); a block device is the administrator's."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) and info.st_uid != os.geteuid():
+        raise UsageError(f"SECONDARY {path}: a symbolic link of another user (uid {info.st_uid}) is not followed")
+    info = os.stat(path)
+    reason = refusal_of_existing(info) if stat.S_ISREG(info.st_mode) else None
+    if reason is not None:
+        raise UsageError(f"SECONDARY {path}: {reason}; {RULE}")
 
 
 def mirror_command(args: argparse.Namespace) -> int:
@@ -98,10 +114,14 @@ def mirror_command(args: argparse.Namespace) -> int:
         created = None
         try:
             if secondary_source is None:
+                fd = new_file(args.secondary, DATA_MODE, read=True)  # exclusive, no symlink followed
                 created = args.secondary
-                with open(created, "xb") as new:
-                    new.truncate(primary.size)  # sparse: it reads as zero, so the copy skips the holes
-                secondary: BlockDevice = FileDevice(created)
+                try:
+                    os.ftruncate(fd, primary.size)  # sparse: it reads as zero, so the copy skips the holes
+                except BaseException:
+                    os.close(fd)
+                    raise
+                secondary: BlockDevice = FileDevice.from_descriptor(fd, created)
             else:
                 secondary = open_source(secondary_source, read_only=False, remote_timeout=remote_timeout)
         except BaseException:

@@ -132,6 +132,7 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
             idle_timeout=args.idle_timeout,
             memory_limit=size_argument(args.memory_limit, "--memory-limit"),
             shutdown_grace=args.shutdown_grace,
+            max_handshakes=args.max_handshakes,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

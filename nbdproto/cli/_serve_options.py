@@ -114,6 +114,15 @@ def add_serve_arguments(serve: Any, *, exports: bool = True) -> None:
         help="close a connection with nothing in flight that sends nothing for this long (default 0: never)",
     )
     serve.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=limits.max_handshakes,
+        metavar="N",
+        help="at most N connections in their handshake (TLS included) at once; more are closed before the "
+        f"greeting, so that stalled handshakes cannot grow the server's memory (default {limits.max_handshakes}, "
+        "per worker; 0: no limit)",
+    )
+    serve.add_argument(
         "--memory-limit",
         default=f"{limits.memory_limit >> 20}M",
         metavar="SIZE",
@@ -213,9 +222,10 @@ def _add_helper_arguments(serve: Any) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="with --tls require --tls-verify-client: serve only certificates whose subject, written as RFC 4514 "
-        "does (CN=host.example,O=Example), matches one PATTERN (repeatable; * ? [...] as in the shell); others "
-        "are refused after the TLS handshake and logged with their subject",
+        help="with --tls require --tls-verify-client: serve only certificates whose subject matches one PATTERN "
+        "(repeatable), written as `openssl x509 -noout -subject -nameopt RFC2253` prints subjects "
+        "(CN=*.example.com,O=Example): RDN by RDN, each TYPE=VALUE with * ? [...] globs that never cross a , or + "
+        "(docs/howto/tls.md); others are refused after the TLS handshake and logged with their subject",
     )
 
 

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+from nbdproto.files import DATA_MODE, writable_file
 from nbdproto.serving import BlockDevice, Buffer, DeviceCapabilities, dispatch_of
 from nbdproto.wire import BASE_ALLOCATION
 
@@ -49,21 +49,21 @@ _MAX_EXTENTS = 1024
 
 
 def _overlay_file(path: str | os.PathLike[str], size: int) -> BlockDevice:
-    """A new sparse file of ``size`` bytes at ``path``: an existing file must be empty, so that a disk image
-    named by mistake is never overwritten."""
+    """A new sparse file of ``size`` bytes at ``path``, mode 0600, created as nbdproto.files creates every file
+    (no symlink followed; an existing file must be ours and writable by no other user, or another user could
+    read what clients write). An existing file must also be empty, so that a disk image named by mistake is
+    never overwritten."""
     from ._file import FileDevice
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = writable_file(path, DATA_MODE, read=True, truncate=False)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "an overlay must be a regular file", os.fspath(path))
-        if info.st_size:
+        if os.fstat(fd).st_size:
             raise OSError(errno.EEXIST, "the overlay file exists and is not empty", os.fspath(path))
         os.ftruncate(fd, size)
-    finally:
+    except BaseException:
         os.close(fd)
-    return FileDevice(path)
+        raise
+    return FileDevice.from_descriptor(fd, path)
 
 
 class CowFilter(Filter):

@@ -106,6 +106,15 @@ class FileDevice:
         self.path = os.fspath(path)
         self._adopt(os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC), read_only)
 
+    @classmethod
+    def from_descriptor(cls, fd: int, path: str | os.PathLike[str], *, read_only: bool = False) -> FileDevice:
+        """Serve ``fd``, open already (the device owns it from now on), as the file at ``path``: for a file
+        created safely (nbdproto.files), which reopening by its path could not guarantee to be the same."""
+        device = cls.__new__(cls)
+        device.path = os.fspath(path)
+        device._adopt(fd, read_only)
+        return device
+
     def _adopt(self, fd: int, read_only: bool) -> None:
         """Serve the open descriptor ``fd`` (closed here if it is not a file or block device): for subclasses
         that make their file another way (SharedMemoryDevice)."""

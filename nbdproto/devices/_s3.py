@@ -489,7 +489,7 @@ def _wrong_size(name: str, found: int, expected: int) -> StoreError:
 
 def _request_error(image: str, exc: BaseException) -> OSError:
     """The error a request fails with: range and permission errors as they are; store failures as EIO,
-    logged once here (the servers do not log OSErrors)."""
+    logged here with the image's name (a server logs the request's failure too; its client is told EIO alone)."""
     if isinstance(exc, OSError) and not isinstance(exc, StoreError) and exc.errno in _KEPT_ERRNOS:
         return exc
     message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__

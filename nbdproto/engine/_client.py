@@ -59,11 +59,13 @@ from ._handshake_events import (
     StartTLS,
 )
 from ._state import NEED_DATA, PAUSED, SENDS, Phase, Role, Trigger
+from ._transmission_events import ReadRequest
 
 __all__ = ["ClientConnection"]
 
 _REP = OptionReplyType
 _SENDABLE = SENDS[Role.CLIENT]
+_TRANSMISSION = Phase.TRANSMISSION
 _GREETING = 16  # NBDMAGIC and the word that says newstyle or oldstyle
 _ANSWER_LIMIT = 32 * 1024 * 1024
 """The most reply payload one option's answer may gather (exports listed, contexts, information): the spec's
@@ -106,6 +108,9 @@ class ClientConnection(ClientReplies):
     def send(self, event: Event) -> None:
         """Send an option (handshake) or a request (transmission), as the phase allows (``_state.SENDS``)."""
         phase = self._phase
+        if phase is _TRANSMISSION and type(event) is ReadRequest:
+            self._send_request(event)  # the commonest request, first
+            return
         if phase is Phase.ERROR:
             raise LocalProtocolError("the connection already failed")
         allowed = type(event) in _SENDABLE.get(phase, ())

@@ -55,6 +55,9 @@ _SIMPLE_HEADER = headers.SIMPLE_REPLY.unpack_from
 _STRUCTURED_DATA = struct.Struct(
     headers.STRUCTURED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:]
 ).unpack_from  # a structured chunk's header and an OFFSET_DATA payload's offset, in one unpack
+_EXTENDED_DATA = struct.Struct(
+    headers.EXTENDED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:]
+).unpack_from  # the same for an extended chunk
 
 
 class ClientReplies(ClientRequesting):
@@ -110,7 +113,7 @@ class ClientReplies(ClientRequesting):
                     self._move(Trigger.PEER_CLOSED)
                     return ConnectionClosed()
                 return NEED_DATA
-            if not self.extended_headers and self._queue_read_replies():
+            if self._fast_paths and self._queue_read_replies():
                 return self._events.popleft()
             (magic,) = _MAGIC(buf.peek(4))
             if magic == _STRUCTURED:
@@ -128,32 +131,40 @@ class ClientReplies(ClientRequesting):
 
     def _queue_read_replies(self) -> bool:
         """Queue a ReadReply for every whole reply to a READ, in one piece, that lies in the received chunk at
-        the read position (a simple reply and its data; or, with structured replies, one OFFSET_DATA chunk
-        with DONE that covers the whole read, which every check of the full path lets through): one loop over
-        them instead of an engine call each. The first reply that is anything else stops it, for the full
-        path. True when it queued any."""
+        the read position (a simple reply and its data; or, with structured replies or extended headers, one
+        OFFSET_DATA chunk with DONE that covers the whole read, which every check of the full path lets
+        through): one loop over them instead of an engine call each. The first reply that is anything else
+        stops it, for the full path. True when it queued any."""
         buf = self._buf
         head, start = buf.chunk()
         pos, end = start, len(head)
         pending_of, events = self._pending, self._events
-        structured = self.structured_replies
+        form = 2 if self.extended_headers else 1 if self.structured_replies else 0
         while True:
-            if structured:
-                if pos + 28 > end:
-                    break
-                magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
-                if magic != _STRUCTURED or flags != _DONE or chunk_type != _OFFSET_DATA:
-                    break
+            if form:
+                if form == 1:
+                    if pos + 28 > end:
+                        break
+                    magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
+                    wanted, echoed, data_at = _STRUCTURED, offset, pos + 28
+                else:
+                    if pos + 40 > end:
+                        break
+                    magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
+                    wanted, data_at = _EXTENDED, pos + 40
                 pending = pending_of.get(cookie)
                 if (
-                    pending is None
+                    magic != wanted
+                    or flags != _DONE
+                    or chunk_type != _OFFSET_DATA
+                    or pending is None
                     or pending.command is not Command.READ
                     or pending.started
                     or size - 8 != pending.length
                     or offset != pending.offset
+                    or echoed != offset
                 ):
                     break
-                data_at = pos + 28
             else:
                 if pos + 16 > end:
                     break
@@ -320,12 +331,15 @@ class ClientReplies(ClientRequesting):
         context_id = int.from_bytes(payload[:4], "big")
         request: BlockStatusRequest = pending.request  # type: ignore[assignment]
         wanted = request.context_ids or tuple(self._meta_contexts)
-        if context_id not in wanted or context_id in pending.extents:
+        got = pending.extents
+        if got is None:
+            got = pending.extents = {}
+        if context_id not in wanted or context_id in got:
             self._fail(f"block status for context {context_id}, not asked for or answered twice")
         req_one = bool(pending.flags & _REQ_ONE)
         minimum, size = export.minimum_block_size, export.size
         _, extents = parse_block_status(chunk_type, payload, pending.offset, pending.length, minimum, size, req_one)
-        pending.extents[context_id] = extents
+        got[context_id] = extents
 
     def _error_chunk(self, pending: Pending, chunk_type: int, payload: memoryview) -> None:
         offset: int | None = None
@@ -367,9 +381,10 @@ class ClientReplies(ClientRequesting):
         if pending.command == Command.BLOCK_STATUS:
             request: BlockStatusRequest = pending.request  # type: ignore[assignment]
             wanted = request.context_ids or tuple(self._meta_contexts)
-            if set(pending.extents) != set(wanted):
-                self._fail(f"block status {cookie:#x} answered contexts {sorted(pending.extents)} of {sorted(wanted)}")
-            return BlockStatusReply(cookie, pending.extents)
+            got = pending.extents or {}
+            if set(got) != set(wanted):
+                self._fail(f"block status {cookie:#x} answered contexts {sorted(got)} of {sorted(wanted)}")
+            return BlockStatusReply(cookie, got)
         return SuccessReply(cookie)
 
 

@@ -31,6 +31,8 @@ from ._transmission_events import (
 
 __all__ = ["ClientRequesting", "Pending"]
 
+_READ = Command.READ
+
 
 class Pending:
     """A request waiting for (the rest of) its reply."""
@@ -38,17 +40,25 @@ class Pending:
     __slots__ = ("request", "command", "flags", "offset", "length", "buffer", "coverage", "started", "error",
                  "extents")  # fmt: skip
 
-    def __init__(self, request: Request, command: Command, offset: int, length: int, flags: int = 0) -> None:
+    def __init__(
+        self,
+        request: Request,
+        command: Command,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        buffer: memoryview | None = None,
+    ) -> None:
         self.request = request
         self.command = command
         self.flags = flags
         self.offset = offset
         self.length = length
-        self.buffer: memoryview | None = None
+        self.buffer = buffer
         self.coverage: ReadCoverage | None = None  # made at a read's first data or hole chunk
         self.started = False  # a chunk of the reply has arrived
         self.error: ErrorReply | None = None
-        self.extents: dict[int, tuple[Extent, ...]] = {}
+        self.extents: dict[int, tuple[Extent, ...]] | None = None  # a block status's, made at its first chunk
 
 
 class ClientRequesting(Connection):
@@ -56,6 +66,9 @@ class ClientRequesting(Connection):
 
     role = Role.CLIENT
     _peer = "server"
+    _fast_paths = True
+    """The short roads for plain READs and their whole replies (a test turns them off to compare with the full
+    checks)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,7 +115,12 @@ class ClientRequesting(Connection):
         export = self.export
         assert export is not None
         # The common request first: a READ without flags, that every check below lets through as it is.
-        if type(event) is ReadRequest and not event.flags and not (self._disconnected or self.server_shutting_down):
+        if (
+            type(event) is ReadRequest
+            and not event.flags
+            and self._fast_paths
+            and not (self._disconnected or self.server_shutting_down)
+        ):
             cookie, offset, length, buffer = event.cookie, event.offset, event.length, event.buffer
             if (
                 0 < length <= export.maximum_payload
@@ -113,9 +131,7 @@ class ClientRequesting(Connection):
                 and buffer is None
                 and (length <= 0xFFFFFFFF or self.extended_headers)
             ):
-                pending = Pending(event, Command.READ, offset, length)
-                pending.buffer = memoryview(bytearray(length))
-                self._pending[cookie] = pending
+                self._pending[cookie] = Pending(event, _READ, offset, length, 0, memoryview(bytearray(length)))
                 self._out.append(self._read_header(cookie, offset, length))
                 return
         if self._disconnected:

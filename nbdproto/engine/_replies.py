@@ -12,6 +12,7 @@ spec's rule for strings ("Conventions": UTF-8, no NUL, at most 4096 bytes).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 
@@ -39,6 +40,8 @@ __all__ = [
     "simple_reply",
     "chunk_header",
     "offset_data_header",
+    "structured_whole_read",
+    "extended_whole_read",
     "offset_hole_chunk",
     "error_chunk",
     "block_status_chunk",
@@ -54,6 +57,11 @@ _OFFSET_DATA = int(ChunkType.OFFSET_DATA)
 # OFFSET_DATA chunk header and the payload's offset field, packed in one call.
 _STRUCTURED_DATA = struct.Struct(headers.STRUCTURED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:])
 _EXTENDED_DATA = struct.Struct(headers.EXTENDED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:])
+
+structured_whole_read = functools.partial(_STRUCTURED_DATA.pack, _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA)
+"""(cookie, size + 8, offset) -> the header of one OFFSET_DATA chunk with DONE: a whole read answered at once."""
+extended_whole_read = functools.partial(_EXTENDED_DATA.pack, _EXTENDED_MAGIC, _DONE, _OFFSET_DATA)
+"""(cookie, offset, size + 8, offset) -> the same in the extended form (the request's offset, then the data's)."""
 
 _ZEROES = bytes(1 << 20)
 

@@ -45,7 +45,7 @@ __all__ = ["ServerConnection"]
 _SENDABLE = SENDS[Role.SERVER]
 _TRANSMISSION = Phase.TRANSMISSION
 _simple_ok = functools.partial(headers.SIMPLE_REPLY.pack, headers.SIMPLE_REPLY.magic, 0)  # (cookie): a success
-_offset_data_header = _replies.offset_data_header
+_structured_whole_read, _extended_whole_read = _replies.structured_whole_read, _replies.extended_whole_read
 
 
 class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
@@ -139,14 +139,13 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
                     and cookie not in self._progress
                 ):
                     # The whole read in one chunk (what _read_chunk does for it, without the call).
-                    if self.structured_replies:
-                        header = _offset_data_header(
-                            self.extended_headers, True, cookie, request.offset, request.offset, len(data)
-                        )
+                    form, offset, out = self._reply_form, request.offset, self._out
+                    if form == 1:
+                        out.append(_structured_whole_read(cookie, len(data) + 8, offset))
+                    elif form == 0:
+                        out.append(_simple_ok(cookie))
                     else:
-                        header = _simple_ok(cookie)
-                    out = self._out
-                    out.append(header)
+                        out.append(_extended_whole_read(cookie, offset, len(data) + 8, offset))
                     out.append(data)
                     return
                 if request is not None:

@@ -91,6 +91,8 @@ class ServerBase(Connection):
         """Set by the application (None: never): a checked WRITE whose payload has not started to arrive is
         received straight into the view this gives (``write_buffer``), and handed over with ``in_place`` set."""
         self._request_codec = headers.REQUEST
+        self._reply_form = 0
+        """How replies are framed once in transmission: 0 simple, 1 structured, 2 extended (send's fast path)."""
         self._out.append(
             layout.encode(
                 layout.NewstyleGreeting, {"handshake_flags": HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES}

@@ -348,6 +348,7 @@ class ServerHandshake(ServerBase):
         write = COMMANDS[Command.WRITE]
         self._plain_write_flags = frozenset({0, allowed_flags(write, flags)}) if usable(write, flags) else frozenset()
         self._request_codec = headers.EXTENDED_REQUEST if self.extended_headers else headers.REQUEST
+        self._reply_form = 2 if self.extended_headers else 1 if self.structured_replies else 0
         self._move(Trigger.EXPORT_CHOSEN)
         self._events.append(
             HandshakeComplete(export, self.structured_replies, self.extended_headers, dict(self._meta_contexts))

@@ -11,9 +11,10 @@ here, once:
 - ``_session``: one connection's logic (``ServerSessionLogic``): the handshake steps, resolving exports,
   transmission as explicit steps for the driver (``_steps``), shutdown.
 - ``_core``: a server apart from its I/O (``ServerCore``): exports, the settings every session gets, who is
-  served (``_admission``), the log (``_log``).
+  served (``_admission``; client certificates' subjects and the patterns they must match: ``_subject``), the
+  log (``_log``).
 - Policy a client cannot escape: time limits (``_limits``), the memory budget (``_budget``), the receive
-  sizes (``_receive_size``).
+  sizes (``_receive_size``); read replies' buffers used again on TLS connections (``_reply_buffers``).
 
 This is the plumbing namespace: applications write devices and start servers through ``nbdproto``,
 ``nbdproto.devices`` and a backend; backends and tools that drive the engine themselves use these names. They
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
         WriteView,
         carry_out,
         carry_out_all,
+        client_message,
         device_calls,
         error_reply_for,
         nbd_errno,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from ._log import ConnectionLog
     from ._pipeline import Pipeline, submitting
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
+    from ._reply_buffers import KEPT_REPLY_BYTES, ReplyBuffers
     from ._session import ServerSessionLogic
     from ._steps import (
         FINISHED,
@@ -78,6 +81,7 @@ if TYPE_CHECKING:
         Work,
         streamed_part,
     )
+    from ._subject import Subject, SubjectPattern, parse_subject, subject_of, write_subject
 
 _LAZY = {
     "BlockDevice": "._device",
@@ -107,11 +111,17 @@ _LAZY = {
     "ClientCount": "._admission",
     "certificate_subject": "._admission",
     "takes_client": "._admission",
+    "Subject": "._subject",
+    "SubjectPattern": "._subject",
+    "parse_subject": "._subject",
+    "subject_of": "._subject",
+    "write_subject": "._subject",
     "DeviceCall": "._carry_out",
     "device_calls": "._carry_out",
     "reply_for": "._carry_out",
     "error_reply_for": "._carry_out",
     "nbd_errno": "._carry_out",
+    "client_message": "._carry_out",
     "OnError": "._carry_out",
     "carry_out": "._carry_out",
     "carry_out_all": "._carry_out",
@@ -134,6 +144,8 @@ _LAZY = {
     "Stoppable": "._core",
     "current_connection": "._core",
     "enter_connection": "._core",
+    "ReplyBuffers": "._reply_buffers",
+    "KEPT_REPLY_BYTES": "._reply_buffers",
     "BatchEnd": "._steps",
     "ServerSessionLogic": "._session",
     "Work": "._steps",
@@ -177,12 +189,18 @@ __all__ = [
     "ClientRefused",
     "ClientCount",
     "certificate_subject",
+    "Subject",
+    "SubjectPattern",
+    "parse_subject",
+    "subject_of",
+    "write_subject",
     "takes_client",
     "DeviceCall",
     "device_calls",
     "reply_for",
     "error_reply_for",
     "nbd_errno",
+    "client_message",
     "OnError",
     "carry_out",
     "carry_out_all",
@@ -218,6 +236,8 @@ __all__ = [
     "Step",
     "WaitForBudget",
     "streamed_part",
+    "ReplyBuffers",
+    "KEPT_REPLY_BYTES",
 ]
 
 if not TYPE_CHECKING:  # type checkers see the imports above; a __getattr__ would hide misspelt names

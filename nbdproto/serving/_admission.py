@@ -19,12 +19,13 @@ them, exactly (an implementation over shared memory is ``nbdproto.sockets.Shared
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from ._subject import Subject, SubjectPattern, parse_subject, subject_of, write_subject
 
 __all__ = ["ClientInfo", "ConnectionPolicy", "ClientRefused", "ClientCount", "certificate_subject", "takes_client"]
 
@@ -37,17 +38,20 @@ class ClientInfo:
     ``address``: how logs name it ("127.0.0.1:40000", "[::1]:40000", "unix"); ``ip``: its IP address without
     the port (None on a unix socket, or where the backend cannot tell); ``unix``: whether it came over a unix
     socket. Set by the session once TLS is up: ``certificate_subject`` (the verified client certificate's
-    subject, RFC 4514, e.g. "CN=backup.example.com,O=Example") and ``psk_identity`` (the pre-shared key identity
-    it authenticated with). Compared by identity: a server counts the clients it admitted in a set.
+    subject as OpenSSL's RFC 2253 form writes it, e.g. "CN=backup.example.com,O=Example"), ``certificate_name``
+    (the same as RDNs) and ``psk_identity`` (the pre-shared key identity it authenticated with). Compared by
+    identity: a server counts the clients it admitted in a set.
     """
 
-    __slots__ = ("address", "ip", "unix", "certificate_subject", "psk_identity")
+    __slots__ = ("address", "ip", "unix", "certificate_subject", "certificate_name", "psk_identity")
 
     def __init__(self, address: str = "?", ip: str | None = None, *, unix: bool = False) -> None:
         self.address = address
         self.ip = ip
         self.unix = unix
         self.certificate_subject: str | None = None
+        self.certificate_name: Subject | None = None
+        """The same subject as its RDNs (nbdproto.serving.subject_of), which ``--allow-client-dn`` patterns match."""
         self.psk_identity: str | None = None
 
     @property
@@ -87,13 +91,14 @@ class ConnectionPolicy:
     - ``allow_addresses``: networks (CIDR: "192.0.2.0/24", "::1", "10.1.2.3") TCP clients must come from;
       empty: any. Clients on a unix socket are not subject to it: the socket's file permissions guard them.
       An IPv4 client on an IPv6 socket (::ffff:192.0.2.1) counts as its IPv4 address.
-    - ``allow_client_dn``: shell-style patterns (``*``, ``?``, ``[...]``, as fnmatch) that the subject of a
-      client certificate must match, one of them at least, as RFC 4514 writes it (most specific first:
-      "CN=backup.example.com,OU=Storage,O=Example"); empty: any certificate the server's CA verified. A client
-      that authenticated with a pre-shared key (its identity is in the key file) or sent no certificate is not
-      checked here: the TLS context decides whether it needs one (``--tls-verify-client``).
+    - ``allow_client_dn``: patterns the subject of a client certificate must match, one of them at least
+      (nbdproto.serving.SubjectPattern: RDN by RDN, attribute by attribute, each type and value a glob that never
+      crosses into the next, written as OpenSSL's RFC 2253 form writes subjects, most specific first:
+      "CN=*.example.com,OU=Storage,O=Example"; docs/howto/tls.md); empty: any certificate the server's CA
+      verified. A client that authenticated with a pre-shared key (its identity is in the key file) or sent no
+      certificate is not checked here: the TLS context decides whether it needs one (``--tls-verify-client``).
 
-    Raises ValueError for a network that is not one, or a negative limit.
+    Raises ValueError for a network that is not one, a pattern that is not one, or a negative limit.
     """
 
     oneshot: bool = False
@@ -101,19 +106,22 @@ class ConnectionPolicy:
     allow_addresses: Sequence[str] = ()
     allow_client_dn: Sequence[str] = ()
     _networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
+    _dn_patterns: tuple[SubjectPattern, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_connections < 0:
             raise ValueError(f"max_connections {self.max_connections} must be 0 (no limit) or more")
-        networks = []
-        for text in self.allow_addresses:
+        networks = [_network(text) for text in self.allow_addresses]
+        patterns = []
+        for text in self.allow_client_dn:
             try:
-                networks.append(ipaddress.ip_network(text.strip(), strict=False))
-            except ValueError:
-                raise ValueError(f"{text!r} is not an address or network (examples: 192.0.2.0/24, ::1)") from None
+                patterns.append(SubjectPattern(text))
+            except ValueError as exc:
+                raise ValueError(f"client DN pattern {exc}") from None
         object.__setattr__(self, "allow_addresses", tuple(self.allow_addresses))
         object.__setattr__(self, "allow_client_dn", tuple(self.allow_client_dn))
         object.__setattr__(self, "_networks", tuple(networks))
+        object.__setattr__(self, "_dn_patterns", tuple(patterns))
 
     def refusal(self, client: ClientInfo, *, open_connections: int, admitted: int) -> str | None:
         """Why a newly accepted ``client`` is refused, or None to serve it. ``open_connections``: clients
@@ -146,7 +154,13 @@ class ConnectionPolicy:
         subject = client.certificate_subject
         if not self.allow_client_dn or subject is None or client.psk_identity is not None:
             return None
-        if any(fnmatch.fnmatchcase(subject, pattern) for pattern in self.allow_client_dn):
+        name = client.certificate_name
+        if name is None:  # a subject set by hand, as a string: read back as RDNs
+            try:
+                name = parse_subject(subject)
+            except ValueError:
+                return f"certificate subject {subject!r} cannot be read as RDNs"
+        if any(pattern.matches(name) for pattern in self._dn_patterns):
             return None
         return f"certificate subject {subject!r} matches no allowed pattern"
 
@@ -178,44 +192,27 @@ class ClientCount(Protocol):
         ...
 
 
-_SHORT_NAMES = {
-    "commonName": "CN",
-    "countryName": "C",
-    "localityName": "L",
-    "stateOrProvinceName": "ST",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "streetAddress": "STREET",
-    "domainComponent": "DC",
-    "userId": "UID",
-}
-"""RFC 4514's names for the attribute types Python's ssl module spells out (others are written as given)."""
-
-
 def certificate_subject(certificate: Mapping[str, Any]) -> str | None:
-    """The subject of a certificate as ``ssl.SSLSocket.getpeercert()`` gives it, written as RFC 4514 does (and
-    OpenSSL with ``-nameopt RFC2253``, GnuTLS, qemu): the most specific name first, "CN=client,O=Example";
-    None when the certificate has no subject (an empty dict: none was presented or verified)."""
-    rdns = certificate.get("subject")
-    if not rdns:
-        return None
-    written = []
-    for rdn in reversed(rdns):
-        written.append("+".join(f"{_SHORT_NAMES.get(name, name)}={_escape(value)}" for name, value in rdn))
-    return ",".join(written)
+    """The subject of a certificate as ``ssl.SSLSocket.getpeercert()`` gives it, written exactly as OpenSSL's
+    RFC 2253 form writes it (``openssl x509 -noout -subject -nameopt RFC2253``; nbdproto/serving/_subject.py):
+    the most specific name first, "CN=client,O=Example"; None when the certificate has no subject (an empty
+    dict: none was presented or verified)."""
+    subject = subject_of(certificate)
+    return write_subject(subject) if subject is not None else None
 
 
-def _escape(value: str) -> str:
-    # RFC 4514 section 2.4: these anywhere, '#' and ' ' at the start, ' ' at the end.
-    out = []
-    for i, char in enumerate(value):
-        if char in '"+,;<>\\' or (i == 0 and char in "# ") or (i == len(value) - 1 and char == " "):
-            out.append("\\" + char)
-        elif char == "\x00":
-            out.append("\\00")
-        else:
-            out.append(char)
-    return "".join(out)
+def _network(text: str) -> IPNetwork:
+    """An ``allow_addresses`` entry as a network; an IPv4-mapped IPv6 one (::ffff:192.0.2.1, ::ffff:10.0.0.0/104)
+    as the IPv4 network it maps, since clients' IPv4-mapped addresses are compared as IPv4 ones."""
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address or network (examples: 192.0.2.0/24, ::1)") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def takes_client(resolver: Callable[..., Any]) -> bool:

@@ -18,6 +18,7 @@ may_trim=..., fast=..., fua=...)``, ``cache(offset, length)``, ``extents(context
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -48,6 +49,7 @@ __all__ = [
     "reply_for",
     "error_reply_for",
     "nbd_errno",
+    "client_message",
     "OnError",
     "carry_out",
     "carry_out_all",
@@ -140,16 +142,27 @@ def error_reply_for(request: Request, exc: BaseException) -> ErrorReply:
     """The error reply for a request whose device call raised ``exc``.
 
     spec ("Error values"): ENOTSUP is only for a FAST_ZERO write-zeroes that cannot be fast, and EOVERFLOW only
-    for sizes; a device that raises them elsewhere is reported as EINVAL. The message is the exception's text,
-    whole: the engine cuts every string it sends to the spec's 4096 bytes.
+    for sizes; a device that raises them elsewhere is reported as EINVAL.
+
+    What a client is told, the rule for every device failure: the NBD error and its errno text ("Input/output
+    error"), nothing else. The exception's own text stays in the server: it names what only the server should
+    know (an upstream's socket path or URI, an object store's endpoint and keys, file paths), and the client
+    can do nothing with it. The detail goes to the server's log, one line per failure (``OnError``:
+    ConnectionLog.device_failed).
     """
-    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
     error = nbd_errno(exc)
     if (
         error == Errno.ENOTSUP and not (type(request) is WriteZeroesRequest and request.flags & CommandFlags.FAST_ZERO)
     ) or error == Errno.EOVERFLOW:
         error = Errno.EINVAL
-    return ErrorReply(request.cookie, error, message)
+    return ErrorReply(request.cookie, error, client_message(error))
+
+
+def client_message(error: Errno) -> str:
+    """The message an error reply carries to the client for ``error``: its errno's text, as strerror(3) says
+    it on this system ("Input/output error")."""
+    code = getattr(_errno, error.name, None)
+    return _os.strerror(code) if code is not None else error.name
 
 
 # errno of an OSError -> the NBD error the spec wants for it (spec: "Error values"); everything else is EIO.
@@ -178,7 +191,9 @@ def nbd_errno(exc: BaseException) -> Errno:
 
 
 OnError = Callable[[Any, BaseException], None]
-"""Told of a device failure that is not an OSError (a bug worth logging); the client gets EIO either way."""
+"""Told (request, exception) of every device failure, whose detail the client is not told (error_reply_for): an
+OSError is the device's report (a log line), anything else a bug in it (worth a traceback; the client gets
+EIO)."""
 OnFlushError = Callable[[Any, str, OSError], None]
 """Told (client, export name, error) of a failed flush as a connection ends (nobody is left to answer)."""
 
@@ -254,7 +269,7 @@ def carry_out(
         calls = device_calls(request, meta_contexts)
         results = [getattr(device, call.method)(*call.args, **call.kwargs) for call in calls]
     except Exception as exc:  # a device failure becomes an NBD error reply, never a dead connection
-        if on_error is not None and not isinstance(exc, OSError):
+        if on_error is not None:
             on_error(request, exc)
         return error_reply_for(request, exc)
     return reply_for(request, calls, results)
@@ -296,7 +311,7 @@ def carry_out_all(
         if failure is None:
             replies.append(reply_for(request, these, got))
             continue
-        if on_error is not None and not isinstance(failure, OSError):
+        if on_error is not None:
             on_error(request, failure)
         replies.append(error_reply_for(request, failure))
     return replies

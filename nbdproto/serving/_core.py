@@ -213,11 +213,17 @@ class ServerCore:
         # thread), and how many were admitted in all.
         self._admitted: set[ClientInfo] = set()
         self._admitted_count = 0
+        self._handshaking: set[ClientInfo] = set()  # admitted, handshake not over (spec_for, or the end)
 
     def admit(self, client: ClientInfo) -> bool:
         """Whether to serve a newly accepted client, as the policy says (a refusal is logged): call it before
         anything is sent; if True, the session must run under ``serving``, which counts the client out again.
-        A backend that accepts in several threads at once calls it under a lock."""
+        A backend that accepts in several threads at once calls it under a lock. Besides the policy, the limit
+        on connections in their handshake (ServerLimits.max_handshakes) refuses it."""
+        most = self.limits.max_handshakes
+        if most and len(self._handshaking) >= most:
+            self.log.refused(client, f"{most} connections are in their handshake already (max_handshakes)")
+            return False
         if self.clients is None:
             reason = self.policy.refusal(client, open_connections=len(self._admitted), admitted=self._admitted_count)
         else:
@@ -231,6 +237,7 @@ class ServerCore:
             return False
         self._admitted.add(client)
         self._admitted_count += 1
+        self._handshaking.add(client)
         return True
 
     def accept_hold_back(self) -> float:
@@ -246,6 +253,7 @@ class ServerCore:
     def spec_for(self, outcome: str | ClientAborted, client: ClientInfo) -> ExportSpec[Any] | None:
         """What serves the handshake's ``outcome``: the spec of the chosen export, or None (the client aborted,
         or the resolver changed its mind since the handshake asked it)."""
+        self._handshaking.discard(client)
         if isinstance(outcome, ClientAborted):
             self.log.aborted(client)
             return None
@@ -281,6 +289,7 @@ class ServerCore:
             if self.clients is not None and client in self._admitted:
                 self.clients.leave()
             self._admitted.discard(client)
+            self._handshaking.discard(client)
             if not refused:
                 self.log.ended(client, failure)
             if self.policy.oneshot and self._admitted_count and not self._admitted:

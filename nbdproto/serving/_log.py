@@ -115,9 +115,31 @@ class ConnectionLog:
             failure.strerror or str(failure),
         )
 
-    def device_failed(self, request: object, failure: BaseException) -> None:
-        """A device raised something that is not an OSError: a bug in the device (the client got EIO)."""
-        self._emit("device", logging.ERROR, "device failed on %r", request, exc=failure)
+    def device_failed(self, request: object, failure: BaseException, peer: object = None) -> None:
+        """A device call failed for ``request`` (of client ``peer``). An OSError is the device's report: one
+        WARNING line with the errno's name and the whole detail, which the client is not told (it gets the
+        errno's text alone: nbdproto.serving.error_reply_for), never a traceback. Anything else is a bug in the
+        device (the client got EIO): ERROR, with the traceback."""
+        who = f"client {peer}: " if peer is not None else ""
+        if isinstance(failure, OSError):
+            code = errno.errorcode.get(failure.errno, str(failure.errno)) if failure.errno else type(failure).__name__
+            detail = failure.strerror or str(failure)
+            if failure.filename is not None:
+                detail = f"{detail}: {failure.filename}"
+            self._emit("device", logging.WARNING, "%s%s failed: %s: %s", who, _described(request), code, detail)
+            return
+        self._emit("device", logging.ERROR, "%sdevice failed on %s", who, _described(request), exc=failure)
+
+
+def _described(request: object) -> str:
+    """A request as a log line names it: the command, its length and offset (never a write's data)."""
+    name = type(request).__name__.removesuffix("Request").upper() or "REQUEST"
+    offset, length = getattr(request, "offset", None), getattr(request, "length", None)
+    if length is None and hasattr(request, "data"):
+        length = len(request.data)
+    if offset is None:
+        return name
+    return f"{name} of {length} bytes at {offset}" if length is not None else f"{name} at {offset}"
 
 
 def _unwrap(failure: BaseException) -> BaseException:

@@ -134,7 +134,7 @@ class Pipeline:
         failure = next((result for result in results if isinstance(result, BaseException)), None)
         if failure is None:
             return reply_for(request, started.calls, results)
-        if self._on_error is not None and not isinstance(failure, OSError):
+        if self._on_error is not None:
             self._on_error(request, failure)
         return error_reply_for(request, failure)
 

@@ -16,6 +16,7 @@ in ``_session_transmission``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from nbdproto.engine import (
 )
 from nbdproto.wire import CommandFlags, LocalProtocolError
 
-from ._admission import ClientInfo, ClientRefused, certificate_subject
+from ._admission import ClientInfo, ClientRefused
 from ._budget import MemoryShare
 from ._carry_out import OnError, OnFlushError, write_view_ended
 from ._core import SessionSettings
@@ -42,6 +43,7 @@ from ._log import ConnectionLog
 from ._receive_size import ReceiveSize
 from ._session_transmission import SessionTransmission
 from ._steps import STREAM_WRITES_OVER
+from ._subject import subject_of, write_subject
 
 __all__ = ["ServerSessionLogic"]
 
@@ -49,9 +51,9 @@ __all__ = ["ServerSessionLogic"]
 class ServerSessionLogic(SessionTransmission):
     """The I/O-free half of one server connection, set up as ``settings`` say (nbdproto.serving.SessionSettings).
     ``client``: who is at the other end (nbdproto.ClientInfo), which a resolver taking two arguments is given;
-    the session adds what the TLS upgrade tells about it. ``log``: the server's ConnectionLog, told of device
-    failures that are bugs and of a flush that failed as the connection ended (unless ``on_device_error`` or
-    ``on_flush_error`` say otherwise)."""
+    the session adds what the TLS upgrade tells about it. ``log``: the server's ConnectionLog, told of every
+    device failure (whose detail the client is not told) and of a flush that failed as the connection ended
+    (unless ``on_device_error`` or ``on_flush_error`` say otherwise)."""
 
     def __init__(
         self,
@@ -76,10 +78,11 @@ class ServerSessionLogic(SessionTransmission):
         """This connection's draw on the server's MemoryBudget (None: unlimited). In the threads server
         several threads share the budget: theirs is wrapped so that every call holds the budget's lock."""
         if log is not None:
-            on_device_error = on_device_error or log.device_failed
+            on_device_error = on_device_error or functools.partial(log.device_failed, peer=self.client)
             on_flush_error = on_flush_error or log.flush_failed
         self.on_device_error = on_device_error
-        """Told of device failures that are not OSError (bugs worth a traceback; the client gets EIO)."""
+        """Told of every device failure (the log: one line for an OSError, a traceback for a bug); the client is
+        told the errno's text alone."""
         self.on_flush_error = on_flush_error
         """Told (client, export name, error) when the flush as the connection ends fails (ConnectionLog's
         flush_failed: one line); None: ``flush_device`` raises it."""
@@ -92,6 +95,7 @@ class ServerSessionLogic(SessionTransmission):
         self._streamed_flags: dict[int, CommandFlags] = {}  # streamed writes' flags, until their last part
         self._receive_size = ReceiveSize()
         self._header_room = memoryview(bytearray(32))  # in_place_buffers: where the next request header lands
+        self._reply_buffers = None  # reuse_read_buffers
         self.outcome: str | ClientAborted | None = None
         """How the handshake ended: the chosen export's name, or ClientAborted (None while it goes on)."""
         self.spec: ExportSpec[Any] | None = None
@@ -144,7 +148,8 @@ class ServerSessionLogic(SessionTransmission):
         policy does not accept the certificate's subject: the driver ends the connection there."""
         self.engine.tls_established()
         client = self.client
-        client.certificate_subject = certificate_subject(peer_certificate) if peer_certificate else None
+        client.certificate_name = subject_of(peer_certificate) if peer_certificate else None
+        client.certificate_subject = write_subject(client.certificate_name) if client.certificate_name else None
         client.psk_identity = psk_identity
         policy = self.settings.policy
         reason = policy.certificate_refusal(client) if policy is not None else None
@@ -217,6 +222,8 @@ class ServerSessionLogic(SessionTransmission):
         self._closed = True
         if self.share is not None:
             self.share.give_all()
+        if self._reply_buffers is not None:
+            self._reply_buffers.release()
         if self.spec is not None:
             for write in self.engine.in_place_writes():  # views nothing will be received into any more
                 write_view_ended(self.device, write)

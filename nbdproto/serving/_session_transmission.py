@@ -33,6 +33,7 @@ from ._device import BlockDevice
 from ._limits import ServerLimits
 from ._pipeline import Pipeline, submitting
 from ._receive_size import ReceiveSize
+from ._reply_buffers import ReplyBuffers
 from ._steps import (
     FINISHED,
     FLUSH_AT,
@@ -73,6 +74,7 @@ class SessionTransmission:
     _failed_writes: dict[int, BaseException]
     _streamed_flags: dict[int, CommandFlags]
     _receive_size: ReceiveSize
+    _reply_buffers: ReplyBuffers | None
     _header_room: memoryview
     _request_wait: float | None  # the limits as waits (ServerLimits.seconds), worked out once
     _idle_wait: float | None
@@ -83,14 +85,21 @@ class SessionTransmission:
 
     # --- Where bytes go -------------------------------------------------------------------------------------
 
-    def write_in_place(self, *, kernel_receives: bool) -> None:
+    def write_in_place(self, *, kernel_receives: bool, exact_receives: bool = False) -> None:
         """Receive write payloads straight into the device's storage from now on, where it offers that (its
         ``write_view``, nbdproto.WriteView) and only the kernel writes there: when the driver receives with
         ``recv_into`` on a plaintext socket (``kernel_receives``). A file truncated under the server then fails
-        the receive with EFAULT, where user-space code (TLS) writing into its mapping would die of SIGBUS."""
+        the receive with EFAULT, where user-space code (TLS) writing into its mapping would die of SIGBUS.
+
+        ``exact_receives``: the driver's receives bring exactly the bytes ``in_place_buffers()`` asks for and
+        no more, however the client sent them (TLS: OpenSSL keeps the rest of a decrypted record for the next
+        receive, nbdproto.sockets.TlsChannel). Streaming big writes are then received as on a plaintext socket
+        in place: the rest of a payload into the write's own buffer and the header after it, in one receive,
+        instead of a receive (and a turn of the driver's loop) for every TLS record."""
         write_view = write_view_of(self.device) if kernel_receives else None
         if write_view is not None:
             self.engine.write_view = write_view
+        if write_view is not None or exact_receives:
             self._receive_size.in_place(self.engine.request_header_size)
 
     def read_view(self, *, kernel_sends: bool) -> ReadView | None:
@@ -98,6 +107,13 @@ class SessionTransmission:
         the kernel as they are (a plaintext socket's sendmsg). User-space code (TLS) must not read them: a file
         truncated under the server is a SIGBUS there, where sendmsg merely fails with EFAULT."""
         return read_view_of(self.device) if kernel_sends else None
+
+    def reuse_read_buffers(self) -> None:
+        """Read the data of replies answered without a device view into buffers used again once sent
+        (nbdproto.serving's ReplyBuffers) from now on, in ``inline_transmission``: for a driver whose sends copy
+        the data anyway (TLS encrypts it), where a new buffer per read costs page faults and zeroing. The
+        driver must have sent every reply when it calls ``sent()``, as always."""
+        self._reply_buffers = ReplyBuffers(share=self.share)
 
     @property
     def receive_size(self) -> int:
@@ -218,6 +234,10 @@ class SessionTransmission:
         ready = 0  # RECEIVE_READY steps in a row that found bytes, since replies were last sent
         engine, device, share = self.engine, self.device, self.share
         batched = hasattr(device, "call_batch")
+        # Reads without views fill reused buffers where the driver asked for them; the budget counts them still.
+        reader = read_view
+        if reader is None and self._reply_buffers is not None:
+            reader = self._reply_buffers.reader(device)
         while True:
             end = self.next_batch(batch)
             if batched and batch:
@@ -232,12 +252,12 @@ class SessionTransmission:
                         continue
                     length = request.length
                     if read_view is None and share is not None:
-                        if not share.try_take(length):
+                        if not share.try_take(length) and not self._take_kept_back(length):
                             self._queued = queued
                             yield WaitForBudget(length)
                             queued, shutting_down = self._queued, self.shutting_down
                         self._queued_cost += length
-                    engine.send(carry_out(device, request, contexts, on_error, read_view))
+                    engine.send(carry_out(device, request, contexts, on_error, reader))
                     queued += length
                     if queued >= FLUSH_AT:
                         self._queued = queued
@@ -306,10 +326,22 @@ class SessionTransmission:
             return None
         return Pipeline(self.device, self.engine.meta_contexts, self.on_device_error, wake)
 
+    def _take_kept_back(self, length: int) -> bool:
+        """A read's budget, taken after giving back what reused reply buffers held; False if it still does not
+        fit (the read waits for budget, as without them)."""
+        kept = self._reply_buffers
+        if kept is None or not kept.kept:
+            return False
+        kept.release()
+        assert self.share is not None
+        return self.share.try_take(length)
+
     def sent(self) -> None:
         """The driver sent everything queued: the memory the replies held is free again."""
         if self._queued_cost and self.share is not None:
             self.share.give(self._queued_cost)
+        if self._reply_buffers is not None:
+            self._reply_buffers.sent()
         self._queued = self._queued_cost = 0
 
     def carry_out_one(self, request: Request, read_view: ReadView | None) -> Event:
@@ -342,7 +374,7 @@ class SessionTransmission:
                     self.device.flush()  # the earlier parts too: FUA covers the whole write
             except Exception as exc:  # a device failure becomes an NBD error reply, as in carry_out
                 failure = self._failed_writes[cookie] = exc
-                if self.on_device_error is not None and not isinstance(exc, OSError):
+                if self.on_device_error is not None:
                     self.on_device_error(part, exc)
         if not last:
             return None

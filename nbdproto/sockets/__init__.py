@@ -11,7 +11,9 @@ activation: a server command run on a private unix socket, as a client's ``conne
 ``step_past`` is what a driver does after a partial scatter-gather send of the engine's pieces. For blocking
 clients, below every backend: ``SocketStream`` (a socket as the engine's byte pipe), ``SharedTls`` (one TLS
 connection several threads use at once), ``connect_socket`` / ``negotiate_client`` / ``open_together``
-(connecting and negotiating, as the threads client and ``nbdproto.devices.NbdDevice`` do).
+(connecting and negotiating, as the threads client and ``nbdproto.devices.NbdDevice`` do). For servers:
+``TlsChannel`` (a TLS connection one thread or task drives without blocking: a whole payload per call, full
+records out).
 Unlike the engine in ``nbdproto``, this package touches sockets and processes; ``import nbdproto`` never
 imports it, and its names load on first use (a client's start-up does not pay for logging and mmap).
 """
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from ._sending import step_past
     from ._shared_tls import SharedTls
     from ._stream import SocketStream
+    from ._tls_channel import TLS_RECORD_SIZE, TlsChannel
 
 _WHERE = {
     "AcceptBackoff": "._accept",
@@ -53,6 +56,8 @@ _WHERE = {
     "open_together": "._connect",
     "SharedTls": "._shared_tls",
     "SocketStream": "._stream",
+    "TlsChannel": "._tls_channel",
+    "TLS_RECORD_SIZE": "._tls_channel",
 }
 
 __all__ = [
@@ -70,6 +75,8 @@ __all__ = [
     "step_past",
     "SocketStream",
     "SharedTls",
+    "TlsChannel",
+    "TLS_RECORD_SIZE",
     "Connection",
     "connect_socket",
     "negotiate_client",

@@ -9,8 +9,9 @@ that way, so a torn write is safe. A whole new record (a new bitmap, a clear, a 
 file, synced, and renamed over the old one, then the directory synced: after a crash the old record or the
 new one, never a mix.
 
-The directory is created mode 0700, and every file in it with ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600,
-relative to the directory's descriptor (no symlink in it is ever followed). While a store is open it holds an
+The directory is created mode 0700 (an existing one must be the server user's, writable by no other user), and
+every file in it with ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600, relative to the directory's descriptor (no
+symlink in it is ever followed), as nbdproto.files creates every file. While a store is open it holds an
 exclusive ``flock`` on the directory, so that two servers never track one image's bitmaps at once (the second
 fails to open them). Temporary files a crash left behind are removed when the store opens.
 """
@@ -28,6 +29,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 
+from nbdproto.files import DATA_MODE, new_file, private_directory
 from nbdproto.serving import Dispatch
 
 from . import _bits
@@ -80,9 +82,9 @@ class SidecarBitmapStore:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.directory, 0o700)
-        self._dir = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # Made 0700 if missing; an existing one must be ours and writable by no other user (nbdproto.files),
+        # or another user could change what the bitmaps say.
+        self._dir = private_directory(self.directory)
         try:
             fcntl.flock(self._dir, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -166,8 +168,7 @@ class SidecarBitmapStore:
     def write_record(self, record: StoredBitmap) -> None:
         """``record`` in a new file, synced, renamed over the old one, the directory synced."""
         temporary = f".{record.name}.{secrets.token_hex(8)}{_TEMPORARY}"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temporary, flags, 0o600, dir_fd=self._dir)
+        fd = new_file(temporary, DATA_MODE, read=True, dir_fd=self._dir)
         try:
             data = memoryview(_header(record) + bytes(record.bits))
             done = 0

@@ -1,0 +1,93 @@
+"""ReplyBuffers: read replies' buffers used again once they are sent, on connections that send copies anyway.
+
+On a TLS connection a read's data is encrypted from a buffer the server fills (a device's views of a file
+mapping may not be touched from user space: a file truncated under the server would be a SIGBUS). A buffer
+of its own for every read (``bytearray(length)``) costs more than the read itself at 256 KiB: the allocator
+hands large blocks back to the kernel when they are freed, so each new one is page faults, each page zeroed by
+the kernel and zeroed again by bytearray (about a sixth of the server's CPU for nbdcopy's reads over TLS:
+bench/bench_tls.py). Here the buffers of the replies sent are kept, by size, and filled again for the next
+reads of that size, as nbdkit keeps a buffer per thread.
+
+What is kept is bounded per connection (as nbdkit keeps a buffer per thread, sixteen threads per connection):
+what one send of queued replies holds (FLUSH_AT) and a MiB more, so that every buffer of the replies sent
+together is filled again by the next ones. Keeping fewer did not help: the allocator gives the rest back to
+the kernel at each send, and the next reads fault it in again. And it is memory the server holds, so it is
+held from the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as queued
+replies are: many idle connections that once read big keep no more than the budget allows, a buffer that
+the share cannot hold is let go, and ``release`` gives everything kept back (the session calls it before it
+would wait for budget, so kept buffers never stand in the way of a read).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._budget import MemoryShare
+from ._steps import FLUSH_AT
+
+__all__ = ["ReplyBuffers", "KEPT_REPLY_BYTES"]
+
+KEPT_REPLY_BYTES = FLUSH_AT + (1 << 20)
+"""The most a connection's ReplyBuffers keep between replies (module docstring)."""
+
+
+class ReplyBuffers:
+    """Buffers for the data of read replies, used again once the replies are sent (module docstring)."""
+
+    __slots__ = ("_free", "_used", "_limit", "_kept", "_share")
+
+    def __init__(self, limit: int = KEPT_REPLY_BYTES, share: MemoryShare | None = None) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._used: list[bytearray] = []
+        self._limit = limit
+        self._kept = 0  # bytes in _free, held from ``share``
+        self._share = share
+
+    def reader(self, device: Any) -> Any:
+        """A ReadView for ``device`` (nbdproto.serving's ``carry_out`` takes it): each read's bytes, read with
+        ``pread_into`` into a buffer kept from a reply already sent, or a new one."""
+        free, used = self._free, self._used
+
+        def read(offset: int, length: int) -> bytearray:
+            kept = free.get(length)
+            if kept:
+                buffer = kept.pop()
+                self._kept -= length
+                if self._share is not None:
+                    self._share.give(length)  # the read that fills it has taken its own
+            else:
+                buffer = bytearray(length)
+            used.append(buffer)
+            device.pread_into(memoryview(buffer), offset)
+            return buffer
+
+        return read
+
+    def sent(self) -> None:
+        """Every reply made so far is sent: its buffer may be filled again (as many as ``limit`` allows)."""
+        room = self._limit - self._kept
+        keep = []
+        for buffer in self._used:
+            if len(buffer) <= room:
+                keep.append(buffer)
+                room -= len(buffer)
+        self._used.clear()
+        total = sum(len(buffer) for buffer in keep)
+        if not total or (self._share is not None and not self._share.try_take(total)):
+            return
+        for buffer in keep:
+            self._free.setdefault(len(buffer), []).append(buffer)
+        self._kept += total
+
+    def release(self) -> None:
+        """Let go of the buffers kept, and give back the budget they held (the connection is over, or needs the
+        budget for reads); those of unsent replies stay theirs."""
+        if self._share is not None and self._kept:
+            self._share.give(self._kept)
+        self._free.clear()
+        self._kept = 0
+
+    @property
+    def kept(self) -> int:
+        """Bytes kept for reads to come."""
+        return self._kept

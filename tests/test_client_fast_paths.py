@@ -1,0 +1,126 @@
+"""The client engine's short roads (a plain READ sent, and whole replies to reads taken many at a time) against
+its full checks: the same requests and the same reply bytes, whole, cut into pieces or broken field by field,
+must give the same events, the same bytes sent and the same errors with the fast paths on and off."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nbdproto as n
+from tests.test_pair import MIB as SIZE
+from tests.test_pair import Pair
+
+MODES = ("simple", "structured", "extended")
+SIMPLE, STRUCTURED, EXTENDED = 0x67446698, 0x668E33EF, 0x6E8A278C  # the spec's reply magics
+OFFSET_DATA, OFFSET_HOLE, DONE = 1, 2, 1
+
+
+class _FullChecksOnly(n.ClientConnection):
+    _fast_paths = False
+
+
+def _connected(kind: type[n.ClientConnection], mode: str) -> n.ClientConnection:
+    """A client of ``kind`` in transmission with a server engine, in the reply form ``mode`` names."""
+    pair = Pair()
+    pair.client = kind()
+    pair.connect(mode)
+    return pair.client
+
+
+def _whole(mode: str, cookie: int, offset: int, data: bytes) -> list[int | bytes]:
+    """The fields of a whole reply to a read, in wire order, the data last (each may be broken)."""
+    if mode == "simple":
+        return [SIMPLE, 0, cookie, data]
+    if mode == "structured":
+        return [STRUCTURED, DONE, OFFSET_DATA, cookie, len(data) + 8, offset, data]
+    return [EXTENDED, DONE, OFFSET_DATA, cookie, offset, len(data) + 8, offset, data]
+
+
+_FORMATS = {"simple": ">IIQ", "structured": ">IHHQIQ", "extended": ">IHHQQQQ"}
+_WIDTHS = {"simple": (32, 32, 64), "structured": (32, 16, 16, 64, 32, 64), "extended": (32, 16, 16, 64, 64, 64, 64)}
+
+
+def _encode(mode: str, fields: list[int | bytes]) -> bytes:
+    *numbers, data = fields
+    return struct.pack(_FORMATS[mode], *numbers) + bytes(data)  # type: ignore[arg-type]
+
+
+Conversation = tuple[str, list[tuple[int, int, int]], bytes, list[int]]
+
+
+@st.composite
+def _conversations(draw: st.DrawFn) -> Conversation:
+    """A reply form, reads (cookie, offset, length), the replies' bytes (each whole, or with one field broken
+    or its data cut short) and where the stream is cut into receives."""
+    mode = draw(st.sampled_from(MODES))
+    reads = [
+        (cookie, draw(st.sampled_from([0, 512, 4096, SIZE - 4096])), draw(st.sampled_from([512, 4096])))
+        for cookie in range(draw(st.integers(1, 6)))
+    ]
+    replies = []
+    for cookie, offset, length in reads:
+        fields = _whole(mode, cookie, offset, bytes([cookie + 1]) * length)
+        if draw(st.booleans()):
+            at = draw(st.integers(0, len(fields) - 1))
+            value = fields[at]
+            if isinstance(value, bytes):
+                fields[at] = value[: draw(st.integers(0, len(value)))]
+            else:
+                wrong = draw(st.sampled_from([0, 1, 2, 8, value + 1, value + 512, abs(value - 1)]))
+                fields[at] = wrong % (1 << _WIDTHS[mode][at])
+        replies.append(_encode(mode, fields))
+    stream = b"".join(replies)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    return mode, reads, stream, [*cuts, len(stream)]
+
+
+def _run(kind: type[n.ClientConnection], conversation: Conversation) -> tuple[bytes, list[Any]]:
+    mode, reads, stream, cuts = conversation
+    client = _connected(kind, mode)
+    for cookie, offset, length in reads:
+        client.send(n.ReadRequest(cookie, offset, length))
+    sent = b"".join(bytes(p) for p in client.data_to_send())
+    seen: list[Any] = []
+    start = 0
+    for cut in cuts:
+        if cut == start:
+            continue  # no bytes: receive_data(b"") would say the server closed
+        client.receive_data(stream[start:cut])
+        start = cut
+        while True:
+            try:
+                event = client.next_event()
+            except n.RemoteProtocolError as exc:
+                seen.append(("error", str(exc)))
+                return sent, seen
+            if event is n.NEED_DATA or event is n.PAUSED:
+                break
+            seen.append((type(event).__name__, getattr(event, "cookie", None), bytes(getattr(event, "data", b""))))
+    seen.append(("in flight", client.in_flight))
+    return sent, seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(_conversations())
+def test_whole_read_replies_give_what_the_full_checks_give(conversation: Conversation) -> None:
+    assert _run(n.ClientConnection, conversation) == _run(_FullChecksOnly, conversation)
+
+
+def test_a_batch_of_whole_replies_takes_the_fast_road_in_every_form() -> None:
+    """The short road is taken (each reply is an event of its own, none left in flight) and the data is each
+    read's own, in every reply form."""
+    for mode in MODES:
+        client = _connected(n.ClientConnection, mode)
+        for cookie in range(8):
+            client.send(n.ReadRequest(cookie, cookie * 4096, 4096))
+        client.data_to_send()
+        client.receive_data(b"".join(_encode(mode, _whole(mode, c, c * 4096, bytes([c]) * 4096)) for c in range(8)))
+        events = [client.next_event() for _ in range(8)]
+        assert [(type(e), e.cookie, bytes(e.data)) for e in events] == [  # type: ignore[attr-defined]
+            (n.ReadReply, c, bytes([c]) * 4096) for c in range(8)
+        ]
+        assert client.next_event() is n.NEED_DATA and client.in_flight == 0
