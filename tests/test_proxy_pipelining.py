@@ -1,0 +1,110 @@
+"""A proxy keeps many requests in flight upstream: ``nbdproto serve nbd://...`` on both backends, in front of an
+nbdkit python plugin that answers no read until READS of them are in flight at once (it counts the reads that
+reach it and lets them all go together). The client sends its reads one at a time, each only once the one before
+it reached the remote, so a proxy that waited for a reply before sending the next request would never get there
+(the remote would give up after its limit and fail the reads)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nbdproto_threads as nt
+from tests.remotes import cli, nbdkit
+
+pytestmark = pytest.mark.timeout(120)
+
+READS = 8
+KIB = 1 << 10
+
+# The remote: every read waits until READS reads have arrived (each noted as a line in the ARRIVALS file), at
+# most 30 s; a read that waited in vain fails (EIO), naming how many it saw.
+PLUGIN = """
+import builtins
+import threading
+
+import nbdkit
+
+API_VERSION = 2
+settings = {}
+arrived = 0
+changed = threading.Condition()
+
+
+def config(key, value):
+    settings[key] = value
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return 1 << 20
+
+
+def can_multi_conn(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    global arrived
+    needed = int(settings["needed"])
+    with changed:
+        arrived += 1
+        with builtins.open(settings["arrivals"], "a") as file:
+            file.write(f"{offset}\\n")
+        changed.notify_all()
+        if not changed.wait_for(lambda: arrived >= needed, timeout=30):
+            raise RuntimeError(f"only {arrived} of {needed} reads were in flight")
+    buf[:] = bytes([offset // 4096]) * len(buf)
+"""
+
+
+def arrivals(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for_arrivals(path: Path, count: int, timeout: float = 20.0) -> None:
+    """Until the remote has seen ``count`` reads (polled, bounded: the remote's file is the only sign)."""
+    deadline = time.monotonic() + timeout
+    while arrivals(path) < count:
+        assert time.monotonic() < deadline, f"read {count} did not reach the remote while {count - 1} were unanswered"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", ["anyio", "threads"])
+def test_serve_nbd_sends_reads_upstream_before_the_first_reply(backend: str, peers: Any, tmp_path: Path) -> None:
+    peers("nbdkit")
+    plugin, log = tmp_path / "counting.py", tmp_path / "arrivals"
+    plugin.write_text(PLUGIN)
+    with (
+        nbdkit("python", str(plugin), f"arrivals={log}", f"needed={READS}") as (upstream, _),
+        cli("serve", upstream, "--port", "0", "--backend", backend) as proxy,
+        nt.connect(proxy.uri(), timeout=60) as client,
+    ):
+        results: dict[int, bytes | BaseException] = {}
+
+        def read(index: int) -> None:
+            try:
+                results[index] = client.pread(4 * KIB, index * 4 * KIB)
+            except BaseException as exc:  # reported by the assertion below
+                results[index] = exc
+
+        readers = [threading.Thread(target=read, args=(index,)) for index in range(READS)]
+        for count, reader in enumerate(readers, 1):
+            reader.start()
+            wait_for_arrivals(log, count)
+        for reader in readers:
+            reader.join(60)
+        assert results == {index: bytes([index]) * 4 * KIB for index in range(READS)}
+        assert sorted(int(line) for line in log.read_text().split()) == [index * 4 * KIB for index in range(READS)]
+        assert client.pread(4 * KIB, 0) == bytes(4 * KIB)  # the remote answers at once now
