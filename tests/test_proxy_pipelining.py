@@ -6,6 +6,7 @@ it reached the remote, so a proxy that waited for a reply before sending the nex
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 import nbdproto_threads as nt
 from tests.remotes import cli, nbdkit
+from tests.serving import make_pki
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,6 +27,7 @@ KIB = 1 << 10
 # most 30 s; a read that waited in vain fails (EIO), naming how many it saw.
 PLUGIN = """
 import builtins
+import contextlib
 import threading
 
 import nbdkit
@@ -81,16 +84,25 @@ def wait_for_arrivals(path: Path, count: int, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 @pytest.mark.parametrize("backend", ["anyio", "threads"])
-def test_serve_nbd_sends_reads_upstream_before_the_first_reply(backend: str, peers: Any, tmp_path: Path) -> None:
+def test_serve_nbd_sends_reads_upstream_before_the_first_reply(
+    backend: str, tls: bool, peers: Any, tmp_path: Path
+) -> None:
+    """Over TLS too (the proxy's replies then go out through the TLS connection its reading side shares)."""
     peers("nbdkit")
     plugin, log = tmp_path / "counting.py", tmp_path / "arrivals"
     plugin.write_text(PLUGIN)
-    with (
-        nbdkit("python", str(plugin), f"arrivals={log}", f"needed={READS}") as (upstream, _),
-        cli("serve", upstream, "--port", "0", "--backend", backend) as proxy,
-        nt.connect(proxy.uri(), timeout=60) as client,
-    ):
+    with contextlib.ExitStack() as stack:
+        pki = stack.enter_context(make_pki()) if tls else None
+        certificates = [] if pki is None else ["--tls", "require", "--tls-cert", f"{pki.directory}/server-cert.pem"]
+        certificates += [] if pki is None else ["--tls-key", f"{pki.directory}/server-key.pem"]
+        upstream, _ = stack.enter_context(nbdkit("python", str(plugin), f"arrivals={log}", f"needed={READS}"))
+        proxy = stack.enter_context(cli("serve", upstream, "--port", "0", "--backend", backend, *certificates))
+        uri = proxy.uri()
+        client = stack.enter_context(
+            nt.connect(uri, timeout=60) if pki is None else nt.connect(uri, tls=pki.client_context, timeout=60)
+        )
         results: dict[int, bytes | BaseException] = {}
 
         def read(index: int) -> None:
