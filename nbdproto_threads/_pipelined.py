@@ -78,7 +78,9 @@ class _Replies:
             self._sending = False
             if not done:
                 self._outbox.appendleft(chunk)  # before anything queued meanwhile
+            if self._outbox:  # the rest, or what other threads queued while this one sent: the sender's now
                 self._ready.notify()
+            if not done:
                 return
         self._finished(chunk)
 
