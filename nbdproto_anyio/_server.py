@@ -45,6 +45,7 @@ from nbdproto.serving import (
 )
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
+from ._pipelined import pipelined_transmission
 from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, send_pieces
 from ._tls import TlsSocketStream
 
@@ -146,12 +147,17 @@ class ServerSession:
         # Write payloads into the device's storage only where the kernel alone writes there (our raw socket's
         # recv_into, not TLS). Our TLS stream receives exactly what it is asked for, a payload at a time.
         dispatch = self.logic.dispatch()
+        pipelined = dispatch != "threads" and nbdproto.serving.submitting(self.logic.device)
         self.logic.write_in_place(
             kernel_receives=isinstance(self.stream, RawSocketStream),
-            exact_receives=isinstance(self.stream, TlsSocketStream) and dispatch != "threads",
+            exact_receives=isinstance(self.stream, TlsSocketStream) and dispatch != "threads" and not pipelined,
         )
         try:
-            if dispatch == "threads":
+            if pipelined:  # many requests in flight on the device, answered as they complete
+                limits = self.logic.settings.limits
+                budget = nbdproto.serving.RequestBudget(limits.max_requests, limits.memory_limit)
+                await pipelined_transmission(self, WaitingRequests(budget))
+            elif dispatch == "threads":
                 await self._concurrent_transmission()
             else:
                 await self._batch_transmission(inline=dispatch == "inline")
@@ -333,8 +339,8 @@ class WaitingRequests:
     def add(self, cost: int) -> None:
         self.budget.add(cost)
 
-    def done(self, cost: int) -> None:
-        self.budget.done(cost)
+    def done(self, cost: int, count: int = 1) -> None:
+        self.budget.done(cost, count)
         self._changed.set()
         self._changed = anyio.Event()
 

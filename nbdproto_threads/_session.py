@@ -45,6 +45,8 @@ from nbdproto.serving import (
 )
 from nbdproto.sockets import SharedTls, SocketStream, TlsChannel, client_info
 
+from ._pipelined import pipelined_transmission
+
 __all__ = [
     "ServerSession",
     "negotiate",
@@ -178,12 +180,16 @@ class ServerSession:
         self._set_timeout(None)
         self._plain = type(self.stream.sock) is socket.socket
         pooled = self._pooled()
-        # Over TLS, the inline path receives through a TlsChannel: exactly the sizes asked for.
-        self.logic.write_in_place(kernel_receives=self._plain, exact_receives=not (self._plain or pooled))
+        pipelined = not pooled and nbdproto.serving.submitting(self.logic.device)
+        # Over TLS, the inline path receives through a TlsChannel: exactly the sizes asked for (not SharedTls).
+        self.logic.write_in_place(kernel_receives=self._plain, exact_receives=not (self._plain or pooled or pipelined))
         timer = self.logic.shortest_wait
         self._timer = timer if timer is not None and self._plain and self.stream.arm_receive_timer(timer) else None
         try:
-            self._pooled_transmission() if pooled else self._inline_transmission()
+            if pipelined:
+                pipelined_transmission(self)
+            else:
+                self._pooled_transmission() if pooled else self._inline_transmission()
         finally:
             self.logic.flush_device()  # a failure is logged there, in one line
 

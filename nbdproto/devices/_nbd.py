@@ -8,11 +8,12 @@ emulated where the meaning allows (FUA as a write then a flush, write-zeroes as 
 otherwise a no-op (trim and cache are hints).
 
 Requests travel over ``Wire`` connections (see _nbdwire for why not a client of a backend): several
-when the remote promises multi-conn (NBD_FLAG_CAN_MULTI_CONN), in turn. Calls block until the remote answers.
-``call_batch`` sends every request a server read in one go together and waits for all their replies: a
-server's "batch" dispatch (``nbdproto.serving.carry_out_all``) hands it whole batches, so a proxy costs one thread
-hop and a few system calls per batch instead of per request (bench/bench_proxy.sh compares the proxy with
-nbdkit's nbd plugin; a worker thread per request over a blocking client cost several times the CPU).
+when the remote promises multi-conn (NBD_FLAG_CAN_MULTI_CONN), in turn. ``submit`` sends a batch of calls and
+returns at once; the results come back as the remote answers, in any order, from the connection's reader
+thread (nbdproto.serving.Completions): a server's pipelined transmission (``nbdproto.serving.Pipeline``) keeps
+reading its client's requests meanwhile, so many are in flight upstream at once, as nbdkit's nbd plugin keeps
+them (bench/bench_proxy.sh compares the two). The device methods (``pread_into`` and the rest) and
+``call_batch`` are the blocking forms: submit, then wait.
 
 A remote that goes away fails the requests it had (EIO). The next request on that connection reconnects,
 trying ``retries`` times with a doubling delay between tries (like nbdkit's retry filter), and fails with EIO if
@@ -31,9 +32,9 @@ rather than each waiting out its own time; later requests reconnect, as after a 
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
-import os
 import ssl
 import threading
 import time
@@ -45,15 +46,15 @@ import nbdproto.engine
 import nbdproto.serving
 import nbdproto.wire
 from nbdproto.client import ClientNegotiation, NbdUri
-from nbdproto.engine import Event
-from nbdproto.serving import Buffer, DeviceCall, DeviceCapabilities, Dispatch
+from nbdproto.serving import Buffer, Completions, DeviceCall, DeviceCapabilities, Dispatch
 from nbdproto.sockets import connect_socket, negotiate_client, open_together
 from nbdproto.tls import connection_context
-from nbdproto.wire import CommandFlags, NBDError, TransmissionFlags
+from nbdproto.wire import CommandFlags, TransmissionFlags
 
 from ._emulation import flush_for_fua, native_fua, zero_by_writing
 from ._nbdhandshake import DiscoveringNegotiation, capabilities_of
-from ._nbdwire import Wire, WireBroken, WireTimedOut
+from ._nbdrequests import MISSING, Gathered, Make, Submission, checked, extents_of, request_for
+from ._nbdwire import Wire, WireBroken, WireClosed
 from ._ranges import check_range
 
 __all__ = ["NbdDevice"]
@@ -64,15 +65,13 @@ TF = TransmissionFlags
 _F = CommandFlags
 _COMPACT_LIMIT = (1 << 32) - 1
 """The longest block status request without extended headers (a 32-bit length)."""
-Make = Callable[[int], Event]
-"""Builds a request event for a cookie."""
 
 
 def _connect(
     target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float, request_timeout: float
 ) -> Wire:
-    """A negotiated connection: ``timeout`` bounds each step of connecting and the handshake,
-    ``request_timeout`` each batch of requests afterwards (Wire)."""
+    """A negotiated connection, not started yet: ``timeout`` bounds each step of connecting and the handshake,
+    ``request_timeout`` each request afterwards (Wire)."""
     sock = connect_socket(target, timeout)  # its timeout stays on through the handshake
     tls = connection_context(target, plan.tls, tls)
     connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
@@ -89,15 +88,9 @@ class _Slot:
     __slots__ = ("wire", "lock", "failed_attempts")
 
     def __init__(self, wire: Wire | None) -> None:
-        self.wire = wire
+        self.wire = wire  # changed under the device's _dropping lock
         self.lock = threading.Lock()  # one reconnect at a time
         self.failed_attempts = 0  # reconnect sequences that failed: lets the queued requests fail at once
-
-
-def _checked(reply: Any) -> Any:
-    if type(reply) is nbdproto.engine.ErrorReply:
-        raise NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
-    return reply
 
 
 class NbdDevice:
@@ -114,8 +107,8 @@ class NbdDevice:
     """
 
     dispatch: Dispatch = "batch"
-    """Calls wait for the remote, so never on an event loop; a batch at a time, because ``call_batch``
-    pipelines a whole batch (see the module docstring)."""
+    """Calls wait for the remote, so never on an event loop. A server drives the device through ``submit``
+    (pipelined: see the module docstring); one without it a batch at a time (``call_batch``)."""
 
     def __init__(
         self,
@@ -146,16 +139,18 @@ class NbdDevice:
         """The contexts the remote agreed to: each one is passed through."""
         self._capabilities = capabilities_of(self.export, self.meta_context_names)
         count = max(1, connections) if self._capabilities.can_multi_conn else 1
-        self._slots = [_Slot(first)]
         try:
-            self._slots += [_Slot(wire) for wire in self._open_many(count - 1)]
+            wires = [first, *self._open_many(count - 1)]
         except BaseException:
             first.close()
             raise
         self._turn = itertools.count()
         self._closed = False
-        self._dropping = threading.Lock()  # one drop of every connection at a time (a stalled remote)
+        self._dropping = threading.Lock()  # slots' wires change under it (short), one drop of them all at a time
         self._outage = False  # the remote stalled or cannot be reached: said once, until it answers again
+        self._slots = [_Slot(None) for _ in wires]
+        for slot, wire in zip(self._slots, wires, strict=True):
+            self._install(slot, wire)
 
     @property
     def timeout(self) -> float:
@@ -199,6 +194,21 @@ class NbdDevice:
 
     # --- Connections ----------------------------------------------------------------------------------------
 
+    def _install(self, slot: _Slot, wire: Wire) -> Wire:
+        """Start ``wire``'s reader, its failures reported to this device, and make it ``slot``'s."""
+        wire.start(functools.partial(self._wire_failed, slot))
+        with self._dropping:
+            slot.wire = wire
+        return wire
+
+    def _forget(self, slot: _Slot, wire: Wire) -> bool:
+        """``slot`` no longer has ``wire`` (True if it still had it)."""
+        with self._dropping:
+            if slot.wire is wire:
+                slot.wire = None
+                return True
+        return False
+
     def _wire(self, deadline: float) -> tuple[_Slot, Wire]:
         slot = self._slots[next(self._turn) % len(self._slots)]
         wire = slot.wire
@@ -207,9 +217,7 @@ class NbdDevice:
                 return slot, wire
             # Closed by the remote while idle (it went away, or shut down): no request was lost on it, so this
             # one goes out on a new connection instead of failing.
-            with slot.lock:
-                if slot.wire is wire:
-                    slot.wire = None
+            self._forget(slot, wire)
             wire.close()
         return slot, self._reconnect(slot, deadline)
 
@@ -235,10 +243,10 @@ class NbdDevice:
                 if left <= 0:
                     break
                 try:
-                    slot.wire = self._open(min(left, self._timeout))
+                    wire = self._install(slot, self._open(min(left, self._timeout)))
                     self._outage = False
                     log.info("reconnected to %s", self.uri)
-                    return slot.wire
+                    return wire
                 except (OSError, nbdproto.wire.ProtocolError) as exc:
                     failure = exc
             slot.failed_attempts += 1
@@ -252,19 +260,20 @@ class NbdDevice:
                 log.warning("%s (requests fail until it answers again)", error.strerror)
             raise error from failure
 
-    def _broken(self, slot: _Slot, wire: Wire, exc: BaseException) -> OSError:
-        """The connection under a request failed: forget it (the next request reconnects); EIO for this one."""
-        with slot.lock:
-            if slot.wire is wire:
-                slot.wire = None
-                log.warning("lost the connection to %s: %s", self.uri, exc)
-        wire.close()
+    def _wire_failed(self, slot: _Slot, wire: Wire, exc: BaseException, lost: bool) -> BaseException:
+        """``wire`` (``slot``'s) failed under ``exc``, ``lost`` saying whether requests were in flight on it:
+        forget it (the next request reconnects); what those requests get: ETIMEDOUT for a remote that did not
+        answer in time (``_stalled``), EIO otherwise."""
+        if isinstance(exc, TimeoutError):
+            return self._stalled(wire)
+        if self._forget(slot, wire) and lost:
+            log.warning("lost the connection to %s: %s", self.uri, exc)
         return OSError(errno.EIO, f"the connection to {self.uri} failed: {exc}")
 
     def _stalled(self, wire: Wire) -> OSError:
         """A request on ``wire`` went unanswered for the whole timeout: the remote is taken to be stalled, and
         every connection to it is dropped (logged once, by whoever finds ``wire`` still in use); ETIMEDOUT for
-        the request."""
+        the requests on them."""
         failure = TimeoutError(errno.ETIMEDOUT, f"{self.uri} did not answer within {self._timeout:g} s")
         dropped: list[Wire] = []
         with self._dropping:
@@ -276,98 +285,104 @@ class NbdDevice:
                 if not self._outage:
                     self._outage = True
                     log.warning("%s: dropped its connections; the next request reconnects", failure.strerror)
-        for each in {id(w): w for w in [wire, *dropped]}.values():
-            each.abandon(failure)  # the requests in flight on them fail now, with this error
+        for each in dropped:
+            if each is not wire:
+                each.abandon(failure)  # the requests in flight on them fail now, with this error
         return failure
 
-    def _run(self, makes: Sequence[Make], for_wire: Callable[[Wire], Sequence[Make]] | None = None) -> list[Any]:
-        """The replies to the requests ``makes`` (or ``for_wire(wire)``, for requests that name something of
-        the connection) builds, sent together on the next connection, within the timeout; EIO when the
-        connection fails under them, ETIMEDOUT when the remote does not answer in time."""
+    def _start(
+        self, makes: Sequence[Make], sink: Submission | Any, for_wire: Callable[[Wire], Sequence[Make]] | None = None
+    ) -> None:
+        """Send the requests ``makes`` (or ``for_wire(wire)``, for requests that name something of the
+        connection) builds together on the next connection, their replies to ``sink`` (a ReplySink, whose
+        tokens are the requests' indexes); a connection that had failed before they were sent is replaced."""
         deadline = time.monotonic() + self._timeout
-        slot, wire = self._wire(deadline)
-        try:
-            return wire.run(makes if for_wire is None else for_wire(wire), deadline)
-        except nbdproto.wire.LocalProtocolError as exc:  # refused by our own engine, before anything was sent
-            raise OSError(errno.EINVAL, str(exc)) from exc
-        except WireTimedOut:
-            raise self._stalled(wire) from None
-        except (WireBroken, OSError, nbdproto.wire.ProtocolError) as exc:
-            raise self._broken(slot, wire, exc) from exc
+        count = len(makes) if for_wire is None else 1
+        failure: BaseException = OSError(errno.EIO, f"the connections to {self.uri} keep failing")
+        for _ in range(len(self._slots) + 1):
+            try:
+                slot, wire = self._wire(deadline)
+            except OSError as exc:
+                failure = exc
+                break
+            try:
+                wire.submit(makes if for_wire is None else for_wire(wire), sink, range(count), deadline)
+                return
+            except WireClosed:  # nothing was sent: another connection takes them
+                self._forget(slot, wire)
+        for index in range(count):
+            sink.complete(index, failure)
+        sink.completed()
+
+    def _run(self, makes: Sequence[Make], for_wire: Callable[[Wire], Sequence[Make]] | None = None) -> list[Any]:
+        """The replies to the requests (as ``_start``), waited for: within the timeout; EIO when the connection
+        fails under them, ETIMEDOUT when the remote does not answer in time."""
+        deadline = time.monotonic() + self._timeout
+        for _ in range(len(self._slots) + 1):
+            slot, wire = self._wire(deadline)
+            try:
+                return wire.run(makes if for_wire is None else for_wire(wire), deadline)
+            except WireClosed:  # nothing was sent: another connection takes them
+                self._forget(slot, wire)
+            except WireBroken as exc:  # (the device closed under it)
+                raise OSError(errno.EIO, f"the connection to {self.uri} failed: {exc}") from exc
+        raise OSError(errno.EIO, f"the connections to {self.uri} keep failing")
 
     def _one(self, make: Make) -> Any:
         (reply,) = self._run((make,))
-        return _checked(reply)
+        return checked(reply)
 
     # --- Requests -----------------------------------------------------------------------------------------
 
     def _check(self, offset: int, length: int, writing: bool = False) -> None:
         check_range(self.export.size, offset, length, writing=writing, can_write=self._capabilities.can_write)
 
-    def _request(self, call: DeviceCall) -> Make | None:
-        """The request that carries ``call`` out on the remote as it stands, or None when it takes more (or less)
-        than one request (emulated, or a hint the remote does not take). Raises OSError for a bad range."""
-        method, args, kwargs, caps = call.method, call.args, call.kwargs, self._capabilities
-        if method == "pread_into":
-            buffer, offset = args
-            self._check(offset, len(buffer))
-            return lambda c: nbdproto.engine.ReadRequest(c, offset, len(buffer), buffer=buffer)
-        if method == "pwrite":
-            data, offset, fua = args
-            self._check(offset, memoryview(data).nbytes, writing=True)
-            if fua and not caps.can_fua:
-                return None
-            return lambda c: nbdproto.engine.WriteRequest(c, offset, data, _F.FUA if fua else _F(0))
-        if method == "flush":
-            return (lambda c: nbdproto.engine.FlushRequest(c)) if caps.can_flush else None
-        if method == "trim":
-            offset, length, fua = args
-            self._check(offset, length, writing=True)
-            if not caps.can_trim or (fua and not caps.can_fua):
-                return None
-            return lambda c: nbdproto.engine.TrimRequest(c, offset, length, _F.FUA if fua else _F(0))
-        if method == "write_zeroes":
-            offset, length = args
-            self._check(offset, length, writing=True)
-            may_trim, fast, fua = kwargs.get("may_trim", True), kwargs.get("fast", False), kwargs.get("fua", False)
-            if not caps.can_zero or (fast and not caps.can_fast_zero) or (fua and not caps.can_fua):
-                return None
-            flags = (_F(0) if may_trim else _F.NO_HOLE) | (_F.FAST_ZERO if fast else _F(0)) | (_F.FUA if fua else _F(0))
-            return lambda c: nbdproto.engine.WriteZeroesRequest(c, offset, length, flags)
-        if method == "cache":
-            offset, length = args
-            self._check(offset, length)
-            return (lambda c: nbdproto.engine.CacheRequest(c, offset, length)) if caps.can_cache else None
-        return None
+    def submit(self, calls: Sequence[DeviceCall], tokens: Sequence[Any], completions: Completions) -> None:
+        """Start carrying out ``calls`` without waiting for the remote (nbdproto.serving.Completions says how the
+        results come back): every call that is a single request goes out in one batch on the next connection,
+        block status on its own, and the rest (emulations) is carried out here and now. Blocks only to send,
+        or to reconnect."""
+        makes: list[Make] = []
+        sent: list[Any] = []
+        done = False
+        for call, token in zip(calls, tokens, strict=True):
+            try:
+                make = request_for(call, self._capabilities, self._check)
+                if make is not None:
+                    makes.append(make)
+                    sent.append(token)
+                    continue
+                if call.method == "extents":
+                    self._submit_extents(call, token, completions)
+                    continue
+                result = getattr(self, call.method)(*call.args, **call.kwargs)
+            except Exception as exc:  # handed back as this call's result
+                result = exc
+            completions.complete(token, result)
+            done = True
+        if makes:
+            self._start(makes, Submission(completions, sent, self.uri))
+        if done:
+            completions.completed()
+
+    def _submit_extents(self, call: DeviceCall, token: Any, completions: Completions) -> None:
+        context, offset, length = self._extents_request(*call.args)
+        context_ids: list[int] = []
+        sink = Submission(
+            completions, (token,), self.uri, lambda reply: extents_of(reply, context_ids[0], length, self.uri, context)
+        )
+        self._start((), sink, self._status_request(context, offset, length, context_ids))
 
     def call_batch(self, calls: Sequence[DeviceCall]) -> list[object]:
-        """Carry out ``calls`` together: every one that is a single request goes out in one batch on one
-        connection, the rest (emulations, block status) one by one. Each result is the call's return value, or
-        the exception it raised (the ``call_batch`` extension of nbdproto.serving.BlockDevice)."""
-        results: list[object] = [None] * len(calls)
-        makes: list[Make] = []
-        where: list[int] = []
-        for index, call in enumerate(calls):
-            try:
-                make = self._request(call)
-                if make is None:
-                    results[index] = getattr(self, call.method)(*call.args, **call.kwargs)
-                else:
-                    makes.append(make)
-                    where.append(index)
-            except Exception as exc:  # handed back as this call's result
-                results[index] = exc
-        if makes:
-            try:
-                replies = self._run(makes)
-            except OSError as exc:
-                for index in where:
-                    results[index] = exc
-                return results
-            for index, reply in zip(where, replies, strict=True):
-                if type(reply) is nbdproto.engine.ErrorReply:
-                    results[index] = NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
-        return results
+        """Carry out ``calls`` together (``submit``, then wait for every result): each result is the call's
+        return value, or the exception it raised (the ``call_batch`` extension of nbdproto.serving.BlockDevice)."""
+        gathered = Gathered(len(calls))
+        self.submit(calls, range(len(calls)), gathered)
+        # Every request has the device's timeout (the connection fails when one runs out): this is only a bound.
+        if not gathered.done.wait(2 * self._timeout + 5):
+            failure = TimeoutError(errno.ETIMEDOUT, f"{self.uri} did not answer within {self._timeout:g} s")
+            return [failure if result is MISSING else result for result in gathered.results]
+        return gathered.results
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
         if offset < 0 or offset + len(buffer) > self.export.size:
@@ -416,40 +431,40 @@ class NbdDevice:
         if self._capabilities.can_cache:  # otherwise it is only a hint
             self._one(lambda c: nbdproto.engine.CacheRequest(c, offset, length))
 
-    def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
+    def _extents_request(self, context: str, offset: int, length: int) -> tuple[str, int, int]:
+        """A block status call's (context, offset, length) checked, the length cut to what one request can ask."""
         self._check(offset, length)
         if context not in self.meta_context_names:
             raise OSError(errno.EINVAL, f"{self.uri} did not agree to meta context {context!r}")
         if not self.extended_headers and length > _COMPACT_LIMIT:
             minimum = self._capabilities.minimum_block_size
             length = _COMPACT_LIMIT // minimum * minimum  # the answer may stop short; the caller asks again
-        context_ids: list[int] = []
+        return context, offset, length
+
+    def _status_request(
+        self, context: str, offset: int, length: int, context_ids: list[int]
+    ) -> Callable[[Wire], Sequence[Make]]:
+        """The block status request for the connection it goes out on (each has its own context ids, noted in
+        ``context_ids``)."""
 
         def request(wire: Wire) -> Sequence[Make]:
-            context_ids.append(wire.context_ids[context])  # each connection has its own ids
+            context_ids.append(wire.context_ids[context])
             # Only an extended request can name the context; otherwise the remote answers for all of them.
-            chosen = (context_ids[0],) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else ()
+            chosen = (context_ids[-1],) if self.export.flags & TF.BLOCK_STATUS_PAYLOAD else ()
             return (lambda c: nbdproto.engine.BlockStatusRequest(c, offset, length, _F(0), chosen),)
 
-        (reply,) = self._run((), request)
-        context_id = context_ids[0]
-        extents = _checked(reply).extents.get(context_id)
-        if not extents:
-            raise OSError(errno.EIO, f"{self.uri} sent no extents for {context!r}")
-        out: list[tuple[int, int]] = []
-        left = length
-        for extent in extents:  # the last extent may reach past the request; the device's answer may not
-            size = min(extent.length, left)
-            out.append((size, extent.status))
-            left -= size
-            if not left:
-                break
-        return out
+        return request
+
+    def extents(self, context: str, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        context, offset, length = self._extents_request(context, offset, length)
+        context_ids: list[int] = []
+        (reply,) = self._run((), self._status_request(context, offset, length, context_ids))
+        return extents_of(reply, context_ids[-1], length, self.uri, context)
 
     def close(self) -> None:
         self._closed = True
         for slot in self._slots:
-            with slot.lock:
+            with slot.lock, self._dropping:
                 wire, slot.wire = slot.wire, None
             if wire is not None:
                 wire.close()

@@ -58,11 +58,12 @@ if TYPE_CHECKING:
         current_connection,
         enter_connection,
     )
-    from ._device import BlockDevice, Buffer, Dispatch, dispatch_of
+    from ._device import BlockDevice, Buffer, Completions, Dispatch, dispatch_of
     from ._export import DeviceCapabilities, ExportSpec, answer_export_request, capabilities_of, export_for
     from ._export_table import ExportTable
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._log import ConnectionLog
+    from ._pipeline import Pipeline, submitting
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
     from ._reply_buffers import KEPT_REPLY_BYTES, ReplyBuffers
     from ._session import ServerSessionLogic
@@ -87,6 +88,9 @@ _LAZY = {
     "Buffer": "._device",
     "Dispatch": "._device",
     "dispatch_of": "._device",
+    "Completions": "._device",
+    "Pipeline": "._pipeline",
+    "submitting": "._pipeline",
     "DeviceCapabilities": "._export",
     "capabilities_of": "._export",
     "export_for": "._export",
@@ -163,6 +167,9 @@ __all__ = [
     "Buffer",
     "Dispatch",
     "dispatch_of",
+    "Completions",
+    "Pipeline",
+    "submitting",
     "DeviceCapabilities",
     "export_for",
     "ExportSpec",

@@ -73,8 +73,9 @@ class RequestBudget:
         self.requests += 1
         self.bytes += cost
 
-    def done(self, cost: int) -> None:
-        self.requests -= 1
+    def done(self, cost: int, count: int = 1) -> None:
+        """``count`` requests holding ``cost`` bytes between them are done."""
+        self.requests -= count
         self.bytes -= cost
 
 

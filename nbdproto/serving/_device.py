@@ -28,6 +28,13 @@ Optional extras, looked up with getattr so that a plain device needs none of the
 - ``call_batch(calls)``: carry out a list of ``nbdproto.DeviceCall`` together and return one result per call
   (its return value, or the exception it raised). ``carry_out_all`` (a server's "batch" dispatch) uses it, so
   that a remote device can have a whole batch of requests in flight at once (``NbdDevice`` does).
+- ``submit(calls, tokens, completions)``: start carrying out a list of ``nbdproto.DeviceCall`` without waiting
+  for them; each call's result (its return value, or the exception it raised) goes to
+  ``completions.complete(token, result)`` with the call's token, from whichever thread learns it (the
+  caller's own for a call carried out at once), and ``completions.completed()`` follows each burst of them
+  (``Completions``). It may block to send or to reconnect, never to wait for an answer. A server whose device
+  has it keeps reading requests while earlier ones are in flight and answers them as they complete, in any
+  order (``nbdproto.serving.Pipeline``; ``NbdDevice`` has it: many requests in flight upstream).
 
 Implementations live in ``nbdproto.devices``; this module only states the contract, so that the I/O-free
 serving logic (``nbdproto.serving.carry_out``) and both backends can name it without loading any device.
@@ -36,11 +43,11 @@ serving logic (``nbdproto.serving.carry_out``) and both backends can name it wit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._export import DeviceCapabilities
 
-__all__ = ["BlockDevice", "Buffer", "Dispatch", "dispatch_of"]
+__all__ = ["BlockDevice", "Buffer", "Dispatch", "dispatch_of", "Completions"]
 
 Buffer = bytes | bytearray | memoryview
 """What a write's data may be."""
@@ -96,6 +103,17 @@ class BlockDevice(Protocol):
 
     def close(self) -> None:
         """Release the device."""
+
+
+class Completions(Protocol):
+    """Where a device's ``submit`` hands results: any thread may call these, several at once."""
+
+    def complete(self, token: Any, result: object) -> None:
+        """The call submitted with ``token`` is done: ``result`` is its return value, or the exception it
+        raised."""
+
+    def completed(self) -> None:
+        """A burst of ``complete`` calls is over (the moment to answer what they completed together)."""
 
 
 def dispatch_of(device: object) -> Dispatch:

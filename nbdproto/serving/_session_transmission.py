@@ -9,7 +9,7 @@ each: ``received`` (bytes), ``received_into_payload`` (a count, into ``engine.wr
 from __future__ import annotations
 
 import errno
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 from nbdproto.engine import (
     NEED_DATA,
@@ -31,6 +31,7 @@ from ._budget import MemoryShare
 from ._carry_out import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of, write_view_of
 from ._device import BlockDevice
 from ._limits import ServerLimits
+from ._pipeline import Pipeline, submitting
 from ._receive_size import ReceiveSize
 from ._reply_buffers import ReplyBuffers
 from ._steps import (
@@ -317,6 +318,14 @@ class SessionTransmission:
             else:
                 self.refuse_shutting_down(request)  # type: ignore[arg-type]
 
+    def pipeline(self, wake: Callable[[], None]) -> Pipeline | None:
+        """For a device that takes calls without waiting for them (``submit``): the pipeline that carries this
+        connection's requests out on it (nbdproto.serving.Pipeline: ``wake`` is called, from any thread, when
+        replies are ready). None for any other device."""
+        if not submitting(self.device):
+            return None
+        return Pipeline(self.device, self.engine.meta_contexts, self.on_device_error, wake)
+
     def _take_kept_back(self, length: int) -> bool:
         """A read's budget, taken after giving back what reused reply buffers held; False if it still does not
         fit (the read waits for budget, as without them)."""
@@ -373,6 +382,14 @@ class SessionTransmission:
         if failure is not None:
             return error_reply_for(WriteRequest(cookie, part.offset, b""), failure)
         return SuccessReply(cookie)
+
+    def refused_shutting_down(self, request: Request) -> bool:
+        """When the server is shutting down and ``request`` was not carried out already (a write received in
+        place was): answer it with ESHUTDOWN and say True."""
+        if self.shutting_down and not _written_already(request):
+            self.refuse_shutting_down(request)
+            return True
+        return False
 
     def refuse_shutting_down(self, request: Request) -> None:
         """Answer ``request`` with ESHUTDOWN: the server is shutting down and takes no new work."""

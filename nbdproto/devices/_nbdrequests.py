@@ -1,0 +1,164 @@
+"""What NbdDevice sends for a device call, and what it makes of the remote's answer: the request that carries a
+call out on the remote as it stands (or none, where the call takes more than one request or none at all), and
+the call's result from the reply (``Submission``: the adapter between a wire's replies and a server's
+``nbdproto.serving.Completions``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import nbdproto.engine
+from nbdproto.serving import Completions, DeviceCall, DeviceCapabilities
+from nbdproto.wire import CommandFlags, NBDError
+
+__all__ = ["Make", "request_for", "Submission", "Gathered", "MISSING", "checked", "extents_of", "result_of_failure"]
+
+_F = CommandFlags
+_FUA, _NONE = _F.FUA, _F(0)
+_ErrorReply = nbdproto.engine.ErrorReply
+
+Make = Callable[[int], Any]
+"""Builds a request event for a cookie."""
+Check = Callable[..., None]
+"""Raises OSError for a range the call may not touch: ``check(offset, length, writing=False)``."""
+
+
+def request_for(call: DeviceCall, capabilities: DeviceCapabilities, check: Check) -> Make | None:
+    """The one request that carries ``call`` out on the remote as it stands, or None when it takes more (or
+    less) than one request: emulated, a hint the remote does not take, block status (whose request names the
+    connection's own context ids), or a call the remote has no request for. Raises OSError for a bad range."""
+    method, args, kwargs, caps = call.method, call.args, call.kwargs, capabilities
+    if method == "pread_into":
+        buffer, offset = args
+        check(offset, len(buffer))
+        return lambda c: nbdproto.engine.ReadRequest(c, offset, len(buffer), buffer=buffer)
+    if method == "pwrite":
+        data, offset, fua = args
+        check(offset, memoryview(data).nbytes, writing=True)
+        if fua and not caps.can_fua:
+            return None
+        return lambda c: nbdproto.engine.WriteRequest(c, offset, data, _FUA if fua else _NONE)
+    if method == "flush":
+        return (lambda c: nbdproto.engine.FlushRequest(c)) if caps.can_flush else None
+    if method == "trim":
+        offset, length, fua = args
+        check(offset, length, writing=True)
+        if not caps.can_trim or (fua and not caps.can_fua):
+            return None
+        return lambda c: nbdproto.engine.TrimRequest(c, offset, length, _FUA if fua else _NONE)
+    if method == "write_zeroes":
+        offset, length = args
+        check(offset, length, writing=True)
+        may_trim, fast, fua = kwargs.get("may_trim", True), kwargs.get("fast", False), kwargs.get("fua", False)
+        if not caps.can_zero or (fast and not caps.can_fast_zero) or (fua and not caps.can_fua):
+            return None
+        flags = (_NONE if may_trim else _F.NO_HOLE) | (_F.FAST_ZERO if fast else _NONE) | (_FUA if fua else _NONE)
+        return lambda c: nbdproto.engine.WriteZeroesRequest(c, offset, length, flags)
+    if method == "cache":
+        offset, length = args
+        check(offset, length)
+        return (lambda c: nbdproto.engine.CacheRequest(c, offset, length)) if caps.can_cache else None
+    return None
+
+
+def error_of(reply: Any) -> NBDError:
+    """The remote's error reply as the exception a device call raises."""
+    return NBDError(int(reply.error), reply.message or os.strerror(int(reply.error)))
+
+
+def checked(reply: Any) -> Any:
+    """``reply``, unless it is an error reply: then its error is raised."""
+    if type(reply) is _ErrorReply:
+        raise error_of(reply)
+    return reply
+
+
+def result_of_failure(exc: BaseException, uri: str) -> OSError:
+    """A failed request's exception as a device call raises it: an OSError with an errno (EIO unless it says)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc
+    return OSError(errno.EIO, f"the connection to {uri} failed: {exc}")
+
+
+def extents_of(reply: Any, context_id: int, length: int, uri: str, context: str) -> list[tuple[int, int]]:
+    """The (length, flags) runs of a block status reply for ``context_id``, cut to ``length`` (the last extent
+    may reach past the request; the device's answer may not). Raises OSError when there are none."""
+    if type(reply) is _ErrorReply:
+        raise error_of(reply)
+    extents = reply.extents.get(context_id)
+    if not extents:
+        raise OSError(errno.EIO, f"{uri} sent no extents for {context!r}")
+    out: list[tuple[int, int]] = []
+    left = length
+    for extent in extents:
+        size = min(extent.length, left)
+        out.append((size, extent.status))
+        left -= size
+        if not left:
+            break
+    return out
+
+
+class Submission:
+    """The ReplySink for one batch of calls submitted together: each reply becomes the call's result (None, the
+    remote's error as NBDError, or what ``convert`` makes of it) and goes to ``completions`` with the call's
+    token."""
+
+    __slots__ = ("completions", "tokens", "convert", "uri")
+
+    def __init__(
+        self,
+        completions: Completions,
+        tokens: Sequence[Any],
+        uri: str,
+        convert: Callable[[Any], object] | None = None,
+    ) -> None:
+        self.completions = completions
+        self.tokens = tokens
+        self.convert = convert
+        self.uri = uri
+
+    def complete(self, index: int, reply: Any) -> None:
+        kind = type(reply)
+        if kind is _ErrorReply:
+            result: object = error_of(reply)
+        elif isinstance(reply, BaseException):
+            result = result_of_failure(reply, self.uri)
+        elif self.convert is not None:
+            try:
+                result = self.convert(reply)
+            except OSError as exc:
+                result = exc
+        else:
+            result = None
+        self.completions.complete(self.tokens[index], result)
+
+    def completed(self) -> None:
+        self.completions.completed()
+
+
+MISSING = object()
+"""A result not in yet."""
+
+
+class Gathered:
+    """The Completions of a blocking ``call_batch``: every result in place, and an event once all are in."""
+
+    def __init__(self, count: int) -> None:
+        self.results: list[object] = [MISSING] * count
+        self.left = count
+        self.done = threading.Event()
+        self._lock = threading.Lock()  # results may come from several connections' reader threads at once
+
+    def complete(self, token: int, result: object) -> None:
+        self.results[token] = result
+        with self._lock:
+            self.left -= 1
+
+    def completed(self) -> None:
+        if self.left <= 0:
+            self.done.set()

@@ -1,0 +1,154 @@
+"""Pipelined transmission in the async server, for devices that take requests without waiting for them
+(``submit``: a remote export, NbdDevice): the connection's task reads requests and hands each batch to a
+thread that starts them on the device, many in flight, and a second task answers them as the device reports
+them (nbdproto.serving.Pipeline), in any order, each burst with one send.
+
+The device's threads report from outside the event loop: ``Pipeline`` wakes the loop at most once between two
+looks at its results, by a byte on a socket pair the answering task waits on (a wake that needs no trip
+through the loop's own scheduling, on asyncio and trio alike). Starting requests may block (sending upstream,
+reconnecting within the device's limits), so it happens in the starting thread, which keeps the batches in the
+order they were read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+from typing import TYPE_CHECKING, cast
+
+import anyio
+import anyio.to_thread
+
+from nbdproto.engine import Request
+from nbdproto.serving import BatchEnd, Pipeline, Work, request_cost, streamed_part
+
+if TYPE_CHECKING:
+    from ._server import ServerSession, WaitingRequests
+
+__all__ = ["pipelined_transmission"]
+
+
+class _Wake:
+    """Wakes the answering task from any thread: a byte on a socket pair (a full pair has a wake pending)."""
+
+    def __init__(self) -> None:
+        self._ours, self._theirs = socket.socketpair()
+        self._ours.setblocking(False)
+        self._theirs.setblocking(False)
+
+    def __call__(self) -> None:
+        with contextlib.suppress(OSError):  # full: a wake is pending; closed: the connection is over
+            self._theirs.send(b"\0")
+
+    async def wait(self) -> None:
+        await anyio.wait_readable(self._ours)
+        with contextlib.suppress(BlockingIOError):
+            self._ours.recv(4096)
+
+    def close(self) -> None:
+        self._theirs.close()
+        self._ours.close()
+
+
+class _Starter:
+    """The thread that starts batches of requests on the pipeline, in the order they were read. A failure of
+    ``start`` (none is expected: the device hands failures to the results) is kept for the loop to raise."""
+
+    def __init__(self, pipeline: Pipeline, wake: _Wake) -> None:
+        self._pipeline = pipeline
+        self._wake = wake
+        self._batches: queue.SimpleQueue[tuple[list[Request], list[int]] | None] = queue.SimpleQueue()
+        self.failure: BaseException | None = None
+        threading.Thread(target=self._run, name="nbd-submit", daemon=True).start()
+
+    def start(self, requests: list[Request], costs: list[int]) -> None:
+        if requests:
+            self._batches.put((requests, costs))
+
+    def stop(self) -> None:
+        self._batches.put(None)
+
+    def _run(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            try:
+                self._pipeline.start(*batch)
+            except BaseException as exc:  # raised on the loop, which ends the connection
+                self.failure = exc
+                self._wake()
+                return
+
+
+async def _answer(
+    session: ServerSession, pipeline: Pipeline, budget: WaitingRequests, wake: _Wake, starter: _Starter
+) -> None:
+    """The answering task: every burst of results becomes replies, sent together, their budget given back."""
+    engine, share = session.engine, session._share
+    while True:
+        await wake.wait()
+        if starter.failure is not None:
+            raise starter.failure
+        replies, cost = pipeline.replies()
+        if not replies:
+            continue
+        for reply in replies:
+            engine.send(reply)
+        try:
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await session._send()  # a dead connection is the reading side's to notice: it ends the session
+        finally:
+            budget.done(cost, len(replies))
+            share.give(cost)
+
+
+async def pipelined_transmission(session: ServerSession, budget: WaitingRequests) -> None:
+    """Serve the connection's requests through its device's ``submit`` until the client is done."""
+    logic, share, engine = session.logic, session._share, session.engine
+    wake = _Wake()
+    pipeline = logic.pipeline(wake)
+    assert pipeline is not None, "pipelined transmission needs a device with submit()"
+    starter = _Starter(pipeline, wake)
+    session._shared_sending = True
+    batch: list[Work] = []
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_answer, session, pipeline, budget, wake, starter)
+            while True:
+                end = logic.next_batch(batch)
+                requests: list[Request] = []
+                costs: list[int] = []
+                for work in batch:
+                    if streamed_part(work):  # the parts of a streamed write are carried out in order, here
+                        reply = await anyio.to_thread.run_sync(logic.carry_out_part, work)
+                        if reply is not None:
+                            engine.send(reply)
+                        continue
+                    request = cast(Request, work)
+                    if logic.refused_shutting_down(request):
+                        continue
+                    cost = request_cost(request)
+                    if budget.budget.full or not share.try_take(cost):
+                        starter.start(requests, costs)  # what is collected must be under way before waiting
+                        requests, costs = [], []
+                        await budget.wait_for_room()
+                        await share.take(cost)
+                    budget.add(cost)
+                    requests.append(request)
+                    costs.append(cost)
+                starter.start(requests, costs)
+                batch.clear()
+                if end is BatchEnd.NEED_DATA:
+                    await session._send()
+                    await session._receive()
+                    continue
+                # DISC with replies owed, or the end: let what is in flight finish.
+                await budget.wait_idle()
+                await session._send()
+                if end is BatchEnd.CLOSED:
+                    tasks.cancel_scope.cancel()
+                    return
+    finally:
+        pipeline.close()
+        starter.stop()
+        wake.close()

@@ -1,0 +1,216 @@
+"""Pipelined transmission in the blocking server, for devices that take requests without waiting for them
+(``submit``: a remote export, NbdDevice): the connection's thread reads requests and starts them, many in flight,
+and the replies go out as the device reports them (nbdproto.serving.Pipeline), in any order.
+
+Who sends the replies: the thread that made them ready (a device's reader thread, which wakes the pipeline
+after each burst of results) sends them at once, with one ``sendmsg`` that does not wait, when nothing else is
+being sent; whatever would have to wait (a client slow to read, TLS, a send in progress) goes to the
+connection's sender thread, which sends in order and waits. So the device's threads never block on a client,
+and in the common case no other thread is woken to answer it. Replies hold their budget until they are sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Any, cast
+
+from nbdproto.engine import Request
+from nbdproto.serving import BatchEnd, Pipeline, RequestBudget, Work, request_cost, streamed_part
+from nbdproto.sockets import SharedTls, step_past
+
+if TYPE_CHECKING:
+    from ._session import ServerSession
+
+__all__ = ["pipelined_transmission"]
+
+_IOV_MAX = 1024
+
+
+class _Replies:
+    """Sends one pipelined connection's replies (see the module docstring); the engine is touched under
+    ``lock``, which also guards the outbox and the budget."""
+
+    def __init__(self, session: ServerSession, budget: RequestBudget, tls: SharedTls | None) -> None:
+        self._session = session
+        self._lock = session._lock
+        self._engine = session.engine
+        self._budget = budget
+        self._tls = tls
+        self.pipeline: Pipeline | None = None
+        self.room = threading.Condition(self._lock)  # the budget changed: the reader may go on
+        self._ready = threading.Condition(self._lock)  # the outbox has a chunk for the sender thread
+        self._outbox: deque[list[Any]] = deque()  # [pieces, requests, cost], in order
+        self._sending = False  # a thread is sending: the others queue
+        self._stopped = False
+        self._broken = False  # a send failed: the client is gone, nothing more is sent
+        self._sender = threading.Thread(target=self._send_queued, name="nbd-replies", daemon=True)
+        self._sender.start()
+
+    def flush(self) -> None:
+        """Queue every reply ready (the pipeline's and the session's own) and send them: here and now if that
+        needs no wait, else by the sender thread. Any thread may call it."""
+        with self._lock:
+            if self._stopped:
+                return  # (results that came after the end: the connection's budget went back as it closed)
+            pipeline, count, cost = self.pipeline, 0, 0
+            if pipeline is not None:
+                replies, cost = pipeline.replies()
+                count = len(replies)
+                for reply in replies:
+                    self._engine.send(reply)
+            pieces = self._engine.data_to_send()
+            if not pieces and not count:
+                return
+            chunk = [pieces, count, cost]
+            if self._sending or self._outbox or self._tls is not None or self._broken:
+                self._outbox.append(chunk)
+                self._ready.notify()
+                return
+            self._sending = True
+        try:
+            done = _send_without_waiting(self._session.stream.sock, chunk)
+        except OSError:
+            done, self._broken = True, True  # (the reading side notices the client went away)
+        with self._lock:
+            self._sending = False
+            if not done:
+                self._outbox.appendleft(chunk)  # before anything queued meanwhile
+            if self._outbox:  # the rest, or what other threads queued while this one sent: the sender's now
+                self._ready.notify()
+            if not done:
+                return
+        self._finished(chunk)
+
+    def _send_queued(self) -> None:
+        """The sender thread: send the outbox's chunks in order, waiting as long as the client makes it."""
+        session, tls = self._session, self._tls
+        while True:
+            with self._lock:
+                while (self._sending or not self._outbox) and not self._stopped:
+                    self._ready.wait()
+                if not self._outbox:
+                    return
+                chunk = self._outbox.popleft()
+                self._sending = True
+            try:
+                if not self._broken:
+                    if tls is None:
+                        session.stream.send(chunk[0])
+                    else:
+                        tls.send(chunk[0])
+            except OSError:
+                self._broken = True
+            finally:
+                with self._lock:
+                    self._sending = False
+                    self._ready.notify()
+            self._finished(chunk)
+
+    def _finished(self, chunk: list[Any]) -> None:
+        """A chunk's replies are out (or never will be): their budget is free again."""
+        _, count, cost = chunk
+        if count:
+            with self._lock:
+                self._budget.done(cost, count)
+                self.room.notify_all()
+        self._session._share.give(cost)
+
+    def stop(self) -> None:
+        """No more replies: the sender thread ends once the outbox is empty."""
+        with self._lock:
+            self._stopped = True
+            self._ready.notify_all()
+        self._sender.join()
+
+
+def _send_without_waiting(sock: socket.socket, chunk: list[Any]) -> bool:
+    """Send as much of the chunk's pieces as the socket takes now; True when all went (else the pieces left)."""
+    pieces: list[Any] = chunk[0]
+    start = 0
+    while start < len(pieces):
+        try:
+            sent = sock.sendmsg(pieces[start : start + _IOV_MAX], [], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            chunk[0] = pieces[start:]
+            return False
+        start = step_past(pieces, start, sent)
+    return True
+
+
+def _start(pipeline: Pipeline, requests: list[Any], costs: list[int]) -> None:
+    """Start the requests collected, if any, and forget them."""
+    if requests:
+        pipeline.start(requests, costs)
+        requests.clear()
+        costs.clear()
+
+
+def pipelined_transmission(session: ServerSession) -> None:
+    """Serve the connection's requests through its device's ``submit`` until the client is done."""
+    logic, lock, engine, share = session.logic, session._lock, session.engine, session._share
+    limits = logic.settings.limits
+    budget = RequestBudget(limits.max_requests, limits.memory_limit)
+    tls = None if session._plain else SharedTls(session.stream.sock)  # type: ignore[arg-type]
+    replies = _Replies(session, budget, tls)
+    pipeline = logic.pipeline(replies.flush)
+    assert pipeline is not None, "pipelined transmission needs a device with submit()"
+    replies.pipeline = pipeline
+    room = replies.room
+    batch: list[Work] = []
+    try:
+        while True:
+            with lock:
+                end = logic.next_batch(batch)
+            requests: list[Any] = []
+            costs: list[int] = []
+            for request in batch:
+                if streamed_part(request):  # the parts of a streamed write are carried out in order, here
+                    reply = logic.carry_out_part(request)
+                    if reply is not None:
+                        with lock:
+                            engine.send(reply)
+                    continue
+                request = cast(Request, request)  # (not a streamed part: a whole request)
+                with lock:
+                    if logic.refused_shutting_down(request):
+                        continue
+                    full = budget.full
+                cost = request_cost(request)
+                if full:
+                    _start(pipeline, requests, costs)  # what is collected must be under way before waiting
+                    replies.flush()
+                    with lock:
+                        while budget.full:
+                            room.wait()
+                if not share.try_take(cost):
+                    _start(pipeline, requests, costs)
+                    replies.flush()
+                    share.take(cost, session._stopping)
+                with lock:
+                    budget.add(cost)
+                requests.append(request)
+                costs.append(cost)
+            _start(pipeline, requests, costs)
+            batch.clear()
+            replies.flush()
+            if end is not BatchEnd.NEED_DATA:
+                with lock:  # ending, or DISC with replies owed: first let what is in flight finish
+                    while not budget.idle:
+                        room.wait()
+                replies.flush()
+                if end is BatchEnd.CLOSED:
+                    return
+                continue
+            if tls is None:
+                session._receive(lock)
+            else:
+                session._receive_shared(tls, lock)
+    finally:
+        pipeline.close()
+        replies.stop()
+        if tls is not None:
+            with contextlib.suppress(OSError):
+                tls.release()
