@@ -199,3 +199,52 @@ def test_a_streamed_write_is_answered_only_after_its_last_part() -> None:
     assert [type(e) for e in events(s)] == [n.FlushRequest, n.WriteRequest]
     s.send(n.SuccessReply(1))  # another request may be answered meanwhile
     assert [c.cookie for c in replies(joined(s))] == [1]
+
+
+KIB = 1 << 10
+# A WRITE (its payload all in the same chunk) that breaks one rule, as (offset, length, flags, cookie, the words of
+# its refusal): behind a good READ in one received chunk it meets the loop that queues every valid request of a
+# chunk at once (_queue_requests), alone it meets the full check; both must refuse it alike.
+BAD_WRITES = {
+    "past the end": (
+        MIB - 4 * KIB,
+        8 * KIB,
+        0,
+        2,
+        f"offset {MIB - 4 * KIB} + length {8 * KIB} is past the export size {MIB}",
+    ),
+    "at the end": (MIB, 4 * KIB, 0, 2, f"offset {MIB} + length {4 * KIB} is past the export size {MIB}"),
+    "unaligned offset": (100, 4 * KIB, 0, 2, f"offset 100 / length {4 * KIB} not aligned to 512 bytes"),
+    "unaligned length": (0, 4 * KIB + 1, 0, 2, f"offset 0 / length {4 * KIB + 1} not aligned to 512 bytes"),
+    "over the payload limit": (0, 128 * KIB, 0, 2, None),
+    "a cookie in flight": (0, 4 * KIB, 0, 1, None),
+    "a flag it may not carry": (0, 4 * KIB, int(F.DF), 2, None),
+}
+
+
+def _answered(s: ServerConnection, chunk: bytes) -> tuple[list[tuple[str, int]], list[tuple[int, int, str]]]:
+    """What the engine makes of ``chunk``: its events (type, cookie) and its error replies."""
+    s.receive_data(chunk)
+    got = [(type(e).__name__, e.cookie) for e in events(s)]
+    errors = [(c.cookie, int(c.error), c.fields.message) for c in replies(joined(s)) if c.error]
+    return got, errors
+
+
+@pytest.mark.parametrize("case", list(BAD_WRITES))
+def test_a_bad_write_behind_a_good_read_in_one_chunk_is_refused_as_the_full_check_refuses_it(case: str) -> None:
+    offset, length, flags, cookie, words = BAD_WRITES[case]
+    chunk = request(C.READ, 1, 0, 4 * KIB) + header(cookie, offset, length, flags) + bytes(length) + request(C.FLUSH, 3)
+    seen = {}
+    for kind in KINDS:
+        s = server("structured", kind, minimum_block_size=512, maximum_payload=64 * KIB)
+        seen[kind] = _answered(s, chunk)
+    assert seen[ServerConnection] == seen[FullCheckOnly]
+    got, errors = seen[ServerConnection]
+    assert got[0] == ("ReadRequest", 1) and ("WriteRequest", cookie) not in got[1:]
+    if case == "a cookie in flight":  # the spec leaves a client that reuses a cookie in flight undefined: we end it
+        assert got == [("ReadRequest", 1)]
+        return
+    assert got[-1] == ("FlushRequest", 3)
+    assert [e[0] for e in errors] == [cookie] and errors[0][1] != 0
+    if words is not None:
+        assert errors[0][2] == words
