@@ -248,3 +248,46 @@ def test_a_bad_write_behind_a_good_read_in_one_chunk_is_refused_as_the_full_chec
     assert [e[0] for e in errors] == [cookie] and errors[0][1] != 0
     if words is not None:
         assert errors[0][2] == words
+
+
+BAD_READS = {
+    "past the end": (
+        MIB - 4 * KIB,
+        8 * KIB,
+        f"offset {MIB - 4 * KIB} + length {8 * KIB} is past the export size {MIB}",
+    ),
+    "at the end": (MIB, 4 * KIB, f"offset {MIB} + length {4 * KIB} is past the export size {MIB}"),
+    "unaligned offset": (100, 4 * KIB, f"offset 100 / length {4 * KIB} not aligned to 512 bytes"),
+    "unaligned length": (0, 4 * KIB + 1, f"offset 0 / length {4 * KIB + 1} not aligned to 512 bytes"),
+    "over the payload limit": (0, 128 * KIB, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_READS))
+def test_a_bad_read_among_good_reads_in_one_chunk_is_refused_as_the_full_check_refuses_it(case: str) -> None:
+    """The READs of a chunk are queued by one loop over their headers (_queue_reads): one that breaks a rule
+    between two good ones is refused there as the full check refuses it alone, and the good ones go on."""
+    offset, length, words = BAD_READS[case]
+    good = [request(C.READ, cookie, 4 * KIB * cookie, 4 * KIB) for cookie in (1, 3, 4, 5)]
+    for at in (1, 2):  # where the loop checks its first header, and where it checks the ones after
+        chunk = b"".join(good[:at]) + request(C.READ, 2, offset, length) + b"".join(good[at:])
+        seen = {}
+        for kind in KINDS:
+            s = server("structured", kind, minimum_block_size=512, maximum_payload=64 * KIB)
+            seen[kind] = _answered(s, chunk)
+        assert seen[ServerConnection] == seen[FullCheckOnly]
+        got, errors = seen[ServerConnection]
+        assert got == [("ReadRequest", cookie) for cookie in (1, 3, 4, 5)]
+        assert [e[0] for e in errors] == [2] and errors[0][1] != 0
+        if words is not None:
+            assert errors[0][2] == words
+
+
+def test_a_read_reusing_a_cookie_in_flight_behind_good_reads_ends_as_alone() -> None:
+    chunk = request(C.READ, 1, 0, 4 * KIB) + request(C.READ, 2, 0, 4 * KIB) + request(C.READ, 1, 0, 4 * KIB)
+    seen = {}
+    for kind in KINDS:
+        s = server("structured", kind, minimum_block_size=512)
+        seen[kind] = _answered(s, chunk)
+    assert seen[ServerConnection] == seen[FullCheckOnly]
+    assert ("ReadRequest", 2) in seen[ServerConnection][0] and seen[ServerConnection][0].count(("ReadRequest", 1)) == 1
