@@ -62,15 +62,7 @@ class ServerReplies(ServerBase):
             what = "no request" if request is None else type(request).__name__
             raise LocalProtocolError(f"read reply for cookie {cookie:#x}, which is {what}")
         start, length = request.offset, request.length
-        progress = self._progress.get(cookie)
-        # The common case: one chunk of data answering the whole read.
-        if progress is None and data is not None and offset == start and size == length:
-            if self.structured_replies:
-                self._out += (_offset_data_header(self.extended_headers, True, cookie, start, offset, size), data)
-            else:
-                self._out += (_simple_reply(0, cookie), data)
-            del self._in_flight[cookie]
-            return
+        progress = self._progress.get(cookie)  # (one chunk of data answering the whole read: send() takes it)
         if size <= 0 or offset < start or offset + size > start + length:
             raise LocalProtocolError(f"read chunk {offset}+{size} is empty or outside request {start}+{length}")
         covered = (progress.covered if progress else 0) + size
