@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import nbdproto_threads as nt
 from tests.conftest import PEER_ENV
 from tests.remotes import cli, nbdkit
 from tests.serving import make_pki
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,10 +81,9 @@ def arrivals(path: Path) -> int:
 
 def wait_for_arrivals(path: Path, count: int, timeout: float = 20.0) -> None:
     """Until the remote has seen ``count`` reads (polled, bounded: the remote's file is the only sign)."""
-    deadline = time.monotonic() + timeout
-    while arrivals(path) < count:
-        assert time.monotonic() < deadline, f"read {count} did not reach the remote while {count - 1} were unanswered"
-        time.sleep(0.01)
+    wait_until(
+        lambda: arrivals(path) >= count, f"read {count} reaching the remote while {count - 1} were unanswered", timeout
+    )
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
