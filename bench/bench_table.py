@@ -81,7 +81,7 @@ def servers(python: str, workers: int, baseline: str = "") -> list[Server]:
     found = [Server("nbdkit file", nbdkit, "nbdkit"), Server("qemu-nbd", qemu, "qemu-nbd")]
     found.append(Server("python floor", plain, python))
     loops = ["asyncio", "trio"]
-    if subprocess.run([python, "-c", "import uvloop"], capture_output=True).returncode == 0:
+    if _imports(python, "uvloop"):
         loops.insert(1, "uvloop")
     backends = [("threads", ["--backend", "threads"])]
     backends += [(f"anyio {loop}", ["--backend", "anyio", "--loop", loop]) for loop in loops]
@@ -98,9 +98,16 @@ def servers(python: str, workers: int, baseline: str = "") -> list[Server]:
     for server in found:
         paired.append(server)
         if server.command[:3] == [python, "-m", "nbdproto"]:
+            loop = server.command[server.command.index("--loop") + 1] if "--loop" in server.command else None
+            if loop not in (None, "asyncio") and not _imports(baseline, loop):
+                continue  # the older installation lacks this event loop: no "before" row for it
             before = [baseline, *server.command[1:]]
             paired.append(Server(f"{server.label} (before)", before, baseline))
     return paired
+
+
+def _imports(python: str, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True, cwd="/").returncode == 0
 
 
 def free_port() -> int:
