@@ -114,7 +114,8 @@ def _stop_leftovers(process: subprocess.Popen[str], directory: pathlib.Path) -> 
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     for pid_file in directory.glob("*.pid"):
-        with contextlib.suppress(ValueError, ProcessLookupError):
+        # (a server the script stopped removes its pid file as it ends: gone between the glob and the read)
+        with contextlib.suppress(ValueError, FileNotFoundError, ProcessLookupError):
             os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
     mounts = [line.split()[1] for line in pathlib.Path("/proc/mounts").read_text().splitlines()]
     for mount in mounts:
