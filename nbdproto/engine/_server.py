@@ -129,27 +129,27 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
         try:
             # The common reply first: one chunk of data, in transmission (SENDS allows it there).
             if kind is ReadData and self._phase is _TRANSMISSION:
-                cookie, data = event.cookie, event.data  # type: ignore[attr-defined]
-                in_flight = self._in_flight
-                request = in_flight.pop(cookie, None)
+                cookie, data, offset = event.cookie, event.data, event.offset  # type: ignore[attr-defined]
+                request = self._in_flight.pop(cookie, None)
+                size = len(data)
                 if (
                     type(request) is ReadRequest
-                    and event.offset == request.offset  # type: ignore[attr-defined]
-                    and len(data) == request.length
+                    and offset == request.offset
+                    and size == request.length
                     and cookie not in self._progress
                 ):
                     # The whole read in one chunk (what _read_chunk does for it, without the call).
-                    form, offset, out = self._reply_form, request.offset, self._out
-                    if form == 1:
-                        out.append(_structured_whole_read(cookie, len(data) + 8, offset))
-                    elif form == 0:
+                    form, out = self._reply_form, self._out
+                    if form == 0:
                         out.append(_simple_ok(cookie))
+                    elif form == 1:
+                        out.append(_structured_whole_read(cookie, size + 8, offset))
                     else:
-                        out.append(_extended_whole_read(cookie, offset, len(data) + 8, offset))
+                        out.append(_extended_whole_read(cookie, offset, size + 8, offset))
                     out.append(data)
                     return
                 if request is not None:
-                    in_flight[cookie] = request  # not that: the full path below
+                    self._in_flight[cookie] = request  # not that: the full path below
                 self._read_chunk(cookie, event.offset, len(data), data, event.done)  # type: ignore[attr-defined]
                 return
             if kind is SuccessReply and self._phase is _TRANSMISSION and not self.extended_headers:

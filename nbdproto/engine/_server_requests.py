@@ -9,7 +9,9 @@ This is the hot path: the common request (a READ or WRITE with valid fields) tak
 
 from __future__ import annotations
 
-from nbdproto.wire import MAX_STRING_LENGTH, Command, CommandFlags, Errno, TransmissionFlags, layout
+import struct
+
+from nbdproto.wire import MAX_STRING_LENGTH, Command, CommandFlags, Errno, TransmissionFlags, headers, layout
 
 from . import _replies
 from ._commands import COMMANDS, request_error
@@ -40,6 +42,19 @@ _READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
 _MAX_DESCRIPTORS = 1 << 20  # spec: a server SHOULD NOT send more than 2^20 descriptors in one chunk
 _simple_reply = _replies.simple_reply
+
+
+def _read_rows(codec: headers.HeaderCodec) -> tuple[struct.Struct, int]:
+    """``codec``'s layout with its first three fields (magic, flags, type: 4 + 2 + 2 bytes) read as one 64-bit
+    number, and that number for a READ without flags: a row of READs is checked with one comparison each."""
+    fmt = codec.struct.format
+    magic = codec.magic
+    if magic is None or struct.calcsize(fmt[:4]) != 8 or codec.names[:3] != ("magic", "flags", "type"):
+        raise TypeError(f"{codec.name} ({fmt}) does not start with magic, flags and type")
+    return struct.Struct(">Q" + fmt[4:]), magic << 32 | _READ
+
+
+_READ_ROWS = {codec: _read_rows(codec) for codec in (headers.REQUEST, headers.EXTENDED_REQUEST)}
 
 
 class ServerRequests(ServerBase):
@@ -192,22 +207,24 @@ class ServerRequests(ServerBase):
     def _queue_reads(self, headers: memoryview) -> int:
         """Queue the valid READs at the start of ``headers`` (whole request headers), as the fast path checks
         them, with one iter_unpack over them; how many it queued (at least one, when the first is one)."""
-        codec = self._request_codec
-        magic_ok, in_flight, append = codec.magic, self._in_flight, self._events.append
+        rows, read_head = _READ_ROWS[self._request_codec]
+        in_flight, append = self._in_flight, self._events.append
         limit, export_size, block = self._max_payload, self._size, self._min_block
+        new = object.__new__
         taken = 0
-        for magic, flags, command, cookie, offset, length in codec.struct.iter_unpack(headers):
+        for head, cookie, offset, length in rows.iter_unpack(headers):
             if (
-                magic != magic_ok
-                or command != _READ
-                or flags
+                head != read_head  # the magic, no flags, READ
                 or not 0 < length <= limit
                 or offset + length > export_size
                 or (offset | length) % block
                 or cookie in in_flight
             ):
                 break
-            in_flight[cookie] = event = ReadRequest(cookie, offset, length, _NO_FLAGS)
+            # ReadRequest(cookie, offset, length), without the call to its __init__ (a third of the cost here).
+            in_flight[cookie] = event = new(ReadRequest)
+            event.cookie, event.offset, event.length = cookie, offset, length
+            event.flags, event.buffer = _NO_FLAGS, None
             append(event)
             taken += 1
         return taken
