@@ -2,8 +2,9 @@
 many requests per second ClientConnection sends and takes the replies of.
 
 The stream is what a client at queue depth N sends: many 28-byte READ headers back to back. Each round feeds
-a batch to the engine, takes every event, answers each read with one ReadData chunk, and collects the bytes
-to send; no sockets. Beside it, the raw baseline: the same loop with struct.Struct alone (parse the header,
+a batch to the engine, takes every request (``next_requests``, as the servers' serving logic does; one row
+takes them with ``next_event`` one at a time), answers each read with one ReadData chunk, and collects the
+bytes to send; no sockets. Beside it, the raw baseline: the same loop with struct.Struct alone (parse the header,
 pack a simple reply), i.e. the least any Python server must do per request.
 
 The client rounds send a batch of requests, feed the server's replies (made once, by ServerConnection) and
@@ -51,23 +52,33 @@ def stream(batch: int, extended: bool) -> bytes:
     return b"".join(fmt.pack(magic, 0, n.Command.READ, i, (i * 4096) % (1 << 30), 4096) for i in range(batch))
 
 
-def run_engine(requests: int, batch: int, mode: str) -> float:
+def run_engine(requests: int, batch: int, mode: str, one_by_one: bool = False) -> float:
+    """Server pairs per second: each round's requests taken with ``next_requests`` (as nbdproto.serving takes
+    them), or with ``next_event`` one at a time."""
     server = connected_server(mode)
     data = stream(batch, mode == "extended")
     payload = bytes(4096)
     read_data = n.ReadData
     read_request = n.ReadRequest
     rounds = requests // batch
+    taken: list[n.Event] = []
     start = time.perf_counter()
     for _ in range(rounds):
         server.receive_data(data)
-        next_event, send = server.next_event, server.send
-        while True:
-            event = next_event()
-            if type(event) is read_request:
-                send(read_data(event.cookie, event.offset, payload))
-            else:
-                break
+        send = server.send
+        if one_by_one:
+            next_event = server.next_event
+            while True:
+                event = next_event()
+                if type(event) is read_request:
+                    send(read_data(event.cookie, event.offset, payload))
+                else:
+                    break
+        else:
+            server.next_requests(taken)
+            for event in taken:
+                send(read_data(event.cookie, event.offset, payload))  # type: ignore[attr-defined]
+            taken.clear()
         server.data_to_send()
     return rounds * batch / (time.perf_counter() - start)
 
@@ -183,6 +194,8 @@ def main() -> None:
     for mode in ("simple", "structured", "extended"):
         rate = max(run_engine(args.requests, args.batch, mode) for _ in range(args.repeat))
         print(f"ServerConnection {mode:<11} {rate:12,.0f} requests/s   ({rate / raw:.2f}x raw)")
+    rate = max(run_engine(args.requests, args.batch, "simple", one_by_one=True) for _ in range(args.repeat))
+    print(f"ServerConnection simple, next_event one by one {rate:12,.0f} requests/s   ({rate / raw:.2f}x raw)")
     for mode, kind in (("simple", "read"), ("structured", "read"), ("extended", "read"),
                        ("structured", "read+hole"), ("structured", "block status"),
                        ("extended", "block status")):  # fmt: skip

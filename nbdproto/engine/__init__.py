@@ -50,6 +50,7 @@ from ._server_base import WriteView
 from ._state import NEED_DATA, PAUSED, HandshakeStep, Phase, TlsMode
 from ._transmission_events import (
     NO_FLAGS,
+    WORK_TYPES,
     BlockStatusReply,
     BlockStatusRequest,
     CacheRequest,
@@ -109,6 +110,7 @@ __all__ = [
     "BlockStatusRequest",
     "ResizeRequest",
     "Request",
+    "WORK_TYPES",
     "ReadData",
     "ReadHole",
     "ReadReply",

@@ -1,7 +1,8 @@
 """ServerConnection: the server role of NBD, from greeting to the last reply, without doing any I/O.
 
 The driver (a backend, or any code that owns a socket) feeds the client's bytes to ``receive_data``, takes
-events from ``next_event`` and answers them with ``send``, and writes out whatever ``data_to_send`` returns.
+events from ``next_event`` (in transmission, a batch of requests at a time from ``next_requests``) and answers
+them with ``send``, and writes out whatever ``data_to_send`` returns.
 
 What the application sees is deliberately small: the engine answers every option itself, asking the
 application only which exports exist (``ExportRequested`` -> ``Export`` / ``ExportUnknown``); it validates every
@@ -29,8 +30,9 @@ from ._events import Event
 from ._server_handshake import ServerHandshake
 from ._server_replies import ServerReplies
 from ._server_requests import ServerRequests
-from ._state import SENDS, Phase, Role
+from ._state import NEED_DATA, PAUSED, SENDS, Phase, Role
 from ._transmission_events import (
+    WORK_TYPES,
     BlockStatusReply,
     ErrorReply,
     ReadData,
@@ -103,6 +105,26 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
         or with their payload still arriving. Their views are the application's to let go of when the
         connection ends (nbdproto.serving calls the device's ``write_view_ended`` for each)."""
         return [request for request in self._in_flight.values() if type(request) is WriteRequest and request.in_place]
+
+    def next_requests(self, batch: list[Event]) -> Event | type[NEED_DATA] | type[PAUSED]:
+        """In transmission: append every request the received bytes hold to ``batch``, in order (the requests
+        of ``WORK_TYPES``: all but NBD_CMD_DISC, and the parts of streamed writes), and return the first event
+        that is not one (NEED_DATA, PAUSED, ``ConnectionClosed`` or ``DisconnectRequest``).
+
+        The loop a server runs over ``next_event``, in one call: the requests a chunk's fast path already
+        parsed move to ``batch`` at once. Raises as ``next_event`` does; the requests appended before that
+        stay in ``batch``."""
+        queued, next_event, work, append = self._events, self.next_event, WORK_TYPES, batch.append
+        while True:
+            event = next_event()
+            if type(event) not in work:
+                return event
+            append(event)  # type: ignore[arg-type]  # one of WORK_TYPES
+            if queued:
+                # In transmission the queue holds only the requests _queue_requests put there behind the one
+                # next_event just returned: every one of them work.
+                batch.extend(queued)
+                queued.clear()
 
     def _take(self, data: bytes | bytearray | memoryview) -> None:
         if self._into is not None:

@@ -208,10 +208,10 @@ class ServerRequests(ServerBase):
         """Queue the valid READs at the start of ``headers`` (whole request headers), as the fast path checks
         them, with one iter_unpack over them; how many it queued (at least one, when the first is one)."""
         rows, read_head = _READ_ROWS[self._request_codec]
-        in_flight, append = self._in_flight, self._events.append
+        queued, in_flight = self._events, self._in_flight
+        append, before = queued.append, len(queued)
         limit, export_size, block = self._max_payload, self._size, self._min_block
         new = object.__new__
-        taken = 0
         for head, cookie, offset, length in rows.iter_unpack(headers):
             if (
                 head != read_head  # the magic, no flags, READ
@@ -226,8 +226,7 @@ class ServerRequests(ServerBase):
             event.cookie, event.offset, event.length = cookie, offset, length
             event.flags, event.buffer = _NO_FLAGS, None
             append(event)
-            taken += 1
-        return taken
+        return len(queued) - before
 
     def _arriving_write(self, flags: int, cookie: int, offset: int, payload: int) -> Event | type[NEED_DATA]:
         """A checked WRITE (its header taken) whose payload has not all arrived: received in place when none of

@@ -27,6 +27,7 @@ __all__ = [
     "BlockStatusRequest",
     "ResizeRequest",
     "Request",
+    "WORK_TYPES",
     "ReadData",
     "ReadHole",
     "ReadReply",
@@ -234,6 +235,22 @@ Request = (
     | BlockStatusRequest
     | ResizeRequest
 )
+
+WORK_TYPES: frozenset[type[Event]] = frozenset(
+    {
+        ReadRequest,
+        WriteRequest,
+        WritePayload,
+        FlushRequest,
+        TrimRequest,
+        CacheRequest,
+        WriteZeroesRequest,
+        BlockStatusRequest,
+        ResizeRequest,
+    }
+)
+"""What a server carries out and answers: every request but NBD_CMD_DISC (which nothing answers), and the parts
+of a streamed write's payload (``ServerConnection.next_requests`` gathers them)."""
 
 # --- Transmission replies ------------------------------------------------------------------------------------
 

@@ -41,7 +41,6 @@ from ._steps import (
     RECEIVE,
     RECEIVE_READY,
     SEND,
-    WORK_TYPES,
     BatchEnd,
     Step,
     WaitForBudget,
@@ -208,13 +207,10 @@ class SessionTransmission:
         NBD_CMD_DISC is noted and not returned (the engine answers nothing to it, and stops reading). Parts of
         a streamed write (WritePayload) are work too, carried out like requests.
         """
-        engine = self.engine
-        work = WORK_TYPES
+        next_requests = self.engine.next_requests
         while True:
-            event = engine.next_event()
-            if type(event) in work:
-                batch.append(event)  # type: ignore[arg-type]
-            elif event is NEED_DATA:
+            event = next_requests(batch)  # type: ignore[arg-type]
+            if event is NEED_DATA:
                 return BatchEnd.NEED_DATA
             elif event is PAUSED:
                 return BatchEnd.PAUSED

@@ -30,16 +30,10 @@ import enum
 from typing import TypeGuard
 
 from nbdproto.engine import (
-    BlockStatusRequest,
-    CacheRequest,
-    FlushRequest,
-    ReadRequest,
+    WORK_TYPES,
     Request,
-    ResizeRequest,
-    TrimRequest,
     WritePayload,
     WriteRequest,
-    WriteZeroesRequest,
 )
 
 __all__ = [
@@ -120,19 +114,6 @@ flight on a connection, so it stops to wait for them first)."""
 Work = Request | WritePayload
 """What a session carries out: a request, or a part of a streamed write's payload."""
 
-WORK_TYPES: frozenset[type] = frozenset(
-    {
-        ReadRequest,
-        WriteRequest,
-        WritePayload,
-        FlushRequest,
-        TrimRequest,
-        CacheRequest,
-        WriteZeroesRequest,
-        BlockStatusRequest,
-        ResizeRequest,
-    }
-)
 """The event types that are work (DisconnectRequest is not: the engine answers nothing to it)."""
 
 
