@@ -17,6 +17,7 @@ module moves bytes, bounds waits with cancel scopes, and chooses where device ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -46,7 +47,7 @@ from nbdproto.serving import (
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._pipelined import pipelined_transmission
-from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, send_pieces
+from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, receive_ready, send_pieces
 from ._tls import TlsSocketStream
 
 __all__ = ["ServerSession", "Server", "listen"]
@@ -210,29 +211,49 @@ class ServerSession:
         allows it, or with the header after it into ``in_place_buffers()``, anything else as bytes."""
         logic = self.logic
         wait = logic.next_wait()
-        hand, receiving = self._receiving()
+        hand, receiving, ready = self._receiving()
         self._idle = logic.idle
         try:
             if wait is None:
-                hand(await receiving)
+                hand(await receiving())
+                return
+            if ready is not None and (got := await ready()) is not None:
+                hand(got)  # bytes had arrived: a receive that does not wait needs no time limit armed
                 return
             with anyio.move_on_after(wait):
-                hand(await receiving)
+                hand(await receiving())
                 return
         finally:
             self._idle = False
         logic.wait_ran_out()
 
-    def _receiving(self) -> tuple[Callable[[Any], None], Awaitable[Any]]:
-        """The receive ``_receive`` waits for, and the logic's method that takes what it brings."""
+    def _receiving(
+        self,
+    ) -> tuple[Callable[[Any], None], Callable[[], Awaitable[Any]], Callable[[], Awaitable[Any]] | None]:
+        """The logic's method that takes what a receive brings, the receive ``_receive`` waits for, and on our
+        own streams the same receive of what has arrived already (None when nothing has; None on others)."""
         logic, target, stream = self.logic, self.engine.write_buffer(), self.stream
         if not isinstance(stream, (RawSocketStream, TlsSocketStream)):
-            return logic.received, receive(stream)  # another stream (TLS: a receive brings a record, 16 KiB at most)
+            # another stream (TLS: a receive brings a record, 16 KiB at most)
+            return logic.received, functools.partial(receive, stream), None
         if (buffers := logic.in_place_buffers()) is not None:
-            return logic.received_in_place, stream.receive_into_buffers(buffers)
+            return (
+                logic.received_in_place,
+                functools.partial(stream.receive_into_buffers, buffers),
+                functools.partial(stream.receive_ready_into_buffers, buffers),
+            )
         if target is None:
-            return logic.received, receive(stream, logic.receive_size)
-        return logic.received_into_payload, stream.receive_into(target)
+            size = logic.receive_size
+            return (
+                logic.received,
+                functools.partial(receive, stream, size),
+                functools.partial(receive_ready, stream, size),
+            )
+        return (
+            logic.received_into_payload,
+            functools.partial(stream.receive_into, target),
+            functools.partial(stream.receive_ready_into, target),
+        )
 
     async def _start_tls(self) -> None:
         await self._send()

@@ -20,7 +20,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -74,11 +74,26 @@ class RawSocketStream(anyio.abc.ByteStream):
             raise anyio.EndOfStream
         return data  # type: ignore[no-any-return]
 
+    async def receive_ready(self, max_bytes: int = RECV_SIZE) -> bytes | None:
+        """Bytes that have arrived already, without waiting: None when none have, ``b""`` once the peer closed or
+        broke the connection (a server arms its time limit only for a receive that has to wait)."""
+        try:
+            return await self._recv(self.sock.recv, max_bytes, False)  # type: ignore[no-any-return]
+        except anyio.BrokenResourceError:
+            return b""
+
     async def receive_into(self, buffer: memoryview) -> int:
         """Receive into ``buffer`` (no copy in Python); the count, 0 once the peer closed or broke the
         connection (what ``ClientConnection.received_into`` takes as the end of the stream)."""
         try:
             return await self._recv(self.sock.recv_into, buffer)  # type: ignore[no-any-return]
+        except anyio.BrokenResourceError:
+            return 0
+
+    async def receive_ready_into(self, buffer: memoryview) -> int | None:
+        """``receive_into`` of bytes that have arrived already: None when none have."""
+        try:
+            return await self._recv(self.sock.recv_into, buffer, False)  # type: ignore[no-any-return]
         except anyio.BrokenResourceError:
             return 0
 
@@ -253,6 +268,20 @@ async def receive(stream: anyio.abc.ByteStream, size: int = RECV_SIZE) -> bytes:
     engines take as end of stream). Up to ``size`` bytes (nbdproto.serving.RECV_SIZE: why that many)."""
     try:
         return await stream.receive(size)
+    except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+        return b""
+
+
+class ReceivesReady(Protocol):
+    """A stream of ours that can take what has arrived without waiting (RawSocketStream, TlsSocketStream)."""
+
+    async def receive_ready(self, max_bytes: int = RECV_SIZE) -> bytes | None: ...
+
+
+async def receive_ready(stream: ReceivesReady, size: int = RECV_SIZE) -> bytes | None:
+    """``receive`` of what has arrived already, without waiting: None when nothing has."""
+    try:
+        return await stream.receive_ready(size)
     except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
         return b""
 

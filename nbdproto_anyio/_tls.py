@@ -96,10 +96,23 @@ class TlsSocketStream(anyio.abc.ByteStream):
             raise anyio.EndOfStream
         return data
 
+    async def receive_ready(self, max_bytes: int = RECV_SIZE) -> bytes | None:
+        """What has arrived already, without waiting: None when nothing has, ``b""`` once the peer closed."""
+        data = self._channel.receive(max_bytes)
+        if data is None:
+            self._unyielded = 0
+            return None
+        await self._received()
+        return data
+
     async def receive_into(self, buffer: memoryview) -> int:
         """Every record that has arrived, into ``buffer`` (waiting for the first); the count, 0 once the peer
         closed."""
         return await self.receive_into_buffers([buffer])
+
+    async def receive_ready_into(self, buffer: memoryview) -> int | None:
+        """``receive_into`` of bytes that have arrived already: None when none have."""
+        return await self.receive_ready_into_buffers([buffer])
 
     async def receive_into_buffers(self, buffers: list[memoryview]) -> int:
         """Fill ``buffers`` in order with what has arrived (TlsChannel.receive_into), waiting for the first
