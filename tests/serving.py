@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -69,6 +70,19 @@ def make_pki(verify_client: bool = False) -> Iterator[Pki]:
         ca.configure_trust(client)
         client_cert.configure_cert(client)
         yield Pki(directory, server, client)
+
+
+def tls_socket_pair(pki: Pki) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """The two ends of a TLS connection over a socket pair, handshake done: the client's (blocking, 10 s
+    timeout) and the server's (blocking until the caller says otherwise)."""
+    left, right = socket.socketpair()
+    server: list[ssl.SSLSocket] = []
+    accepting = threading.Thread(target=lambda: server.append(pki.server_context.wrap_socket(right, server_side=True)))
+    accepting.start()
+    client = pki.client_context.wrap_socket(left, server_hostname="127.0.0.1")
+    accepting.join(10)
+    client.settimeout(10)
+    return client, server[0]
 
 
 def _tls_mode(tls: ssl.SSLContext | None, exports: Mapping[str, Export]) -> nbdproto.TlsMode | None:

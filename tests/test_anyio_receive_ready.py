@@ -5,8 +5,6 @@ its time limit only for a receive that has to wait, so these must never wait the
 from __future__ import annotations
 
 import socket
-import ssl
-import threading
 from collections.abc import Iterator
 
 import anyio
@@ -14,25 +12,13 @@ import pytest
 
 from nbdproto_anyio._socket import RawSocketStream, receive_ready
 from nbdproto_anyio._tls import TlsSocketStream
-from tests.serving import Pki, make_pki
+from tests.serving import Pki, make_pki, tls_socket_pair
 
 
 @pytest.fixture(scope="module")
 def pki() -> Iterator[Pki]:
     with make_pki() as made:
         yield made
-
-
-def _tls_pair(pki: Pki) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
-    left, right = socket.socketpair()
-    server: list[ssl.SSLSocket] = []
-    accepting = threading.Thread(target=lambda: server.append(pki.server_context.wrap_socket(right, server_side=True)))
-    accepting.start()
-    client = pki.client_context.wrap_socket(left, server_hostname="127.0.0.1")
-    accepting.join(10)
-    client.settimeout(10)
-    server[0].setblocking(False)
-    return client, server[0]
 
 
 def _check(stream: RawSocketStream | TlsSocketStream, peer: socket.socket) -> None:
@@ -72,7 +58,8 @@ def test_a_raw_stream_takes_what_has_arrived_and_never_waits() -> None:
 
 
 def test_a_tls_stream_takes_what_has_arrived_and_never_waits(pki: Pki) -> None:
-    client, server = _tls_pair(pki)
+    client, server = tls_socket_pair(pki)
+    server.setblocking(False)
     try:
         _check(TlsSocketStream(server), client)
     finally:

@@ -30,7 +30,7 @@ from nbdproto.serving import (
 )
 from nbdproto.sockets import TLS_RECORD_SIZE, TlsChannel
 from tests.conftest import PEER_ENV, require_peers
-from tests.serving import Export, Pki, make_pki, serve_exports
+from tests.serving import Export, Pki, make_pki, serve_exports, tls_socket_pair
 from tests.threaded import run_threads
 
 pytestmark = pytest.mark.timeout(120)
@@ -122,19 +122,12 @@ def test_nbdcopy_over_tls_writes_and_reads_back_a_random_image(backend: str, pki
 @pytest.fixture
 def channel(pki: Pki) -> Iterator[tuple[TlsChannel, ssl.SSLSocket]]:
     """A TlsChannel over the server end of a TLS connection, and the client end as a blocking SSLSocket."""
-    left, right = socket.socketpair()
-    server: list[ssl.SSLSocket] = []
-    accepting = threading.Thread(target=lambda: server.append(pki.server_context.wrap_socket(right, server_side=True)))
-    accepting.start()
-    client = pki.client_context.wrap_socket(left, server_hostname="127.0.0.1")
-    accepting.join(10)
-    client.settimeout(10)
-    tls = TlsChannel(server[0])
+    client, server = tls_socket_pair(pki)
     try:
-        yield tls, client
+        yield TlsChannel(server), client
     finally:
         client.close()
-        server[0].close()
+        server.close()
 
 
 def test_receive_into_fills_buffers_exactly_and_keeps_the_rest_for_the_next(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from typing import get_args
 
 from nbdproto.wire import LocalProtocolError
 
@@ -50,19 +51,11 @@ from ._handshake_events import (
 )
 from ._transmission_events import (
     BlockStatusReply,
-    BlockStatusRequest,
-    CacheRequest,
-    DisconnectRequest,
     ErrorReply,
-    FlushRequest,
     ReadData,
     ReadHole,
-    ReadRequest,
-    ResizeRequest,
+    Request,
     SuccessReply,
-    TrimRequest,
-    WriteRequest,
-    WriteZeroesRequest,
 )
 
 __all__ = [
@@ -179,19 +172,7 @@ _OPTIONS: frozenset[type[Event]] = frozenset(
         OptionRaw,
     }
 )
-_REQUESTS: frozenset[type[Event]] = frozenset(
-    {
-        ReadRequest,
-        WriteRequest,
-        DisconnectRequest,
-        FlushRequest,
-        TrimRequest,
-        CacheRequest,
-        WriteZeroesRequest,
-        BlockStatusRequest,
-        ResizeRequest,
-    }
-)
+_REQUESTS: frozenset[type[Event]] = frozenset(get_args(Request))
 _REPLIES: frozenset[type[Event]] = frozenset({ReadData, ReadHole, BlockStatusReply, SuccessReply, ErrorReply})
 
 SENDS: Mapping[Role, Mapping[Phase, frozenset[type[Event]]]] = {

@@ -8,6 +8,7 @@ Replies: the server sends ``ReadData`` / ``ReadHole`` chunks, ``BlockStatusReply
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 from nbdproto.wire import CommandFlags, Errno
 
@@ -236,19 +237,7 @@ Request = (
     | ResizeRequest
 )
 
-WORK_TYPES: frozenset[type[Event]] = frozenset(
-    {
-        ReadRequest,
-        WriteRequest,
-        WritePayload,
-        FlushRequest,
-        TrimRequest,
-        CacheRequest,
-        WriteZeroesRequest,
-        BlockStatusRequest,
-        ResizeRequest,
-    }
-)
+WORK_TYPES: frozenset[type[Event]] = (frozenset(get_args(Request)) - {DisconnectRequest}) | {WritePayload}
 """What a server carries out and answers: every request but NBD_CMD_DISC (which nothing answers), and the parts
 of a streamed write's payload (``ServerConnection.next_requests`` gathers them)."""
 
