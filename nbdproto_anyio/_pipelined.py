@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 
 from nbdproto.engine import Request
-from nbdproto.serving import BatchEnd, Pipeline, Work, request_cost, streamed_part
+from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, StartRequests, WaitForRoom, Work
 
 if TYPE_CHECKING:
     from ._server import ServerSession, WaitingRequests
@@ -116,27 +116,16 @@ async def pipelined_transmission(session: ServerSession, budget: WaitingRequests
             tasks.start_soon(_answer, session, pipeline, budget, wake, starter)
             while True:
                 end = logic.next_batch(batch)
-                requests: list[Request] = []
-                costs: list[int] = []
-                for work in batch:
-                    if streamed_part(work):  # the parts of a streamed write are carried out in order, here
-                        reply = await anyio.to_thread.run_sync(logic.carry_out_part, work)
+                for step in logic.pipelined_batch(batch, budget.budget, share):
+                    if type(step) is StartRequests:
+                        starter.start(step.requests, step.costs)
+                    elif type(step) is WaitForRoom:
+                        await budget.wait_for_room()
+                        await share.take(step.cost)
+                    else:  # the parts of a streamed write are carried out in order, here
+                        reply = await anyio.to_thread.run_sync(logic.carry_out_part, cast(CarryOutPart, step).part)
                         if reply is not None:
                             engine.send(reply)
-                        continue
-                    request = cast(Request, work)
-                    if logic.refused_shutting_down(request):
-                        continue
-                    cost = request_cost(request)
-                    if budget.budget.full or not share.try_take(cost):
-                        starter.start(requests, costs)  # what is collected must be under way before waiting
-                        requests, costs = [], []
-                        await budget.wait_for_room()
-                        await share.take(cost)
-                    budget.add(cost)
-                    requests.append(request)
-                    costs.append(cost)
-                starter.start(requests, costs)
                 batch.clear()
                 if end is BatchEnd.NEED_DATA:
                     await session._send()

@@ -17,8 +17,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
-from nbdproto.engine import Request
-from nbdproto.serving import BatchEnd, Pipeline, RequestBudget, Work, request_cost, streamed_part
+from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, RequestBudget, StartRequests, WaitForRoom, Work
 from nbdproto.sockets import SharedTls, step_past
 
 if TYPE_CHECKING:
@@ -140,14 +139,6 @@ def _send_without_waiting(sock: socket.socket, chunk: list[Any]) -> bool:
     return True
 
 
-def _start(pipeline: Pipeline, requests: list[Any], costs: list[int]) -> None:
-    """Start the requests collected, if any, and forget them."""
-    if requests:
-        pipeline.start(requests, costs)
-        requests.clear()
-        costs.clear()
-
-
 def pipelined_transmission(session: ServerSession) -> None:
     """Serve the connection's requests through its device's ``submit`` until the client is done."""
     logic, lock, engine, share = session.logic, session._lock, session.engine, session._share
@@ -164,36 +155,25 @@ def pipelined_transmission(session: ServerSession) -> None:
         while True:
             with lock:
                 end = logic.next_batch(batch)
-            requests: list[Any] = []
-            costs: list[int] = []
-            for request in batch:
-                if streamed_part(request):  # the parts of a streamed write are carried out in order, here
-                    reply = logic.carry_out_part(request)
-                    if reply is not None:
-                        with lock:
-                            engine.send(reply)
-                    continue
-                request = cast(Request, request)  # (not a streamed part: a whole request)
-                with lock:
-                    if logic.refused_shutting_down(request):
-                        continue
-                    full = budget.full
-                cost = request_cost(request)
-                if full:
-                    _start(pipeline, requests, costs)  # what is collected must be under way before waiting
+            steps = logic.pipelined_batch(batch, budget, share)
+            while True:
+                with lock:  # the steps touch the engine and the budget, which the replies' threads share
+                    step = next(steps, None)
+                if step is None:
+                    break
+                if type(step) is StartRequests:
+                    pipeline.start(step.requests, step.costs)
+                elif type(step) is WaitForRoom:
                     replies.flush()
                     with lock:
                         while budget.full:
                             room.wait()
-                if not share.try_take(cost):
-                    _start(pipeline, requests, costs)
-                    replies.flush()
-                    share.take(cost, session._stopping)
-                with lock:
-                    budget.add(cost)
-                requests.append(request)
-                costs.append(cost)
-            _start(pipeline, requests, costs)
+                    share.take(step.cost, session._stopping)
+                else:  # the parts of a streamed write are carried out in order, here
+                    reply = logic.carry_out_part(cast(CarryOutPart, step).part)
+                    if reply is not None:
+                        with lock:
+                            engine.send(reply)
             batch.clear()
             replies.flush()
             if end is not BatchEnd.NEED_DATA:

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from ._export_table import ExportTable
     from ._limits import DEFAULT_LIMITS, ServerLimits
     from ._log import ConnectionLog
-    from ._pipeline import Pipeline, submitting
+    from ._pipeline import CarryOutPart, Pipeline, PipelineStep, StartRequests, WaitForRoom, submitting
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
     from ._reply_buffers import KEPT_REPLY_BYTES, ReplyBuffers
     from ._session import ServerSessionLogic
@@ -91,6 +91,10 @@ _LAZY = {
     "Completions": "._device",
     "Pipeline": "._pipeline",
     "submitting": "._pipeline",
+    "StartRequests": "._pipeline",
+    "WaitForRoom": "._pipeline",
+    "CarryOutPart": "._pipeline",
+    "PipelineStep": "._pipeline",
     "DeviceCapabilities": "._export",
     "capabilities_of": "._export",
     "export_for": "._export",
@@ -170,6 +174,10 @@ __all__ = [
     "Completions",
     "Pipeline",
     "submitting",
+    "StartRequests",
+    "WaitForRoom",
+    "CarryOutPart",
+    "PipelineStep",
     "DeviceCapabilities",
     "export_for",
     "ExportSpec",

@@ -29,16 +29,52 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nbdproto.engine import Event, ReadData, ReadRequest, Request, WriteRequest
+from nbdproto.engine import Event, ReadData, ReadRequest, Request, WritePayload, WriteRequest
 
 from ._carry_out import DeviceCall, OnError, device_calls, error_reply_for, reply_for, write_view_ended
 
-__all__ = ["Pipeline", "submitting"]
+__all__ = ["Pipeline", "submitting", "StartRequests", "WaitForRoom", "CarryOutPart", "PipelineStep"]
 
 
 def submitting(device: object) -> bool:
     """Whether ``device`` takes calls without waiting for them (``submit``): then a server pipelines."""
     return callable(getattr(device, "submit", None))
+
+
+class StartRequests:
+    """A step of ``pipelined_batch``: start ``requests`` on the pipeline (``Pipeline.start``, each holding its
+    ``costs`` entry of the budgets until its reply is sent)."""
+
+    __slots__ = ("requests", "costs")
+
+    def __init__(self, requests: list[Request], costs: list[int]) -> None:
+        self.requests = requests
+        self.costs = costs
+
+
+class WaitForRoom:
+    """A step of ``pipelined_batch``: the connection's request budget is full or its share of the server's
+    memory is short. Send the replies ready, wait until the request budget has room, then take ``cost`` bytes
+    from the share (waiting for them): the request is admitted with them."""
+
+    __slots__ = ("cost",)
+
+    def __init__(self, cost: int) -> None:
+        self.cost = cost
+
+
+class CarryOutPart:
+    """A step of ``pipelined_batch``: carry out ``part`` of a streamed write here, in order with the other
+    parts (``carry_out_part``), and send its reply if it gives one."""
+
+    __slots__ = ("part",)
+
+    def __init__(self, part: WriteRequest | WritePayload) -> None:
+        self.part = part
+
+
+PipelineStep = StartRequests | WaitForRoom | CarryOutPart
+"""What ``pipelined_batch`` asks of a pipelined driver, in order."""
 
 
 class _Started:

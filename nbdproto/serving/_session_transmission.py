@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import cast
 
 from nbdproto.engine import (
     NEED_DATA,
@@ -27,11 +28,11 @@ from nbdproto.engine import (
 )
 from nbdproto.wire import CommandFlags, Errno, LocalProtocolError
 
-from ._budget import MemoryShare
+from ._budget import MemoryShare, RequestBudget, request_cost
 from ._carry_out import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of, write_view_of
 from ._device import BlockDevice
 from ._limits import ServerLimits
-from ._pipeline import Pipeline, submitting
+from ._pipeline import CarryOutPart, Pipeline, PipelineStep, StartRequests, WaitForRoom, submitting
 from ._receive_size import ReceiveSize
 from ._reply_buffers import ReplyBuffers
 from ._steps import (
@@ -346,6 +347,36 @@ class SessionTransmission:
         if self.shutting_down and not _written_already(request):
             return ErrorReply(request.cookie, Errno.ESHUTDOWN, SHUTTING_DOWN)
         return carry_out(self.device, request, self.engine.meta_contexts, self.on_device_error, read_view)
+
+    def pipelined_batch(
+        self, batch: Iterable[Work], budget: RequestBudget, share: MemoryShare
+    ) -> Iterator[PipelineStep]:
+        """The requests of ``batch`` admitted to a pipeline (``pipeline()``), as steps for its driver, in order:
+        each within the connection's request ``budget`` (added to it here) and its ``share`` of the server's
+        memory, or after a WaitForRoom while they are spent; collected into StartRequests, the ones already
+        collected started before any wait; refused with ESHUTDOWN while shutting down; a streamed write's
+        parts carried out in order (CarryOutPart). The driver advances the steps where it touches the engine
+        and the budget (under its lock, if other threads do too) and does what each says."""
+        requests: list[Request] = []
+        costs: list[int] = []
+        for work in batch:
+            if streamed_part(work):
+                yield CarryOutPart(work)
+                continue
+            request = cast(Request, work)
+            if self.refused_shutting_down(request):
+                continue
+            cost = request_cost(request)
+            if budget.full or not share.try_take(cost):
+                if requests:
+                    yield StartRequests(requests, costs)  # what is collected must be under way before waiting
+                    requests, costs = [], []
+                yield WaitForRoom(cost)
+            budget.add(cost)
+            requests.append(request)
+            costs.append(cost)
+        if requests:
+            yield StartRequests(requests, costs)
 
     def carry_out_part(self, part: WriteRequest | WritePayload) -> Event | None:
         """Write one part of a streamed write (see WriteRequest.more): the parts of one write must be carried
