@@ -3,8 +3,8 @@
 anyio's own socket streams (on asyncio) read through a transport that owns the socket, so every receive and
 send passes through callbacks, buffers and futures. NBD traffic is pipelined: when the server wants to read,
 the next requests are usually already there, and a send usually fits in the socket buffer. So this stream
-calls recv / sendmsg on the non-blocking socket directly and only awaits readiness (anyio.wait_readable /
-wait_writable, on asyncio and trio alike) when the kernel says it would block. Measured with fio, 4 KiB
+calls recv / sendmsg on the non-blocking socket directly and only awaits readiness (``_readable``, and
+anyio.wait_writable) when the kernel says it would block. Measured with fio, 4 KiB
 random reads at queue depth 16: see bench/ and the notes of the anyio issue.
 
 It is a full anyio ByteStream, so TLS works as everywhere else: anyio's TLSStream wraps it after STARTTLS
@@ -32,6 +32,8 @@ from nbdproto import FileRegion, Payload
 from nbdproto.serving import RECV_SIZE
 from nbdproto.sockets import step_past
 
+from ._readable import Readable
+
 __all__ = [
     "RawSocketStream",
     "SocketAcceptor",
@@ -56,6 +58,7 @@ class RawSocketStream(anyio.abc.ByteStream):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
+        self.readable = Readable(sock)
         self._closed = False
         self._unyielded = 0  # receives in a row that did not have to wait
 
@@ -122,7 +125,7 @@ class RawSocketStream(anyio.abc.ByteStream):
                 self._unyielded = 0
                 if not wait:
                     return None
-                await anyio.wait_readable(self.sock)
+                await self.readable.wait()
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise anyio.BrokenResourceError from exc
             except OSError as exc:
@@ -182,6 +185,7 @@ class RawSocketStream(anyio.abc.ByteStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self.readable.close()
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()

@@ -31,6 +31,7 @@ from nbdproto import Payload
 from nbdproto.serving import RECV_SIZE
 from nbdproto.sockets import TlsChannel
 
+from ._readable import Readable
 from ._socket import RawSocketStream
 
 __all__ = ["TlsSocketStream"]
@@ -45,6 +46,7 @@ class TlsSocketStream(anyio.abc.ByteStream):
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
+        self._readable = Readable(sock)
         self._channel = TlsChannel(sock)
         self._closed = False
         self._unyielded = 0
@@ -53,6 +55,7 @@ class TlsSocketStream(anyio.abc.ByteStream):
     async def wrap(cls, raw: RawSocketStream, context: ssl.SSLContext) -> TlsSocketStream:
         """The server's side of the TLS handshake on ``raw`` (which must not be used afterwards), awaiting
         the socket as OpenSSL asks; the caller bounds how long it may take (a cancel scope)."""
+        raw.readable.close()  # the socket is the TLS stream's from here on
         sock = context.wrap_socket(raw.sock, server_side=True, do_handshake_on_connect=False)
         try:
             while True:
@@ -142,7 +145,7 @@ class TlsSocketStream(anyio.abc.ByteStream):
         self._unyielded = 0
         try:
             if channel.wants_read:
-                await anyio.wait_readable(self.sock)
+                await self._readable.wait()
             else:
                 await anyio.wait_writable(self.sock)
         except (ValueError, OSError) as exc:  # closed meanwhile
@@ -177,13 +180,14 @@ class TlsSocketStream(anyio.abc.ByteStream):
                 sock.unwrap()
                 return
             except ssl.SSLWantReadError:
-                await anyio.wait_readable(sock)
+                await self._readable.wait()
             except ssl.SSLWantWriteError:
                 await anyio.wait_writable(sock)
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._readable.close()
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
