@@ -24,6 +24,8 @@ import anyio.to_thread
 from nbdproto.engine import Request
 from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, StartRequests, WaitForRoom, Work
 
+from ._readable import Readable
+
 if TYPE_CHECKING:
     from ._server import ServerSession, WaitingRequests
 
@@ -37,17 +39,19 @@ class _Wake:
         self._ours, self._theirs = socket.socketpair()
         self._ours.setblocking(False)
         self._theirs.setblocking(False)
+        self._readable = Readable(self._ours)
 
     def __call__(self) -> None:
         with contextlib.suppress(OSError):  # full: a wake is pending; closed: the connection is over
             self._theirs.send(b"\0")
 
     async def wait(self) -> None:
-        await anyio.wait_readable(self._ours)
+        await self._readable.wait()
         with contextlib.suppress(BlockingIOError):
             self._ours.recv(4096)
 
     def close(self) -> None:
+        self._readable.close()
         self._theirs.close()
         self._ours.close()
 
