@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -44,9 +45,14 @@ def built_docs(factory: pytest.TempPathFactory, builder: str = "html") -> pathli
     target = shared / f"docs-{builder}"
     with open(shared / f"docs-{builder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / ".built").exists():
-            command = [sys.executable, "-m", "sphinx", "-W", "-n", "-q", "-b", builder, str(ROOT / "docs"), str(target)]
+        if not target.exists():
+            # Built beside it and renamed when whole: a build cut short (a worker stopped by its time limit
+            # while it built) leaves nothing that a later build would take for a good one half done.
+            partial = shared / f"docs-{builder}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            command = [sys.executable, "-m", "sphinx", "-W", "-n", "-q", "-b", builder, str(ROOT / "docs")]
+            command.append(str(partial))
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, f"sphinx-build -b {builder} failed:\n{done.stderr}"
-            (target / ".built").touch()
+            partial.rename(target)
     return target

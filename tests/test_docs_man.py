@@ -20,6 +20,9 @@ from nbdproto.cli import build_parser
 from tests.conftest import require_peers
 from tests.docsbuild import ROOT, built_docs
 
+# The first test of the module waits for the site to be built (tests.docsbuild): minutes on a loaded machine.
+pytestmark = pytest.mark.timeout(400)
+
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
 
 

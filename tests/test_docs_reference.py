@@ -32,6 +32,9 @@ except ImportError as exc:  # the docs extra (Sphinx, docutils) is missing: CI r
 
 from nbdproto.cli import build_parser
 
+# The first test of the module waits for the site to be built (tests.docsbuild): minutes on a loaded machine.
+pytestmark = pytest.mark.timeout(400)
+
 PAGES = {
     "nbdproto": "nbdproto",
     "nbdproto.wire": "wire",

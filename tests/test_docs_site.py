@@ -20,6 +20,9 @@ import pytest
 from tests.conftest import require_peers
 from tests.docsbuild import built_docs
 
+# The first test of the module waits for the site to be built (tests.docsbuild): minutes on a loaded machine.
+pytestmark = pytest.mark.timeout(400)
+
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
