@@ -162,3 +162,12 @@ def test_shared_holders_overlap_each_other_but_not_an_exclusive_one() -> None:
     lock.release((8, 9, True))
     writer.join(30)
     assert got == ["exclusive", "shared"]
+
+
+def test_the_shared_context_holds_its_range_shared() -> None:
+    """``shared()`` (what plain writers use) holds shared: overlapping shared holds go on at once, an exclusive one
+    over them would wait (NoWaiting fails it), and each is let go after its block."""
+    lock = free_lock()
+    with lock.shared(0, 10), lock.shared(5, 15), lock.shared(9, 10), pytest.raises(AssertionError, match="waits"):
+        lock.acquire(8, 9)
+    assert lock.acquire(0, 15) == (0, 15, True)  # all let go: taken at once
