@@ -38,7 +38,15 @@ def test_a_policy_is_frozen_and_compares_by_its_rules() -> None:
     assert policy.allow_addresses == ("10.0.0.0/8",) and isinstance(policy.allow_client_dn, tuple)
     assert Policy(allow_client_dn=["CN=*"]).allow_client_dn == ("CN=*",)  # kept as given, as a tuple
     assert policy == Policy(max_connections=2, allow_addresses=("10.0.0.0/8",))
-    assert "_networks" not in repr(policy)
+    assert Policy(allow_client_dn=["CN=a"]) == Policy(allow_client_dn=("CN=a",))  # not by the patterns made of them
+    assert Policy(allow_client_dn=["CN=a"]) != Policy(allow_client_dn=["CN=b"])
+
+
+def test_a_policy_shows_its_rules_alone() -> None:
+    policy = Policy(max_connections=2, allow_addresses=["10.0.0.0/8"], allow_client_dn=["CN=a"])
+    assert repr(policy) == (
+        "ConnectionPolicy(oneshot=False, max_connections=2, allow_addresses=('10.0.0.0/8',), allow_client_dn=('CN=a',))"
+    )  # neither the networks nor the patterns made of the rules
 
 
 def test_oneshot_serves_the_first_client_only() -> None:
@@ -91,6 +99,31 @@ def test_allowed_addresses(ip: str, allowed: bool) -> None:
     assert policy.refusal(client(ip), open_connections=0, admitted=0) == expected
 
 
+@pytest.mark.parametrize(
+    ("network", "inside", "outside"),
+    [
+        ("::ffff:192.0.2.1", "192.0.2.1", "192.0.2.2"),
+        ("::ffff:10.0.0.0/104", "10.255.0.1", "11.0.0.1"),
+        ("::ffff:0.0.0.0/96", "203.0.113.9", None),  # /96: every IPv4 address
+        ("::ffff:128.0.0.0/97", "203.0.113.9", "10.0.0.1"),  # /97: half of them
+    ],
+)
+def test_an_ipv4_mapped_network_is_the_ipv4_network_it_maps(network: str, inside: str, outside: str | None) -> None:
+    """Clients' IPv4-mapped addresses are compared as IPv4 ones, so an IPv4-mapped network is too, at every
+    prefix from /96 (the whole IPv4 space) down."""
+    policy = Policy(allow_addresses=[network])
+    assert policy.address_allowed(inside) and policy.address_allowed(f"::ffff:{inside}")
+    if outside is not None:
+        assert not policy.address_allowed(outside) and not policy.address_allowed(f"::ffff:{outside}")
+    assert not policy.address_allowed("2001:db8::1")
+
+
+def test_an_ipv6_network_shorter_than_96_bits_is_kept_as_it_is() -> None:
+    policy = Policy(allow_addresses=["::ffff:0:0/95"])  # ::fffe:0:0 to ::ffff:ffff:ffff
+    assert policy.address_allowed("::fffe:1:2")
+    assert not policy.address_allowed("192.0.2.1")  # an IPv4 client is compared as IPv4: not in an IPv6 network
+
+
 def test_a_network_given_by_a_host_address_inside_it() -> None:
     assert Policy(allow_addresses=["192.0.2.7/24"]).address_allowed("192.0.2.200")  # not strict
 
@@ -131,6 +164,27 @@ def test_certificate_subjects_against_patterns() -> None:
     assert policy.certificate_refusal(_tls_client(None)) is None  # no certificate: the TLS context decides
     assert policy.certificate_refusal(_tls_client("CN=other", psk="alice")) is None  # a PSK client
     assert Policy().certificate_refusal(_tls_client("CN=anyone")) is None
+
+
+def test_a_pattern_that_is_not_one_is_refused_in_words() -> None:
+    with pytest.raises(ValueError) as refused:
+        Policy(allow_client_dn=["CN=fine", "garbage"])
+    assert str(refused.value) == "client DN pattern 'garbage' in 'garbage' is not TYPE=VALUE (e.g. CN=*.example.com)"
+
+
+def test_patterns_match_the_certificates_rdns_and_a_subject_string_is_read_as_rdns() -> None:
+    """The session sets certificate_name (the RDNs) with the subject: the patterns match those; the subject, as
+    written, names the certificate in a refusal. A subject set by hand alone is read back as RDNs."""
+    policy = Policy(allow_client_dn=["CN=backup,O=Example"])
+    info = _tls_client("CN=backup\\,O=Example")  # one CN holding a comma, as written: not the RDNs allowed
+    assert policy.certificate_refusal(info) == (
+        "certificate subject 'CN=backup\\\\,O=Example' matches no allowed pattern"
+    )
+    info.certificate_name = nbdproto.serving.parse_subject("CN=backup,O=Example")
+    assert policy.certificate_refusal(info) is None
+    assert policy.certificate_refusal(_tls_client("CN=backup,")) == (
+        "certificate subject 'CN=backup,' cannot be read as RDNs"
+    )
 
 
 def test_client_info_as_logs_show_it() -> None:

@@ -19,6 +19,7 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert limits.memory_limit == DEFAULT_MEMORY_LIMIT
     assert limits.max_requests == 64
     assert limits.shutdown_grace == 3.0
+    assert limits.max_handshakes == 64  # docs/howto/hardening.md, docs/reference/cli/serve.md
     assert limits == DEFAULT_LIMITS and nbdproto.ServerLimits is ServerLimits
 
 
@@ -54,8 +55,8 @@ def test_sizes_must_be_positive_and_the_grace_not_negative(wrong: dict[str, floa
 
 
 def test_the_smallest_allowed_values() -> None:
-    limits = ServerLimits(memory_limit=1, max_requests=1, shutdown_grace=0)
-    assert (limits.memory_limit, limits.max_requests, limits.shutdown_grace) == (1, 1, 0)
+    limits = ServerLimits(memory_limit=1, max_requests=1, shutdown_grace=0, max_handshakes=0)  # 0: no limit
+    assert (limits.memory_limit, limits.max_requests, limits.shutdown_grace, limits.max_handshakes) == (1, 1, 0, 0)
 
 
 def test_a_limit_as_a_wait_none_and_zero_are_for_ever() -> None:

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from nbdproto.devices import RegionLocks
-from tests.waiting import wait_until
+from tests.waiting import running, wait_until
 
 
 class NoWaiting:
@@ -162,3 +162,27 @@ def test_shared_holders_overlap_each_other_but_not_an_exclusive_one() -> None:
     lock.release((8, 9, True))
     writer.join(30)
     assert got == ["exclusive", "shared"]
+
+
+def test_the_shared_context_holds_its_range_shared() -> None:
+    """``shared()`` (what plain writers use) holds shared: overlapping shared holds go on at once, an exclusive one
+    over them would wait (NoWaiting fails it), and each is let go after its block."""
+    lock = free_lock()
+    with lock.shared(0, 10), lock.shared(5, 15), lock.shared(9, 10), pytest.raises(AssertionError, match="waits"):
+        lock.acquire(8, 9)
+    assert lock.acquire(0, 15) == (0, 15, True)  # all let go: taken at once
+
+
+def test_a_lock_without_an_observer_waits_and_wakes_alike() -> None:
+    """The devices' locks have no observer (only tests set one): a thread still sleeps on a held range, seen on
+    its stack, and goes on when it is let go."""
+    lock = RegionLocks()
+    held = lock.acquire(0, 10)
+    got: list[tuple[int, int, bool]] = []
+    waiter = threading.Thread(target=lambda: got.append(lock.acquire(5, 6)), daemon=True)
+    waiter.start()
+    wait_until(lambda: running(waiter, threading.Condition.wait) or not waiter.is_alive(), "the acquire asleep")
+    assert waiter.is_alive() and not got
+    lock.release(held)
+    waiter.join(30)
+    assert got == [(5, 6, True)]

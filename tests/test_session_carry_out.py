@@ -31,6 +31,7 @@ class Counted(Filter):
     def __init__(self, inner: Any, fail: BaseException | None = None) -> None:
         super().__init__(inner)
         self.reads = self.writes = self.flushes = 0
+        self.fuas: list[object] = []  # the fua argument of each write, as given
         self.fail = fail
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
@@ -41,6 +42,7 @@ class Counted(Filter):
 
     def pwrite(self, data: Any, offset: int, fua: bool = False) -> None:
         self.writes += 1
+        self.fuas.append(fua)
         if self.fail is not None:
             raise self.fail
         self.inner.pwrite(data, offset, fua)
@@ -95,17 +97,27 @@ def test_read_replies_hold_their_memory_until_sent() -> None:
     assert budget.used == 0 and budget.holders == 0
 
 
+class _CopyCounted(FileDevice):
+    """A file device that counts the reads it copies into a buffer (pread_into), rather than hands out as views."""
+
+    copies = 0
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        self.copies += 1
+        super().pread_into(buffer, offset)
+
+
 def test_reads_from_views_hold_no_memory_of_the_budget() -> None:
     budget = MemoryBudget(64 * MIB)
     with tempfile.NamedTemporaryFile(dir="/dev/shm") as file:
         file.write(bytes(4 * MIB))
         file.flush()
-        with FileDevice(file.name) as device:
+        with _CopyCounted(file.name) as device:
             logic = session(device, share=budget.share())
             view = logic.read_view(kernel_sends=True)
             assert view is not None
             steps_for(logic, reads(2, 512 * 1024), view)
-            assert budget.used == 0
+            assert budget.used == 0 and device.copies == 0  # views of the file: nothing read into a buffer
             assert len(sent(logic, {1: 512 * 1024, 2: 512 * 1024})) == 2
 
 
@@ -141,6 +153,56 @@ def test_a_read_the_budget_has_no_room_for_waits() -> None:
     steps = logic.inline_transmission(None)
     first = next(steps)
     assert type(first) is WaitForBudget and first.amount == 2 * MIB
+
+
+def test_a_read_that_waited_for_budget_goes_on_and_sees_a_shutdown_begun_meanwhile() -> None:
+    """The driver sends what is queued at WaitForBudget (then sent()), waits for the budget and takes it: the
+    read is carried out, and a shutdown begun during the wait refuses the reads after it."""
+    budget = MemoryBudget(MIB)
+    other = budget.share()
+    assert other.try_take(MIB)  # another connection holds it all: the first read has the share's guaranteed part
+    logic = session(MemoryDevice(16 * MIB), share=budget.share())
+    logic.received(reads(3, 512 * 1024))
+    steps = logic.inline_transmission(None)
+    assert repr(next(steps)) == "WaitForBudget(524288)"
+    assert [(c.cookie, c.error) for c in sent(logic, {1: 512 * 1024})] == [(1, 0)]
+    other.give(MIB)
+    assert logic.share.try_take(512 * 1024)  # what the driver's share.take(step.amount) does
+    logic.begin_shutdown()
+    assert next(steps) is RECEIVE
+    got = sent(logic, {2: 512 * 1024})
+    assert [(c.cookie, c.error) for c in got] == [(2, 0), (3, Errno.ESHUTDOWN)]
+    assert budget.used == 0
+
+
+def test_reused_read_buffers_stay_held_from_the_budget_and_are_filled_again() -> None:
+    """reuse_read_buffers: the buffers of replies sent are kept, held from the connection's share (so the budget
+    shows them after sent()), and filled again by the next reads of their size."""
+    budget = MemoryBudget(64 * MIB)
+    device = MemoryDevice(MIB)
+    device.pwrite(b"\x05" * 4096 + b"\x06" * 4096, 0)
+    logic = session(device, share=budget.share())
+    logic.reuse_read_buffers()
+    steps_for(logic, request(Command.READ, 1, 0, 4096))
+    assert budget.used == 4096
+    (reply,) = sent(logic, {1: 4096})
+    assert reply.data == b"\x05" * 4096 and budget.used == 4096  # kept for the next read of 4 KiB
+    steps_for(logic, request(Command.READ, 2, 4096, 4096))
+    assert budget.used == 4096  # the kept buffer, filled again: the read's own budget took its place
+    (reply,) = sent(logic, {2: 4096})
+    assert reply.data == b"\x06" * 4096 and budget.used == 4096
+
+
+def test_kept_read_buffers_are_given_back_before_a_read_would_wait_for_budget() -> None:
+    budget = MemoryBudget(MIB)
+    logic = session(MemoryDevice(4 * MIB), share=budget.share())
+    logic.reuse_read_buffers()
+    steps_for(logic, reads(1, 512 * 1024))
+    sent(logic, {1: 512 * 1024})
+    assert budget.used == 512 * 1024  # kept
+    taken = steps_for(logic, request(Command.READ, 2, 0, MIB))
+    assert taken == [RECEIVE] and budget.used == MIB  # the kept buffer let go: the read fits, and does not wait
+    assert [c.cookie for c in sent(logic, {2: MIB})] == [2]
 
 
 def test_every_device_failure_is_reported_and_answered() -> None:
@@ -191,6 +253,7 @@ def test_a_streamed_write_with_fua_is_flushed_once_after_its_last_part(fua: bool
     steps_for(logic, b"\x01" * (SIZE - 1000))
     assert device.flushes == (1 if fua else 0)
     assert [(c.cookie, c.error) for c in sent(logic)] == [(7, 0)]
+    assert device.fuas == [False] * (device.writes - 1) + [fua]  # False, not merely falsy: a device may test `is`
 
 
 @pytest.mark.parametrize(("failure", "reported"), [(OSError(errno.ENOSPC, "full"), True), (ValueError("bug"), True)])
@@ -207,6 +270,65 @@ def test_a_failed_part_fails_the_whole_streamed_write(failure: BaseException, re
 
 
 # --- A device that takes a batch of calls at once ------------------------------------------------------------
+
+
+class Batching(MemoryDevice):
+    """A memory device that takes a batch of calls at once (``call_batch``), and records how many each held."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.batches: list[int] = []
+
+    def call_batch(self, calls: list[nbdproto.serving.DeviceCall]) -> list[object]:
+        self.batches.append(len(calls))
+        results: list[object] = []
+        for call in calls:
+            try:
+                results.append(getattr(self, call.method)(*call.args, **call.kwargs))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+
+def test_a_batched_device_gets_each_run_of_requests_in_one_call() -> None:
+    device = Batching(16 * MIB)
+    logic = session(device)
+    steps_for(logic, reads(3, 4096) + request(Command.FLUSH, 9))
+    assert device.batches == [4]
+    assert [c.cookie for c in sent(logic, dict.fromkeys((1, 2, 3), 4096))] == [1, 2, 3, 9]
+
+
+def test_a_batched_run_waits_for_its_budget_only_when_the_share_has_no_room() -> None:
+    budget = MemoryBudget(64 * MIB)
+    logic = session(Batching(16 * MIB), share=budget.share())
+    assert steps_for(logic, reads(2)) == [RECEIVE]  # room: no wait
+    assert budget.used == 2 * MIB
+    budget = MemoryBudget(MIB)
+    other = budget.share()
+    assert other.try_take(MIB)  # another connection holds it all
+    logic = session(Batching(16 * MIB), share=budget.share())
+    logic.received(reads(2))
+    first = next(logic.inline_transmission(None))
+    assert type(first) is WaitForBudget and first.amount == 2 * MIB and budget.used == MIB
+
+
+def test_a_batched_device_holds_the_reads_of_every_batch_until_sent() -> None:
+    budget = MemoryBudget(64 * MIB)
+    logic = session(Batching(16 * MIB), share=budget.share())
+    assert steps_for(logic, reads(1, 4096)) == [RECEIVE]
+    assert steps_for(logic, request(Command.READ, 2, 0, 8192)) == [RECEIVE]  # not sent yet: both held
+    assert budget.used == 4096 + 8192
+    assert [c.cookie for c in sent(logic, {1: 4096, 2: 8192})] == [1, 2]
+    assert budget.used == 0
+
+
+def test_a_batched_device_sends_once_flush_at_bytes_are_queued_across_batches() -> None:
+    """Replies not yet sent count together, batch after batch: the batch that brings them to FLUSH_AT exactly
+    asks for a SEND."""
+    logic = session(Batching(16 * MIB))
+    half = FLUSH_AT // 2
+    assert steps_for(logic, reads(1, half)) == [RECEIVE]
+    assert steps_for(logic, request(Command.READ, 2, half, half)) == [SEND, RECEIVE]
 
 
 @pytest.fixture

@@ -212,3 +212,40 @@ def test_replies_wait_for_at_most_ready_in_a_row_receives_from_the_start(shm_fil
         else:
             logic.received_in_place(count)
     assert len(streaks) >= 2 and set(streaks) == {nbdproto.serving.READY_IN_A_ROW}
+
+
+def test_a_request_refused_while_shutting_down_alone() -> None:
+    """refused_shutting_down (for drivers that carry requests out concurrently): False, and nothing answered,
+    until the server shuts down; then ESHUTDOWN for every request but a write received in place (its data is in
+    the device already: it is carried out)."""
+    logic = session()
+    logic.received(request(Command.READ, 4, 0, 512))
+    batch: list[nbdproto.serving.Work] = []
+    logic.next_batch(batch)
+    (read,) = batch
+    assert type(read) is nbdproto.ReadRequest
+    assert logic.refused_shutting_down(read) is False
+    assert logic.engine.data_to_send() == []
+    logic.begin_shutdown()
+    assert logic.refused_shutting_down(nbdproto.WriteRequest(6, 0, b"x" * 512, in_place=True)) is False
+    assert logic.engine.data_to_send() == []
+    assert logic.refused_shutting_down(read) is True
+    (reply,) = replies(b"".join(bytes(piece) for piece in logic.engine.data_to_send()))
+    assert (reply.cookie, reply.error) == (4, nbdproto.Errno.ESHUTDOWN)
+
+
+class _Submitting(MemoryDevice):
+    """A memory device that says it takes calls without waiting for them (``submit``); never called here."""
+
+    def submit(self, calls: object, tokens: object, completions: object) -> None:
+        raise AssertionError("not called")
+
+
+def test_a_pipeline_only_for_a_device_that_takes_calls_without_waiting() -> None:
+    assert session().pipeline(lambda: None) is None
+    logic = nbdproto.serving.ServerSessionLogic(nbdproto.serving.SessionSettings())
+    logic.engine.data_to_send()
+    logic.received(client_flags() + option(nbdproto.Option.GO, info_payload("")))
+    assert logic.handshake_step() is nbdproto.engine.HandshakeStep.DONE
+    assert logic.offer_export(_Submitting(1 << 20), read_only=False)
+    assert type(logic.pipeline(lambda: None)) is nbdproto.serving.Pipeline

@@ -208,10 +208,9 @@ def _network(text: str) -> IPNetwork:
         network = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise ValueError(f"{text!r} is not an address or network (examples: 192.0.2.0/24, ::1)") from None
-    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
-        mapped = network.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    # A mapped network address means a prefix of /96 or longer: a shorter one clears a bit of its ffff.
+    if isinstance(network, ipaddress.IPv6Network) and (mapped := network.network_address.ipv4_mapped) is not None:
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
     return network
 
 

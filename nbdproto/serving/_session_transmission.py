@@ -149,11 +149,14 @@ class SessionTransmission:
     def received_in_place(self, count: int) -> None:
         """The driver received ``count`` bytes into the buffers ``in_place_buffers()`` gave (0: the client
         closed): the part in the payload's place, then the header bytes after it."""
+        if not count:  # the client closed, between requests or part-way through a payload alike
+            self.received(b"")
+            return
         target = self.engine.write_buffer()
         into_target = 0 if target is None else min(count, len(target))
-        if into_target or (count == 0 and target is not None):
+        if into_target:
             self.received_into_payload(into_target)
-        if count > into_target or (count == 0 and target is None):
+        if count > into_target:
             self.received(bytes(self._header_room[: count - into_target]))
 
     # --- How long to wait -------------------------------------------------------------------------------------
@@ -241,7 +244,9 @@ class SessionTransmission:
                 yield from self._carry_out_batched(batch)
                 batch.clear()
             contexts, on_error, shutting_down = engine.meta_contexts, self.on_device_error, self.shutting_down
-            queued = self._queued  # written back before every step (the driver's sent() resets it)
+            # Queued reply bytes: the driver's sent() sets them to 0 at every step but RECEIVE_READY (a driver sends
+            # what is queued first), so they are read back after each step, and written back before RECEIVE_READY.
+            queued = self._queued
             for request in batch:
                 if type(request) is ReadRequest:  # the commonest, first (a read is never part of a streamed write)
                     if shutting_down:
@@ -250,14 +255,12 @@ class SessionTransmission:
                     length = request.length
                     if read_view is None and share is not None:
                         if not share.try_take(length) and not self._take_kept_back(length):
-                            self._queued = queued
                             yield WaitForBudget(length)
                             queued, shutting_down = self._queued, self.shutting_down
                         self._queued_cost += length
                     engine.send(carry_out(device, request, contexts, on_error, reader))
                     queued += length
                     if queued >= FLUSH_AT:
-                        self._queued = queued
                         yield SEND
                         queued, shutting_down = self._queued, self.shutting_down
                     continue
