@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nbdproto.wire import MAX_STRING_LENGTH, Command, CommandFlags, Errno, LocalProtocolError, TransmissionFlags
+from nbdproto.wire import MAX_STRING_LENGTH, Errno, LocalProtocolError
 
 from . import _replies
 from ._commands import DF_BIT as _DF
@@ -27,12 +27,6 @@ from ._transmission_events import (
 
 __all__ = ["ServerReplies"]
 
-# Every combination of the six command flags, made once: IntFlag construction costs ~300 ns per call.
-_COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
-_NO_FLAGS = _COMMAND_FLAGS[0]
-_READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
-_BLOCK_STATUS = int(Command.BLOCK_STATUS)
-_READ_ONLY = int(TransmissionFlags.READ_ONLY)
 _MAX_DESCRIPTORS = 1 << 20  # spec: a server SHOULD NOT send more than 2^20 descriptors in one chunk
 _simple_reply = _replies.simple_reply
 _offset_data_header = _replies.offset_data_header
