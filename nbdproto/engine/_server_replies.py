@@ -187,9 +187,8 @@ class ServerReplies(ServerBase):
         if not out:
             raise LocalProtocolError("a block status reply needs at least one extent per context")
         if request.flags & _REQ_ONE:
-            # One descriptor, no longer than the request, and still a whole number of blocks where it can be.
+            # One descriptor, no longer than the request, and still a whole number of blocks where it can be (one
+            # shorter than a block, at the export's tail, stays as it is).
             length = min(out[0].length, request.length)
-            if length > min_block:
-                length -= length % min_block
-            out = [Extent(length, out[0].status)]
+            out = [Extent(length - length % min_block or length, out[0].status)]
         return out[:most]
