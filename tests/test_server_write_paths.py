@@ -381,3 +381,15 @@ def test_good_reads_then_part_of_a_header_in_one_chunk(mode: str) -> None:
         assert s.receiving_request
         s.receive_data(last[10:])
         assert [e.cookie for e in events(s)] == [9]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["fast", "full"])
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+def test_whole_writes_in_one_chunk_are_handed_over_with_their_flags(kind: type[ServerConnection], mode: str) -> None:
+    for first, second in ((F.FUA, 0), (0, F.FUA)):
+        s = server(mode, kind)
+        s.receive_data(
+            header(5, 4096, 512, first, mode) + b"\x05" * 512 + header(6, 0, 512, second, mode) + b"\x06" * 512
+        )
+        got = [(e.cookie, e.offset, e.flags, bytes(e.data), e.more) for e in events(s)]  # type: ignore[attr-defined]
+        assert got == [(5, 4096, first, b"\x05" * 512, False), (6, 0, second, b"\x06" * 512, False)]
