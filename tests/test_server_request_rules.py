@@ -168,8 +168,11 @@ def test_after_a_shrinking_resize_the_old_tail_is_enospc() -> None:
     assert refusals(s, request(C.READ, 7, half - 1024, 1000)) == [  # unaligned, inside: EINVAL for that
         (7, E.EINVAL, f"offset {half - 1024} / length 1000 not aligned to 512 bytes", 0)
     ]
-    assert refusals(s, request(C.READ, 8, half - 512, 500)) == [  # unaligned, ending at the new end
-        (8, E.EINVAL, f"offset {half - 512} / length 500 not aligned to 512 bytes", 0)
+    assert refusals(s, request(C.READ, 8, half - 500, 500)) == [  # unaligned, ending at the new end
+        (8, E.EINVAL, f"offset {half - 500} / length 500 not aligned to 512 bytes", 0)
+    ]
+    assert refusals(s, request(C.READ, 9, half - 12, 524)) == [  # unaligned, ending a block past the new end
+        (9, E.ENOSPC, f"offset {half - 12} + length 524 is past the export size {half}", 0)
     ]
     s.receive_data(request(C.READ, 5, half - 512, 512))
     assert [type(e) for e in events(s)] == [n.ReadRequest]
@@ -199,6 +202,14 @@ def local_error(s: ServerConnection, event: object) -> str:
 
 
 def test_replies_the_server_will_not_send_in_words() -> None:
+    s = _in_flight("structured", request(C.FLUSH, 1))
+    assert local_error(s, n.SuccessReply(0x63)) == "no request with cookie 0x63 is waiting for a reply"
+    s = _in_flight("extended", request(C.FLUSH, 1, extended=True))
+    assert local_error(s, n.ErrorReply(0x63, E.EIO)) == "no request with cookie 0x63 is waiting for a reply"
+    s = _in_flight("structured", request(C.FLUSH, 1))
+    assert local_error(s, n.ReadData(0x63, 0, b"x")) == "read reply for cookie 0x63, which is no request"
+    s = _in_flight("simple", request(C.FLUSH, 1))
+    assert local_error(s, n.ReadHole(0x63, 0, 512)) == "read reply for cookie 0x63, which is no request"
     s = _in_flight("structured", request(C.FLUSH, 1), request(C.READ, 2, 4096, 512))
     assert local_error(s, n.ErrorReply(1, E.OK)) == "ErrorReply needs a non-zero error"
     s = _in_flight("structured", request(C.READ, 2, 4096, 512))
@@ -273,6 +284,9 @@ def test_extents_are_made_to_fit() -> None:
     odd = dict(size=MIB - 100, minimum_block_size=512)
     assert _status("structured", (n.Extent(MIB - 100, 3),), 4096 + 100, F.REQ_ONE, **odd) == [(4096, 3)]
     assert _status("structured", (n.Extent(300, 3),), 300, F.REQ_ONE, size=300) == [(300, 3)]
+    # A tail shorter than a block stays whole; one block is one block.
+    assert _status("structured", (n.Extent(300, 3),), 300, F.REQ_ONE, size=300, minimum_block_size=512) == [(300, 3)]
+    assert _status("structured", (n.Extent(512, 3),), 512, F.REQ_ONE, size=812, minimum_block_size=512) == [(512, 3)]
 
 
 def test_extents_tiling_the_request_are_all_sent_and_no_more() -> None:
@@ -280,6 +294,17 @@ def test_extents_tiling_the_request_are_all_sent_and_no_more() -> None:
     five = tuple(n.Extent(1024, i & 1) for i in range(5))
     assert _status("structured", five, 2048) == [(1024, 0), (1024, 1)]
     assert _status("structured", (n.Extent(4096, 0xFFFFFFFF),)) == [(4096, 0xFFFFFFFF)]  # the largest status
+
+
+def test_extents_past_the_request_s_end_are_neither_sent_nor_checked() -> None:
+    """The application may answer with its whole map: once the request is covered (exactly, here), or the chunk
+    holds as many descriptors as it may, the extents after are not looked at, even ones that could not be sent."""
+    covering = (n.Extent(1024, 0), n.Extent(1024, 1))
+    for bad in (n.Extent(0, 0), n.Extent(512, 1 << 32), n.Extent(700, 0)):
+        assert _status("structured", (*covering, bad), 2048, minimum_block_size=512) == [(1024, 0), (1024, 1)]
+    full = tuple(n.Extent(1, i & 1) for i in range(4096 // 8))  # as many as a 4096-byte payload holds
+    got = _status("structured", (*full, n.Extent(0, 0)), 4096, maximum_payload=4096)
+    assert got == [(1, i & 1) for i in range(4096 // 8)]
 
 
 def test_an_unaligned_extent_may_end_at_the_export_s_end_after_others() -> None:

@@ -340,3 +340,105 @@ def test_the_reads_of_a_row_carry_every_field_the_constructor_gives(mode: str) -
         expected = n.ReadRequest(made.cookie, 4 * KIB * made.cookie, 4 * KIB)
         assert made == expected and repr(made) == repr(expected)
         assert made.flags is expected.flags and made.buffer is None
+
+
+def _reads(first: int, count: int, mode: str = "structured") -> bytes:
+    """``count`` good READs of 4 KiB, cookies from ``first`` on."""
+    extended = mode == "extended"
+    return b"".join(request(C.READ, c, 4 * KIB * c, 4 * KIB, extended=extended) for c in range(first, first + count))
+
+
+# Requests of other kinds behind good READs in one received chunk, by mode, with the event each is (None: refused):
+# the loops that queue a chunk's valid requests at once (_queue_requests, _queue_reads) must leave each to the full
+# check, which takes it or refuses it as it would alone; the READs behind it (20 of them: more bytes than a request
+# here is long) go on either way.
+OTHERS = {
+    "a READ with DF": ("structured", request(C.READ, 2, 0, 512, F.DF), "ReadRequest"),
+    "a zero-length READ": ("structured", request(C.READ, 2, 0, 0), None),
+    "a TRIM": ("structured", request(C.TRIM, 2, 0, 512), "TrimRequest"),
+    "a WRITE_ZEROES": ("structured", request(C.WRITE_ZEROES, 2, 0, 512, F.FUA), "WriteZeroesRequest"),
+    "a CACHE": ("structured", request(C.CACHE, 2, 0, 512), "CacheRequest"),
+    "a FLUSH": ("structured", request(C.FLUSH, 2), "FlushRequest"),
+    "a zero-length WRITE": ("structured", request(C.WRITE, 2, 0, 0), None),
+    "a compact WRITE with PAYLOAD_LEN": ("structured", request(C.WRITE, 2, 0, 512, F.PAYLOAD_LEN) + bytes(512), None),
+    "an extended WRITE without PAYLOAD_LEN": ("extended", request(C.WRITE, 2, 0, 512, extended=True), None),
+    "an extended TRIM": ("extended", request(C.TRIM, 2, 0, 512, extended=True), "TrimRequest"),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHERS))
+def test_other_requests_among_good_reads_in_one_chunk_are_taken_as_the_full_check_takes_them(case: str) -> None:
+    mode, other, taken = OTHERS[case]
+    for at in (0, 1, 2):  # right behind the READ taken first, and among the READs queued behind it
+        chunk = request(C.READ, 1, 0, 4 * KIB, extended=mode == "extended") + _reads(3, at, mode)
+        chunk += other + _reads(3 + at, 20, mode)
+        seen = {}
+        for kind in KINDS:
+            s = server(mode, kind, minimum_block_size=512, maximum_payload=64 * KIB)
+            seen[kind] = _answered(s, chunk)
+        assert seen[ServerConnection] == seen[FullCheckOnly], at
+        got, errors = seen[ServerConnection]
+        reads = [("ReadRequest", c) for c in range(3, 23 + at)]
+        if taken is None:
+            assert got == [("ReadRequest", 1), *reads] and [e[0] for e in errors] == [2]
+        else:
+            assert got == [("ReadRequest", 1), *reads[:at], (taken, 2), *reads[at:]] and errors == []
+
+
+def test_other_requests_in_one_chunk_are_refused_in_words() -> None:
+    """Which of OTHERS the full check refuses, and with which words."""
+    for case, words in (
+        ("a zero-length READ", "READ of length 0"),
+        ("a zero-length WRITE", "WRITE of length 0"),
+        ("a compact WRITE with PAYLOAD_LEN", "WRITE takes no payload here"),
+        ("an extended WRITE without PAYLOAD_LEN", "extended NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"),
+    ):
+        mode, other, _ = OTHERS[case]
+        s = server(mode, minimum_block_size=512)
+        _, errors = _answered(s, request(C.READ, 1, 0, 4 * KIB, extended=mode == "extended") + other)
+        assert errors == [(2, int(E.EINVAL), words)], case
+
+
+@pytest.mark.parametrize("mode", ["structured", "extended"])
+def test_a_bad_magic_behind_good_requests_in_one_chunk_ends_the_connection(mode: str) -> None:
+    extended = mode == "extended"
+    codec_magic = 0x21E41C71 if extended else 0x25609513
+    for bad in (
+        request(C.READ, 2, 0, 4 * KIB, extended=extended),
+        header(2, 0, 4 * KIB, mode=mode) + bytes(4 * KIB),
+    ):
+        bad = b"\x12\x34\x56\x78" + bad[4:]
+        for at in (0, 1, 2):
+            s = server(mode, minimum_block_size=512)
+            s.receive_data(request(C.READ, 1, 0, 4 * KIB, extended=extended) + _reads(3, at, mode) + bad)
+            got = []
+            with pytest.raises(n.RemoteProtocolError) as ended:
+                while True:
+                    got.append(s.next_event())
+            assert [(type(e), e.cookie) for e in got] == [(n.ReadRequest, c) for c in (1, *range(3, 3 + at))]
+            assert str(ended.value).startswith(f"request magic 0x12345678 is not {codec_magic:#x}")
+
+
+@pytest.mark.parametrize("mode", ["structured", "extended"])
+def test_good_reads_then_part_of_a_header_in_one_chunk(mode: str) -> None:
+    """A chunk that ends part-way through a header: the whole requests before it are taken, the part waits."""
+    last = request(C.READ, 9, 0, 4 * KIB, extended=mode == "extended")
+    for at in (1, 2, 3):
+        s = server(mode, minimum_block_size=512)
+        s.receive_data(request(C.READ, 1, 0, 4 * KIB, extended=mode == "extended") + _reads(3, at, mode) + last[:10])
+        assert [e.cookie for e in events(s)] == [1, *range(3, 3 + at)]  # type: ignore[attr-defined]
+        assert s.receiving_request
+        s.receive_data(last[10:])
+        assert [e.cookie for e in events(s)] == [9]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["fast", "full"])
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+def test_whole_writes_in_one_chunk_are_handed_over_with_their_flags(kind: type[ServerConnection], mode: str) -> None:
+    for first, second in ((F.FUA, 0), (0, F.FUA)):
+        s = server(mode, kind)
+        s.receive_data(
+            header(5, 4096, 512, first, mode) + b"\x05" * 512 + header(6, 0, 512, second, mode) + b"\x06" * 512
+        )
+        got = [(e.cookie, e.offset, e.flags, bytes(e.data), e.more) for e in events(s)]  # type: ignore[attr-defined]
+        assert got == [(5, 4096, first, b"\x05" * 512, False), (6, 0, second, b"\x06" * 512, False)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nbdproto.wire import MAX_STRING_LENGTH, Command, CommandFlags, Errno, LocalProtocolError, TransmissionFlags
+from nbdproto.wire import MAX_STRING_LENGTH, Errno, LocalProtocolError
 
 from . import _replies
 from ._commands import DF_BIT as _DF
@@ -27,12 +27,6 @@ from ._transmission_events import (
 
 __all__ = ["ServerReplies"]
 
-# Every combination of the six command flags, made once: IntFlag construction costs ~300 ns per call.
-_COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
-_NO_FLAGS = _COMMAND_FLAGS[0]
-_READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
-_BLOCK_STATUS = int(Command.BLOCK_STATUS)
-_READ_ONLY = int(TransmissionFlags.READ_ONLY)
 _MAX_DESCRIPTORS = 1 << 20  # spec: a server SHOULD NOT send more than 2^20 descriptors in one chunk
 _simple_reply = _replies.simple_reply
 _offset_data_header = _replies.offset_data_header
@@ -193,9 +187,8 @@ class ServerReplies(ServerBase):
         if not out:
             raise LocalProtocolError("a block status reply needs at least one extent per context")
         if request.flags & _REQ_ONE:
-            # One descriptor, no longer than the request, and still a whole number of blocks where it can be.
+            # One descriptor, no longer than the request, and still a whole number of blocks where it can be (one
+            # shorter than a block, at the export's tail, stays as it is).
             length = min(out[0].length, request.length)
-            if length > min_block:
-                length -= length % min_block
-            out = [Extent(length, out[0].status)]
+            out = [Extent(length - length % min_block or length, out[0].status)]
         return out[:most]

@@ -40,7 +40,6 @@ _COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
 _NO_FLAGS = _COMMAND_FLAGS[0]
 _READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
-_MAX_DESCRIPTORS = 1 << 20  # spec: a server SHOULD NOT send more than 2^20 descriptors in one chunk
 _simple_reply = _replies.simple_reply
 
 
