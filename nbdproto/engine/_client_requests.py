@@ -69,15 +69,16 @@ class ClientRequesting(Connection):
     _fast_paths = True
     """The short roads for plain READs and their whole replies (a test turns them off to compare with the full
     checks)."""
+    strict: bool
+    """Hold every request to what the server stated, whether or not the client asked for it: ranges aligned to
+    the minimum block size it sent even when NBD_INFO_BLOCK_SIZE was not requested (otherwise only a client that
+    asked is bound: spec "Size constraints"), and write payloads within its maximum payload (otherwise only
+    reads are). Set by ClientConnection from its ``strict`` argument; may be switched at any time; see
+    ``_send_request``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.export: Export | None = None
-        self.strict = False
-        """Hold every request to what the server stated, whether or not the client asked for it: ranges
-        aligned to the minimum block size it sent even when NBD_INFO_BLOCK_SIZE was not requested (otherwise
-        only a client that asked is bound: spec "Size constraints"), and write payloads within its maximum
-        payload (otherwise only reads are). May be switched at any time; see ``_send_request``."""
         self._alignment = 1
         self._pending: dict[int, Pending] = {}
         self._disconnected = False
@@ -137,9 +138,7 @@ class ClientRequesting(Connection):
         if self._disconnected:
             raise LocalProtocolError("no request may follow NBD_CMD_DISC")
         kind = type(event)
-        rule = RULE_OF.get(kind)
-        if rule is None:
-            raise LocalProtocolError(f"{kind.__name__} is not a request")
+        rule = RULE_OF[kind]  # send() lets nothing else through in transmission (_state.SENDS: the requests)
         request = cast(Request, event)
         if self.server_shutting_down and kind is not DisconnectRequest:
             raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): only NBD_CMD_DISC may follow")
