@@ -46,7 +46,7 @@ class Pending:
         command: Command,
         offset: int,
         length: int,
-        flags: int = 0,
+        flags: int,
         buffer: memoryview | None = None,
     ) -> None:
         self.request = request
@@ -115,7 +115,9 @@ class ClientRequesting(Connection):
     def _send_request(self, event: Event) -> None:
         export = self.export
         assert export is not None
-        # The common request first: a READ without flags, that every check below lets through as it is.
+        # The common request first: a READ without flags, that every check below lets through as it is. (Its
+        # length needs no check against the compact header's 32 bits: the maximum payload is never more, being
+        # NBD_INFO_BLOCK_SIZE's 32-bit field or the default.)
         if (
             type(event) is ReadRequest
             and not event.flags
@@ -130,7 +132,6 @@ class ClientRequesting(Connection):
                 and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
                 and cookie not in self._pending
                 and buffer is None
-                and (length <= 0xFFFFFFFF or self.extended_headers)
             ):
                 self._pending[cookie] = Pending(event, _READ, offset, length, 0, memoryview(bytearray(length)))
                 self._out.append(self._read_header(cookie, offset, length))
