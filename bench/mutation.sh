@@ -10,8 +10,10 @@
 #
 # mutmut writes each mutant into the source, so the run works on a copy of the checkout (tracked and new
 # files) in $MUTATION_DIR (default /tmp/nbdproto-mutation-$USER); its cache stays there, and a second run
-# tests again only the mutants not killed yet (MUTATION_FRESH=1 starts from nothing). The tests run in a warm process that forks per mutant (bench/mutation_runner.py),
-# one module at a time, at nice 10: the machine is shared. The report (bench/mutation_report.py) goes to
+# tests again only the mutants not killed yet (MUTATION_FRESH=1 starts from nothing). mutmut runs through
+# bench/mutmut_run.py, which fixes its cache look-up for a line repeated in a module (else never tested). The
+# tests run in a warm process that forks per mutant (bench/mutation_runner.py), one module at a time, at nice
+# 10: the machine is shared. The report (bench/mutation_report.py) goes to
 # stdout and $MUTATION_DIR/report.md; the exit status is 1 if a mutant survived that is not listed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,7 +79,7 @@ for name in "${chosen[@]}"; do
     exit 1
   fi
   status=0
-  (cd "$work" && nice -n 10 "$python" -m mutmut run --paths-to-mutate "$module" --tests-dir tests --no-progress \
+  (cd "$work" && nice -n 10 "$python" "$checkout/bench/mutmut_run.py" run --paths-to-mutate "$module" --tests-dir tests --no-progress \
     --simple-output --runner "$python $checkout/bench/mutation_runner.py run $socket") >"$work/mutmut-$name.log" 2>&1 ||
     status=$?
   stop_server
