@@ -108,3 +108,12 @@ def test_a_structured_whole_read_after_a_reply_the_loop_leaves(ask: Ask) -> None
         (n.SuccessReply, 3),
     ]
     assert bytes(got[1].data) == b"\x02" * 8  # type: ignore[attr-defined]
+
+
+def test_a_simple_reply_whose_data_came_in_a_second_piece_is_answered_at_once(ask: Ask) -> None:
+    """All of its data is there when the header is read, though not in the piece the header came in: the reply
+    is complete, not a read still waiting for bytes."""
+    client = ask(n.ReadRequest(1, 0, 16), simple=True)
+    client.receive_data(simple(1) + b"\x01" * 8)
+    (reply,) = answers(client, b"\x02" * 8)
+    assert isinstance(reply, n.ReadReply) and bytes(reply.data) == b"\x01" * 8 + b"\x02" * 8
