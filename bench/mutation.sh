@@ -10,8 +10,10 @@
 #
 # mutmut writes each mutant into the source, so the run works on a copy of the checkout (tracked and new
 # files) in $MUTATION_DIR (default /tmp/nbdproto-mutation-$USER); its cache stays there, and a second run
-# tests again only the mutants not killed yet (MUTATION_FRESH=1 starts from nothing). The tests run in a warm process that forks per mutant (bench/mutation_runner.py),
-# one module at a time, at nice 10: the machine is shared. The report (bench/mutation_report.py) goes to
+# tests again only the mutants not killed yet (MUTATION_FRESH=1 starts from nothing). mutmut runs through
+# bench/mutmut_run.py, which fixes its cache look-up for a line repeated in a module (else never tested). The
+# tests run in a warm process that forks per mutant (bench/mutation_runner.py), one module at a time, at nice
+# 10: the machine is shared. The report (bench/mutation_report.py) goes to
 # stdout and $MUTATION_DIR/report.md; the exit status is 1 if a mutant survived that is not listed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ declare -A modules=(
   [server_replies]="nbdproto/engine/_server_replies.py tests/test_server_read_chunks.py tests/test_server_request_rules.py tests/test_server_write_paths.py tests/test_command_rules.py tests/test_server.py tests/test_commands.py tests/test_pair.py tests/test_streamed_writes.py tests/test_state_machine.py tests/test_annotations.py"
   [client_checks]="nbdproto/engine/_client_checks.py tests/test_client_check_rules.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py tests/test_annotations.py"
   [client_requests]="nbdproto/engine/_client_requests.py tests/test_client_request_rules.py tests/test_client_rules.py tests/test_client_checks.py tests/test_pair.py tests/test_strict_mode.py tests/test_annotations.py"
-  [client_replies]="nbdproto/engine/_client_replies.py tests/test_client_reply_rules.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py tests/test_strict_mode.py tests/test_annotations.py"
+  [client_replies]="nbdproto/engine/_client_replies.py tests/test_client_reply_rules.py tests/test_client_whole_replies.py tests/test_client_checks.py tests/test_client_rules.py tests/test_pair.py tests/test_strict_mode.py tests/test_annotations.py"
   [regionlock]="nbdproto/devices/_regions.py tests/test_regionlock.py tests/test_filters.py tests/test_mirror.py tests/test_annotations.py"
   [session_transmission]="nbdproto/serving/_session_transmission.py tests/test_session_logic.py tests/test_session_carry_out.py tests/test_backend_rules.py tests/test_streamed_writes.py tests/test_receive_size.py tests/test_server_concurrency.py tests/test_writes_in_place.py tests/test_memory_fairness.py tests/test_annotations.py"
   [state]="nbdproto/engine/_state.py tests/test_state_machine.py tests/test_pair.py tests/test_server.py tests/test_annotations.py"
@@ -77,7 +79,7 @@ for name in "${chosen[@]}"; do
     exit 1
   fi
   status=0
-  (cd "$work" && nice -n 10 "$python" -m mutmut run --paths-to-mutate "$module" --tests-dir tests --no-progress \
+  (cd "$work" && nice -n 10 "$python" "$checkout/bench/mutmut_run.py" run --paths-to-mutate "$module" --tests-dir tests --no-progress \
     --simple-output --runner "$python $checkout/bench/mutation_runner.py run $socket") >"$work/mutmut-$name.log" 2>&1 ||
     status=$?
   stop_server

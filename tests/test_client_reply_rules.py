@@ -267,3 +267,81 @@ def test_a_df_read_takes_one_chunk() -> None:
 
 
 EVERYTHING_DF = int(TF.HAS_FLAGS | TF.SEND_DF | TF.SEND_FLUSH)
+
+
+def test_a_read_ended_before_all_of_it_was_answered() -> None:
+    client = asking(n.ReadRequest(1, 0, 1))
+    assert refused(client, chunk(1, T.NONE, b"")) == "read 0x1 ended with 0 of 1 bytes answered"
+    client = asking(n.ReadRequest(0x11, 0, 1024))
+    assert refused(client, chunk(0x11, T.OFFSET_DATA, data(0, bytes(512)), flags=0), eof=True) == (
+        "the server closed the connection before the DONE chunk of cookie 0x11"
+    )
+
+
+# --- Error chunks, their fields ------------------------------------------------------------------------------
+
+UNKNOWN_ERROR_CHUNK = 0x8000 + 100
+
+
+def test_an_error_chunk_of_an_unknown_type_takes_its_error_and_message() -> None:
+    client = asking(n.FlushRequest(1))
+    (reply,) = answers(client, chunk(1, UNKNOWN_ERROR_CHUNK, struct.pack(">IH", n.Errno.EIO, 0)))  # 6 bytes: enough
+    assert reply == n.ErrorReply(1, n.Errno.EIO, "")
+    client = asking(n.FlushRequest(1))
+    assert refused(client, chunk(1, UNKNOWN_ERROR_CHUNK, struct.pack(">IH", n.Errno.EIO, 0)[:5])) == (
+        "error chunk type 32868 of 5 bytes"
+    )
+    client = asking(n.FlushRequest(1))
+    (reply,) = answers(client, chunk(1, UNKNOWN_ERROR_CHUNK, struct.pack(">IH", n.Errno.EIO, 3) + b"a\xffb"))
+    assert reply == n.ErrorReply(1, n.Errno.EIO, "a\ufffdb")  # not UTF-8: the bad byte replaced, not refused
+
+
+def test_an_error_chunk_with_error_0() -> None:
+    assert refused(asking(n.FlushRequest(1)), chunk(1, T.ERROR, error_payload(0, "fine"))) == (
+        "an error chunk with error 0"
+    )
+
+
+def test_an_error_offset_for_a_request_of_no_length_is_its_offset() -> None:
+    client = asking(n.FlushRequest(1))
+    (reply,) = answers(client, chunk(1, T.ERROR_OFFSET, error_payload(n.Errno.EIO, "bad", 0)))
+    assert reply == n.ErrorReply(1, n.Errno.EIO, "bad", 0)
+    client = asking(n.FlushRequest(1))
+    assert refused(client, chunk(1, T.ERROR_OFFSET, error_payload(n.Errno.EIO, "bad", 1))) == (
+        "error offset 1 is outside the request 0+0"
+    )
+
+
+# --- Block status chunks ---------------------------------------------------------------------------------------
+
+
+def extents(context: int, *pairs: tuple[int, int]) -> bytes:
+    return struct.pack(">I", context) + b"".join(struct.pack(">II", length, flags) for length, flags in pairs)
+
+
+def test_block_status_answers_each_context_asked_for_once() -> None:
+    client = asking(n.BlockStatusRequest(3, 0, 4096), contexts=(n.BASE_ALLOCATION,))
+    twice = chunk(3, T.BLOCK_STATUS, extents(1, (4096, 0)), flags=0) + chunk(3, T.BLOCK_STATUS, extents(1, (4096, 0)))
+    assert refused(client, twice) == "block status for context 1, not asked for or answered twice"
+    client = asking(n.BlockStatusRequest(3, 0, 4096), contexts=(n.BASE_ALLOCATION,))
+    assert refused(client, chunk(3, T.BLOCK_STATUS, extents(5, (4096, 0)))) == (
+        "block status for context 5, not asked for or answered twice"
+    )
+    client = asking(n.BlockStatusRequest(3, 0, 4096), contexts=(n.BASE_ALLOCATION, "x:y"))
+    assert refused(client, chunk(3, T.BLOCK_STATUS, extents(2, (4096, 0)))) == (
+        "block status 0x3 answered contexts [2] of [1, 2]"
+    )
+    client = asking(n.BlockStatusRequest(3, 0, 4096), contexts=(n.BASE_ALLOCATION, "x:y"))
+    both = chunk(3, T.BLOCK_STATUS, extents(2, (4096, 1)), flags=0) + chunk(3, T.BLOCK_STATUS, extents(1, (512, 0)))
+    (reply,) = answers(client, both)
+    assert reply == n.BlockStatusReply(3, {1: (n.Extent(512, 0),), 2: (n.Extent(4096, 1),)})
+
+
+def test_req_one_holds_the_one_extent_to_the_request() -> None:
+    client = asking(n.BlockStatusRequest(3, 0, 512, F.REQ_ONE), contexts=(n.BASE_ALLOCATION,))
+    assert refused(client, chunk(3, T.BLOCK_STATUS, extents(1, (1024, 0)))) == (
+        "the REQ_ONE extent of context 1 is 1024 bytes, longer than the 512 requested"
+    )
+    client = asking(n.BlockStatusRequest(3, 0, 512), contexts=(n.BASE_ALLOCATION,))
+    (reply,) = answers(client, chunk(3, T.BLOCK_STATUS, extents(1, (1024, 0))))  # without REQ_ONE it may go on
+    assert reply == n.BlockStatusReply(3, {1: (n.Extent(1024, 0),)})

@@ -46,7 +46,7 @@ class Pending:
         command: Command,
         offset: int,
         length: int,
-        flags: int = 0,
+        flags: int,
         buffer: memoryview | None = None,
     ) -> None:
         self.request = request
@@ -69,15 +69,16 @@ class ClientRequesting(Connection):
     _fast_paths = True
     """The short roads for plain READs and their whole replies (a test turns them off to compare with the full
     checks)."""
+    strict: bool
+    """Hold every request to what the server stated, whether or not the client asked for it: ranges aligned to
+    the minimum block size it sent even when NBD_INFO_BLOCK_SIZE was not requested (otherwise only a client that
+    asked is bound: spec "Size constraints"), and write payloads within its maximum payload (otherwise only
+    reads are). Set by ClientConnection from its ``strict`` argument; may be switched at any time; see
+    ``_send_request``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.export: Export | None = None
-        self.strict = False
-        """Hold every request to what the server stated, whether or not the client asked for it: ranges
-        aligned to the minimum block size it sent even when NBD_INFO_BLOCK_SIZE was not requested (otherwise
-        only a client that asked is bound: spec "Size constraints"), and write payloads within its maximum
-        payload (otherwise only reads are). May be switched at any time; see ``_send_request``."""
         self._alignment = 1
         self._pending: dict[int, Pending] = {}
         self._disconnected = False
@@ -114,7 +115,9 @@ class ClientRequesting(Connection):
     def _send_request(self, event: Event) -> None:
         export = self.export
         assert export is not None
-        # The common request first: a READ without flags, that every check below lets through as it is.
+        # The common request first: a READ without flags, that every check below lets through as it is. (Its
+        # length needs no check against the compact header's 32 bits: the maximum payload is never more, being
+        # NBD_INFO_BLOCK_SIZE's 32-bit field or the default.)
         if (
             type(event) is ReadRequest
             and not event.flags
@@ -129,7 +132,6 @@ class ClientRequesting(Connection):
                 and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
                 and cookie not in self._pending
                 and buffer is None
-                and (length <= 0xFFFFFFFF or self.extended_headers)
             ):
                 self._pending[cookie] = Pending(event, _READ, offset, length, 0, memoryview(bytearray(length)))
                 self._out.append(self._read_header(cookie, offset, length))
@@ -137,9 +139,7 @@ class ClientRequesting(Connection):
         if self._disconnected:
             raise LocalProtocolError("no request may follow NBD_CMD_DISC")
         kind = type(event)
-        rule = RULE_OF.get(kind)
-        if rule is None:
-            raise LocalProtocolError(f"{kind.__name__} is not a request")
+        rule = RULE_OF[kind]  # send() lets nothing else through in transmission (_state.SENDS: the requests)
         request = cast(Request, event)
         if self.server_shutting_down and kind is not DisconnectRequest:
             raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): only NBD_CMD_DISC may follow")
