@@ -37,7 +37,7 @@ def test_a_socket_stays_watched_between_waits_and_is_let_go_when_nobody_waits() 
             assert _watched(loop, right)  # still watched: the next wait registers nothing
         # The loop saw the socket readable before the bytes were received: that must not wake the next wait.
         waiting = asyncio.ensure_future(readable.wait())
-        for _ in range(20):
+        for _ in range(20):  # turns of the loop, no time: a wake for nothing would come within the first two
             await asyncio.sleep(0)
         assert not waiting.done()
         left.send(b"w")
@@ -69,7 +69,7 @@ def test_close_wakes_the_waiter_and_a_cancelled_wait_leaves_no_waiter() -> None:
         with anyio.move_on_after(0.05):
             await readable.wait()  # nothing comes: cancelled
         waiting = asyncio.ensure_future(readable.wait())  # a second wait is allowed: the first is gone
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one turn of the loop: the task runs up to its wait (no time passes)
         assert not waiting.done()
         readable.close()
         await asyncio.wait_for(waiting, 10)
@@ -85,7 +85,7 @@ def test_two_waiters_at_once_are_refused() -> None:
     async def main() -> None:
         readable = Readable(right)
         first = asyncio.ensure_future(readable.wait())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one turn of the loop: the task runs up to its wait (no time passes)
         with pytest.raises(anyio.BusyResourceError):
             await readable.wait()
         left.send(b"z")
