@@ -8,6 +8,7 @@ the same requests with the same words, and takes replies the same way.
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 import pytest
 
@@ -442,3 +443,29 @@ def test_whole_writes_in_one_chunk_are_handed_over_with_their_flags(kind: type[S
         )
         got = [(e.cookie, e.offset, e.flags, bytes(e.data), e.more) for e in events(s)]  # type: ignore[attr-defined]
         assert got == [(5, 4096, first, b"\x05" * 512, False), (6, 0, second, b"\x06" * 512, False)]
+
+
+def test_a_row_of_reads_is_read_only_from_a_layout_that_starts_with_magic_flags_and_type() -> None:
+    """_queue_reads reads magic, flags and type as one 64-bit number: it takes the request layouts' word for it,
+    and a layout that does not start with those three fields (4 + 2 + 2 bytes) is refused where it is derived."""
+    from nbdproto.engine._server_requests import _read_rows
+    from nbdproto.wire import headers
+
+    # The spec's request magics, NBD_REQUEST_MAGIC and NBD_EXTENDED_REQUEST_MAGIC, then no flags and READ (0).
+    for codec, magic in ((headers.REQUEST, 0x25609513), (headers.EXTENDED_REQUEST, 0x21E41C71)):
+        rows, head = _read_rows(codec)
+        assert rows.size == codec.size
+        assert head == magic << 32
+        one = request(C.READ, 9, 4096, 512, extended=codec is headers.EXTENDED_REQUEST)
+        assert rows.unpack(one) == (head, 9, 4096, 512)
+    good = {"struct": struct.Struct(">LHHQQL"), "magic": 0x25609513, "names": ("magic", "flags", "type", "a", "b", "c")}
+    unlike = [
+        headers.SIMPLE_REPLY,
+        headers.OPTION_REQUEST,
+        SimpleNamespace(**{**good, "name": "no magic", "magic": None}),
+        SimpleNamespace(**{**good, "name": "wider fields", "struct": struct.Struct(">QHHQQL")}),
+        SimpleNamespace(**{**good, "name": "other fields", "names": ("magic", "error", "type", "a", "b", "c")}),
+    ]
+    for codec in unlike:
+        with pytest.raises(TypeError, match=f"{codec.name} .* does not start with magic, flags and type"):
+            _read_rows(codec)  # type: ignore[arg-type]
