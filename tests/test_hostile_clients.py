@@ -320,7 +320,12 @@ def test_sigterm_with_clients_that_never_read(backend: str, tmp_path: Any) -> No
             client.sock.sendall(b"".join(request(n.Command.READ, i, 0, 32 * MIB) for i in range(1, 64)))
             sleepers.append(client)
         for client in sleepers:  # their replies fill the socket buffers (unread, in their receive queues)
-            wait_until(lambda c=client: _unread(c.sock) >= 65536, "replies piling up unread")
+            try:
+                wait_until(lambda c=client: _unread(c.sock) >= 65536, "replies piling up unread")
+            except AssertionError as exc:  # say what each client had, and what the server logged
+                unread = [_unread(c.sock) for c in sleepers]
+                log = served.log()[-4000:]
+                raise AssertionError(f"{exc}; unread per client {unread}; server log:\n{log}") from None
         started = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
         served.proc.wait(30)  # it ends: it does not wait for ever on clients that do not read...
