@@ -100,3 +100,16 @@ def test_the_parts_of_a_streamed_write_are_carried_out_in_order_between_the_requ
     steps = described(logic.pipelined_batch(batch, RequestBudget(16, 8 * MIB), MemoryBudget(8 * MIB).share()))
     # The part is written as it comes (by the reading side, in order); the read collected before it starts after.
     assert steps == [("part", 7), ("start", [1], [4 * KIB])]
+
+
+def test_requests_after_the_last_part_of_a_streamed_write_are_admitted_after_it() -> None:
+    logic = session(MemoryDevice(4 * STREAM_WRITES_OVER))
+    size = 2 * STREAM_WRITES_OVER
+    first = batch_of(logic, request(Command.WRITE, 7, 0, size) + bytes(STREAM_WRITES_OVER))
+    budget, share = RequestBudget(16, 8 * MIB), MemoryBudget(8 * MIB).share()
+    assert described(logic.pipelined_batch(first, budget, share)) == [("part", 7)]
+    rest = batch_of(logic, bytes(size - STREAM_WRITES_OVER) + reads(1, 2))
+    assert described(logic.pipelined_batch(rest, budget, share)) == [
+        ("part", 7),
+        ("start", [1, 2], [4 * KIB] * 2),
+    ]
