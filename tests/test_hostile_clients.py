@@ -7,7 +7,9 @@ client on another connection goes on being served.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import os
 import resource
 import select
@@ -17,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -68,13 +71,12 @@ class Served:
 
 
 def _unread(sock: socket.socket) -> int:
-    """The bytes waiting unread in a loopback TCP socket's receive queue (/proc/net/tcp's rx_queue)."""
-    local = f"0100007F:{sock.getsockname()[1]:04X}"
-    with open("/proc/net/tcp") as table:
-        for fields in (line.split() for line in list(table)[1:]):
-            if fields[1] == local:
-                return int(fields[4].split(":")[1], 16)
-    return 0
+    """The bytes waiting unread in the socket's receive queue (FIONREAD on the socket itself: a lookup in
+    /proc/net/tcp by local port alone could find another connection that shares the port, as loopback clients
+    of different servers may, and read its queue instead)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    return count[0]
 
 
 def _status(pid: int, field: str) -> int:
