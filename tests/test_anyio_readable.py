@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -22,13 +23,17 @@ def _watched(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
     return bool(key.events & 1)  # EVENT_READ
 
 
-def test_a_socket_stays_watched_between_waits_and_is_let_go_when_nobody_waits() -> None:
+def _on_a_socket_pair(body: Callable[[socket.socket, socket.socket, Readable], Awaitable[None]]) -> None:
+    """Run ``body(writer, reader, Readable(reader))`` on asyncio over a fresh socket pair."""
     left, right = socket.socketpair()
     right.setblocking(False)
+    with left, right:
+        asyncio.run(body(left, right, Readable(right)))
 
-    async def main() -> None:
+
+def test_a_socket_stays_watched_between_waits_and_is_let_go_when_nobody_waits() -> None:
+    async def main(left: socket.socket, right: socket.socket, readable: Readable) -> None:
         loop = asyncio.get_running_loop()
-        readable = Readable(right)
         for _ in range(3):
             loop.call_later(0.01, left.send, b"x")
             with anyio.fail_after(10):
@@ -56,16 +61,11 @@ def test_a_socket_stays_watched_between_waits_and_is_let_go_when_nobody_waits() 
         readable.close()
         assert not _watched(loop, right)
 
-    with left, right:
-        asyncio.run(main())
+    _on_a_socket_pair(main)
 
 
 def test_close_wakes_the_waiter_and_a_cancelled_wait_leaves_no_waiter() -> None:
-    left, right = socket.socketpair()
-    right.setblocking(False)
-
-    async def main() -> None:
-        readable = Readable(right)
+    async def main(left: socket.socket, right: socket.socket, readable: Readable) -> None:
         with anyio.move_on_after(0.05):
             await readable.wait()  # nothing comes: cancelled
         waiting = asyncio.ensure_future(readable.wait())  # a second wait is allowed: the first is gone
@@ -74,16 +74,11 @@ def test_close_wakes_the_waiter_and_a_cancelled_wait_leaves_no_waiter() -> None:
         readable.close()
         await asyncio.wait_for(waiting, 10)
 
-    with left, right:
-        asyncio.run(main())
+    _on_a_socket_pair(main)
 
 
 def test_two_waiters_at_once_are_refused() -> None:
-    left, right = socket.socketpair()
-    right.setblocking(False)
-
-    async def main() -> None:
-        readable = Readable(right)
+    async def main(left: socket.socket, right: socket.socket, readable: Readable) -> None:
         first = asyncio.ensure_future(readable.wait())
         await asyncio.sleep(0)  # one turn of the loop: the task runs up to its wait (no time passes)
         with pytest.raises(anyio.BusyResourceError):
@@ -92,8 +87,7 @@ def test_two_waiters_at_once_are_refused() -> None:
         await asyncio.wait_for(first, 10)
         readable.close()
 
-    with left, right:
-        asyncio.run(main())
+    _on_a_socket_pair(main)
 
 
 def test_on_trio_it_is_anyio_wait_readable() -> None:
