@@ -81,10 +81,12 @@ class _Replies:
                 self._ready.notify()
             if not done:
                 return
-        self._finished(chunk)
+        self._finished([chunk])
 
     def _send_queued(self) -> None:
-        """The sender thread: send the outbox's chunks in order, waiting as long as the client makes it."""
+        """The sender thread: send the outbox's chunks in order, waiting as long as the client makes it. It
+        takes every chunk queued at once and sends them together: while it sends, the device's threads queue
+        the next bursts behind it, so a busy connection costs one send and one wake per round, not per burst."""
         session, tls = self._session, self._tls
         while True:
             with self._lock:
@@ -92,25 +94,28 @@ class _Replies:
                     self._ready.wait()
                 if not self._outbox:
                     return
-                chunk = self._outbox.popleft()
+                chunks = list(self._outbox)
+                self._outbox.clear()
                 self._sending = True
+            pieces = chunks[0][0] if len(chunks) == 1 else [piece for chunk in chunks for piece in chunk[0]]
             try:
                 if not self._broken:
                     if tls is None:
-                        session.stream.send(chunk[0])
+                        session.stream.send(pieces)
                     else:
-                        tls.send(chunk[0])
+                        tls.send(pieces)
             except OSError:
                 self._broken = True
             finally:
                 with self._lock:
                     self._sending = False
                     self._ready.notify()
-            self._finished(chunk)
+            self._finished(chunks)
 
-    def _finished(self, chunk: list[Any]) -> None:
-        """A chunk's replies are out (or never will be): their budget is free again."""
-        _, count, cost = chunk
+    def _finished(self, chunks: list[list[Any]]) -> None:
+        """The chunks' replies are out (or never will be): their budget is free again."""
+        count = sum(chunk[1] for chunk in chunks)
+        cost = sum(chunk[2] for chunk in chunks)
         if count:
             with self._lock:
                 self._budget.done(cost, count)

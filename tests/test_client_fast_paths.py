@@ -1,18 +1,20 @@
-"""The client engine's short roads (a plain READ sent, and whole replies to reads taken many at a time) against
-its full checks: the same requests and the same reply bytes, whole, cut into pieces or broken field by field,
-must give the same events, the same bytes sent and the same errors with the fast paths on and off."""
+"""The client engine's short roads (a plain READ or WRITE sent, and whole replies to reads taken many at a time)
+against its full checks: the same requests and the same reply bytes, whole, cut into pieces or broken field by
+field, must give the same events, the same bytes sent and the same errors with the fast paths on and off."""
 
 from __future__ import annotations
 
 import struct
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import nbdproto as n
+from tests.test_pair import ALL_FLAGS, Pair
 from tests.test_pair import MIB as SIZE
-from tests.test_pair import Pair
+
+TF, F = n.TransmissionFlags, n.CommandFlags
 
 MODES = ("simple", "structured", "extended")
 SIMPLE, STRUCTURED, EXTENDED = 0x67446698, 0x668E33EF, 0x6E8A278C  # the spec's reply magics
@@ -124,3 +126,84 @@ def test_a_batch_of_whole_replies_takes_the_fast_road_in_every_form() -> None:
             (n.ReadReply, c, bytes([c]) * 4096) for c in range(8)
         ]
         assert client.next_event() is n.NEED_DATA and client.in_flight == 0
+
+
+Sends = tuple[str, int, int, bool, list[tuple[str, int, int, int, int]]]
+
+
+@st.composite
+def _sends(draw: st.DrawFn) -> Sends:
+    """A reply form, the export's flags and minimum block size, whether the client is strict, and requests
+    (kind, cookie, flags, offset, length): in range or not, aligned or not, within the maximum payload or not,
+    with a repeated cookie now and then."""
+    mode = draw(st.sampled_from(MODES))
+    flags = draw(st.sampled_from([ALL_FLAGS, ALL_FLAGS | TF.READ_ONLY, TF.HAS_FLAGS, TF.HAS_FLAGS | TF.SEND_FUA]))
+    minimum = draw(st.sampled_from([1, 512, 4096]))
+    requests = [
+        (
+            draw(st.sampled_from(["read", "write"])),
+            draw(st.integers(0, 3)),
+            draw(st.sampled_from([0, 0, 0, F.FUA, F.DF, F.NO_HOLE, F.PAYLOAD_LEN])),
+            draw(st.sampled_from([0, 1, 512, 4096, SIZE - 4096, SIZE - 1, SIZE, -4096])),
+            draw(st.sampled_from([0, 1, 512, 4096, _MAX_PAYLOAD, _MAX_PAYLOAD + 4096])),
+        )
+        for _ in range(draw(st.integers(1, 5)))
+    ]
+    return mode, int(flags), minimum, draw(st.booleans()), requests
+
+
+_MAX_PAYLOAD = 65536
+
+
+def _send_all(kind: type[n.ClientConnection], sends: Sends) -> tuple[list[Any], bytes, int]:
+    mode, flags, minimum, strict, requests = sends
+    pair = Pair()
+    pair.disk.export = n.Export(
+        "disk",
+        SIZE,
+        TF(flags),
+        minimum_block_size=minimum,
+        preferred_block_size=4096,
+        maximum_payload=_MAX_PAYLOAD,
+        meta_contexts=(n.BASE_ALLOCATION,),
+    )
+    pair.client = kind()
+    pair.client.strict = strict
+    pair.connect(mode)
+    client, outcomes = pair.client, []
+    for what, cookie, request_flags, offset, length in requests:
+        event: n.Event
+        if what == "read":
+            event = n.ReadRequest(cookie, offset, length, F(request_flags))
+        else:
+            event = n.WriteRequest(cookie, offset, bytes(length), F(request_flags))
+        try:
+            client.send(event)
+        except n.LocalProtocolError as exc:
+            outcomes.append((str(exc), getattr(exc, "error_code", None)))
+        else:
+            outcomes.append("sent")
+    return outcomes, b"".join(bytes(piece) for piece in client.data_to_send()), client.in_flight
+
+
+@settings(max_examples=500, deadline=None)
+@given(_sends())
+@example(("simple", int(ALL_FLAGS), 512, True, [("write", 1, 0, 0, _MAX_PAYLOAD + 4096)]))  # strict: refused
+@example(("extended", int(ALL_FLAGS), 512, False, [("write", 1, 0, 0, _MAX_PAYLOAD + 4096)]))  # lax: sent
+@example(("structured", int(ALL_FLAGS | TF.READ_ONLY), 1, False, [("write", 1, 0, 0, 512)]))
+@example(("simple", int(ALL_FLAGS), 4096, False, [("write", 1, 0, 512, 512), ("write", 1, 0, 0, 4096)]))
+def test_plain_reads_and_writes_are_sent_as_the_full_checks_send_them(sends: Sends) -> None:
+    assert _send_all(n.ClientConnection, sends) == _send_all(_FullChecksOnly, sends)
+
+
+def test_a_plain_write_takes_the_fast_road_in_every_form() -> None:
+    """The header and the data go out as the spec lays them out (PAYLOAD_LEN set with extended headers)."""
+    for mode in MODES:
+        client = _connected(n.ClientConnection, mode)
+        client.send(n.WriteRequest(5, 4096, b"x" * 512))
+        sent = b"".join(bytes(piece) for piece in client.data_to_send())
+        if mode == "extended":
+            assert sent == struct.pack(">IHHQQQ", 0x21E41C71, F.PAYLOAD_LEN, 1, 5, 4096, 512) + b"x" * 512
+        else:
+            assert sent == struct.pack(">IHHQQI", 0x25609513, 0, 1, 5, 4096, 512) + b"x" * 512
+        assert client.in_flight == 1

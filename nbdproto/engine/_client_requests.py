@@ -31,7 +31,8 @@ from ._transmission_events import (
 
 __all__ = ["ClientRequesting", "Pending"]
 
-_READ = Command.READ
+_READ, _WRITE = Command.READ, Command.WRITE
+_READ_ONLY = int(TransmissionFlags.READ_ONLY)
 
 
 class Pending:
@@ -80,6 +81,7 @@ class ClientRequesting(Connection):
         super().__init__()
         self.export: Export | None = None
         self._alignment = 1
+        self._export_flags = 0  # the export's transmission flags as an int: an IntFlag operation costs a call
         self._pending: dict[int, Pending] = {}
         self._disconnected = False
         # A read payload arriving straight into the caller's buffer: the part still to fill, the request it
@@ -106,6 +108,7 @@ class ClientRequesting(Connection):
         # one that did not is free to send unaligned requests, which the server must then fail cleanly.
         self.export = export
         self._alignment = export.minimum_block_size if bound else 1
+        self._export_flags = int(export.flags)
         codec = headers.EXTENDED_REQUEST if self.extended_headers else headers.REQUEST
         self._read_header = functools.partial(codec.pack, codec.magic, 0, int(Command.READ))
         """(cookie, offset, length) -> a READ's request header with no flags (the fast path below)."""
@@ -136,6 +139,26 @@ class ClientRequesting(Connection):
                 self._pending[cookie] = Pending(event, _READ, offset, length, 0, memoryview(bytearray(length)))
                 self._out.append(self._read_header(cookie, offset, length))
                 return
+        # The other common one: a WRITE without flags, within the maximum payload, on a writable export.
+        elif (
+            type(event) is WriteRequest
+            and not event.flags
+            and self._fast_paths
+            and not (self._disconnected or self.server_shutting_down or self._export_flags & _READ_ONLY)
+        ):
+            cookie, offset, data = event.cookie, event.offset, event.data
+            length = len(data)
+            if (
+                0 < length <= export.maximum_payload
+                and offset >= 0
+                and offset + length <= export.size
+                and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
+                and cookie not in self._pending
+            ):
+                self._pending[cookie] = Pending(event, _WRITE, offset, length, 0)
+                self._queue_header(_WRITE, _PAYLOAD_LEN if self.extended_headers else 0, cookie, offset, length)
+                self._out.append(data)
+                return
         if self._disconnected:
             raise LocalProtocolError("no request may follow NBD_CMD_DISC")
         kind = type(event)
@@ -165,7 +188,7 @@ class ClientRequesting(Connection):
             flags,
             offset,
             length,
-            export_flags=export.flags,
+            export_flags=self._export_flags,
             size=export.size,
             alignment=export.minimum_block_size if strict else self._alignment,
             max_payload=export.maximum_payload,
