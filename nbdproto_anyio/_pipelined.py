@@ -1,21 +1,26 @@
 """Pipelined transmission in the async server, for devices that take requests without waiting for them
-(``submit``: a remote export, NbdDevice): the connection's task reads requests and hands each batch to a
-thread that starts them on the device, many in flight, and a second task answers them as the device reports
-them (nbdproto.serving.Pipeline), in any order, each burst with one send.
+(``submit``: a remote export, NbdDevice): the connection's task reads requests and starts them on the device,
+many in flight, and a second task answers them as the device reports them (nbdproto.serving.Pipeline), in any
+order, each burst with one send.
+
+Starting requests may block (sending upstream, reconnecting within the device's limits), so the loop starts a
+batch itself only where the device takes it without waiting (``submit_nowait``: most often, a connection
+upstream with room to send); otherwise, or for what such a send left over, a starter thread does, which keeps
+the batches in the order they were read.
 
 The device's threads report from outside the event loop: ``Pipeline`` wakes the loop at most once between two
 looks at its results, by a byte on a socket pair the answering task waits on (a wake that needs no trip
-through the loop's own scheduling, on asyncio and trio alike). Starting requests may block (sending upstream,
-reconnecting within the device's limits), so it happens in the starting thread, which keeps the batches in the
-order they were read.
+through the loop's own scheduling, on asyncio and trio alike).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import socket
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -57,31 +62,45 @@ class _Wake:
 
 
 class _Starter:
-    """The thread that starts batches of requests on the pipeline, in the order they were read. A failure of
-    ``start`` (none is expected: the device hands failures to the results) is kept for the loop to raise."""
+    """The thread that starts batches of requests on the pipeline when that may wait, in the order they were
+    read (``start``), and finishes sends the loop began (``finish``). A failure (none is expected: the device
+    hands failures to the results) is kept for the loop to raise."""
 
     def __init__(self, pipeline: Pipeline, wake: _Wake) -> None:
         self._pipeline = pipeline
         self._wake = wake
-        self._batches: queue.SimpleQueue[tuple[list[Request], list[int]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._put = 0  # jobs put (counted by the loop alone) and done (by the thread alone): no count is lost
+        self._done = 0
         self.failure: BaseException | None = None
         threading.Thread(target=self._run, name="nbd-submit", daemon=True).start()
 
+    @property
+    def idle(self) -> bool:
+        """No batch is waiting or being started: one the loop starts now cannot overtake an earlier one."""
+        return self._put == self._done
+
     def start(self, requests: list[Request], costs: list[int]) -> None:
         if requests:
-            self._batches.put((requests, costs))
+            self.finish(functools.partial(self._pipeline.start, requests, costs))
+
+    def finish(self, job: Callable[[], None]) -> None:
+        self._put += 1
+        self._jobs.put(job)
 
     def stop(self) -> None:
-        self._batches.put(None)
+        self._jobs.put(None)
 
     def _run(self) -> None:
-        while (batch := self._batches.get()) is not None:
+        while (job := self._jobs.get()) is not None:
             try:
-                self._pipeline.start(*batch)
+                job()
             except BaseException as exc:  # raised on the loop, which ends the connection
                 self.failure = exc
                 self._wake()
                 return
+            finally:
+                self._done += 1
 
 
 async def _answer(
@@ -106,6 +125,21 @@ async def _answer(
             share.give(cost)
 
 
+def _start(pipeline: Pipeline, starter: _Starter, step: StartRequests) -> None:
+    """Start the step's requests here, on the loop, where the device takes them without waiting (most often:
+    a connection upstream with room to send), else on the starter thread."""
+    if starter.idle:
+        try:
+            rest = pipeline.start_nowait(step.requests, step.costs)
+        except BlockingIOError:
+            pass
+        else:
+            if rest is not None:
+                starter.finish(rest)
+            return
+    starter.start(step.requests, step.costs)
+
+
 async def pipelined_transmission(session: ServerSession, budget: WaitingRequests) -> None:
     """Serve the connection's requests through its device's ``submit`` until the client is done."""
     logic, share, engine = session.logic, session._share, session.engine
@@ -122,7 +156,7 @@ async def pipelined_transmission(session: ServerSession, budget: WaitingRequests
                 end = logic.next_batch(batch)
                 for step in logic.pipelined_batch(batch, budget.budget, share):
                     if type(step) is StartRequests:
-                        starter.start(step.requests, step.costs)
+                        _start(pipeline, starter, step)
                     elif type(step) is WaitForRoom:
                         await budget.wait_for_room()
                         await share.take(step.cost)

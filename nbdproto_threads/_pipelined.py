@@ -12,20 +12,17 @@ and in the common case no other thread is woken to answer it. Replies hold their
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, RequestBudget, StartRequests, WaitForRoom, Work
-from nbdproto.sockets import SharedTls, step_past
+from nbdproto.sockets import SharedTls, send_without_waiting
 
 if TYPE_CHECKING:
     from ._session import ServerSession
 
 __all__ = ["pipelined_transmission"]
-
-_IOV_MAX = 1024
 
 
 class _Replies:
@@ -70,16 +67,17 @@ class _Replies:
                 return
             self._sending = True
         try:
-            done = _send_without_waiting(self._session.stream.sock, chunk)
+            rest = send_without_waiting(self._session.stream.sock, chunk[0])
         except OSError:
-            done, self._broken = True, True  # (the reading side notices the client went away)
+            rest, self._broken = None, True  # (the reading side notices the client went away)
         with self._lock:
             self._sending = False
-            if not done:
+            if rest is not None:
+                chunk[0] = rest
                 self._outbox.appendleft(chunk)  # before anything queued meanwhile
             if self._outbox:  # the rest, or what other threads queued while this one sent: the sender's now
                 self._ready.notify()
-            if not done:
+            if rest is not None:
                 return
         self._finished([chunk])
 
@@ -128,20 +126,6 @@ class _Replies:
             self._stopped = True
             self._ready.notify_all()
         self._sender.join()
-
-
-def _send_without_waiting(sock: socket.socket, chunk: list[Any]) -> bool:
-    """Send as much of the chunk's pieces as the socket takes now; True when all went (else the pieces left)."""
-    pieces: list[Any] = chunk[0]
-    start = 0
-    while start < len(pieces):
-        try:
-            sent = sock.sendmsg(pieces[start : start + _IOV_MAX], [], socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            chunk[0] = pieces[start:]
-            return False
-        start = step_past(pieces, start, sent)
-    return True
 
 
 def pipelined_transmission(session: ServerSession) -> None:

@@ -396,3 +396,78 @@ def test_many_threads_share_one_connection(peers: Any, tmp_path: Any) -> None:
             run_threads(worker, 8)
         finally:
             device.close()
+
+
+class _Results:
+    """The Completions of a test: every result by token, and an event once ``count`` are in."""
+
+    def __init__(self, count: int) -> None:
+        self.results: dict[Any, object] = {}
+        self.count = count
+        self.done = threading.Event()
+
+    def complete(self, token: Any, result: object) -> None:
+        self.results[token] = result
+
+    def completed(self) -> None:
+        if len(self.results) >= self.count:
+            self.done.set()
+
+
+def test_submit_nowait_starts_what_needs_no_wait_and_refuses_the_rest_untouched(peers: Any) -> None:
+    """An event loop's start: single requests go out at once, their results as ``submit``'s; a batch with a call
+    that is not one request (block status, a call carried out here) raises BlockingIOError with nothing started
+    or reported; a range error is the call's result; a write larger than the socket takes at once leaves a
+    callable that sends the rest, after which its reply comes."""
+    peers("nbdkit")
+    from nbdproto import DeviceCall
+
+    with nbdkit("memory", "size=64M") as (uri, _):
+        device = NbdDevice(uri, connections=1)
+        try:
+            buffer = memoryview(bytearray(4096))
+            sink = _Results(3)
+            calls = [
+                DeviceCall("pwrite", (b"a" * 4096, 0, False)),
+                DeviceCall("pread_into", (buffer, 64 * MIB)),  # past the end
+                DeviceCall("flush", ()),
+            ]
+            assert device.submit_nowait(calls, ["w", "r", "f"], sink) is None
+            assert sink.done.wait(10)
+            assert sink.results["w"] is None and sink.results["f"] is None
+            assert isinstance(sink.results["r"], OSError) and sink.results["r"].errno == errno.EINVAL
+
+            untouched = _Results(1)
+            for call in (
+                DeviceCall("extents", ("base:allocation", 0, 4096)),
+                DeviceCall("resize", (MIB,)),  # not a request the remote takes: carried out here
+            ):
+                with pytest.raises(BlockingIOError):
+                    device.submit_nowait([DeviceCall("pread_into", (buffer, 0)), call], ["a", "b"], untouched)
+            assert untouched.results == {}
+
+            big = os.urandom(24 * MIB)  # more than a loopback socket's buffer takes without waiting
+            sink = _Results(1)
+            rest = device.submit_nowait([DeviceCall("pwrite", (big, 4096, False))], ["big"], sink)
+            assert rest is not None
+            with pytest.raises(BlockingIOError):  # the connection is still sending: nothing more starts here
+                device.submit_nowait([DeviceCall("pread_into", (buffer, 0))], ["x"], _Results(1))
+            rest()
+            assert sink.done.wait(20) and sink.results == {"big": None}
+            back = memoryview(bytearray(24 * MIB))
+            assert device.call_batch([DeviceCall("pread_into", (back, 4096))]) == [None]
+            assert back == big
+            assert device.call_batch([DeviceCall("pread_into", (buffer, 0))]) == [None] and bytes(buffer) == b"a" * 4096
+        finally:
+            device.close()
+
+
+def test_a_pipeline_on_a_device_without_submit_nowait_starts_nothing_on_the_loop() -> None:
+    class Submitting:
+        def submit(self, calls: Any, tokens: Any, completions: Any) -> None:
+            raise AssertionError("start_nowait must not fall back to submit")
+
+    pipeline = nbdproto.serving.Pipeline(Submitting(), {}, None, lambda: None)
+    with pytest.raises(BlockingIOError):
+        pipeline.start_nowait([nbdproto.ReadRequest(1, 0, 10)], [10])
+    assert pipeline.replies() == ([], 0)

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 READS = 8
 KIB = 1 << 10
+MIB = 1 << 20
 
 # The remote: every read waits until READS reads have arrived (each noted as a line in the ARRIVALS file), at
 # most 30 s; a read that waited in vain fails (EIO), naming how many it saw.
@@ -175,3 +176,89 @@ def test_serve_nbd_keeps_up_with_fio_at_queue_depth_16(backend: str, peers: Any)
         assert done.returncode == 0, done.stderr
         fields = done.stdout.strip().splitlines()[-1].split(";")
         assert int(fields[7]) > 0 and int(fields[48]) > 0, done.stdout  # read and write IOPS (terse v3)
+
+
+@pytest.mark.parametrize("backend", ["anyio", "threads"])
+def test_serve_nbd_passes_large_writes_to_a_slow_remote(backend: str, peers: Any) -> None:
+    """Writes of 1 MiB (the largest the proxy does not stream), sixteen in flight, to a remote with two threads
+    that takes 50 ms over each: the proxy's sends upstream meet a remote that reads slowly; every byte arrives
+    where it was written."""
+    peers("nbdkit")
+    with (
+        nbdkit("-t", "2", "--filter=delay", "memory", "size=64M", "delay-write=50ms") as (upstream, _),
+        cli("serve", upstream, "--port", "0", "--backend", backend) as proxy,
+        nt.connect(proxy.uri(), timeout=60) as client,
+    ):
+        failures: list[BaseException] = []
+
+        def write(index: int) -> None:
+            try:
+                for round_ in range(4):
+                    client.pwrite(bytes([index, round_]) * (MIB // 2), (index * 4 + round_) * MIB)
+            except BaseException as exc:  # reported by the assertion below
+                failures.append(exc)
+
+        writers = [threading.Thread(target=write, args=(index,)) for index in range(16)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(60)
+        assert not any(writer.is_alive() for writer in writers) and failures == []
+        for index in range(16):
+            for round_ in range(4):
+                assert client.pread(MIB, (index * 4 + round_) * MIB) == bytes([index, round_]) * (MIB // 2)
+
+
+def test_the_async_proxy_starts_on_its_loop_and_finishes_off_it() -> None:
+    """nbdproto_anyio's start of a batch: on the loop when the device takes it without waiting, the rest of its
+    send on the starter thread; on the starter thread when it would wait, and every batch after it too while
+    the thread has work (so that none overtakes an earlier one)."""
+    import anyio
+
+    from nbdproto.serving import StartRequests
+    from nbdproto_anyio import _pipelined
+
+    seen: list[tuple[str, object, str]] = []
+    release = threading.Event()
+
+    class Device:
+        def start_nowait(self, requests: list[Any], costs: list[int]) -> Any:
+            if requests == ["busy"]:
+                raise BlockingIOError
+            seen.append(("loop", requests, threading.current_thread().name))
+            return (
+                (lambda: seen.append(("rest", requests, threading.current_thread().name)))
+                if requests == ["big"]
+                else None
+            )
+
+        def start(self, requests: list[Any], costs: list[int]) -> None:
+            release.wait(10)
+            seen.append(("thread", requests, threading.current_thread().name))
+
+    async def main() -> None:
+        wake = _pipelined._Wake()
+        device = Device()
+        starter = _pipelined._Starter(device, wake)  # type: ignore[arg-type]
+        try:
+            for batch in (["small"], ["big"]):
+                _pipelined._start(device, starter, StartRequests(batch, [1]))  # type: ignore[arg-type]
+            wait_until(lambda: starter.idle, "the rest of the big send")
+            for batch in (["busy"], ["after"]):
+                _pipelined._start(device, starter, StartRequests(batch, [1]))  # type: ignore[arg-type]
+            assert not starter.idle
+            release.set()
+            wait_until(lambda: starter.idle, "the starter thread's batches")
+        finally:
+            starter.stop()
+            wake.close()
+
+    anyio.run(main)
+    loop = threading.current_thread().name
+    assert seen == [
+        ("loop", ["small"], loop),
+        ("loop", ["big"], loop),
+        ("rest", ["big"], "nbd-submit"),
+        ("thread", ["busy"], "nbd-submit"),
+        ("thread", ["after"], "nbd-submit"),
+    ]

@@ -365,6 +365,43 @@ class NbdDevice:
         if done:
             completions.completed()
 
+    def submit_nowait(
+        self, calls: Sequence[DeviceCall], tokens: Sequence[Any], completions: Completions
+    ) -> Callable[[], None] | None:
+        """``submit`` for an event loop, which must not wait (nbdproto.serving.BlockDevice): raises
+        BlockingIOError, having started nothing, where starting ``calls`` could wait (a call that is not one
+        request, block status, a connection to make again or busy sending, TLS). Otherwise sends them on the
+        next connection as far as its socket takes them now and returns None, or a callable that sends the
+        rest, to be called off the loop, soon."""
+        makes: list[Make] = []
+        sent: list[Any] = []
+        failed: list[tuple[Any, BaseException]] = []
+        for call, token in zip(calls, tokens, strict=True):
+            try:
+                make = request_for(call, self._capabilities, self._check)
+            except Exception as exc:  # handed back as this call's result
+                failed.append((token, exc))
+                continue
+            if make is None:
+                raise BlockingIOError(errno.EAGAIN, f"{call.method} is not one request")
+            makes.append(make)
+            sent.append(token)
+        rest = None
+        if makes:
+            wire = self._slots[next(self._turn) % len(self._slots)].wire
+            if wire is None or not wire.usable:
+                raise BlockingIOError(errno.EAGAIN, "the connection must be made again")
+            sink = Submission(completions, sent, self.uri)
+            try:
+                rest = wire.submit_nowait(makes, sink, range(len(makes)), time.monotonic() + self._timeout)
+            except WireClosed:  # failed meanwhile, nothing sent: ``submit`` makes it again
+                raise BlockingIOError(errno.EAGAIN, "the connection must be made again") from None
+        for token, failure in failed:
+            completions.complete(token, failure)
+        if failed:
+            completions.completed()
+        return rest
+
     def _submit_extents(self, call: DeviceCall, token: Any, completions: Completions) -> None:
         context, offset, length = self._extents_request(*call.args)
         context_ids: list[int] = []

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import socket
 import ssl
@@ -42,7 +43,7 @@ from typing import Any, Protocol
 import nbdproto.engine
 import nbdproto.serving
 import nbdproto.wire
-from nbdproto.sockets import Connection, SharedTls
+from nbdproto.sockets import Connection, SharedTls, send_without_waiting
 
 __all__ = ["Wire", "WireBroken", "WireTimedOut", "WireClosed", "ReplySink"]
 
@@ -177,6 +178,37 @@ class Wire:
         when the connection failed already; any later failure reaches the sink instead."""
         if deadline is None and self.timeout is not None:
             deadline = time.monotonic() + self.timeout
+        pieces = self._register(makes, sink, tokens, deadline)
+        if pieces:
+            self._send_requests(pieces, deadline)
+
+    def submit_nowait(
+        self, makes: Sequence[Make], sink: ReplySink, tokens: Sequence[Any], deadline: float
+    ) -> Callable[[], None] | None:
+        """``submit`` for a thread that must not wait (an event loop): raises BlockingIOError, having sent
+        nothing, where starting the requests could wait (another thread is sending on the connection, or it
+        is TLS); WireClosed as ``submit``. Sends what the socket takes now and returns None, or, when it took
+        less, a callable that sends the rest (it may wait: call it off the loop, soon; the connection sends
+        nothing else until it has)."""
+        if self._tls is not None or not self._send_lock.acquire(blocking=False):
+            raise BlockingIOError(errno.EAGAIN, "the connection is busy sending")
+        rest: list[Any] | None = None
+        try:
+            pieces = self._register(makes, sink, tokens, deadline)
+            rest = send_without_waiting(self.sock, pieces) if pieces else None
+        except OSError as exc:
+            if isinstance(exc, WireClosed):
+                raise
+            self._fail(exc)
+        finally:
+            if rest is None:
+                self._send_lock.release()
+        return None if rest is None else functools.partial(self._send_rest, rest, deadline)
+
+    def _register(
+        self, makes: Sequence[Make], sink: ReplySink, tokens: Sequence[Any], deadline: float | None
+    ) -> list[Any]:
+        """Queue the requests in the engine, each waiting for its reply until ``deadline``; the bytes to send."""
         engine, waiting, deadlines = self.engine, self._waiting, self._deadlines
         refused: list[tuple[Any, BaseException]] = []
         when = float("inf") if deadline is None else deadline
@@ -197,8 +229,7 @@ class Wire:
             sink.complete(token, failure)
         if refused:
             sink.completed()
-        if pieces:
-            self._send_requests(pieces, deadline)
+        return pieces
 
     def run(self, makes: Sequence[Make], deadline: float | None = None) -> list[Any]:
         """``submit``, then wait for every reply: returns them in order (ReadReply, BlockStatusReply,
@@ -226,6 +257,10 @@ class Wire:
         if not self._send_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
             self._time_out("no room to send a request")
             return
+        self._send_rest(pieces, deadline)
+
+    def _send_rest(self, pieces: list[Any], deadline: float | None) -> None:
+        """Send ``pieces`` with _send_lock held, and let it go."""
         try:
             self._send(pieces, deadline)
         except (BlockingIOError, TimeoutError):  # no room for the request: the server stopped reading

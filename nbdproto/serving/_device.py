@@ -35,6 +35,10 @@ Optional extras, looked up with getattr so that a plain device needs none of the
   (``Completions``). It may block to send or to reconnect, never to wait for an answer. A server whose device
   has it keeps reading requests while earlier ones are in flight and answers them as they complete, in any
   order (``nbdproto.serving.Pipeline``; ``NbdDevice`` has it: many requests in flight upstream).
+- ``submit_nowait(calls, tokens, completions)``: ``submit`` where that needs no wait, for an event loop: raises
+  BlockingIOError, having started nothing, where it would wait (then the server calls ``submit`` from a
+  thread); returns None, or a callable that finishes sending (which may wait: it is called from a thread). An
+  async server saves a thread hop per batch of requests with it.
 
 Implementations live in ``nbdproto.devices``; this module only states the contract, so that the I/O-free
 serving logic (``nbdproto.serving.carry_out``) and both backends can name it without loading any device.

@@ -25,6 +25,7 @@ request the device fails gets its error reply (``error_reply_for``), as carried 
 
 from __future__ import annotations
 
+import errno
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -100,6 +101,7 @@ class Pipeline:
     ) -> None:
         self._device = device
         self._submit = device.submit
+        self._submit_nowait = getattr(device, "submit_nowait", None)
         self._contexts = meta_contexts
         self._on_error = on_error
         self._wake = wake
@@ -122,8 +124,30 @@ class Pipeline:
     def start(self, requests: Sequence[Request], costs: Sequence[int]) -> None:
         """Start ``requests`` (each holding its ``costs`` entry of the budget until its reply is made): all their
         device calls in one ``submit``. May block (the device's sends); never waits for results."""
+        calls, tokens, done = self._calls(requests, costs)
+        if calls:
+            self._submit(calls, tokens, self)
+        self._done_already(done)
+
+    def start_nowait(self, requests: Sequence[Request], costs: Sequence[int]) -> Callable[[], None] | None:
+        """``start``, for an event loop, through the device's ``submit_nowait``: raises BlockingIOError, having
+        started nothing, where that would wait (a device without it included): then ``start`` them from a
+        thread. Returns None, or a callable that finishes sending them, to be called from a thread, soon."""
+        submit = self._submit_nowait
+        if submit is None:
+            raise BlockingIOError(errno.EAGAIN, "the device has no submit_nowait")
+        calls, tokens, done = self._calls(requests, costs)
+        rest = submit(calls, tokens, self) if calls else None
+        self._done_already(done)
+        return rest
+
+    def _calls(
+        self, requests: Sequence[Request], costs: Sequence[int]
+    ) -> tuple[list[DeviceCall], list[Any], list[_Started]]:
+        """The device calls of ``requests``, their tokens, and the requests that need none (done already)."""
         calls: list[DeviceCall] = []
         tokens: list[Any] = []
+        done: list[_Started] = []
         for request, cost in zip(requests, costs, strict=True):
             these = device_calls(request, self._contexts)
             started = _Started(request, these, cost)
@@ -131,13 +155,15 @@ class Pipeline:
                 calls.append(these[0])
                 tokens.append(started)
             elif not these:  # a write received in place, without FUA: done already
-                self._results.append((started, None))
+                done.append(started)
             else:
                 calls += these
                 tokens += [(started, index) for index in range(len(these))]
-        if calls:
-            self._submit(calls, tokens, self)
-        elif self._results:
+        return calls, tokens, done
+
+    def _done_already(self, done: list[_Started]) -> None:
+        if done:
+            self._results.extend((started, None) for started in done)
             self.completed()
 
     def replies(self) -> tuple[list[Event], int]:

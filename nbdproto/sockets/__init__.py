@@ -8,7 +8,8 @@ fails (running out of descriptors must not end a server). ``ActivatedServer`` is
 activation: a server command run on a private unix socket, as a client's ``connect(command=[...])`` does.
 ``SharedClientCount`` keeps the connection policy's counts for several processes serving one listening socket
 (``nbdproto serve --workers``), in memory made by ``anonymous_file``, as a shared memory export's is.
-``step_past`` is what a driver does after a partial scatter-gather send of the engine's pieces. For blocking
+``step_past`` is what a driver does after a partial scatter-gather send of the engine's pieces, and
+``send_without_waiting`` sends them as far as a socket takes them now. For blocking
 clients, below every backend: ``SocketStream`` (a socket as the engine's byte pipe), ``SharedTls`` (one TLS
 connection several threads use at once), ``connect_socket`` / ``negotiate_client`` / ``open_together``
 (connecting and negotiating, as the threads client and ``nbdproto.devices.NbdDevice`` do). For servers:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from ._connect import Connection, connect_socket, negotiate_client, open_together
     from ._launch import STOP_TIMEOUT, ActivatedServer
     from ._listen import LISTEN_BACKLOG, client_info, listen_socket, peer_name
-    from ._sending import step_past
+    from ._sending import send_without_waiting, step_past
     from ._shared_tls import SharedTls
     from ._stream import SocketStream
     from ._tls_channel import TLS_RECORD_SIZE, TlsChannel
@@ -50,6 +51,7 @@ _WHERE = {
     "listen_socket": "._listen",
     "peer_name": "._listen",
     "step_past": "._sending",
+    "send_without_waiting": "._sending",
     "Connection": "._connect",
     "connect_socket": "._connect",
     "negotiate_client": "._connect",
@@ -73,6 +75,7 @@ __all__ = [
     "SharedClientCount",
     "anonymous_file",
     "step_past",
+    "send_without_waiting",
     "SocketStream",
     "SharedTls",
     "TlsChannel",

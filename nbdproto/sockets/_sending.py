@@ -1,10 +1,14 @@
-"""What a driver does after a partial scatter-gather write of the engine's pieces, stated once."""
+"""What a driver does after a partial scatter-gather write of the engine's pieces, and a send of them that never
+waits, stated once."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
-__all__ = ["step_past"]
+__all__ = ["step_past", "send_without_waiting"]
+
+_IOV_MAX = 1024  # the most buffers one sendmsg takes (Linux's UIO_MAXIOV)
 
 
 def step_past(pieces: list[Any], start: int, sent: int) -> int:
@@ -19,3 +23,17 @@ def step_past(pieces: list[Any], start: int, sent: int) -> int:
         sent -= first
         start += 1
     return start
+
+
+def send_without_waiting(sock: socket.socket, pieces: list[Any]) -> list[Any] | None:
+    """Send as much of ``pieces`` as a plain socket takes now (MSG_DONTWAIT, whatever its blocking mode): None
+    when all went, else the pieces left, the first cut to its unsent tail. For a thread that must not wait for
+    the peer (an event loop, a reader serving many connections) and hands what is left to one that may."""
+    start = 0
+    while start < len(pieces):
+        try:
+            sent = sock.sendmsg(pieces[start : start + _IOV_MAX], [], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return pieces[start:]
+        start = step_past(pieces, start, sent)
+    return None
