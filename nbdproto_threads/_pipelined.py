@@ -60,7 +60,7 @@ class _Replies:
             pieces = self._engine.data_to_send()
             if not pieces and not count:
                 return
-            chunk = [pieces, count, cost]
+            chunk: list[Any] = [pieces, count, cost]
             if self._sending or self._outbox or self._tls is not None or self._broken:
                 self._outbox.append(chunk)
                 self._ready.notify()
