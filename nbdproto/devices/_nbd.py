@@ -45,14 +45,13 @@ import nbdproto.client
 import nbdproto.engine
 import nbdproto.serving
 import nbdproto.wire
-from nbdproto.client import ClientNegotiation, NbdUri
+from nbdproto.client import ClientNegotiation
 from nbdproto.serving import Buffer, Completions, DeviceCall, DeviceCapabilities, Dispatch
-from nbdproto.sockets import connect_socket, negotiate_client, open_together
-from nbdproto.tls import connection_context
+from nbdproto.sockets import open_together
 from nbdproto.wire import CommandFlags, TransmissionFlags
 
 from ._emulation import flush_for_fua, native_fua, zero_by_writing
-from ._nbdhandshake import DiscoveringNegotiation, capabilities_of
+from ._nbdhandshake import DiscoveringNegotiation, capabilities_of, connect_wire
 from ._nbdrequests import MISSING, Gathered, Make, Submission, checked, extents_of, request_for
 from ._nbdwire import Wire, WireBroken, WireClosed
 from ._ranges import check_range
@@ -65,21 +64,6 @@ TF = TransmissionFlags
 _F = CommandFlags
 _COMPACT_LIMIT = (1 << 32) - 1
 """The longest block status request without extended headers (a 32-bit length)."""
-
-
-def _connect(
-    target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float, request_timeout: float
-) -> Wire:
-    """A negotiated connection, not started yet: ``timeout`` bounds each step of connecting and the handshake,
-    ``request_timeout`` each request afterwards (Wire)."""
-    sock = connect_socket(target, timeout)  # its timeout stays on through the handshake
-    tls = connection_context(target, plan.tls, tls)
-    connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
-    connection.stream.sock.settimeout(None)  # the wire bounds its waits itself
-    if not isinstance(connection.result, nbdproto.engine.HandshakeComplete):
-        connection.stream.close()
-        raise nbdproto.client.NegotiationError("the server ended the handshake without an export")
-    return Wire(connection, request_timeout)
 
 
 class _Slot:
@@ -131,7 +115,7 @@ class NbdDevice:
         plan = DiscoveringNegotiation(
             self._target.export_name, tls=tls is not None or self._target.tls, require_tls=self._target.tls
         )
-        first = _connect(self._target, plan, tls, timeout, timeout)
+        first = connect_wire(self._target, plan, tls, timeout, timeout)
         handshake: nbdproto.engine.HandshakeComplete = plan.result  # type: ignore[assignment]
         self.export = handshake.export
         self.extended_headers = handshake.extended_headers
@@ -166,7 +150,7 @@ class NbdDevice:
             require_tls=self._target.tls,
             meta_contexts=self.meta_context_names,
         )
-        wire = _connect(self._target, plan, self._tls, timeout or self._timeout, self._timeout)
+        wire = connect_wire(self._target, plan, self._tls, timeout or self._timeout, self._timeout)
         size = plan.result.export.size  # type: ignore[union-attr]
         if size != self.export.size:
             wire.close()

@@ -1,9 +1,14 @@
 """What NbdDevice asks of a remote export in the handshake, and what it makes of the answer: every meta context
-the export has, selected; the export's transmission flags and block sizes as the device's capabilities."""
+the export has, selected; the export's transmission flags and block sizes as the device's capabilities; and a
+connection made and negotiated (``connect_wire``)."""
 
 from __future__ import annotations
 
-from nbdproto.client import ClientNegotiation
+import ssl
+
+import nbdproto.client
+import nbdproto.engine
+from nbdproto.client import ClientNegotiation, NbdUri
 from nbdproto.engine import (
     Event,
     Export,
@@ -14,9 +19,13 @@ from nbdproto.engine import (
     OptionSetMetaContext,
 )
 from nbdproto.serving import DeviceCapabilities
+from nbdproto.sockets import connect_socket, negotiate_client
+from nbdproto.tls import connection_context
 from nbdproto.wire import BASE_ALLOCATION, InfoType, Option, TransmissionFlags
 
-__all__ = ["DiscoveringNegotiation", "capabilities_of"]
+from ._nbdwire import Wire
+
+__all__ = ["DiscoveringNegotiation", "capabilities_of", "connect_wire"]
 
 TF = TransmissionFlags
 
@@ -71,3 +80,18 @@ def capabilities_of(export: Export, contexts: tuple[str, ...]) -> DeviceCapabili
         maximum_payload=max(maximum, preferred),
         meta_contexts=contexts,
     )
+
+
+def connect_wire(
+    target: NbdUri, plan: ClientNegotiation, tls: ssl.SSLContext | None, timeout: float, request_timeout: float
+) -> Wire:
+    """A negotiated connection, not started yet: ``timeout`` bounds each step of connecting and the handshake,
+    ``request_timeout`` each request afterwards (Wire)."""
+    sock = connect_socket(target, timeout)  # its timeout stays on through the handshake
+    tls = connection_context(target, plan.tls, tls)
+    connection = negotiate_client(sock, plan, tls=tls, server_hostname=target.tls_hostname)
+    connection.stream.sock.settimeout(None)  # the wire bounds its waits itself
+    if not isinstance(connection.result, nbdproto.engine.HandshakeComplete):
+        connection.stream.close()
+        raise nbdproto.client.NegotiationError("the server ended the handshake without an export")
+    return Wire(connection, request_timeout)
