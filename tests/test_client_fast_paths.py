@@ -141,7 +141,7 @@ def _sends(draw: st.DrawFn) -> Sends:
     minimum = draw(st.sampled_from([1, 512, 4096]))
     requests = [
         (
-            draw(st.sampled_from(["read", "write"])),
+            draw(st.sampled_from(["read", "write", "read into", "read into short", "read into read-only"])),
             draw(st.integers(0, 3)),
             draw(st.sampled_from([0, 0, 0, F.FUA, F.DF, F.NO_HOLE, F.PAYLOAD_LEN])),
             draw(st.sampled_from([0, 1, 512, 4096, SIZE - 4096, SIZE - 1, SIZE, -4096])),
@@ -175,6 +175,11 @@ def _send_all(kind: type[n.ClientConnection], sends: Sends) -> tuple[list[Any], 
         event: n.Event
         if what == "read":
             event = n.ReadRequest(cookie, offset, length, F(request_flags))
+        elif what.startswith("read into"):  # the caller's buffer: the right size, too short, or read-only
+            buffer = memoryview(bytearray(length - 1 if what.endswith("short") and length else length))
+            event = n.ReadRequest(cookie, offset, length, F(request_flags), buffer=buffer)
+            if what.endswith("read-only"):
+                event = n.ReadRequest(cookie, offset, length, F(request_flags), buffer=buffer.toreadonly())
         else:
             event = n.WriteRequest(cookie, offset, bytes(length), F(request_flags))
         try:

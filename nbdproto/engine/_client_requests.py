@@ -134,11 +134,12 @@ class ClientRequesting(Connection):
                 and offset + length <= export.size
                 and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
                 and cookie not in self._pending
-                and buffer is None
             ):
-                self._pending[cookie] = Pending(event, _READ, offset, length, 0, memoryview(bytearray(length)))
-                self._out.append(self._read_header(cookie, offset, length))
-                return
+                view = memoryview(bytearray(length)) if buffer is None else memoryview(buffer).cast("B")
+                if len(view) == length and not view.readonly:  # (else the full check below refuses it)
+                    self._pending[cookie] = Pending(event, _READ, offset, length, 0, view)
+                    self._out.append(self._read_header(cookie, offset, length))
+                    return
         # The other common one: a WRITE without flags, within the maximum payload, on a writable export.
         elif (
             type(event) is WriteRequest
