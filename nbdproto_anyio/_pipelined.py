@@ -123,6 +123,7 @@ async def _answer(
         finally:
             budget.done(cost, len(replies))
             share.give(cost)
+            session.logic.pipeline_sent(replies)  # the reads' buffers, kept for reads to come
 
 
 def _start(pipeline: Pipeline, starter: _Starter, step: StartRequests) -> None:

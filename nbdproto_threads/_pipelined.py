@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
+from nbdproto.engine import Event
 from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, RequestBudget, StartRequests, WaitForRoom, Work
 from nbdproto.sockets import SharedTls, send_without_waiting
 
@@ -38,7 +39,7 @@ class _Replies:
         self.pipeline: Pipeline | None = None
         self.room = threading.Condition(self._lock)  # the budget changed: the reader may go on
         self._ready = threading.Condition(self._lock)  # the outbox has a chunk for the sender thread
-        self._outbox: deque[list[Any]] = deque()  # [pieces, requests, cost], in order
+        self._outbox: deque[list[Any]] = deque()  # [pieces, replies, cost], in order
         self._sending = False  # a thread is sending: the others queue
         self._stopped = False
         self._broken = False  # a send failed: the client is gone, nothing more is sent
@@ -51,16 +52,16 @@ class _Replies:
         with self._lock:
             if self._stopped:
                 return  # (results that came after the end: the connection's budget went back as it closed)
-            pipeline, count, cost = self.pipeline, 0, 0
+            pipeline, cost = self.pipeline, 0
+            replies: list[Event] = []
             if pipeline is not None:
                 replies, cost = pipeline.replies()
-                count = len(replies)
                 for reply in replies:
                     self._engine.send(reply)
             pieces = self._engine.data_to_send()
-            if not pieces and not count:
+            if not pieces and not replies:
                 return
-            chunk: list[Any] = [pieces, count, cost]
+            chunk: list[Any] = [pieces, replies, cost]
             if self._sending or self._outbox or self._tls is not None or self._broken:
                 self._outbox.append(chunk)
                 self._ready.notify()
@@ -111,14 +112,18 @@ class _Replies:
             self._finished(chunks)
 
     def _finished(self, chunks: list[list[Any]]) -> None:
-        """The chunks' replies are out (or never will be): their budget is free again."""
-        count = sum(chunk[1] for chunk in chunks)
+        """The chunks' replies are out (or never will be): their budget is free again, and their reads' buffers
+        are kept for reads to come."""
+        replies = [reply for chunk in chunks for reply in chunk[1]]
         cost = sum(chunk[2] for chunk in chunks)
-        if count:
+        if replies:
             with self._lock:
-                self._budget.done(cost, count)
+                self._budget.done(cost, len(replies))
                 self.room.notify_all()
         self._session._share.give(cost)
+        if replies:
+            with self._lock:
+                self._session.logic.pipeline_sent(replies)
 
     def stop(self) -> None:
         """No more replies: the sender thread ends once the outbox is empty."""

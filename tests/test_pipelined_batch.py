@@ -113,3 +113,66 @@ def test_requests_after_the_last_part_of_a_streamed_write_are_admitted_after_it(
         ("part", 7),
         ("start", [1, 2], [4 * KIB] * 2),
     ]
+
+
+class _Submitting(MemoryDevice):
+    """A memory device that takes calls as a remote one does (``submit``), carrying each out at once."""
+
+    def submit(self, calls: Any, tokens: Any, completions: Any) -> None:
+        for call, token in zip(calls, tokens, strict=True):
+            try:
+                result = getattr(self, call.method)(*call.args, **call.kwargs)
+            except Exception as exc:
+                result = exc
+            completions.complete(token, result)
+        completions.completed()
+
+
+def _answered(logic: Any, pipeline: Any, received: bytes, budget: Any, share: Any) -> list[Any]:
+    """Admit and start the requests of ``received``, then take their replies as a driver does once woken."""
+    for step in logic.pipelined_batch(batch_of(logic, received), budget, share):
+        assert type(step) is StartRequests
+        pipeline.start(step.requests, step.costs)
+    replies, cost = pipeline.replies()
+    for reply in replies:
+        logic.engine.send(reply)
+    logic.engine.data_to_send()
+    budget.done(cost, len(replies))
+    share.give(cost)
+    return replies
+
+
+def test_the_buffers_of_reads_sent_are_filled_again_and_held_from_the_share() -> None:
+    """A read's buffer, once its reply is sent (``pipeline_sent``), is kept and filled by a later read of its
+    size, with that read's data; while kept it holds its bytes of the connection's memory share."""
+    device = _Submitting(MIB)
+    device.pwrite(bytes(range(256)) * 16, 4 * KIB)
+    share = MemoryBudget(MIB).share()
+    logic = session(device, share=share)
+    pipeline = logic.pipeline(lambda: None)
+    budget = RequestBudget(16, MIB)
+    (first,) = _answered(logic, pipeline, reads(0), budget, share)
+    buffer = first.data.obj
+    assert bytes(first.data) == bytes(4 * KIB) and share.held == 0
+    logic.pipeline_sent([first])
+    assert share.held == 4 * KIB  # kept
+    (second,) = _answered(logic, pipeline, reads(1), budget, share)
+    assert second.data.obj is buffer and bytes(second.data) == bytes(range(256)) * 16
+    assert share.held == 0  # the read held its own while in flight, and gave it back with its reply
+    (other,) = _answered(logic, pipeline, reads(2, length=8 * KIB), budget, share)
+    assert other.data.obj is not buffer  # another size: a buffer of its own
+
+
+def test_kept_buffers_give_their_share_back_before_a_read_would_wait() -> None:
+    """A share spent on kept buffers does not make a read wait: they are let go first."""
+    device = _Submitting(MIB)
+    share = MemoryBudget(MIB + 8 * KIB).share()  # (a share may hold the whole budget while it is the only one)
+    logic = session(device, share=share)
+    pipeline = logic.pipeline(lambda: None)
+    budget = RequestBudget(16, MIB)
+    sent = _answered(logic, pipeline, reads(*range(4), length=256 * KIB), budget, share)
+    logic.pipeline_sent(sent)
+    assert share.held == MIB
+    steps = described(logic.pipelined_batch(batch_of(logic, reads(1, length=512 * KIB)), budget, share))
+    assert steps == [("start", [1], [512 * KIB])]  # no wait: the kept MiB went back
+    assert share.held == 512 * KIB

@@ -48,7 +48,8 @@ NO_FLAGS = CommandFlags(0)
 
 class ReadRequest(Event):
     """NBD_CMD_READ of ``length`` bytes at ``offset``. Client role: ``buffer``, if given, is where the reply's
-    data is assembled (a writable buffer of ``length`` bytes); otherwise the connection allocates one."""
+    data is assembled (a writable buffer of ``length`` bytes); otherwise the connection allocates one. Server
+    role: the engine leaves it None; a server may set it to where the device should read the data into."""
 
     __slots__ = ("cookie", "offset", "length", "flags", "buffer")
     _hidden = ("buffer",)

@@ -14,7 +14,8 @@ here, once:
   served (``_admission``; client certificates' subjects and the patterns they must match: ``_subject``), the
   log (``_log``).
 - Policy a client cannot escape: time limits (``_limits``), the memory budget (``_budget``), the receive
-  sizes (``_receive_size``); read replies' buffers used again on TLS connections (``_reply_buffers``).
+  sizes (``_receive_size``); read replies' buffers used again on TLS connections and in pipelines
+  (``_reply_buffers``).
 
 This is the plumbing namespace: applications write devices and start servers through ``nbdproto``,
 ``nbdproto.devices`` and a backend; backends and tools that drive the engine themselves use these names. They

@@ -77,14 +77,18 @@ class DeviceCall(NamedTuple):
 def device_calls(request: Request, meta_contexts: Mapping[int, str]) -> list[DeviceCall]:
     """The device calls that carry out ``request`` (a request the engine already validated).
 
-    A read gets a fresh buffer of its length to fill; a block status request gets one ``extents`` call per
+    A read gets the buffer its request names (a pipeline's, kept from a reply sent: ``pipelined_batch``), else
+    a fresh one of its length, to fill; a block status request gets one ``extents`` call per
     meta context it asks for, by context name. ``DisconnectRequest`` needs no call (the backend flushes on
     close).
     """
     kind = type(request)
     if kind is ReadRequest:
         read: ReadRequest = request  # type: ignore[assignment]
-        return [DeviceCall("pread_into", (memoryview(bytearray(read.length)), read.offset))]
+        buffer = read.buffer
+        return [
+            DeviceCall("pread_into", (memoryview(bytearray(read.length) if buffer is None else buffer), read.offset))
+        ]
     if kind is WriteRequest:
         write: WriteRequest = request  # type: ignore[assignment]
         if write.in_place:  # received into the device's storage: written already, FUA aside

@@ -1,4 +1,6 @@
-"""ReplyBuffers: read replies' buffers used again once they are sent, on connections that send copies anyway.
+"""ReplyBuffers: read replies' buffers used again once they are sent, on connections that send copies anyway,
+and for devices that read into the server's buffers (a remote export in a pipeline: ``pipelined_batch`` hands a
+kept buffer to each read, ``pipeline_sent`` keeps it again).
 
 On a TLS connection a read's data is encrypted from a buffer the server fills (a device's views of a file
 mapping may not be touched from user space: a file truncated under the server would be a SIGBUS). A buffer
@@ -43,20 +45,24 @@ class ReplyBuffers:
         self._kept = 0  # bytes in _free, held from ``share``
         self._share = share
 
+    def take(self, length: int) -> bytearray:
+        """A buffer of ``length`` bytes for a read whose budget is taken: one kept from a reply already sent
+        (what it held of the share goes back: the read holds its own), or a new one."""
+        kept = self._free.get(length)
+        if not kept:
+            return bytearray(length)
+        self._kept -= length
+        if self._share is not None:
+            self._share.give(length)
+        return kept.pop()
+
     def reader(self, device: Any) -> Any:
         """A ReadView for ``device`` (nbdproto.serving's ``carry_out`` takes it): each read's bytes, read with
-        ``pread_into`` into a buffer kept from a reply already sent, or a new one."""
-        free, used = self._free, self._used
+        ``pread_into`` into a buffer from ``take``; ``sent`` keeps it again."""
+        used, take = self._used, self.take
 
         def read(offset: int, length: int) -> bytearray:
-            kept = free.get(length)
-            if kept:
-                buffer = kept.pop()
-                self._kept -= length
-                if self._share is not None:
-                    self._share.give(length)  # the read that fills it has taken its own
-            else:
-                buffer = bytearray(length)
+            buffer = take(length)
             used.append(buffer)
             device.pread_into(memoryview(buffer), offset)
             return buffer
@@ -64,14 +70,19 @@ class ReplyBuffers:
         return read
 
     def sent(self) -> None:
-        """Every reply made so far is sent: its buffer may be filled again (as many as ``limit`` allows)."""
+        """Every reply made so far from ``reader``'s buffers is sent: keep them for reads to come."""
+        self.keep(self._used)
+        self._used.clear()
+
+    def keep(self, buffers: list[bytearray]) -> None:
+        """The replies of ``buffers`` are sent: keep them for reads to come, as many as ``limit`` and the share
+        allow."""
         room = self._limit - self._kept
         keep = []
-        for buffer in self._used:
+        for buffer in buffers:
             if len(buffer) <= room:
                 keep.append(buffer)
                 room -= len(buffer)
-        self._used.clear()
         total = sum(len(buffer) for buffer in keep)
         if not total or (self._share is not None and not self._share.try_take(total)):
             return
