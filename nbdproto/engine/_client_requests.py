@@ -128,13 +128,7 @@ class ClientRequesting(Connection):
             and not (self._disconnected or self.server_shutting_down)
         ):
             cookie, offset, length, buffer = event.cookie, event.offset, event.length, event.buffer
-            if (
-                0 < length <= export.maximum_payload
-                and offset >= 0
-                and offset + length <= export.size
-                and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
-                and cookie not in self._pending
-            ):
+            if self._plainly_valid(export, cookie, offset, length):
                 view = memoryview(bytearray(length)) if buffer is None else memoryview(buffer).cast("B")
                 if len(view) == length and not view.readonly:  # (else the full check below refuses it)
                     self._pending[cookie] = Pending(event, _READ, offset, length, 0, view)
@@ -149,13 +143,7 @@ class ClientRequesting(Connection):
         ):
             cookie, offset, data = event.cookie, event.offset, event.data
             length = len(data)
-            if (
-                0 < length <= export.maximum_payload
-                and offset >= 0
-                and offset + length <= export.size
-                and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
-                and cookie not in self._pending
-            ):
+            if self._plainly_valid(export, cookie, offset, length):
                 self._pending[cookie] = Pending(event, _WRITE, offset, length, 0)
                 self._queue_header(_WRITE, _PAYLOAD_LEN if self.extended_headers else 0, cookie, offset, length)
                 self._out.append(data)
@@ -224,6 +212,17 @@ class ClientRequesting(Connection):
             self._out.append(request.data)  # type: ignore[union-attr]
             return
         self._queue_header(rule.command, flags, cookie, offset, length)
+
+    def _plainly_valid(self, export: Export, cookie: int, offset: int, length: int) -> bool:
+        """What the full check asks of a READ or WRITE without flags, for the short roads: a free cookie and a
+        range inside the export, aligned as the client is bound to, within the maximum payload."""
+        return (
+            0 < length <= export.maximum_payload
+            and offset >= 0
+            and offset + length <= export.size
+            and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
+            and cookie not in self._pending
+        )
 
     @property
     def can_choose_contexts(self) -> bool:
