@@ -128,9 +128,20 @@ class ClientRequesting(Connection):
             and not (self._disconnected or self.server_shutting_down)
         ):
             cookie, offset, length, buffer = event.cookie, event.offset, event.length, event.buffer
-            if self._plainly_valid(export, cookie, offset, length):
-                view = memoryview(bytearray(length)) if buffer is None else memoryview(buffer).cast("B")
-                if len(view) == length and not view.readonly:  # (else the full check below refuses it)
+            if (  # _plainly_valid, written out: the call costs this, the client's hottest path, 5% (bench_engine)
+                0 < length <= export.maximum_payload
+                and offset >= 0
+                and offset + length <= export.size
+                and not (offset | length) % (export.minimum_block_size if self.strict else self._alignment)
+                and cookie not in self._pending
+            ):
+                if buffer is None:
+                    view = memoryview(bytearray(length))
+                else:  # the caller's: a wrong size or a read-only one meets the full check below
+                    view = memoryview(buffer).cast("B")
+                    if len(view) != length or view.readonly:
+                        view = None
+                if view is not None:
                     self._pending[cookie] = Pending(event, _READ, offset, length, 0, view)
                     self._out.append(self._read_header(cookie, offset, length))
                     return
