@@ -123,7 +123,8 @@ class _Replies:
         self._session._share.give(cost)
         if replies:
             with self._lock:
-                self._session.logic.pipeline_sent(replies)
+                if not self._stopped:  # (once stopped, the session gives its budget back: keep nothing)
+                    self._session.logic.pipeline_sent(replies)
 
     def stop(self) -> None:
         """No more replies: the sender thread ends once the outbox is empty."""

@@ -176,3 +176,20 @@ def test_kept_buffers_give_their_share_back_before_a_read_would_wait() -> None:
     steps = described(logic.pipelined_batch(batch_of(logic, reads(1, length=512 * KIB)), budget, share))
     assert steps == [("start", [1], [512 * KIB])]  # no wait: the kept MiB went back
     assert share.held == 512 * KIB
+
+
+def test_closing_gives_back_the_kept_buffers_once_and_keeps_nothing_after() -> None:
+    """The end of a connection gives back exactly what it held, kept buffers included (given twice, the
+    server's budget would count less than is in use); replies sent after it keep nothing."""
+    budget = MemoryBudget(4 * MIB)
+    share = budget.share()
+    logic = session(_Submitting(MIB), share=share)
+    pipeline = logic.pipeline(lambda: None)
+    requests = RequestBudget(16, MIB)
+    sent = _answered(logic, pipeline, reads(0, 1), requests, share)
+    logic.pipeline_sent(sent[:1])
+    assert share.held == 4 * KIB
+    logic.close()
+    assert (share.held, budget.used, budget.holders) == (0, 0, 0)
+    logic.pipeline_sent(sent[1:])  # a driver's thread that sent late
+    assert (share.held, budget.used, budget.holders) == (0, 0, 0)

@@ -220,10 +220,11 @@ class ServerSessionLogic(SessionTransmission):
         if self._closed:
             return False
         self._closed = True
+        if self._reply_buffers is not None:  # first: what it gives back is part of what give_all would
+            self._reply_buffers.release()
+            self._reply_buffers = None  # (a pipelined driver's thread that sends late keeps nothing more)
         if self.share is not None:
             self.share.give_all()
-        if self._reply_buffers is not None:
-            self._reply_buffers.release()
         if self.spec is not None:
             for write in self.engine.in_place_writes():  # views nothing will be received into any more
                 write_view_ended(self.device, write)
