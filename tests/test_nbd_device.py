@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -471,3 +472,27 @@ def test_a_pipeline_on_a_device_without_submit_nowait_starts_nothing_on_the_loop
     with pytest.raises(BlockingIOError):
         pipeline.start_nowait([nbdproto.ReadRequest(1, 0, 10)], [10])
     assert pipeline.replies() == ([], 0)
+
+
+def test_submit_nowait_on_a_connection_that_broke_fails_its_requests_and_the_next_reconnect(peers: Any) -> None:
+    """A send that fails at once (the connection is shut for writing) fails the requests it carried, through
+    their results, not an exception on the loop; the next ``submit`` makes a new connection."""
+    peers("nbdkit")
+    from nbdproto import DeviceCall
+
+    with nbdkit("memory", "size=1M") as (uri, _):
+        device = NbdDevice(uri, connections=1)
+        try:
+            wire = device._slots[0].wire
+            assert wire is not None
+            wire.sock.shutdown(socket.SHUT_WR)
+            sink = _Results(1)
+            assert device.submit_nowait([DeviceCall("pwrite", (b"x" * 512, 0, False))], ["w"], sink) is None
+            assert sink.done.wait(10)
+            assert isinstance(sink.results["w"], OSError) and sink.results["w"].errno == errno.EIO
+            buffer = memoryview(bytearray(512))
+            with pytest.raises(BlockingIOError):  # the broken connection is not used again here
+                device.submit_nowait([DeviceCall("pread_into", (buffer, 0))], ["r"], _Results(1))
+            assert device.call_batch([DeviceCall("pread_into", (buffer, 0))]) == [None]  # reconnected
+        finally:
+            device.close()
