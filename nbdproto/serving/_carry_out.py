@@ -61,9 +61,8 @@ __all__ = [
 ]
 
 _ALLOCATION_BITS = int(AllocationState.HOLE | AllocationState.ZERO)
-_FUA_BIT = int(
-    CommandFlags.FUA
-)  # int(flags) & bit: an IntFlag & IntFlag builds a new flag in Python, ~0.5 us per write
+# int(flags) & bit: an IntFlag & IntFlag builds a new flag in Python, ~0.5 us per write.
+_FUA_BIT = int(CommandFlags.FUA)
 
 
 class DeviceCall(NamedTuple):

@@ -46,11 +46,15 @@ class ReplyBuffers:
         self._share = share
 
     def take(self, length: int) -> bytearray:
-        """A buffer of ``length`` bytes for a read whose budget is taken: one kept from a reply already sent
-        (what it held of the share goes back: the read holds its own), or a new one."""
+        """A buffer of ``length`` bytes for a read whose budget is taken: one kept (``kept_for``), or a new one."""
+        return self.kept_for(length) or bytearray(length)
+
+    def kept_for(self, length: int) -> bytearray | None:
+        """A buffer of ``length`` bytes kept from a reply already sent, for a read whose budget is taken (what
+        the buffer held of the share goes back: the read holds its own); None when none is kept."""
         kept = self._free.get(length)
         if not kept:
-            return bytearray(length)
+            return None
         self._kept -= length
         if self._share is not None:
             self._share.give(length)

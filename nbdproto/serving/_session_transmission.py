@@ -395,7 +395,7 @@ class SessionTransmission:
                 yield WaitForRoom(cost)
             budget.add(cost)
             if type(request) is ReadRequest and kept is not None:
-                request.buffer = kept.take(request.length)
+                request.buffer = kept.kept_for(request.length)  # (else the pipeline makes one, off any lock)
             requests.append(request)
             costs.append(cost)
         if requests:
