@@ -174,3 +174,26 @@ def cli(*args: str) -> Iterator[Cli]:
         yield process
     finally:
         process.close()
+
+
+@contextlib.contextmanager
+def stopped(proc: subprocess.Popen[bytes]) -> Iterator[float]:
+    """``proc`` stopped (SIGSTOP) for the block, continued after it whatever happens; yields when it stopped:
+    when every thread of it is, not when the signal was sent (on a loaded machine the thread that takes the
+    signal may wait for a core while the others still answer requests)."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: all_stopped(proc.pid), f"every thread of {proc.pid} stopped", 10)
+        yield time.monotonic()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
+    tasks = os.listdir(f"/proc/{pid}/task")
+    states = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as stat:
+            states.append(stat.read().rsplit(")", 1)[1].split()[0])  # (a thread that ended meanwhile: skipped)
+    return bool(states) and all(state in ("T", "t") for state in states)

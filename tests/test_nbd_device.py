@@ -22,7 +22,7 @@ import pytest
 import nbdproto
 import nbdproto.serving
 from nbdproto.devices import NbdDevice
-from tests.remotes import CLI, cli, free_port, nbdkit, qemu_nbd, serving_on_socket
+from tests.remotes import CLI, cli, free_port, nbdkit, qemu_nbd, serving_on_socket, stopped
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
 from tests.test_interop_server import NBDSH_EVERY_COMMAND, nbdsh, run, sha256
 from tests.threaded import run_threads
@@ -476,23 +476,25 @@ def test_a_pipeline_on_a_device_without_submit_nowait_starts_nothing_on_the_loop
 
 def test_submit_nowait_on_a_connection_that_broke_fails_its_requests_and_the_next_reconnect(peers: Any) -> None:
     """A send that fails at once (the connection is shut for writing) fails the requests it carried, through
-    their results, not an exception on the loop; the next ``submit`` makes a new connection."""
+    their results, not an exception on the loop; the next ``submit`` makes a new connection. (The remote is
+    stopped meanwhile, so that it does not close the connection first: then nothing would be sent at all.)"""
     peers("nbdkit")
     from nbdproto import DeviceCall
 
-    with nbdkit("memory", "size=1M") as (uri, _):
+    with nbdkit("memory", "size=1M") as (uri, proc):
         device = NbdDevice(uri, connections=1)
         try:
             wire = device._slots[0].wire
             assert wire is not None
-            wire.sock.shutdown(socket.SHUT_WR)
-            sink = _Results(1)
-            assert device.submit_nowait([DeviceCall("pwrite", (b"x" * 512, 0, False))], ["w"], sink) is None
-            assert sink.done.wait(10)
-            assert isinstance(sink.results["w"], OSError) and sink.results["w"].errno == errno.EIO
             buffer = memoryview(bytearray(512))
-            with pytest.raises(BlockingIOError):  # the broken connection is not used again here
-                device.submit_nowait([DeviceCall("pread_into", (buffer, 0))], ["r"], _Results(1))
+            sink = _Results(1)
+            with stopped(proc):
+                wire.sock.shutdown(socket.SHUT_WR)
+                assert device.submit_nowait([DeviceCall("pwrite", (b"x" * 512, 0, False))], ["w"], sink) is None
+                assert sink.done.wait(10)
+                assert isinstance(sink.results["w"], OSError) and sink.results["w"].errno == errno.EIO
+                with pytest.raises(BlockingIOError):  # the broken connection is not used again here
+                    device.submit_nowait([DeviceCall("pread_into", (buffer, 0))], ["r"], _Results(1))
             assert device.call_batch([DeviceCall("pread_into", (buffer, 0))]) == [None]  # reconnected
         finally:
             device.close()

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -24,35 +23,11 @@ import nbdproto
 import nbdproto_threads as nt
 from nbdproto.devices import NbdDevice
 from tests.conftest import PEER_ENV
-from tests.remotes import Cli, cli, nbdkit
+from tests.remotes import Cli, cli, nbdkit, stopped
 from tests.serving import make_pki
-from tests.waiting import wait_until
 
 KIB, MIB = 1 << 10, 1 << 20
 pytestmark = pytest.mark.timeout(120)
-
-
-@contextlib.contextmanager
-def stopped(proc: subprocess.Popen[bytes]) -> Iterator[float]:
-    """``proc`` stopped (SIGSTOP) for the block, continued after it whatever happens; yields when it stopped:
-    when every thread of it is, not when the signal was sent (on a loaded machine the thread that takes the
-    signal may wait for a core while the others still answer requests)."""
-    proc.send_signal(signal.SIGSTOP)
-    try:
-        wait_until(lambda: all_stopped(proc.pid), f"every thread of {proc.pid} stopped", 10)
-        yield time.monotonic()
-    finally:
-        proc.send_signal(signal.SIGCONT)
-
-
-def all_stopped(pid: int) -> bool:
-    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
-    tasks = os.listdir(f"/proc/{pid}/task")
-    states = []
-    for task in tasks:
-        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as stat:
-            states.append(stat.read().rsplit(")", 1)[1].split()[0])  # (a thread that ended meanwhile: skipped)
-    return bool(states) and all(state in ("T", "t") for state in states)
 
 
 def no_traceback(lines: list[str]) -> None:
