@@ -30,7 +30,7 @@ from anyio.streams.tls import TLSStream
 
 from nbdproto import FileRegion, Payload
 from nbdproto.serving import RECV_SIZE
-from nbdproto.sockets import step_past
+from nbdproto.sockets import IOV_MAX, step_past
 
 from ._readable import Readable
 
@@ -43,7 +43,6 @@ __all__ = [
     "close_stream",
 ]
 
-_IOV_MAX = 1024
 _YIELD_EVERY = 8
 """Receives in a row that found data waiting, after which the stream lets the event loop run other tasks: a
 stream that never waits would otherwise starve every other connection (48 clients streaming writes left a
@@ -154,7 +153,7 @@ class RawSocketStream(anyio.abc.ByteStream):
                     start += 1
                     continue
                 end = start
-                while end < len(views) and end - start < _IOV_MAX and type(views[end]) is not FileRegion:
+                while end < len(views) and end - start < IOV_MAX and type(views[end]) is not FileRegion:
                     end += 1
                 try:
                     sent = self.sock.sendmsg(views[start:end])

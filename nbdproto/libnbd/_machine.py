@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import os
 import select
 import socket
 import ssl
@@ -28,7 +27,7 @@ from collections.abc import Callable
 
 import nbdproto.engine
 from nbdproto.engine import NEED_DATA, PAUSED
-from nbdproto.sockets import step_past
+from nbdproto.sockets import IOV_MAX, step_past
 from nbdproto.wire import LocalProtocolError, RemoteProtocolError
 
 from ._commands import CommandTable, system_errno
@@ -52,7 +51,6 @@ _RECV_SIZE = 256 * 1024
 _HEADER_RECV = 64
 """Bytes asked for instead while a large read is in flight: its reply's header (and the offset of its data,
 40 bytes at most), so that the data itself is received straight into the caller's buffer, not copied there."""
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _POLLIN, _POLLOUT, _POLLHUP = select.POLLIN, select.POLLOUT, select.POLLHUP
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -292,7 +290,7 @@ class Machine:
                     if sent < len(piece):
                         pieces[start] = memoryview(piece)[sent:]
                 else:
-                    sent = sock.sendmsg(pieces[start : start + _IOV_MAX])
+                    sent = sock.sendmsg(pieces[start : start + IOV_MAX])
                     start = step_past(pieces, start, sent)
                 self.bytes_sent += sent
                 sent_any = True

@@ -9,8 +9,8 @@ activation: a server command run on a private unix socket, as a client's ``conne
 ``SharedClientCount`` keeps the connection policy's counts for several processes serving one listening socket
 (``nbdproto serve --workers``), in memory made by ``anonymous_file``, as a shared memory export's is.
 ``step_past`` is what a driver does after a partial scatter-gather send of the engine's pieces, and
-``send_without_waiting`` sends them as far as a socket takes them now. For blocking
-clients, below every backend: ``SocketStream`` (a socket as the engine's byte pipe), ``SharedTls`` (one TLS
+``send_without_waiting`` sends them as far as a socket takes them now (``IOV_MAX`` buffers per call at most).
+For blocking clients, below every backend: ``SocketStream`` (a socket as the engine's byte pipe), ``SharedTls`` (one TLS
 connection several threads use at once), ``connect_socket`` / ``negotiate_client`` / ``open_together``
 (connecting and negotiating, as the threads client and ``nbdproto.devices.NbdDevice`` do). For servers:
 ``TlsChannel`` (a TLS connection one thread or task drives without blocking: a whole payload per call, full
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._connect import Connection, connect_socket, negotiate_client, open_together
     from ._launch import STOP_TIMEOUT, ActivatedServer
     from ._listen import LISTEN_BACKLOG, client_info, listen_socket, peer_name
-    from ._sending import send_without_waiting, step_past
+    from ._sending import IOV_MAX, send_without_waiting, step_past
     from ._shared_tls import SharedTls
     from ._stream import SocketStream
     from ._tls_channel import TLS_RECORD_SIZE, TlsChannel
@@ -50,6 +50,7 @@ _WHERE = {
     "client_info": "._listen",
     "listen_socket": "._listen",
     "peer_name": "._listen",
+    "IOV_MAX": "._sending",
     "step_past": "._sending",
     "send_without_waiting": "._sending",
     "Connection": "._connect",
@@ -74,6 +75,7 @@ __all__ = [
     "STOP_TIMEOUT",
     "SharedClientCount",
     "anonymous_file",
+    "IOV_MAX",
     "step_past",
     "send_without_waiting",
     "SocketStream",

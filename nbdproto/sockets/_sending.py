@@ -3,12 +3,15 @@ waits, stated once."""
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
-__all__ = ["step_past", "send_without_waiting"]
+__all__ = ["IOV_MAX", "step_past", "send_without_waiting"]
 
-_IOV_MAX = 1024  # the most buffers one sendmsg takes (Linux's UIO_MAXIOV)
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+"""The most buffers one ``sendmsg`` takes (Linux's UIO_MAXIOV): every driver that sends the engine's pieces
+without joining them hands it at most this many at a time."""
 
 
 def step_past(pieces: list[Any], start: int, sent: int) -> int:
@@ -32,7 +35,7 @@ def send_without_waiting(sock: socket.socket, pieces: list[Any]) -> list[Any] | 
     start = 0
     while start < len(pieces):
         try:
-            sent = sock.sendmsg(pieces[start : start + _IOV_MAX], [], socket.MSG_DONTWAIT)
+            sent = sock.sendmsg(pieces[start : start + IOV_MAX], [], socket.MSG_DONTWAIT)
         except BlockingIOError:
             return pieces[start:]
         start = step_past(pieces, start, sent)

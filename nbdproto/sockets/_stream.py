@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from nbdproto.engine import FileRegion, Payload
 from nbdproto.serving import RECV_SIZE
 
-from ._sending import step_past
+from ._sending import IOV_MAX, step_past
 
 __all__ = ["SocketStream"]
 
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _Piece = bytes | bytearray | memoryview
 
 
@@ -130,7 +129,7 @@ class SocketStream:
         flags = socket.MSG_MORE if more else 0
         start = 0
         while start < len(pieces):
-            start = step_past(pieces, start, sock.sendmsg(pieces[start : start + _IOV_MAX], [], flags))
+            start = step_past(pieces, start, sock.sendmsg(pieces[start : start + IOV_MAX], [], flags))
             while start < len(pieces) and not len(pieces[start]):
                 start += 1
 
