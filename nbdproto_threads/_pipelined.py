@@ -115,16 +115,15 @@ class _Replies:
         """The chunks' replies are out (or never will be): their budget is free again, and their reads' buffers
         are kept for reads to come."""
         replies = [reply for chunk in chunks for reply in chunk[1]]
+        if not replies:
+            return  # (the session's own replies: they hold no budget)
         cost = sum(chunk[2] for chunk in chunks)
-        if replies:
-            with self._lock:
-                self._budget.done(cost, len(replies))
-                self.room.notify_all()
-        self._session._share.give(cost)
-        if replies:
-            with self._lock:
-                if not self._stopped:  # (once stopped, the session gives its budget back: keep nothing)
-                    self._session.logic.pipeline_sent(replies)
+        with self._lock:
+            self._budget.done(cost, len(replies))
+            self._session._share.give(cost)  # first: the buffers kept next are held from the share
+            if not self._stopped:  # (once stopped, the session gives its budget back: keep nothing)
+                self._session.logic.pipeline_sent(replies)
+            self.room.notify_all()
 
     def stop(self) -> None:
         """No more replies: the sender thread ends once the outbox is empty."""

@@ -196,9 +196,9 @@ class Wire:
         try:
             pieces = self._register(makes, sink, tokens, deadline)
             rest = send_without_waiting(self.sock, pieces) if pieces else None
-        except OSError as exc:
-            if isinstance(exc, WireClosed):
-                raise
+        except WireClosed:
+            raise
+        except OSError as exc:  # the send failed: the requests on the connection get its failure
             self._fail(exc)
         finally:
             if rest is None:
