@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import PEER_ENV
 from tests.remotes import serving_on_socket
+from tests.sparsefiles import data_bytes
 
 pytestmark = pytest.mark.timeout(300)
 MIB = 1 << 20
@@ -76,7 +77,8 @@ def make_source(path: Path) -> None:
 
 
 def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
+    """The data in the file, holes left out (see tests.sparsefiles for why not st_blocks)."""
+    return data_bytes(path)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import pytest
 import nbdproto_threads as nt
 from tests.conftest import PEER_ENV, REQUIRE_PEERS
 from tests.s3server import SeaweedFS
+from tests.sparsefiles import data_ranges
 from tests.test_s3 import new_key, serve_s3
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -37,20 +38,6 @@ def run(args: list[str], store: SeaweedFS, timeout: float = 90) -> str:
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**PEER_ENV, **store.env})
     assert done.returncode == 0, f"{args[0]} failed: {done.stderr}"
     return done.stdout
-
-
-def data_ranges(fd: int) -> list[tuple[int, int]]:
-    """(offset, length) of the data in a file (SEEK_DATA / SEEK_HOLE): what is not a hole."""
-    size, out, pos = os.fstat(fd).st_size, [], 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: holes to the end
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        out.append((start, end - start))
-        pos = end
-    return out
 
 
 def same_contents(a: str, b: str) -> bool:
