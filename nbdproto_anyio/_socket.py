@@ -144,8 +144,21 @@ class RawSocketStream(anyio.abc.ByteStream):
 
     async def send_pieces(self, pieces: Sequence[Payload]) -> None:
         """Write every piece in order: buffers with sendmsg (many per call), FileRegions with os.sendfile."""
+        sent = 0
+        if 1 < len(pieces) <= IOV_MAX:
+            # The common case in one call (a reply's header and data): buffers alone, which sendmsg takes as
+            # they are (a FileRegion is not one: TypeError before anything is sent, and the loop below).
+            try:
+                sent = self.sock.sendmsg(pieces)  # type: ignore[arg-type]
+            except (TypeError, BlockingIOError):
+                pass
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise anyio.BrokenResourceError from exc
+            else:
+                if sent == sum(map(len, pieces)):
+                    return
         views: list[Any] = [p for p in pieces if len(p)]
-        start = 0
+        start = step_past(views, 0, sent)
         try:
             while start < len(views):
                 if type(views[start]) is FileRegion:

@@ -108,6 +108,19 @@ class SocketStream:
     def send(self, pieces: Sequence[Payload]) -> None:
         """Write every piece, in order, blocking until all are sent. FileRegion pieces go out with
         os.sendfile, straight from the page cache (plain sockets only)."""
+        sock = self.sock
+        if type(sock) is socket.socket and 1 < len(pieces) <= IOV_MAX:
+            # The common case in one call (a reply's header and data): buffers alone, which sendmsg takes as
+            # they are (a FileRegion is not one: TypeError before anything is sent, and the loop below).
+            try:
+                sent = sock.sendmsg(pieces)  # type: ignore[arg-type]
+            except TypeError:
+                pass
+            else:
+                if sent < sum(map(len, pieces)):
+                    rest = list(pieces)
+                    self._send_buffers(rest[step_past(rest, 0, sent) :])  # type: ignore[arg-type]
+                return
         batch: list[_Piece] = []
         for piece in pieces:
             if type(piece) is FileRegion:
