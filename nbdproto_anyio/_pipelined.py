@@ -32,7 +32,8 @@ from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, StartRequests, Wa
 from ._readable import Readable
 
 if TYPE_CHECKING:
-    from ._server import ServerSession, WaitingRequests
+    from ._budget import WaitingRequests
+    from ._server import ServerSession
 
 __all__ = ["pipelined_transmission"]
 

@@ -46,6 +46,7 @@ from nbdproto.serving import (
 )
 from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
+from ._budget import SharedBudget, WaitingRequests, WaitingShare
 from ._pipelined import pipelined_transmission
 from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, receive_ready, send_pieces
 from ._tls import TlsSocketStream
@@ -69,34 +70,6 @@ _STREAM_GONE = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 
 
 _NO_SETTINGS = nbdproto.serving.SessionSettings()
-
-
-class SharedBudget:
-    """The server's memory budget (nbdproto.serving.MemoryBudget) and the event its connections wait on for
-    room, set (and renewed) whenever memory is given back: every connection's WaitingShare draws on it."""
-
-    def __init__(self, limit: int) -> None:
-        self.budget = nbdproto.serving.MemoryBudget(limit)
-        self.freed = anyio.Event()
-
-
-class WaitingShare(nbdproto.serving.BudgetShare):
-    """One connection's draw on a SharedBudget, whose ``take`` waits for room and whose ``give`` wakes the
-    connections waiting."""
-
-    def __init__(self, shared: SharedBudget) -> None:
-        super().__init__(shared.budget)
-        self._shared = shared
-
-    async def take(self, amount: int) -> None:
-        while not self.try_take(amount):
-            await self._shared.freed.wait()
-
-    def give(self, amount: int) -> None:
-        if amount > 0:
-            super().give(amount)
-            self._shared.freed.set()
-            self._shared.freed = anyio.Event()
 
 
 class ServerSession:
@@ -124,6 +97,7 @@ class ServerSession:
         # Whether request tasks send replies alongside the connection's own task. Until they do, sending
         # needs no lock (on asyncio each acquire and release asks for the current task, a getpid() call).
         self._shared_sending = False
+        self._lone_reads = False  # _answer_lone_reads may serve a client's one request at a time
 
     async def negotiate(self) -> str | nbdproto.ClientAborted:
         """Run the handshake until the client chooses an export; its name, or ClientAborted.
@@ -227,6 +201,29 @@ class ServerSession:
             self._idle = False
         logic.wait_ran_out()
 
+    async def _answer_lone_reads(self) -> bool:
+        """At a RECEIVE step where the logic wants it (ServerSessionLogic.lone_reads_wanted): receive, and while
+        what arrives is a lone read, answered at once (ServerSessionLogic.received_answering), send its reply and
+        receive again. True once bytes the steps must take from here were received (handed to the logic
+        already); False when the server began shutting down first (the steps' receive waits as the limits say).
+
+        A client that sends one request at a time (fio QD1) is served by this short loop, where a turn of
+        ``_take_step`` costs a step, the limits worked out again and the receive chosen anew every request."""
+        logic, stream = self.logic, self.stream
+        assert isinstance(stream, RawSocketStream)
+        answer, data_to_send, sent = logic.received_answering, self.engine.data_to_send, logic.sent
+        while not logic.shutting_down:
+            self._idle = True
+            try:
+                data = await receive(stream)
+            finally:
+                self._idle = False
+            if not answer(data):
+                return True
+            await stream.send_pieces(data_to_send())
+            sent()
+        return False
+
     def _receiving(
         self,
     ) -> tuple[Callable[[Any], None], Callable[[], Awaitable[Any]], Callable[[], Awaitable[Any]] | None]:
@@ -281,6 +278,7 @@ class ServerSession:
         if isinstance(self.stream, TlsSocketStream):
             logic.reuse_read_buffers()  # its sends copy (encrypt) the data: the buffers are free once sent
         steps = logic.inline_transmission(read_view)
+        self._lone_reads = inline and isinstance(self.stream, RawSocketStream)
         found: int | None = None
         while True:
             step = steps.send(found) if inline else await anyio.to_thread.run_sync(steps.send, found)
@@ -299,7 +297,8 @@ class ServerSession:
             return await stream.receive_ready_into_buffers(buffers)
         await self._send()
         if step is RECEIVE:
-            await self._receive()
+            if not (self._lone_reads and self.logic.lone_reads_wanted and await self._answer_lone_reads()):
+                await self._receive()
         elif type(step) is WaitForBudget:
             await self._share.take(step.amount)
         return None
@@ -348,30 +347,6 @@ class ServerSession:
         finally:
             budget.done(cost)
             self._share.give(cost)
-
-
-class WaitingRequests:
-    """RequestBudget with the waiting an event loop needs: the reader waits for room, the end for idle."""
-
-    def __init__(self, budget: nbdproto.serving.RequestBudget) -> None:
-        self.budget = budget
-        self._changed = anyio.Event()
-
-    def add(self, cost: int) -> None:
-        self.budget.add(cost)
-
-    def done(self, cost: int, count: int = 1) -> None:
-        self.budget.done(cost, count)
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_for_room(self) -> None:
-        while self.budget.full:
-            await self._changed.wait()
-
-    async def wait_idle(self) -> None:
-        while not self.budget.idle:
-            await self._changed.wait()
 
 
 def _default_log() -> nbdproto.serving.ConnectionLog:

@@ -45,6 +45,7 @@ from nbdproto.serving import (
 )
 from nbdproto.sockets import SharedTls, SocketStream, TlsChannel, client_info
 
+from ._budget import SharedBudget, WaitingShare
 from ._pipelined import pipelined_transmission
 
 __all__ = [
@@ -69,46 +70,6 @@ PEER_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, ssl.SSLError, T
 _NO_SETTINGS = nbdproto.serving.SessionSettings()
 _TIMER_SLACK = 0.01
 """Seconds a receive timer may run out early by the clock we check it with (the kernel rounds it to ticks)."""
-
-
-class SharedBudget:
-    """The server's memory budget (nbdproto.serving.MemoryBudget) and the condition its connections wait on
-    for room: every connection's WaitingShare draws on it."""
-
-    def __init__(self, limit: int) -> None:
-        self.budget = nbdproto.serving.MemoryBudget(limit)
-        self.room = threading.Condition()
-
-
-class WaitingShare:
-    """One connection's draw on a SharedBudget, for a server of many threads: every call is made under the
-    budget's lock, and ``take`` waits there until the budget has room."""
-
-    def __init__(self, shared: SharedBudget) -> None:
-        self._share = shared.budget.share()
-        self._room = shared.room
-
-    def try_take(self, amount: int) -> bool:
-        with self._room:
-            return self._share.try_take(amount)
-
-    def take(self, amount: int, give_up: threading.Event) -> None:
-        """Wait until ``amount`` can be taken (or ``give_up`` is set: then raise ConnectionAbortedError)."""
-        with self._room:
-            while not self._share.try_take(amount):
-                if give_up.is_set():
-                    raise ConnectionAbortedError("the server is shutting down")
-                self._room.wait(0.5)
-
-    def give(self, amount: int) -> None:
-        with self._room:
-            self._share.give(amount)
-            self._room.notify_all()
-
-    def give_all(self) -> None:
-        with self._room:
-            self._share.give_all()
-            self._room.notify_all()
 
 
 class ServerSession:
@@ -151,6 +112,7 @@ class ServerSession:
         self._lock = threading.Lock()  # the engine, when a pool of threads carries requests out
         self._stopping = threading.Event()
         self._receiving = False  # blocked waiting for the client's bytes (idle then if logic.idle: safe to close)
+        self._lone_reads = False  # _answer_lone_reads may serve a client's one request at a time
         self._started = time.monotonic()
 
     # --- The contract: negotiate, serve, close -------------------------------------------------------------
@@ -346,6 +308,7 @@ class ServerSession:
             self._timeout = 0.0  # what the channel set: a close sets its own
             logic.reuse_read_buffers()  # its sends copy (encrypt) the data: the buffers are free once sent
         steps = logic.inline_transmission(self._read_view())
+        self._lone_reads = self._plain and not self._poll  # (busy polling spins in _wait_for_bytes instead)
         found: int | None = None
         while (step := steps.send(found)) is not FINISHED:
             found = self._take_step(step)
@@ -364,10 +327,38 @@ class ServerSession:
             return None if buffers is None else self.stream.recv_into_buffers(buffers, wait=False)
         self._send()
         if step is RECEIVE:
-            self._receive()
+            if not (self._lone_reads and self.logic.lone_reads_wanted and self._answer_lone_reads()):
+                self._receive()
         elif type(step) is WaitForBudget:
             self._share.take(step.amount, self._stopping)
         return None
+
+    def _answer_lone_reads(self) -> bool:
+        """At a RECEIVE step where the logic wants it (ServerSessionLogic.lone_reads_wanted): receive, and while
+        what arrives is a lone read, answered at once (ServerSessionLogic.received_answering), send its reply and
+        receive again. True once bytes the steps must take from here were received (handed to the logic
+        already); False when the server began shutting down first (the steps' receive waits as the limits say).
+
+        A client that sends one request at a time (fio QD1) is served by this short loop: one receive, a few
+        calls into the logic and one send a request, where a turn of ``_take_step`` costs a step, the limits
+        worked out again and a receive sized anew for every request."""
+        logic, stream = self.logic, self.stream
+        answer, data_to_send, sent = logic.received_answering, self.engine.data_to_send, logic.sent
+        recv, send = stream.recv, stream.send
+        self._set_timeout(None)  # no limit applies (next_wait): only the armed timer's wake-ups, waited out
+        while not logic.shutting_down:
+            self._receiving = True
+            try:
+                data = recv(nbdproto.serving.RECV_SIZE)
+            except BlockingIOError:  # the armed receive timer ran out (see serve): no limit did
+                continue
+            finally:
+                self._receiving = False
+            if not answer(data):
+                return True
+            send(data_to_send())
+            sent()
+        return False
 
     def _pooled_transmission(self) -> None:
         # Requests go to a pool and replies go out as they complete. The budgets stop the reader while too

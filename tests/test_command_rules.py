@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,11 +27,13 @@ EXPORT_FLAGS = st.sampled_from(
         TF.HAS_FLAGS | TF.SEND_FUA | TF.SEND_CACHE,
     ]
 )
+OFFSETS = [0, 512, 4096, MIB - 4096, MIB - 1, MIB, 2 * MIB]  # the export is 1 MiB
+LENGTHS = [0, 1, 512, 4096, 65536, MIB, 32 * MIB + 1]
 HEADERS = st.tuples(
     st.sampled_from([0, 1, 3, 4, 5, 6, 7, 8, 9]),  # commands, DISC aside (it ends the stream), 9 unknown
-    st.integers(0, 63),  # every flag combination, PAYLOAD_LEN included
-    st.sampled_from([0, 512, 4096, MIB - 4096, MIB - 1, MIB, 2 * MIB]),
-    st.sampled_from([0, 1, 512, 4096, 65536, MIB, 32 * MIB + 1]),
+    st.one_of(st.just(0), st.integers(0, 63)),  # every flag combination, PAYLOAD_LEN included; none often
+    st.sampled_from(OFFSETS),
+    st.sampled_from(LENGTHS),
 )
 
 
@@ -38,17 +41,20 @@ class _FullCheckOnly(ServerConnection):
     _fast_paths = False
 
 
-def _serve(kind: type[ServerConnection], mode: str, flags: int, minimum: int, data: bytes) -> tuple[Any, bytes]:
+def _serve(
+    kind: type[ServerConnection], mode: str, flags: int, minimum: int, data: bytes, *, lone: bool = False
+) -> tuple[Any, bytes]:
     s = kind()
     joined(s)
     exp = export(flags=flags, minimum_block_size=minimum, preferred_block_size=max(minimum, 4096))
     contexts = () if mode == "simple" else (n.BASE_ALLOCATION,)
     handshake(s, structured=mode != "simple", extended=mode == "extended", exp=exp, contexts=contexts)
-    s.receive_data(data)
     seen: list[Any] = []
+    first = s.receive_lone_read(data) if lone else s.receive_data(data)  # the one-request road, or the usual one
+    events = iter([first] if first is not None else [])
     while True:
         try:
-            event = s.next_event()
+            event = next(events, None) or s.next_event()
         except n.RemoteProtocolError as exc:
             seen.append(str(exc))
             break
@@ -77,7 +83,22 @@ def test_the_fast_paths_answer_as_the_full_check_does(mode: str, flags: int, min
     data = request(command, 7, offset, length, request_flags, extended=extended) + payload
     fast = _serve(ServerConnection, mode, flags, minimum, data)
     full = _serve(_FullCheckOnly, mode, flags, minimum, data)
-    assert fast == full
+    lone = _serve(ServerConnection, mode, flags, minimum, data, lone=True)
+    assert fast == full == lone
+
+
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+@pytest.mark.parametrize("minimum", [1, 512, 4096])
+def test_every_read_without_flags_is_checked_alike_on_every_road(mode: str, minimum: int) -> None:
+    """The READs the short roads take (no flags), at every offset and length above: the commonest request,
+    checked on three roads (the fast path, the one-request road, the full check)."""
+    flags = TF.HAS_FLAGS | TF.SEND_FLUSH
+    for offset in OFFSETS:
+        for length in LENGTHS:
+            data = request(n.Command.READ, 7, offset, length, extended=mode == "extended")
+            full = _serve(_FullCheckOnly, mode, flags, minimum, data)
+            assert _serve(ServerConnection, mode, flags, minimum, data) == full, (offset, length)
+            assert _serve(ServerConnection, mode, flags, minimum, data, lone=True) == full, (offset, length)
 
 
 def test_the_table_covers_every_command_and_request_type() -> None:

@@ -18,7 +18,7 @@ from ._commands import COMMANDS, request_error
 from ._commands import PAYLOAD_LEN_BIT as _PAYLOAD_LEN
 from ._events import ConnectionClosed, Event
 from ._server_base import ServerBase
-from ._state import NEED_DATA, PAUSED, Trigger
+from ._state import NEED_DATA, PAUSED, Phase, Trigger
 from ._transmission_events import (
     BlockStatusRequest,
     CacheRequest,
@@ -40,6 +40,7 @@ _COMMAND_FLAGS = tuple(CommandFlags(i) for i in range(1 << len(CommandFlags)))
 _NO_FLAGS = _COMMAND_FLAGS[0]
 _READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_TRANSMISSION = Phase.TRANSMISSION
 _simple_reply = _replies.simple_reply
 
 
@@ -63,6 +64,43 @@ class ServerRequests(ServerBase):
     """The short roads for valid READs and whole WRITEs (a test turns them off to compare with the full check)."""
 
     # --- Requests ------------------------------------------------------------------------------------------
+
+    def receive_lone_read(self, data: bytes | bytearray | memoryview) -> ReadRequest | None:
+        """``receive_data(data)``, for a server whose client sends one request at a time: when ``data`` (all
+        that one receive brought) is one valid READ without flags, with nothing received or handed over before
+        it still waiting, that READ is returned at once, in flight as if ``next_requests`` had handed it over
+        (it will not be handed over again: answer it with ``send``). Otherwise None, and the bytes wait for
+        ``next_requests``, as after ``receive_data``.
+
+        The one-request road: one call, where ``next_requests`` goes through ``next_event`` twice (the request,
+        then NEED_DATA) to end a batch of one, and one request at a time costs a batch each (fio QD1). The READ
+        is checked as the short roads of ``_server_requests`` check it (tests/test_command_rules.py holds them
+        all to the full check)."""
+        codec = self._request_codec
+        if (
+            type(data) is bytes
+            and len(data) == codec.size
+            and self._phase is _TRANSMISSION
+            and not self._in_flight
+            and not len(self._buf)
+            and self._payload_event is None
+            and self._write_rest is None
+            and self._into is None
+            and not (self._skip or self._disconnecting or self._events)
+            and self._fast_paths
+        ):
+            rows, read_head = _READ_ROWS[codec]
+            head, cookie, offset, length = rows.unpack(data)
+            if (
+                head == read_head  # the magic, no flags, READ
+                and 0 < length <= self._max_payload
+                and offset + length <= self._size
+                and not (offset | length) % self._min_block
+            ):
+                self._in_flight[cookie] = read = ReadRequest(cookie, offset, length, _NO_FLAGS)
+                return read
+        self.receive_data(data)
+        return None
 
     def _next_in_transmission(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf

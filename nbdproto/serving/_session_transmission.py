@@ -9,7 +9,7 @@ each: ``received`` (bytes), ``received_into_payload`` (a count, into ``engine.wr
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import cast
 
 from nbdproto.engine import (
@@ -34,7 +34,7 @@ from ._carry_out import OnError, ReadView, carry_out, carry_out_all, error_reply
 from ._device import BlockDevice
 from ._limits import ServerLimits
 from ._pipeline import CarryOutPart, Pipeline, PipelineStep, StartRequests, WaitForRoom, submitting
-from ._receive_size import ReceiveSize
+from ._receive_size import RECV_SIZE, ReceiveSize
 from ._reply_buffers import ReplyBuffers
 from ._steps import (
     FINISHED,
@@ -77,6 +77,7 @@ class SessionTransmission:
     _receive_size: ReceiveSize
     _reply_buffers: ReplyBuffers | None
     _header_room: memoryview
+    _lone_reads: tuple[BlockDevice, Mapping[int, str], ReadView] | None
     _request_wait: float | None  # the limits as waits (ServerLimits.seconds), worked out once
     _idle_wait: float | None
 
@@ -140,6 +141,38 @@ class SessionTransmission:
         """The driver received ``data`` (b"": the client closed)."""
         self.engine.receive_data(data)
         self._receive_size.received(len(data), False)
+
+    def received_answering(self, data: bytes | bytearray | memoryview) -> bool:
+        """``received(data)``, on the one-request road (``lone_reads_wanted``): when ``data`` is one read and
+        nothing else is owed (a client that sends one request at a time), the read is carried out now and its
+        reply queued, and True says so: the driver sends what is queued (then ``sent()``, as always) and
+        receives again, the steps still at their RECEIVE. False: go on with the steps, which take it from here.
+
+        For reads answered with the device's views (where ``inline_transmission`` was given them): a few calls,
+        where the steps cost a turn of the generator, a batch and two passes of the engine for each request
+        (``ServerConnection.receive_lone_read`` says more), which is what serving fio QD1 cost."""
+        lone_reads = self._lone_reads
+        if lone_reads is None or self.shutting_down:
+            self.received(data)
+            return False
+        engine = self.engine
+        read = engine.receive_lone_read(data)
+        self._receive_size.received(len(data), False)
+        if read is None:
+            return False
+        device, contexts, reader = lone_reads
+        engine.send(carry_out(device, read, contexts, self.on_device_error, reader))
+        return True
+
+    @property
+    def lone_reads_wanted(self) -> bool:
+        """Whether a driver at a RECEIVE step of ``inline_transmission`` may serve a client one request at a
+        time as a short loop: receive ``RECV_SIZE`` bytes without a limit on the wait, hand them to
+        ``received_answering``, send, and again while it says True and the server is not shutting down. So it
+        is while the steps were given read views, nothing is owed or arriving, no limit applies between
+        requests, and writes are not streaming in (then receives are sized and placed as ``receive_size`` and
+        ``in_place_buffers`` say)."""
+        return self._lone_reads is not None and self._receive_size.next == RECV_SIZE and self.next_wait() is None
 
     def received_into_payload(self, count: int) -> None:
         """The driver received ``count`` bytes straight into ``engine.write_buffer()`` (0: the client closed)."""
@@ -239,6 +272,8 @@ class SessionTransmission:
         reader = read_view
         if reader is None and self._reply_buffers is not None:
             reader = self._reply_buffers.reader(device)
+        # received_answering's road: reads that take no budget (views) on a device called here (not batched).
+        self._lone_reads = None if batched or read_view is None else (device, engine.meta_contexts, read_view)
         while True:
             end = self.next_batch(batch)
             if batched and batch:
@@ -277,6 +312,7 @@ class SessionTransmission:
             self._queued = queued
             batch.clear()
             if end is BatchEnd.CLOSED:
+                self._lone_reads = None
                 yield FINISHED
                 return
             if end is BatchEnd.NEED_DATA and self._receive_size.streaming_in_place and ready < READY_IN_A_ROW:
