@@ -203,7 +203,7 @@ class ServerSession:
 
     async def _answer_lone_reads(self) -> bool:
         """At a RECEIVE step where the logic wants it (ServerSessionLogic.lone_reads_wanted): receive, and while
-        what arrives is a lone read, answered at once (ServerSessionLogic.received_answering), send its reply and
+        what arrives is a lone read, answered at once (ServerSessionLogic.answer_lone_read), send its reply and
         receive again. True once bytes the steps must take from here were received (handed to the logic
         already); False when the server began shutting down first (the steps' receive waits as the limits say).
 
@@ -211,16 +211,17 @@ class ServerSession:
         ``_take_step`` costs a step, the limits worked out again and the receive chosen anew every request."""
         logic, stream = self.logic, self.stream
         assert isinstance(stream, RawSocketStream)
-        answer, data_to_send, sent = logic.received_answering, self.engine.data_to_send, logic.sent
+        answer, sent = logic.answer_lone_read, logic.sent
         while not logic.shutting_down:
             self._idle = True
             try:
                 data = await receive(stream)
             finally:
                 self._idle = False
-            if not answer(data):
+            pieces = answer(data)
+            if pieces is None:
                 return True
-            await stream.send_pieces(data_to_send())
+            await stream.send_pieces(pieces)
             sent()
         return False
 

@@ -335,7 +335,7 @@ class ServerSession:
 
     def _answer_lone_reads(self) -> bool:
         """At a RECEIVE step where the logic wants it (ServerSessionLogic.lone_reads_wanted): receive, and while
-        what arrives is a lone read, answered at once (ServerSessionLogic.received_answering), send its reply and
+        what arrives is a lone read, answered at once (ServerSessionLogic.answer_lone_read), send its reply and
         receive again. True once bytes the steps must take from here were received (handed to the logic
         already); False when the server began shutting down first (the steps' receive waits as the limits say).
 
@@ -343,8 +343,8 @@ class ServerSession:
         calls into the logic and one send a request, where a turn of ``_take_step`` costs a step, the limits
         worked out again and a receive sized anew for every request."""
         logic, stream = self.logic, self.stream
-        answer, data_to_send, sent = logic.received_answering, self.engine.data_to_send, logic.sent
-        recv, send = stream.recv, stream.send
+        answer, sent = logic.answer_lone_read, logic.sent
+        recv, send = stream.sock.recv, stream.send  # (a plaintext socket's own receive: SocketStream.recv's)
         self._set_timeout(None)  # no limit applies (next_wait): only the armed timer's wake-ups, waited out
         while not logic.shutting_down:
             self._receiving = True
@@ -352,11 +352,14 @@ class ServerSession:
                 data = recv(nbdproto.serving.RECV_SIZE)
             except BlockingIOError:  # the armed receive timer ran out (see serve): no limit did
                 continue
+            except ConnectionResetError:  # as SocketStream.recv: the client is gone
+                data = b""
             finally:
                 self._receiving = False
-            if not answer(data):
+            pieces = answer(data)
+            if pieces is None:
                 return True
-            send(data_to_send())
+            send(pieces)
             sent()
         return False
 

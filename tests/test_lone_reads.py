@@ -1,8 +1,8 @@
 """The one-request road: a client that sends one request at a time (fio QD1) is answered by a short loop
-(``ServerConnection.receive_lone_read``, ``ServerSessionLogic.received_answering``, the drivers' lone-read
-loops) instead of a turn of the steps per request. It must answer exactly as the steps do, give way to them for
-everything that is not a lone read, and keep the limits and the shutdown. tests/test_command_rules.py holds
-its check of a READ to the full check."""
+(``ServerConnection.receive_lone_read`` and ``answer_lone_read``, ``ServerSessionLogic.answer_lone_read``, the
+drivers' lone-read loops) instead of a turn of the steps per request. It must answer exactly as the steps do,
+give way to them for everything that is not a lone read, and keep the limits and the shutdown.
+tests/test_command_rules.py holds its check of a READ to the full check."""
 
 from __future__ import annotations
 
@@ -72,8 +72,14 @@ def test_a_lone_read_is_answered_with_the_bytes_of_the_usual_road(mode: str) -> 
         assert s.in_flight == 1
         s.send(ReadData(9, 4096, DATA[4096 : 4096 + 512]))
         assert s.in_flight == 0
-    assert joined(lone) == joined(usual)
+    usual_bytes = joined(usual)
+    assert joined(lone) == usual_bytes
     assert lone.next_requests(batch) is NEED_DATA and batch == [read]  # handed over once, never again
+    direct = transmitting(mode)  # the road's own answer: the header, then the data, sent by the driver
+    taken = direct.receive_lone_read(header)
+    assert taken is not None
+    assert direct.answer_lone_read(taken) + DATA[4096 : 4096 + 512] == usual_bytes
+    assert direct.in_flight == 0 and joined(direct) == b""
 
 
 def test_everything_but_a_lone_read_waits_for_next_requests() -> None:
@@ -137,15 +143,41 @@ def sent(logic: nbdproto.serving.ServerSessionLogic) -> bytes:
 
 def test_the_logic_answers_lone_reads_and_gives_the_rest_to_the_steps(shm_file: str) -> None:
     logic, steps = logic_over(FileDevice(shm_file), structured=False)
-    assert logic.received_answering(request(Command.READ, 1, 8192, 4096))
-    assert sent(logic) == replies_of(1, DATA[8192 : 8192 + 4096])
-    assert not logic.received_answering(request(Command.WRITE, 2, 8192, 4096) + b"\xee" * 4096)
+    assert answered(logic, request(Command.READ, 1, 8192, 4096)) == replies_of(1, DATA[8192 : 8192 + 4096])
+    assert logic.answer_lone_read(request(Command.WRITE, 2, 8192, 4096) + b"\xee" * 4096) is None
     assert steps.send(None) is RECEIVE  # the steps carried the write out
     assert [r.cookie for r in replies(sent(logic))] == [2]
-    assert logic.received_answering(request(Command.READ, 3, 8192, 4096))
-    assert sent(logic) == replies_of(3, b"\xee" * 4096)  # the write, read back through the view
-    logic.received_answering(b"")  # the client closed
+    assert answered(logic, request(Command.READ, 3, 8192, 4096)) == replies_of(3, b"\xee" * 4096)  # read back
+    assert logic.answer_lone_read(b"") is None  # the client closed
     assert steps.send(None) is nbdproto.serving.FINISHED
+
+
+def answered(logic: nbdproto.serving.ServerSessionLogic, data: bytes) -> bytes:
+    """The reply the one-request road gives ``data`` (it must give one), sent."""
+    pieces = logic.answer_lone_read(data)
+    assert pieces is not None
+    logic.sent()
+    assert logic.engine.data_to_send() == []  # nothing else queued
+    return b"".join(bytes(piece) for piece in pieces)
+
+
+def test_a_read_its_view_does_not_answer_is_carried_out_as_the_steps_would(shm_file: str) -> None:
+    device = FileDevice(shm_file)
+    logic, _ = logic_over(device, structured=False)
+    device.read_view = lambda offset, length: None  # type: ignore[method-assign]  # (as on a sparse tmpfs file)
+    assert answered(logic, request(Command.READ, 1, 512, 512)) == replies_of(1, DATA[512:1024])
+    failures: list[BaseException] = []
+    logic.on_device_error = lambda request, exc: failures.append(exc)
+
+    def failing(offset: int, length: int) -> memoryview:
+        raise OSError(5, "the device failed")
+
+    device.read_view = failing  # type: ignore[method-assign]
+    logic, _ = logic_over(device, structured=False)
+    logic.on_device_error = lambda request, exc: failures.append(exc)
+    header = nbdproto.wire.headers.SIMPLE_REPLY
+    assert answered(logic, request(Command.READ, 2, 512, 512)) == header.pack(header.magic, nbdproto.Errno.EIO, 2)
+    assert [str(f) for f in failures] == ["[Errno 5] the device failed"]
 
 
 def replies_of(cookie: int, data: bytes) -> bytes:
@@ -156,11 +188,13 @@ def replies_of(cookie: int, data: bytes) -> bytes:
 def test_shutting_down_and_devices_without_views_take_the_steps(shm_file: str) -> None:
     logic, steps = logic_over(FileDevice(shm_file))
     logic.begin_shutdown()
-    assert not logic.received_answering(request(Command.READ, 1, 0, 512))
+    assert not logic.lone_reads_wanted
+    assert logic.answer_lone_read(request(Command.READ, 1, 0, 512)) is None
     assert steps.send(None) in (RECEIVE, SEND)
     assert [r.error for r in replies(sent(logic))] == [nbdproto.Errno.ESHUTDOWN]
     logic, steps = logic_over(MemoryDevice(MIB), structured=False)  # no views: the steps budget its reads
-    assert not logic.received_answering(request(Command.READ, 2, 0, 512))
+    assert not logic.lone_reads_wanted
+    assert logic.answer_lone_read(request(Command.READ, 2, 0, 512)) is None
     assert steps.send(None) is RECEIVE
     assert sent(logic) == replies_of(2, bytes(512))
 
@@ -194,17 +228,17 @@ def read_exactly(sock: socket.socket, n: int) -> bytes:
 
 @pytest.fixture
 def lone_reads_answered(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the reads the servers answered on the one-request road (received_answering saying True)."""
+    """Counts the reads the servers answered on the one-request road (answer_lone_read giving a reply)."""
     answered: list[int] = []
-    real = nbdproto.serving.ServerSessionLogic.received_answering
+    real = nbdproto.serving.ServerSessionLogic.answer_lone_read
 
-    def counted(logic: nbdproto.serving.ServerSessionLogic, data: Any) -> bool:
-        done = real(logic, data)
-        if done:
+    def counted(logic: nbdproto.serving.ServerSessionLogic, data: Any) -> list[Any] | None:
+        pieces = real(logic, data)
+        if pieces is not None:
             answered.append(len(data))
-        return done
+        return pieces
 
-    monkeypatch.setattr(nbdproto.serving.ServerSessionLogic, "received_answering", counted)
+    monkeypatch.setattr(nbdproto.serving.ServerSessionLogic, "answer_lone_read", counted)
     return answered
 
 

@@ -126,6 +126,23 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
                 batch.extend(queued)
                 queued.clear()
 
+    def answer_lone_read(self, read: ReadRequest) -> bytes:
+        """Answer ``read``, a READ that ``receive_lone_read`` handed over, with all of its data at once: the
+        reply's header, which the driver sends right away followed by exactly ``read.length`` bytes of data (the
+        read is no longer in flight). ``send(ReadData(...))`` says the same, through the queue of
+        ``data_to_send``; this is the one-request road's, whose reply goes out before anything is queued.
+
+        The header is chosen by the reply form as ``send`` chooses it for a whole read (both are held to give
+        the same bytes: tests/test_lone_reads.py)."""
+        cookie, size = read.cookie, read.length
+        del self._in_flight[cookie]
+        form = self._reply_form
+        if form == 0:
+            return _simple_ok(cookie)
+        if form == 1:
+            return _structured_whole_read(cookie, size + 8, read.offset)
+        return _extended_whole_read(cookie, read.offset, size + 8, read.offset)
+
     def _take(self, data: bytes | bytearray | memoryview) -> None:
         if self._into is not None:
             # The rest of a write's payload goes to its own buffer; what follows it, to the receive buffer.

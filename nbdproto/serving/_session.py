@@ -96,7 +96,7 @@ class ServerSessionLogic(SessionTransmission):
         self._receive_size = ReceiveSize()
         self._header_room = memoryview(bytearray(32))  # in_place_buffers: where the next request header lands
         self._reply_buffers = None  # reuse_read_buffers
-        self._lone_reads = None  # received_answering's device, meta contexts and views, in inline_transmission
+        self._lone_reads = None  # answer_lone_read's device, meta contexts and views, in inline_transmission
         self.outcome: str | ClientAborted | None = None
         """How the handshake ended: the chosen export's name, or ClientAborted (None while it goes on)."""
         self.spec: ExportSpec[Any] | None = None

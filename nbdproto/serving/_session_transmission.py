@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from typing import cast
+from typing import Any, cast
 
 from nbdproto.engine import (
     NEED_DATA,
@@ -142,36 +142,45 @@ class SessionTransmission:
         self.engine.receive_data(data)
         self._receive_size.received(len(data), False)
 
-    def received_answering(self, data: bytes | bytearray | memoryview) -> bool:
+    def answer_lone_read(self, data: bytes | bytearray | memoryview) -> list[Any] | None:
         """``received(data)``, on the one-request road (``lone_reads_wanted``): when ``data`` is one read and
         nothing else is owed (a client that sends one request at a time), the read is carried out now and its
-        reply queued, and True says so: the driver sends what is queued (then ``sent()``, as always) and
-        receives again, the steps still at their RECEIVE. False: go on with the steps, which take it from here.
+        reply returned, as pieces to send (as ``engine.data_to_send()`` gives them; then ``sent()``, as
+        always), and the driver receives again, the steps still at their RECEIVE. None: go on with the steps,
+        which take it from here.
 
-        For reads answered with the device's views (where ``inline_transmission`` was given them): a few calls,
-        where the steps cost a turn of the generator, a batch and two passes of the engine for each request
-        (``ServerConnection.receive_lone_read`` says more), which is what serving fio QD1 cost."""
+        For reads answered with the device's views (where ``inline_transmission`` was given them): the reply's
+        header and the view, in a few calls, where the steps cost a turn of the generator, a batch, two passes
+        of the engine and its queue for each request: what serving fio QD1 cost (ServerConnection's
+        ``receive_lone_read`` and ``answer_lone_read``). A read the view does not answer goes as the steps
+        would carry it out (``carry_out``)."""
         lone_reads = self._lone_reads
         if lone_reads is None or self.shutting_down:
             self.received(data)
-            return False
+            return None
         engine = self.engine
         read = engine.receive_lone_read(data)
         self._receive_size.received(len(data), False)
         if read is None:
-            return False
+            return None
         device, contexts, reader = lone_reads
-        engine.send(carry_out(device, read, contexts, self.on_device_error, reader))
-        return True
+        try:
+            view = reader(read.offset, read.length)
+        except Exception:  # the device's failure: carry_out answers it (and logs it) below
+            view = None
+        if view is None:
+            engine.send(carry_out(device, read, contexts, self.on_device_error, reader))
+            return engine.data_to_send()
+        return [engine.answer_lone_read(read), view]
 
     @property
     def lone_reads_wanted(self) -> bool:
         """Whether a driver at a RECEIVE step of ``inline_transmission`` may serve a client one request at a
         time as a short loop: receive ``RECV_SIZE`` bytes without a limit on the wait, hand them to
-        ``received_answering``, send, and again while it says True and the server is not shutting down. So it
-        is while the steps were given read views, nothing is owed or arriving, no limit applies between
-        requests, and writes are not streaming in (then receives are sized and placed as ``receive_size`` and
-        ``in_place_buffers`` say)."""
+        ``answer_lone_read``, send what it returns, and again while it returns something and the server is not
+        shutting down. So it is while the steps were given read views, nothing is owed or arriving, no limit
+        applies between requests, and writes are not streaming in (then receives are sized and placed as
+        ``receive_size`` and ``in_place_buffers`` say)."""
         return self._lone_reads is not None and self._receive_size.next == RECV_SIZE and self.next_wait() is None
 
     def received_into_payload(self, count: int) -> None:
@@ -272,7 +281,7 @@ class SessionTransmission:
         reader = read_view
         if reader is None and self._reply_buffers is not None:
             reader = self._reply_buffers.reader(device)
-        # received_answering's road: reads that take no budget (views) on a device called here (not batched).
+        # answer_lone_read's road: reads that take no budget (views) on a device called here (not batched).
         self._lone_reads = None if batched or read_view is None else (device, engine.meta_contexts, read_view)
         while True:
             end = self.next_batch(batch)
