@@ -63,6 +63,24 @@ def test_in_place_the_stream_asks_for_one_header_while_big_writes_stream_in(
         assert size.next == (header if streaming else RECV_SIZE)
 
 
+@given(st.sampled_from([0, 28, 32]), _RECEIVES, st.integers(0, 4 * RECV_SIZE))
+def test_while_not_streaming_a_receive_of_the_stream_changes_nothing(
+    header: int, receives: list[tuple[int, bool, int]], count: int
+) -> None:
+    """What ServerSessionLogic.answer_lone_read relies on to skip the call: with ``next`` at RECV_SIZE, a
+    receive of the stream's bytes (of any size) leaves every part of the state as it was."""
+    size = ReceiveSize()
+    if header:
+        size.in_place(header)
+    for received, into_payload, arriving in receives:
+        size.received(received, into_payload, arriving if into_payload else 0)
+    if size.next != RECV_SIZE:
+        return
+    before = [getattr(size, name) for name in ReceiveSize.__slots__]
+    size.received(count, False)
+    assert [getattr(size, name) for name in ReceiveSize.__slots__] == before
+
+
 @given(st.integers(1, 64 << 20))
 def test_streamed_receives_are_a_whole_number_of_writes_near_the_stream_size(write_size: int) -> None:
     asked = ReceiveSize.streaming(write_size)

@@ -97,7 +97,9 @@ class ServerRequests(ServerBase):
                 and offset + length <= self._size
                 and not (offset | length) % self._min_block
             ):
-                self._in_flight[cookie] = read = ReadRequest(cookie, offset, length, _NO_FLAGS)
+                # ReadRequest(cookie, offset, length), without the call to its __init__ (as _queue_reads makes it).
+                self._in_flight[cookie] = read = object.__new__(ReadRequest)
+                read.cookie, read.offset, read.length, read.flags, read.buffer = cookie, offset, length, _NO_FLAGS, None
                 return read
         self.receive_data(data)
         return None

@@ -74,7 +74,8 @@ class ReceiveSize:
 
     def received(self, count: int, into_payload: bool, write_size: int = 0) -> None:
         """A receive brought ``count`` bytes: into the own buffer of a write payload (the write's size on the
-        wire, header and payload, as ``write_size`` when known), or as the stream's bytes."""
+        wire, header and payload, as ``write_size`` when known), or as the stream's bytes. While not streaming
+        (``next`` is RECV_SIZE), a receive of the stream's bytes changes nothing."""
         in_place = self._header_size
         if into_payload:
             if write_size:

@@ -158,9 +158,10 @@ class SessionTransmission:
         if lone_reads is None or self.shutting_down:
             self.received(data)
             return None
-        engine = self.engine
+        engine, receive_size = self.engine, self._receive_size
         read = engine.receive_lone_read(data)
-        self._receive_size.received(len(data), False)
+        if receive_size.next != RECV_SIZE:  # (not streaming: a receive of the stream's bytes changes nothing)
+            receive_size.received(len(data), False)
         if read is None:
             return None
         device, contexts, reader = lone_reads
