@@ -18,6 +18,8 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nbdproto
 import nbdproto.engine
@@ -197,6 +199,76 @@ def test_shutting_down_and_devices_without_views_take_the_steps(shm_file: str) -
     assert logic.answer_lone_read(request(Command.READ, 2, 0, 512)) is None
     assert steps.send(None) is RECEIVE
     assert sent(logic) == replies_of(2, bytes(512))
+
+
+@contextlib.contextmanager
+def data_file() -> Iterator[str]:
+    """shm_file, for a hypothesis test (whose examples a function fixture would not renew)."""
+    path = f"/dev/shm/nbdproto-lone-h-{os.getpid()}-{threading.get_ident()}.img"
+    with open(path, "wb") as f:
+        f.write(DATA)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def served(receives: list[bytes], *, road: bool, structured: bool, path: str) -> tuple[bytes, str]:
+    """Every byte a session over ``path`` sends for ``receives`` (one receive each), taking the one-request
+    road where the logic wants it (``road``) or the steps alone; and how it ended."""
+    logic, steps = logic_over(FileDevice(path), structured=structured)
+    out = b""
+    try:
+        for data in receives:
+            if road and logic.lone_reads_wanted:
+                pieces = logic.answer_lone_read(data)
+                if pieces is not None:
+                    out += b"".join(bytes(piece) for piece in pieces)
+                    logic.sent()
+                    continue
+            else:
+                logic.received(data)
+            while True:  # the steps, to their next RECEIVE
+                step = steps.send(None)
+                out += sent(logic)
+                if step is RECEIVE or step is nbdproto.serving.FINISHED:
+                    break
+    except nbdproto.RemoteProtocolError as exc:
+        return out, f"broke the protocol: {exc}"
+    return out, "open"
+
+
+_HEADERS = st.tuples(
+    st.sampled_from([Command.READ, Command.READ, Command.READ, Command.FLUSH, Command.CACHE, 9]),
+    st.one_of(st.just(0), st.integers(0, 63)),
+    st.sampled_from([0, 512, 4096, MIB - 4096, MIB - 1, MIB]),
+    st.sampled_from([0, 1, 512, 4096, 65536, 2 * MIB]),
+    st.integers(0, 9),  # 0: the request magic broken (a protocol error ends the connection)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.tuples(_HEADERS, st.booleans()), max_size=12),
+    structured=st.booleans(),
+)
+def test_the_road_answers_every_stream_as_the_steps_do(headers: list[Any], structured: bool) -> None:
+    """Requests one a receive (or two, or a header cut across receives), read or not, valid or not: the bytes
+    sent, and how the connection ended, are the same with the road as with the steps alone."""
+    receives: list[bytes] = []
+    for cookie, ((command, flags, offset, length, magic), joined_to_next) in enumerate(headers):
+        header = request(command, cookie, offset, length, flags)
+        if not magic:
+            header = b"\0" * 4 + header[4:]
+        if joined_to_next and receives and len(receives[-1]) < 28:
+            receives[-1] += header  # the rest of a header cut in two
+        elif joined_to_next:
+            receives += [header[:10], header[10:]]
+        else:
+            receives.append(header)
+    with data_file() as path:
+        road = served(receives, road=True, structured=structured, path=path)
+        assert road == served(receives, road=False, structured=structured, path=path)
 
 
 # --- The servers --------------------------------------------------------------------------------------------------
