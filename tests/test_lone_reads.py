@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,18 +29,21 @@ from nbdproto.devices import FileDevice, MemoryDevice
 from nbdproto.engine import NEED_DATA, ReadData, ServerConnection
 from nbdproto.serving import RECEIVE, SEND
 from nbdproto.wire import Command, CommandFlags
-from tests.nbdbytes import client_flags, info_payload, option, replies, request
+from tests.nbdbytes import replies, request
 from tests.serving import BACKENDS, Export, serving
+from tests.test_bad_input import RawClient
 from tests.test_server import export, handshake, joined
+from tests.test_session_carry_out import session
 
 MIB = 1 << 20
 DATA = bytes(range(256)) * (MIB // 256)
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def shm_file() -> Iterator[str]:
-    """A 1 MiB file of data on tmpfs: a FileDevice over it hands out read views (and is called inline)."""
+@contextlib.contextmanager
+def data_file() -> Iterator[str]:
+    """A 1 MiB file of data on tmpfs, removed afterwards: a FileDevice over it hands out read views (and is
+    called inline)."""
     path = f"/dev/shm/nbdproto-lone-{os.getpid()}-{threading.get_ident()}.img"
     with open(path, "wb") as f:
         f.write(DATA)
@@ -49,6 +51,12 @@ def shm_file() -> Iterator[str]:
         yield path
     finally:
         os.unlink(path)
+
+
+@pytest.fixture
+def shm_file() -> Iterator[str]:
+    with data_file() as path:
+        yield path
 
 
 # --- The engine ---------------------------------------------------------------------------------------------------
@@ -125,13 +133,7 @@ def test_a_lone_read_waits_while_another_is_unanswered() -> None:
 
 def logic_over(device: Any, *, structured: bool = True) -> tuple[nbdproto.serving.ServerSessionLogic, Any]:
     """A session in transmission over ``device``, its steps at their first RECEIVE (read views given)."""
-    logic = nbdproto.serving.ServerSessionLogic(nbdproto.serving.SessionSettings())
-    logic.engine.data_to_send()
-    options = option(nbdproto.Option.STRUCTURED_REPLY) if structured else b""
-    logic.received(client_flags() + options + option(nbdproto.Option.GO, info_payload("")))
-    assert logic.handshake_step() is nbdproto.engine.HandshakeStep.DONE
-    assert logic.offer_export(device, read_only=False)
-    logic.engine.data_to_send()
+    logic = session(device, structured=structured)
     steps = logic.inline_transmission(logic.read_view(kernel_sends=True))
     assert steps.send(None) is RECEIVE
     return logic, steps
@@ -201,18 +203,6 @@ def test_shutting_down_and_devices_without_views_take_the_steps(shm_file: str) -
     assert sent(logic) == replies_of(2, bytes(512))
 
 
-@contextlib.contextmanager
-def data_file() -> Iterator[str]:
-    """shm_file, for a hypothesis test (whose examples a function fixture would not renew)."""
-    path = f"/dev/shm/nbdproto-lone-h-{os.getpid()}-{threading.get_ident()}.img"
-    with open(path, "wb") as f:
-        f.write(DATA)
-    try:
-        yield path
-    finally:
-        os.unlink(path)
-
-
 def served(receives: list[bytes], *, road: bool, structured: bool, path: str) -> tuple[bytes, str]:
     """Every byte a session over ``path`` sends for ``receives`` (one receive each), taking the one-request
     road where the logic wants it (``road``) or the steps alone; and how it ended."""
@@ -274,28 +264,11 @@ def test_the_road_answers_every_stream_as_the_steps_do(headers: list[Any], struc
 # --- The servers --------------------------------------------------------------------------------------------------
 
 
-def connect(uri: str) -> socket.socket:
-    """A raw socket taken through the handshake (structured replies off: simple replies are easy to read)."""
-    port = int(uri.split(":")[2].split("/")[0])
-    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    read_exactly(sock, 18)
-    sock.sendall(client_flags() + option(nbdproto.Option.GO, info_payload("")))
-    seen = b""
-    ack = (0x3E889045565A9).to_bytes(8, "big") + int(nbdproto.Option.GO).to_bytes(4, "big") + (1).to_bytes(4, "big")
-    while ack not in seen:
-        chunk = sock.recv(4096)
-        assert chunk, "the server closed during the handshake"
-        seen += chunk
-    return sock
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "closed early"
-        data += chunk
-    return data
+def connect(port: int) -> contextlib.closing[RawClient]:
+    """A raw client taken through the handshake (simple replies), closed on leaving."""
+    client = RawClient(("127.0.0.1", port))
+    client.go("")
+    return contextlib.closing(client)
 
 
 @pytest.fixture
@@ -354,17 +327,19 @@ def test_a_client_quiet_longer_than_the_request_limit_between_requests_is_served
     """No idle limit, a request limit: the receive timer armed for it runs out while the client is quiet between
     requests (the lone-read loop waits again), and a half header is still cut off at the limit."""
     limits = nbdproto.ServerLimits(request_timeout=0.3)
-    with serving(backend, {"": Export(FileDevice(shm_file))}, limits=limits) as (uri, _), connect(uri) as sock:
+    with (
+        serving(backend, {"": Export(FileDevice(shm_file))}, limits=limits) as (uri, _),
+        connect(int(uri.split(":")[2].split("/")[0])) as client,
+    ):
         for cookie in (1, 2):
-            sock.sendall(request(Command.READ, cookie, 4096 * cookie, 4096))
-            assert read_exactly(sock, 16 + 4096) == replies_of(cookie, DATA[4096 * cookie : 4096 * (cookie + 1)])
+            client.sock.sendall(request(Command.READ, cookie, 4096 * cookie, 4096))
+            assert client.simple_reply(cookie, 4096) == (0, DATA[4096 * cookie : 4096 * (cookie + 1)])
             time.sleep(0.8)
-        sock.sendall(request(Command.READ, 4, MIB, 512))  # past the end: refused, and the connection goes on
-        header = nbdproto.wire.headers.SIMPLE_REPLY
-        assert read_exactly(sock, 16) == header.pack(header.magic, nbdproto.Errno.EINVAL, 4)
-        sock.sendall(request(Command.READ, 3, 0, 512)[:10])
+        client.sock.sendall(request(Command.READ, 4, MIB, 512))  # past the end: refused, and the connection goes on
+        assert client.simple_reply(4) == (nbdproto.Errno.EINVAL, b"")
+        client.sock.sendall(request(Command.READ, 3, 0, 512)[:10])
         started = time.monotonic()
-        assert sock.recv(100) == b""  # cut off
+        assert client.sock.recv(100) == b""  # cut off
         assert time.monotonic() - started >= 0.25
     assert len(lone_reads_answered) == 2
 
@@ -375,12 +350,12 @@ def test_a_threads_server_shutting_down_ends_a_connection_waiting_between_lone_r
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        with connect(f"nbd://127.0.0.1:{server.address[1]}/") as sock:
-            sock.sendall(request(Command.READ, 1, 0, 512))
-            assert read_exactly(sock, 16 + 512) == replies_of(1, DATA[:512])
+        with connect(server.address[1]) as client:
+            client.sock.sendall(request(Command.READ, 1, 0, 512))
+            assert client.simple_reply(1, 512) == (0, DATA[:512])
             started = time.monotonic()
             server.shutdown()  # an idle connection is closed at once, not after the grace
-            assert sock.recv(100) == b""
+            assert client.sock.recv(100) == b""
             assert time.monotonic() - started < 10
     finally:
         server.shutdown()
@@ -397,12 +372,12 @@ def test_an_anyio_server_shutting_down_ends_a_connection_waiting_between_lone_re
         listener = portal.call(nbdproto_anyio.listen, ("127.0.0.1", 0))
         future = portal.start_task_soon(server.serve, listener)
         try:
-            with connect(f"nbd://127.0.0.1:{listener.address[1]}/") as sock:
-                sock.sendall(request(Command.READ, 1, 0, 512))
-                assert read_exactly(sock, 16 + 512) == replies_of(1, DATA[:512])
+            with connect(listener.address[1]) as client:
+                client.sock.sendall(request(Command.READ, 1, 0, 512))
+                assert client.simple_reply(1, 512) == (0, DATA[:512])
                 started = time.monotonic()
                 portal.call(server.shutdown)  # an idle connection is closed at once, not after the grace
-                assert sock.recv(100) == b""
+                assert client.sock.recv(100) == b""
                 assert time.monotonic() - started < 10
         finally:
             future.cancel()
