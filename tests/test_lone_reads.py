@@ -167,9 +167,15 @@ def answered(logic: nbdproto.serving.ServerSessionLogic, data: bytes) -> bytes:
 
 def test_a_read_its_view_does_not_answer_is_carried_out_as_the_steps_would(shm_file: str) -> None:
     device = FileDevice(shm_file)
+    asked: list[int] = []
+
+    def no_view(offset: int, length: int) -> None:  # (as on a sparse file on tmpfs)
+        asked.append(offset)
+
+    device.read_view = no_view  # type: ignore[method-assign,assignment]
     logic, _ = logic_over(device, structured=False)
-    device.read_view = lambda offset, length: None  # type: ignore[method-assign]  # (as on a sparse tmpfs file)
     assert answered(logic, request(Command.READ, 1, 512, 512)) == replies_of(1, DATA[512:1024])
+    assert asked == [512]  # asked once: the read is then read (pread_into), not asked for a view again
     failures: list[BaseException] = []
     logic.on_device_error = lambda request, exc: failures.append(exc)
 

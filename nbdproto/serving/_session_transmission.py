@@ -165,14 +165,17 @@ class SessionTransmission:
         if read is None:
             return None
         device, contexts, reader = lone_reads
+        view_of: ReadView | None = reader
         try:
             view = reader(read.offset, read.length)
-        except Exception:  # the device's failure: carry_out answers it (and logs it) below
+        except Exception:  # the device's failure: carry_out asks again, and answers (and logs) it
             view = None
-        if view is None:
-            engine.send(carry_out(device, read, contexts, self.on_device_error, reader))
-            return engine.data_to_send()
-        return [engine.answer_lone_read(read), view]
+        else:
+            if view is not None:
+                return [engine.answer_lone_read(read), view]
+            view_of = None  # no view for this read: carry_out reads it without asking for one again
+        engine.send(carry_out(device, read, contexts, self.on_device_error, view_of))
+        return engine.data_to_send()
 
     @property
     def lone_reads_wanted(self) -> bool:
