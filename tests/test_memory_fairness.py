@@ -27,9 +27,9 @@ import pytest
 import nbdproto as n
 import nbdproto.serving
 import nbdproto.wire
-import nbdproto_anyio._server
+import nbdproto_anyio._budget
 import nbdproto_threads
-import nbdproto_threads._session
+import nbdproto_threads._budget
 from nbdproto.devices import Filter, MemoryDevice
 from tests.nbdbytes import request
 from tests.serving import BACKENDS, Export, serving
@@ -69,7 +69,7 @@ def _asleep_threads(room: threading.Condition) -> list[int]:
     """What each server thread asleep in WaitingShare.take holds: its wait in the budget's condition began
     after its last refusal, and no give has woken it since (its waiter is still in the condition's queue).
     Called with the condition held, so that none is woken meanwhile."""
-    take, wait = nbdproto_threads._session.WaitingShare.take.__code__, threading.Condition.wait.__code__
+    take, wait = nbdproto_threads._budget.WaitingShare.take.__code__, threading.Condition.wait.__code__
     held = []
     for frame in sys._current_frames().values():
         caller = frame.f_back
@@ -83,20 +83,27 @@ def _asleep_threads(room: threading.Condition) -> list[int]:
 def _asleep_tasks() -> list[int]:
     """What each event loop task suspended in the anyio backend's WaitingShare.take holds, where the event it
     waits on has not been set (a give sets it: the task then looks again)."""
-    take = nbdproto_anyio._server.WaitingShare.take.__code__
+    take = nbdproto_anyio._budget.WaitingShare.take.__code__
     held = []
     for thing in gc.get_objects():
-        if inspect.iscoroutine(thing) and thing.cr_frame is not None and thing.cr_frame.f_code is take:
-            awaited = thing.cr_await
-            if awaited is not None and not awaited.cr_frame.f_locals["self"].is_set():
-                held.append(thing.cr_frame.f_locals["self"].held)
+        if not inspect.iscoroutine(thing):
+            continue
+        # Each frame read once: the loop runs in another thread, and a coroutine may finish (its frame None)
+        # between two reads of it. budget_state looks again when anything changed meanwhile.
+        frame = thing.cr_frame
+        if frame is None or frame.f_code is not take:
+            continue
+        awaited = thing.cr_await
+        waiting = None if awaited is None else awaited.cr_frame
+        if waiting is not None and not waiting.f_locals["self"].is_set():
+            held.append(frame.f_locals["self"].held)
     return sorted(held)
 
 
 def budget_state(shared: Any, look: Callable[[], T]) -> tuple[list[int], int, T] | None:
     """The budget at one moment: what each connection asleep waiting for it holds, what all hold, and
     ``look()`` then (None when the budget changed while it was looked at)."""
-    if isinstance(shared, nbdproto_threads._session.SharedBudget):
+    if isinstance(shared, nbdproto_threads._budget.SharedBudget):
         with shared.room:  # every take and give is made under it
             return _asleep_threads(shared.room), shared.budget.used, look()
     used = shared.budget.used
@@ -238,8 +245,8 @@ def _unix(path: str) -> socket.socket:
 def test_the_watch_sees_a_thread_asleep_waiting_for_the_budget() -> None:
     """budget_state itself: a share that cannot take more is seen asleep, with what it holds, and not once a
     give woke it (whether or not it has taken its room yet)."""
-    shared = nbdproto_threads._session.SharedBudget(LIMIT)
-    first, second = (nbdproto_threads._session.WaitingShare(shared) for _ in range(2))
+    shared = nbdproto_threads._budget.SharedBudget(LIMIT)
+    first, second = (nbdproto_threads._budget.WaitingShare(shared) for _ in range(2))
     assert first.try_take(LIMIT) and second.try_take(MIB)
     waiter = threading.Thread(target=second.take, args=(MIB, threading.Event()), daemon=True)
     waiter.start()
