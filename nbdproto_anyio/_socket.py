@@ -37,15 +37,17 @@ from ._readable import Readable
 __all__ = [
     "RawSocketStream",
     "SocketAcceptor",
+    "YIELD_EVERY",
     "connect_socket",
     "receive",
     "send_pieces",
     "close_stream",
 ]
 
-_YIELD_EVERY = 8
-"""Receives in a row that found data waiting, after which the stream lets the event loop run other tasks: a
-stream that never waits would otherwise starve every other connection (48 clients streaming writes left a
+YIELD_EVERY = 8
+"""Receives in a row that found data waiting, after which a stream (or a loop receiving on its socket itself, as
+the server's one-request road does) lets the event loop run other tasks: one that never waits would otherwise
+starve every other connection (48 clients streaming writes left a
 49th with no reply at all for seconds). Every 8th receive costs one trip through the loop."""
 
 
@@ -133,7 +135,7 @@ class RawSocketStream(anyio.abc.ByteStream):
                 raise anyio.BrokenResourceError from exc
             else:
                 self._unyielded += 1
-                if self._unyielded >= _YIELD_EVERY:
+                if self._unyielded >= YIELD_EVERY:
                     # A peer that always has more to send never makes us wait: let the other tasks run.
                     self._unyielded = 0
                     await anyio.lowlevel.checkpoint()
@@ -142,23 +144,31 @@ class RawSocketStream(anyio.abc.ByteStream):
     async def send(self, item: bytes) -> None:
         await self.send_pieces([item])
 
+    def send_now(self, pieces: Sequence[Payload]) -> Sequence[Payload] | None:
+        """Send what of ``pieces`` can go without waiting, with one sendmsg of the list as it is (a reply's
+        header and data, the common case): None once all went, else what is left to ``send_pieces`` (all of
+        it where the socket is full, or a FileRegion is among them: TypeError before anything is sent). A
+        loop that answers one request at a time saves a coroutine a reply with it."""
+        if not 1 < len(pieces) <= IOV_MAX:
+            return pieces
+        try:
+            sent = self.sock.sendmsg(pieces)  # type: ignore[arg-type]
+        except (TypeError, BlockingIOError):
+            return pieces
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise anyio.BrokenResourceError from exc
+        if sent == sum(map(len, pieces)):
+            return None
+        views: list[Any] = [p for p in pieces if len(p)]
+        return views[step_past(views, 0, sent) :]
+
     async def send_pieces(self, pieces: Sequence[Payload]) -> None:
         """Write every piece in order: buffers with sendmsg (many per call), FileRegions with os.sendfile."""
-        sent = 0
-        if 1 < len(pieces) <= IOV_MAX:
-            # The common case in one call (a reply's header and data): buffers alone, which sendmsg takes as
-            # they are (a FileRegion is not one: TypeError before anything is sent, and the loop below).
-            try:
-                sent = self.sock.sendmsg(pieces)  # type: ignore[arg-type]
-            except (TypeError, BlockingIOError):
-                pass
-            except (ConnectionResetError, BrokenPipeError) as exc:
-                raise anyio.BrokenResourceError from exc
-            else:
-                if sent == sum(map(len, pieces)):
-                    return
-        views: list[Any] = [p for p in pieces if len(p)]
-        start = step_past(views, 0, sent)
+        rest = self.send_now(pieces)
+        if rest is None:
+            return
+        views: list[Any] = [p for p in rest if len(p)]
+        start = 0
         try:
             while start < len(views):
                 if type(views[start]) is FileRegion:

@@ -32,13 +32,9 @@ from nbdproto.serving import RECV_SIZE
 from nbdproto.sockets import TlsChannel
 
 from ._readable import Readable
-from ._socket import RawSocketStream
+from ._socket import YIELD_EVERY, RawSocketStream
 
 __all__ = ["TlsSocketStream"]
-
-_YIELD_EVERY = 8
-"""Receives in a row that found bytes waiting, after which the stream lets other tasks run (as RawSocketStream
-does: a client that always has more to send must not starve the others)."""
 
 
 class TlsSocketStream(anyio.abc.ByteStream):
@@ -137,7 +133,7 @@ class TlsSocketStream(anyio.abc.ByteStream):
 
     async def _received(self) -> None:
         self._unyielded += 1
-        if self._unyielded >= _YIELD_EVERY:
+        if self._unyielded >= YIELD_EVERY:
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
 
