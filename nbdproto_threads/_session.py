@@ -343,7 +343,7 @@ class ServerSession:
         calls into the logic and one send a request, where a turn of ``_take_step`` costs a step, the limits
         worked out again and a receive sized anew for every request."""
         logic, stream = self.logic, self.stream
-        answer, sent = logic.answer_lone_read, logic.sent
+        answer = logic.answer_lone_read
         recv, send = stream.sock.recv, stream.send  # (a plaintext socket's own receive: SocketStream.recv's)
         self._set_timeout(None)  # no limit applies (next_wait): only the armed timer's wake-ups, waited out
         while not logic.shutting_down:
@@ -359,8 +359,7 @@ class ServerSession:
             pieces = answer(data)
             if pieces is None:
                 return True
-            send(pieces)
-            sent()
+            send(pieces)  # (no sent(): these replies hold nothing the logic counts)
         return False
 
     def _pooled_transmission(self) -> None:

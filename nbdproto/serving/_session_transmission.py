@@ -145,9 +145,10 @@ class SessionTransmission:
     def answer_lone_read(self, data: bytes | bytearray | memoryview) -> list[Any] | None:
         """``received(data)``, on the one-request road (``lone_reads_wanted``): when ``data`` is one read and
         nothing else is owed (a client that sends one request at a time), the read is carried out now and its
-        reply returned, as pieces to send (as ``engine.data_to_send()`` gives them; then ``sent()``, as
-        always), and the driver receives again, the steps still at their RECEIVE. None: go on with the steps,
-        which take it from here.
+        reply returned, as pieces to send (as ``engine.data_to_send()`` gives them), and the driver receives
+        again, the steps still at their RECEIVE. None: go on with the steps, which take it from here. These
+        replies hold no budget and no kept buffer (the road is only taken with read views, which take neither),
+        so the driver need not call ``sent()`` after sending them: a call less a request.
 
         For reads answered with the device's views (where ``inline_transmission`` was given them): the reply's
         header and the view, in a few calls, where the steps cost a turn of the generator, a batch, two passes
