@@ -1,0 +1,198 @@
+"""How many calls our servers make for each request of a client that sends one at a time: Python functions
+(each resumption of a generator or coroutine counts as one) and built-in ones, counted by a profile hook.
+
+Unlike a time, a count does not move with the machine's load: on a shared machine whose speed moves by a fifth
+within minutes, two versions of the code whose QD1 figures cannot be told apart (bench/bench_qd1.sh,
+bench/bench_table.py) can still be compared call for call. A count is not a cost (a call of ``len`` is not a
+turn of the event loop), so read it beside the timed benchmarks, never instead of them.
+
+The server runs in this process, serving a file; a client thread (started before the hook, so not counted: a
+few lines of struct and socket, as fio would send) reads 4 KiB at random offsets one request at a time, first
+some to warm up, then ``--requests`` while the hook counts. Every thread the server starts after the hook is
+set is counted (the threads server's session thread), and on anyio the event loop's own calls are part of what
+a request costs.
+
+    python bench/bench_calls.py [--requests 20000] [--backends threads,asyncio,uvloop,trio] [IMAGE]
+
+IMAGE belongs on tmpfs (the default one is in /dev/shm): the anyio server reads a file on a disk in worker
+threads, not on its one-request road, and its counts are then of that road instead.
+
+Compare two versions by running it with each on PYTHONPATH, one after the other: the counts repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import nbdproto_threads
+from nbdproto.devices import FileDevice
+
+_WARM_UP = 500
+
+
+class CallCounter:
+    """A profile hook (sys.setprofile, threading.setprofile) that counts calls while ``counting`` is set."""
+
+    def __init__(self) -> None:
+        self.counting = False
+        self.python = 0
+        self.builtin = 0
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
+        if self.counting:
+            if event == "call":
+                self.python += 1
+            elif event == "c_call":
+                self.builtin += 1
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    return data
+
+
+def _client(port: int, requests: int, size: int, started: threading.Event, go: threading.Event) -> None:
+    """A client as fio's: fixed newstyle, NBD_OPT_GO, then simple replies to one READ at a time, all in this
+    thread (a client of ours would start a reader thread, which the hook would count)."""
+    rng = random.Random(1)
+    blocks = size // 4096
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _exactly(sock, 18)  # NBDMAGIC, IHAVEOPT, the handshake flags
+        sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE, NO_ZEROES
+        go_option = struct.pack(">IH", 0, 0)  # the default export, no information asked for
+        sock.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(go_option)) + go_option)
+        while True:  # option replies until the ACK
+            _, _, kind, length = struct.unpack(">QIII", _exactly(sock, 20))
+            _exactly(sock, length)
+            if kind == 1:
+                break
+            if kind & 0x80000000:
+                raise ConnectionError(f"NBD_OPT_GO refused ({kind:#x})")
+
+        def read(cookie: int) -> None:
+            sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, rng.randrange(blocks) * 4096, 4096))
+            _exactly(sock, 16 + 4096)
+
+        for cookie in range(_WARM_UP):
+            read(cookie)
+        started.set()
+        go.wait()
+        for cookie in range(requests):
+            read(cookie)
+        sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
+
+
+def count(backend: str, image: str, requests: int) -> tuple[float, float]:
+    """Python and built-in calls a request, serving ``image`` on ``backend`` (threads, asyncio, uvloop, trio)."""
+    device = FileDevice(image, read_only=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    started, go = threading.Event(), threading.Event()
+    client = threading.Thread(target=_client, args=(port, requests, device.size, started, go), daemon=True)
+    counter = CallCounter()
+    # The client thread exists before the hook is set for new threads: its calls are not counted.
+    client.start()
+    threading.setprofile(counter)
+    sys.setprofile(counter)
+    try:
+        if backend == "threads":
+            _serve_threads(device, listener, counter, started, go, client)
+        else:
+            _serve_anyio(backend, device, listener, counter, started, go, client)
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+        device.close()
+    return counter.python / requests, counter.builtin / requests
+
+
+def _measure(counter: CallCounter, started: threading.Event, go: threading.Event, client: threading.Thread) -> None:
+    started.wait(60)
+    counter.counting = True
+    go.set()
+    client.join(600)
+    counter.counting = False
+
+
+def _serve_threads(
+    device: FileDevice,
+    listener: socket.socket,
+    counter: CallCounter,
+    started: threading.Event,
+    go: threading.Event,
+    client: threading.Thread,
+) -> None:
+    server = nbdproto_threads.Server({"": device}, [listener])
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    sys.setprofile(None)  # this thread only waits: the server's threads are the ones counted
+    _measure(counter, started, go, client)
+    server.shutdown()
+    serving.join(10)
+
+
+def _serve_anyio(
+    loop: str,
+    device: FileDevice,
+    listener: socket.socket,
+    counter: CallCounter,
+    started: threading.Event,
+    go: threading.Event,
+    client: threading.Thread,
+) -> None:
+    import anyio
+    import anyio.to_thread
+
+    import nbdproto_anyio
+
+    async def main() -> None:
+        server = nbdproto_anyio.Server({"": device})
+        listening = await nbdproto_anyio.listen(listener)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(server.serve, [listening])
+            measure: Callable[[], None] = lambda: _measure(counter, started, go, client)  # noqa: E731
+            await anyio.to_thread.run_sync(measure)  # (a thread started after the hook: a handful of calls in all)
+            await server.shutdown()
+
+    if loop == "uvloop":
+        anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        anyio.run(main, backend=loop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("image", nargs="?", help="the file to serve (default: a 64 MiB file of random bytes)")
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--backends", default="threads,asyncio,uvloop,trio")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as directory:
+        image = args.image
+        if image is None:
+            image = os.path.join(directory, "image")
+            with open(image, "wb") as f:
+                f.write(random.Random(0).randbytes(64 << 20))
+        print("backend\tPython calls a request\tbuilt-in calls a request")
+        for backend in args.backends.split(","):
+            python, builtin = count(backend, image, args.requests)
+            print(f"{backend}\t{python:.1f}\t{builtin:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""bench/bench_calls.py counts the calls our servers make for each request of a client that sends one at a time.
+Run as the benchmark is, on every backend, with few requests: it must count the server's calls and not its
+client's, so the threads server, which answers such a client on its one-request road, shows the road's few."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_the_calls_a_request_are_counted_on_every_backend(tmp_path: pathlib.Path) -> None:
+    image = tmp_path / "image"
+    image.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_calls.py"), "--requests", "300", str(image)],
+        capture_output=True, text=True, timeout=120, cwd="/",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "backend\tPython calls a request\tbuilt-in calls a request"
+    rows = (line.split("\t") for line in lines[1:])
+    counts = {name: (float(python), float(builtin)) for name, python, builtin in rows}
+    assert set(counts) == {"threads", "asyncio", "uvloop", "trio"}
+    assert all(python > 0 and builtin > 0 for python, builtin in counts.values())
+    # The road: the logic's answer_lone_read, the engine's receive_lone_read (and its buffer's __len__) and
+    # answer_lone_read, the file's read_view, the stream's send. The client's calls (its handshake, its reads)
+    # would add tens a request; the steps instead of the road, about thirty.
+    assert counts["threads"][0] <= 8, counts
