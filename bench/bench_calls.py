@@ -1,5 +1,6 @@
-"""How many calls our servers make for each request of a client that sends one at a time: Python functions
-(each resumption of a generator or coroutine counts as one) and built-in ones, counted by a profile hook.
+"""How many calls our servers make for each request of a client that sends one at a time (or a few: --depth):
+Python functions (each resumption of a generator or coroutine counts as one) and built-in ones, counted by a
+profile hook.
 
 Unlike a time, a count does not move with the machine's load: on a shared machine whose speed moves by a fifth
 within minutes, two versions of the code whose QD1 figures cannot be told apart (bench/bench_qd1.sh,
@@ -12,7 +13,11 @@ some to warm up, then ``--requests`` while the hook counts. Every thread the ser
 set is counted (the threads server's session thread), and on anyio the event loop's own calls are part of what
 a request costs.
 
-    python bench/bench_calls.py [--requests 20000] [--backends threads,asyncio,uvloop,trio] [IMAGE]
+    python bench/bench_calls.py [--requests 20000] [--depth 1] [--write] [--backends threads,asyncio,uvloop,trio]
+        [IMAGE]
+
+``--depth 16`` sends 16 requests together and then takes their replies (as fio at QD16, in lock-step), and
+``--write`` makes them 4 KiB writes, into IMAGE.
 
 IMAGE belongs on tmpfs (the default one is in /dev/shm): the anyio server reads a file on a disk in worker
 threads, not on its one-request road, and its counts are then of that road instead.
@@ -31,13 +36,24 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import nbdproto_threads
+from nbdproto import ExportSpec
 from nbdproto.devices import FileDevice
 
-_WARM_UP = 500
+_WARM_UP = 512
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the client sends: ``requests`` 4 KiB reads (writes if ``write``), ``depth`` at a time."""
+
+    requests: int
+    depth: int = 1
+    write: bool = False
 
 
 class CallCounter:
@@ -66,11 +82,14 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def _client(port: int, requests: int, size: int, started: threading.Event, go: threading.Event) -> None:
-    """A client as fio's: fixed newstyle, NBD_OPT_GO, then simple replies to one READ at a time, all in this
-    thread (a client of ours would start a reader thread, which the hook would count)."""
+def _client(port: int, workload: Workload, size: int, started: threading.Event, go: threading.Event) -> None:
+    """A client as fio's: fixed newstyle, NBD_OPT_GO, then simple replies to ``workload.depth`` requests at a
+    time (sent together, then their replies received), all in this thread (a client of ours would start a
+    reader thread, which the hook would count)."""
     rng = random.Random(1)
     blocks = size // 4096
+    payload = rng.randbytes(4096)
+    command, reply = (1, 16) if workload.write else (0, 16 + 4096)
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _exactly(sock, 18)  # NBDMAGIC, IHAVEOPT, the handshake flags
@@ -85,26 +104,32 @@ def _client(port: int, requests: int, size: int, started: threading.Event, go: t
             if kind & 0x80000000:
                 raise ConnectionError(f"NBD_OPT_GO refused ({kind:#x})")
 
-        def read(cookie: int) -> None:
-            sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, rng.randrange(blocks) * 4096, 4096))
-            _exactly(sock, 16 + 4096)
+        def requests(count: int) -> None:
+            for first in range(0, count, workload.depth):
+                batch = min(workload.depth, count - first)
+                headers = [
+                    struct.pack(">IHHQQI", 0x25609513, 0, command, first + i, rng.randrange(blocks) * 4096, 4096)
+                    + (payload if workload.write else b"")
+                    for i in range(batch)
+                ]
+                sock.sendall(b"".join(headers))
+                _exactly(sock, reply * batch)
 
-        for cookie in range(_WARM_UP):
-            read(cookie)
+        requests(_WARM_UP)
         started.set()
         go.wait()
-        for cookie in range(requests):
-            read(cookie)
+        requests(workload.requests)
         sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
 
 
-def count(backend: str, image: str, requests: int) -> tuple[float, float]:
+def count(backend: str, image: str, workload: Workload) -> tuple[float, float]:
     """Python and built-in calls a request, serving ``image`` on ``backend`` (threads, asyncio, uvloop, trio)."""
-    device = FileDevice(image, read_only=True)
+    device = FileDevice(image, read_only=not workload.write)
+    export = ExportSpec(device, read_only=not workload.write)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     started, go = threading.Event(), threading.Event()
-    client = threading.Thread(target=_client, args=(port, requests, device.size, started, go), daemon=True)
+    client = threading.Thread(target=_client, args=(port, workload, device.size, started, go), daemon=True)
     counter = CallCounter()
     # The client thread exists before the hook is set for new threads: its calls are not counted.
     client.start()
@@ -112,14 +137,14 @@ def count(backend: str, image: str, requests: int) -> tuple[float, float]:
     sys.setprofile(counter)
     try:
         if backend == "threads":
-            _serve_threads(device, listener, counter, started, go, client)
+            _serve_threads(export, listener, counter, started, go, client)
         else:
-            _serve_anyio(backend, device, listener, counter, started, go, client)
+            _serve_anyio(backend, export, listener, counter, started, go, client)
     finally:
         sys.setprofile(None)
         threading.setprofile(None)
         device.close()
-    return counter.python / requests, counter.builtin / requests
+    return counter.python / workload.requests, counter.builtin / workload.requests
 
 
 def _measure(counter: CallCounter, started: threading.Event, go: threading.Event, client: threading.Thread) -> None:
@@ -131,14 +156,14 @@ def _measure(counter: CallCounter, started: threading.Event, go: threading.Event
 
 
 def _serve_threads(
-    device: FileDevice,
+    export: ExportSpec[FileDevice],
     listener: socket.socket,
     counter: CallCounter,
     started: threading.Event,
     go: threading.Event,
     client: threading.Thread,
 ) -> None:
-    server = nbdproto_threads.Server({"": device}, [listener])
+    server = nbdproto_threads.Server({"": export}, [listener])
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     serving.start()
     sys.setprofile(None)  # this thread only waits: the server's threads are the ones counted
@@ -149,7 +174,7 @@ def _serve_threads(
 
 def _serve_anyio(
     loop: str,
-    device: FileDevice,
+    export: ExportSpec[FileDevice],
     listener: socket.socket,
     counter: CallCounter,
     started: threading.Event,
@@ -162,7 +187,7 @@ def _serve_anyio(
     import nbdproto_anyio
 
     async def main() -> None:
-        server = nbdproto_anyio.Server({"": device})
+        server = nbdproto_anyio.Server({"": export})
         listening = await nbdproto_anyio.listen(listener)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(server.serve, [listening])
@@ -181,7 +206,10 @@ def main() -> None:
     parser.add_argument("image", nargs="?", help="the file to serve (default: a 64 MiB file of random bytes)")
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--backends", default="threads,asyncio,uvloop,trio")
+    parser.add_argument("--depth", type=int, default=1, help="requests sent together (default 1)")
+    parser.add_argument("--write", action="store_true", help="4 KiB writes (into IMAGE) instead of reads")
     args = parser.parse_args()
+    workload = Workload(args.requests, args.depth, args.write)
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as directory:
         image = args.image
         if image is None:
@@ -190,7 +218,7 @@ def main() -> None:
                 f.write(random.Random(0).randbytes(64 << 20))
         print("backend\tPython calls a request\tbuilt-in calls a request")
         for backend in args.backends.split(","):
-            python, builtin = count(backend, image, args.requests)
+            python, builtin = count(backend, image, workload)
             print(f"{backend}\t{python:.1f}\t{builtin:.1f}", flush=True)
 
 

@@ -1,6 +1,7 @@
-"""bench/bench_calls.py counts the calls our servers make for each request of a client that sends one at a time.
-Run as the benchmark is, on every backend, with few requests: it must count the server's calls and not its
-client's, so the threads server, which answers such a client on its one-request road, shows the road's few."""
+"""bench/bench_calls.py counts the calls our servers make for each request of a client that sends one at a time
+(or a few). Run as the benchmark is, on every backend, with few requests: it must count the server's calls and
+not its client's, so the threads server, which answers such a client on its one-request road, shows the road's
+few; and its writes must reach the file."""
 
 from __future__ import annotations
 
@@ -29,3 +30,17 @@ def test_the_calls_a_request_are_counted_on_every_backend(tmp_path: pathlib.Path
     # answer_lone_read, the file's read_view, the stream's send. The client's calls (its handshake, its reads)
     # would add tens a request; the steps instead of the road, about thirty.
     assert counts["threads"][0] <= 8, counts
+
+
+def test_writes_a_few_at_a_time_are_counted_and_land(tmp_path: pathlib.Path) -> None:
+    image = tmp_path / "image"
+    image.write_bytes(bytes(1 << 20))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_calls.py"), "--requests", "64", "--depth", "4", "--write",
+         "--backends", "threads,asyncio", str(image)],
+        capture_output=True, text=True, timeout=120, cwd="/",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    names = [line.split("\t")[0] for line in done.stdout.splitlines()[1:]]
+    assert names == ["threads", "asyncio"]
+    assert image.read_bytes() != bytes(1 << 20)  # the client's writes (random bytes) are in the file
