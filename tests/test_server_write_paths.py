@@ -341,6 +341,24 @@ def test_the_reads_of_a_row_carry_every_field_the_constructor_gives(mode: str) -
         assert made.flags is expected.flags and made.buffer is None
 
 
+@pytest.mark.parametrize("mode", ["simple", "extended"])
+def test_the_whole_writes_of_a_chunk_carry_every_field_the_constructor_gives(mode: str) -> None:
+    """Whole writes queued from one received chunk are made without WriteRequest.__init__: each must hold what
+    the constructor would give it (FUA kept, nothing streamed or in place)."""
+    s = server(mode)
+    payloads = {c: bytes([c]) * (4 * KIB) for c in (1, 2, 3)}
+    fua = {1: F(0), 2: F.FUA, 3: F(0)}
+    s.receive_data(b"".join(header(c, 4 * KIB * c, 4 * KIB, fua[c], mode) + payloads[c] for c in (1, 2, 3)))
+    got = events(s)
+    assert [type(made).__name__ for made in got] == ["WriteRequest"] * 3
+    for made in got:
+        c = made.cookie
+        expected = n.WriteRequest(c, 4 * KIB * c, memoryview(payloads[c]), fua[c])
+        assert made == expected  # every field (the data's bytes compared)
+        assert made.flags is expected.flags and (made.more, made.in_place) == (False, False)
+        assert type(made.data) is memoryview and bytes(made.data) == payloads[c]
+
+
 def _reads(first: int, count: int, mode: str = "structured") -> bytes:
     """``count`` good READs of 4 KiB, cookies from ``first`` on."""
     extended = mode == "extended"

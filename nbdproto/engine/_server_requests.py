@@ -234,8 +234,12 @@ class ServerRequests(ServerBase):
                 and bool(flags & _PAYLOAD_LEN) == extended
                 and pos + size + length <= end
             ):
-                data = memoryview(head)[pos + size : pos + size + length]
-                in_flight[cookie] = event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
+                # WriteRequest(cookie, offset, data, flags), without the call to its __init__ (as reads are made).
+                in_flight[cookie] = event = object.__new__(WriteRequest)
+                event.cookie, event.offset, event.flags, event.more, event.in_place = (
+                    cookie, offset, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], False, False
+                )  # fmt: skip
+                event.data = memoryview(head)[pos + size : pos + size + length]
                 append(event)
                 pos += size + length
             else:
