@@ -35,7 +35,6 @@ import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -122,6 +121,24 @@ def _client(port: int, workload: Workload, size: int, started: threading.Event, 
         sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One count: the hook, and the client thread with the events it waits on and sets."""
+
+    counter: CallCounter
+    client: threading.Thread
+    started: threading.Event
+    go: threading.Event
+
+    def measure(self) -> None:
+        """Once the client has warmed up, count its requests, until it is done."""
+        self.started.wait(60)
+        self.counter.counting = True
+        self.go.set()
+        self.client.join(600)
+        self.counter.counting = False
+
+
 def count(backend: str, image: str, workload: Workload) -> tuple[float, float]:
     """Python and built-in calls a request, serving ``image`` on ``backend`` (threads, asyncio, uvloop, trio)."""
     device = FileDevice(image, read_only=not workload.write)
@@ -130,57 +147,34 @@ def count(backend: str, image: str, workload: Workload) -> tuple[float, float]:
     port = listener.getsockname()[1]
     started, go = threading.Event(), threading.Event()
     client = threading.Thread(target=_client, args=(port, workload, device.size, started, go), daemon=True)
-    counter = CallCounter()
+    run = _Run(CallCounter(), client, started, go)
     # The client thread exists before the hook is set for new threads: its calls are not counted.
     client.start()
-    threading.setprofile(counter)
-    sys.setprofile(counter)
+    threading.setprofile(run.counter)
+    sys.setprofile(run.counter)
     try:
         if backend == "threads":
-            _serve_threads(export, listener, counter, started, go, client)
+            _serve_threads(export, listener, run)
         else:
-            _serve_anyio(backend, export, listener, counter, started, go, client)
+            _serve_anyio(backend, export, listener, run)
     finally:
         sys.setprofile(None)
         threading.setprofile(None)
         device.close()
-    return counter.python / workload.requests, counter.builtin / workload.requests
+    return run.counter.python / workload.requests, run.counter.builtin / workload.requests
 
 
-def _measure(counter: CallCounter, started: threading.Event, go: threading.Event, client: threading.Thread) -> None:
-    started.wait(60)
-    counter.counting = True
-    go.set()
-    client.join(600)
-    counter.counting = False
-
-
-def _serve_threads(
-    export: ExportSpec[FileDevice],
-    listener: socket.socket,
-    counter: CallCounter,
-    started: threading.Event,
-    go: threading.Event,
-    client: threading.Thread,
-) -> None:
+def _serve_threads(export: ExportSpec[FileDevice], listener: socket.socket, run: _Run) -> None:
     server = nbdproto_threads.Server({"": export}, [listener])
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     serving.start()
     sys.setprofile(None)  # this thread only waits: the server's threads are the ones counted
-    _measure(counter, started, go, client)
+    run.measure()
     server.shutdown()
     serving.join(10)
 
 
-def _serve_anyio(
-    loop: str,
-    export: ExportSpec[FileDevice],
-    listener: socket.socket,
-    counter: CallCounter,
-    started: threading.Event,
-    go: threading.Event,
-    client: threading.Thread,
-) -> None:
+def _serve_anyio(loop: str, export: ExportSpec[FileDevice], listener: socket.socket, run: _Run) -> None:
     import anyio
     import anyio.to_thread
 
@@ -191,8 +185,7 @@ def _serve_anyio(
         listening = await nbdproto_anyio.listen(listener)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(server.serve, [listening])
-            measure: Callable[[], None] = lambda: _measure(counter, started, go, client)  # noqa: E731
-            await anyio.to_thread.run_sync(measure)  # (a thread started after the hook: a handful of calls in all)
+            await anyio.to_thread.run_sync(run.measure)  # (a thread started after the hook: a handful of calls)
             await server.shutdown()
 
     if loop == "uvloop":
