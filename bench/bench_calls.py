@@ -7,11 +7,16 @@ within minutes, two versions of the code whose QD1 figures cannot be told apart 
 bench/bench_table.py) can still be compared call for call. A count is not a cost (a call of ``len`` is not a
 turn of the event loop), so read it beside the timed benchmarks, never instead of them.
 
-The server runs in this process, serving a file; a client thread (started before the hook, so not counted: a
-few lines of struct and socket, as fio would send) reads 4 KiB at random offsets one request at a time, first
-some to warm up, then ``--requests`` while the hook counts. Every thread the server starts after the hook is
-set is counted (the threads server's session thread), and on anyio the event loop's own calls are part of what
-a request costs.
+The server runs in this process, serving a file; a client process (a few lines of struct and socket, as fio
+would send) reads 4 KiB at random offsets one request at a time, first some to warm up, then ``--requests``
+while the hook counts. Every thread the server starts after the hook is set is counted (the threads server's
+session thread), and on anyio the event loop's own calls are part of what a request costs.
+
+The client pauses 0.2 ms before each request (each batch of ``--depth``), so that the server has answered
+everything and waits for the next. How often a server finds the next request there already when it asks
+depends on how fast its client turns round (on a loaded machine, often), and each wait costs turns of an event
+loop; so these are the counts of a server that waits for every request, and one whose client is quicker makes
+fewer calls on anyio.
 
     python bench/bench_calls.py [--requests 20000] [--depth 1] [--write] [--backends threads,asyncio,uvloop,trio]
         [IMAGE]
@@ -28,6 +33,8 @@ Compare two versions by running it with each on PYTHONPATH, one after the other:
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.process
 import os
 import random
 import socket
@@ -35,15 +42,26 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import nbdproto_threads
 from nbdproto import ExportSpec
 from nbdproto.devices import FileDevice
 
 _WARM_UP = 512
+_PAUSE = 0.0002
+"""Seconds the client waits before each batch: the server has answered the last one and waits (module docstring)."""
+
+
+class EventLike(Protocol):
+    """threading.Event or multiprocessing's."""
+
+    def set(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -81,10 +99,9 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def _client(port: int, workload: Workload, size: int, started: threading.Event, go: threading.Event) -> None:
+def _client(port: int, workload: Workload, size: int, started: EventLike, go: EventLike) -> None:
     """A client as fio's: fixed newstyle, NBD_OPT_GO, then simple replies to ``workload.depth`` requests at a
-    time (sent together, then their replies received), all in this thread (a client of ours would start a
-    reader thread, which the hook would count)."""
+    time (sent together, then their replies received)."""
     rng = random.Random(1)
     blocks = size // 4096
     payload = rng.randbytes(4096)
@@ -105,6 +122,7 @@ def _client(port: int, workload: Workload, size: int, started: threading.Event, 
 
         def requests(count: int) -> None:
             for first in range(0, count, workload.depth):
+                time.sleep(_PAUSE)
                 batch = min(workload.depth, count - first)
                 headers = [
                     struct.pack(">IHHQQI", 0x25609513, 0, command, first + i, rng.randrange(blocks) * 4096, 4096)
@@ -123,12 +141,12 @@ def _client(port: int, workload: Workload, size: int, started: threading.Event, 
 
 @dataclass(frozen=True)
 class _Run:
-    """One count: the hook, and the client thread with the events it waits on and sets."""
+    """One count: the hook, and the client process with the events it sets and waits on."""
 
     counter: CallCounter
-    client: threading.Thread
-    started: threading.Event
-    go: threading.Event
+    client: multiprocessing.process.BaseProcess
+    started: EventLike
+    go: EventLike
 
     def measure(self) -> None:
         """Once the client has warmed up, count its requests, until it is done."""
@@ -145,10 +163,10 @@ def count(backend: str, image: str, workload: Workload) -> tuple[float, float]:
     export = ExportSpec(device, read_only=not workload.write)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    started, go = threading.Event(), threading.Event()
-    client = threading.Thread(target=_client, args=(port, workload, device.size, started, go), daemon=True)
+    processes = multiprocessing.get_context("fork")
+    started, go = processes.Event(), processes.Event()
+    client = processes.Process(target=_client, args=(port, workload, device.size, started, go), daemon=True)
     run = _Run(CallCounter(), client, started, go)
-    # The client thread exists before the hook is set for new threads: its calls are not counted.
     client.start()
     threading.setprofile(run.counter)
     sys.setprofile(run.counter)
