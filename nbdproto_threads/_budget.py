@@ -17,35 +17,46 @@ class SharedBudget:
 
     def __init__(self, limit: int) -> None:
         self.budget = nbdproto.serving.MemoryBudget(limit)
-        self.room = threading.Condition()
+        self.lock = threading.RLock()  # (re-entrant, as a Condition's own: a look at the budget may hold it)
+        self.room = threading.Condition(self.lock)
+        self.waiting = 0  # threads waiting on ``room``, under ``lock``: notified only when there are some
 
 
 class WaitingShare:
     """One connection's draw on a SharedBudget, for a server of many threads: every call is made under the
-    budget's lock, and ``take`` waits there until the budget has room."""
+    budget's lock (its lock, entered without the condition's Python-level methods: a proxy takes and gives
+    memory twice a request), and ``take`` waits on its condition until the budget has room."""
 
     def __init__(self, shared: SharedBudget) -> None:
         self._share = shared.budget.share()
-        self._room = shared.room
+        self._shared = shared
+        self._lock = shared.lock
 
     def try_take(self, amount: int) -> bool:
-        with self._room:
+        with self._lock:
             return self._share.try_take(amount)
 
     def take(self, amount: int, give_up: threading.Event) -> None:
         """Wait until ``amount`` can be taken (or ``give_up`` is set: then raise ConnectionAbortedError)."""
-        with self._room:
+        shared = self._shared
+        with self._lock:
             while not self._share.try_take(amount):
                 if give_up.is_set():
                     raise ConnectionAbortedError("the server is shutting down")
-                self._room.wait(0.5)
+                shared.waiting += 1
+                try:
+                    shared.room.wait(0.5)
+                finally:
+                    shared.waiting -= 1
 
     def give(self, amount: int) -> None:
-        with self._room:
+        with self._lock:
             self._share.give(amount)
-            self._room.notify_all()
+            if self._shared.waiting:
+                self._shared.room.notify_all()
 
     def give_all(self) -> None:
-        with self._room:
+        with self._lock:
             self._share.give_all()
-            self._room.notify_all()
+            if self._shared.waiting:
+                self._shared.room.notify_all()

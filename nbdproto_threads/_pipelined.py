@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from nbdproto.engine import Event
@@ -38,6 +39,7 @@ class _Replies:
         self._tls = tls
         self.pipeline: Pipeline | None = None
         self.room = threading.Condition(self._lock)  # the budget changed: the reader may go on
+        self.waiting = 0  # the reader waits on ``room`` (under the lock): notified only then
         self._ready = threading.Condition(self._lock)  # the outbox has a chunk for the sender thread
         self._outbox: deque[list[Any]] = deque()  # [pieces, replies, cost], in order
         self._sending = False  # a thread is sending: the others queue
@@ -123,7 +125,17 @@ class _Replies:
             self._session._share.give(cost)  # first: the buffers kept next are held from the share
             if not self._stopped:  # (once stopped, the session gives its budget back: keep nothing)
                 self._session.logic.pipeline_sent(replies)
-            self.room.notify_all()
+            if self.waiting:
+                self.room.notify_all()
+
+    def wait_until(self, ready: Callable[[], bool]) -> None:
+        """Wait, with the lock held, until ``ready()`` (the budget changes as replies are sent)."""
+        while not ready():
+            self.waiting += 1
+            try:
+                self.room.wait()
+            finally:
+                self.waiting -= 1
 
     def stop(self) -> None:
         """No more replies: the sender thread ends once the outbox is empty."""
@@ -143,7 +155,6 @@ def pipelined_transmission(session: ServerSession) -> None:
     pipeline = logic.pipeline(replies.flush)
     assert pipeline is not None, "pipelined transmission needs a device with submit()"
     replies.pipeline = pipeline
-    room = replies.room
     batch: list[Work] = []
     try:
         while True:
@@ -160,8 +171,7 @@ def pipelined_transmission(session: ServerSession) -> None:
                 elif type(step) is WaitForRoom:
                     replies.flush()
                     with lock:
-                        while budget.full:
-                            room.wait()
+                        replies.wait_until(lambda: not budget.full)
                     share.take(step.cost, session._stopping)
                 else:  # the parts of a streamed write are carried out in order, here
                     reply = logic.carry_out_part(cast(CarryOutPart, step).part)
@@ -172,8 +182,7 @@ def pipelined_transmission(session: ServerSession) -> None:
             replies.flush()
             if end is not BatchEnd.NEED_DATA:
                 with lock:  # ending, or DISC with replies owed: first let what is in flight finish
-                    while not budget.idle:
-                        room.wait()
+                    replies.wait_until(lambda: budget.idle)
                 replies.flush()
                 if end is BatchEnd.CLOSED:
                     return

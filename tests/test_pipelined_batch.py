@@ -193,3 +193,29 @@ def test_closing_gives_back_the_kept_buffers_once_and_keeps_nothing_after() -> N
     assert (share.held, budget.used, budget.holders) == (0, 0, 0)
     logic.pipeline_sent(sent[1:])  # a driver's thread that sent late
     assert (share.held, budget.used, budget.holders) == (0, 0, 0)
+
+
+def test_a_read_takes_a_kept_buffer_with_the_share_it_holds() -> None:
+    """A read of a kept buffer's size takes the buffer and the memory it holds, as its cost: the share holds
+    the same before and after admitting it, and the same read budget rules hold (a full request budget waits,
+    shutting down refuses)."""
+    share = MemoryBudget(MIB).share()
+    logic = session(_Submitting(MIB), share=share)
+    pipeline = logic.pipeline(lambda: None)
+    budget = RequestBudget(2, MIB)
+    logic.pipeline_sent(_answered(logic, pipeline, reads(0, 1), budget, share))
+    assert share.held == 8 * KIB  # two buffers kept
+    steps = logic.pipelined_batch(batch_of(logic, reads(2, 3, 4)), budget, share)
+    assert described([next(steps)]) == [("start", [2, 3], [4 * KIB] * 2)]
+    assert share.held == 8 * KIB and logic._reply_buffers.kept == 0  # the reads hold the buffers' share now
+    assert described([next(steps)]) == [("wait", 4 * KIB)]  # two requests in flight: full
+    budget.done(8 * KIB, 2)
+    share.give(8 * KIB)
+    assert share.try_take(4 * KIB)
+    assert described(steps) == [("start", [4], [4 * KIB])]
+    logic.pipeline_sent(_answered(logic, pipeline, reads(5), RequestBudget(2, MIB), share))
+    batch = batch_of(logic, reads(6))
+    logic.begin_shutdown()
+    assert described(logic.pipelined_batch(batch, budget, share)) == []
+    answered = replies(b"".join(bytes(p) for p in logic.engine.data_to_send()))
+    assert [(c.cookie, int(c.error)) for c in answered] == [(6, nbdproto.Errno.ESHUTDOWN)]

@@ -122,6 +122,11 @@ class NbdDevice:
         self.meta_context_names = tuple(sorted(first.context_ids))
         """The contexts the remote agreed to: each one is passed through."""
         self._capabilities = capabilities_of(self.export, self.meta_context_names)
+        # check(offset, length, writing=False): the range checks of every call, without a call of our own
+        # around check_range's (each request pays for it).
+        self._check: Callable[..., None] = functools.partial(
+            check_range, self.export.size, can_write=self._capabilities.can_write
+        )
         count = max(1, connections) if self._capabilities.can_multi_conn else 1
         try:
             wires = [first, *self._open_many(count - 1)]
@@ -317,9 +322,6 @@ class NbdDevice:
         return checked(reply)
 
     # --- Requests -----------------------------------------------------------------------------------------
-
-    def _check(self, offset: int, length: int, writing: bool = False) -> None:
-        check_range(self.export.size, offset, length, writing=writing, can_write=self._capabilities.can_write)
 
     def submit(self, calls: Sequence[DeviceCall], tokens: Sequence[Any], completions: Completions) -> None:
         """Start carrying out ``calls`` without waiting for the remote (nbdproto.serving.Completions says how the

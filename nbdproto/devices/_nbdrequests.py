@@ -6,6 +6,7 @@ the call's result from the reply (``Submission``: the adapter between a wire's r
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ __all__ = ["Make", "request_for", "Submission", "Gathered", "MISSING", "checked"
 _F = CommandFlags
 _FUA, _NONE = _F.FUA, _F(0)
 _ErrorReply = nbdproto.engine.ErrorReply
+_ReadRequest = nbdproto.engine.ReadRequest
+_WriteRequest = nbdproto.engine.WriteRequest
 
 Make = Callable[[int], Any]
 """Builds a request event for a cookie."""
@@ -34,14 +37,15 @@ def request_for(call: DeviceCall, capabilities: DeviceCapabilities, check: Check
     method, args, kwargs, caps = call.method, call.args, call.kwargs, capabilities
     if method == "pread_into":
         buffer, offset = args
-        check(offset, len(buffer))
-        return lambda c: nbdproto.engine.ReadRequest(c, offset, len(buffer), buffer=buffer)
+        length = len(buffer)
+        check(offset, length)
+        return functools.partial(_ReadRequest, offset=offset, length=length, buffer=buffer)  # (no frame of ours)
     if method == "pwrite":
         data, offset, fua = args
         check(offset, memoryview(data).nbytes, writing=True)
         if fua and not caps.can_fua:
             return None
-        return lambda c: nbdproto.engine.WriteRequest(c, offset, data, _FUA if fua else _NONE)
+        return functools.partial(_WriteRequest, offset=offset, data=data, flags=_FUA if fua else _NONE)
     if method == "flush":
         return (lambda c: nbdproto.engine.FlushRequest(c)) if caps.can_flush else None
     if method == "trim":

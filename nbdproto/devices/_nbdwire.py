@@ -354,7 +354,7 @@ class Wire:
                 raise WireBroken("the server closed the connection")
             sink, token = waiting.pop(event.cookie)  # type: ignore[union-attr]
             burst.append((sink, token, event))
-            if engine.must_disconnect:  # the server said ESHUTDOWN: leave as the spec asks
+            if engine.server_shutting_down and engine.must_disconnect:  # it said ESHUTDOWN: leave as the spec asks
                 engine.send(nbdproto.engine.DisconnectRequest())
                 self._failure = WireBroken("the server is shutting down")  # no request may follow
                 return engine.data_to_send()

@@ -52,12 +52,19 @@ class ReplyBuffers:
     def kept_for(self, length: int) -> bytearray | None:
         """A buffer of ``length`` bytes kept from a reply already sent, for a read whose budget is taken (what
         the buffer held of the share goes back: the read holds its own); None when none is kept."""
+        buffer = self.held_for(length)
+        if buffer is not None and self._share is not None:
+            self._share.give(length)
+        return buffer
+
+    def held_for(self, length: int) -> bytearray | None:
+        """A buffer of ``length`` bytes kept from a reply already sent, handed over with the share of memory it
+        holds (``length`` bytes: a read's cost), for a read that has not taken its budget: it holds that share
+        from now on. None when none is kept."""
         kept = self._free.get(length)
         if not kept:
             return None
         self._kept -= length
-        if self._share is not None:
-            self._share.give(length)
         return kept.pop()
 
     def reader(self, device: Any) -> Any:
@@ -83,11 +90,12 @@ class ReplyBuffers:
         allow."""
         room = self._limit - self._kept
         keep = []
+        total = 0
         for buffer in buffers:
-            if len(buffer) <= room:
+            length = len(buffer)
+            if length <= room - total:
                 keep.append(buffer)
-                room -= len(buffer)
-        total = sum(len(buffer) for buffer in keep)
+                total += length
         if not total or (self._share is not None and not self._share.try_take(total)):
             return
         for buffer in keep:

@@ -435,6 +435,17 @@ class SessionTransmission:
         costs: list[int] = []
         kept = self._reply_buffers
         for work in batch:
+            if type(work) is ReadRequest and kept is not None and not self.shutting_down and not budget.full:
+                # The commonest, a read with a buffer kept of its length: the buffer's share of the memory
+                # budget is the read's cost (request_cost: its length), handed over instead of given back and
+                # taken again.
+                buffer = kept.held_for(work.length)
+                if buffer is not None:
+                    work.buffer = buffer
+                    budget.add(work.length)
+                    requests.append(work)
+                    costs.append(work.length)
+                    continue
             if streamed_part(work):
                 yield CarryOutPart(work)
                 continue
