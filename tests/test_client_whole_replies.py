@@ -1,13 +1,15 @@
-"""Whole replies to READs that arrive together (nbdproto.engine._client_replies, ``_queue_read_replies``): a
-client takes every whole reply to a plain READ in one received chunk in one loop, and leaves anything else to
-the full checks. These are the replies that loop must not take: each looks like a whole read's reply in all but
-one field, and the client answers it as the full checks do (the same event, or the same refusal in the same
-words), whatever comes before or after it in the chunk. Each test runs twice: as a client is, and with its
+"""Whole replies that arrive together (nbdproto.engine._client_replies, ``_queue_whole_replies``): a client
+takes every whole reply to a plain READ, and every simple reply without error to a request other than READ and
+BLOCK_STATUS, in one received chunk in one loop, and leaves anything else to the full checks. These are the
+replies that loop must not take: each looks like one it takes in all but one field, and the client answers it
+as the full checks do (the same event, or the same refusal in the same words), whatever comes before or after
+it in the chunk. Each test runs twice: as a client is, and with its
 short roads turned off (``_fast_paths``), which gives the same answers.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -117,3 +119,60 @@ def test_a_simple_reply_whose_data_came_in_a_second_piece_is_answered_at_once(as
     client.receive_data(simple(1) + b"\x01" * 8)
     (reply,) = answers(client, b"\x02" * 8)
     assert isinstance(reply, n.ReadReply) and bytes(reply.data) == b"\x01" * 8 + b"\x02" * 8
+
+
+@pytest.mark.parametrize("form", ["simple", "structured"])
+def test_simple_success_replies_to_writes_flushes_and_trims_between_reads(ask: Ask, form: str) -> None:
+    """With or without structured replies, a write's, a flush's and a trim's simple replies without error are
+    their SuccessReply, in order with the reads around them."""
+    plain = form == "simple"
+    client = ask(n.WriteRequest(1, 0, bytes(512)), simple=plain)
+    client.send(n.ReadRequest(2, 0, 8))
+    client.send(n.FlushRequest(3))
+    client.send(n.TrimRequest(4, 0, 512))
+    client.data_to_send()
+    read = simple(2) + b"\x02" * 8 if plain else chunk(2, T.OFFSET_DATA, data(0, b"\x02" * 8))
+    got = answers(client, simple(1) + read + simple(3) + simple(4))
+    assert [(type(event), event.cookie) for event in got] == [  # type: ignore[attr-defined]
+        (n.SuccessReply, 1),
+        (n.ReadReply, 2),
+        (n.SuccessReply, 3),
+        (n.SuccessReply, 4),
+    ]
+    assert client.in_flight == 0
+
+
+def test_a_simple_error_reply_to_a_write_is_its_error(ask: Ask) -> None:
+    client = ask(n.WriteRequest(1, 0, bytes(512)))
+    client.send(n.WriteRequest(2, 512, bytes(512)))
+    client.data_to_send()
+    got = answers(client, simple(1) + simple(2, int(n.Errno.ENOSPC)))
+    assert [type(event) for event in got] == [n.SuccessReply, n.ErrorReply]
+    assert got[1].error == n.Errno.ENOSPC  # type: ignore[attr-defined]
+
+
+def test_a_simple_reply_without_error_to_block_status_is_refused(ask: Ask) -> None:
+    client = ask(n.WriteRequest(1, 0, bytes(512)), contexts=("base:allocation",))
+    client.send(n.BlockStatusRequest(2, 0, 512))
+    client.data_to_send()
+    assert refused(client, simple(1) + simple(2)) == "block status 0x2 answered by a simple reply without error"
+
+
+def test_a_simple_reply_to_a_write_not_in_flight_is_refused(ask: Ask) -> None:
+    client = ask(n.WriteRequest(1, 0, bytes(512)))
+    assert refused(client, simple(1) + simple(1)) == "reply for cookie 0x1, which is not in flight"
+
+
+def test_a_simple_reply_with_extended_headers_is_refused(ask: Ask) -> None:
+    client = ask(n.WriteRequest(1, 0, bytes(512)), extended=True)
+    assert refused(client, simple(1)) == "a simple reply after extended headers were negotiated"
+
+
+def test_a_simple_reply_to_a_write_whose_chunks_began_is_refused(ask: Ask) -> None:
+    """An error chunk without DONE, then a simple reply without error for the same write: not a success (the
+    error would be lost), a server error."""
+    client = ask(n.WriteRequest(1, 0, bytes(512)))
+    message = struct.pack(">IH", int(n.Errno.EIO), 0)
+    assert refused(client, chunk(1, T.ERROR, message, flags=0) + simple(1)) == (
+        "a simple reply to WRITE 0x1, whose structured reply had begun"
+    )

@@ -59,7 +59,7 @@ from ._handshake_events import (
     StartTLS,
 )
 from ._state import NEED_DATA, PAUSED, SENDS, Phase, Role, Trigger
-from ._transmission_events import ReadRequest
+from ._transmission_events import ReadRequest, WriteRequest
 
 __all__ = ["ClientConnection"]
 
@@ -108,8 +108,8 @@ class ClientConnection(ClientReplies):
     def send(self, event: Event) -> None:
         """Send an option (handshake) or a request (transmission), as the phase allows (``_state.SENDS``)."""
         phase = self._phase
-        if phase is _TRANSMISSION and type(event) is ReadRequest:
-            self._send_request(event)  # the commonest request, first
+        if phase is _TRANSMISSION and (type(event) is ReadRequest or type(event) is WriteRequest):
+            self._send_request(event)  # the commonest requests, first (and without hashing the phase)
             return
         if phase is Phase.ERROR:
             raise LocalProtocolError("the connection already failed")

@@ -51,6 +51,7 @@ _SIMPLE, _STRUCTURED, _EXTENDED = (
     headers.EXTENDED_REPLY.magic,
 )
 _MAGIC = struct.Struct(">I").unpack
+_MAGIC_AT = struct.Struct(">I").unpack_from
 _SIMPLE_HEADER = headers.SIMPLE_REPLY.unpack_from
 _STRUCTURED_DATA = struct.Struct(
     headers.STRUCTURED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:]
@@ -113,7 +114,7 @@ class ClientReplies(ClientRequesting):
                     self._move(Trigger.PEER_CLOSED)
                     return ConnectionClosed()
                 return NEED_DATA
-            if self._fast_paths and self._queue_read_replies():
+            if self._fast_paths and self._queue_whole_replies():
                 return self._events.popleft()
             (magic,) = _MAGIC(buf.peek(4))
             if magic == _STRUCTURED:
@@ -129,32 +130,59 @@ class ClientReplies(ClientRequesting):
             if event is not None:
                 return event
 
-    def _queue_read_replies(self) -> bool:
-        """Queue a ReadReply for every whole reply to a READ, in one piece, that lies in the received chunk at
-        the read position (a simple reply and its data; or, with structured replies or extended headers, one
-        OFFSET_DATA chunk with DONE that covers the whole read, which every check of the full path lets
-        through): one loop over them instead of an engine call each. The first reply that is anything else
-        stops it, for the full path. True when it queued any."""
+    def _queue_whole_replies(self) -> bool:
+        """Queue the event of every whole reply in the received chunk at the read position that every check of
+        the full path lets through: a READ's in one piece (a simple reply and its data; or, with structured
+        replies or extended headers, one OFFSET_DATA chunk with DONE that covers the whole read), and a simple
+        reply without error to any request but READ and BLOCK_STATUS (a WRITE's, most often): one loop over
+        them instead of an engine call each. The first reply that is anything else stops it, for the full path.
+        True when it queued any."""
         buf = self._buf
         head, start = buf.chunk()
         pos, end = start, len(head)
         pending_of, events = self._pending, self._events
         form = 2 if self.extended_headers else 1 if self.structured_replies else 0
-        while True:
-            if form:
-                if form == 1:
-                    if pos + 28 > end:
+        while pos + 16 <= end:
+            if form != 2 and _MAGIC_AT(head, pos)[0] == _SIMPLE:
+                magic, error, cookie = _SIMPLE_HEADER(head, pos)
+                pending = pending_of.get(cookie)
+                if error or pending is None or pending.started:
+                    break
+                command = pending.command
+                if command is not Command.READ:
+                    if command is Command.BLOCK_STATUS:
                         break
-                    magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
-                    wanted, echoed, data_at = _STRUCTURED, offset, pos + 28
-                else:
-                    if pos + 40 > end:
-                        break
-                    magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
-                    wanted, data_at = _EXTENDED, pos + 40
+                    del pending_of[cookie]
+                    events.append(SuccessReply(cookie))
+                    pos += 16
+                    continue
+                if form:  # a simple reply with a read's data, structured replies negotiated: the full path's error
+                    break
+                data_at = pos + 16
+            elif form == 1:
+                if pos + 28 > end:
+                    break
+                magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
                 pending = pending_of.get(cookie)
                 if (
-                    magic != wanted
+                    magic != _STRUCTURED
+                    or flags != _DONE
+                    or chunk_type != _OFFSET_DATA
+                    or pending is None
+                    or pending.command is not Command.READ
+                    or pending.started
+                    or size - 8 != pending.length
+                    or offset != pending.offset
+                ):
+                    break
+                data_at = pos + 28
+            elif form == 2:
+                if pos + 40 > end:
+                    break
+                magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
+                pending = pending_of.get(cookie)
+                if (
+                    magic != _EXTENDED
                     or flags != _DONE
                     or chunk_type != _OFFSET_DATA
                     or pending is None
@@ -165,14 +193,9 @@ class ClientReplies(ClientRequesting):
                     or echoed != offset
                 ):
                     break
+                data_at = pos + 40
             else:
-                if pos + 16 > end:
-                    break
-                magic, error, cookie = _SIMPLE_HEADER(head, pos)
-                pending = pending_of.get(cookie)
-                if magic != _SIMPLE or error or pending is None or pending.command is not Command.READ:
-                    break
-                data_at = pos + 16
+                break
             length = pending.length
             if data_at + length > end:
                 break
@@ -207,6 +230,8 @@ class ClientReplies(ClientRequesting):
         if self.extended_headers:
             self._fail("a simple reply after extended headers were negotiated")
         pending = self._lookup(cookie)
+        if pending.started:  # its chunks carry what came of it (an error, perhaps): only chunks may end it
+            self._fail(f"a simple reply to {_what(pending)}, whose structured reply had begun")
         command = pending.command
         if error == 0 and command == Command.READ:
             if self.structured_replies:

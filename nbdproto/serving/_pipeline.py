@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nbdproto.engine import Event, ReadData, ReadRequest, Request, WritePayload, WriteRequest
+from nbdproto.engine import Event, ReadData, ReadRequest, Request, SuccessReply, WritePayload, WriteRequest
 
 from ._carry_out import DeviceCall, OnError, device_calls, error_reply_for, reply_for, write_view_ended
 
@@ -191,6 +191,8 @@ class Pipeline:
         request, results = started.request, started.results
         if type(request) is ReadRequest and results[0] is None:  # the commonest first
             return ReadData(request.cookie, request.offset, started.calls[0].args[0])
+        if type(request) is WriteRequest and not request.in_place and results[0] is None:  # its one pwrite went well
+            return SuccessReply(request.cookie)
         if type(request) is WriteRequest and request.in_place:
             write_view_ended(self._device, request)
         failure = next((result for result in results if isinstance(result, BaseException)), None)

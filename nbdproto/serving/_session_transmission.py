@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 from nbdproto.engine import (
     NEED_DATA,
@@ -449,8 +449,8 @@ class SessionTransmission:
             if streamed_part(work):
                 yield CarryOutPart(work)
                 continue
-            request = cast(Request, work)
-            if self.refused_shutting_down(request):
+            request: Request = work  # type: ignore[assignment]  # (not cast(): a call a request)
+            if self.shutting_down and self.refused_shutting_down(request):
                 continue
             cost = request_cost(request)
             if budget.full or not (share.try_take(cost) or self._take_kept_back(cost)):
