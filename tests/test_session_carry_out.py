@@ -97,6 +97,58 @@ def test_read_replies_hold_their_memory_until_sent() -> None:
     assert budget.used == 0 and budget.holders == 0
 
 
+class _CountedShare:
+    """A connection's share of the budget that records each take and give."""
+
+    def __init__(self, share: Any) -> None:
+        self.share = share
+        self.calls: list[tuple[str, int]] = []
+
+    @property
+    def held(self) -> int:
+        return int(self.share.held)
+
+    def try_take(self, amount: int) -> bool:
+        self.calls.append(("take", amount))
+        return bool(self.share.try_take(amount))
+
+    def give(self, amount: int) -> None:
+        self.calls.append(("give", amount))
+        self.share.give(amount)
+
+    def give_all(self) -> None:
+        self.share.give_all()
+
+
+def test_reads_into_kept_buffers_are_admitted_with_the_share_the_buffers_hold() -> None:
+    """With reused read buffers (a TLS connection's), a read of a kept buffer's size gets the buffer and, as its
+    budget, the share of memory the buffer holds: nothing is taken or given for it, the share holds the same
+    throughout, and each read's reply carries its own data; a read of another size takes its own budget."""
+    budget = MemoryBudget(64 * MIB)
+    share = _CountedShare(budget.share())
+    device = MemoryDevice(MIB)
+    data = bytes(range(256)) * (MIB // 256)
+    device.pwrite(data, 0)
+    logic = session(device, share=share)
+    logic.reuse_read_buffers()
+    steps_for(logic, reads(4, 4096))
+    sent(logic, {cookie: 4096 for cookie in range(1, 5)})
+    assert share.held == 4 * 4096 == logic._reply_buffers.kept  # kept, held from the share
+    share.calls.clear()
+    steps_for(logic, b"".join(request(Command.READ, 5 + i, 4096 * (i + 7) + 3, 4096) for i in range(4)))
+    assert share.calls == [] and share.held == 4 * 4096 and logic._reply_buffers.kept == 0
+    answered = sent(logic, {cookie: 4096 for cookie in range(5, 9)})
+    assert [bytes(reply.data) for reply in answered] == [
+        data[4096 * (i + 7) + 3 : 4096 * (i + 8) + 3] for i in range(4)
+    ]
+    assert share.held == 4 * 4096 == logic._reply_buffers.kept  # kept again
+    share.calls.clear()
+    steps_for(logic, request(Command.READ, 9, 0, 8192))
+    assert share.calls == [("take", 8192)]  # no buffer of its size: its own budget
+    sent(logic, {9: 8192})
+    assert budget.used == share.held == logic._reply_buffers.kept
+
+
 class _CopyCounted(FileDevice):
     """A file device that counts the reads it copies into a buffer (pread_into), rather than hands out as views."""
 

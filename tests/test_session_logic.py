@@ -104,7 +104,7 @@ def test_shutting_down_answers_new_requests_eshutdown_in_words() -> None:
         nbdproto.Errno.ESHUTDOWN,
         "the server is shutting down",
     )
-    assert nbdproto.serving._session_transmission.SHUTTING_DOWN == "the server is shutting down"
+    assert nbdproto.serving._session_pipelining.SHUTTING_DOWN == "the server is shutting down"
 
 
 @pytest.fixture

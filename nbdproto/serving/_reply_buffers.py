@@ -36,7 +36,7 @@ KEPT_REPLY_BYTES = FLUSH_AT + (1 << 20)
 class ReplyBuffers:
     """Buffers for the data of read replies, used again once the replies are sent (module docstring)."""
 
-    __slots__ = ("_free", "_used", "_limit", "_kept", "_share")
+    __slots__ = ("_free", "_used", "_limit", "_kept", "_share", "_handed")
 
     def __init__(self, limit: int = KEPT_REPLY_BYTES, share: MemoryShare | None = None) -> None:
         self._free: dict[int, list[bytearray]] = {}
@@ -44,6 +44,7 @@ class ReplyBuffers:
         self._limit = limit
         self._kept = 0  # bytes in _free, held from ``share``
         self._share = share
+        self._handed: bytearray | None = None  # hand_over's buffer, for the reader's next read
 
     def take(self, length: int) -> bytearray:
         """A buffer of ``length`` bytes for a read whose budget is taken: one kept (``kept_for``), or a new one."""
@@ -67,13 +68,26 @@ class ReplyBuffers:
         self._kept -= length
         return kept.pop()
 
+    def hand_over(self, length: int) -> bool:
+        """Set a kept buffer of ``length`` bytes aside for the next read of ``reader``, with the share of memory it
+        holds: that read's budget (a read costs its length), which the read then does not take itself (a take
+        and a give of the share less a request). False when none is kept: the read takes its budget, and the
+        reader a buffer from ``take``."""
+        self._handed = buffer = self.held_for(length)
+        return buffer is not None
+
     def reader(self, device: Any) -> Any:
         """A ReadView for ``device`` (nbdproto.serving's ``carry_out`` takes it): each read's bytes, read with
-        ``pread_into`` into a buffer from ``take``; ``sent`` keeps it again."""
+        ``pread_into`` into the buffer ``hand_over`` set aside for it, else one from ``take``; ``sent`` keeps it
+        again."""
         used, take = self._used, self.take
 
         def read(offset: int, length: int) -> bytearray:
-            buffer = take(length)
+            buffer = self._handed
+            if buffer is None:
+                buffer = take(length)
+            else:
+                self._handed = None
             used.append(buffer)
             device.pread_into(memoryview(buffer), offset)
             return buffer

@@ -9,7 +9,7 @@ each: ``received`` (bytes), ``received_into_payload`` (a count, into ``engine.wr
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
 
 from nbdproto.engine import (
@@ -19,7 +19,6 @@ from nbdproto.engine import (
     DisconnectRequest,
     ErrorReply,
     Event,
-    ReadData,
     ReadRequest,
     Request,
     ServerConnection,
@@ -29,13 +28,13 @@ from nbdproto.engine import (
 )
 from nbdproto.wire import CommandFlags, Errno, LocalProtocolError
 
-from ._budget import MemoryShare, RequestBudget, request_cost
+from ._budget import MemoryShare
 from ._carry_out import OnError, ReadView, carry_out, carry_out_all, error_reply_for, read_view_of, write_view_of
 from ._device import BlockDevice
 from ._limits import ServerLimits
-from ._pipeline import CarryOutPart, Pipeline, PipelineStep, StartRequests, WaitForRoom, submitting
 from ._receive_size import RECV_SIZE, ReceiveSize
 from ._reply_buffers import ReplyBuffers
+from ._session_pipelining import SHUTTING_DOWN, SessionPipelining, written_already
 from ._steps import (
     FINISHED,
     FLUSH_AT,
@@ -52,18 +51,12 @@ from ._steps import (
 
 __all__ = ["SessionTransmission", "SHUTTING_DOWN"]
 
-SHUTTING_DOWN = "the server is shutting down"
 _SHUTDOWN_DRAIN = 0.05  # seconds a shutting-down session waits for requests already on their way
 
 
-def _written_already(request: Work) -> bool:
-    """A write received in place (WriteRequest.in_place): its data is in the device already, so shutting down
-    answers it as carried out, not with ESHUTDOWN (which says it was not)."""
-    return type(request) is WriteRequest and request.in_place
-
-
-class SessionTransmission:
-    """Receives and requests for ServerSessionLogic (which sets every attribute below up)."""
+class SessionTransmission(SessionPipelining):
+    """Receives and requests for ServerSessionLogic (which sets every attribute below up); the pipelined
+    half, and what both halves share, in ``_session_pipelining``."""
 
     engine: ServerConnection
     share: MemoryShare | None
@@ -80,10 +73,6 @@ class SessionTransmission:
     _lone_reads: tuple[BlockDevice, Mapping[int, str], ReadView] | None
     _request_wait: float | None  # the limits as waits (ServerLimits.seconds), worked out once
     _idle_wait: float | None
-
-    @property
-    def device(self) -> BlockDevice:
-        raise NotImplementedError
 
     # --- Where bytes go -------------------------------------------------------------------------------------
 
@@ -283,9 +272,10 @@ class SessionTransmission:
         engine, device, share = self.engine, self.device, self.share
         batched = hasattr(device, "call_batch")
         # Reads without views fill reused buffers where the driver asked for them; the budget counts them still.
-        reader = read_view
+        reader, kept = read_view, None
         if reader is None and self._reply_buffers is not None:
-            reader = self._reply_buffers.reader(device)
+            kept = self._reply_buffers
+            reader = kept.reader(device)
         # answer_lone_read's road: reads that take no budget (views) on a device called here (not batched).
         self._lone_reads = None if batched or read_view is None else (device, engine.meta_contexts, read_view)
         while True:
@@ -304,7 +294,10 @@ class SessionTransmission:
                         continue
                     length = request.length
                     if read_view is None and share is not None:
-                        if not share.try_take(length) and not self._take_kept_back(length):
+                        # A kept buffer of its length comes with the share it holds: the read's budget.
+                        if (kept is None or not kept.hand_over(length)) and not (
+                            share.try_take(length) or self._take_kept_back(length)
+                        ):
                             yield WaitForBudget(length)
                             queued, shutting_down = self._queued, self.shutting_down
                         self._queued_cost += length
@@ -319,7 +312,7 @@ class SessionTransmission:
                     engine.send(carry_out(device, request, contexts, on_error, read_view))
                     continue
                 streamed = streamed_part(request)
-                if shutting_down and not streamed and not _written_already(request):
+                if shutting_down and not streamed and not written_already(request):
                     self.refuse_shutting_down(request)  # type: ignore[arg-type]
                 elif streamed:
                     reply = self.carry_out_part(request)  # type: ignore[arg-type]
@@ -350,7 +343,7 @@ class SessionTransmission:
         run: list[Request] = []
         for request in (*batch, None):
             streamed = request is not None and streamed_part(request)
-            if request is not None and not streamed and not (self.shutting_down and not _written_already(request)):
+            if request is not None and not streamed and not (self.shutting_down and not written_already(request)):
                 run.append(request)  # type: ignore[arg-type]
                 continue
             if run:
@@ -373,40 +366,6 @@ class SessionTransmission:
             else:
                 self.refuse_shutting_down(request)  # type: ignore[arg-type]
 
-    def pipeline(self, wake: Callable[[], None]) -> Pipeline | None:
-        """For a device that takes calls without waiting for them (``submit``): the pipeline that carries this
-        connection's requests out on it (nbdproto.serving.Pipeline: ``wake`` is called, from any thread, when
-        replies are ready). None for any other device."""
-        if not submitting(self.device):
-            return None
-        self._reply_buffers = ReplyBuffers(share=self.share)  # the reads' buffers, kept once sent (pipeline_sent)
-        return Pipeline(self.device, self.engine.meta_contexts, self.on_device_error, wake)
-
-    def pipeline_sent(self, replies: Iterable[Event]) -> None:
-        """A pipelined driver sent ``replies`` (with the budget's lock held, where the driver has one): the
-        buffers of the reads among them are kept for reads to come (nbdproto.serving.ReplyBuffers), as a reply
-        buffer costs zeroing and page faults to make anew (perf: a tenth of a proxy's CPU for nbdcopy's reads)."""
-        kept = self._reply_buffers
-        if kept is None:
-            return
-        buffers = [
-            reply.data.obj
-            for reply in replies
-            if type(reply) is ReadData and type(reply.data) is memoryview and type(reply.data.obj) is bytearray
-        ]
-        if buffers:
-            kept.keep(buffers)
-
-    def _take_kept_back(self, length: int) -> bool:
-        """A read's budget, taken after giving back what reused reply buffers held; False if it still does not
-        fit (the read waits for budget, as without them)."""
-        kept = self._reply_buffers
-        if kept is None or not kept.kept:
-            return False
-        kept.release()
-        assert self.share is not None
-        return self.share.try_take(length)
-
     def sent(self) -> None:
         """The driver sent everything queued: the memory the replies held is free again."""
         if self._queued_cost and self.share is not None:
@@ -418,53 +377,9 @@ class SessionTransmission:
     def carry_out_one(self, request: Request, read_view: ReadView | None) -> Event:
         """Carry out one request (not part of a streamed write) and return its reply: for drivers that carry
         out requests concurrently, each in a thread or task of its own."""
-        if self.shutting_down and not _written_already(request):
+        if self.shutting_down and not written_already(request):
             return ErrorReply(request.cookie, Errno.ESHUTDOWN, SHUTTING_DOWN)
         return carry_out(self.device, request, self.engine.meta_contexts, self.on_device_error, read_view)
-
-    def pipelined_batch(
-        self, batch: Iterable[Work], budget: RequestBudget, share: MemoryShare
-    ) -> Iterator[PipelineStep]:
-        """The requests of ``batch`` admitted to a pipeline (``pipeline()``), as steps for its driver, in order:
-        each within the connection's request ``budget`` (added to it here) and its ``share`` of the server's
-        memory, or after a WaitForRoom while they are spent; collected into StartRequests, the ones already
-        collected started before any wait; refused with ESHUTDOWN while shutting down; a streamed write's
-        parts carried out in order (CarryOutPart). The driver advances the steps where it touches the engine
-        and the budget (under its lock, if other threads do too) and does what each says."""
-        requests: list[Request] = []
-        costs: list[int] = []
-        kept = self._reply_buffers
-        for work in batch:
-            if type(work) is ReadRequest and kept is not None and not self.shutting_down and not budget.full:
-                # The commonest, a read with a buffer kept of its length: the buffer's share of the memory
-                # budget is the read's cost (request_cost: its length), handed over instead of given back and
-                # taken again.
-                buffer = kept.held_for(work.length)
-                if buffer is not None:
-                    work.buffer = buffer
-                    budget.add(work.length)
-                    requests.append(work)
-                    costs.append(work.length)
-                    continue
-            if streamed_part(work):
-                yield CarryOutPart(work)
-                continue
-            request: Request = work  # type: ignore[assignment]  # (not cast(): a call a request)
-            if self.shutting_down and self.refused_shutting_down(request):
-                continue
-            cost = request_cost(request)
-            if budget.full or not (share.try_take(cost) or self._take_kept_back(cost)):
-                if requests:
-                    yield StartRequests(requests, costs)  # what is collected must be under way before waiting
-                    requests, costs = [], []
-                yield WaitForRoom(cost)
-            budget.add(cost)
-            if type(request) is ReadRequest and kept is not None:
-                request.buffer = kept.kept_for(request.length)  # (else the pipeline makes one, off any lock)
-            requests.append(request)
-            costs.append(cost)
-        if requests:
-            yield StartRequests(requests, costs)
 
     def carry_out_part(self, part: WriteRequest | WritePayload) -> Event | None:
         """Write one part of a streamed write (see WriteRequest.more): the parts of one write must be carried
@@ -497,15 +412,3 @@ class SessionTransmission:
         if failure is not None:
             return error_reply_for(WriteRequest(cookie, part.offset, b""), failure)
         return SuccessReply(cookie)
-
-    def refused_shutting_down(self, request: Request) -> bool:
-        """When the server is shutting down and ``request`` was not carried out already (a write received in
-        place was): answer it with ESHUTDOWN and say True."""
-        if self.shutting_down and not _written_already(request):
-            self.refuse_shutting_down(request)
-            return True
-        return False
-
-    def refuse_shutting_down(self, request: Request) -> None:
-        """Answer ``request`` with ESHUTDOWN: the server is shutting down and takes no new work."""
-        self.engine.send(ErrorReply(request.cookie, Errno.ESHUTDOWN, SHUTTING_DOWN))
