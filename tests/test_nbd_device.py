@@ -498,3 +498,46 @@ def test_submit_nowait_on_a_connection_that_broke_fails_its_requests_and_the_nex
             assert device.call_batch([DeviceCall("pread_into", (buffer, 0))]) == [None]  # reconnected
         finally:
             device.close()
+
+
+def test_a_client_connections_small_requests_stay_on_one_connection_and_big_ones_spread(peers: Any) -> None:
+    """Pipelines (one per client connection of a proxy) get lanes in turn; NbdDevice sends a pipeline's batches
+    of less than SPREAD_AT bytes on its lane's connection, so that one reader thread answers a client's burst,
+    and bigger batches, and those of submitters without a lane, on each connection in turn."""
+    peers("nbdkit")
+    from nbdproto.devices._nbdrequests import SPREAD_AT
+
+    with nbdkit("memory", "size=8M") as (uri, _):
+        device = NbdDevice(uri, connections=4)
+        try:
+            used: list[int] = []
+            for index, slot in enumerate(device._slots):
+                wire = slot.wire
+                assert wire is not None
+                original = wire.submit
+
+                def submit(*args: Any, _original: Any = original, _index: int = index) -> None:
+                    used.append(_index)
+                    _original(*args)
+
+                wire.submit = submit  # type: ignore[method-assign]
+            first, second = (nbdproto.serving.Pipeline(device, {}, None, lambda: None) for _ in range(2))
+            assert second.lane == first.lane + 1
+
+            def read(pipeline: Any, cookie: int, length: int) -> None:
+                pipeline.start([nbdproto.ReadRequest(cookie, 0, length)], [length])
+                wait_until(lambda: pipeline.replies()[0] or None, "the read's reply")
+
+            for cookie in range(8):
+                read(first if cookie % 2 else second, cookie, 4096)
+            assert used[1::2] == [first.lane % 4] * 4 and used[0::2] == [second.lane % 4] * 4
+            used.clear()
+            for cookie in range(8):
+                read(first, cookie, SPREAD_AT)
+            assert sorted(used) == [0, 0, 1, 1, 2, 2, 3, 3]  # in turn
+            used.clear()
+            for offset in range(0, 8 * 4096, 4096):  # call_batch has no lane: in turn
+                device.call_batch([nbdproto.serving.DeviceCall("pread_into", (memoryview(bytearray(4096)), offset))])
+            assert sorted(used) == [0, 0, 1, 1, 2, 2, 3, 3]
+        finally:
+            device.close()

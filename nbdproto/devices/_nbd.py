@@ -7,13 +7,14 @@ capabilities are the remote export's: its transmission flags and block sizes. Wh
 emulated where the meaning allows (FUA as a write then a flush, write-zeroes as writes of zeroes) and is
 otherwise a no-op (trim and cache are hints).
 
-Requests travel over ``Wire`` connections (see _nbdwire for why not a client of a backend): several
-when the remote promises multi-conn (NBD_FLAG_CAN_MULTI_CONN), in turn. ``submit`` sends a batch of calls and
-returns at once; the results come back as the remote answers, in any order, from the connection's reader
-thread (nbdproto.serving.Completions): a server's pipelined transmission (``nbdproto.serving.Pipeline``) keeps
-reading its client's requests meanwhile, so many are in flight upstream at once, as nbdkit's nbd plugin keeps
-them (bench/bench_proxy.sh compares the two). The device methods (``pread_into`` and the rest) and
-``call_batch`` are the blocking forms: submit, then wait.
+Requests travel over ``Wire`` connections (see _nbdwire for why not a client of a backend): several when the
+remote promises multi-conn (NBD_FLAG_CAN_MULTI_CONN), in turn, the small ones of a proxy's client connection
+together on one (``turn_of``). ``submit`` sends a batch of calls and returns at once; the results come back as
+the remote answers, in any order, from the connection's reader thread (nbdproto.serving.Completions): a
+server's pipelined transmission (``nbdproto.serving.Pipeline``) keeps reading its client's requests meanwhile,
+so many are in flight upstream at once, as nbdkit's nbd plugin keeps them (bench/bench_proxy.sh compares the
+two). The device methods (``pread_into`` and the rest) and ``call_batch`` are the blocking forms: submit, then
+wait.
 
 A remote that goes away fails the requests it had (EIO). The next request on that connection reconnects,
 trying ``retries`` times with a doubling delay between tries (like nbdkit's retry filter), and fails with EIO if
@@ -52,7 +53,7 @@ from nbdproto.wire import CommandFlags, TransmissionFlags
 
 from ._emulation import flush_for_fua, native_fua, zero_by_writing
 from ._nbdhandshake import DiscoveringNegotiation, capabilities_of, connect_wire
-from ._nbdrequests import MISSING, Gathered, Make, Submission, checked, extents_of, request_for
+from ._nbdrequests import MISSING, Gathered, Make, Submission, checked, extents_of, request_for, turn_of
 from ._nbdwire import Wire, WireBroken, WireClosed
 from ._ranges import check_range
 
@@ -198,8 +199,8 @@ class NbdDevice:
                 return True
         return False
 
-    def _wire(self, deadline: float) -> tuple[_Slot, Wire]:
-        slot = self._slots[next(self._turn) % len(self._slots)]
+    def _wire(self, deadline: float, turn: int) -> tuple[_Slot, Wire]:
+        slot = self._slots[turn % len(self._slots)]
         wire = slot.wire
         if wire is not None:
             if wire.usable:
@@ -280,17 +281,22 @@ class NbdDevice:
         return failure
 
     def _start(
-        self, makes: Sequence[Make], sink: Submission | Any, for_wire: Callable[[Wire], Sequence[Make]] | None = None
+        self,
+        makes: Sequence[Make],
+        sink: Submission | Any,
+        for_wire: Callable[[Wire], Sequence[Make]] | None,
+        turn: int,
     ) -> None:
         """Send the requests ``makes`` (or ``for_wire(wire)``, for requests that name something of the
-        connection) builds together on the next connection, their replies to ``sink`` (a ReplySink, whose
-        tokens are the requests' indexes); a connection that had failed before they were sent is replaced."""
+        connection) builds together on connection ``turn`` (``turn_of``; the others after it if it fails), their
+        replies to ``sink`` (a ReplySink, whose tokens are the requests' indexes); a
+        connection that had failed before they were sent is replaced."""
         deadline = time.monotonic() + self._timeout
         count = len(makes) if for_wire is None else 1
         failure: BaseException = OSError(errno.EIO, f"the connections to {self.uri} keep failing")
-        for _ in range(len(self._slots) + 1):
+        for attempt in range(len(self._slots) + 1):
             try:
-                slot, wire = self._wire(deadline)
+                slot, wire = self._wire(deadline, turn + attempt)
             except OSError as exc:
                 failure = exc
                 break
@@ -308,7 +314,7 @@ class NbdDevice:
         fails under them, ETIMEDOUT when the remote does not answer in time."""
         deadline = time.monotonic() + self._timeout
         for _ in range(len(self._slots) + 1):
-            slot, wire = self._wire(deadline)
+            slot, wire = self._wire(deadline, next(self._turn))
             try:
                 return wire.run(makes if for_wire is None else for_wire(wire), deadline)
             except WireClosed:  # nothing was sent: another connection takes them
@@ -347,7 +353,7 @@ class NbdDevice:
             completions.complete(token, result)
             done = True
         if makes:
-            self._start(makes, Submission(completions, sent, self.uri))
+            self._start(makes, Submission(completions, sent, self.uri), None, turn_of(completions, calls, self._turn))
         if done:
             completions.completed()
 
@@ -374,7 +380,7 @@ class NbdDevice:
             sent.append(token)
         rest = None
         if makes:
-            wire = self._slots[next(self._turn) % len(self._slots)].wire
+            wire = self._slots[turn_of(completions, calls, self._turn) % len(self._slots)].wire
             if wire is None or not wire.usable:
                 raise BlockingIOError(errno.EAGAIN, "the connection must be made again")
             sink = Submission(completions, sent, self.uri)
@@ -394,7 +400,8 @@ class NbdDevice:
         sink = Submission(
             completions, (token,), self.uri, lambda reply: extents_of(reply, context_ids[0], length, self.uri, context)
         )
-        self._start((), sink, self._status_request(context, offset, length, context_ids))
+        request = self._status_request(context, offset, length, context_ids)
+        self._start((), sink, request, turn_of(completions, (), self._turn))
 
     def call_batch(self, calls: Sequence[DeviceCall]) -> list[object]:
         """Carry out ``calls`` together (``submit``, then wait for every result): each result is the call's

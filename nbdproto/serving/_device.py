@@ -119,6 +119,9 @@ class Completions(Protocol):
     def completed(self) -> None:
         """A burst of ``complete`` calls is over (the moment to answer what they completed together)."""
 
+    # Optional: ``lane``, an int. A device that spreads calls over several connections of its own keeps the
+    # calls of one lane (a client connection's Pipeline) on one of them, and spreads lanes over them.
+
 
 def dispatch_of(device: object) -> Dispatch:
     """The device's ``dispatch`` hint, "threads" when it gives none (the safe choice for unknown devices)."""
