@@ -159,30 +159,20 @@ class ClientReplies(ClientRequesting):
                 if form:  # a simple reply with a read's data, structured replies negotiated: the full path's error
                     break
                 data_at = pos + 16
-            elif form == 1:
-                if pos + 28 > end:
-                    break
-                magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
+            elif form:
+                if form == 1:
+                    if pos + 28 > end:
+                        break
+                    magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
+                    wanted, echoed, data_at = _STRUCTURED, offset, pos + 28
+                else:
+                    if pos + 40 > end:
+                        break
+                    magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
+                    wanted, data_at = _EXTENDED, pos + 40
                 pending = pending_of.get(cookie)
                 if (
-                    magic != _STRUCTURED
-                    or flags != _DONE
-                    or chunk_type != _OFFSET_DATA
-                    or pending is None
-                    or pending.command is not Command.READ
-                    or pending.started
-                    or size - 8 != pending.length
-                    or offset != pending.offset
-                ):
-                    break
-                data_at = pos + 28
-            elif form == 2:
-                if pos + 40 > end:
-                    break
-                magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
-                pending = pending_of.get(cookie)
-                if (
-                    magic != _EXTENDED
+                    magic != wanted
                     or flags != _DONE
                     or chunk_type != _OFFSET_DATA
                     or pending is None
@@ -193,7 +183,6 @@ class ClientReplies(ClientRequesting):
                     or echoed != offset
                 ):
                     break
-                data_at = pos + 40
             else:
                 break
             length = pending.length
