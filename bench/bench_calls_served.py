@@ -8,8 +8,10 @@ counted), switched on by SIGUSR1 once the server answers and off by SIGUSR2 afte
 requests; the child then writes its counts. The parent prints the calls a request, Python and built-in, and
 the functions called most often (``--top``), each as calls a request.
 
-A count does not move with the machine's load; it is not a cost either: read it beside the timed benchmarks
-(bench/bench_proxy.sh, bench/bench_tls.py), never instead of them.
+What a request costs on its own repeats from run to run; what a burst of requests costs (a wake, a turn of a
+loop) is shared by as many as arrive together, which the machine's load moves: counts move by a few calls a
+request between runs, far less than timings do. A count is not a cost either: read it beside the timed
+benchmarks (bench/bench_proxy.sh, bench/bench_tls.py), never instead of them.
 
     python bench/bench_calls_served.py [--requests 20000] [--rw randread|randwrite] [--top 30]
         [--upstream IMAGE | --image IMAGE] [--tls] [-- SERVE_OPTIONS...]

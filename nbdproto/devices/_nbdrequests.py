@@ -58,9 +58,13 @@ def turn_of(completions: Completions, calls: Sequence[DeviceCall], turns: Iterat
     ``completions`` (Completions.lane: a client connection of a proxy) while the batch carries less than
     SPREAD_AT bytes, else the next of ``turns``."""
     lane: int | None = getattr(completions, "lane", None)
-    if lane is None or sum(len(call.args[0]) for call in calls if call.method in _PAYLOAD_CALLS) >= SPREAD_AT:
+    if lane is None:
         return next(turns)
-    return lane
+    size = 0
+    for call in calls:  # (a loop, not sum() of a generator: a generator's frame is resumed for every call)
+        if call.method in _PAYLOAD_CALLS:
+            size += len(call.args[0])
+    return next(turns) if size >= SPREAD_AT else lane
 
 
 def request_for(call: DeviceCall, capabilities: DeviceCapabilities, check: Check) -> Make | None:
