@@ -289,8 +289,8 @@ class NbdDevice:
     ) -> None:
         """Send the requests ``makes`` (or ``for_wire(wire)``, for requests that name something of the
         connection) builds together on connection ``turn`` (``turn_of``; the others after it if it fails), their
-        replies to ``sink`` (a ReplySink, whose tokens are the requests' indexes); a
-        connection that had failed before they were sent is replaced."""
+        replies to ``sink`` (a ReplySink, whose tokens are the requests' indexes); a connection that had failed
+        before they were sent is replaced."""
         deadline = time.monotonic() + self._timeout
         count = len(makes) if for_wire is None else 1
         failure: BaseException = OSError(errno.EIO, f"the connections to {self.uri} keep failing")
@@ -331,8 +331,8 @@ class NbdDevice:
 
     def submit(self, calls: Sequence[DeviceCall], tokens: Sequence[Any], completions: Completions) -> None:
         """Start carrying out ``calls`` without waiting for the remote (nbdproto.serving.Completions says how the
-        results come back): every call that is a single request goes out in one batch on the next connection,
-        block status on its own, and the rest (emulations) is carried out here and now. Blocks only to send,
+        results come back): every call that is a single request goes out in one batch on one connection
+        (``turn_of``), block status on its own, and the rest (emulations) is carried out here and now. Blocks only to send,
         or to reconnect."""
         makes: list[Make] = []
         sent: list[Any] = []
@@ -362,8 +362,8 @@ class NbdDevice:
     ) -> Callable[[], None] | None:
         """``submit`` for an event loop, which must not wait (nbdproto.serving.BlockDevice): raises
         BlockingIOError, having started nothing, where starting ``calls`` could wait (a call that is not one
-        request, block status, a connection to make again or busy sending, TLS). Otherwise sends them on the
-        next connection as far as its socket takes them now and returns None, or a callable that sends the
+        request, block status, a connection to make again or busy sending, TLS). Otherwise sends them on one
+        connection (``turn_of``) as far as its socket takes them now and returns None, or a callable that sends the
         rest, to be called off the loop, soon."""
         makes: list[Make] = []
         sent: list[Any] = []
