@@ -332,8 +332,8 @@ class NbdDevice:
     def submit(self, calls: Sequence[DeviceCall], tokens: Sequence[Any], completions: Completions) -> None:
         """Start carrying out ``calls`` without waiting for the remote (nbdproto.serving.Completions says how the
         results come back): every call that is a single request goes out in one batch on one connection
-        (``turn_of``), block status on its own, and the rest (emulations) is carried out here and now. Blocks only to send,
-        or to reconnect."""
+        (``turn_of``), block status on its own, and the rest (emulations) is carried out here and now. Blocks
+        only to send, or to reconnect."""
         makes: list[Make] = []
         sent: list[Any] = []
         done = False

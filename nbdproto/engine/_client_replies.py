@@ -51,7 +51,6 @@ _SIMPLE, _STRUCTURED, _EXTENDED = (
     headers.EXTENDED_REPLY.magic,
 )
 _MAGIC = struct.Struct(">I").unpack
-_MAGIC_AT = struct.Struct(">I").unpack_from
 _SIMPLE_HEADER = headers.SIMPLE_REPLY.unpack_from
 _STRUCTURED_DATA = struct.Struct(
     headers.STRUCTURED_REPLY.struct.format + headers.OFFSET_DATA_PREFIX.struct.format[1:]
@@ -143,33 +142,18 @@ class ClientReplies(ClientRequesting):
         pending_of, events = self._pending, self._events
         form = 2 if self.extended_headers else 1 if self.structured_replies else 0
         while pos + 16 <= end:
-            if form != 2 and _MAGIC_AT(head, pos)[0] == _SIMPLE:
-                magic, error, cookie = _SIMPLE_HEADER(head, pos)
-                pending = pending_of.get(cookie)
-                if error or pending is None or pending.started:
-                    break
-                command = pending.command
-                if command is not Command.READ:
-                    if command is Command.BLOCK_STATUS:
-                        break
-                    del pending_of[cookie]
-                    events.append(SuccessReply(cookie))
-                    pos += 16
-                    continue
-                if form:  # a simple reply with a read's data, structured replies negotiated: the full path's error
-                    break
-                data_at = pos + 16
-            elif form:
-                if form == 1:
-                    if pos + 28 > end:
-                        break
+            chunk = False  # a structured or extended chunk, its fields unpacked (else a simple reply, if any)
+            if form == 1:
+                if pos + 28 <= end:
                     magic, flags, chunk_type, cookie, size, offset = _STRUCTURED_DATA(head, pos)
                     wanted, echoed, data_at = _STRUCTURED, offset, pos + 28
-                else:
-                    if pos + 40 > end:
-                        break
-                    magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
-                    wanted, data_at = _EXTENDED, pos + 40
+                    chunk = magic == _STRUCTURED  # (a write's simple reply, most often, if not)
+            elif form == 2:
+                if pos + 40 > end:
+                    break
+                magic, flags, chunk_type, cookie, echoed, size, offset = _EXTENDED_DATA(head, pos)
+                wanted, data_at, chunk = _EXTENDED, pos + 40, True
+            if chunk:
                 pending = pending_of.get(cookie)
                 if (
                     magic != wanted
@@ -184,7 +168,21 @@ class ClientReplies(ClientRequesting):
                 ):
                     break
             else:
-                break
+                magic, error, cookie = _SIMPLE_HEADER(head, pos)
+                pending = pending_of.get(cookie)
+                if magic != _SIMPLE or error or pending is None or pending.started:
+                    break
+                command = pending.command
+                if command is not Command.READ:
+                    if command is Command.BLOCK_STATUS:
+                        break
+                    del pending_of[cookie]
+                    events.append(SuccessReply(cookie))
+                    pos += 16
+                    continue
+                if form:  # a simple reply with a read's data, structured replies negotiated: the full path's error
+                    break
+                data_at = pos + 16
             length = pending.length
             if data_at + length > end:
                 break
