@@ -33,6 +33,7 @@ Compare two versions by running it with each on PYTHONPATH, one after the other:
 from __future__ import annotations
 
 import argparse
+import collections
 import multiprocessing
 import multiprocessing.process
 import os
@@ -74,19 +75,29 @@ class Workload:
 
 
 class CallCounter:
-    """A profile hook (sys.setprofile, threading.setprofile) that counts calls while ``counting`` is set."""
+    """A profile hook (sys.setprofile, threading.setprofile) that counts calls while ``counting`` is set; with
+    ``by_name``, each function's too (``names``: Python functions by file and qualified name, which is the name
+    alone before Python 3.11, and built-in ones by qualified name)."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_name: bool = False) -> None:
         self.counting = False
         self.python = 0
         self.builtin = 0
+        self.names: collections.Counter[tuple[str, str]] | None = collections.Counter() if by_name else None
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
         if self.counting:
+            names = self.names
             if event == "call":
                 self.python += 1
+                if names is not None:
+                    code = frame.f_code
+                    name = getattr(code, "co_qualname", code.co_name)
+                    names[("python", f"{code.co_filename.rsplit('/', 1)[-1]}:{name}")] += 1
             elif event == "c_call":
                 self.builtin += 1
+                if names is not None:
+                    names[("built-in", getattr(arg, "__qualname__", str(arg)))] += 1
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:

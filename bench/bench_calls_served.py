@@ -26,7 +26,6 @@ threads``, ``--backend anyio --loop asyncio``). Needs fio and nbdinfo, and nbdki
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import signal
 import subprocess
@@ -34,8 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from types import FrameType
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,48 +41,30 @@ _STARTUP = 30.0  # seconds a server may take to answer
 
 def _child(out: str, serve: list[str]) -> None:
     """The server, counting calls between SIGUSR1 and SIGUSR2, then writing them to ``out`` and leaving."""
-    counts: collections.Counter[tuple[str, str]] = collections.Counter()
-    on = False
+    from bench_calls import CallCounter
 
-    def hook(frame: FrameType, event: str, arg: Any) -> None:
-        if not on:
-            return
-        if event == "call":
-            code = frame.f_code
-            name = getattr(code, "co_qualname", code.co_name)  # (3.11 and newer)
-            counts[("python", f"{code.co_filename.rsplit('/', 1)[-1]}:{name}")] += 1
-        elif event == "c_call":
-            counts[("built-in", getattr(arg, "__qualname__", str(arg)))] += 1
+    counter = CallCounter(by_name=True)
+    names = counter.names
+    assert names is not None
 
     def start(*_: object) -> None:
-        nonlocal on
-        counts.clear()
-        on = True
+        names.clear()
+        counter.counting = True
 
     def stop(*_: object) -> None:
-        nonlocal on
-        on = False
+        counter.counting = False
         with open(out, "w") as file:
-            for (kind, name), count in counts.items():
+            for (kind, name), count in names.items():
                 file.write(f"{count}\t{kind}\t{name}\n")
         os._exit(0)
 
-    threading.setprofile(hook)
-    sys.setprofile(hook)
+    threading.setprofile(counter)
+    sys.setprofile(counter)
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, stop)
-    from nbdproto.cli._main import main
+    from nbdproto.cli import main
 
     sys.exit(main(["serve", *serve]))
-
-
-def _answering(uri: str, env: dict[str, str], proc: subprocess.Popen[bytes]) -> None:
-    """Wait (bounded) until ``uri`` answers nbdinfo."""
-    deadline = time.monotonic() + _STARTUP
-    while subprocess.run(["nbdinfo", "--size", uri], capture_output=True, env=env).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not answer {uri} within {_STARTUP} s")
-        time.sleep(0.1)
 
 
 def main() -> int:
@@ -100,7 +79,7 @@ def main() -> int:
     parser.add_argument("--tls", action="store_true", help="serve over TLS, with throwaway certificates")
     parser.add_argument("serve", nargs="*", help="options for `nbdproto serve`, after --")
     args = parser.parse_args()
-    from bench_table import free_port, image, with_timeout_stop
+    from bench_table import free_port, image, wait_answering, with_timeout_stop
 
     port = free_port()
     env = dict(os.environ)
@@ -113,7 +92,7 @@ def main() -> int:
                 ["nbdkit", "-f", "--exit-with-parent", "-p", str(upstream_port), "-i", "127.0.0.1", "file",
                  args.upstream], stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
             source = f"nbd://127.0.0.1:{upstream_port}/"
-            _answering(source, env, upstream)
+            wait_answering(source, upstream, "nbdkit", _STARTUP, env)
         else:
             source = args.image or image("/dev/shm/nbdproto-bench-calls", "disk.img")
         serve = [source, "--port", str(port), "--host", "127.0.0.1", *args.serve]
@@ -129,7 +108,7 @@ def main() -> int:
         server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", counts, *serve],
                                   cwd="/", stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         try:
-            _answering(uri + query, env, server)
+            wait_answering(uri + query, server, "nbdproto serve", _STARTUP, env)
             server.send_signal(signal.SIGUSR1)
             time.sleep(0.2)
             size = min(512 << 20, os.path.getsize(args.upstream or source))

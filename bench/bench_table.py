@@ -145,12 +145,7 @@ def running(server: Server, image: str, startup: float = 30.0) -> Iterator[tuple
     proc = subprocess.Popen(command, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     uri = f"nbd://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + startup
-        while subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                error = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
-                raise RuntimeError(f"{server.label} did not start within {startup} s: {error.strip()}")
-            time.sleep(0.1)
+        deadline = wait_answering(uri, proc, server.label, startup)
         if "--workers" in command:  # every worker serving: their count of children
             want = int(command[command.index("--workers") + 1])
             while want > 1 and len(children(proc.pid)) < want and time.monotonic() < deadline:
@@ -158,6 +153,20 @@ def running(server: Server, image: str, startup: float = 30.0) -> Iterator[tuple
         yield proc, uri
     finally:
         with_timeout_stop(proc)
+
+
+def wait_answering(
+    uri: str, proc: subprocess.Popen[bytes], label: str, startup: float = 30.0, env: dict[str, str] | None = None
+) -> float:
+    """Wait until nbdinfo gets the size of ``uri`` from ``proc``'s server, for ``startup`` seconds at most (then,
+    or when the server died, RuntimeError with what it wrote on stderr, if piped). Returns the deadline."""
+    deadline = time.monotonic() + startup
+    while subprocess.run(["nbdinfo", "--size", uri], capture_output=True, env=env).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            error = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
+            raise RuntimeError(f"{label} did not start within {startup} s: {error.strip()}")
+        time.sleep(0.1)
+    return deadline
 
 
 def with_timeout_stop(proc: subprocess.Popen[bytes]) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_table import GIB, free_port, image, tree_cpu, with_timeout_stop
+from bench_table import GIB, free_port, image, tree_cpu, wait_answering, with_timeout_stop
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,7 @@ def running(server: Server, served: str, pki: str, startup: float = 30.0) -> Ite
     proc = subprocess.Popen(command, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     uri = f"nbds://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + startup
-        while subprocess.run(["nbdinfo", "--size", trusting(uri, pki)], capture_output=True).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                error = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
-                raise RuntimeError(f"{server.label} did not start within {startup} s: {error.strip()}")
-            time.sleep(0.1)
+        wait_answering(trusting(uri, pki), proc, server.label, startup)
         yield proc.pid, uri
     finally:
         with_timeout_stop(proc)
