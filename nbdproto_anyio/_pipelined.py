@@ -1,16 +1,22 @@
 """Pipelined transmission in the async server, for devices that take requests without waiting for them
 (``submit``: a remote export, NbdDevice): the connection's task reads requests and starts them on the device,
-many in flight, and a second task answers them as the device reports them (nbdproto.serving.Pipeline), in any
-order, each burst with one send.
+many in flight, and they are answered as the device reports them (nbdproto.serving.Pipeline), in any order,
+each burst with one send.
 
 Starting requests may block (sending upstream, reconnecting within the device's limits), so the loop starts a
 batch itself only where the device takes it without waiting (``submit_nowait``: most often, a connection
 upstream with room to send); otherwise, or for what such a send left over, a starter thread does, which keeps
 the batches in the order they were read.
 
-The device's threads report from outside the event loop: ``Pipeline`` wakes the loop at most once between two
-looks at its results, by a byte on a socket pair the answering task waits on (a wake that needs no trip
-through the loop's own scheduling, on asyncio and trio alike).
+Replies leave from the device's thread that completed them, with one send that does not wait, when the socket
+takes them (nbdproto.serving.ReplyOutbox): waking the loop for every burst made a proxy's requests wait for a
+wake-up and a hand-over of the interpreter lock, 0.74-0.91x nbdkit's nbd plugin where the threads server, which
+answered so, reached 1.14x (bench/bench_proxy.sh). The loop then touches the engine under the outbox's lock,
+as those threads do. What cannot go at once (a client slow to read, a burst larger than SEND_NOW_AT_MOST, a TLS
+connection, whose TLS object is the loop's alone) the answering task sends, woken by a byte on a socket pair (a
+wake that needs no trip through the loop's own scheduling, on asyncio and trio alike). The budgets stay the
+loop's: replies other threads sent give theirs back when the loop next looks at them (``_Replies.settle``),
+and those threads wake it for that only while it waits for the budget, or another connection for memory.
 """
 
 from __future__ import annotations
@@ -20,16 +26,29 @@ import functools
 import queue
 import socket
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 import anyio
 import anyio.to_thread
 
 from nbdproto.engine import Request
-from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, StartRequests, WaitForRoom, Work
+from nbdproto.serving import (
+    BatchEnd,
+    CarryOutPart,
+    Chunk,
+    Pipeline,
+    ReplyOutbox,
+    StartRequests,
+    WaitForRoom,
+    Work,
+    pieces_of,
+)
+from nbdproto.sockets import send_without_waiting
 
 from ._readable import Readable
+from ._socket import RawSocketStream, send_pieces
 
 if TYPE_CHECKING:
     from ._budget import WaitingRequests
@@ -104,27 +123,96 @@ class _Starter:
                 self._done += 1
 
 
-async def _answer(
-    session: ServerSession, pipeline: Pipeline, budget: WaitingRequests, wake: _Wake, starter: _Starter
-) -> None:
-    """The answering task: every burst of results becomes replies, sent together, their budget given back."""
-    engine, share = session.engine, session._share
+class _Replies:
+    """One pipelined connection's replies (module docstring): a ReplyOutbox, whose sender is the answering
+    task, and the budgets given back on the loop (``settle``) for replies other threads sent."""
+
+    def __init__(self, session: ServerSession, budget: WaitingRequests, wake: _Wake) -> None:
+        self._session = session
+        self._budget = budget
+        self._wake = wake
+        stream = session.stream
+        self.direct = isinstance(stream, RawSocketStream)  # (a TLS object is the loop's alone)
+        send_now = functools.partial(send_without_waiting, stream.sock) if isinstance(stream, RawSocketStream) else None
+        self.outbox = ReplyOutbox(
+            session.engine, threading.Lock(), send_now=send_now, queued=self._queued, sent=self._sent
+        )
+        self._loop_thread = threading.get_ident()
+        self._unsettled: deque[Chunk] = deque()  # sent by other threads: their budget is the loop's to give back
+        self._loop_waits = False  # the loop waits for the budget: replies sent elsewhere must wake it
+
+    def _queued(self) -> None:
+        # (on the loop, whoever queued sends next: ``send`` takes what its own flush queued, and the reading
+        # task sends after every batch of steps, whose requests may complete on the loop)
+        if threading.get_ident() != self._loop_thread:
+            self._wake()
+
+    def _sent(self, chunks: list[Chunk]) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._give_back(chunks)
+            return
+        with self.outbox.lock:
+            self._unsettled.extend(chunks)
+            wake = self._loop_waits or self._session._share.others_wait
+        if wake:
+            self._wake()
+
+    def settle(self) -> None:
+        """On the loop: give back the budget of the replies other threads sent (before the loop looks at it)."""
+        if self._unsettled:
+            with self.outbox.lock:
+                chunks = list(self._unsettled)
+                self._unsettled.clear()
+            self._give_back(chunks)
+
+    def _give_back(self, chunks: list[Chunk]) -> None:
+        replies = [reply for chunk in chunks for reply in chunk[1]]
+        if not replies:
+            return  # (the session's own replies: they hold no budget)
+        cost = sum(chunk[2] for chunk in chunks)
+        self._budget.done(cost, len(replies))
+        self._session._share.give(cost)  # first: the buffers kept next are held from the share
+        if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
+            self._session.logic.pipeline_sent(replies)
+
+    async def wait(self, waiting: Awaitable[None]) -> None:
+        """Await ``waiting`` (for the budget), with replies that other threads send meanwhile given back."""
+        with self.outbox.lock:
+            self._loop_waits = True
+        try:
+            self.settle()
+            await waiting
+        finally:
+            self._loop_waits = False
+
+    async def send(self) -> None:
+        """Send what the engine has queued now, and what waits for the sender, waiting as the client makes it."""
+        outbox = self.outbox
+        outbox.flush()
+        while True:
+            with outbox.lock:
+                chunks = outbox.take()
+            if chunks is None:
+                return
+            failed = outbox.broken
+            try:
+                if not failed:
+                    await send_pieces(self._session.stream, pieces_of(chunks))
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                failed = True  # a dead connection is the reading side's to notice: it ends the session
+            finally:
+                outbox.done(chunks, failed)
+
+
+async def _answer(replies: _Replies, wake: _Wake, starter: _Starter) -> None:
+    """The answering task: sends what other threads could not send without waiting (and, where only the loop
+    may send, every burst of results), and gives back the budget of what they sent."""
     while True:
         await wake.wait()
         if starter.failure is not None:
             raise starter.failure
-        replies, cost = pipeline.replies()
-        if not replies:
-            continue
-        for reply in replies:
-            engine.send(reply)
-        try:
-            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await session._send()  # a dead connection is the reading side's to notice: it ends the session
-        finally:
-            budget.done(cost, len(replies))
-            share.give(cost)
-            session.logic.pipeline_sent(replies)  # the reads' buffers, kept for reads to come
+        await replies.send()
+        replies.settle()
 
 
 def _start(pipeline: Pipeline, starter: _Starter, step: StartRequests) -> None:
@@ -146,38 +234,52 @@ async def pipelined_transmission(session: ServerSession, budget: WaitingRequests
     """Serve the connection's requests through its device's ``submit`` until the client is done."""
     logic, share, engine = session.logic, session._share, session.engine
     wake = _Wake()
-    pipeline = logic.pipeline(wake)
+    replies = _Replies(session, budget, wake)
+    outbox, lock = replies.outbox, replies.outbox.lock
+    pipeline = logic.pipeline(outbox.flush if replies.direct else wake)
     assert pipeline is not None, "pipelined transmission needs a device with submit()"
+    outbox.pipeline = pipeline
     starter = _Starter(pipeline, wake)
-    session._shared_sending = True
+    share.settle_with(replies.settle)
     batch: list[Work] = []
     try:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_answer, session, pipeline, budget, wake, starter)
+            tasks.start_soon(_answer, replies, wake, starter)
             while True:
-                end = logic.next_batch(batch)
-                for step in logic.pipelined_batch(batch, budget.budget, share):
+                replies.settle()
+                with lock:
+                    end = logic.next_batch(batch)
+                steps = logic.pipelined_batch(batch, budget.budget, share)
+                while True:
+                    with lock:  # the steps touch the engine, which the threads that send replies share
+                        step = next(steps, None)
+                    if step is None:
+                        break
                     if type(step) is StartRequests:
                         _start(pipeline, starter, step)
                     elif type(step) is WaitForRoom:
-                        await budget.wait_for_room()
-                        await share.take(step.cost)
+                        await replies.send()
+                        await replies.wait(budget.wait_for_room())
+                        await replies.wait(share.take(step.cost))
                     else:  # the parts of a streamed write are carried out in order, here
                         reply = await anyio.to_thread.run_sync(logic.carry_out_part, cast(CarryOutPart, step).part)
                         if reply is not None:
-                            engine.send(reply)
+                            with lock:
+                                engine.send(reply)
                 batch.clear()
+                await replies.send()
                 if end is BatchEnd.NEED_DATA:
-                    await session._send()
-                    await session._receive()
+                    await session._receive(lock)
                     continue
                 # DISC with replies owed, or the end: let what is in flight finish.
-                await budget.wait_idle()
-                await session._send()
+                await replies.wait(budget.wait_idle())
+                await replies.send()
                 if end is BatchEnd.CLOSED:
                     tasks.cancel_scope.cancel()
                     return
     finally:
+        outbox.stop()
+        share.settle_with(None)
         pipeline.close()
         starter.stop()
         wake.close()

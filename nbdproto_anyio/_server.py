@@ -21,6 +21,7 @@ import functools
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -180,14 +181,18 @@ class ServerSession:
         await self._send()
         self.engine.receive_data(await receive(self.stream))
 
-    async def _receive(self) -> None:
+    async def _receive(self, lock: threading.Lock | None = None) -> None:
         """Wait for the client's next bytes as long as the limits allow (ServerSessionLogic.next_wait) and hand
         them to the session logic: the rest of a write's payload straight into its own buffer where the stream
-        allows it, or with the header after it into ``in_place_buffers()``, anything else as bytes."""
-        logic = self.logic
-        wait = logic.next_wait()
-        hand, receiving, ready = self._receiving()
-        self._idle = logic.idle
+        allows it, or with the header after it into ``in_place_buffers()``, anything else as bytes. ``lock``:
+        the engine's, where other threads share it (held while handing over, never while waiting)."""
+        logic, held = self.logic, contextlib.nullcontext() if lock is None else lock
+        with held:
+            wait = logic.next_wait()
+            hand, receiving, ready = self._receiving()
+            self._idle = logic.idle
+        if lock is not None:
+            hand = functools.partial(_holding, lock, hand)
         try:
             if wait is None:
                 hand(await receiving())
@@ -200,7 +205,8 @@ class ServerSession:
                 return
         finally:
             self._idle = False
-        logic.wait_ran_out()
+        with held:
+            logic.wait_ran_out()
 
     async def _answer_lone_reads(self) -> bool:
         """At a RECEIVE step where the logic wants it (ServerSessionLogic.lone_reads_wanted): receive, and while
@@ -366,6 +372,11 @@ class ServerSession:
         finally:
             budget.done(cost)
             self._share.give(cost)
+
+
+def _holding(lock: threading.Lock, hand: Callable[[Any], None], value: Any) -> None:
+    with lock:
+        hand(value)
 
 
 def _default_log() -> nbdproto.serving.ConnectionLog:

@@ -12,13 +12,22 @@ and in the common case no other thread is woken to answer it. Replies hold their
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
-from nbdproto.engine import Event
-from nbdproto.serving import BatchEnd, CarryOutPart, Pipeline, RequestBudget, StartRequests, WaitForRoom, Work
+from nbdproto.serving import (
+    BatchEnd,
+    CarryOutPart,
+    Chunk,
+    ReplyOutbox,
+    RequestBudget,
+    StartRequests,
+    WaitForRoom,
+    Work,
+    pieces_of,
+)
 from nbdproto.sockets import SharedTls, send_without_waiting
 
 if TYPE_CHECKING:
@@ -28,92 +37,50 @@ __all__ = ["pipelined_transmission"]
 
 
 class _Replies:
-    """Sends one pipelined connection's replies (see the module docstring); the engine is touched under
-    ``lock``, which also guards the outbox and the budget."""
+    """Sends one pipelined connection's replies (see the module docstring: nbdproto.serving.ReplyOutbox does the
+    sending where it needs no wait); the engine is touched under ``lock``, which also guards the budget."""
 
     def __init__(self, session: ServerSession, budget: RequestBudget, tls: SharedTls | None) -> None:
         self._session = session
         self._lock = session._lock
-        self._engine = session.engine
         self._budget = budget
         self._tls = tls
-        self.pipeline: Pipeline | None = None
+        send_now = None if tls is not None else functools.partial(send_without_waiting, session.stream.sock)
+        self.outbox = ReplyOutbox(session.engine, self._lock, send_now=send_now, queued=self._wake, sent=self._finished)
         self.room = threading.Condition(self._lock)  # the budget changed: the reader may go on
         self.waiting = 0  # the reader waits on ``room`` (under the lock): notified only then
         self._ready = threading.Condition(self._lock)  # the outbox has a chunk for the sender thread
-        self._outbox: deque[list[Any]] = deque()  # [pieces, replies, cost], in order
-        self._sending = False  # a thread is sending: the others queue
-        self._stopped = False
-        self._broken = False  # a send failed: the client is gone, nothing more is sent
         self._sender = threading.Thread(target=self._send_queued, name="nbd-replies", daemon=True)
         self._sender.start()
 
-    def flush(self) -> None:
-        """Queue every reply ready (the pipeline's and the session's own) and send them: here and now if that
-        needs no wait, else by the sender thread. Any thread may call it."""
-        with self._lock:
-            if self._stopped:
-                return  # (results that came after the end: the connection's budget went back as it closed)
-            pipeline, cost = self.pipeline, 0
-            replies: list[Event] = []
-            if pipeline is not None:
-                replies, cost = pipeline.replies()
-                for reply in replies:
-                    self._engine.send(reply)
-            pieces = self._engine.data_to_send()
-            if not pieces and not replies:
-                return
-            chunk: list[Any] = [pieces, replies, cost]
-            if self._sending or self._outbox or self._tls is not None or self._broken:
-                self._outbox.append(chunk)
-                self._ready.notify()
-                return
-            self._sending = True
-        try:
-            rest = send_without_waiting(self._session.stream.sock, chunk[0])
-        except OSError:
-            rest, self._broken = None, True  # (the reading side notices the client went away)
-        with self._lock:
-            self._sending = False
-            if rest is not None:
-                chunk[0] = rest
-                self._outbox.appendleft(chunk)  # before anything queued meanwhile
-            if self._outbox:  # the rest, or what other threads queued while this one sent: the sender's now
-                self._ready.notify()
-            if rest is not None:
-                return
-        self._finished([chunk])
+    def _wake(self) -> None:
+        self._ready.notify()
 
     def _send_queued(self) -> None:
         """The sender thread: send the outbox's chunks in order, waiting as long as the client makes it. It
         takes every chunk queued at once and sends them together: while it sends, the device's threads queue
         the next bursts behind it, so a busy connection costs one send and one wake per round, not per burst."""
-        session, tls = self._session, self._tls
+        session, tls, outbox = self._session, self._tls, self.outbox
         while True:
             with self._lock:
-                while (self._sending or not self._outbox) and not self._stopped:
+                while (chunks := outbox.take()) is None:
+                    if outbox.stopped and not outbox.waiting:
+                        return
                     self._ready.wait()
-                if not self._outbox:
-                    return
-                chunks = list(self._outbox)
-                self._outbox.clear()
-                self._sending = True
-            pieces = chunks[0][0] if len(chunks) == 1 else [piece for chunk in chunks for piece in chunk[0]]
+            failed = outbox.broken
             try:
-                if not self._broken:
+                if not failed:
+                    pieces = pieces_of(chunks)
                     if tls is None:
                         session.stream.send(pieces)
                     else:
                         tls.send(pieces)
             except OSError:
-                self._broken = True
+                failed = True
             finally:
-                with self._lock:
-                    self._sending = False
-                    self._ready.notify()
-            self._finished(chunks)
+                outbox.done(chunks, failed)
 
-    def _finished(self, chunks: list[list[Any]]) -> None:
+    def _finished(self, chunks: list[Chunk]) -> None:
         """The chunks' replies are out (or never will be): their budget is free again, and their reads' buffers
         are kept for reads to come."""
         replies = [reply for chunk in chunks for reply in chunk[1]]
@@ -123,7 +90,7 @@ class _Replies:
         with self._lock:
             self._budget.done(cost, len(replies))
             self._session._share.give(cost)  # first: the buffers kept next are held from the share
-            if not self._stopped:  # (once stopped, the session gives its budget back: keep nothing)
+            if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
                 self._session.logic.pipeline_sent(replies)
             if self.waiting:
                 self.room.notify_all()
@@ -139,9 +106,7 @@ class _Replies:
 
     def stop(self) -> None:
         """No more replies: the sender thread ends once the outbox is empty."""
-        with self._lock:
-            self._stopped = True
-            self._ready.notify_all()
+        self.outbox.stop()  # (which wakes the sender thread)
         self._sender.join()
 
 
@@ -152,9 +117,10 @@ def pipelined_transmission(session: ServerSession) -> None:
     budget = RequestBudget(limits.max_requests, limits.memory_limit)
     tls = None if session._plain else SharedTls(session.stream.sock)  # type: ignore[arg-type]
     replies = _Replies(session, budget, tls)
-    pipeline = logic.pipeline(replies.flush)
+    flush = replies.outbox.flush
+    pipeline = logic.pipeline(flush)
     assert pipeline is not None, "pipelined transmission needs a device with submit()"
-    replies.pipeline = pipeline
+    replies.outbox.pipeline = pipeline
     batch: list[Work] = []
     try:
         while True:
@@ -169,7 +135,7 @@ def pipelined_transmission(session: ServerSession) -> None:
                 if type(step) is StartRequests:
                     pipeline.start(step.requests, step.costs)
                 elif type(step) is WaitForRoom:
-                    replies.flush()
+                    flush()
                     with lock:
                         replies.wait_until(lambda: not budget.full)
                     share.take(step.cost, session._stopping)
@@ -179,11 +145,11 @@ def pipelined_transmission(session: ServerSession) -> None:
                         with lock:
                             engine.send(reply)
             batch.clear()
-            replies.flush()
+            flush()
             if end is not BatchEnd.NEED_DATA:
                 with lock:  # ending, or DISC with replies owed: first let what is in flight finish
                     replies.wait_until(lambda: budget.idle)
-                replies.flush()
+                flush()
                 if end is BatchEnd.CLOSED:
                     return
                 continue

@@ -15,7 +15,7 @@ here, once:
   log (``_log``).
 - Policy a client cannot escape: time limits (``_limits``), the memory budget (``_budget``), the receive
   sizes (``_receive_size``); read replies' buffers used again on TLS connections and in pipelines
-  (``_reply_buffers``).
+  (``_reply_buffers``); a pipelined connection's replies, sent by the thread that made them (``_reply_outbox``).
 
 This is the plumbing namespace: applications write devices and start servers through ``nbdproto``,
 ``nbdproto.devices`` and a backend; backends and tools that drive the engine themselves use these names. They
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ._pipeline import CarryOutPart, Pipeline, PipelineStep, StartRequests, WaitForRoom, submitting
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
     from ._reply_buffers import KEPT_REPLY_BYTES, ReplyBuffers
+    from ._reply_outbox import SEND_NOW_AT_MOST, Chunk, ReplyOutbox, pieces_of
     from ._session import ServerSessionLogic
     from ._steps import (
         FINISHED,
@@ -150,6 +151,10 @@ _LAZY = {
     "current_connection": "._core",
     "enter_connection": "._core",
     "ReplyBuffers": "._reply_buffers",
+    "ReplyOutbox": "._reply_outbox",
+    "Chunk": "._reply_outbox",
+    "pieces_of": "._reply_outbox",
+    "SEND_NOW_AT_MOST": "._reply_outbox",
     "KEPT_REPLY_BYTES": "._reply_buffers",
     "BatchEnd": "._steps",
     "ServerSessionLogic": "._session",
@@ -246,6 +251,10 @@ __all__ = [
     "WaitForBudget",
     "streamed_part",
     "ReplyBuffers",
+    "ReplyOutbox",
+    "Chunk",
+    "pieces_of",
+    "SEND_NOW_AT_MOST",
     "KEPT_REPLY_BYTES",
 ]
 
