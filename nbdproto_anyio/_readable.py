@@ -10,6 +10,11 @@ every turn of the loop. The loop's watch is level-triggered, so a readiness it s
 bytes the task received meanwhile) is ignored rather than waking the waiter for nothing. On any other loop
 (trio) it is anyio's ``wait_readable``.
 
+``serve(ready)`` goes further for a loop that answers one request at a time: the loop's callback itself calls
+``ready()`` (receive, answer, send) each time the socket is readable, and wakes the task only once ``ready()``
+says so. A request then costs one turn of the loop, where a wait cost a future, a task woken and resumed, and a
+turn more for the check above (the server's one-request road: ``_server.ServerSession._answer_lone_reads``).
+
 The socket must not be closed while it is watched: ``close()`` first (the streams' ``aclose`` does), which
 also wakes a task still waiting, so that its next receive finds the socket closed instead of waiting for ever.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import anyio
 
@@ -27,7 +33,7 @@ __all__ = ["Readable"]
 class Readable:
     """Waits for one socket to be readable (see the module docstring); one waiting task at a time."""
 
-    __slots__ = ("_sock", "_loop", "_fd", "_waiter", "_watching", "_fresh")
+    __slots__ = ("_sock", "_loop", "_fd", "_waiter", "_watching", "_fresh", "_serving")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -36,6 +42,7 @@ class Readable:
         self._waiter: asyncio.Future[None] | None = None
         self._watching = False
         self._fresh = False  # the loop has looked at the socket since the waiter began waiting
+        self._serving: Callable[[], bool] | None = None  # serve()'s ready, while it serves
 
     async def wait(self) -> None:
         """Return once the socket is readable (or was closed meanwhile, by ``close``)."""
@@ -62,6 +69,33 @@ class Readable:
         finally:
             self._waiter = None
 
+    async def serve(self, ready: Callable[[], bool]) -> None:
+        """Call ``ready()`` each time the socket is readable, until it returns True; an exception it raises is
+        raised here. On asyncio the loop's callback calls it (see the module docstring), so ``ready`` must find
+        out for itself whether bytes arrived (a receive that does not wait): a readiness the loop saw before may
+        be stale. Elsewhere (trio) this task calls it after each wait."""
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on asyncio (trio)
+                while True:
+                    await anyio.wait_readable(self._sock)
+                    if ready():
+                        return
+            self._loop, self._fd = loop, self._sock.fileno()
+        if self._waiter is not None:
+            raise anyio.BusyResourceError("reading from")
+        waiter: asyncio.Future[None] = loop.create_future()
+        if not self._watching:
+            loop.add_reader(self._fd, self._ready)
+            self._watching = True
+        self._waiter, self._serving = waiter, ready
+        try:
+            await waiter
+        finally:
+            self._waiter = self._serving = None
+
     def _freshen(self, waiter: asyncio.Future[None]) -> None:
         if self._waiter is waiter:
             self._fresh = True
@@ -70,6 +104,19 @@ class Readable:
         waiter = self._waiter
         if waiter is None:
             self._unwatch()  # nobody waits now: stop watching until somebody does
+            return
+        if (ready := self._serving) is not None:
+            try:
+                if not ready():
+                    return
+            except Exception as exc:
+                self._waiter = self._serving = None
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                return
+            self._waiter = self._serving = None
+            if not waiter.done():
+                waiter.set_result(None)
             return
         if not self._fresh:
             return  # seen before the wait began: the loop's next look says whether bytes are there now

@@ -50,7 +50,7 @@ from nbdproto.sockets import AcceptBackoff, client_info, listen_socket
 
 from ._budget import SharedBudget, WaitingRequests, WaitingShare
 from ._pipelined import pipelined_transmission
-from ._socket import YIELD_EVERY, RawSocketStream, SocketAcceptor, close_stream, receive, receive_ready, send_pieces
+from ._socket import RawSocketStream, SocketAcceptor, close_stream, receive, receive_ready, send_pieces
 from ._tls import TlsSocketStream
 
 __all__ = ["ServerSession", "Server", "listen"]
@@ -216,37 +216,44 @@ class ServerSession:
 
         A client that sends one request at a time (fio QD1) is served by this short loop, where a turn of
         ``_take_step`` costs a step, the limits worked out again and the receive chosen anew every request. It
-        calls the socket itself, as RawSocketStream's receive and send would (and lets the other tasks run as
-        often, YIELD_EVERY), without the three coroutines a receive goes through there and the one a send
-        does: each is a frame made and unwound a request. No ``sent()`` (see answer_lone_read)."""
+        calls the socket itself, as RawSocketStream's receive and send would, without the three coroutines a
+        receive goes through there and the one a send does: each is a frame made and unwound a request. On
+        asyncio the loop's own callback for the readable socket receives, answers and sends
+        (``Readable.serve``): the task wakes only when the steps take over, a send must wait, or the server
+        shuts down. No ``sent()`` (see answer_lone_read)."""
         logic, stream = self.logic, self.stream
         assert isinstance(stream, RawSocketStream)
-        answer, recv, readable, send_now = logic.answer_lone_read, stream.sock.recv, stream.readable, stream.send_now
-        unyielded = 0
-        while not logic.shutting_down:
+        answer, recv, send_now = logic.answer_lone_read, stream.sock.recv, stream.send_now
+        handed_over = False  # bytes the steps must take were received (and handed to the logic)
+        rest: Sequence[Any] | None = None  # what a send left, to send waiting
+
+        def serve_one() -> bool:
+            """Receive what arrived, answer and send it; True when the task must go on."""
+            nonlocal handed_over, rest
             try:
                 data = recv(RECV_SIZE)
-            except BlockingIOError:
-                self._idle = True
-                try:
-                    await readable.wait()
-                finally:
-                    self._idle = False
-                unyielded = 0
-                continue
+            except BlockingIOError:  # a readiness seen before this request's bytes were taken: none yet
+                return False
             except OSError:  # reset or broken: the end of the stream, as receive() gives it
                 data = b""
-            else:
-                unyielded += 1
-                if unyielded >= YIELD_EVERY:  # a client never made to wait would starve the others
-                    unyielded = 0
-                    await anyio.lowlevel.checkpoint()
             pieces = answer(data)
             if pieces is None:
+                handed_over = True
                 return True
             rest = send_now(pieces)
+            return rest is not None or logic.shutting_down
+
+        while not logic.shutting_down:
+            self._idle = True
+            try:
+                await stream.readable.serve(serve_one)
+            finally:
+                self._idle = False
+            if handed_over:
+                return True
             if rest is not None:
                 await stream.send_pieces(rest)
+                rest = None
         return False
 
     def _receiving(

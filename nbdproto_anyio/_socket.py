@@ -45,10 +45,9 @@ __all__ = [
 ]
 
 YIELD_EVERY = 8
-"""Receives in a row that found data waiting, after which a stream (or a loop receiving on its socket itself, as
-the server's one-request road does) lets the event loop run other tasks: one that never waits would otherwise
-starve every other connection (48 clients streaming writes left a 49th with no reply at all for seconds). Every
-8th receive costs one trip through the loop."""
+"""Receives in a row that found data waiting, after which a stream lets the event loop run other tasks: one that
+never waits would otherwise starve every other connection (48 clients streaming writes left a 49th with no reply
+at all for seconds). Every 8th receive costs one trip through the loop."""
 
 
 class RawSocketStream(anyio.abc.ByteStream):

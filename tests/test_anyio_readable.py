@@ -105,3 +105,90 @@ def test_on_trio_it_is_anyio_wait_readable() -> None:
 
     with left, right:
         anyio.run(main, backend="trio")
+
+
+def _answering(right: socket.socket, until: int) -> tuple[Callable[[], bool], list[bytes]]:
+    """A ``ready`` for ``serve``: receive what arrived (nothing, on a stale readiness), answer it, and say the
+    task must go on once ``until`` messages came or one asks to fail."""
+    got: list[bytes] = []
+
+    def ready() -> bool:
+        try:
+            data = right.recv(16)
+        except BlockingIOError:
+            return False
+        if _in_a_task():
+            got.append(b"(called in a task)")
+        if data == b"fail":
+            raise ValueError("asked to")
+        got.append(data)
+        right.send(b"re:" + data)
+        return len(got) >= until
+
+    return ready, got
+
+
+def _in_a_task() -> bool:
+    try:
+        return asyncio.current_task() is not None
+    except RuntimeError:  # not on asyncio
+        return False
+
+
+def test_serve_answers_in_the_loop_s_callback_and_wakes_the_task_once() -> None:
+    """On asyncio the loop's callback calls ``ready`` for every message (the task does not run between them:
+    its code after the await runs once), a readiness seen before the bytes were taken costs a receive that finds
+    nothing, and an exception ``ready`` raises is the task's."""
+
+    async def main(left: socket.socket, right: socket.socket, readable: Readable) -> None:
+        loop = asyncio.get_running_loop()
+        ready, got = _answering(right, 3)
+        resumed = 0
+
+        async def serving() -> None:
+            nonlocal resumed
+            await readable.serve(ready)
+            resumed += 1
+
+        task = asyncio.ensure_future(serving())
+        left.setblocking(True)
+        left.settimeout(10)
+        for message in (b"one", b"two", b"three"):
+            left.send(message)
+            assert await loop.run_in_executor(None, left.recv, 16) == b"re:" + message
+            assert resumed == 0 or message == b"three"
+        with anyio.fail_after(10):
+            await task
+        assert got == [b"one", b"two", b"three"] and resumed == 1
+        assert _watched(loop, right)  # (still watched: the next wait or serve registers nothing)
+        left.send(b"fail")
+        with pytest.raises(ValueError, match="asked to"), anyio.fail_after(10):
+            await readable.serve(_answering(right, 1)[0])
+        with anyio.fail_after(10):  # and it serves again
+            left.send(b"four")
+            await readable.serve(_answering(right, 1)[0])
+        assert left.recv(16) == b"re:four"
+
+    _on_a_socket_pair(main)
+
+
+def test_on_trio_serve_calls_ready_after_each_wait() -> None:
+    left, right = socket.socketpair()
+    right.setblocking(False)
+
+    async def main() -> None:
+        ready, got = _answering(right, 2)
+        left.send(b"a")
+        left.send(b"b")  # (may arrive with "a": one receive takes both)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(anyio.to_thread.run_sync, _send_later, left)
+            with anyio.fail_after(10):
+                await Readable(right).serve(ready)
+        assert b"".join(got).startswith(b"ab")
+
+    with left, right:
+        anyio.run(main, backend="trio")
+
+
+def _send_later(sock: socket.socket) -> None:
+    sock.send(b"c")
