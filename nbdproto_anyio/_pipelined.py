@@ -43,6 +43,7 @@ from nbdproto.serving import (
     StartRequests,
     WaitForRoom,
     Work,
+    held_by,
     pieces_of,
 )
 from nbdproto.sockets import send_without_waiting
@@ -131,9 +132,10 @@ class _Replies:
         self._session = session
         self._budget = budget
         self._wake = wake
-        stream = session.stream
-        self.direct = isinstance(stream, RawSocketStream)  # (a TLS object is the loop's alone)
-        send_now = functools.partial(send_without_waiting, stream.sock) if isinstance(stream, RawSocketStream) else None
+        stream, send_now = session.stream, None
+        if isinstance(stream, RawSocketStream):  # (a TLS object is the loop's alone)
+            send_now = functools.partial(send_without_waiting, stream.sock)
+        self.direct = send_now is not None
         self.outbox = ReplyOutbox(
             session.engine, threading.Lock(), send_now=send_now, queued=self._queued, sent=self._sent
         )
@@ -166,10 +168,9 @@ class _Replies:
             self._give_back(chunks)
 
     def _give_back(self, chunks: list[Chunk]) -> None:
-        replies = [reply for chunk in chunks for reply in chunk[1]]
+        replies, cost = held_by(chunks)
         if not replies:
             return  # (the session's own replies: they hold no budget)
-        cost = sum(chunk[2] for chunk in chunks)
         self._budget.done(cost, len(replies))
         self._session._share.give(cost)  # first: the buffers kept next are held from the share
         if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)

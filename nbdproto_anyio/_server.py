@@ -244,11 +244,12 @@ class ServerSession:
             return rest is not None or logic.shutting_down
 
         while not logic.shutting_down:
-            self._idle = True
-            try:
-                await stream.readable.serve(serve_one)
-            finally:
-                self._idle = False
+            if not serve_one():  # (bytes that arrived already: a client that sends more than one at a time)
+                self._idle = True
+                try:
+                    await stream.readable.serve(serve_one)
+                finally:
+                    self._idle = False
             if handed_over:
                 return True
             if rest is not None:

@@ -26,6 +26,7 @@ from nbdproto.serving import (
     StartRequests,
     WaitForRoom,
     Work,
+    held_by,
     pieces_of,
 )
 from nbdproto.sockets import SharedTls, send_without_waiting
@@ -83,10 +84,9 @@ class _Replies:
     def _finished(self, chunks: list[Chunk]) -> None:
         """The chunks' replies are out (or never will be): their budget is free again, and their reads' buffers
         are kept for reads to come."""
-        replies = [reply for chunk in chunks for reply in chunk[1]]
+        replies, cost = held_by(chunks)
         if not replies:
             return  # (the session's own replies: they hold no budget)
-        cost = sum(chunk[2] for chunk in chunks)
         with self._lock:
             self._budget.done(cost, len(replies))
             self._session._share.give(cost)  # first: the buffers kept next are held from the share

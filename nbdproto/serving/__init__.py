@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from ._pipeline import CarryOutPart, Pipeline, PipelineStep, StartRequests, WaitForRoom, submitting
     from ._receive_size import RECV_SIZE, STREAM_RECV_SIZE, ReceiveSize
     from ._reply_buffers import KEPT_REPLY_BYTES, ReplyBuffers
-    from ._reply_outbox import SEND_NOW_AT_MOST, Chunk, ReplyOutbox, pieces_of
+    from ._reply_outbox import SEND_NOW_AT_MOST, Chunk, ReplyOutbox, held_by, pieces_of
     from ._session import ServerSessionLogic
     from ._steps import (
         FINISHED,
@@ -154,6 +154,7 @@ _LAZY = {
     "ReplyOutbox": "._reply_outbox",
     "Chunk": "._reply_outbox",
     "pieces_of": "._reply_outbox",
+    "held_by": "._reply_outbox",
     "SEND_NOW_AT_MOST": "._reply_outbox",
     "KEPT_REPLY_BYTES": "._reply_buffers",
     "BatchEnd": "._steps",
@@ -254,6 +255,7 @@ __all__ = [
     "ReplyOutbox",
     "Chunk",
     "pieces_of",
+    "held_by",
     "SEND_NOW_AT_MOST",
     "KEPT_REPLY_BYTES",
 ]

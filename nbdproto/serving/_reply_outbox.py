@@ -27,7 +27,7 @@ from typing import Any
 
 from ._pipeline import Pipeline
 
-__all__ = ["ReplyOutbox", "Chunk", "pieces_of", "SEND_NOW_AT_MOST"]
+__all__ = ["ReplyOutbox", "Chunk", "pieces_of", "held_by", "SEND_NOW_AT_MOST"]
 
 SEND_NOW_AT_MOST = 128 * 1024
 """Bytes of replies at most that the thread that made them sends itself; larger bursts (nbdcopy's 256 KiB reads)
@@ -42,6 +42,11 @@ and the budget they hold."""
 def pieces_of(chunks: list[Chunk]) -> list[Any]:
     """Every piece of ``chunks``, in order: what a sender sends with one call."""
     return chunks[0][0] if len(chunks) == 1 else [piece for chunk in chunks for piece in chunk[0]]
+
+
+def held_by(chunks: list[Chunk]) -> tuple[list[Any], int]:
+    """The replies of ``chunks`` and the budget they hold: what a driver gives back once they are out."""
+    return [reply for chunk in chunks for reply in chunk[1]], sum(chunk[2] for chunk in chunks)
 
 
 class ReplyOutbox:
