@@ -4,9 +4,10 @@ and the replies go out as the device reports them (nbdproto.serving.Pipeline), i
 
 Who sends the replies: the thread that made them ready (a device's reader thread, which wakes the pipeline
 after each burst of results) sends them at once, with one ``sendmsg`` that does not wait, when nothing else is
-being sent; whatever would have to wait (a client slow to read, TLS, a send in progress) goes to the
-connection's sender thread, which sends in order and waits. So the device's threads never block on a client,
-and in the common case no other thread is woken to answer it. Replies hold their budget until they are sent.
+being sent (nbdproto.serving.ReplyOutbox, which the event-loop server uses too); whatever would have to wait (a
+client slow to read, TLS, a send in progress, a burst over SEND_NOW_AT_MOST) goes to the connection's sender
+thread, which sends in order and waits. So the device's threads never block on a client, and in the common case
+no other thread is woken to answer it. Replies hold their budget until they are sent.
 """
 
 from __future__ import annotations
