@@ -43,7 +43,9 @@ from nbdproto.wire._constants import (
     TransmissionFlags,
 )
 
-__all__ = ["Case", "Close", "Trickle", "Request", "Wire", "SIZE", "CONTENT", "serve_case", "option_reply", "good_read"]
+__all__ = [
+    "Case", "Close", "Trickle", "Parts", "Request", "Wire", "SIZE", "CONTENT", "serve_case", "option_reply", "good_read"
+]  # fmt: skip
 
 SIZE = 64 * 1024
 """The export every case offers (unless it says otherwise): one read and one block status cover it."""
@@ -60,6 +62,11 @@ class Close(bytes):
 
 class Trickle(bytes):
     """Bytes to send one a second (a server that answers, but too slowly to be waited for)."""
+
+
+class Parts(bytes):
+    """Bytes to send in four parts, with a pause between (a reply that arrives a piece at a time, within the
+    rules)."""
 
 
 class Request(NamedTuple):
@@ -260,6 +267,13 @@ class _Script:
                 answer = self.case.block_status(wire, request)
             else:
                 answer = wire.success(request)
+            if isinstance(answer, Parts):
+                quarter = len(answer) // 4
+                for start in range(0, len(answer), quarter):
+                    if start:
+                        time.sleep(0.2)
+                    self.sock.sendall(answer[start : start + quarter])
+                continue
             if isinstance(answer, Trickle):
                 for byte in answer:
                     self.sock.sendall(bytes([byte]))

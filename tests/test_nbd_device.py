@@ -22,6 +22,7 @@ import pytest
 import nbdproto
 import nbdproto.serving
 from nbdproto.devices import NbdDevice
+from tests.hostile_server import CONTENT, SIZE, Case, Parts, good_read, serve_case
 from tests.remotes import CLI, cli, free_port, nbdkit, qemu_nbd, serving_on_socket, stopped
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
 from tests.test_interop_server import NBDSH_EVERY_COMMAND, nbdsh, run, sha256
@@ -541,3 +542,28 @@ def test_a_client_connections_small_requests_stay_on_one_connection_and_big_ones
             assert sorted(used) == [0, 0, 1, 1, 2, 2, 3, 3]
         finally:
             device.close()
+
+
+def test_a_read_reply_that_arrives_in_parts_is_received_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader thread waits for the rest of a read's payload with one receive (MSG_WAITALL), not one for each
+    part that arrives: a 256 KiB reply came in as several receives, each a hand-over of the interpreter lock and
+    a turn of the reader's loop (nbdcopy through a proxy: bench/bench_proxy.sh). Here the remote sends its reply
+    in four parts, 0.2 s apart: the payload after the first part is taken in one receive."""
+    counts: list[int] = []
+    real = nbdproto.ClientConnection.received_into
+
+    def counted(engine: Any, count: int) -> None:
+        counts.append(count)
+        real(engine, count)
+
+    monkeypatch.setattr(nbdproto.ClientConnection, "received_into", counted)
+    case = Case("parts", None, read=lambda wire, request: Parts(good_read(wire, request)))
+    with serve_case(case) as uri:
+        device = NbdDevice(uri, connections=1, timeout=30)
+        try:
+            buffer = memoryview(bytearray(SIZE))
+            assert device.call_batch([nbdproto.DeviceCall("pread_into", (buffer, 0))]) == [None]
+            assert buffer == CONTENT
+        finally:
+            device.close()
+    assert len(counts) == 1 and counts[0] > SIZE // 2, counts
