@@ -46,24 +46,14 @@ class Readable:
 
     async def wait(self) -> None:
         """Return once the socket is readable (or was closed meanwhile, by ``close``)."""
-        loop = self._loop
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on asyncio (trio)
-                await anyio.wait_readable(self._sock)
-                return
-            self._loop, self._fd = loop, self._sock.fileno()
-        if self._waiter is not None:
-            raise anyio.BusyResourceError("reading from")
-        waiter: asyncio.Future[None] = loop.create_future()
-        if not self._watching:
-            loop.add_reader(self._fd, self._ready)
-            self._watching = True
-        self._waiter, self._fresh = waiter, False
+        waiter = self._begin()
+        if waiter is None:  # not on asyncio (trio)
+            await anyio.wait_readable(self._sock)
+            return
+        self._fresh = False
         # A readiness the loop saw before this wait began (the bytes the task has just received, still there
         # when the loop looked) may already be queued: _ready ignores it until this has run, after it.
-        loop.call_soon(self._freshen, waiter)
+        waiter.get_loop().call_soon(self._freshen, waiter)
         try:
             await waiter
         finally:
@@ -74,15 +64,26 @@ class Readable:
         raised here. On asyncio the loop's callback calls it (see the module docstring), so ``ready`` must find
         out for itself whether bytes arrived (a receive that does not wait): a readiness the loop saw before may
         be stale. Elsewhere (trio) this task calls it after each wait."""
+        waiter = self._begin()
+        if waiter is None:  # not on asyncio (trio)
+            while True:
+                await anyio.wait_readable(self._sock)
+                if ready():
+                    return
+        self._serving = ready
+        try:
+            await waiter
+        finally:
+            self._waiter = self._serving = None
+
+    def _begin(self) -> asyncio.Future[None] | None:
+        """The waiter of a wait about to begin, the socket watched; None when not on asyncio."""
         loop = self._loop
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on asyncio (trio)
-                while True:
-                    await anyio.wait_readable(self._sock)
-                    if ready():
-                        return
+            except RuntimeError:
+                return None
             self._loop, self._fd = loop, self._sock.fileno()
         if self._waiter is not None:
             raise anyio.BusyResourceError("reading from")
@@ -90,11 +91,8 @@ class Readable:
         if not self._watching:
             loop.add_reader(self._fd, self._ready)
             self._watching = True
-        self._waiter, self._serving = waiter, ready
-        try:
-            await waiter
-        finally:
-            self._waiter = self._serving = None
+        self._waiter = waiter
+        return waiter
 
     def _freshen(self, waiter: asyncio.Future[None]) -> None:
         if self._waiter is waiter:

@@ -115,17 +115,23 @@ def test_requests_after_the_last_part_of_a_streamed_write_are_admitted_after_it(
     ]
 
 
+def carry_out_calls(device: Any, calls: Any, tokens: Any, completions: Any) -> None:
+    """What a device's ``submit`` does, at once: each call carried out on ``device``, its result (or the exception
+    it raised) completed, then the burst."""
+    for call, token in zip(calls, tokens, strict=True):
+        try:
+            result = getattr(device, call.method)(*call.args, **call.kwargs)
+        except Exception as exc:
+            result = exc
+        completions.complete(token, result)
+    completions.completed()
+
+
 class _Submitting(MemoryDevice):
     """A memory device that takes calls as a remote one does (``submit``), carrying each out at once."""
 
     def submit(self, calls: Any, tokens: Any, completions: Any) -> None:
-        for call, token in zip(calls, tokens, strict=True):
-            try:
-                result = getattr(self, call.method)(*call.args, **call.kwargs)
-            except Exception as exc:
-                result = exc
-            completions.complete(token, result)
-        completions.completed()
+        carry_out_calls(self, calls, tokens, completions)
 
 
 def _answered(logic: Any, pipeline: Any, received: bytes, budget: Any, share: Any) -> list[Any]:

@@ -18,6 +18,7 @@ import nbdproto_anyio._budget
 import nbdproto_threads
 from nbdproto.devices import MemoryDevice
 from tests.serving import BACKENDS, Export, make_pki, serve_exports
+from tests.test_pipelined_batch import carry_out_calls
 from tests.threaded import run_threads
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,14 +40,8 @@ class _Remote(MemoryDevice):
     def submit(self, calls: Any, tokens: Any, completions: Any) -> None:
         def answer() -> None:
             assert self.go.wait(20)
-            for call, token in zip(calls, tokens, strict=True):
-                try:
-                    result = getattr(self, call.method)(*call.args, **call.kwargs)
-                except Exception as exc:
-                    result = exc
-                completions.complete(token, result)
             self.answered_by.add(threading.current_thread().name)
-            completions.completed()
+            carry_out_calls(self, calls, tokens, completions)
 
         threading.Thread(target=answer, name="remote-reader", daemon=True).start()
         self.arrived.set()
