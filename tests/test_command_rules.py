@@ -41,16 +41,56 @@ class _FullCheckOnly(ServerConnection):
     _fast_paths = False
 
 
+LEAD = 4096
+"""The length of the write received in place before the request under test, on the in-place roads."""
+
+
 def _serve(
-    kind: type[ServerConnection], mode: str, flags: int, minimum: int, data: bytes, *, lone: bool = False
+    kind: type[ServerConnection],
+    mode: str,
+    flags: int,
+    minimum: int,
+    data: bytes,
+    *,
+    lone: bool = False,
+    after_in_place: str = "",
+    own_buffer: bool = False,
 ) -> tuple[Any, bytes]:
+    """The events and reply bytes of ``data``, taken by the usual road or the one-request road (``lone``); or,
+    with ``after_in_place``, right behind a write whose payload arrives in place (ServerConnection.write_view):
+    that payload and the header of ``data`` in one receive, taken by ServerConnection.received_in_place
+    ("one call") or by ``received_into`` and ``receive_data`` ("two calls"), the rest of ``data`` after; with
+    ``own_buffer``, no write is received in place: the payload arrives into a buffer of its own."""
     s = kind()
     joined(s)
     exp = export(flags=flags, minimum_block_size=minimum, preferred_block_size=max(minimum, 4096))
     contexts = () if mode == "simple" else (n.BASE_ALLOCATION,)
-    handshake(s, structured=mode != "simple", extended=mode == "extended", exp=exp, contexts=contexts)
+    extended = mode == "extended"
+    handshake(s, structured=mode != "simple", extended=extended, exp=exp, contexts=contexts)
     seen: list[Any] = []
-    first = s.receive_lone_read(data) if lone else s.receive_data(data)  # the one-request road, or the usual one
+    first: Any = None
+    if after_in_place:
+        if not own_buffer:
+            s.write_view = lambda offset, length: memoryview(bytearray(length))  # (a device's storage)
+        lead = F.PAYLOAD_LEN if extended else 0
+        s.receive_data(request(n.Command.WRITE, 1, 0, LEAD, lead, extended=extended))
+        assert s.next_event() is n.NEED_DATA
+        target, size = s.write_buffer(), len(request(0, 0, extended=extended))
+        payload = bytes(range(256)) * (LEAD // 256)
+        if target is None:  # refused (a read-only export): its payload is skipped as it arrives
+            s.receive_data(payload + data[:size])
+        elif after_in_place == "one call":
+            target[:] = payload
+            first = s.received_in_place(LEAD + size, memoryview(bytearray(data[:size])))
+            assert type(first) is n.WriteRequest and first.cookie == 1  # the write is handed over at once
+        else:
+            target[:] = payload
+            s.received_into(LEAD)
+            s.receive_data(data[:size])
+        if len(data) > size:
+            s.receive_data(data[size:])
+    else:
+        first = s.receive_lone_read(data) if lone else s.receive_data(data)  # the one-request road, or the usual one
     events = iter([first] if first is not None else [])
     while True:
         try:
@@ -85,6 +125,16 @@ def test_the_fast_paths_answer_as_the_full_check_does(mode: str, flags: int, min
     full = _serve(_FullCheckOnly, mode, flags, minimum, data)
     lone = _serve(ServerConnection, mode, flags, minimum, data, lone=True)
     assert fast == full == lone
+    # Right behind a write received in place: the road that takes its payload and this header in one call.
+    # Cookie 1 is the write's before it, in flight still; a magic with its lowest bit flipped is no request's.
+    for own_buffer, cookie, bad_magic in ((False, 7, False), (True, 7, False), (False, 1, False), (False, 7, True)):
+        header = bytearray(request(command, cookie, offset, length, request_flags, extended=extended))
+        header[3] ^= bad_magic
+        data = bytes(header) + payload
+        roads = [_serve(kind, mode, flags, minimum, data, after_in_place=road, own_buffer=own_buffer)
+                 for kind, road in ((ServerConnection, "one call"), (ServerConnection, "two calls"),
+                                    (_FullCheckOnly, "two calls"))]  # fmt: skip
+        assert roads[0] == roads[1] == roads[2]
 
 
 @pytest.mark.parametrize("mode", ["simple", "structured", "extended"])

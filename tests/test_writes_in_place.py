@@ -477,6 +477,56 @@ def test_one_receive_brings_a_payload_in_place_and_the_header_after_it(shm_file:
         assert logic.engine.next_event() == nbdproto.ConnectionClosed()
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_stream_of_big_writes_is_taken_a_receive_at_a_time_without_the_event_loop(
+    shm_file: str, in_place: bool
+) -> None:
+    """Each receive of a stream of big writes (the rest of a payload and the next header, nbdcopy's pattern)
+    hands its write over with one call into the engine (ServerConnection.received_in_place): the steps carry it
+    out and ask for the next receive without going through ``next_event``; the export ends as written, every
+    write answered in order. Into the device's place, or into each payload's own buffer (TLS)."""
+    with CountingFile(shm_file) as device:
+        logic = _transmitting(device)  # type: ignore[arg-type]
+        logic.write_in_place(kernel_receives=in_place, exact_receives=not in_place)
+        logic.engine.data_to_send()
+        _feed(logic, _writes(1, 2, 256 << 10))  # streaming in place now, between writes
+        replies = logic.engine.data_to_send()
+        engine, events = logic.engine, 0
+        next_event = engine.next_event
+
+        def counted() -> Any:
+            nonlocal events
+            events += 1
+            return next_event()
+
+        engine.next_event = counted  # type: ignore[method-assign]
+        steps = logic.inline_transmission(None)
+        assert next(steps) is nbdproto.serving.RECEIVE_READY
+        found: int | None = None
+        for cookie in range(3, 12):
+            if cookie == 4:  # the first header came alone, through next_event: from here on, payload and header
+                events = 0
+            buffers = logic.in_place_buffers()
+            assert buffers is not None
+            header = request(Command.WRITE, cookie, cookie << 18, 256 << 10)
+            if len(buffers) == 2:
+                buffers[0][:] = bytes([cookie - 1]) * (256 << 10)
+            buffers[-1][:] = header
+            found = sum(len(b) for b in buffers)
+            assert steps.send(found) is nbdproto.serving.RECEIVE_READY
+        assert events == 0
+        buffers = logic.in_place_buffers()
+        assert buffers is not None and len(buffers) == 2
+        buffers[0][:] = bytes([11]) * (256 << 10)
+        assert steps.send(256 << 10) is nbdproto.serving.RECEIVE_READY  # the last payload, no header after it
+        assert steps.send(None) is nbdproto.serving.RECEIVE
+        replies += logic.engine.data_to_send()
+        assert b"".join(replies) == b"".join(_simple_reply(c) for c in range(1, 12))  # type: ignore[arg-type]
+        for cookie in range(1, 12):
+            assert _content(shm_file, cookie << 18, 256 << 10) == bytes([cookie]) * (256 << 10)
+        assert device.pwrites == (1 if in_place else 11)  # in place: the first write of the stream only
+
+
 def test_replies_wait_while_bytes_keep_coming_and_go_out_before_any_wait(shm_file: str) -> None:
     with CountingFile(shm_file) as device:
         logic = _in_place_session(device)

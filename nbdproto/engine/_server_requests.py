@@ -104,6 +104,58 @@ class ServerRequests(ServerBase):
         self.receive_data(data)
         return None
 
+    def received_in_place(self, count: int, header: memoryview) -> WriteRequest | None:
+        """The driver received ``count`` bytes into ``write_buffer()`` (the rest of a write's payload: in place,
+        see ``write_view``, or into the payload's own buffer) and then into ``header`` (room for a request
+        header), with one receive. When they are the whole rest of that payload and one whole header, the write
+        is returned, handed over here (no ``next_requests`` returns it), and the header is taken: a WRITE whose
+        payload ``_arriving_write`` would receive whole (in place, or into a buffer of its own) gets its
+        ``write_buffer()`` at once (then nothing else has arrived: ``next_requests`` would say NEED_DATA).
+        Otherwise None: the bytes are taken as ``received_into`` and ``receive_data`` take them (0: the client
+        closed), for ``next_requests``.
+
+        The road of a client that streams big writes (nbdcopy's 256 KiB): a call a write where ``next_requests``
+        went through ``next_event`` twice (the write done, then the next header: NEED_DATA) and the receive's
+        bytes through two calls more. The header is checked as the fast path of ``_next_in_transmission`` checks
+        it (tests/test_command_rules.py holds both to the full check)."""
+        into, event, codec = self._into, self._payload_event, self._request_codec
+        size = codec.size
+        if (
+            into is None
+            or type(event) is not WriteRequest
+            or count != len(into) + size
+            or self._events
+            or len(self._buf)
+            or self._phase is not _TRANSMISSION
+            or not self._fast_paths
+        ):
+            into_payload = 0 if into is None else min(count, len(into))
+            if into_payload or not count:
+                self.received_into(into_payload)
+            if count > into_payload:
+                self.receive_data(bytes(header[: count - into_payload]))
+            return None
+        self._into = self._payload_event = None
+        magic, flags, command, cookie, offset, length = codec.unpack_from(header)
+        if (
+            command == _WRITE
+            and magic == codec.magic
+            and 0 < length <= self._max_payload
+            and (flags & ~_PAYLOAD_LEN) in self._plain_write_flags
+            and bool(flags & _PAYLOAD_LEN) == self.extended_headers
+            and offset + length <= self._size
+            and not (offset | length) % self._min_block
+            and cookie not in self._in_flight
+        ):
+            # As _arriving_write takes it, but a write too big to wait for (streamed in parts) takes the usual road.
+            write_view, streams = self.write_view, self._stream_writes_over
+            view = None if write_view is None else write_view(offset, length)
+            if view is not None or streams is None or length <= streams:
+                self._fill_own_buffer(flags, cookie, offset, length, view)
+                return event
+        self._buf.append(bytes(header[:size]))  # for next_requests, whatever it is
+        return event
+
     def _next_in_transmission(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         buf = self._buf
         codec = self._request_codec

@@ -185,16 +185,19 @@ class SessionTransmission(SessionPipelining):
 
     def received_in_place(self, count: int) -> None:
         """The driver received ``count`` bytes into the buffers ``in_place_buffers()`` gave (0: the client
-        closed): the part in the payload's place, then the header bytes after it."""
-        if not count:  # the client closed, between requests or part-way through a payload alike
-            self.received(b"")
-            return
-        target = self.engine.write_buffer()
+        closed): the part in the payload's place, then the header bytes after it. A write whose payload they
+        complete, followed by a whole header, is handed over by the engine at once (its ``received_in_place``,
+        for a client streaming big writes: a call where ``next_requests`` took several), and ``next_batch``
+        puts it first."""
+        engine, receive_size = self.engine, self._receive_size
+        target = engine.write_buffer()
         into_target = 0 if target is None else min(count, len(target))
+        write_size = engine.arriving_write_size if into_target else 0
+        self._handed_write = engine.received_in_place(count, self._header_room)
         if into_target:
-            self.received_into_payload(into_target)
-        if count > into_target:
-            self.received(bytes(self._header_room[: count - into_target]))
+            receive_size.received(into_target, True, write_size)
+        if count > into_target or not count:
+            receive_size.received(count - into_target, False)
 
     # --- How long to wait -------------------------------------------------------------------------------------
 
@@ -248,7 +251,13 @@ class SessionTransmission(SessionPipelining):
         NBD_CMD_DISC is noted and not returned (the engine answers nothing to it, and stops reading). Parts of
         a streamed write (WritePayload) are work too, carried out like requests.
         """
-        next_requests = self.engine.next_requests
+        handed, engine = self._handed_write, self.engine
+        if handed is not None:  # received_in_place's: it came before anything the engine holds
+            self._handed_write = None
+            batch.append(handed)
+            if engine.write_buffer() is not None:  # the next write's payload is arriving: nothing else has
+                return BatchEnd.NEED_DATA
+        next_requests = engine.next_requests
         while True:
             event = next_requests(batch)  # type: ignore[arg-type]
             if event is NEED_DATA:
