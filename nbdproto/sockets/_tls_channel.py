@@ -13,6 +13,9 @@ replies) are copied together into chunks of a record's size, so that each record
 call; a large payload goes to OpenSSL as the buffer it is (it reads it straight into its records), its first
 bytes joined with the header before it and its last bytes with what follows.
 
+Records arrive with one system call for as many as OpenSSL's buffer holds, not two each (``read_ahead``, where
+this Python allows it): every receive here goes on until OpenSSL wants more bytes, and only then waits.
+
 Only one thread may use a TlsChannel (no lock): a connection whose replies pool threads send uses SharedTls.
 """
 
@@ -28,6 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from nbdproto.serving import RECV_SIZE
+
+from ._read_ahead import read_ahead
 
 __all__ = ["TlsChannel", "TLS_RECORD_SIZE"]
 
@@ -48,6 +53,7 @@ class TlsChannel:
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         sock.settimeout(0.0)
+        read_ahead(sock)
         self.sock = sock
         self._units: deque[Any] = deque()  # what send_queued writes, in order, each with one call into OpenSSL
         self._poll: Any = None  # made on the first wait (an event loop's driver never needs it)
