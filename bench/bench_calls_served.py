@@ -13,14 +13,16 @@ loop) is shared by as many as arrive together, which the machine's load moves: c
 request between runs, far less than timings do. A count is not a cost either: read it beside the timed
 benchmarks (bench/bench_proxy.sh, bench/bench_tls.py), never instead of them.
 
-    python bench/bench_calls_served.py [--requests 20000] [--rw randread|randwrite] [--top 30]
+    python bench/bench_calls_served.py [--requests 20000] [--rw randread|randwrite] [--bs 4k] [--top 30]
         [--upstream IMAGE | --image IMAGE] [--tls] [-- SERVE_OPTIONS...]
 
 ``--upstream IMAGE`` serves ``nbd://`` in front of ``nbdkit file IMAGE`` (a proxy: random writes change the
 image); else ``--image IMAGE`` (default: a 1 GiB file in /dev/shm, made if missing) is served. fio's requests
-span the image, up to 512 MiB of it. ``--tls`` makes throwaway certificates (trustme) and serves with ``--tls
-require``; fio then connects over nbds://. What follows ``--`` is passed to `nbdproto serve` (``--backend
-threads``, ``--backend anyio --loop asyncio``). Needs fio and nbdinfo, and nbdkit for ``--upstream``.
+span the image, up to 512 MiB of it, 4 KiB each unless ``--bs`` says otherwise (``--bs 256k --rw randwrite``:
+writes of nbdcopy's size, which a server receives in place on tmpfs; no more requests than the span holds).
+``--tls`` makes throwaway certificates (trustme) and serves with ``--tls require``; fio then connects over
+nbds://. What follows ``--`` is passed to `nbdproto serve` (``--backend threads``, ``--backend anyio --loop
+asyncio``). Needs fio and nbdinfo, and nbdkit for ``--upstream``.
 """
 
 from __future__ import annotations
@@ -67,12 +69,19 @@ def _child(out: str, serve: list[str]) -> None:
     sys.exit(main(["serve", *serve]))
 
 
+def _bytes(size: str) -> int:
+    """fio's size ``4k``, ``256k``, ``1m`` in bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20}
+    return int(size[:-1]) * units[size[-1].lower()] if size[-1:].lower() in units else int(size)
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rw", choices=["randread", "randwrite"], default="randread")
+    parser.add_argument("--bs", default="4k", help="fio's block size (default 4k; 256k: nbdcopy's requests)")
     parser.add_argument("--top", type=int, default=30, help="how many functions of each kind to list")
     parser.add_argument("--upstream", help="serve nbd:// in front of nbdkit's file plugin serving this image")
     parser.add_argument("--image", help="the image to serve (default: a 1 GiB file in /dev/shm)")
@@ -112,8 +121,10 @@ def main() -> int:
             server.send_signal(signal.SIGUSR1)
             time.sleep(0.2)
             size = min(512 << 20, os.path.getsize(args.upstream or source))
+            # fio's random requests cover each block once: no more requests than the span has blocks.
+            requests = args.requests = min(args.requests, size // _bytes(args.bs))
             subprocess.run(["fio", "--name=count", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
-                            f"--number_ios={args.requests}", f"--rw={args.rw}", "--bs=4k", "--iodepth=16",
+                            f"--number_ios={requests}", f"--rw={args.rw}", f"--bs={args.bs}", "--iodepth=16",
                             "--output-format=terse", "--terse-version=3"],
                            env=env, check=True, capture_output=True, timeout=600)  # fmt: skip
             server.send_signal(signal.SIGUSR2)

@@ -527,6 +527,23 @@ def test_a_stream_of_big_writes_is_taken_a_receive_at_a_time_without_the_event_l
         assert device.pwrites == (1 if in_place else 11)  # in place: the first write of the stream only
 
 
+def test_writes_handed_over_by_receives_in_a_row_are_all_carried_out_in_order(shm_file: str) -> None:
+    # A driver that receives twice before the next batch (none does now) loses no write handed over.
+    with CountingFile(shm_file) as device:
+        logic = _in_place_session(device)
+        _feed(logic, _writes(1, 2, 256 << 10) + request(Command.WRITE, 3, 3 << 18, 256 << 10))
+        for cookie in (3, 4):
+            buffers = logic.in_place_buffers()
+            assert buffers is not None and len(buffers) == 2
+            buffers[0][:] = bytes([cookie]) * (256 << 10)
+            buffers[1][:] = request(Command.WRITE, cookie + 1, (cookie + 1) << 18, 256 << 10)
+            logic.received_in_place(sum(len(b) for b in buffers))
+        batch: list[Any] = []
+        assert logic.next_batch(batch) is nbdproto.serving.BatchEnd.NEED_DATA
+        assert [(type(w), w.cookie) for w in batch] == [(WriteRequest, 3), (WriteRequest, 4)]
+        assert logic.engine.write_buffer() is not None  # write 5's payload is next
+
+
 def test_replies_wait_while_bytes_keep_coming_and_go_out_before_any_wait(shm_file: str) -> None:
     with CountingFile(shm_file) as device:
         logic = _in_place_session(device)

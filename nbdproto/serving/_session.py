@@ -96,7 +96,7 @@ class ServerSessionLogic(SessionTransmission):
         self._streamed_flags: dict[int, CommandFlags] = {}  # streamed writes' flags, until their last part
         self._receive_size = ReceiveSize()
         self._header_room = memoryview(bytearray(32))  # in_place_buffers: where the next request header lands
-        self._handed_write: WriteRequest | None = None  # received_in_place's whole write, for next_batch
+        self._handed_writes: list[WriteRequest] = []  # received_in_place's whole writes, for next_batch
         self._reply_buffers = None  # reuse_read_buffers
         self._lone_reads = None  # answer_lone_read's device, meta contexts and views, in inline_transmission
         self.outcome: str | ClientAborted | None = None

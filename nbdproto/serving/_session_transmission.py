@@ -70,6 +70,7 @@ class SessionTransmission(SessionPipelining):
     _receive_size: ReceiveSize
     _reply_buffers: ReplyBuffers | None
     _header_room: memoryview
+    _handed_writes: list[WriteRequest]
     _lone_reads: tuple[BlockDevice, Mapping[int, str], ReadView] | None
     _request_wait: float | None  # the limits as waits (ServerLimits.seconds), worked out once
     _idle_wait: float | None
@@ -193,7 +194,9 @@ class SessionTransmission(SessionPipelining):
         target = engine.write_buffer()
         into_target = 0 if target is None else min(count, len(target))
         write_size = engine.arriving_write_size if into_target else 0
-        self._handed_write = engine.received_in_place(count, self._header_room)
+        handed = engine.received_in_place(count, self._header_room)
+        if handed is not None:
+            self._handed_writes.append(handed)
         if into_target:
             receive_size.received(into_target, True, write_size)
         if count > into_target or not count:
@@ -251,10 +254,10 @@ class SessionTransmission(SessionPipelining):
         NBD_CMD_DISC is noted and not returned (the engine answers nothing to it, and stops reading). Parts of
         a streamed write (WritePayload) are work too, carried out like requests.
         """
-        handed, engine = self._handed_write, self.engine
-        if handed is not None:  # received_in_place's: it came before anything the engine holds
-            self._handed_write = None
-            batch.append(handed)
+        handed, engine = self._handed_writes, self.engine
+        if handed:  # received_in_place's: they came before anything the engine holds
+            batch.extend(handed)
+            handed.clear()
             if engine.write_buffer() is not None:  # the next write's payload is arriving: nothing else has
                 return BatchEnd.NEED_DATA
         next_requests = engine.next_requests
