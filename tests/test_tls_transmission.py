@@ -181,6 +181,18 @@ def test_large_payloads_go_to_openssl_as_they_are_and_records_are_filled(
     assert isinstance(units[1], memoryview) and units[1].obj is payload  # the payload itself, no copy of it
 
 
+def test_small_replies_are_sent_in_full_records(channel: tuple[TlsChannel, ssl.SSLSocket]) -> None:
+    tls, peer = channel
+    pieces = [piece for i in range(20) for piece in (bytes([i]) * 16, bytearray(_pattern(4096, i)))]  # 4 KiB reads
+    tls.queue(pieces)
+    units = list(tls._units)
+    whole = b"".join(pieces)
+    assert [len(u) for u in units] == [R] * (len(whole) // R) + [len(whole) % R]  # full records, then the rest
+    assert b"".join(units) == whole
+    tls.send([], timeout=10)
+    assert _read_all(peer, len(whole)) == whole
+
+
 def test_sends_wait_for_a_peer_that_reads_late_and_arrive_whole(channel: tuple[TlsChannel, ssl.SSLSocket]) -> None:
     tls, peer = channel
     pieces = [_pattern(5 << 20, 1), b"header" * 3, bytearray(_pattern(70_000, 2))]
@@ -225,6 +237,22 @@ def test_reply_buffers_are_filled_again_once_sent_and_bounded() -> None:
     buffers.sent()
     buffers.release()
     assert buffers.kept == 0
+
+
+def test_reply_buffers_of_mixed_sizes_are_kept_in_order_as_they_fit() -> None:
+    device = MemoryDevice(1 << 20)
+    sizes = [4096, 8192, 2048, 4096]
+    # Under a limit that takes them all, all of them; under 10000 bytes, the first that fit: 4096, then 2048.
+    for limit, hits in ((1 << 20, [True, True, True, True]), (10000, [True, False, True, False])):
+        buffers = ReplyBuffers(limit=limit)
+        read = buffers.reader(device)
+        made = [read(0, size) for size in sizes]
+        buffers.sent()
+        assert buffers.kept == sum(size for size, hit in zip(sizes, hits, strict=True) if hit)
+        again = [buffers.kept_for(size) for size in sizes]
+        assert [b is not None for b in again] == hits
+        assert {id(b) for b in again if b is not None} <= {id(b) for b in made}  # the very buffers, again
+        assert buffers.kept == 0
 
 
 def test_reply_buffers_hold_what_they_keep_from_the_connections_share() -> None:

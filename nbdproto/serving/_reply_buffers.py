@@ -103,17 +103,23 @@ class ReplyBuffers:
         """The replies of ``buffers`` are sent: keep them for reads to come, as many as ``limit`` and the share
         allow."""
         room = self._limit - self._kept
-        keep = []
-        total = 0
-        for buffer in buffers:
-            length = len(buffer)
-            if length <= room - total:
-                keep.append(buffer)
-                total += length
+        lengths = list(map(len, buffers))
+        total = sum(lengths)
+        keep = buffers
+        if total > room:  # as many as fit, in order
+            keep, total = [], 0
+            for buffer, length in zip(buffers, lengths, strict=True):
+                if length <= room - total:
+                    keep.append(buffer)
+                    total += length
         if not total or (self._share is not None and not self._share.try_take(total)):
             return
-        for buffer in keep:
-            self._free.setdefault(len(buffer), []).append(buffer)
+        free = self._free
+        if keep is buffers and lengths.count(lengths[0]) == len(lengths):  # all of one size (a client's usual)
+            free.setdefault(lengths[0], []).extend(buffers)
+        else:
+            for buffer in keep:
+                free.setdefault(len(buffer), []).append(buffer)
         self._kept += total
 
     def release(self) -> None:
