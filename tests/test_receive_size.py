@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -221,3 +222,23 @@ def test_the_threads_server_waits_for_a_quiet_client_with_a_small_buffer() -> No
     buffer = bytearray(256 << 10)
     device.pread_into(memoryview(buffer), 16 << 18)
     assert buffer == bytes([16]) * (256 << 10)
+
+
+@pytest.mark.parametrize("header_size", [28, 32])
+def test_a_payload_and_its_header_in_one_call_leave_the_size_as_two_calls_do(header_size: int) -> None:
+    """ReceiveSize.received_payload_and_header (ServerSessionLogic.received_in_place, when the engine handed a
+    write over) says what ``received`` says of the payload's part and then of the header's, from every state a
+    stream of writes of these sizes leads to."""
+    sizes = [RECV_SIZE - header_size - 1, RECV_SIZE - header_size, RECV_SIZE, RECV_SIZE + 1, 256 << 10, 4096]
+    for first in sizes:
+        for write_size in sizes:
+            one, two = ReceiveSize(), ReceiveSize()
+            for size in (one, two):
+                size.in_place(header_size)
+                size.received(first - header_size, True, first)  # a write before, then a header alone
+                size.received(header_size, False)
+            one.received_payload_and_header(write_size)
+            two.received(write_size - header_size, True, write_size)
+            two.received(header_size, False)
+            state = ("next", "streaming_in_place", "_streaming", "_write_size", "_header_received")
+            assert [getattr(one, a) for a in state] == [getattr(two, a) for a in state], (first, write_size)

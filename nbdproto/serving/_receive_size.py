@@ -31,10 +31,14 @@ class ReceiveSize:
     than RECV_SIZE (it stopped). Small writes, however many, never start it: their payloads fit in what a
     receive brings."""
 
-    __slots__ = ("next", "_streaming", "_write_size", "_header_size", "_header_received")
+    __slots__ = ("next", "streaming_in_place", "_streaming", "_write_size", "_header_size", "_header_received")
 
     def __init__(self) -> None:
         self.next = RECV_SIZE
+        self.streaming_in_place = False
+        """True while big writes stream in and are received in place (see ``in_place``): the next receive is of
+        a request header alone, and may be one with the rest of the payload before it
+        (ServerSessionLogic.in_place_buffers)."""
         self._streaming = False
         self._write_size = 0
         self._header_size = 0  # writes are received in place: a request header's size (0: they are not)
@@ -48,13 +52,7 @@ class ReceiveSize:
         RECV_SIZE, and ends with the payload of a smaller one, or when two receives of the stream come in a row
         (the header was not a write's)."""
         self._header_size = header_size
-
-    @property
-    def streaming_in_place(self) -> bool:
-        """True while big writes stream in and are received in place (see ``in_place``): the next receive is
-        of a request header alone, and may be one with the rest of the payload before it
-        (ServerSessionLogic.in_place_buffers)."""
-        return self._streaming and bool(self._header_size)
+        self.streaming_in_place = self._streaming and bool(header_size)
 
     @staticmethod
     def streaming(write_size: int) -> int:
@@ -94,3 +92,11 @@ class ReceiveSize:
             self.next = RECV_SIZE
         else:
             self.next = in_place or self.streaming(self._write_size)
+        self.streaming_in_place = self._streaming and bool(in_place)
+
+    def received_payload_and_header(self, write_size: int) -> None:
+        """In place (``in_place``): one receive brought the rest of the payload of a write of ``write_size``
+        bytes on the wire and the header after it, what ``received`` says of the two parts, in one call."""
+        self._write_size = write_size
+        self._streaming = self._header_received = self.streaming_in_place = write_size > RECV_SIZE
+        self.next = self._header_size if self._streaming else RECV_SIZE

@@ -93,6 +93,7 @@ class SessionTransmission(SessionPipelining):
             self.engine.write_view = write_view
         if write_view is not None or exact_receives:
             self._receive_size.in_place(self.engine.request_header_size)
+            self._header_room = self._header_room[: self.engine.request_header_size]  # (fixed in transmission)
 
     def read_view(self, *, kernel_sends: bool) -> ReadView | None:
         """The device's zero-copy read views, where they may be used: only when the driver hands buffers to
@@ -123,7 +124,7 @@ class SessionTransmission(SessionPipelining):
         and its payload's."""
         if not self._receive_size.streaming_in_place:
             return None
-        header = self._header_room[: self.engine.request_header_size]
+        header = self._header_room  # a request header's size, from write_in_place on
         target = self.engine.write_buffer()
         return [header] if target is None else [target, header]
 
@@ -197,6 +198,8 @@ class SessionTransmission(SessionPipelining):
         handed = engine.received_in_place(count, self._header_room)
         if handed is not None:
             self._handed_writes.append(handed)
+            receive_size.received_payload_and_header(write_size)
+            return
         if into_target:
             receive_size.received(into_target, True, write_size)
         if count > into_target or not count:
@@ -289,13 +292,14 @@ class SessionTransmission(SessionPipelining):
             kept = self._reply_buffers
             reader = kept.reader(device)
         # answer_lone_read's road: reads that take no budget (views) on a device called here (not batched).
-        self._lone_reads = None if batched or read_view is None else (device, engine.meta_contexts, read_view)
+        contexts = engine.meta_contexts  # (agreed before transmission: fixed from here on)
+        self._lone_reads = None if batched or read_view is None else (device, contexts, read_view)
         while True:
             end = self.next_batch(batch)
             if batched and batch:
                 yield from self._carry_out_batched(batch)
                 batch.clear()
-            contexts, on_error, shutting_down = engine.meta_contexts, self.on_device_error, self.shutting_down
+            on_error, shutting_down = self.on_device_error, self.shutting_down
             # Queued reply bytes: the driver's sent() sets them to 0 at every step but RECEIVE_READY (a driver sends
             # what is queued first), so they are read back after each step, and written back before RECEIVE_READY.
             queued = self._queued
