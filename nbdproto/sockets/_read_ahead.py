@@ -2,10 +2,10 @@
 
 Python's ssl module reads a TLS record with two system calls, its 5-byte header and then its body, and asks the
 socket for nothing more: libnbd sends each request in a record of its own, so sixteen pipelined 4 KiB writes
-cost a server 32 receives, a third of its CPU in the kernel. OpenSSL's read-ahead (SSL_set_read_ahead) has it
-ask the socket for as much as its buffer holds instead, and decrypt the records that came with it from there:
-4 KiB writes over TLS at QD16 went 12% faster at 10% less CPU, nbdcopy's writes took a tenth less CPU
-(bench/bench_tls.py, see docs/explanation/speed.md).
+cost a server 32 receives, a fifth of its CPU spent in the kernel receiving. OpenSSL's read-ahead
+(SSL_set_read_ahead) has it ask the socket for as much as its buffer holds instead, and decrypt the records that
+came with it from there: 4 KiB writes over TLS at QD16 went 12% faster at 10% less CPU, nbdcopy's writes took a
+tenth less CPU (bench/bench_tls.py, see docs/explanation/speed.md).
 
 The ssl module does not offer it, so it is set through ctypes on the ``SSL *`` that CPython's ``_ssl._SSLSocket``
 holds right after its weak reference to the socket (Modules/_ssl.c, the same from 3.10 to 3.13), and only once
