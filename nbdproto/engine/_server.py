@@ -70,7 +70,7 @@ class ServerConnection(ServerHandshake, ServerRequests, ServerReplies):
     def receiving_request(self) -> bool:
         """True while part of a request (or option) has arrived and the rest has not: a header, or some of a
         payload. A driver bounds how long it waits for the rest."""
-        return bool(len(self._buf) or self._skip or self._write_rest is not None or self._into is not None)
+        return bool(self._buf.size or self._skip or self._write_rest is not None or self._into is not None)
 
     def write_buffer(self) -> memoryview | None:
         """Where the next bytes from the client belong when they are the rest of a write's payload: the unfilled

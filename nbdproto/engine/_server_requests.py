@@ -82,7 +82,7 @@ class ServerRequests(ServerBase):
             and len(data) == codec.size
             and self._phase is _TRANSMISSION
             and not self._in_flight
-            and not len(self._buf)
+            and not self._buf.size
             and self._payload_event is None
             and self._write_rest is None
             and self._into is None
@@ -125,7 +125,7 @@ class ServerRequests(ServerBase):
             or type(event) is not WriteRequest
             or count != len(into) + size
             or self._events
-            or len(self._buf)
+            or self._buf.size
             or self._phase is not _TRANSMISSION
             or not self._fast_paths
         ):
@@ -196,7 +196,7 @@ class ServerRequests(ServerBase):
                 buf.skip(header_size)
                 event: Request = ReadRequest(cookie, offset, length, _NO_FLAGS)
                 in_flight[cookie] = event
-                if len(buf) >= header_size:
+                if buf.size >= header_size:
                     self._queue_requests()
                 return event
             # The next most common: a valid WRITE (FUA allowed where advertised), its payload all here or not.
@@ -210,11 +210,11 @@ class ServerRequests(ServerBase):
                 and not (offset | length) % self._min_block
             ):
                 buf.skip(header_size)
-                if len(buf) < length:
+                if buf.size < length:
                     return self._arriving_write(flags, cookie, offset, length)
                 event = WriteRequest(cookie, offset, buf.take(length), _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN])
                 in_flight[cookie] = event
-                if len(buf) >= header_size:
+                if buf.size >= header_size:
                     self._queue_requests()
                 return event
             if self.extended_headers:
@@ -231,7 +231,7 @@ class ServerRequests(ServerBase):
                     self._skip = payload - buf.skip(payload)
                     self._reject(cookie, Errno.EINVAL, f"write of {payload} bytes exceeds the maximum payload")
                     continue
-                if len(buf) < header_size + payload:
+                if buf.size < header_size + payload:
                     if command != _WRITE:
                         return self._closed_or_need_data()
                     if self._refused_write(header_size, flags, cookie, offset, payload):
@@ -327,7 +327,7 @@ class ServerRequests(ServerBase):
         """A checked WRITE (its header taken) whose payload has not all arrived: received in place when none of
         it has and the application gave a ``write_view`` for it, else streamed or into a buffer of its own."""
         write_view = self.write_view
-        if write_view is not None and not len(self._buf):
+        if write_view is not None and not self._buf.size:
             view = write_view(offset, payload)
             if view is not None:
                 return self._fill_own_buffer(flags, cookie, offset, payload, view)
@@ -340,7 +340,7 @@ class ServerRequests(ServerBase):
         """A checked WRITE (its header taken) too large to wait for: its payload handed over in parts as it
         arrives."""
         buf = self._buf
-        data = buf.take_some(payload) if len(buf) else memoryview(b"")
+        data = buf.take_some(payload) if buf.size else memoryview(b"")
         self._write_rest = (cookie, offset + len(data), payload - len(data))
         event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], True)
         self._in_flight[cookie] = event
@@ -373,7 +373,7 @@ class ServerRequests(ServerBase):
             view = memoryview(data)
         else:
             data = view = in_place
-        have = len(buf)
+        have = buf.size
         if have:
             view[:have] = buf.take(have)
         self._into = view[have:]
@@ -385,7 +385,7 @@ class ServerRequests(ServerBase):
     def _write_payload(self) -> Event | type[NEED_DATA]:
         """The next part of the streamed write's payload, as much as has arrived."""
         buf = self._buf
-        if not len(buf):
+        if not buf.size:
             return self._closed_or_need_data()
         cookie, offset, left = self._write_rest  # type: ignore[misc]
         data = buf.take_some(left)

@@ -16,18 +16,19 @@ __all__ = ["ReceiveBuffer"]
 
 
 class ReceiveBuffer:
-    """Chunks of received bytes with a read position; ``len()`` is the number of unread bytes."""
+    """Chunks of received bytes with a read position; ``len()`` is the number of unread bytes, and so is
+    ``size`` (an attribute: the engine's hot paths read it without a call)."""
 
-    __slots__ = ("_head", "_pos", "_rest", "_size")
+    __slots__ = ("_head", "_pos", "_rest", "size")
 
     def __init__(self) -> None:
         self._head: bytes = b""
         self._pos = 0
         self._rest: deque[bytes] = deque()
-        self._size = 0
+        self.size = 0
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes. ``bytes`` are kept as they are; other buffers are copied once (the caller may reuse them)."""
@@ -39,7 +40,7 @@ class ReceiveBuffer:
             self._head, self._pos = data, 0
         else:
             self._rest.append(data)
-        self._size += len(data)
+        self.size += len(data)
 
     def _gather(self, n: int) -> None:
         # Make the head chunk hold at least n unread bytes (n <= len(self)).
@@ -54,7 +55,7 @@ class ReceiveBuffer:
     def header(self, codec: HeaderCodec) -> tuple[int, ...] | None:
         """Unpack a fixed-size header at the read position without consuming it; None if not all here yet."""
         if len(self._head) - self._pos < codec.size:
-            if self._size < codec.size:
+            if self.size < codec.size:
                 return None
             self._gather(codec.size)
         return codec.unpack_from(self._head, self._pos)
@@ -72,7 +73,7 @@ class ReceiveBuffer:
 
     def skip(self, n: int) -> int:
         """Consume up to n bytes without looking at them; returns how many were consumed."""
-        n = min(n, self._size)
+        n = min(n, self.size)
         left = n
         while left:
             avail = len(self._head) - self._pos
@@ -82,7 +83,7 @@ class ReceiveBuffer:
             left -= avail
             self._head = self._rest.popleft() if self._rest else b""
             self._pos = 0
-        self._size -= n
+        self.size -= n
         return n
 
     def take(self, n: int) -> memoryview:
@@ -92,7 +93,7 @@ class ReceiveBuffer:
         pos = self._pos
         view = memoryview(self._head)[pos : pos + n]
         self._pos = pos + n
-        self._size -= n
+        self.size -= n
         if self._pos == len(self._head) and self._rest:
             self._head, self._pos = self._rest.popleft(), 0
         return view
@@ -106,12 +107,12 @@ class ReceiveBuffer:
         n = min(n, len(self._head) - pos)
         view = memoryview(self._head)[pos : pos + n]
         self._pos = pos + n
-        self._size -= n
+        self.size -= n
         if self._pos == len(self._head) and self._rest:
             self._head, self._pos = self._rest.popleft(), 0
         return view
 
     def take_all(self) -> bytes:
         """Consume and return every unread byte (used when a phase ends with bytes left over)."""
-        data = self.take(self._size).tobytes() if self._size else b""
+        data = self.take(self.size).tobytes() if self.size else b""
         return data
