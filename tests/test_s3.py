@@ -406,3 +406,38 @@ def test_reopening_with_another_object_size_is_refused_at_start_up(s3_store: Sea
     assert key in line and "objects of 65536 bytes" in line and "not 1048576" in line, line
     with open_image(s3_store, key, 4 * MIB, 64 * KIB) as same:  # the size it was made with still opens it
         assert read_all(same)[3 * MIB : 3 * MIB + 10] == b"x" * 10
+
+
+@pytest.mark.timeout(180)
+def test_the_store_starts_again_with_new_ports_when_one_was_taken(
+    s3_store: SeaweedFS, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """tests/s3server.py chooses free ports, then weed binds them: a port another process took meanwhile (CI's
+    parallel workers connect out from the same range) makes weed exit, and the start is tried again with new
+    ports instead of failing every test of the session (it did, once, in CI)."""
+    import socket
+
+    import tests.s3server as s3server
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real, chosen = s3server._free_ports, []
+
+    def first_taken(count: int) -> list[int]:
+        ports = real(count)
+        if not chosen:  # the volume server's port (the third), taken
+            ports[2] = taken.getsockname()[1]
+        chosen.append(ports)
+        return ports
+
+    monkeypatch.setattr(s3server, "_free_ports", first_taken)
+    try:
+        store = SeaweedFS.start(str(tmp_path))
+    finally:
+        taken.close()
+    try:
+        assert len(chosen) == 2  # the first start failed on its port, the second served
+        assert store.client().list_objects_v2(Bucket=store.bucket)["KeyCount"] == 0
+    finally:
+        store.stop()
