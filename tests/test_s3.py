@@ -419,10 +419,10 @@ def test_the_store_starts_again_with_new_ports_when_one_was_taken(
 
     import tests.s3server as s3server
 
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
     real, chosen = s3server._free_ports, []
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", real(1)[0]))  # a port weed could have had (its gRPC port, 10000 above, valid)
+    taken.listen()
 
     def first_taken(count: int) -> list[int]:
         ports = real(count)
