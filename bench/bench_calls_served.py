@@ -69,12 +69,6 @@ def _child(out: str, serve: list[str]) -> None:
     sys.exit(main(["serve", *serve]))
 
 
-def _bytes(size: str) -> int:
-    """fio's size ``4k``, ``256k``, ``1m`` in bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20}
-    return int(size[:-1]) * units[size[-1].lower()] if size[-1:].lower() in units else int(size)
-
-
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3:])
@@ -89,6 +83,7 @@ def main() -> int:
     parser.add_argument("serve", nargs="*", help="options for `nbdproto serve`, after --")
     args = parser.parse_args()
     from bench_table import free_port, image, wait_answering, with_timeout_stop
+    from bench_tls import parse_size
 
     port = free_port()
     env = dict(os.environ)
@@ -122,7 +117,7 @@ def main() -> int:
             time.sleep(0.2)
             size = min(512 << 20, os.path.getsize(args.upstream or source))
             # fio's random requests cover each block once: no more requests than the span has blocks.
-            requests = args.requests = min(args.requests, size // _bytes(args.bs))
+            requests = args.requests = min(args.requests, size // parse_size(args.bs))
             subprocess.run(["fio", "--name=count", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
                             f"--number_ios={requests}", f"--rw={args.rw}", f"--bs={args.bs}", "--iodepth=16",
                             "--output-format=terse", "--terse-version=3"],

@@ -103,13 +103,10 @@ class SeaweedFS:
         """A store started in ``directory``. The ports are chosen free, then bound by weed a moment later:
         another process's outgoing connection can take one meanwhile (they come from the same ephemeral
         range), and weed exits. That, and only that, is tried again with new ports, ``attempts`` times at most."""
-        for attempt in range(attempts):
-            try:
+        for _ in range(attempts - 1):
+            with contextlib.suppress(_PortTaken):
                 return cls._start(directory, startup)
-            except _PortTaken:
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return cls._start(directory, startup)
 
     @classmethod
     def _start(cls, directory: str, startup: float) -> SeaweedFS:

@@ -55,20 +55,38 @@ def _serve(
     lone: bool = False,
     after_in_place: str = "",
     own_buffer: bool = False,
+    stream_writes_over: int | None = None,
 ) -> tuple[Any, bytes]:
     """The events and reply bytes of ``data``, taken by the usual road or the one-request road (``lone``); or,
     with ``after_in_place``, right behind a write whose payload arrives in place (ServerConnection.write_view):
     that payload and the header of ``data`` in one receive, taken by ServerConnection.received_in_place
     ("one call") or by ``received_into`` and ``receive_data`` ("two calls"), the rest of ``data`` after; with
-    ``own_buffer``, no write is received in place: the payload arrives into a buffer of its own."""
-    s = kind()
+    ``own_buffer``, no write is received in place: the payload arrives into a buffer of its own (or, over
+    ``stream_writes_over`` bytes, is handed over in parts)."""
+    s = kind(stream_writes_over=stream_writes_over)
     joined(s)
     exp = export(flags=flags, minimum_block_size=minimum, preferred_block_size=max(minimum, 4096))
     contexts = () if mode == "simple" else (n.BASE_ALLOCATION,)
     extended = mode == "extended"
     handshake(s, structured=mode != "simple", extended=extended, exp=exp, contexts=contexts)
     seen: list[Any] = []
-    first: Any = None
+
+    def take(first: Any = None) -> bool:
+        """Record the events until the engine wants bytes or waits; False once it is over (or broken)."""
+        events = iter([first] if first is not None else [])
+        while True:
+            try:
+                event = next(events, None) or s.next_event()
+            except n.RemoteProtocolError as exc:
+                seen.append(str(exc))
+                return False
+            if event is n.NEED_DATA or event is n.PAUSED:
+                return True
+            if isinstance(event, n.ConnectionClosed):
+                return False
+            seen.append((type(event).__name__, getattr(event, "cookie", None), getattr(event, "offset", None),
+                         bytes(getattr(event, "data", b"")), getattr(event, "flags", None)))  # fmt: skip
+
     if after_in_place:
         if not own_buffer:
             s.write_view = lambda offset, length: memoryview(bytearray(length))  # (a device's storage)
@@ -77,6 +95,7 @@ def _serve(
         assert s.next_event() is n.NEED_DATA
         target, size = s.write_buffer(), len(request(0, 0, extended=extended))
         payload = bytes(range(256)) * (LEAD // 256)
+        first: Any = None
         if target is None:  # refused (a read-only export): its payload is skipped as it arrives
             s.receive_data(payload + data[:size])
         elif after_in_place == "one call":
@@ -87,21 +106,13 @@ def _serve(
             target[:] = payload
             s.received_into(LEAD)
             s.receive_data(data[:size])
-        if len(data) > size:
+        # The header is taken before the rest arrives, as a server's next batch takes it (a write's payload
+        # then arrives into its buffer, or in parts), and then the rest.
+        if take(first) and len(data) > size:
             s.receive_data(data[size:])
+            take()
     else:
-        first = s.receive_lone_read(data) if lone else s.receive_data(data)  # the one-request road, or the usual one
-    events = iter([first] if first is not None else [])
-    while True:
-        try:
-            event = next(events, None) or s.next_event()
-        except n.RemoteProtocolError as exc:
-            seen.append(str(exc))
-            break
-        if event is n.NEED_DATA or event is n.PAUSED or isinstance(event, n.ConnectionClosed):
-            break
-        seen.append((type(event).__name__, getattr(event, "cookie", None), getattr(event, "offset", None),
-                     bytes(getattr(event, "data", b"")), getattr(event, "flags", None)))  # fmt: skip
+        take(s.receive_lone_read(data) if lone else s.receive_data(data))  # the one-request road, or the usual one
     return seen, b"".join(bytes(piece) for piece in s.data_to_send())
 
 
@@ -127,11 +138,16 @@ def test_the_fast_paths_answer_as_the_full_check_does(mode: str, flags: int, min
     assert fast == full == lone
     # Right behind a write received in place: the road that takes its payload and this header in one call.
     # Cookie 1 is the write's before it, in flight still; a magic with its lowest bit flipped is no request's.
-    for own_buffer, cookie, bad_magic in ((False, 7, False), (True, 7, False), (False, 1, False), (False, 7, True)):
+    # Writes over LEAD bytes streamed in parts, the one before them not.
+    for own_buffer, cookie, bad_magic, streams in (
+        (False, 7, False, None), (True, 7, False, None), (True, 7, False, LEAD), (False, 1, False, None),
+        (False, 7, True, None),
+    ):  # fmt: skip
         header = bytearray(request(command, cookie, offset, length, request_flags, extended=extended))
         header[3] ^= bad_magic
         data = bytes(header) + payload
-        roads = [_serve(kind, mode, flags, minimum, data, after_in_place=road, own_buffer=own_buffer)
+        roads = [_serve(kind, mode, flags, minimum, data, after_in_place=road, own_buffer=own_buffer,
+                        stream_writes_over=streams)
                  for kind, road in ((ServerConnection, "one call"), (ServerConnection, "two calls"),
                                     (_FullCheckOnly, "two calls"))]  # fmt: skip
         assert roads[0] == roads[1] == roads[2]

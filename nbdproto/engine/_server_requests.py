@@ -108,9 +108,10 @@ class ServerRequests(ServerBase):
         """The driver received ``count`` bytes into ``write_buffer()`` (the rest of a write's payload: in place,
         see ``write_view``, or into the payload's own buffer) and then into ``header`` (room for a request
         header), with one receive. When they are the whole rest of that payload and one whole header, the write
-        is returned, handed over here (no ``next_requests`` returns it), and the header is taken: a WRITE whose
-        payload ``_arriving_write`` would receive whole (in place, or into a buffer of its own) gets its
-        ``write_buffer()`` at once (then nothing else has arrived: ``next_requests`` would say NEED_DATA).
+        is returned, handed over here (no ``next_requests`` returns it), and the header is taken: a valid WRITE
+        goes to ``_arriving_write`` at once (received in place or into a buffer of its own: its
+        ``write_buffer()`` is ready, and nothing else has arrived, so ``next_requests`` would say NEED_DATA;
+        streamed in parts: its first part waits for ``next_requests``).
         Otherwise None: the bytes are taken as ``received_into`` and ``receive_data`` take them (0: the client
         closed), for ``next_requests``.
 
@@ -147,12 +148,10 @@ class ServerRequests(ServerBase):
             and not (offset | length) % self._min_block
             and cookie not in self._in_flight
         ):
-            # As _arriving_write takes it, but a write too big to wait for (streamed in parts) takes the usual road.
-            write_view, streams = self.write_view, self._stream_writes_over
-            view = None if write_view is None else write_view(offset, length)
-            if view is not None or streams is None or length <= streams:
-                self._fill_own_buffer(flags, cookie, offset, length, view)
-                return event
+            arrived = self._arriving_write(flags, cookie, offset, length)  # (nothing of its payload is here)
+            if isinstance(arrived, Event):  # a write streamed in parts: its first, for next_requests
+                self._events.append(arrived)
+            return event
         self._buf.append(bytes(header[:size]))  # for next_requests, whatever it is
         return event
 

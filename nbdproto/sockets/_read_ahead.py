@@ -35,9 +35,10 @@ _POINTER = ctypes.sizeof(ctypes.c_void_p)
 
 def read_ahead(sock: ssl.SSLSocket) -> bool:
     """Turn OpenSSL's read-ahead on for ``sock`` (see the module docstring); whether it is on."""
-    functions = _openssl()
-    sslobj = getattr(sock, "_sslobj", None)
-    if functions is None or sslobj is None or not _LAYOUTS_KNOWN:
+    if not _LAYOUTS_KNOWN:
+        return False
+    functions, sslobj = _openssl(), getattr(sock, "_sslobj", None)
+    if functions is None or sslobj is None:
         return False
     ctrl, context_of = functions
     ssl_pointer = ctypes.c_void_p.from_address(id(sslobj) + _HEAD + _POINTER).value
