@@ -21,11 +21,30 @@ from tests.waiting import tcp_listening, unix_listening, wait_until
 CLI = [sys.executable, "-m", "nbdproto"]
 
 
+_PORT_BASE = 12000
+_PORTS_PER_WORKER = 2000
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+_first = _PORT_BASE + (int(_worker[2:]) % 10 if _worker[2:].isdigit() else 0) * _PORTS_PER_WORKER
+_turn = [os.getpid() % _PORTS_PER_WORKER]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback port for a server this test starts (or for nothing to listen on): free now, and one no other
+    test of the run is given. A port the kernel picks (bind to port 0) comes from the range every outgoing
+    connection takes its port from, and another pytest-xdist worker may be given it the moment it is let go: a
+    server started on it then lost the race to another test's server, and the test talked to the wrong one
+    (a qemu-nbd with TLS answered by a plain one). Here each worker takes ports from a block of its own, below
+    the kernel's range (32768 and up), in turn, each checked free."""
+    for _ in range(_PORTS_PER_WORKER):
+        port = _first + _turn[0]
+        _turn[0] = (_turn[0] + 1) % _PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise AssertionError(f"no free port in {_first}-{_first + _PORTS_PER_WORKER - 1}")
 
 
 def wait_for_port(port: int | str, proc: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:

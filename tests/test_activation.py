@@ -25,6 +25,7 @@ from nbdproto.cli import main
 from nbdproto.sockets import ActivatedServer, activated_sockets
 from tests.activation import ended, spawn_activated, wait_for_exit
 from tests.conftest import PEER_ENV
+from tests.remotes import free_port
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,9 +90,7 @@ def test_serve_takes_the_sockets_systemd_passes(backend: str, tmp_path: Any, pee
     # systemd's own implementation of a .socket unit with a TCP and a unix ListenStream=: it listens, and on the
     # first connection execs the service with the sockets as descriptors 3 and 4.
     peers("systemd-socket-activate")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     path = str(tmp_path / "nbd.sock")
     manager = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", path, "--fdname=tcp:unix",

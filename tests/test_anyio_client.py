@@ -191,10 +191,7 @@ async def test_large_reads_land_in_the_callers_buffers_over_tcp_v4_v6_and_unix(w
 
 
 async def test_connecting_to_nothing_is_connection_refused() -> None:
-    import socket
+    from tests.remotes import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with pytest.raises(ConnectionRefusedError):
-        await na.connect(f"nbd://127.0.0.1:{port}/")
+        await na.connect(f"nbd://127.0.0.1:{free_port()}/")

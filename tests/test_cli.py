@@ -23,6 +23,7 @@ import nbdproto as n
 import nbdproto_threads as nt
 from tests.capture import nbdkit
 from tests.conftest import PEER_ENV
+from tests.remotes import free_port
 from tests.serving import make_pki
 from tests.waiting import wait_until
 
@@ -138,10 +139,7 @@ def test_port_in_use_is_a_clear_error() -> None:
 
 
 def test_unreachable_server_is_one_line() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = run_cli("info", f"nbd://127.0.0.1:{port}/", timeout=30)
+    result = run_cli("info", f"nbd://127.0.0.1:{free_port()}/", timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 

@@ -23,6 +23,7 @@ import pytest
 
 import nbdproto
 from tests.conftest import PEER_ENV
+from tests.remotes import free_port
 from tests.serving import make_pki
 from tests.test_cli import serving
 from tests.waiting import wait_until
@@ -53,13 +54,6 @@ def one_line(result: subprocess.CompletedProcess[str], status: int, *words: str)
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def sha256(path: Path) -> str:

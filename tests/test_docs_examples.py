@@ -17,12 +17,13 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+
+from tests.remotes import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -49,12 +50,6 @@ SHELL = [
 COMMANDS = re.compile(r"^\s*(\$ )?(sudo )?(nbdproto|nbdinfo|nbdcopy|nbdkit|qemu-\w+|python3?|pip|sphinx-build) ", re.M)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _environment() -> dict[str, str]:
     bin_dir = os.path.dirname(sys.executable)
     return {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/usr/sbin:{os.environ.get('PATH', '')}"}
@@ -75,7 +70,7 @@ def test_docs_python_example_runs(
         subprocess.run(made, check=True, timeout=30)
     if "nbdkit" in code:
         peers("nbdkit")
-    code = code.replace("10809", str(_free_port()))
+    code = code.replace("10809", str(free_port()))
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, cwd=tmp_path, env=env
     )
@@ -90,7 +85,7 @@ def test_docs_commands_run(script: str, tmp_path: pathlib.Path, peers: Any) -> N
     peers("nbdinfo", "nbdcopy", "nbdkit", "qemu-img", "qemu-nbd", "openssl")
     if "nbdproto fuse" in script and not os.path.exists("/dev/fuse"):
         peers("/dev/fuse")  # fails under NBDPROTO_REQUIRE_PEERS, skips elsewhere
-    script = "set -euo pipefail\n" + script.replace("10809", str(_free_port()))
+    script = "set -euo pipefail\n" + script.replace("10809", str(free_port()))
     process = subprocess.Popen(
         ["bash", "-c", script],
         stdout=subprocess.PIPE,

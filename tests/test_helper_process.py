@@ -18,6 +18,7 @@ import nbdproto_threads
 from tests.activation import ended, spawn_activated, wait_for_exit
 from tests.conftest import PEER_ENV
 from tests.forkserver import ForkServer
+from tests.remotes import free_port
 from tests.waiting import unix_listening, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -159,10 +160,7 @@ def test_fork_returns_only_once_connectable(tmp_path: Any) -> None:
 
 def test_fork_fails_with_the_childs_status_and_error(tmp_path: Any) -> None:
     # The re-exported server refuses the connection: the forked child fails opening its export.
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    result = run(*SERVE, f"nbd://127.0.0.1:{port}/", "--socket", str(tmp_path / "s"), "--fork")
+    result = run(*SERVE, f"nbd://127.0.0.1:{free_port()}/", "--socket", str(tmp_path / "s"), "--fork")
     assert result.returncode == 1 and "nbdproto serve:" in result.stderr and result.stdout == ""
     assert not (tmp_path / "s").exists()
 

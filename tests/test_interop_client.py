@@ -7,7 +7,6 @@ import concurrent.futures
 import contextlib
 import errno
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ import nbdproto.devices
 import nbdproto_threads as nt
 from tests.capture import nbdkit
 from tests.conftest import PEER_ENV
+from tests.remotes import free_port
 from tests.serving import make_pki
 from tests.waiting import tcp_listening, wait_until
 
@@ -119,9 +119,7 @@ def test_list_exports_from_nbdkit(peers: Any) -> None:
 
 @contextlib.contextmanager
 def qemu_nbd(image: str, fmt: str, *extra: str) -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         ["qemu-nbd", "-f", fmt, "-b", "127.0.0.1", "-p", str(port), "-x", "disk", "-t", *extra, image],
         env=PEER_ENV,
@@ -180,9 +178,7 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def nbd_server(image: str, tmp_path: Any) -> Iterator[int]:
     """nbd-server in the foreground (-d), which serves one client and then exits."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / f"nbd-server-{port}.conf"
     config.write_text(
         f"[generic]\nlistenaddr = 127.0.0.1\nport = {port}\nallowlist = true\n"

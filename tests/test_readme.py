@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 from typing import Any
 
 import pytest
 
+from tests.remotes import free_port
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_the_readme_has_examples() -> None:
@@ -29,7 +24,7 @@ def test_the_readme_has_examples() -> None:
 
 @pytest.mark.parametrize("code", EXAMPLES, ids=[f"example {i + 1}" for i in range(len(EXAMPLES))])
 def test_readme_example_runs(code: str, tmp_path: pathlib.Path, peers: Any) -> None:
-    code = code.replace("10809", str(_free_port()))
+    code = code.replace("10809", str(free_port()))
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
     if "disk.qcow2" in code:
         peers("qemu-img", "qemu-nbd")
