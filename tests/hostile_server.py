@@ -161,6 +161,8 @@ class Case:
     block_status: Reply = good_status
     handshake_only: bool = False
     """The violation is in the handshake: the command line's ``info`` shows it (else ``copy`` does)."""
+    replies_together: int = 1
+    """Hold the replies until this many requests have come, then send them all with one send (a burst)."""
 
     def __str__(self) -> str:
         return self.name
@@ -251,6 +253,7 @@ class _Script:
 
     def transmission(self) -> None:
         wire = self.wire
+        held: list[bytes] = []
         while True:
             if wire.extended:
                 _, flags, command, cookie, offset, length = h.EXTENDED_REQUEST.unpack_from(self.recv(32))
@@ -267,6 +270,12 @@ class _Script:
                 answer = self.case.block_status(wire, request)
             else:
                 answer = wire.success(request)
+            if self.case.replies_together > 1:
+                held.append(answer)
+                if len(held) == self.case.replies_together:
+                    self.sock.sendall(b"".join(held))
+                    held.clear()
+                continue
             if isinstance(answer, Parts):
                 quarter = len(answer) // 4
                 for start in range(0, len(answer), quarter):

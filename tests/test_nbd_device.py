@@ -567,3 +567,42 @@ def test_a_read_reply_that_arrives_in_parts_is_received_whole(monkeypatch: pytes
         finally:
             device.close()
     assert len(counts) == 1 and counts[0] > SIZE // 2, counts
+
+
+def test_replies_after_a_read_payload_are_taken_in_the_same_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a read's payload is in, the reader thread takes what has arrived after it (the next reply's header,
+    at most AFTER_PAYLOAD bytes) in the same turn, without waiting: each big read in a burst was two turns of
+    the reader's loop (locks, a pass of the engine, a hand-over), the header's and the payload's
+    (bench/bench_proxy.sh, nbdcopy through a proxy). Here the remote sends eight replies of 72 KiB (more than
+    a receive takes, so each payload is received in place) with one send: one wait-for-payload receive each,
+    and the first, not two each."""
+    turns: list[int] = []
+    real = nbdproto.devices._nbdwire.Wire._receive
+
+    def counted(wire: Any, target: Any) -> Any:
+        got = real(wire, target)
+        if got is not None:
+            turns.append(0 if target is None else len(target))
+        return got
+
+    monkeypatch.setattr(nbdproto.devices._nbdwire.Wire, "_receive", counted)
+    count, size = 8, 72 << 10
+    assert size > nbdproto.serving.RECV_SIZE
+    content = bytes(range(251)) * (count * size // 251 + 1)  # (251: no two reads alike)
+
+    def read(wire: Any, request: Any) -> bytes:
+        data = content[request.offset : request.offset + request.length]
+        return wire.data(request, request.offset, data) if wire.structured else wire.simple(request, data=data)
+
+    case = Case("burst", None, size=count * size, read=read, replies_together=count)
+    with serve_case(case) as uri:
+        device = NbdDevice(uri, connections=1, timeout=30)
+        try:
+            buffers = [memoryview(bytearray(size)) for _ in range(count)]
+            calls = [nbdproto.DeviceCall("pread_into", (buffer, i * size)) for i, buffer in enumerate(buffers)]
+            assert device.call_batch(calls) == [None] * count
+            for i, buffer in enumerate(buffers):
+                assert buffer == content[i * size : (i + 1) * size]
+        finally:
+            device.close()
+    assert len(turns) <= count + count // 2, turns  # 2 * count before: each reply's header had a turn of its own
