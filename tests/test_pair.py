@@ -311,7 +311,8 @@ def test_read_into_the_callers_buffer_across_holes(mode: str) -> None:
 )
 def test_read_payloads_received_straight_into_the_buffer(mode: str, holes: bool, cuts: list[int]) -> None:
     """A driver that recv_into()s read_buffer() gets the same replies, in the caller's buffers, as one that
-    passes every byte to receive_data, however the bytes are cut."""
+    passes every byte to receive_data, however the bytes are cut; arriving_read_size names the read's length
+    while its data arrives there."""
     p = Pair()
     p.connect(mode)
     p.hole_reads = holes
@@ -327,6 +328,7 @@ def test_read_payloads_received_straight_into_the_buffer(mode: str, holes: bool,
         size = min(cuts[turn % len(cuts)], len(stream) - at)
         turn += 1
         target = client.read_buffer()
+        assert client.arriving_read_size == (0 if target is None else 6144)  # the read's length, while it arrives
         if target is not None:
             size = min(size, len(target))
             target[:size] = stream[at : at + size]  # what recv_into would do

@@ -72,6 +72,14 @@ class ClientReplies(ClientRequesting):
         never copied in Python; passing them to ``receive_data`` is equally correct."""
         return self._into
 
+    @property
+    def arriving_read_size(self) -> int:
+        """The length of the READ whose data is arriving into ``read_buffer()``, else 0: a driver that knows a
+        big read's data is arriving can expect another big reply after it (nbdproto.devices' NbdDevice takes the
+        next reply's header in the same turn then)."""
+        pending = self._direct_pending
+        return 0 if pending is None or self._into is None else pending.length
+
     def _start_direct(self, pending: Pending, destination: memoryview, done: bool) -> type[NEED_DATA]:
         # The header is consumed; what has arrived of the payload is copied, the rest will land in place.
         buf = self._buf
