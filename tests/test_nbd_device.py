@@ -579,7 +579,7 @@ def test_replies_after_a_read_payload_are_taken_in_the_same_turn(
     payload's (bench/bench_proxy.sh, nbdcopy through a proxy). Here the remote sends eight replies of 72 KiB
     (each payload received in place) with one send: a receive each, and the first, where it took 17. Small
     replies keep their receives of RECV_SIZE, dozens each: a burst of 32 replies of 4 KiB takes a few, where a
-    small receive after the one that arrived in parts made each of them a turn of its own (64 receives)."""
+    small receive after the one that arrived in parts made each of them a turn of its own (19 receives)."""
     turns: list[int] = []
     real = nbdproto.devices._nbdwire.Wire._receive
 
