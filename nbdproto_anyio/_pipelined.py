@@ -174,7 +174,7 @@ class _Replies:
         self._budget.done(cost, len(replies))
         self._session._share.give(cost)  # first: the buffers kept next are held from the share
         if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
-            self._session.logic.pipeline_sent(replies)
+            self._session.logic.pipeline_sent(replies, self._budget.budget.bytes)
 
     async def wait(self, waiting: Awaitable[None]) -> None:
         """Await ``waiting`` (for the budget), with replies that other threads send meanwhile given back."""

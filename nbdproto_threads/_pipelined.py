@@ -92,7 +92,7 @@ class _Replies:
             self._budget.done(cost, len(replies))
             self._session._share.give(cost)  # first: the buffers kept next are held from the share
             if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
-                self._session.logic.pipeline_sent(replies)
+                self._session.logic.pipeline_sent(replies, self._budget.bytes)
             if self.waiting:
                 self.room.notify_all()
 

@@ -11,6 +11,7 @@ import nbdproto
 from nbdproto import Command
 from nbdproto.devices import MemoryDevice
 from nbdproto.serving import (
+    KEPT_REPLY_BYTES,
     STREAM_WRITES_OVER,
     CarryOutPart,
     MemoryBudget,
@@ -160,7 +161,7 @@ def test_the_buffers_of_reads_sent_are_filled_again_and_held_from_the_share() ->
     (first,) = _answered(logic, pipeline, reads(0), budget, share)
     buffer = first.data.obj
     assert bytes(first.data) == bytes(4 * KIB) and share.held == 0
-    logic.pipeline_sent([first])
+    logic.pipeline_sent([first], budget.bytes)
     assert share.held == 4 * KIB  # kept
     (second,) = _answered(logic, pipeline, reads(1), budget, share)
     assert second.data.obj is buffer and bytes(second.data) == bytes(range(256)) * 16
@@ -177,7 +178,7 @@ def test_kept_buffers_give_their_share_back_before_a_read_would_wait() -> None:
     pipeline = logic.pipeline(lambda: None)
     budget = RequestBudget(16, MIB)
     sent = _answered(logic, pipeline, reads(*range(4), length=256 * KIB), budget, share)
-    logic.pipeline_sent(sent)
+    logic.pipeline_sent(sent, budget.bytes)
     assert share.held == MIB
     steps = described(logic.pipelined_batch(batch_of(logic, reads(1, length=512 * KIB)), budget, share))
     assert steps == [("start", [1], [512 * KIB])]  # no wait: the kept MiB went back
@@ -193,11 +194,11 @@ def test_closing_gives_back_the_kept_buffers_once_and_keeps_nothing_after() -> N
     pipeline = logic.pipeline(lambda: None)
     requests = RequestBudget(16, MIB)
     sent = _answered(logic, pipeline, reads(0, 1), requests, share)
-    logic.pipeline_sent(sent[:1])
+    logic.pipeline_sent(sent[:1], 4 * KIB)  # (the second still in flight)
     assert share.held == 4 * KIB
     logic.close()
     assert (share.held, budget.used, budget.holders) == (0, 0, 0)
-    logic.pipeline_sent(sent[1:])  # a driver's thread that sent late
+    logic.pipeline_sent(sent[1:], 0)  # a driver's thread that sent late
     assert (share.held, budget.used, budget.holders) == (0, 0, 0)
 
 
@@ -209,7 +210,7 @@ def test_a_read_takes_a_kept_buffer_with_the_share_it_holds() -> None:
     logic = session(_Submitting(MIB), share=share)
     pipeline = logic.pipeline(lambda: None)
     budget = RequestBudget(2, MIB)
-    logic.pipeline_sent(_answered(logic, pipeline, reads(0, 1), budget, share))
+    logic.pipeline_sent(_answered(logic, pipeline, reads(0, 1), budget, share), budget.bytes)
     assert share.held == 8 * KIB  # two buffers kept
     steps = logic.pipelined_batch(batch_of(logic, reads(2, 3, 4)), budget, share)
     assert described([next(steps)]) == [("start", [2, 3], [4 * KIB] * 2)]
@@ -219,9 +220,82 @@ def test_a_read_takes_a_kept_buffer_with_the_share_it_holds() -> None:
     share.give(8 * KIB)
     assert share.try_take(4 * KIB)
     assert described(steps) == [("start", [4], [4 * KIB])]
-    logic.pipeline_sent(_answered(logic, pipeline, reads(5), RequestBudget(2, MIB), share))
+    logic.pipeline_sent(_answered(logic, pipeline, reads(5), RequestBudget(2, MIB), share), 0)
     batch = batch_of(logic, reads(6))
     logic.begin_shutdown()
     assert described(logic.pipelined_batch(batch, budget, share)) == []
     answered = replies(b"".join(bytes(p) for p in logic.engine.data_to_send()))
     assert [(c.cookie, int(c.error)) for c in answered] == [(6, nbdproto.Errno.ESHUTDOWN)]
+
+
+def _admitted(logic: Any, pipeline: Any, received: bytes, budget: Any, share: Any) -> list[Any]:
+    """Admit and start the requests of ``received`` (all within the budgets); their replies, made, not sent."""
+    for step in logic.pipelined_batch(batch_of(logic, received), budget, share):
+        assert type(step) is StartRequests
+        pipeline.start(step.requests, step.costs)
+    made, _ = pipeline.replies()
+    return made
+
+
+def _sent(logic: Any, made: list[Any], budget: Any, share: Any) -> None:
+    """Send ``made`` as a driver does: their budget back, then ``pipeline_sent`` with what is still in flight."""
+    for reply in made:
+        logic.engine.send(reply)
+    logic.engine.data_to_send()
+    cost = sum(len(reply.data) for reply in made)
+    budget.done(cost, len(made))
+    share.give(cost)
+    logic.pipeline_sent(made, budget.bytes)
+
+
+def test_a_busy_connection_keeps_the_buffers_of_all_it_has_in_flight_and_cuts_back_when_idle() -> None:
+    """nbdcopy's reads: 64 of 256 KiB in flight on a connection (16 MiB, more than KEPT_REPLY_BYTES). Replies
+    sent while the rest are in flight keep their buffers, as many as the connection had in flight at most less
+    what is in flight now, so the reads that follow them get the very buffers again, none made anew; the
+    connection never holds more than at its busiest; once nothing is in flight, what is kept is cut back to
+    KEPT_REPLY_BYTES and the rest of the share given back."""
+    length, depth = 256 * KIB, 64
+    share = MemoryBudget(512 * MIB).share()
+    logic = session(_Submitting(64 * MIB), share=share)
+    pipeline = logic.pipeline(lambda: None)
+    budget = RequestBudget(depth, 64 * MIB)
+    made = _admitted(logic, pipeline, reads(*range(depth), length=length), budget, share)
+    peak = depth * length
+    assert share.held == peak
+    for round_ in range(1, 4):  # a half is answered, and the client asks as much again
+        sent, made = made[: depth // 2], made[depth // 2 :]
+        _sent(logic, sent, budget, share)
+        assert logic._reply_buffers.kept == len(sent) * length > KEPT_REPLY_BYTES  # all of them kept
+        assert share.held == peak  # in flight and kept: no more than at the busiest
+        cookies = range(round_ * depth, round_ * depth + depth // 2)
+        again = _admitted(logic, pipeline, reads(*cookies, length=length), budget, share)
+        assert [reply.data.obj for reply in again] == [reply.data.obj for reply in reversed(sent)]  # none anew
+        assert logic._reply_buffers.kept == 0 and share.held == peak
+        made += again
+    _sent(logic, made[: depth // 2], budget, share)  # a half answered, and the client asks for other sizes
+    assert logic._reply_buffers.kept == depth // 2 * length
+    other = _admitted(logic, pipeline, reads(*range(4 * depth, 4 * depth + 16), length=length // 2), budget, share)
+    _sent(logic, made[depth // 2 :], budget, share)  # kept only as far as the busiest, less what is in flight
+    assert logic._reply_buffers.kept + budget.bytes == peak
+    _sent(logic, other, budget, share)  # the last replies: nothing in flight any more
+    assert logic._reply_buffers.kept == share.held <= KEPT_REPLY_BYTES
+    assert share.held > KEPT_REPLY_BYTES - length  # cut back to the bound, not to nothing
+
+
+def test_a_connection_with_little_in_flight_keeps_no_more_than_the_bound() -> None:
+    """A connection that never had more than KEPT_REPLY_BYTES in flight keeps what it did before: at most the
+    bound, however many replies it sends while others are in flight."""
+    length = 256 * KIB
+    share = MemoryBudget(512 * MIB).share()
+    logic = session(_Submitting(64 * MIB), share=share)
+    pipeline = logic.pipeline(lambda: None)
+    budget = RequestBudget(64, 64 * MIB)
+    depth = KEPT_REPLY_BYTES // length - 2
+    for round_ in range(4):
+        made = _admitted(
+            logic, pipeline, reads(*range(round_ * depth, (round_ + 1) * depth), length=length), budget, share
+        )
+        _sent(logic, made[:-1], budget, share)  # one left in flight
+        assert logic._reply_buffers.kept + budget.bytes <= KEPT_REPLY_BYTES
+        _sent(logic, made[-1:], budget, share)
+        assert logic._reply_buffers.kept <= KEPT_REPLY_BYTES

@@ -13,11 +13,16 @@ reads of that size, as nbdkit keeps a buffer per thread.
 What is kept is bounded per connection (as nbdkit keeps a buffer per thread, sixteen threads per connection):
 what one send of queued replies holds (FLUSH_AT) and a MiB more, so that every buffer of the replies sent
 together is filled again by the next ones. Keeping fewer did not help: the allocator gives the rest back to
-the kernel at each send, and the next reads fault it in again. And it is memory the server holds, so it is
-held from the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as queued
-replies are: many idle connections that once read big keep no more than the budget allows, a buffer that
-the share cannot hold is let go, and ``release`` gives everything kept back (the session calls it before it
-would wait for budget, so kept buffers never stand in the way of a read).
+the kernel at each send, and the next reads fault it in again. A pipelined connection that is busy may keep
+more: as much as it has had in flight since it was last idle, less what is in flight now (``busy``, and
+``keep``'s ``in_flight``), so that a client with many big reads in flight (nbdcopy: 16 MiB a connection) has
+them filled into buffers kept from its earlier replies, while the connection never holds more than it held
+at its busiest; once nothing is in flight, what is kept is cut back to the bound above (a proxy's CPU for
+nbdcopy's reads: a tenth less, bench/bench_proxy.sh). And it is memory the server holds, so it is held from
+the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as queued replies
+are: many idle connections that once read big keep no more than the budget allows, a buffer that the share
+cannot hold is let go, and ``release`` gives everything kept back (the session calls it before it would
+wait for budget, so kept buffers never stand in the way of a read).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ KEPT_REPLY_BYTES = FLUSH_AT + (1 << 20)
 class ReplyBuffers:
     """Buffers for the data of read replies, used again once the replies are sent (module docstring)."""
 
-    __slots__ = ("_free", "_used", "_limit", "_kept", "_share", "_handed")
+    __slots__ = ("_free", "_used", "_limit", "_kept", "_share", "_handed", "_peak")
 
     def __init__(self, limit: int = KEPT_REPLY_BYTES, share: MemoryShare | None = None) -> None:
         self._free: dict[int, list[bytearray]] = {}
@@ -45,6 +50,7 @@ class ReplyBuffers:
         self._kept = 0  # bytes in _free, held from ``share``
         self._share = share
         self._handed: bytearray | None = None  # hand_over's buffer, for the reader's next read
+        self._peak = 0  # the most a pipelined connection has had in flight since it was last idle (``busy``)
 
     def take(self, length: int) -> bytearray:
         """A buffer of ``length`` bytes for a read whose budget is taken: one kept (``kept_for``), or a new one."""
@@ -99,10 +105,20 @@ class ReplyBuffers:
         self.keep(self._used)
         self._used.clear()
 
-    def keep(self, buffers: list[bytearray]) -> None:
-        """The replies of ``buffers`` are sent: keep them for reads to come, as many as ``limit`` and the share
-        allow."""
-        room = self._limit - self._kept
+    def busy(self, in_flight: int) -> None:
+        """A pipelined connection has ``in_flight`` bytes of requests being carried out (its request budget's
+        bytes): until it is next idle, ``keep`` may keep as much as the most it has had in flight."""
+        if in_flight > self._peak:
+            self._peak = in_flight
+
+    def keep(self, buffers: list[bytearray], in_flight: int = 0) -> None:
+        """The replies of ``buffers`` are sent: keep them for reads to come, as many as ``limit`` (or, on a busy
+        pipelined connection with ``in_flight`` bytes still in flight, what ``busy`` saw at most less those) and
+        the share allow. With nothing in flight, what is kept is first cut back to ``limit``."""
+        if not in_flight and self._peak:
+            self._peak = 0
+            self._trim()
+        room = max(self._limit, self._peak - in_flight) - self._kept
         lengths = list(map(len, buffers))
         total = sum(lengths)
         keep = buffers
@@ -121,6 +137,19 @@ class ReplyBuffers:
             for buffer in keep:
                 free.setdefault(len(buffer), []).append(buffer)
         self._kept += total
+
+    def _trim(self) -> None:
+        """Let go of kept buffers until what is kept is within ``limit``, giving back the share they held."""
+        excess = self._kept - self._limit
+        if excess <= 0:
+            return
+        freed = 0
+        for kept in self._free.values():
+            while kept and freed < excess:
+                freed += len(kept.pop())
+        self._kept -= freed
+        if self._share is not None:
+            self._share.give(freed)
 
     def release(self) -> None:
         """Let go of the buffers kept, and give back the budget they held (the connection is over, or needs the

@@ -50,10 +50,11 @@ class SessionPipelining:
         self._reply_buffers = ReplyBuffers(share=self.share)  # the reads' buffers, kept once sent (pipeline_sent)
         return Pipeline(self.device, self.engine.meta_contexts, self.on_device_error, wake)
 
-    def pipeline_sent(self, replies: Iterable[Event]) -> None:
-        """A pipelined driver sent ``replies`` (with the budget's lock held, where the driver has one): the
-        buffers of the reads among them are kept for reads to come (nbdproto.serving.ReplyBuffers), as a reply
-        buffer costs zeroing and page faults to make anew (perf: a tenth of a proxy's CPU for nbdcopy's reads)."""
+    def pipeline_sent(self, replies: Iterable[Event], in_flight: int) -> None:
+        """A pipelined driver sent ``replies`` (with the budget's lock held, where the driver has one), and its
+        request budget now holds ``in_flight`` bytes: the buffers of the reads among them are kept for reads
+        to come (nbdproto.serving.ReplyBuffers), as a reply buffer costs zeroing and page faults to make anew
+        (perf: a tenth of a proxy's CPU for nbdcopy's reads)."""
         kept = self._reply_buffers
         if kept is None:
             return
@@ -62,8 +63,8 @@ class SessionPipelining:
             for reply in replies
             if type(reply) is ReadData and type(reply.data) is memoryview and type(reply.data.obj) is bytearray
         ]
-        if buffers:
-            kept.keep(buffers)
+        if buffers or not in_flight:
+            kept.keep(buffers, in_flight)  # (with nothing in flight, also to cut back what is kept)
 
     def _take_kept_back(self, length: int) -> bool:
         """A read's budget, taken after giving back what reused reply buffers held; False if it still does not
@@ -117,6 +118,8 @@ class SessionPipelining:
             requests.append(request)
             costs.append(cost)
         if requests:
+            if kept is not None:
+                kept.busy(budget.bytes)
             yield StartRequests(requests, costs)
 
     def refused_shutting_down(self, request: Request) -> bool:
