@@ -16,7 +16,9 @@ as those threads do. What cannot go at once (a client slow to read, a burst larg
 connection, whose TLS object is the loop's alone) the answering task sends, woken by a byte on a socket pair (a
 wake that needs no trip through the loop's own scheduling, on asyncio and trio alike). The budgets stay the
 loop's: replies other threads sent give theirs back when the loop next looks at them (``_Replies.settle``),
-and those threads wake it for that only while it waits for the budget, or another connection for memory.
+and those threads wake it for that only while it waits for the budget, or another connection for memory. The
+same wait has an idle connection let go of the read buffers it kept beyond their bound (``_Replies.reclaim``):
+cut back whenever nothing was in flight, they were let go between every two rounds of nbdcopy's requests.
 """
 
 from __future__ import annotations
@@ -174,7 +176,17 @@ class _Replies:
         self._budget.done(cost, len(replies))
         self._session._share.give(cost)  # first: the buffers kept next are held from the share
         if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
-            self._session.logic.pipeline_sent(replies, self._budget.budget.bytes)
+            # (not cut back here when nothing is in flight: the loop answers a client's requests faster than
+            # its next ones arrive, nbdcopy's among them, so that would be at every round; ``reclaim`` does it)
+            self._session.logic.pipeline_sent(replies, self._budget.budget.bytes, cut_back=False)
+
+    def reclaim(self) -> None:
+        """On the loop, when a connection is about to wait for memory (WaitingShare.settle_with): ``settle``, and
+        if nothing is in flight, let go of the reply buffers kept beyond their bound (ServerSessionLogic's
+        ``pipeline_idle``): an idle connection holds them only until the memory is wanted."""
+        self.settle()
+        if self._budget.budget.idle and not self.outbox.stopped:
+            self._session.logic.pipeline_idle()
 
     async def wait(self, waiting: Awaitable[None]) -> None:
         """Await ``waiting`` (for the budget), with replies that other threads send meanwhile given back."""
@@ -241,7 +253,7 @@ async def pipelined_transmission(session: ServerSession, budget: WaitingRequests
     assert pipeline is not None, "pipelined transmission needs a device with submit()"
     outbox.pipeline = pipeline
     starter = _Starter(pipeline, wake)
-    share.settle_with(replies.settle)
+    share.settle_with(replies.reclaim)
     batch: list[Work] = []
     try:
         async with anyio.create_task_group() as tasks:

@@ -299,3 +299,23 @@ def test_a_connection_with_little_in_flight_keeps_no_more_than_the_bound() -> No
         assert logic._reply_buffers.kept + budget.bytes <= KEPT_REPLY_BYTES
         _sent(logic, made[-1:], budget, share)
         assert logic._reply_buffers.kept <= KEPT_REPLY_BYTES
+
+
+def test_a_driver_may_cut_back_later_than_when_nothing_is_in_flight() -> None:
+    """``cut_back=False`` (the event-loop server, whose connections go idle between a client's rounds) keeps
+    the buffers of the last replies as a busy connection's; ``pipeline_idle`` cuts back to KEPT_REPLY_BYTES."""
+    length, depth = 256 * KIB, 64
+    share = MemoryBudget(512 * MIB).share()
+    logic = session(_Submitting(64 * MIB), share=share)
+    pipeline = logic.pipeline(lambda: None)
+    budget = RequestBudget(depth, 64 * MIB)
+    made = _admitted(logic, pipeline, reads(*range(depth), length=length), budget, share)
+    for reply in made:
+        logic.engine.send(reply)
+    logic.engine.data_to_send()
+    budget.done(depth * length, depth)
+    share.give(depth * length)
+    logic.pipeline_sent(made, budget.bytes, cut_back=False)
+    assert logic._reply_buffers.kept == share.held == depth * length  # all of them, for the next round
+    logic.pipeline_idle()
+    assert KEPT_REPLY_BYTES - length < logic._reply_buffers.kept == share.held <= KEPT_REPLY_BYTES

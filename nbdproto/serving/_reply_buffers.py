@@ -17,12 +17,14 @@ the kernel at each send, and the next reads fault it in again. A pipelined conne
 more: as much as it has had in flight since it was last idle, less what is in flight now (``busy``, and
 ``keep``'s ``in_flight``), so that a client with many big reads in flight (nbdcopy: 16 MiB a connection) has
 them filled into buffers kept from its earlier replies, while the connection never holds more than it held
-at its busiest; once nothing is in flight, what is kept is cut back to the bound above (a proxy's CPU for
-nbdcopy's reads: a tenth less, bench/bench_proxy.sh). And it is memory the server holds, so it is held from
-the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as queued replies
-are: many idle connections that once read big keep no more than the budget allows, a buffer that the share
-cannot hold is let go, and ``release`` gives everything kept back (the session calls it before it would
-wait for budget, so kept buffers never stand in the way of a read).
+at its busiest; once nothing is in flight, what is kept is cut back to the bound above (``cut_back``: the
+threads server does it then; the event-loop server, whose connections answer faster than a client's next round
+of requests arrives and so go idle between rounds, when another connection is about to wait for memory). A
+proxy's CPU for nbdcopy's reads: 6-12% less (bench/bench_proxy.sh). And it is memory the server holds, so
+it is held from the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as
+queued replies are: many idle connections that once read big keep no more than the budget allows, a buffer
+that the share cannot hold is let go, and ``release`` gives everything kept back (the session calls it before
+it would wait for budget, so kept buffers never stand in the way of a read).
 """
 
 from __future__ import annotations
@@ -111,13 +113,13 @@ class ReplyBuffers:
         if in_flight > self._peak:
             self._peak = in_flight
 
-    def keep(self, buffers: list[bytearray], in_flight: int = 0) -> None:
+    def keep(self, buffers: list[bytearray], in_flight: int = 0, cut_back: bool = True) -> None:
         """The replies of ``buffers`` are sent: keep them for reads to come, as many as ``limit`` (or, on a busy
         pipelined connection with ``in_flight`` bytes still in flight, what ``busy`` saw at most less those) and
-        the share allow. With nothing in flight, what is kept is first cut back to ``limit``."""
-        if not in_flight and self._peak:
-            self._peak = 0
-            self._trim()
+        the share allow. With nothing in flight, what is kept is first cut back to ``limit`` (``cut_back``;
+        False: the caller does it later, with ``cut_back()``)."""
+        if not in_flight and cut_back and self._peak:
+            self.cut_back()
         room = max(self._limit, self._peak - in_flight) - self._kept
         lengths = list(map(len, buffers))
         total = sum(lengths)
@@ -138,8 +140,10 @@ class ReplyBuffers:
                 free.setdefault(len(buffer), []).append(buffer)
         self._kept += total
 
-    def _trim(self) -> None:
-        """Let go of kept buffers until what is kept is within ``limit``, giving back the share they held."""
+    def cut_back(self) -> None:
+        """The connection is idle: let go of kept buffers until what is kept is within ``limit``, giving back
+        the share they held (``busy`` starts again from nothing)."""
+        self._peak = 0
         excess = self._kept - self._limit
         if excess <= 0:
             return

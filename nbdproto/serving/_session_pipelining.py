@@ -50,11 +50,12 @@ class SessionPipelining:
         self._reply_buffers = ReplyBuffers(share=self.share)  # the reads' buffers, kept once sent (pipeline_sent)
         return Pipeline(self.device, self.engine.meta_contexts, self.on_device_error, wake)
 
-    def pipeline_sent(self, replies: Iterable[Event], in_flight: int) -> None:
+    def pipeline_sent(self, replies: Iterable[Event], in_flight: int, cut_back: bool = True) -> None:
         """A pipelined driver sent ``replies`` (with the budget's lock held, where the driver has one), and its
         request budget now holds ``in_flight`` bytes: the buffers of the reads among them are kept for reads
         to come (nbdproto.serving.ReplyBuffers), as a reply buffer costs zeroing and page faults to make anew
-        (perf: a tenth of a proxy's CPU for nbdcopy's reads)."""
+        (perf: a tenth of a proxy's CPU for nbdcopy's reads). With nothing in flight, what is kept is cut back
+        (``cut_back``; False: the driver calls ``pipeline_idle`` when it should be)."""
         kept = self._reply_buffers
         if kept is None:
             return
@@ -64,7 +65,13 @@ class SessionPipelining:
             if type(reply) is ReadData and type(reply.data) is memoryview and type(reply.data.obj) is bytearray
         ]
         if buffers or not in_flight:
-            kept.keep(buffers, in_flight)  # (with nothing in flight, also to cut back what is kept)
+            kept.keep(buffers, in_flight, cut_back)  # (with nothing in flight, also to cut back what is kept)
+
+    def pipeline_idle(self) -> None:
+        """Nothing is in flight on a pipelined connection: what its reply buffers keep beyond their bound is let
+        go, its share of the server's memory given back (ReplyBuffers.cut_back)."""
+        if self._reply_buffers is not None:
+            self._reply_buffers.cut_back()
 
     def _take_kept_back(self, length: int) -> bool:
         """A read's budget, taken after giving back what reused reply buffers held; False if it still does not

@@ -1,0 +1,62 @@
+"""The buffers of a pipelined connection's read replies, kept for its reads to come (nbdproto.serving's
+ReplyBuffers), on every backend: a busy connection keeps what it has in flight, and an idle one gives what it
+keeps beyond KEPT_REPLY_BYTES back before another connection would wait for that memory (the threads server
+when the connection goes idle, the event-loop server when another connection wants the memory)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+
+import nbdproto
+import nbdproto.libnbd
+import nbdproto_threads
+from nbdproto.serving import KEPT_REPLY_BYTES
+from tests.serving import BACKENDS, Export, serving
+from tests.test_pipelined_replies import _Remote
+
+pytestmark = pytest.mark.timeout(60)
+
+MIB = 1 << 20
+
+
+def _memory_used(server: Any) -> int:
+    shared = getattr(server, "_memory", None) or server._budget  # (threads, anyio)
+    return int(shared.budget.used)
+
+
+def _reads_at_once(uri: str, count: int, length: int) -> nbdproto.libnbd.NBD:
+    """A client that sends ``count`` reads of ``length`` bytes at once and takes all their replies (nbdcopy's
+    way), then stays connected, idle."""
+    handle = nbdproto.libnbd.NBD()
+    handle.connect_uri(uri)
+    for index in range(count):
+        handle.aio_pread(nbdproto.libnbd.Buffer(length), index * length)
+    while handle.aio_in_flight():
+        handle.poll(10_000)
+    return handle
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_idle_connection_gives_its_kept_read_buffers_back_before_another_would_wait(backend: str) -> None:
+    """The first client reads 16 MiB at once, each read's buffer kept once its reply is sent, and goes idle; the
+    second then reads 32 MiB in one request from a server whose memory is 40 MiB. The first connection's kept
+    buffers beyond KEPT_REPLY_BYTES are given back (on the event loop only now, as the second is about to wait
+    for them), so the read is answered: kept for ever, it would wait for ever."""
+    device = _Remote(64 * MIB)
+    device.pwrite(bytes(range(256)) * (32 * MIB // 256), 0)
+    limits = nbdproto.ServerLimits(memory_limit=40 * MIB)
+    with contextlib.ExitStack() as stack:
+        uri, server = stack.enter_context(serving(backend, {"": Export(device)}, limits=limits))
+        first = _reads_at_once(uri.format(""), 64, 256 * 1024)
+        stack.callback(first.close)
+        kept = _memory_used(server)
+        if backend == "threads":
+            assert kept <= KEPT_REPLY_BYTES  # cut back as soon as nothing was in flight
+        else:
+            assert kept > 40 * MIB - 32 * MIB  # kept until wanted: more than the second read can do without
+        second = stack.enter_context(nbdproto_threads.connect(uri.format(""), timeout=20))
+        assert second.pread(32 * MIB, 0) == bytes(range(256)) * (32 * MIB // 256)
+        assert _memory_used(server) <= KEPT_REPLY_BYTES + 32 * MIB  # the first holds no more than the bound
