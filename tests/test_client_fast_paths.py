@@ -128,6 +128,31 @@ def test_a_batch_of_whole_replies_takes_the_fast_road_in_every_form() -> None:
         assert client.next_event() is n.NEED_DATA and client.in_flight == 0
 
 
+def test_a_read_sent_without_a_buffer_gets_one_when_its_data_arrives() -> None:
+    """A read sent without a buffer is given its own only when its data arrives (Pending.own_buffer): made
+    from the received bytes on the short road (one copy, nothing zeroed first), made and filled on the full
+    one (a reply cut short, a hole). Either way the reply's data is a writable buffer of its own."""
+    for mode in MODES:
+        client = _connected(n.ClientConnection, mode)
+        client.send(n.ReadRequest(1, 0, 4096))
+        assert client._pending[1].buffer is None  # type: ignore[attr-defined]
+        client.data_to_send()
+        reply, other = (_encode(mode, _whole(mode, cookie, 0, b"\x07" * 4096)) for cookie in (1, 2))
+        for cut in (len(other), len(other) - 100):  # the short road, then a reply that arrives in two parts
+            client.send(n.ReadRequest(2, 0, 4096))
+            client.data_to_send()
+            client.receive_data(other[:cut])
+            event = client.next_event()
+            if cut < len(other):
+                assert event is n.NEED_DATA
+                client.receive_data(other[cut:])
+                event = client.next_event()
+            assert type(event) is n.ReadReply and bytes(event.data) == b"\x07" * 4096 and not event.data.readonly
+        client.receive_data(reply)
+        event = client.next_event()
+        assert type(event) is n.ReadReply and event.cookie == 1 and bytes(event.data) == b"\x07" * 4096
+
+
 Sends = tuple[str, int, int, bool, list[tuple[str, int, int, int, int]]]
 
 

@@ -195,8 +195,10 @@ class ClientReplies(ClientRequesting):
             if data_at + length > end:
                 break
             buffer = pending.buffer
-            assert buffer is not None
-            buffer[:] = memoryview(head)[data_at : data_at + length]
+            if buffer is None:  # (Pending.own_buffer, made from the data)
+                buffer = memoryview(bytearray(memoryview(head)[data_at : data_at + length]))
+            else:
+                buffer[:] = memoryview(head)[data_at : data_at + length]
             del pending_of[cookie]
             events.append(ReadReply(cookie, buffer))
             pos = data_at + length
@@ -231,15 +233,15 @@ class ClientReplies(ClientRequesting):
         if error == 0 and command == Command.READ:
             if self.structured_replies:
                 self._fail(f"simple reply with data to read {cookie:#x} while structured replies are in use")
-            assert pending.buffer is not None
             buf.skip(headers.SIMPLE_REPLY.size)
+            buffer = pending.own_buffer()
             if len(buf) < pending.length:
                 pending.started = True
                 self._claim(pending, pending.offset, pending.length)
-                return self._start_direct(pending, pending.buffer, done=True)
-            pending.buffer[:] = buf.take(pending.length)
+                return self._start_direct(pending, buffer, done=True)
+            buffer[:] = buf.take(pending.length)
             del self._pending[cookie]
-            return ReadReply(cookie, pending.buffer)
+            return ReadReply(cookie, buffer)
         buf.skip(headers.SIMPLE_REPLY.size)
         del self._pending[cookie]
         if error:
@@ -341,9 +343,8 @@ class ClientReplies(ClientRequesting):
         start = pending.offset
         if pending.flags & _DF and (offset != start or size != pending.length):
             self._fail("a DF read answered in more than one chunk")
-        assert pending.buffer is not None
         at = offset - start
-        return pending.buffer[at : at + size]
+        return pending.own_buffer()[at : at + size]
 
     def _block_status_chunk(self, pending: Pending, chunk_type: int, payload: memoryview) -> None:
         export = self.export
@@ -396,8 +397,7 @@ class ClientReplies(ClientRequesting):
             covered = 0 if pending.coverage is None else pending.coverage.covered
             if covered != pending.length:
                 self._fail(f"read {cookie:#x} ended with {covered} of {pending.length} bytes answered")
-            assert pending.buffer is not None
-            return ReadReply(cookie, pending.buffer)
+            return ReadReply(cookie, pending.own_buffer())
         if pending.command == Command.BLOCK_STATUS:
             request: BlockStatusRequest = pending.request  # type: ignore[assignment]
             wanted = request.context_ids or tuple(self._meta_contexts)
