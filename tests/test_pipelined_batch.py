@@ -237,7 +237,7 @@ def _admitted(logic: Any, pipeline: Any, received: bytes, budget: Any, share: An
     return made
 
 
-def _sent(logic: Any, made: list[Any], budget: Any, share: Any) -> None:
+def _sent(logic: Any, made: list[Any], budget: Any, share: Any, cut_back: bool = True) -> None:
     """Send ``made`` as a driver does: their budget back, then ``pipeline_sent`` with what is still in flight."""
     for reply in made:
         logic.engine.send(reply)
@@ -245,7 +245,18 @@ def _sent(logic: Any, made: list[Any], budget: Any, share: Any) -> None:
     cost = sum(len(reply.data) for reply in made)
     budget.done(cost, len(made))
     share.give(cost)
-    logic.pipeline_sent(made, budget.bytes)
+    logic.pipeline_sent(made, budget.bytes, cut_back)
+
+
+def _nbdcopy_reads(depth: int = 64, length: int = 256 * KIB) -> tuple[Any, Any, Any, Any, list[Any]]:
+    """A pipelined session with nbdcopy's reads in flight (``depth`` of ``length`` bytes), their replies made:
+    the session, its pipeline, request budget and memory share, and the replies."""
+    share = MemoryBudget(512 * MIB).share()
+    logic = session(_Submitting(64 * MIB), share=share)
+    pipeline = logic.pipeline(lambda: None)
+    budget = RequestBudget(depth, 64 * MIB)
+    made = _admitted(logic, pipeline, reads(*range(depth), length=length), budget, share)
+    return logic, pipeline, budget, share, made
 
 
 def test_a_busy_connection_keeps_the_buffers_of_all_it_has_in_flight_and_cuts_back_when_idle() -> None:
@@ -255,11 +266,7 @@ def test_a_busy_connection_keeps_the_buffers_of_all_it_has_in_flight_and_cuts_ba
     connection never holds more than at its busiest; once nothing is in flight, what is kept is cut back to
     KEPT_REPLY_BYTES and the rest of the share given back."""
     length, depth = 256 * KIB, 64
-    share = MemoryBudget(512 * MIB).share()
-    logic = session(_Submitting(64 * MIB), share=share)
-    pipeline = logic.pipeline(lambda: None)
-    budget = RequestBudget(depth, 64 * MIB)
-    made = _admitted(logic, pipeline, reads(*range(depth), length=length), budget, share)
+    logic, pipeline, budget, share, made = _nbdcopy_reads(depth, length)
     peak = depth * length
     assert share.held == peak
     for round_ in range(1, 4):  # a half is answered, and the client asks as much again
@@ -305,17 +312,8 @@ def test_a_driver_may_cut_back_later_than_when_nothing_is_in_flight() -> None:
     """``cut_back=False`` (the event-loop server, whose connections go idle between a client's rounds) keeps
     the buffers of the last replies as a busy connection's; ``pipeline_idle`` cuts back to KEPT_REPLY_BYTES."""
     length, depth = 256 * KIB, 64
-    share = MemoryBudget(512 * MIB).share()
-    logic = session(_Submitting(64 * MIB), share=share)
-    pipeline = logic.pipeline(lambda: None)
-    budget = RequestBudget(depth, 64 * MIB)
-    made = _admitted(logic, pipeline, reads(*range(depth), length=length), budget, share)
-    for reply in made:
-        logic.engine.send(reply)
-    logic.engine.data_to_send()
-    budget.done(depth * length, depth)
-    share.give(depth * length)
-    logic.pipeline_sent(made, budget.bytes, cut_back=False)
+    logic, _, budget, share, made = _nbdcopy_reads(depth, length)
+    _sent(logic, made, budget, share, cut_back=False)
     assert logic._reply_buffers.kept == share.held == depth * length  # all of them, for the next round
     logic.pipeline_idle()
     assert KEPT_REPLY_BYTES - length < logic._reply_buffers.kept == share.held <= KEPT_REPLY_BYTES
