@@ -6,6 +6,8 @@ when the connection goes idle, the event-loop server when another connection wan
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,13 +29,28 @@ def _memory_used(server: Any) -> int:
     return int(shared.budget.used)
 
 
-def _reads_at_once(uri: str, count: int, length: int) -> nbdproto.libnbd.NBD:
+def _settled(ready: Callable[[], bool]) -> bool:
+    """Whether ``ready()`` comes true within ten seconds (the server gives budgets back after it sends)."""
+    deadline = time.monotonic() + 10
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return ready()
+
+
+def _reads_at_once(uri: str, server: Any, device: _Remote, count: int, length: int) -> nbdproto.libnbd.NBD:
     """A client that sends ``count`` reads of ``length`` bytes at once and takes all their replies (nbdcopy's
-    way), then stays connected, idle."""
+    way), then stays connected, idle. The remote answers once the server holds them all (all in flight at
+    once, however the server's receives cut them)."""
     handle = nbdproto.libnbd.NBD()
     handle.connect_uri(uri)
+    device.go.clear()
     for index in range(count):
         handle.aio_pread(nbdproto.libnbd.Buffer(length), index * length)
+    deadline = time.monotonic() + 10
+    while _memory_used(server) < count * length and time.monotonic() < deadline:
+        handle.poll(10)
+    assert _memory_used(server) == count * length
+    device.go.set()
     while handle.aio_in_flight():
         handle.poll(10_000)
     return handle
@@ -50,13 +67,12 @@ def test_an_idle_connection_gives_its_kept_read_buffers_back_before_another_woul
     limits = nbdproto.ServerLimits(memory_limit=40 * MIB)
     with contextlib.ExitStack() as stack:
         uri, server = stack.enter_context(serving(backend, {"": Export(device)}, limits=limits))
-        first = _reads_at_once(uri.format(""), 64, 256 * 1024)
+        first = _reads_at_once(uri.format(""), server, device, 64, 256 * 1024)
         stack.callback(first.close)
-        kept = _memory_used(server)
         if backend == "threads":
-            assert kept <= KEPT_REPLY_BYTES  # cut back as soon as nothing was in flight
-        else:
-            assert kept > 40 * MIB - 32 * MIB  # kept until wanted: more than the second read can do without
+            assert _settled(lambda: _memory_used(server) <= KEPT_REPLY_BYTES)  # cut back once nothing is in flight
+        else:  # kept until wanted: more than the second read can do without
+            assert _memory_used(server) > 40 * MIB - 32 * MIB
         second = stack.enter_context(nbdproto_threads.connect(uri.format(""), timeout=20))
         assert second.pread(32 * MIB, 0) == bytes(range(256)) * (32 * MIB // 256)
         assert _memory_used(server) <= KEPT_REPLY_BYTES + 32 * MIB  # the first holds no more than the bound
