@@ -64,7 +64,7 @@ class SessionPipelining:
             for reply in replies
             if type(reply) is ReadData and type(reply.data) is memoryview and type(reply.data.obj) is bytearray
         ]
-        if buffers or not in_flight:
+        if buffers or (cut_back and not in_flight):
             kept.keep(buffers, in_flight, cut_back)  # (with nothing in flight, also to cut back what is kept)
 
     def pipeline_idle(self) -> None:
