@@ -262,7 +262,7 @@ class ServerSession:
     ) -> tuple[Callable[[Any], None], Callable[[], Awaitable[Any]], Callable[[], Awaitable[Any]] | None]:
         """The logic's method that takes what a receive brings, the receive ``_receive`` waits for, and on our
         own streams the same receive of what has arrived already (None when nothing has; None on others)."""
-        logic, target, stream = self.logic, self.engine.write_buffer(), self.stream
+        logic, stream = self.logic, self.stream
         if not isinstance(stream, (RawSocketStream, TlsSocketStream)):
             # another stream (TLS: a receive brings a record, 16 KiB at most)
             return logic.received, functools.partial(receive, stream), None
@@ -272,6 +272,7 @@ class ServerSession:
                 functools.partial(stream.receive_into_buffers, buffers),
                 functools.partial(stream.receive_ready_into_buffers, buffers),
             )
+        target = self.engine.write_buffer()  # (after in_place_buffers, which looks at it itself)
         if target is None:
             size = logic.receive_size
             return (

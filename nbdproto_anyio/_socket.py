@@ -110,12 +110,10 @@ class RawSocketStream(anyio.abc.ByteStream):
     async def receive_ready_into_buffers(self, buffers: list[memoryview], *, wait: bool = False) -> int | None:
         """``receive_into_buffers`` of bytes that have arrived already: None when none have."""
         try:
-            return await self._recv(self._recvmsg_into, buffers, wait)  # type: ignore[no-any-return]
+            got = await self._recv(self.sock.recvmsg_into, buffers, wait)  # (nbytes, ancdata, flags, address)
         except anyio.BrokenResourceError:
             return 0
-
-    def _recvmsg_into(self, buffers: list[memoryview]) -> int:
-        return self.sock.recvmsg_into(buffers)[0]
+        return None if got is None else got[0]
 
     async def _recv(self, call: Any, arg: Any, wait: bool = True) -> Any:
         while True:
