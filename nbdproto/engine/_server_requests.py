@@ -379,7 +379,7 @@ class ServerRequests(ServerBase):
         event = WriteRequest(cookie, offset, data, _COMMAND_FLAGS[flags & ~_PAYLOAD_LEN], in_place=in_place is not None)
         self._in_flight[cookie] = event
         self._payload_event = event
-        return self._closed_or_need_data()
+        return self._closed_or_need_data() if self._eof else NEED_DATA  # (the call only at the end: a call a write)
 
     def _write_payload(self) -> Event | type[NEED_DATA]:
         """The next part of the streamed write's payload, as much as has arrived."""
