@@ -20,11 +20,12 @@ them filled into buffers kept from its earlier replies, while the connection nev
 at its busiest; once nothing is in flight, what is kept is cut back to the bound above (``cut_back``: the
 threads server does it then; the event-loop server, whose connections answer faster than a client's next round
 of requests arrives and so go idle between rounds, when another connection is about to wait for memory). A
-proxy's CPU for nbdcopy's reads: 6-12% less (bench/bench_proxy.sh). And it is memory the server holds, so
-it is held from the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as
-queued replies are: many idle connections that once read big keep no more than the budget allows, a buffer
-that the share cannot hold is let go, and ``release`` gives everything kept back (the session calls it before
-it would wait for budget, so kept buffers never stand in the way of a read).
+proxy's CPU for nbdcopy's reads: 16% less on the threads server, 13% on anyio's (fourteen rounds of
+bench/bench_proxy.sh; shorter runs moved by a tenth). And it is memory the server holds, so it is held from
+the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as queued replies are:
+many idle connections that once read big keep no more than the budget allows, a buffer that the share cannot
+hold is let go, and ``release`` gives everything kept back (the session calls it before it would wait for
+budget, so kept buffers never stand in the way of a read).
 """
 
 from __future__ import annotations
