@@ -18,7 +18,9 @@ one per thread, and its threads default to the cores: 2 connections on 2 cores) 
 figure: the server's own CPU per request (user + system of the server and every worker process, read from
 /proc before and after), the client's (nbdcopy's or fio's, from getrusage), and the ratio of each to nbdkit's.
 Client and server share the cores, so a server that makes its client work harder is slower for it. With
-several rounds, each cell is the median.
+several rounds, each cell is the median, and beside each ratio to nbdkit is its range over the rounds (each
+round's figure against nbdkit's in the same round): a ratio whose range spans a tenth or more is the machine's
+noise as much as the server's speed, and one round of another run may land anywhere in it.
 
 Before and after: --baseline PYTHON runs each of our servers a second time from another installation (an
 older checkout's virtual environment), labelled "(before)", in the same rounds, so a change is measured on one
@@ -43,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -295,6 +297,18 @@ def save_plot(
     print(f"drawn: {args.plot}", file=sys.stderr)
 
 
+def ratio_range(
+    results: Mapping[tuple[str, str], Sequence[tuple[float, ...]]], label: str, base: str | None, test: str
+) -> str:
+    """The range of ``label``'s ratio to ``base`` over the rounds, each round's figure (the first field) against
+    ``base``'s of the same round, as " [lo-hi]"; "" with fewer than two rounds of both (or no ``base``)."""
+    if base is None:
+        return ""
+    ours, theirs = results.get((label, test), []), results.get((base, test), [])
+    ratios = [mine[0] / ref[0] for mine, ref in zip(ours, theirs, strict=False) if ref[0]]
+    return f" [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else ""
+
+
 def print_table(
     chosen: list[Server],
     tests: list[Test],
@@ -318,14 +332,16 @@ def print_table(
             cell = f"{figure:.0f}"
             ref, ref_cpu, ref_client = (median(base, test.name, i) for i in range(3)) if base else (None,) * 3
             if ref and ref_cpu and ref_client and server.label != base:
-                cell += f" ({figure / ref:.2f}x, cpu {cpu / ref_cpu:.2f}x, client {client / ref_client:.2f}x)"
+                spread = ratio_range(results, server.label, base, test.name)
+                cell += f" ({figure / ref:.2f}x{spread}, cpu {cpu / ref_cpu:.2f}x, client {client / ref_client:.2f}x)"
             else:
                 cell += f" (cpu {cpu:.0f} us, client {client:.0f} us)"
             row.append(cell)
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     print()
-    print(f"medians of {getattr(args, 'rounds', 1)} round(s); ratios to nbdkit's file plugin: the figure, the"
+    print(f"medians of {getattr(args, 'rounds', 1)} round(s); ratios to nbdkit's file plugin: the figure (and its range"
+          " over the rounds), the"
           " server's CPU per request (per MiB for copies; below 1 is cheaper), and the client's (nbdcopy's or"
           " fio's) against this server")  # fmt: skip
     for row in rows:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_table import GIB, free_port, image, tree_cpu, wait_answering, with_timeout_stop
+from bench_table import GIB, free_port, image, ratio_range, tree_cpu, wait_answering, with_timeout_stop
 
 
 @dataclass(frozen=True)
@@ -227,12 +227,15 @@ def print_table(
             unit = "ms/GiB" if test.startswith("nbdcopy") else "us/req"
             cell = f"{figure:.0f} (cpu {cpu:.0f} {unit}" if unit == "ms/GiB" else f"{figure:.0f} (cpu {cpu:.1f} {unit}"
             if ref and ref_cpu and server.label != base:
-                cell += f"; {figure / ref:.2f}x, cpu {cpu / ref_cpu:.2f}x"
+                cell += (
+                    f"; {figure / ref:.2f}x{ratio_range(results, server.label, base, test)}, cpu {cpu / ref_cpu:.2f}x"
+                )
             row.append(cell + ")")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     print()
-    print(f"medians of {rounds} round(s), TLS (nbds://, x509); ratios to nbdkit's file plugin: the figure, and the"
+    print(f"medians of {rounds} round(s), TLS (nbds://, x509); ratios to nbdkit's file plugin: the figure (and its"
+          " range over the rounds), and the"
           " server's CPU per GiB (copies) or per request (fio; below 1 is cheaper)")  # fmt: skip
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
