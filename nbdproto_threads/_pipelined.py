@@ -92,9 +92,25 @@ class _Replies:
             self._budget.done(cost, len(replies))
             self._session._share.give(cost)  # first: the buffers kept next are held from the share
             if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
-                self._session.logic.pipeline_sent(replies, self._budget.bytes)
+                # (not cut back when nothing is in flight: a client's next round of requests, nbdcopy's among
+                # them, would then find its buffers gone at every round; ``reclaim`` does it when wanted)
+                self._session.logic.pipeline_sent(replies, self._budget.bytes, cut_back=False)
             if self.waiting:
                 self.room.notify_all()
+
+    def reclaim(self) -> None:
+        """When a connection is about to wait for memory (WaitingShare.settle_with, from its thread, with the
+        budget's lock held): if nothing is in flight here, let go of the reply buffers kept beyond their bound
+        (ServerSessionLogic's ``pipeline_idle``). Only if this connection's lock is free: its own threads take
+        the budget's lock while they hold it, so waiting for it here could wait for ever (a connection that
+        holds it for a moment is asked again: a waiting connection settles again every half second)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._budget.idle and not self.outbox.stopped:
+                self._session.logic.pipeline_idle()
+        finally:
+            self._lock.release()
 
     def wait_until(self, ready: Callable[[], bool]) -> None:
         """Wait, with the lock held, until ``ready()`` (the budget changes as replies are sent)."""
@@ -118,6 +134,7 @@ def pipelined_transmission(session: ServerSession) -> None:
     budget = RequestBudget(limits.max_requests, limits.memory_limit)
     tls = None if session._plain else SharedTls(session.stream.sock)  # type: ignore[arg-type]
     replies = _Replies(session, budget, tls)
+    share.settle_with(replies.reclaim)
     flush = replies.outbox.flush
     pipeline = logic.pipeline(flush)
     assert pipeline is not None, "pipelined transmission needs a device with submit()"
@@ -159,6 +176,7 @@ def pipelined_transmission(session: ServerSession) -> None:
             else:
                 session._receive_shared(tls, lock)
     finally:
+        share.settle_with(None)
         pipeline.close()
         replies.stop()
         if tls is not None:

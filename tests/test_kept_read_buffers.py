@@ -1,7 +1,6 @@
 """The buffers of a pipelined connection's read replies, kept for its reads to come (nbdproto.serving's
 ReplyBuffers), on every backend: a busy connection keeps what it has in flight, and an idle one gives what it
-keeps beyond KEPT_REPLY_BYTES back before another connection would wait for that memory (the threads server
-when the connection goes idle, the event-loop server when another connection wants the memory)."""
+keeps beyond KEPT_REPLY_BYTES back when another connection is about to wait for that memory."""
 
 from __future__ import annotations
 
@@ -60,8 +59,8 @@ def _reads_at_once(uri: str, server: Any, device: _Remote, count: int, length: i
 def test_an_idle_connection_gives_its_kept_read_buffers_back_before_another_would_wait(backend: str) -> None:
     """The first client reads 16 MiB at once, each read's buffer kept once its reply is sent, and goes idle; the
     second then reads 32 MiB in one request from a server whose memory is 40 MiB. The first connection's kept
-    buffers beyond KEPT_REPLY_BYTES are given back (on the event loop only now, as the second is about to wait
-    for them), so the read is answered: kept for ever, it would wait for ever."""
+    buffers beyond KEPT_REPLY_BYTES are given back only now, as the second is about to wait for them, so the
+    read is answered: kept for ever, it would wait for ever."""
     device = _Remote(64 * MIB)
     device.pwrite(bytes(range(256)) * (32 * MIB // 256), 0)
     limits = nbdproto.ServerLimits(memory_limit=40 * MIB)
@@ -69,10 +68,7 @@ def test_an_idle_connection_gives_its_kept_read_buffers_back_before_another_woul
         uri, server = stack.enter_context(serving(backend, {"": Export(device)}, limits=limits))
         first = _reads_at_once(uri.format(""), server, device, 64, 256 * 1024)
         stack.callback(first.close)
-        if backend == "threads":
-            assert _settled(lambda: _memory_used(server) <= KEPT_REPLY_BYTES)  # cut back once nothing is in flight
-        else:  # kept until wanted: more than the second read can do without
-            assert _memory_used(server) > 40 * MIB - 32 * MIB
+        assert _settled(lambda: _memory_used(server) > 40 * MIB - 32 * MIB)  # kept until wanted: more than it can spare
         second = stack.enter_context(nbdproto_threads.connect(uri.format(""), timeout=20))
         assert second.pread(32 * MIB, 0) == bytes(range(256)) * (32 * MIB // 256)
         assert _memory_used(server) <= KEPT_REPLY_BYTES + 32 * MIB  # the first holds no more than the bound

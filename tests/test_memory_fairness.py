@@ -256,3 +256,43 @@ def test_the_watch_sees_a_thread_asleep_waiting_for_the_budget() -> None:
         assert budget_state(shared, lambda: None) == ([], MIB, None)
     waiter.join(30)
     assert not waiter.is_alive() and budget_state(shared, lambda: None) == ([], 2 * MIB, None)
+
+
+def test_a_thread_about_to_wait_for_memory_first_has_the_others_give_back_what_they_hold_until_wanted() -> None:
+    """The threads server's settle (WaitingShare.settle_with): a share that cannot take asks every other
+    connection's settler, with the budget's lock held, and takes what they gave back without waiting; a
+    settler that finds its connection's lock taken gives nothing back then, and is asked again after the half
+    second the waiter sleeps, so the waiter gets its room once that lock is free (never a wait for ever)."""
+    shared = nbdproto_threads._budget.SharedBudget(LIMIT)
+    idle, waiting = (nbdproto_threads._budget.WaitingShare(shared) for _ in range(2))
+    assert idle.try_take(LIMIT)  # what an idle connection keeps until it is wanted
+    connection_lock = threading.Lock()
+    asked: list[bool] = []
+
+    def settle() -> None:
+        assert shared.lock._is_owned()  # type: ignore[attr-defined]  # (called holding the budget's lock)
+        if not connection_lock.acquire(blocking=False):
+            asked.append(False)
+            return
+        try:
+            asked.append(True)
+            idle.give(2 * MIB)
+        finally:
+            connection_lock.release()
+
+    idle.settle_with(settle)
+    give_up = threading.Event()  # (lets a waiter the settle failed go, so that a failure ends)
+    first = threading.Thread(target=waiting.take, args=(2 * MIB, give_up), daemon=True)  # (more than guaranteed)
+    first.start()
+    first.join(0.4)  # less than the half second a waiter sleeps: given back at once, with no wait
+    give_up.set()
+    assert not first.is_alive() and asked == [True] and shared.budget.used == LIMIT
+    connection_lock.acquire()  # the connection is busy with its lock: the settler must not wait for it
+    waiter = threading.Thread(target=waiting.take, args=(2 * MIB, threading.Event()), daemon=True)
+    waiter.start()
+    wait_until(lambda: asked[1:] == [False], "the settler asked while its connection's lock is taken")
+    connection_lock.release()
+    waiter.join(30)
+    assert not waiter.is_alive() and asked[-1] and shared.budget.used == LIMIT
+    idle.settle_with(None)
+    assert not shared.settlers

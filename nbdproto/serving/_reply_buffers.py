@@ -17,9 +17,10 @@ the kernel at each send, and the next reads fault it in again. A pipelined conne
 more: as much as it has had in flight since it was last idle, less what is in flight now (``busy``, and
 ``keep``'s ``in_flight``), so that a client with many big reads in flight (nbdcopy: 16 MiB a connection) has
 them filled into buffers kept from its earlier replies, while the connection never holds more than it held
-at its busiest; once nothing is in flight, what is kept is cut back to the bound above (``cut_back``: the
-threads server does it then; the event-loop server, whose connections answer faster than a client's next round
-of requests arrives and so go idle between rounds, when another connection is about to wait for memory). A
+at its busiest; what is kept beyond the bound above is let go (``cut_back``) once nothing is in flight and
+another connection is about to wait for memory (both servers: their connections answer a client's round of
+requests before its next round arrives, so they go idle between rounds, and cutting back at every idle moment
+made nbdcopy's reads through a threads proxy get a new buffer one time in ten). A
 proxy's CPU for nbdcopy's reads: 16% less on the threads server, 13% on anyio's (fourteen rounds of
 bench/bench_proxy.sh; shorter runs moved by a tenth). And it is memory the server holds, so it is held from
 the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as queued replies are:
