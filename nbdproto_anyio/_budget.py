@@ -4,8 +4,6 @@ back; WaitingRequests, a connection's RequestBudget with the same waiting (nbdpr
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import anyio
 
 import nbdproto.serving
@@ -23,34 +21,17 @@ class SharedBudget:
         self.budget = nbdproto.serving.MemoryBudget(limit)
         self.freed = anyio.Event()
         self.waiting = 0  # tasks waiting on ``freed``
-        self.settlers: set[Callable[[], None]] = set()  # see WaitingShare.settle_with
-
-    def settle(self) -> bool:
-        """Have every connection give back what replies other threads sent hold (``settle_with``): whether
-        memory came back."""
-        used = self.budget.used
-        for settle in list(self.settlers):
-            settle()
-        return self.budget.used < used
 
 
 class WaitingShare(nbdproto.serving.BudgetShare):
     """One connection's draw on a SharedBudget, whose ``take`` waits for room and whose ``give`` wakes the
-    connections waiting."""
+    connections waiting. Before it waits, the budget's settlers are called, on the loop (``settle_with``: a
+    pipelined connection's replies that other threads sent, whose budget only the loop gives back, and its idle
+    read buffers)."""
 
     def __init__(self, shared: SharedBudget) -> None:
         super().__init__(shared.budget)
         self._shared = shared
-        self._settle: Callable[[], None] | None = None
-
-    def settle_with(self, settle: Callable[[], None] | None) -> None:
-        """While this connection's replies are sent by other threads, whose budget only the loop gives back
-        (``settle()``, on the loop): a connection about to wait for memory has it called first. None: no more."""
-        if self._settle is not None:
-            self._shared.settlers.discard(self._settle)
-        self._settle = settle
-        if settle is not None:
-            self._shared.settlers.add(settle)
 
     @property
     def others_wait(self) -> bool:
@@ -60,7 +41,7 @@ class WaitingShare(nbdproto.serving.BudgetShare):
     async def take(self, amount: int) -> None:
         shared = self._shared
         while not self.try_take(amount):
-            if shared.settlers and shared.settle():
+            if self.budget.settlers and self.budget.settle():
                 continue  # memory that sent replies held is back: try again
             shared.waiting += 1
             try:

@@ -22,15 +22,6 @@ class SharedBudget:
         self.lock = threading.RLock()  # (re-entrant, as a Condition's own: a look at the budget may hold it)
         self.room = threading.Condition(self.lock)
         self.waiting = 0  # threads waiting on ``room``, under ``lock``: notified only when there are some
-        self.settlers: set[Callable[[], None]] = set()  # see WaitingShare.settle_with
-
-    def settle(self) -> bool:
-        """Have every connection give back what it holds only until it is wanted (``settle_with``), under
-        ``lock``: whether memory came back."""
-        used = self.budget.used
-        for settle in list(self.settlers):
-            settle()
-        return self.budget.used < used
 
 
 class WaitingShare:
@@ -42,18 +33,13 @@ class WaitingShare:
         self._share = shared.budget.share()
         self._shared = shared
         self._lock = shared.lock
-        self._settle: Callable[[], None] | None = None
 
     def settle_with(self, settle: Callable[[], None] | None) -> None:
         """``settle()`` gives back what this connection holds only until another wants it; a connection about
         to wait for memory calls it first, holding the budget's lock, from its own thread: so it must not wait
         for a lock of this connection's (try one, and give nothing back when it is taken). None: no more."""
         with self._lock:
-            if self._settle is not None:
-                self._shared.settlers.discard(self._settle)
-            self._settle = settle
-            if settle is not None:
-                self._shared.settlers.add(settle)
+            self._share.settle_with(settle)
 
     def try_take(self, amount: int) -> bool:
         with self._lock:
@@ -61,12 +47,12 @@ class WaitingShare:
 
     def take(self, amount: int, give_up: threading.Event) -> None:
         """Wait until ``amount`` can be taken (or ``give_up`` is set: then raise ConnectionAbortedError)."""
-        shared = self._shared
+        shared, budget = self._shared, self._shared.budget
         with self._lock:
             while not self._share.try_take(amount):
                 if give_up.is_set():
                     raise ConnectionAbortedError("the server is shutting down")
-                if shared.settlers and shared.settle():
+                if budget.settlers and budget.settle():
                     continue  # memory that idle connections held is back: try again
                 shared.waiting += 1
                 try:

@@ -205,3 +205,23 @@ def test_any_takes_and_gives_follow_the_model(limit: int, guaranteed: int, steps
         assert [s.held for s in shares] == model.held
         assert budget.used == sum(model.held)
         assert budget.holders == sum(1 for h in model.held if h)
+
+
+def test_settle_has_every_share_give_back_what_it_holds_until_wanted_and_says_whether_memory_came_back() -> None:
+    budget = MemoryBudget(8 << 20)
+    keeping, other = budget.share(), budget.share()
+    assert keeping.try_take(4 << 20)
+    calls: list[str] = []
+    keeping.settle_with(lambda: calls.append("nothing"))
+    assert budget.settle() is False and calls == ["nothing"]  # called, but nothing came back
+
+    def give_some() -> None:
+        calls.append("gave")
+        keeping.give(1 << 20)
+
+    keeping.settle_with(give_some)  # replaces the first
+    other.settle_with(lambda: calls.append("other"))
+    assert budget.settle() is True and sorted(calls[1:]) == ["gave", "other"] and budget.used == 3 << 20
+    keeping.settle_with(None)
+    other.settle_with(None)
+    assert not budget.settlers and budget.settle() is False

@@ -295,4 +295,4 @@ def test_a_thread_about_to_wait_for_memory_first_has_the_others_give_back_what_t
     waiter.join(30)
     assert not waiter.is_alive() and asked[-1] and shared.budget.used == LIMIT
     idle.settle_with(None)
-    assert not shared.settlers
+    assert not shared.budget.settlers

@@ -126,6 +126,6 @@ def test_a_connection_about_to_wait_for_memory_has_replies_sent_elsewhere_give_t
             await second.take(2 << 20)
         assert settled == [4 << 20] and second.held == 2 << 20
         first.settle_with(None)
-        assert not shared.settlers
+        assert not shared.budget.settlers
 
     anyio.run(main)

@@ -19,6 +19,7 @@ guards the budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from nbdproto.engine import ReadRequest, Request, WritePayload, WriteRequest
@@ -82,7 +83,7 @@ class RequestBudget:
 class MemoryBudget:
     """The request and reply data a whole server may hold (``limit`` bytes), shared fairly (module docstring)."""
 
-    __slots__ = ("limit", "guaranteed", "used", "holders")
+    __slots__ = ("limit", "guaranteed", "used", "holders", "settlers")
 
     def __init__(self, limit: int = DEFAULT_MEMORY_LIMIT, *, guaranteed: int = _GUARANTEED) -> None:
         if limit <= 0:
@@ -92,6 +93,17 @@ class MemoryBudget:
         self.used = 0
         self.holders = 0
         """Shares holding more than nothing."""
+        self.settlers: set[Callable[[], None]] = set()
+        """The shares' ``settle_with`` callables."""
+
+    def settle(self) -> bool:
+        """Before a connection waits for memory: have every share give back what its connection holds only
+        until another wants it (``BudgetShare.settle_with``), called by the backend under whatever guards the
+        budget; whether memory came back."""
+        used = self.used
+        for settle in list(self.settlers):
+            settle()
+        return self.used < used
 
     def share(self) -> BudgetShare:
         """A new connection's share."""
@@ -112,11 +124,23 @@ class MemoryShare(Protocol):
 class BudgetShare:
     """One connection's draw on a MemoryBudget."""
 
-    __slots__ = ("budget", "held")
+    __slots__ = ("budget", "held", "_settle")
 
     def __init__(self, budget: MemoryBudget) -> None:
         self.budget = budget
         self.held = 0
+        self._settle: Callable[[], None] | None = None
+
+    def settle_with(self, settle: Callable[[], None] | None) -> None:
+        """``settle()`` gives back what this connection holds only until another connection wants the memory
+        (kept read buffers, the budget of replies other threads sent): the budget's ``settle`` calls it before
+        a connection waits. None: no more."""
+        settlers = self.budget.settlers
+        if self._settle is not None:
+            settlers.discard(self._settle)
+        self._settle = settle
+        if settle is not None:
+            settlers.add(settle)
 
     def try_take(self, amount: int) -> bool:
         """Take ``amount`` bytes if the rules allow it now; False means wait until some are given back."""
