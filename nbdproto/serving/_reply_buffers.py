@@ -20,7 +20,7 @@ them filled into buffers kept from its earlier replies, while the connection nev
 at its busiest; what is kept beyond the bound above is let go (``cut_back``) once nothing is in flight and
 another connection is about to wait for memory (both servers: their connections answer a client's round of
 requests before its next round arrives, so they go idle between rounds, and cutting back at every idle moment
-made nbdcopy's reads through a threads proxy get a new buffer one time in ten). A
+gave a tenth to a sixth of nbdcopy's reads through a threads proxy new buffers). A
 proxy's CPU for nbdcopy's reads: 16% less on the threads server, 13% on anyio's (fourteen rounds of
 bench/bench_proxy.sh; shorter runs moved by a tenth). And it is memory the server holds, so it is held from
 the connection's share of the server's memory budget (nbdproto.serving.MemoryBudget), as queued replies are:
