@@ -169,6 +169,32 @@ def test_the_peer_closing_reads_as_the_end(channel: tuple[TlsChannel, ssl.SSLSoc
     assert tls.receive_within(10, [memoryview(bytearray(4))]) == 0
 
 
+def test_records_go_through_the_tls_object_and_a_socket_without_one_reads_as_the_end(
+    channel: tuple[TlsChannel, ssl.SSLSocket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The channel reads and writes records with CPython's TLS object itself, not through ssl.SSLSocket's read
+    and write (two Python calls a record); once the socket has no TLS object (closed here: ssl.SSLSocket drops
+    it), those say so, and the channel takes it as the end, as before."""
+    tls, peer = channel
+    wrapped: list[str] = []
+    for name in ("read", "write"):  # (this socket's: the peer is an ssl.SSLSocket too)
+        method = getattr(tls.sock, name)
+        monkeypatch.setattr(tls.sock, name, lambda *a, _m=method, _n=name: (wrapped.append(_n), _m(*a))[1])
+    tls.send([b"hello"])
+    assert peer.recv(5) == b"hello"
+    peer.sendall(b"world")
+    assert tls.receive_within(10, None, 5) == b"world"
+    assert tls.receive_into([memoryview(bytearray(4))]) is None  # nothing more has arrived
+    assert wrapped == []
+    tls.sock.close()
+    assert tls.receive() == b""
+    assert tls.receive_into([memoryview(bytearray(4))]) == 0
+    tls.queue([b"late"])
+    with pytest.raises(ConnectionAbortedError):
+        tls.send_queued()
+    assert wrapped == ["read", "read", "write"]
+
+
 def test_large_payloads_go_to_openssl_as_they_are_and_records_are_filled(
     channel: tuple[TlsChannel, ssl.SSLSocket],
 ) -> None:
