@@ -176,9 +176,7 @@ class _Replies:
         self._budget.done(cost, len(replies))
         self._session._share.give(cost)  # first: the buffers kept next are held from the share
         if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
-            # (not cut back here when nothing is in flight: the loop answers a client's requests faster than
-            # its next ones arrive, nbdcopy's among them, so that would be at every round; ``reclaim`` does it)
-            self._session.logic.pipeline_sent(replies, self._budget.budget.bytes, cut_back=False)
+            self._session.logic.pipeline_sent(replies, self._budget.budget.bytes)  # (``reclaim`` cuts back)
 
     def reclaim(self) -> None:
         """On the loop, when a connection is about to wait for memory (WaitingShare.settle_with): ``settle``, and

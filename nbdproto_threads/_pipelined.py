@@ -92,9 +92,7 @@ class _Replies:
             self._budget.done(cost, len(replies))
             self._session._share.give(cost)  # first: the buffers kept next are held from the share
             if not self.outbox.stopped:  # (once stopped, the session gives its budget back: keep nothing)
-                # (not cut back when nothing is in flight: a client's next round of requests, nbdcopy's among
-                # them, would then find its buffers gone at every round; ``reclaim`` does it when wanted)
-                self._session.logic.pipeline_sent(replies, self._budget.bytes, cut_back=False)
+                self._session.logic.pipeline_sent(replies, self._budget.bytes)  # (``reclaim`` cuts back)
             if self.waiting:
                 self.room.notify_all()
 

@@ -237,7 +237,7 @@ def _admitted(logic: Any, pipeline: Any, received: bytes, budget: Any, share: An
     return made
 
 
-def _sent(logic: Any, made: list[Any], budget: Any, share: Any, cut_back: bool = True) -> None:
+def _sent(logic: Any, made: list[Any], budget: Any, share: Any) -> None:
     """Send ``made`` as a driver does: their budget back, then ``pipeline_sent`` with what is still in flight."""
     for reply in made:
         logic.engine.send(reply)
@@ -245,7 +245,7 @@ def _sent(logic: Any, made: list[Any], budget: Any, share: Any, cut_back: bool =
     cost = sum(len(reply.data) for reply in made)
     budget.done(cost, len(made))
     share.give(cost)
-    logic.pipeline_sent(made, budget.bytes, cut_back)
+    logic.pipeline_sent(made, budget.bytes)
 
 
 def _nbdcopy_reads(depth: int = 64, length: int = 256 * KIB) -> tuple[Any, Any, Any, Any, list[Any]]:
@@ -259,12 +259,12 @@ def _nbdcopy_reads(depth: int = 64, length: int = 256 * KIB) -> tuple[Any, Any, 
     return logic, pipeline, budget, share, made
 
 
-def test_a_busy_connection_keeps_the_buffers_of_all_it_has_in_flight_and_cuts_back_when_idle() -> None:
+def test_a_busy_connection_keeps_the_buffers_of_all_it_has_in_flight_and_cuts_back_when_told() -> None:
     """nbdcopy's reads: 64 of 256 KiB in flight on a connection (16 MiB, more than KEPT_REPLY_BYTES). Replies
     sent while the rest are in flight keep their buffers, as many as the connection had in flight at most less
     what is in flight now, so the reads that follow them get the very buffers again, none made anew; the
-    connection never holds more than at its busiest; once nothing is in flight, what is kept is cut back to
-    KEPT_REPLY_BYTES and the rest of the share given back."""
+    connection never holds more than at its busiest; once nothing is in flight and the driver says so
+    (``pipeline_idle``), what is kept is cut back to KEPT_REPLY_BYTES and the rest of the share given back."""
     length, depth = 256 * KIB, 64
     logic, pipeline, budget, share, made = _nbdcopy_reads(depth, length)
     peak = depth * length
@@ -285,6 +285,7 @@ def test_a_busy_connection_keeps_the_buffers_of_all_it_has_in_flight_and_cuts_ba
     _sent(logic, made[depth // 2 :], budget, share)  # kept only as far as the busiest, less what is in flight
     assert logic._reply_buffers.kept + budget.bytes == peak
     _sent(logic, other, budget, share)  # the last replies: nothing in flight any more
+    logic.pipeline_idle()
     assert logic._reply_buffers.kept == share.held <= KEPT_REPLY_BYTES
     assert share.held > KEPT_REPLY_BYTES - length  # cut back to the bound, not to nothing
 
@@ -308,12 +309,13 @@ def test_a_connection_with_little_in_flight_keeps_no_more_than_the_bound() -> No
         assert logic._reply_buffers.kept <= KEPT_REPLY_BYTES
 
 
-def test_a_driver_may_cut_back_later_than_when_nothing_is_in_flight() -> None:
-    """``cut_back=False`` (the event-loop server, whose connections go idle between a client's rounds) keeps
-    the buffers of the last replies as a busy connection's; ``pipeline_idle`` cuts back to KEPT_REPLY_BYTES."""
+def test_nothing_is_cut_back_when_nothing_is_in_flight_until_the_driver_says_so() -> None:
+    """With nothing in flight the buffers of the last replies are kept as a busy connection's (the servers'
+    connections go idle between a client's rounds, and the next round wants them); ``pipeline_idle`` (when
+    another connection would wait for the memory) cuts back to KEPT_REPLY_BYTES."""
     length, depth = 256 * KIB, 64
     logic, _, budget, share, made = _nbdcopy_reads(depth, length)
-    _sent(logic, made, budget, share, cut_back=False)
+    _sent(logic, made, budget, share)
     assert logic._reply_buffers.kept == share.held == depth * length  # all of them, for the next round
     logic.pipeline_idle()
     assert KEPT_REPLY_BYTES - length < logic._reply_buffers.kept == share.held <= KEPT_REPLY_BYTES

@@ -14,7 +14,7 @@ What is kept is bounded per connection (as nbdkit keeps a buffer per thread, six
 what one send of queued replies holds (FLUSH_AT) and a MiB more, so that every buffer of the replies sent
 together is filled again by the next ones. Keeping fewer did not help: the allocator gives the rest back to
 the kernel at each send, and the next reads fault it in again. A pipelined connection that is busy may keep
-more: as much as it has had in flight since it was last idle, less what is in flight now (``busy``, and
+more: as much as it has had in flight since it was last cut back, less what is in flight now (``busy``, and
 ``keep``'s ``in_flight``), so that a client with many big reads in flight (nbdcopy: 16 MiB a connection) has
 them filled into buffers kept from its earlier replies, while the connection never holds more than it held
 at its busiest; what is kept beyond the bound above is let go (``cut_back``) once nothing is in flight and
@@ -54,7 +54,7 @@ class ReplyBuffers:
         self._kept = 0  # bytes in _free, held from ``share``
         self._share = share
         self._handed: bytearray | None = None  # hand_over's buffer, for the reader's next read
-        self._peak = 0  # the most a pipelined connection has had in flight since it was last idle (``busy``)
+        self._peak = 0  # the most a pipelined connection has had in flight since the last cut_back (``busy``)
 
     def take(self, length: int) -> bytearray:
         """A buffer of ``length`` bytes for a read whose budget is taken: one kept (``kept_for``), or a new one."""
@@ -111,17 +111,15 @@ class ReplyBuffers:
 
     def busy(self, in_flight: int) -> None:
         """A pipelined connection has ``in_flight`` bytes of requests being carried out (its request budget's
-        bytes): until it is next idle, ``keep`` may keep as much as the most it has had in flight."""
+        bytes): until the next ``cut_back``, ``keep`` may keep as much as the most it has had in flight."""
         if in_flight > self._peak:
             self._peak = in_flight
 
-    def keep(self, buffers: list[bytearray], in_flight: int = 0, cut_back: bool = True) -> None:
+    def keep(self, buffers: list[bytearray], in_flight: int = 0) -> None:
         """The replies of ``buffers`` are sent: keep them for reads to come, as many as ``limit`` (or, on a busy
         pipelined connection with ``in_flight`` bytes still in flight, what ``busy`` saw at most less those) and
-        the share allow. With nothing in flight, what is kept is first cut back to ``limit`` (``cut_back``;
-        False: the caller does it later, with ``cut_back()``)."""
-        if not in_flight and cut_back and self._peak:
-            self.cut_back()
+        the share allow. Nothing is let go here, even with nothing in flight: a client's next round of requests
+        wants these buffers; ``cut_back`` does it when the memory is wanted."""
         room = max(self._limit, self._peak - in_flight) - self._kept
         lengths = list(map(len, buffers))
         total = sum(lengths)
@@ -143,8 +141,8 @@ class ReplyBuffers:
         self._kept += total
 
     def cut_back(self) -> None:
-        """The connection is idle: let go of kept buffers until what is kept is within ``limit``, giving back
-        the share they held (``busy`` starts again from nothing)."""
+        """The connection is idle and another wants the memory: let go of kept buffers until what is kept is
+        within ``limit``, giving back the share they held (``busy`` starts again from nothing)."""
         self._peak = 0
         excess = self._kept - self._limit
         if excess <= 0:

@@ -50,12 +50,13 @@ class SessionPipelining:
         self._reply_buffers = ReplyBuffers(share=self.share)  # the reads' buffers, kept once sent (pipeline_sent)
         return Pipeline(self.device, self.engine.meta_contexts, self.on_device_error, wake)
 
-    def pipeline_sent(self, replies: Iterable[Event], in_flight: int, cut_back: bool = True) -> None:
+    def pipeline_sent(self, replies: Iterable[Event], in_flight: int) -> None:
         """A pipelined driver sent ``replies`` (with the budget's lock held, where the driver has one), and its
         request budget now holds ``in_flight`` bytes: the buffers of the reads among them are kept for reads
         to come (nbdproto.serving.ReplyBuffers), as a reply buffer costs zeroing and page faults to make anew
-        (perf: a tenth of a proxy's CPU for nbdcopy's reads). With nothing in flight, what is kept is cut back
-        (``cut_back``; False: the driver calls ``pipeline_idle`` when it should be)."""
+        (perf: a tenth of a proxy's CPU for nbdcopy's reads). Nothing is cut back here, even with nothing in
+        flight (a client's next round wants the buffers): the driver calls ``pipeline_idle`` when another
+        connection is about to wait for the memory."""
         kept = self._reply_buffers
         if kept is None:
             return
@@ -64,8 +65,8 @@ class SessionPipelining:
             for reply in replies
             if type(reply) is ReadData and type(reply.data) is memoryview and type(reply.data.obj) is bytearray
         ]
-        if buffers or (cut_back and not in_flight):
-            kept.keep(buffers, in_flight, cut_back)  # (with nothing in flight, also to cut back what is kept)
+        if buffers:
+            kept.keep(buffers, in_flight)
 
     def pipeline_idle(self) -> None:
         """Nothing is in flight on a pipelined connection: what its reply buffers keep beyond their bound is let
