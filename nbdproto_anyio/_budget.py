@@ -41,7 +41,7 @@ class WaitingShare(nbdproto.serving.BudgetShare):
     async def take(self, amount: int) -> None:
         shared = self._shared
         while not self.try_take(amount):
-            if self.budget.settlers and self.budget.settle():
+            if self.budget.settle():
                 continue  # memory that sent replies held is back: try again
             shared.waiting += 1
             try:

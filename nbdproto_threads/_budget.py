@@ -52,7 +52,7 @@ class WaitingShare:
             while not self._share.try_take(amount):
                 if give_up.is_set():
                     raise ConnectionAbortedError("the server is shutting down")
-                if budget.settlers and budget.settle():
+                if budget.settle():
                     continue  # memory that idle connections held is back: try again
                 shared.waiting += 1
                 try:
